@@ -1,0 +1,204 @@
+//! The device state report, published by the agent on `<p>/d/{device}/state`.
+//!
+//! It says which model each slot holds, which slot serves, how far an update has come, and
+//! the last error with its reason, so operators see why a device did not move.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::DecodeError;
+
+/// Largest state report accepted.
+pub const MAX_REPORT_BYTES: usize = 256 * 1024;
+
+/// One of the two slots a model has on a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Slot {
+    /// Slot A.
+    A,
+    /// Slot B.
+    B,
+}
+
+impl Slot {
+    /// The other slot.
+    pub fn other(self) -> Slot {
+        match self {
+            Slot::A => Slot::B,
+            Slot::B => Slot::A,
+        }
+    }
+}
+
+impl std::fmt::Display for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Slot::A => "a",
+            Slot::B => "b",
+        })
+    }
+}
+
+/// A model version held in a slot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotContent {
+    /// Model version.
+    pub version: u64,
+    /// Hex SHA-256 of the artifact.
+    pub sha256: String,
+}
+
+/// Where an update stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Chunks are being fetched.
+    Downloading,
+    /// The artifact is complete and being checked and loaded.
+    Staging,
+    /// The new version serves.
+    Active,
+    /// The update was rejected; see `last_error`.
+    Failed,
+}
+
+/// Progress of the most recent update of one model.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdateProgress {
+    /// Version being installed.
+    pub version: u64,
+    /// Phase.
+    pub phase: Phase,
+    /// Bytes received and verified so far.
+    pub received_bytes: u64,
+    /// Artifact size.
+    pub total_bytes: u64,
+}
+
+/// The state of one model on a device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelState {
+    /// The slot that serves, if any.
+    pub active: Option<Slot>,
+    /// Slot A's content.
+    pub a: Option<SlotContent>,
+    /// Slot B's content.
+    pub b: Option<SlotContent>,
+    /// The latest update, if any.
+    pub update: Option<UpdateProgress>,
+}
+
+impl ModelState {
+    /// The version that serves, if any.
+    pub fn serving_version(&self) -> Option<u64> {
+        let slot = match self.active? {
+            Slot::A => self.a.as_ref(),
+            Slot::B => self.b.as_ref(),
+        };
+        slot.map(|c| c.version)
+    }
+}
+
+/// The last error a device hit, with its reason.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportedError {
+    /// Model concerned, if any.
+    pub model: Option<String>,
+    /// Version concerned, if any.
+    pub version: Option<u64>,
+    /// Human-readable reason.
+    pub reason: String,
+    /// Unix seconds.
+    pub at: i64,
+}
+
+/// The full state report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceReport {
+    /// Payload format version.
+    pub format: u32,
+    /// Device id.
+    pub device: String,
+    /// The device's labels (group membership is a selector over these).
+    pub labels: BTreeMap<String, String>,
+    /// Agent version string.
+    pub agent_version: String,
+    /// Model name → state.
+    pub models: BTreeMap<String, ModelState>,
+    /// The last error, if any.
+    pub last_error: Option<ReportedError>,
+    /// Version of the last desired state accepted.
+    pub desired_version: u64,
+    /// Unix seconds when the report was made.
+    pub at: i64,
+}
+
+impl DeviceReport {
+    /// Decodes untrusted bytes.
+    pub fn from_slice(bytes: &[u8]) -> Result<Self, DecodeError> {
+        if bytes.len() > MAX_REPORT_BYTES {
+            return Err(DecodeError::Invalid {
+                what: "device report",
+                reason: format!("{} bytes is too large", bytes.len()),
+            });
+        }
+        let r: DeviceReport =
+            serde_json::from_slice(bytes).map_err(|e| DecodeError::json("device report", e))?;
+        if r.format != crate::FORMAT_VERSION {
+            return Err(DecodeError::Version {
+                what: "device report",
+                found: r.format,
+                expected: crate::FORMAT_VERSION,
+            });
+        }
+        Ok(r)
+    }
+
+    /// Encodes to JSON bytes.
+    pub fn to_vec(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("reports serialize")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn round_trip() {
+        let r = DeviceReport {
+            format: 1,
+            device: "d".into(),
+            labels: BTreeMap::from([("site".into(), "berlin".into())]),
+            agent_version: "0.1.0".into(),
+            models: BTreeMap::from([(
+                "m".into(),
+                ModelState {
+                    active: Some(Slot::B),
+                    a: None,
+                    b: Some(SlotContent {
+                        version: 2,
+                        sha256: "00".into(),
+                    }),
+                    update: None,
+                },
+            )]),
+            last_error: None,
+            desired_version: 3,
+            at: 0,
+        };
+        let back = DeviceReport::from_slice(&r.to_vec()).unwrap();
+        assert_eq!(back, r);
+        assert_eq!(back.models["m"].serving_version(), Some(2));
+    }
+
+    proptest! {
+        #[test]
+        fn decoder_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = DeviceReport::from_slice(&bytes);
+        }
+    }
+}

@@ -1,0 +1,111 @@
+//! MQTT topic names: the only place they are built or parsed.
+//!
+//! Everything lives under a configurable prefix. Device topics sit under `<p>/d/{device}/` so
+//! a broker ACL can confine a device to its own subtree.
+
+/// The kinds of per-device topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceTopic {
+    /// Retained desired state (server → agent).
+    Desired,
+    /// Chunk replies (server → agent).
+    Chunks,
+    /// State reports (agent → server).
+    State,
+    /// Telemetry (agent → server).
+    Telemetry,
+    /// Retained online/offline status, with a last will.
+    Online,
+}
+
+impl DeviceTopic {
+    fn suffix(self) -> &'static str {
+        match self {
+            DeviceTopic::Desired => "desired",
+            DeviceTopic::Chunks => "chunks",
+            DeviceTopic::State => "state",
+            DeviceTopic::Telemetry => "telemetry",
+            DeviceTopic::Online => "online",
+        }
+    }
+
+    fn from_suffix(s: &str) -> Option<Self> {
+        Some(match s {
+            "desired" => DeviceTopic::Desired,
+            "chunks" => DeviceTopic::Chunks,
+            "state" => DeviceTopic::State,
+            "telemetry" => DeviceTopic::Telemetry,
+            "online" => DeviceTopic::Online,
+            _ => return None,
+        })
+    }
+}
+
+/// Topic builder for one prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topics {
+    prefix: String,
+}
+
+impl Topics {
+    /// Topics under `prefix` (trailing slashes are ignored).
+    pub fn new(prefix: &str) -> Self {
+        Topics {
+            prefix: prefix.trim_end_matches('/').to_string(),
+        }
+    }
+
+    /// `<p>/d/{device}/{kind}`.
+    pub fn device(&self, device: &str, kind: DeviceTopic) -> String {
+        format!("{}/d/{device}/{}", self.prefix, kind.suffix())
+    }
+
+    /// `<p>/d/+/{kind}`: the filter a server subscribes to for every device.
+    pub fn all_devices(&self, kind: DeviceTopic) -> String {
+        format!("{}/d/+/{}", self.prefix, kind.suffix())
+    }
+
+    /// `<p>/s/chunk-requests`.
+    pub fn chunk_requests(&self) -> String {
+        format!("{}/s/chunk-requests", self.prefix)
+    }
+
+    /// `$share/{group}/<p>/s/chunk-requests`: server replicas share the requests.
+    pub fn chunk_requests_shared(&self, group: &str) -> String {
+        format!("$share/{group}/{}", self.chunk_requests())
+    }
+
+    /// Splits a device topic into device id and kind.
+    pub fn parse_device(&self, topic: &str) -> Option<(String, DeviceTopic)> {
+        let rest = topic.strip_prefix(&self.prefix)?.strip_prefix("/d/")?;
+        let (device, suffix) = rest.split_once('/')?;
+        if !crate::manifest::valid_name(device) {
+            return None;
+        }
+        Some((device.to_string(), DeviceTopic::from_suffix(suffix)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn build_and_parse() {
+        let t = Topics::new("mc/");
+        let s = t.device("dev-1", DeviceTopic::State);
+        assert_eq!(s, "mc/d/dev-1/state");
+        assert_eq!(
+            t.parse_device(&s),
+            Some(("dev-1".to_string(), DeviceTopic::State))
+        );
+        assert_eq!(t.parse_device("mc/d/dev-1/nope"), None);
+        assert_eq!(t.parse_device("other/d/dev-1/state"), None);
+        assert_eq!(t.parse_device("mc/d/+/state"), None);
+        assert_eq!(t.all_devices(DeviceTopic::State), "mc/d/+/state");
+        assert_eq!(
+            t.chunk_requests_shared("srv"),
+            "$share/srv/mc/s/chunk-requests"
+        );
+    }
+}

@@ -1,0 +1,472 @@
+//! The TUF client workflow (specification §5) over a desired-state message, followed by the
+//! Uptane director check. Pure: the caller passes the trusted state and the time, and gets
+//! either a reason to reject or a [`VerifiedDesired`] that only this module can construct.
+//!
+//! What a device keeps between updates is a [`TrustState`]: its trusted root and the highest
+//! versions it has seen of every role. Persisting the returned state is the caller's job.
+
+use serde::{Deserialize, Serialize};
+
+use crate::desired::DesiredState;
+use crate::error::VerifyError;
+use crate::manifest::Manifest;
+use crate::metadata::{parse_expiry, MetaIndex, RoleVerifier, Root, Signed, Targets};
+
+/// What a device trusts between updates.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrustState {
+    /// The trusted root envelope.
+    pub root: Signed,
+    /// Highest timestamp version accepted.
+    pub timestamp_version: u64,
+    /// Highest snapshot version accepted.
+    pub snapshot_version: u64,
+    /// Highest repository targets version accepted.
+    pub targets_version: u64,
+    /// Highest director targets version accepted (the desired-state counter).
+    pub director_version: u64,
+}
+
+impl TrustState {
+    /// Starts from a root shipped with the device (TUF §5.2: the initial root is trusted as
+    /// provisioned, but it must still be a well-formed, self-signed root).
+    pub fn from_root(root: Signed) -> Result<Self, VerifyError> {
+        let doc: Root = root.parse("root")?;
+        root.verify::<Root>(&doc.role("root")?, "root")?;
+        Ok(TrustState {
+            root,
+            timestamp_version: 0,
+            snapshot_version: 0,
+            targets_version: 0,
+            director_version: 0,
+        })
+    }
+
+    /// The trusted root document.
+    pub fn root(&self) -> Result<Root, VerifyError> {
+        self.root.parse("root")
+    }
+}
+
+/// A desired state that passed every check.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VerifiedDesired {
+    trust: TrustState,
+    models: Vec<Manifest>,
+    director_version: u64,
+}
+
+impl VerifiedDesired {
+    /// The trust state to persist before acting on the models.
+    pub fn trust(&self) -> &TrustState {
+        &self.trust
+    }
+
+    /// The manifests the device should run, one per model name.
+    pub fn models(&self) -> &[Manifest] {
+        &self.models
+    }
+
+    /// The director document's version (the desired-state counter).
+    pub fn director_version(&self) -> u64 {
+        self.director_version
+    }
+}
+
+fn check_expiry(role: &str, expires: &str, now: i64) -> Result<(), VerifyError> {
+    if parse_expiry(expires)? <= now {
+        return Err(VerifyError::Expired {
+            role: role.into(),
+            expires: expires.into(),
+        });
+    }
+    Ok(())
+}
+
+fn check_not_older(role: &str, found: u64, trusted: u64) -> Result<(), VerifyError> {
+    if found < trusted {
+        return Err(VerifyError::Rollback {
+            role: role.into(),
+            found,
+            trusted,
+        });
+    }
+    Ok(())
+}
+
+fn meta_version(index: &MetaIndex, file: &str, role: &str) -> Result<u64, VerifyError> {
+    index
+        .meta
+        .get(file)
+        .map(|m| m.version)
+        .ok_or_else(|| VerifyError::Mismatch {
+            role: role.into(),
+            reason: format!("no entry for {file}"),
+        })
+}
+
+/// Updates the trusted root through a rotation chain (TUF §5.3): each new root must be the
+/// next version and be signed by a threshold of the old root's root keys and of its own.
+pub fn update_root(trusted: &Signed, chain: &[Signed]) -> Result<Signed, VerifyError> {
+    let mut current = trusted.clone();
+    let mut current_doc: Root = current.parse("root")?;
+    for next in chain {
+        let old_verifier = current_doc.role("root")?;
+        let candidate: Root = next.verify(&old_verifier, "root")?;
+        candidate.role("root")?.check(next)?;
+        if candidate.version <= current_doc.version {
+            continue; // Already trusted (a re-delivered chain): skip, never go back.
+        }
+        if candidate.version != current_doc.version + 1 {
+            return Err(VerifyError::RootChain {
+                trusted: current_doc.version,
+                found: candidate.version,
+            });
+        }
+        current = next.clone();
+        current_doc = candidate;
+    }
+    Ok(current)
+}
+
+/// Runs the full check of a desired-state message for `device` at Unix time `now`.
+pub fn verify_desired(
+    trust: &TrustState,
+    director: &RoleVerifier,
+    device: &str,
+    message: &DesiredState,
+    now: i64,
+) -> Result<VerifiedDesired, VerifyError> {
+    if message.device != device {
+        return Err(VerifyError::WrongDevice {
+            expected: device.into(),
+            found: message.device.clone(),
+        });
+    }
+    let repo = &message.repository;
+
+    // §5.3: root, with rotation; the final root must not have expired.
+    let root_env = update_root(&trust.root, &repo.root)?;
+    let root: Root = root_env.parse("root")?;
+    check_expiry("root", &root.expires, now)?;
+
+    // §5.4: timestamp.
+    let timestamp: MetaIndex = repo
+        .timestamp
+        .verify(&root.role("timestamp")?, "timestamp")?;
+    check_not_older("timestamp", timestamp.version, trust.timestamp_version)?;
+    let snapshot_version = meta_version(&timestamp, "snapshot.json", "timestamp")?;
+    check_not_older("snapshot", snapshot_version, trust.snapshot_version)?;
+    check_expiry("timestamp", &timestamp.expires, now)?;
+
+    // §5.5: snapshot, the version the timestamp names.
+    let snapshot: MetaIndex = repo.snapshot.verify(&root.role("snapshot")?, "snapshot")?;
+    if snapshot.version != snapshot_version {
+        return Err(VerifyError::Mismatch {
+            role: "snapshot".into(),
+            reason: format!(
+                "version {} but timestamp names {snapshot_version}",
+                snapshot.version
+            ),
+        });
+    }
+    let targets_version = meta_version(&snapshot, "targets.json", "snapshot")?;
+    check_not_older("targets", targets_version, trust.targets_version)?;
+    check_expiry("snapshot", &snapshot.expires, now)?;
+
+    // §5.6: targets, the version the snapshot names.
+    let targets: Targets = repo.targets.verify(&root.role("targets")?, "targets")?;
+    if targets.version != targets_version {
+        return Err(VerifyError::Mismatch {
+            role: "targets".into(),
+            reason: format!(
+                "version {} but snapshot names {targets_version}",
+                targets.version
+            ),
+        });
+    }
+    check_expiry("targets", &targets.expires, now)?;
+
+    // Uptane: the director's per-device targets, each of which the repository must hold
+    // byte for byte (same length, same hashes, same manifest).
+    let wanted: Targets = message.director.verify(director, "targets")?;
+    check_not_older("director", wanted.version, trust.director_version)?;
+    check_expiry("director", &wanted.expires, now)?;
+    let mut models: Vec<Manifest> = Vec::new();
+    for (path, target) in &wanted.targets {
+        let addressed = target
+            .custom
+            .as_ref()
+            .and_then(|c| c.get("device"))
+            .and_then(|d| d.as_str());
+        if addressed != Some(device) {
+            return Err(VerifyError::WrongDevice {
+                expected: device.into(),
+                found: addressed.unwrap_or("<none>").into(),
+            });
+        }
+        let repo_target = targets
+            .targets
+            .get(path)
+            .ok_or_else(|| VerifyError::UnknownTarget { path: path.clone() })?;
+        if repo_target.length != target.length || repo_target.hashes != target.hashes {
+            return Err(VerifyError::Mismatch {
+                role: "director".into(),
+                reason: format!("{path} differs from the repository's target"),
+            });
+        }
+        let manifest = Manifest::from_target(path, repo_target)?;
+        check_expiry(&format!("manifest {path}"), &manifest.expires, now)?;
+        if models.iter().any(|m| m.name == manifest.name) {
+            return Err(VerifyError::Mismatch {
+                role: "director".into(),
+                reason: format!("two versions of model {} at once", manifest.name),
+            });
+        }
+        models.push(manifest);
+    }
+
+    Ok(VerifiedDesired {
+        trust: TrustState {
+            root: root_env,
+            timestamp_version: timestamp.version,
+            snapshot_version: snapshot.version,
+            targets_version: targets.version,
+            director_version: wanted.version,
+        },
+        models,
+        director_version: wanted.version,
+    })
+}
+
+/// Test and tooling support: a complete, consistent set of signing keys and a function that
+/// builds a desired-state message, as the server and operators would.
+pub mod fixture {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::desired::RepositoryMetadata;
+    use crate::keys::SigningKey;
+    use crate::metadata::MetaFile;
+
+    /// One key per role plus the director's.
+    #[derive(Debug, Clone)]
+    pub struct Keys {
+        /// Root key.
+        pub root: SigningKey,
+        /// Operators' targets key.
+        pub targets: SigningKey,
+        /// Snapshot key.
+        pub snapshot: SigningKey,
+        /// Timestamp key.
+        pub timestamp: SigningKey,
+        /// Director key.
+        pub director: SigningKey,
+    }
+
+    impl Keys {
+        /// Deterministic keys from a seed byte.
+        pub fn from_seed(seed: u8) -> Self {
+            let k = |n: u8| SigningKey::from_bytes(&[seed.wrapping_add(n); 32]);
+            Keys {
+                root: k(1),
+                targets: k(2),
+                snapshot: k(3),
+                timestamp: k(4),
+                director: k(5),
+            }
+        }
+
+        /// Version-1 root, signed.
+        pub fn root(&self, expires: &str) -> Signed {
+            let root = Root::new(
+                1,
+                expires,
+                &self.root.public(),
+                &self.targets.public(),
+                &self.snapshot.public(),
+                &self.timestamp.public(),
+            );
+            Signed::sign(&root, &[&self.root])
+        }
+
+        /// The director verifier a device pins.
+        pub fn director_verifier(&self) -> RoleVerifier {
+            RoleVerifier::new("director", vec![self.director.public()], 1)
+        }
+
+        /// A desired state for `device` running `models`, all metadata at `version`.
+        pub fn desired(
+            &self,
+            device: &str,
+            models: &[Manifest],
+            version: u64,
+            expires: &str,
+        ) -> DesiredState {
+            let mut targets = Targets::new(version, expires);
+            let mut director = Targets::new(version, expires);
+            for m in models {
+                targets.targets.insert(m.target_path(), m.to_target());
+                let mut t = m.to_target();
+                t.custom = Some(serde_json::json!({ "device": device }));
+                director.targets.insert(m.target_path(), t);
+            }
+            let meta = |file: &str| {
+                BTreeMap::from([(
+                    file.to_string(),
+                    MetaFile {
+                        version,
+                        length: None,
+                        hashes: None,
+                    },
+                )])
+            };
+            let snapshot = MetaIndex::new("snapshot", version, expires, meta("targets.json"));
+            let timestamp = MetaIndex::new("timestamp", version, expires, meta("snapshot.json"));
+            DesiredState {
+                format: crate::FORMAT_VERSION,
+                device: device.into(),
+                director: Signed::sign(&director, &[&self.director]),
+                repository: RepositoryMetadata {
+                    root: vec![],
+                    timestamp: Signed::sign(&timestamp, &[&self.timestamp]),
+                    snapshot: Signed::sign(&snapshot, &[&self.snapshot]),
+                    targets: Signed::sign(&targets, &[&self.targets]),
+                },
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixture::Keys;
+    use super::*;
+    use crate::manifest::{chunk_digests, DataType, TensorSpec};
+    use crate::metadata::parse_expiry;
+
+    const FAR: &str = "2035-01-01T00:00:00Z";
+
+    fn now() -> i64 {
+        parse_expiry("2026-11-23T00:00:00Z").unwrap()
+    }
+
+    fn manifest(version: u64) -> Manifest {
+        let bytes = vec![version as u8; 10];
+        Manifest {
+            format: 1,
+            name: "m".into(),
+            version,
+            size: 10,
+            sha256: crate::sha256_hex(&bytes),
+            chunk_size: 4,
+            chunks: chunk_digests(&bytes, 4),
+            inputs: vec![TensorSpec {
+                name: "x".into(),
+                datatype: DataType::Fp32,
+                shape: vec![1],
+            }],
+            outputs: vec![TensorSpec {
+                name: "y".into(),
+                datatype: DataType::Fp32,
+                shape: vec![1],
+            }],
+            golden: vec![],
+            expires: FAR.into(),
+            metadata: Default::default(),
+        }
+    }
+
+    fn trust(keys: &Keys) -> TrustState {
+        TrustState::from_root(keys.root(FAR)).unwrap()
+    }
+
+    #[test]
+    fn accepts_a_consistent_desired_state() {
+        let keys = Keys::from_seed(0);
+        let msg = keys.desired("dev", &[manifest(1)], 1, FAR);
+        let v =
+            verify_desired(&trust(&keys), &keys.director_verifier(), "dev", &msg, now()).unwrap();
+        assert_eq!(v.models(), &[manifest(1)]);
+        assert_eq!(v.trust().director_version, 1);
+    }
+
+    #[test]
+    fn rejects_unknown_signer() {
+        let keys = Keys::from_seed(0);
+        let evil = Keys::from_seed(100);
+        let msg = evil.desired("dev", &[manifest(1)], 1, FAR);
+        let err = verify_desired(&trust(&keys), &keys.director_verifier(), "dev", &msg, now())
+            .unwrap_err();
+        assert!(matches!(err, VerifyError::Threshold { .. }), "{err}");
+    }
+
+    #[test]
+    fn rejects_director_target_missing_from_repository() {
+        let keys = Keys::from_seed(0);
+        let mut msg = keys.desired("dev", &[manifest(1)], 1, FAR);
+        let mut other = keys.desired("dev", &[manifest(2)], 1, FAR);
+        // The director asks for v2 but the operators only signed v1.
+        msg.director = std::mem::replace(&mut other.director, msg.director.clone());
+        let err = verify_desired(&trust(&keys), &keys.director_verifier(), "dev", &msg, now())
+            .unwrap_err();
+        assert!(matches!(err, VerifyError::UnknownTarget { .. }), "{err}");
+    }
+
+    #[test]
+    fn rejects_other_device_expired_and_rollback() {
+        let keys = Keys::from_seed(0);
+        let t = trust(&keys);
+        let dir = keys.director_verifier();
+        let msg = keys.desired("other", &[manifest(1)], 1, FAR);
+        assert!(matches!(
+            verify_desired(&t, &dir, "dev", &msg, now()),
+            Err(VerifyError::WrongDevice { .. })
+        ));
+        let stale = keys.desired("dev", &[manifest(1)], 1, "2026-01-01T00:00:00Z");
+        assert!(matches!(
+            verify_desired(&t, &dir, "dev", &stale, now()),
+            Err(VerifyError::Expired { .. })
+        ));
+        let newer = verify_desired(
+            &t,
+            &dir,
+            "dev",
+            &keys.desired("dev", &[manifest(2)], 5, FAR),
+            now(),
+        )
+        .unwrap();
+        let old = keys.desired("dev", &[manifest(1)], 4, FAR);
+        assert!(matches!(
+            verify_desired(newer.trust(), &dir, "dev", &old, now()),
+            Err(VerifyError::Rollback { .. })
+        ));
+    }
+
+    #[test]
+    fn root_rotation_needs_old_and_new_keys() {
+        let keys = Keys::from_seed(0);
+        let new_keys = Keys::from_seed(50);
+        let mut root2: Root = keys.root(FAR).parse("root").unwrap();
+        root2.version = 2;
+        let new_root_key = new_keys.root.public();
+        root2
+            .keys
+            .insert(new_root_key.key_id(), new_root_key.clone());
+        root2.roles.get_mut("root").unwrap().keyids = vec![new_root_key.key_id()];
+        let both = Signed::sign(&root2, &[&keys.root, &new_keys.root]);
+        let rotated = update_root(&keys.root(FAR), std::slice::from_ref(&both)).unwrap();
+        assert_eq!(rotated.parse::<Root>("root").unwrap().version, 2);
+        let only_new = Signed::sign(&root2, &[&new_keys.root]);
+        assert!(update_root(&keys.root(FAR), &[only_new]).is_err());
+        let only_old = Signed::sign(&root2, &[&keys.root]);
+        assert!(update_root(&keys.root(FAR), &[only_old]).is_err());
+        let mut root4 = root2.clone();
+        root4.version = 4;
+        let skip = Signed::sign(&root4, &[&keys.root, &new_keys.root]);
+        assert!(matches!(
+            update_root(&keys.root(FAR), &[skip]),
+            Err(VerifyError::RootChain { .. })
+        ));
+    }
+}
