@@ -1,1 +1,17 @@
-//! placeholder
+//! modelcast-agent: the device daemon.
+//!
+//! - [`config`]: TOML config, overridden by environment and flags.
+//! - [`store`]: sled — trust, A/B slots, downloads, chunks, last error.
+//! - [`transfer`]: the sans-IO chunk download of one artifact.
+//! - [`engine`]: tract — load, optimize for concrete shapes, golden check, run.
+//! - [`serve`]: the local Open Inference Protocol (KServe v2) API over the serving models.
+//! - [`link`]: MQTT (rumqttc): connect, last will, subscriptions, events in, publishes out.
+//! - [`driver`]: the one loop that feeds events to the update logic and acts on it.
+
+pub mod config;
+pub mod driver;
+pub mod engine;
+pub mod link;
+pub mod serve;
+pub mod store;
+pub mod transfer;

@@ -1,0 +1,211 @@
+//! The agent's configuration: a TOML file, overridden by environment variables and flags.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use thiserror::Error;
+
+/// A configuration that cannot be used.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this config.
+    #[error("parsing {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: Box<toml::de::Error>,
+    },
+    /// A value is out of range or inconsistent.
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+/// Where the agent's trust comes from.
+#[derive(Debug, Clone, Deserialize, Default, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrustConfig {
+    /// The operators' TUF `root.json` the device is provisioned with.
+    pub root: PathBuf,
+    /// The director's ed25519 public keys (hex), pinned.
+    pub director_keys: Vec<String>,
+    /// How many director keys must sign (default 1).
+    #[serde(default = "one")]
+    pub director_threshold: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// Chunk transfer tuning.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TransferConfig {
+    /// Chunks requested and not yet received, at most.
+    pub window: usize,
+    /// Seconds without a requested chunk before it is requested again.
+    pub chunk_timeout_secs: u64,
+}
+
+impl Default for TransferConfig {
+    fn default() -> Self {
+        TransferConfig {
+            window: 16,
+            chunk_timeout_secs: 5,
+        }
+    }
+}
+
+/// The whole agent configuration.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This device's id (MQTT client id and topic segment).
+    pub device_id: String,
+    /// Labels by which operators group devices.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Directory of the sled store.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// MQTT broker, `mqtt://host:port`.
+    #[serde(default = "default_broker")]
+    pub broker: String,
+    /// Topic prefix.
+    #[serde(default = "default_prefix")]
+    pub topic_prefix: String,
+    /// Address of the local inference API.
+    #[serde(default = "default_http")]
+    pub http_listen: SocketAddr,
+    /// Trust anchors.
+    pub trust: TrustConfig,
+    /// Transfer tuning.
+    #[serde(default)]
+    pub transfer: TransferConfig,
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/modelcast")
+}
+fn default_broker() -> String {
+    "mqtt://127.0.0.1:1883".into()
+}
+fn default_prefix() -> String {
+    "modelcast".into()
+}
+fn default_http() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+
+impl Config {
+    /// Reads a TOML file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|e| match e {
+            ConfigError::Parse { source, .. } => ConfigError::Parse {
+                path: path.into(),
+                source,
+            },
+            e => e,
+        })
+    }
+
+    /// Parses TOML text.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::from("<text>"),
+            source: Box::new(e),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks values that TOML's types do not.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !modelcast_proto::manifest::valid_name(&self.device_id) {
+            return Err(ConfigError::Invalid(format!(
+                "device_id {:?} must be 1-64 of [A-Za-z0-9._-]",
+                self.device_id
+            )));
+        }
+        if self.trust.director_keys.is_empty() {
+            return Err(ConfigError::Invalid("trust.director_keys is empty".into()));
+        }
+        if self.transfer.window == 0 || self.transfer.window > 256 {
+            return Err(ConfigError::Invalid(
+                "transfer.window must be 1..=256".into(),
+            ));
+        }
+        self.broker_addr()?;
+        Ok(())
+    }
+
+    /// The broker's host and port.
+    pub fn broker_addr(&self) -> Result<(String, u16), ConfigError> {
+        parse_broker(&self.broker)
+    }
+}
+
+/// Parses `mqtt://host:port` (or `host:port`).
+pub fn parse_broker(url: &str) -> Result<(String, u16), ConfigError> {
+    let rest = url.strip_prefix("mqtt://").unwrap_or(url);
+    let (host, port) = rest
+        .rsplit_once(':')
+        .ok_or_else(|| ConfigError::Invalid(format!("broker {url:?} needs host:port")))?;
+    let port = port
+        .trim_end_matches('/')
+        .parse()
+        .map_err(|_| ConfigError::Invalid(format!("broker {url:?}: bad port")))?;
+    Ok((host.trim_matches(['[', ']']).to_string(), port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_full_config() {
+        let cfg = Config::from_toml(
+            r#"
+            device_id = "jetson-1"
+            labels = { site = "berlin" }
+            state_dir = "/tmp/x"
+            broker = "mqtt://10.0.0.1:1884"
+            [trust]
+            root = "/etc/modelcast/root.json"
+            director_keys = ["00"]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(cfg.broker_addr().unwrap(), ("10.0.0.1".into(), 1884));
+        assert_eq!(cfg.labels["site"], "berlin");
+        assert_eq!(cfg.transfer.window, 16);
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        assert!(
+            Config::from_toml("device_id = 'a/b'\n[trust]\nroot='r'\ndirector_keys=['0']").is_err()
+        );
+        assert!(Config::from_toml(
+            "device_id = 'a'\nnope = 1\n[trust]\nroot='r'\ndirector_keys=['0']"
+        )
+        .is_err());
+        assert!(parse_broker("mqtt://host").is_err());
+        assert_eq!(parse_broker("[::1]:1883").unwrap(), ("::1".into(), 1883));
+    }
+}

@@ -1,0 +1,660 @@
+//! The agent's one loop: it starts serving from the store, then feeds broker events, staging
+//! results and timers to the update logic and carries out what it decides.
+//!
+//! Update pipeline: desired (signed) → verify (TUF + director) → persist trust → download
+//! chunks into sled (each checked) → verify the whole artifact → load and optimize with tract
+//! off the serving path → golden vectors → persist the slot switch → atomic swap → report.
+//! A rejected update is reported with its reason and never touches the serving model.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use modelcast_proto::chunk::{ChunkReply, ChunkRequest};
+use modelcast_proto::desired::DesiredState;
+use modelcast_proto::keys::PublicKey;
+use modelcast_proto::manifest::Manifest;
+use modelcast_proto::metadata::{RoleVerifier, Signed};
+use modelcast_proto::report::{
+    DeviceReport, ModelState, Phase, ReportedError, Slot, SlotContent, UpdateProgress,
+};
+use modelcast_proto::verify::{verify_desired, TrustState};
+use thiserror::Error;
+use tokio::task::JoinSet;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::engine::LoadedModel;
+use crate::link::{Link, LinkEvent};
+use crate::serve::Models;
+use crate::store::{ModelRecord, Store, StoreError};
+use crate::transfer::{Accepted, Transfer};
+
+/// How many bad copies of one chunk end an update.
+const MAX_BAD_CHUNKS: u32 = 3;
+/// Least time between two progress reports.
+const REPORT_EVERY: Duration = Duration::from_millis(500);
+
+/// Why the agent could not start or had to stop.
+#[derive(Debug, Error)]
+pub enum AgentError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The provisioned trust anchors are unusable.
+    #[error("trust anchors: {0}")]
+    Trust(String),
+    /// The HTTP listener could not bind.
+    #[error("binding {addr}: {source}")]
+    Bind {
+        /// Address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Unix seconds now.
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// The outcome of staging one artifact.
+struct Staged {
+    manifest: Manifest,
+    slot: Slot,
+    result: Result<Arc<LoadedModel>, String>,
+}
+
+/// The running agent.
+struct Agent {
+    cfg: Config,
+    store: Store,
+    models: Arc<Models>,
+    link: Link,
+    director: RoleVerifier,
+    transfers: BTreeMap<String, Transfer>,
+    bad_chunks: BTreeMap<(String, u32), u32>,
+    progress: BTreeMap<String, UpdateProgress>,
+    rejected: BTreeSet<String>,
+    staging: JoinSet<Staged>,
+    staging_names: BTreeSet<String>,
+    last_error: Option<ReportedError>,
+    desired_version: u64,
+    last_report: Instant,
+    report_due: bool,
+}
+
+/// Loads the serving model of every stored model, falling back to the other slot when the
+/// active one no longer loads. Runs before the network is touched: offline first.
+fn restore(store: &Store, models: &Models) -> Result<(), StoreError> {
+    for (name, mut record) in store.models()? {
+        let Some(active) = record.active else {
+            continue;
+        };
+        let mut served = false;
+        for slot in [active, active.other()] {
+            let Some(manifest) = record.slot(slot).cloned() else {
+                continue;
+            };
+            let loaded = store
+                .artifact_reader(&manifest)
+                .map_err(|e| e.to_string())
+                .and_then(|mut r| {
+                    LoadedModel::load(&manifest, slot, &mut r).map_err(|e| e.to_string())
+                });
+            match loaded {
+                Ok(model) => {
+                    info!(model = %name, version = manifest.version, %slot, "serving from store");
+                    models.swap_in(Arc::new(model));
+                    if slot != active {
+                        warn!(model = %name, "active slot failed to load; fell back to the other slot");
+                        record.active = Some(slot);
+                        store.put_model(&name, &record)?;
+                    }
+                    served = true;
+                    break;
+                }
+                Err(e) => warn!(model = %name, %slot, error = %e, "stored model does not load"),
+            }
+        }
+        if !served {
+            warn!(model = %name, "no stored slot loads; nothing serves this model");
+        }
+    }
+    Ok(())
+}
+
+fn load_trust(cfg: &Config, store: &Store) -> Result<(TrustState, RoleVerifier), AgentError> {
+    let trust = match store.trust()? {
+        Some(t) => t,
+        None => {
+            let bytes = std::fs::read(&cfg.trust.root).map_err(|e| {
+                AgentError::Trust(format!("reading {}: {e}", cfg.trust.root.display()))
+            })?;
+            let root = Signed::from_slice(&bytes).map_err(|e| AgentError::Trust(e.to_string()))?;
+            let t = TrustState::from_root(root).map_err(|e| AgentError::Trust(e.to_string()))?;
+            store.set_trust(&t)?;
+            t
+        }
+    };
+    let keys = cfg
+        .trust
+        .director_keys
+        .iter()
+        .map(|k| PublicKey::from_hex(k))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| AgentError::Trust(format!("director key: {e}")))?;
+    Ok((
+        trust,
+        RoleVerifier::new("director", keys, cfg.trust.director_threshold),
+    ))
+}
+
+/// Runs the agent until `shutdown` completes. `ready` is called once the store's models
+/// serve (or it is known there are none).
+pub async fn run(
+    cfg: Config,
+    shutdown: impl Future<Output = ()>,
+    ready: impl FnOnce(),
+) -> Result<(), AgentError> {
+    std::fs::create_dir_all(&cfg.state_dir).map_err(|e| StoreError::Sled(e.into()))?;
+    let store = Store::open(&store_path(&cfg.state_dir))?;
+    let (_, director) = load_trust(&cfg, &store)?;
+    let models = Arc::new(Models::default());
+    {
+        let (store, models) = (store.clone(), models.clone());
+        tokio::task::spawn_blocking(move || restore(&store, &models))
+            .await
+            .map_err(|e| AgentError::Trust(format!("restore task: {e}")))??;
+    }
+
+    let listener = tokio::net::TcpListener::bind(cfg.http_listen)
+        .await
+        .map_err(|source| AgentError::Bind {
+            addr: cfg.http_listen,
+            source,
+        })?;
+    info!(addr = %cfg.http_listen, "inference API listening");
+    let app = crate::serve::router(models.clone());
+    let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    let http = tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = http_stopped.await;
+            })
+            .await;
+    });
+    ready();
+
+    let (link, mut events) = Link::connect(&cfg);
+    let mut agent = Agent {
+        last_error: store.last_error()?,
+        director,
+        transfers: BTreeMap::new(),
+        bad_chunks: BTreeMap::new(),
+        progress: BTreeMap::new(),
+        rejected: BTreeSet::new(),
+        staging: JoinSet::new(),
+        staging_names: BTreeSet::new(),
+        desired_version: store.trust()?.map_or(0, |t| t.director_version),
+        last_report: Instant::now(),
+        report_due: true,
+        cfg,
+        store,
+        models,
+        link,
+    };
+    agent.resume_downloads()?;
+
+    tokio::pin!(shutdown);
+    loop {
+        let wake = agent.next_wake();
+        tokio::select! {
+            _ = &mut shutdown => break,
+            event = events.recv() => match event {
+                Some(event) => agent.handle_link(event).await,
+                None => break,
+            },
+            Some(done) = agent.staging.join_next(), if !agent.staging.is_empty() => {
+                match done {
+                    Ok(staged) => agent.handle_staged(staged).await,
+                    Err(e) => warn!(error = %e, "staging task failed"),
+                }
+            }
+            _ = tokio::time::sleep_until(wake.into()) => {}
+        }
+        agent.poll_requests().await;
+        agent.maybe_report().await;
+    }
+    info!("shutting down");
+    agent.link.close().await;
+    let _ = http_stop.send(());
+    let _ = http.await;
+    agent.store.flush().await?;
+    Ok(())
+}
+
+/// Where the sled store lives inside the state directory.
+pub fn store_path(state_dir: &std::path::Path) -> PathBuf {
+    state_dir.join("store")
+}
+
+impl Agent {
+    fn resume_downloads(&mut self) -> Result<(), StoreError> {
+        for manifest in self.store.all_pending()? {
+            info!(model = %manifest.name, version = manifest.version, "resuming download");
+            self.start_transfer(manifest)?;
+        }
+        Ok(())
+    }
+
+    fn start_transfer(&mut self, manifest: Manifest) -> Result<(), StoreError> {
+        let have = self.store.received(&manifest)?;
+        let transfer = Transfer::new(
+            manifest.clone(),
+            have,
+            self.cfg.transfer.window,
+            Duration::from_secs(self.cfg.transfer.chunk_timeout_secs),
+        );
+        self.progress.insert(
+            manifest.name.clone(),
+            UpdateProgress {
+                version: manifest.version,
+                phase: Phase::Downloading,
+                received_bytes: transfer.received_bytes(),
+                total_bytes: manifest.size,
+            },
+        );
+        self.transfers.insert(manifest.name.clone(), transfer);
+        self.report_due = true;
+        Ok(())
+    }
+
+    fn next_wake(&self) -> Instant {
+        let mut wake = Instant::now() + Duration::from_secs(30);
+        for t in self.transfers.values() {
+            if let Some(at) = t.poll_timeout() {
+                wake = wake.min(at);
+            }
+        }
+        if self.report_due {
+            wake = wake.min(self.last_report + REPORT_EVERY);
+        }
+        wake
+    }
+
+    async fn handle_link(&mut self, event: LinkEvent) {
+        match event {
+            LinkEvent::Connected => {
+                info!("connected to broker");
+                self.report_due = true;
+                self.last_report = Instant::now() - REPORT_EVERY;
+            }
+            LinkEvent::Disconnected(reason) => {
+                warn!(%reason, "broker link down");
+                for t in self.transfers.values_mut() {
+                    t.handle_disconnect();
+                }
+            }
+            LinkEvent::Desired(bytes) => {
+                if let Err(e) = self.handle_desired(&bytes).await {
+                    self.fail(None, None, e).await;
+                }
+            }
+            LinkEvent::Chunk(bytes) => self.handle_chunk(&bytes).await,
+        }
+    }
+
+    async fn handle_desired(&mut self, bytes: &[u8]) -> Result<(), String> {
+        let message =
+            DesiredState::from_slice(bytes).map_err(|e| format!("desired state rejected: {e}"))?;
+        let trust = self
+            .store
+            .trust()
+            .map_err(|e| e.to_string())?
+            .ok_or("no trust state")?;
+        let verified = verify_desired(
+            &trust,
+            &self.director,
+            &self.cfg.device_id,
+            &message,
+            unix_now(),
+        )
+        .map_err(|e| format!("desired state rejected: {e}"))?;
+        self.store
+            .set_trust(verified.trust())
+            .map_err(|e| e.to_string())?;
+        self.store.flush().await.map_err(|e| e.to_string())?;
+        self.desired_version = verified.director_version();
+        info!(
+            version = verified.director_version(),
+            models = verified.models().len(),
+            "desired state verified"
+        );
+        for manifest in verified.models() {
+            if let Err(e) = self.converge(manifest.clone()).await {
+                self.fail(Some(&manifest.name), Some(manifest.version), e)
+                    .await;
+            }
+        }
+        self.report_due = true;
+        Ok(())
+    }
+
+    /// Moves one model towards `manifest`.
+    async fn converge(&mut self, manifest: Manifest) -> Result<(), String> {
+        let name = manifest.name.clone();
+        let record = self
+            .store
+            .model(&name)
+            .map_err(|e| e.to_string())?
+            .unwrap_or_default();
+        if record
+            .serving()
+            .is_some_and(|m| m.sha256 == manifest.sha256)
+        {
+            return Ok(());
+        }
+        if manifest.version < record.highest_version
+            || (manifest.version == record.highest_version && record.serving().is_some())
+        {
+            return Err(format!(
+                "version {} of {name} rejected: version {} already installed (rollback)",
+                manifest.version, record.highest_version
+            ));
+        }
+        if self.rejected.contains(&manifest.sha256) {
+            return Ok(()); // Already failed; reported then. A new version will retry.
+        }
+        if self
+            .transfers
+            .get(&name)
+            .is_some_and(|t| t.manifest().sha256 == manifest.sha256)
+            || self.staging_names.contains(&name)
+        {
+            return Ok(());
+        }
+        info!(model = %name, version = manifest.version, size = manifest.size, "update starts");
+        self.store
+            .set_pending(&manifest)
+            .map_err(|e| e.to_string())?;
+        self.store.flush().await.map_err(|e| e.to_string())?;
+        self.start_transfer(manifest).map_err(|e| e.to_string())
+    }
+
+    async fn handle_chunk(&mut self, bytes: &[u8]) {
+        let reply = match ChunkReply::decode(bytes) {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(error = %e, "undecodable chunk dropped");
+                return;
+            }
+        };
+        let artifact = hex::encode(reply.artifact);
+        let Some(name) = self
+            .transfers
+            .iter()
+            .find(|(_, t)| t.manifest().sha256 == artifact)
+            .map(|(n, _)| n.clone())
+        else {
+            return; // Not (or no longer) wanted.
+        };
+        let transfer = self.transfers.get_mut(&name).expect("found above");
+        match transfer.handle_chunk(reply.index, reply.data) {
+            Ok(Accepted::Store) => {
+                if let Err(e) = self
+                    .store
+                    .put_chunk(&reply.artifact, reply.index, reply.data)
+                {
+                    let version = transfer.manifest().version;
+                    self.abandon(&name, Some(version), format!("storing chunk: {e}"))
+                        .await;
+                    return;
+                }
+                transfer.handle_stored(reply.index);
+                if let Some(p) = self.progress.get_mut(&name) {
+                    p.received_bytes = transfer.received_bytes();
+                }
+                self.report_due = true;
+                if transfer.is_complete() {
+                    let transfer = self.transfers.remove(&name).expect("present");
+                    self.stage(transfer.manifest().clone());
+                }
+            }
+            Ok(Accepted::Duplicate) => {}
+            Err(e) => {
+                let version = transfer.manifest().version;
+                let count = self.bad_chunks.entry((artifact, reply.index)).or_insert(0);
+                *count += 1;
+                warn!(model = %name, error = %e, attempt = *count, "chunk rejected");
+                if *count >= MAX_BAD_CHUNKS {
+                    self.abandon(&name, Some(version), format!("update rejected: {e}"))
+                        .await;
+                } else {
+                    self.record_error(Some(&name), Some(version), format!("chunk rejected: {e}"));
+                }
+            }
+        }
+    }
+
+    /// Verifies, loads and checks an artifact on a blocking thread.
+    fn stage(&mut self, manifest: Manifest) {
+        let record = self
+            .store
+            .model(&manifest.name)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        let slot = record.inactive();
+        if let Some(p) = self.progress.get_mut(&manifest.name) {
+            p.phase = Phase::Staging;
+        }
+        self.report_due = true;
+        self.staging_names.insert(manifest.name.clone());
+        let store = self.store.clone();
+        info!(model = %manifest.name, version = manifest.version, %slot, "artifact complete; staging");
+        self.staging.spawn_blocking(move || {
+            let result = (|| {
+                store
+                    .verify_artifact(&manifest)
+                    .map_err(|e| e.to_string())?;
+                let mut reader = store
+                    .artifact_reader(&manifest)
+                    .map_err(|e| e.to_string())?;
+                let model =
+                    LoadedModel::load(&manifest, slot, &mut reader).map_err(|e| e.to_string())?;
+                model.check_golden().map_err(|e| e.to_string())?;
+                Ok(Arc::new(model))
+            })();
+            Staged {
+                manifest,
+                slot,
+                result,
+            }
+        });
+    }
+
+    async fn handle_staged(&mut self, staged: Staged) {
+        let Staged {
+            manifest,
+            slot,
+            result,
+        } = staged;
+        let name = manifest.name.clone();
+        self.staging_names.remove(&name);
+        let model = match result {
+            Ok(m) => m,
+            Err(e) => {
+                self.abandon(
+                    &name,
+                    Some(manifest.version),
+                    format!("update rejected: {e}"),
+                )
+                .await;
+                return;
+            }
+        };
+        let commit = || -> Result<(), StoreError> {
+            let mut record = self.store.model(&name)?.unwrap_or_default();
+            record.set_slot(slot, Some(manifest.clone()));
+            record.active = Some(slot);
+            record.highest_version = record.highest_version.max(manifest.version);
+            self.store.put_model(&name, &record)?;
+            self.store.clear_pending(&name)?;
+            Ok(())
+        };
+        if let Err(e) = commit() {
+            self.abandon(
+                &name,
+                Some(manifest.version),
+                format!("recording slot: {e}"),
+            )
+            .await;
+            return;
+        }
+        if let Err(e) = self.store.flush().await {
+            self.abandon(
+                &name,
+                Some(manifest.version),
+                format!("flushing store: {e}"),
+            )
+            .await;
+            return;
+        }
+        let previous = self.models.swap_in(model);
+        info!(
+            model = %name,
+            version = manifest.version,
+            %slot,
+            previous = previous.map(|p| p.manifest().version),
+            "swapped: new version serves"
+        );
+        if let Some(p) = self.progress.get_mut(&name) {
+            p.phase = Phase::Active;
+            p.received_bytes = manifest.size;
+        }
+        self.gc();
+        self.report_due = true;
+        self.last_report = Instant::now() - REPORT_EVERY;
+    }
+
+    /// Gives up on the update of `name`: the serving model is untouched, the partial
+    /// artifact is removed, the reason reported.
+    async fn abandon(&mut self, name: &str, version: Option<u64>, reason: String) {
+        if let Some(t) = self.transfers.remove(name) {
+            self.rejected.insert(t.manifest().sha256.clone());
+        } else if let Ok(Some(m)) = self.store.pending(name) {
+            self.rejected.insert(m.sha256);
+        }
+        let _ = self.store.clear_pending(name);
+        self.gc();
+        if let Some(p) = self.progress.get_mut(name) {
+            p.phase = Phase::Failed;
+        }
+        self.fail(Some(name), version, reason).await;
+    }
+
+    fn gc(&self) {
+        match self.store.collect_garbage() {
+            Ok(0) => {}
+            Ok(n) => info!(artifacts = n, "removed unused artifacts"),
+            Err(e) => warn!(error = %e, "garbage collection failed"),
+        }
+    }
+
+    fn record_error(&mut self, model: Option<&str>, version: Option<u64>, reason: String) {
+        let error = ReportedError {
+            model: model.map(str::to_string),
+            version,
+            reason,
+            at: unix_now(),
+        };
+        if let Err(e) = self.store.set_last_error(&error) {
+            warn!(error = %e, "could not persist last error");
+        }
+        self.last_error = Some(error);
+        self.report_due = true;
+    }
+
+    async fn fail(&mut self, model: Option<&str>, version: Option<u64>, reason: String) {
+        warn!(model, version, %reason, "update failed");
+        self.record_error(model, version, reason);
+        let _ = self.store.flush().await;
+        self.last_report = Instant::now() - REPORT_EVERY;
+    }
+
+    async fn poll_requests(&mut self) {
+        let now = Instant::now();
+        let mut requests = Vec::new();
+        for t in self.transfers.values_mut() {
+            let chunks = t.poll_request(now);
+            if !chunks.is_empty() {
+                requests.push(ChunkRequest {
+                    format: modelcast_proto::FORMAT_VERSION,
+                    device: self.cfg.device_id.clone(),
+                    artifact: t.manifest().sha256.clone(),
+                    chunks,
+                });
+            }
+        }
+        for r in requests {
+            self.link.request_chunks(&r).await;
+        }
+    }
+
+    fn build_report(&self) -> DeviceReport {
+        let mut models = BTreeMap::new();
+        for (name, rec) in self.store.models().unwrap_or_default() {
+            models.insert(
+                name.clone(),
+                model_state(&rec, self.progress.get(&name).cloned()),
+            );
+        }
+        for (name, p) in &self.progress {
+            models
+                .entry(name.clone())
+                .or_insert_with(|| model_state(&ModelRecord::default(), Some(p.clone())));
+        }
+        DeviceReport {
+            format: modelcast_proto::FORMAT_VERSION,
+            device: self.cfg.device_id.clone(),
+            labels: self.cfg.labels.clone(),
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            models,
+            last_error: self.last_error.clone(),
+            desired_version: self.desired_version,
+            at: unix_now(),
+        }
+    }
+
+    async fn maybe_report(&mut self) {
+        if !self.report_due || self.last_report.elapsed() < REPORT_EVERY {
+            return;
+        }
+        let report = self.build_report();
+        self.link.report(&report).await;
+        self.last_report = Instant::now();
+        self.report_due = false;
+    }
+}
+
+fn model_state(rec: &ModelRecord, update: Option<UpdateProgress>) -> ModelState {
+    let content = |m: &Option<Manifest>| {
+        m.as_ref().map(|m| SlotContent {
+            version: m.version,
+            sha256: m.sha256.clone(),
+        })
+    };
+    ModelState {
+        active: rec.active,
+        a: content(&rec.a),
+        b: content(&rec.b),
+        update,
+    }
+}

@@ -1,0 +1,388 @@
+//! The inference engine: tract loads an ONNX artifact, plans it for the manifest's concrete
+//! input shapes, optimizes it, checks it against the manifest and its golden vectors, and runs
+//! requests. Loading is CPU-heavy and blocking: callers run it off the serving path
+//! (`spawn_blocking`).
+
+use std::io::Read;
+use std::sync::Arc;
+
+use modelcast_proto::manifest::{DataType, Manifest, TensorSpec};
+use modelcast_proto::report::Slot;
+use thiserror::Error;
+use tract_onnx::prelude::*;
+
+/// Why a model cannot load or a request cannot run.
+#[derive(Debug, Error)]
+pub enum EngineError {
+    /// tract could not read, type or optimize the model.
+    #[error("model does not load: {0}")]
+    Load(String),
+    /// The model's interface differs from what the manifest promises.
+    #[error("model does not match its manifest: {0}")]
+    Interface(String),
+    /// A golden vector produced the wrong answer.
+    #[error("golden vector {index}: {reason}")]
+    Golden {
+        /// Which vector.
+        index: usize,
+        /// What differed.
+        reason: String,
+    },
+    /// A request's tensors are unusable.
+    #[error("bad request: {0}")]
+    BadInput(String),
+    /// tract failed while running.
+    #[error("inference failed: {0}")]
+    Run(String),
+}
+
+/// Typed tensor values.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Values {
+    /// FP32.
+    F32(Vec<f32>),
+    /// INT64.
+    I64(Vec<i64>),
+    /// INT32.
+    I32(Vec<i32>),
+}
+
+impl Values {
+    /// Element count.
+    pub fn len(&self) -> usize {
+        match self {
+            Values::F32(v) => v.len(),
+            Values::I64(v) => v.len(),
+            Values::I32(v) => v.len(),
+        }
+    }
+
+    /// Whether empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The element type.
+    pub fn datatype(&self) -> DataType {
+        match self {
+            Values::F32(_) => DataType::Fp32,
+            Values::I64(_) => DataType::Int64,
+            Values::I32(_) => DataType::Int32,
+        }
+    }
+
+    /// Converts JSON-ish numbers into `datatype`, rejecting values that do not fit.
+    pub fn from_f64(datatype: DataType, values: &[f64]) -> Result<Self, EngineError> {
+        let int = |v: f64| -> Result<i64, EngineError> {
+            if v.fract() != 0.0 || !v.is_finite() || v.abs() > 9.007e15 {
+                return Err(EngineError::BadInput(format!("{v} is not an integer")));
+            }
+            Ok(v as i64)
+        };
+        Ok(match datatype {
+            DataType::Fp32 => Values::F32(values.iter().map(|v| *v as f32).collect()),
+            DataType::Int64 => {
+                Values::I64(values.iter().map(|v| int(*v)).collect::<Result<_, _>>()?)
+            }
+            DataType::Int32 => Values::I32(
+                values
+                    .iter()
+                    .map(|v| {
+                        int(*v).and_then(|i| {
+                            i32::try_from(i)
+                                .map_err(|_| EngineError::BadInput(format!("{i} overflows INT32")))
+                        })
+                    })
+                    .collect::<Result<_, _>>()?,
+            ),
+        })
+    }
+
+    /// The values as f64, for JSON and comparisons.
+    pub fn to_f64(&self) -> Vec<f64> {
+        match self {
+            Values::F32(v) => v.iter().map(|x| f64::from(*x)).collect(),
+            Values::I64(v) => v.iter().map(|x| *x as f64).collect(),
+            Values::I32(v) => v.iter().map(|x| f64::from(*x)).collect(),
+        }
+    }
+}
+
+/// A named tensor on the host.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostTensor {
+    /// Tensor name.
+    pub name: String,
+    /// Shape.
+    pub shape: Vec<u64>,
+    /// Values.
+    pub values: Values,
+}
+
+fn datum(dt: DataType) -> DatumType {
+    match dt {
+        DataType::Fp32 => DatumType::F32,
+        DataType::Int64 => DatumType::I64,
+        DataType::Int32 => DatumType::I32,
+    }
+}
+
+fn shape_usize(shape: &[u64]) -> Result<Vec<usize>, EngineError> {
+    shape
+        .iter()
+        .map(|d| {
+            usize::try_from(*d).map_err(|_| EngineError::BadInput("dimension too large".into()))
+        })
+        .collect()
+}
+
+/// A model loaded, optimized and checked, ready to serve from one slot.
+pub struct LoadedModel {
+    manifest: Manifest,
+    slot: Slot,
+    plan: Arc<TypedRunnableModel>,
+    /// Position in the plan's inputs of each manifest input.
+    input_positions: Vec<usize>,
+}
+
+impl std::fmt::Debug for LoadedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedModel")
+            .field("name", &self.manifest.name)
+            .field("version", &self.manifest.version)
+            .field("slot", &self.slot)
+            .finish()
+    }
+}
+
+fn load_err(e: impl std::fmt::Display) -> EngineError {
+    EngineError::Load(format!("{e:#}"))
+}
+
+impl LoadedModel {
+    /// Reads an ONNX model, plans it for the manifest's input shapes and optimizes it.
+    pub fn load(
+        manifest: &Manifest,
+        slot: Slot,
+        reader: &mut dyn Read,
+    ) -> Result<Self, EngineError> {
+        let mut model = tract_onnx::onnx()
+            .with_ignore_value_info(true)
+            .model_for_read(reader)
+            .map_err(load_err)?;
+        let names: Vec<String> = model
+            .input_outlets()
+            .map_err(load_err)?
+            .iter()
+            .map(|o| model.node(o.node).name.clone())
+            .collect();
+        if names.len() != manifest.inputs.len() {
+            return Err(EngineError::Interface(format!(
+                "model has inputs {names:?}, manifest lists {}",
+                manifest.inputs.len()
+            )));
+        }
+        let mut input_positions = Vec::new();
+        for spec in &manifest.inputs {
+            let pos = names.iter().position(|n| *n == spec.name).ok_or_else(|| {
+                EngineError::Interface(format!(
+                    "no input named {:?} (model has {names:?})",
+                    spec.name
+                ))
+            })?;
+            let shape = shape_usize(&spec.shape)?;
+            model
+                .set_input_fact(pos, InferenceFact::dt_shape(datum(spec.datatype), shape))
+                .map_err(load_err)?;
+            input_positions.push(pos);
+        }
+        let typed = model.into_optimized().map_err(load_err)?;
+        let outputs = typed.output_outlets().map_err(load_err)?.len();
+        if outputs != manifest.outputs.len() {
+            return Err(EngineError::Interface(format!(
+                "model has {outputs} outputs, manifest lists {}",
+                manifest.outputs.len()
+            )));
+        }
+        for (i, spec) in manifest.outputs.iter().enumerate() {
+            let fact = typed.output_fact(i).map_err(load_err)?;
+            if fact.datum_type != datum(spec.datatype) {
+                return Err(EngineError::Interface(format!(
+                    "output {} is {:?}, manifest says {:?}",
+                    spec.name, fact.datum_type, spec.datatype
+                )));
+            }
+            let shape: Option<Vec<usize>> = fact.shape.as_concrete().map(|s| s.to_vec());
+            if shape.as_deref() != Some(&shape_usize(&spec.shape)?[..]) {
+                return Err(EngineError::Interface(format!(
+                    "output {} has shape {:?}, manifest says {:?}",
+                    spec.name, fact.shape, spec.shape
+                )));
+            }
+        }
+        let plan = typed.into_runnable().map_err(load_err)?;
+        Ok(LoadedModel {
+            manifest: manifest.clone(),
+            slot,
+            plan,
+            input_positions,
+        })
+    }
+
+    /// The manifest this model was loaded from.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// The slot it serves from.
+    pub fn slot(&self) -> Slot {
+        self.slot
+    }
+
+    /// Runs one request. Inputs are matched by name and checked against the manifest.
+    pub fn run(&self, inputs: &[HostTensor]) -> Result<Vec<HostTensor>, EngineError> {
+        let mut ordered: Vec<Option<TValue>> = vec![None; self.input_positions.len()];
+        for (spec, pos) in self.manifest.inputs.iter().zip(&self.input_positions) {
+            let given = inputs
+                .iter()
+                .find(|t| t.name == spec.name)
+                .ok_or_else(|| EngineError::BadInput(format!("missing input {:?}", spec.name)))?;
+            ordered[*pos] = Some(to_tract(spec, given)?);
+        }
+        if inputs.len() != self.manifest.inputs.len() {
+            return Err(EngineError::BadInput(format!(
+                "{} inputs given, model takes {}",
+                inputs.len(),
+                self.manifest.inputs.len()
+            )));
+        }
+        let values: TVec<TValue> = ordered
+            .into_iter()
+            .map(|v| v.expect("every position filled"))
+            .collect();
+        let outputs = self
+            .plan
+            .run(values)
+            .map_err(|e| EngineError::Run(format!("{e:#}")))?;
+        outputs
+            .iter()
+            .zip(&self.manifest.outputs)
+            .map(|(t, spec)| from_tract(spec, t))
+            .collect()
+    }
+
+    /// Runs every golden vector of the manifest; any difference beyond tolerance, or a
+    /// NaN/Inf output, is an error.
+    pub fn check_golden(&self) -> Result<(), EngineError> {
+        for (index, golden) in self.manifest.golden.iter().enumerate() {
+            let g = |reason: String| EngineError::Golden { index, reason };
+            let tolerance = golden.tolerance().map_err(|e| g(e.to_string()))?;
+            let inputs = golden
+                .inputs
+                .iter()
+                .map(|t| {
+                    let v = t.values().map_err(|e| g(e.to_string()))?;
+                    Ok(HostTensor {
+                        name: t.name.clone(),
+                        shape: t.shape.clone(),
+                        values: Values::from_f64(t.datatype, &v)?,
+                    })
+                })
+                .collect::<Result<Vec<_>, EngineError>>()?;
+            let outputs = self.run(&inputs).map_err(|e| g(e.to_string()))?;
+            for expected in &golden.outputs {
+                let got = outputs
+                    .iter()
+                    .find(|o| o.name == expected.name)
+                    .ok_or_else(|| g(format!("no output {:?}", expected.name)))?;
+                let want = expected.values().map_err(|e| g(e.to_string()))?;
+                let have = got.values.to_f64();
+                if have.len() != want.len() {
+                    return Err(g(format!(
+                        "{} has {} values, expected {}",
+                        expected.name,
+                        have.len(),
+                        want.len()
+                    )));
+                }
+                for (i, (h, w)) in have.iter().zip(&want).enumerate() {
+                    if !h.is_finite() {
+                        return Err(g(format!("{}[{i}] is {h}", expected.name)));
+                    }
+                    if (h - w).abs() > tolerance {
+                        return Err(g(format!(
+                            "{}[{i}] = {h}, expected {w} ± {tolerance}",
+                            expected.name
+                        )));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn to_tract(spec: &TensorSpec, t: &HostTensor) -> Result<TValue, EngineError> {
+    if t.shape != spec.shape {
+        return Err(EngineError::BadInput(format!(
+            "input {} has shape {:?}, model takes {:?}",
+            spec.name, t.shape, spec.shape
+        )));
+    }
+    if t.values.datatype() != spec.datatype {
+        return Err(EngineError::BadInput(format!(
+            "input {} is {:?}, model takes {:?}",
+            spec.name,
+            t.values.datatype(),
+            spec.datatype
+        )));
+    }
+    let shape = shape_usize(&t.shape)?;
+    if spec.elements() != Some(t.values.len()) {
+        return Err(EngineError::BadInput(format!(
+            "input {} has {} values for shape {:?}",
+            spec.name,
+            t.values.len(),
+            spec.shape
+        )));
+    }
+    let tensor = match &t.values {
+        Values::F32(v) => Tensor::from_shape(&shape, v),
+        Values::I64(v) => Tensor::from_shape(&shape, v),
+        Values::I32(v) => Tensor::from_shape(&shape, v),
+    }
+    .map_err(|e| EngineError::BadInput(e.to_string()))?;
+    Ok(tensor.into())
+}
+
+fn from_tract(spec: &TensorSpec, t: &Tensor) -> Result<HostTensor, EngineError> {
+    let run = |e: TractError| EngineError::Run(format!("{e:#}"));
+    let values = match spec.datatype {
+        DataType::Fp32 => Values::F32(
+            t.to_plain_array_view::<f32>()
+                .map_err(run)?
+                .iter()
+                .copied()
+                .collect(),
+        ),
+        DataType::Int64 => Values::I64(
+            t.to_plain_array_view::<i64>()
+                .map_err(run)?
+                .iter()
+                .copied()
+                .collect(),
+        ),
+        DataType::Int32 => Values::I32(
+            t.to_plain_array_view::<i32>()
+                .map_err(run)?
+                .iter()
+                .copied()
+                .collect(),
+        ),
+    };
+    Ok(HostTensor {
+        name: spec.name.clone(),
+        shape: t.shape().iter().map(|d| *d as u64).collect(),
+        values,
+    })
+}

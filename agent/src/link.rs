@@ -1,0 +1,148 @@
+//! The MQTT link: connects with rumqttc, keeps a retained `online` status with a last will,
+//! subscribes to this device's desired state and chunk replies, and turns broker traffic
+//! into [`LinkEvent`]s. It decides nothing; the driver does.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use modelcast_proto::chunk::ChunkRequest;
+use modelcast_proto::manifest::MAX_CHUNK_SIZE;
+use modelcast_proto::report::DeviceReport;
+use modelcast_proto::topic::{DeviceTopic, Topics};
+use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
+use tokio::sync::mpsc;
+
+use crate::config::Config;
+
+/// What the broker told us.
+#[derive(Debug)]
+pub enum LinkEvent {
+    /// (Re)connected and subscribed.
+    Connected,
+    /// The connection dropped; rumqttc reconnects by itself.
+    Disconnected(String),
+    /// A desired-state message (untrusted bytes).
+    Desired(Bytes),
+    /// A chunk reply (untrusted bytes).
+    Chunk(Bytes),
+}
+
+/// Sends this device's messages.
+#[derive(Clone)]
+pub struct Link {
+    client: AsyncClient,
+    topics: Topics,
+    device: String,
+}
+
+/// Largest packet the agent accepts: a maximal chunk plus framing.
+pub const MAX_INCOMING_PACKET: usize = MAX_CHUNK_SIZE as usize + 64 * 1024;
+
+impl Link {
+    /// Starts the MQTT connection; events arrive on the returned channel.
+    pub fn connect(cfg: &Config) -> (Link, mpsc::Receiver<LinkEvent>) {
+        let (host, port) = cfg.broker_addr().expect("validated config");
+        let topics = Topics::new(&cfg.topic_prefix);
+        let device = cfg.device_id.clone();
+        let mut opts = MqttOptions::new(&device, host, port);
+        opts.set_keep_alive(Duration::from_secs(15))
+            .set_clean_session(true)
+            .set_max_packet_size(MAX_INCOMING_PACKET, 1024 * 1024)
+            .set_last_will(LastWill::new(
+                topics.device(&device, DeviceTopic::Online),
+                "offline",
+                QoS::AtLeastOnce,
+                true,
+            ));
+        let (client, mut eventloop) = AsyncClient::new(opts, 64);
+        let (tx, rx) = mpsc::channel(256);
+        let link = Link {
+            client: client.clone(),
+            topics: topics.clone(),
+            device: device.clone(),
+        };
+        let desired = topics.device(&device, DeviceTopic::Desired);
+        let chunks = topics.device(&device, DeviceTopic::Chunks);
+        let online = topics.device(&device, DeviceTopic::Online);
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(200);
+            loop {
+                let event = match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        backoff = Duration::from_millis(200);
+                        // try_*: this task drives the event loop, so it must never wait on it.
+                        let _ = client.try_subscribe(&desired, QoS::AtLeastOnce);
+                        let _ = client.try_subscribe(&chunks, QoS::AtLeastOnce);
+                        let _ = client.try_publish(&online, QoS::AtLeastOnce, true, "online");
+                        Some(LinkEvent::Connected)
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        if p.topic == desired {
+                            Some(LinkEvent::Desired(p.payload))
+                        } else if p.topic == chunks {
+                            Some(LinkEvent::Chunk(p.payload))
+                        } else {
+                            None
+                        }
+                    }
+                    Ok(_) => None,
+                    Err(e) => {
+                        let event = LinkEvent::Disconnected(e.to_string());
+                        if tx.send(event).await.is_err() {
+                            return;
+                        }
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        None
+                    }
+                };
+                if let Some(event) = event {
+                    if tx.send(event).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        (link, rx)
+    }
+
+    /// Asks the server for chunks.
+    pub async fn request_chunks(&self, request: &ChunkRequest) {
+        let _ = self
+            .client
+            .publish(
+                self.topics.chunk_requests(),
+                QoS::AtLeastOnce,
+                false,
+                request.to_vec(),
+            )
+            .await;
+    }
+
+    /// Publishes a state report (retained: the server sees the latest even after a restart).
+    pub async fn report(&self, report: &DeviceReport) {
+        let _ = self
+            .client
+            .publish(
+                self.topics.device(&self.device, DeviceTopic::State),
+                QoS::AtLeastOnce,
+                true,
+                report.to_vec(),
+            )
+            .await;
+    }
+
+    /// Marks the device offline and disconnects cleanly.
+    pub async fn close(&self) {
+        let _ = self
+            .client
+            .publish(
+                self.topics.device(&self.device, DeviceTopic::Online),
+                QoS::AtLeastOnce,
+                true,
+                "offline",
+            )
+            .await;
+        let _ = self.client.disconnect().await;
+    }
+}

@@ -1,0 +1,299 @@
+//! The chunk download of one artifact, as a state machine with no I/O.
+//!
+//! It decides which chunks to ask for (a bounded window in flight, timed-out requests asked
+//! again), checks each arriving chunk against the manifest's digest and length, and says when
+//! the artifact is complete. The caller stores accepted chunks and sends the requests. Time
+//! is an argument; nothing here reads a clock.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use modelcast_proto::manifest::Manifest;
+use thiserror::Error;
+
+/// A chunk that must not be stored.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum ChunkError {
+    /// The index is past the artifact's end.
+    #[error("chunk {index} is out of range ({count} chunks)")]
+    OutOfRange {
+        /// Index received.
+        index: u32,
+        /// Chunks in the artifact.
+        count: u32,
+    },
+    /// Wrong length for this index.
+    #[error("chunk {index} has {found} bytes, manifest says {expected}")]
+    Length {
+        /// Index.
+        index: u32,
+        /// Bytes received.
+        found: usize,
+        /// Bytes expected.
+        expected: u32,
+    },
+    /// The bytes do not hash to the manifest's digest.
+    #[error("chunk {index} does not match its signed digest")]
+    Digest {
+        /// Index.
+        index: u32,
+    },
+}
+
+/// What to do with an arriving chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accepted {
+    /// New and valid: store it.
+    Store,
+    /// Already have it: drop it.
+    Duplicate,
+}
+
+/// Download state of one artifact.
+#[derive(Debug, Clone)]
+pub struct Transfer {
+    manifest: Manifest,
+    have: Vec<bool>,
+    missing: usize,
+    in_flight: BTreeMap<u32, Instant>,
+    cursor: u32,
+    window: usize,
+    timeout: Duration,
+    received_bytes: u64,
+    refetched: u64,
+}
+
+impl Transfer {
+    /// Starts (or resumes) a download, given which chunks are already stored.
+    pub fn new(manifest: Manifest, have: Vec<bool>, window: usize, timeout: Duration) -> Self {
+        let mut have = have;
+        have.resize(manifest.chunks.len(), false);
+        let received_bytes = have
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| **h)
+            .filter_map(|(i, _)| manifest.chunk_len(i as u32))
+            .map(u64::from)
+            .sum();
+        Transfer {
+            missing: have.iter().filter(|h| !**h).count(),
+            have,
+            manifest,
+            in_flight: BTreeMap::new(),
+            cursor: 0,
+            window: window.max(1),
+            timeout,
+            received_bytes,
+            refetched: 0,
+        }
+    }
+
+    /// The manifest being fetched.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// Whether every chunk is stored.
+    pub fn is_complete(&self) -> bool {
+        self.missing == 0
+    }
+
+    /// Bytes stored so far.
+    pub fn received_bytes(&self) -> u64 {
+        self.received_bytes
+    }
+
+    /// Chunks asked for more than once (timeouts), a measure of waste.
+    pub fn refetched_chunks(&self) -> u64 {
+        self.refetched
+    }
+
+    /// Forgets what is in flight (the link dropped: those requests are lost).
+    pub fn handle_disconnect(&mut self) {
+        self.in_flight.clear();
+    }
+
+    /// Checks an arriving chunk.
+    pub fn handle_chunk(&mut self, index: u32, data: &[u8]) -> Result<Accepted, ChunkError> {
+        let count = self.manifest.chunk_count();
+        let expected = self
+            .manifest
+            .chunk_len(index)
+            .ok_or(ChunkError::OutOfRange { index, count })?;
+        if self.have[index as usize] {
+            self.in_flight.remove(&index);
+            return Ok(Accepted::Duplicate);
+        }
+        if data.len() != expected as usize {
+            return Err(ChunkError::Length {
+                index,
+                found: data.len(),
+                expected,
+            });
+        }
+        if modelcast_proto::sha256_hex(data) != self.manifest.chunks[index as usize] {
+            return Err(ChunkError::Digest { index });
+        }
+        Ok(Accepted::Store)
+    }
+
+    /// Records that a chunk accepted by [`Transfer::handle_chunk`] is now stored.
+    pub fn handle_stored(&mut self, index: u32) {
+        self.in_flight.remove(&index);
+        if let Some(h) = self.have.get_mut(index as usize) {
+            if !*h {
+                *h = true;
+                self.missing -= 1;
+                self.received_bytes += u64::from(self.manifest.chunk_len(index).unwrap_or(0));
+            }
+        }
+    }
+
+    /// The chunks to request now: timed-out ones again, then new ones up to the window.
+    pub fn poll_request(&mut self, now: Instant) -> Vec<u32> {
+        let mut out = Vec::new();
+        for (index, sent) in self.in_flight.iter_mut() {
+            if now.saturating_duration_since(*sent) >= self.timeout {
+                *sent = now;
+                out.push(*index);
+                self.refetched += 1;
+            }
+        }
+        let count = self.manifest.chunk_count();
+        let mut scanned = 0;
+        while self.in_flight.len() < self.window && self.missing > self.in_flight.len() {
+            if scanned > count {
+                break;
+            }
+            let index = self.cursor;
+            self.cursor = (self.cursor + 1) % count.max(1);
+            scanned += 1;
+            if !self.have[index as usize] && !self.in_flight.contains_key(&index) {
+                self.in_flight.insert(index, now);
+                out.push(index);
+            }
+        }
+        out
+    }
+
+    /// When the earliest request in flight times out.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.in_flight.values().min().map(|t| *t + self.timeout)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use modelcast_proto::manifest::{chunk_digests, DataType, TensorSpec};
+    use proptest::prelude::*;
+
+    fn manifest(bytes: &[u8], chunk: u32) -> Manifest {
+        Manifest {
+            format: 1,
+            name: "m".into(),
+            version: 1,
+            size: bytes.len() as u64,
+            sha256: modelcast_proto::sha256_hex(bytes),
+            chunk_size: chunk,
+            chunks: chunk_digests(bytes, chunk),
+            inputs: vec![TensorSpec {
+                name: "x".into(),
+                datatype: DataType::Fp32,
+                shape: vec![1],
+            }],
+            outputs: vec![TensorSpec {
+                name: "y".into(),
+                datatype: DataType::Fp32,
+                shape: vec![1],
+            }],
+            golden: vec![],
+            expires: "2035-01-01T00:00:00Z".into(),
+            metadata: Default::default(),
+        }
+    }
+
+    #[test]
+    fn window_bounds_requests_and_timeouts_repeat_them() {
+        let bytes = vec![7u8; 100];
+        let mut t = Transfer::new(manifest(&bytes, 10), vec![], 3, Duration::from_secs(5));
+        let t0 = Instant::now();
+        assert_eq!(t.poll_request(t0), vec![0, 1, 2]);
+        assert!(t.poll_request(t0).is_empty());
+        assert_eq!(t.handle_chunk(1, &bytes[10..20]), Ok(Accepted::Store));
+        t.handle_stored(1);
+        assert_eq!(t.poll_request(t0), vec![3]);
+        assert_eq!(t.poll_timeout(), Some(t0 + Duration::from_secs(5)));
+        let later = t0 + Duration::from_secs(6);
+        assert_eq!(t.poll_request(later), vec![0, 2, 3]);
+        assert_eq!(t.refetched_chunks(), 3);
+    }
+
+    #[test]
+    fn bad_chunks_are_rejected() {
+        let bytes = vec![7u8; 25];
+        let mut t = Transfer::new(manifest(&bytes, 10), vec![], 3, Duration::from_secs(5));
+        assert!(matches!(
+            t.handle_chunk(9, &[]),
+            Err(ChunkError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            t.handle_chunk(2, &[7; 10]),
+            Err(ChunkError::Length { .. })
+        ));
+        assert!(matches!(
+            t.handle_chunk(0, &[8; 10]),
+            Err(ChunkError::Digest { .. })
+        ));
+        assert_eq!(t.handle_chunk(2, &[7; 5]), Ok(Accepted::Store));
+    }
+
+    #[test]
+    fn resume_requests_only_missing_chunks() {
+        let bytes = vec![1u8; 50];
+        let have = vec![true, false, true, false, true];
+        let mut t = Transfer::new(manifest(&bytes, 10), have, 8, Duration::from_secs(5));
+        assert_eq!(t.received_bytes(), 30);
+        assert_eq!(t.poll_request(Instant::now()), vec![1, 3]);
+    }
+
+    proptest! {
+        /// Whatever order chunks arrive in, with duplicates, the transfer completes exactly
+        /// when every chunk is stored, never exceeds its window, and counts bytes right.
+        #[test]
+        fn completes_under_any_arrival_order(
+            len in 1usize..300,
+            chunk in 1u32..40,
+            window in 1usize..6,
+            picks in proptest::collection::vec(any::<u16>(), 0..400),
+        ) {
+            let bytes: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
+            let m = manifest(&bytes, chunk);
+            let count = m.chunk_count();
+            let mut t = Transfer::new(m, vec![], window, Duration::from_secs(1));
+            let now = Instant::now();
+            let mut outstanding: Vec<u32> = Vec::new();
+            for p in picks {
+                outstanding.extend(t.poll_request(now));
+                prop_assert!(outstanding.len() <= window);
+                if outstanding.is_empty() { break; }
+                let i = outstanding.remove(p as usize % outstanding.len());
+                let s = (i * chunk) as usize;
+                let data = &bytes[s..(s + chunk as usize).min(len)];
+                if t.handle_chunk(i, data).unwrap() == Accepted::Store {
+                    t.handle_stored(i);
+                }
+            }
+            while !t.is_complete() {
+                outstanding.extend(t.poll_request(now));
+                let i = outstanding.pop().unwrap();
+                let s = (i * chunk) as usize;
+                if t.handle_chunk(i, &bytes[s..(s + chunk as usize).min(len)]).unwrap() == Accepted::Store {
+                    t.handle_stored(i);
+                }
+            }
+            prop_assert_eq!(t.received_bytes(), len as u64);
+            prop_assert!(count > 0);
+        }
+    }
+}
