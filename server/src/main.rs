@@ -1,1 +1,64 @@
-fn main() {}
+//! `modelcast-server`: the fleet server with its embedded broker.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use modelcast_server::ServerConfig;
+
+/// The modelcast fleet server.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Directory of the server's store.
+    #[arg(long, env = "MODELCAST_DATA_DIR", default_value = "./modelcast-data")]
+    data_dir: PathBuf,
+    /// Directory with `server.key` and `root.json` (from `modelcast keygen`).
+    #[arg(long, env = "MODELCAST_KEYS", default_value = "./keys")]
+    keys: PathBuf,
+    /// Operator API address.
+    #[arg(long, env = "MODELCAST_LISTEN", default_value = "127.0.0.1:7070")]
+    listen: SocketAddr,
+    /// Use an external broker (`mqtt://host:port`) instead of the embedded one.
+    #[arg(long, env = "MODELCAST_BROKER")]
+    broker: Option<String>,
+    /// Where the embedded broker listens.
+    #[arg(long, env = "MODELCAST_MQTT_LISTEN", default_value = "127.0.0.1:1883")]
+    mqtt_listen: SocketAddr,
+    /// Topic prefix.
+    #[arg(long, env = "MODELCAST_TOPIC_PREFIX", default_value = "modelcast")]
+    topic_prefix: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,rumqttd=warn,sled=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let cfg = ServerConfig {
+        data_dir: args.data_dir,
+        keys_dir: args.keys,
+        broker: args.broker,
+        mqtt_listen: args.mqtt_listen,
+        topic_prefix: args.topic_prefix,
+    };
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    };
+    modelcast_server::run(cfg, listener, shutdown).await?;
+    Ok(())
+}

@@ -1,0 +1,295 @@
+//! The operators' HTTP API (axum): upload artifacts, publish signed targets, deploy to
+//! groups, list models and devices.
+//!
+//! | method | path | what |
+//! | --- | --- | --- |
+//! | PUT | `/api/v1/artifacts/{sha256}?chunk_size=N` | upload an artifact (body: bytes) |
+//! | GET | `/api/v1/repository/root` | the pinned root |
+//! | GET | `/api/v1/repository/targets` | the current operator-signed targets |
+//! | POST | `/api/v1/repository/targets` | publish new signed targets (`PublishRequest`) |
+//! | GET | `/api/v1/models` | the registry |
+//! | POST | `/api/v1/deployments` | deploy (`DeployRequest`) |
+//! | GET | `/api/v1/deployments` | every deployment |
+//! | GET | `/api/v1/devices` | devices with their last report |
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+use axum::{Json, Router};
+use modelcast_proto::chunk::parse_digest;
+use modelcast_proto::manifest::{MAX_ARTIFACT_BYTES, MAX_CHUNK_SIZE};
+use modelcast_proto::metadata::Signed;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+use crate::db::{ArtifactInfo, Deployment, ModelEntry};
+use crate::fleet::Fleet;
+use crate::group::Selector;
+use crate::unix_now;
+
+/// Body of `POST /api/v1/repository/targets`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PublishRequest {
+    /// Operator-signed targets.
+    pub targets: Signed,
+    /// Who publishes.
+    pub published_by: String,
+}
+
+/// Body of `POST /api/v1/deployments`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DeployRequest {
+    /// Model name.
+    pub model: String,
+    /// Version.
+    pub version: u64,
+    /// Label selector.
+    pub group: String,
+    /// Who deploys.
+    pub by: String,
+}
+
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+fn bad(e: impl std::fmt::Display) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, e.to_string())
+}
+
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+/// The API routes.
+pub fn router(fleet: Arc<Fleet>) -> Router {
+    Router::new()
+        .route("/api/v1/health", get(|| async { "ok" }))
+        .route(
+            "/api/v1/artifacts/{sha256}",
+            put(upload).layer(DefaultBodyLimit::max(MAX_ARTIFACT_BYTES as usize)),
+        )
+        .route("/api/v1/repository/root", get(root))
+        .route("/api/v1/repository/targets", get(targets).post(publish))
+        .route("/api/v1/models", get(models))
+        .route("/api/v1/deployments", get(deployments).post(deploy))
+        .route("/api/v1/devices", get(devices))
+        .with_state(fleet)
+}
+
+#[derive(Deserialize)]
+struct UploadQuery {
+    chunk_size: u32,
+}
+
+/// Streams the body into chunk-sized records, hashing as it goes; keeps it only if the
+/// digest matches the path.
+async fn upload(
+    State(fleet): State<Arc<Fleet>>,
+    Path(sha256): Path<String>,
+    Query(q): Query<UploadQuery>,
+    body: Body,
+) -> ApiResult {
+    use frames::next_frame;
+    let digest = parse_digest(&sha256).map_err(bad)?;
+    if q.chunk_size == 0 || q.chunk_size > MAX_CHUNK_SIZE {
+        return Err(bad(format!("chunk_size must be 1..={MAX_CHUNK_SIZE}")));
+    }
+    let db = fleet.db();
+    if db.artifact(&digest).map_err(internal)?.is_some() {
+        return Ok((
+            StatusCode::OK,
+            Json(json!({ "sha256": sha256, "stored": "already" })),
+        )
+            .into_response());
+    }
+    let chunk = q.chunk_size as usize;
+    let mut hasher = Sha256::new();
+    let mut buf: Vec<u8> = Vec::with_capacity(chunk);
+    let mut index = 0u32;
+    let mut size = 0u64;
+    let mut body = body;
+    let result: Result<(), ApiError> = async {
+        while let Some(bytes) = next_frame(&mut body).await.map_err(bad)? {
+            size += bytes.len() as u64;
+            if size > MAX_ARTIFACT_BYTES {
+                return Err(bad("artifact too large"));
+            }
+            hasher.update(&bytes);
+            let mut rest = &bytes[..];
+            while !rest.is_empty() {
+                let take = (chunk - buf.len()).min(rest.len());
+                buf.extend_from_slice(&rest[..take]);
+                rest = &rest[take..];
+                if buf.len() == chunk {
+                    db.put_chunk(&digest, index, &buf).map_err(internal)?;
+                    index += 1;
+                    buf.clear();
+                }
+            }
+        }
+        if !buf.is_empty() {
+            db.put_chunk(&digest, index, &buf).map_err(internal)?;
+        }
+        if hex::encode(hasher.finalize()) != sha256 {
+            return Err(bad("uploaded bytes do not match the sha256 in the path"));
+        }
+        if size == 0 {
+            return Err(bad("empty artifact"));
+        }
+        Ok(())
+    }
+    .await;
+    if let Err(e) = result {
+        let _ = db.remove_artifact(&digest);
+        return Err(e);
+    }
+    db.put_artifact(
+        &digest,
+        &ArtifactInfo {
+            size,
+            chunk_size: q.chunk_size,
+        },
+    )
+    .map_err(internal)?;
+    db.flush().await.map_err(internal)?;
+    tracing::info!(%sha256, size, "artifact stored");
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "sha256": sha256, "size": size })),
+    )
+        .into_response())
+}
+
+async fn root(State(fleet): State<Arc<Fleet>>) -> Json<Signed> {
+    Json(fleet.repo().root().clone())
+}
+
+async fn targets(State(fleet): State<Arc<Fleet>>) -> ApiResult {
+    match fleet.repo().targets().map_err(internal)? {
+        Some(t) => Ok(Json(t).into_response()),
+        None => Err(ApiError(
+            StatusCode::NOT_FOUND,
+            "no targets published yet".into(),
+        )),
+    }
+}
+
+async fn publish(State(fleet): State<Arc<Fleet>>, body: axum::body::Bytes) -> ApiResult {
+    let req: PublishRequest = serde_json::from_slice(&body).map_err(bad)?;
+    let db = fleet.db();
+    // Every target's artifact must be here, in the chunk size its manifest says.
+    let targets: modelcast_proto::metadata::Targets = req.targets.parse("targets").map_err(bad)?;
+    for (path, t) in &targets.targets {
+        let m = modelcast_proto::manifest::Manifest::from_target(path, t).map_err(bad)?;
+        let digest = parse_digest(&m.sha256).map_err(bad)?;
+        match db.artifact(&digest).map_err(internal)? {
+            Some(a) if a.size == m.size && a.chunk_size == m.chunk_size => {}
+            Some(_) => {
+                return Err(bad(format!(
+                    "{path}: stored artifact's layout differs from its manifest"
+                )))
+            }
+            None => return Err(bad(format!("{path}: artifact {} not uploaded", m.sha256))),
+        }
+    }
+    let now = unix_now();
+    let manifests = fleet
+        .repo()
+        .accept_targets(&req.targets, now)
+        .map_err(bad)?;
+    let mut added = Vec::new();
+    for m in manifests {
+        if db.model(&m.name, m.version).map_err(internal)?.is_none() {
+            added.push(m.target_path());
+            db.put_model(&ModelEntry {
+                manifest: m,
+                published_by: req.published_by.clone(),
+                published_at: now,
+            })
+            .map_err(internal)?;
+        }
+    }
+    db.flush().await.map_err(internal)?;
+    tracing::info!(?added, by = %req.published_by, "targets published");
+    let republished = fleet.publish_all().await.map_err(internal)?;
+    Ok(Json(json!({ "targets_version": targets.version, "added": added, "devices_updated": republished })).into_response())
+}
+
+async fn models(State(fleet): State<Arc<Fleet>>) -> ApiResult {
+    let entries = fleet.db().models().map_err(internal)?;
+    Ok(Json(entries).into_response())
+}
+
+async fn deploy(State(fleet): State<Arc<Fleet>>, body: axum::body::Bytes) -> ApiResult {
+    let req: DeployRequest = serde_json::from_slice(&body).map_err(bad)?;
+    Selector::parse(&req.group).map_err(bad)?;
+    if fleet
+        .db()
+        .model(&req.model, req.version)
+        .map_err(internal)?
+        .is_none()
+    {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!(
+                "model {} version {} is not published",
+                req.model, req.version
+            ),
+        ));
+    }
+    let d = fleet
+        .db()
+        .add_deployment(Deployment {
+            seq: 0,
+            model: req.model,
+            version: req.version,
+            group: req.group,
+            by: req.by,
+            at: unix_now(),
+        })
+        .map_err(internal)?;
+    fleet.db().flush().await.map_err(internal)?;
+    let updated = fleet.publish_all().await.map_err(internal)?;
+    tracing::info!(model = %d.model, version = d.version, group = %d.group, devices = updated, "deployed");
+    Ok(Json(json!({ "deployment": d, "devices_updated": updated })).into_response())
+}
+
+async fn deployments(State(fleet): State<Arc<Fleet>>) -> ApiResult {
+    Ok(Json(fleet.db().deployments().map_err(internal)?).into_response())
+}
+
+async fn devices(State(fleet): State<Arc<Fleet>>) -> ApiResult {
+    Ok(Json(fleet.db().devices().map_err(internal)?).into_response())
+}
+
+/// Reads an axum body frame by frame.
+mod frames {
+    use axum::body::{Body, Bytes};
+    use http_body_util::BodyExt;
+
+    pub async fn next_frame(body: &mut Body) -> Result<Option<Bytes>, axum::Error> {
+        loop {
+            match body.frame().await {
+                None => return Ok(None),
+                Some(Err(e)) => return Err(e),
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        return Ok(Some(data));
+                    }
+                }
+            }
+        }
+    }
+}

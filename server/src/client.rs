@@ -1,0 +1,135 @@
+//! A blocking client for the operator API, used by the `modelcast` CLI and the tests.
+
+use std::time::Duration;
+
+use modelcast_proto::metadata::Signed;
+use serde::de::DeserializeOwned;
+use thiserror::Error;
+
+use crate::api::{DeployRequest, PublishRequest};
+use crate::db::{DeviceEntry, ModelEntry};
+
+/// A failed API call.
+#[derive(Debug, Error)]
+pub enum ClientError {
+    /// The server could not be reached or answered garbage.
+    #[error("{0}")]
+    Transport(String),
+    /// The server refused, with its reason.
+    #[error("server answered {status}: {message}")]
+    Api {
+        /// HTTP status.
+        status: u16,
+        /// The server's message.
+        message: String,
+    },
+}
+
+fn transport(e: impl std::fmt::Display) -> ClientError {
+    ClientError::Transport(e.to_string())
+}
+
+/// The operator API at one base URL.
+pub struct Client {
+    base: String,
+    agent: ureq::Agent,
+}
+
+impl Client {
+    /// A client for `base` (e.g. `http://127.0.0.1:7070`).
+    pub fn new(base: &str) -> Self {
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(600)))
+            .build()
+            .into();
+        Client {
+            base: base.trim_end_matches('/').to_string(),
+            agent,
+        }
+    }
+
+    fn read<T: DeserializeOwned>(
+        response: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> Result<T, ClientError> {
+        let mut response = response.map_err(transport)?;
+        let status = response.status().as_u16();
+        if !(200..300).contains(&status) {
+            let text = response.body_mut().read_to_string().unwrap_or_default();
+            let message = serde_json::from_str::<serde_json::Value>(&text)
+                .ok()
+                .and_then(|v| v.get("error")?.as_str().map(str::to_string))
+                .unwrap_or(text);
+            return Err(ClientError::Api { status, message });
+        }
+        response
+            .body_mut()
+            .with_config()
+            .limit(64 * 1024 * 1024)
+            .read_json()
+            .map_err(transport)
+    }
+
+    /// The current operator-signed targets, if any.
+    pub fn targets(&self) -> Result<Option<Signed>, ClientError> {
+        match Self::read(
+            self.agent
+                .get(format!("{}/api/v1/repository/targets", self.base))
+                .call(),
+        ) {
+            Ok(t) => Ok(Some(t)),
+            Err(ClientError::Api { status: 404, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Uploads an artifact, streamed from `file`.
+    pub fn upload(
+        &self,
+        sha256: &str,
+        chunk_size: u32,
+        file: std::fs::File,
+    ) -> Result<serde_json::Value, ClientError> {
+        let url = format!(
+            "{}/api/v1/artifacts/{sha256}?chunk_size={chunk_size}",
+            self.base
+        );
+        Self::read(self.agent.put(url).send(file))
+    }
+
+    /// Publishes signed targets.
+    pub fn publish(&self, request: &PublishRequest) -> Result<serde_json::Value, ClientError> {
+        Self::read(
+            self.agent
+                .post(format!("{}/api/v1/repository/targets", self.base))
+                .send_json(request),
+        )
+    }
+
+    /// Deploys a version to a group.
+    pub fn deploy(&self, request: &DeployRequest) -> Result<serde_json::Value, ClientError> {
+        Self::read(
+            self.agent
+                .post(format!("{}/api/v1/deployments", self.base))
+                .send_json(request),
+        )
+    }
+
+    /// Every device.
+    pub fn devices(&self) -> Result<Vec<DeviceEntry>, ClientError> {
+        Self::read(
+            self.agent
+                .get(format!("{}/api/v1/devices", self.base))
+                .call(),
+        )
+    }
+
+    /// The registry.
+    pub fn models(&self) -> Result<Vec<ModelEntry>, ClientError> {
+        Self::read(
+            self.agent
+                .get(format!("{}/api/v1/models", self.base))
+                .call(),
+        )
+    }
+}

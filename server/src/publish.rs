@@ -1,0 +1,242 @@
+//! The publisher's side (runs in the operators' CLI, next to their offline keys): build a
+//! manifest for an ONNX file — chunk digests, interface, golden vectors computed with tract —
+//! and sign the next version of the repository's targets.
+
+use std::collections::BTreeMap;
+
+use modelcast_proto::keys::SigningKey;
+use modelcast_proto::manifest::{
+    chunk_digests, DataType, GoldenVector, Manifest, TensorData, DEFAULT_CHUNK_SIZE,
+};
+use modelcast_proto::metadata::{format_expiry, Signed, Targets};
+use thiserror::Error;
+use tract_onnx::prelude::*;
+
+use crate::onnx::{inspect, OnnxError};
+
+/// Manifests made here are valid for a year.
+pub const MANIFEST_LIFETIME_SECS: i64 = 365 * 24 * 3600;
+/// Tolerance written into generated golden vectors.
+pub const GOLDEN_TOLERANCE: &str = "0.0001";
+
+/// Why a model cannot be published.
+#[derive(Debug, Error)]
+pub enum PublishError {
+    /// The file is not a usable ONNX model.
+    #[error(transparent)]
+    Onnx(#[from] OnnxError),
+    /// The reference run for golden vectors failed.
+    #[error("reference inference failed: {0}")]
+    Reference(String),
+    /// The name or version is unusable.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// What to publish.
+#[derive(Debug, Clone)]
+pub struct PublishOptions {
+    /// Model name.
+    pub name: String,
+    /// Version (must exceed every published one).
+    pub version: u64,
+    /// Chunk size.
+    pub chunk_size: u32,
+    /// Compute golden vectors with tract.
+    pub golden: bool,
+    /// Registry metadata.
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl PublishOptions {
+    /// Defaults for `name` at `version`.
+    pub fn new(name: &str, version: u64) -> Self {
+        PublishOptions {
+            name: name.into(),
+            version,
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            golden: true,
+            metadata: BTreeMap::new(),
+        }
+    }
+}
+
+/// A deterministic input for golden vectors: values in [-1, 1).
+fn reference_input(n: usize, seed: u64) -> Vec<f32> {
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn golden_vector(bytes: &[u8], manifest: &Manifest) -> Result<Option<GoldenVector>, PublishError> {
+    if manifest.inputs.iter().any(|i| i.datatype != DataType::Fp32)
+        || manifest
+            .outputs
+            .iter()
+            .any(|o| o.datatype != DataType::Fp32)
+    {
+        return Ok(None);
+    }
+    let r = |e: TractError| PublishError::Reference(format!("{e:#}"));
+    let mut model = tract_onnx::onnx()
+        .with_ignore_value_info(true)
+        .model_for_read(&mut &bytes[..])
+        .map_err(r)?;
+    let mut inputs = Vec::new();
+    let mut tensors = TVec::new();
+    for (i, spec) in manifest.inputs.iter().enumerate() {
+        let shape: Vec<usize> = spec.shape.iter().map(|d| *d as usize).collect();
+        model
+            .set_input_fact(i, InferenceFact::dt_shape(f32::datum_type(), shape.clone()))
+            .map_err(r)?;
+        let values = reference_input(shape.iter().product(), manifest.version + i as u64);
+        tensors.push(Tensor::from_shape(&shape, &values).map_err(r)?.into());
+        inputs.push(TensorData::from_f32(
+            &spec.name,
+            spec.shape.clone(),
+            &values,
+        ));
+    }
+    let plan = model
+        .into_optimized()
+        .map_err(r)?
+        .into_runnable()
+        .map_err(r)?;
+    let result = plan.run(tensors).map_err(r)?;
+    let outputs = result
+        .iter()
+        .zip(&manifest.outputs)
+        .map(|(t, spec)| {
+            let view = t.to_plain_array_view::<f32>().map_err(r)?;
+            let values: Vec<f32> = view.iter().copied().collect();
+            Ok(TensorData::from_f32(
+                &spec.name,
+                spec.shape.clone(),
+                &values,
+            ))
+        })
+        .collect::<Result<Vec<_>, PublishError>>()?;
+    Ok(Some(GoldenVector {
+        inputs,
+        outputs,
+        tolerance: GOLDEN_TOLERANCE.into(),
+    }))
+}
+
+/// Builds the manifest of an ONNX model.
+pub fn build_manifest(
+    bytes: &[u8],
+    opts: &PublishOptions,
+    now: i64,
+) -> Result<Manifest, PublishError> {
+    if !modelcast_proto::manifest::valid_name(&opts.name) {
+        return Err(PublishError::Invalid(format!(
+            "bad model name {:?}",
+            opts.name
+        )));
+    }
+    let info = inspect(bytes)?;
+    let mut metadata = opts.metadata.clone();
+    metadata
+        .entry("framework".into())
+        .or_insert_with(|| "onnx".into());
+    if let Some(opset) = info.opset {
+        metadata
+            .entry("opset".into())
+            .or_insert_with(|| opset.to_string());
+    }
+    if !info.producer.is_empty() {
+        metadata
+            .entry("producer".into())
+            .or_insert(info.producer.clone());
+    }
+    let mut manifest = Manifest {
+        format: modelcast_proto::FORMAT_VERSION,
+        name: opts.name.clone(),
+        version: opts.version,
+        size: bytes.len() as u64,
+        sha256: modelcast_proto::sha256_hex(bytes),
+        chunk_size: opts.chunk_size,
+        chunks: chunk_digests(bytes, opts.chunk_size),
+        inputs: info.inputs,
+        outputs: info.outputs,
+        golden: vec![],
+        expires: format_expiry(now + MANIFEST_LIFETIME_SECS),
+        metadata,
+    };
+    if opts.golden {
+        manifest.golden.extend(golden_vector(bytes, &manifest)?);
+    }
+    manifest
+        .validate()
+        .map_err(|e| PublishError::Invalid(e.to_string()))?;
+    Ok(manifest)
+}
+
+/// The next targets: `current` (if any) plus `manifest`, version + 1, signed with `key`.
+pub fn sign_next_targets(
+    current: Option<&Signed>,
+    manifest: &Manifest,
+    key: &SigningKey,
+    now: i64,
+) -> Result<Signed, PublishError> {
+    let mut targets = match current {
+        Some(s) => s
+            .parse::<Targets>("targets")
+            .map_err(|e| PublishError::Invalid(format!("current targets: {e}")))?,
+        None => Targets::new(0, ""),
+    };
+    let path = manifest.target_path();
+    if targets.targets.contains_key(&path) {
+        return Err(PublishError::Invalid(format!(
+            "{path} is already published"
+        )));
+    }
+    if let Some(newest) = targets
+        .targets
+        .values()
+        .filter_map(|t| t.custom.as_ref()?.get("modelcast"))
+        .filter(|m| m.get("name").and_then(|n| n.as_str()) == Some(manifest.name.as_str()))
+        .filter_map(|m| m.get("version")?.as_u64())
+        .max()
+    {
+        if manifest.version <= newest {
+            return Err(PublishError::Invalid(format!(
+                "version {} of {} is not newer than published version {newest}",
+                manifest.version, manifest.name
+            )));
+        }
+    }
+    targets.targets.insert(path, manifest.to_target());
+    targets.version += 1;
+    targets.expires = format_expiry(now + MANIFEST_LIFETIME_SECS);
+    Ok(Signed::sign(&targets, &[key]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::onnx::example_model;
+
+    #[test]
+    fn manifest_with_golden_vector() {
+        let bytes = example_model(3, 32);
+        let m = build_manifest(&bytes, &PublishOptions::new("clf", 3), 1_700_000_000).unwrap();
+        assert_eq!(m.golden.len(), 1);
+        assert_eq!(m.golden[0].outputs[0].values().unwrap().len(), 3);
+        let key = SigningKey::from_bytes(&[1; 32]);
+        let t1 = sign_next_targets(None, &m, &key, 0).unwrap();
+        assert!(sign_next_targets(Some(&t1), &m, &key, 0).is_err());
+        let mut older = m.clone();
+        older.version = 2;
+        assert!(sign_next_targets(Some(&t1), &older, &key, 0).is_err());
+    }
+}

@@ -1,0 +1,200 @@
+//! The server side of the TUF repository and the Uptane director.
+//!
+//! Operators sign `targets` offline and upload it; the server checks it against the pinned
+//! root, then signs fresh `snapshot` and `timestamp` documents with its online key. For each
+//! device the director signs a `targets` document naming the models that device should run.
+
+use std::collections::BTreeMap;
+
+use modelcast_proto::desired::{DesiredState, RepositoryMetadata};
+use modelcast_proto::keys::SigningKey;
+use modelcast_proto::manifest::Manifest;
+use modelcast_proto::metadata::{
+    format_expiry, parse_expiry, MetaFile, MetaIndex, Root, Signed, Targets,
+};
+use thiserror::Error;
+
+use crate::db::{Db, DbError};
+
+/// Lifetime of the server's snapshot, timestamp and director documents.
+pub const ONLINE_LIFETIME_SECS: i64 = 7 * 24 * 3600;
+
+/// Why uploaded metadata was refused.
+#[derive(Debug, Error)]
+pub enum RepoError {
+    /// The store failed.
+    #[error(transparent)]
+    Db(#[from] DbError),
+    /// The document failed verification.
+    #[error("targets rejected: {0}")]
+    Rejected(String),
+    /// Nothing published yet.
+    #[error("no targets have been published yet")]
+    Empty,
+}
+
+/// The repository with the server's online key.
+#[derive(Clone)]
+pub struct Repository {
+    db: Db,
+    root: Signed,
+    online: SigningKey,
+}
+
+fn meta(file: &str, version: u64) -> BTreeMap<String, MetaFile> {
+    BTreeMap::from([(
+        file.to_string(),
+        MetaFile {
+            version,
+            length: None,
+            hashes: None,
+        },
+    )])
+}
+
+impl Repository {
+    /// A repository anchored at `root`, signing with `online`. Checks that the root
+    /// delegates snapshot and timestamp to that key.
+    pub fn new(db: Db, root: Signed, online: SigningKey) -> Result<Self, RepoError> {
+        let doc: Root = root
+            .parse("root")
+            .map_err(|e| RepoError::Rejected(e.to_string()))?;
+        for role in ["snapshot", "timestamp"] {
+            let ok = doc
+                .roles
+                .get(role)
+                .is_some_and(|r| r.keyids.contains(&online.public().key_id()));
+            if !ok {
+                return Err(RepoError::Rejected(format!(
+                    "root does not delegate {role} to the server key"
+                )));
+            }
+        }
+        Ok(Repository { db, root, online })
+    }
+
+    /// The root this repository is anchored at.
+    pub fn root(&self) -> &Signed {
+        &self.root
+    }
+
+    /// Checks operator-signed targets and makes them current: signature by root's targets
+    /// role, a higher version than the current one, not expired, every manifest consistent.
+    pub fn accept_targets(&self, envelope: &Signed, now: i64) -> Result<Vec<Manifest>, RepoError> {
+        let reject = |e: String| RepoError::Rejected(e);
+        let root: Root = self.root.parse("root").map_err(|e| reject(e.to_string()))?;
+        let verifier = root.role("targets").map_err(|e| reject(e.to_string()))?;
+        let targets: Targets = envelope
+            .verify(&verifier, "targets")
+            .map_err(|e| reject(e.to_string()))?;
+        if let Some(current) = self.db.repo_doc("targets")? {
+            let current: Targets = current
+                .parse("targets")
+                .map_err(|e| reject(e.to_string()))?;
+            if targets.version <= current.version {
+                return Err(reject(format!(
+                    "version {} is not newer than current {}",
+                    targets.version, current.version
+                )));
+            }
+        }
+        if parse_expiry(&targets.expires).map_err(|e| reject(e.to_string()))? <= now {
+            return Err(reject(format!("expired at {}", targets.expires)));
+        }
+        let manifests = targets
+            .targets
+            .iter()
+            .map(|(path, t)| Manifest::from_target(path, t).map_err(|e| reject(e.to_string())))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.db.put_repo_doc("targets", envelope)?;
+        self.refresh(now)?;
+        Ok(manifests)
+    }
+
+    /// Signs a new snapshot and timestamp naming the current targets.
+    pub fn refresh(&self, now: i64) -> Result<(), RepoError> {
+        let targets: Targets = self
+            .db
+            .repo_doc("targets")?
+            .ok_or(RepoError::Empty)?
+            .parse("targets")
+            .map_err(|e| RepoError::Rejected(e.to_string()))?;
+        let version_of = |role: &str| -> Result<u64, RepoError> {
+            Ok(match self.db.repo_doc(role)? {
+                Some(s) => s
+                    .parse::<MetaIndex>(match role {
+                        "snapshot" => "snapshot",
+                        _ => "timestamp",
+                    })
+                    .map(|m| m.version)
+                    .unwrap_or(0),
+                None => 0,
+            })
+        };
+        let expires = format_expiry(now + ONLINE_LIFETIME_SECS);
+        let snapshot_version = version_of("snapshot")? + 1;
+        let snapshot = MetaIndex::new(
+            "snapshot",
+            snapshot_version,
+            &expires,
+            meta("targets.json", targets.version),
+        );
+        let timestamp = MetaIndex::new(
+            "timestamp",
+            version_of("timestamp")? + 1,
+            &expires,
+            meta("snapshot.json", snapshot_version),
+        );
+        self.db
+            .put_repo_doc("snapshot", &Signed::sign(&snapshot, &[&self.online]))?;
+        self.db
+            .put_repo_doc("timestamp", &Signed::sign(&timestamp, &[&self.online]))?;
+        Ok(())
+    }
+
+    /// The operators' current signed targets.
+    pub fn targets(&self) -> Result<Option<Signed>, RepoError> {
+        Ok(self.db.repo_doc("targets")?)
+    }
+
+    /// Timestamp version and expiry (for deciding when to re-sign).
+    pub fn timestamp(&self) -> Result<Option<MetaIndex>, RepoError> {
+        Ok(self
+            .db
+            .repo_doc("timestamp")?
+            .and_then(|s| s.parse("timestamp").ok()))
+    }
+
+    /// The repository metadata every device needs.
+    pub fn metadata(&self) -> Result<RepositoryMetadata, RepoError> {
+        let get = |role: &str| self.db.repo_doc(role)?.ok_or(RepoError::Empty);
+        Ok(RepositoryMetadata {
+            root: vec![],
+            timestamp: get("timestamp")?,
+            snapshot: get("snapshot")?,
+            targets: get("targets")?,
+        })
+    }
+
+    /// Signs the desired state of `device`: run `models`, counter `version`.
+    pub fn desired(
+        &self,
+        device: &str,
+        models: &[Manifest],
+        version: u64,
+        now: i64,
+    ) -> Result<DesiredState, RepoError> {
+        let mut director = Targets::new(version, &format_expiry(now + ONLINE_LIFETIME_SECS));
+        for m in models {
+            let mut target = m.to_target();
+            target.custom = Some(serde_json::json!({ "device": device }));
+            director.targets.insert(m.target_path(), target);
+        }
+        Ok(DesiredState {
+            format: modelcast_proto::FORMAT_VERSION,
+            device: device.into(),
+            director: Signed::sign(&director, &[&self.online]),
+            repository: self.metadata()?,
+        })
+    }
+}
