@@ -39,6 +39,7 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| "info,sled=warn,tract=warn".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
     let mut cfg = Config::from_file(&args.config)?;

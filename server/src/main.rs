@@ -39,6 +39,7 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| "info,rumqttd=warn,sled=warn".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
     let listener = tokio::net::TcpListener::bind(args.listen)

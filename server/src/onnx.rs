@@ -147,7 +147,7 @@ pub const EXAMPLE_CLASSES: usize = 3;
 
 /// Generates a real ONNX classifier: `y = relu(x · W1 + b1) · W2`, with `x: [1, 4]` and
 /// `y: [1, 3]`. Weights are a deterministic function of `version`, so every version answers
-/// differently; `hidden` sets the width, and with it the file size (≈ 28 × hidden bytes).
+/// differently; `hidden` sets the width, and with it the file size (≈ 32 × hidden bytes).
 pub fn example_model(version: u64, hidden: usize) -> Vec<u8> {
     let hidden = hidden.max(1);
     let w1: Vec<f32> = (0..EXAMPLE_INPUTS * hidden)
@@ -203,7 +203,7 @@ fn weight(version: u64, tensor: u64, index: usize) -> f32 {
 
 /// The hidden width that makes the example model about `bytes` long.
 pub fn hidden_for_size(bytes: u64) -> usize {
-    ((bytes / 28).max(8)) as usize
+    ((bytes / 32).max(8)) as usize
 }
 
 #[cfg(test)]

@@ -221,6 +221,36 @@ pub fn sign_next_targets(
     Ok(Signed::sign(&targets, &[key]))
 }
 
+/// Publishes an ONNX file: builds its manifest, uploads the artifact, signs the next
+/// targets with the operators' `targets_key` and hands them to the server.
+pub fn publish_file(
+    client: &crate::client::Client,
+    path: &std::path::Path,
+    opts: &PublishOptions,
+    targets_key: &SigningKey,
+    by: &str,
+    now: i64,
+) -> Result<Manifest, PublishError> {
+    let io = |e: std::io::Error| PublishError::Invalid(format!("{}: {e}", path.display()));
+    let bytes = std::fs::read(path).map_err(io)?;
+    let manifest = build_manifest(&bytes, opts, now)?;
+    drop(bytes);
+    let file = std::fs::File::open(path).map_err(io)?;
+    let api = |e: crate::client::ClientError| PublishError::Invalid(e.to_string());
+    client
+        .upload(&manifest.sha256, manifest.chunk_size, file)
+        .map_err(api)?;
+    let current = client.targets().map_err(api)?;
+    let targets = sign_next_targets(current.as_ref(), &manifest, targets_key, now)?;
+    client
+        .publish(&crate::api::PublishRequest {
+            targets,
+            published_by: by.into(),
+        })
+        .map_err(api)?;
+    Ok(manifest)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

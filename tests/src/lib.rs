@@ -1,1 +1,553 @@
-//! placeholder
+//! The end-to-end harness: real processes (`modelcast-server`, `modelcast-agent`, mosquitto)
+//! on free 127.0.0.1 ports, real sled directories, real ONNX models. Every wait is bounded.
+//!
+//! - [`Fleet`]: keys, a server (embedded broker or an external one), agents, publishing.
+//! - [`Agent`]: one device process with its store, inference port and config.
+//! - [`Mosquitto`]: Debian's broker, started on a free port.
+//! - [`Rogue`]: an attacker on the broker who signs or serves what it likes.
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use modelcast_proto::manifest::{Manifest, TensorData};
+use modelcast_proto::report::DeviceReport;
+use modelcast_server::client::Client;
+use modelcast_server::publish::{publish_file, PublishOptions};
+use modelcast_server::{keyset, onnx};
+
+/// Path of a workspace binary, building the binaries once if they are missing.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target profile dir");
+    let path = dir.join(name);
+    if !path.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args([
+                "build",
+                "-p",
+                "modelcast-agent",
+                "-p",
+                "modelcast-server",
+                "--bins",
+            ])
+            .status()
+            .expect("running cargo build");
+        assert!(status.success(), "building the binaries failed");
+    }
+    assert!(path.exists(), "{} not found", path.display());
+    path
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Polls `f` every 100 ms until it returns `Some`, at most `timeout`; panics with `what`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A child process, killed when dropped; its stderr goes to a log file.
+pub struct Proc {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(cmd: &mut Command, log: PathBuf) -> Proc {
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("log"))
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
+        Proc { child, log }
+    }
+
+    /// Asks the process to stop (SIGTERM) and waits up to 10 s, then kills it.
+    pub fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.kill();
+    }
+
+    /// Kills the process (SIGKILL) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The last lines of its log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- {} ---\n{}", self.log.display(), self.log_tail(40));
+        }
+        self.kill();
+    }
+}
+
+/// Debian's mosquitto on a free port.
+pub struct Mosquitto {
+    proc: Proc,
+    port: u16,
+}
+
+impl Mosquitto {
+    /// Starts mosquitto with a config of its own in `dir`.
+    pub fn start(dir: &Path) -> Mosquitto {
+        let port = free_port();
+        let conf = dir.join(format!("mosquitto-{port}.conf"));
+        std::fs::write(
+            &conf,
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+        )
+        .expect("mosquitto config");
+        let exe = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect("mosquitto is installed (tests/run.sh installs it)");
+        let proc = Proc::spawn(
+            Command::new(exe).arg("-c").arg(&conf),
+            dir.join(format!("mosquitto-{port}.log")),
+        );
+        wait_for("mosquitto to listen", Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        });
+        Mosquitto { proc, port }
+    }
+
+    /// Its port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Stops it.
+    pub fn stop(&mut self) {
+        self.proc.kill();
+    }
+}
+
+/// A fleet: keys, a server, and the operators' API client.
+pub struct Fleet {
+    /// Scratch directory for everything.
+    pub dir: tempfile::TempDir,
+    /// Key directory from keygen.
+    pub keys: PathBuf,
+    /// The operator API client.
+    pub client: Client,
+    /// The broker's port (embedded or external).
+    pub mqtt_port: u16,
+    server: Proc,
+}
+
+impl Fleet {
+    /// Keys and a server with its embedded broker.
+    pub fn embedded() -> Fleet {
+        Self::start(None)
+    }
+
+    /// Keys and a server using the broker on `port`.
+    pub fn with_broker(dir: tempfile::TempDir, port: u16) -> Fleet {
+        Self::start_in(dir, Some(port))
+    }
+
+    fn start(broker: Option<u16>) -> Fleet {
+        Self::start_in(tempfile::tempdir().expect("tempdir"), broker)
+    }
+
+    fn start_in(dir: tempfile::TempDir, broker: Option<u16>) -> Fleet {
+        let keys = dir.path().join("keys");
+        keyset::keygen(&keys, modelcast_server::unix_now()).expect("keygen");
+        let api_port = free_port();
+        let mqtt_port = broker.unwrap_or_else(free_port);
+        let mut cmd = Command::new(bin("modelcast-server"));
+        cmd.arg("--data-dir")
+            .arg(dir.path().join("server"))
+            .arg("--keys")
+            .arg(&keys)
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{api_port}"));
+        match broker {
+            Some(p) => cmd.arg("--broker").arg(format!("mqtt://127.0.0.1:{p}")),
+            None => cmd
+                .arg("--mqtt-listen")
+                .arg(format!("127.0.0.1:{mqtt_port}")),
+        };
+        let server = Proc::spawn(&mut cmd, dir.path().join("server.log"));
+        let client = Client::new(&format!("http://127.0.0.1:{api_port}"));
+        wait_for("the server API", Duration::from_secs(20), || {
+            client.devices().ok()
+        });
+        Fleet {
+            dir,
+            keys,
+            client,
+            mqtt_port,
+            server,
+        }
+    }
+
+    /// Writes the example model at `version` and publishes it.
+    pub fn publish_example(&self, version: u64, hidden: usize) -> Manifest {
+        let path = self.dir.path().join(format!("example-v{version}.onnx"));
+        std::fs::write(&path, onnx::example_model(version, hidden)).expect("model file");
+        self.publish_file(&path, "classifier", version)
+    }
+
+    /// Publishes an ONNX file as `name` at `version`.
+    pub fn publish_file(&self, path: &Path, name: &str, version: u64) -> Manifest {
+        let key = keyset::read_key(&self.keys.join("targets.key")).expect("targets key");
+        publish_file(
+            &self.client,
+            path,
+            &PublishOptions::new(name, version),
+            &key,
+            "e2e",
+            modelcast_server::unix_now(),
+        )
+        .expect("publish")
+    }
+
+    /// Deploys `model` `version` to `group`.
+    pub fn deploy(&self, model: &str, version: u64, group: &str) {
+        self.client
+            .deploy(&modelcast_server::api::DeployRequest {
+                model: model.into(),
+                version,
+                group: group.into(),
+                by: "e2e".into(),
+            })
+            .expect("deploy");
+    }
+
+    /// The last report of `device`.
+    pub fn report(&self, device: &str) -> Option<DeviceReport> {
+        self.client
+            .devices()
+            .ok()?
+            .into_iter()
+            .find(|d| d.id == device)?
+            .report
+    }
+
+    /// Waits until `device` reports `model` serving `version`.
+    pub fn wait_serving(&self, device: &str, model: &str, version: u64) {
+        wait_for(
+            &format!("{device} to serve {model} v{version}"),
+            Duration::from_secs(60),
+            || {
+                let r = self.report(device)?;
+                (r.models.get(model)?.serving_version() == Some(version)).then_some(())
+            },
+        );
+    }
+
+    /// Waits until `device`'s last error contains `needle`; returns the reason.
+    pub fn wait_error(&self, device: &str, needle: &str) -> String {
+        wait_for(
+            &format!("{device} to report an error containing {needle:?}"),
+            Duration::from_secs(60),
+            || {
+                let reason = self.report(device)?.last_error?.reason;
+                reason.contains(needle).then_some(reason)
+            },
+        )
+    }
+
+    /// Starts an agent `id` with `labels`, connected to this fleet's broker.
+    pub fn start_agent(&self, id: &str, labels: &[(&str, &str)]) -> Agent {
+        Agent::new(self, id, labels)
+    }
+
+    /// The server's log tail.
+    pub fn server_log(&self) -> String {
+        self.server.log_tail(60)
+    }
+}
+
+/// One device.
+pub struct Agent {
+    /// Device id.
+    pub id: String,
+    /// Inference API port.
+    pub http_port: u16,
+    config: PathBuf,
+    log: PathBuf,
+    proc: Option<Proc>,
+    starts: u32,
+}
+
+impl Agent {
+    fn new(fleet: &Fleet, id: &str, labels: &[(&str, &str)]) -> Agent {
+        let http_port = free_port();
+        let dir = fleet.dir.path();
+        let labels: Vec<String> = labels
+            .iter()
+            .map(|(k, v)| format!("{k} = \"{v}\""))
+            .collect();
+        let director =
+            std::fs::read_to_string(fleet.keys.join("director.pub")).expect("director.pub");
+        let config = dir.join(format!("{id}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "device_id = \"{id}\"\nlabels = {{ {} }}\nstate_dir = \"{}\"\nbroker = \"mqtt://127.0.0.1:{}\"\nhttp_listen = \"127.0.0.1:{http_port}\"\n[trust]\nroot = \"{}\"\ndirector_keys = [\"{}\"]\n[transfer]\nchunk_timeout_secs = 2\n",
+                labels.join(", "),
+                dir.join(id).display(),
+                fleet.mqtt_port,
+                fleet.keys.join("root.json").display(),
+                director.trim()
+            ),
+        )
+        .expect("agent config");
+        let mut agent = Agent {
+            id: id.into(),
+            http_port,
+            config,
+            log: dir.join(format!("{id}.log")),
+            proc: None,
+            starts: 0,
+        };
+        agent.start();
+        agent
+    }
+
+    /// Starts (or restarts) the process and waits for its API.
+    pub fn start(&mut self) {
+        self.starts += 1;
+        let log = self.log.with_extension(format!("{}.log", self.starts));
+        let proc = Proc::spawn(
+            Command::new(bin("modelcast-agent"))
+                .arg("--config")
+                .arg(&self.config)
+                .env("RUST_LOG", "info,sled=warn"),
+            log,
+        );
+        self.proc = Some(proc);
+        let url = format!("http://127.0.0.1:{}/v2/health/live", self.http_port);
+        wait_for(&format!("{} API", self.id), Duration::from_secs(30), || {
+            ureq::get(&url).call().ok()
+        });
+    }
+
+    /// Stops the process gracefully.
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.stop();
+        }
+    }
+
+    /// Sends a KServe v2 JSON inference request built from tensors; returns the version that
+    /// answered and the first output's values, or the error body.
+    pub fn infer(&self, model: &str, inputs: &[TensorData]) -> Result<(String, Vec<f64>), String> {
+        let inputs: Vec<serde_json::Value> = inputs
+            .iter()
+            .map(|t| {
+                serde_json::json!({
+                    "name": t.name, "shape": t.shape, "datatype": "FP32",
+                    "data": t.values().expect("tensor values"),
+                })
+            })
+            .collect();
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(30)))
+            .build()
+            .into();
+        let mut resp = agent
+            .post(format!(
+                "http://127.0.0.1:{}/v2/models/{model}/infer",
+                self.http_port
+            ))
+            .send_json(serde_json::json!({ "inputs": inputs }))
+            .map_err(|e| e.to_string())?;
+        let status = resp.status().as_u16();
+        let body: serde_json::Value = resp.body_mut().read_json().map_err(|e| e.to_string())?;
+        if status != 200 {
+            return Err(format!("{status}: {body}"));
+        }
+        let version = body["model_version"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let data = body["outputs"][0]["data"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|v| v.as_f64()).collect())
+            .unwrap_or_default();
+        Ok((version, data))
+    }
+
+    /// Runs the manifest's golden vector and checks the answer; returns the version.
+    pub fn check_golden(&self, manifest: &Manifest) -> String {
+        let golden = &manifest.golden[0];
+        let (version, got) = self
+            .infer(&manifest.name, &golden.inputs)
+            .unwrap_or_else(|e| panic!("{} infer: {e}", self.id));
+        let want = golden.outputs[0].values().expect("golden values");
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(&want) {
+            assert!(
+                (g - w).abs() < 1e-4,
+                "{}: got {got:?}, want {want:?}",
+                self.id
+            );
+        }
+        version
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Labels as a map.
+pub fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// An attacker with a connection to the broker.
+pub struct Rogue {
+    client: rumqttc::Client,
+    _thread: std::thread::JoinHandle<()>,
+}
+
+/// What a rogue does to the chunks it is asked for.
+#[derive(Debug, Clone, Copy)]
+pub enum ChunkAttack {
+    /// Flip a byte in every chunk.
+    Tamper,
+    /// Serve the artifact one byte short (the last chunk truncated).
+    Truncate,
+}
+
+impl Rogue {
+    /// Connects to the broker on `port`; answers chunk requests for `artifact` (the true
+    /// bytes) with the `attack` applied.
+    pub fn connect(port: u16, artifact: Option<(Vec<u8>, u32, ChunkAttack)>) -> Rogue {
+        use modelcast_proto::chunk::{ChunkReply, ChunkRequest};
+        use modelcast_proto::topic::{DeviceTopic, Topics};
+        use rumqttc::{Event, MqttOptions, Packet, QoS};
+        let mut opts = MqttOptions::new(format!("rogue-{}", free_port()), "127.0.0.1", port);
+        opts.set_max_packet_size(8 << 20, 8 << 20);
+        let (client, mut connection) = rumqttc::Client::new(opts, 64);
+        let topics = Topics::new("modelcast");
+        client
+            .subscribe(topics.chunk_requests(), QoS::AtLeastOnce)
+            .expect("subscribe");
+        let replier = client.clone();
+        let thread = std::thread::spawn(move || {
+            for event in connection.iter() {
+                let Ok(Event::Incoming(Packet::Publish(p))) = event else {
+                    if event.is_err() {
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    continue;
+                };
+                let (Some((bytes, chunk_size, attack)), Ok(req)) =
+                    (&artifact, ChunkRequest::from_slice(&p.payload))
+                else {
+                    continue;
+                };
+                let digest: [u8; 32] =
+                    modelcast_proto::chunk::parse_digest(&req.artifact).expect("digest");
+                for index in req.chunks {
+                    let start = index as usize * *chunk_size as usize;
+                    if start >= bytes.len() {
+                        continue;
+                    }
+                    let end = (start + *chunk_size as usize).min(bytes.len());
+                    let mut data = bytes[start..end].to_vec();
+                    match attack {
+                        ChunkAttack::Tamper => data[0] ^= 0xff,
+                        ChunkAttack::Truncate if end == bytes.len() => {
+                            data.pop();
+                        }
+                        ChunkAttack::Truncate => {}
+                    }
+                    let frame = ChunkReply {
+                        artifact: digest,
+                        index,
+                        data: &data,
+                    }
+                    .encode();
+                    let topic = topics.device(&req.device, DeviceTopic::Chunks);
+                    let _ = replier.try_publish(topic, QoS::AtLeastOnce, false, frame);
+                }
+            }
+        });
+        Rogue {
+            client,
+            _thread: thread,
+        }
+    }
+
+    /// Publishes a retained desired state for `device`.
+    pub fn publish_desired(&self, device: &str, desired: &modelcast_proto::desired::DesiredState) {
+        let topic = modelcast_proto::topic::Topics::new("modelcast")
+            .device(device, modelcast_proto::topic::DeviceTopic::Desired);
+        self.client
+            .publish(topic, rumqttc::QoS::AtLeastOnce, true, desired.to_vec())
+            .expect("publish desired");
+    }
+}
+
+impl Drop for Rogue {
+    fn drop(&mut self) {
+        let _ = self.client.disconnect();
+    }
+}
+
+/// The fleet's real keys, as an attacker who stole them (or a test) would hold them.
+pub fn stolen_keys(keys: &Path) -> modelcast_proto::verify::fixture::Keys {
+    let read = |f: &str| keyset::read_key(&keys.join(f)).expect("key file");
+    modelcast_proto::verify::fixture::Keys {
+        root: read("root.key"),
+        targets: read("targets.key"),
+        snapshot: read("server.key"),
+        timestamp: read("server.key"),
+        director: read("server.key"),
+    }
+}

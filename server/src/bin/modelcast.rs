@@ -8,10 +8,10 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use modelcast_proto::report::Phase;
-use modelcast_server::api::{DeployRequest, PublishRequest};
+use modelcast_server::api::DeployRequest;
 use modelcast_server::client::Client;
 use modelcast_server::group::Selector;
-use modelcast_server::publish::{build_manifest, sign_next_targets, PublishOptions};
+use modelcast_server::publish::{publish_file, PublishOptions};
 use modelcast_server::{keyset, onnx, unix_now};
 
 /// Operate a modelcast fleet.
@@ -152,29 +152,16 @@ fn main() -> anyhow::Result<()> {
             no_golden,
         } => {
             let key = keyset::read_key(&keys.join("targets.key"))?;
-            let bytes =
-                std::fs::read(&model).with_context(|| format!("reading {}", model.display()))?;
             let mut opts = PublishOptions::new(&name, version);
             opts.golden = !no_golden;
             opts.metadata = meta.into_iter().collect();
-            let now = unix_now();
-            let manifest = build_manifest(&bytes, &opts, now)?;
-            drop(bytes);
-            let file = std::fs::File::open(&model)?;
-            client.upload(&manifest.sha256, manifest.chunk_size, file)?;
-            let current = client.targets()?;
-            let targets = sign_next_targets(current.as_ref(), &manifest, &key, now)?;
-            let answer = client.publish(&PublishRequest {
-                targets,
-                published_by: by,
-            })?;
+            let manifest = publish_file(&client, &model, &opts, &key, &by, unix_now())?;
             println!(
-                "published {name} v{version}: {} bytes, {} chunks, sha256 {}, {} golden vector(s); targets v{}",
+                "published {name} v{version}: {} bytes, {} chunk(s), sha256 {}…, {} golden vector(s)",
                 manifest.size,
                 manifest.chunks.len(),
                 &manifest.sha256[..16],
                 manifest.golden.len(),
-                answer["targets_version"]
             );
         }
         Command::Deploy {

@@ -1,0 +1,40 @@
+//! The agent binary refuses unusable configuration with a clear message and a failure exit.
+
+use std::process::Command;
+
+fn agent() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_modelcast-agent"))
+}
+
+#[test]
+fn missing_config_is_a_clear_error() {
+    let out = agent()
+        .args(["--config", "/nonexistent/agent.toml"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/nonexistent/agent.toml"), "{err}");
+}
+
+#[test]
+fn unusable_trust_root_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root.json");
+    std::fs::write(&root, b"{ not json").unwrap();
+    let cfg = dir.path().join("agent.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "device_id = 'd1'\nstate_dir = '{}'\nhttp_listen = '127.0.0.1:0'\n[trust]\nroot = '{}'\ndirector_keys = ['{}']\n",
+            dir.path().join("state").display(),
+            root.display(),
+            "11".repeat(32)
+        ),
+    )
+    .unwrap();
+    let out = agent().arg("--config").arg(&cfg).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("trust anchors"), "{err}");
+}
