@@ -61,7 +61,7 @@ pub struct TransferConfig {
 impl Default for TransferConfig {
     fn default() -> Self {
         TransferConfig {
-            window: 16,
+            window: 64,
             chunk_timeout_secs: 5,
         }
     }
@@ -193,7 +193,7 @@ mod tests {
         .unwrap();
         assert_eq!(cfg.broker_addr().unwrap(), ("10.0.0.1".into(), 1884));
         assert_eq!(cfg.labels["site"], "berlin");
-        assert_eq!(cfg.transfer.window, 16);
+        assert_eq!(cfg.transfer.window, 64);
     }
 
     #[test]

@@ -464,6 +464,7 @@ impl Agent {
                 store
                     .verify_artifact(&manifest)
                     .map_err(|e| e.to_string())?;
+                info!(model = %manifest.name, version = manifest.version, "artifact verified");
                 let mut reader = store
                     .artifact_reader(&manifest)
                     .map_err(|e| e.to_string())?;

@@ -6,10 +6,13 @@
 //! - `models`: model name → [`ModelRecord`] (the A/B slots and which one serves).
 //! - `pending`: model name → the manifest being downloaded.
 //! - `artifacts`: artifact SHA-256 → chunk count, for every artifact with chunks stored.
-//! - `chunks`: artifact SHA-256 (32 bytes) ‖ index (u32 BE) → chunk bytes.
+//! - `chunks`: artifact SHA-256 (32 bytes) ‖ chunk index (u32 BE) ‖ piece (u16 BE) → up to
+//!   16 KiB of the chunk. A chunk's pieces are written in one atomic batch.
 //! - `meta`: `last_error`.
 //!
-//! Values are chunk-sized at most, and the cache is small: DESIGN's bounded-memory rule.
+//! Values are at most 16 KiB and the cache is small. Measured on sled 0.34 (100 MB written,
+//! then rewritten, ten times): with 256 KiB values the files grew to 15x the live data and the
+//! process to 300 MB; with 16 KiB values, 1.7x and 117 MB.
 //! Everything read back is decoded with errors, never panics: the disk is input too.
 
 use std::io::Read;
@@ -24,6 +27,8 @@ use thiserror::Error;
 
 /// sled's page cache: small, the models themselves live in the engine.
 const CACHE_BYTES: u64 = 8 * 1024 * 1024;
+/// Largest value written to sled: chunks are split into pieces of this size.
+const PIECE: usize = 16 * 1024;
 
 /// A store failure.
 #[derive(Debug, Error)]
@@ -114,6 +119,13 @@ fn chunk_key(artifact: &[u8; 32], index: u32) -> [u8; 36] {
     let mut key = [0u8; 36];
     key[..32].copy_from_slice(artifact);
     key[32..].copy_from_slice(&index.to_be_bytes());
+    key
+}
+
+fn piece_key(artifact: &[u8; 32], index: u32, piece: u16) -> [u8; 38] {
+    let mut key = [0u8; 38];
+    key[..36].copy_from_slice(&chunk_key(artifact, index));
+    key[36..].copy_from_slice(&piece.to_be_bytes());
     key
 }
 
@@ -236,15 +248,28 @@ impl Store {
         Ok(())
     }
 
-    /// Stores one chunk (already checked against its digest by the caller).
+    /// Stores one chunk (already checked against its digest by the caller), atomically.
     pub fn put_chunk(
         &self,
         artifact: &[u8; 32],
         index: u32,
         data: &[u8],
     ) -> Result<(), StoreError> {
-        self.chunks.insert(chunk_key(artifact, index), data)?;
+        let mut batch = sled::Batch::default();
+        for (piece, bytes) in data.chunks(PIECE).enumerate() {
+            batch.insert(&piece_key(artifact, index, piece as u16)[..], bytes);
+        }
+        self.chunks.apply_batch(batch)?;
         Ok(())
+    }
+
+    /// Reads one stored chunk back (its pieces, concatenated).
+    fn chunk(&self, artifact: &[u8; 32], index: u32) -> Result<Option<Vec<u8>>, StoreError> {
+        let mut out = Vec::new();
+        for piece in self.chunks.scan_prefix(chunk_key(artifact, index)).values() {
+            out.extend_from_slice(&piece?);
+        }
+        Ok((!out.is_empty()).then_some(out))
     }
 
     /// Which chunks of `manifest` are already stored (resume after restart).
@@ -253,8 +278,8 @@ impl Store {
         let mut have = vec![false; manifest.chunks.len()];
         for key in self.chunks.scan_prefix(digest).keys() {
             let key = key?;
-            if key.len() == 36 {
-                let index = u32::from_be_bytes(key[32..].try_into().expect("4 bytes")) as usize;
+            if key.len() == 38 && key[36..] == [0, 0] {
+                let index = u32::from_be_bytes(key[32..36].try_into().expect("4 bytes")) as usize;
                 if let Some(h) = have.get_mut(index) {
                     *h = true;
                 }
@@ -300,11 +325,11 @@ impl Store {
     /// A reader over the stored artifact that checks each chunk's digest as it goes.
     pub fn artifact_reader(&self, manifest: &Manifest) -> Result<ArtifactReader, StoreError> {
         Ok(ArtifactReader {
-            chunks: self.chunks.clone(),
+            store: self.clone(),
             digest: digest_of(manifest)?,
             manifest: manifest.clone(),
             next: 0,
-            current: sled::IVec::default(),
+            current: Vec::new(),
             offset: 0,
         })
     }
@@ -356,11 +381,11 @@ impl Store {
 
 /// Streams a stored artifact chunk by chunk, failing on a missing or altered chunk.
 pub struct ArtifactReader {
-    chunks: sled::Tree,
+    store: Store,
     digest: [u8; 32],
     manifest: Manifest,
     next: u32,
-    current: sled::IVec,
+    current: Vec<u8>,
     offset: usize,
 }
 
@@ -372,8 +397,8 @@ impl Read for ArtifactReader {
             }
             let index = self.next;
             let chunk = self
-                .chunks
-                .get(chunk_key(&self.digest, index))
+                .store
+                .chunk(&self.digest, index)
                 .map_err(std::io::Error::other)?
                 .ok_or_else(|| {
                     std::io::Error::other(StoreError::MissingChunk {

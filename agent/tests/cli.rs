@@ -2,8 +2,18 @@
 
 use std::process::Command;
 
+/// The agent binary; through the emulator when the tests run under one (cross/test).
 fn agent() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_modelcast-agent"))
+    let bin = env!("CARGO_BIN_EXE_modelcast-agent");
+    match std::env::var("MODELCAST_TEST_RUNNER") {
+        Ok(runner) if !runner.is_empty() => {
+            let mut parts = runner.split_whitespace();
+            let mut cmd = Command::new(parts.next().expect("runner program"));
+            cmd.args(parts).arg(bin);
+            cmd
+        }
+        _ => Command::new(bin),
+    }
 }
 
 #[test]

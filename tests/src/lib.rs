@@ -21,24 +21,26 @@ use modelcast_server::{keyset, onnx};
 /// Path of a workspace binary, building the binaries once if they are missing.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target profile dir");
+    let mut dir = exe.parent().expect("target dir");
+    if dir.ends_with("deps") {
+        dir = dir.parent().expect("target profile dir");
+    }
     let path = dir.join(name);
     if !path.exists() {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args([
-                "build",
-                "-p",
-                "modelcast-agent",
-                "-p",
-                "modelcast-server",
-                "--bins",
-            ])
-            .status()
-            .expect("running cargo build");
+        let mut cmd = Command::new(cargo);
+        cmd.args([
+            "build",
+            "-p",
+            "modelcast-agent",
+            "-p",
+            "modelcast-server",
+            "--bins",
+        ]);
+        if dir.ends_with("release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("running cargo build");
         assert!(status.success(), "building the binaries failed");
     }
     assert!(path.exists(), "{} not found", path.display());
@@ -353,7 +355,7 @@ impl Agent {
     /// Starts (or restarts) the process and waits for its API.
     pub fn start(&mut self) {
         self.starts += 1;
-        let log = self.log.with_extension(format!("{}.log", self.starts));
+        let log = self.log_path();
         let proc = Proc::spawn(
             Command::new(bin("modelcast-agent"))
                 .arg("--config")
@@ -366,6 +368,16 @@ impl Agent {
         wait_for(&format!("{} API", self.id), Duration::from_secs(30), || {
             ureq::get(&url).call().ok()
         });
+    }
+
+    /// The running process's id.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(|p| p.child.id())
+    }
+
+    /// The current process's log file.
+    pub fn log_path(&self) -> PathBuf {
+        self.log.with_extension(format!("{}.log", self.starts))
     }
 
     /// Stops the process gracefully.

@@ -1,0 +1,267 @@
+//! Benchmark: update one device to a 100 MB model through the embedded broker, beside
+//! `curl | sha256sum` of the same bytes from a local HTTP server, in the same run; then ten
+//! successive 20 MB updates and the store's size on disk.
+//!
+//! Run: `cargo build --release --bins && target/release/bench-update` (it starts the release
+//! binaries beside it). Figures are printed; the machine is shared and noisy, so compare the
+//! ratios, not the absolute times. `BENCH_RUNS`, `BENCH_MB`, `BENCH_SMALL_MB` change sizes.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use modelcast_server::onnx::{example_model, hidden_for_size};
+use modelcast_tests::{free_port, wait_for, Agent, Fleet, Mosquitto};
+
+const MB: u64 = 1024 * 1024;
+
+fn rss_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn log_has(agent: &Agent, what: &str, version: u64) -> bool {
+    let needle = format!("version={version}");
+    std::fs::read_to_string(agent.log_path())
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.contains(what) && l.contains(&needle))
+}
+
+fn serving_version(agent: &Agent) -> Option<String> {
+    let url = format!("http://127.0.0.1:{}/v2/models/classifier", agent.http_port);
+    let mut resp = ureq::get(&url).call().ok()?;
+    let v: serde_json::Value = resp.body_mut().read_json().ok()?;
+    v["versions"][0].as_str().map(str::to_string)
+}
+
+struct Run {
+    downloaded: Duration,
+    verified: Duration,
+    active: Duration,
+    peak_rss_download_kib: u64,
+    peak_rss_before_verified_kib: u64,
+}
+
+/// Deploys `version` (already published) and times it to "verified" and "serving".
+fn timed_update(fleet: &Fleet, agent: &Agent, version: u64) -> Run {
+    let pid = agent.pid().expect("agent running");
+    let start = Instant::now();
+    fleet.deploy("classifier", version, "*");
+    let mut peak = 0;
+    let mut download_peak = None;
+    let mut downloaded = Duration::ZERO;
+    let mut verified = None;
+    let deadline = start + Duration::from_secs(600);
+    loop {
+        assert!(Instant::now() < deadline, "update to v{version} timed out");
+        if verified.is_none() {
+            peak = peak.max(rss_kib(pid, "VmRSS:"));
+            if download_peak.is_none() && log_has(agent, "artifact complete", version) {
+                download_peak = Some(peak);
+                downloaded = start.elapsed();
+            }
+            if log_has(agent, "artifact verified", version) {
+                verified = Some(start.elapsed());
+            }
+        }
+        if let Some(verified) =
+            verified.filter(|_| serving_version(agent).as_deref() == Some(&version.to_string()))
+        {
+            return Run {
+                downloaded,
+                verified,
+                active: start.elapsed(),
+                peak_rss_download_kib: download_peak.unwrap_or(peak),
+                peak_rss_before_verified_kib: peak,
+            };
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn baseline(dir: &std::path::Path, file: &str) -> Duration {
+    let port = free_port();
+    let mut server = Command::new("python3")
+        .args([
+            "-m",
+            "http.server",
+            "--bind",
+            "127.0.0.1",
+            &port.to_string(),
+            "--directory",
+        ])
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("python3 http.server");
+    wait_for("http.server", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+    });
+    let cmd = format!("curl -sf http://127.0.0.1:{port}/{file} | sha256sum > /dev/null");
+    let start = Instant::now();
+    let status = Command::new("bash")
+        .args(["-c", &cmd])
+        .status()
+        .expect("curl");
+    let took = start.elapsed();
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(status.success(), "baseline failed");
+    took
+}
+
+fn dir_size(path: &std::path::Path) -> u64 {
+    let mut total = 0;
+    if let Ok(entries) = std::fs::read_dir(path) {
+        for e in entries.flatten() {
+            let Ok(meta) = e.metadata() else { continue };
+            total += if meta.is_dir() {
+                dir_size(&e.path())
+            } else {
+                meta.len()
+            };
+        }
+    }
+    total
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn main() {
+    let runs: u64 = std::env::var("BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let size: u64 = std::env::var("BENCH_MB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100)
+        * MB;
+    // BENCH_BROKER=mosquitto runs the same through Debian's mosquitto instead.
+    let external = std::env::var("BENCH_BROKER").is_ok_and(|b| b == "mosquitto");
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let mosquitto = external.then(|| Mosquitto::start(scratch.path()));
+    let fleet = match &mosquitto {
+        Some(m) => Fleet::with_broker(tempfile::tempdir().expect("tempdir"), m.port()),
+        None => Fleet::embedded(),
+    };
+    let agent = fleet.start_agent("bench-1", &[("site", "bench")]);
+    wait_for("device registered", Duration::from_secs(30), || {
+        (!fleet.client.devices().ok()?.is_empty()).then_some(())
+    });
+    fleet.publish_example(1, 64);
+    fleet.deploy("classifier", 1, "*");
+    fleet.wait_serving("bench-1", "classifier", 1);
+    let pid = agent.pid().expect("agent running");
+    let idle_kib = rss_kib(pid, "VmRSS:");
+
+    println!(
+        "== one device, {} MB model, {} broker, loopback",
+        size / MB,
+        if external {
+            "mosquitto"
+        } else {
+            "embedded rumqttd"
+        },
+    );
+    let mut verified = Vec::new();
+    let mut active = Vec::new();
+    let mut peak = 0;
+    let mut download_peak = 0;
+    let mut baselines = Vec::new();
+    let mut last_file = String::new();
+    for i in 0..runs {
+        let version = 10 + i;
+        let file = format!("big-v{version}.onnx");
+        let path = fleet.dir.path().join(&file);
+        let bytes = example_model(version, hidden_for_size(size));
+        std::fs::File::create(&path)
+            .and_then(|mut f| f.write_all(&bytes))
+            .expect("model file");
+        let artifact = bytes.len() as u64;
+        drop(bytes);
+        fleet.publish_file(&path, "classifier", version);
+        let run = timed_update(&fleet, &agent, version);
+        let base = baseline(fleet.dir.path(), &file);
+        println!(
+            "run {i}: modelcast deploy→downloaded {:.2}s, →verified {:.2}s, →serving {:.2}s; curl|sha256sum {:.2}s; artifact {} bytes",
+            run.downloaded.as_secs_f64(),
+            run.verified.as_secs_f64(),
+            run.active.as_secs_f64(),
+            base.as_secs_f64(),
+            artifact
+        );
+        verified.push(run.verified);
+        active.push(run.active);
+        peak = peak.max(run.peak_rss_before_verified_kib);
+        download_peak = download_peak.max(run.peak_rss_download_kib);
+        baselines.push(base);
+        if i + 1 < runs {
+            let _ = std::fs::remove_file(&path);
+        }
+        last_file = file;
+    }
+    let _ = last_file;
+    let (mv, ma, mb) = (median(verified), median(active), median(baselines));
+    println!(
+        "median: modelcast {:.2}s to verified, {:.2}s to serving; baseline {:.2}s",
+        mv.as_secs_f64(),
+        ma.as_secs_f64(),
+        mb.as_secs_f64()
+    );
+    println!(
+        "speed ratio (baseline time / modelcast time to verified): {:.2}  (goal >= 0.7)",
+        mb.as_secs_f64() / mv.as_secs_f64()
+    );
+    println!(
+        "agent RSS: idle {:.1} MB, peak during download {:.1} MB, during download+verify {:.1} MB (+{:.1} MB over idle; goal <= +64 MB), high-water incl. tract load {:.1} MB",
+        idle_kib as f64 / 1024.0,
+        download_peak as f64 / 1024.0,
+        peak as f64 / 1024.0,
+        (peak.saturating_sub(idle_kib)) as f64 / 1024.0,
+        rss_kib(pid, "VmHWM:") as f64 / 1024.0
+    );
+
+    let small: u64 = std::env::var("BENCH_SMALL_MB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20)
+        * MB;
+    println!(
+        "== ten successive {} MB updates: store size on disk",
+        small / MB
+    );
+    let mut last_size = 0;
+    for i in 0..10 {
+        let version = 100 + i;
+        let path = fleet.dir.path().join(format!("small-v{version}.onnx"));
+        let bytes = example_model(version, hidden_for_size(small));
+        last_size = bytes.len() as u64;
+        std::fs::write(&path, &bytes).expect("model file");
+        fleet.publish_file(&path, "classifier", version);
+        fleet.deploy("classifier", version, "*");
+        wait_for("small update", Duration::from_secs(300), || {
+            (serving_version(&agent).as_deref() == Some(&version.to_string())).then_some(())
+        });
+        let _ = std::fs::remove_file(&path);
+    }
+    // Let sled's periodic flush settle before measuring.
+    std::thread::sleep(Duration::from_secs(2));
+    let store = dir_size(&fleet.dir.path().join("bench-1").join("store"));
+    println!(
+        "store on disk {:.1} MB for two slots of {:.1} MB = {:.1} MB: space amplification {:.2}x (goal <= 2x)",
+        store as f64 / MB as f64,
+        last_size as f64 / MB as f64,
+        2.0 * last_size as f64 / MB as f64,
+        store as f64 / (2.0 * last_size as f64)
+    );
+}
