@@ -71,7 +71,8 @@ impl Default for TransferConfig {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// This device's id (MQTT client id and topic segment).
+    /// This device's id (MQTT client id and topic segment); defaults to the host name.
+    #[serde(default = "default_device_id")]
     pub device_id: String,
     /// Labels by which operators group devices.
     #[serde(default)]
@@ -93,6 +94,12 @@ pub struct Config {
     /// Transfer tuning.
     #[serde(default)]
     pub transfer: TransferConfig,
+}
+
+fn default_device_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default()
 }
 
 fn default_state_dir() -> PathBuf {

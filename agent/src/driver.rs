@@ -156,12 +156,12 @@ fn load_trust(cfg: &Config, store: &Store) -> Result<(TrustState, RoleVerifier),
     ))
 }
 
-/// Runs the agent until `shutdown` completes. `ready` is called once the store's models
-/// serve (or it is known there are none).
+/// Runs the agent until `shutdown` completes. `ready` is called, with what serves, once the
+/// store's models serve (or it is known there are none) and the inference API listens.
 pub async fn run(
     cfg: Config,
     shutdown: impl Future<Output = ()>,
-    ready: impl FnOnce(),
+    ready: impl FnOnce(&[String]),
 ) -> Result<(), AgentError> {
     std::fs::create_dir_all(&cfg.state_dir).map_err(|e| StoreError::Sled(e.into()))?;
     let store = Store::open(&store_path(&cfg.state_dir))?;
@@ -190,7 +190,13 @@ pub async fn run(
             })
             .await;
     });
-    ready();
+    let serving: Vec<String> = models
+        .names()
+        .iter()
+        .filter_map(|n| models.get(n))
+        .map(|m| format!("{} v{}", m.manifest().name, m.manifest().version))
+        .collect();
+    ready(&serving);
 
     let (link, mut events) = Link::connect(&cfg);
     let mut agent = Agent {
@@ -212,11 +218,16 @@ pub async fn run(
     };
     agent.resume_downloads()?;
 
+    // Watchdog pings come from this loop and nowhere else: if it wedges, they stop.
+    let mut watchdog = crate::systemd::watchdog_interval().map(tokio::time::interval);
     tokio::pin!(shutdown);
     loop {
         let wake = agent.next_wake();
         tokio::select! {
             _ = &mut shutdown => break,
+            _ = async { watchdog.as_mut().expect("armed").tick().await }, if watchdog.is_some() => {
+                crate::systemd::ping();
+            }
             event = events.recv() => match event {
                 Some(event) => agent.handle_link(event).await,
                 None => break,
@@ -233,6 +244,7 @@ pub async fn run(
         agent.maybe_report().await;
     }
     info!("shutting down");
+    crate::systemd::stopping();
     agent.link.close().await;
     let _ = http_stop.send(());
     let _ = http.await;

@@ -7,6 +7,7 @@
 //! - [`serve`]: the local Open Inference Protocol (KServe v2) API over the serving models.
 //! - [`link`]: MQTT (rumqttc): connect, last will, subscriptions, events in, publishes out.
 //! - [`driver`]: the one loop that feeds events to the update logic and acts on it.
+//! - [`systemd`]: readiness, status and watchdog notifications.
 
 pub mod config;
 pub mod driver;
@@ -14,4 +15,5 @@ pub mod engine;
 pub mod link;
 pub mod serve;
 pub mod store;
+pub mod systemd;
 pub mod transfer;

@@ -71,7 +71,16 @@ fn main() -> anyhow::Result<()> {
                 _ = term.recv() => {}
             }
         };
-        modelcast_agent::driver::run(cfg, shutdown, || tracing::info!("ready")).await
+        modelcast_agent::driver::run(cfg, shutdown, |serving| {
+            let status = if serving.is_empty() {
+                "ready: no model installed yet".to_string()
+            } else {
+                format!("ready: serving {}", serving.join(", "))
+            };
+            tracing::info!("{status}");
+            modelcast_agent::systemd::ready(&status);
+        })
+        .await
     })?;
     Ok(())
 }

@@ -242,7 +242,7 @@ fn start(cfg: Config) -> Running {
             async {
                 let _ = stopped.await;
             },
-            || {},
+            |_| {},
         )
         .await
         .expect("agent runs");
