@@ -429,31 +429,9 @@ impl Read for ArtifactReader {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use modelcast_proto::manifest::{chunk_digests, DataType, TensorSpec};
 
-    pub(crate) fn manifest_for(name: &str, version: u64, bytes: &[u8], chunk: u32) -> Manifest {
-        Manifest {
-            format: 1,
-            name: name.into(),
-            version,
-            size: bytes.len() as u64,
-            sha256: modelcast_proto::sha256_hex(bytes),
-            chunk_size: chunk,
-            chunks: chunk_digests(bytes, chunk),
-            inputs: vec![TensorSpec {
-                name: "x".into(),
-                datatype: DataType::Fp32,
-                shape: vec![1],
-            }],
-            outputs: vec![TensorSpec {
-                name: "y".into(),
-                datatype: DataType::Fp32,
-                shape: vec![1],
-            }],
-            golden: vec![],
-            expires: "2035-01-01T00:00:00Z".into(),
-            metadata: Default::default(),
-        }
+    fn manifest_for(name: &str, version: u64, bytes: &[u8], chunk: u32) -> Manifest {
+        modelcast_proto::verify::fixture::manifest(name, version, bytes, chunk)
     }
 
     fn put_all(store: &Store, m: &Manifest, bytes: &[u8]) {

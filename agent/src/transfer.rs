@@ -185,32 +185,10 @@ impl Transfer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use modelcast_proto::manifest::{chunk_digests, DataType, TensorSpec};
     use proptest::prelude::*;
 
     fn manifest(bytes: &[u8], chunk: u32) -> Manifest {
-        Manifest {
-            format: 1,
-            name: "m".into(),
-            version: 1,
-            size: bytes.len() as u64,
-            sha256: modelcast_proto::sha256_hex(bytes),
-            chunk_size: chunk,
-            chunks: chunk_digests(bytes, chunk),
-            inputs: vec![TensorSpec {
-                name: "x".into(),
-                datatype: DataType::Fp32,
-                shape: vec![1],
-            }],
-            outputs: vec![TensorSpec {
-                name: "y".into(),
-                datatype: DataType::Fp32,
-                shape: vec![1],
-            }],
-            golden: vec![],
-            expires: "2035-01-01T00:00:00Z".into(),
-            metadata: Default::default(),
-        }
+        modelcast_proto::verify::fixture::manifest("m", 1, bytes, chunk)
     }
 
     #[test]

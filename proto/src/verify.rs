@@ -247,7 +247,32 @@ pub mod fixture {
     use super::*;
     use crate::desired::RepositoryMetadata;
     use crate::keys::SigningKey;
+    use crate::manifest::{chunk_digests, DataType, TensorSpec};
     use crate::metadata::MetaFile;
+
+    /// A consistent manifest for `bytes`: one FP32 input `x: [1]`, one output `y: [1]`,
+    /// no golden vectors, expiring in 2035.
+    pub fn manifest(name: &str, version: u64, bytes: &[u8], chunk_size: u32) -> Manifest {
+        let tensor = |n: &str| TensorSpec {
+            name: n.into(),
+            datatype: DataType::Fp32,
+            shape: vec![1],
+        };
+        Manifest {
+            format: crate::FORMAT_VERSION,
+            name: name.into(),
+            version,
+            size: bytes.len() as u64,
+            sha256: crate::sha256_hex(bytes),
+            chunk_size,
+            chunks: chunk_digests(bytes, chunk_size),
+            inputs: vec![tensor("x")],
+            outputs: vec![tensor("y")],
+            golden: vec![],
+            expires: "2035-01-01T00:00:00Z".into(),
+            metadata: Default::default(),
+        }
+    }
 
     /// One key per role plus the director's.
     #[derive(Debug, Clone)]
@@ -342,7 +367,6 @@ pub mod fixture {
 mod tests {
     use super::fixture::Keys;
     use super::*;
-    use crate::manifest::{chunk_digests, DataType, TensorSpec};
     use crate::metadata::parse_expiry;
 
     const FAR: &str = "2035-01-01T00:00:00Z";
@@ -352,29 +376,7 @@ mod tests {
     }
 
     fn manifest(version: u64) -> Manifest {
-        let bytes = vec![version as u8; 10];
-        Manifest {
-            format: 1,
-            name: "m".into(),
-            version,
-            size: 10,
-            sha256: crate::sha256_hex(&bytes),
-            chunk_size: 4,
-            chunks: chunk_digests(&bytes, 4),
-            inputs: vec![TensorSpec {
-                name: "x".into(),
-                datatype: DataType::Fp32,
-                shape: vec![1],
-            }],
-            outputs: vec![TensorSpec {
-                name: "y".into(),
-                datatype: DataType::Fp32,
-                shape: vec![1],
-            }],
-            golden: vec![],
-            expires: FAR.into(),
-            metadata: Default::default(),
-        }
+        super::fixture::manifest("m", version, &[version as u8; 10], 4)
     }
 
     fn trust(keys: &Keys) -> TrustState {
