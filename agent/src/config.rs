@@ -169,15 +169,7 @@ impl Config {
 
 /// Parses `mqtt://host:port` (or `host:port`).
 pub fn parse_broker(url: &str) -> Result<(String, u16), ConfigError> {
-    let rest = url.strip_prefix("mqtt://").unwrap_or(url);
-    let (host, port) = rest
-        .rsplit_once(':')
-        .ok_or_else(|| ConfigError::Invalid(format!("broker {url:?} needs host:port")))?;
-    let port = port
-        .trim_end_matches('/')
-        .parse()
-        .map_err(|_| ConfigError::Invalid(format!("broker {url:?}: bad port")))?;
-    Ok((host.trim_matches(['[', ']']).to_string(), port))
+    modelcast_proto::parse_broker_url(url).map_err(|e| ConfigError::Invalid(e.to_string()))
 }
 
 #[cfg(test)]

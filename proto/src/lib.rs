@@ -31,6 +31,23 @@ pub use error::{DecodeError, VerifyError};
 /// The format version carried by every modelcast payload.
 pub const FORMAT_VERSION: u32 = 1;
 
+/// Splits a broker address, `mqtt://host:port` or `host:port` (IPv6 hosts in brackets).
+pub fn parse_broker_url(url: &str) -> Result<(String, u16), DecodeError> {
+    let invalid = |reason: &str| DecodeError::Invalid {
+        what: "broker address",
+        reason: format!("{url:?}: {reason}"),
+    };
+    let rest = url.strip_prefix("mqtt://").unwrap_or(url);
+    let (host, port) = rest
+        .rsplit_once(':')
+        .ok_or_else(|| invalid("needs host:port"))?;
+    let port = port
+        .trim_end_matches('/')
+        .parse()
+        .map_err(|_| invalid("bad port"))?;
+    Ok((host.trim_matches(['[', ']']).to_string(), port))
+}
+
 /// Hex-encoded SHA-256 of `bytes`.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;

@@ -78,15 +78,7 @@ pub async fn run(
     let repo = repo::Repository::new(db.clone(), root, online)?;
     let (host, port) = match &cfg.broker {
         Some(url) => {
-            let rest = url.strip_prefix("mqtt://").unwrap_or(url);
-            let (h, p) = rest
-                .rsplit_once(':')
-                .ok_or_else(|| ServerError::Io(format!("broker {url:?} needs host:port")))?;
-            let p = p
-                .trim_end_matches('/')
-                .parse()
-                .map_err(|_| ServerError::Io(format!("broker {url:?}: bad port")))?;
-            (h.trim_matches(['[', ']']).to_string(), p)
+            modelcast_proto::parse_broker_url(url).map_err(|e| ServerError::Io(e.to_string()))?
         }
         None => {
             broker::start(cfg.mqtt_listen).map_err(|e| {
