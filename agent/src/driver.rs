@@ -30,7 +30,7 @@ use crate::engine::LoadedModel;
 use crate::link::{Link, LinkEvent};
 use crate::serve::Models;
 use crate::store::{ModelRecord, Store, StoreError};
-use crate::transfer::{Accepted, Transfer};
+use crate::transfer::{Accepted, ChunkError, Transfer};
 
 /// How many bad copies of one chunk end an update.
 const MAX_BAD_CHUNKS: u32 = 3;
@@ -440,6 +440,11 @@ impl Agent {
                 }
             }
             Ok(Accepted::Duplicate) => {}
+            // An index outside the artifact is not a copy of any chunk: drop it without
+            // keeping state for it (hostile replies must not grow memory).
+            Err(e @ ChunkError::OutOfRange { .. }) => {
+                warn!(model = %name, error = %e, "chunk dropped")
+            }
             Err(e) => {
                 let version = transfer.manifest().version;
                 let count = self.bad_chunks.entry((artifact, reply.index)).or_insert(0);
@@ -560,10 +565,13 @@ impl Agent {
     /// Gives up on the update of `name`: the serving model is untouched, the partial
     /// artifact is removed, the reason reported.
     async fn abandon(&mut self, name: &str, version: Option<u64>, reason: String) {
-        if let Some(t) = self.transfers.remove(name) {
-            self.rejected.insert(t.manifest().sha256.clone());
-        } else if let Ok(Some(m)) = self.store.pending(name) {
-            self.rejected.insert(m.sha256);
+        let artifact = match self.transfers.remove(name) {
+            Some(t) => Some(t.manifest().sha256.clone()),
+            None => self.store.pending(name).ok().flatten().map(|m| m.sha256),
+        };
+        if let Some(sha) = artifact {
+            self.bad_chunks.retain(|(a, _), _| *a != sha);
+            self.rejected.insert(sha);
         }
         let _ = self.store.clear_pending(name);
         self.gc();
