@@ -28,6 +28,7 @@ use tracing::{info, warn};
 use crate::config::Config;
 use crate::engine::LoadedModel;
 use crate::link::{Link, LinkEvent};
+use crate::metrics::{Metrics, Outcome};
 use crate::serve::Models;
 use crate::store::{ModelRecord, Store, StoreError};
 use crate::transfer::{Accepted, ChunkError, Transfer};
@@ -76,6 +77,7 @@ struct Agent {
     cfg: Config,
     store: Store,
     models: Arc<Models>,
+    metrics: Arc<Metrics>,
     link: Link,
     director: RoleVerifier,
     transfers: BTreeMap<String, Transfer>,
@@ -92,7 +94,7 @@ struct Agent {
 
 /// Loads the serving model of every stored model, falling back to the other slot when the
 /// active one no longer loads. Runs before the network is touched: offline first.
-fn restore(store: &Store, models: &Models) -> Result<(), StoreError> {
+fn restore(store: &Store, models: &Models, metrics: &Metrics) -> Result<(), StoreError> {
     for (name, mut record) in store.models()? {
         let Some(active) = record.active else {
             continue;
@@ -111,6 +113,7 @@ fn restore(store: &Store, models: &Models) -> Result<(), StoreError> {
             match loaded {
                 Ok(model) => {
                     info!(model = %name, version = manifest.version, %slot, "serving from store");
+                    metrics.serving(&name, slot, manifest.version);
                     models.swap_in(Arc::new(model));
                     if slot != active {
                         warn!(model = %name, "active slot failed to load; fell back to the other slot");
@@ -167,9 +170,10 @@ pub async fn run(
     let store = Store::open(&store_path(&cfg.state_dir))?;
     let (_, director) = load_trust(&cfg, &store)?;
     let models = Arc::new(Models::default());
+    let metrics = Arc::new(Metrics::new());
     {
-        let (store, models) = (store.clone(), models.clone());
-        tokio::task::spawn_blocking(move || restore(&store, &models))
+        let (store, models, metrics) = (store.clone(), models.clone(), metrics.clone());
+        tokio::task::spawn_blocking(move || restore(&store, &models, &metrics))
             .await
             .map_err(|e| AgentError::Trust(format!("restore task: {e}")))??;
     }
@@ -181,7 +185,7 @@ pub async fn run(
             source,
         })?;
     info!(addr = %cfg.http_listen, "inference API listening");
-    let app = crate::serve::router(models.clone());
+    let app = crate::serve::router(models.clone(), metrics.clone());
     let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();
     let http = tokio::spawn(async move {
         let _ = axum::serve(listener, app)
@@ -214,6 +218,7 @@ pub async fn run(
         cfg,
         store,
         models,
+        metrics,
         link,
     };
     agent.resume_downloads()?;
@@ -274,6 +279,7 @@ impl Agent {
             self.cfg.transfer.window,
             Duration::from_secs(self.cfg.transfer.chunk_timeout_secs),
         );
+        self.metrics.phase(&manifest.name, Phase::Downloading);
         self.progress.insert(
             manifest.name.clone(),
             UpdateProgress {
@@ -430,6 +436,7 @@ impl Agent {
                     return;
                 }
                 transfer.handle_stored(reply.index);
+                self.metrics.downloaded(&name, reply.data.len() as u64);
                 if let Some(p) = self.progress.get_mut(&name) {
                     p.received_bytes = transfer.received_bytes();
                 }
@@ -446,6 +453,7 @@ impl Agent {
                 warn!(model = %name, error = %e, "chunk dropped")
             }
             Err(e) => {
+                self.metrics.chunk_rejected();
                 let version = transfer.manifest().version;
                 let count = self.bad_chunks.entry((artifact, reply.index)).or_insert(0);
                 *count += 1;
@@ -472,6 +480,7 @@ impl Agent {
         if let Some(p) = self.progress.get_mut(&manifest.name) {
             p.phase = Phase::Staging;
         }
+        self.metrics.phase(&manifest.name, Phase::Staging);
         self.report_due = true;
         self.staging_names.insert(manifest.name.clone());
         let store = self.store.clone();
@@ -557,6 +566,9 @@ impl Agent {
             p.phase = Phase::Active;
             p.received_bytes = manifest.size;
         }
+        self.metrics.serving(&name, slot, manifest.version);
+        self.metrics.phase(&name, Phase::Active);
+        self.metrics.update_ended(&name, Outcome::Activated);
         self.gc();
         self.report_due = true;
         self.last_report = Instant::now() - REPORT_EVERY;
@@ -578,6 +590,8 @@ impl Agent {
         if let Some(p) = self.progress.get_mut(name) {
             p.phase = Phase::Failed;
         }
+        self.metrics.phase(name, Phase::Failed);
+        self.metrics.update_ended(name, Outcome::Rejected);
         self.fail(Some(name), version, reason).await;
     }
 
@@ -657,6 +671,9 @@ impl Agent {
     async fn maybe_report(&mut self) {
         if !self.report_due || self.last_report.elapsed() < REPORT_EVERY {
             return;
+        }
+        if let Ok(bytes) = self.store.size_on_disk() {
+            self.metrics.store_size(bytes);
         }
         let report = self.build_report();
         self.link.report(&report).await;

@@ -1,15 +1,18 @@
-//! The inference engine: tract loads an ONNX artifact, plans it for the manifest's concrete
-//! input shapes, optimizes it, checks it against the manifest and its golden vectors, and runs
-//! requests. Loading is CPU-heavy and blocking: callers run it off the serving path
-//! (`spawn_blocking`).
+//! The inference engine: tract loads an artifact (NNEF, or ONNX when built with the `onnx`
+//! feature), plans it for the manifest's concrete input shapes, optimizes it, checks it
+//! against the manifest and its golden vectors, and runs requests. Loading is CPU-heavy and
+//! blocking: callers run it off the serving path (`spawn_blocking`).
+//!
+//! NNEF is what publishers ship by default: the graph is already decluttered for tract and
+//! loads without an ONNX parser, which keeps the device binary small.
 
 use std::io::Read;
 use std::sync::Arc;
 
-use modelcast_proto::manifest::{DataType, Manifest, TensorSpec};
+use modelcast_proto::manifest::{DataType, Manifest, ModelFormat, TensorSpec};
 use modelcast_proto::report::Slot;
 use thiserror::Error;
-use tract_onnx::prelude::*;
+use tract_nnef::prelude::*;
 
 /// Why a model cannot load or a request cannot run.
 #[derive(Debug, Error)]
@@ -160,42 +163,17 @@ fn load_err(e: impl std::fmt::Display) -> EngineError {
 }
 
 impl LoadedModel {
-    /// Reads an ONNX model, plans it for the manifest's input shapes and optimizes it.
+    /// Reads a model in the manifest's format, plans it for the manifest's input shapes and
+    /// optimizes it.
     pub fn load(
         manifest: &Manifest,
         slot: Slot,
         reader: &mut dyn Read,
     ) -> Result<Self, EngineError> {
-        let mut model = tract_onnx::onnx()
-            .with_ignore_value_info(true)
-            .model_for_read(reader)
-            .map_err(load_err)?;
-        let names: Vec<String> = model
-            .input_outlets()
-            .map_err(load_err)?
-            .iter()
-            .map(|o| model.node(o.node).name.clone())
-            .collect();
-        if names.len() != manifest.inputs.len() {
-            return Err(EngineError::Interface(format!(
-                "model has inputs {names:?}, manifest lists {}",
-                manifest.inputs.len()
-            )));
-        }
-        let mut input_positions = Vec::new();
-        for spec in &manifest.inputs {
-            let pos = names.iter().position(|n| *n == spec.name).ok_or_else(|| {
-                EngineError::Interface(format!(
-                    "no input named {:?} (model has {names:?})",
-                    spec.name
-                ))
-            })?;
-            let shape = shape_usize(&spec.shape)?;
-            model
-                .set_input_fact(pos, InferenceFact::dt_shape(datum(spec.datatype), shape))
-                .map_err(load_err)?;
-            input_positions.push(pos);
-        }
+        let (model, input_positions) = match manifest.model_format {
+            ModelFormat::Nnef => read_nnef(manifest, reader)?,
+            ModelFormat::Onnx => read_onnx(manifest, reader)?,
+        };
         let typed = model.into_optimized().map_err(load_err)?;
         let outputs = typed.output_outlets().map_err(load_err)?.len();
         if outputs != manifest.outputs.len() {
@@ -322,6 +300,99 @@ impl LoadedModel {
     }
 }
 
+/// Where each manifest input sits among the model's inputs, matched by name.
+fn input_positions(manifest: &Manifest, names: &[String]) -> Result<Vec<usize>, EngineError> {
+    if names.len() != manifest.inputs.len() {
+        return Err(EngineError::Interface(format!(
+            "model has inputs {names:?}, manifest lists {}",
+            manifest.inputs.len()
+        )));
+    }
+    manifest
+        .inputs
+        .iter()
+        .map(|spec| {
+            names.iter().position(|n| *n == spec.name).ok_or_else(|| {
+                EngineError::Interface(format!(
+                    "no input named {:?} (model has {names:?})",
+                    spec.name
+                ))
+            })
+        })
+        .collect()
+}
+
+/// Reads an NNEF tar; its inputs must already have the manifest's types and shapes.
+fn read_nnef(
+    manifest: &Manifest,
+    reader: &mut dyn Read,
+) -> Result<(TypedModel, Vec<usize>), EngineError> {
+    let nnef = tract_nnef::nnef();
+    #[cfg(feature = "onnx-ops")]
+    let nnef = tract_onnx_opl::WithOnnx::with_onnx(nnef);
+    let model = nnef.model_for_read(reader).map_err(load_err)?;
+    let names: Vec<String> = model
+        .input_outlets()
+        .map_err(load_err)?
+        .iter()
+        .map(|o| model.node(o.node).name.clone())
+        .collect();
+    let positions = input_positions(manifest, &names)?;
+    for (spec, pos) in manifest.inputs.iter().zip(&positions) {
+        let fact = model.input_fact(*pos).map_err(load_err)?;
+        let shape: Option<Vec<usize>> = fact.shape.as_concrete().map(|s| s.to_vec());
+        if fact.datum_type != datum(spec.datatype)
+            || shape.as_deref() != Some(&shape_usize(&spec.shape)?[..])
+        {
+            return Err(EngineError::Interface(format!(
+                "input {} is {:?} {:?}, manifest says {:?} {:?}",
+                spec.name, fact.datum_type, fact.shape, spec.datatype, spec.shape
+            )));
+        }
+    }
+    Ok((model, positions))
+}
+
+/// Reads an ONNX protobuf and types it for the manifest's input shapes.
+#[cfg(feature = "onnx")]
+fn read_onnx(
+    manifest: &Manifest,
+    reader: &mut dyn Read,
+) -> Result<(TypedModel, Vec<usize>), EngineError> {
+    use tract_onnx::prelude::{InferenceFact, InferenceModelExt};
+    let mut model = tract_onnx::onnx()
+        .with_ignore_value_info(true)
+        .model_for_read(reader)
+        .map_err(load_err)?;
+    let names: Vec<String> = model
+        .input_outlets()
+        .map_err(load_err)?
+        .iter()
+        .map(|o| model.node(o.node).name.clone())
+        .collect();
+    let positions = input_positions(manifest, &names)?;
+    for (spec, pos) in manifest.inputs.iter().zip(&positions) {
+        let shape = shape_usize(&spec.shape)?;
+        model
+            .set_input_fact(*pos, InferenceFact::dt_shape(datum(spec.datatype), shape))
+            .map_err(load_err)?;
+    }
+    Ok((model.into_typed().map_err(load_err)?, positions))
+}
+
+/// Without the `onnx` feature the device carries no ONNX parser.
+#[cfg(not(feature = "onnx"))]
+fn read_onnx(
+    _manifest: &Manifest,
+    _reader: &mut dyn Read,
+) -> Result<(TypedModel, Vec<usize>), EngineError> {
+    Err(EngineError::Load(
+        "this agent is built without ONNX support; publish the model as NNEF \
+         (modelcast publish --format nnef)"
+            .into(),
+    ))
+}
+
 fn to_tract(spec: &TensorSpec, t: &HostTensor) -> Result<TValue, EngineError> {
     if t.shape != spec.shape {
         return Err(EngineError::BadInput(format!(
@@ -385,4 +456,77 @@ fn from_tract(spec: &TensorSpec, t: &Tensor) -> Result<HostTensor, EngineError> 
         shape: t.shape().iter().map(|d| *d as u64).collect(),
         values,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use modelcast_proto::verify::fixture;
+
+    const V2_ONNX: &[u8] = include_bytes!("../tests/fixtures/classifier-v2.onnx");
+    const V2_NNEF: &[u8] = include_bytes!("../tests/fixtures/classifier-v2.nnef.tar");
+
+    fn manifest(bytes: &[u8], format: ModelFormat) -> Manifest {
+        let mut m = fixture::manifest("classifier", 2, bytes, 1024);
+        m.model_format = format;
+        m.inputs[0].shape = vec![1, 4];
+        m.outputs[0].shape = vec![1, 3];
+        m
+    }
+
+    fn input() -> Vec<HostTensor> {
+        vec![HostTensor {
+            name: "x".into(),
+            shape: vec![1, 4],
+            values: Values::F32(vec![0.5, -1.0, 2.0, 0.25]),
+        }]
+    }
+
+    #[test]
+    fn nnef_loads_and_runs() {
+        let m = manifest(V2_NNEF, ModelFormat::Nnef);
+        let model = LoadedModel::load(&m, Slot::A, &mut &V2_NNEF[..]).unwrap();
+        let out = model.run(&input()).unwrap();
+        assert_eq!(out[0].shape, vec![1, 3]);
+        #[cfg(feature = "onnx")]
+        {
+            let m = manifest(V2_ONNX, ModelFormat::Onnx);
+            let onnx = LoadedModel::load(&m, Slot::B, &mut &V2_ONNX[..]).unwrap();
+            let reference = onnx.run(&input()).unwrap();
+            for (a, b) in out[0]
+                .values
+                .to_f64()
+                .iter()
+                .zip(reference[0].values.to_f64())
+            {
+                assert!((a - b).abs() < 1e-5, "NNEF {a} vs ONNX {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn interface_mismatches_and_garbage_are_errors() {
+        let mut m = manifest(V2_NNEF, ModelFormat::Nnef);
+        m.inputs[0].shape = vec![1, 5];
+        let err = LoadedModel::load(&m, Slot::A, &mut &V2_NNEF[..]).unwrap_err();
+        assert!(matches!(err, EngineError::Interface(_)), "{err}");
+        m.inputs[0].shape = vec![1, 4];
+        m.inputs[0].name = "z".into();
+        let err = LoadedModel::load(&m, Slot::A, &mut &V2_NNEF[..]).unwrap_err();
+        assert!(err.to_string().contains("no input named"), "{err}");
+        for garbage in [&b""[..], b"\x1f\x8b not gzip", &[0u8; 1024]] {
+            assert!(LoadedModel::load(&m, Slot::A, &mut &garbage[..]).is_err());
+        }
+    }
+
+    #[cfg(not(feature = "onnx"))]
+    #[test]
+    fn onnx_needs_the_onnx_feature() {
+        let m = manifest(V2_ONNX, ModelFormat::Onnx);
+        let err = LoadedModel::load(&m, Slot::A, &mut &V2_ONNX[..]).unwrap_err();
+        assert!(
+            err.to_string().contains("publish the model as NNEF"),
+            "{err}"
+        );
+    }
 }

@@ -20,6 +20,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::engine::{EngineError, HostTensor, LoadedModel, Values};
+use crate::metrics::{ErrorKind, Metrics, SlotLabels};
 
 /// Most elements accepted in one request tensor.
 const MAX_ELEMENTS: usize = 16 * 1024 * 1024;
@@ -58,11 +59,13 @@ impl Models {
 #[derive(Clone)]
 struct Api {
     models: Arc<Models>,
+    metrics: Arc<Metrics>,
 }
 
-/// The KServe v2 routes.
-pub fn router(models: Arc<Models>) -> Router {
+/// The KServe v2 routes and `GET /metrics`.
+pub fn router(models: Arc<Models>, metrics: Arc<Metrics>) -> Router {
     Router::new()
+        .route("/metrics", get(prometheus))
         .route("/v2", get(server_metadata))
         .route("/v2/health/live", get(|| async { StatusCode::OK }))
         .route("/v2/health/ready", get(ready))
@@ -74,7 +77,18 @@ pub fn router(models: Arc<Models>) -> Router {
             get(model_metadata_v),
         )
         .route("/v2/models/{name}/versions/{version}/infer", post(infer_v))
-        .with_state(Api { models })
+        .with_state(Api { models, metrics })
+}
+
+async fn prometheus(State(api): State<Api>) -> Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        api.metrics.encode(),
+    )
+        .into_response()
 }
 
 fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {
@@ -232,14 +246,23 @@ async fn run_infer(api: Api, name: String, version: Option<String>, body: Bytes)
         Ok(m) => m,
         Err(e) => return error(StatusCode::NOT_FOUND, e),
     };
+    let labels = SlotLabels::new(&model.manifest().name, model.slot());
     let (id, inputs) = match parse_request(&body) {
         Ok(r) => r,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+        Err(e) => {
+            api.metrics.inference_error(&labels, ErrorKind::BadRequest);
+            return error(StatusCode::BAD_REQUEST, e);
+        }
     };
     let served = model.clone();
-    let result = tokio::task::spawn_blocking(move || served.run(&inputs)).await;
+    let result = tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
+        served.run(&inputs).map(|out| (out, started.elapsed()))
+    })
+    .await;
     match result {
-        Ok(Ok(outputs)) => {
+        Ok(Ok((outputs, took))) => {
+            api.metrics.inference(&labels, took);
             let outputs: Vec<Value> = outputs
                 .iter()
                 .map(|t| {
@@ -261,12 +284,21 @@ async fn run_infer(api: Api, name: String, version: Option<String>, body: Bytes)
             }
             Json(body).into_response()
         }
-        Ok(Err(e @ EngineError::BadInput(_))) => error(StatusCode::BAD_REQUEST, e),
-        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
-        Err(e) => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("inference task failed: {e}"),
-        ),
+        Ok(Err(e @ EngineError::BadInput(_))) => {
+            api.metrics.inference_error(&labels, ErrorKind::BadRequest);
+            error(StatusCode::BAD_REQUEST, e)
+        }
+        Ok(Err(e)) => {
+            api.metrics.inference_error(&labels, ErrorKind::Failed);
+            error(StatusCode::INTERNAL_SERVER_ERROR, e)
+        }
+        Err(e) => {
+            api.metrics.inference_error(&labels, ErrorKind::Failed);
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("inference task failed: {e}"),
+            )
+        }
     }
 }
 

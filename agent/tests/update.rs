@@ -1,7 +1,8 @@
 //! The agent in-process against a real mosquitto: a signed desired state, chunks over MQTT,
 //! staging and the swap, then a restart with the broker gone. It plays the server itself with
 //! the proto crate's fixture keys. Runs natively and under qemu (`cross/test`): mosquitto is a
-//! host program, started on a free 127.0.0.1 port.
+//! host program, started on a free 127.0.0.1 port. Version 1 ships as ONNX, version 2 as the
+//! NNEF tar `modelcast convert` makes of `classifier-v2.onnx`.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -12,7 +13,7 @@ use modelcast_agent::config::{Config, TransferConfig, TrustConfig};
 use modelcast_agent::engine::{HostTensor, LoadedModel, Values};
 use modelcast_proto::chunk::{parse_digest, ChunkReply, ChunkRequest};
 use modelcast_proto::manifest::{
-    chunk_digests, DataType, GoldenVector, Manifest, TensorData, TensorSpec,
+    chunk_digests, DataType, GoldenVector, Manifest, ModelFormat, TensorData, TensorSpec,
 };
 use modelcast_proto::report::Slot;
 use modelcast_proto::topic::{DeviceTopic, Topics};
@@ -22,7 +23,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const FAR: &str = "2036-01-01T00:00:00Z";
 const V1: &[u8] = include_bytes!("fixtures/classifier-v1.onnx");
-const V2: &[u8] = include_bytes!("fixtures/classifier-v2.onnx");
+const V2: &[u8] = include_bytes!("fixtures/classifier-v2.nnef.tar");
 const INPUT: [f32; 4] = [0.5, -1.0, 2.0, 0.25];
 
 fn free_port() -> u16 {
@@ -85,11 +86,12 @@ fn reference_output(bytes: &[u8], manifest: &Manifest) -> Vec<f32> {
 }
 
 /// A manifest with small chunks (several per model) and a golden vector.
-fn manifest(bytes: &[u8], version: u64) -> Manifest {
+fn manifest(bytes: &[u8], version: u64, model_format: ModelFormat) -> Manifest {
     let mut m = Manifest {
         format: 1,
         name: "classifier".into(),
         version,
+        model_format,
         size: bytes.len() as u64,
         sha256: modelcast_proto::sha256_hex(bytes),
         chunk_size: 1024,
@@ -265,7 +267,10 @@ async fn installs_swaps_and_serves_offline_after_restart() {
     let dir = tempfile::tempdir().unwrap();
     let (broker, port) = mosquitto(dir.path());
     let keys = Keys::from_seed(9);
-    let (m1, m2) = (manifest(V1, 1), manifest(V2, 2));
+    let (m1, m2) = (
+        manifest(V1, 1, ModelFormat::Onnx),
+        manifest(V2, 2, ModelFormat::Nnef),
+    );
     let server = chunk_server(port, vec![V1.to_vec(), V2.to_vec()]).await;
     let desired = Topics::new("modelcast").device("dev-1", DeviceTopic::Desired);
     let http_port = free_port();
@@ -308,6 +313,40 @@ async fn installs_swaps_and_serves_offline_after_restart() {
     .await
     .unwrap();
     assert_eq!(status, 400);
+
+    // Prometheus sees both updates, the serving slot, the bytes and the bad request.
+    let (status, text) = http(http_port, "GET", "/metrics", "").await.unwrap();
+    assert_eq!(status, 200);
+    let value = |series: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+    };
+    assert_eq!(
+        value(r#"modelcast_serving_version{model="classifier",slot="b"}"#),
+        2.0
+    );
+    assert_eq!(
+        value(r#"modelcast_updates_total{model="classifier",outcome="activated"}"#),
+        2.0
+    );
+    assert_eq!(
+        value(r#"modelcast_downloaded_bytes_total{model="classifier"}"#),
+        (V1.len() + V2.len()) as f64
+    );
+    assert_eq!(
+        value(
+            r#"modelcast_inference_errors_total{model="classifier",slot="b",kind="bad_request"}"#
+        ),
+        1.0
+    );
+    let answered = value(r#"modelcast_inferences_total{model="classifier",slot="b"}"#);
+    assert!(answered >= 1.0);
+    assert_eq!(
+        value(r#"modelcast_inference_duration_seconds_count{model="classifier",slot="b"}"#),
+        answered
+    );
+    assert!(value("modelcast_store_bytes") > 0.0);
 
     agent.stop().await;
     drop(broker);

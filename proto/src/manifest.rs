@@ -159,6 +159,9 @@ pub struct Manifest {
     pub name: String,
     /// Monotonic version of this model.
     pub version: u64,
+    /// How the artifact encodes the model graph.
+    #[serde(default)]
+    pub model_format: ModelFormat,
     /// Artifact length in bytes.
     pub size: u64,
     /// Hex SHA-256 of the whole artifact.
@@ -181,10 +184,53 @@ pub struct Manifest {
     pub metadata: BTreeMap<String, String>,
 }
 
+/// How an artifact encodes its model graph.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelFormat {
+    /// An ONNX protobuf, as exported by the training framework.
+    #[default]
+    Onnx,
+    /// tract's NNEF: an uncompressed tar of `graph.nnef` and its tensor `.dat` files, already
+    /// decluttered for tract. Devices load it without an ONNX parser.
+    Nnef,
+}
+
+impl ModelFormat {
+    /// File extension of artifacts in this format.
+    pub fn extension(self) -> &'static str {
+        match self {
+            ModelFormat::Onnx => "onnx",
+            ModelFormat::Nnef => "nnef.tar",
+        }
+    }
+}
+
+impl std::fmt::Display for ModelFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ModelFormat::Onnx => "onnx",
+            ModelFormat::Nnef => "nnef",
+        })
+    }
+}
+
+impl std::str::FromStr for ModelFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "onnx" => Ok(ModelFormat::Onnx),
+            "nnef" => Ok(ModelFormat::Nnef),
+            other => Err(format!("unknown model format {other:?} (onnx or nnef)")),
+        }
+    }
+}
+
 impl Manifest {
     /// The TUF target path of this model version.
     pub fn target_path(&self) -> String {
-        target_path(&self.name, self.version)
+        target_path(&self.name, self.version, self.model_format)
     }
 
     /// Number of chunks the artifact splits into.
@@ -298,9 +344,9 @@ impl Manifest {
     }
 }
 
-/// `models/<name>/<version>.onnx`.
-pub fn target_path(name: &str, version: u64) -> String {
-    format!("models/{name}/{version}.onnx")
+/// `models/<name>/<version>.<extension of format>`.
+pub fn target_path(name: &str, version: u64, format: ModelFormat) -> String {
+    format!("models/{name}/{version}.{}", format.extension())
 }
 
 /// Model names: 1–64 of `[A-Za-z0-9._-]`, not starting with a dot.
@@ -331,6 +377,7 @@ mod tests {
             format: 1,
             name: "m".into(),
             version: 2,
+            model_format: ModelFormat::Onnx,
             size: bytes.len() as u64,
             sha256: crate::sha256_hex(bytes),
             chunk_size: 4,

@@ -262,6 +262,7 @@ pub mod fixture {
             format: crate::FORMAT_VERSION,
             name: name.into(),
             version,
+            model_format: crate::manifest::ModelFormat::Onnx,
             size: bytes.len() as u64,
             sha256: crate::sha256_hex(bytes),
             chunk_size,

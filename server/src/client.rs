@@ -83,18 +83,18 @@ impl Client {
         }
     }
 
-    /// Uploads an artifact, streamed from `file`.
+    /// Uploads an artifact.
     pub fn upload(
         &self,
         sha256: &str,
         chunk_size: u32,
-        file: std::fs::File,
+        artifact: &[u8],
     ) -> Result<serde_json::Value, ClientError> {
         let url = format!(
             "{}/api/v1/artifacts/{sha256}?chunk_size={chunk_size}",
             self.base
         );
-        Self::read(self.agent.put(url).send(file))
+        Self::read(self.agent.put(url).send(artifact))
     }
 
     /// Publishes signed targets.

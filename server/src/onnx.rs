@@ -1,5 +1,6 @@
-//! ONNX files on the publisher's side: reading a model's interface (for its manifest) and
-//! generating small real models (for the demo, tests and benchmarks).
+//! ONNX files on the publisher's side: reading a model's interface (for its manifest),
+//! converting it to tract's NNEF for devices, and generating small real models (for the demo,
+//! tests and benchmarks).
 
 use modelcast_proto::manifest::{DataType, TensorSpec};
 use prost::Message;
@@ -16,6 +17,40 @@ pub enum OnnxError {
     /// The model has no graph or an unusable interface.
     #[error("unsupported model interface: {0}")]
     Interface(String),
+    /// tract could not type, declutter or serialize the model.
+    #[error("converting to NNEF: {0}")]
+    Convert(String),
+}
+
+/// Converts an ONNX model to tract's NNEF (an uncompressed tar), typed for the concrete shapes
+/// of `inputs` (in graph order) and decluttered: what devices load without an ONNX parser.
+pub fn to_nnef(bytes: &[u8], inputs: &[TensorSpec]) -> Result<Vec<u8>, OnnxError> {
+    use tract_onnx::prelude::*;
+    let err = |e: TractError| OnnxError::Convert(format!("{e:#}"));
+    let mut model = tract_onnx::onnx()
+        .with_ignore_value_info(true)
+        .model_for_read(&mut &bytes[..])
+        .map_err(err)?;
+    for (i, spec) in inputs.iter().enumerate() {
+        let shape: Vec<usize> = spec.shape.iter().map(|d| *d as usize).collect();
+        let datum = match spec.datatype {
+            DataType::Fp32 => DatumType::F32,
+            DataType::Int64 => DatumType::I64,
+            DataType::Int32 => DatumType::I32,
+        };
+        model
+            .set_input_fact(i, InferenceFact::dt_shape(datum, shape))
+            .map_err(err)?;
+    }
+    let typed = model
+        .into_typed()
+        .map_err(err)?
+        .into_decluttered()
+        .map_err(err)?;
+    tract_nnef::nnef()
+        .with_onnx()
+        .write_to_tar(&typed, Vec::new())
+        .map_err(err)
 }
 
 /// A model's interface and provenance, as read from the file.

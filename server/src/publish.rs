@@ -1,18 +1,20 @@
-//! The publisher's side (runs in the operators' CLI, next to their offline keys): build a
-//! manifest for an ONNX file — chunk digests, interface, golden vectors computed with tract —
-//! and sign the next version of the repository's targets.
+//! The publisher's side (runs in the operators' CLI, next to their offline keys): turn an ONNX
+//! file into the artifact devices load (tract's NNEF by default, or the ONNX file as is), build
+//! its manifest — chunk digests, interface, golden vectors computed with tract on that very
+//! artifact — and sign the next version of the repository's targets. Conversion happens here,
+//! before signing, so what the operators sign is byte for byte what devices run.
 
 use std::collections::BTreeMap;
 
 use modelcast_proto::keys::SigningKey;
 use modelcast_proto::manifest::{
-    chunk_digests, DataType, GoldenVector, Manifest, TensorData, DEFAULT_CHUNK_SIZE,
+    chunk_digests, DataType, GoldenVector, Manifest, ModelFormat, TensorData, DEFAULT_CHUNK_SIZE,
 };
 use modelcast_proto::metadata::{format_expiry, Signed, Targets};
 use thiserror::Error;
 use tract_onnx::prelude::*;
 
-use crate::onnx::{inspect, OnnxError};
+use crate::onnx::{inspect, to_nnef, OnnxError};
 
 /// Manifests made here are valid for a year.
 pub const MANIFEST_LIFETIME_SECS: i64 = 365 * 24 * 3600;
@@ -42,6 +44,8 @@ pub struct PublishOptions {
     pub version: u64,
     /// Chunk size.
     pub chunk_size: u32,
+    /// What devices receive: NNEF (converted here) or the ONNX file as is.
+    pub format: ModelFormat,
     /// Compute golden vectors with tract.
     pub golden: bool,
     /// Registry metadata.
@@ -55,6 +59,7 @@ impl PublishOptions {
             name: name.into(),
             version,
             chunk_size: DEFAULT_CHUNK_SIZE,
+            format: ModelFormat::Nnef,
             golden: true,
             metadata: BTreeMap::new(),
         }
@@ -76,7 +81,58 @@ fn reference_input(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-fn golden_vector(bytes: &[u8], manifest: &Manifest) -> Result<Option<GoldenVector>, PublishError> {
+/// Plans `artifact` the way a device does: typed for the manifest's input shapes, optimized.
+fn reference_plan(
+    artifact: &[u8],
+    manifest: &Manifest,
+) -> Result<std::sync::Arc<TypedRunnableModel>, PublishError> {
+    let r = |e: TractError| PublishError::Reference(format!("{e:#}"));
+    let typed = match manifest.model_format {
+        ModelFormat::Nnef => {
+            let model = tract_nnef::nnef()
+                .with_onnx()
+                .model_for_read(&mut &artifact[..])
+                .map_err(r)?;
+            let names: Vec<String> = model
+                .input_outlets()
+                .map_err(r)?
+                .iter()
+                .map(|o| model.node(o.node).name.clone())
+                .collect();
+            let wanted: Vec<&str> = manifest.inputs.iter().map(|i| i.name.as_str()).collect();
+            if names != wanted {
+                return Err(PublishError::Reference(format!(
+                    "NNEF conversion renamed the inputs {wanted:?} to {names:?}"
+                )));
+            }
+            model
+        }
+        ModelFormat::Onnx => {
+            let mut model = tract_onnx::onnx()
+                .with_ignore_value_info(true)
+                .model_for_read(&mut &artifact[..])
+                .map_err(r)?;
+            for (i, spec) in manifest.inputs.iter().enumerate() {
+                let shape: Vec<usize> = spec.shape.iter().map(|d| *d as usize).collect();
+                model
+                    .set_input_fact(i, InferenceFact::dt_shape(f32::datum_type(), shape))
+                    .map_err(r)?;
+            }
+            model.into_typed().map_err(r)?
+        }
+    };
+    typed
+        .into_optimized()
+        .map_err(r)?
+        .into_runnable()
+        .map_err(r)
+}
+
+/// One golden vector: a deterministic input and what `artifact` answers to it (FP32 models).
+fn golden_vector(
+    artifact: &[u8],
+    manifest: &Manifest,
+) -> Result<Option<GoldenVector>, PublishError> {
     if manifest.inputs.iter().any(|i| i.datatype != DataType::Fp32)
         || manifest
             .outputs
@@ -86,17 +142,11 @@ fn golden_vector(bytes: &[u8], manifest: &Manifest) -> Result<Option<GoldenVecto
         return Ok(None);
     }
     let r = |e: TractError| PublishError::Reference(format!("{e:#}"));
-    let mut model = tract_onnx::onnx()
-        .with_ignore_value_info(true)
-        .model_for_read(&mut &bytes[..])
-        .map_err(r)?;
+    let plan = reference_plan(artifact, manifest)?;
     let mut inputs = Vec::new();
     let mut tensors = TVec::new();
     for (i, spec) in manifest.inputs.iter().enumerate() {
         let shape: Vec<usize> = spec.shape.iter().map(|d| *d as usize).collect();
-        model
-            .set_input_fact(i, InferenceFact::dt_shape(f32::datum_type(), shape.clone()))
-            .map_err(r)?;
         let values = reference_input(shape.iter().product(), manifest.version + i as u64);
         tensors.push(Tensor::from_shape(&shape, &values).map_err(r)?.into());
         inputs.push(TensorData::from_f32(
@@ -105,11 +155,6 @@ fn golden_vector(bytes: &[u8], manifest: &Manifest) -> Result<Option<GoldenVecto
             &values,
         ));
     }
-    let plan = model
-        .into_optimized()
-        .map_err(r)?
-        .into_runnable()
-        .map_err(r)?;
     let result = plan.run(tensors).map_err(r)?;
     let outputs = result
         .iter()
@@ -131,19 +176,25 @@ fn golden_vector(bytes: &[u8], manifest: &Manifest) -> Result<Option<GoldenVecto
     }))
 }
 
-/// Builds the manifest of an ONNX model.
-pub fn build_manifest(
-    bytes: &[u8],
-    opts: &PublishOptions,
-    now: i64,
-) -> Result<Manifest, PublishError> {
+/// An artifact ready to upload and its manifest.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// What devices download: NNEF tar or ONNX bytes, as the manifest's format says.
+    pub artifact: Vec<u8>,
+    /// Its manifest.
+    pub manifest: Manifest,
+}
+
+/// Prepares an ONNX model for publishing: converts it to the requested format and builds the
+/// manifest of the result.
+pub fn prepare(onnx: &[u8], opts: &PublishOptions, now: i64) -> Result<Prepared, PublishError> {
     if !modelcast_proto::manifest::valid_name(&opts.name) {
         return Err(PublishError::Invalid(format!(
             "bad model name {:?}",
             opts.name
         )));
     }
-    let info = inspect(bytes)?;
+    let info = inspect(onnx)?;
     let mut metadata = opts.metadata.clone();
     metadata
         .entry("framework".into())
@@ -158,14 +209,22 @@ pub fn build_manifest(
             .entry("producer".into())
             .or_insert(info.producer.clone());
     }
+    let artifact = match opts.format {
+        ModelFormat::Onnx => onnx.to_vec(),
+        ModelFormat::Nnef => {
+            metadata.insert("source_sha256".into(), modelcast_proto::sha256_hex(onnx));
+            to_nnef(onnx, &info.inputs)?
+        }
+    };
     let mut manifest = Manifest {
         format: modelcast_proto::FORMAT_VERSION,
         name: opts.name.clone(),
         version: opts.version,
-        size: bytes.len() as u64,
-        sha256: modelcast_proto::sha256_hex(bytes),
+        model_format: opts.format,
+        size: artifact.len() as u64,
+        sha256: modelcast_proto::sha256_hex(&artifact),
         chunk_size: opts.chunk_size,
-        chunks: chunk_digests(bytes, opts.chunk_size),
+        chunks: chunk_digests(&artifact, opts.chunk_size),
         inputs: info.inputs,
         outputs: info.outputs,
         golden: vec![],
@@ -173,12 +232,12 @@ pub fn build_manifest(
         metadata,
     };
     if opts.golden {
-        manifest.golden.extend(golden_vector(bytes, &manifest)?);
+        manifest.golden.extend(golden_vector(&artifact, &manifest)?);
     }
     manifest
         .validate()
         .map_err(|e| PublishError::Invalid(e.to_string()))?;
-    Ok(manifest)
+    Ok(Prepared { artifact, manifest })
 }
 
 /// The next targets: `current` (if any) plus `manifest`, version + 1, signed with `key`.
@@ -221,8 +280,8 @@ pub fn sign_next_targets(
     Ok(Signed::sign(&targets, &[key]))
 }
 
-/// Publishes an ONNX file: builds its manifest, uploads the artifact, signs the next
-/// targets with the operators' `targets_key` and hands them to the server.
+/// Publishes an ONNX file: prepares its artifact and manifest, uploads the artifact, signs the
+/// next targets with the operators' `targets_key` and hands them to the server.
 pub fn publish_file(
     client: &crate::client::Client,
     path: &std::path::Path,
@@ -232,13 +291,12 @@ pub fn publish_file(
     now: i64,
 ) -> Result<Manifest, PublishError> {
     let io = |e: std::io::Error| PublishError::Invalid(format!("{}: {e}", path.display()));
-    let bytes = std::fs::read(path).map_err(io)?;
-    let manifest = build_manifest(&bytes, opts, now)?;
-    drop(bytes);
-    let file = std::fs::File::open(path).map_err(io)?;
+    let onnx = std::fs::read(path).map_err(io)?;
+    let Prepared { artifact, manifest } = prepare(&onnx, opts, now)?;
+    drop(onnx);
     let api = |e: crate::client::ClientError| PublishError::Invalid(e.to_string());
     client
-        .upload(&manifest.sha256, manifest.chunk_size, file)
+        .upload(&manifest.sha256, manifest.chunk_size, &artifact)
         .map_err(api)?;
     let current = client.targets().map_err(api)?;
     let targets = sign_next_targets(current.as_ref(), &manifest, targets_key, now)?;
@@ -257,9 +315,38 @@ mod tests {
     use crate::onnx::example_model;
 
     #[test]
+    fn nnef_and_onnx_artifacts_answer_alike() {
+        let bytes = example_model(3, 32);
+        let mut opts = PublishOptions::new("clf", 3);
+        let nnef = prepare(&bytes, &opts, 1_700_000_000).unwrap();
+        assert_eq!(nnef.manifest.model_format, ModelFormat::Nnef);
+        assert_eq!(nnef.manifest.target_path(), "models/clf/3.nnef.tar");
+        assert_eq!(
+            nnef.manifest.metadata["source_sha256"],
+            modelcast_proto::sha256_hex(&bytes)
+        );
+        opts.format = ModelFormat::Onnx;
+        let onnx = prepare(&bytes, &opts, 1_700_000_000).unwrap();
+        assert_eq!(onnx.artifact, bytes);
+        assert_eq!(onnx.manifest.target_path(), "models/clf/3.onnx");
+        let (a, b) = (&nnef.manifest.golden[0], &onnx.manifest.golden[0]);
+        assert_eq!(a.inputs, b.inputs);
+        for (x, y) in a.outputs[0]
+            .values()
+            .unwrap()
+            .iter()
+            .zip(b.outputs[0].values().unwrap())
+        {
+            assert!((x - y).abs() < 1e-5, "{x} vs {y}");
+        }
+    }
+
+    #[test]
     fn manifest_with_golden_vector() {
         let bytes = example_model(3, 32);
-        let m = build_manifest(&bytes, &PublishOptions::new("clf", 3), 1_700_000_000).unwrap();
+        let m = prepare(&bytes, &PublishOptions::new("clf", 3), 1_700_000_000)
+            .unwrap()
+            .manifest;
         assert_eq!(m.golden.len(), 1);
         assert_eq!(m.golden[0].outputs[0].values().unwrap().len(), 3);
         let key = SigningKey::from_bytes(&[1; 32]);

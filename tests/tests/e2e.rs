@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use modelcast_proto::verify::fixture::Keys;
 use modelcast_server::onnx::example_model;
-use modelcast_server::publish::{build_manifest, PublishOptions};
+use modelcast_server::publish::{prepare, PublishOptions};
 use modelcast_tests::{stolen_keys, wait_for, ChunkAttack, Fleet, Mosquitto, Rogue};
 
 const FAR: &str = "2036-01-01T00:00:00Z";
@@ -112,8 +112,8 @@ fn hostile_updates_are_rejected_with_a_reason_and_the_model_keeps_serving() {
     let now = modelcast_server::unix_now();
     let mut opts = PublishOptions::new("classifier", 5);
     opts.chunk_size = 16 * 1024;
-    let v5_bytes = example_model(5, 2000);
-    let v5 = build_manifest(&v5_bytes, &opts, now).unwrap();
+    let v5 = prepare(&example_model(5, 2000), &opts, now).unwrap();
+    let (v5, v5_bytes) = (v5.manifest, v5.artifact);
     assert!(v5.chunks.len() > 2);
 
     // 1. Metadata signed by keys the device does not trust.
@@ -148,8 +148,8 @@ fn hostile_updates_are_rejected_with_a_reason_and_the_model_keeps_serving() {
     // 3. A truncated artifact.
     let mut opts6 = opts.clone();
     opts6.version = 6;
-    let v6_bytes = example_model(6, 2000);
-    let v6 = build_manifest(&v6_bytes, &opts6, now).unwrap();
+    let v6 = prepare(&example_model(6, 2000), &opts6, now).unwrap();
+    let (v6, v6_bytes) = (v6.manifest, v6.artifact);
     let rogue = Rogue::connect(
         fleet.mqtt_port,
         Some((v6_bytes, opts6.chunk_size, ChunkAttack::Truncate)),

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use modelcast_proto::manifest::ModelFormat;
 use modelcast_proto::report::Phase;
 use modelcast_server::api::DeployRequest;
 use modelcast_server::client::Client;
@@ -50,6 +51,14 @@ enum Command {
         #[arg(long, default_value_t = 64 * 1024)]
         size: u64,
     },
+    /// Convert an ONNX file to the NNEF tar devices receive (what `publish` does before signing).
+    Convert {
+        /// The ONNX file.
+        model: PathBuf,
+        /// Output file (`.nnef.tar`).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Sign a model version with the operators' targets key and upload it.
     Publish {
         /// The ONNX file.
@@ -72,6 +81,10 @@ enum Command {
         /// Do not compute golden vectors.
         #[arg(long)]
         no_golden: bool,
+        /// What devices receive: `nnef` (converted here; loads without an ONNX parser) or
+        /// `onnx` (the file as is; needs agents built with the `onnx` feature).
+        #[arg(long, default_value = "nnef")]
+        format: ModelFormat,
     },
     /// Deploy a published version to a device group.
     Deploy {
@@ -142,6 +155,19 @@ fn main() -> anyhow::Result<()> {
                 bytes.len()
             );
         }
+        Command::Convert { model, out } => {
+            let bytes =
+                std::fs::read(&model).with_context(|| format!("reading {}", model.display()))?;
+            let info = onnx::inspect(&bytes)?;
+            let nnef = onnx::to_nnef(&bytes, &info.inputs)?;
+            std::fs::write(&out, &nnef).with_context(|| format!("writing {}", out.display()))?;
+            println!(
+                "wrote {} ({} bytes NNEF from {} bytes ONNX)",
+                out.display(),
+                nnef.len(),
+                bytes.len()
+            );
+        }
         Command::Publish {
             model,
             name,
@@ -150,14 +176,17 @@ fn main() -> anyhow::Result<()> {
             by,
             meta,
             no_golden,
+            format,
         } => {
             let key = keyset::read_key(&keys.join("targets.key"))?;
             let mut opts = PublishOptions::new(&name, version);
             opts.golden = !no_golden;
+            opts.format = format;
             opts.metadata = meta.into_iter().collect();
             let manifest = publish_file(&client, &model, &opts, &key, &by, unix_now())?;
             println!(
-                "published {name} v{version}: {} bytes, {} chunk(s), sha256 {}…, {} golden vector(s)",
+                "published {name} v{version} as {}: {} bytes, {} chunk(s), sha256 {}…, {} golden vector(s)",
+                manifest.model_format,
                 manifest.size,
                 manifest.chunks.len(),
                 &manifest.sha256[..16],

@@ -1,0 +1,341 @@
+//! The agent's Prometheus metrics, served as OpenMetrics text on `GET /metrics` of the
+//! inference port.
+//!
+//! Label sets are bounded: per model name (models are few and operator-chosen) and slot
+//! (`a`/`b`), never per request or per version string from the network.
+
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use modelcast_proto::report::{Phase, Slot};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::{Registry, Unit};
+
+/// A model served from a slot.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SlotLabels {
+    /// Model name.
+    pub model: String,
+    /// `a` or `b`.
+    pub slot: String,
+}
+
+impl SlotLabels {
+    /// Labels for `model` serving from `slot`.
+    pub fn new(model: &str, slot: Slot) -> Self {
+        SlotLabels {
+            model: model.to_string(),
+            slot: slot.to_string(),
+        }
+    }
+}
+
+/// Why a request failed.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The request was malformed (HTTP 400).
+    BadRequest,
+    /// The model failed to run it (HTTP 500).
+    Failed,
+}
+
+impl EncodeLabelValue for ErrorKind {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> std::fmt::Result {
+        use std::fmt::Write;
+        encoder.write_str(match self {
+            ErrorKind::BadRequest => "bad_request",
+            ErrorKind::Failed => "failed",
+        })
+    }
+}
+
+/// A failed request of a model in a slot.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    /// Model name.
+    pub model: String,
+    /// `a` or `b`.
+    pub slot: String,
+    /// What went wrong.
+    pub kind: ErrorKind,
+}
+
+/// A model name.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabels {
+    /// Model name.
+    pub model: String,
+}
+
+/// How an update ended.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Outcome {
+    /// Verified, loaded, checked and swapped in.
+    Activated,
+    /// Rejected; the serving model was left alone.
+    Rejected,
+}
+
+impl EncodeLabelValue for Outcome {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> std::fmt::Result {
+        use std::fmt::Write;
+        encoder.write_str(match self {
+            Outcome::Activated => "activated",
+            Outcome::Rejected => "rejected",
+        })
+    }
+}
+
+/// An ended update of a model.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// Model name.
+    pub model: String,
+    /// How it ended.
+    pub outcome: Outcome,
+}
+
+/// The update phase of a model, one series per phase set to 1 for the current one.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabels {
+    /// Model name.
+    pub model: String,
+    /// `downloading`, `staging`, `active` or `failed`.
+    pub phase: String,
+}
+
+const PHASES: [Phase; 4] = [
+    Phase::Downloading,
+    Phase::Staging,
+    Phase::Active,
+    Phase::Failed,
+];
+
+fn phase_name(phase: Phase) -> &'static str {
+    match phase {
+        Phase::Downloading => "downloading",
+        Phase::Staging => "staging",
+        Phase::Active => "active",
+        Phase::Failed => "failed",
+    }
+}
+
+fn latency_histogram() -> Histogram {
+    // 50 µs … ~13 s in ×2 steps.
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 19))
+}
+
+/// Every metric the agent exports.
+pub struct Metrics {
+    registry: Registry,
+    inferences: Family<SlotLabels, Counter>,
+    errors: Family<ErrorLabels, Counter>,
+    latency: Family<SlotLabels, Histogram, fn() -> Histogram>,
+    serving_version: Family<SlotLabels, Gauge>,
+    update_phase: Family<PhaseLabels, Gauge>,
+    updates: Family<OutcomeLabels, Counter>,
+    downloaded: Family<ModelLabels, Counter>,
+    chunks_rejected: Counter,
+    store_bytes: Gauge<u64, AtomicU64>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A registry with every metric at zero.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("modelcast");
+        let inferences = Family::<SlotLabels, Counter>::default();
+        registry.register(
+            "inferences",
+            "Inference requests answered",
+            inferences.clone(),
+        );
+        let errors = Family::<ErrorLabels, Counter>::default();
+        registry.register(
+            "inference_errors",
+            "Inference requests that failed",
+            errors.clone(),
+        );
+        let latency = Family::<SlotLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+            latency_histogram,
+        );
+        registry.register_with_unit(
+            "inference_duration",
+            "Time to run one inference, from parsed request to outputs",
+            Unit::Seconds,
+            latency.clone(),
+        );
+        let serving_version = Family::<SlotLabels, Gauge>::default();
+        registry.register(
+            "serving_version",
+            "Version of the model that serves, by slot",
+            serving_version.clone(),
+        );
+        let update_phase = Family::<PhaseLabels, Gauge>::default();
+        registry.register(
+            "update_phase",
+            "1 for the current phase of the model's latest update",
+            update_phase.clone(),
+        );
+        let updates = Family::<OutcomeLabels, Counter>::default();
+        registry.register("updates", "Updates that ended, by outcome", updates.clone());
+        let downloaded = Family::<ModelLabels, Counter>::default();
+        registry.register_with_unit(
+            "downloaded",
+            "Verified artifact bytes received",
+            Unit::Bytes,
+            downloaded.clone(),
+        );
+        let chunks_rejected = Counter::default();
+        registry.register(
+            "chunks_rejected",
+            "Chunk replies that failed their digest or size check",
+            chunks_rejected.clone(),
+        );
+        let store_bytes = Gauge::<u64, AtomicU64>::default();
+        registry.register_with_unit(
+            "store",
+            "Size of the sled store on disk",
+            Unit::Bytes,
+            store_bytes.clone(),
+        );
+        Metrics {
+            registry,
+            inferences,
+            errors,
+            latency,
+            serving_version,
+            update_phase,
+            updates,
+            downloaded,
+            chunks_rejected,
+            store_bytes,
+        }
+    }
+
+    /// Counts one answered inference and its duration.
+    pub fn inference(&self, labels: &SlotLabels, took: Duration) {
+        self.inferences.get_or_create(labels).inc();
+        self.latency
+            .get_or_create(labels)
+            .observe(took.as_secs_f64());
+    }
+
+    /// Counts one failed inference.
+    pub fn inference_error(&self, labels: &SlotLabels, kind: ErrorKind) {
+        self.errors
+            .get_or_create(&ErrorLabels {
+                model: labels.model.clone(),
+                slot: labels.slot.clone(),
+                kind,
+            })
+            .inc();
+    }
+
+    /// Records that `version` of `model` now serves from `slot` (and the other slot not).
+    pub fn serving(&self, model: &str, slot: Slot, version: u64) {
+        let version = i64::try_from(version).unwrap_or(i64::MAX);
+        self.serving_version
+            .get_or_create(&SlotLabels::new(model, slot))
+            .set(version);
+        self.serving_version
+            .remove(&SlotLabels::new(model, slot.other()));
+    }
+
+    /// Sets the current update phase of `model`.
+    pub fn phase(&self, model: &str, phase: Phase) {
+        for p in PHASES {
+            self.update_phase
+                .get_or_create(&PhaseLabels {
+                    model: model.to_string(),
+                    phase: phase_name(p).to_string(),
+                })
+                .set(i64::from(p == phase));
+        }
+    }
+
+    /// Counts an ended update.
+    pub fn update_ended(&self, model: &str, outcome: Outcome) {
+        self.updates
+            .get_or_create(&OutcomeLabels {
+                model: model.to_string(),
+                outcome,
+            })
+            .inc();
+    }
+
+    /// Counts verified bytes received for `model`.
+    pub fn downloaded(&self, model: &str, bytes: u64) {
+        self.downloaded
+            .get_or_create(&ModelLabels {
+                model: model.to_string(),
+            })
+            .inc_by(bytes);
+    }
+
+    /// Counts a rejected chunk reply.
+    pub fn chunk_rejected(&self) {
+        self.chunks_rejected.inc();
+    }
+
+    /// Sets the store's size on disk.
+    pub fn store_size(&self, bytes: u64) {
+        self.store_bytes.set(bytes);
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposes_counters_histograms_and_gauges() {
+        let m = Metrics::new();
+        let l = SlotLabels::new("classifier", Slot::B);
+        m.inference(&l, Duration::from_micros(300));
+        m.inference(&l, Duration::from_millis(2));
+        m.inference_error(&l, ErrorKind::BadRequest);
+        m.serving("classifier", Slot::A, 1);
+        m.serving("classifier", Slot::B, 2);
+        m.phase("classifier", Phase::Active);
+        m.update_ended("classifier", Outcome::Activated);
+        m.downloaded("classifier", 4096);
+        m.store_size(1 << 20);
+        let text = m.encode();
+        for line in [
+            r#"modelcast_inferences_total{model="classifier",slot="b"} 2"#,
+            r#"modelcast_inference_errors_total{model="classifier",slot="b",kind="bad_request"} 1"#,
+            r#"modelcast_inference_duration_seconds_count{model="classifier",slot="b"} 2"#,
+            r#"modelcast_serving_version{model="classifier",slot="b"} 2"#,
+            r#"modelcast_update_phase{model="classifier",phase="active"} 1"#,
+            r#"modelcast_update_phase{model="classifier",phase="failed"} 0"#,
+            r#"modelcast_updates_total{model="classifier",outcome="activated"} 1"#,
+            r#"modelcast_downloaded_bytes_total{model="classifier"} 4096"#,
+            r#"modelcast_store_bytes 1048576"#,
+            "# EOF",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+        assert!(
+            !text.contains(r#"serving_version{model="classifier",slot="a"}"#),
+            "the slot that no longer serves is dropped:\n{text}"
+        );
+    }
+}
