@@ -130,6 +130,7 @@ fn restore(store: &Store, models: &Models, metrics: &Metrics) -> Result<(), Stor
             warn!(model = %name, "no stored slot loads; nothing serves this model");
         }
     }
+    crate::memory::release_free_memory();
     Ok(())
 }
 
@@ -499,6 +500,7 @@ impl Agent {
                 model.check_golden().map_err(|e| e.to_string())?;
                 Ok(Arc::new(model))
             })();
+            crate::memory::release_free_memory();
             Staged {
                 manifest,
                 slot,
@@ -562,6 +564,8 @@ impl Agent {
             previous = previous.map(|p| p.manifest().version),
             "swapped: new version serves"
         );
+        // The replaced model is freed once its last request finishes; give its pages back.
+        crate::memory::release_free_memory();
         if let Some(p) = self.progress.get_mut(&name) {
             p.phase = Phase::Active;
             p.received_bytes = manifest.size;

@@ -13,6 +13,7 @@ pub mod config;
 pub mod driver;
 pub mod engine;
 pub mod link;
+pub mod memory;
 pub mod metrics;
 pub mod serve;
 pub mod store;

@@ -211,19 +211,7 @@ pub fn example_model(version: u64, hidden: usize) -> Vec<u8> {
         output: vec![value_info("y", &[1, EXAMPLE_CLASSES as i64])],
         ..Default::default()
     };
-    let model = pb::ModelProto {
-        ir_version: 8,
-        opset_import: vec![pb::OperatorSetIdProto {
-            domain: String::new(),
-            version: 13,
-        }],
-        producer_name: "modelcast".into(),
-        producer_version: env!("CARGO_PKG_VERSION").into(),
-        model_version: version as i64,
-        graph: Some(graph),
-        ..Default::default()
-    };
-    model.encode_to_vec()
+    model_proto(version, graph).encode_to_vec()
 }
 
 /// A deterministic pseudo-random weight in [-1, 1) for (version, tensor, index).
@@ -236,9 +224,78 @@ fn weight(version: u64, tensor: u64, index: usize) -> f32 {
     ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
 }
 
-/// The hidden width that makes the example model about `bytes` long.
+/// The hidden width that makes the two-layer example model about `bytes` long.
 pub fn hidden_for_size(bytes: u64) -> usize {
     ((bytes / 32).max(8)) as usize
+}
+
+/// Width of the hidden layers of large example models.
+const DEEP_WIDTH: usize = 1024;
+
+/// An example model of about `bytes` (same interface as [`example_model`]). Up to 8 MiB it is
+/// the two-layer model; beyond, a deep MLP of 1024-wide layers (`relu(h · Wᵢ + bᵢ)`), shaped
+/// like real networks — square weight matrices — rather than one absurdly wide layer.
+pub fn example_model_of_size(version: u64, bytes: u64) -> Vec<u8> {
+    if bytes <= 8 * 1024 * 1024 {
+        return example_model(version, hidden_for_size(bytes));
+    }
+    let w = DEEP_WIDTH;
+    let layer_bytes = (4 * (w * w + w)) as u64;
+    let layers = (bytes / layer_bytes).max(1) as usize;
+    let mut nodes = Vec::new();
+    let mut initializers = Vec::new();
+    let mut layer = |input: &str, fan_in: usize, fan_out: usize, i: usize, relu: bool| {
+        // He-style uniform bound keeps activations in range through many layers.
+        let bound = (6.0 / fan_in as f32).sqrt();
+        let weights: Vec<f32> = (0..fan_in * fan_out)
+            .map(|j| bound * weight(version, 10 + i as u64, j))
+            .collect();
+        let bias: Vec<f32> = (0..fan_out)
+            .map(|j| 0.1 * weight(version, 1000 + i as u64, j))
+            .collect();
+        let (wn, bn) = (format!("w{i}"), format!("b{i}"));
+        initializers.push(initializer(&wn, &[fan_in as i64, fan_out as i64], &weights));
+        initializers.push(initializer(&bn, &[fan_out as i64], &bias));
+        let (mm, out) = (format!("mm{i}"), format!("h{i}"));
+        nodes.push(node("MatMul", &[input, &wn], &mm));
+        if relu {
+            let pre = format!("pre{i}");
+            nodes.push(node("Add", &[&mm, &bn], &pre));
+            nodes.push(node("Relu", &[&pre], &out));
+        } else {
+            nodes.push(node("Add", &[&mm, &bn], "y"));
+        }
+        out
+    };
+    let mut h = layer("x", EXAMPLE_INPUTS, w, 0, true);
+    for i in 1..=layers {
+        h = layer(&h, w, w, i, true);
+    }
+    layer(&h, w, EXAMPLE_CLASSES, layers + 1, false);
+    let graph = pb::GraphProto {
+        name: format!("modelcast-example-deep-v{version}"),
+        node: nodes,
+        initializer: initializers,
+        input: vec![value_info("x", &[1, EXAMPLE_INPUTS as i64])],
+        output: vec![value_info("y", &[1, EXAMPLE_CLASSES as i64])],
+        ..Default::default()
+    };
+    model_proto(version, graph).encode_to_vec()
+}
+
+fn model_proto(version: u64, graph: pb::GraphProto) -> pb::ModelProto {
+    pb::ModelProto {
+        ir_version: 8,
+        opset_import: vec![pb::OperatorSetIdProto {
+            domain: String::new(),
+            version: 13,
+        }],
+        producer_name: "modelcast".into(),
+        producer_version: env!("CARGO_PKG_VERSION").into(),
+        model_version: version as i64,
+        graph: Some(graph),
+        ..Default::default()
+    }
 }
 
 #[cfg(test)]
@@ -256,6 +313,14 @@ mod tests {
         assert_ne!(example_model(1, 16), example_model(2, 16));
         let big = example_model(1, hidden_for_size(1_000_000));
         assert!((900_000..1_100_000).contains(&big.len()), "{}", big.len());
+        let deep = example_model_of_size(1, 20_000_000);
+        assert!(
+            (16_000_000..21_000_000).contains(&deep.len()),
+            "{}",
+            deep.len()
+        );
+        let info = inspect(&deep).unwrap();
+        assert_eq!(info.outputs[0].shape, vec![1, 3]);
     }
 
     #[test]

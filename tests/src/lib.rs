@@ -356,8 +356,12 @@ impl Agent {
     pub fn start(&mut self) {
         self.starts += 1;
         let log = self.log_path();
+        // `MODELCAST_AGENT_BIN` runs another build of the agent (e.g. the device profile).
+        let exe = std::env::var_os("MODELCAST_AGENT_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| bin("modelcast-agent"));
         let proc = Proc::spawn(
-            Command::new(bin("modelcast-agent"))
+            Command::new(exe)
                 .arg("--config")
                 .arg(&self.config)
                 .env("RUST_LOG", "info,sled=warn"),

@@ -147,7 +147,7 @@ fn main() -> anyhow::Result<()> {
             println!("director public key (pin in agent config): {director}");
         }
         Command::ExampleModel { version, out, size } => {
-            let bytes = onnx::example_model(version, onnx::hidden_for_size(size));
+            let bytes = onnx::example_model_of_size(version, size);
             std::fs::write(&out, &bytes).with_context(|| format!("writing {}", out.display()))?;
             println!(
                 "wrote {} ({} bytes, version {version})",

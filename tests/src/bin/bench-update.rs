@@ -10,7 +10,7 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use modelcast_server::onnx::{example_model, hidden_for_size};
+use modelcast_server::onnx::example_model_of_size;
 use modelcast_tests::{free_port, wait_for, Agent, Fleet, Mosquitto};
 
 const MB: u64 = 1024 * 1024;
@@ -183,13 +183,12 @@ fn main() {
         let version = 10 + i;
         let file = format!("big-v{version}.onnx");
         let path = fleet.dir.path().join(&file);
-        let bytes = example_model(version, hidden_for_size(size));
+        let bytes = example_model_of_size(version, size);
         std::fs::File::create(&path)
             .and_then(|mut f| f.write_all(&bytes))
             .expect("model file");
-        let artifact = bytes.len() as u64;
         drop(bytes);
-        fleet.publish_file(&path, "classifier", version);
+        let artifact = fleet.publish_file(&path, "classifier", version).size;
         let run = timed_update(&fleet, &agent, version);
         let base = baseline(fleet.dir.path(), &file);
         println!(
@@ -244,7 +243,7 @@ fn main() {
     for i in 0..10 {
         let version = 100 + i;
         let path = fleet.dir.path().join(format!("small-v{version}.onnx"));
-        let bytes = example_model(version, hidden_for_size(small));
+        let bytes = example_model_of_size(version, small);
         last_size = bytes.len() as u64;
         std::fs::write(&path, &bytes).expect("model file");
         fleet.publish_file(&path, "classifier", version);
