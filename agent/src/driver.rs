@@ -290,8 +290,13 @@ impl Agent {
                 total_bytes: manifest.size,
             },
         );
-        self.transfers.insert(manifest.name.clone(), transfer);
         self.report_due = true;
+        if transfer.is_complete() {
+            // Every byte is already on disk (a restart after the download): stage it.
+            self.stage(manifest);
+        } else {
+            self.transfers.insert(manifest.name.clone(), transfer);
+        }
         Ok(())
     }
 
@@ -429,7 +434,7 @@ impl Agent {
             Ok(Accepted::Store) => {
                 if let Err(e) = self
                     .store
-                    .put_chunk(&reply.artifact, reply.index, reply.data)
+                    .put_chunk(transfer.manifest(), reply.index, reply.data)
                 {
                     let version = transfer.manifest().version;
                     self.abandon(&name, Some(version), format!("storing chunk: {e}"))

@@ -9,6 +9,7 @@
 //! - [`driver`]: the one loop that feeds events to the update logic and acts on it.
 //! - [`systemd`]: readiness, status and watchdog notifications.
 
+pub mod artifacts;
 pub mod config;
 pub mod driver;
 pub mod engine;

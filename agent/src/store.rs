@@ -1,34 +1,28 @@
-//! The agent's persistent state in sled: trust, slots, downloads in progress, artifact chunks
-//! and the last error.
+//! The agent's persistent state: sled for what the agent knows and decides (trust, slots,
+//! downloads in progress, the last error), and [`Artifacts`] files for the model bytes.
 //!
-//! Trees:
+//! Layout under the store directory: `sled/` (the database) and `artifacts/` (see
+//! [`crate::artifacts`]). Trees:
 //! - `trust`: the TUF trust state (`state`).
 //! - `models`: model name → [`ModelRecord`] (the A/B slots and which one serves).
 //! - `pending`: model name → the manifest being downloaded.
-//! - `artifacts`: artifact SHA-256 → chunk count, for every artifact with chunks stored.
-//! - `chunks`: artifact SHA-256 (32 bytes) ‖ chunk index (u32 BE) ‖ piece (u16 BE) → up to
-//!   16 KiB of the chunk. A chunk's pieces are written in one atomic batch.
 //! - `meta`: `last_error`.
 //!
-//! Values are at most 16 KiB and the cache is small. Measured on sled 0.34 (100 MB written,
-//! then rewritten, ten times): with 256 KiB values the files grew to 15x the live data and the
-//! process to 300 MB; with 16 KiB values, 1.7x and 117 MB.
 //! Everything read back is decoded with errors, never panics: the disk is input too.
 
-use std::io::Read;
 use std::path::Path;
 
 use modelcast_proto::manifest::Manifest;
 use modelcast_proto::report::{ReportedError, Slot};
 use modelcast_proto::verify::TrustState;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use thiserror::Error;
 
-/// sled's page cache: small, the models themselves live in the engine.
-const CACHE_BYTES: u64 = 8 * 1024 * 1024;
-/// Largest value written to sled: chunks are split into pieces of this size.
-const PIECE: usize = 16 * 1024;
+pub use crate::artifacts::ArtifactReader;
+use crate::artifacts::Artifacts;
+
+/// sled's page cache: small, it holds only records; model bytes live in files.
+const CACHE_BYTES: u64 = 1024 * 1024;
 
 /// A store failure.
 #[derive(Debug, Error)]
@@ -44,13 +38,19 @@ pub enum StoreError {
         /// Why.
         reason: String,
     },
-    /// A chunk is missing from a complete artifact.
-    #[error("artifact {artifact}: chunk {index} missing")]
-    MissingChunk {
+    /// An artifact file could not be read or written (disk full, I/O error).
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// What failed.
+        source: std::io::Error,
+    },
+    /// No file holds the artifact.
+    #[error("artifact {artifact} is not stored")]
+    MissingArtifact {
         /// Artifact digest.
         artifact: String,
-        /// Chunk index.
-        index: u32,
     },
     /// Stored bytes do not match the manifest.
     #[error("artifact {artifact}: {reason}")]
@@ -110,30 +110,8 @@ pub struct Store {
     trust: sled::Tree,
     models: sled::Tree,
     pending: sled::Tree,
-    artifacts: sled::Tree,
-    chunks: sled::Tree,
     meta: sled::Tree,
-}
-
-fn chunk_key(artifact: &[u8; 32], index: u32) -> [u8; 36] {
-    let mut key = [0u8; 36];
-    key[..32].copy_from_slice(artifact);
-    key[32..].copy_from_slice(&index.to_be_bytes());
-    key
-}
-
-fn piece_key(artifact: &[u8; 32], index: u32, piece: u16) -> [u8; 38] {
-    let mut key = [0u8; 38];
-    key[..36].copy_from_slice(&chunk_key(artifact, index));
-    key[36..].copy_from_slice(&piece.to_be_bytes());
-    key
-}
-
-fn digest_of(manifest: &Manifest) -> Result<[u8; 32], StoreError> {
-    modelcast_proto::chunk::parse_digest(&manifest.sha256).map_err(|e| StoreError::Corrupt {
-        key: manifest.target_path(),
-        reason: e.to_string(),
-    })
+    files: Artifacts,
 }
 
 fn decode<T: for<'de> Deserialize<'de>>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
@@ -151,7 +129,7 @@ impl Store {
     /// Opens (or creates) the store in `dir`. Only one process may hold it.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let db = sled::Config::new()
-            .path(dir)
+            .path(dir.join("sled"))
             .cache_capacity(CACHE_BYTES)
             .flush_every_ms(Some(500))
             .open()?;
@@ -159,9 +137,8 @@ impl Store {
             trust: db.open_tree("trust")?,
             models: db.open_tree("models")?,
             pending: db.open_tree("pending")?,
-            artifacts: db.open_tree("artifacts")?,
-            chunks: db.open_tree("chunks")?,
             meta: db.open_tree("meta")?,
+            files: Artifacts::open(&dir.join("artifacts"))?,
             db,
         })
     }
@@ -232,11 +209,9 @@ impl Store {
             .collect()
     }
 
-    /// Records a download in progress (and its artifact, for garbage collection).
+    /// Records a download in progress and reserves the space for its artifact.
     pub fn set_pending(&self, manifest: &Manifest) -> Result<(), StoreError> {
-        let digest = digest_of(manifest)?;
-        self.artifacts
-            .insert(digest, &manifest.chunk_count().to_be_bytes())?;
+        self.files.begin(manifest)?;
         self.pending
             .insert(manifest.name.as_str(), encode(manifest))?;
         Ok(())
@@ -248,115 +223,40 @@ impl Store {
         Ok(())
     }
 
-    /// Stores one chunk (already checked against its digest by the caller), atomically.
+    /// Writes one chunk (already checked against its digest by the caller).
     pub fn put_chunk(
         &self,
-        artifact: &[u8; 32],
+        manifest: &Manifest,
         index: u32,
         data: &[u8],
     ) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
-        for (piece, bytes) in data.chunks(PIECE).enumerate() {
-            batch.insert(&piece_key(artifact, index, piece as u16)[..], bytes);
-        }
-        self.chunks.apply_batch(batch)?;
-        Ok(())
-    }
-
-    /// Reads one stored chunk back (its pieces, concatenated).
-    fn chunk(&self, artifact: &[u8; 32], index: u32) -> Result<Option<Vec<u8>>, StoreError> {
-        let mut out = Vec::new();
-        for piece in self.chunks.scan_prefix(chunk_key(artifact, index)).values() {
-            out.extend_from_slice(&piece?);
-        }
-        Ok((!out.is_empty()).then_some(out))
+        self.files.put_chunk(manifest, index, data)
     }
 
     /// Which chunks of `manifest` are already stored (resume after restart).
     pub fn received(&self, manifest: &Manifest) -> Result<Vec<bool>, StoreError> {
-        let digest = digest_of(manifest)?;
-        let mut have = vec![false; manifest.chunks.len()];
-        for key in self.chunks.scan_prefix(digest).keys() {
-            let key = key?;
-            if key.len() == 38 && key[36..] == [0, 0] {
-                let index = u32::from_be_bytes(key[32..36].try_into().expect("4 bytes")) as usize;
-                if let Some(h) = have.get_mut(index) {
-                    *h = true;
-                }
-            }
-        }
-        Ok(have)
+        self.files.received(manifest)
     }
 
-    /// Reads the artifact in order, checking every chunk's digest and the whole artifact's.
+    /// Checks the whole artifact against its manifest and makes it complete and durable.
     pub fn verify_artifact(&self, manifest: &Manifest) -> Result<(), StoreError> {
-        let mut whole = Sha256::new();
-        let mut reader = self.artifact_reader(manifest)?;
-        let mut buf = vec![0u8; 64 * 1024];
-        let mut total = 0u64;
-        loop {
-            let n = reader
-                .read(&mut buf)
-                .map_err(|e| StoreError::DigestMismatch {
-                    artifact: manifest.sha256.clone(),
-                    reason: e.to_string(),
-                })?;
-            if n == 0 {
-                break;
-            }
-            total += n as u64;
-            whole.update(&buf[..n]);
-        }
-        if total != manifest.size {
-            return Err(StoreError::DigestMismatch {
-                artifact: manifest.sha256.clone(),
-                reason: format!("{total} bytes, manifest says {}", manifest.size),
-            });
-        }
-        if hex::encode(whole.finalize()) != manifest.sha256 {
-            return Err(StoreError::DigestMismatch {
-                artifact: manifest.sha256.clone(),
-                reason: "whole-artifact SHA-256 differs".into(),
-            });
-        }
-        Ok(())
+        self.files.verify(manifest)
     }
 
     /// A reader over the stored artifact that checks each chunk's digest as it goes.
     pub fn artifact_reader(&self, manifest: &Manifest) -> Result<ArtifactReader, StoreError> {
-        Ok(ArtifactReader {
-            store: self.clone(),
-            digest: digest_of(manifest)?,
-            manifest: manifest.clone(),
-            next: 0,
-            current: Vec::new(),
-            offset: 0,
-        })
+        self.files.reader(manifest)
     }
 
-    /// Removes every chunk of artifacts that neither a slot nor a download refers to.
-    /// Returns how many artifacts were removed.
+    /// Removes the files of artifacts that neither a slot nor a download refers to.
+    /// Returns how many files were removed.
     pub fn collect_garbage(&self) -> Result<usize, StoreError> {
         let mut live: Vec<String> = Vec::new();
         for (_, rec) in self.models()? {
             live.extend(rec.a.iter().chain(rec.b.iter()).map(|m| m.sha256.clone()));
         }
         live.extend(self.all_pending()?.into_iter().map(|m| m.sha256));
-        let mut removed = 0;
-        for kv in self.artifacts.iter() {
-            let (digest, _) = kv?;
-            if live.contains(&hex::encode(&digest)) {
-                continue;
-            }
-            let mut batch = sled::Batch::default();
-            for key in self.chunks.scan_prefix(&digest).keys() {
-                batch.remove(key?);
-            }
-            self.chunks.apply_batch(batch)?;
-            self.artifacts.remove(&digest)?;
-            removed += 1;
-        }
-        Ok(removed)
+        self.files.collect_garbage(&live)
     }
 
     /// Records the last error.
@@ -373,71 +273,24 @@ impl Store {
             .transpose()
     }
 
-    /// Bytes sled occupies on disk.
+    /// Bytes the store occupies on disk: sled and the artifact files.
     pub fn size_on_disk(&self) -> Result<u64, StoreError> {
-        Ok(self.db.size_on_disk()?)
-    }
-}
-
-/// Streams a stored artifact chunk by chunk, failing on a missing or altered chunk.
-pub struct ArtifactReader {
-    store: Store,
-    digest: [u8; 32],
-    manifest: Manifest,
-    next: u32,
-    current: Vec<u8>,
-    offset: usize,
-}
-
-impl Read for ArtifactReader {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        if self.offset == self.current.len() {
-            if self.next >= self.manifest.chunk_count() {
-                return Ok(0);
-            }
-            let index = self.next;
-            let chunk = self
-                .store
-                .chunk(&self.digest, index)
-                .map_err(std::io::Error::other)?
-                .ok_or_else(|| {
-                    std::io::Error::other(StoreError::MissingChunk {
-                        artifact: self.manifest.sha256.clone(),
-                        index,
-                    })
-                })?;
-            let expected = &self.manifest.chunks[index as usize];
-            if Some(chunk.len() as u32) != self.manifest.chunk_len(index)
-                || &modelcast_proto::sha256_hex(&chunk) != expected
-            {
-                return Err(std::io::Error::other(StoreError::DigestMismatch {
-                    artifact: self.manifest.sha256.clone(),
-                    reason: format!("stored chunk {index} does not match its digest"),
-                }));
-            }
-            self.current = chunk;
-            self.offset = 0;
-            self.next += 1;
-        }
-        let n = buf.len().min(self.current.len() - self.offset);
-        buf[..n].copy_from_slice(&self.current[self.offset..self.offset + n]);
-        self.offset += n;
-        Ok(n)
+        Ok(self.db.size_on_disk()? + self.files.size_on_disk()?)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Read;
 
     fn manifest_for(name: &str, version: u64, bytes: &[u8], chunk: u32) -> Manifest {
         modelcast_proto::verify::fixture::manifest(name, version, bytes, chunk)
     }
 
     fn put_all(store: &Store, m: &Manifest, bytes: &[u8]) {
-        let d = digest_of(m).unwrap();
         for (i, c) in bytes.chunks(m.chunk_size as usize).enumerate() {
-            store.put_chunk(&d, i as u32, c).unwrap();
+            store.put_chunk(m, i as u32, c).unwrap();
         }
     }
 
@@ -448,8 +301,15 @@ mod tests {
         let bytes: Vec<u8> = (0..1000u32).map(|i| i as u8).collect();
         let m = manifest_for("m", 1, &bytes, 64);
         store.set_pending(&m).unwrap();
-        let d = digest_of(&m).unwrap();
-        store.put_chunk(&d, 3, &bytes[192..256]).unwrap();
+        store.put_chunk(&m, 3, &bytes[192..256]).unwrap();
+        assert!(
+            store.put_chunk(&m, 3, &bytes[..10]).is_err(),
+            "wrong length"
+        );
+        assert!(
+            store.put_chunk(&m, 99, &bytes[..64]).is_err(),
+            "no such chunk"
+        );
         let have = store.received(&m).unwrap();
         assert_eq!(have.iter().filter(|h| **h).count(), 1);
         assert!(have[3]);
@@ -466,9 +326,42 @@ mod tests {
             .read_to_end(&mut back)
             .unwrap();
         assert_eq!(back, bytes);
-        // A chunk altered on disk is caught.
-        store.put_chunk(&d, 5, &[0u8; 64]).unwrap();
+        assert!(store.received(&m).unwrap().iter().all(|h| *h));
+        // A chunk altered on disk after completion is caught by readers and re-verification.
+        let file = dir.path().join("artifacts").join(&m.sha256);
+        let f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &[0u8; 64], 5 * 64).unwrap();
         assert!(store.verify_artifact(&m).is_err());
+        let err = store
+            .artifact_reader(&m)
+            .unwrap()
+            .read_to_end(&mut Vec::new())
+            .unwrap_err();
+        assert!(err.to_string().contains("chunk 5"), "{err}");
+    }
+
+    #[test]
+    fn resume_counts_only_chunks_whose_bytes_match() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let bytes: Vec<u8> = (0..300u32).map(|i| (i * 7) as u8).collect();
+        let m = manifest_for("m", 1, &bytes, 64);
+        store.set_pending(&m).unwrap();
+        store.put_chunk(&m, 0, &bytes[..64]).unwrap();
+        store.put_chunk(&m, 4, &bytes[256..]).unwrap();
+        // A torn write (power cut): chunk 2 half written.
+        let part = dir
+            .path()
+            .join("artifacts")
+            .join(format!("{}.part", m.sha256));
+        let f = std::fs::OpenOptions::new().write(true).open(&part).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &bytes[128..160], 128).unwrap();
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(
+            store.received(&m).unwrap(),
+            vec![true, false, false, false, true]
+        );
     }
 
     #[test]
@@ -494,6 +387,7 @@ mod tests {
             highest_version: 2,
         };
         store.put_model("m", &rec).unwrap();
+        store.verify_artifact(&m2).unwrap();
         assert_eq!(store.collect_garbage().unwrap(), 1);
         assert!(store.received(&m1).unwrap().iter().all(|h| !h));
         store.verify_artifact(&m2).unwrap();
