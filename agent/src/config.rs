@@ -94,6 +94,9 @@ pub struct Config {
     /// Transfer tuning.
     #[serde(default)]
     pub transfer: TransferConfig,
+    /// How new versions are judged on live traffic before they are committed.
+    #[serde(default)]
+    pub probation: crate::probation::ProbationPolicy,
 }
 
 fn default_device_id() -> String {
@@ -148,6 +151,12 @@ impl Config {
                 "device_id {:?} must be 1-64 of [A-Za-z0-9._-]",
                 self.device_id
             )));
+        }
+        let p = &self.probation;
+        if !(0.0..=1.0).contains(&p.max_error_rate) || p.max_p99_ratio < 1.0 {
+            return Err(ConfigError::Invalid(
+                "probation: max_error_rate must be within 0..1 and max_p99_ratio at least 1".into(),
+            ));
         }
         if self.trust.director_keys.is_empty() {
             return Err(ConfigError::Invalid("trust.director_keys is empty".into()));

@@ -29,14 +29,18 @@ use crate::config::Config;
 use crate::engine::LoadedModel;
 use crate::link::{Link, LinkEvent};
 use crate::metrics::{Metrics, Outcome};
+use crate::probation::{Probation, ProbationPolicy, Verdict, Window};
 use crate::serve::Models;
-use crate::store::{ModelRecord, Store, StoreError};
+use crate::serve::RequestOutcome;
+use crate::store::{ModelRecord, Store, StoreError, Trial};
 use crate::transfer::{Accepted, ChunkError, Transfer};
 
 /// How many bad copies of one chunk end an update.
 const MAX_BAD_CHUNKS: u32 = 3;
 /// Least time between two progress reports.
 const REPORT_EVERY: Duration = Duration::from_millis(500);
+/// Request outcomes queued from the HTTP handlers to the loop; more are dropped.
+const OUTCOME_QUEUE: usize = 4096;
 
 /// Why the agent could not start or had to stop.
 #[derive(Debug, Error)]
@@ -90,34 +94,73 @@ struct Agent {
     desired_version: u64,
     last_report: Instant,
     report_due: bool,
+    /// The last good model of each model on trial, kept loaded to swap back at once.
+    previous: BTreeMap<String, Arc<LoadedModel>>,
+    probations: BTreeMap<String, Probation>,
+    /// Recent requests of each committed model: the baseline of its successor's trial.
+    windows: BTreeMap<String, Window>,
+    /// Desired versions that arrived while a trial was running; converged after its verdict.
+    deferred: BTreeMap<String, Manifest>,
 }
 
-/// Loads the serving model of every stored model, falling back to the other slot when the
-/// active one no longer loads. Runs before the network is touched: offline first.
-fn restore(store: &Store, models: &Models, metrics: &Metrics) -> Result<(), StoreError> {
+/// What start-up found: trials to resume (with the last good model to swap back to) and
+/// rollbacks it made.
+#[derive(Default)]
+struct Restored {
+    trials: Vec<(String, Arc<LoadedModel>)>,
+    rolled_back: Vec<(String, u64, String)>,
+}
+
+fn load_slot(store: &Store, record: &ModelRecord, slot: Slot) -> Result<LoadedModel, String> {
+    let manifest = record.slot(slot).ok_or("empty slot")?;
+    let mut reader = store.artifact_reader(manifest).map_err(|e| e.to_string())?;
+    LoadedModel::load(manifest, slot, &mut reader).map_err(|e| e.to_string())
+}
+
+/// Loads the serving model of every stored model. A trial that has been active through too
+/// many start-ups (crashes) is rolled back first; a slot that no longer loads falls back to the
+/// other. Runs before the network is touched: offline first.
+fn restore(
+    store: &Store,
+    models: &Models,
+    metrics: &Metrics,
+    policy: &ProbationPolicy,
+) -> Result<Restored, StoreError> {
+    let mut restored = Restored::default();
     for (name, mut record) in store.models()? {
+        if let Some(trial) = record.trial.as_mut() {
+            trial.boots += 1;
+            let (boots, version) = (trial.boots, record.serving().map_or(0, |m| m.version));
+            if boots > policy.max_trial_boots {
+                record.roll_back();
+                let reason = format!(
+                    "rolled back: version {version} was on trial through {boots} start-ups \
+                     (crash loop)"
+                );
+                warn!(model = %name, version, boots, "trial crash loop; rolling back");
+                restored.rolled_back.push((name.clone(), version, reason));
+            }
+            store.put_model(&name, &record)?;
+            store.flush_blocking()?;
+        }
         let Some(active) = record.active else {
             continue;
         };
         let mut served = false;
         for slot in [active, active.other()] {
-            let Some(manifest) = record.slot(slot).cloned() else {
-                continue;
-            };
-            let loaded = store
-                .artifact_reader(&manifest)
-                .map_err(|e| e.to_string())
-                .and_then(|mut r| {
-                    LoadedModel::load(&manifest, slot, &mut r).map_err(|e| e.to_string())
-                });
-            match loaded {
+            match load_slot(store, &record, slot) {
                 Ok(model) => {
-                    info!(model = %name, version = manifest.version, %slot, "serving from store");
-                    metrics.serving(&name, slot, manifest.version);
+                    let version = model.manifest().version;
+                    info!(model = %name, version, %slot, "serving from store");
+                    metrics.serving(&name, slot, version);
                     models.swap_in(Arc::new(model));
                     if slot != active {
                         warn!(model = %name, "active slot failed to load; fell back to the other slot");
-                        record.active = Some(slot);
+                        if record.trial.is_some() {
+                            record.roll_back();
+                        } else {
+                            record.active = Some(slot);
+                        }
                         store.put_model(&name, &record)?;
                     }
                     served = true;
@@ -128,10 +171,20 @@ fn restore(store: &Store, models: &Models, metrics: &Metrics) -> Result<(), Stor
         }
         if !served {
             warn!(model = %name, "no stored slot loads; nothing serves this model");
+        } else if let Some(trial) = record.trial {
+            match load_slot(store, &record, trial.previous) {
+                Ok(previous) => restored.trials.push((name.clone(), Arc::new(previous))),
+                Err(e) => {
+                    // Nothing to swap back to: the trial version is as good as it gets.
+                    warn!(model = %name, error = %e, "last good slot does not load; committing the trial");
+                    record.trial = None;
+                    store.put_model(&name, &record)?;
+                }
+            }
         }
     }
     crate::memory::release_free_memory();
-    Ok(())
+    Ok(restored)
 }
 
 fn load_trust(cfg: &Config, store: &Store) -> Result<(TrustState, RoleVerifier), AgentError> {
@@ -172,12 +225,13 @@ pub async fn run(
     let (_, director) = load_trust(&cfg, &store)?;
     let models = Arc::new(Models::default());
     let metrics = Arc::new(Metrics::new());
-    {
+    let restored = {
         let (store, models, metrics) = (store.clone(), models.clone(), metrics.clone());
-        tokio::task::spawn_blocking(move || restore(&store, &models, &metrics))
+        let policy = cfg.probation.clone();
+        tokio::task::spawn_blocking(move || restore(&store, &models, &metrics, &policy))
             .await
-            .map_err(|e| AgentError::Trust(format!("restore task: {e}")))??;
-    }
+            .map_err(|e| AgentError::Trust(format!("restore task: {e}")))??
+    };
 
     let listener = tokio::net::TcpListener::bind(cfg.http_listen)
         .await
@@ -186,7 +240,8 @@ pub async fn run(
             source,
         })?;
     info!(addr = %cfg.http_listen, "inference API listening");
-    let app = crate::serve::router(models.clone(), metrics.clone());
+    let (outcome_tx, mut outcomes) = tokio::sync::mpsc::channel(OUTCOME_QUEUE);
+    let app = crate::serve::router(models.clone(), metrics.clone(), outcome_tx);
     let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();
     let http = tokio::spawn(async move {
         let _ = axum::serve(listener, app)
@@ -221,7 +276,19 @@ pub async fn run(
         models,
         metrics,
         link,
+        previous: BTreeMap::new(),
+        probations: BTreeMap::new(),
+        windows: BTreeMap::new(),
+        deferred: BTreeMap::new(),
     };
+    for (name, version, reason) in restored.rolled_back {
+        agent.metrics.phase(&name, Phase::Failed);
+        agent.metrics.update_ended(&name, Outcome::RolledBack);
+        agent.fail(Some(&name), Some(version), reason).await;
+    }
+    for (name, previous) in restored.trials {
+        agent.start_probation(&name, previous);
+    }
     agent.resume_downloads()?;
 
     // Watchdog pings come from this loop and nowhere else: if it wedges, they stop.
@@ -238,6 +305,7 @@ pub async fn run(
                 Some(event) => agent.handle_link(event).await,
                 None => break,
             },
+            Some(outcome) = outcomes.recv() => agent.handle_outcome(outcome),
             Some(done) = agent.staging.join_next(), if !agent.staging.is_empty() => {
                 match done {
                     Ok(staged) => agent.handle_staged(staged).await,
@@ -246,10 +314,12 @@ pub async fn run(
             }
             _ = tokio::time::sleep_until(wake.into()) => {}
         }
+        agent.judge_trials().await;
         agent.poll_requests().await;
         agent.maybe_report().await;
     }
     info!("shutting down");
+    agent.suspend_trials().await;
     crate::systemd::stopping();
     agent.link.close().await;
     let _ = http_stop.send(());
@@ -309,6 +379,9 @@ impl Agent {
         }
         if self.report_due {
             wake = wake.min(self.last_report + REPORT_EVERY);
+        }
+        for p in self.probations.values() {
+            wake = wake.min(p.deadline());
         }
         wake
     }
@@ -382,7 +455,13 @@ impl Agent {
         if record
             .serving()
             .is_some_and(|m| m.sha256 == manifest.sha256)
+            || record.failed.as_ref() == Some(&manifest.sha256)
         {
+            return Ok(()); // Serving, or rolled back and reported then.
+        }
+        if self.probations.contains_key(&name) {
+            // One trial at a time: the last good slot must not be overwritten.
+            self.deferred.insert(name, manifest);
             return Ok(());
         }
         if manifest.version < record.highest_version
@@ -534,9 +613,16 @@ impl Agent {
                 return;
             }
         };
+        let previous = self.models.get(&name);
+        let on_trial = previous.is_some() && self.policy_for(&manifest).enabled();
         let commit = || -> Result<(), StoreError> {
             let mut record = self.store.model(&name)?.unwrap_or_default();
             record.set_slot(slot, Some(manifest.clone()));
+            record.trial = previous.as_ref().filter(|_| on_trial).map(|p| Trial {
+                slot,
+                previous: p.slot(),
+                boots: 0,
+            });
             record.active = Some(slot);
             record.highest_version = record.highest_version.max(manifest.version);
             self.store.put_model(&name, &record)?;
@@ -561,14 +647,16 @@ impl Agent {
             .await;
             return;
         }
-        let previous = self.models.swap_in(model);
+        let replaced = self.models.swap_in(model);
         info!(
             model = %name,
             version = manifest.version,
             %slot,
-            previous = previous.map(|p| p.manifest().version),
+            previous = replaced.as_ref().map(|p| p.manifest().version),
+            on_trial,
             "swapped: new version serves"
         );
+        drop(replaced);
         // The replaced model is freed once its last request finishes; give its pages back.
         crate::memory::release_free_memory();
         if let Some(p) = self.progress.get_mut(&name) {
@@ -576,8 +664,11 @@ impl Agent {
             p.received_bytes = manifest.size;
         }
         self.metrics.serving(&name, slot, manifest.version);
-        self.metrics.phase(&name, Phase::Active);
         self.metrics.update_ended(&name, Outcome::Activated);
+        match previous.filter(|_| on_trial) {
+            Some(previous) => self.start_probation(&name, previous),
+            None => self.metrics.phase(&name, Phase::Active),
+        }
         self.gc();
         self.report_due = true;
         self.last_report = Instant::now() - REPORT_EVERY;
@@ -602,6 +693,151 @@ impl Agent {
         self.metrics.phase(name, Phase::Failed);
         self.metrics.update_ended(name, Outcome::Rejected);
         self.fail(Some(name), version, reason).await;
+    }
+
+    /// The device's probation policy with the manifest's override.
+    fn policy_for(&self, manifest: &Manifest) -> ProbationPolicy {
+        let mut policy = self.cfg.probation.clone();
+        if let Some(spec) = manifest.probation {
+            policy.requests = spec.requests;
+            policy.seconds = spec.seconds;
+        }
+        policy
+    }
+
+    /// Puts the serving model of `name` on trial, keeping `previous` to swap back.
+    fn start_probation(&mut self, name: &str, previous: Arc<LoadedModel>) {
+        let Some(trial) = self.models.get(name) else {
+            return;
+        };
+        let manifest = trial.manifest();
+        let policy = self.policy_for(manifest);
+        info!(
+            model = name,
+            version = manifest.version,
+            requests = policy.requests,
+            seconds = policy.seconds,
+            "on probation"
+        );
+        let baseline = self.windows.remove(name).unwrap_or_default();
+        self.probations.insert(
+            name.to_string(),
+            Probation::new(policy, baseline, Instant::now()),
+        );
+        self.previous.insert(name.to_string(), previous);
+        let progress = self
+            .progress
+            .entry(name.to_string())
+            .or_insert_with(|| UpdateProgress {
+                version: manifest.version,
+                phase: Phase::Probation,
+                received_bytes: manifest.size,
+                total_bytes: manifest.size,
+            });
+        progress.phase = Phase::Probation;
+        self.metrics.phase(name, Phase::Probation);
+        self.report_due = true;
+    }
+
+    /// Feeds one request's outcome to the trial of its model, or to its baseline window.
+    fn handle_outcome(&mut self, o: RequestOutcome) {
+        let on_trial = self.models.get(&o.model).map(|m| m.slot()) == Some(o.slot);
+        match self.probations.get_mut(&o.model) {
+            Some(p) if on_trial => p.record(o.ok, o.latency),
+            Some(_) => {} // A request the last good model finished after the swap.
+            None => self
+                .windows
+                .entry(o.model)
+                .or_default()
+                .record(o.ok, o.latency),
+        }
+    }
+
+    /// Commits or rolls back every trial that has its verdict.
+    async fn judge_trials(&mut self) {
+        let now = Instant::now();
+        let verdicts: Vec<(String, Verdict)> = self
+            .probations
+            .iter()
+            .map(|(n, p)| (n.clone(), p.verdict(now)))
+            .filter(|(_, v)| *v != Verdict::Continue)
+            .collect();
+        for (name, verdict) in verdicts {
+            let probation = self.probations.remove(&name).expect("listed above");
+            let result = match verdict {
+                Verdict::Rollback(reason) => self.roll_back(&name, reason).await,
+                _ => self.commit_trial(&name, probation.window().clone()).await,
+            };
+            if let Err(e) = result {
+                warn!(model = %name, error = %e, "ending the trial failed");
+            }
+            if let Some(next) = self.deferred.remove(&name) {
+                if let Err(e) = self.converge(next.clone()).await {
+                    self.fail(Some(&name), Some(next.version), e).await;
+                }
+            }
+        }
+    }
+
+    async fn commit_trial(&mut self, name: &str, window: Window) -> Result<(), StoreError> {
+        let mut record = self.store.model(name)?.unwrap_or_default();
+        record.trial = None;
+        self.store.put_model(name, &record)?;
+        self.store.flush().await?;
+        self.previous.remove(name);
+        crate::memory::release_free_memory();
+        self.windows.insert(name.to_string(), window);
+        let version = record.serving().map_or(0, |m| m.version);
+        info!(model = name, version, "committed as last good");
+        if let Some(p) = self.progress.get_mut(name) {
+            p.phase = Phase::Active;
+        }
+        self.metrics.phase(name, Phase::Active);
+        self.metrics.update_ended(name, Outcome::Committed);
+        self.report_due = true;
+        Ok(())
+    }
+
+    /// Swaps the last good model back in, records the tried version as failed, reports why.
+    async fn roll_back(&mut self, name: &str, reason: String) -> Result<(), StoreError> {
+        let mut record = self.store.model(name)?.unwrap_or_default();
+        let tried = record.serving().map_or(0, |m| m.version);
+        if record.roll_back().is_some() {
+            self.store.put_model(name, &record)?;
+            self.store.flush().await?;
+        }
+        let back = self.previous.remove(name);
+        let back_version = back.as_ref().map(|m| m.manifest().version);
+        if let Some(model) = back {
+            self.metrics
+                .serving(name, model.slot(), model.manifest().version);
+            self.models.swap_in(model);
+        }
+        crate::memory::release_free_memory();
+        if let Some(p) = self.progress.get_mut(name) {
+            p.phase = Phase::Failed;
+        }
+        self.metrics.phase(name, Phase::Failed);
+        self.metrics.update_ended(name, Outcome::RolledBack);
+        let reason = match back_version {
+            Some(v) => format!("rolled back to version {v}: {reason}"),
+            None => format!("rolled back: {reason}"),
+        };
+        self.fail(Some(name), Some(tried), reason).await;
+        Ok(())
+    }
+
+    /// On a clean stop, a running trial does not count as a crashed start-up.
+    async fn suspend_trials(&mut self) {
+        for name in self.probations.keys() {
+            if let Ok(Some(mut record)) = self.store.model(name) {
+                if let Some(t) = record.trial.as_mut() {
+                    t.boots = t.boots.saturating_sub(1);
+                    let _ = self.store.put_model(name, &record);
+                }
+            }
+        }
+        let _ = self.store.flush().await;
     }
 
     fn gc(&self) {

@@ -16,6 +16,7 @@ pub mod engine;
 pub mod link;
 pub mod memory;
 pub mod metrics;
+pub mod probation;
 pub mod serve;
 pub mod store;
 pub mod systemd;

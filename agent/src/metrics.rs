@@ -76,6 +76,10 @@ pub struct ModelLabels {
 pub enum Outcome {
     /// Verified, loaded, checked and swapped in.
     Activated,
+    /// Passed probation; now the last good model.
+    Committed,
+    /// Failed probation (or crash-looped); the last good model swapped back.
+    RolledBack,
     /// Rejected; the serving model was left alone.
     Rejected,
 }
@@ -85,6 +89,8 @@ impl EncodeLabelValue for Outcome {
         use std::fmt::Write;
         encoder.write_str(match self {
             Outcome::Activated => "activated",
+            Outcome::Committed => "committed",
+            Outcome::RolledBack => "rolled_back",
             Outcome::Rejected => "rejected",
         })
     }
@@ -104,13 +110,14 @@ pub struct OutcomeLabels {
 pub struct PhaseLabels {
     /// Model name.
     pub model: String,
-    /// `downloading`, `staging`, `active` or `failed`.
+    /// `downloading`, `staging`, `probation`, `active` or `failed`.
     pub phase: String,
 }
 
-const PHASES: [Phase; 4] = [
+const PHASES: [Phase; 5] = [
     Phase::Downloading,
     Phase::Staging,
+    Phase::Probation,
     Phase::Active,
     Phase::Failed,
 ];
@@ -119,6 +126,7 @@ fn phase_name(phase: Phase) -> &'static str {
     match phase {
         Phase::Downloading => "downloading",
         Phase::Staging => "staging",
+        Phase::Probation => "probation",
         Phase::Active => "active",
         Phase::Failed => "failed",
     }

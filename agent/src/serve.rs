@@ -21,6 +21,22 @@ use serde_json::{json, Value};
 
 use crate::engine::{EngineError, HostTensor, LoadedModel, Values};
 use crate::metrics::{ErrorKind, Metrics, SlotLabels};
+use modelcast_proto::report::Slot;
+use tokio::sync::mpsc;
+
+/// How one inference request went, for probation: sent to the driver, dropped when its queue
+/// is full (a sample is enough).
+#[derive(Debug, Clone)]
+pub struct RequestOutcome {
+    /// Model name.
+    pub model: String,
+    /// The slot that answered.
+    pub slot: Slot,
+    /// Answered (`false`: the model failed; bad requests are not counted).
+    pub ok: bool,
+    /// Time to run it.
+    pub latency: std::time::Duration,
+}
 
 /// Most elements accepted in one request tensor.
 const MAX_ELEMENTS: usize = 16 * 1024 * 1024;
@@ -60,10 +76,15 @@ impl Models {
 struct Api {
     models: Arc<Models>,
     metrics: Arc<Metrics>,
+    outcomes: mpsc::Sender<RequestOutcome>,
 }
 
-/// The KServe v2 routes and `GET /metrics`.
-pub fn router(models: Arc<Models>, metrics: Arc<Metrics>) -> Router {
+/// The KServe v2 routes and `GET /metrics`; request outcomes go to `outcomes`.
+pub fn router(
+    models: Arc<Models>,
+    metrics: Arc<Metrics>,
+    outcomes: mpsc::Sender<RequestOutcome>,
+) -> Router {
     Router::new()
         .route("/metrics", get(prometheus))
         .route("/v2", get(server_metadata))
@@ -77,7 +98,11 @@ pub fn router(models: Arc<Models>, metrics: Arc<Metrics>) -> Router {
             get(model_metadata_v),
         )
         .route("/v2/models/{name}/versions/{version}/infer", post(infer_v))
-        .with_state(Api { models, metrics })
+        .with_state(Api {
+            models,
+            metrics,
+            outcomes,
+        })
 }
 
 async fn prometheus(State(api): State<Api>) -> Response {
@@ -255,11 +280,19 @@ async fn run_infer(api: Api, name: String, version: Option<String>, body: Bytes)
         }
     };
     let served = model.clone();
-    let result = tokio::task::spawn_blocking(move || {
-        let started = std::time::Instant::now();
-        served.run(&inputs).map(|out| (out, started.elapsed()))
-    })
-    .await;
+    let started = std::time::Instant::now();
+    let result = tokio::task::spawn_blocking(move || served.run(&inputs)).await;
+    let latency = started.elapsed();
+    // A bad request says nothing about the model.
+    if !matches!(&result, Ok(Err(EngineError::BadInput(_)))) {
+        let _ = api.outcomes.try_send(RequestOutcome {
+            model: model.manifest().name.clone(),
+            slot: model.slot(),
+            ok: matches!(&result, Ok(Ok(_))),
+            latency,
+        });
+    }
+    let result = result.map(|r| r.map(|out| (out, latency)));
     match result {
         Ok(Ok((outputs, took))) => {
             api.metrics.inference(&labels, took);

@@ -73,6 +73,23 @@ pub struct ModelRecord {
     pub b: Option<Manifest>,
     /// Highest version ever accepted for this model (anti-rollback).
     pub highest_version: u64,
+    /// The active slot is on trial: swapped in, not yet committed.
+    #[serde(default)]
+    pub trial: Option<Trial>,
+    /// SHA-256 of the last version rolled back; it is not installed again.
+    #[serde(default)]
+    pub failed: Option<String>,
+}
+
+/// A version on trial (RAUC's and U-Boot's "try boot", for models).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Trial {
+    /// The slot on trial (the active one).
+    pub slot: Slot,
+    /// The last good slot to swap back to.
+    pub previous: Slot,
+    /// Start-ups of the agent with this trial active and not cleanly stopped.
+    pub boots: u32,
 }
 
 impl ModelRecord {
@@ -95,6 +112,15 @@ impl ModelRecord {
     /// The serving manifest.
     pub fn serving(&self) -> Option<&Manifest> {
         self.slot(self.active?)
+    }
+
+    /// Ends the trial by going back to the previous slot; the tried version is remembered
+    /// as failed. Returns the trial that ended.
+    pub fn roll_back(&mut self) -> Option<Trial> {
+        let trial = self.trial.take()?;
+        self.failed = self.slot(trial.slot).map(|m| m.sha256.clone());
+        self.active = Some(trial.previous);
+        Some(trial)
     }
 
     /// The slot a new version is staged into.
@@ -146,6 +172,12 @@ impl Store {
     /// Makes everything written so far durable. Call before acting on a state change.
     pub async fn flush(&self) -> Result<(), StoreError> {
         self.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// [`Store::flush`] for blocking contexts (start-up, staging threads).
+    pub fn flush_blocking(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
         Ok(())
     }
 
@@ -385,6 +417,7 @@ mod tests {
             a: Some(m2.clone()),
             b: None,
             highest_version: 2,
+            ..Default::default()
         };
         store.put_model("m", &rec).unwrap();
         store.verify_artifact(&m2).unwrap();

@@ -109,6 +109,7 @@ fn manifest(bytes: &[u8], version: u64, model_format: ModelFormat) -> Manifest {
         golden: vec![],
         expires: FAR.into(),
         metadata: BTreeMap::new(),
+        probation: None,
     };
     let out = reference_output(bytes, &m);
     m.golden.push(GoldenVector {
@@ -228,6 +229,7 @@ fn config(dir: &Path, keys: &Keys, broker: u16, http: u16) -> Config {
             window: 4,
             chunk_timeout_secs: 2,
         },
+        probation: Default::default(),
     }
 }
 

@@ -182,6 +182,19 @@ pub struct Manifest {
     /// Free-form registry metadata (framework, opset, training data, metrics), strings only.
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
+    /// How long this version serves on trial before devices commit it (overrides their
+    /// configuration).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probation: Option<ProbationSpec>,
+}
+
+/// A manifest's probation override: the trial ends after this many requests or seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProbationSpec {
+    /// Requests after which the trial is judged.
+    pub requests: u32,
+    /// Seconds after which the trial is judged.
+    pub seconds: u64,
 }
 
 /// How an artifact encodes its model graph.
@@ -399,6 +412,7 @@ mod tests {
             }],
             expires: "2030-01-01T00:00:00Z".into(),
             metadata: BTreeMap::from([("framework".into(), "onnx".into())]),
+            probation: None,
         }
     }
 

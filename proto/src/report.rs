@@ -58,6 +58,8 @@ pub enum Phase {
     Downloading,
     /// The artifact is complete and being checked and loaded.
     Staging,
+    /// The new version serves on trial; the previous one is kept to swap back.
+    Probation,
     /// The new version serves.
     Active,
     /// The update was rejected; see `last_error`.

@@ -272,6 +272,7 @@ pub mod fixture {
             golden: vec![],
             expires: "2035-01-01T00:00:00Z".into(),
             metadata: Default::default(),
+            probation: None,
         }
     }
 

@@ -230,6 +230,7 @@ pub fn prepare(onnx: &[u8], opts: &PublishOptions, now: i64) -> Result<Prepared,
         golden: vec![],
         expires: format_expiry(now + MANIFEST_LIFETIME_SECS),
         metadata,
+        probation: None,
     };
     if opts.golden {
         manifest.golden.extend(golden_vector(&artifact, &manifest)?);

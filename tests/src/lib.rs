@@ -296,7 +296,13 @@ impl Fleet {
 
     /// Starts an agent `id` with `labels`, connected to this fleet's broker.
     pub fn start_agent(&self, id: &str, labels: &[(&str, &str)]) -> Agent {
-        Agent::new(self, id, labels)
+        Agent::new(self, id, labels, "")
+    }
+
+    /// [`Fleet::start_agent`] with more TOML appended to its config (e.g. a `[probation]`
+    /// section).
+    pub fn start_agent_with(&self, id: &str, labels: &[(&str, &str)], toml: &str) -> Agent {
+        Agent::new(self, id, labels, toml)
     }
 
     /// The server's log tail.
@@ -318,7 +324,7 @@ pub struct Agent {
 }
 
 impl Agent {
-    fn new(fleet: &Fleet, id: &str, labels: &[(&str, &str)]) -> Agent {
+    fn new(fleet: &Fleet, id: &str, labels: &[(&str, &str)], extra: &str) -> Agent {
         let http_port = free_port();
         let dir = fleet.dir.path();
         let labels: Vec<String> = labels
@@ -331,7 +337,7 @@ impl Agent {
         std::fs::write(
             &config,
             format!(
-                "device_id = \"{id}\"\nlabels = {{ {} }}\nstate_dir = \"{}\"\nbroker = \"mqtt://127.0.0.1:{}\"\nhttp_listen = \"127.0.0.1:{http_port}\"\n[trust]\nroot = \"{}\"\ndirector_keys = [\"{}\"]\n[transfer]\nchunk_timeout_secs = 2\n",
+                "device_id = \"{id}\"\nlabels = {{ {} }}\nstate_dir = \"{}\"\nbroker = \"mqtt://127.0.0.1:{}\"\nhttp_listen = \"127.0.0.1:{http_port}\"\n[trust]\nroot = \"{}\"\ndirector_keys = [\"{}\"]\n[transfer]\nchunk_timeout_secs = 2\n{extra}",
                 labels.join(", "),
                 dir.join(id).display(),
                 fleet.mqtt_port,
@@ -372,6 +378,13 @@ impl Agent {
         wait_for(&format!("{} API", self.id), Duration::from_secs(30), || {
             ureq::get(&url).call().ok()
         });
+    }
+
+    /// Kills the process with SIGKILL (a crash, a power cut) without restarting it.
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
     }
 
     /// The running process's id.

@@ -323,10 +323,15 @@ fn follow(
                 bar.set_length(u.total_bytes.max(1));
                 bar.set_position(u.received_bytes);
             }
+            let on_trial = update.is_some_and(|u| u.phase == Phase::Probation);
             if serving == Some(version) {
                 bar.set_length(bar.length().unwrap_or(1).max(1));
                 bar.set_position(bar.length().unwrap_or(1));
-                bar.set_message(format!("serving v{version}"));
+                bar.set_message(if on_trial {
+                    format!("serving v{version} (on probation)")
+                } else {
+                    format!("serving v{version}")
+                });
                 done += 1;
             } else if let Some(u) = update {
                 let reason = d
@@ -338,7 +343,7 @@ fn follow(
                 bar.set_message(match u.phase {
                     Phase::Downloading => "downloading".to_string(),
                     Phase::Staging => "verifying, loading, checking golden vectors".to_string(),
-                    Phase::Active => format!("serving v{version}"),
+                    Phase::Probation | Phase::Active => format!("serving v{version}"),
                     Phase::Failed => format!("FAILED: {reason}"),
                 });
                 if u.phase == Phase::Failed {
