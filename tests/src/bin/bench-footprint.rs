@@ -11,21 +11,11 @@
 use std::time::Duration;
 
 use modelcast_server::onnx::example_model_of_size;
-use modelcast_tests::{wait_for, Agent, Fleet};
+use modelcast_tests::{proc_status_kib, wait_for, Agent, Fleet};
 
 const MB: u64 = 1024 * 1024;
 /// How long the agent is left alone before RSS is read.
 const SETTLE: Duration = Duration::from_secs(3);
-
-/// A `/proc/<pid>/status` field in KiB.
-fn status_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0)
-}
 
 fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
@@ -35,7 +25,10 @@ fn mib(kib: u64) -> f64 {
 fn rss(agent: &Agent) -> (u64, u64) {
     std::thread::sleep(SETTLE);
     let pid = agent.pid().expect("agent running");
-    (status_kib(pid, "VmRSS:"), status_kib(pid, "VmHWM:"))
+    (
+        proc_status_kib(pid, "VmRSS:"),
+        proc_status_kib(pid, "VmHWM:"),
+    )
 }
 
 fn main() {

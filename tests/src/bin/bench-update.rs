@@ -11,18 +11,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use modelcast_server::onnx::example_model_of_size;
-use modelcast_tests::{free_port, wait_for, Agent, Fleet, Mosquitto};
+use modelcast_tests::{free_port, proc_status_kib, wait_for, Agent, Fleet, Mosquitto};
 
 const MB: u64 = 1024 * 1024;
-
-fn rss_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0)
-}
 
 fn log_has(agent: &Agent, what: &str, version: u64) -> bool {
     let needle = format!("version={version}");
@@ -52,7 +43,7 @@ struct Run {
 /// Deploys `version` (already published) and times it to "verified" and "serving".
 fn timed_update(fleet: &Fleet, agent: &Agent, version: u64) -> Run {
     let pid = agent.pid().expect("agent running");
-    let rss_before_kib = rss_kib(pid, "VmRSS:");
+    let rss_before_kib = proc_status_kib(pid, "VmRSS:");
     let start = Instant::now();
     fleet.deploy("classifier", version, "*");
     let mut peak = 0;
@@ -63,7 +54,7 @@ fn timed_update(fleet: &Fleet, agent: &Agent, version: u64) -> Run {
     loop {
         assert!(Instant::now() < deadline, "update to v{version} timed out");
         if verified.is_none() {
-            peak = peak.max(rss_kib(pid, "VmRSS:"));
+            peak = peak.max(proc_status_kib(pid, "VmRSS:"));
             if download_peak.is_none() && log_has(agent, "artifact complete", version) {
                 download_peak = Some(peak);
                 downloaded = start.elapsed();
@@ -166,7 +157,7 @@ fn main() {
     fleet.deploy("classifier", 1, "*");
     fleet.wait_serving("bench-1", "classifier", 1);
     let pid = agent.pid().expect("agent running");
-    let idle_kib = rss_kib(pid, "VmRSS:");
+    let idle_kib = proc_status_kib(pid, "VmRSS:");
 
     println!(
         "== one device, {} MB model, {} broker, loopback",
@@ -236,7 +227,7 @@ fn main() {
         download_peak as f64 / 1024.0,
         peak as f64 / 1024.0,
         growth as f64 / 1024.0,
-        rss_kib(pid, "VmHWM:") as f64 / 1024.0
+        proc_status_kib(pid, "VmHWM:") as f64 / 1024.0
     );
 
     let small: u64 = std::env::var("BENCH_SMALL_MB")
