@@ -85,25 +85,26 @@ impl Artifacts {
         self.dir.join(format!("{name}.part"))
     }
 
-    /// Starts (or continues) the download of `manifest`: reserves its partial file.
-    pub fn begin(&self, manifest: &Manifest) -> Result<(), StoreError> {
+    /// Starts (or continues) the download of `manifest`: a new partial file gets its space
+    /// reserved; an existing one is hashed. Returns which chunks are already on disk.
+    pub fn begin(&self, manifest: &Manifest) -> Result<Vec<bool>, StoreError> {
         let name = file_name(manifest)?;
-        if self.complete_path(&name).exists() {
-            return Ok(());
-        }
         let path = self.part_path(&name);
-        let file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(|e| io_err(&path, e))?;
+        if self.complete_path(&name).exists() {
+            return self.received(manifest);
+        }
+        let file = match OpenOptions::new().write(true).create_new(true).open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => return self.received(manifest),
+            Err(e) => return Err(io_err(&path, e)),
+        };
         if let Err(e) = reserve(&file, manifest.size) {
             drop(file);
             let _ = std::fs::remove_file(&path);
             return Err(io_err(&path, e));
         }
-        Ok(())
+        // Just created: nothing to hash.
+        Ok(vec![false; manifest.chunks.len()])
     }
 
     /// Writes chunk `index` (already checked against its digest) at its offset.

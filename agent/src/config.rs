@@ -153,7 +153,7 @@ impl Config {
             )));
         }
         let p = &self.probation;
-        if !(0.0..=1.0).contains(&p.max_error_rate) || p.max_p99_ratio < 1.0 {
+        if !(0.0..=1.0).contains(&p.max_error_rate) || !(1.0..).contains(&p.max_p99_ratio) {
             return Err(ConfigError::Invalid(
                 "probation: max_error_rate must be within 0..1 and max_p99_ratio at least 1".into(),
             ));

@@ -156,8 +156,13 @@ fn restore(
                     models.swap_in(Arc::new(model));
                     if slot != active {
                         warn!(model = %name, "active slot failed to load; fell back to the other slot");
-                        if record.trial.is_some() {
-                            record.roll_back();
+                        let tried = record.serving().map_or(0, |m| m.version);
+                        if record.roll_back().is_some() {
+                            restored.rolled_back.push((
+                                name.clone(),
+                                tried,
+                                format!("rolled back: version {tried} on trial no longer loads"),
+                            ));
                         } else {
                             record.active = Some(slot);
                         }
@@ -337,13 +342,14 @@ impl Agent {
     fn resume_downloads(&mut self) -> Result<(), StoreError> {
         for manifest in self.store.all_pending()? {
             info!(model = %manifest.name, version = manifest.version, "resuming download");
-            self.start_transfer(manifest)?;
+            let have = self.store.received(&manifest)?;
+            self.start_transfer(manifest, have);
         }
         Ok(())
     }
 
-    fn start_transfer(&mut self, manifest: Manifest) -> Result<(), StoreError> {
-        let have = self.store.received(&manifest)?;
+    /// Starts fetching what `have` says is missing of `manifest`.
+    fn start_transfer(&mut self, manifest: Manifest, have: Vec<bool>) {
         let transfer = Transfer::new(
             manifest.clone(),
             have,
@@ -367,7 +373,6 @@ impl Agent {
         } else {
             self.transfers.insert(manifest.name.clone(), transfer);
         }
-        Ok(())
     }
 
     fn next_wake(&self) -> Instant {
@@ -484,11 +489,13 @@ impl Agent {
             return Ok(());
         }
         info!(model = %name, version = manifest.version, size = manifest.size, "update starts");
-        self.store
+        let have = self
+            .store
             .set_pending(&manifest)
             .map_err(|e| e.to_string())?;
         self.store.flush().await.map_err(|e| e.to_string())?;
-        self.start_transfer(manifest).map_err(|e| e.to_string())
+        self.start_transfer(manifest, have);
+        Ok(())
     }
 
     async fn handle_chunk(&mut self, bytes: &[u8]) {
@@ -799,13 +806,19 @@ impl Agent {
     }
 
     /// Swaps the last good model back in, records the tried version as failed, reports why.
+    /// The swap happens even if the store cannot record it: the trial is then rolled back again
+    /// at start-up by its boot count.
     async fn roll_back(&mut self, name: &str, reason: String) -> Result<(), StoreError> {
-        let mut record = self.store.model(name)?.unwrap_or_default();
-        let tried = record.serving().map_or(0, |m| m.version);
-        if record.roll_back().is_some() {
-            self.store.put_model(name, &record)?;
-            self.store.flush().await?;
+        let tried = self.models.get(name).map_or(0, |m| m.manifest().version);
+        let persisted = async {
+            let mut record = self.store.model(name)?.unwrap_or_default();
+            if record.roll_back().is_some() {
+                self.store.put_model(name, &record)?;
+                self.store.flush().await?;
+            }
+            Ok::<_, StoreError>(())
         }
+        .await;
         let back = self.previous.remove(name);
         let back_version = back.as_ref().map(|m| m.manifest().version);
         if let Some(model) = back {
@@ -824,7 +837,7 @@ impl Agent {
             None => format!("rolled back: {reason}"),
         };
         self.fail(Some(name), Some(tried), reason).await;
-        Ok(())
+        persisted
     }
 
     /// On a clean stop, a running trial does not count as a crashed start-up.

@@ -44,6 +44,9 @@ impl ProbationPolicy {
     }
 }
 
+/// Longest trial: the time limit from a config or manifest is capped at this.
+const MAX_TRIAL: Duration = Duration::from_secs(30 * 24 * 3600);
+
 /// Fewest requests on which a latency comparison means anything.
 const MIN_LATENCY_SAMPLES: usize = 20;
 /// Latencies kept per window (a bounded ring).
@@ -135,7 +138,7 @@ impl Probation {
 
     /// When the trial is judged at the latest.
     pub fn deadline(&self) -> Instant {
-        self.started + Duration::from_secs(self.policy.seconds)
+        self.started + Duration::from_secs(self.policy.seconds).min(MAX_TRIAL)
     }
 
     /// The trial's window so far.
@@ -235,6 +238,15 @@ mod tests {
         let p = Probation::new(policy(), Window::default(), t0);
         assert_eq!(p.verdict(t0 + Duration::from_secs(59)), Verdict::Continue);
         assert_eq!(p.verdict(t0 + Duration::from_secs(60)), Verdict::Commit);
+    }
+
+    #[test]
+    fn an_absurd_time_limit_is_capped() {
+        let t0 = Instant::now();
+        let mut forever = policy();
+        forever.seconds = u64::MAX;
+        let p = Probation::new(forever, Window::default(), t0);
+        assert_eq!(p.deadline(), t0 + MAX_TRIAL);
     }
 
     #[test]

@@ -292,10 +292,9 @@ async fn run_infer(api: Api, name: String, version: Option<String>, body: Bytes)
             latency,
         });
     }
-    let result = result.map(|r| r.map(|out| (out, latency)));
     match result {
-        Ok(Ok((outputs, took))) => {
-            api.metrics.inference(&labels, took);
+        Ok(Ok(outputs)) => {
+            api.metrics.inference(&labels, latency);
             let outputs: Vec<Value> = outputs
                 .iter()
                 .map(|t| {

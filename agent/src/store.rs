@@ -241,12 +241,13 @@ impl Store {
             .collect()
     }
 
-    /// Records a download in progress and reserves the space for its artifact.
-    pub fn set_pending(&self, manifest: &Manifest) -> Result<(), StoreError> {
-        self.files.begin(manifest)?;
+    /// Records a download in progress and reserves the space for its artifact. Returns which
+    /// chunks are already on disk.
+    pub fn set_pending(&self, manifest: &Manifest) -> Result<Vec<bool>, StoreError> {
+        let have = self.files.begin(manifest)?;
         self.pending
             .insert(manifest.name.as_str(), encode(manifest))?;
-        Ok(())
+        Ok(have)
     }
 
     /// Forgets the download of `name`.
@@ -394,6 +395,15 @@ mod tests {
             store.received(&m).unwrap(),
             vec![true, false, false, false, true]
         );
+        // Starting the same download again resumes from what is on disk.
+        assert_eq!(
+            store.set_pending(&m).unwrap(),
+            vec![true, false, false, false, true]
+        );
+        // A new download starts from nothing, without hashing its reserved (zeroed) file.
+        let zeros = vec![0u8; 128];
+        let z = manifest_for("z", 1, &zeros, 64);
+        assert_eq!(store.set_pending(&z).unwrap(), vec![false, false]);
     }
 
     #[test]
