@@ -48,6 +48,18 @@ fn one() -> u32 {
     1
 }
 
+/// The agent's TLS material for an `mqtts://` broker (PEM files).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The fleet CA that signed the broker's certificate (the only trust anchor).
+    pub ca: PathBuf,
+    /// This device's client certificate (common name = device id).
+    pub cert: Option<PathBuf>,
+    /// Its private key.
+    pub key: Option<PathBuf>,
+}
+
 /// Chunk transfer tuning.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -56,6 +68,9 @@ pub struct TransferConfig {
     pub window: usize,
     /// Seconds without a requested chunk before it is requested again.
     pub chunk_timeout_secs: u64,
+    /// Seconds without any new chunk before the download is reported as stalled (slow
+    /// retrieval); it keeps retrying.
+    pub stall_timeout_secs: u64,
 }
 
 impl Default for TransferConfig {
@@ -63,6 +78,7 @@ impl Default for TransferConfig {
         TransferConfig {
             window: 64,
             chunk_timeout_secs: 5,
+            stall_timeout_secs: 60,
         }
     }
 }
@@ -91,6 +107,9 @@ pub struct Config {
     pub http_listen: SocketAddr,
     /// Trust anchors.
     pub trust: TrustConfig,
+    /// TLS for the broker connection; required by an `mqtts://` broker.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
     /// Transfer tuning.
     #[serde(default)]
     pub transfer: TransferConfig,
@@ -166,8 +185,59 @@ impl Config {
                 "transfer.window must be 1..=256".into(),
             ));
         }
-        self.broker_addr()?;
+        let broker = self.broker_url()?;
+        match (&self.tls, broker.tls) {
+            (None, true) => {
+                return Err(ConfigError::Invalid(
+                    "an mqtts:// broker needs a [tls] section with at least `ca`".into(),
+                ))
+            }
+            (Some(_), false) => {
+                return Err(ConfigError::Invalid(
+                    "[tls] is set but the broker address is not mqtts://".into(),
+                ))
+            }
+            (Some(t), true) if t.cert.is_some() != t.key.is_some() => {
+                return Err(ConfigError::Invalid(
+                    "tls.cert and tls.key go together".into(),
+                ))
+            }
+            _ => {}
+        }
         Ok(())
+    }
+
+    /// The broker's address and whether it speaks TLS.
+    pub fn broker_url(&self) -> Result<modelcast_proto::BrokerUrl, ConfigError> {
+        modelcast_proto::BrokerUrl::parse(&self.broker)
+            .map_err(|e| ConfigError::Invalid(e.to_string()))
+    }
+
+    /// The rustls client configuration for an `mqtts://` broker (reads the PEM files).
+    pub fn tls_client_config(&self) -> Result<Option<rustls::ClientConfig>, ConfigError> {
+        let Some(tls) = &self.tls else {
+            return Ok(None);
+        };
+        let read = |path: &Path| {
+            std::fs::read(path).map_err(|source| ConfigError::Read {
+                path: path.into(),
+                source,
+            })
+        };
+        let ca = read(&tls.ca)?;
+        let identity = match (&tls.cert, &tls.key) {
+            (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
+            _ => None,
+        };
+        let identity = identity
+            .as_ref()
+            .map(|(cert, key)| modelcast_proto::tls::ClientIdentity {
+                cert_pem: cert,
+                key_pem: key,
+            });
+        modelcast_proto::tls::client_config(&ca, identity)
+            .map(Some)
+            .map_err(|e| ConfigError::Invalid(format!("tls: {e}")))
     }
 
     /// The broker's host and port.
@@ -214,6 +284,14 @@ mod tests {
         )
         .is_err());
         assert!(parse_broker("mqtt://host").is_err());
+        let base = "device_id = 'a'\n[trust]\nroot='r'\ndirector_keys=['0']\n";
+        let tls = Config::from_toml(&format!("broker = 'mqtts://h:8883'\n{base}"));
+        assert!(tls.unwrap_err().to_string().contains("[tls]"));
+        let half = "[tls]\nca = 'ca.pem'\ncert = 'c.pem'\n";
+        assert!(Config::from_toml(&format!("broker = 'mqtts://h:8883'\n{base}{half}")).is_err());
+        let ok = "[tls]\nca = 'ca.pem'\ncert = 'c.pem'\nkey = 'c.key'\n";
+        assert!(Config::from_toml(&format!("broker = 'mqtts://h:8883'\n{base}{ok}")).is_ok());
+        assert!(Config::from_toml(&format!("broker = 'mqtt://h:1883'\n{base}{ok}")).is_err());
         assert_eq!(parse_broker("[::1]:1883").unwrap(), ("::1".into(), 1883));
     }
 }

@@ -59,6 +59,9 @@ pub enum AgentError {
         /// Why.
         source: std::io::Error,
     },
+    /// The TLS material for the broker is unusable.
+    #[error(transparent)]
+    Tls(#[from] crate::config::ConfigError),
 }
 
 /// Unix seconds now.
@@ -228,6 +231,7 @@ pub async fn run(
     std::fs::create_dir_all(&cfg.state_dir).map_err(|e| StoreError::Sled(e.into()))?;
     let store = Store::open(&store_path(&cfg.state_dir))?;
     let (_, director) = load_trust(&cfg, &store)?;
+    let tls = cfg.tls_client_config()?;
     let models = Arc::new(Models::default());
     let metrics = Arc::new(Metrics::new());
     let restored = {
@@ -263,7 +267,7 @@ pub async fn run(
         .collect();
     ready(&serving);
 
-    let (link, mut events) = Link::connect(&cfg);
+    let (link, mut events) = Link::connect(&cfg, tls);
     let mut agent = Agent {
         last_error: store.last_error()?,
         director,
@@ -355,7 +359,8 @@ impl Agent {
             have,
             self.cfg.transfer.window,
             Duration::from_secs(self.cfg.transfer.chunk_timeout_secs),
-        );
+        )
+        .with_stall_deadline(Duration::from_secs(self.cfg.transfer.stall_timeout_secs));
         self.metrics.phase(&manifest.name, Phase::Downloading);
         self.progress.insert(
             manifest.name.clone(),
@@ -885,7 +890,12 @@ impl Agent {
     async fn poll_requests(&mut self) {
         let now = Instant::now();
         let mut requests = Vec::new();
+        let mut stalled = Vec::new();
         for t in self.transfers.values_mut() {
+            if let Some(idle) = t.poll_stalled(now) {
+                let m = t.manifest();
+                stalled.push((m.name.clone(), m.version, idle, t.received_bytes(), m.size));
+            }
             let chunks = t.poll_request(now);
             if !chunks.is_empty() {
                 requests.push(ChunkRequest {
@@ -898,6 +908,13 @@ impl Agent {
         }
         for r in requests {
             self.link.request_chunks(&r).await;
+        }
+        for (name, version, idle, have, size) in stalled {
+            let reason = format!(
+                "download stalled: no chunk of {name} v{version} for {}s ({have} of {size} bytes); still retrying",
+                idle.as_secs()
+            );
+            self.fail(Some(&name), Some(version), reason).await;
         }
     }
 

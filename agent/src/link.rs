@@ -1,6 +1,7 @@
 //! The MQTT link: connects with rumqttc, keeps a retained `online` status with a last will,
 //! subscribes to this device's desired state and chunk replies, and turns broker traffic
-//! into [`LinkEvent`]s. It decides nothing; the driver does.
+//! into [`LinkEvent`]s. Over TLS (rustls, ring) with a client certificate when the broker is
+//! `mqtts://`. It decides nothing; the driver does.
 
 use std::time::Duration;
 
@@ -9,7 +10,9 @@ use modelcast_proto::chunk::ChunkRequest;
 use modelcast_proto::manifest::MAX_CHUNK_SIZE;
 use modelcast_proto::report::DeviceReport;
 use modelcast_proto::topic::{DeviceTopic, Topics};
-use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
+use rumqttc::{
+    AsyncClient, Event, LastWill, MqttOptions, Packet, QoS, TlsConfiguration, Transport,
+};
 use tokio::sync::mpsc;
 
 use crate::config::Config;
@@ -39,12 +42,21 @@ pub struct Link {
 pub const MAX_INCOMING_PACKET: usize = MAX_CHUNK_SIZE as usize + 64 * 1024;
 
 impl Link {
-    /// Starts the MQTT connection; events arrive on the returned channel.
-    pub fn connect(cfg: &Config) -> (Link, mpsc::Receiver<LinkEvent>) {
-        let (host, port) = cfg.broker_addr().expect("validated config");
+    /// Starts the MQTT connection (over TLS when `tls` is given); events arrive on the
+    /// returned channel.
+    pub fn connect(
+        cfg: &Config,
+        tls: Option<rustls::ClientConfig>,
+    ) -> (Link, mpsc::Receiver<LinkEvent>) {
+        let broker = cfg.broker_url().expect("validated config");
         let topics = Topics::new(&cfg.topic_prefix);
         let device = cfg.device_id.clone();
-        let mut opts = MqttOptions::new(&device, host, port);
+        let mut opts = MqttOptions::new(&device, broker.host, broker.port);
+        if let Some(tls) = tls {
+            opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+                std::sync::Arc::new(tls),
+            )));
+        }
         opts.set_keep_alive(Duration::from_secs(15))
             .set_clean_session(true)
             .set_max_packet_size(MAX_INCOMING_PACKET, 1024 * 1024)

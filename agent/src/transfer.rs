@@ -61,7 +61,16 @@ pub struct Transfer {
     timeout: Duration,
     received_bytes: u64,
     refetched: u64,
+    /// Slow-retrieval defence: how long the download may go without storing a chunk.
+    stall_after: Duration,
+    /// When the last chunk was stored (or the download started, or a stall was reported).
+    progress_at: Option<Instant>,
+    /// A chunk was stored since the last [`Transfer::poll_request`].
+    progressed: bool,
 }
+
+/// Default for [`Transfer::with_stall_deadline`].
+pub const DEFAULT_STALL: Duration = Duration::from_secs(60);
 
 impl Transfer {
     /// Starts (or resumes) a download, given which chunks are already stored.
@@ -85,7 +94,29 @@ impl Transfer {
             timeout,
             received_bytes,
             refetched: 0,
+            stall_after: DEFAULT_STALL,
+            progress_at: None,
+            progressed: false,
         }
+    }
+
+    /// Sets how long the download may go without a stored chunk before
+    /// [`Transfer::poll_stalled`] reports it (the slow-retrieval defence).
+    pub fn with_stall_deadline(mut self, stall_after: Duration) -> Self {
+        self.stall_after = stall_after.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Reports a stall once per stall period: `Some(idle time)` when no chunk was stored for
+    /// the stall deadline. The download goes on; the caller reports it.
+    pub fn poll_stalled(&mut self, now: Instant) -> Option<Duration> {
+        let since = *self.progress_at.get_or_insert(now);
+        let idle = now.saturating_duration_since(since);
+        if self.is_complete() || idle < self.stall_after {
+            return None;
+        }
+        self.progress_at = Some(now);
+        Some(idle)
     }
 
     /// The manifest being fetched.
@@ -143,6 +174,7 @@ impl Transfer {
         if let Some(h) = self.have.get_mut(index as usize) {
             if !*h {
                 *h = true;
+                self.progressed = true;
                 self.missing -= 1;
                 self.received_bytes += u64::from(self.manifest.chunk_len(index).unwrap_or(0));
             }
@@ -151,6 +183,10 @@ impl Transfer {
 
     /// The chunks to request now: timed-out ones again, then new ones up to the window.
     pub fn poll_request(&mut self, now: Instant) -> Vec<u32> {
+        if self.progressed || self.progress_at.is_none() {
+            self.progress_at = Some(now);
+            self.progressed = false;
+        }
         let mut out = Vec::new();
         for (index, sent) in self.in_flight.iter_mut() {
             if now.saturating_duration_since(*sent) >= self.timeout {
@@ -176,9 +212,14 @@ impl Transfer {
         out
     }
 
-    /// When the earliest request in flight times out.
+    /// When the earliest request in flight times out, or the stall deadline passes.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.in_flight.values().min().map(|t| *t + self.timeout)
+        let stall = self.progress_at.map(|t| t + self.stall_after);
+        let retry = self.in_flight.values().min().map(|t| *t + self.timeout);
+        match (retry, stall) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 }
 
@@ -205,6 +246,25 @@ mod tests {
         let later = t0 + Duration::from_secs(6);
         assert_eq!(t.poll_request(later), vec![0, 2, 3]);
         assert_eq!(t.refetched_chunks(), 3);
+    }
+
+    #[test]
+    fn a_download_without_progress_is_reported_once_per_period() {
+        let bytes = vec![7u8; 30];
+        let mut t = Transfer::new(manifest(&bytes, 10), vec![], 3, Duration::from_secs(5))
+            .with_stall_deadline(Duration::from_secs(20));
+        let t0 = Instant::now();
+        assert_eq!(t.poll_request(t0), vec![0, 1, 2]);
+        assert_eq!(t.poll_stalled(t0 + Duration::from_secs(19)), None);
+        assert_eq!(t.handle_chunk(0, &bytes[..10]), Ok(Accepted::Store));
+        t.handle_stored(0);
+        let t1 = t0 + Duration::from_secs(15);
+        t.poll_request(t1); // Progress noticed: the clock restarts at t1.
+        assert_eq!(t.poll_stalled(t0 + Duration::from_secs(30)), None);
+        let stalled = t1 + Duration::from_secs(21);
+        assert_eq!(t.poll_stalled(stalled), Some(Duration::from_secs(21)));
+        assert_eq!(t.poll_stalled(stalled + Duration::from_secs(1)), None);
+        assert!(t.poll_timeout().unwrap() <= stalled + Duration::from_secs(20));
     }
 
     #[test]

@@ -228,7 +228,9 @@ fn config(dir: &Path, keys: &Keys, broker: u16, http: u16) -> Config {
         transfer: TransferConfig {
             window: 4,
             chunk_timeout_secs: 2,
+            stall_timeout_secs: 60,
         },
+        tls: None,
         probation: Default::default(),
     }
 }

@@ -126,4 +126,17 @@ pub enum VerifyError {
         /// Offered version.
         found: u64,
     },
+    /// Bytes that do not match the length or hashes their reference gives (or whose hash
+    /// algorithm this build cannot compute).
+    #[error("{what}: length or hash mismatch: {reason}")]
+    Integrity {
+        /// The file checked (a metadata file name or a target path).
+        what: String,
+        /// What differs.
+        reason: String,
+    },
+    /// A call out of the TUF client workflow's order (e.g. snapshot before timestamp): a bug in
+    /// the caller, reported instead of panicking.
+    #[error("out of order: {0}")]
+    Order(&'static str),
 }

@@ -107,13 +107,218 @@ pub struct TargetFile {
     pub custom: Option<serde_json::Value>,
 }
 
-/// A delegated role (parsed so documents with delegations decode; not followed yet).
+/// The delegations of a targets role: the keys it trusts and, either as a list of roles or as
+/// succinct hash bins, who may sign for which target paths.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Delegations {
     /// Key id → key.
     pub keys: BTreeMap<String, PublicKey>,
-    /// Delegated roles, in order.
-    pub roles: Vec<serde_json::Value>,
+    /// Delegated roles, in order of priority (absent when `succinct_roles` is used).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub roles: Option<Vec<DelegatedRole>>,
+    /// Succinct hash-bin delegations (TAP 15), instead of `roles`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub succinct_roles: Option<SuccinctRoles>,
+}
+
+/// One delegated role: its keys, threshold and the target paths it may sign for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DelegatedRole {
+    /// The role's name (its metadata is `<name>.json`).
+    pub name: String,
+    /// Key ids (from the delegator's `keys`) allowed to sign for the role.
+    pub keyids: Vec<String>,
+    /// How many distinct keys must sign.
+    pub threshold: u32,
+    /// Whether a search that reaches this role stops at it instead of backtracking.
+    #[serde(default)]
+    pub terminating: bool,
+    /// Shell-style patterns of target paths (`*` and `?` do not cross `/`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paths: Option<Vec<String>>,
+    /// Hex prefixes of the SHA-256 of target paths.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_hash_prefixes: Option<Vec<String>>,
+}
+
+/// Succinct hash-bin delegations: `2^bit_length` roles `<name_prefix>-<bin>` sharing one set
+/// of keys, each responsible for the targets whose path hash falls in its bin.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SuccinctRoles {
+    /// Key ids allowed to sign for every bin.
+    pub keyids: Vec<String>,
+    /// How many distinct keys must sign.
+    pub threshold: u32,
+    /// Number of leading bits of SHA-256(target path) that select a bin (1 to 32).
+    pub bit_length: u32,
+    /// Bin role names are `<name_prefix>-<bin in lower-case hex, zero-padded>`.
+    pub name_prefix: String,
+}
+
+impl DelegatedRole {
+    /// Whether this role is trusted for `target_path` (by pattern or hash prefix).
+    pub fn matches(&self, target_path: &str) -> bool {
+        if let Some(patterns) = &self.paths {
+            return patterns.iter().any(|p| path_matches(p, target_path));
+        }
+        if let Some(prefixes) = &self.path_hash_prefixes {
+            let digest = crate::sha256_hex(target_path.as_bytes());
+            return prefixes.iter().any(|p| digest.starts_with(p.as_str()));
+        }
+        false
+    }
+}
+
+impl SuccinctRoles {
+    fn width(&self) -> usize {
+        let max = if self.bit_length >= 32 {
+            u32::MAX
+        } else {
+            (1u32 << self.bit_length) - 1
+        };
+        format!("{max:x}").len()
+    }
+
+    /// The bin role responsible for `target_path`, or `None` if `bit_length` is out of range.
+    pub fn role_for_target(&self, target_path: &str) -> Option<String> {
+        use sha2::Digest;
+        if !(1..=32).contains(&self.bit_length) {
+            return None;
+        }
+        let digest = sha2::Sha256::digest(target_path.as_bytes());
+        let first = u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]);
+        let bin = u64::from(first) >> (32 - self.bit_length);
+        Some(format!("{}-{bin:0w$x}", self.name_prefix, w = self.width()))
+    }
+
+    /// Whether `role` is one of the bins.
+    pub fn is_delegated_role(&self, role: &str) -> bool {
+        if !(1..=32).contains(&self.bit_length) {
+            return false;
+        }
+        let Some(suffix) = role
+            .strip_prefix(self.name_prefix.as_str())
+            .and_then(|r| r.strip_prefix('-'))
+        else {
+            return false;
+        };
+        if suffix.len() != self.width() || !suffix.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return false;
+        }
+        u64::from_str_radix(suffix, 16).is_ok_and(|bin| bin < (1u64 << self.bit_length))
+    }
+}
+
+impl Delegations {
+    /// The delegation for `role`, as a verifier of its keys and threshold.
+    pub fn verifier(&self, role: &str) -> Option<RoleVerifier> {
+        if let Some(roles) = &self.roles {
+            let r = roles.iter().find(|r| r.name == role)?;
+            return Some(RoleVerifier::from_keys(
+                role,
+                &self.keys,
+                &r.keyids,
+                r.threshold,
+            ));
+        }
+        let succinct = self.succinct_roles.as_ref()?;
+        succinct.is_delegated_role(role).then(|| {
+            RoleVerifier::from_keys(role, &self.keys, &succinct.keyids, succinct.threshold)
+        })
+    }
+
+    /// The roles trusted for `target_path`, in order, each with its `terminating` flag.
+    pub fn roles_for_target(&self, target_path: &str) -> Vec<(String, bool)> {
+        if let Some(roles) = &self.roles {
+            return roles
+                .iter()
+                .filter(|r| r.matches(target_path))
+                .map(|r| (r.name.clone(), r.terminating))
+                .collect();
+        }
+        self.succinct_roles
+            .as_ref()
+            .and_then(|s| s.role_for_target(target_path))
+            .map(|name| vec![(name, true)])
+            .unwrap_or_default()
+    }
+}
+
+/// Whether `path` matches the delegation pattern `pattern`: both are split on `/` and must have
+/// as many parts; each part matches as a shell pattern (`*`, `?`, `[abc]`, `[!a-z]`),
+/// case-sensitively.
+pub fn path_matches(pattern: &str, path: &str) -> bool {
+    let pattern: Vec<&str> = pattern.split('/').collect();
+    let path: Vec<&str> = path.split('/').collect();
+    pattern.len() == path.len()
+        && pattern.iter().zip(&path).all(|(p, s)| {
+            glob_part(
+                &p.chars().collect::<Vec<_>>(),
+                &s.chars().collect::<Vec<_>>(),
+            )
+        })
+}
+
+/// One `fnmatch` part, iteratively with backtracking on the last `*` (linear memory, no
+/// recursion on untrusted patterns).
+fn glob_part(pattern: &[char], text: &[char]) -> bool {
+    let (mut p, mut t) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while t < text.len() {
+        let step = match pattern.get(p) {
+            Some('*') => {
+                star = Some((p, t));
+                p += 1;
+                continue;
+            }
+            Some('?') => Some(1),
+            Some('[') => class(&pattern[p..], text[t]),
+            Some(c) if *c == text[t] => Some(1),
+            _ => None,
+        };
+        match step {
+            Some(len) => {
+                p += if pattern[p] == '[' { len } else { 1 };
+                t += 1;
+            }
+            None => match star {
+                Some((sp, st)) => {
+                    p = sp + 1;
+                    t = st + 1;
+                    star = Some((sp, st + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    pattern[p..].iter().all(|c| *c == '*')
+}
+
+/// Matches `c` against the character class at the start of `pattern` (`[...]`); returns the
+/// class's length in the pattern on a match. An unterminated `[` matches itself literally.
+fn class(pattern: &[char], c: char) -> Option<usize> {
+    let mut i = 1;
+    let negate = matches!(pattern.get(i), Some('!'));
+    if negate {
+        i += 1;
+    }
+    let start = i;
+    let mut matched = false;
+    while let Some(&ch) = pattern.get(i) {
+        if ch == ']' && i > start {
+            return (matched != negate).then_some(i + 1);
+        }
+        if pattern.get(i + 1) == Some(&'-') && pattern.get(i + 2).is_some_and(|e| *e != ']') {
+            let end = pattern[i + 2];
+            matched |= ch <= c && c <= end;
+            i += 3;
+        } else {
+            matched |= ch == c;
+            i += 1;
+        }
+    }
+    // No closing bracket: `[` is an ordinary character.
+    (c == '[').then_some(1)
 }
 
 /// The `targets` role: the files (models) the repository vouches for.
@@ -133,6 +338,64 @@ pub struct Targets {
     /// Delegations, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delegations: Option<Delegations>,
+}
+
+impl TargetFile {
+    /// Checks that `bytes` are this target: same length and every listed hash matches. A
+    /// target with no hashes, or with a hash algorithm this build does not know, never
+    /// verifies.
+    pub fn verify(&self, what: &str, bytes: &[u8]) -> Result<(), VerifyError> {
+        if self.hashes.is_empty() {
+            return Err(VerifyError::Integrity {
+                what: what.into(),
+                reason: "no hashes to check".into(),
+            });
+        }
+        verify_length_and_hashes(what, bytes, Some(self.length), Some(&self.hashes))
+    }
+}
+
+impl MetaFile {
+    /// Checks `bytes` against the length and hashes this entry gives, if any.
+    pub fn verify(&self, what: &str, bytes: &[u8]) -> Result<(), VerifyError> {
+        verify_length_and_hashes(what, bytes, self.length, self.hashes.as_ref())
+    }
+
+    /// Whether the entry pins a length or hashes.
+    pub fn pins_content(&self) -> bool {
+        self.length.is_some() || self.hashes.is_some()
+    }
+}
+
+/// Checks `bytes` against an expected length and hashes (`sha256`, `sha512`; any other
+/// algorithm fails, so an unverifiable file is never accepted).
+pub fn verify_length_and_hashes(
+    what: &str,
+    bytes: &[u8],
+    length: Option<u64>,
+    hashes: Option<&BTreeMap<String, String>>,
+) -> Result<(), VerifyError> {
+    use sha2::Digest;
+    let fail = |reason: String| VerifyError::Integrity {
+        what: what.into(),
+        reason,
+    };
+    if let Some(length) = length {
+        if bytes.len() as u64 != length {
+            return Err(fail(format!("{} bytes, expected {length}", bytes.len())));
+        }
+    }
+    for (algorithm, expected) in hashes.into_iter().flatten() {
+        let found = match algorithm.as_str() {
+            "sha256" => hex::encode(sha2::Sha256::digest(bytes)),
+            "sha512" => hex::encode(sha2::Sha512::digest(bytes)),
+            other => return Err(fail(format!("unsupported hash algorithm {other:?}"))),
+        };
+        if !found.eq_ignore_ascii_case(expected) {
+            return Err(fail(format!("{algorithm} is {found}, expected {expected}")));
+        }
+    }
+    Ok(())
 }
 
 /// What every TUF document has in common.
@@ -208,16 +471,12 @@ impl Root {
             role: "root".into(),
             reason: format!("root lists no {role} role"),
         })?;
-        let keys = spec
-            .keyids
-            .iter()
-            .filter_map(|id| self.keys.get(id).map(|k| (id.clone(), k.clone())))
-            .collect();
-        Ok(RoleVerifier {
-            role: role.into(),
-            keys,
-            threshold: spec.threshold,
-        })
+        Ok(RoleVerifier::from_keys(
+            role,
+            &self.keys,
+            &spec.keyids,
+            spec.threshold,
+        ))
     }
 }
 
@@ -262,6 +521,24 @@ impl RoleVerifier {
         RoleVerifier {
             role: role.into(),
             keys: keys.into_iter().map(|k| (k.key_id(), k)).collect(),
+            threshold,
+        }
+    }
+
+    /// A verifier from a delegator's key map: the keys named by `keyids` (ids as the delegator
+    /// writes them; ids it lists without a key are skipped).
+    pub fn from_keys(
+        role: &str,
+        keys: &BTreeMap<String, PublicKey>,
+        keyids: &[String],
+        threshold: u32,
+    ) -> Self {
+        RoleVerifier {
+            role: role.into(),
+            keys: keyids
+                .iter()
+                .filter_map(|id| keys.get(id).map(|k| (id.clone(), k.clone())))
+                .collect(),
             threshold,
         }
     }

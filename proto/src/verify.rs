@@ -1,5 +1,6 @@
 //! The TUF client workflow (specification §5) over a desired-state message, followed by the
-//! Uptane director check. Pure: the caller passes the trusted state and the time, and gets
+//! Uptane director check. The TUF checks themselves live in [`crate::trusted`]; this module
+//! adds the device's version floors and the director. Pure: the caller passes the trusted state and the time, and gets
 //! either a reason to reject or a [`VerifiedDesired`] that only this module can construct.
 //!
 //! What a device keeps between updates is a [`TrustState`]: its trusted root and the highest
@@ -10,7 +11,8 @@ use serde::{Deserialize, Serialize};
 use crate::desired::DesiredState;
 use crate::error::VerifyError;
 use crate::manifest::Manifest;
-use crate::metadata::{parse_expiry, MetaIndex, RoleVerifier, Root, Signed, Targets};
+use crate::metadata::{MetaIndex, RoleVerifier, Root, Signed, Targets};
+use crate::trusted::{check_expiry, check_root_step, TrustedMetadata};
 
 /// What a device trusts between updates.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -73,16 +75,6 @@ impl VerifiedDesired {
     }
 }
 
-fn check_expiry(role: &str, expires: &str, now: i64) -> Result<(), VerifyError> {
-    if parse_expiry(expires)? <= now {
-        return Err(VerifyError::Expired {
-            role: role.into(),
-            expires: expires.into(),
-        });
-    }
-    Ok(())
-}
-
 fn check_not_older(role: &str, found: u64, trusted: u64) -> Result<(), VerifyError> {
     if found < trusted {
         return Err(VerifyError::Rollback {
@@ -107,29 +99,27 @@ fn meta_version(index: &MetaIndex, file: &str, role: &str) -> Result<u64, Verify
 
 /// Updates the trusted root through a rotation chain (TUF §5.3): each new root must be the
 /// next version and be signed by a threshold of the old root's root keys and of its own.
+/// Roots not newer than the trusted one (a re-delivered chain) are checked and skipped.
 pub fn update_root(trusted: &Signed, chain: &[Signed]) -> Result<Signed, VerifyError> {
     let mut current = trusted.clone();
     let mut current_doc: Root = current.parse("root")?;
     for next in chain {
-        let old_verifier = current_doc.role("root")?;
-        let candidate: Root = next.verify(&old_verifier, "root")?;
-        candidate.role("root")?.check(next)?;
-        if candidate.version <= current_doc.version {
-            continue; // Already trusted (a re-delivered chain): skip, never go back.
+        let offered: Root = next.parse("root")?;
+        if offered.version <= current_doc.version {
+            // Already trusted: it must still be genuine, but never go back.
+            let old: Root = next.verify(&current_doc.role("root")?, "root")?;
+            old.role("root")?.check(next)?;
+            continue;
         }
-        if candidate.version != current_doc.version + 1 {
-            return Err(VerifyError::RootChain {
-                trusted: current_doc.version,
-                found: candidate.version,
-            });
-        }
+        current_doc = check_root_step(&current_doc, next)?;
         current = next.clone();
-        current_doc = candidate;
     }
     Ok(current)
 }
 
-/// Runs the full check of a desired-state message for `device` at Unix time `now`.
+/// Runs the full check of a desired-state message for `device` at Unix time `now`: the TUF
+/// workflow through [`TrustedMetadata`] (the same core the conformance client drives), the
+/// device's version floors, then the Uptane director check.
 pub fn verify_desired(
     trust: &TrustState,
     director: &RoleVerifier,
@@ -145,47 +135,37 @@ pub fn verify_desired(
     }
     let repo = &message.repository;
 
-    // §5.3: root, with rotation; the final root must not have expired.
+    // §5.3: root, with rotation; the final root must not have expired (checked by the
+    // timestamp step, §5.3.10).
     let root_env = update_root(&trust.root, &repo.root)?;
-    let root: Root = root_env.parse("root")?;
-    check_expiry("root", &root.expires, now)?;
+    let mut set = TrustedMetadata::from_root_envelope(&root_env)?;
 
-    // §5.4: timestamp.
-    let timestamp: MetaIndex = repo
-        .timestamp
-        .verify(&root.role("timestamp")?, "timestamp")?;
-    check_not_older("timestamp", timestamp.version, trust.timestamp_version)?;
-    let snapshot_version = meta_version(&timestamp, "snapshot.json", "timestamp")?;
-    check_not_older("snapshot", snapshot_version, trust.snapshot_version)?;
-    check_expiry("timestamp", &timestamp.expires, now)?;
+    // §5.4: timestamp, then the device's floors (a rollback is reported before an expiry).
+    let step = set.update_timestamp_envelope(&repo.timestamp, now);
+    if let Some(timestamp) = set.timestamp() {
+        check_not_older("timestamp", timestamp.version, trust.timestamp_version)?;
+        let named = meta_version(timestamp, "snapshot.json", "timestamp")?;
+        check_not_older("snapshot", named, trust.snapshot_version)?;
+    }
+    step?;
 
     // §5.5: snapshot, the version the timestamp names.
-    let snapshot: MetaIndex = repo.snapshot.verify(&root.role("snapshot")?, "snapshot")?;
-    if snapshot.version != snapshot_version {
-        return Err(VerifyError::Mismatch {
-            role: "snapshot".into(),
-            reason: format!(
-                "version {} but timestamp names {snapshot_version}",
-                snapshot.version
-            ),
-        });
+    let step = set.update_snapshot_envelope(&repo.snapshot, now);
+    if let Some(snapshot) = set.snapshot() {
+        let named = meta_version(snapshot, "targets.json", "snapshot")?;
+        check_not_older("targets", named, trust.targets_version)?;
     }
-    let targets_version = meta_version(&snapshot, "targets.json", "snapshot")?;
-    check_not_older("targets", targets_version, trust.targets_version)?;
-    check_expiry("snapshot", &snapshot.expires, now)?;
+    step?;
 
     // §5.6: targets, the version the snapshot names.
-    let targets: Targets = repo.targets.verify(&root.role("targets")?, "targets")?;
-    if targets.version != targets_version {
-        return Err(VerifyError::Mismatch {
-            role: "targets".into(),
-            reason: format!(
-                "version {} but snapshot names {targets_version}",
-                targets.version
-            ),
-        });
-    }
-    check_expiry("targets", &targets.expires, now)?;
+    set.update_targets_envelope(&repo.targets, now)?;
+    let (Some(timestamp), Some(snapshot), Some(targets)) =
+        (set.timestamp(), set.snapshot(), set.targets())
+    else {
+        return Err(VerifyError::Order(
+            "targets verified without timestamp and snapshot",
+        ));
+    };
 
     // Uptane: the director's per-device targets, each of which the repository must hold
     // byte for byte (same length, same hashes, same manifest).

@@ -4,7 +4,8 @@
 //! | method | path | what |
 //! | --- | --- | --- |
 //! | PUT | `/api/v1/artifacts/{sha256}?chunk_size=N` | upload an artifact (body: bytes) |
-//! | GET | `/api/v1/repository/root` | the pinned root |
+//! | GET | `/api/v1/repository/root` | the newest trusted root |
+//! | POST | `/api/v1/repository/root` | rotate to the next root (`RootRequest`) |
 //! | GET | `/api/v1/repository/targets` | the current operator-signed targets |
 //! | POST | `/api/v1/repository/targets` | publish new signed targets (`PublishRequest`) |
 //! | GET | `/api/v1/models` | the registry |
@@ -39,6 +40,18 @@ pub struct PublishRequest {
     pub targets: Signed,
     /// Who publishes.
     pub published_by: String,
+}
+
+/// Body of `POST /api/v1/repository/root`: the next root, signed by a threshold of the
+/// current and of the new root keys.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RootRequest {
+    /// The next root.
+    pub root: Signed,
+    /// The current targets re-signed under it (required when the targets keys change).
+    pub targets: Option<Signed>,
+    /// Who rotates.
+    pub by: String,
 }
 
 /// Body of `POST /api/v1/deployments`.
@@ -80,7 +93,7 @@ pub fn router(fleet: Arc<Fleet>) -> Router {
             "/api/v1/artifacts/{sha256}",
             put(upload).layer(DefaultBodyLimit::max(MAX_ARTIFACT_BYTES as usize)),
         )
-        .route("/api/v1/repository/root", get(root))
+        .route("/api/v1/repository/root", get(root).post(rotate_root))
         .route("/api/v1/repository/targets", get(targets).post(publish))
         .route("/api/v1/models", get(models))
         .route("/api/v1/deployments", get(deployments).post(deploy))
@@ -173,7 +186,42 @@ async fn upload(
 }
 
 async fn root(State(fleet): State<Arc<Fleet>>) -> Json<Signed> {
-    Json(fleet.repo().root().clone())
+    Json(fleet.repo().root())
+}
+
+async fn rotate_root(State(fleet): State<Arc<Fleet>>, body: axum::body::Bytes) -> ApiResult {
+    let req: RootRequest = serde_json::from_slice(&body).map_err(bad)?;
+    if let Some(t) = &req.targets {
+        check_artifacts(fleet.db(), t)?;
+    }
+    let manifests = fleet
+        .repo()
+        .accept_root(&req.root, req.targets.as_ref(), unix_now())
+        .map_err(bad)?;
+    let version = fleet.repo().root().signed["version"].as_u64().unwrap_or(0);
+    fleet.db().flush().await.map_err(internal)?;
+    tracing::warn!(version, by = %req.by, "root rotated");
+    let republished = fleet.publish_all().await.map_err(internal)?;
+    Ok(Json(json!({ "root_version": version, "targets_kept": manifests.len(), "devices_updated": republished })).into_response())
+}
+
+/// Every target's artifact must be uploaded, in the chunk size its manifest says.
+fn check_artifacts(db: &crate::db::Db, signed: &Signed) -> Result<(), ApiError> {
+    let targets: modelcast_proto::metadata::Targets = signed.parse("targets").map_err(bad)?;
+    for (path, t) in &targets.targets {
+        let m = modelcast_proto::manifest::Manifest::from_target(path, t).map_err(bad)?;
+        let digest = parse_digest(&m.sha256).map_err(bad)?;
+        match db.artifact(&digest).map_err(internal)? {
+            Some(a) if a.size == m.size && a.chunk_size == m.chunk_size => {}
+            Some(_) => {
+                return Err(bad(format!(
+                    "{path}: stored artifact's layout differs from its manifest"
+                )))
+            }
+            None => return Err(bad(format!("{path}: artifact {} not uploaded", m.sha256))),
+        }
+    }
+    Ok(())
 }
 
 async fn targets(State(fleet): State<Arc<Fleet>>) -> ApiResult {
@@ -189,21 +237,8 @@ async fn targets(State(fleet): State<Arc<Fleet>>) -> ApiResult {
 async fn publish(State(fleet): State<Arc<Fleet>>, body: axum::body::Bytes) -> ApiResult {
     let req: PublishRequest = serde_json::from_slice(&body).map_err(bad)?;
     let db = fleet.db();
-    // Every target's artifact must be here, in the chunk size its manifest says.
+    check_artifacts(db, &req.targets)?;
     let targets: modelcast_proto::metadata::Targets = req.targets.parse("targets").map_err(bad)?;
-    for (path, t) in &targets.targets {
-        let m = modelcast_proto::manifest::Manifest::from_target(path, t).map_err(bad)?;
-        let digest = parse_digest(&m.sha256).map_err(bad)?;
-        match db.artifact(&digest).map_err(internal)? {
-            Some(a) if a.size == m.size && a.chunk_size == m.chunk_size => {}
-            Some(_) => {
-                return Err(bad(format!(
-                    "{path}: stored artifact's layout differs from its manifest"
-                )))
-            }
-            None => return Err(bad(format!("{path}: artifact {} not uploaded", m.sha256))),
-        }
-    }
     let now = unix_now();
     let manifests = fleet
         .repo()

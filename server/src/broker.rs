@@ -1,20 +1,35 @@
 //! The embedded MQTT broker (rumqttd), so one command runs a whole fleet. Any external
 //! broker (mosquitto, EMQX, …) can replace it.
+//!
+//! With a PKI it speaks TLS only and requires a client certificate signed by the fleet CA.
+//! It has no per-topic ACLs: any client with a valid certificate may use any topic (see
+//! `docs/security.md`; mosquitto with [`crate::acl`] isolates devices from each other).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
-use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
+use std::path::Path;
+
+use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings, TlsConfig};
 
 /// Largest MQTT payload the embedded broker accepts: a 4 MiB chunk plus framing.
 pub const MAX_PAYLOAD: usize = 4 * 1024 * 1024 + 64 * 1024;
 
-/// The broker's configuration for one plain-TCP MQTT 3.1.1 listener.
-pub fn config(listen: SocketAddr) -> Config {
+/// The broker's configuration for one MQTT 3.1.1 listener: plain TCP, or TLS with client
+/// certificates from the PKI in `pki` (`ca.pem`, `broker.pem`, `broker.key`).
+pub fn config(listen: SocketAddr, pki: Option<&Path>) -> Config {
+    let tls = pki.map(|dir| {
+        let file = |f: &str| dir.join(f).display().to_string();
+        TlsConfig::Rustls {
+            capath: Some(file("ca.pem")),
+            certpath: file("broker.pem"),
+            keypath: file("broker.key"),
+        }
+    });
     let server = ServerSettings {
         name: "modelcast-v4".into(),
         listen,
-        tls: None,
+        tls,
         next_connection_delay_ms: 1,
         connections: ConnectionSettings {
             connection_timeout_ms: 60_000,
@@ -41,10 +56,22 @@ pub fn config(listen: SocketAddr) -> Config {
 }
 
 /// Starts the broker on its own threads; it runs until the process exits.
-pub fn start(listen: SocketAddr) -> std::io::Result<()> {
-    // Fail early and clearly if the port is taken: rumqttd would only log it.
+pub fn start(listen: SocketAddr, pki: Option<&Path>) -> std::io::Result<()> {
+    // Fail early and clearly if the port is taken or a PKI file is missing: rumqttd would
+    // only log it.
     drop(std::net::TcpListener::bind(listen)?);
-    let mut broker = Broker::new(config(listen));
+    let config = config(listen, pki);
+    for server in config.v4.iter().flat_map(|v| v.values()) {
+        if let Some(tls) = &server.tls {
+            if !tls.validate_paths() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "the PKI directory lacks ca.pem, broker.pem or broker.key",
+                ));
+            }
+        }
+    }
+    let mut broker = Broker::new(config);
     std::thread::Builder::new()
         .name("mqtt-broker".into())
         .spawn(move || {

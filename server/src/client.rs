@@ -83,6 +83,27 @@ impl Client {
         }
     }
 
+    /// The newest trusted root.
+    pub fn root(&self) -> Result<Signed, ClientError> {
+        Self::read(
+            self.agent
+                .get(format!("{}/api/v1/repository/root", self.base))
+                .call(),
+        )
+    }
+
+    /// Rotates the repository to the next root.
+    pub fn rotate_root(
+        &self,
+        request: &crate::api::RootRequest,
+    ) -> Result<serde_json::Value, ClientError> {
+        Self::read(
+            self.agent
+                .post(format!("{}/api/v1/repository/root", self.base))
+                .send_json(request),
+        )
+    }
+
     /// Uploads an artifact.
     pub fn upload(
         &self,

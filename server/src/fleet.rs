@@ -8,7 +8,7 @@ use modelcast_proto::chunk::{parse_digest, ChunkReply, ChunkRequest};
 use modelcast_proto::manifest::Manifest;
 use modelcast_proto::report::DeviceReport;
 use modelcast_proto::topic::{DeviceTopic, Topics};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
 use tokio::sync::{mpsc, Mutex};
 use tracing::{debug, info, warn};
 
@@ -16,6 +16,19 @@ use crate::db::{Db, DbError, DeviceEntry, DirectorEntry};
 use crate::group::Selector;
 use crate::repo::{RepoError, Repository, ONLINE_LIFETIME_SECS};
 use crate::unix_now;
+
+/// Where and as whom the server connects to the broker.
+pub struct BrokerLink {
+    /// Broker host.
+    pub host: String,
+    /// Broker port.
+    pub port: u16,
+    /// MQTT client id; with mosquitto's `use_username_as_clientid` it must equal the
+    /// certificate's common name.
+    pub client_id: String,
+    /// TLS client configuration (with the server's certificate), for `mqtts://`.
+    pub tls: Option<rustls::ClientConfig>,
+}
 
 /// The fleet: store, repository and the MQTT client.
 pub struct Fleet {
@@ -27,13 +40,14 @@ pub struct Fleet {
 }
 
 impl Fleet {
-    /// Connects to the broker at `host:port` and starts handling fleet traffic.
-    pub fn start(db: Db, repo: Repository, topics: Topics, host: &str, port: u16) -> Arc<Fleet> {
-        let mut opts = MqttOptions::new(
-            format!("modelcast-server-{}", std::process::id()),
-            host,
-            port,
-        );
+    /// Connects to the broker through `link` and starts handling fleet traffic.
+    pub fn start(db: Db, repo: Repository, topics: Topics, link: BrokerLink) -> Arc<Fleet> {
+        let mut opts = MqttOptions::new(link.client_id, link.host, link.port);
+        if let Some(tls) = link.tls {
+            opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+                Arc::new(tls),
+            )));
+        }
         opts.set_keep_alive(Duration::from_secs(15))
             .set_clean_session(true)
             .set_max_packet_size(1024 * 1024, crate::broker::MAX_PAYLOAD)
@@ -143,6 +157,20 @@ impl Fleet {
         }
         let previous = self.db.device(device).map_err(|e| e.to_string())?;
         let labels_changed = previous.as_ref().is_none_or(|p| p.labels != report.labels);
+        let known_error = previous
+            .as_ref()
+            .and_then(|p| p.report.as_ref()?.last_error.as_ref());
+        if let Some(e) = &report.last_error {
+            if known_error != Some(e) {
+                warn!(
+                    %device,
+                    model = e.model.as_deref().unwrap_or("-"),
+                    version = e.version.unwrap_or(0),
+                    reason = %e.reason,
+                    "device rejected or rolled back an update"
+                );
+            }
+        }
         let entry = DeviceEntry {
             id: device.into(),
             labels: report.labels.clone(),
@@ -169,10 +197,30 @@ impl Fleet {
         self.db.put_device(&entry).map_err(|e| e.to_string())
     }
 
+    /// Whether `device` is deployed a model whose artifact is `artifact`: chunks go only to
+    /// devices entitled to them.
+    fn entitled(&self, device: &str, artifact: &str) -> Result<bool, DbError> {
+        let Some(entry) = self.db.device(device)? else {
+            return Ok(false);
+        };
+        Ok(self.wanted(&entry)?.iter().any(|m| m.sha256 == artifact))
+    }
+
     async fn serve_chunks(&self, req: ChunkRequest) {
         let Ok(digest) = parse_digest(&req.artifact) else {
             return;
         };
+        match self.entitled(&req.device, &req.artifact) {
+            Ok(true) => {}
+            Ok(false) => {
+                warn!(device = %req.device, artifact = %req.artifact, "chunk request for an artifact not deployed to that device refused");
+                return;
+            }
+            Err(e) => {
+                warn!(error = %e, "checking a chunk request");
+                return;
+            }
+        }
         let topic = self.topics.device(&req.device, DeviceTopic::Chunks);
         for index in req.chunks {
             let data = match self.db.chunk(&digest, index) {

@@ -1,6 +1,8 @@
 //! modelcast-server: the fleet server and the operators' tooling.
 //!
-//! - [`broker`]: the embedded MQTT broker (rumqttd).
+//! - [`broker`]: the embedded MQTT broker (rumqttd), plain or TLS with client certificates.
+//! - [`pki`], [`acl`]: the transport PKI (CA, broker and client certificates) and the
+//!   mosquitto configuration that confines each device to its own topics.
 //! - [`db`]: the server's sled store — artifacts, registry, repository, devices, deployments.
 //! - [`repo`]: the TUF repository (snapshot/timestamp signing) and the Uptane director.
 //! - [`fleet`]: MQTT traffic — reports in, chunks and desired states out.
@@ -9,6 +11,7 @@
 //! - [`keyset`], [`publish`], [`onnx`], [`client`]: the operators' side — keys, manifests,
 //!   example models and the API client the `modelcast` CLI uses.
 
+pub mod acl;
 pub mod api;
 pub mod broker;
 pub mod client;
@@ -17,6 +20,7 @@ pub mod fleet;
 pub mod group;
 pub mod keyset;
 pub mod onnx;
+pub mod pki;
 pub mod publish;
 pub mod repo;
 
@@ -47,6 +51,11 @@ pub struct ServerConfig {
     pub mqtt_listen: SocketAddr,
     /// Topic prefix.
     pub topic_prefix: String,
+    /// The transport PKI directory (`modelcast pki init`): with it the embedded broker speaks
+    /// TLS only and the server connects with its client certificate.
+    pub pki: Option<PathBuf>,
+    /// The server's MQTT identity in the PKI (certificate common name and client id).
+    pub mqtt_identity: String,
 }
 
 /// Why the server could not run.
@@ -66,6 +75,23 @@ pub enum ServerError {
     Io(String),
 }
 
+/// The server's TLS client configuration from the PKI directory.
+fn client_tls(dir: &std::path::Path, identity: &str) -> Result<rustls::ClientConfig, ServerError> {
+    let read = |p: PathBuf| {
+        std::fs::read(&p).map_err(|e| ServerError::Io(format!("{}: {e}", p.display())))
+    };
+    let id = pki::Identity::in_dir(dir, identity);
+    let (ca, cert, key) = (read(dir.join("ca.pem"))?, read(id.cert)?, read(id.key)?);
+    modelcast_proto::tls::client_config(
+        &ca,
+        Some(modelcast_proto::tls::ClientIdentity {
+            cert_pem: &cert,
+            key_pem: &key,
+        }),
+    )
+    .map_err(|e| ServerError::Io(e.to_string()))
+}
+
 /// Runs the server on `listener` until `shutdown` completes.
 pub async fn run(
     cfg: ServerConfig,
@@ -76,20 +102,40 @@ pub async fn run(
     let root = keyset::read_root(&cfg.keys_dir.join("root.json"))?;
     let online = keyset::read_key(&cfg.keys_dir.join("server.key"))?;
     let repo = repo::Repository::new(db.clone(), root, online)?;
-    let (host, port) = match &cfg.broker {
+    let broker = match &cfg.broker {
         Some(url) => {
-            modelcast_proto::parse_broker_url(url).map_err(|e| ServerError::Io(e.to_string()))?
+            modelcast_proto::BrokerUrl::parse(url).map_err(|e| ServerError::Io(e.to_string()))?
         }
         None => {
-            broker::start(cfg.mqtt_listen).map_err(|e| {
+            broker::start(cfg.mqtt_listen, cfg.pki.as_deref()).map_err(|e| {
                 ServerError::Io(format!("embedded broker on {}: {e}", cfg.mqtt_listen))
             })?;
-            tracing::info!(addr = %cfg.mqtt_listen, "embedded MQTT broker listening");
-            (cfg.mqtt_listen.ip().to_string(), cfg.mqtt_listen.port())
+            tracing::info!(addr = %cfg.mqtt_listen, tls = cfg.pki.is_some(), "embedded MQTT broker listening");
+            modelcast_proto::BrokerUrl {
+                host: cfg.mqtt_listen.ip().to_string(),
+                port: cfg.mqtt_listen.port(),
+                tls: cfg.pki.is_some(),
+            }
         }
     };
+    let tls = match (&cfg.pki, broker.tls) {
+        (Some(dir), true) => Some(client_tls(dir, &cfg.mqtt_identity)?),
+        (None, true) => {
+            return Err(ServerError::Io(
+                "an mqtts:// broker needs --pki (the CA and the server's client certificate)"
+                    .into(),
+            ))
+        }
+        (_, false) => None,
+    };
     let topics = modelcast_proto::topic::Topics::new(&cfg.topic_prefix);
-    let fleet = fleet::Fleet::start(db.clone(), repo, topics, &host, port);
+    let link = fleet::BrokerLink {
+        host: broker.host,
+        port: broker.port,
+        client_id: cfg.mqtt_identity.clone(),
+        tls,
+    };
+    let fleet = fleet::Fleet::start(db.clone(), repo, topics, link);
     let app = api::router(fleet);
     tracing::info!(addr = ?listener.local_addr().ok(), "operator API listening");
     axum::serve(listener, app)

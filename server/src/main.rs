@@ -20,7 +20,8 @@ struct Args {
     /// Operator API address.
     #[arg(long, env = "MODELCAST_LISTEN", default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
-    /// Use an external broker (`mqtt://host:port`) instead of the embedded one.
+    /// Use an external broker (`mqtt://host:port`, or `mqtts://host:port` with `--pki`)
+    /// instead of the embedded one.
     #[arg(long, env = "MODELCAST_BROKER")]
     broker: Option<String>,
     /// Where the embedded broker listens.
@@ -29,6 +30,13 @@ struct Args {
     /// Topic prefix.
     #[arg(long, env = "MODELCAST_TOPIC_PREFIX", default_value = "modelcast")]
     topic_prefix: String,
+    /// Transport PKI directory (`modelcast pki init`): the embedded broker then speaks TLS
+    /// only, with client certificates; required for an `mqtts://` external broker.
+    #[arg(long, env = "MODELCAST_PKI")]
+    pki: Option<PathBuf>,
+    /// The server's MQTT identity: its client certificate's common name in the PKI.
+    #[arg(long, env = "MODELCAST_MQTT_IDENTITY", default_value = modelcast_server::pki::SERVER_IDENTITY)]
+    mqtt_identity: String,
 }
 
 #[tokio::main]
@@ -51,6 +59,8 @@ async fn main() -> anyhow::Result<()> {
         broker: args.broker,
         mqtt_listen: args.mqtt_listen,
         topic_prefix: args.topic_prefix,
+        pki: args.pki,
+        mqtt_identity: args.mqtt_identity,
     };
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

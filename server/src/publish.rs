@@ -241,11 +241,11 @@ pub fn prepare(onnx: &[u8], opts: &PublishOptions, now: i64) -> Result<Prepared,
     Ok(Prepared { artifact, manifest })
 }
 
-/// The next targets: `current` (if any) plus `manifest`, version + 1, signed with `key`.
+/// The next targets: `current` (if any) plus `manifest`, version + 1, signed with `keys`.
 pub fn sign_next_targets(
     current: Option<&Signed>,
     manifest: &Manifest,
-    key: &SigningKey,
+    keys: &[&SigningKey],
     now: i64,
 ) -> Result<Signed, PublishError> {
     let mut targets = match current {
@@ -278,16 +278,17 @@ pub fn sign_next_targets(
     targets.targets.insert(path, manifest.to_target());
     targets.version += 1;
     targets.expires = format_expiry(now + MANIFEST_LIFETIME_SECS);
-    Ok(Signed::sign(&targets, &[key]))
+    Ok(Signed::sign(&targets, keys))
 }
 
 /// Publishes an ONNX file: prepares its artifact and manifest, uploads the artifact, signs the
-/// next targets with the operators' `targets_key` and hands them to the server.
+/// next targets with the operators' `targets_keys` (a threshold of them) and hands them to
+/// the server.
 pub fn publish_file(
     client: &crate::client::Client,
     path: &std::path::Path,
     opts: &PublishOptions,
-    targets_key: &SigningKey,
+    targets_keys: &[SigningKey],
     by: &str,
     now: i64,
 ) -> Result<Manifest, PublishError> {
@@ -300,7 +301,8 @@ pub fn publish_file(
         .upload(&manifest.sha256, manifest.chunk_size, &artifact)
         .map_err(api)?;
     let current = client.targets().map_err(api)?;
-    let targets = sign_next_targets(current.as_ref(), &manifest, targets_key, now)?;
+    let keys: Vec<&SigningKey> = targets_keys.iter().collect();
+    let targets = sign_next_targets(current.as_ref(), &manifest, &keys, now)?;
     client
         .publish(&crate::api::PublishRequest {
             targets,
@@ -351,10 +353,10 @@ mod tests {
         assert_eq!(m.golden.len(), 1);
         assert_eq!(m.golden[0].outputs[0].values().unwrap().len(), 3);
         let key = SigningKey::from_bytes(&[1; 32]);
-        let t1 = sign_next_targets(None, &m, &key, 0).unwrap();
-        assert!(sign_next_targets(Some(&t1), &m, &key, 0).is_err());
+        let t1 = sign_next_targets(None, &m, &[&key], 0).unwrap();
+        assert!(sign_next_targets(Some(&t1), &m, &[&key], 0).is_err());
         let mut older = m.clone();
         older.version = 2;
-        assert!(sign_next_targets(Some(&t1), &older, &key, 0).is_err());
+        assert!(sign_next_targets(Some(&t1), &older, &[&key], 0).is_err());
     }
 }

@@ -1,10 +1,16 @@
 //! The server side of the TUF repository and the Uptane director.
 //!
-//! Operators sign `targets` offline and upload it; the server checks it against the pinned
+//! Operators sign `targets` offline and upload it; the server checks it against the trusted
 //! root, then signs fresh `snapshot` and `timestamp` documents with its online key. For each
 //! device the director signs a `targets` document naming the models that device should run.
+//!
+//! Operators rotate keys by uploading the next root (signed by a threshold of the old and of
+//! the new root keys), with the targets re-signed under it. The server keeps every root
+//! after the provisioned one and sends that chain with each desired state, so a device
+//! provisioned with any earlier root walks the rotations one version at a time.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
 
 use modelcast_proto::desired::{DesiredState, RepositoryMetadata};
 use modelcast_proto::keys::SigningKey;
@@ -37,8 +43,31 @@ pub enum RepoError {
 #[derive(Clone)]
 pub struct Repository {
     db: Db,
-    root: Signed,
+    /// The root devices were provisioned with (`root.json` beside the keys).
+    provisioned: Signed,
+    /// The newest trusted root (the provisioned one until operators rotate).
+    root: Arc<RwLock<Signed>>,
     online: SigningKey,
+}
+
+fn root_doc(root: &Signed) -> Result<Root, RepoError> {
+    root.parse("root")
+        .map_err(|e| RepoError::Rejected(e.to_string()))
+}
+
+fn check_online_key(doc: &Root, online: &SigningKey) -> Result<(), RepoError> {
+    for role in ["snapshot", "timestamp"] {
+        let ok = doc
+            .roles
+            .get(role)
+            .is_some_and(|r| r.keyids.contains(&online.public().key_id()));
+        if !ok {
+            return Err(RepoError::Rejected(format!(
+                "root does not delegate {role} to the server key"
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn meta(file: &str, version: u64) -> BTreeMap<String, MetaFile> {
@@ -56,33 +85,116 @@ impl Repository {
     /// A repository anchored at `root`, signing with `online`. Checks that the root
     /// delegates snapshot and timestamp to that key.
     pub fn new(db: Db, root: Signed, online: SigningKey) -> Result<Self, RepoError> {
-        let doc: Root = root
-            .parse("root")
-            .map_err(|e| RepoError::Rejected(e.to_string()))?;
-        for role in ["snapshot", "timestamp"] {
-            let ok = doc
-                .roles
-                .get(role)
-                .is_some_and(|r| r.keyids.contains(&online.public().key_id()));
-            if !ok {
-                return Err(RepoError::Rejected(format!(
-                    "root does not delegate {role} to the server key"
-                )));
-            }
-        }
-        Ok(Repository { db, root, online })
+        let provisioned_version = root_doc(&root)?.version;
+        // A root rotated since provisioning is in the store.
+        let current = match db.repo_doc("root")? {
+            Some(stored) if root_doc(&stored)?.version > provisioned_version => stored,
+            _ => root.clone(),
+        };
+        check_online_key(&root_doc(&current)?, &online)?;
+        Ok(Repository {
+            db,
+            provisioned: root,
+            root: Arc::new(RwLock::new(current)),
+            online,
+        })
     }
 
-    /// The root this repository is anchored at.
-    pub fn root(&self) -> &Signed {
-        &self.root
+    /// The newest trusted root.
+    pub fn root(&self) -> Signed {
+        self.root.read().expect("root lock").clone()
+    }
+
+    /// The roots after the provisioned one, oldest first: what a device needs to rotate.
+    pub fn root_chain(&self) -> Result<Vec<Signed>, RepoError> {
+        let from = root_doc(&self.provisioned)?.version + 1;
+        let to = root_doc(&self.root())?.version;
+        (from..=to)
+            .map(|v| {
+                self.db
+                    .repo_doc(&format!("root.{v}"))?
+                    .ok_or_else(|| RepoError::Rejected(format!("root version {v} missing")))
+            })
+            .collect()
+    }
+
+    /// Makes `next` the trusted root: TUF §5.3's rules (exactly one version newer, signed by
+    /// a threshold of the current root's root keys and of its own), still delegating
+    /// snapshot and timestamp to this server, not expired. `targets`, when given, are the
+    /// operators' targets re-signed under the new root (needed when the targets keys
+    /// change); they become current in the same step.
+    pub fn accept_root(
+        &self,
+        next: &Signed,
+        targets: Option<&Signed>,
+        now: i64,
+    ) -> Result<Vec<Manifest>, RepoError> {
+        let reject = |e: String| RepoError::Rejected(e);
+        let current = self.root();
+        let current_version = root_doc(&current)?.version;
+        let rotated = modelcast_proto::verify::update_root(&current, std::slice::from_ref(next))
+            .map_err(|e| reject(format!("root: {e}")))?;
+        let doc = root_doc(&rotated)?;
+        if doc.version != current_version + 1 {
+            return Err(reject(format!(
+                "root version {} is not the next after {current_version}",
+                doc.version
+            )));
+        }
+        if parse_expiry(&doc.expires).map_err(|e| reject(e.to_string()))? <= now {
+            return Err(reject(format!("root expired at {}", doc.expires)));
+        }
+        check_online_key(&doc, &self.online)?;
+        let targets = match targets {
+            Some(t) => Some((t, self.check_targets(&doc, t, now)?)),
+            None => {
+                // The current targets must still verify under the new root.
+                if let Some(t) = self.targets()? {
+                    let verifier = doc.role("targets").map_err(|e| reject(e.to_string()))?;
+                    t.verify::<Targets>(&verifier, "targets").map_err(|e| {
+                        reject(format!(
+                            "the current targets do not verify under root {}: {e}; re-sign them",
+                            doc.version
+                        ))
+                    })?;
+                }
+                None
+            }
+        };
+        self.db
+            .put_repo_doc(&format!("root.{}", doc.version), &rotated)?;
+        self.db.put_repo_doc("root", &rotated)?;
+        *self.root.write().expect("root lock") = rotated;
+        let manifests = match targets {
+            Some((envelope, manifests)) => {
+                self.db.put_repo_doc("targets", envelope)?;
+                manifests
+            }
+            None => Vec::new(),
+        };
+        if self.db.repo_doc("targets")?.is_some() {
+            self.refresh(now)?;
+        }
+        Ok(manifests)
     }
 
     /// Checks operator-signed targets and makes them current: signature by root's targets
     /// role, a higher version than the current one, not expired, every manifest consistent.
     pub fn accept_targets(&self, envelope: &Signed, now: i64) -> Result<Vec<Manifest>, RepoError> {
+        let root = root_doc(&self.root())?;
+        let manifests = self.check_targets(&root, envelope, now)?;
+        self.db.put_repo_doc("targets", envelope)?;
+        self.refresh(now)?;
+        Ok(manifests)
+    }
+
+    fn check_targets(
+        &self,
+        root: &Root,
+        envelope: &Signed,
+        now: i64,
+    ) -> Result<Vec<Manifest>, RepoError> {
         let reject = |e: String| RepoError::Rejected(e);
-        let root: Root = self.root.parse("root").map_err(|e| reject(e.to_string()))?;
         let verifier = root.role("targets").map_err(|e| reject(e.to_string()))?;
         let targets: Targets = envelope
             .verify(&verifier, "targets")
@@ -106,8 +218,6 @@ impl Repository {
             .iter()
             .map(|(path, t)| Manifest::from_target(path, t).map_err(|e| reject(e.to_string())))
             .collect::<Result<Vec<_>, _>>()?;
-        self.db.put_repo_doc("targets", envelope)?;
-        self.refresh(now)?;
         Ok(manifests)
     }
 
@@ -169,7 +279,7 @@ impl Repository {
     pub fn metadata(&self) -> Result<RepositoryMetadata, RepoError> {
         let get = |role: &str| self.db.repo_doc(role)?.ok_or(RepoError::Empty);
         Ok(RepositoryMetadata {
-            root: vec![],
+            root: self.root_chain()?,
             timestamp: get("timestamp")?,
             snapshot: get("snapshot")?,
             targets: get("targets")?,

@@ -140,6 +140,15 @@ impl Drop for Proc {
 pub struct Mosquitto {
     proc: Proc,
     port: u16,
+    pki: Option<PathBuf>,
+    log: PathBuf,
+}
+
+fn mosquitto_exe() -> &'static str {
+    ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("mosquitto is installed (tests/run.sh installs it)")
 }
 
 impl Mosquitto {
@@ -152,18 +161,70 @@ impl Mosquitto {
             format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
         )
         .expect("mosquitto config");
-        let exe = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())
-            .expect("mosquitto is installed (tests/run.sh installs it)");
+        Self::spawn(dir, port, &conf, None)
+    }
+
+    /// Starts mosquitto with TLS, client certificates and the project's ACL
+    /// (`modelcast pki mosquitto`), with a new PKI in `dir/pki`. Server identities:
+    /// `modelcast-server` and `modelcast-server-2` (a replica; the attack tests' compromised
+    /// server).
+    pub fn start_tls(dir: &Path) -> Mosquitto {
+        use modelcast_server::{acl, pki};
+        let port = free_port();
+        let pki_dir = dir.join("pki");
+        pki::init(&pki_dir, &["127.0.0.1".into()]).expect("pki init");
+        // Started as root, mosquitto drops to its own user before reading the key: a test PKI
+        // can let everyone read it (in production: chown the key to the broker's user).
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            pki_dir.join("broker.key"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .expect("chmod broker.key");
+        let servers = [
+            pki::SERVER_IDENTITY.to_string(),
+            "modelcast-server-2".into(),
+        ];
+        pki::issue(&pki_dir, &servers[1]).expect("replica identity");
+        let acl_file = dir.join(format!("mosquitto-{port}.acl"));
+        std::fs::write(&acl_file, acl::acl("modelcast", &servers)).expect("acl");
+        let mut text = acl::mosquitto_conf(&acl::MosquittoSetup {
+            listen_host: "127.0.0.1",
+            port,
+            pki_dir: &pki_dir,
+            acl_file: &acl_file,
+        });
+        text.push_str("persistence false\nlog_type all\n");
+        let conf = dir.join(format!("mosquitto-{port}.conf"));
+        std::fs::write(&conf, text).expect("mosquitto config");
+        Self::spawn(dir, port, &conf, Some(pki_dir))
+    }
+
+    fn spawn(dir: &Path, port: u16, conf: &Path, pki: Option<PathBuf>) -> Mosquitto {
+        let log = dir.join(format!("mosquitto-{port}.log"));
         let proc = Proc::spawn(
-            Command::new(exe).arg("-c").arg(&conf),
-            dir.join(format!("mosquitto-{port}.log")),
+            Command::new(mosquitto_exe()).arg("-c").arg(conf),
+            log.clone(),
         );
         wait_for("mosquitto to listen", Duration::from_secs(10), || {
             std::net::TcpStream::connect(("127.0.0.1", port)).ok()
         });
-        Mosquitto { proc, port }
+        Mosquitto {
+            proc,
+            port,
+            pki,
+            log,
+        }
+    }
+
+    /// The PKI directory of a TLS broker.
+    pub fn pki(&self) -> Option<&Path> {
+        self.pki.as_deref()
+    }
+
+    /// Everything the broker logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// Its port.
@@ -187,25 +248,37 @@ pub struct Fleet {
     pub client: Client,
     /// The broker's port (embedded or external).
     pub mqtt_port: u16,
+    /// The transport PKI when the broker speaks TLS (agents get certificates from it).
+    pub pki: Option<PathBuf>,
     server: Proc,
 }
 
 impl Fleet {
     /// Keys and a server with its embedded broker.
     pub fn embedded() -> Fleet {
-        Self::start(None)
+        Self::start_in(tempfile::tempdir().expect("tempdir"), None, None)
+    }
+
+    /// Keys, a transport PKI and a server whose embedded broker speaks TLS only.
+    pub fn embedded_tls() -> Fleet {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pki = dir.path().join("pki");
+        modelcast_server::pki::init(&pki, &["127.0.0.1".into()]).expect("pki init");
+        Self::start_in(dir, None, Some(pki))
     }
 
     /// Keys and a server using the broker on `port`.
     pub fn with_broker(dir: tempfile::TempDir, port: u16) -> Fleet {
-        Self::start_in(dir, Some(port))
+        Self::start_in(dir, Some(port), None)
     }
 
-    fn start(broker: Option<u16>) -> Fleet {
-        Self::start_in(tempfile::tempdir().expect("tempdir"), broker)
+    /// Keys and a server using a TLS mosquitto ([`Mosquitto::start_tls`]) started in `dir`.
+    pub fn with_tls_broker(dir: tempfile::TempDir, broker: &Mosquitto) -> Fleet {
+        let pki = broker.pki().expect("a TLS broker").to_path_buf();
+        Self::start_in(dir, Some(broker.port()), Some(pki))
     }
 
-    fn start_in(dir: tempfile::TempDir, broker: Option<u16>) -> Fleet {
+    fn start_in(dir: tempfile::TempDir, broker: Option<u16>, pki: Option<PathBuf>) -> Fleet {
         let keys = dir.path().join("keys");
         keyset::keygen(&keys, modelcast_server::unix_now()).expect("keygen");
         let api_port = free_port();
@@ -217,12 +290,16 @@ impl Fleet {
             .arg(&keys)
             .arg("--listen")
             .arg(format!("127.0.0.1:{api_port}"));
+        let scheme = if pki.is_some() { "mqtts" } else { "mqtt" };
         match broker {
-            Some(p) => cmd.arg("--broker").arg(format!("mqtt://127.0.0.1:{p}")),
+            Some(p) => cmd.arg("--broker").arg(format!("{scheme}://127.0.0.1:{p}")),
             None => cmd
                 .arg("--mqtt-listen")
                 .arg(format!("127.0.0.1:{mqtt_port}")),
         };
+        if let Some(pki) = &pki {
+            cmd.arg("--pki").arg(pki);
+        }
         let server = Proc::spawn(&mut cmd, dir.path().join("server.log"));
         let client = Client::new(&format!("http://127.0.0.1:{api_port}"));
         wait_for("the server API", Duration::from_secs(20), || {
@@ -233,6 +310,7 @@ impl Fleet {
             keys,
             client,
             mqtt_port,
+            pki,
             server,
         }
     }
@@ -246,12 +324,12 @@ impl Fleet {
 
     /// Publishes an ONNX file as `name` at `version`.
     pub fn publish_file(&self, path: &Path, name: &str, version: u64) -> Manifest {
-        let key = keyset::read_key(&self.keys.join("targets.key")).expect("targets key");
+        let keys = keyset::read_role_keys(&self.keys, "targets").expect("targets keys");
         publish_file(
             &self.client,
             path,
             &PublishOptions::new(name, version),
-            &key,
+            &keys,
             "e2e",
             modelcast_server::unix_now(),
         )
@@ -319,6 +397,13 @@ impl Fleet {
     pub fn server_log(&self) -> String {
         self.server.log_tail(60)
     }
+
+    /// Whether the server's whole log contains `needle`.
+    pub fn server_logged(&self, needle: &str) -> bool {
+        std::fs::read_to_string(&self.server.log)
+            .unwrap_or_default()
+            .contains(needle)
+    }
 }
 
 /// One device.
@@ -344,10 +429,23 @@ impl Agent {
         let director =
             std::fs::read_to_string(fleet.keys.join("director.pub")).expect("director.pub");
         let config = dir.join(format!("{id}.toml"));
+        let (scheme, tls) = match &fleet.pki {
+            Some(pki) => {
+                let cert = modelcast_server::pki::issue(pki, id).expect("device certificate");
+                let tls = format!(
+                    "[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+                    pki.join("ca.pem").display(),
+                    cert.cert.display(),
+                    cert.key.display()
+                );
+                ("mqtts", tls)
+            }
+            None => ("mqtt", String::new()),
+        };
         std::fs::write(
             &config,
             format!(
-                "device_id = \"{id}\"\nlabels = {{ {} }}\nstate_dir = \"{}\"\nbroker = \"mqtt://127.0.0.1:{}\"\nhttp_listen = \"127.0.0.1:{http_port}\"\n[trust]\nroot = \"{}\"\ndirector_keys = [\"{}\"]\n[transfer]\nchunk_timeout_secs = 2\n{extra}",
+                "device_id = \"{id}\"\nlabels = {{ {} }}\nstate_dir = \"{}\"\nbroker = \"{scheme}://127.0.0.1:{}\"\nhttp_listen = \"127.0.0.1:{http_port}\"\n[trust]\nroot = \"{}\"\ndirector_keys = [\"{}\"]\n[transfer]\nchunk_timeout_secs = 2\nstall_timeout_secs = 5\n{tls}{extra}",
                 labels.join(", "),
                 dir.join(id).display(),
                 fleet.mqtt_port,
@@ -487,9 +585,13 @@ pub fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// An attacker with a connection to the broker.
+/// An attacker with a connection to the broker: a rogue client, a device gone bad, or a
+/// compromised server replica, depending on the identity it connects with.
 pub struct Rogue {
     client: rumqttc::Client,
+    acks: std::sync::mpsc::Receiver<Vec<rumqttc::SubscribeReasonCode>>,
+    seen: std::sync::mpsc::Receiver<(String, Vec<u8>)>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     _thread: std::thread::JoinHandle<()>,
 }
 
@@ -500,38 +602,99 @@ pub enum ChunkAttack {
     Tamper,
     /// Serve the artifact one byte short (the last chunk truncated).
     Truncate,
+    /// Endless data: every chunk with 64 KiB more than the manifest declares.
+    Pad,
+    /// Slow retrieval: take the requests and never answer.
+    Stall,
 }
 
+/// A chunk the rogue serves for `artifact`: its bytes, chunk size and what to do to them.
+pub type RogueArtifact = (Vec<u8>, u32, ChunkAttack);
+
 impl Rogue {
-    /// Connects to the broker on `port`; answers chunk requests for `artifact` (the true
-    /// bytes) with the `attack` applied.
-    pub fn connect(port: u16, artifact: Option<(Vec<u8>, u32, ChunkAttack)>) -> Rogue {
+    /// Connects to the plain broker on `port`; answers chunk requests for `artifact` (the
+    /// true bytes) with the attack applied.
+    pub fn connect(port: u16, artifact: Option<RogueArtifact>) -> Rogue {
+        let opts = rumqttc::MqttOptions::new(format!("rogue-{}", free_port()), "127.0.0.1", port);
+        Self::start(opts, artifact)
+    }
+
+    /// Connects over TLS with the client certificate `identity` from `pki` (issued now if
+    /// it does not exist yet: a device the fleet CA vouches for).
+    pub fn connect_tls(
+        port: u16,
+        pki: &Path,
+        identity: &str,
+        artifact: Option<RogueArtifact>,
+    ) -> Rogue {
+        let id = modelcast_server::pki::Identity::in_dir(pki, identity);
+        if !id.cert.exists() {
+            modelcast_server::pki::issue(pki, identity).expect("issuing a certificate");
+        }
+        let read = |p: &Path| std::fs::read(p).expect("PKI file");
+        let (ca, cert, key) = (read(&pki.join("ca.pem")), read(&id.cert), read(&id.key));
+        let tls = modelcast_proto::tls::client_config(
+            &ca,
+            Some(modelcast_proto::tls::ClientIdentity {
+                cert_pem: &cert,
+                key_pem: &key,
+            }),
+        )
+        .expect("TLS config");
+        let mut opts = rumqttc::MqttOptions::new(identity, "127.0.0.1", port);
+        opts.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(std::sync::Arc::new(tls)),
+        ));
+        Self::start(opts, artifact)
+    }
+
+    fn start(mut opts: rumqttc::MqttOptions, artifact: Option<RogueArtifact>) -> Rogue {
         use modelcast_proto::chunk::{ChunkReply, ChunkRequest};
         use modelcast_proto::topic::{DeviceTopic, Topics};
-        use rumqttc::{Event, MqttOptions, Packet, QoS};
-        let mut opts = MqttOptions::new(format!("rogue-{}", free_port()), "127.0.0.1", port);
+        use rumqttc::{Event, Packet, QoS};
         opts.set_max_packet_size(8 << 20, 8 << 20);
         let (client, mut connection) = rumqttc::Client::new(opts, 64);
         let topics = Topics::new("modelcast");
-        client
-            .subscribe(topics.chunk_requests(), QoS::AtLeastOnce)
-            .expect("subscribe");
+        if artifact.is_some() {
+            client
+                .subscribe(topics.chunk_requests(), QoS::AtLeastOnce)
+                .expect("subscribe");
+        }
+        let (ack_tx, acks) = std::sync::mpsc::channel();
+        let (seen_tx, seen) = std::sync::mpsc::channel();
         let replier = client.clone();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
         let thread = std::thread::spawn(move || {
             for event in connection.iter() {
-                let Ok(Event::Incoming(Packet::Publish(p))) = event else {
-                    if event.is_err() {
-                        std::thread::sleep(Duration::from_millis(100));
+                // A dropped rogue must not reconnect (and kick its successor off the broker).
+                if stopped.load(std::sync::atomic::Ordering::SeqCst) {
+                    return;
+                }
+                let p = match event {
+                    Ok(Event::Incoming(Packet::Publish(p))) => p,
+                    Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                        let _ = ack_tx.send(ack.return_codes);
+                        continue;
                     }
-                    continue;
+                    Ok(_) => continue,
+                    Err(_) => {
+                        std::thread::sleep(Duration::from_millis(100));
+                        continue;
+                    }
                 };
+                if p.topic != topics.chunk_requests() {
+                    let _ = seen_tx.send((p.topic.clone(), p.payload.to_vec()));
+                    continue;
+                }
                 let (Some((bytes, chunk_size, attack)), Ok(req)) =
                     (&artifact, ChunkRequest::from_slice(&p.payload))
                 else {
                     continue;
                 };
-                let digest: [u8; 32] =
-                    modelcast_proto::chunk::parse_digest(&req.artifact).expect("digest");
+                let Ok(digest) = modelcast_proto::chunk::parse_digest(&req.artifact) else {
+                    continue;
+                };
                 for index in req.chunks {
                     let start = index as usize * *chunk_size as usize;
                     if start >= bytes.len() {
@@ -545,6 +708,8 @@ impl Rogue {
                             data.pop();
                         }
                         ChunkAttack::Truncate => {}
+                        ChunkAttack::Pad => data.extend(std::iter::repeat_n(0u8, 64 * 1024)),
+                        ChunkAttack::Stall => continue,
                     }
                     let frame = ChunkReply {
                         artifact: digest,
@@ -559,22 +724,55 @@ impl Rogue {
         });
         Rogue {
             client,
+            acks,
+            seen,
+            stop,
             _thread: thread,
         }
     }
 
     /// Publishes a retained desired state for `device`.
     pub fn publish_desired(&self, device: &str, desired: &modelcast_proto::desired::DesiredState) {
-        let topic = modelcast_proto::topic::Topics::new("modelcast")
-            .device(device, modelcast_proto::topic::DeviceTopic::Desired);
-        self.client
-            .publish(topic, rumqttc::QoS::AtLeastOnce, true, desired.to_vec())
-            .expect("publish desired");
+        self.publish_raw(&desired_topic(device), true, desired.to_vec());
     }
+
+    /// Publishes any bytes on any topic (QoS 1).
+    pub fn publish_raw(&self, topic: &str, retained: bool, payload: Vec<u8>) {
+        self.client
+            .publish(topic, rumqttc::QoS::AtLeastOnce, retained, payload)
+            .expect("publish");
+    }
+
+    /// Subscribes to `filter` and returns whether the broker granted it (bounded wait).
+    pub fn subscribe(&self, filter: &str) -> bool {
+        self.client
+            .subscribe(filter, rumqttc::QoS::AtLeastOnce)
+            .expect("subscribe");
+        let codes = self
+            .acks
+            .recv_timeout(Duration::from_secs(10))
+            .expect("a SUBACK within 10 s");
+        codes
+            .iter()
+            .all(|c| !matches!(c, rumqttc::SubscribeReasonCode::Failure))
+    }
+
+    /// Every message delivered to this rogue since the last call (chunk requests aside):
+    /// topic and payload.
+    pub fn seen(&self) -> Vec<(String, Vec<u8>)> {
+        self.seen.try_iter().collect()
+    }
+}
+
+/// The retained desired-state topic of `device` under the default prefix.
+pub fn desired_topic(device: &str) -> String {
+    modelcast_proto::topic::Topics::new("modelcast")
+        .device(device, modelcast_proto::topic::DeviceTopic::Desired)
 }
 
 impl Drop for Rogue {
     fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
         let _ = self.client.disconnect();
     }
 }
@@ -588,5 +786,86 @@ pub fn stolen_keys(keys: &Path) -> modelcast_proto::verify::fixture::Keys {
         snapshot: read("server.key"),
         timestamp: read("server.key"),
         director: read("server.key"),
+    }
+}
+
+/// A compromised fleet server: it holds the server's online key (snapshot, timestamp,
+/// director) but not the operators' offline keys, so it can only re-sign what the operators
+/// already signed, with whatever versions, expiries and devices it likes.
+pub struct Forger {
+    online: modelcast_proto::keys::SigningKey,
+    /// The operators' signed targets, as the server holds them.
+    pub targets: modelcast_proto::metadata::Signed,
+}
+
+impl Forger {
+    /// Steals the online key from `keys` and the current targets from the server.
+    pub fn steal(fleet: &Fleet) -> Forger {
+        Forger {
+            online: keyset::read_key(&fleet.keys.join("server.key")).expect("server key"),
+            targets: fleet
+                .client
+                .targets()
+                .expect("targets from the API")
+                .expect("published targets"),
+        }
+    }
+
+    /// The same forger presenting `targets` (e.g. signed with a stolen or revoked key) as
+    /// the operators'.
+    pub fn with_targets(self, targets: modelcast_proto::metadata::Signed) -> Forger {
+        Forger { targets, ..self }
+    }
+
+    /// A desired state for `device` naming `models`, with metadata version `version` and
+    /// snapshot/timestamp/director expiring at `expires`.
+    pub fn desired(
+        &self,
+        device: &str,
+        models: &[Manifest],
+        version: u64,
+        expires: &str,
+    ) -> modelcast_proto::desired::DesiredState {
+        use modelcast_proto::metadata::{MetaFile, MetaIndex, Signed, Targets};
+        let targets: Targets = self.targets.parse("targets").expect("targets");
+        let meta = |file: &str, v: u64| {
+            BTreeMap::from([(
+                file.to_string(),
+                MetaFile {
+                    version: v,
+                    length: None,
+                    hashes: None,
+                },
+            )])
+        };
+        let snapshot = MetaIndex::new(
+            "snapshot",
+            version,
+            expires,
+            meta("targets.json", targets.version),
+        );
+        let timestamp = MetaIndex::new(
+            "timestamp",
+            version,
+            expires,
+            meta("snapshot.json", version),
+        );
+        let mut director = Targets::new(version, expires);
+        for m in models {
+            let mut t = m.to_target();
+            t.custom = Some(serde_json::json!({ "device": device }));
+            director.targets.insert(m.target_path(), t);
+        }
+        modelcast_proto::desired::DesiredState {
+            format: modelcast_proto::FORMAT_VERSION,
+            device: device.into(),
+            director: Signed::sign(&director, &[&self.online]),
+            repository: modelcast_proto::desired::RepositoryMetadata {
+                root: vec![],
+                timestamp: Signed::sign(&timestamp, &[&self.online]),
+                snapshot: Signed::sign(&snapshot, &[&self.online]),
+                targets: self.targets.clone(),
+            },
+        }
     }
 }

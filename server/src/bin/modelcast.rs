@@ -38,7 +38,31 @@ enum Command {
         /// Output directory.
         #[arg(long, default_value = "./keys")]
         out: PathBuf,
+        /// Number of root keys (`root-N.key` when more than one).
+        #[arg(long, default_value_t = 1)]
+        root_keys: usize,
+        /// Root signatures required.
+        #[arg(long, default_value_t = 1)]
+        root_threshold: u32,
+        /// Number of targets (publishing) keys.
+        #[arg(long, default_value_t = 1)]
+        targets_keys: usize,
+        /// Targets signatures required.
+        #[arg(long, default_value_t = 1)]
+        targets_threshold: u32,
     },
+    /// Operators' root metadata: inspect, rotate keys, sign with a threshold, push.
+    #[command(subcommand)]
+    Root(RootCommand),
+    /// Generate one ed25519 key file (for adding to root); prints its public key.
+    Key {
+        /// Output file (hex secret, mode 0600).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// The transport PKI: CA, broker and client certificates, mosquitto configuration.
+    #[command(subcommand)]
+    Pki(PkiCommand),
     /// Write a small real ONNX classifier (x: [1,4] → y: [1,3]); weights depend on the version.
     ExampleModel {
         /// Version (changes the weights).
@@ -69,9 +93,12 @@ enum Command {
         /// Version (greater than every published one).
         #[arg(long)]
         version: u64,
-        /// Directory with `targets.key`.
+        /// Directory with `targets.key` (or `targets-N.key`: all of them sign).
         #[arg(long, env = "MODELCAST_KEYS", default_value = "./keys")]
         keys: PathBuf,
+        /// Sign with these targets key files instead (repeatable; a threshold of them).
+        #[arg(long = "targets-key")]
+        targets_keys: Vec<PathBuf>,
         /// Who publishes (recorded in the registry).
         #[arg(long, env = "USER", default_value = "operator")]
         by: String,
@@ -126,6 +153,243 @@ enum Command {
     },
 }
 
+#[derive(Subcommand, Debug)]
+enum RootCommand {
+    /// Print a root's version, expiry, roles, keys and thresholds.
+    Show {
+        /// The root file (default: the server's current root).
+        root: Option<PathBuf>,
+    },
+    /// Write the next root version with keys added, revoked or thresholds changed
+    /// (unsigned: sign it with `root sign` by a threshold of old and new root keys).
+    Rotate {
+        /// The current root (default: the server's).
+        #[arg(long)]
+        from: Option<PathBuf>,
+        /// Output file.
+        #[arg(long)]
+        out: PathBuf,
+        /// Add a key: `ROLE=FILE` (a key file or a hex public key file; repeatable).
+        #[arg(long = "add", value_parser = parse_kv)]
+        add: Vec<(String, String)>,
+        /// Revoke a key: `ROLE=KEYID` (a unique key id prefix is enough; repeatable).
+        #[arg(long = "revoke", value_parser = parse_kv)]
+        revoke: Vec<(String, String)>,
+        /// Set a threshold: `ROLE=N` (repeatable).
+        #[arg(long = "threshold", value_parser = parse_kv)]
+        threshold: Vec<(String, String)>,
+        /// Expiry in days from now.
+        #[arg(long)]
+        expires_days: Option<i64>,
+    },
+    /// Add the signature of one key file to a root (each holder signs in turn).
+    Sign {
+        /// The root file (signed in place).
+        root: PathBuf,
+        /// The key file.
+        #[arg(long)]
+        key: PathBuf,
+    },
+    /// Make the server trust the next root and send it to every device, with the targets
+    /// re-signed by the given targets keys when those changed.
+    Push {
+        /// The signed next root.
+        root: PathBuf,
+        /// Targets key files to re-sign the current targets with (repeatable).
+        #[arg(long = "targets-key")]
+        targets_keys: Vec<PathBuf>,
+        /// Who rotates.
+        #[arg(long, env = "USER", default_value = "operator")]
+        by: String,
+    },
+}
+
+fn root_command(client: &Client, cmd: RootCommand) -> anyhow::Result<()> {
+    use modelcast_proto::metadata::{Root, Signed, Targets};
+    let load = |path: &Option<PathBuf>| -> anyhow::Result<Signed> {
+        Ok(match path {
+            Some(p) => keyset::read_root(p)?,
+            None => client.root()?,
+        })
+    };
+    let write = |path: &PathBuf, root: &Signed| -> anyhow::Result<()> {
+        std::fs::write(path, serde_json::to_string_pretty(root)?)
+            .with_context(|| format!("writing {}", path.display()))
+    };
+    match cmd {
+        RootCommand::Show { root } => {
+            let env = load(&root)?;
+            let doc: Root = env.parse("root")?;
+            println!("root version {} expires {}", doc.version, doc.expires);
+            for (role, spec) in &doc.roles {
+                println!(
+                    "  {role}: {} of {} key(s)",
+                    spec.threshold,
+                    spec.keyids.len()
+                );
+                for id in &spec.keyids {
+                    let signed = env.signatures.iter().any(|s| &s.keyid == id);
+                    let mark = if role == "root" && signed {
+                        " (signed this root)"
+                    } else {
+                        ""
+                    };
+                    println!("    {id}{mark}");
+                }
+            }
+        }
+        RootCommand::Rotate {
+            from,
+            out,
+            add,
+            revoke,
+            threshold,
+            expires_days,
+        } => {
+            let current = load(&from)?;
+            let change = keyset::RootChange {
+                add: add
+                    .into_iter()
+                    .map(|(role, file)| Ok((role, keyset::read_public(file.as_ref())?)))
+                    .collect::<anyhow::Result<_>>()?,
+                revoke,
+                thresholds: threshold
+                    .into_iter()
+                    .map(|(role, n)| Ok((role, n.parse()?)))
+                    .collect::<anyhow::Result<_>>()?,
+                expires: expires_days.map(|d| unix_now() + d * 24 * 3600),
+            };
+            let next = keyset::next_root(&current, &change, unix_now())?;
+            write(&out, &next)?;
+            let doc: Root = next.parse("root")?;
+            println!(
+                "{}: root version {} (unsigned): sign it with a threshold of the old and of the new root keys",
+                out.display(),
+                doc.version
+            );
+        }
+        RootCommand::Sign { root, key } => {
+            let mut env = keyset::read_root(&root)?;
+            let key = keyset::read_key(&key)?;
+            keyset::add_signature(&mut env, &key)?;
+            write(&root, &env)?;
+            println!("{}: {} signature(s)", root.display(), env.signatures.len());
+        }
+        RootCommand::Push {
+            root,
+            targets_keys,
+            by,
+        } => {
+            let next = keyset::read_root(&root)?;
+            let targets = if targets_keys.is_empty() {
+                None
+            } else {
+                let keys = targets_keys
+                    .iter()
+                    .map(|p| keyset::read_key(p))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let current = client.targets()?.context("no targets published yet")?;
+                let mut doc: Targets = current.parse("targets")?;
+                doc.version += 1;
+                let signers: Vec<_> = keys.iter().collect();
+                Some(Signed::sign(&doc, &signers))
+            };
+            let answer = client.rotate_root(&modelcast_server::api::RootRequest {
+                root: next,
+                targets,
+                by,
+            })?;
+            println!("{answer}");
+        }
+    }
+    Ok(())
+}
+
+#[derive(Subcommand, Debug)]
+enum PkiCommand {
+    /// Create a CA, the broker's certificate and the fleet server's client certificate.
+    Init {
+        /// PKI directory.
+        #[arg(long, default_value = "./pki")]
+        dir: PathBuf,
+        /// Host names or IP addresses devices use to reach the broker (repeatable).
+        #[arg(long = "broker-name", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
+        broker_names: Vec<String>,
+    },
+    /// Issue a client certificate; its common name is the device id (or a server replica's
+    /// identity).
+    Issue {
+        /// PKI directory.
+        #[arg(long, default_value = "./pki")]
+        dir: PathBuf,
+        /// The identity (device id).
+        name: String,
+    },
+    /// Write a mosquitto configuration and ACL confining each device to its own topics.
+    Mosquitto {
+        /// PKI directory (as the broker will see it).
+        #[arg(long, default_value = "./pki")]
+        dir: PathBuf,
+        /// Output directory for `modelcast.conf` and `modelcast.acl`.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+        /// Topic prefix.
+        #[arg(long, default_value = "modelcast")]
+        prefix: String,
+        /// Listen address.
+        #[arg(long, default_value = "0.0.0.0")]
+        listen: String,
+        /// Port.
+        #[arg(long, default_value_t = 8883)]
+        port: u16,
+        /// Identities of the fleet server and its replicas (repeatable).
+        #[arg(long = "server-identity", default_values_t = [modelcast_server::pki::SERVER_IDENTITY.to_string()])]
+        server_identities: Vec<String>,
+    },
+}
+
+fn pki_command(cmd: PkiCommand) -> anyhow::Result<()> {
+    use modelcast_server::{acl, pki};
+    match cmd {
+        PkiCommand::Init { dir, broker_names } => {
+            pki::init(&dir, &broker_names)?;
+            println!(
+                "{}: ca.pem, ca.key (keep offline), broker.pem/.key for {}, {}.pem/.key",
+                dir.display(),
+                broker_names.join(", "),
+                pki::SERVER_IDENTITY
+            );
+        }
+        PkiCommand::Issue { dir, name } => {
+            let id = pki::issue(&dir, &name)?;
+            println!("{} {}", id.cert.display(), id.key.display());
+        }
+        PkiCommand::Mosquitto {
+            dir,
+            out,
+            prefix,
+            listen,
+            port,
+            server_identities,
+        } => {
+            std::fs::create_dir_all(&out)?;
+            let acl_file = std::path::absolute(out.join("modelcast.acl"))?;
+            let pki_dir = std::path::absolute(&dir)?;
+            std::fs::write(&acl_file, acl::acl(&prefix, &server_identities))?;
+            let conf = acl::mosquitto_conf(&acl::MosquittoSetup {
+                listen_host: &listen,
+                port,
+                pki_dir: &pki_dir,
+                acl_file: &acl_file,
+            });
+            let conf_file = out.join("modelcast.conf");
+            std::fs::write(&conf_file, conf)?;
+            println!("{} {}", conf_file.display(), acl_file.display());
+        }
+    }
+    Ok(())
+}
+
 fn parse_kv(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -136,10 +400,37 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let client = Client::new(&cli.server);
     match cli.command {
-        Command::Keygen { out } => {
-            let director = keyset::keygen(&out, unix_now())?;
+        Command::Pki(cmd) => pki_command(cmd)?,
+        Command::Root(cmd) => root_command(&client, cmd)?,
+        Command::Key { out } => {
+            let mut secret = [0u8; 32];
+            rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut secret);
+            let key = modelcast_proto::keys::SigningKey::from_bytes(&secret);
+            if out.exists() {
+                bail!("{} exists; refusing to overwrite a key", out.display());
+            }
+            std::fs::write(&out, key.to_hex())?;
+            std::fs::set_permissions(&out, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+            println!("{} {}", key.public().key_id(), key.public().keyval.public);
+        }
+        Command::Keygen {
+            out,
+            root_keys,
+            root_threshold,
+            targets_keys,
+            targets_threshold,
+        } => {
+            let opts = keyset::KeygenOptions {
+                root_keys,
+                root_threshold,
+                targets_keys,
+                targets_threshold,
+            };
+            let director = keyset::keygen_with(&out, unix_now(), &opts)?;
             println!("keys written to {}", out.display());
-            println!("  root.key, targets.key  operators' offline keys: keep them off the server");
+            println!(
+                "  root*.key, targets*.key  operators' offline keys ({root_threshold} of {root_keys} root, {targets_threshold} of {targets_keys} targets): keep them off the server"
+            );
             println!(
                 "  server.key             the server's online key (snapshot, timestamp, director)"
             );
@@ -173,12 +464,23 @@ fn main() -> anyhow::Result<()> {
             name,
             version,
             keys,
+            targets_keys,
             by,
             meta,
             no_golden,
             format,
         } => {
-            let key = keyset::read_key(&keys.join("targets.key"))?;
+            let key = if targets_keys.is_empty() {
+                keyset::read_role_keys(&keys, "targets")?
+            } else {
+                targets_keys
+                    .iter()
+                    .map(|p| keyset::read_key(p))
+                    .collect::<Result<Vec<_>, _>>()?
+            };
+            if key.is_empty() {
+                bail!("no targets key in {}", keys.display());
+            }
             let mut opts = PublishOptions::new(&name, version);
             opts.golden = !no_golden;
             opts.format = format;

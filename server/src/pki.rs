@@ -1,0 +1,196 @@
+//! The fleet's transport PKI: a private CA, the broker's server certificate, and one client
+//! certificate per identity (the fleet server, each device), as PEM files in one directory.
+//!
+//! A client certificate's common name is its MQTT identity: mosquitto takes it as the user
+//! name (`use_identity_as_username`), and [`crate::acl`] confines each device to its own
+//! topics by it. Keys are ECDSA P-256 (rcgen with ring). The CA key signs certificates only;
+//! keep it off the broker and the server in production.
+//!
+//! Files (in the PKI directory): `ca.pem`, `ca.key`, `broker.pem`, `broker.key`, and
+//! `<name>.pem`, `<name>.key` for every client identity.
+
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose,
+};
+use thiserror::Error;
+
+/// The default identity of the fleet server's MQTT client.
+pub const SERVER_IDENTITY: &str = "modelcast-server";
+
+/// How long issued certificates stay valid.
+const VALID_DAYS: i64 = 825;
+/// How long the CA stays valid.
+const CA_VALID_DAYS: i64 = 3650;
+
+/// Why a PKI operation failed.
+#[derive(Debug, Error)]
+pub enum PkiError {
+    /// Reading or writing a file.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Certificate generation or parsing failed.
+    #[error("certificate: {0}")]
+    Cert(#[from] rcgen::Error),
+    /// A name that cannot be an MQTT identity or a file name.
+    #[error("{0:?} is not a valid identity (1-64 of [A-Za-z0-9._-])")]
+    BadName(String),
+    /// `init` would overwrite an existing CA.
+    #[error("{0} exists: refusing to replace a CA")]
+    Exists(PathBuf),
+}
+
+/// Paths of one identity's certificate and key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// Its certificate (PEM).
+    pub cert: PathBuf,
+    /// Its private key (PEM, PKCS#8).
+    pub key: PathBuf,
+}
+
+impl Identity {
+    /// The files of `name` in `dir`.
+    pub fn in_dir(dir: &Path, name: &str) -> Identity {
+        Identity {
+            cert: dir.join(format!("{name}.pem")),
+            key: dir.join(format!("{name}.key")),
+        }
+    }
+}
+
+fn write(path: &Path, text: &str, private: bool) -> Result<(), PkiError> {
+    let io = |source| PkiError::Io {
+        path: path.into(),
+        source,
+    };
+    std::fs::write(path, text).map_err(io)?;
+    if private {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+    }
+    Ok(())
+}
+
+fn read(path: &Path) -> Result<String, PkiError> {
+    std::fs::read_to_string(path).map_err(|source| PkiError::Io {
+        path: path.into(),
+        source,
+    })
+}
+
+fn validity(params: &mut CertificateParams, days: i64) {
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::hours(1);
+    params.not_after = now + time::Duration::days(days);
+}
+
+fn named(cn: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, cn);
+    dn
+}
+
+/// Creates a CA and the broker's certificate for `broker_names` (host names or IP
+/// addresses the devices dial), plus the fleet server's client identity.
+pub fn init(dir: &Path, broker_names: &[String]) -> Result<(), PkiError> {
+    std::fs::create_dir_all(dir).map_err(|source| PkiError::Io {
+        path: dir.into(),
+        source,
+    })?;
+    let ca_path = dir.join("ca.pem");
+    if ca_path.exists() {
+        return Err(PkiError::Exists(ca_path));
+    }
+    let ca_key = KeyPair::generate()?;
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.distinguished_name = named("modelcast fleet CA");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    validity(&mut ca, CA_VALID_DAYS);
+    let ca_cert = ca.self_signed(&ca_key)?;
+    write(&dir.join("ca.key"), &ca_key.serialize_pem(), true)?;
+    write(&ca_path, &ca_cert.pem(), false)?;
+
+    let issuer = Issuer::new(ca, ca_key);
+    let mut broker = CertificateParams::new(broker_names.to_vec())?;
+    broker.distinguished_name = named("modelcast broker");
+    broker.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    issue_with(&issuer, broker, &Identity::in_dir(dir, "broker"))?;
+    issue(dir, SERVER_IDENTITY)?;
+    Ok(())
+}
+
+/// Issues a client certificate whose common name is `name` (a device id or a server
+/// replica's identity), signed by the CA in `dir`; returns its files.
+pub fn issue(dir: &Path, name: &str) -> Result<Identity, PkiError> {
+    if !modelcast_proto::manifest::valid_name(name) || name == "broker" || name == "ca" {
+        return Err(PkiError::BadName(name.into()));
+    }
+    let ca_key = KeyPair::from_pem(&read(&dir.join("ca.key"))?)?;
+    let issuer = Issuer::from_ca_cert_pem(&read(&dir.join("ca.pem"))?, ca_key)?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.distinguished_name = named(name);
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let id = Identity::in_dir(dir, name);
+    issue_with(&issuer, params, &id)?;
+    Ok(id)
+}
+
+fn issue_with(
+    issuer: &Issuer<'_, KeyPair>,
+    mut params: CertificateParams,
+    id: &Identity,
+) -> Result<(), PkiError> {
+    validity(&mut params, VALID_DAYS);
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    let key = KeyPair::generate()?;
+    let cert = params.signed_by(&key, issuer)?;
+    write(&id.key, &key.serialize_pem(), true)?;
+    write(&id.cert, &cert.pem(), false)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_then_issue_makes_a_usable_client_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        init(dir.path(), &["127.0.0.1".into(), "localhost".into()]).unwrap();
+        assert!(matches!(init(dir.path(), &[]), Err(PkiError::Exists(_))));
+        let id = issue(dir.path(), "jetson-1").unwrap();
+        let ca = std::fs::read(dir.path().join("ca.pem")).unwrap();
+        let (cert, key) = (
+            std::fs::read(&id.cert).unwrap(),
+            std::fs::read(&id.key).unwrap(),
+        );
+        modelcast_proto::tls::client_config(
+            &ca,
+            Some(modelcast_proto::tls::ClientIdentity {
+                cert_pem: &cert,
+                key_pem: &key,
+            }),
+        )
+        .unwrap();
+        assert!(matches!(
+            issue(dir.path(), "a/b"),
+            Err(PkiError::BadName(_))
+        ));
+        assert!(matches!(
+            issue(dir.path(), "broker"),
+            Err(PkiError::BadName(_))
+        ));
+    }
+}

@@ -1,0 +1,368 @@
+//! The attack suite: the threats TUF and Uptane list, each played against a real agent with a
+//! real store, through Debian's mosquitto over TLS with client certificates and the project's
+//! ACL (`modelcast pki mosquitto`). Each attack must end with the update rejected (by the
+//! agent, with the reason in its state report and the server's log, or by the broker's ACL,
+//! in the broker's log) and the running model still answering with its old output.
+//!
+//! The attackers: a compromised server replica (`modelcast-server-2`, holding the server's
+//! online key but not the operators' offline keys), a device gone bad (`intruder`, a valid
+//! device certificate), and for the chunk attacks a holder of every key, so that only the
+//! byte checks stand in the way. `docs/security.md` maps each test to its threat.
+
+use std::time::Duration;
+
+use modelcast_proto::manifest::Manifest;
+use modelcast_proto::verify::fixture::Keys;
+use modelcast_server::onnx::example_model;
+use modelcast_server::publish::{prepare, PublishOptions};
+use modelcast_tests::{
+    desired_topic, stolen_keys, wait_for, Agent, ChunkAttack, Fleet, Forger, Mosquitto, Rogue,
+};
+
+const FAR: &str = "2036-01-01T00:00:00Z";
+const PAST: &str = "2020-01-01T00:00:00Z";
+
+/// Runs `attack`, then waits for `agent` to report a new error containing `needle`, checks
+/// that the server logged it, and that `agent` still answers `model`'s golden vector from
+/// `version`. Returns the reason.
+fn rejected(
+    fleet: &Fleet,
+    agent: &Agent,
+    (model, version): (&Manifest, &str),
+    needle: &str,
+    attack: impl FnOnce(),
+) -> String {
+    let before = fleet.report(&agent.id).and_then(|r| r.last_error);
+    attack();
+    let reason = wait_for(
+        &format!("{} to report a new error containing {needle:?}", agent.id),
+        Duration::from_secs(60),
+        || {
+            let e = fleet.report(&agent.id)?.last_error?;
+            (Some(&e) != before.as_ref() && e.reason.contains(needle)).then_some(e.reason)
+        },
+    );
+    wait_for(
+        &format!("the server to log {needle:?}"),
+        Duration::from_secs(20),
+        || fleet.server_logged(needle).then_some(()),
+    );
+    assert_eq!(agent.check_golden(model), version, "after: {reason}");
+    eprintln!("attack outcome: {reason}");
+    reason
+}
+
+#[test]
+fn every_attack_is_rejected_and_the_old_model_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start_tls(dir.path());
+    let pki = broker.pki().unwrap().to_path_buf();
+    let port = broker.port();
+    let fleet = Fleet::with_tls_broker(dir, &broker);
+    let quick = "[probation]\nrequests = 1\nseconds = 1\n";
+    let edge1 = fleet.start_agent_with("edge-1", &[("site", "lab"), ("ring", "a")], quick);
+    let edge2 = fleet.start_agent_with("edge-2", &[("site", "lab"), ("ring", "b")], quick);
+    wait_for("two devices registered", Duration::from_secs(30), || {
+        (fleet.client.devices().ok()?.len() == 2).then_some(())
+    });
+    let v1 = fleet.publish_example(1, 64);
+    fleet.deploy("classifier", 1, "site=lab");
+    fleet.wait_serving("edge-1", "classifier", 1);
+    fleet.wait_serving("edge-2", "classifier", 1);
+
+    // The compromised replica reads the retained desired states it is allowed to read.
+    let server2 = Rogue::connect_tls(port, &pki, "modelcast-server-2", None);
+    assert!(server2.subscribe(&desired_topic("edge-2")));
+    let legit_edge2 = wait_for(
+        "edge-2's retained desired state",
+        Duration::from_secs(10),
+        || {
+            server2
+                .seen()
+                .into_iter()
+                .find(|(topic, _)| *topic == desired_topic("edge-2"))
+                .map(|(_, payload)| payload)
+        },
+    );
+    let forger = Forger::steal(&fleet);
+    let mut counter = 1000;
+    let mut next = || {
+        counter += 10;
+        counter
+    };
+
+    // 1. Arbitrary model: the compromised server signs a model the operators never signed.
+    let now = modelcast_server::unix_now();
+    let mut opts = PublishOptions::new("classifier", 5);
+    opts.chunk_size = 16 * 1024;
+    let evil = prepare(&example_model(5, 2000), &opts, now).unwrap();
+    let (v5, v5_bytes) = (evil.manifest, evil.artifact);
+    let at_v1 = (&v1, "1");
+    let desired = forger.desired("edge-1", std::slice::from_ref(&v5), next(), FAR);
+    let reason = rejected(
+        &fleet,
+        &edge1,
+        at_v1,
+        "not in the repository's signed targets",
+        || server2.publish_desired("edge-1", &desired),
+    );
+    assert!(reason.starts_with("desired state rejected"), "{reason}");
+
+    // 2. Metadata signed by keys the device does not trust at all, and unsigned metadata.
+    let stranger = Keys::from_seed(77).desired("edge-1", std::slice::from_ref(&v5), next(), FAR);
+    rejected(
+        &fleet,
+        &edge1,
+        at_v1,
+        "timestamp: 0 valid signature(s)",
+        || server2.publish_desired("edge-1", &stranger),
+    );
+    let mut unsigned = forger.desired("edge-1", std::slice::from_ref(&v1), next(), FAR);
+    unsigned.repository.targets.signatures.clear();
+    rejected(
+        &fleet,
+        &edge1,
+        at_v1,
+        "targets: 0 valid signature(s)",
+        || server2.publish_desired("edge-1", &unsigned),
+    );
+
+    // 3. Freeze: metadata that has expired (a server that stopped re-signing, or replays).
+    let expired = forger.desired("edge-1", std::slice::from_ref(&v1), next(), PAST);
+    rejected(&fleet, &edge1, at_v1, "metadata expired at 2020", || {
+        server2.publish_desired("edge-1", &expired)
+    });
+
+    // 4. Mix-and-match / replay: edge-2's genuine desired state delivered to edge-1.
+    rejected(&fleet, &edge1, at_v1, "delivered to \"edge-1\"", || {
+        server2.publish_raw(&desired_topic("edge-1"), true, legit_edge2)
+    });
+
+    // 5. Malformed envelopes: garbage, truncated JSON, a huge document.
+    rejected(&fleet, &edge1, at_v1, "EOF while parsing", || {
+        server2.publish_raw(
+            &desired_topic("edge-1"),
+            true,
+            b"{\"format\":1,\"dev".to_vec(),
+        )
+    });
+    // 3 MiB of nesting inside a free-form JSON value: the parser's depth bound holds.
+    let mut deep = br#"{"format":1,"device":"edge-1","director":{"signed":"#.to_vec();
+    deep.resize(3 << 20, b'[');
+    rejected(&fleet, &edge1, at_v1, "recursion limit", || {
+        server2.publish_raw(&desired_topic("edge-1"), true, deep)
+    });
+
+    // 6. Rollback: a validly signed desired state naming an older model version.
+    let v2 = fleet.publish_example(2, 64);
+    fleet.deploy("classifier", 2, "ring=b");
+    fleet.wait_serving("edge-2", "classifier", 2);
+    let forger = Forger::steal(&fleet);
+    let at_v2 = (&v2, "2");
+    let older = forger.desired("edge-2", std::slice::from_ref(&v1), next(), FAR);
+    rejected(&fleet, &edge2, at_v2, "(rollback)", || {
+        server2.publish_desired("edge-2", &older)
+    });
+    // And an old desired-state document replayed (metadata rollback).
+    let replay = forger.desired("edge-2", std::slice::from_ref(&v2), 3, FAR);
+    rejected(
+        &fleet,
+        &edge2,
+        at_v2,
+        "is older than trusted version",
+        || server2.publish_desired("edge-2", &replay),
+    );
+
+    // 7. Endless data: chunks longer than the manifest declares (keys are no help here).
+    let keys = stolen_keys(&fleet.keys);
+    let thief = |attack| {
+        Rogue::connect_tls(
+            port,
+            &pki,
+            "modelcast-server-2",
+            Some((v5_bytes.clone(), opts.chunk_size, attack)),
+        )
+    };
+    drop(server2);
+    let rogue = thief(ChunkAttack::Pad);
+    let desired = keys.desired("edge-1", std::slice::from_ref(&v5), next(), FAR);
+    let reason = rejected(&fleet, &edge1, at_v1, "update rejected: chunk", || {
+        rogue.publish_desired("edge-1", &desired)
+    });
+    assert!(reason.contains("bytes, manifest says 16384"), "{reason}");
+    drop(rogue);
+
+    // 8. Slow retrieval: chunk requests are swallowed; the device reports the stall.
+    let mut opts6 = opts.clone();
+    opts6.version = 6;
+    let v6 = prepare(&example_model(6, 2000), &opts6, now)
+        .unwrap()
+        .manifest;
+    let rogue = thief(ChunkAttack::Stall);
+    let desired = keys.desired("edge-1", &[v6], next(), FAR);
+    rejected(
+        &fleet,
+        &edge1,
+        at_v1,
+        "download stalled: no chunk of classifier v6",
+        || rogue.publish_desired("edge-1", &desired),
+    );
+    drop(rogue);
+
+    // 9. A device gone bad: another device's topics are closed to it by the broker's ACL.
+    let intruder = Rogue::connect_tls(port, &pki, "intruder", None);
+    // mosquitto 2.0 may grant the SUBACK and then deliver nothing the ACL does not allow:
+    // what counts is that no message of another device arrives, retained ones included.
+    let granted = intruder.subscribe(&desired_topic("edge-1"));
+    let wildcard = intruder.subscribe("modelcast/#");
+    eprintln!("attack outcome: intruder SUBACK for edge-1/desired granted={granted}, modelcast/# granted={wildcard}");
+    std::thread::sleep(Duration::from_secs(2));
+    let seen: Vec<String> = intruder.seen().into_iter().map(|(t, _)| t).collect();
+    assert!(
+        seen.iter().all(|t| !t.contains("/d/edge-")),
+        "an intruder read other devices' messages: {seen:?}"
+    );
+    // Forged retained desired states (its own and another device's) and a forged report.
+    intruder.publish_raw(&desired_topic("edge-1"), true, b"forged".to_vec());
+    intruder.publish_raw(&desired_topic("intruder"), true, b"forged".to_vec());
+    intruder.publish_raw("modelcast/d/edge-1/state", true, b"forged".to_vec());
+    wait_for(
+        "the broker to deny the forgeries",
+        Duration::from_secs(10),
+        || {
+            let log = broker.log();
+            (log.matches("Denied PUBLISH from intruder").count() >= 3).then_some(())
+        },
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(edge1.check_golden(&v1), "1");
+    let report = fleet.report("edge-1").unwrap();
+    assert!(
+        !report.last_error.unwrap().reason.contains("forged"),
+        "a forged message reached edge-1"
+    );
+    drop(edge2);
+}
+
+/// Key compromise, the TUF way: operators rotate the root to revoke a stolen targets key and
+/// raise the targets threshold to two keys; the devices follow the rotation through the
+/// server; a thief holding the revoked key, or only one of the two new keys, cannot get a
+/// model installed. Over the embedded broker with TLS and client certificates (which, with no
+/// per-topic ACLs, lets any certified client publish anywhere: the signatures stand alone).
+#[test]
+fn revoked_keys_and_unmet_thresholds_are_refused_after_a_root_rotation() {
+    use modelcast_proto::keys::SigningKey;
+    use modelcast_proto::metadata::{Signed, Targets};
+    use modelcast_server::keyset;
+
+    let fleet = Fleet::embedded_tls();
+    let edge = fleet.start_agent_with(
+        "edge-1",
+        &[("site", "lab")],
+        "[probation]\nrequests = 1\nseconds = 1\n",
+    );
+    wait_for("device registered", Duration::from_secs(30), || {
+        (!fleet.client.devices().ok()?.is_empty()).then_some(())
+    });
+    let v1 = fleet.publish_example(1, 64);
+    fleet.deploy("classifier", 1, "*");
+    fleet.wait_serving("edge-1", "classifier", 1);
+    let revoked = keyset::read_key(&fleet.keys.join("targets.key")).unwrap();
+
+    // The operators rotate: targets key 1 revoked, keys 2 and 3 added, two of them required.
+    let (k2, k3) = (
+        SigningKey::from_bytes(&[21; 32]),
+        SigningKey::from_bytes(&[22; 32]),
+    );
+    let root = keyset::read_root(&fleet.keys.join("root.json")).unwrap();
+    let change = keyset::RootChange {
+        add: vec![
+            ("targets".into(), k2.public()),
+            ("targets".into(), k3.public()),
+        ],
+        revoke: vec![("targets".into(), revoked.public().key_id())],
+        thresholds: vec![("targets".into(), 2)],
+        expires: None,
+    };
+    let now = modelcast_server::unix_now();
+    let mut next = keyset::next_root(&root, &change, now).unwrap();
+    keyset::add_signature(
+        &mut next,
+        &keyset::read_key(&fleet.keys.join("root.key")).unwrap(),
+    )
+    .unwrap();
+    let mut targets: Targets = fleet
+        .client
+        .targets()
+        .unwrap()
+        .unwrap()
+        .parse("targets")
+        .unwrap();
+    targets.version += 1;
+    let resigned = Signed::sign(&targets, &[&k2, &k3]);
+    // Re-signed by one new key only: the server refuses the rotation as it is.
+    let short = modelcast_server::api::RootRequest {
+        root: next.clone(),
+        targets: Some(Signed::sign(&targets, &[&k2])),
+        by: "e2e".into(),
+    };
+    let err = fleet.client.rotate_root(&short).unwrap_err().to_string();
+    assert!(err.contains("threshold 2"), "{err}");
+    fleet
+        .client
+        .rotate_root(&modelcast_server::api::RootRequest {
+            root: next,
+            targets: Some(resigned),
+            by: "e2e".into(),
+        })
+        .unwrap();
+    // Their key directory now holds the new targets keys; v2 needs both.
+    std::fs::remove_file(fleet.keys.join("targets.key")).unwrap();
+    std::fs::write(fleet.keys.join("targets-2.key"), k2.to_hex()).unwrap();
+    std::fs::write(fleet.keys.join("targets-3.key"), k3.to_hex()).unwrap();
+    let v2 = fleet.publish_example(2, 64);
+    fleet.deploy("classifier", 2, "*");
+    // Serving v2 proves the device walked to root version 2 (root 1 knows neither key).
+    fleet.wait_serving("edge-1", "classifier", 2);
+
+    let pki = fleet.pki.clone().unwrap();
+    let intruder = Rogue::connect_tls(fleet.mqtt_port, &pki, "intruder", None);
+    let mut opts = PublishOptions::new("classifier", 3);
+    opts.chunk_size = 16 * 1024;
+    let evil = prepare(&example_model(3, 64), &opts, now).unwrap().manifest;
+    let mut forged: Targets = fleet
+        .client
+        .targets()
+        .unwrap()
+        .unwrap()
+        .parse("targets")
+        .unwrap();
+    forged.version += 1;
+    forged.targets.insert(evil.target_path(), evil.to_target());
+    let models = std::slice::from_ref(&evil);
+
+    // Signed with the revoked key (and the stolen online key for the rest).
+    let forger = Forger::steal(&fleet).with_targets(Signed::sign(&forged, &[&revoked]));
+    intruder.publish_desired("edge-1", &forger.desired("edge-1", models, 10_000, FAR));
+    let reason = fleet.wait_error("edge-1", "targets: 0 valid signature(s) of threshold 2");
+    assert_eq!(edge.check_golden(&v2), "2", "{reason}");
+
+    // One of the two required keys: threshold not met.
+    let forger = Forger::steal(&fleet).with_targets(Signed::sign(&forged, &[&k2]));
+    intruder.publish_desired("edge-1", &forger.desired("edge-1", models, 10_010, FAR));
+    let reason = fleet.wait_error("edge-1", "targets: 1 valid signature(s) of threshold 2");
+    assert_eq!(edge.check_golden(&v2), "2", "{reason}");
+    // That key's signature given twice does not make two.
+    let mut twice = Signed::sign(&forged, &[&k2]);
+    twice.signatures.push(twice.signatures[0].clone());
+    let forger = Forger::steal(&fleet).with_targets(twice);
+    intruder.publish_desired("edge-1", &forger.desired("edge-1", models, 10_020, FAR));
+    let reason = fleet.wait_error("edge-1", "signs twice");
+    assert_eq!(edge.check_golden(&v2), "2", "{reason}");
+    assert!(fleet.server_logged("valid signature(s) of threshold 2"));
+    assert_eq!(
+        fleet.report("edge-1").unwrap().models["classifier"].serving_version(),
+        Some(2)
+    );
+    drop(v1);
+}
