@@ -180,6 +180,13 @@ impl Config {
         if self.trust.director_keys.is_empty() {
             return Err(ConfigError::Invalid("trust.director_keys is empty".into()));
         }
+        if self.transfer.chunk_timeout_secs == 0
+            || self.transfer.stall_timeout_secs < self.transfer.chunk_timeout_secs
+        {
+            return Err(ConfigError::Invalid(
+                "transfer: chunk_timeout_secs must be at least 1 and stall_timeout_secs at least chunk_timeout_secs".into(),
+            ));
+        }
         if self.transfer.window == 0 || self.transfer.window > 256 {
             return Err(ConfigError::Invalid(
                 "transfer.window must be 1..=256".into(),

@@ -105,10 +105,22 @@ pub fn update_root(trusted: &Signed, chain: &[Signed]) -> Result<Signed, VerifyE
     let mut current_doc: Root = current.parse("root")?;
     for next in chain {
         let offered: Root = next.parse("root")?;
-        if offered.version <= current_doc.version {
-            // Already trusted: it must still be genuine, but never go back.
-            let old: Root = next.verify(&current_doc.role("root")?, "root")?;
-            old.role("root")?.check(next)?;
+        if offered.version < current_doc.version {
+            // Already walked past (a re-delivered chain): never go back. Its signatures were
+            // made by its predecessor's keys, not the current root's, so they are not checked
+            // again here.
+            continue;
+        }
+        if offered.version == current_doc.version {
+            if next.signed != current.signed {
+                return Err(VerifyError::Mismatch {
+                    role: "root".into(),
+                    reason: format!(
+                        "version {} differs from the trusted root of that version",
+                        offered.version
+                    ),
+                });
+            }
             continue;
         }
         current_doc = check_root_step(&current_doc, next)?;
@@ -139,13 +151,27 @@ pub fn verify_desired(
     // timestamp step, §5.3.10).
     let root_env = update_root(&trust.root, &repo.root)?;
     let mut set = TrustedMetadata::from_root_envelope(&root_env)?;
+    // §5.3.11, fast-forward recovery: when a rotation replaced the timestamp or snapshot
+    // keys, the versions signed by the old keys no longer bound the new ones.
+    let (mut floor_timestamp, mut floor_snapshot) =
+        (trust.timestamp_version, trust.snapshot_version);
+    if root_env != trust.root {
+        let (old, new): (Root, Root) = (trust.root.parse("root")?, root_env.parse("root")?);
+        let keys = |r: &Root, role: &str| r.roles.get(role).map(|k| k.keyids.clone());
+        if keys(&old, "timestamp") != keys(&new, "timestamp")
+            || keys(&old, "snapshot") != keys(&new, "snapshot")
+        {
+            floor_timestamp = 0;
+            floor_snapshot = 0;
+        }
+    }
 
     // §5.4: timestamp, then the device's floors (a rollback is reported before an expiry).
     let step = set.update_timestamp_envelope(&repo.timestamp, now);
     if let Some(timestamp) = set.timestamp() {
-        check_not_older("timestamp", timestamp.version, trust.timestamp_version)?;
+        check_not_older("timestamp", timestamp.version, floor_timestamp)?;
         let named = meta_version(timestamp, "snapshot.json", "timestamp")?;
-        check_not_older("snapshot", named, trust.snapshot_version)?;
+        check_not_older("snapshot", named, floor_snapshot)?;
     }
     step?;
 
@@ -452,5 +478,89 @@ mod tests {
             update_root(&keys.root(FAR), &[skip]),
             Err(VerifyError::RootChain { .. })
         ));
+    }
+
+    #[test]
+    fn a_redelivered_chain_of_rotated_root_keys_is_still_accepted() {
+        let (k1, k2, k3) = (Keys::from_seed(0), Keys::from_seed(50), Keys::from_seed(90));
+        let v1 = k1.root(FAR);
+        let step = |prev: &Signed,
+                    new_key: &crate::keys::SigningKey,
+                    old_key: &crate::keys::SigningKey| {
+            let mut doc: Root = prev.parse("root").unwrap();
+            doc.version += 1;
+            let id = new_key.public().key_id();
+            doc.keys.insert(id.clone(), new_key.public());
+            doc.roles.get_mut("root").unwrap().keyids = vec![id];
+            Signed::sign(&doc, &[old_key, new_key])
+        };
+        let v2 = step(&v1, &k2.root, &k1.root);
+        let v3 = step(&v2, &k3.root, &k2.root);
+        let chain = [v2.clone(), v3.clone()];
+        let trusted = update_root(&v1, &chain).unwrap();
+        assert_eq!(trusted, v3);
+        // The server sends the whole chain with every message: walking it again from v3
+        // must not check v2 against v3's keys.
+        assert_eq!(update_root(&trusted, &chain).unwrap(), v3);
+        // A different document claiming the trusted version is refused.
+        let mut forged: Root = v3.parse("root").unwrap();
+        forged.expires = "2099-01-01T00:00:00Z".into();
+        let forged = Signed::sign(&forged, &[&k3.root]);
+        assert!(matches!(
+            update_root(&trusted, &[forged]),
+            Err(VerifyError::Mismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn rotating_the_timestamp_key_recovers_from_a_fast_forward() {
+        let keys = Keys::from_seed(0);
+        let dir = keys.director_verifier();
+        // A stolen timestamp/snapshot key pushed the versions far ahead.
+        let ahead = verify_desired(
+            &trust(&keys),
+            &dir,
+            "dev",
+            &keys.desired("dev", &[manifest(1)], 1 << 40, FAR),
+            now(),
+        )
+        .unwrap();
+        let normal = keys.desired("dev", &[manifest(2)], 7, FAR);
+        assert!(matches!(
+            verify_desired(ahead.trust(), &dir, "dev", &normal, now()),
+            Err(VerifyError::Rollback { .. })
+        ));
+        // The operators rotate the timestamp and snapshot keys in root v2.
+        let fresh = Keys::from_seed(30);
+        let mut root2: Root = keys.root(FAR).parse("root").unwrap();
+        root2.version = 2;
+        for (role, key) in [
+            ("timestamp", &fresh.timestamp),
+            ("snapshot", &fresh.snapshot),
+        ] {
+            let id = key.public().key_id();
+            root2.keys.insert(id.clone(), key.public());
+            root2.roles.get_mut(role).unwrap().keyids = vec![id];
+        }
+        let root2 = Signed::sign(&root2, &[&keys.root]);
+        let recovered_keys = Keys {
+            timestamp: fresh.timestamp.clone(),
+            snapshot: fresh.snapshot.clone(),
+            ..keys.clone()
+        };
+        let mut msg = recovered_keys.desired("dev", &[manifest(2)], 1 << 41, FAR);
+        // Low timestamp/snapshot versions again; director and targets keep counting.
+        let mut again = recovered_keys.desired("dev", &[manifest(2)], 3, FAR);
+        again.director = msg.director.clone();
+        again.repository.targets = msg.repository.targets.clone();
+        let targets_version = msg.repository.targets.signed["version"].as_u64().unwrap();
+        let snap: MetaIndex = again.repository.snapshot.parse("snapshot").unwrap();
+        let mut snap = snap;
+        snap.meta.get_mut("targets.json").unwrap().version = targets_version;
+        again.repository.snapshot = Signed::sign(&snap, &[&fresh.snapshot]);
+        again.repository.root = vec![root2];
+        msg = again;
+        let v = verify_desired(ahead.trust(), &dir, "dev", &msg, now()).unwrap();
+        assert_eq!(v.trust().timestamp_version, 3);
     }
 }

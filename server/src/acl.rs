@@ -41,7 +41,11 @@ pub fn acl(prefix: &str, server_identities: &[String]) -> String {
          # The fleet server's identities: everything under the prefix.\n",
     );
     let all = format!("{}/#", prefix.trim_end_matches('/'));
-    for id in server_identities {
+    // Identities are certificate names ([A-Za-z0-9._-]): nothing else may reach the file.
+    for id in server_identities
+        .iter()
+        .filter(|id| modelcast_proto::manifest::valid_name(id))
+    {
         let _ = writeln!(out, "user {id}\ntopic readwrite {all}\n");
     }
     let _ = writeln!(

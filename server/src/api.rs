@@ -6,6 +6,7 @@
 //! | PUT | `/api/v1/artifacts/{sha256}?chunk_size=N` | upload an artifact (body: bytes) |
 //! | GET | `/api/v1/repository/root` | the newest trusted root |
 //! | POST | `/api/v1/repository/root` | rotate to the next root (`RootRequest`) |
+//! | GET | `/api/v1/repository/roots` | the rotation chain (every root after version 1) |
 //! | GET | `/api/v1/repository/targets` | the current operator-signed targets |
 //! | POST | `/api/v1/repository/targets` | publish new signed targets (`PublishRequest`) |
 //! | GET | `/api/v1/models` | the registry |
@@ -94,6 +95,7 @@ pub fn router(fleet: Arc<Fleet>) -> Router {
             put(upload).layer(DefaultBodyLimit::max(MAX_ARTIFACT_BYTES as usize)),
         )
         .route("/api/v1/repository/root", get(root).post(rotate_root))
+        .route("/api/v1/repository/roots", get(roots))
         .route("/api/v1/repository/targets", get(targets).post(publish))
         .route("/api/v1/models", get(models))
         .route("/api/v1/deployments", get(deployments).post(deploy))
@@ -187,6 +189,10 @@ async fn upload(
 
 async fn root(State(fleet): State<Arc<Fleet>>) -> Json<Signed> {
     Json(fleet.repo().root())
+}
+
+async fn roots(State(fleet): State<Arc<Fleet>>) -> ApiResult {
+    Ok(Json(fleet.repo().root_chain().map_err(internal)?).into_response())
 }
 
 async fn rotate_root(State(fleet): State<Arc<Fleet>>, body: axum::body::Bytes) -> ApiResult {

@@ -92,6 +92,52 @@ impl Client {
         )
     }
 
+    /// The chain of rotations the server serves (every root after version 1).
+    pub fn roots(&self) -> Result<Vec<Signed>, ClientError> {
+        Self::read(
+            self.agent
+                .get(format!("{}/api/v1/repository/roots", self.base))
+                .call(),
+        )
+    }
+
+    /// The server's current root, trusted only by walking its chain of rotations from
+    /// `trusted` (the operators' own root file): a compromised server cannot slip keys into
+    /// what operators sign next.
+    pub fn verified_root(&self, trusted: &Signed) -> Result<Signed, ClientError> {
+        let untrusted = |e: String| ClientError::Api {
+            status: 0,
+            message: format!("the server's root is not trusted: {e}"),
+        };
+        let chain = self.roots()?;
+        let current = modelcast_proto::verify::update_root(trusted, &chain)
+            .map_err(|e| untrusted(e.to_string()))?;
+        if self.root()? != current {
+            return Err(untrusted("it differs from the chain it serves".into()));
+        }
+        Ok(current)
+    }
+
+    /// The current targets, verified under [`Client::verified_root`]: what operators re-sign
+    /// must be what they (a threshold of their targets keys) signed before.
+    pub fn verified_targets(&self, trusted: &Signed) -> Result<Option<Signed>, ClientError> {
+        let root = self.verified_root(trusted)?;
+        let Some(targets) = self.targets()? else {
+            return Ok(None);
+        };
+        let check = || -> Result<(), modelcast_proto::VerifyError> {
+            let doc: modelcast_proto::metadata::Root = root.parse("root")?;
+            targets
+                .verify::<modelcast_proto::metadata::Targets>(&doc.role("targets")?, "targets")?;
+            Ok(())
+        };
+        check().map_err(|e| ClientError::Api {
+            status: 0,
+            message: format!("the server's targets are not trusted: {e}"),
+        })?;
+        Ok(Some(targets))
+    }
+
     /// Rotates the repository to the next root.
     pub fn rotate_root(
         &self,

@@ -41,16 +41,26 @@ pub enum KeyError {
 pub const ROOT_LIFETIME_SECS: i64 = 5 * 365 * 24 * 3600;
 
 fn write(path: &Path, text: &str, secret: bool) -> Result<(), KeyError> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let io = |source| KeyError::Io {
         path: path.into(),
         source,
     };
-    std::fs::write(path, text).map_err(io)?;
+    let mode = if secret { 0o600 } else { 0o644 };
+    // Created with its final mode: a secret is never readable by others, not even briefly.
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(path)
+        .map_err(io)?;
     if secret {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+        file.set_permissions(std::fs::Permissions::from_mode(mode))
+            .map_err(io)?;
     }
-    Ok(())
+    file.write_all(text.as_bytes()).map_err(io)
 }
 
 /// Reads a signing key file (64 hex characters).

@@ -42,8 +42,8 @@ pub enum PkiError {
     /// A name that cannot be an MQTT identity or a file name.
     #[error("{0:?} is not a valid identity (1-64 of [A-Za-z0-9._-])")]
     BadName(String),
-    /// `init` would overwrite an existing CA.
-    #[error("{0} exists: refusing to replace a CA")]
+    /// `init` or `issue` would overwrite an existing CA or identity.
+    #[error("{0} exists: refusing to replace it")]
     Exists(PathBuf),
 }
 
@@ -66,17 +66,21 @@ impl Identity {
     }
 }
 
+/// Writes a new file (never replaces one); private keys are created with mode 0600.
 fn write(path: &Path, text: &str, private: bool) -> Result<(), PkiError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let io = |source| PkiError::Io {
         path: path.into(),
         source,
     };
-    std::fs::write(path, text).map_err(io)?;
-    if private {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
-    }
-    Ok(())
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(if private { 0o600 } else { 0o644 })
+        .open(path)
+        .map_err(io)?;
+    file.write_all(text.as_bytes()).map_err(io)
 }
 
 fn read(path: &Path) -> Result<String, PkiError> {
@@ -140,6 +144,13 @@ pub fn issue(dir: &Path, name: &str) -> Result<Identity, PkiError> {
     params.distinguished_name = named(name);
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     let id = Identity::in_dir(dir, name);
+    // Never re-issue over an identity: a device named like the server (or an existing
+    // device) would take its place in the ACL.
+    for f in [&id.cert, &id.key] {
+        if f.exists() {
+            return Err(PkiError::Exists(f.clone()));
+        }
+    }
     issue_with(&issuer, params, &id)?;
     Ok(id)
 }

@@ -283,12 +283,14 @@ pub fn sign_next_targets(
 
 /// Publishes an ONNX file: prepares its artifact and manifest, uploads the artifact, signs the
 /// next targets with the operators' `targets_keys` (a threshold of them) and hands them to
-/// the server.
+/// the server. The current targets are verified first, from `trusted_root` (the operators'
+/// root file) through the server's chain of rotations.
 pub fn publish_file(
     client: &crate::client::Client,
     path: &std::path::Path,
     opts: &PublishOptions,
     targets_keys: &[SigningKey],
+    trusted_root: &Signed,
     by: &str,
     now: i64,
 ) -> Result<Manifest, PublishError> {
@@ -300,7 +302,9 @@ pub fn publish_file(
     client
         .upload(&manifest.sha256, manifest.chunk_size, &artifact)
         .map_err(api)?;
-    let current = client.targets().map_err(api)?;
+    // Re-sign only what a threshold of the targets keys signed before, under a root reached
+    // from the operators' own.
+    let current = client.verified_targets(trusted_root).map_err(api)?;
     let keys: Vec<&SigningKey> = targets_keys.iter().collect();
     let targets = sign_next_targets(current.as_ref(), &manifest, &keys, now)?;
     client

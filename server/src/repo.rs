@@ -105,17 +105,23 @@ impl Repository {
         self.root.read().expect("root lock").clone()
     }
 
-    /// The roots after the provisioned one, oldest first: what a device needs to rotate.
+    /// Every root after version 1 that this server knows, oldest first: what a device
+    /// provisioned with any earlier root needs to walk to the newest one (even after the
+    /// operators put a newer `root.json` beside the keys for new devices).
     pub fn root_chain(&self) -> Result<Vec<Signed>, RepoError> {
-        let from = root_doc(&self.provisioned)?.version + 1;
+        let provisioned = root_doc(&self.provisioned)?.version;
         let to = root_doc(&self.root())?.version;
-        (from..=to)
-            .map(|v| {
-                self.db
-                    .repo_doc(&format!("root.{v}"))?
-                    .ok_or_else(|| RepoError::Rejected(format!("root version {v} missing")))
-            })
-            .collect()
+        let mut chain = Vec::new();
+        for v in 2..=to {
+            match self.db.repo_doc(&format!("root.{v}"))? {
+                Some(r) => chain.push(r),
+                None if v == provisioned => chain.push(self.provisioned.clone()),
+                // Older than anything this server saw: devices start at or after it.
+                None if v < provisioned => chain.clear(),
+                None => return Err(RepoError::Rejected(format!("root version {v} missing"))),
+            }
+        }
+        Ok(chain)
     }
 
     /// Makes `next` the trusted root: TUF §5.3's rules (exactly one version newer, signed by

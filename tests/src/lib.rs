@@ -325,11 +325,13 @@ impl Fleet {
     /// Publishes an ONNX file as `name` at `version`.
     pub fn publish_file(&self, path: &Path, name: &str, version: u64) -> Manifest {
         let keys = keyset::read_role_keys(&self.keys, "targets").expect("targets keys");
+        let root = keyset::read_root(&self.keys.join("root.json")).expect("root.json");
         publish_file(
             &self.client,
             path,
             &PublishOptions::new(name, version),
             &keys,
+            &root,
             "e2e",
             modelcast_server::unix_now(),
         )

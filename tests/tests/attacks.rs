@@ -324,12 +324,42 @@ fn revoked_keys_and_unmet_thresholds_are_refused_after_a_root_rotation() {
     fleet.deploy("classifier", 2, "*");
     // Serving v2 proves the device walked to root version 2 (root 1 knows neither key).
     fleet.wait_serving("edge-1", "classifier", 2);
+    assert_eq!(edge.check_golden(&v2), "2");
+
+    // A second rotation replaces the root key itself (signed by the old and the new one).
+    // From now on every desired state carries the chain [v2, v3]; the device must keep
+    // accepting it although v2 was signed by a key root 3 no longer lists.
+    let new_root_key = SigningKey::from_bytes(&[23; 32]);
+    let current = fleet
+        .client
+        .verified_root(&keyset::read_root(&fleet.keys.join("root.json")).unwrap())
+        .unwrap();
+    let old_root_key = keyset::read_key(&fleet.keys.join("root.key")).unwrap();
+    let change = keyset::RootChange {
+        add: vec![("root".into(), new_root_key.public())],
+        revoke: vec![("root".into(), old_root_key.public().key_id())],
+        ..Default::default()
+    };
+    let mut v3_root = keyset::next_root(&current, &change, now).unwrap();
+    keyset::add_signature(&mut v3_root, &old_root_key).unwrap();
+    keyset::add_signature(&mut v3_root, &new_root_key).unwrap();
+    fleet
+        .client
+        .rotate_root(&modelcast_server::api::RootRequest {
+            root: v3_root,
+            targets: None,
+            by: "e2e".into(),
+        })
+        .unwrap();
+    let v4 = fleet.publish_example(4, 64);
+    fleet.deploy("classifier", 4, "*");
+    fleet.wait_serving("edge-1", "classifier", 4);
 
     let pki = fleet.pki.clone().unwrap();
     let intruder = Rogue::connect_tls(fleet.mqtt_port, &pki, "intruder", None);
-    let mut opts = PublishOptions::new("classifier", 3);
+    let mut opts = PublishOptions::new("classifier", 5);
     opts.chunk_size = 16 * 1024;
-    let evil = prepare(&example_model(3, 64), &opts, now).unwrap().manifest;
+    let evil = prepare(&example_model(5, 64), &opts, now).unwrap().manifest;
     let mut forged: Targets = fleet
         .client
         .targets()
@@ -345,24 +375,24 @@ fn revoked_keys_and_unmet_thresholds_are_refused_after_a_root_rotation() {
     let forger = Forger::steal(&fleet).with_targets(Signed::sign(&forged, &[&revoked]));
     intruder.publish_desired("edge-1", &forger.desired("edge-1", models, 10_000, FAR));
     let reason = fleet.wait_error("edge-1", "targets: 0 valid signature(s) of threshold 2");
-    assert_eq!(edge.check_golden(&v2), "2", "{reason}");
+    assert_eq!(edge.check_golden(&v4), "4", "{reason}");
 
     // One of the two required keys: threshold not met.
     let forger = Forger::steal(&fleet).with_targets(Signed::sign(&forged, &[&k2]));
     intruder.publish_desired("edge-1", &forger.desired("edge-1", models, 10_010, FAR));
     let reason = fleet.wait_error("edge-1", "targets: 1 valid signature(s) of threshold 2");
-    assert_eq!(edge.check_golden(&v2), "2", "{reason}");
+    assert_eq!(edge.check_golden(&v4), "4", "{reason}");
     // That key's signature given twice does not make two.
     let mut twice = Signed::sign(&forged, &[&k2]);
     twice.signatures.push(twice.signatures[0].clone());
     let forger = Forger::steal(&fleet).with_targets(twice);
     intruder.publish_desired("edge-1", &forger.desired("edge-1", models, 10_020, FAR));
     let reason = fleet.wait_error("edge-1", "signs twice");
-    assert_eq!(edge.check_golden(&v2), "2", "{reason}");
+    assert_eq!(edge.check_golden(&v4), "4", "{reason}");
     assert!(fleet.server_logged("valid signature(s) of threshold 2"));
     assert_eq!(
         fleet.report("edge-1").unwrap().models["classifier"].serving_version(),
-        Some(2)
+        Some(4)
     );
     drop(v1);
 }

@@ -163,9 +163,12 @@ enum RootCommand {
     /// Write the next root version with keys added, revoked or thresholds changed
     /// (unsigned: sign it with `root sign` by a threshold of old and new root keys).
     Rotate {
-        /// The current root (default: the server's).
+        /// The current root (default: the server's, verified from `--trusted`).
         #[arg(long)]
         from: Option<PathBuf>,
+        /// The operators' own root file, from which the server's chain is verified.
+        #[arg(long, default_value = "./keys/root.json")]
+        trusted: PathBuf,
         /// Output file.
         #[arg(long)]
         out: PathBuf,
@@ -198,6 +201,10 @@ enum RootCommand {
         /// Targets key files to re-sign the current targets with (repeatable).
         #[arg(long = "targets-key")]
         targets_keys: Vec<PathBuf>,
+        /// The operators' own root file, from which the server's targets are verified
+        /// before they are re-signed.
+        #[arg(long, default_value = "./keys/root.json")]
+        trusted: PathBuf,
         /// Who rotates.
         #[arg(long, env = "USER", default_value = "operator")]
         by: String,
@@ -240,13 +247,17 @@ fn root_command(client: &Client, cmd: RootCommand) -> anyhow::Result<()> {
         }
         RootCommand::Rotate {
             from,
+            trusted,
             out,
             add,
             revoke,
             threshold,
             expires_days,
         } => {
-            let current = load(&from)?;
+            let current = match &from {
+                Some(p) => keyset::read_root(p)?,
+                None => client.verified_root(&keyset::read_root(&trusted)?)?,
+            };
             let change = keyset::RootChange {
                 add: add
                     .into_iter()
@@ -278,6 +289,7 @@ fn root_command(client: &Client, cmd: RootCommand) -> anyhow::Result<()> {
         RootCommand::Push {
             root,
             targets_keys,
+            trusted,
             by,
         } => {
             let next = keyset::read_root(&root)?;
@@ -288,7 +300,9 @@ fn root_command(client: &Client, cmd: RootCommand) -> anyhow::Result<()> {
                     .iter()
                     .map(|p| keyset::read_key(p))
                     .collect::<Result<Vec<_>, _>>()?;
-                let current = client.targets()?.context("no targets published yet")?;
+                let current = client
+                    .verified_targets(&keyset::read_root(&trusted)?)?
+                    .context("no targets published yet")?;
                 let mut doc: Targets = current.parse("targets")?;
                 doc.version += 1;
                 let signers: Vec<_> = keys.iter().collect();
@@ -485,7 +499,8 @@ fn main() -> anyhow::Result<()> {
             opts.golden = !no_golden;
             opts.format = format;
             opts.metadata = meta.into_iter().collect();
-            let manifest = publish_file(&client, &model, &opts, &key, &by, unix_now())?;
+            let root = keyset::read_root(&keys.join("root.json"))?;
+            let manifest = publish_file(&client, &model, &opts, &key, &root, &by, unix_now())?;
             println!(
                 "published {name} v{version} as {}: {} bytes, {} chunk(s), sha256 {}…, {} golden vector(s)",
                 manifest.model_format,
