@@ -99,6 +99,29 @@ pub fn mosquitto_conf(s: &MosquittoSetup<'_>) -> String {
 mod tests {
     use super::*;
 
+    /// `server/mosquitto/` ships the generated files for the default prefix, with the PKI in
+    /// `/etc/mosquitto/modelcast-pki`; they must not drift from the generator.
+    /// `MODELCAST_BLESS=1 cargo test -p modelcast-server acl` rewrites them.
+    #[test]
+    fn shipped_mosquitto_files_match_the_generator() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("mosquitto");
+        let acl_text = acl("modelcast", &[crate::pki::SERVER_IDENTITY.to_string()]);
+        let conf_text = mosquitto_conf(&MosquittoSetup {
+            listen_host: "0.0.0.0",
+            port: 8883,
+            pki_dir: Path::new("/etc/mosquitto/modelcast-pki"),
+            acl_file: Path::new("/etc/mosquitto/modelcast.acl"),
+        });
+        if std::env::var_os("MODELCAST_BLESS").is_some() {
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("modelcast.acl"), &acl_text).unwrap();
+            std::fs::write(dir.join("modelcast.conf"), &conf_text).unwrap();
+        }
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+        assert_eq!(read("modelcast.acl"), acl_text);
+        assert_eq!(read("modelcast.conf"), conf_text);
+    }
+
     #[test]
     fn devices_get_their_own_subtree_and_the_server_everything() {
         let text = acl("modelcast", &["modelcast-server".into()]);
