@@ -123,7 +123,7 @@ impl Link {
         let _ = self
             .client
             .publish(
-                self.topics.chunk_requests(),
+                self.topics.chunk_requests(&self.device),
                 QoS::AtLeastOnce,
                 false,
                 request.to_vec(),

@@ -127,7 +127,7 @@ async fn chunk_server(port: u16, artifacts: Vec<Vec<u8>>) -> AsyncClient {
     let (client, mut eventloop) = AsyncClient::new(opts, 256);
     let topics = Topics::new("modelcast");
     client
-        .subscribe(topics.chunk_requests(), QoS::AtLeastOnce)
+        .subscribe(topics.all_devices(DeviceTopic::Requests), QoS::AtLeastOnce)
         .await
         .unwrap();
     let replier = client.clone();

@@ -16,6 +16,9 @@ pub enum DeviceTopic {
     Telemetry,
     /// Retained online/offline status, with a last will.
     Online,
+    /// Chunk requests (agent → server): on the device's own topic, so a broker ACL binds
+    /// the sender to the device it names.
+    Requests,
 }
 
 impl DeviceTopic {
@@ -26,6 +29,7 @@ impl DeviceTopic {
             DeviceTopic::State => "state",
             DeviceTopic::Telemetry => "telemetry",
             DeviceTopic::Online => "online",
+            DeviceTopic::Requests => "requests",
         }
     }
 
@@ -36,6 +40,7 @@ impl DeviceTopic {
             "state" => DeviceTopic::State,
             "telemetry" => DeviceTopic::Telemetry,
             "online" => DeviceTopic::Online,
+            "requests" => DeviceTopic::Requests,
             _ => return None,
         })
     }
@@ -65,14 +70,14 @@ impl Topics {
         format!("{}/d/+/{}", self.prefix, kind.suffix())
     }
 
-    /// `<p>/s/chunk-requests`.
-    pub fn chunk_requests(&self) -> String {
-        format!("{}/s/chunk-requests", self.prefix)
+    /// `<p>/d/{device}/requests`: where `device` asks for chunks.
+    pub fn chunk_requests(&self, device: &str) -> String {
+        self.device(device, DeviceTopic::Requests)
     }
 
-    /// `$share/{group}/<p>/s/chunk-requests`: server replicas share the requests.
+    /// `$share/{group}/<p>/d/+/requests`: server replicas share every device's requests.
     pub fn chunk_requests_shared(&self, group: &str) -> String {
-        format!("$share/{group}/{}", self.chunk_requests())
+        format!("$share/{group}/{}", self.all_devices(DeviceTopic::Requests))
     }
 
     /// Splits a device topic into device id and kind.
@@ -103,9 +108,6 @@ mod tests {
         assert_eq!(t.parse_device("other/d/dev-1/state"), None);
         assert_eq!(t.parse_device("mc/d/+/state"), None);
         assert_eq!(t.all_devices(DeviceTopic::State), "mc/d/+/state");
-        assert_eq!(
-            t.chunk_requests_shared("srv"),
-            "$share/srv/mc/s/chunk-requests"
-        );
+        assert_eq!(t.chunk_requests_shared("srv"), "$share/srv/mc/d/+/requests");
     }
 }

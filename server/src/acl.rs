@@ -7,8 +7,7 @@
 //! | topic | device |
 //! | --- | --- |
 //! | `<p>/d/%u/desired`, `<p>/d/%u/chunks` | subscribe (read) only |
-//! | `<p>/d/%u/state`, `<p>/d/%u/telemetry`, `<p>/d/%u/online` | publish (write) only |
-//! | `<p>/s/chunk-requests` | publish only |
+//! | `<p>/d/%u/state`, `<p>/d/%u/telemetry`, `<p>/d/%u/online`, `<p>/d/%u/requests` | publish (write) only |
 //! | anything else, other devices' topics included | nothing |
 //!
 //! Only the fleet server's identities may publish desired states (or anything else under
@@ -62,7 +61,7 @@ pub fn acl(prefix: &str, server_identities: &[String]) -> String {
         dev(DeviceTopic::State),
         dev(DeviceTopic::Telemetry),
         dev(DeviceTopic::Online),
-        t.chunk_requests(),
+        dev(DeviceTopic::Requests),
     );
     out
 }
@@ -128,7 +127,7 @@ mod tests {
         assert!(text.contains("user modelcast-server\ntopic readwrite modelcast/#"));
         assert!(text.contains("pattern read modelcast/d/%u/desired"));
         assert!(text.contains("pattern write modelcast/d/%u/state"));
-        assert!(text.contains("pattern write modelcast/s/chunk-requests"));
+        assert!(text.contains("pattern write modelcast/d/%u/requests"));
         // Devices never get write access to desired states, nor any wildcard.
         assert!(!text.contains("pattern write modelcast/d/%u/desired"));
         assert!(!text.contains("pattern readwrite"));

@@ -121,19 +121,23 @@ impl Fleet {
     }
 
     async fn handle(self: &Arc<Self>, topic: &str, payload: &[u8]) {
-        if topic == self.topics.chunk_requests() {
-            match ChunkRequest::from_slice(payload) {
-                Ok(req) => {
-                    let fleet = self.clone();
-                    tokio::spawn(async move { fleet.serve_chunks(req).await });
-                }
-                Err(e) => warn!(error = %e, "bad chunk request dropped"),
-            }
-            return;
-        }
         let Some((device, kind)) = self.topics.parse_device(topic) else {
             return;
         };
+        if kind == DeviceTopic::Requests {
+            match ChunkRequest::from_slice(payload) {
+                // The topic is the sender (the broker's ACL binds it); the request must agree.
+                Ok(req) if req.device == device => {
+                    let fleet = self.clone();
+                    tokio::spawn(async move { fleet.serve_chunks(req).await });
+                }
+                Ok(req) => {
+                    warn!(%device, named = %req.device, "chunk request naming another device dropped")
+                }
+                Err(e) => warn!(%device, error = %e, "bad chunk request dropped"),
+            }
+            return;
+        }
         let result = match kind {
             DeviceTopic::State => self.handle_report(&device, payload).await,
             DeviceTopic::Online => self.handle_online(&device, payload),

@@ -659,7 +659,7 @@ impl Rogue {
         let topics = Topics::new("modelcast");
         if artifact.is_some() {
             client
-                .subscribe(topics.chunk_requests(), QoS::AtLeastOnce)
+                .subscribe(topics.all_devices(DeviceTopic::Requests), QoS::AtLeastOnce)
                 .expect("subscribe");
         }
         let (ack_tx, acks) = std::sync::mpsc::channel();
@@ -685,7 +685,11 @@ impl Rogue {
                         continue;
                     }
                 };
-                if p.topic != topics.chunk_requests() {
+                let is_request = matches!(
+                    topics.parse_device(&p.topic),
+                    Some((_, DeviceTopic::Requests))
+                );
+                if !is_request {
                     let _ = seen_tx.send((p.topic.clone(), p.payload.to_vec()));
                     continue;
                 }

@@ -226,12 +226,31 @@ fn every_attack_is_rejected_and_the_old_model_keeps_serving() {
     intruder.publish_raw(&desired_topic("edge-1"), true, b"forged".to_vec());
     intruder.publish_raw(&desired_topic("intruder"), true, b"forged".to_vec());
     intruder.publish_raw("modelcast/d/edge-1/state", true, b"forged".to_vec());
+    // Chunk requests on edge-1's behalf: on edge-1's topic the broker refuses them, and on
+    // the intruder's own topic the server drops a request naming another device.
+    let on_behalf = modelcast_proto::chunk::ChunkRequest {
+        format: modelcast_proto::FORMAT_VERSION,
+        device: "edge-1".into(),
+        artifact: v1.sha256.clone(),
+        chunks: vec![0],
+    };
+    intruder.publish_raw("modelcast/d/edge-1/requests", false, on_behalf.to_vec());
+    intruder.publish_raw("modelcast/d/intruder/requests", false, on_behalf.to_vec());
     wait_for(
         "the broker to deny the forgeries",
         Duration::from_secs(10),
         || {
             let log = broker.log();
-            (log.matches("Denied PUBLISH from intruder").count() >= 3).then_some(())
+            (log.matches("Denied PUBLISH from intruder").count() >= 4).then_some(())
+        },
+    );
+    wait_for(
+        "the server to drop the spoofed request",
+        Duration::from_secs(10),
+        || {
+            fleet
+                .server_logged("chunk request naming another device dropped")
+                .then_some(())
         },
     );
     std::thread::sleep(Duration::from_secs(1));
