@@ -246,16 +246,6 @@ impl Config {
             .map(Some)
             .map_err(|e| ConfigError::Invalid(format!("tls: {e}")))
     }
-
-    /// The broker's host and port.
-    pub fn broker_addr(&self) -> Result<(String, u16), ConfigError> {
-        parse_broker(&self.broker)
-    }
-}
-
-/// Parses `mqtt://host:port` (or `host:port`).
-pub fn parse_broker(url: &str) -> Result<(String, u16), ConfigError> {
-    modelcast_proto::parse_broker_url(url).map_err(|e| ConfigError::Invalid(e.to_string()))
 }
 
 #[cfg(test)]
@@ -276,7 +266,8 @@ mod tests {
             "#,
         )
         .unwrap();
-        assert_eq!(cfg.broker_addr().unwrap(), ("10.0.0.1".into(), 1884));
+        let broker = cfg.broker_url().unwrap();
+        assert_eq!((broker.host.as_str(), broker.port), ("10.0.0.1", 1884));
         assert_eq!(cfg.labels["site"], "berlin");
         assert_eq!(cfg.transfer.window, 64);
     }
@@ -290,7 +281,8 @@ mod tests {
             "device_id = 'a'\nnope = 1\n[trust]\nroot='r'\ndirector_keys=['0']"
         )
         .is_err());
-        assert!(parse_broker("mqtt://host").is_err());
+        let parse = modelcast_proto::BrokerUrl::parse;
+        assert!(parse("mqtt://host").is_err());
         let base = "device_id = 'a'\n[trust]\nroot='r'\ndirector_keys=['0']\n";
         let tls = Config::from_toml(&format!("broker = 'mqtts://h:8883'\n{base}"));
         assert!(tls.unwrap_err().to_string().contains("[tls]"));
@@ -299,6 +291,6 @@ mod tests {
         let ok = "[tls]\nca = 'ca.pem'\ncert = 'c.pem'\nkey = 'c.key'\n";
         assert!(Config::from_toml(&format!("broker = 'mqtts://h:8883'\n{base}{ok}")).is_ok());
         assert!(Config::from_toml(&format!("broker = 'mqtt://h:1883'\n{base}{ok}")).is_err());
-        assert_eq!(parse_broker("[::1]:1883").unwrap(), ("::1".into(), 1883));
+        assert_eq!(parse("[::1]:1883").unwrap().host, "::1");
     }
 }

@@ -83,11 +83,6 @@ impl BrokerUrl {
     }
 }
 
-/// Splits a broker address into host and port (see [`BrokerUrl::parse`]).
-pub fn parse_broker_url(url: &str) -> Result<(String, u16), DecodeError> {
-    BrokerUrl::parse(url).map(|b| (b.host, b.port))
-}
-
 /// Hex-encoded SHA-256 of `bytes`.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;

@@ -337,14 +337,33 @@ pub mod fixture {
             expires: &str,
         ) -> DesiredState {
             let mut targets = Targets::new(version, expires);
-            let mut director = Targets::new(version, expires);
             for m in models {
                 targets.targets.insert(m.target_path(), m.to_target());
+            }
+            let targets = Signed::sign(&targets, &[&self.targets]);
+            self.desired_over(&targets, device, models, version, expires)
+        }
+
+        /// A desired state for `device` running `models` over already signed repository
+        /// `targets` (what a holder of only the online keys can make): snapshot, timestamp
+        /// and director at `version`, signed with this set's snapshot, timestamp and director
+        /// keys; the snapshot names the targets' own version.
+        pub fn desired_over(
+            &self,
+            targets: &Signed,
+            device: &str,
+            models: &[Manifest],
+            version: u64,
+            expires: &str,
+        ) -> DesiredState {
+            let mut director = Targets::new(version, expires);
+            for m in models {
                 let mut t = m.to_target();
                 t.custom = Some(serde_json::json!({ "device": device }));
                 director.targets.insert(m.target_path(), t);
             }
-            let meta = |file: &str| {
+            let targets_version = targets.signed["version"].as_u64().unwrap_or(0);
+            let meta = |file: &str, version: u64| {
                 BTreeMap::from([(
                     file.to_string(),
                     MetaFile {
@@ -354,8 +373,18 @@ pub mod fixture {
                     },
                 )])
             };
-            let snapshot = MetaIndex::new("snapshot", version, expires, meta("targets.json"));
-            let timestamp = MetaIndex::new("timestamp", version, expires, meta("snapshot.json"));
+            let snapshot = MetaIndex::new(
+                "snapshot",
+                version,
+                expires,
+                meta("targets.json", targets_version),
+            );
+            let timestamp = MetaIndex::new(
+                "timestamp",
+                version,
+                expires,
+                meta("snapshot.json", version),
+            );
             DesiredState {
                 format: crate::FORMAT_VERSION,
                 device: device.into(),
@@ -364,7 +393,7 @@ pub mod fixture {
                     root: vec![],
                     timestamp: Signed::sign(&timestamp, &[&self.timestamp]),
                     snapshot: Signed::sign(&snapshot, &[&self.snapshot]),
-                    targets: Signed::sign(&targets, &[&self.targets]),
+                    targets: targets.clone(),
                 },
             }
         }

@@ -23,6 +23,14 @@ pub enum ClientError {
         /// The server's message.
         message: String,
     },
+    /// What the server returned does not verify from the operators' own trust anchor.
+    #[error("the server's {what} is not trusted: {reason}")]
+    Untrusted {
+        /// `root` or `targets`.
+        what: &'static str,
+        /// Why.
+        reason: String,
+    },
 }
 
 fn transport(e: impl std::fmt::Display) -> ClientError {
@@ -105,9 +113,9 @@ impl Client {
     /// `trusted` (the operators' own root file): a compromised server cannot slip keys into
     /// what operators sign next.
     pub fn verified_root(&self, trusted: &Signed) -> Result<Signed, ClientError> {
-        let untrusted = |e: String| ClientError::Api {
-            status: 0,
-            message: format!("the server's root is not trusted: {e}"),
+        let untrusted = |reason: String| ClientError::Untrusted {
+            what: "root",
+            reason,
         };
         let chain = self.roots()?;
         let current = modelcast_proto::verify::update_root(trusted, &chain)
@@ -131,9 +139,9 @@ impl Client {
                 .verify::<modelcast_proto::metadata::Targets>(&doc.role("targets")?, "targets")?;
             Ok(())
         };
-        check().map_err(|e| ClientError::Api {
-            status: 0,
-            message: format!("the server's targets are not trusted: {e}"),
+        check().map_err(|e| ClientError::Untrusted {
+            what: "targets",
+            reason: e.to_string(),
         })?;
         Ok(Some(targets))
     }

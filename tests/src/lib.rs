@@ -832,46 +832,14 @@ impl Forger {
         version: u64,
         expires: &str,
     ) -> modelcast_proto::desired::DesiredState {
-        use modelcast_proto::metadata::{MetaFile, MetaIndex, Signed, Targets};
-        let targets: Targets = self.targets.parse("targets").expect("targets");
-        let meta = |file: &str, v: u64| {
-            BTreeMap::from([(
-                file.to_string(),
-                MetaFile {
-                    version: v,
-                    length: None,
-                    hashes: None,
-                },
-            )])
+        // Only the online roles' keys are used; the offline ones never leave the operators.
+        let online = modelcast_proto::verify::fixture::Keys {
+            root: self.online.clone(),
+            targets: self.online.clone(),
+            snapshot: self.online.clone(),
+            timestamp: self.online.clone(),
+            director: self.online.clone(),
         };
-        let snapshot = MetaIndex::new(
-            "snapshot",
-            version,
-            expires,
-            meta("targets.json", targets.version),
-        );
-        let timestamp = MetaIndex::new(
-            "timestamp",
-            version,
-            expires,
-            meta("snapshot.json", version),
-        );
-        let mut director = Targets::new(version, expires);
-        for m in models {
-            let mut t = m.to_target();
-            t.custom = Some(serde_json::json!({ "device": device }));
-            director.targets.insert(m.target_path(), t);
-        }
-        modelcast_proto::desired::DesiredState {
-            format: modelcast_proto::FORMAT_VERSION,
-            device: device.into(),
-            director: Signed::sign(&director, &[&self.online]),
-            repository: modelcast_proto::desired::RepositoryMetadata {
-                root: vec![],
-                timestamp: Signed::sign(&timestamp, &[&self.online]),
-                snapshot: Signed::sign(&snapshot, &[&self.online]),
-                targets: self.targets.clone(),
-            },
-        }
+        online.desired_over(&self.targets, device, models, version, expires)
     }
 }

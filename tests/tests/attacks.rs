@@ -310,13 +310,11 @@ fn revoked_keys_and_unmet_thresholds_are_refused_after_a_root_rotation() {
         &keyset::read_key(&fleet.keys.join("root.key")).unwrap(),
     )
     .unwrap();
-    let mut targets: Targets = fleet
-        .client
-        .targets()
-        .unwrap()
-        .unwrap()
-        .parse("targets")
-        .unwrap();
+    let current_targets = || -> Targets {
+        let signed = fleet.client.targets().unwrap().unwrap();
+        signed.parse("targets").unwrap()
+    };
+    let mut targets = current_targets();
     targets.version += 1;
     let resigned = Signed::sign(&targets, &[&k2, &k3]);
     // Re-signed by one new key only: the server refuses the rotation as it is.
@@ -379,13 +377,7 @@ fn revoked_keys_and_unmet_thresholds_are_refused_after_a_root_rotation() {
     let mut opts = PublishOptions::new("classifier", 5);
     opts.chunk_size = 16 * 1024;
     let evil = prepare(&example_model(5, 64), &opts, now).unwrap().manifest;
-    let mut forged: Targets = fleet
-        .client
-        .targets()
-        .unwrap()
-        .unwrap()
-        .parse("targets")
-        .unwrap();
+    let mut forged = current_targets();
     forged.version += 1;
     forged.targets.insert(evil.target_path(), evil.to_target());
     let models = std::slice::from_ref(&evil);
