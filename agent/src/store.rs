@@ -140,7 +140,9 @@ pub struct Store {
     files: Artifacts,
 }
 
-fn decode<T: for<'de> Deserialize<'de>>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
+/// Decodes one stored record (read back from disk, so untrusted: a corrupt record is an
+/// error naming `key`, never a panic).
+pub fn decode<T: for<'de> Deserialize<'de>>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
     serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
         key: key.into(),
         reason: e.to_string(),

@@ -5,6 +5,7 @@
 //! - [`Agent`]: one device process with its store, inference port and config.
 //! - [`Mosquitto`]: Debian's broker, started on a free port.
 //! - [`Rogue`]: an attacker on the broker who signs or serves what it likes.
+//! - [`hammer`]: clients loading a device's inference API, answers kept with their latency.
 
 use std::collections::BTreeMap;
 use std::net::TcpListener;
@@ -17,6 +18,8 @@ use modelcast_proto::report::DeviceReport;
 use modelcast_server::client::Client;
 use modelcast_server::publish::{publish_file, PublishOptions};
 use modelcast_server::{keyset, onnx};
+
+pub mod hammer;
 
 /// Path of a workspace binary, building the binaries once if they are missing.
 pub fn bin(name: &str) -> PathBuf {
@@ -517,41 +520,7 @@ impl Agent {
     /// Sends a KServe v2 JSON inference request built from tensors; returns the version that
     /// answered and the first output's values, or the error body.
     pub fn infer(&self, model: &str, inputs: &[TensorData]) -> Result<(String, Vec<f64>), String> {
-        let inputs: Vec<serde_json::Value> = inputs
-            .iter()
-            .map(|t| {
-                serde_json::json!({
-                    "name": t.name, "shape": t.shape, "datatype": "FP32",
-                    "data": t.values().expect("tensor values"),
-                })
-            })
-            .collect();
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(30)))
-            .build()
-            .into();
-        let mut resp = agent
-            .post(format!(
-                "http://127.0.0.1:{}/v2/models/{model}/infer",
-                self.http_port
-            ))
-            .send_json(serde_json::json!({ "inputs": inputs }))
-            .map_err(|e| e.to_string())?;
-        let status = resp.status().as_u16();
-        let body: serde_json::Value = resp.body_mut().read_json().map_err(|e| e.to_string())?;
-        if status != 200 {
-            return Err(format!("{status}: {body}"));
-        }
-        let version = body["model_version"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
-        let data = body["outputs"][0]["data"]
-            .as_array()
-            .map(|a| a.iter().filter_map(|v| v.as_f64()).collect())
-            .unwrap_or_default();
-        Ok((version, data))
+        hammer::InferClient::new(self.http_port, model, inputs).call()
     }
 
     /// Runs the manifest's golden vector and checks the answer; returns the version.
@@ -577,6 +546,29 @@ impl Drop for Agent {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// What the ONNX model `onnx`, published as `manifest`, answers to `inputs` (first output),
+/// computed in this process with tract from the ONNX file itself: an expectation that does not
+/// come from the device under test.
+pub fn reference_output(onnx: &[u8], manifest: &Manifest, inputs: &[TensorData]) -> Vec<f64> {
+    use modelcast_agent::engine::{HostTensor, LoadedModel, Values};
+    let mut as_onnx = manifest.clone();
+    as_onnx.model_format = modelcast_proto::manifest::ModelFormat::Onnx;
+    let model = LoadedModel::load(&as_onnx, modelcast_proto::report::Slot::A, &mut &onnx[..])
+        .expect("reference model loads");
+    let inputs: Vec<HostTensor> = inputs
+        .iter()
+        .map(|t| HostTensor {
+            name: t.name.clone(),
+            shape: t.shape.clone(),
+            values: Values::from_f64(t.datatype, &t.values().expect("tensor values"))
+                .expect("FP32 values"),
+        })
+        .collect();
+    model.run(&inputs).expect("reference run")[0]
+        .values
+        .to_f64()
 }
 
 /// Labels as a map.
