@@ -70,6 +70,24 @@ fn reserve(file: &File, len: u64) -> std::io::Result<()> {
     file.set_len(len)
 }
 
+/// Bytes an unprivileged process may still write on the file system holding `dir`.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut stat = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: a NUL-terminated path and a buffer statvfs fills on success.
+    let rc = unsafe { libc::statvfs(path.as_ptr(), stat.as_mut_ptr()) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: statvfs returned 0, so it filled the buffer.
+    let stat = unsafe { stat.assume_init() };
+    // The field types differ between targets (u32 on armv7): a widening conversion there.
+    #[allow(clippy::useless_conversion)]
+    let (blocks, size) = (u64::from(stat.f_bavail), u64::from(stat.f_frsize));
+    Some(blocks.saturating_mul(size))
+}
+
 impl Artifacts {
     /// Opens (creating) the artifact directory `dir`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
@@ -100,7 +118,15 @@ impl Artifacts {
         };
         if let Err(e) = reserve(&file, manifest.size) {
             drop(file);
+            // Whatever part of the reservation was made goes back to the disk.
             let _ = std::fs::remove_file(&path);
+            if e.raw_os_error() == Some(libc::ENOSPC) {
+                return Err(StoreError::NoSpace {
+                    needed: manifest.size,
+                    available: free_bytes(&self.dir).unwrap_or(0),
+                    dir: self.dir.display().to_string(),
+                });
+            }
             return Err(io_err(&path, e));
         }
         // Just created: nothing to hash.

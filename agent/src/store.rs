@@ -46,6 +46,20 @@ pub enum StoreError {
         /// What failed.
         source: std::io::Error,
     },
+    /// The disk has no room for an artifact (checked when its download starts).
+    #[error(
+        "not enough disk space: the artifact needs {} MiB, {} MiB are free in {dir}",
+        mib(*needed),
+        mib(*available)
+    )]
+    NoSpace {
+        /// Bytes the artifact needs.
+        needed: u64,
+        /// Bytes free for the agent.
+        available: u64,
+        /// The artifact directory.
+        dir: String,
+    },
     /// No file holds the artifact.
     #[error("artifact {artifact} is not stored")]
     MissingArtifact {
@@ -147,6 +161,11 @@ pub fn decode<T: for<'de> Deserialize<'de>>(key: &str, bytes: &[u8]) -> Result<T
         key: key.into(),
         reason: e.to_string(),
     })
+}
+
+/// Bytes in MiB with one decimal, for messages.
+fn mib(bytes: u64) -> String {
+    format!("{:.1}", bytes as f64 / (1024.0 * 1024.0))
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
