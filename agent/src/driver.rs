@@ -97,6 +97,9 @@ struct Agent {
     desired_version: u64,
     last_report: Instant,
     report_due: bool,
+    /// Connected to the broker: chunk requests go out only then (requests made while the
+    /// link is down would be lost or queued, and asked again after it is back).
+    online: bool,
     /// The last good model of each model on trial, kept loaded to swap back at once.
     previous: BTreeMap<String, Arc<LoadedModel>>,
     probations: BTreeMap<String, Probation>,
@@ -280,6 +283,7 @@ pub async fn run(
         desired_version: store.trust()?.map_or(0, |t| t.director_version),
         last_report: Instant::now(),
         report_due: true,
+        online: false,
         cfg,
         store,
         models,
@@ -400,11 +404,13 @@ impl Agent {
         match event {
             LinkEvent::Connected => {
                 info!("connected to broker");
+                self.online = true;
                 self.report_due = true;
                 self.last_report = Instant::now() - REPORT_EVERY;
             }
             LinkEvent::Disconnected(reason) => {
                 warn!(%reason, "broker link down");
+                self.online = false;
                 for t in self.transfers.values_mut() {
                     t.handle_disconnect();
                 }
@@ -520,6 +526,7 @@ impl Agent {
         else {
             return; // Not (or no longer) wanted.
         };
+        self.metrics.chunk_received(&name, reply.data.len() as u64);
         let transfer = self.transfers.get_mut(&name).expect("found above");
         match transfer.handle_chunk(reply.index, reply.data) {
             Ok(Accepted::Store) => {
@@ -896,7 +903,14 @@ impl Agent {
                 let m = t.manifest();
                 stalled.push((m.name.clone(), m.version, idle, t.received_bytes(), m.size));
             }
+            if !self.online {
+                continue;
+            }
+            let refetched = t.refetched_chunks();
             let chunks = t.poll_request(now);
+            let name = &t.manifest().name;
+            self.metrics
+                .chunks_refetched(name, t.refetched_chunks() - refetched);
             if !chunks.is_empty() {
                 requests.push(ChunkRequest {
                     format: modelcast_proto::FORMAT_VERSION,

@@ -147,6 +147,8 @@ pub struct Metrics {
     update_phase: Family<PhaseLabels, Gauge>,
     updates: Family<OutcomeLabels, Counter>,
     downloaded: Family<ModelLabels, Counter>,
+    chunk_bytes: Family<ModelLabels, Counter>,
+    refetched: Family<ModelLabels, Counter>,
     chunks_rejected: Counter,
     store_bytes: Gauge<u64, AtomicU64>,
 }
@@ -203,6 +205,19 @@ impl Metrics {
             Unit::Bytes,
             downloaded.clone(),
         );
+        let chunk_bytes = Family::<ModelLabels, Counter>::default();
+        registry.register_with_unit(
+            "chunk_received",
+            "Chunk bytes received for downloads in progress, duplicates and rejected ones included",
+            Unit::Bytes,
+            chunk_bytes.clone(),
+        );
+        let refetched = Family::<ModelLabels, Counter>::default();
+        registry.register(
+            "chunks_refetched",
+            "Chunks requested again (timed out, or lost with the connection)",
+            refetched.clone(),
+        );
         let chunks_rejected = Counter::default();
         registry.register(
             "chunks_rejected",
@@ -225,6 +240,8 @@ impl Metrics {
             update_phase,
             updates,
             downloaded,
+            chunk_bytes,
+            refetched,
             chunks_rejected,
             store_bytes,
         }
@@ -288,6 +305,26 @@ impl Metrics {
                 model: model.to_string(),
             })
             .inc_by(bytes);
+    }
+
+    /// Counts the bytes of a chunk reply for a download in progress.
+    pub fn chunk_received(&self, model: &str, bytes: u64) {
+        self.chunk_bytes
+            .get_or_create(&ModelLabels {
+                model: model.to_string(),
+            })
+            .inc_by(bytes);
+    }
+
+    /// Counts chunks requested again.
+    pub fn chunks_refetched(&self, model: &str, chunks: u64) {
+        if chunks > 0 {
+            self.refetched
+                .get_or_create(&ModelLabels {
+                    model: model.to_string(),
+                })
+                .inc_by(chunks);
+        }
     }
 
     /// Counts a rejected chunk reply.

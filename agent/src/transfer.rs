@@ -56,6 +56,8 @@ pub struct Transfer {
     have: Vec<bool>,
     missing: usize,
     in_flight: BTreeMap<u32, Instant>,
+    /// Chunks asked for at least once (a second request is a re-fetch).
+    asked: Vec<bool>,
     cursor: u32,
     window: usize,
     timeout: Duration,
@@ -86,6 +88,7 @@ impl Transfer {
             .sum();
         Transfer {
             missing: have.iter().filter(|h| !**h).count(),
+            asked: vec![false; have.len()],
             have,
             manifest,
             in_flight: BTreeMap::new(),
@@ -134,7 +137,8 @@ impl Transfer {
         self.received_bytes
     }
 
-    /// Chunks asked for more than once (timeouts), a measure of waste.
+    /// Chunk requests that asked again for a chunk asked for before (timed out, or lost with
+    /// the connection): a measure of waste.
     pub fn refetched_chunks(&self) -> u64 {
         self.refetched
     }
@@ -192,7 +196,6 @@ impl Transfer {
             if now.saturating_duration_since(*sent) >= self.timeout {
                 *sent = now;
                 out.push(*index);
-                self.refetched += 1;
             }
         }
         let count = self.manifest.chunk_count();
@@ -208,6 +211,13 @@ impl Transfer {
                 self.in_flight.insert(index, now);
                 out.push(index);
             }
+        }
+        for &index in &out {
+            let asked = &mut self.asked[index as usize];
+            if *asked {
+                self.refetched += 1;
+            }
+            *asked = true;
         }
         out
     }
@@ -246,6 +256,31 @@ mod tests {
         let later = t0 + Duration::from_secs(6);
         assert_eq!(t.poll_request(later), vec![0, 2, 3]);
         assert_eq!(t.refetched_chunks(), 3);
+    }
+
+    #[test]
+    fn requests_lost_with_the_connection_are_asked_again_once() {
+        let bytes: Vec<u8> = (0..60).collect();
+        let t0 = Instant::now();
+        let mut t = Transfer::new(manifest(&bytes, 10), vec![], 2, Duration::from_secs(5));
+        assert_eq!(t.poll_request(t0), vec![0, 1]);
+        assert_eq!(t.handle_chunk(0, &bytes[..10]), Ok(Accepted::Store));
+        t.handle_stored(0);
+        t.handle_disconnect();
+        // Chunk 1 was lost with the link: asked again (once), after the new ones in the window.
+        assert_eq!(t.poll_request(t0), vec![2, 3]);
+        for i in [2u32, 3, 4, 5] {
+            let at = 10 * i as usize;
+            if i == 4 {
+                assert_eq!(t.poll_request(t0), vec![4, 5]);
+            }
+            assert_eq!(t.handle_chunk(i, &bytes[at..at + 10]), Ok(Accepted::Store));
+            t.handle_stored(i);
+        }
+        assert_eq!(t.poll_request(t0), vec![1]);
+        assert_eq!(t.refetched_chunks(), 1);
+        // A late copy of a stored chunk is a duplicate, not a second store.
+        assert_eq!(t.handle_chunk(2, &bytes[20..30]), Ok(Accepted::Duplicate));
     }
 
     #[test]

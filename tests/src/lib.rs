@@ -5,6 +5,7 @@
 //! - [`Agent`]: one device process with its store, inference port and config.
 //! - [`Mosquitto`]: Debian's broker, started on a free port.
 //! - [`Rogue`]: an attacker on the broker who signs or serves what it likes.
+//! - [`proxy`]: a TCP proxy a test can cut (a network cut without privileges).
 //! - [`hammer`]: clients loading a device's inference API, answers kept with their latency.
 
 use std::collections::BTreeMap;
@@ -20,6 +21,7 @@ use modelcast_server::publish::{publish_file, PublishOptions};
 use modelcast_server::{keyset, onnx};
 
 pub mod hammer;
+pub mod proxy;
 
 /// Path of a workspace binary, building the binaries once if they are missing.
 pub fn bin(name: &str) -> PathBuf {
@@ -142,6 +144,7 @@ impl Drop for Proc {
 /// Debian's mosquitto on a free port.
 pub struct Mosquitto {
     proc: Proc,
+    conf: PathBuf,
     port: u16,
     pki: Option<PathBuf>,
     log: PathBuf,
@@ -214,10 +217,24 @@ impl Mosquitto {
         });
         Mosquitto {
             proc,
+            conf: conf.into(),
             port,
             pki,
             log,
         }
+    }
+
+    /// Kills it (SIGKILL: no goodbye to clients) and starts it again on the same port, with
+    /// the same configuration and no state (persistence is off).
+    pub fn restart(&mut self) {
+        self.proc.kill();
+        let restarted = Self::spawn(
+            self.log.parent().expect("log dir"),
+            self.port,
+            &self.conf.clone(),
+            self.pki.clone(),
+        );
+        *self = restarted;
     }
 
     /// The PKI directory of a TLS broker.
@@ -389,13 +406,27 @@ impl Fleet {
 
     /// Starts an agent `id` with `labels`, connected to this fleet's broker.
     pub fn start_agent(&self, id: &str, labels: &[(&str, &str)]) -> Agent {
-        Agent::new(self, id, labels, "")
+        Agent::new(self, id, labels, AgentOptions::default())
     }
 
     /// [`Fleet::start_agent`] with more TOML appended to its config (e.g. a `[probation]`
     /// section).
     pub fn start_agent_with(&self, id: &str, labels: &[(&str, &str)], toml: &str) -> Agent {
-        Agent::new(self, id, labels, toml)
+        let options = AgentOptions {
+            extra: toml.into(),
+            ..AgentOptions::default()
+        };
+        Agent::new(self, id, labels, options)
+    }
+
+    /// [`Fleet::start_agent`] with every option.
+    pub fn start_agent_opts(
+        &self,
+        id: &str,
+        labels: &[(&str, &str)],
+        options: AgentOptions,
+    ) -> Agent {
+        Agent::new(self, id, labels, options)
     }
 
     /// The server's log tail.
@@ -411,6 +442,17 @@ impl Fleet {
     }
 }
 
+/// How an agent differs from the default test agent.
+#[derive(Debug, Clone, Default)]
+pub struct AgentOptions {
+    /// More TOML appended to its config (e.g. a `[probation]` section).
+    pub extra: String,
+    /// More keys for its `[transfer]` section (e.g. `window = 8`), one per line.
+    pub transfer: String,
+    /// The broker port it connects to, when not the fleet's (e.g. through a [`proxy::Proxy`]).
+    pub broker_port: Option<u16>,
+}
+
 /// One device.
 pub struct Agent {
     /// Device id.
@@ -424,7 +466,12 @@ pub struct Agent {
 }
 
 impl Agent {
-    fn new(fleet: &Fleet, id: &str, labels: &[(&str, &str)], extra: &str) -> Agent {
+    fn new(fleet: &Fleet, id: &str, labels: &[(&str, &str)], options: AgentOptions) -> Agent {
+        let AgentOptions {
+            extra,
+            transfer,
+            broker_port,
+        } = options;
         let http_port = free_port();
         let dir = fleet.dir.path();
         let labels: Vec<String> = labels
@@ -450,10 +497,10 @@ impl Agent {
         std::fs::write(
             &config,
             format!(
-                "device_id = \"{id}\"\nlabels = {{ {} }}\nstate_dir = \"{}\"\nbroker = \"{scheme}://127.0.0.1:{}\"\nhttp_listen = \"127.0.0.1:{http_port}\"\n[trust]\nroot = \"{}\"\ndirector_keys = [\"{}\"]\n[transfer]\nchunk_timeout_secs = 2\nstall_timeout_secs = 5\n{tls}{extra}",
+                "device_id = \"{id}\"\nlabels = {{ {} }}\nstate_dir = \"{}\"\nbroker = \"{scheme}://127.0.0.1:{}\"\nhttp_listen = \"127.0.0.1:{http_port}\"\n[trust]\nroot = \"{}\"\ndirector_keys = [\"{}\"]\n[transfer]\nchunk_timeout_secs = 2\nstall_timeout_secs = 5\n{transfer}{tls}{extra}",
                 labels.join(", "),
                 dir.join(id).display(),
-                fleet.mqtt_port,
+                broker_port.unwrap_or(fleet.mqtt_port),
                 fleet.keys.join("root.json").display(),
                 director.trim()
             ),
@@ -521,6 +568,20 @@ impl Agent {
     /// answered and the first output's values, or the error body.
     pub fn infer(&self, model: &str, inputs: &[TensorData]) -> Result<(String, Vec<f64>), String> {
         hammer::InferClient::new(self.http_port, model, inputs).call()
+    }
+
+    /// The value of one Prometheus sample from its `/metrics`, e.g.
+    /// `modelcast_downloaded_bytes_total{model="classifier"}`; `None` if absent.
+    pub fn metric(&self, sample: &str) -> Option<f64> {
+        let text = ureq::get(format!("http://127.0.0.1:{}/metrics", self.http_port))
+            .call()
+            .ok()?
+            .body_mut()
+            .read_to_string()
+            .ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
     }
 
     /// Runs the manifest's golden vector and checks the answer; returns the version.
