@@ -172,9 +172,14 @@ impl Config {
             )));
         }
         let p = &self.probation;
-        if !(0.0..=1.0).contains(&p.max_error_rate) || !(1.0..).contains(&p.max_p99_ratio) {
+        if !(0.0..=1.0).contains(&p.max_error_rate)
+            || !(1.0..).contains(&p.max_p99_ratio)
+            || !(0.0..=60_000.0).contains(&p.p99_slack_ms)
+        {
             return Err(ConfigError::Invalid(
-                "probation: max_error_rate must be within 0..1 and max_p99_ratio at least 1".into(),
+                "probation: max_error_rate must be within 0..1, max_p99_ratio at least 1 and \
+                 p99_slack_ms within 0..60000"
+                    .into(),
             ));
         }
         if self.trust.director_keys.is_empty() {

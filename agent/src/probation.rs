@@ -21,6 +21,10 @@ pub struct ProbationPolicy {
     pub max_error_rate: f64,
     /// Largest p99 latency tolerated, as a multiple of the previous model's p99.
     pub max_p99_ratio: f64,
+    /// A p99 no more than this many milliseconds above the previous model's is never a reason
+    /// to roll back, whatever the ratio: sub-millisecond models are compared on scheduler and
+    /// timer noise otherwise.
+    pub p99_slack_ms: f64,
     /// Start-ups with the trial slot active (crashes) after which it is rolled back.
     pub max_trial_boots: u32,
 }
@@ -32,6 +36,7 @@ impl Default for ProbationPolicy {
             seconds: 120,
             max_error_rate: 0.02,
             max_p99_ratio: 2.0,
+            p99_slack_ms: 1.0,
             max_trial_boots: 3,
         }
     }
@@ -159,7 +164,8 @@ impl Probation {
             ));
         }
         if let (Some(p99), Some(base)) = (self.trial.p99(), self.baseline.p99()) {
-            if p99 > base * self.policy.max_p99_ratio {
+            let slack = self.policy.p99_slack_ms / 1e3;
+            if p99 > base * self.policy.max_p99_ratio && p99 > base + slack {
                 return Some(format!(
                     "p99 latency {:.2} ms exceeds {:.1}× the previous model's {:.2} ms",
                     p99 * 1e3,
@@ -208,6 +214,7 @@ mod tests {
             seconds: 60,
             max_error_rate: 0.05,
             max_p99_ratio: 2.0,
+            p99_slack_ms: 0.0,
             max_trial_boots: 3,
         }
     }
@@ -264,6 +271,32 @@ mod tests {
         }
         // 6 failures > 5% of 100 before the trial is over: rolled back at once.
         assert!(matches!(failing.verdict(t0), Verdict::Rollback(r) if r.contains("failed")));
+    }
+
+    #[test]
+    fn sub_millisecond_jitter_is_not_a_slow_model() {
+        let t0 = Instant::now();
+        let mut base = Window::default();
+        for _ in 0..200 {
+            base.record(true, Duration::from_micros(70));
+        }
+        let jittery = |slack_ms: f64| {
+            let policy = ProbationPolicy {
+                p99_slack_ms: slack_ms,
+                ..policy()
+            };
+            let mut p = Probation::new(policy, base.clone(), t0);
+            for i in 0..100 {
+                p.record(
+                    true,
+                    Duration::from_micros(if i % 10 == 0 { 240 } else { 70 }),
+                );
+            }
+            p.verdict(t0)
+        };
+        // 0.24 ms against 0.07 ms: 3.4×, but 0.17 ms is within a 1 ms slack.
+        assert_eq!(jittery(1.0), Verdict::Commit);
+        assert!(matches!(jittery(0.0), Verdict::Rollback(r) if r.contains("p99")));
     }
 
     proptest! {

@@ -10,7 +10,7 @@ use modelcast_server::onnx::example_model_of_size;
 use modelcast_tests::{wait_for, Agent, Fleet};
 
 const PROBATION: &str =
-    "[probation]\nrequests = 100\nseconds = 600\nmax_p99_ratio = 3.0\nmax_trial_boots = 2\n";
+    "[probation]\nrequests = 100\nseconds = 600\nmax_p99_ratio = 3.0\np99_slack_ms = 0.0\nmax_trial_boots = 2\n";
 
 /// Sends `n` inferences; returns the versions that answered.
 fn hammer(agent: &Agent, manifest: &modelcast_proto::manifest::Manifest, n: usize) -> Vec<String> {

@@ -12,7 +12,8 @@ use modelcast_tests::hammer::Hammer;
 use modelcast_tests::{reference_output, wait_for, Fleet};
 
 /// Trials are judged on 60 live requests; a version three times slower at p99 is rolled back.
-const PROBATION: &str = "[probation]\nrequests = 60\nseconds = 600\nmax_p99_ratio = 3.0\n";
+const PROBATION: &str =
+    "[probation]\nrequests = 60\nseconds = 600\nmax_p99_ratio = 3.0\np99_slack_ms = 0.0\n";
 
 /// Each cycle: a good version is swapped in and committed, then a slow one is swapped in and
 /// rolled back — three pointer exchanges.
