@@ -8,6 +8,7 @@
 
 use std::io::Read;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use modelcast_proto::manifest::{DataType, Manifest, ModelFormat, TensorSpec};
 use modelcast_proto::report::Slot;
@@ -37,7 +38,21 @@ pub enum EngineError {
     /// tract failed while running.
     #[error("inference failed: {0}")]
     Run(String),
+    /// The warm-up runs were slower than the manifest's latency budget.
+    #[error("latency budget: p95 {p95_us} µs over {runs} warm-up runs exceeds {budget_us} µs")]
+    TooSlow {
+        /// Measured p95.
+        p95_us: u64,
+        /// The manifest's budget.
+        budget_us: u64,
+        /// Runs measured.
+        runs: u32,
+    },
 }
+
+/// Warm-up runs before a swap when the manifest sets no latency budget: the first inferences
+/// of a fresh plan are slow (allocation, caches), and they should not be live requests.
+pub const DEFAULT_WARMUP_RUNS: u32 = 3;
 
 /// Typed tensor values.
 #[derive(Debug, Clone, PartialEq)]
@@ -297,6 +312,72 @@ impl LoadedModel {
             }
         }
         Ok(())
+    }
+}
+
+impl LoadedModel {
+    /// Warm-up input: the first golden vector's, or zeros of every input's shape.
+    fn warmup_inputs(&self) -> Result<Vec<HostTensor>, EngineError> {
+        if let Some(golden) = self.manifest.golden.first() {
+            return golden
+                .inputs
+                .iter()
+                .map(|t| {
+                    let v = t
+                        .values()
+                        .map_err(|e| EngineError::BadInput(e.to_string()))?;
+                    Ok(HostTensor {
+                        name: t.name.clone(),
+                        shape: t.shape.clone(),
+                        values: Values::from_f64(t.datatype, &v)?,
+                    })
+                })
+                .collect();
+        }
+        self.manifest
+            .inputs
+            .iter()
+            .map(|spec| {
+                let n = spec
+                    .elements()
+                    .ok_or_else(|| EngineError::Interface(format!("{} is too large", spec.name)))?;
+                Ok(HostTensor {
+                    name: spec.name.clone(),
+                    shape: spec.shape.clone(),
+                    values: Values::from_f64(spec.datatype, &vec![0.0; n])?,
+                })
+            })
+            .collect()
+    }
+
+    /// Runs the model on its warm-up input (the manifest's latency budget's run count, or
+    /// [`DEFAULT_WARMUP_RUNS`]) before it serves, and checks the p95 of those runs against the
+    /// budget. Returns the p95.
+    pub fn warm_up(&self) -> Result<Duration, EngineError> {
+        let budget = self.manifest.latency_budget;
+        let runs = budget.map_or(DEFAULT_WARMUP_RUNS, |b| b.runs).max(1);
+        let inputs = self.warmup_inputs()?;
+        let mut took = Vec::with_capacity(runs as usize);
+        for _ in 0..runs {
+            let started = Instant::now();
+            self.run(&inputs)?;
+            took.push(started.elapsed());
+        }
+        took.sort();
+        // Nearest rank.
+        let rank = ((0.95 * runs as f64).ceil() as usize).clamp(1, took.len());
+        let p95 = took[rank - 1];
+        if let Some(b) = budget {
+            let p95_us = p95.as_micros() as u64;
+            if p95_us > b.p95_us {
+                return Err(EngineError::TooSlow {
+                    p95_us,
+                    budget_us: b.p95_us,
+                    runs,
+                });
+            }
+        }
+        Ok(p95)
     }
 }
 

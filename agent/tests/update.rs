@@ -110,6 +110,7 @@ fn manifest(bytes: &[u8], version: u64, model_format: ModelFormat) -> Manifest {
         expires: FAR.into(),
         metadata: BTreeMap::new(),
         probation: None,
+        latency_budget: None,
     };
     let out = reference_output(bytes, &m);
     m.golden.push(GoldenVector {

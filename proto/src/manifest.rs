@@ -186,6 +186,20 @@ pub struct Manifest {
     /// configuration).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub probation: Option<ProbationSpec>,
+    /// The latency a device must measure before this version may serve.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_budget: Option<LatencyBudget>,
+}
+
+/// A latency budget checked before the swap: over `runs` warm-up inferences on the device,
+/// the 95th percentile must not exceed `p95_us` microseconds (integers: canonical JSON has no
+/// floats).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LatencyBudget {
+    /// Largest p95 latency allowed, in microseconds.
+    pub p95_us: u64,
+    /// Warm-up runs measured (1..=1000).
+    pub runs: u32,
 }
 
 /// A manifest's probation override: the trial ends after this many requests or seconds.
@@ -305,6 +319,14 @@ impl Manifest {
         for g in &self.golden {
             g.tolerance()?;
         }
+        if let Some(b) = self.latency_budget {
+            if b.p95_us == 0 || !(1..=1000).contains(&b.runs) {
+                return Err(invalid(format!(
+                    "latency budget of {} µs over {} runs out of range",
+                    b.p95_us, b.runs
+                )));
+            }
+        }
         crate::metadata::parse_expiry(&self.expires)?;
         Ok(())
     }
@@ -413,6 +435,7 @@ mod tests {
             expires: "2030-01-01T00:00:00Z".into(),
             metadata: BTreeMap::from([("framework".into(), "onnx".into())]),
             probation: None,
+            latency_budget: None,
         }
     }
 

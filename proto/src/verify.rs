@@ -279,6 +279,7 @@ pub mod fixture {
             expires: "2035-01-01T00:00:00Z".into(),
             metadata: Default::default(),
             probation: None,
+            latency_budget: None,
         }
     }
 

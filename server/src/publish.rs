@@ -8,7 +8,8 @@ use std::collections::BTreeMap;
 
 use modelcast_proto::keys::SigningKey;
 use modelcast_proto::manifest::{
-    chunk_digests, DataType, GoldenVector, Manifest, ModelFormat, TensorData, DEFAULT_CHUNK_SIZE,
+    chunk_digests, DataType, GoldenVector, LatencyBudget, Manifest, ModelFormat, TensorData,
+    DEFAULT_CHUNK_SIZE,
 };
 use modelcast_proto::metadata::{format_expiry, Signed, Targets};
 use thiserror::Error;
@@ -50,6 +51,8 @@ pub struct PublishOptions {
     pub golden: bool,
     /// Registry metadata.
     pub metadata: BTreeMap<String, String>,
+    /// The latency devices must measure in warm-up runs before this version may serve.
+    pub latency_budget: Option<LatencyBudget>,
 }
 
 impl PublishOptions {
@@ -62,6 +65,7 @@ impl PublishOptions {
             format: ModelFormat::Nnef,
             golden: true,
             metadata: BTreeMap::new(),
+            latency_budget: None,
         }
     }
 }
@@ -231,6 +235,7 @@ pub fn prepare(onnx: &[u8], opts: &PublishOptions, now: i64) -> Result<Prepared,
         expires: format_expiry(now + MANIFEST_LIFETIME_SECS),
         metadata,
         probation: None,
+        latency_budget: opts.latency_budget,
     };
     if opts.golden {
         manifest.golden.extend(golden_vector(&artifact, &manifest)?);

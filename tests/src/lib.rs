@@ -344,12 +344,17 @@ impl Fleet {
 
     /// Publishes an ONNX file as `name` at `version`.
     pub fn publish_file(&self, path: &Path, name: &str, version: u64) -> Manifest {
+        self.publish_with(path, &PublishOptions::new(name, version))
+    }
+
+    /// Publishes an ONNX file with every option.
+    pub fn publish_with(&self, path: &Path, opts: &PublishOptions) -> Manifest {
         let keys = keyset::read_role_keys(&self.keys, "targets").expect("targets keys");
         let root = keyset::read_root(&self.keys.join("root.json")).expect("root.json");
         publish_file(
             &self.client,
             path,
-            &PublishOptions::new(name, version),
+            opts,
             &keys,
             &root,
             "e2e",

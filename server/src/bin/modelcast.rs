@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use modelcast_proto::manifest::ModelFormat;
+use modelcast_proto::manifest::{LatencyBudget, ModelFormat};
 use modelcast_proto::report::Phase;
 use modelcast_server::api::DeployRequest;
 use modelcast_server::client::Client;
@@ -112,6 +112,13 @@ enum Command {
         /// `onnx` (the file as is; needs agents built with the `onnx` feature).
         #[arg(long, default_value = "nnef")]
         format: ModelFormat,
+        /// Devices reject this version unless the p95 of their warm-up runs is within this
+        /// many milliseconds (checked before the swap).
+        #[arg(long)]
+        p95_budget_ms: Option<f64>,
+        /// Warm-up runs measured for the latency budget.
+        #[arg(long, default_value_t = 20, requires = "p95_budget_ms")]
+        warmup_runs: u32,
     },
     /// Deploy a published version to a device group.
     Deploy {
@@ -483,6 +490,8 @@ fn main() -> anyhow::Result<()> {
             meta,
             no_golden,
             format,
+            p95_budget_ms,
+            warmup_runs,
         } => {
             let key = if targets_keys.is_empty() {
                 keyset::read_role_keys(&keys, "targets")?
@@ -499,6 +508,15 @@ fn main() -> anyhow::Result<()> {
             opts.golden = !no_golden;
             opts.format = format;
             opts.metadata = meta.into_iter().collect();
+            if let Some(ms) = p95_budget_ms {
+                if !(ms > 0.0 && ms.is_finite()) {
+                    bail!("--p95-budget-ms must be a positive number of milliseconds");
+                }
+                opts.latency_budget = Some(LatencyBudget {
+                    p95_us: (ms * 1000.0).round().max(1.0) as u64,
+                    runs: warmup_runs,
+                });
+            }
             let root = keyset::read_root(&keys.join("root.json"))?;
             let manifest = publish_file(&client, &model, &opts, &key, &root, &by, unix_now())?;
             println!(

@@ -78,16 +78,20 @@ fn main() {
     let shots = hammer.stop();
 
     let failed = shots.iter().filter(|s| s.answer.is_err()).count();
-    // Each swap: the first answer from a new version.
+    // Each swap as each client saw it: its first answer from a new version.
     let mut swap_at = Vec::new();
-    let mut last = String::new();
-    for s in &shots {
-        if let Ok((v, _)) = &s.answer {
-            if *v != last {
-                if !last.is_empty() {
-                    swap_at.push(s.sent);
+    let mut changes = 0;
+    for client in 0..4 {
+        let mut last = String::new();
+        for s in shots.iter().filter(|s| s.client == client) {
+            if let Ok((v, _)) = &s.answer {
+                if *v != last {
+                    if !last.is_empty() {
+                        swap_at.push(s.sent);
+                        changes += usize::from(client == 0);
+                    }
+                    last = v.clone();
                 }
-                last = v.clone();
             }
         }
     }
@@ -117,10 +121,9 @@ fn main() {
     let steady_p99 = quantile(&steady_lat, 0.99);
 
     println!(
-        "bench-swap: 4 clients, model width {hidden}, {swaps} swaps in {:.1}s, {} version changes \
-         seen, {} requests, {failed} failed",
+        "bench-swap: 4 clients, model width {hidden}, {swaps} swaps in {:.1}s, {changes} version \
+         changes seen by client 0, {} requests, {failed} failed",
         (swaps_to - swaps_from).as_secs_f64(),
-        swap_at.len(),
         shots.len()
     );
     line("steady", &steady_shots, steady_p99);
