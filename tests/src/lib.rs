@@ -385,6 +385,13 @@ impl Fleet {
             .report
     }
 
+    /// Waits until some device has registered with the server.
+    pub fn wait_registered(&self) {
+        wait_for("device registered", Duration::from_secs(30), || {
+            (!self.client.devices().ok()?.is_empty()).then_some(())
+        });
+    }
+
     /// Waits until `device` reports `model` serving `version`.
     pub fn wait_serving(&self, device: &str, model: &str, version: u64) {
         wait_for(

@@ -280,9 +280,7 @@ fn revoked_keys_and_unmet_thresholds_are_refused_after_a_root_rotation() {
         &[("site", "lab")],
         "[probation]\nrequests = 1\nseconds = 1\n",
     );
-    wait_for("device registered", Duration::from_secs(30), || {
-        (!fleet.client.devices().ok()?.is_empty()).then_some(())
-    });
+    fleet.wait_registered();
     let v1 = fleet.publish_example(1, 64);
     fleet.deploy("classifier", 1, "*");
     fleet.wait_serving("edge-1", "classifier", 1);

@@ -84,9 +84,7 @@ fn kill_at_random_points(runs: u64) {
     let fleet = Fleet::embedded();
     let store = fleet.dir.path().join("edge-1");
     let mut agent = fleet.start_agent_with("edge-1", &[("site", "lab")], PROBATION);
-    wait_for("device registered", Duration::from_secs(30), || {
-        (!fleet.client.devices().ok()?.is_empty()).then_some(())
-    });
+    fleet.wait_registered();
     let mut current: Manifest = fleet.publish_example(1, 16);
     fleet.deploy("classifier", 1, "*");
     fleet.wait_serving("edge-1", "classifier", 1);

@@ -80,9 +80,7 @@ fn an_update_that_does_not_fit_is_rejected_and_the_old_model_serves() {
     // No probation: each version commits at once, so the next one may replace the other slot.
     let no_trial = "[probation]\nrequests = 0\nseconds = 0\n";
     let agent = fleet.start_agent_with("edge-1", &[("site", "lab")], no_trial);
-    wait_for("device registered", Duration::from_secs(30), || {
-        (!fleet.client.devices().ok()?.is_empty()).then_some(())
-    });
+    fleet.wait_registered();
     let v1 = fleet.publish_example(1, 16);
     fleet.deploy("classifier", 1, "*");
     fleet.wait_serving("edge-1", "classifier", 1);

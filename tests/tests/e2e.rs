@@ -83,9 +83,7 @@ fn restarted_with_the_broker_gone_it_serves_its_last_model() {
     let mut mosquitto = Mosquitto::start(dir.path());
     let fleet = Fleet::with_broker(dir, mosquitto.port());
     let mut agent = fleet.start_agent("edge-1", &[("site", "lab")]);
-    wait_for("device registered", Duration::from_secs(30), || {
-        (!fleet.client.devices().ok()?.is_empty()).then_some(())
-    });
+    fleet.wait_registered();
     let v1 = fleet.publish_example(1, 64);
     fleet.deploy("classifier", 1, "site=lab");
     fleet.wait_serving("edge-1", "classifier", 1);
@@ -102,9 +100,7 @@ fn restarted_with_the_broker_gone_it_serves_its_last_model() {
 fn hostile_updates_are_rejected_with_a_reason_and_the_model_keeps_serving() {
     let fleet = Fleet::embedded();
     let agent = fleet.start_agent("edge-1", &[("site", "lab")]);
-    wait_for("device registered", Duration::from_secs(30), || {
-        (!fleet.client.devices().ok()?.is_empty()).then_some(())
-    });
+    fleet.wait_registered();
     let v1 = fleet.publish_example(1, 64);
     fleet.deploy("classifier", 1, "*");
     fleet.wait_serving("edge-1", "classifier", 1);

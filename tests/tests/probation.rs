@@ -35,9 +35,7 @@ fn wait_error(fleet: &Fleet, device: &str, version: u64, needle: &str) -> String
 fn slow_and_crash_looping_versions_are_rolled_back() {
     let fleet = Fleet::embedded();
     let mut agent = fleet.start_agent_with("edge-1", &[("site", "lab")], PROBATION);
-    wait_for("device registered", Duration::from_secs(30), || {
-        (!fleet.client.devices().ok()?.is_empty()).then_some(())
-    });
+    fleet.wait_registered();
     // v1: tiny and fast; the first install has nothing to roll back to and commits at once.
     let v1 = fleet.publish_example(1, 16);
     fleet.deploy("classifier", 1, "*");

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use modelcast_server::onnx::example_model_of_size;
 use modelcast_tests::proxy::Proxy;
-use modelcast_tests::{wait_for, AgentOptions, Fleet, Mosquitto};
+use modelcast_tests::{AgentOptions, Fleet, Mosquitto};
 
 const MIB: u64 = 1024 * 1024;
 const WINDOW: u64 = 8;
@@ -34,9 +34,7 @@ fn a_download_resumes_after_a_network_cut_and_a_broker_restart() {
             broker_port: Some(proxy.port()),
         },
     );
-    wait_for("device registered", Duration::from_secs(30), || {
-        (!fleet.client.devices().ok()?.is_empty()).then_some(())
-    });
+    fleet.wait_registered();
     let v1 = fleet.publish_example(1, 16);
     fleet.deploy("classifier", 1, "*");
     fleet.wait_serving("edge-1", "classifier", 1);

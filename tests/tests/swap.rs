@@ -23,9 +23,7 @@ const CYCLES: u64 = 7;
 fn swaps_and_rollbacks_under_load_fail_no_request() {
     let fleet = Fleet::embedded();
     let agent = fleet.start_agent_with("edge-1", &[("site", "lab")], PROBATION);
-    wait_for("device registered", Duration::from_secs(30), || {
-        (!fleet.client.devices().ok()?.is_empty()).then_some(())
-    });
+    fleet.wait_registered();
     let v1 = fleet.publish_example(1, 16);
     fleet.deploy("classifier", 1, "*");
     fleet.wait_serving("edge-1", "classifier", 1);

@@ -2,12 +2,10 @@
 //! budget its manifest sets is rejected with the measured p95 in the reason, and the old model
 //! keeps serving; the same model with a budget it meets installs.
 
-use std::time::Duration;
-
 use modelcast_proto::manifest::LatencyBudget;
 use modelcast_server::onnx::example_model_of_size;
 use modelcast_server::publish::PublishOptions;
-use modelcast_tests::{wait_for, Fleet};
+use modelcast_tests::Fleet;
 
 #[test]
 fn a_version_over_its_latency_budget_never_serves() {
@@ -17,9 +15,7 @@ fn a_version_over_its_latency_budget_never_serves() {
         &[("site", "lab")],
         "[probation]\nrequests = 0\nseconds = 0\n",
     );
-    wait_for("device registered", Duration::from_secs(30), || {
-        (!fleet.client.devices().ok()?.is_empty()).then_some(())
-    });
+    fleet.wait_registered();
     let v1 = fleet.publish_example(1, 16);
     fleet.deploy("classifier", 1, "*");
     fleet.wait_serving("edge-1", "classifier", 1);

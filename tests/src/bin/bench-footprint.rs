@@ -54,9 +54,7 @@ fn main() {
 
     let fleet = Fleet::embedded();
     let mut agent = fleet.start_agent("footprint-1", &[("site", "bench")]);
-    wait_for("device registered", Duration::from_secs(30), || {
-        (!fleet.client.devices().ok()?.is_empty()).then_some(())
-    });
+    fleet.wait_registered();
     let (idle, _) = rss(&agent);
     println!(
         "idle, connected, no model: RSS {:.1} MiB; goal ≤ 16 MB",

@@ -44,9 +44,7 @@ fn main() {
         &[("site", "lab")],
         "[probation]\nrequests = 100\nseconds = 600\n",
     );
-    wait_for("device registered", Duration::from_secs(30), || {
-        (!fleet.client.devices().ok()?.is_empty()).then_some(())
-    });
+    fleet.wait_registered();
     let v1 = fleet.publish_example(1, hidden);
     fleet.deploy("classifier", 1, "*");
     fleet.wait_serving("edge-1", "classifier", 1);

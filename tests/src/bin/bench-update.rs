@@ -150,9 +150,7 @@ fn main() {
         None => Fleet::embedded(),
     };
     let agent = fleet.start_agent("bench-1", &[("site", "bench")]);
-    wait_for("device registered", Duration::from_secs(30), || {
-        (!fleet.client.devices().ok()?.is_empty()).then_some(())
-    });
+    fleet.wait_registered();
     fleet.publish_example(1, 64);
     fleet.deploy("classifier", 1, "*");
     fleet.wait_serving("bench-1", "classifier", 1);
