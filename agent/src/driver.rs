@@ -32,7 +32,8 @@ use crate::metrics::{Metrics, Outcome};
 use crate::probation::{Probation, ProbationPolicy, Verdict, Window};
 use crate::serve::Models;
 use crate::serve::RequestOutcome;
-use crate::store::{ModelRecord, Store, StoreError, Trial};
+use crate::slots::{Admission, ModelRecord};
+use crate::store::{Store, StoreError};
 use crate::transfer::{Accepted, ChunkError, Transfer};
 
 /// How many bad copies of one chunk end an update.
@@ -134,16 +135,10 @@ fn restore(
 ) -> Result<Restored, StoreError> {
     let mut restored = Restored::default();
     for (name, mut record) in store.models()? {
-        if let Some(trial) = record.trial.as_mut() {
-            trial.boots += 1;
-            let (boots, version) = (trial.boots, record.serving().map_or(0, |m| m.version));
-            if boots > policy.max_trial_boots {
-                record.roll_back();
-                let reason = format!(
-                    "rolled back: version {version} was on trial through {boots} start-ups \
-                     (crash loop)"
-                );
-                warn!(model = %name, version, boots, "trial crash loop; rolling back");
+        if record.trial.is_some() {
+            let version = record.serving().map_or(0, |m| m.version);
+            if let Some(reason) = record.start_up(policy.max_trial_boots) {
+                warn!(model = %name, version, "trial crash loop; rolling back");
                 restored.rolled_back.push((name.clone(), version, reason));
             }
             store.put_model(&name, &record)?;
@@ -468,25 +463,22 @@ impl Agent {
             .model(&name)
             .map_err(|e| e.to_string())?
             .unwrap_or_default();
-        if record
-            .serving()
-            .is_some_and(|m| m.sha256 == manifest.sha256)
-            || record.failed.as_ref() == Some(&manifest.sha256)
-        {
-            return Ok(()); // Serving, or rolled back and reported then.
-        }
-        if self.probations.contains_key(&name) {
+        match record.admit(&manifest) {
+            // Serving, or rolled back and reported then.
+            Admission::Serving | Admission::Failed => return Ok(()),
             // One trial at a time: the last good slot must not be overwritten.
-            self.deferred.insert(name, manifest);
-            return Ok(());
-        }
-        if manifest.version < record.highest_version
-            || (manifest.version == record.highest_version && record.serving().is_some())
-        {
-            return Err(format!(
-                "version {} of {name} rejected: version {} already installed (rollback)",
-                manifest.version, record.highest_version
-            ));
+            Admission::Wait => {
+                self.deferred.insert(name, manifest);
+                return Ok(());
+            }
+            Admission::Rollback { highest } => {
+                return Err(format!(
+                    "version {} of {name} rejected: version {highest} already installed \
+                     (rollback)",
+                    manifest.version
+                ));
+            }
+            Admission::Install => {}
         }
         if self.rejected.contains(&manifest.sha256) {
             return Ok(()); // Already failed; reported then. A new version will retry.
@@ -636,18 +628,18 @@ impl Agent {
         };
         let previous = self.models.get(&name);
         let on_trial = previous.is_some() && self.policy_for(&manifest).enabled();
-        let commit = || -> Result<(), StoreError> {
-            let mut record = self.store.model(&name)?.unwrap_or_default();
-            record.set_slot(slot, Some(manifest.clone()));
-            record.trial = previous.as_ref().filter(|_| on_trial).map(|p| Trial {
-                slot,
-                previous: p.slot(),
-                boots: 0,
-            });
-            record.active = Some(slot);
-            record.highest_version = record.highest_version.max(manifest.version);
-            self.store.put_model(&name, &record)?;
-            self.store.clear_pending(&name)?;
+        let commit = || -> Result<(), String> {
+            let store_err = |e: StoreError| e.to_string();
+            let mut record = self
+                .store
+                .model(&name)
+                .map_err(store_err)?
+                .unwrap_or_default();
+            record
+                .install(slot, manifest.clone(), on_trial)
+                .map_err(|e| e.to_string())?;
+            self.store.put_model(&name, &record).map_err(store_err)?;
+            self.store.clear_pending(&name).map_err(store_err)?;
             Ok(())
         };
         if let Err(e) = commit() {
@@ -802,7 +794,7 @@ impl Agent {
 
     async fn commit_trial(&mut self, name: &str, window: Window) -> Result<(), StoreError> {
         let mut record = self.store.model(name)?.unwrap_or_default();
-        record.trial = None;
+        record.commit();
         self.store.put_model(name, &record)?;
         self.store.flush().await?;
         self.previous.remove(name);
@@ -858,10 +850,8 @@ impl Agent {
     async fn suspend_trials(&mut self) {
         for name in self.probations.keys() {
             if let Ok(Some(mut record)) = self.store.model(name) {
-                if let Some(t) = record.trial.as_mut() {
-                    t.boots = t.boots.saturating_sub(1);
-                    let _ = self.store.put_model(name, &record);
-                }
+                record.stop_cleanly();
+                let _ = self.store.put_model(name, &record);
             }
         }
         let _ = self.store.flush().await;

@@ -2,6 +2,7 @@
 //!
 //! - [`config`]: TOML config, overridden by environment and flags.
 //! - [`store`]: sled — trust, A/B slots, downloads, chunks, last error.
+//! - [`slots`]: the A/B slot state machine of one model (install, trial, commit, rollback).
 //! - [`transfer`]: the sans-IO chunk download of one artifact.
 //! - [`engine`]: tract — load, optimize for concrete shapes, golden check, run.
 //! - [`serve`]: the local Open Inference Protocol (KServe v2) API over the serving models.
@@ -18,6 +19,7 @@ pub mod memory;
 pub mod metrics;
 pub mod probation;
 pub mod serve;
+pub mod slots;
 pub mod store;
 pub mod systemd;
 pub mod transfer;

@@ -13,7 +13,7 @@
 use std::path::Path;
 
 use modelcast_proto::manifest::Manifest;
-use modelcast_proto::report::{ReportedError, Slot};
+use modelcast_proto::report::ReportedError;
 use modelcast_proto::verify::TrustState;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -76,72 +76,7 @@ pub enum StoreError {
     },
 }
 
-/// The two slots of one model and which one serves.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct ModelRecord {
-    /// The serving slot.
-    pub active: Option<Slot>,
-    /// Slot A's verified manifest.
-    pub a: Option<Manifest>,
-    /// Slot B's verified manifest.
-    pub b: Option<Manifest>,
-    /// Highest version ever accepted for this model (anti-rollback).
-    pub highest_version: u64,
-    /// The active slot is on trial: swapped in, not yet committed.
-    #[serde(default)]
-    pub trial: Option<Trial>,
-    /// SHA-256 of the last version rolled back; it is not installed again.
-    #[serde(default)]
-    pub failed: Option<String>,
-}
-
-/// A version on trial (RAUC's and U-Boot's "try boot", for models).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Trial {
-    /// The slot on trial (the active one).
-    pub slot: Slot,
-    /// The last good slot to swap back to.
-    pub previous: Slot,
-    /// Start-ups of the agent with this trial active and not cleanly stopped.
-    pub boots: u32,
-}
-
-impl ModelRecord {
-    /// The manifest in `slot`.
-    pub fn slot(&self, slot: Slot) -> Option<&Manifest> {
-        match slot {
-            Slot::A => self.a.as_ref(),
-            Slot::B => self.b.as_ref(),
-        }
-    }
-
-    /// Puts `manifest` into `slot`.
-    pub fn set_slot(&mut self, slot: Slot, manifest: Option<Manifest>) {
-        match slot {
-            Slot::A => self.a = manifest,
-            Slot::B => self.b = manifest,
-        }
-    }
-
-    /// The serving manifest.
-    pub fn serving(&self) -> Option<&Manifest> {
-        self.slot(self.active?)
-    }
-
-    /// Ends the trial by going back to the previous slot; the tried version is remembered
-    /// as failed. Returns the trial that ended.
-    pub fn roll_back(&mut self) -> Option<Trial> {
-        let trial = self.trial.take()?;
-        self.failed = self.slot(trial.slot).map(|m| m.sha256.clone());
-        self.active = Some(trial.previous);
-        Some(trial)
-    }
-
-    /// The slot a new version is staged into.
-    pub fn inactive(&self) -> Slot {
-        self.active.map_or(Slot::A, Slot::other)
-    }
-}
+pub use crate::slots::{ModelRecord, Trial};
 
 /// The agent's sled store.
 #[derive(Clone)]
@@ -336,6 +271,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use modelcast_proto::report::Slot;
     use std::io::Read;
 
     fn manifest_for(name: &str, version: u64, bytes: &[u8], chunk: u32) -> Manifest {
