@@ -10,7 +10,7 @@ use std::io::Read;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use modelcast_proto::manifest::{DataType, Manifest, ModelFormat, TensorSpec};
+use modelcast_proto::manifest::{DataType, Manifest, ModelFormat, TensorData, TensorSpec};
 use modelcast_proto::report::Slot;
 use thiserror::Error;
 use tract_nnef::prelude::*;
@@ -135,6 +135,20 @@ pub struct HostTensor {
     pub shape: Vec<u64>,
     /// Values.
     pub values: Values,
+}
+
+impl HostTensor {
+    /// A manifest tensor (golden vector data) as a host tensor.
+    pub fn from_data(t: &TensorData) -> Result<Self, EngineError> {
+        let values = t
+            .values()
+            .map_err(|e| EngineError::BadInput(e.to_string()))?;
+        Ok(HostTensor {
+            name: t.name.clone(),
+            shape: t.shape.clone(),
+            values: Values::from_f64(t.datatype, &values)?,
+        })
+    }
 }
 
 fn datum(dt: DataType) -> DatumType {
@@ -273,15 +287,9 @@ impl LoadedModel {
             let inputs = golden
                 .inputs
                 .iter()
-                .map(|t| {
-                    let v = t.values().map_err(|e| g(e.to_string()))?;
-                    Ok(HostTensor {
-                        name: t.name.clone(),
-                        shape: t.shape.clone(),
-                        values: Values::from_f64(t.datatype, &v)?,
-                    })
-                })
-                .collect::<Result<Vec<_>, EngineError>>()?;
+                .map(HostTensor::from_data)
+                .collect::<Result<Vec<_>, EngineError>>()
+                .map_err(|e| g(e.to_string()))?;
             let outputs = self.run(&inputs).map_err(|e| g(e.to_string()))?;
             for expected in &golden.outputs {
                 let got = outputs
@@ -313,26 +321,11 @@ impl LoadedModel {
         }
         Ok(())
     }
-}
 
-impl LoadedModel {
     /// Warm-up input: the first golden vector's, or zeros of every input's shape.
     fn warmup_inputs(&self) -> Result<Vec<HostTensor>, EngineError> {
         if let Some(golden) = self.manifest.golden.first() {
-            return golden
-                .inputs
-                .iter()
-                .map(|t| {
-                    let v = t
-                        .values()
-                        .map_err(|e| EngineError::BadInput(e.to_string()))?;
-                    Ok(HostTensor {
-                        name: t.name.clone(),
-                        shape: t.shape.clone(),
-                        values: Values::from_f64(t.datatype, &v)?,
-                    })
-                })
-                .collect();
+            return golden.inputs.iter().map(HostTensor::from_data).collect();
         }
         self.manifest
             .inputs

@@ -64,6 +64,15 @@ pub struct ErrorLabels {
     pub kind: ErrorKind,
 }
 
+/// Adds `n` to `model`'s counter in `family`.
+fn count(family: &Family<ModelLabels, Counter>, model: &str, n: u64) {
+    family
+        .get_or_create(&ModelLabels {
+            model: model.to_string(),
+        })
+        .inc_by(n);
+}
+
 /// A model name.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ModelLabels {
@@ -300,30 +309,18 @@ impl Metrics {
 
     /// Counts verified bytes received for `model`.
     pub fn downloaded(&self, model: &str, bytes: u64) {
-        self.downloaded
-            .get_or_create(&ModelLabels {
-                model: model.to_string(),
-            })
-            .inc_by(bytes);
+        count(&self.downloaded, model, bytes);
     }
 
     /// Counts the bytes of a chunk reply for a download in progress.
     pub fn chunk_received(&self, model: &str, bytes: u64) {
-        self.chunk_bytes
-            .get_or_create(&ModelLabels {
-                model: model.to_string(),
-            })
-            .inc_by(bytes);
+        count(&self.chunk_bytes, model, bytes);
     }
 
     /// Counts chunks requested again.
     pub fn chunks_refetched(&self, model: &str, chunks: u64) {
         if chunks > 0 {
-            self.refetched
-                .get_or_create(&ModelLabels {
-                    model: model.to_string(),
-                })
-                .inc_by(chunks);
+            count(&self.refetched, model, chunks);
         }
     }
 

@@ -231,7 +231,7 @@ impl Mosquitto {
         let restarted = Self::spawn(
             self.log.parent().expect("log dir"),
             self.port,
-            &self.conf.clone(),
+            &self.conf,
             self.pki.clone(),
         );
         *self = restarted;
@@ -625,19 +625,14 @@ impl Drop for Agent {
 /// computed in this process with tract from the ONNX file itself: an expectation that does not
 /// come from the device under test.
 pub fn reference_output(onnx: &[u8], manifest: &Manifest, inputs: &[TensorData]) -> Vec<f64> {
-    use modelcast_agent::engine::{HostTensor, LoadedModel, Values};
+    use modelcast_agent::engine::{HostTensor, LoadedModel};
     let mut as_onnx = manifest.clone();
     as_onnx.model_format = modelcast_proto::manifest::ModelFormat::Onnx;
     let model = LoadedModel::load(&as_onnx, modelcast_proto::report::Slot::A, &mut &onnx[..])
         .expect("reference model loads");
     let inputs: Vec<HostTensor> = inputs
         .iter()
-        .map(|t| HostTensor {
-            name: t.name.clone(),
-            shape: t.shape.clone(),
-            values: Values::from_f64(t.datatype, &t.values().expect("tensor values"))
-                .expect("FP32 values"),
-        })
+        .map(|t| HostTensor::from_data(t).expect("tensor values"))
         .collect();
     model.run(&inputs).expect("reference run")[0]
         .values
