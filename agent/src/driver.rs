@@ -1,12 +1,14 @@
-//! The agent's one loop: it starts serving from the store, then feeds broker events, staging
-//! results and timers to the update logic and carries out what it decides.
+//! The agent's one loop, the thin shell around [`crate::update`]: it starts serving from the
+//! store, then feeds broker events, staging results, request outcomes and the clock to the
+//! update machine and carries out its actions with sled, tract and MQTT.
 //!
 //! Update pipeline: desired (signed) → verify (TUF + director) → persist trust → download
-//! chunks into sled (each checked) → verify the whole artifact → load and optimize with tract
-//! off the serving path → golden vectors → persist the slot switch → atomic swap → report.
-//! A rejected update is reported with its reason and never touches the serving model.
+//! chunks (each checked) → verify the whole artifact → load and optimize with tract off the
+//! serving path → golden vectors and warm-up → persist the slot switch → atomic swap →
+//! probation → commit or roll back. A rejected update is reported with its reason and never
+//! touches the serving model.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -17,9 +19,7 @@ use modelcast_proto::desired::DesiredState;
 use modelcast_proto::keys::PublicKey;
 use modelcast_proto::manifest::Manifest;
 use modelcast_proto::metadata::{RoleVerifier, Signed};
-use modelcast_proto::report::{
-    DeviceReport, ModelState, Phase, ReportedError, Slot, SlotContent, UpdateProgress,
-};
+use modelcast_proto::report::{DeviceReport, ReportedError, Slot};
 use modelcast_proto::verify::{verify_desired, TrustState};
 use thiserror::Error;
 use tokio::task::JoinSet;
@@ -28,18 +28,14 @@ use tracing::{info, warn};
 use crate::config::Config;
 use crate::engine::LoadedModel;
 use crate::link::{Link, LinkEvent};
-use crate::metrics::{Metrics, Outcome};
-use crate::probation::{Probation, ProbationPolicy, Verdict, Window};
+use crate::metrics::Metrics;
+use crate::probation::ProbationPolicy;
 use crate::serve::Models;
 use crate::serve::RequestOutcome;
-use crate::slots::{Admission, ModelRecord};
+use crate::slots::ModelRecord;
 use crate::store::{Store, StoreError};
-use crate::transfer::{Accepted, ChunkError, Transfer};
+use crate::update::{Action, ChunkFate, Settings, Updater};
 
-/// How many bad copies of one chunk end an update.
-const MAX_BAD_CHUNKS: u32 = 3;
-/// Least time between two progress reports.
-const REPORT_EVERY: Duration = Duration::from_millis(500);
 /// Request outcomes queued from the HTTP handlers to the loop; more are dropped.
 const OUTCOME_QUEUE: usize = 4096;
 
@@ -75,12 +71,12 @@ fn unix_now() -> i64 {
 
 /// The outcome of staging one artifact.
 struct Staged {
-    manifest: Manifest,
-    slot: Slot,
+    name: String,
+    sha256: String,
     result: Result<Arc<LoadedModel>, String>,
 }
 
-/// The running agent.
+/// The running agent: the update machine and the parts it drives.
 struct Agent {
     cfg: Config,
     store: Store,
@@ -88,34 +84,24 @@ struct Agent {
     metrics: Arc<Metrics>,
     link: Link,
     director: RoleVerifier,
-    transfers: BTreeMap<String, Transfer>,
-    bad_chunks: BTreeMap<(String, u32), u32>,
-    progress: BTreeMap<String, UpdateProgress>,
-    rejected: BTreeSet<String>,
+    updater: Updater,
     staging: JoinSet<Staged>,
-    staging_names: BTreeSet<String>,
-    last_error: Option<ReportedError>,
-    desired_version: u64,
-    last_report: Instant,
-    report_due: bool,
-    /// Connected to the broker: chunk requests go out only then (requests made while the
-    /// link is down would be lost or queued, and asked again after it is back).
-    online: bool,
+    /// Models that passed staging, waiting for their [`Action::Activate`].
+    staged: BTreeMap<String, Arc<LoadedModel>>,
     /// The last good model of each model on trial, kept loaded to swap back at once.
     previous: BTreeMap<String, Arc<LoadedModel>>,
-    probations: BTreeMap<String, Probation>,
-    /// Recent requests of each committed model: the baseline of its successor's trial.
-    windows: BTreeMap<String, Window>,
-    /// Desired versions that arrived while a trial was running; converged after its verdict.
-    deferred: BTreeMap<String, Manifest>,
+    last_error: Option<ReportedError>,
+    desired_version: u64,
 }
 
-/// What start-up found: trials to resume (with the last good model to swap back to) and
-/// rollbacks it made.
+/// What start-up found: every stored record (and whether it serves), trials to resume (with
+/// the last good model to swap back to), rollbacks it made and downloads to resume.
 #[derive(Default)]
 struct Restored {
+    records: Vec<(String, ModelRecord, bool)>,
     trials: Vec<(String, Arc<LoadedModel>)>,
     rolled_back: Vec<(String, u64, String)>,
+    downloads: Vec<(Manifest, Vec<bool>)>,
 }
 
 fn load_slot(store: &Store, record: &ModelRecord, slot: Slot) -> Result<LoadedModel, String> {
@@ -124,7 +110,7 @@ fn load_slot(store: &Store, record: &ModelRecord, slot: Slot) -> Result<LoadedMo
     LoadedModel::load(manifest, slot, &mut reader).map_err(|e| e.to_string())
 }
 
-/// Loads the serving model of every stored model. A trial that has been active through too
+/// Loads the serving model of every stored model and finds the downloads to resume. A trial that has been active through too
 /// many start-ups (crashes) is rolled back first; a slot that no longer loads falls back to the
 /// other. Runs before the network is touched: offline first.
 fn restore(
@@ -145,6 +131,7 @@ fn restore(
             store.flush_blocking()?;
         }
         let Some(active) = record.active else {
+            restored.records.push((name, record, false));
             continue;
         };
         let mut served = false;
@@ -188,6 +175,12 @@ fn restore(
                 }
             }
         }
+        restored.records.push((name, record, served));
+    }
+    store.flush_blocking()?;
+    for manifest in store.all_pending()? {
+        let have = store.received(&manifest)?;
+        restored.downloads.push((manifest, have));
     }
     crate::memory::release_free_memory();
     Ok(restored)
@@ -265,45 +258,44 @@ pub async fn run(
         .collect();
     ready(&serving);
 
+    let settings = Settings {
+        probation: cfg.probation.clone(),
+        window: cfg.transfer.window,
+        chunk_timeout: Duration::from_secs(cfg.transfer.chunk_timeout_secs),
+        stall_after: Duration::from_secs(cfg.transfer.stall_timeout_secs),
+    };
     let (link, mut events) = Link::connect(&cfg, tls);
     let mut agent = Agent {
         last_error: store.last_error()?,
         director,
-        transfers: BTreeMap::new(),
-        bad_chunks: BTreeMap::new(),
-        progress: BTreeMap::new(),
-        rejected: BTreeSet::new(),
+        updater: Updater::new(settings, restored.records),
         staging: JoinSet::new(),
-        staging_names: BTreeSet::new(),
+        staged: BTreeMap::new(),
+        previous: BTreeMap::new(),
         desired_version: store.trust()?.map_or(0, |t| t.director_version),
-        last_report: Instant::now(),
-        report_due: true,
-        online: false,
         cfg,
         store,
         models,
         metrics,
         link,
-        previous: BTreeMap::new(),
-        probations: BTreeMap::new(),
-        windows: BTreeMap::new(),
-        deferred: BTreeMap::new(),
     };
     for (name, version, reason) in restored.rolled_back {
-        agent.metrics.phase(&name, Phase::Failed);
-        agent.metrics.update_ended(&name, Outcome::RolledBack);
-        agent.fail(Some(&name), Some(version), reason).await;
+        agent.updater.report_rollback(&name, version, reason);
     }
     for (name, previous) in restored.trials {
-        agent.start_probation(&name, previous);
+        agent.previous.insert(name.clone(), previous);
+        agent.updater.resume_trial(&name, Instant::now());
     }
-    agent.resume_downloads()?;
+    for (manifest, have) in restored.downloads {
+        agent.updater.resume_download(manifest, have);
+    }
+    agent.act().await;
 
     // Watchdog pings come from this loop and nowhere else: if it wedges, they stop.
     let mut watchdog = crate::systemd::watchdog_interval().map(tokio::time::interval);
     tokio::pin!(shutdown);
     loop {
-        let wake = agent.next_wake();
+        let wake = agent.updater.next_wake(Instant::now());
         tokio::select! {
             _ = &mut shutdown => break,
             _ = async { watchdog.as_mut().expect("armed").tick().await }, if watchdog.is_some() => {
@@ -313,21 +305,21 @@ pub async fn run(
                 Some(event) => agent.handle_link(event).await,
                 None => break,
             },
-            Some(outcome) = outcomes.recv() => agent.handle_outcome(outcome),
+            Some(o) = outcomes.recv() => agent.handle_outcome(o),
             Some(done) = agent.staging.join_next(), if !agent.staging.is_empty() => {
                 match done {
-                    Ok(staged) => agent.handle_staged(staged).await,
+                    Ok(staged) => agent.handle_staged(staged),
                     Err(e) => warn!(error = %e, "staging task failed"),
                 }
             }
             _ = tokio::time::sleep_until(wake.into()) => {}
         }
-        agent.judge_trials().await;
-        agent.poll_requests().await;
-        agent.maybe_report().await;
+        agent.updater.handle_timeout(Instant::now());
+        agent.act().await;
     }
     info!("shutting down");
-    agent.suspend_trials().await;
+    agent.updater.stop();
+    agent.act().await;
     crate::systemd::stopping();
     agent.link.close().await;
     let _ = http_stop.send(());
@@ -342,80 +334,22 @@ pub fn store_path(state_dir: &std::path::Path) -> PathBuf {
 }
 
 impl Agent {
-    fn resume_downloads(&mut self) -> Result<(), StoreError> {
-        for manifest in self.store.all_pending()? {
-            info!(model = %manifest.name, version = manifest.version, "resuming download");
-            let have = self.store.received(&manifest)?;
-            self.start_transfer(manifest, have);
-        }
-        Ok(())
-    }
-
-    /// Starts fetching what `have` says is missing of `manifest`.
-    fn start_transfer(&mut self, manifest: Manifest, have: Vec<bool>) {
-        let transfer = Transfer::new(
-            manifest.clone(),
-            have,
-            self.cfg.transfer.window,
-            Duration::from_secs(self.cfg.transfer.chunk_timeout_secs),
-        )
-        .with_stall_deadline(Duration::from_secs(self.cfg.transfer.stall_timeout_secs));
-        self.metrics.phase(&manifest.name, Phase::Downloading);
-        self.progress.insert(
-            manifest.name.clone(),
-            UpdateProgress {
-                version: manifest.version,
-                phase: Phase::Downloading,
-                received_bytes: transfer.received_bytes(),
-                total_bytes: manifest.size,
-            },
-        );
-        self.report_due = true;
-        if transfer.is_complete() {
-            // Every byte is already on disk (a restart after the download): stage it.
-            self.stage(manifest);
-        } else {
-            self.transfers.insert(manifest.name.clone(), transfer);
-        }
-    }
-
-    fn next_wake(&self) -> Instant {
-        let mut wake = Instant::now() + Duration::from_secs(30);
-        for t in self.transfers.values() {
-            if let Some(at) = t.poll_timeout() {
-                wake = wake.min(at);
-            }
-        }
-        if self.report_due {
-            wake = wake.min(self.last_report + REPORT_EVERY);
-        }
-        for p in self.probations.values() {
-            wake = wake.min(p.deadline());
-        }
-        wake
-    }
-
     async fn handle_link(&mut self, event: LinkEvent) {
         match event {
             LinkEvent::Connected => {
                 info!("connected to broker");
-                self.online = true;
-                self.report_due = true;
-                self.last_report = Instant::now() - REPORT_EVERY;
+                self.updater.handle_connected();
             }
             LinkEvent::Disconnected(reason) => {
                 warn!(%reason, "broker link down");
-                self.online = false;
-                for t in self.transfers.values_mut() {
-                    t.handle_disconnect();
-                }
+                self.updater.handle_disconnected();
             }
             LinkEvent::Desired(bytes) => {
                 if let Err(e) = self.handle_desired(&bytes).await {
-                    self.fail(None, None, e).await;
+                    self.updater.note_error(None, None, e);
                 }
             }
-            LinkEvent::Chunk(bytes) => self.handle_chunk(&bytes).await,
+            LinkEvent::Chunk(bytes) => self.handle_chunk(&bytes),
         }
     }
 
@@ -445,63 +379,16 @@ impl Agent {
             models = verified.models().len(),
             "desired state verified"
         );
-        for manifest in verified.models() {
-            if let Err(e) = self.converge(manifest.clone()).await {
-                self.fail(Some(&manifest.name), Some(manifest.version), e)
-                    .await;
-            }
-        }
-        self.report_due = true;
+        let desired: Vec<_> = verified
+            .models()
+            .iter()
+            .map(|m| (m.clone(), verified.probation(&m.name)))
+            .collect();
+        self.updater.handle_desired(&desired);
         Ok(())
     }
 
-    /// Moves one model towards `manifest`.
-    async fn converge(&mut self, manifest: Manifest) -> Result<(), String> {
-        let name = manifest.name.clone();
-        let record = self
-            .store
-            .model(&name)
-            .map_err(|e| e.to_string())?
-            .unwrap_or_default();
-        match record.admit(&manifest) {
-            // Serving, or rolled back and reported then.
-            Admission::Serving | Admission::Failed => return Ok(()),
-            // One trial at a time: the last good slot must not be overwritten.
-            Admission::Wait => {
-                self.deferred.insert(name, manifest);
-                return Ok(());
-            }
-            Admission::Rollback { highest } => {
-                return Err(format!(
-                    "version {} of {name} rejected: version {highest} already installed \
-                     (rollback)",
-                    manifest.version
-                ));
-            }
-            Admission::Install => {}
-        }
-        if self.rejected.contains(&manifest.sha256) {
-            return Ok(()); // Already failed; reported then. A new version will retry.
-        }
-        if self
-            .transfers
-            .get(&name)
-            .is_some_and(|t| t.manifest().sha256 == manifest.sha256)
-            || self.staging_names.contains(&name)
-        {
-            return Ok(());
-        }
-        info!(model = %name, version = manifest.version, size = manifest.size, "update starts");
-        let have = self
-            .store
-            .set_pending(&manifest)
-            .map_err(|e| e.to_string())?;
-        self.store.flush().await.map_err(|e| e.to_string())?;
-        self.start_transfer(manifest, have);
-        Ok(())
-    }
-
-    async fn handle_chunk(&mut self, bytes: &[u8]) {
+    fn handle_chunk(&mut self, bytes: &[u8]) {
         let reply = match ChunkReply::decode(bytes) {
             Ok(r) => r,
             Err(e) => {
@@ -510,77 +397,144 @@ impl Agent {
             }
         };
         let artifact = hex::encode(reply.artifact);
-        let Some(name) = self
-            .transfers
-            .iter()
-            .find(|(_, t)| t.manifest().sha256 == artifact)
-            .map(|(n, _)| n.clone())
-        else {
-            return; // Not (or no longer) wanted.
-        };
-        self.metrics.chunk_received(&name, reply.data.len() as u64);
-        let transfer = self.transfers.get_mut(&name).expect("found above");
-        match transfer.handle_chunk(reply.index, reply.data) {
-            Ok(Accepted::Store) => {
-                if let Err(e) = self
-                    .store
-                    .put_chunk(transfer.manifest(), reply.index, reply.data)
-                {
-                    let version = transfer.manifest().version;
-                    self.abandon(&name, Some(version), format!("storing chunk: {e}"))
-                        .await;
-                    return;
-                }
-                transfer.handle_stored(reply.index);
-                self.metrics.downloaded(&name, reply.data.len() as u64);
-                if let Some(p) = self.progress.get_mut(&name) {
-                    p.received_bytes = transfer.received_bytes();
-                }
-                self.report_due = true;
-                if transfer.is_complete() {
-                    let transfer = self.transfers.remove(&name).expect("present");
-                    self.stage(transfer.manifest().clone());
-                }
+        let len = reply.data.len() as u64;
+        match self
+            .updater
+            .handle_chunk(&artifact, reply.index, reply.data)
+        {
+            ChunkFate::Unwanted => {}
+            ChunkFate::Duplicate(name) | ChunkFate::Dropped(name) => {
+                self.metrics.chunk_received(&name, len)
             }
-            Ok(Accepted::Duplicate) => {}
-            // An index outside the artifact is not a copy of any chunk: drop it without
-            // keeping state for it (hostile replies must not grow memory).
-            Err(e @ ChunkError::OutOfRange { .. }) => {
-                warn!(model = %name, error = %e, "chunk dropped")
-            }
-            Err(e) => {
+            ChunkFate::Rejected(name) => {
+                self.metrics.chunk_received(&name, len);
                 self.metrics.chunk_rejected();
-                let version = transfer.manifest().version;
-                let count = self.bad_chunks.entry((artifact, reply.index)).or_insert(0);
-                *count += 1;
-                warn!(model = %name, error = %e, attempt = *count, "chunk rejected");
-                if *count >= MAX_BAD_CHUNKS {
-                    self.abandon(&name, Some(version), format!("update rejected: {e}"))
-                        .await;
-                } else {
-                    self.record_error(Some(&name), Some(version), format!("chunk rejected: {e}"));
+            }
+            ChunkFate::Store(name) => {
+                self.metrics.chunk_received(&name, len);
+                let Some(manifest) = self.updater.downloading(&name) else {
+                    return;
+                };
+                match self.store.put_chunk(manifest, reply.index, reply.data) {
+                    Ok(()) => {
+                        self.metrics.downloaded(&name, len);
+                        self.updater.chunk_stored(&name, reply.index);
+                    }
+                    Err(e) => self.updater.chunk_write_failed(&name, e.to_string()),
                 }
             }
         }
     }
 
-    /// Verifies, loads and checks an artifact on a blocking thread.
-    fn stage(&mut self, manifest: Manifest) {
-        let record = self
-            .store
-            .model(&manifest.name)
-            .ok()
-            .flatten()
-            .unwrap_or_default();
-        let slot = record.inactive();
-        if let Some(p) = self.progress.get_mut(&manifest.name) {
-            p.phase = Phase::Staging;
+    fn handle_outcome(&mut self, o: RequestOutcome) {
+        self.updater
+            .handle_outcome(&o.model, o.slot, o.ok, o.latency);
+    }
+
+    fn handle_staged(&mut self, staged: Staged) {
+        let Staged {
+            name,
+            sha256,
+            result,
+        } = staged;
+        let result = result.map(|model| {
+            self.staged.insert(name.clone(), model);
+        });
+        self.updater.staged(&name, &sha256, result);
+    }
+
+    /// Carries out the update machine's actions, in order, until it has none.
+    async fn act(&mut self) {
+        while let Some(action) = self.updater.poll_action() {
+            match action {
+                Action::PrepareDownload(manifest) => self.prepare_download(manifest).await,
+                Action::RequestChunks {
+                    model,
+                    artifact,
+                    chunks,
+                    refetched,
+                } => {
+                    self.metrics.chunks_refetched(&model, refetched);
+                    let request = ChunkRequest {
+                        format: modelcast_proto::FORMAT_VERSION,
+                        device: self.cfg.device_id.clone(),
+                        artifact,
+                        chunks,
+                    };
+                    self.link.request_chunks(&request).await;
+                }
+                Action::Stage { manifest, slot } => self.stage(manifest, slot),
+                Action::Activate {
+                    name,
+                    record,
+                    on_trial,
+                } => self.activate(name, record, on_trial).await,
+                Action::Commit { name, record } => {
+                    if let Err(e) = self.persist(&name, &record).await {
+                        warn!(model = %name, error = %e, "recording the commit failed");
+                    }
+                    self.previous.remove(&name);
+                    crate::memory::release_free_memory();
+                }
+                Action::RollBack { name, record } => {
+                    if let Some(model) = self.previous.remove(&name) {
+                        self.metrics
+                            .serving(&name, model.slot(), model.manifest().version);
+                        self.models.swap_in(model);
+                    }
+                    crate::memory::release_free_memory();
+                    if let Err(e) = self.persist(&name, &record).await {
+                        warn!(model = %name, error = %e, "recording the rollback failed");
+                    }
+                }
+                Action::Abandon { name } => {
+                    self.staged.remove(&name);
+                    if let Err(e) = self.store.clear_pending(&name) {
+                        warn!(model = %name, error = %e, "forgetting the download failed");
+                    }
+                    self.collect_garbage();
+                }
+                Action::Persist { name, record } => {
+                    if let Err(e) = self.persist(&name, &record).await {
+                        warn!(model = %name, error = %e, "recording the model failed");
+                    }
+                }
+                Action::CollectGarbage => self.collect_garbage(),
+                Action::Error {
+                    model,
+                    version,
+                    reason,
+                } => self.record_error(model, version, reason).await,
+                Action::Phase { name, phase } => self.metrics.phase(&name, phase),
+                Action::Ended { name, outcome } => self.metrics.update_ended(&name, outcome),
+                Action::Report => self.report().await,
+            }
         }
-        self.metrics.phase(&manifest.name, Phase::Staging);
-        self.report_due = true;
-        self.staging_names.insert(manifest.name.clone());
+    }
+
+    async fn persist(&self, name: &str, record: &ModelRecord) -> Result<(), StoreError> {
+        self.store.put_model(name, record)?;
+        self.store.flush().await
+    }
+
+    async fn prepare_download(&mut self, manifest: Manifest) {
+        let result = match self.store.set_pending(&manifest) {
+            Ok(have) => self.store.flush().await.map(|()| have),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(have) => self
+                .updater
+                .download_ready(&manifest.name, &manifest.sha256, have),
+            Err(e) => self
+                .updater
+                .download_failed(&manifest.name, &manifest.sha256, e.to_string()),
+        }
+    }
+
+    /// Verifies, loads and checks an artifact on a blocking thread.
+    fn stage(&mut self, manifest: Manifest, slot: Slot) {
         let store = self.store.clone();
-        info!(model = %manifest.name, version = manifest.version, %slot, "artifact complete; staging");
         self.staging.spawn_blocking(move || {
             let result = (|| {
                 store
@@ -599,265 +553,53 @@ impl Agent {
             })();
             crate::memory::release_free_memory();
             Staged {
-                manifest,
-                slot,
+                name: manifest.name.clone(),
+                sha256: manifest.sha256.clone(),
                 result,
             }
         });
     }
 
-    async fn handle_staged(&mut self, staged: Staged) {
-        let Staged {
-            manifest,
-            slot,
-            result,
-        } = staged;
-        let name = manifest.name.clone();
-        self.staging_names.remove(&name);
-        let model = match result {
-            Ok(m) => m,
-            Err(e) => {
-                self.abandon(
-                    &name,
-                    Some(manifest.version),
-                    format!("update rejected: {e}"),
-                )
-                .await;
-                return;
-            }
+    /// Persists the slot switch, then swaps the staged model in.
+    async fn activate(&mut self, name: String, record: ModelRecord, on_trial: bool) {
+        let Some(model) = self.staged.remove(&name) else {
+            self.updater
+                .activation_failed(&name, "the staged model is gone".into());
+            return;
         };
-        let previous = self.models.get(&name);
-        let on_trial = previous.is_some() && self.policy_for(&manifest).enabled();
-        let commit = || -> Result<(), String> {
-            let store_err = |e: StoreError| e.to_string();
-            let mut record = self
-                .store
-                .model(&name)
-                .map_err(store_err)?
-                .unwrap_or_default();
-            record
-                .install(slot, manifest.clone(), on_trial)
-                .map_err(|e| e.to_string())?;
-            self.store.put_model(&name, &record).map_err(store_err)?;
-            self.store.clear_pending(&name).map_err(store_err)?;
-            Ok(())
-        };
-        if let Err(e) = commit() {
-            self.abandon(
-                &name,
-                Some(manifest.version),
-                format!("recording slot: {e}"),
-            )
-            .await;
+        let persisted = async {
+            self.store.put_model(&name, &record)?;
+            self.store.clear_pending(&name)?;
+            self.store.flush().await
+        }
+        .await;
+        if let Err(e) = persisted {
+            self.updater.activation_failed(&name, e.to_string());
             return;
         }
-        if let Err(e) = self.store.flush().await {
-            self.abandon(
-                &name,
-                Some(manifest.version),
-                format!("flushing store: {e}"),
-            )
-            .await;
-            return;
-        }
+        let (slot, version) = (model.slot(), model.manifest().version);
         let replaced = self.models.swap_in(model);
         info!(
             model = %name,
-            version = manifest.version,
+            version,
             %slot,
             previous = replaced.as_ref().map(|p| p.manifest().version),
             on_trial,
             "swapped: new version serves"
         );
-        drop(replaced);
-        // The replaced model is freed once its last request finishes; give its pages back.
-        crate::memory::release_free_memory();
-        if let Some(p) = self.progress.get_mut(&name) {
-            p.phase = Phase::Active;
-            p.received_bytes = manifest.size;
-        }
-        self.metrics.serving(&name, slot, manifest.version);
-        self.metrics.update_ended(&name, Outcome::Activated);
-        match previous.filter(|_| on_trial) {
-            Some(previous) => self.start_probation(&name, previous),
-            None => self.metrics.phase(&name, Phase::Active),
-        }
-        self.gc();
-        self.report_due = true;
-        self.last_report = Instant::now() - REPORT_EVERY;
-    }
-
-    /// Gives up on the update of `name`: the serving model is untouched, the partial
-    /// artifact is removed, the reason reported.
-    async fn abandon(&mut self, name: &str, version: Option<u64>, reason: String) {
-        let artifact = match self.transfers.remove(name) {
-            Some(t) => Some(t.manifest().sha256.clone()),
-            None => self.store.pending(name).ok().flatten().map(|m| m.sha256),
-        };
-        if let Some(sha) = artifact {
-            self.bad_chunks.retain(|(a, _), _| *a != sha);
-            self.rejected.insert(sha);
-        }
-        let _ = self.store.clear_pending(name);
-        self.gc();
-        if let Some(p) = self.progress.get_mut(name) {
-            p.phase = Phase::Failed;
-        }
-        self.metrics.phase(name, Phase::Failed);
-        self.metrics.update_ended(name, Outcome::Rejected);
-        self.fail(Some(name), version, reason).await;
-    }
-
-    /// The device's probation policy with the manifest's override.
-    fn policy_for(&self, manifest: &Manifest) -> ProbationPolicy {
-        let mut policy = self.cfg.probation.clone();
-        if let Some(spec) = manifest.probation {
-            policy.requests = spec.requests;
-            policy.seconds = spec.seconds;
-        }
-        policy
-    }
-
-    /// Puts the serving model of `name` on trial, keeping `previous` to swap back.
-    fn start_probation(&mut self, name: &str, previous: Arc<LoadedModel>) {
-        let Some(trial) = self.models.get(name) else {
-            return;
-        };
-        let manifest = trial.manifest();
-        let policy = self.policy_for(manifest);
-        info!(
-            model = name,
-            version = manifest.version,
-            requests = policy.requests,
-            seconds = policy.seconds,
-            "on probation"
-        );
-        let baseline = self.windows.remove(name).unwrap_or_default();
-        self.probations.insert(
-            name.to_string(),
-            Probation::new(policy, baseline, Instant::now()),
-        );
-        self.previous.insert(name.to_string(), previous);
-        let progress = self
-            .progress
-            .entry(name.to_string())
-            .or_insert_with(|| UpdateProgress {
-                version: manifest.version,
-                phase: Phase::Probation,
-                received_bytes: manifest.size,
-                total_bytes: manifest.size,
-            });
-        progress.phase = Phase::Probation;
-        self.metrics.phase(name, Phase::Probation);
-        self.report_due = true;
-    }
-
-    /// Feeds one request's outcome to the trial of its model, or to its baseline window.
-    fn handle_outcome(&mut self, o: RequestOutcome) {
-        let on_trial = self.models.get(&o.model).map(|m| m.slot()) == Some(o.slot);
-        match self.probations.get_mut(&o.model) {
-            Some(p) if on_trial => p.record(o.ok, o.latency),
-            Some(_) => {} // A request the last good model finished after the swap.
-            None => self
-                .windows
-                .entry(o.model)
-                .or_default()
-                .record(o.ok, o.latency),
-        }
-    }
-
-    /// Commits or rolls back every trial that has its verdict.
-    async fn judge_trials(&mut self) {
-        let now = Instant::now();
-        let verdicts: Vec<(String, Verdict)> = self
-            .probations
-            .iter()
-            .map(|(n, p)| (n.clone(), p.verdict(now)))
-            .filter(|(_, v)| *v != Verdict::Continue)
-            .collect();
-        for (name, verdict) in verdicts {
-            let probation = self.probations.remove(&name).expect("listed above");
-            let result = match verdict {
-                Verdict::Rollback(reason) => self.roll_back(&name, reason).await,
-                _ => self.commit_trial(&name, probation.window().clone()).await,
-            };
-            if let Err(e) = result {
-                warn!(model = %name, error = %e, "ending the trial failed");
+        match replaced {
+            Some(previous) if on_trial => {
+                self.previous.insert(name.clone(), previous);
             }
-            if let Some(next) = self.deferred.remove(&name) {
-                if let Err(e) = self.converge(next.clone()).await {
-                    self.fail(Some(&name), Some(next.version), e).await;
-                }
-            }
-        }
-    }
-
-    async fn commit_trial(&mut self, name: &str, window: Window) -> Result<(), StoreError> {
-        let mut record = self.store.model(name)?.unwrap_or_default();
-        record.commit();
-        self.store.put_model(name, &record)?;
-        self.store.flush().await?;
-        self.previous.remove(name);
-        crate::memory::release_free_memory();
-        self.windows.insert(name.to_string(), window);
-        let version = record.serving().map_or(0, |m| m.version);
-        info!(model = name, version, "committed as last good");
-        if let Some(p) = self.progress.get_mut(name) {
-            p.phase = Phase::Active;
-        }
-        self.metrics.phase(name, Phase::Active);
-        self.metrics.update_ended(name, Outcome::Committed);
-        self.report_due = true;
-        Ok(())
-    }
-
-    /// Swaps the last good model back in, records the tried version as failed, reports why.
-    /// The swap happens even if the store cannot record it: the trial is then rolled back again
-    /// at start-up by its boot count.
-    async fn roll_back(&mut self, name: &str, reason: String) -> Result<(), StoreError> {
-        let tried = self.models.get(name).map_or(0, |m| m.manifest().version);
-        let persisted = async {
-            let mut record = self.store.model(name)?.unwrap_or_default();
-            if record.roll_back().is_some() {
-                self.store.put_model(name, &record)?;
-                self.store.flush().await?;
-            }
-            Ok::<_, StoreError>(())
-        }
-        .await;
-        let back = self.previous.remove(name);
-        let back_version = back.as_ref().map(|m| m.manifest().version);
-        if let Some(model) = back {
-            self.metrics
-                .serving(name, model.slot(), model.manifest().version);
-            self.models.swap_in(model);
+            // The replaced model is freed once its last request finishes.
+            replaced => drop(replaced),
         }
         crate::memory::release_free_memory();
-        if let Some(p) = self.progress.get_mut(name) {
-            p.phase = Phase::Failed;
-        }
-        self.metrics.phase(name, Phase::Failed);
-        self.metrics.update_ended(name, Outcome::RolledBack);
-        let reason = match back_version {
-            Some(v) => format!("rolled back to version {v}: {reason}"),
-            None => format!("rolled back: {reason}"),
-        };
-        self.fail(Some(name), Some(tried), reason).await;
-        persisted
+        self.metrics.serving(&name, slot, version);
+        self.updater.activated(&name, Instant::now());
     }
 
-    /// On a clean stop, a running trial does not count as a crashed start-up.
-    async fn suspend_trials(&mut self) {
-        for name in self.probations.keys() {
-            if let Ok(Some(mut record)) = self.store.model(name) {
-                record.stop_cleanly();
-                let _ = self.store.put_model(name, &record);
-            }
-        }
-        let _ = self.store.flush().await;
-    }
-
-    fn gc(&self) {
+    fn collect_garbage(&self) {
         match self.store.collect_garbage() {
             Ok(0) => {}
             Ok(n) => info!(artifacts = n, "removed unused artifacts"),
@@ -865,9 +607,9 @@ impl Agent {
         }
     }
 
-    fn record_error(&mut self, model: Option<&str>, version: Option<u64>, reason: String) {
+    async fn record_error(&mut self, model: Option<String>, version: Option<u64>, reason: String) {
         let error = ReportedError {
-            model: model.map(str::to_string),
+            model,
             version,
             reason,
             at: unix_now(),
@@ -875,105 +617,24 @@ impl Agent {
         if let Err(e) = self.store.set_last_error(&error) {
             warn!(error = %e, "could not persist last error");
         }
-        self.last_error = Some(error);
-        self.report_due = true;
-    }
-
-    async fn fail(&mut self, model: Option<&str>, version: Option<u64>, reason: String) {
-        warn!(model, version, %reason, "update failed");
-        self.record_error(model, version, reason);
         let _ = self.store.flush().await;
-        self.last_report = Instant::now() - REPORT_EVERY;
+        self.last_error = Some(error);
     }
 
-    async fn poll_requests(&mut self) {
-        let now = Instant::now();
-        let mut requests = Vec::new();
-        let mut stalled = Vec::new();
-        for t in self.transfers.values_mut() {
-            if let Some(idle) = t.poll_stalled(now) {
-                let m = t.manifest();
-                stalled.push((m.name.clone(), m.version, idle, t.received_bytes(), m.size));
-            }
-            if !self.online {
-                continue;
-            }
-            let refetched = t.refetched_chunks();
-            let chunks = t.poll_request(now);
-            let name = &t.manifest().name;
-            self.metrics
-                .chunks_refetched(name, t.refetched_chunks() - refetched);
-            if !chunks.is_empty() {
-                requests.push(ChunkRequest {
-                    format: modelcast_proto::FORMAT_VERSION,
-                    device: self.cfg.device_id.clone(),
-                    artifact: t.manifest().sha256.clone(),
-                    chunks,
-                });
-            }
+    async fn report(&mut self) {
+        if let Ok(bytes) = self.store.size_on_disk() {
+            self.metrics.store_size(bytes);
         }
-        for r in requests {
-            self.link.request_chunks(&r).await;
-        }
-        for (name, version, idle, have, size) in stalled {
-            let reason = format!(
-                "download stalled: no chunk of {name} v{version} for {}s ({have} of {size} bytes); still retrying",
-                idle.as_secs()
-            );
-            self.fail(Some(&name), Some(version), reason).await;
-        }
-    }
-
-    fn build_report(&self) -> DeviceReport {
-        let mut models = BTreeMap::new();
-        for (name, rec) in self.store.models().unwrap_or_default() {
-            models.insert(
-                name.clone(),
-                model_state(&rec, self.progress.get(&name).cloned()),
-            );
-        }
-        for (name, p) in &self.progress {
-            models
-                .entry(name.clone())
-                .or_insert_with(|| model_state(&ModelRecord::default(), Some(p.clone())));
-        }
-        DeviceReport {
+        let report = DeviceReport {
             format: modelcast_proto::FORMAT_VERSION,
             device: self.cfg.device_id.clone(),
             labels: self.cfg.labels.clone(),
             agent_version: env!("CARGO_PKG_VERSION").into(),
-            models,
+            models: self.updater.model_states(),
             last_error: self.last_error.clone(),
             desired_version: self.desired_version,
             at: unix_now(),
-        }
-    }
-
-    async fn maybe_report(&mut self) {
-        if !self.report_due || self.last_report.elapsed() < REPORT_EVERY {
-            return;
-        }
-        if let Ok(bytes) = self.store.size_on_disk() {
-            self.metrics.store_size(bytes);
-        }
-        let report = self.build_report();
+        };
         self.link.report(&report).await;
-        self.last_report = Instant::now();
-        self.report_due = false;
-    }
-}
-
-fn model_state(rec: &ModelRecord, update: Option<UpdateProgress>) -> ModelState {
-    let content = |m: &Option<Manifest>| {
-        m.as_ref().map(|m| SlotContent {
-            version: m.version,
-            sha256: m.sha256.clone(),
-        })
-    };
-    ModelState {
-        active: rec.active,
-        a: content(&rec.a),
-        b: content(&rec.b),
-        update,
     }
 }

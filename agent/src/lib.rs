@@ -4,6 +4,8 @@
 //! - [`store`]: sled — trust, A/B slots, downloads, chunks, last error.
 //! - [`slots`]: the A/B slot state machine of one model (install, trial, commit, rollback).
 //! - [`transfer`]: the sans-IO chunk download of one artifact.
+//! - [`update`]: the sans-IO update sequence of every model (download → staging → swap →
+//!   trial → commit or rollback).
 //! - [`engine`]: tract — load, optimize for concrete shapes, golden check, run.
 //! - [`serve`]: the local Open Inference Protocol (KServe v2) API over the serving models.
 //! - [`link`]: MQTT (rumqttc): connect, last will, subscriptions, events in, publishes out.
@@ -23,3 +25,4 @@ pub mod slots;
 pub mod store;
 pub mod systemd;
 pub mod transfer;
+pub mod update;

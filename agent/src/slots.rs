@@ -8,6 +8,7 @@
 //! needs a trial; every rollback returns the trial it ended, for the report; the version floor
 //! never goes down.
 
+use modelcast_proto::desired::TrialThresholds;
 use modelcast_proto::manifest::Manifest;
 use modelcast_proto::report::Slot;
 use serde::{Deserialize, Serialize};
@@ -40,6 +41,9 @@ pub struct Trial {
     pub previous: Slot,
     /// Start-ups of the agent with this trial active and not cleanly stopped.
     pub boots: u32,
+    /// The rollout's probation thresholds for this trial, if it set any.
+    #[serde(default)]
+    pub thresholds: Option<TrialThresholds>,
 }
 
 /// What to do with a version the desired state names.
@@ -140,6 +144,7 @@ impl ModelRecord {
                 slot,
                 previous,
                 boots: 0,
+                thresholds: None,
             }),
             _ => None,
         };

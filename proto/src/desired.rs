@@ -65,6 +65,52 @@ impl DesiredState {
     }
 }
 
+/// A rollout's probation thresholds for the devices it moves. The director puts them in each
+/// device's signed target (`custom.probation`); each field present overrides the device's
+/// setting and the manifest's. Integers only: signed documents are canonical JSON, which has
+/// no floating-point numbers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrialThresholds {
+    /// Requests after which the trial is judged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests: Option<u32>,
+    /// Seconds after which the trial is judged (at most 30 days).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seconds: Option<u64>,
+    /// Largest failed-request rate tolerated above the previous model's, in parts per
+    /// thousand (0..=1000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_error_permille: Option<u32>,
+    /// Largest p99 latency tolerated, in percent of the previous model's (at least 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_p99_percent: Option<u32>,
+}
+
+/// Longest trial a rollout may ask for.
+pub const MAX_TRIAL_SECS: u64 = 30 * 24 * 3600;
+
+impl TrialThresholds {
+    /// Checks the ranges; the reason names the field.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.seconds.is_some_and(|s| s > MAX_TRIAL_SECS) {
+            return Err(format!("probation seconds above {MAX_TRIAL_SECS}"));
+        }
+        if self.max_error_permille.is_some_and(|p| p > 1000) {
+            return Err("probation max_error_permille above 1000".into());
+        }
+        if self.max_p99_percent.is_some_and(|p| p < 100) {
+            return Err("probation max_p99_percent below 100".into());
+        }
+        Ok(())
+    }
+
+    /// No field is set.
+    pub fn is_empty(&self) -> bool {
+        *self == TrialThresholds::default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,9 +6,11 @@
 //! What a device keeps between updates is a [`TrustState`]: its trusted root and the highest
 //! versions it has seen of every role. Persisting the returned state is the caller's job.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
-use crate::desired::DesiredState;
+use crate::desired::{DesiredState, TrialThresholds};
 use crate::error::VerifyError;
 use crate::manifest::Manifest;
 use crate::metadata::{MetaIndex, RoleVerifier, Root, Signed, Targets};
@@ -55,6 +57,7 @@ impl TrustState {
 pub struct VerifiedDesired {
     trust: TrustState,
     models: Vec<Manifest>,
+    probation: BTreeMap<String, TrialThresholds>,
     director_version: u64,
 }
 
@@ -67,6 +70,11 @@ impl VerifiedDesired {
     /// The manifests the device should run, one per model name.
     pub fn models(&self) -> &[Manifest] {
         &self.models
+    }
+
+    /// The rollout's probation thresholds for `model`, when the director set any.
+    pub fn probation(&self, model: &str) -> Option<TrialThresholds> {
+        self.probation.get(model).copied()
     }
 
     /// The director document's version (the desired-state counter).
@@ -199,6 +207,7 @@ pub fn verify_desired(
     check_not_older("director", wanted.version, trust.director_version)?;
     check_expiry("director", &wanted.expires, now)?;
     let mut models: Vec<Manifest> = Vec::new();
+    let mut probation = BTreeMap::new();
     for (path, target) in &wanted.targets {
         let addressed = target
             .custom
@@ -229,6 +238,16 @@ pub fn verify_desired(
                 reason: format!("two versions of model {} at once", manifest.name),
             });
         }
+        if let Some(value) = target.custom.as_ref().and_then(|c| c.get("probation")) {
+            let thresholds = serde_json::from_value::<TrialThresholds>(value.clone())
+                .map_err(|e| e.to_string())
+                .and_then(|t| t.validate().map(|()| t))
+                .map_err(|reason| VerifyError::Mismatch {
+                    role: "director".into(),
+                    reason: format!("{path}: {reason}"),
+                })?;
+            probation.insert(manifest.name.clone(), thresholds);
+        }
         models.push(manifest);
     }
 
@@ -241,6 +260,7 @@ pub fn verify_desired(
             director_version: wanted.version,
         },
         models,
+        probation,
         director_version: wanted.version,
     })
 }
@@ -429,6 +449,47 @@ mod tests {
             verify_desired(&trust(&keys), &keys.director_verifier(), "dev", &msg, now()).unwrap();
         assert_eq!(v.models(), &[manifest(1)]);
         assert_eq!(v.trust().director_version, 1);
+    }
+
+    /// `msg` with its director document re-signed after `edit`.
+    fn edit_director(keys: &Keys, msg: &mut DesiredState, edit: impl FnOnce(&mut Targets)) {
+        let mut director: Targets = msg.director.parse("targets").unwrap();
+        edit(&mut director);
+        msg.director = Signed::sign(&director, &[&keys.director]);
+    }
+
+    #[test]
+    fn a_rollouts_probation_thresholds_come_from_the_signed_director_target() {
+        let keys = Keys::from_seed(0);
+        let mut msg = keys.desired("dev", &[manifest(1)], 1, FAR);
+        let path = manifest(1).target_path();
+        edit_director(&keys, &mut msg, |d| {
+            let custom = d.targets.get_mut(&path).unwrap().custom.as_mut().unwrap();
+            custom["probation"] = serde_json::json!({"requests": 7, "max_p99_percent": 150});
+        });
+        let v =
+            verify_desired(&trust(&keys), &keys.director_verifier(), "dev", &msg, now()).unwrap();
+        let t = v.probation("m").unwrap();
+        assert_eq!(
+            (t.requests, t.seconds, t.max_p99_percent),
+            (Some(7), None, Some(150))
+        );
+
+        for bad in [
+            serde_json::json!({"max_p99_percent": 50}),
+            serde_json::json!({"max_error_permille": 1001}),
+            serde_json::json!({"requests": -1}),
+            serde_json::json!({"surprise": 1}),
+        ] {
+            let mut msg = keys.desired("dev", &[manifest(1)], 1, FAR);
+            edit_director(&keys, &mut msg, |d| {
+                let custom = d.targets.get_mut(&path).unwrap().custom.as_mut().unwrap();
+                custom["probation"] = bad.clone();
+            });
+            let err = verify_desired(&trust(&keys), &keys.director_verifier(), "dev", &msg, now())
+                .unwrap_err();
+            assert!(matches!(err, VerifyError::Mismatch { .. }), "{bad}: {err}");
+        }
     }
 
     #[test]

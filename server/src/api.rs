@@ -66,6 +66,9 @@ pub struct DeployRequest {
     pub group: String,
     /// Who deploys.
     pub by: String,
+    /// Probation thresholds for the devices it moves (overriding theirs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probation: Option<modelcast_proto::desired::TrialThresholds>,
 }
 
 struct ApiError(StatusCode, String);
@@ -276,6 +279,9 @@ async fn models(State(fleet): State<Arc<Fleet>>) -> ApiResult {
 async fn deploy(State(fleet): State<Arc<Fleet>>, body: axum::body::Bytes) -> ApiResult {
     let req: DeployRequest = serde_json::from_slice(&body).map_err(bad)?;
     Selector::parse(&req.group).map_err(bad)?;
+    if let Some(t) = &req.probation {
+        t.validate().map_err(bad)?;
+    }
     if fleet
         .db()
         .model(&req.model, req.version)
@@ -299,6 +305,7 @@ async fn deploy(State(fleet): State<Arc<Fleet>>, body: axum::body::Bytes) -> Api
             group: req.group,
             by: req.by,
             at: unix_now(),
+            probation: req.probation,
         })
         .map_err(internal)?;
     fleet.db().flush().await.map_err(internal)?;

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use modelcast_proto::desired::TrialThresholds;
 use modelcast_proto::manifest::Manifest;
 use modelcast_proto::metadata::Signed;
 use modelcast_proto::report::DeviceReport;
@@ -76,6 +77,9 @@ pub struct Deployment {
     pub by: String,
     /// Unix seconds.
     pub at: i64,
+    /// Probation thresholds for the devices it moves (overriding theirs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probation: Option<TrialThresholds>,
 }
 
 /// What was last published to a device.

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use modelcast_proto::chunk::{parse_digest, ChunkReply, ChunkRequest};
+use modelcast_proto::desired::TrialThresholds;
 use modelcast_proto::manifest::Manifest;
 use modelcast_proto::report::DeviceReport;
 use modelcast_proto::topic::{DeviceTopic, Topics};
@@ -12,10 +13,13 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Tr
 use tokio::sync::{mpsc, Mutex};
 use tracing::{debug, info, warn};
 
-use crate::db::{Db, DbError, DeviceEntry, DirectorEntry};
+use crate::db::{Db, DbError, Deployment, DeviceEntry, DirectorEntry};
 use crate::group::Selector;
 use crate::repo::{RepoError, Repository, ONLINE_LIFETIME_SECS};
 use crate::unix_now;
+
+/// A version a device should run, with its deployment's probation thresholds.
+pub type Wanted = (Manifest, Option<TrialThresholds>);
 
 /// Where and as whom the server connects to the broker.
 pub struct BrokerLink {
@@ -207,7 +211,10 @@ impl Fleet {
         let Some(entry) = self.db.device(device)? else {
             return Ok(false);
         };
-        Ok(self.wanted(&entry)?.iter().any(|m| m.sha256 == artifact))
+        Ok(self
+            .wanted(&entry)?
+            .iter()
+            .any(|(m, _)| m.sha256 == artifact))
     }
 
     async fn serve_chunks(&self, req: ChunkRequest) {
@@ -255,19 +262,19 @@ impl Fleet {
         }
     }
 
-    /// The manifests `device` should run: per model, the latest deployment whose group
-    /// selects it.
-    pub fn wanted(&self, device: &DeviceEntry) -> Result<Vec<Manifest>, DbError> {
-        let mut per_model: std::collections::BTreeMap<String, u64> = Default::default();
+    /// The manifests `device` should run, each with its deployment's probation thresholds:
+    /// per model, the latest deployment whose group selects it.
+    pub fn wanted(&self, device: &DeviceEntry) -> Result<Vec<Wanted>, DbError> {
+        let mut per_model: std::collections::BTreeMap<String, Deployment> = Default::default();
         for d in self.db.deployments()? {
             if Selector::parse(&d.group).is_ok_and(|s| s.matches(&device.labels)) {
-                per_model.insert(d.model, d.version);
+                per_model.insert(d.model.clone(), d);
             }
         }
         let mut out = Vec::new();
-        for (name, version) in per_model {
-            if let Some(entry) = self.db.model(&name, version)? {
-                out.push(entry.manifest);
+        for (name, d) in per_model {
+            if let Some(entry) = self.db.model(&name, d.version)? {
+                out.push((entry.manifest, d.probation));
             }
         }
         Ok(out)
@@ -284,7 +291,13 @@ impl Fleet {
             return Ok(false);
         }
         let ts = self.repo.timestamp()?.map_or(0, |t| t.version);
-        let mut paths: Vec<String> = models.iter().map(|m| m.target_path()).collect();
+        let mut paths: Vec<String> = models
+            .iter()
+            .map(|(m, t)| match t {
+                Some(t) => format!("{}{}", m.target_path(), serde_json::json!(t)),
+                None => m.target_path(),
+            })
+            .collect();
         paths.sort();
         let content = format!("{}@{ts}", paths.join(","));
         let last = self.db.director(device)?;

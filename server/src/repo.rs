@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
-use modelcast_proto::desired::{DesiredState, RepositoryMetadata};
+use modelcast_proto::desired::{DesiredState, RepositoryMetadata, TrialThresholds};
 use modelcast_proto::keys::SigningKey;
 use modelcast_proto::manifest::Manifest;
 use modelcast_proto::metadata::{
@@ -292,18 +292,23 @@ impl Repository {
         })
     }
 
-    /// Signs the desired state of `device`: run `models`, counter `version`.
+    /// Signs the desired state of `device`: run `models`, each judged on trial by its
+    /// rollout's thresholds if set; counter `version`.
     pub fn desired(
         &self,
         device: &str,
-        models: &[Manifest],
+        models: &[(Manifest, Option<TrialThresholds>)],
         version: u64,
         now: i64,
     ) -> Result<DesiredState, RepoError> {
         let mut director = Targets::new(version, &format_expiry(now + ONLINE_LIFETIME_SECS));
-        for m in models {
+        for (m, thresholds) in models {
             let mut target = m.to_target();
-            target.custom = Some(serde_json::json!({ "device": device }));
+            let mut custom = serde_json::json!({ "device": device });
+            if let Some(t) = thresholds.filter(|t| !t.is_empty()) {
+                custom["probation"] = serde_json::json!(t);
+            }
+            target.custom = Some(custom);
             director.targets.insert(m.target_path(), target);
         }
         Ok(DesiredState {

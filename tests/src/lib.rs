@@ -365,12 +365,24 @@ impl Fleet {
 
     /// Deploys `model` `version` to `group`.
     pub fn deploy(&self, model: &str, version: u64, group: &str) {
+        self.deploy_with(model, version, group, None);
+    }
+
+    /// Deploys with a rollout's probation thresholds.
+    pub fn deploy_with(
+        &self,
+        model: &str,
+        version: u64,
+        group: &str,
+        probation: Option<modelcast_proto::desired::TrialThresholds>,
+    ) {
         self.client
             .deploy(&modelcast_server::api::DeployRequest {
                 model: model.into(),
                 version,
                 group: group.into(),
                 by: "e2e".into(),
+                probation,
             })
             .expect("deploy");
     }

@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use modelcast_proto::desired::TrialThresholds;
 use modelcast_proto::report::Phase;
 use modelcast_server::onnx::example_model_of_size;
 use modelcast_tests::{wait_for, Agent, Fleet};
@@ -29,6 +30,44 @@ fn wait_error(fleet: &Fleet, device: &str, version: u64, needle: &str) -> String
             (e.version == Some(version) && e.reason.contains(needle)).then_some(e.reason)
         },
     )
+}
+
+/// A deployment's thresholds override the device's: a device that would judge a trial after
+/// 1,000 requests commits after the rollout's 10.
+#[test]
+fn a_rollouts_probation_thresholds_override_the_devices() {
+    let fleet = Fleet::embedded();
+    let agent = fleet.start_agent_with(
+        "edge-1",
+        &[],
+        "[probation]\nrequests = 1000\nseconds = 600\n",
+    );
+    fleet.wait_registered();
+    fleet.publish_example(1, 16);
+    fleet.deploy("classifier", 1, "*");
+    fleet.wait_serving("edge-1", "classifier", 1);
+    let v2 = fleet.publish_example(2, 16);
+    let thresholds = TrialThresholds {
+        requests: Some(10),
+        max_p99_percent: Some(1000),
+        ..TrialThresholds::default()
+    };
+    fleet.deploy_with("classifier", 2, "*", Some(thresholds));
+    fleet.wait_serving("edge-1", "classifier", 2);
+    let phase = || {
+        fleet.report("edge-1")?.models["classifier"]
+            .update
+            .as_ref()
+            .map(|u| u.phase)
+    };
+    assert_eq!(phase(), Some(Phase::Probation));
+    assert!(hammer(&agent, &v2, 10).iter().all(|v| v == "2"));
+    wait_for("the trial to be committed", Duration::from_secs(30), || {
+        (phase() == Some(Phase::Active)).then_some(())
+    });
+    let committed =
+        agent.metric("modelcast_updates_total{model=\"classifier\",outcome=\"committed\"}");
+    assert_eq!(committed, Some(1.0));
 }
 
 #[test]

@@ -11,9 +11,11 @@ use modelcast_server::onnx::{example_model, example_model_of_size};
 use modelcast_tests::hammer::Hammer;
 use modelcast_tests::{reference_output, wait_for, Fleet};
 
-/// Trials are judged on 60 live requests; a version three times slower at p99 is rolled back.
+/// Trials are judged on 60 live requests; a version three times slower at p99, and more than
+/// 1 ms slower, is rolled back (the slow versions are ~3 ms; the good ones ~0.1 ms, and on a
+/// loaded 2-core machine their p99 alone can jitter to 0.7 ms).
 const PROBATION: &str =
-    "[probation]\nrequests = 60\nseconds = 600\nmax_p99_ratio = 3.0\np99_slack_ms = 0.0\n";
+    "[probation]\nrequests = 60\nseconds = 600\nmax_p99_ratio = 3.0\np99_slack_ms = 1.0\n";
 
 /// Each cycle: a good version is swapped in and committed, then a slow one is swapped in and
 /// rolled back — three pointer exchanges.

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use modelcast_proto::desired::TrialThresholds;
 use modelcast_proto::manifest::{LatencyBudget, ModelFormat};
 use modelcast_proto::report::Phase;
 use modelcast_server::api::DeployRequest;
@@ -134,6 +135,9 @@ enum Command {
         /// Who deploys.
         #[arg(long, env = "USER", default_value = "operator")]
         by: String,
+        /// Probation for the devices this moves, overriding theirs.
+        #[command(flatten)]
+        probation: ProbationArgs,
     },
     /// List devices with what they run.
     Devices {
@@ -417,6 +421,51 @@ fn parse_kv(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("{s:?} is not key=value"))
 }
 
+/// A deployment's probation thresholds (each overrides the device's setting).
+#[derive(Debug, clap::Args)]
+struct ProbationArgs {
+    /// Requests after which a device judges the new version.
+    #[arg(long)]
+    probation_requests: Option<u32>,
+    /// Seconds after which a device judges the new version, however few requests came.
+    #[arg(long)]
+    probation_seconds: Option<u64>,
+    /// Largest failed-request rate tolerated above the previous version's (0.02 = 2 points).
+    #[arg(long, value_parser = fraction)]
+    max_error_rate: Option<f64>,
+    /// Largest p99 latency tolerated, as a multiple of the previous version's (at least 1).
+    #[arg(long, value_parser = ratio)]
+    max_p99_ratio: Option<f64>,
+}
+
+impl ProbationArgs {
+    fn thresholds(&self) -> Option<TrialThresholds> {
+        let t = TrialThresholds {
+            requests: self.probation_requests,
+            seconds: self.probation_seconds,
+            max_error_permille: self.max_error_rate.map(|r| (r * 1000.0).round() as u32),
+            max_p99_percent: self.max_p99_ratio.map(|r| (r * 100.0).round() as u32),
+        };
+        (!t.is_empty()).then_some(t)
+    }
+}
+
+fn fraction(text: &str) -> Result<f64, String> {
+    let v: f64 = text.parse().map_err(|e| format!("{e}"))?;
+    (0.0..=1.0)
+        .contains(&v)
+        .then_some(v)
+        .ok_or_else(|| "must be within 0..1".into())
+}
+
+fn ratio(text: &str) -> Result<f64, String> {
+    let v: f64 = text.parse().map_err(|e| format!("{e}"))?;
+    (1.0..=1000.0)
+        .contains(&v)
+        .then_some(v)
+        .ok_or_else(|| "must be within 1..1000".into())
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let client = Client::new(&cli.server);
@@ -533,12 +582,14 @@ fn main() -> anyhow::Result<()> {
             version,
             group,
             by,
+            probation,
         } => {
             let answer = client.deploy(&DeployRequest {
                 model: model.clone(),
                 version,
                 group: group.clone(),
                 by,
+                probation: probation.thresholds(),
             })?;
             println!(
                 "deployed {model} v{version} to group '{group}': {} device(s) given a new desired state",
