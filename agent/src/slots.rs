@@ -6,7 +6,8 @@
 //! event orders: the serving slot always holds a verified version (or nothing before the
 //! first); a new version never overwrites the serving slot or the last good one; a commit
 //! needs a trial; every rollback returns the trial it ended, for the report; the version floor
-//! never goes down.
+//! never goes down, but to a version the serving one's signed manifest allows falling back to
+//! (`fallback_to`, an operators' fleet rollback).
 
 use modelcast_proto::desired::TrialThresholds;
 use modelcast_proto::manifest::Manifest;
@@ -102,7 +103,9 @@ impl ModelRecord {
         self.active.map_or(Slot::A, Slot::other)
     }
 
-    /// Decides what to do with `manifest`, named by a verified desired state.
+    /// Decides what to do with `manifest`, named by a verified desired state. A version older
+    /// than the serving one is refused (a rollback attack) unless the serving version's signed
+    /// manifest allows falling back that far (`fallback_to`: an operators' fleet rollback).
     pub fn admit(&self, manifest: &Manifest) -> Admission {
         if self.serving().is_some_and(|m| m.sha256 == manifest.sha256) {
             return Admission::Serving;
@@ -113,14 +116,24 @@ impl ModelRecord {
         if self.trial.is_some() {
             return Admission::Wait;
         }
-        if manifest.version < self.highest_version
-            || (manifest.version == self.highest_version && self.serving().is_some())
+        let serving = self.serving();
+        if manifest.version > self.highest_version
+            || (manifest.version == self.highest_version && serving.is_none())
         {
-            return Admission::Rollback {
-                highest: self.highest_version,
-            };
+            return Admission::Install;
         }
-        Admission::Install
+        match serving {
+            // A fleet rollback, within the window the serving version's operators signed.
+            Some(s)
+                if manifest.version < s.version
+                    && s.fallback_to.is_some_and(|f| manifest.version >= f) =>
+            {
+                Admission::Install
+            }
+            _ => Admission::Rollback {
+                highest: self.highest_version,
+            },
+        }
     }
 
     /// A verified, loaded and checked version now serves from `slot`; `on_trial` keeps the
@@ -137,7 +150,14 @@ impl ModelRecord {
         if self.active == Some(slot) {
             return Err(SlotError::Occupied(slot));
         }
-        self.highest_version = self.highest_version.max(manifest.version);
+        // A signed fallback lowers the floor to the version fallen back to: the operators'
+        // consent makes it the newest trusted one. Anything else only raises it.
+        let fallback = self.serving().is_some_and(|s| manifest.version < s.version);
+        self.highest_version = if fallback {
+            manifest.version
+        } else {
+            self.highest_version.max(manifest.version)
+        };
         self.set_slot(slot, Some(manifest));
         self.trial = match (on_trial, self.active) {
             (true, Some(previous)) => Some(Trial {
@@ -231,6 +251,38 @@ mod tests {
         let reason = r.start_up(2).unwrap();
         assert!(reason.contains("version 2") && reason.contains("3 start-ups"));
         assert_eq!(r.serving().unwrap().version, 1);
+    }
+
+    #[test]
+    fn an_older_version_installs_only_within_the_signed_fallback_window() {
+        let mut r = ModelRecord::default();
+        r.install(Slot::A, version(2), false).unwrap();
+        let mut v3 = version(3);
+        v3.fallback_to = Some(2);
+        r.install(Slot::B, v3, false).unwrap();
+        assert_eq!(r.admit(&version(1)), Admission::Rollback { highest: 3 });
+        assert_eq!(
+            r.admit(&version(2)),
+            Admission::Install,
+            "the operators allowed 3 → 2"
+        );
+        r.install(Slot::A, version(2), false).unwrap();
+        assert_eq!(
+            r.highest_version, 2,
+            "the floor follows the signed fallback"
+        );
+        assert_eq!(
+            r.admit(&version(1)),
+            Admission::Rollback { highest: 2 },
+            "2 allows none"
+        );
+        let mut v3 = version(3);
+        v3.fallback_to = Some(2);
+        assert_eq!(
+            r.admit(&v3),
+            Admission::Install,
+            "forward again after the fleet rollback"
+        );
     }
 
     #[derive(Debug, Clone)]

@@ -738,9 +738,25 @@ impl Updater {
                 self.cancel_download(&name);
                 return;
             }
-            // One trial at a time: the last good slot must not be overwritten.
+            // One trial at a time: the last good slot must not be overwritten. The desired
+            // state going back to the last good version (a fleet rollback the trial version's
+            // operators allowed) ends the trial now.
             Admission::Wait => {
-                m.deferred = Some((manifest, thresholds));
+                let previous = m.record.trial.and_then(|t| m.record.slot(t.previous));
+                let allowed = m
+                    .record
+                    .serving()
+                    .and_then(|s| s.fallback_to)
+                    .is_some_and(|f| manifest.version >= f);
+                if allowed && previous.is_some_and(|p| p.sha256 == manifest.sha256) {
+                    let reason = format!(
+                        "the desired state went back to version {}",
+                        manifest.version
+                    );
+                    self.end_trial(&name, Verdict::Rollback(reason), Window::default());
+                } else {
+                    m.deferred = Some((manifest, thresholds));
+                }
                 return;
             }
             Admission::Rollback { highest } => {
@@ -872,54 +888,61 @@ impl Updater {
             .filter(|(_, v, _)| *v != Verdict::Continue)
             .collect();
         for (name, verdict, window) in verdicts {
-            let m = self.models.get_mut(&name).expect("listed above");
-            m.step = Step::Idle;
-            let tried = m.record.serving().map_or(0, |v| v.version);
-            match verdict {
-                Verdict::Rollback(reason) => {
-                    m.record.roll_back();
-                    let back = m.record.serving().map(|v| v.version);
-                    if let Some(p) = m.progress.as_mut() {
-                        p.phase = Phase::Failed;
-                    }
-                    let record = m.record.clone();
-                    self.push(Action::RollBack {
-                        name: name.clone(),
-                        record,
-                    });
-                    self.set_phase(&name, Phase::Failed);
-                    self.push(Action::Ended {
-                        name: name.clone(),
-                        outcome: Outcome::RolledBack,
-                    });
-                    let reason = match back {
-                        Some(v) => format!("rolled back to version {v}: {reason}"),
-                        None => format!("rolled back: {reason}"),
-                    };
-                    self.error(Some(&name), Some(tried), reason);
-                }
-                _ => {
-                    m.record.commit();
-                    m.window = window;
-                    if let Some(p) = m.progress.as_mut() {
-                        p.phase = Phase::Active;
-                    }
-                    info!(model = %name, version = tried, "committed as last good");
-                    let record = m.record.clone();
-                    self.push(Action::Commit {
-                        name: name.clone(),
-                        record,
-                    });
-                    self.set_phase(&name, Phase::Active);
-                    self.push(Action::Ended {
-                        name: name.clone(),
-                        outcome: Outcome::Committed,
-                    });
-                    self.want_report(true);
-                }
-            }
-            self.next_deferred(&name);
+            self.end_trial(&name, verdict, window);
         }
+    }
+
+    /// Commits or rolls back `name`'s trial, then converges to a version that waited for it.
+    fn end_trial(&mut self, name: &str, verdict: Verdict, window: Window) {
+        let Some(m) = self.models.get_mut(name) else {
+            return;
+        };
+        m.step = Step::Idle;
+        let tried = m.record.serving().map_or(0, |v| v.version);
+        match verdict {
+            Verdict::Rollback(reason) => {
+                m.record.roll_back();
+                let back = m.record.serving().map(|v| v.version);
+                if let Some(p) = m.progress.as_mut() {
+                    p.phase = Phase::Failed;
+                }
+                let record = m.record.clone();
+                self.push(Action::RollBack {
+                    name: name.into(),
+                    record,
+                });
+                self.set_phase(name, Phase::Failed);
+                self.push(Action::Ended {
+                    name: name.into(),
+                    outcome: Outcome::RolledBack,
+                });
+                let reason = match back {
+                    Some(v) => format!("rolled back to version {v}: {reason}"),
+                    None => format!("rolled back: {reason}"),
+                };
+                self.error(Some(name), Some(tried), reason);
+            }
+            _ => {
+                m.record.commit();
+                m.window = window;
+                if let Some(p) = m.progress.as_mut() {
+                    p.phase = Phase::Active;
+                }
+                info!(model = %name, version = tried, "committed as last good");
+                let record = m.record.clone();
+                self.push(Action::Commit {
+                    name: name.into(),
+                    record,
+                });
+                self.set_phase(name, Phase::Active);
+                self.push(Action::Ended {
+                    name: name.into(),
+                    outcome: Outcome::Committed,
+                });
+                self.want_report(true);
+            }
+        }
+        self.next_deferred(name);
     }
 
     fn poll_transfers(&mut self, now: Instant) {
@@ -987,8 +1010,13 @@ mod tests {
             .collect()
     }
 
+    /// Version `version`; every third one allows a fleet rollback by two versions.
     fn manifest(version: u64) -> Manifest {
-        modelcast_proto::verify::fixture::manifest(M, version, &bytes(version), 4)
+        let mut m = modelcast_proto::verify::fixture::manifest(M, version, &bytes(version), 4);
+        if version.is_multiple_of(3) {
+            m.fallback_to = Some(version - 2);
+        }
+        m
     }
 
     fn policy() -> ProbationPolicy {
@@ -1035,6 +1063,8 @@ mod tests {
         /// The next write to the store fails.
         break_write: bool,
         floor: u64,
+        /// How far the serving version allows the floor to drop (its signed `fallback_to`).
+        fallback_floor: Option<u64>,
     }
 
     impl Sim {
@@ -1058,6 +1088,7 @@ mod tests {
                 rollbacks: 0,
                 break_write: false,
                 floor: 0,
+                fallback_floor: None,
             };
             sim.m.handle_connected();
             sim
@@ -1201,11 +1232,17 @@ mod tests {
             } else {
                 assert_eq!(self.serving, None);
             }
-            assert!(
-                disk.highest_version >= self.floor,
-                "version floor went down"
-            );
+            if disk.highest_version < self.floor {
+                let allowed = self
+                    .fallback_floor
+                    .expect("version floor went down unsigned");
+                assert!(
+                    disk.highest_version >= allowed,
+                    "fell back past the signed window"
+                );
+            }
             self.floor = disk.highest_version;
+            self.fallback_floor = disk.serving().and_then(|s| s.fallback_to);
         }
 
         fn desire(&mut self, version: u64) {
@@ -1471,6 +1508,54 @@ mod tests {
             sim.commits, 1,
             "judged after the rollout's 2 requests, not the device's 5"
         );
+    }
+
+    #[test]
+    fn a_fleet_rollback_ends_a_trial_or_installs_the_older_version_it_allows() {
+        let mut sim = Sim::new();
+        for v in [1, 2] {
+            sim.desire(v);
+            sim.deliver_all();
+            sim.finish_staging(true);
+            sim.advance(10_000);
+        }
+        sim.desire(3); // Allows falling back to 1.
+        sim.deliver_all();
+        sim.finish_staging(true);
+        assert!(sim.trial.is_some());
+        sim.desire(2); // The last good version: the trial ends at once.
+        assert_eq!(sim.serving_version(), Some(2));
+        assert!(sim
+            .errors
+            .last()
+            .unwrap()
+            .2
+            .contains("went back to version 2"));
+        sim.desire(1);
+        assert!(
+            sim.errors.last().unwrap().2.contains("(rollback)"),
+            "2 allows no fallback"
+        );
+
+        sim.desire(4);
+        sim.deliver_all();
+        sim.finish_staging(true);
+        sim.advance(10_000);
+        sim.desire(6); // Allows falling back to 4.
+        sim.deliver_all();
+        sim.finish_staging(true);
+        sim.advance(10_000);
+        assert_eq!(sim.serving_version(), Some(6));
+        sim.desire(4);
+        assert!(
+            sim.requested.is_empty(),
+            "4 is still on disk in the other slot"
+        );
+        sim.finish_staging(true);
+        assert_eq!(sim.serving_version(), Some(4));
+        assert_eq!(sim.disk[M].highest_version, 4);
+        sim.desire(3);
+        assert!(sim.errors.last().unwrap().2.contains("(rollback)"));
     }
 
     #[test]

@@ -111,6 +111,7 @@ fn manifest(bytes: &[u8], version: u64, model_format: ModelFormat) -> Manifest {
         metadata: BTreeMap::new(),
         probation: None,
         latency_budget: None,
+        fallback_to: None,
     };
     let out = reference_output(bytes, &m);
     m.golden.push(GoldenVector {

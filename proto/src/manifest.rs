@@ -189,6 +189,10 @@ pub struct Manifest {
     /// The latency a device must measure before this version may serve.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latency_budget: Option<LatencyBudget>,
+    /// The oldest version a device running this one may be sent back to (a fleet rollback):
+    /// the operators' signed consent to a downgrade, which devices otherwise refuse.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback_to: Option<u64>,
 }
 
 /// A latency budget checked before the swap: over `runs` warm-up inferences on the device,
@@ -327,6 +331,14 @@ impl Manifest {
                 )));
             }
         }
+        if let Some(f) = self.fallback_to {
+            if f >= self.version {
+                return Err(invalid(format!(
+                    "fallback version {f} is not older than version {}",
+                    self.version
+                )));
+            }
+        }
         crate::metadata::parse_expiry(&self.expires)?;
         Ok(())
     }
@@ -436,6 +448,7 @@ mod tests {
             metadata: BTreeMap::from([("framework".into(), "onnx".into())]),
             probation: None,
             latency_budget: None,
+            fallback_to: None,
         }
     }
 

@@ -300,6 +300,7 @@ pub mod fixture {
             metadata: Default::default(),
             probation: None,
             latency_budget: None,
+            fallback_to: None,
         }
     }
 

@@ -53,6 +53,19 @@ pub struct PublishOptions {
     pub metadata: BTreeMap<String, String>,
     /// The latency devices must measure in warm-up runs before this version may serve.
     pub latency_budget: Option<LatencyBudget>,
+    /// How far back devices running this version may be sent (a fleet rollback).
+    pub fallback: Fallback,
+}
+
+/// The oldest version devices running a new version may be sent back to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fallback {
+    /// The newest version published before this one (the default).
+    Previous,
+    /// This version.
+    To(u64),
+    /// None: devices refuse every older version.
+    Never,
 }
 
 impl PublishOptions {
@@ -66,6 +79,7 @@ impl PublishOptions {
             golden: true,
             metadata: BTreeMap::new(),
             latency_budget: None,
+            fallback: Fallback::Previous,
         }
     }
 }
@@ -236,6 +250,7 @@ pub fn prepare(onnx: &[u8], opts: &PublishOptions, now: i64) -> Result<Prepared,
         metadata,
         probation: None,
         latency_budget: opts.latency_budget,
+        fallback_to: None,
     };
     if opts.golden {
         manifest.golden.extend(golden_vector(&artifact, &manifest)?);
@@ -244,6 +259,24 @@ pub fn prepare(onnx: &[u8], opts: &PublishOptions, now: i64) -> Result<Prepared,
         .validate()
         .map_err(|e| PublishError::Invalid(e.to_string()))?;
     Ok(Prepared { artifact, manifest })
+}
+
+/// The newest version of `name` in signed `targets`.
+fn newest_version(targets: &Signed, name: &str) -> Result<Option<u64>, PublishError> {
+    let targets = targets
+        .parse::<Targets>("targets")
+        .map_err(|e| PublishError::Invalid(format!("current targets: {e}")))?;
+    Ok(newest_in(&targets, name))
+}
+
+fn newest_in(targets: &Targets, name: &str) -> Option<u64> {
+    targets
+        .targets
+        .values()
+        .filter_map(|t| t.custom.as_ref()?.get("modelcast"))
+        .filter(|m| m.get("name").and_then(|n| n.as_str()) == Some(name))
+        .filter_map(|m| m.get("version")?.as_u64())
+        .max()
 }
 
 /// The next targets: `current` (if any) plus `manifest`, version + 1, signed with `keys`.
@@ -265,14 +298,7 @@ pub fn sign_next_targets(
             "{path} is already published"
         )));
     }
-    if let Some(newest) = targets
-        .targets
-        .values()
-        .filter_map(|t| t.custom.as_ref()?.get("modelcast"))
-        .filter(|m| m.get("name").and_then(|n| n.as_str()) == Some(manifest.name.as_str()))
-        .filter_map(|m| m.get("version")?.as_u64())
-        .max()
-    {
+    if let Some(newest) = newest_in(&targets, &manifest.name) {
         if manifest.version <= newest {
             return Err(PublishError::Invalid(format!(
                 "version {} of {} is not newer than published version {newest}",
@@ -310,6 +336,18 @@ pub fn publish_file(
     // Re-sign only what a threshold of the targets keys signed before, under a root reached
     // from the operators' own.
     let current = client.verified_targets(trusted_root).map_err(api)?;
+    let mut manifest = manifest;
+    manifest.fallback_to = match opts.fallback {
+        Fallback::Previous => match &current {
+            Some(targets) => newest_version(targets, &manifest.name)?,
+            None => None,
+        },
+        Fallback::To(v) => Some(v),
+        Fallback::Never => None,
+    };
+    manifest
+        .validate()
+        .map_err(|e| PublishError::Invalid(e.to_string()))?;
     let keys: Vec<&SigningKey> = targets_keys.iter().collect();
     let targets = sign_next_targets(current.as_ref(), &manifest, &keys, now)?;
     client

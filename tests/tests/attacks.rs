@@ -14,7 +14,7 @@ use std::time::Duration;
 use modelcast_proto::manifest::Manifest;
 use modelcast_proto::verify::fixture::Keys;
 use modelcast_server::onnx::example_model;
-use modelcast_server::publish::{prepare, PublishOptions};
+use modelcast_server::publish::{prepare, Fallback, PublishOptions};
 use modelcast_tests::{
     desired_topic, stolen_keys, wait_for, Agent, ChunkAttack, Fleet, Forger, Mosquitto, Rogue,
 };
@@ -153,8 +153,13 @@ fn every_attack_is_rejected_and_the_old_model_keeps_serving() {
         server2.publish_raw(&desired_topic("edge-1"), true, deep)
     });
 
-    // 6. Rollback: a validly signed desired state naming an older model version.
-    let v2 = fleet.publish_example(2, 64);
+    // 6. Rollback: a validly signed desired state naming an older model version (v2's
+    // operators allowed no fleet rollback from it).
+    let path = fleet.dir.path().join("v2.onnx");
+    std::fs::write(&path, example_model(2, 64)).unwrap();
+    let mut opts = PublishOptions::new("classifier", 2);
+    opts.fallback = Fallback::Never;
+    let v2 = fleet.publish_with(&path, &opts);
     fleet.deploy("classifier", 2, "ring=b");
     fleet.wait_serving("edge-2", "classifier", 2);
     let forger = Forger::steal(&fleet);

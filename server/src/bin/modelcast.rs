@@ -13,7 +13,7 @@ use modelcast_proto::report::Phase;
 use modelcast_server::api::DeployRequest;
 use modelcast_server::client::Client;
 use modelcast_server::group::Selector;
-use modelcast_server::publish::{publish_file, PublishOptions};
+use modelcast_server::publish::{publish_file, Fallback, PublishOptions};
 use modelcast_server::{keyset, onnx, unix_now};
 
 /// Operate a modelcast fleet.
@@ -120,6 +120,13 @@ enum Command {
         /// Warm-up runs measured for the latency budget.
         #[arg(long, default_value_t = 20, requires = "p95_budget_ms")]
         warmup_runs: u32,
+        /// The oldest version devices running this one may be sent back to by a fleet
+        /// rollback (default: the newest version published before this one).
+        #[arg(long, conflicts_with = "no_fallback")]
+        fallback_to: Option<u64>,
+        /// Devices running this version refuse every older one, fleet rollbacks included.
+        #[arg(long)]
+        no_fallback: bool,
     },
     /// Deploy a published version to a device group.
     Deploy {
@@ -541,6 +548,8 @@ fn main() -> anyhow::Result<()> {
             format,
             p95_budget_ms,
             warmup_runs,
+            fallback_to,
+            no_fallback,
         } => {
             let key = if targets_keys.is_empty() {
                 keyset::read_role_keys(&keys, "targets")?
@@ -557,6 +566,11 @@ fn main() -> anyhow::Result<()> {
             opts.golden = !no_golden;
             opts.format = format;
             opts.metadata = meta.into_iter().collect();
+            opts.fallback = match (fallback_to, no_fallback) {
+                (_, true) => Fallback::Never,
+                (Some(v), false) => Fallback::To(v),
+                (None, false) => Fallback::Previous,
+            };
             if let Some(ms) = p95_budget_ms {
                 if !(ms > 0.0 && ms.is_finite()) {
                     bail!("--p95-budget-ms must be a positive number of milliseconds");
