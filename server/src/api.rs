@@ -13,6 +13,10 @@
 //! | POST | `/api/v1/deployments` | deploy (`DeployRequest`) |
 //! | GET | `/api/v1/deployments` | every deployment |
 //! | GET | `/api/v1/devices` | devices with their last report |
+//! | POST | `/api/v1/rollouts` | start a rollout in waves (`RolloutRequest`) |
+//! | GET | `/api/v1/rollouts` | every rollout |
+//! | GET | `/api/v1/rollouts/{id}` | one rollout: waves, devices, timeline |
+//! | POST | `/api/v1/rollouts/{id}/{pause,resume,abort,cancel}` | an operator's action (`ActionRequest`) |
 
 use std::sync::Arc;
 
@@ -20,7 +24,7 @@ use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, put};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use modelcast_proto::chunk::parse_digest;
 use modelcast_proto::manifest::{MAX_ARTIFACT_BYTES, MAX_CHUNK_SIZE};
@@ -30,8 +34,9 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use crate::db::{ArtifactInfo, Deployment, ModelEntry};
-use crate::fleet::Fleet;
+use crate::fleet::{Fleet, RolloutAction, RolloutError};
 use crate::group::Selector;
+use crate::rollout::RolloutSpec;
 use crate::unix_now;
 
 /// Body of `POST /api/v1/repository/targets`.
@@ -52,6 +57,23 @@ pub struct RootRequest {
     /// The current targets re-signed under it (required when the targets keys change).
     pub targets: Option<Signed>,
     /// Who rotates.
+    pub by: String,
+}
+
+/// Body of `POST /api/v1/rollouts`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RolloutRequest {
+    /// What to roll out, to whom, in which waves.
+    #[serde(flatten)]
+    pub spec: RolloutSpec,
+    /// Who starts it.
+    pub by: String,
+}
+
+/// Body of `POST /api/v1/rollouts/{id}/{action}`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct ActionRequest {
+    /// Who acts.
     pub by: String,
 }
 
@@ -103,6 +125,9 @@ pub fn router(fleet: Arc<Fleet>) -> Router {
         .route("/api/v1/models", get(models))
         .route("/api/v1/deployments", get(deployments).post(deploy))
         .route("/api/v1/devices", get(devices))
+        .route("/api/v1/rollouts", get(rollouts).post(start_rollout))
+        .route("/api/v1/rollouts/{id}", get(rollout))
+        .route("/api/v1/rollouts/{id}/{action}", post(act_on_rollout))
         .with_state(fleet)
 }
 
@@ -312,6 +337,57 @@ async fn deploy(State(fleet): State<Arc<Fleet>>, body: axum::body::Bytes) -> Api
     let updated = fleet.publish_all().await.map_err(internal)?;
     tracing::info!(model = %d.model, version = d.version, group = %d.group, devices = updated, "deployed");
     Ok(Json(json!({ "deployment": d, "devices_updated": updated })).into_response())
+}
+
+fn rollout_error(e: RolloutError) -> ApiError {
+    match e {
+        RolloutError::Invalid(m) => ApiError(StatusCode::BAD_REQUEST, m),
+        RolloutError::NotFound(m) => ApiError(StatusCode::NOT_FOUND, m),
+        RolloutError::Db(e) => internal(e),
+    }
+}
+
+async fn start_rollout(State(fleet): State<Arc<Fleet>>, body: axum::body::Bytes) -> ApiResult {
+    let req: RolloutRequest = serde_json::from_slice(&body).map_err(bad)?;
+    let rollout = fleet
+        .start_rollout(req.spec, &req.by)
+        .await
+        .map_err(rollout_error)?;
+    Ok((StatusCode::CREATED, Json(rollout)).into_response())
+}
+
+async fn rollouts(State(fleet): State<Arc<Fleet>>) -> ApiResult {
+    Ok(Json(fleet.rollouts()).into_response())
+}
+
+async fn rollout(State(fleet): State<Arc<Fleet>>, Path(id): Path<u64>) -> ApiResult {
+    let r = fleet
+        .rollout(id)
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no rollout {id}")))?;
+    Ok(Json(r).into_response())
+}
+
+async fn act_on_rollout(
+    State(fleet): State<Arc<Fleet>>,
+    Path((id, action)): Path<(u64, String)>,
+    body: axum::body::Bytes,
+) -> ApiResult {
+    let action: RolloutAction = serde_json::from_value(json!(action)).map_err(|_| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no action {action:?}: pause, resume, abort or cancel"),
+        )
+    })?;
+    let req: ActionRequest = if body.is_empty() {
+        ActionRequest::default()
+    } else {
+        serde_json::from_slice(&body).map_err(bad)?
+    };
+    let r = fleet
+        .act_on_rollout(id, action, &req.by)
+        .await
+        .map_err(rollout_error)?;
+    Ok(Json(r).into_response())
 }
 
 async fn deployments(State(fleet): State<Arc<Fleet>>) -> ApiResult {

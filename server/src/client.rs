@@ -6,8 +6,10 @@ use modelcast_proto::metadata::Signed;
 use serde::de::DeserializeOwned;
 use thiserror::Error;
 
-use crate::api::{DeployRequest, PublishRequest};
-use crate::db::{DeviceEntry, ModelEntry};
+use crate::api::{ActionRequest, DeployRequest, PublishRequest, RolloutRequest};
+use crate::db::{Deployment, DeviceEntry, ModelEntry};
+use crate::fleet::RolloutAction;
+use crate::rollout::Rollout;
 
 /// A failed API call.
 #[derive(Debug, Error)]
@@ -55,6 +57,11 @@ impl Client {
             base: base.trim_end_matches('/').to_string(),
             agent,
         }
+    }
+
+    /// The API's base URL.
+    pub fn base(&self) -> &str {
+        &self.base
     }
 
     fn read<T: DeserializeOwned>(
@@ -187,6 +194,58 @@ impl Client {
             self.agent
                 .post(format!("{}/api/v1/deployments", self.base))
                 .send_json(request),
+        )
+    }
+
+    /// Starts a rollout.
+    pub fn start_rollout(&self, request: &RolloutRequest) -> Result<Rollout, ClientError> {
+        Self::read(
+            self.agent
+                .post(format!("{}/api/v1/rollouts", self.base))
+                .send_json(request),
+        )
+    }
+
+    /// Every rollout.
+    pub fn rollouts(&self) -> Result<Vec<Rollout>, ClientError> {
+        Self::read(
+            self.agent
+                .get(format!("{}/api/v1/rollouts", self.base))
+                .call(),
+        )
+    }
+
+    /// Rollout `id`.
+    pub fn rollout(&self, id: u64) -> Result<Rollout, ClientError> {
+        Self::read(
+            self.agent
+                .get(format!("{}/api/v1/rollouts/{id}", self.base))
+                .call(),
+        )
+    }
+
+    /// Pauses, resumes, aborts or cancels rollout `id`.
+    pub fn act_on_rollout(
+        &self,
+        id: u64,
+        action: RolloutAction,
+        by: &str,
+    ) -> Result<Rollout, ClientError> {
+        let action = serde_json::to_value(action).expect("actions serialize");
+        let action = action.as_str().expect("a string");
+        Self::read(
+            self.agent
+                .post(format!("{}/api/v1/rollouts/{id}/{action}", self.base))
+                .send_json(ActionRequest { by: by.into() }),
+        )
+    }
+
+    /// Every deployment, oldest first.
+    pub fn deployments(&self) -> Result<Vec<Deployment>, ClientError> {
+        Self::read(
+            self.agent
+                .get(format!("{}/api/v1/deployments", self.base))
+                .call(),
         )
     }
 

@@ -1,5 +1,6 @@
 //! The server's embedded store (sled): artifacts in chunks, the model registry, the TUF
-//! repository's current metadata, devices, deployments and per-device director counters.
+//! repository's current metadata, devices, deployments, rollouts and per-device director
+//! counters.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -10,6 +11,8 @@ use modelcast_proto::metadata::Signed;
 use modelcast_proto::report::DeviceReport;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
+
+use crate::rollout::Rollout;
 
 /// A store failure.
 #[derive(Debug, Error)]
@@ -102,6 +105,7 @@ pub struct Db {
     devices: sled::Tree,
     deployments: sled::Tree,
     director: sled::Tree,
+    rollouts: sled::Tree,
 }
 
 fn decode<T: for<'de> Deserialize<'de>>(key: &str, bytes: &[u8]) -> Result<T, DbError> {
@@ -144,6 +148,7 @@ impl Db {
             devices: db.open_tree("devices")?,
             deployments: db.open_tree("deployments")?,
             director: db.open_tree("director")?,
+            rollouts: db.open_tree("rollouts")?,
             db,
         })
     }
@@ -256,6 +261,27 @@ impl Db {
         d.seq = self.db.generate_id()?;
         self.deployments.insert(d.seq.to_be_bytes(), encode(&d))?;
         Ok(d)
+    }
+
+    /// A new id, ordered with deployments (later ones win).
+    pub fn next_id(&self) -> Result<u64, DbError> {
+        Ok(self.db.generate_id()?)
+    }
+
+    /// Stores a rollout (flush before acting on it).
+    pub fn put_rollout(&self, rollout: &Rollout) -> Result<(), DbError> {
+        self.rollouts
+            .insert(rollout.id.to_be_bytes(), encode(rollout))?;
+        Ok(())
+    }
+
+    /// Every rollout, oldest first.
+    pub fn rollouts(&self) -> Result<Vec<Rollout>, DbError> {
+        self.rollouts
+            .iter()
+            .values()
+            .map(|v| decode("rollouts", &v?))
+            .collect()
     }
 
     /// Every deployment, oldest first.

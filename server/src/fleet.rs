@@ -1,6 +1,11 @@
 //! The server's MQTT side: device reports and online status in, chunk replies and retained
 //! desired states out. Handlers run off the event loop so it never waits on itself.
+//!
+//! It also drives the rollouts ([`crate::rollout`]): device reports and a one-second clock go
+//! to each running rollout; every change is persisted (flushed) before its new desired states
+//! are published.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +21,7 @@ use tracing::{debug, info, warn};
 use crate::db::{Db, DbError, Deployment, DeviceEntry, DirectorEntry};
 use crate::group::Selector;
 use crate::repo::{RepoError, Repository, ONLINE_LIFETIME_SECS};
+use crate::rollout::{Effect, Rollout, RolloutSpec, RolloutState, Rollouts};
 use crate::unix_now;
 
 /// A version a device should run, with its deployment's probation thresholds.
@@ -41,11 +47,47 @@ pub struct Fleet {
     topics: Topics,
     client: AsyncClient,
     publishing: Mutex<()>,
+    /// Every rollout, as stored; locked only between awaits.
+    rollouts: std::sync::Mutex<Rollouts>,
+}
+
+/// Why a rollout request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RolloutError {
+    /// The request is invalid.
+    #[error("{0}")]
+    Invalid(String),
+    /// No such rollout or model version.
+    #[error("{0}")]
+    NotFound(String),
+    /// The store failed.
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+/// What an operator does to a running rollout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RolloutAction {
+    /// Hold the next wave.
+    Pause,
+    /// Go on.
+    Resume,
+    /// Stop; with auto-rollback, send moved devices back.
+    Abort,
+    /// Stop; moved devices keep the new version.
+    Cancel,
 }
 
 impl Fleet {
     /// Connects to the broker through `link` and starts handling fleet traffic.
-    pub fn start(db: Db, repo: Repository, topics: Topics, link: BrokerLink) -> Arc<Fleet> {
+    pub fn start(
+        db: Db,
+        repo: Repository,
+        topics: Topics,
+        link: BrokerLink,
+    ) -> Result<Arc<Fleet>, DbError> {
+        let rollouts = db.rollouts()?.into_iter().map(|r| (r.id, r)).collect();
         let mut opts = MqttOptions::new(link.client_id, link.host, link.port);
         if let Some(tls) = link.tls {
             opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
@@ -63,6 +105,7 @@ impl Fleet {
             topics,
             client,
             publishing: Mutex::new(()),
+            rollouts: std::sync::Mutex::new(rollouts),
         });
         let (tx, mut rx) = mpsc::channel::<(String, bytes::Bytes)>(1024);
         let subscriber = fleet.clone();
@@ -111,7 +154,15 @@ impl Fleet {
                 }
             }
         });
-        fleet
+        let clock = fleet.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                clock.tick_rollouts().await;
+            }
+        });
+        Ok(fleet)
     }
 
     /// The store.
@@ -187,6 +238,9 @@ impl Fleet {
             report: Some(report),
         };
         self.db.put_device(&entry).map_err(|e| e.to_string())?;
+        if let Some(report) = &entry.report {
+            self.feed_rollouts(device, report).await;
+        }
         if labels_changed {
             info!(%device, labels = ?entry.labels, "device registered");
             self.publish_desired(device)
@@ -262,22 +316,208 @@ impl Fleet {
         }
     }
 
-    /// The manifests `device` should run, each with its deployment's probation thresholds:
-    /// per model, the latest deployment whose group selects it.
+    /// The manifests `device` should run, each with its probation thresholds: per model, the
+    /// latest of the deployments whose group selects it and the rollouts that moved it.
     pub fn wanted(&self, device: &DeviceEntry) -> Result<Vec<Wanted>, DbError> {
-        let mut per_model: std::collections::BTreeMap<String, Deployment> = Default::default();
+        let mut per_model: BTreeMap<String, (u64, u64, Option<TrialThresholds>)> = BTreeMap::new();
+        let mut offer = |model: &str, seq: u64, version: u64, t: Option<TrialThresholds>| {
+            let entry = per_model
+                .entry(model.to_string())
+                .or_insert((seq, version, t));
+            if seq >= entry.0 {
+                *entry = (seq, version, t);
+            }
+        };
         for d in self.db.deployments()? {
             if Selector::parse(&d.group).is_ok_and(|s| s.matches(&device.labels)) {
-                per_model.insert(d.model.clone(), d);
+                offer(&d.model, d.seq, d.version, d.probation);
+            }
+        }
+        for r in self.rollouts.lock().expect("rollouts lock").values() {
+            if let Some((version, t)) = r.assignment(&device.id) {
+                offer(&r.spec.model, r.id, version, t);
             }
         }
         let mut out = Vec::new();
-        for (name, d) in per_model {
-            if let Some(entry) = self.db.model(&name, d.version)? {
-                out.push((entry.manifest, d.probation));
+        for (name, (_, version, t)) in per_model {
+            if let Some(entry) = self.db.model(&name, version)? {
+                out.push((entry.manifest, t));
             }
         }
         Ok(out)
+    }
+
+    /// Every rollout, oldest first.
+    pub fn rollouts(&self) -> Vec<Rollout> {
+        let all = self.rollouts.lock().expect("rollouts lock");
+        all.values().cloned().collect()
+    }
+
+    /// Rollout `id`.
+    pub fn rollout(&self, id: u64) -> Option<Rollout> {
+        self.rollouts
+            .lock()
+            .expect("rollouts lock")
+            .get(&id)
+            .cloned()
+    }
+
+    /// Starts rolling `spec` out: the group as it is now, in waves; the canary moves at once.
+    pub async fn start_rollout(
+        &self,
+        spec: RolloutSpec,
+        by: &str,
+    ) -> Result<Rollout, RolloutError> {
+        spec.validate().map_err(RolloutError::Invalid)?;
+        let selector = Selector::parse(&spec.group).map_err(|e| RolloutError::Invalid(e.0))?;
+        if self.db.model(&spec.model, spec.version)?.is_none() {
+            return Err(RolloutError::NotFound(format!(
+                "model {} version {} is not published",
+                spec.model, spec.version
+            )));
+        }
+        let mut members = Vec::new();
+        for d in self.db.devices()? {
+            if selector.matches(&d.labels) {
+                let now = self
+                    .wanted(&d)?
+                    .into_iter()
+                    .find(|(m, _)| m.name == spec.model)
+                    .map(|(m, _)| m.version);
+                members.push((d.id, now));
+            }
+        }
+        if members.is_empty() {
+            return Err(RolloutError::Invalid(format!(
+                "no device matches group {:?}",
+                spec.group
+            )));
+        }
+        let id = self.db.next_id()?;
+        let (rollout, effects) = Rollout::start(id, spec, by, unix_now(), members);
+        info!(
+            rollout = id,
+            model = %rollout.spec.model,
+            version = rollout.spec.version,
+            group = %rollout.spec.group,
+            devices = rollout.members.len(),
+            waves = ?rollout.wave_sizes,
+            %by,
+            "rollout started"
+        );
+        self.commit_rollout(&rollout, effects).await?;
+        Ok(rollout)
+    }
+
+    /// An operator's action on rollout `id`.
+    pub async fn act_on_rollout(
+        &self,
+        id: u64,
+        action: RolloutAction,
+        by: &str,
+    ) -> Result<Rollout, RolloutError> {
+        let now = unix_now();
+        let (rollout, effects) = {
+            let mut all = self.rollouts.lock().expect("rollouts lock");
+            let r = all
+                .get_mut(&id)
+                .ok_or_else(|| RolloutError::NotFound(format!("no rollout {id}")))?;
+            let effects = match action {
+                RolloutAction::Pause => r.pause(now),
+                RolloutAction::Resume => r.resume(now),
+                RolloutAction::Abort => r.abort(now, format!("aborted by {by}")),
+                RolloutAction::Cancel => r.cancel(now),
+            };
+            (r.clone(), effects)
+        };
+        info!(rollout = id, ?action, %by, state = ?rollout.state, "rollout changed by an operator");
+        self.commit_rollout(&rollout, effects).await?;
+        Ok(rollout)
+    }
+
+    /// Feeds a device's report to the rollouts it is part of.
+    async fn feed_rollouts(&self, device: &str, report: &modelcast_proto::report::DeviceReport) {
+        let now = unix_now();
+        let changed: Vec<(Rollout, Vec<Effect>)> = {
+            let mut all = self.rollouts.lock().expect("rollouts lock");
+            all.values_mut()
+                .filter(|r| !matches!(r.state, RolloutState::Completed | RolloutState::Cancelled))
+                .filter_map(|r| {
+                    let before = r.member(device)?.state.clone();
+                    let effects = r.handle_report(now, device, report);
+                    let after = &r.member(device)?.state;
+                    (*after != before || !effects.is_empty()).then(|| (r.clone(), effects))
+                })
+                .collect()
+        };
+        for (rollout, effects) in changed {
+            if let Err(e) = self.commit_rollout(&rollout, effects).await {
+                warn!(rollout = rollout.id, error = %e, "recording a rollout failed");
+            }
+        }
+    }
+
+    /// The rollouts' clock: wave timeouts.
+    async fn tick_rollouts(&self) {
+        let now = unix_now();
+        let due: Vec<(Rollout, Vec<Effect>)> = {
+            let mut all = self.rollouts.lock().expect("rollouts lock");
+            all.values_mut()
+                .filter(|r| r.next_timeout().is_some_and(|t| t <= now))
+                .map(|r| {
+                    let effects = r.handle_timeout(now);
+                    (r.clone(), effects)
+                })
+                .collect()
+        };
+        for (rollout, effects) in due {
+            if let Err(e) = self.commit_rollout(&rollout, effects).await {
+                warn!(rollout = rollout.id, error = %e, "recording a rollout failed");
+            }
+        }
+    }
+
+    /// Persists `rollout` (flushed), then carries out its effects.
+    async fn commit_rollout(
+        &self,
+        rollout: &Rollout,
+        effects: Vec<Effect>,
+    ) -> Result<(), RolloutError> {
+        self.rollouts
+            .lock()
+            .expect("rollouts lock")
+            .insert(rollout.id, rollout.clone());
+        self.db.put_rollout(rollout)?;
+        self.db.flush().await?;
+        for effect in effects {
+            match effect {
+                Effect::Retarget(devices) => {
+                    for device in devices {
+                        if let Err(e) = self.publish_desired(&device).await {
+                            warn!(rollout = rollout.id, %device, error = %e, "publishing desired state failed");
+                        }
+                    }
+                }
+                Effect::Ended(state) => {
+                    info!(rollout = rollout.id, ?state, "rollout ended");
+                    if state == RolloutState::Completed {
+                        // The group keeps the version: devices that join it later get it too.
+                        let s = &rollout.spec;
+                        self.db.add_deployment(Deployment {
+                            seq: 0,
+                            model: s.model.clone(),
+                            version: s.version,
+                            group: s.group.clone(),
+                            by: format!("rollout {}", rollout.id),
+                            at: unix_now(),
+                            probation: s.probation,
+                        })?;
+                        self.db.flush().await?;
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Publishes `device`'s desired state if it changed since the last publication.

@@ -23,6 +23,7 @@ pub mod onnx;
 pub mod pki;
 pub mod publish;
 pub mod repo;
+pub mod rollout;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -135,7 +136,7 @@ pub async fn run(
         client_id: cfg.mqtt_identity.clone(),
         tls,
     };
-    let fleet = fleet::Fleet::start(db.clone(), repo, topics, link);
+    let fleet = fleet::Fleet::start(db.clone(), repo, topics, link)?;
     let app = api::router(fleet);
     tracing::info!(addr = ?listener.local_addr().ok(), "operator API listening");
     axum::serve(listener, app)

@@ -60,8 +60,9 @@ pub struct PublishOptions {
 /// The oldest version devices running a new version may be sent back to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fallback {
-    /// The newest version published before this one (the default).
-    Previous,
+    /// The oldest version a deployment still names (what devices may be running before
+    /// this one reaches them); with none, the newest published before. The default.
+    InService,
     /// This version.
     To(u64),
     /// None: devices refuse every older version.
@@ -79,7 +80,7 @@ impl PublishOptions {
             golden: true,
             metadata: BTreeMap::new(),
             latency_budget: None,
-            fallback: Fallback::Previous,
+            fallback: Fallback::InService,
         }
     }
 }
@@ -338,10 +339,20 @@ pub fn publish_file(
     let current = client.verified_targets(trusted_root).map_err(api)?;
     let mut manifest = manifest;
     manifest.fallback_to = match opts.fallback {
-        Fallback::Previous => match &current {
-            Some(targets) => newest_version(targets, &manifest.name)?,
-            None => None,
-        },
+        Fallback::InService => {
+            let deployed = client
+                .deployments()
+                .map_err(api)?
+                .into_iter()
+                .filter(|d| d.model == manifest.name && d.version < manifest.version)
+                .map(|d| d.version)
+                .min();
+            match (deployed, &current) {
+                (Some(v), _) => Some(v),
+                (None, Some(targets)) => newest_version(targets, &manifest.name)?,
+                (None, None) => None,
+            }
+        }
         Fallback::To(v) => Some(v),
         Fallback::Never => None,
     };

@@ -1,4 +1,5 @@
-//! `modelcast`: the operators' command line — keys, publishing, deployments, fleet status.
+//! `modelcast`: the operators' command line — keys, publishing, deployments, rollouts, fleet
+//! status.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -15,6 +16,8 @@ use modelcast_server::client::Client;
 use modelcast_server::group::Selector;
 use modelcast_server::publish::{publish_file, Fallback, PublishOptions};
 use modelcast_server::{keyset, onnx, unix_now};
+
+mod rollout;
 
 /// Operate a modelcast fleet.
 #[derive(Parser, Debug)]
@@ -121,7 +124,8 @@ enum Command {
         #[arg(long, default_value_t = 20, requires = "p95_budget_ms")]
         warmup_runs: u32,
         /// The oldest version devices running this one may be sent back to by a fleet
-        /// rollback (default: the newest version published before this one).
+        /// rollback (default: the oldest version a deployment still names, else the newest
+        /// published before this one).
         #[arg(long, conflicts_with = "no_fallback")]
         fallback_to: Option<u64>,
         /// Devices running this version refuse every older one, fleet rollbacks included.
@@ -146,6 +150,9 @@ enum Command {
         #[command(flatten)]
         probation: ProbationArgs,
     },
+    /// Roll a version out to a group in waves; watch, pause, resume, abort.
+    #[command(subcommand)]
+    Rollout(rollout::RolloutCommand),
     /// List devices with what they run.
     Devices {
         /// Print JSON.
@@ -569,7 +576,7 @@ fn main() -> anyhow::Result<()> {
             opts.fallback = match (fallback_to, no_fallback) {
                 (_, true) => Fallback::Never,
                 (Some(v), false) => Fallback::To(v),
-                (None, false) => Fallback::Previous,
+                (None, false) => Fallback::InService,
             };
             if let Some(ms) = p95_budget_ms {
                 if !(ms > 0.0 && ms.is_finite()) {
@@ -610,6 +617,7 @@ fn main() -> anyhow::Result<()> {
                 answer["devices_updated"]
             );
         }
+        Command::Rollout(command) => rollout::run(&client, command)?,
         Command::Devices { json } => {
             let devices = client.devices()?;
             if json {
