@@ -271,6 +271,8 @@ pub struct Fleet {
     /// The transport PKI when the broker speaks TLS (agents get certificates from it).
     pub pki: Option<PathBuf>,
     server: Proc,
+    server_args: Vec<std::ffi::OsString>,
+    restarts: u32,
 }
 
 impl Fleet {
@@ -320,6 +322,7 @@ impl Fleet {
         if let Some(pki) = &pki {
             cmd.arg("--pki").arg(pki);
         }
+        let server_args: Vec<std::ffi::OsString> = cmd.get_args().map(|a| a.to_owned()).collect();
         let server = Proc::spawn(&mut cmd, dir.path().join("server.log"));
         let client = Client::new(&format!("http://127.0.0.1:{api_port}"));
         wait_for("the server API", Duration::from_secs(20), || {
@@ -332,7 +335,25 @@ impl Fleet {
             mqtt_port,
             pki,
             server,
+            server_args,
+            restarts: 0,
         }
+    }
+
+    /// Kills the server (SIGKILL) and starts it again on the same data and ports.
+    pub fn restart_server(&mut self) {
+        self.server.kill();
+        self.restarts += 1;
+        let log = self
+            .dir
+            .path()
+            .join(format!("server-{}.log", self.restarts));
+        let mut cmd = Command::new(bin("modelcast-server"));
+        cmd.args(&self.server_args);
+        self.server = Proc::spawn(&mut cmd, log);
+        wait_for("the server API again", Duration::from_secs(20), || {
+            self.client.devices().ok()
+        });
     }
 
     /// Writes the example model at `version` and publishes it.

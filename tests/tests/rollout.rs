@@ -220,3 +220,75 @@ fn a_failing_canary_aborts_the_rollout_and_rolls_the_moved_devices_back() {
         fleet.wait_serving(id, "classifier", 1);
     }
 }
+
+/// A rollout's state survives a server restart (SIGKILL): it resumes where it stood, ends,
+/// and the group keeps the version as its deployment.
+#[test]
+fn a_rollout_survives_a_server_restart() {
+    let mut fleet = Fleet::embedded();
+    let agents: Vec<Agent> = DEVICES[..3]
+        .iter()
+        .map(|id| fleet.start_agent_with(id, &[("site", "lab")], PROBATION))
+        .collect();
+    wait_for("three devices", Duration::from_secs(30), || {
+        (fleet.client.devices().ok()?.len() == 3).then_some(())
+    });
+    fleet.publish_example(1, 16);
+    fleet.deploy("classifier", 1, "site=lab");
+    for id in &DEVICES[..3] {
+        fleet.wait_serving(id, "classifier", 1);
+    }
+    let v2 = fleet.publish_example(2, 16);
+    let spec = RolloutSpec {
+        model: "classifier".into(),
+        version: 2,
+        group: "site=lab".into(),
+        waves: vec!["1".parse().unwrap()],
+        success_percent: 100,
+        max_failures: 0,
+        max_failure_percent: None,
+        wave_timeout_secs: 600,
+        auto_rollback: true,
+        probation: Some(TrialThresholds {
+            seconds: Some(1),
+            ..TrialThresholds::default()
+        }),
+    };
+    let r = fleet
+        .client
+        .start_rollout(&RolloutRequest {
+            spec,
+            by: "e2e".into(),
+        })
+        .unwrap();
+    fleet
+        .client
+        .act_on_rollout(r.id, RolloutAction::Pause, "e2e")
+        .unwrap();
+    let canary = r.wave_members(0).next().unwrap().device.clone();
+    wait_for("the canary to commit", Duration::from_secs(60), || {
+        let r = fleet.client.rollout(r.id).ok()?;
+        (r.member(&canary)?.state == DeviceState::Committed).then_some(())
+    });
+    let before = fleet.client.rollout(r.id).unwrap();
+
+    fleet.restart_server();
+    let after = fleet.client.rollout(r.id).unwrap();
+    assert_eq!(after, before, "the rollout is where it stood");
+    fleet
+        .client
+        .act_on_rollout(r.id, RolloutAction::Resume, "e2e")
+        .unwrap();
+    wait_for("the rollout to complete", Duration::from_secs(60), || {
+        let r = fleet.client.rollout(r.id).ok()?;
+        (r.state == RolloutState::Completed).then_some(())
+    });
+    for (id, agent) in DEVICES[..3].iter().zip(&agents) {
+        fleet.wait_serving(id, "classifier", 2);
+        assert_eq!(agent.check_golden(&v2), "2");
+    }
+    let deployments = fleet.client.deployments().unwrap();
+    let last = deployments.last().unwrap();
+    assert_eq!((last.version, last.group.as_str()), (2, "site=lab"));
+    assert_eq!(last.by, format!("rollout {}", r.id));
+}
