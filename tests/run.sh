@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 need=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
 command -v curl >/dev/null 2>&1 || need+=(curl)
+# The dashboard test drives Debian's Chromium headless.
+[ -x /usr/bin/chromium ] || need+=(chromium)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive

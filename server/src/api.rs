@@ -3,6 +3,7 @@
 //!
 //! | method | path | what |
 //! | --- | --- | --- |
+//! | GET | `/dashboard` | the dashboard: devices, rollouts (waves, chart over time), registry |
 //! | PUT | `/api/v1/artifacts/{sha256}?chunk_size=N` | upload an artifact (body: bytes) |
 //! | GET | `/api/v1/repository/root` | the newest trusted root |
 //! | POST | `/api/v1/repository/root` | rotate to the next root (`RootRequest`) |
@@ -23,7 +24,7 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
+use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use modelcast_proto::chunk::parse_digest;
@@ -114,6 +115,8 @@ type ApiResult = Result<Response, ApiError>;
 /// The API routes.
 pub fn router(fleet: Arc<Fleet>) -> Router {
     Router::new()
+        .route("/", get(|| async { Redirect::to("/dashboard") }))
+        .route("/dashboard", get(dashboard))
         .route("/api/v1/health", get(|| async { "ok" }))
         .route(
             "/api/v1/artifacts/{sha256}",
@@ -337,6 +340,12 @@ async fn deploy(State(fleet): State<Arc<Fleet>>, body: axum::body::Bytes) -> Api
     let updated = fleet.publish_all().await.map_err(internal)?;
     tracing::info!(model = %d.model, version = d.version, group = %d.group, devices = updated, "deployed");
     Ok(Json(json!({ "deployment": d, "devices_updated": updated })).into_response())
+}
+
+/// The dashboard: one page (`dashboard.html`, no build step) that reads this API every two
+/// seconds.
+async fn dashboard() -> Html<&'static str> {
+    Html(include_str!("dashboard.html"))
 }
 
 fn rollout_error(e: RolloutError) -> ApiError {
