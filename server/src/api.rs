@@ -22,7 +22,7 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Extension, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post, put};
@@ -34,6 +34,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
+use crate::auth::{Caller, Role, Tokens};
 use crate::db::{ArtifactInfo, Deployment, ModelEntry};
 use crate::fleet::{Fleet, RolloutAction, RolloutError};
 use crate::group::Selector;
@@ -112,8 +113,82 @@ fn internal(e: impl std::fmt::Display) -> ApiError {
 
 type ApiResult = Result<Response, ApiError>;
 
-/// The API routes.
-pub fn router(fleet: Arc<Fleet>) -> Router {
+/// Paths anyone may read: the dashboard page itself (its data needs a token), health, the
+/// API description.
+fn public(path: &str) -> bool {
+    matches!(
+        path,
+        "/" | "/dashboard" | "/api/v1/health" | "/api/v1/openapi.json"
+    )
+}
+
+/// The role a request needs: reads are for viewers, rotating the root is for admins,
+/// everything else (uploads, publishing, deployments, rollouts) for deployers.
+pub fn required_role(method: &axum::http::Method, path: &str) -> Role {
+    use axum::http::Method;
+    if *method == Method::GET || *method == Method::HEAD {
+        Role::Viewer
+    } else if path == "/api/v1/repository/root" {
+        Role::Admin
+    } else {
+        Role::Deployer
+    }
+}
+
+/// Checks the bearer token against the role the request needs; hands the caller to the
+/// handlers. Without a token file every caller is an anonymous admin.
+async fn authorize(
+    State(tokens): State<Arc<Option<Tokens>>>,
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let path = req.uri().path().to_string();
+    if public(&path) {
+        return next.run(req).await;
+    }
+    let caller = match tokens.as_ref() {
+        None => Caller {
+            name: None,
+            role: Role::Admin,
+        },
+        Some(tokens) => {
+            let presented = req
+                .headers()
+                .get(axum::http::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "));
+            match presented.and_then(|t| tokens.check(t.trim())) {
+                Some(c) => c,
+                None => {
+                    return ApiError(
+                        StatusCode::UNAUTHORIZED,
+                        "a valid API token is required (Authorization: Bearer …)".into(),
+                    )
+                    .into_response()
+                }
+            }
+        }
+    };
+    let needed = required_role(req.method(), &path);
+    if caller.role < needed {
+        let who = caller.name.as_deref().unwrap_or("-");
+        return ApiError(
+            StatusCode::FORBIDDEN,
+            format!(
+                "{who} is a {}; {} {path} needs {needed}",
+                caller.role,
+                req.method()
+            ),
+        )
+        .into_response();
+    }
+    req.extensions_mut().insert(caller);
+    next.run(req).await
+}
+
+/// The API routes, guarded by `tokens` (open without them).
+pub fn router(fleet: Arc<Fleet>, tokens: Option<Tokens>) -> Router {
+    let guard = axum::middleware::from_fn_with_state(Arc::new(tokens), authorize);
     Router::new()
         .route("/", get(|| async { Redirect::to("/dashboard") }))
         .route("/dashboard", get(dashboard))
@@ -131,6 +206,9 @@ pub fn router(fleet: Arc<Fleet>) -> Router {
         .route("/api/v1/rollouts", get(rollouts).post(start_rollout))
         .route("/api/v1/rollouts/{id}", get(rollout))
         .route("/api/v1/rollouts/{id}/{action}", post(act_on_rollout))
+        .route("/api/v1/audit", get(audit))
+        .route("/api/v1/openapi.json", get(openapi))
+        .layer(guard)
         .with_state(fleet)
 }
 
@@ -143,6 +221,7 @@ struct UploadQuery {
 /// digest matches the path.
 async fn upload(
     State(fleet): State<Arc<Fleet>>,
+    Extension(caller): Extension<Caller>,
     Path(sha256): Path<String>,
     Query(q): Query<UploadQuery>,
     body: Body,
@@ -211,6 +290,13 @@ async fn upload(
     .map_err(internal)?;
     db.flush().await.map_err(internal)?;
     tracing::info!(%sha256, size, "artifact stored");
+    let who = caller.name_or("-");
+    record(
+        &fleet,
+        &who,
+        "upload",
+        json!({ "sha256": sha256, "size": size }),
+    )?;
     Ok((
         StatusCode::CREATED,
         Json(json!({ "sha256": sha256, "size": size })),
@@ -226,7 +312,11 @@ async fn roots(State(fleet): State<Arc<Fleet>>) -> ApiResult {
     Ok(Json(fleet.repo().root_chain().map_err(internal)?).into_response())
 }
 
-async fn rotate_root(State(fleet): State<Arc<Fleet>>, body: axum::body::Bytes) -> ApiResult {
+async fn rotate_root(
+    State(fleet): State<Arc<Fleet>>,
+    Extension(caller): Extension<Caller>,
+    body: axum::body::Bytes,
+) -> ApiResult {
     let req: RootRequest = serde_json::from_slice(&body).map_err(bad)?;
     if let Some(t) = &req.targets {
         check_artifacts(fleet.db(), t)?;
@@ -237,7 +327,14 @@ async fn rotate_root(State(fleet): State<Arc<Fleet>>, body: axum::body::Bytes) -
         .map_err(bad)?;
     let version = fleet.repo().root().signed["version"].as_u64().unwrap_or(0);
     fleet.db().flush().await.map_err(internal)?;
-    tracing::warn!(version, by = %req.by, "root rotated");
+    let who = caller.name_or(&req.by);
+    tracing::warn!(version, by = %who, "root rotated");
+    record(
+        &fleet,
+        &who,
+        "root.rotate",
+        json!({ "root_version": version }),
+    )?;
     let republished = fleet.publish_all().await.map_err(internal)?;
     Ok(Json(json!({ "root_version": version, "targets_kept": manifests.len(), "devices_updated": republished })).into_response())
 }
@@ -271,8 +368,13 @@ async fn targets(State(fleet): State<Arc<Fleet>>) -> ApiResult {
     }
 }
 
-async fn publish(State(fleet): State<Arc<Fleet>>, body: axum::body::Bytes) -> ApiResult {
+async fn publish(
+    State(fleet): State<Arc<Fleet>>,
+    Extension(caller): Extension<Caller>,
+    body: axum::body::Bytes,
+) -> ApiResult {
     let req: PublishRequest = serde_json::from_slice(&body).map_err(bad)?;
+    let who = caller.name_or(&req.published_by);
     let db = fleet.db();
     check_artifacts(db, &req.targets)?;
     let targets: modelcast_proto::metadata::Targets = req.targets.parse("targets").map_err(bad)?;
@@ -287,14 +389,20 @@ async fn publish(State(fleet): State<Arc<Fleet>>, body: axum::body::Bytes) -> Ap
             added.push(m.target_path());
             db.put_model(&ModelEntry {
                 manifest: m,
-                published_by: req.published_by.clone(),
+                published_by: who.clone(),
                 published_at: now,
             })
             .map_err(internal)?;
         }
     }
     db.flush().await.map_err(internal)?;
-    tracing::info!(?added, by = %req.published_by, "targets published");
+    tracing::info!(?added, by = %who, "targets published");
+    record(
+        &fleet,
+        &who,
+        "publish",
+        json!({ "targets_version": targets.version, "added": added }),
+    )?;
     let republished = fleet.publish_all().await.map_err(internal)?;
     Ok(Json(json!({ "targets_version": targets.version, "added": added, "devices_updated": republished })).into_response())
 }
@@ -304,7 +412,11 @@ async fn models(State(fleet): State<Arc<Fleet>>) -> ApiResult {
     Ok(Json(entries).into_response())
 }
 
-async fn deploy(State(fleet): State<Arc<Fleet>>, body: axum::body::Bytes) -> ApiResult {
+async fn deploy(
+    State(fleet): State<Arc<Fleet>>,
+    Extension(caller): Extension<Caller>,
+    body: axum::body::Bytes,
+) -> ApiResult {
     let req: DeployRequest = serde_json::from_slice(&body).map_err(bad)?;
     Selector::parse(&req.group).map_err(bad)?;
     if let Some(t) = &req.probation {
@@ -331,7 +443,7 @@ async fn deploy(State(fleet): State<Arc<Fleet>>, body: axum::body::Bytes) -> Api
             model: req.model,
             version: req.version,
             group: req.group,
-            by: req.by,
+            by: caller.name_or(&req.by),
             at: unix_now(),
             probation: req.probation,
         })
@@ -339,6 +451,12 @@ async fn deploy(State(fleet): State<Arc<Fleet>>, body: axum::body::Bytes) -> Api
     fleet.db().flush().await.map_err(internal)?;
     let updated = fleet.publish_all().await.map_err(internal)?;
     tracing::info!(model = %d.model, version = d.version, group = %d.group, devices = updated, "deployed");
+    record(
+        &fleet,
+        &d.by,
+        "deploy",
+        json!({ "model": d.model, "version": d.version, "group": d.group, "probation": d.probation }),
+    )?;
     Ok(Json(json!({ "deployment": d, "devices_updated": updated })).into_response())
 }
 
@@ -346,6 +464,39 @@ async fn deploy(State(fleet): State<Arc<Fleet>>, body: axum::body::Bytes) -> Api
 /// seconds.
 async fn dashboard() -> Html<&'static str> {
     Html(include_str!("dashboard.html"))
+}
+
+/// Appends to the audit log.
+fn record(
+    fleet: &Fleet,
+    who: &str,
+    action: &str,
+    details: serde_json::Value,
+) -> Result<(), ApiError> {
+    fleet
+        .db()
+        .append_audit(who, action, details, unix_now())
+        .map_err(internal)?;
+    Ok(())
+}
+
+#[derive(Deserialize)]
+struct AuditQuery {
+    #[serde(default)]
+    since: u64,
+}
+
+async fn audit(State(fleet): State<Arc<Fleet>>, Query(q): Query<AuditQuery>) -> ApiResult {
+    Ok(Json(fleet.db().audit(q.since).map_err(internal)?).into_response())
+}
+
+/// The API's OpenAPI 3 description.
+async fn openapi() -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        include_str!("openapi.json"),
+    )
+        .into_response()
 }
 
 fn rollout_error(e: RolloutError) -> ApiError {
@@ -356,10 +507,15 @@ fn rollout_error(e: RolloutError) -> ApiError {
     }
 }
 
-async fn start_rollout(State(fleet): State<Arc<Fleet>>, body: axum::body::Bytes) -> ApiResult {
+async fn start_rollout(
+    State(fleet): State<Arc<Fleet>>,
+    Extension(caller): Extension<Caller>,
+    body: axum::body::Bytes,
+) -> ApiResult {
     let req: RolloutRequest = serde_json::from_slice(&body).map_err(bad)?;
+    let who = caller.name_or(&req.by);
     let rollout = fleet
-        .start_rollout(req.spec, &req.by)
+        .start_rollout(req.spec, &who)
         .await
         .map_err(rollout_error)?;
     Ok((StatusCode::CREATED, Json(rollout)).into_response())
@@ -378,6 +534,7 @@ async fn rollout(State(fleet): State<Arc<Fleet>>, Path(id): Path<u64>) -> ApiRes
 
 async fn act_on_rollout(
     State(fleet): State<Arc<Fleet>>,
+    Extension(caller): Extension<Caller>,
     Path((id, action)): Path<(u64, String)>,
     body: axum::body::Bytes,
 ) -> ApiResult {
@@ -393,7 +550,7 @@ async fn act_on_rollout(
         serde_json::from_slice(&body).map_err(bad)?
     };
     let r = fleet
-        .act_on_rollout(id, action, &req.by)
+        .act_on_rollout(id, action, &caller.name_or(&req.by))
         .await
         .map_err(rollout_error)?;
     Ok(Json(r).into_response())
@@ -424,5 +581,65 @@ mod frames {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    /// (method, path) of every route this file declares in [`router`].
+    fn declared() -> BTreeSet<(String, String)> {
+        let source = include_str!("api.rs");
+        let body = &source[source.find("pub fn router(").unwrap()..];
+        let body = &body[..body.find("\n}\n").unwrap()];
+        let mut out = BTreeSet::new();
+        for call in body.split(".route(").skip(1) {
+            let path = call.split('"').nth(1).unwrap().to_string();
+            let args = &call[call.find(',').unwrap()..];
+            for method in ["get", "post", "put", "delete"] {
+                let direct = args.contains(&format!(" {method}("));
+                let chained = args.contains(&format!(".{method}("));
+                if direct || chained {
+                    out.insert((method.to_string(), path.clone()));
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_openapi_document_describes_every_route_and_no_other() {
+        let doc: serde_json::Value = serde_json::from_str(include_str!("openapi.json")).unwrap();
+        let mut documented = BTreeSet::new();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for method in item.as_object().unwrap().keys() {
+                documented.insert((method.clone(), path.clone()));
+            }
+        }
+        let declared = declared();
+        assert!(declared.len() >= 15, "{declared:?}");
+        assert_eq!(documented, declared);
+    }
+
+    #[test]
+    fn roles_follow_what_a_request_changes() {
+        use axum::http::Method;
+        assert_eq!(required_role(&Method::GET, "/api/v1/devices"), Role::Viewer);
+        assert_eq!(
+            required_role(&Method::POST, "/api/v1/rollouts"),
+            Role::Deployer
+        );
+        assert_eq!(
+            required_role(&Method::PUT, "/api/v1/artifacts/x"),
+            Role::Deployer
+        );
+        assert_eq!(
+            required_role(&Method::POST, "/api/v1/repository/root"),
+            Role::Admin
+        );
+        assert!(public("/dashboard") && !public("/api/v1/audit"));
     }
 }

@@ -7,6 +7,7 @@ use serde::de::DeserializeOwned;
 use thiserror::Error;
 
 use crate::api::{ActionRequest, DeployRequest, PublishRequest, RolloutRequest};
+use crate::audit::AuditEntry;
 use crate::db::{Deployment, DeviceEntry, ModelEntry};
 use crate::fleet::RolloutAction;
 use crate::rollout::Rollout;
@@ -43,6 +44,7 @@ fn transport(e: impl std::fmt::Display) -> ClientError {
 pub struct Client {
     base: String,
     agent: ureq::Agent,
+    token: Option<String>,
 }
 
 impl Client {
@@ -56,6 +58,41 @@ impl Client {
         Client {
             base: base.trim_end_matches('/').to_string(),
             agent,
+            token: None,
+        }
+    }
+
+    /// The same client, sending `token` as its bearer token.
+    pub fn with_token(mut self, token: Option<String>) -> Self {
+        self.token = token.filter(|t| !t.is_empty());
+        self
+    }
+
+    fn bearer(&self) -> Option<String> {
+        self.token.as_ref().map(|t| format!("Bearer {t}"))
+    }
+
+    fn get(&self, path: &str) -> ureq::RequestBuilder<ureq::typestate::WithoutBody> {
+        let r = self.agent.get(format!("{}{path}", self.base));
+        match self.bearer() {
+            Some(b) => r.header("Authorization", b),
+            None => r,
+        }
+    }
+
+    fn post(&self, path: &str) -> ureq::RequestBuilder<ureq::typestate::WithBody> {
+        let r = self.agent.post(format!("{}{path}", self.base));
+        match self.bearer() {
+            Some(b) => r.header("Authorization", b),
+            None => r,
+        }
+    }
+
+    fn put(&self, path: &str) -> ureq::RequestBuilder<ureq::typestate::WithBody> {
+        let r = self.agent.put(format!("{}{path}", self.base));
+        match self.bearer() {
+            Some(b) => r.header("Authorization", b),
+            None => r,
         }
     }
 
@@ -87,11 +124,7 @@ impl Client {
 
     /// The current operator-signed targets, if any.
     pub fn targets(&self) -> Result<Option<Signed>, ClientError> {
-        match Self::read(
-            self.agent
-                .get(format!("{}/api/v1/repository/targets", self.base))
-                .call(),
-        ) {
+        match Self::read(self.get("/api/v1/repository/targets").call()) {
             Ok(t) => Ok(Some(t)),
             Err(ClientError::Api { status: 404, .. }) => Ok(None),
             Err(e) => Err(e),
@@ -100,20 +133,12 @@ impl Client {
 
     /// The newest trusted root.
     pub fn root(&self) -> Result<Signed, ClientError> {
-        Self::read(
-            self.agent
-                .get(format!("{}/api/v1/repository/root", self.base))
-                .call(),
-        )
+        Self::read(self.get("/api/v1/repository/root").call())
     }
 
     /// The chain of rotations the server serves (every root after version 1).
     pub fn roots(&self) -> Result<Vec<Signed>, ClientError> {
-        Self::read(
-            self.agent
-                .get(format!("{}/api/v1/repository/roots", self.base))
-                .call(),
-        )
+        Self::read(self.get("/api/v1/repository/roots").call())
     }
 
     /// The server's current root, trusted only by walking its chain of rotations from
@@ -158,11 +183,7 @@ impl Client {
         &self,
         request: &crate::api::RootRequest,
     ) -> Result<serde_json::Value, ClientError> {
-        Self::read(
-            self.agent
-                .post(format!("{}/api/v1/repository/root", self.base))
-                .send_json(request),
-        )
+        Self::read(self.post("/api/v1/repository/root").send_json(request))
     }
 
     /// Uploads an artifact.
@@ -172,56 +193,33 @@ impl Client {
         chunk_size: u32,
         artifact: &[u8],
     ) -> Result<serde_json::Value, ClientError> {
-        let url = format!(
-            "{}/api/v1/artifacts/{sha256}?chunk_size={chunk_size}",
-            self.base
-        );
-        Self::read(self.agent.put(url).send(artifact))
+        let path = format!("/api/v1/artifacts/{sha256}?chunk_size={chunk_size}");
+        Self::read(self.put(&path).send(artifact))
     }
 
     /// Publishes signed targets.
     pub fn publish(&self, request: &PublishRequest) -> Result<serde_json::Value, ClientError> {
-        Self::read(
-            self.agent
-                .post(format!("{}/api/v1/repository/targets", self.base))
-                .send_json(request),
-        )
+        Self::read(self.post("/api/v1/repository/targets").send_json(request))
     }
 
     /// Deploys a version to a group.
     pub fn deploy(&self, request: &DeployRequest) -> Result<serde_json::Value, ClientError> {
-        Self::read(
-            self.agent
-                .post(format!("{}/api/v1/deployments", self.base))
-                .send_json(request),
-        )
+        Self::read(self.post("/api/v1/deployments").send_json(request))
     }
 
     /// Starts a rollout.
     pub fn start_rollout(&self, request: &RolloutRequest) -> Result<Rollout, ClientError> {
-        Self::read(
-            self.agent
-                .post(format!("{}/api/v1/rollouts", self.base))
-                .send_json(request),
-        )
+        Self::read(self.post("/api/v1/rollouts").send_json(request))
     }
 
     /// Every rollout.
     pub fn rollouts(&self) -> Result<Vec<Rollout>, ClientError> {
-        Self::read(
-            self.agent
-                .get(format!("{}/api/v1/rollouts", self.base))
-                .call(),
-        )
+        Self::read(self.get("/api/v1/rollouts").call())
     }
 
     /// Rollout `id`.
     pub fn rollout(&self, id: u64) -> Result<Rollout, ClientError> {
-        Self::read(
-            self.agent
-                .get(format!("{}/api/v1/rollouts/{id}", self.base))
-                .call(),
-        )
+        Self::read(self.get(&format!("/api/v1/rollouts/{id}")).call())
     }
 
     /// Pauses, resumes, aborts or cancels rollout `id`.
@@ -234,36 +232,28 @@ impl Client {
         let action = serde_json::to_value(action).expect("actions serialize");
         let action = action.as_str().expect("a string");
         Self::read(
-            self.agent
-                .post(format!("{}/api/v1/rollouts/{id}/{action}", self.base))
+            self.post(&format!("/api/v1/rollouts/{id}/{action}"))
                 .send_json(ActionRequest { by: by.into() }),
         )
     }
 
     /// Every deployment, oldest first.
     pub fn deployments(&self) -> Result<Vec<Deployment>, ClientError> {
-        Self::read(
-            self.agent
-                .get(format!("{}/api/v1/deployments", self.base))
-                .call(),
-        )
+        Self::read(self.get("/api/v1/deployments").call())
+    }
+
+    /// The audit log from position `since` on.
+    pub fn audit(&self, since: u64) -> Result<Vec<AuditEntry>, ClientError> {
+        Self::read(self.get(&format!("/api/v1/audit?since={since}")).call())
     }
 
     /// Every device.
     pub fn devices(&self) -> Result<Vec<DeviceEntry>, ClientError> {
-        Self::read(
-            self.agent
-                .get(format!("{}/api/v1/devices", self.base))
-                .call(),
-        )
+        Self::read(self.get("/api/v1/devices").call())
     }
 
     /// The registry.
     pub fn models(&self) -> Result<Vec<ModelEntry>, ClientError> {
-        Self::read(
-            self.agent
-                .get(format!("{}/api/v1/models", self.base))
-                .call(),
-        )
+        Self::read(self.get("/api/v1/models").call())
     }
 }

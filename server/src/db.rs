@@ -12,7 +12,11 @@ use modelcast_proto::report::DeviceReport;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::audit::AuditEntry;
 use crate::rollout::Rollout;
+
+/// Key of the audit log's head (last position and digest); sorts after every position.
+const AUDIT_HEAD: &[u8] = b"~head";
 
 /// A store failure.
 #[derive(Debug, Error)]
@@ -106,6 +110,7 @@ pub struct Db {
     deployments: sled::Tree,
     director: sled::Tree,
     rollouts: sled::Tree,
+    audit: sled::Tree,
 }
 
 fn decode<T: for<'de> Deserialize<'de>>(key: &str, bytes: &[u8]) -> Result<T, DbError> {
@@ -149,6 +154,7 @@ impl Db {
             deployments: db.open_tree("deployments")?,
             director: db.open_tree("director")?,
             rollouts: db.open_tree("rollouts")?,
+            audit: db.open_tree("audit")?,
             db,
         })
     }
@@ -281,6 +287,52 @@ impl Db {
             .iter()
             .values()
             .map(|v| decode("rollouts", &v?))
+            .collect()
+    }
+
+    /// Appends an entry to the audit log (one transaction: its position and its link to the
+    /// previous entry cannot race with another append).
+    pub fn append_audit(
+        &self,
+        who: &str,
+        action: &str,
+        details: serde_json::Value,
+        at: i64,
+    ) -> Result<AuditEntry, DbError> {
+        use sled::transaction::{ConflictableTransactionError, TransactionError};
+        let result = self.audit.transaction(|tx| {
+            let head: Option<(u64, String)> = match tx.get(AUDIT_HEAD)? {
+                Some(v) => {
+                    Some(decode("audit/head", &v).map_err(ConflictableTransactionError::Abort)?)
+                }
+                None => None,
+            };
+            let (seq, prev) = head.map_or((1, String::new()), |(s, d)| (s + 1, d));
+            let entry = AuditEntry {
+                seq,
+                at,
+                who: who.into(),
+                action: action.into(),
+                details: details.clone(),
+                prev,
+            };
+            tx.insert(&seq.to_be_bytes(), encode(&entry))?;
+            tx.insert(AUDIT_HEAD, encode(&(seq, entry.digest())))?;
+            Ok(entry)
+        });
+        match result {
+            Ok(entry) => Ok(entry),
+            Err(TransactionError::Abort(e)) => Err(e),
+            Err(TransactionError::Storage(e)) => Err(e.into()),
+        }
+    }
+
+    /// The audit log from position `since` on (1 is the first entry).
+    pub fn audit(&self, since: u64) -> Result<Vec<AuditEntry>, DbError> {
+        self.audit
+            .range(since.max(1).to_be_bytes().to_vec()..AUDIT_HEAD.to_vec())
+            .values()
+            .map(|v| decode("audit", &v?))
             .collect()
     }
 

@@ -395,6 +395,19 @@ impl Fleet {
         }
         let id = self.db.next_id()?;
         let (rollout, effects) = Rollout::start(id, spec, by, unix_now(), members);
+        self.db.append_audit(
+            by,
+            "rollout.start",
+            serde_json::json!({
+                "rollout": id,
+                "model": rollout.spec.model,
+                "version": rollout.spec.version,
+                "group": rollout.spec.group,
+                "waves": rollout.spec.waves,
+                "devices": rollout.members.len(),
+            }),
+            unix_now(),
+        )?;
         info!(
             rollout = id,
             model = %rollout.spec.model,
@@ -431,6 +444,13 @@ impl Fleet {
             (r.clone(), effects)
         };
         info!(rollout = id, ?action, %by, state = ?rollout.state, "rollout changed by an operator");
+        let name = serde_json::to_value(action).unwrap_or_default();
+        self.db.append_audit(
+            by,
+            &format!("rollout.{}", name.as_str().unwrap_or("action")),
+            serde_json::json!({ "rollout": id, "state": rollout.state }),
+            now,
+        )?;
         self.commit_rollout(&rollout, effects).await?;
         Ok(rollout)
     }
@@ -500,6 +520,12 @@ impl Fleet {
                 }
                 Effect::Ended(state) => {
                     info!(rollout = rollout.id, ?state, "rollout ended");
+                    self.db.append_audit(
+                        &format!("rollout {}", rollout.id),
+                        "rollout.end",
+                        serde_json::json!({ "rollout": rollout.id, "state": state }),
+                        unix_now(),
+                    )?;
                     if state == RolloutState::Completed {
                         // The group keeps the version: devices that join it later get it too.
                         let s = &rollout.spec;

@@ -3,16 +3,21 @@
 //! - [`broker`]: the embedded MQTT broker (rumqttd), plain or TLS with client certificates.
 //! - [`pki`], [`acl`]: the transport PKI (CA, broker and client certificates) and the
 //!   mosquitto configuration that confines each device to its own topics.
-//! - [`db`]: the server's sled store — artifacts, registry, repository, devices, deployments.
+//! - [`db`]: the server's sled store — artifacts, registry, repository, devices, deployments,
+//!   rollouts, audit log.
 //! - [`repo`]: the TUF repository (snapshot/timestamp signing) and the Uptane director.
 //! - [`fleet`]: MQTT traffic — reports in, chunks and desired states out.
 //! - [`group`]: label selectors for device groups.
-//! - [`api`]: the operators' HTTP API.
+//! - [`rollout`]: the sans-IO rollout planner (waves, abort criteria, auto-rollback).
+//! - [`api`], [`auth`], [`audit`]: the operators' HTTP API and dashboard, its tokens and
+//!   roles, the append-only audit log.
 //! - [`keyset`], [`publish`], [`onnx`], [`client`]: the operators' side — keys, manifests,
 //!   example models and the API client the `modelcast` CLI uses.
 
 pub mod acl;
 pub mod api;
+pub mod audit;
+pub mod auth;
 pub mod broker;
 pub mod client;
 pub mod db;
@@ -57,6 +62,8 @@ pub struct ServerConfig {
     pub pki: Option<PathBuf>,
     /// The server's MQTT identity in the PKI (certificate common name and client id).
     pub mqtt_identity: String,
+    /// The API token file; `None` leaves the API open.
+    pub tokens: Option<PathBuf>,
 }
 
 /// Why the server could not run.
@@ -137,7 +144,20 @@ pub async fn run(
         tls,
     };
     let fleet = fleet::Fleet::start(db.clone(), repo, topics, link)?;
-    let app = api::router(fleet);
+    let tokens = match &cfg.tokens {
+        Some(path) => {
+            let tokens = auth::Tokens::load(path).map_err(|e| ServerError::Io(e.to_string()))?;
+            if tokens.tokens.is_empty() {
+                tracing::warn!(path = %path.display(), "the token file holds no token: every API call will be refused");
+            }
+            Some(tokens)
+        }
+        None => {
+            tracing::warn!("no --tokens: the operator API is open to anyone who reaches it");
+            None
+        }
+    };
+    let app = api::router(fleet, tokens);
     tracing::info!(addr = ?listener.local_addr().ok(), "operator API listening");
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)

@@ -37,6 +37,10 @@ struct Args {
     /// The server's MQTT identity: its client certificate's common name in the PKI.
     #[arg(long, env = "MODELCAST_MQTT_IDENTITY", default_value = modelcast_server::pki::SERVER_IDENTITY)]
     mqtt_identity: String,
+    /// API token file (`modelcast token create`): every API call then needs a bearer token
+    /// with the role it requires. Without it the API is open (loopback demos and tests).
+    #[arg(long, env = "MODELCAST_TOKENS")]
+    tokens: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -61,6 +65,7 @@ async fn main() -> anyhow::Result<()> {
         topic_prefix: args.topic_prefix,
         pki: args.pki,
         mqtt_identity: args.mqtt_identity,
+        tokens: args.tokens,
     };
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

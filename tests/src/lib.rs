@@ -340,6 +340,27 @@ impl Fleet {
         }
     }
 
+    /// Restarts the server with an API token file holding an admin, a deployer and a viewer
+    /// token (named `admin`, `alice`, `bob`); the fleet's client uses the admin token from
+    /// then on. Returns the three tokens in that order.
+    pub fn require_tokens(&mut self) -> [String; 3] {
+        use modelcast_server::auth::{Role, Tokens};
+        let path = self.dir.path().join("tokens.toml");
+        let mut tokens = Tokens::default();
+        let made = [
+            ("admin", Role::Admin),
+            ("alice", Role::Deployer),
+            ("bob", Role::Viewer),
+        ]
+        .map(|(name, role)| tokens.create(name, role).expect("token"));
+        tokens.save(&path).expect("token file");
+        self.server_args.push("--tokens".into());
+        self.server_args.push(path.into_os_string());
+        self.client = Client::new(self.client.base()).with_token(Some(made[0].clone()));
+        self.restart_server();
+        made
+    }
+
     /// Kills the server (SIGKILL) and starts it again on the same data and ports.
     pub fn restart_server(&mut self) {
         self.server.kill();

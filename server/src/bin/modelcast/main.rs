@@ -12,12 +12,30 @@ use modelcast_proto::desired::TrialThresholds;
 use modelcast_proto::manifest::{LatencyBudget, ModelFormat};
 use modelcast_proto::report::Phase;
 use modelcast_server::api::DeployRequest;
+use modelcast_server::auth::{Role, Tokens};
 use modelcast_server::client::Client;
 use modelcast_server::group::Selector;
 use modelcast_server::publish::{publish_file, Fallback, PublishOptions};
 use modelcast_server::{keyset, onnx, unix_now};
 
 mod rollout;
+
+/// `modelcast token …`.
+#[derive(Subcommand, Debug)]
+enum TokenCommand {
+    /// Add a token to a token file; prints the token (once).
+    Create {
+        /// The server's token file.
+        #[arg(long)]
+        file: PathBuf,
+        /// Who holds it (recorded in the audit log).
+        #[arg(long)]
+        name: String,
+        /// viewer, deployer or admin.
+        #[arg(long)]
+        role: Role,
+    },
+}
 
 /// Operate a modelcast fleet.
 #[derive(Parser, Debug)]
@@ -31,6 +49,9 @@ struct Cli {
         default_value = "http://127.0.0.1:7070"
     )]
     server: String,
+    /// API token (`modelcast token create`), for a server run with `--tokens`.
+    #[arg(long, global = true, env = "MODELCAST_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -161,6 +182,22 @@ enum Command {
     },
     /// List published model versions.
     Models,
+    /// API tokens for a server run with `--tokens FILE`.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// The audit log: who published, deployed, rolled out, aborted, and when.
+    Audit {
+        /// From this position on.
+        #[arg(long, default_value_t = 0)]
+        since: u64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Check that the log is one unbroken chain (every entry names its predecessor's
+        /// digest).
+        #[arg(long)]
+        verify: bool,
+    },
     /// Follow an update across a group until every device serves it (or fails).
     Status {
         /// Model name.
@@ -482,7 +519,7 @@ fn ratio(text: &str) -> Result<f64, String> {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let client = Client::new(&cli.server);
+    let client = Client::new(&cli.server).with_token(cli.token.clone());
     match cli.command {
         Command::Pki(cmd) => pki_command(cmd)?,
         Command::Root(cmd) => root_command(&client, cmd)?,
@@ -618,6 +655,43 @@ fn main() -> anyhow::Result<()> {
             );
         }
         Command::Rollout(command) => rollout::run(&client, command)?,
+        Command::Token(TokenCommand::Create { file, name, role }) => {
+            let mut tokens = Tokens::load(&file)?;
+            let token = tokens.create(&name, role)?;
+            tokens.save(&file)?;
+            eprintln!(
+                "token for {name} ({role}) added to {}; it is shown once:",
+                file.display()
+            );
+            println!("{token}");
+        }
+        Command::Audit {
+            since,
+            json,
+            verify,
+        } => {
+            let entries = client.audit(if verify { 0 } else { since })?;
+            if verify {
+                match modelcast_server::audit::verify_chain(&entries) {
+                    Ok(()) => println!("audit log: {} entries, chain intact", entries.len()),
+                    Err(e) => bail!("audit log chain broken: {e}"),
+                }
+            } else if json {
+                println!("{}", serde_json::to_string_pretty(&entries)?);
+            } else {
+                for e in entries {
+                    let at = time::OffsetDateTime::from_unix_timestamp(e.at)
+                        .map(|t| t.format(&time::format_description::well_known::Rfc3339))
+                        .ok()
+                        .and_then(Result::ok)
+                        .unwrap_or_else(|| e.at.to_string());
+                    println!(
+                        "{:>5}  {at}  {:<12} {:<16} {}",
+                        e.seq, e.who, e.action, e.details
+                    );
+                }
+            }
+        }
         Command::Devices { json } => {
             let devices = client.devices()?;
             if json {
