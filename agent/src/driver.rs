@@ -437,8 +437,11 @@ impl Agent {
             sha256,
             result,
         } = staged;
+        let wanted = self.updater.is_staging(&name, &sha256);
         let result = result.map(|model| {
-            self.staged.insert(name.clone(), model);
+            if wanted {
+                self.staged.insert(name.clone(), model);
+            }
         });
         self.updater.staged(&name, &sha256, result);
     }

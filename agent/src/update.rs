@@ -278,6 +278,15 @@ impl Updater {
         self.models.get(name).map(|m| &m.record)
     }
 
+    /// Whether `name` is staging the artifact `sha256` (a staging result for anything else
+    /// will be ignored).
+    pub fn is_staging(&self, name: &str, sha256: &str) -> bool {
+        matches!(
+            self.models.get(name).map(|m| &m.step),
+            Some(Step::Staging { manifest, .. }) if manifest.sha256 == sha256
+        )
+    }
+
     /// The manifest of `name`'s download in progress.
     pub fn downloading(&self, name: &str) -> Option<&Manifest> {
         match &self.models.get(name)?.step {
@@ -735,7 +744,7 @@ impl Updater {
             // longer wanted.
             Admission::Serving | Admission::Failed => {
                 m.deferred = None;
-                self.cancel_download(&name);
+                self.cancel_update(&name);
                 return;
             }
             // One trial at a time: the last good slot must not be overwritten. The desired
@@ -803,15 +812,20 @@ impl Updater {
         self.push(Action::PrepareDownload(manifest));
     }
 
-    /// Drops a download no longer desired (not an error).
-    fn cancel_download(&mut self, name: &str) {
+    /// Drops an update no longer desired (not an error).
+    fn cancel_update(&mut self, name: &str) {
         let Some(m) = self.models.get_mut(name) else {
             return;
         };
-        if !matches!(m.step, Step::Preparing(_) | Step::Downloading(_)) {
+        // A staging in progress is dropped too: its result, when it comes, matches no step
+        // and is ignored. (Activating is answered before any other event.)
+        if !matches!(
+            m.step,
+            Step::Preparing(_) | Step::Downloading(_) | Step::Staging { .. }
+        ) {
             return;
         }
-        info!(model = name, "download no longer desired; dropped");
+        info!(model = name, "update no longer desired; dropped");
         m.step = Step::Idle;
         m.progress = None;
         let phase = if m.record.trial.is_some() {
@@ -1065,6 +1079,8 @@ mod tests {
         floor: u64,
         /// How far the serving version allows the floor to drop (its signed `fallback_to`).
         fallback_floor: Option<u64>,
+        /// The broker's retained desired state: delivered again at every (re)connection.
+        retained: Option<(Manifest, Option<TrialThresholds>)>,
     }
 
     impl Sim {
@@ -1089,6 +1105,7 @@ mod tests {
                 break_write: false,
                 floor: 0,
                 fallback_floor: None,
+                retained: None,
             };
             sim.m.handle_connected();
             sim
@@ -1246,7 +1263,14 @@ mod tests {
         }
 
         fn desire(&mut self, version: u64) {
-            self.m.handle_desired(&[(manifest(version), None)]);
+            self.desire_with(version, None);
+        }
+
+        /// The server publishes a desired state (retained) and the device receives it.
+        fn desire_with(&mut self, version: u64, thresholds: Option<TrialThresholds>) {
+            let wanted = (manifest(version), thresholds);
+            self.retained = Some(wanted.clone());
+            self.m.handle_desired(&[wanted]);
             self.run();
         }
 
@@ -1323,6 +1347,9 @@ mod tests {
             self.online = online;
             if online {
                 self.m.handle_connected();
+                if let Some(wanted) = self.retained.clone() {
+                    self.m.handle_desired(&[wanted]);
+                }
             } else {
                 self.m.handle_disconnected();
                 self.requested.clear();
@@ -1495,8 +1522,7 @@ mod tests {
             max_p99_percent: Some(400),
             ..TrialThresholds::default()
         };
-        sim.m.handle_desired(&[(manifest(2), Some(t))]);
-        sim.run();
+        sim.desire_with(2, Some(t));
         sim.deliver_all();
         sim.finish_staging(true);
         assert_eq!(sim.disk[M].trial.unwrap().thresholds, Some(t));
@@ -1556,6 +1582,25 @@ mod tests {
         assert_eq!(sim.disk[M].highest_version, 4);
         sim.desire(3);
         assert!(sim.errors.last().unwrap().2.contains("(rollback)"));
+    }
+
+    #[test]
+    fn the_desired_state_going_back_while_staging_drops_the_staged_version() {
+        let mut sim = Sim::new();
+        sim.desire(1);
+        sim.deliver_all();
+        sim.finish_staging(true);
+        sim.desire(2);
+        sim.deliver_all();
+        assert_eq!(sim.staging.len(), 1, "v2 is staging");
+        sim.desire(1); // A fleet rollback before v2 ever served.
+        sim.finish_staging(true);
+        assert_eq!(sim.serving_version(), Some(1), "v2 must not be swapped in");
+        assert!(sim.pending.is_empty());
+        sim.desire(2); // Wanted again later: it installs.
+        sim.deliver_all();
+        sim.finish_staging(true);
+        assert_eq!(sim.serving_version(), Some(2));
     }
 
     #[test]
@@ -1654,8 +1699,7 @@ mod tests {
                             requests: Some(r),
                             ..TrialThresholds::default()
                         });
-                        sim.m.handle_desired(&[(manifest(desired as u64), t)]);
-                        sim.run();
+                        sim.desire_with(desired as u64, t);
                     }
                     Event::DeliverAll => sim.deliver_all(),
                     Event::Deliver { pick, corrupt } => sim.deliver(pick, corrupt),
@@ -1666,6 +1710,27 @@ mod tests {
                     Event::Restart { clean } => sim.restart(clean),
                     Event::BreakWrite => sim.break_write = true,
                 }
+            }
+            // Then the world settles: the link is up, every chunk arrives, staging passes,
+            // trials run out. The device converges to the last desired version, or has
+            // reported why not (rejected, rolled back, refused as a rollback).
+            sim.break_write = false;
+            sim.set_online(true);
+            for _ in 0..12 {
+                sim.deliver_all();
+                while !sim.staging.is_empty() {
+                    sim.finish_staging(true);
+                }
+                sim.advance(11_000);
+            }
+            if desired > 0 && sim.serving_version() != Some(desired as u64) {
+                let reported = sim.errors.iter().any(|(_, v, _)| *v == Some(desired as u64));
+                prop_assert!(
+                    reported,
+                    "serving {:?}, desired {} and nothing said why",
+                    sim.serving_version(),
+                    desired
+                );
             }
         }
     }

@@ -22,6 +22,7 @@ use modelcast_server::{keyset, onnx};
 
 pub mod hammer;
 pub mod proxy;
+pub mod sim;
 
 /// Path of a workspace binary, building the binaries once if they are missing.
 pub fn bin(name: &str) -> PathBuf {

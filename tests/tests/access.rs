@@ -37,9 +37,11 @@ fn tokens_roles_and_the_audit_log() {
     }
 
     // A viewer reads (the device registers again after the restart) but cannot deploy.
-    wait_for("edge-1 to report", std::time::Duration::from_secs(30), || {
-        (viewer.devices().ok()?.len() == 1).then_some(())
-    });
+    wait_for(
+        "edge-1 to report",
+        std::time::Duration::from_secs(30),
+        || (viewer.devices().ok()?.len() == 1).then_some(()),
+    );
     let deploy = |model: &str, version: u64| DeployRequest {
         model: model.into(),
         version,

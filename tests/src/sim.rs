@@ -1,0 +1,399 @@
+//! The fleet simulator: N devices in one process, each a light client that speaks the real
+//! protocol over its own MQTT connection. Each runs the agent's own update machine
+//! ([`modelcast_agent::update::Updater`]) and chunk transfer, and verifies every desired state
+//! with the agent's verifier (TUF + director). What a device stores is not kept (chunks are
+//! checked against their signed digests, counted and dropped) and it does not run inference:
+//! staging succeeds at once unless the device is told to fail, after `stage_delay`. With no
+//! traffic, trials end on their time limit.
+//!
+//! Used by the rollout tests and `bench-fleet`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use modelcast_agent::probation::ProbationPolicy;
+use modelcast_agent::update::{Action, ChunkFate, Settings, Updater};
+use modelcast_proto::chunk::{ChunkReply, ChunkRequest};
+use modelcast_proto::desired::DesiredState;
+use modelcast_proto::keys::PublicKey;
+use modelcast_proto::metadata::{RoleVerifier, Signed};
+use modelcast_proto::report::{DeviceReport, ReportedError};
+use modelcast_proto::topic::{DeviceTopic, Topics};
+use modelcast_proto::verify::{verify_desired, TrustState};
+use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
+
+/// How to run a simulated fleet.
+#[derive(Debug, Clone)]
+pub struct SimOptions {
+    /// Broker host and port.
+    pub broker: (String, u16),
+    /// Topic prefix.
+    pub prefix: String,
+    /// Devices.
+    pub count: usize,
+    /// Device ids are `{id_prefix}{i:05}`.
+    pub id_prefix: String,
+    /// Labels every device reports.
+    pub labels: BTreeMap<String, String>,
+    /// How long staging takes.
+    pub stage_delay: Duration,
+    /// Chunk requests in flight per device.
+    pub window: usize,
+    /// The devices' own probation policy.
+    pub probation: ProbationPolicy,
+    /// Connections opened per second (a real fleet does not reconnect all at once).
+    pub connect_rate: u32,
+}
+
+impl SimOptions {
+    /// `count` devices on the broker at `port` on loopback, labelled `fleet=sim`.
+    pub fn new(port: u16, count: usize) -> Self {
+        SimOptions {
+            broker: ("127.0.0.1".into(), port),
+            prefix: "modelcast".into(),
+            count,
+            id_prefix: "sim-".into(),
+            labels: BTreeMap::from([("fleet".into(), "sim".into())]),
+            stage_delay: Duration::from_millis(50),
+            window: 16,
+            probation: ProbationPolicy::default(),
+            connect_rate: 2000,
+        }
+    }
+}
+
+/// Counters over the whole simulated fleet.
+#[derive(Debug, Default)]
+pub struct SimStats {
+    /// Devices connected now.
+    pub connected: AtomicUsize,
+    /// Chunk bytes received (duplicates included).
+    pub chunk_bytes: AtomicU64,
+    /// Desired states that verified.
+    pub desired_ok: AtomicU64,
+    /// Desired states rejected.
+    pub desired_rejected: AtomicU64,
+    /// Updates activated.
+    pub activated: AtomicU64,
+}
+
+/// A running simulated fleet; stops when dropped.
+pub struct Sim {
+    runtime: Option<tokio::runtime::Runtime>,
+    /// Fleet-wide counters.
+    pub stats: Arc<SimStats>,
+    /// Devices that fail staging of any version from now on (by id).
+    pub failing: Arc<Mutex<BTreeSet<String>>>,
+    /// What each device serves: id → (model → version).
+    serving: Arc<Mutex<BTreeMap<String, BTreeMap<String, u64>>>>,
+    ids: Vec<String>,
+}
+
+struct Trust {
+    root: Signed,
+    director: RoleVerifier,
+}
+
+impl Sim {
+    /// Starts the fleet, trusting the keys in `keys` (`root.json`, `director.pub`).
+    pub fn start(opts: SimOptions, keys: &Path) -> Sim {
+        let root = modelcast_server::keyset::read_root(&keys.join("root.json")).expect("root.json");
+        let director = std::fs::read_to_string(keys.join("director.pub")).expect("director.pub");
+        let director = PublicKey::from_hex(director.trim()).expect("director key");
+        let trust = Arc::new(Trust {
+            root,
+            director: RoleVerifier::new("director", vec![director], 1),
+        });
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let stats = Arc::new(SimStats::default());
+        let failing = Arc::new(Mutex::new(BTreeSet::new()));
+        let serving = Arc::new(Mutex::new(BTreeMap::new()));
+        let ids: Vec<String> = (0..opts.count)
+            .map(|i| format!("{}{i:05}", opts.id_prefix))
+            .collect();
+        let opts = Arc::new(opts);
+        {
+            let (ids, stats, failing, serving) =
+                (ids.clone(), stats.clone(), failing.clone(), serving.clone());
+            runtime.spawn(async move {
+                let pause = Duration::from_secs(1) / opts.connect_rate.max(1);
+                for id in ids {
+                    let device = Device {
+                        id,
+                        opts: opts.clone(),
+                        trust: trust.clone(),
+                        stats: stats.clone(),
+                        failing: failing.clone(),
+                        serving: serving.clone(),
+                    };
+                    tokio::spawn(device.run());
+                    tokio::time::sleep(pause).await;
+                }
+            });
+        }
+        Sim {
+            runtime: Some(runtime),
+            stats,
+            failing,
+            serving,
+            ids,
+        }
+    }
+
+    /// The device ids.
+    pub fn ids(&self) -> &[String] {
+        &self.ids
+    }
+
+    /// How many devices serve `model` at `version`.
+    pub fn serving(&self, model: &str, version: u64) -> usize {
+        let serving = self.serving.lock().expect("serving lock");
+        serving
+            .values()
+            .filter(|m| m.get(model) == Some(&version))
+            .count()
+    }
+
+    /// The version `device` serves of `model`.
+    pub fn version_of(&self, device: &str, model: &str) -> Option<u64> {
+        let serving = self.serving.lock().expect("serving lock");
+        serving.get(device)?.get(model).copied()
+    }
+}
+
+impl Drop for Sim {
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_timeout(Duration::from_secs(2));
+        }
+    }
+}
+
+/// One simulated device.
+struct Device {
+    id: String,
+    opts: Arc<SimOptions>,
+    trust: Arc<Trust>,
+    stats: Arc<SimStats>,
+    failing: Arc<Mutex<BTreeSet<String>>>,
+    serving: Arc<Mutex<BTreeMap<String, BTreeMap<String, u64>>>>,
+}
+
+impl Device {
+    async fn run(self) {
+        let topics = Topics::new(&self.opts.prefix);
+        let (host, port) = self.opts.broker.clone();
+        let mut mqtt = MqttOptions::new(&self.id, host, port);
+        let online = topics.device(&self.id, DeviceTopic::Online);
+        mqtt.set_keep_alive(Duration::from_secs(60))
+            .set_clean_session(true)
+            .set_max_packet_size(modelcast_agent::link::MAX_INCOMING_PACKET, 1024 * 1024)
+            .set_last_will(LastWill::new(&online, "offline", QoS::AtLeastOnce, true));
+        let (client, mut eventloop) = AsyncClient::new(mqtt, 64);
+        // The event loop runs in its own task (polling it inside a select could drop a
+        // packet half read); its events come here.
+        let (tx, mut events) = tokio::sync::mpsc::channel::<Result<Event, String>>(64);
+        tokio::spawn(async move {
+            loop {
+                let event = eventloop.poll().await.map_err(|e| e.to_string());
+                let failed = event.is_err();
+                if tx.send(event).await.is_err() {
+                    return;
+                }
+                if failed {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        });
+        let desired = topics.device(&self.id, DeviceTopic::Desired);
+        let chunks = topics.device(&self.id, DeviceTopic::Chunks);
+        let settings = Settings {
+            probation: self.opts.probation.clone(),
+            window: self.opts.window,
+            chunk_timeout: Duration::from_secs(10),
+            stall_after: Duration::from_secs(120),
+        };
+        let mut updater = Updater::new(settings, Vec::new());
+        let mut trust = TrustState::from_root(self.trust.root.clone()).expect("root");
+        let mut last_error: Option<ReportedError> = None;
+        let mut desired_version = 0;
+        let mut staging: Vec<(Instant, String, String)> = Vec::new();
+        let mut connected = false;
+        loop {
+            let now = Instant::now();
+            let mut wake = updater.next_wake(now);
+            if let Some((at, ..)) = staging.first() {
+                wake = wake.min(*at);
+            }
+            tokio::select! {
+                event = events.recv() => match event {
+                    None => return,
+                    Some(event) => match event {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        let _ = client.try_subscribe(&desired, QoS::AtLeastOnce);
+                        let _ = client.try_subscribe(&chunks, QoS::AtLeastOnce);
+                        let _ = client.try_publish(&online, QoS::AtLeastOnce, true, "online");
+                        if !connected {
+                            self.stats.connected.fetch_add(1, Ordering::Relaxed);
+                            connected = true;
+                        }
+                        updater.handle_connected();
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) if p.topic == desired => {
+                        let now_unix = modelcast_server::unix_now();
+                        let verified = DesiredState::from_slice(&p.payload)
+                            .map_err(|e| e.to_string())
+                            .and_then(|m| {
+                                verify_desired(&trust, &self.trust.director, &self.id, &m, now_unix)
+                                    .map_err(|e| e.to_string())
+                            });
+                        match verified {
+                            Ok(v) => {
+                                self.stats.desired_ok.fetch_add(1, Ordering::Relaxed);
+                                trust = v.trust().clone();
+                                desired_version = v.director_version();
+                                let wanted: Vec<_> = v
+                                    .models()
+                                    .iter()
+                                    .map(|m| (m.clone(), v.probation(&m.name)))
+                                    .collect();
+                                updater.handle_desired(&wanted);
+                            }
+                            Err(e) => {
+                                self.stats.desired_rejected.fetch_add(1, Ordering::Relaxed);
+                                updater.note_error(None, None, format!("desired state rejected: {e}"));
+                            }
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) if p.topic == chunks => {
+                        if let Ok(reply) = ChunkReply::decode(&p.payload) {
+                            self.stats
+                                .chunk_bytes
+                                .fetch_add(reply.data.len() as u64, Ordering::Relaxed);
+                            let artifact = hex::encode(reply.artifact);
+                            if let ChunkFate::Store(name) =
+                                updater.handle_chunk(&artifact, reply.index, reply.data)
+                            {
+                                updater.chunk_stored(&name, reply.index);
+                            }
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => updater.handle_disconnected(),
+                    },
+                },
+                _ = tokio::time::sleep_until(wake.into()) => {}
+            }
+            let now = Instant::now();
+            while staging.first().is_some_and(|(at, ..)| *at <= now) {
+                let (_, name, sha) = staging.remove(0);
+                let fail = self
+                    .failing
+                    .lock()
+                    .expect("failing lock")
+                    .contains(&self.id);
+                let result = if fail {
+                    Err("golden vector 0 differs from the manifest (simulated)".to_string())
+                } else {
+                    Ok(())
+                };
+                updater.staged(&name, &sha, result);
+            }
+            updater.handle_timeout(now);
+            while let Some(action) = updater.poll_action() {
+                match action {
+                    Action::PrepareDownload(m) => {
+                        let have = vec![false; m.chunks.len()];
+                        updater.download_ready(&m.name, &m.sha256, have);
+                    }
+                    Action::RequestChunks {
+                        artifact, chunks, ..
+                    } => {
+                        let request = ChunkRequest {
+                            format: modelcast_proto::FORMAT_VERSION,
+                            device: self.id.clone(),
+                            artifact,
+                            chunks,
+                        };
+                        // try_: this task also drives the event loop, so it must never wait
+                        // on it. A request lost to a full queue is asked again on timeout.
+                        let _ = client.try_publish(
+                            topics.chunk_requests(&self.id),
+                            QoS::AtLeastOnce,
+                            false,
+                            request.to_vec(),
+                        );
+                    }
+                    Action::Stage { manifest, .. } => {
+                        staging.push((now + self.opts.stage_delay, manifest.name, manifest.sha256));
+                    }
+                    Action::Activate { name, record, .. } => {
+                        if let Some(m) = record.serving() {
+                            self.serving
+                                .lock()
+                                .expect("serving lock")
+                                .entry(self.id.clone())
+                                .or_default()
+                                .insert(name.clone(), m.version);
+                        }
+                        self.stats.activated.fetch_add(1, Ordering::Relaxed);
+                        updater.activated(&name, Instant::now());
+                    }
+                    Action::RollBack { name, record } => {
+                        if let Some(m) = record.serving() {
+                            self.serving
+                                .lock()
+                                .expect("serving lock")
+                                .entry(self.id.clone())
+                                .or_default()
+                                .insert(name, m.version);
+                        }
+                    }
+                    Action::Error {
+                        model,
+                        version,
+                        reason,
+                    } => {
+                        last_error = Some(ReportedError {
+                            model,
+                            version,
+                            reason,
+                            at: modelcast_server::unix_now(),
+                        });
+                    }
+                    Action::Report => {
+                        let report = DeviceReport {
+                            format: modelcast_proto::FORMAT_VERSION,
+                            device: self.id.clone(),
+                            labels: self.opts.labels.clone(),
+                            agent_version: "sim".into(),
+                            models: updater.model_states(),
+                            last_error: last_error.clone(),
+                            desired_version,
+                            at: modelcast_server::unix_now(),
+                        };
+                        let _ = client.try_publish(
+                            topics.device(&self.id, DeviceTopic::State),
+                            QoS::AtLeastOnce,
+                            true,
+                            report.to_vec(),
+                        );
+                    }
+                    Action::Commit { .. }
+                    | Action::Abandon { .. }
+                    | Action::Persist { .. }
+                    | Action::CollectGarbage
+                    | Action::Phase { .. }
+                    | Action::Ended { .. } => {}
+                }
+            }
+        }
+    }
+}
