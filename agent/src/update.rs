@@ -789,6 +789,7 @@ impl Updater {
         match &m.step {
             Step::Preparing(_) | Step::Downloading(_) | Step::Staging { .. } if same => {
                 m.thresholds = thresholds; // The rollout may have changed them.
+                m.deferred = None; // The latest desired state wins.
                 return;
             }
             Step::Staging { .. } | Step::Activating { .. } | Step::Trial(_) => {
