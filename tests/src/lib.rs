@@ -225,6 +225,11 @@ impl Mosquitto {
         }
     }
 
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.proc.child.id()
+    }
+
     /// Kills it (SIGKILL: no goodbye to clients) and starts it again on the same port, with
     /// the same configuration and no state (persistence is off).
     pub fn restart(&mut self) {
@@ -360,6 +365,11 @@ impl Fleet {
         self.client = Client::new(self.client.base()).with_token(Some(made[0].clone()));
         self.restart_server();
         made
+    }
+
+    /// The server's process id.
+    pub fn server_pid(&self) -> u32 {
+        self.server.child.id()
     }
 
     /// Kills the server (SIGKILL) and starts it again on the same data and ports.
