@@ -49,6 +49,8 @@ pub struct Fleet {
     publishing: Mutex<()>,
     /// Every rollout, as stored; locked only between awaits.
     rollouts: std::sync::Mutex<Rollouts>,
+    /// Rollouts whose device states changed without a decision: written by the clock.
+    dirty_rollouts: std::sync::Mutex<std::collections::BTreeSet<u64>>,
 }
 
 /// Why a rollout request failed.
@@ -106,6 +108,7 @@ impl Fleet {
             client,
             publishing: Mutex::new(()),
             rollouts: std::sync::Mutex::new(rollouts),
+            dirty_rollouts: Default::default(),
         });
         let (tx, mut rx) = mpsc::channel::<(String, bytes::Bytes)>(1024);
         let subscriber = fleet.clone();
@@ -455,18 +458,27 @@ impl Fleet {
         Ok(rollout)
     }
 
-    /// Feeds a device's report to the rollouts it is part of.
+    /// Feeds a device's report to the rollouts it is part of. A decision (a wave, an abort,
+    /// the end) is persisted and flushed before it is carried out; a device's new state
+    /// alone is written by the clock within a second (after a crash, the devices' retained
+    /// reports, delivered again, restore it).
     async fn feed_rollouts(&self, device: &str, report: &modelcast_proto::report::DeviceReport) {
         let now = unix_now();
         let changed: Vec<(Rollout, Vec<Effect>)> = {
             let mut all = self.rollouts.lock().expect("rollouts lock");
+            let mut dirty = self.dirty_rollouts.lock().expect("dirty lock");
             all.values_mut()
                 .filter(|r| !matches!(r.state, RolloutState::Completed | RolloutState::Cancelled))
                 .filter_map(|r| {
                     let before = r.member(device)?.state.clone();
                     let effects = r.handle_report(now, device, report);
-                    let after = &r.member(device)?.state;
-                    (*after != before || !effects.is_empty()).then(|| (r.clone(), effects))
+                    if !effects.is_empty() {
+                        return Some((r.clone(), effects));
+                    }
+                    if r.member(device)?.state != before {
+                        dirty.insert(r.id);
+                    }
+                    None
                 })
                 .collect()
         };
@@ -477,9 +489,23 @@ impl Fleet {
         }
     }
 
-    /// The rollouts' clock: wave timeouts.
+    /// The rollouts' clock: wave timeouts, and writing device states that changed.
     async fn tick_rollouts(&self) {
         let now = unix_now();
+        let dirty = std::mem::take(&mut *self.dirty_rollouts.lock().expect("dirty lock"));
+        if !dirty.is_empty() {
+            for id in dirty {
+                let rollout = self.rollout(id);
+                if let Some(r) = rollout {
+                    if let Err(e) = self.db.put_rollout(&r) {
+                        warn!(rollout = id, error = %e, "recording a rollout failed");
+                    }
+                }
+            }
+            if let Err(e) = self.db.flush().await {
+                warn!(error = %e, "flushing rollouts failed");
+            }
+        }
         let due: Vec<(Rollout, Vec<Effect>)> = {
             let mut all = self.rollouts.lock().expect("rollouts lock");
             all.values_mut()

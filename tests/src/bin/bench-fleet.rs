@@ -39,7 +39,12 @@ fn cpu_secs(pid: u32) -> f64 {
         .rsplit_once(')')
         .map(|(_, rest)| rest.split_whitespace().collect())
         .unwrap_or_default();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
     // Fields after the command: state is 0, utime 11, stime 12.
     (ticks(11) + ticks(12)) / 100.0
 }
@@ -163,7 +168,10 @@ fn run(devices: usize, size: usize, mosquitto: bool) -> Row {
     let bytes = v2.size as usize;
 
     let cpu0 = cpu();
-    let received0 = sim.stats.chunk_bytes.load(std::sync::atomic::Ordering::Relaxed);
+    let received0 = sim
+        .stats
+        .chunk_bytes
+        .load(std::sync::atomic::Ordering::Relaxed);
     let spec = RolloutSpec {
         model: "classifier".into(),
         version: 2,
@@ -194,7 +202,10 @@ fn run(devices: usize, size: usize, mosquitto: bool) -> Row {
         std::thread::sleep(Duration::from_millis(100));
         let n = sim.serving("classifier", 2);
         if last.elapsed() > Duration::from_secs(10) {
-            eprintln!("  {n}/{devices} on v2 after {:.0}s", started.elapsed().as_secs_f64());
+            eprintln!(
+                "  {n}/{devices} on v2 after {:.0}s",
+                started.elapsed().as_secs_f64()
+            );
             last = Instant::now();
         }
         (n == devices).then_some(())
@@ -202,11 +213,21 @@ fn run(devices: usize, size: usize, mosquitto: bool) -> Row {
     let wall = started.elapsed().as_secs_f64();
     let server_cpu = cpu() - cpu0;
     let server_rss_mib = rss() as f64 / 1024.0;
-    let received = sim.stats.chunk_bytes.load(std::sync::atomic::Ordering::Relaxed) - received0;
-    wait_for("the rollout to complete", Duration::from_secs(120), || {
+    let received = sim
+        .stats
+        .chunk_bytes
+        .load(std::sync::atomic::Ordering::Relaxed)
+        - received0;
+    let done = Instant::now();
+    wait_for("the rollout to complete", Duration::from_secs(1800), || {
+        std::thread::sleep(Duration::from_millis(500));
         let state = fleet.client.rollout(r.id).ok()?.state;
         (state == RolloutState::Completed).then_some(())
     });
+    eprintln!(
+        "  the server marked the rollout completed {:.1}s after the last device",
+        done.elapsed().as_secs_f64()
+    );
     let ideal = (devices * bytes) as f64 / raw;
     eprintln!(
         "  raw broker throughput {:.0} MB/s; artifact {:.1} MB",
@@ -232,16 +253,39 @@ fn main() {
         .collect();
     let size = env("BENCH_SIZE_MB", 10usize) << 20;
     let mosquitto = std::env::var("BENCH_BROKER").is_ok_and(|b| b == "mosquitto");
-    let broker = if mosquitto { "mosquitto" } else { "embedded rumqttd" };
+    let broker = if mosquitto {
+        "mosquitto"
+    } else {
+        "embedded rumqttd"
+    };
     let mut rows = Vec::new();
     for n in counts {
-        eprintln!("bench-fleet: {n} devices, {} MiB model, {broker}", size >> 20);
-        rows.push(run(n, size, mosquitto));
+        eprintln!(
+            "bench-fleet: {n} devices, {} MiB model, {broker}",
+            size >> 20
+        );
+        let r = run(n, size, mosquitto);
+        eprintln!(
+            "  {n} devices: {:.1}s (ideal {:.1}s, ratio {:.2}), server+broker cpu {:.1}s, peak {:.0} MiB",
+            r.wall,
+            r.ideal,
+            r.wall / r.ideal,
+            r.server_cpu,
+            r.server_rss_mib
+        );
+        rows.push(r);
     }
     println!("broker: {broker}");
     println!(
         "{:>8} {:>9} {:>9} {:>7} {:>12} {:>14} {:>12} {:>12}",
-        "devices", "wall s", "ideal s", "ratio", "server cpu s", "cpu ms/device", "server MiB", "received GiB"
+        "devices",
+        "wall s",
+        "ideal s",
+        "ratio",
+        "server cpu s",
+        "cpu ms/device",
+        "server MiB",
+        "received GiB"
     );
     for r in &rows {
         println!(
