@@ -36,6 +36,8 @@ use crate::slots::ModelRecord;
 use crate::store::{Store, StoreError};
 use crate::update::{Action, ChunkFate, Settings, Updater};
 
+/// Nice value of the staging thread (serving threads stay at the process's own).
+const STAGING_NICE: i32 = 10;
 /// Request outcomes queued from the HTTP handlers to the loop; more are dropped.
 const OUTCOME_QUEUE: usize = 4096;
 
@@ -536,28 +538,55 @@ impl Agent {
     }
 
     /// Verifies, loads and checks an artifact on a blocking thread.
+    ///
+    /// Hashing, loading, optimizing and the golden check run on a thread of their own at a
+    /// lower CPU priority (nice 10), so that on a small device the serving threads keep their
+    /// latency while a new version stages; the warm-up that checks the latency budget then
+    /// runs at normal priority, so the budget is measured as the model will serve.
     fn stage(&mut self, manifest: Manifest, slot: Slot) {
         let store = self.store.clone();
-        self.staging.spawn_blocking(move || {
-            let result = (|| {
-                store
-                    .verify_artifact(&manifest)
-                    .map_err(|e| e.to_string())?;
-                info!(model = %manifest.name, version = manifest.version, "artifact verified");
-                let mut reader = store
-                    .artifact_reader(&manifest)
-                    .map_err(|e| e.to_string())?;
-                let model =
-                    LoadedModel::load(&manifest, slot, &mut reader).map_err(|e| e.to_string())?;
-                model.check_golden().map_err(|e| e.to_string())?;
-                let p95 = model.warm_up().map_err(|e| e.to_string())?;
-                info!(model = %manifest.name, version = manifest.version, p95_us = p95.as_micros() as u64, "warmed up");
-                Ok(Arc::new(model))
-            })();
-            crate::memory::release_free_memory();
+        let (name, sha256) = (manifest.name.clone(), manifest.sha256.clone());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let spawned = std::thread::Builder::new()
+            .name("modelcast-stage".into())
+            .spawn(move || {
+                crate::priority::lower_thread_priority(STAGING_NICE);
+                let result = (|| {
+                    store
+                        .verify_artifact(&manifest)
+                        .map_err(|e| e.to_string())?;
+                    info!(model = %manifest.name, version = manifest.version, "artifact verified");
+                    let mut reader = store
+                        .artifact_reader(&manifest)
+                        .map_err(|e| e.to_string())?;
+                    let model = LoadedModel::load(&manifest, slot, &mut reader)
+                        .map_err(|e| e.to_string())?;
+                    model.check_golden().map_err(|e| e.to_string())?;
+                    Ok(model)
+                })();
+                crate::memory::release_free_memory();
+                let _ = tx.send(result);
+            });
+        self.staging.spawn(async move {
+            let loaded: Result<LoadedModel, String> = match spawned {
+                Ok(_) => rx
+                    .await
+                    .unwrap_or_else(|_| Err("the staging thread died".into())),
+                Err(e) => Err(format!("starting a staging thread: {e}")),
+            };
+            let result = match loaded {
+                Ok(model) => tokio::task::spawn_blocking(move || {
+                    let p95 = model.warm_up().map_err(|e| e.to_string())?;
+                    info!(model = %model.manifest().name, version = model.manifest().version, p95_us = p95.as_micros() as u64, "warmed up");
+                    Ok(Arc::new(model))
+                })
+                .await
+                .unwrap_or_else(|e| Err(format!("warm-up task: {e}"))),
+                Err(e) => Err(e),
+            };
             Staged {
-                name: manifest.name.clone(),
-                sha256: manifest.sha256.clone(),
+                name,
+                sha256,
                 result,
             }
         });

@@ -19,6 +19,7 @@ pub mod engine;
 pub mod link;
 pub mod memory;
 pub mod metrics;
+pub mod priority;
 pub mod probation;
 pub mod serve;
 pub mod slots;
