@@ -1419,6 +1419,13 @@ mod tests {
             (self.now, 0, need, time)
         }
 
+        /// Version `version` desired, fetched and staged successfully.
+        fn install(&mut self, version: u64) {
+            self.desire(version);
+            self.deliver_all();
+            self.finish_staging(true);
+        }
+
         fn serving_version(&self) -> Option<u64> {
             self.serving.map(|(_, v)| v)
         }
@@ -1427,15 +1434,11 @@ mod tests {
     #[test]
     fn first_version_installs_without_trial_then_the_next_one_commits() {
         let mut sim = Sim::new();
-        sim.desire(1);
-        sim.deliver_all();
-        sim.finish_staging(true);
+        sim.install(1);
         assert_eq!(sim.serving_version(), Some(1));
         assert_eq!(sim.trial, None, "nothing to go back to: no trial");
 
-        sim.desire(2);
-        sim.deliver_all();
-        sim.finish_staging(true);
+        sim.install(2);
         assert_eq!(sim.serving_version(), Some(2));
         assert!(sim.trial.is_some());
         for _ in 0..5 {
@@ -1448,12 +1451,8 @@ mod tests {
     #[test]
     fn a_failing_trial_rolls_back_and_reports_and_is_not_retried() {
         let mut sim = Sim::new();
-        sim.desire(1);
-        sim.deliver_all();
-        sim.finish_staging(true);
-        sim.desire(2);
-        sim.deliver_all();
-        sim.finish_staging(true);
+        sim.install(1);
+        sim.install(2);
         sim.outcome(false, false);
         assert_eq!(sim.rollbacks, 1);
         assert_eq!(sim.serving_version(), Some(1));
@@ -1470,9 +1469,7 @@ mod tests {
     #[test]
     fn a_rejected_staging_keeps_the_old_model_and_a_new_version_waits_for_the_trial() {
         let mut sim = Sim::new();
-        sim.desire(1);
-        sim.deliver_all();
-        sim.finish_staging(true);
+        sim.install(1);
         sim.desire(2);
         sim.deliver_all();
         sim.finish_staging(false);
@@ -1483,9 +1480,7 @@ mod tests {
             "the abandoned download is forgotten"
         );
 
-        sim.desire(3);
-        sim.deliver_all();
-        sim.finish_staging(true);
+        sim.install(3);
         assert!(sim.trial.is_some());
         sim.desire(4); // Deferred: the last good slot must not be overwritten.
         assert!(sim.requested.is_empty());
@@ -1500,9 +1495,7 @@ mod tests {
     #[test]
     fn the_desired_state_going_back_to_the_serving_version_drops_the_download() {
         let mut sim = Sim::new();
-        sim.desire(1);
-        sim.deliver_all();
-        sim.finish_staging(true);
+        sim.install(1);
         sim.desire(2);
         assert!(sim.pending.contains_key(M));
         sim.desire(1);
@@ -1515,9 +1508,7 @@ mod tests {
     #[test]
     fn a_rollouts_thresholds_judge_the_trial_and_survive_a_restart() {
         let mut sim = Sim::new();
-        sim.desire(1);
-        sim.deliver_all();
-        sim.finish_staging(true);
+        sim.install(1);
         let t = TrialThresholds {
             requests: Some(2),
             max_p99_percent: Some(400),
@@ -1564,9 +1555,7 @@ mod tests {
             "2 allows no fallback"
         );
 
-        sim.desire(4);
-        sim.deliver_all();
-        sim.finish_staging(true);
+        sim.install(4);
         sim.advance(10_000);
         sim.desire(6); // Allows falling back to 4.
         sim.deliver_all();
@@ -1588,9 +1577,7 @@ mod tests {
     #[test]
     fn the_desired_state_going_back_while_staging_drops_the_staged_version() {
         let mut sim = Sim::new();
-        sim.desire(1);
-        sim.deliver_all();
-        sim.finish_staging(true);
+        sim.install(1);
         sim.desire(2);
         sim.deliver_all();
         assert_eq!(sim.staging.len(), 1, "v2 is staging");
@@ -1607,12 +1594,8 @@ mod tests {
     #[test]
     fn a_crash_during_trial_resumes_it_and_a_crash_loop_rolls_back() {
         let mut sim = Sim::new();
-        sim.desire(1);
-        sim.deliver_all();
-        sim.finish_staging(true);
-        sim.desire(2);
-        sim.deliver_all();
-        sim.finish_staging(true);
+        sim.install(1);
+        sim.install(2);
         sim.restart(false);
         sim.restart(true); // A clean stop does not count.
         assert_eq!(sim.serving_version(), Some(2));

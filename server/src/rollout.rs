@@ -134,6 +134,24 @@ fn default_wave_timeout() -> u64 {
 }
 
 impl RolloutSpec {
+    /// `model` at `version` to `group` in `waves` (such as `["1", "10%"]`), with the
+    /// defaults: every device of a wave must commit, the first failure aborts, an hour per
+    /// wave, auto-rollback on, the devices' own probation.
+    pub fn new(model: &str, version: u64, group: &str, waves: &[&str]) -> Result<Self, String> {
+        Ok(RolloutSpec {
+            model: model.into(),
+            version,
+            group: group.into(),
+            waves: waves.iter().map(|w| w.parse()).collect::<Result<_, _>>()?,
+            success_percent: full(),
+            max_failures: 0,
+            max_failure_percent: None,
+            wave_timeout_secs: default_wave_timeout(),
+            auto_rollback: true,
+            probation: None,
+        })
+    }
+
     /// Checks the numbers.
     pub fn validate(&self) -> Result<(), String> {
         if self.waves.is_empty() {

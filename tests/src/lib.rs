@@ -440,6 +440,19 @@ impl Fleet {
             .expect("deploy");
     }
 
+    /// Starts a rollout as `e2e`.
+    pub fn start_rollout(
+        &self,
+        spec: modelcast_server::rollout::RolloutSpec,
+    ) -> modelcast_server::rollout::Rollout {
+        self.client
+            .start_rollout(&modelcast_server::api::RolloutRequest {
+                spec,
+                by: "e2e".into(),
+            })
+            .expect("rollout starts")
+    }
+
     /// The last report of `device`.
     pub fn report(&self, device: &str) -> Option<DeviceReport> {
         self.client

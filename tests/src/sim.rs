@@ -187,6 +187,18 @@ struct Device {
 }
 
 impl Device {
+    /// Records what serves of `name` after a swap.
+    fn now_serving(&self, name: &str, record: &modelcast_agent::slots::ModelRecord) {
+        if let Some(m) = record.serving() {
+            self.serving
+                .lock()
+                .expect("serving lock")
+                .entry(self.id.clone())
+                .or_default()
+                .insert(name.to_string(), m.version);
+        }
+    }
+
     async fn run(self) {
         let topics = Topics::new(&self.opts.prefix);
         let (host, port) = self.opts.broker.clone();
@@ -335,27 +347,11 @@ impl Device {
                         staging.push((now + self.opts.stage_delay, manifest.name, manifest.sha256));
                     }
                     Action::Activate { name, record, .. } => {
-                        if let Some(m) = record.serving() {
-                            self.serving
-                                .lock()
-                                .expect("serving lock")
-                                .entry(self.id.clone())
-                                .or_default()
-                                .insert(name.clone(), m.version);
-                        }
+                        self.now_serving(&name, &record);
                         self.stats.activated.fetch_add(1, Ordering::Relaxed);
                         updater.activated(&name, Instant::now());
                     }
-                    Action::RollBack { name, record } => {
-                        if let Some(m) = record.serving() {
-                            self.serving
-                                .lock()
-                                .expect("serving lock")
-                                .entry(self.id.clone())
-                                .or_default()
-                                .insert(name, m.version);
-                        }
-                    }
+                    Action::RollBack { name, record } => self.now_serving(&name, &record),
                     Action::Error {
                         model,
                         version,

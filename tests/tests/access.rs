@@ -63,16 +63,8 @@ fn tokens_roles_and_the_audit_log() {
     fleet.wait_serving("edge-1", "classifier", 1);
     fleet.publish_example(2, 16);
     let spec = RolloutSpec {
-        model: "classifier".into(),
-        version: 2,
-        group: "site=lab".into(),
-        waves: vec!["1".parse().unwrap()],
-        success_percent: 100,
-        max_failures: 0,
-        max_failure_percent: None,
         wave_timeout_secs: 600,
-        auto_rollback: true,
-        probation: None,
+        ..RolloutSpec::new("classifier", 2, "site=lab", &["1"]).unwrap()
     };
     let r = deployer
         .start_rollout(&RolloutRequest {

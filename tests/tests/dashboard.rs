@@ -107,16 +107,8 @@ fn the_dashboard_shows_devices_rollouts_and_the_registry() {
     opts.latency_budget = Some(LatencyBudget { p95_us: 1, runs: 5 });
     fleet.publish_with(&path, &opts);
     let spec = RolloutSpec {
-        model: "classifier".into(),
-        version: 2,
-        group: "hw=jetson".into(),
-        waves: vec!["1".parse().unwrap()],
-        success_percent: 100,
-        max_failures: 0,
-        max_failure_percent: None,
         wave_timeout_secs: 600,
-        auto_rollback: true,
-        probation: None,
+        ..RolloutSpec::new("classifier", 2, "hw=jetson", &["1"]).unwrap()
     };
     let r = fleet
         .client

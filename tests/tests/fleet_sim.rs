@@ -5,7 +5,6 @@
 use std::time::Duration;
 
 use modelcast_proto::desired::TrialThresholds;
-use modelcast_server::api::RolloutRequest;
 use modelcast_server::rollout::{DeviceState, RolloutSpec, RolloutState};
 use modelcast_tests::sim::{Sim, SimOptions};
 use modelcast_tests::{wait_for, Fleet};
@@ -31,27 +30,14 @@ fn a_failing_canary_in_a_simulated_fleet_aborts_and_rolls_back() {
 
     fleet.publish_example(2, 16);
     let spec = RolloutSpec {
-        model: "classifier".into(),
-        version: 2,
-        group: "fleet=sim".into(),
-        waves: vec!["10%".parse().unwrap(), "50%".parse().unwrap()],
-        success_percent: 100,
-        max_failures: 0,
-        max_failure_percent: None,
         wave_timeout_secs: 600,
-        auto_rollback: true,
         probation: Some(TrialThresholds {
             seconds: Some(1),
             ..TrialThresholds::default()
         }),
+        ..RolloutSpec::new("classifier", 2, "fleet=sim", &["10%", "50%"]).unwrap()
     };
-    let r = fleet
-        .client
-        .start_rollout(&RolloutRequest {
-            spec,
-            by: "e2e".into(),
-        })
-        .unwrap();
+    let r = fleet.start_rollout(spec);
     assert_eq!(r.wave_sizes, vec![5, 25, 50]);
     let canaries: Vec<String> = r.wave_members(0).map(|m| m.device.clone()).collect();
     // The third canary fails its golden vector (set before its staging ends).

@@ -13,7 +13,6 @@
 use std::time::Duration;
 
 use modelcast_proto::desired::TrialThresholds;
-use modelcast_server::api::RolloutRequest;
 use modelcast_server::fleet::RolloutAction;
 use modelcast_server::onnx::example_model_of_size;
 use modelcast_server::rollout::{DeviceState, RolloutSpec, RolloutState};
@@ -60,28 +59,15 @@ fn a_failing_canary_aborts_the_rollout_and_rolls_the_moved_devices_back() {
     assert_eq!(v2.fallback_to, Some(1), "publish allows falling back to v1");
 
     let spec = RolloutSpec {
-        model: "classifier".into(),
-        version: 2,
-        group: "site=lab".into(),
-        waves: vec!["2".parse().unwrap(), "75%".parse().unwrap()],
-        success_percent: 100,
-        max_failures: 0,
-        max_failure_percent: None,
         wave_timeout_secs: 120,
-        auto_rollback: true,
         probation: Some(TrialThresholds {
             requests: Some(30),
             seconds: Some(3),
             ..TrialThresholds::default()
         }),
+        ..RolloutSpec::new("classifier", 2, "site=lab", &["2", "75%"]).unwrap()
     };
-    let rollout = fleet
-        .client
-        .start_rollout(&RolloutRequest {
-            spec,
-            by: "e2e".into(),
-        })
-        .expect("rollout starts");
+    let rollout = fleet.start_rollout(spec);
     assert_eq!(rollout.wave_sizes, vec![2, 3, 4]);
     let canaries: Vec<String> = rollout.wave_members(0).map(|m| m.device.clone()).collect();
     let later: Vec<String> = rollout
@@ -240,27 +226,14 @@ fn a_rollout_survives_a_server_restart() {
     }
     let v2 = fleet.publish_example(2, 16);
     let spec = RolloutSpec {
-        model: "classifier".into(),
-        version: 2,
-        group: "site=lab".into(),
-        waves: vec!["1".parse().unwrap()],
-        success_percent: 100,
-        max_failures: 0,
-        max_failure_percent: None,
         wave_timeout_secs: 600,
-        auto_rollback: true,
         probation: Some(TrialThresholds {
             seconds: Some(1),
             ..TrialThresholds::default()
         }),
+        ..RolloutSpec::new("classifier", 2, "site=lab", &["1"]).unwrap()
     };
-    let r = fleet
-        .client
-        .start_rollout(&RolloutRequest {
-            spec,
-            by: "e2e".into(),
-        })
-        .unwrap();
+    let r = fleet.start_rollout(spec);
     fleet
         .client
         .act_on_rollout(r.id, RolloutAction::Pause, "e2e")

@@ -173,21 +173,14 @@ fn run(devices: usize, size: usize, mosquitto: bool) -> Row {
         .chunk_bytes
         .load(std::sync::atomic::Ordering::Relaxed);
     let spec = RolloutSpec {
-        model: "classifier".into(),
-        version: 2,
-        group: "fleet=sim".into(),
-        waves: vec!["100%".parse().unwrap()],
-        success_percent: 100,
-        max_failures: 0,
-        max_failure_percent: None,
         wave_timeout_secs: 24 * 3600,
-        auto_rollback: true,
         // No trial: the time measured is delivery, verification and activation.
         probation: Some(TrialThresholds {
             requests: Some(0),
             seconds: Some(0),
             ..TrialThresholds::default()
         }),
+        ..RolloutSpec::new("classifier", 2, "fleet=sim", &["100%"]).unwrap()
     };
     let started = Instant::now();
     let r = fleet
