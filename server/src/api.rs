@@ -35,7 +35,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use crate::auth::{Caller, Role, Tokens};
-use crate::db::{ArtifactInfo, Deployment, ModelEntry};
+use crate::db::{ArtifactInfo, Deployment, ModelEntry, Stage};
 use crate::fleet::{Fleet, RolloutAction, RolloutError};
 use crate::group::Selector;
 use crate::rollout::RolloutSpec;
@@ -201,6 +201,11 @@ pub fn router(fleet: Arc<Fleet>, tokens: Option<Tokens>) -> Router {
         .route("/api/v1/repository/roots", get(roots))
         .route("/api/v1/repository/targets", get(targets).post(publish))
         .route("/api/v1/models", get(models))
+        .route("/api/v1/models/{name}", get(model_history))
+        .route(
+            "/api/v1/models/{name}/{version}/{action}",
+            post(stage_model),
+        )
         .route("/api/v1/deployments", get(deployments).post(deploy))
         .route("/api/v1/devices", get(devices))
         .route("/api/v1/rollouts", get(rollouts).post(start_rollout))
@@ -391,6 +396,8 @@ async fn publish(
                 manifest: m,
                 published_by: who.clone(),
                 published_at: now,
+                stage: Stage::Candidate,
+                staged_by: None,
             })
             .map_err(internal)?;
         }
@@ -407,6 +414,116 @@ async fn publish(
     Ok(Json(json!({ "targets_version": targets.version, "added": added, "devices_updated": republished })).into_response())
 }
 
+/// One version in a model's history, with the devices that serve it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VersionHistory {
+    /// The registry entry.
+    #[serde(flatten)]
+    pub entry: ModelEntry,
+    /// Devices whose last report says they serve it.
+    pub devices: Vec<String>,
+}
+
+async fn model_history(State(fleet): State<Arc<Fleet>>, Path(name): Path<String>) -> ApiResult {
+    let db = fleet.db();
+    let devices = db.devices().map_err(internal)?;
+    let history: Vec<VersionHistory> = db
+        .models()
+        .map_err(internal)?
+        .into_iter()
+        .filter(|e| e.manifest.name == name)
+        .map(|entry| {
+            let version = entry.manifest.version;
+            let devices = devices
+                .iter()
+                .filter(|d| {
+                    d.report
+                        .as_ref()
+                        .and_then(|r| r.models.get(&name)?.serving_version())
+                        == Some(version)
+                })
+                .map(|d| d.id.clone())
+                .collect();
+            VersionHistory { entry, devices }
+        })
+        .collect();
+    if history.is_empty() {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no model {name:?} is published"),
+        ));
+    }
+    Ok(Json(history).into_response())
+}
+
+/// Promotes a version to production (the one before it goes back to candidate) or retires
+/// it (no new deployment or rollout may name it).
+async fn stage_model(
+    State(fleet): State<Arc<Fleet>>,
+    Extension(caller): Extension<Caller>,
+    Path((name, version, action)): Path<(String, u64, String)>,
+    body: axum::body::Bytes,
+) -> ApiResult {
+    let stage = match action.as_str() {
+        "promote" => Stage::Production,
+        "retire" => Stage::Retired,
+        _ => {
+            return Err(ApiError(
+                StatusCode::NOT_FOUND,
+                format!("no action {action:?}: promote or retire"),
+            ))
+        }
+    };
+    let req: ActionRequest = if body.is_empty() {
+        ActionRequest::default()
+    } else {
+        serde_json::from_slice(&body).map_err(bad)?
+    };
+    let who = caller.name_or(&req.by);
+    let db = fleet.db();
+    let mut entry = db.model(&name, version).map_err(internal)?.ok_or_else(|| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            format!("model {name} version {version} is not published"),
+        )
+    })?;
+    let now = unix_now();
+    if stage == Stage::Production {
+        for mut other in db.models().map_err(internal)? {
+            if other.manifest.name == name
+                && other.manifest.version != version
+                && other.stage == Stage::Production
+            {
+                other.stage = Stage::Candidate;
+                other.staged_by = Some((who.clone(), now));
+                db.put_model(&other).map_err(internal)?;
+            }
+        }
+    }
+    entry.stage = stage;
+    entry.staged_by = Some((who.clone(), now));
+    db.put_model(&entry).map_err(internal)?;
+    db.flush().await.map_err(internal)?;
+    record(
+        &fleet,
+        &who,
+        &format!("model.{action}"),
+        json!({ "model": name, "version": version }),
+    )?;
+    Ok(Json(entry).into_response())
+}
+
+/// Refuses a retired version.
+fn check_not_retired(fleet: &Fleet, model: &str, version: u64) -> Result<(), ApiError> {
+    match fleet.db().model(model, version).map_err(internal)? {
+        Some(e) if e.stage == Stage::Retired => Err(ApiError(
+            StatusCode::CONFLICT,
+            format!("model {model} version {version} is retired"),
+        )),
+        _ => Ok(()),
+    }
+}
+
 async fn models(State(fleet): State<Arc<Fleet>>) -> ApiResult {
     let entries = fleet.db().models().map_err(internal)?;
     Ok(Json(entries).into_response())
@@ -418,6 +535,7 @@ async fn deploy(
     body: axum::body::Bytes,
 ) -> ApiResult {
     let req: DeployRequest = serde_json::from_slice(&body).map_err(bad)?;
+    check_not_retired(&fleet, &req.model, req.version)?;
     Selector::parse(&req.group).map_err(bad)?;
     if let Some(t) = &req.probation {
         t.validate().map_err(bad)?;
@@ -513,6 +631,7 @@ async fn start_rollout(
     body: axum::body::Bytes,
 ) -> ApiResult {
     let req: RolloutRequest = serde_json::from_slice(&body).map_err(bad)?;
+    check_not_retired(&fleet, &req.spec.model, req.spec.version)?;
     let who = caller.name_or(&req.by);
     let rollout = fleet
         .start_rollout(req.spec, &who)

@@ -6,7 +6,7 @@ use modelcast_proto::metadata::Signed;
 use serde::de::DeserializeOwned;
 use thiserror::Error;
 
-use crate::api::{ActionRequest, DeployRequest, PublishRequest, RolloutRequest};
+use crate::api::{ActionRequest, DeployRequest, PublishRequest, RolloutRequest, VersionHistory};
 use crate::audit::AuditEntry;
 use crate::db::{Deployment, DeviceEntry, ModelEntry};
 use crate::fleet::RolloutAction;
@@ -245,6 +245,25 @@ impl Client {
     /// The audit log from position `since` on.
     pub fn audit(&self, since: u64) -> Result<Vec<AuditEntry>, ClientError> {
         Self::read(self.get(&format!("/api/v1/audit?since={since}")).call())
+    }
+
+    /// A model's history: every version with its stage and the devices serving it.
+    pub fn model_history(&self, name: &str) -> Result<Vec<VersionHistory>, ClientError> {
+        Self::read(self.get(&format!("/api/v1/models/{name}")).call())
+    }
+
+    /// Promotes (`promote`) or retires (`retire`) a version.
+    pub fn stage_model(
+        &self,
+        name: &str,
+        version: u64,
+        action: &str,
+        by: &str,
+    ) -> Result<ModelEntry, ClientError> {
+        Self::read(
+            self.post(&format!("/api/v1/models/{name}/{version}/{action}"))
+                .send_json(ActionRequest { by: by.into() }),
+        )
     }
 
     /// Every device.

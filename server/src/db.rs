@@ -52,6 +52,25 @@ pub struct ModelEntry {
     pub published_by: String,
     /// Unix seconds.
     pub published_at: i64,
+    /// Where it stands in the registry.
+    #[serde(default)]
+    pub stage: Stage,
+    /// Who moved it to that stage, and when (Unix seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub staged_by: Option<(String, i64)>,
+}
+
+/// A version's stage in the registry.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage {
+    /// Published; not yet vouched for.
+    #[default]
+    Candidate,
+    /// Promoted: the version operators run in production.
+    Production,
+    /// Retired: it can no longer be deployed or rolled out.
+    Retired,
 }
 
 /// A device as the server knows it.

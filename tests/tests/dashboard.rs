@@ -156,7 +156,10 @@ fn the_dashboard_shows_devices_rollouts_and_the_registry() {
             row.contains(&format!(">v{v}<")) && row.contains("nnef"),
             "{row}"
         );
+        assert!(row.contains(">candidate<"), "{row}");
     }
+    let row = element(&dom, "tr", "data-model", "classifier:1");
+    assert!(row.contains(">3 devices<"), "v1 serves everywhere: {row}");
 
     if let Ok(path) = std::env::var("MODELCAST_SCREENSHOT") {
         let path = std::fs::canonicalize(".").unwrap().join(path);

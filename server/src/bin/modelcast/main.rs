@@ -181,7 +181,35 @@ enum Command {
         json: bool,
     },
     /// List published model versions.
-    Models,
+    Models {
+        /// One model's history: every version, its stage, the devices serving it.
+        model: Option<String>,
+    },
+    /// Promote a version to production (the previous production version becomes a
+    /// candidate again).
+    Promote {
+        /// Model name.
+        #[arg(long)]
+        model: String,
+        /// Version.
+        #[arg(long)]
+        version: u64,
+        /// Who acts.
+        #[arg(long, env = "USER", default_value = "operator")]
+        by: String,
+    },
+    /// Retire a version: it can no longer be deployed or rolled out.
+    Retire {
+        /// Model name.
+        #[arg(long)]
+        model: String,
+        /// Version.
+        #[arg(long)]
+        version: u64,
+        /// Who acts.
+        #[arg(long, env = "USER", default_value = "operator")]
+        by: String,
+    },
     /// API tokens for a server run with `--tokens FILE`.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -732,7 +760,44 @@ fn main() -> anyhow::Result<()> {
                 );
             }
         }
-        Command::Models => {
+        Command::Promote { model, version, by } => {
+            client.stage_model(&model, version, "promote", &by)?;
+            println!("{model} v{version} is in production");
+        }
+        Command::Retire { model, version, by } => {
+            client.stage_model(&model, version, "retire", &by)?;
+            println!("{model} v{version} is retired");
+        }
+        Command::Models { model: Some(name) } => {
+            println!(
+                "{:>7} {:<11} {:>12} {:<20} {:>8}  devices",
+                "version", "stage", "bytes", "published", "serving"
+            );
+            for v in client.model_history(&name)? {
+                let m = &v.entry.manifest;
+                let at = time::OffsetDateTime::from_unix_timestamp(v.entry.published_at)
+                    .ok()
+                    .and_then(|t| {
+                        t.format(&time::format_description::well_known::Rfc3339)
+                            .ok()
+                    })
+                    .unwrap_or_default();
+                let mut shown: Vec<&str> = v.devices.iter().map(String::as_str).take(5).collect();
+                if v.devices.len() > 5 {
+                    shown.push("…");
+                }
+                println!(
+                    "{:>7} {:<11} {:>12} {:<20} {:>8}  {}",
+                    m.version,
+                    format!("{:?}", v.entry.stage).to_lowercase(),
+                    m.size,
+                    at,
+                    v.devices.len(),
+                    shown.join(" ")
+                );
+            }
+        }
+        Command::Models { model: None } => {
             println!(
                 "{:<16} {:>7} {:>12} {:<18} {:<12} metadata",
                 "model", "version", "bytes", "sha256", "by"

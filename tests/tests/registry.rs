@@ -1,0 +1,110 @@
+//! The model registry: each version's history with the devices serving it, promotion to
+//! production (one at a time per model) and retirement (no new deployment or rollout may
+//! name a retired version), through the API and the `modelcast` CLI, in the audit log.
+
+use modelcast_server::client::ClientError;
+use modelcast_server::db::Stage;
+use modelcast_server::rollout::RolloutSpec;
+use modelcast_tests::{bin, Fleet};
+
+#[test]
+fn versions_are_promoted_retired_and_show_where_they_run() {
+    let fleet = Fleet::embedded();
+    let _agent = fleet.start_agent_with("edge-1", &[("site", "lab")], "");
+    fleet.wait_registered();
+    fleet.publish_example(1, 16);
+    fleet.publish_example(2, 16);
+    fleet.deploy("classifier", 1, "site=lab");
+    fleet.wait_serving("edge-1", "classifier", 1);
+
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(bin("modelcast"))
+            .args(["--server", fleet.client.base()])
+            .args(args)
+            .args(["--by", "carol"].iter().filter(|_| args[0] != "models"))
+            .output()
+            .expect("modelcast");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    cli(&["promote", "--model", "classifier", "--version", "1"]);
+    cli(&["retire", "--model", "classifier", "--version", "2"]);
+
+    // A retired version cannot go out, by deployment or rollout.
+    let refused = |e: ClientError| match e {
+        ClientError::Api { status, message } => (status, message),
+        other => panic!("{other}"),
+    };
+    let err = fleet
+        .client
+        .deploy(&modelcast_server::api::DeployRequest {
+            model: "classifier".into(),
+            version: 2,
+            group: "site=lab".into(),
+            by: "e2e".into(),
+            probation: None,
+        })
+        .unwrap_err();
+    assert_eq!(
+        refused(err),
+        (409, "model classifier version 2 is retired".into())
+    );
+    let err = fleet
+        .client
+        .start_rollout(&modelcast_server::api::RolloutRequest {
+            spec: RolloutSpec::new("classifier", 2, "site=lab", &["1"]).unwrap(),
+            by: "e2e".into(),
+        })
+        .unwrap_err();
+    assert_eq!(refused(err).0, 409);
+
+    let history = fleet.client.model_history("classifier").unwrap();
+    let v = |n: u64| {
+        history
+            .iter()
+            .find(|h| h.entry.manifest.version == n)
+            .unwrap()
+    };
+    assert_eq!(v(1).entry.stage, Stage::Production);
+    assert_eq!(v(1).devices, vec!["edge-1".to_string()]);
+    assert_eq!(v(1).entry.staged_by.as_ref().unwrap().0, "carol");
+    assert_eq!(v(2).entry.stage, Stage::Retired);
+    assert!(v(2).devices.is_empty());
+    assert!(v(1).entry.manifest.metadata.contains_key("opset"));
+
+    // One production version per model.
+    fleet.publish_example(3, 16);
+    cli(&["promote", "--model", "classifier", "--version", "3"]);
+    let history = fleet.client.model_history("classifier").unwrap();
+    let stage = |n: u64| {
+        history
+            .iter()
+            .find(|h| h.entry.manifest.version == n)
+            .unwrap()
+            .entry
+            .stage
+    };
+    assert_eq!(
+        (stage(1), stage(2), stage(3)),
+        (Stage::Candidate, Stage::Retired, Stage::Production)
+    );
+
+    let listing = cli(&["models", "classifier"]);
+    assert!(
+        listing.contains("production") && listing.contains("edge-1"),
+        "{listing}"
+    );
+    let actions: Vec<String> = fleet
+        .client
+        .audit(0)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.who == "carol")
+        .map(|e| e.action)
+        .collect();
+    assert_eq!(actions, ["model.promote", "model.retire", "model.promote"]);
+}
