@@ -129,7 +129,13 @@ fn a_failing_canary_aborts_the_rollout_and_rolls_the_moved_devices_back() {
 
     // The operators' view.
     let out = std::process::Command::new(bin("modelcast"))
-        .args(["--server", fleet.client.base(), "rollout", "status", "--follow"])
+        .args([
+            "--server",
+            fleet.client.base(),
+            "rollout",
+            "status",
+            "--follow",
+        ])
         .output()
         .expect("modelcast rollout status");
     let text = String::from_utf8_lossy(&out.stdout);
