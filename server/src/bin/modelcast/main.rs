@@ -20,6 +20,20 @@ use modelcast_server::{keyset, onnx, unix_now};
 
 mod rollout;
 
+/// A published version and who acts on it.
+#[derive(clap::Args, Debug)]
+struct VersionArgs {
+    /// Model name.
+    #[arg(long)]
+    model: String,
+    /// Version.
+    #[arg(long)]
+    version: u64,
+    /// Who acts.
+    #[arg(long, env = "USER", default_value = "operator")]
+    by: String,
+}
+
 /// `modelcast token …`.
 #[derive(Subcommand, Debug)]
 enum TokenCommand {
@@ -187,29 +201,9 @@ enum Command {
     },
     /// Promote a version to production (the previous production version becomes a
     /// candidate again).
-    Promote {
-        /// Model name.
-        #[arg(long)]
-        model: String,
-        /// Version.
-        #[arg(long)]
-        version: u64,
-        /// Who acts.
-        #[arg(long, env = "USER", default_value = "operator")]
-        by: String,
-    },
+    Promote(VersionArgs),
     /// Retire a version: it can no longer be deployed or rolled out.
-    Retire {
-        /// Model name.
-        #[arg(long)]
-        model: String,
-        /// Version.
-        #[arg(long)]
-        version: u64,
-        /// Who acts.
-        #[arg(long, env = "USER", default_value = "operator")]
-        by: String,
-    },
+    Retire(VersionArgs),
     /// API tokens for a server run with `--tokens FILE`.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -760,11 +754,11 @@ fn main() -> anyhow::Result<()> {
                 );
             }
         }
-        Command::Promote { model, version, by } => {
+        Command::Promote(VersionArgs { model, version, by }) => {
             client.stage_model(&model, version, "promote", &by)?;
             println!("{model} v{version} is in production");
         }
-        Command::Retire { model, version, by } => {
+        Command::Retire(VersionArgs { model, version, by }) => {
             client.stage_model(&model, version, "retire", &by)?;
             println!("{model} v{version} is retired");
         }

@@ -71,38 +71,24 @@ pub enum RolloutCommand {
     /// List rollouts.
     List,
     /// Hold the next wave.
-    Pause {
-        /// Rollout id.
-        id: u64,
-        /// Who acts.
-        #[arg(long, env = "USER", default_value = "operator")]
-        by: String,
-    },
+    Pause(Steer),
     /// Go on after a pause.
-    Resume {
-        /// Rollout id.
-        id: u64,
-        /// Who acts.
-        #[arg(long, env = "USER", default_value = "operator")]
-        by: String,
-    },
+    Resume(Steer),
     /// Stop; moved devices go back to their previous version (unless started with
     /// --no-auto-rollback).
-    Abort {
-        /// Rollout id.
-        id: u64,
-        /// Who acts.
-        #[arg(long, env = "USER", default_value = "operator")]
-        by: String,
-    },
+    Abort(Steer),
     /// Stop; moved devices keep the new version.
-    Cancel {
-        /// Rollout id.
-        id: u64,
-        /// Who acts.
-        #[arg(long, env = "USER", default_value = "operator")]
-        by: String,
-    },
+    Cancel(Steer),
+}
+
+/// The rollout an operator acts on, and who acts.
+#[derive(clap::Args, Debug)]
+pub struct Steer {
+    /// Rollout id.
+    id: u64,
+    /// Who acts.
+    #[arg(long, env = "USER", default_value = "operator")]
+    by: String,
 }
 
 /// Runs one `modelcast rollout` command.
@@ -187,17 +173,17 @@ pub fn run(client: &Client, command: RolloutCommand) -> anyhow::Result<()> {
                 );
             }
         }
-        RolloutCommand::Pause { id, by } => act(client, id, RolloutAction::Pause, &by)?,
-        RolloutCommand::Resume { id, by } => act(client, id, RolloutAction::Resume, &by)?,
-        RolloutCommand::Abort { id, by } => act(client, id, RolloutAction::Abort, &by)?,
-        RolloutCommand::Cancel { id, by } => act(client, id, RolloutAction::Cancel, &by)?,
+        RolloutCommand::Pause(s) => act(client, s, RolloutAction::Pause)?,
+        RolloutCommand::Resume(s) => act(client, s, RolloutAction::Resume)?,
+        RolloutCommand::Abort(s) => act(client, s, RolloutAction::Abort)?,
+        RolloutCommand::Cancel(s) => act(client, s, RolloutAction::Cancel)?,
     }
     Ok(())
 }
 
-fn act(client: &Client, id: u64, action: RolloutAction, by: &str) -> anyhow::Result<()> {
-    let r = client.act_on_rollout(id, action, by)?;
-    println!("rollout {id}: {}", state_line(&r.state));
+fn act(client: &Client, steer: Steer, action: RolloutAction) -> anyhow::Result<()> {
+    let r = client.act_on_rollout(steer.id, action, &steer.by)?;
+    println!("rollout {}: {}", steer.id, state_line(&r.state));
     Ok(())
 }
 
