@@ -36,8 +36,6 @@ use crate::slots::ModelRecord;
 use crate::store::{Store, StoreError};
 use crate::update::{Action, ChunkFate, Settings, Updater};
 
-/// Nice value of the staging thread (serving threads stay at the process's own).
-const STAGING_NICE: i32 = 10;
 /// Request outcomes queued from the HTTP handlers to the loop; more are dropped.
 const OUTCOME_QUEUE: usize = 4096;
 
@@ -356,20 +354,21 @@ impl Agent {
     }
 
     async fn handle_desired(&mut self, bytes: &[u8]) -> Result<(), String> {
-        let message =
-            DesiredState::from_slice(bytes).map_err(|e| format!("desired state rejected: {e}"))?;
         let trust = self
             .store
             .trust()
             .map_err(|e| e.to_string())?
             .ok_or("no trust state")?;
-        let verified = verify_desired(
-            &trust,
-            &self.director,
-            &self.cfg.device_id,
-            &message,
-            unix_now(),
-        )
+        // Milliseconds of parsing, canonical JSON and signature checks: in the background, off
+        // the runtime's workers that also answer inference requests.
+        let (director, device) = (self.director.clone(), self.cfg.device_id.clone());
+        let bytes = bytes.to_vec();
+        let verified = crate::priority::in_background("verify", move || {
+            let message = DesiredState::from_slice(&bytes).map_err(|e| e.to_string())?;
+            verify_desired(&trust, &director, &device, &message, unix_now())
+                .map_err(|e| e.to_string())
+        })
+        .await?
         .map_err(|e| format!("desired state rejected: {e}"))?;
         self.store
             .set_trust(verified.trust())
@@ -537,43 +536,35 @@ impl Agent {
         }
     }
 
-    /// Verifies, loads and checks an artifact on a blocking thread.
+    /// Verifies, loads and checks an artifact in the background.
     ///
-    /// Hashing, loading, optimizing and the golden check run on a thread of their own at a
-    /// lower CPU priority (nice 10), so that on a small device the serving threads keep their
-    /// latency while a new version stages; the warm-up that checks the latency budget then
-    /// runs at normal priority, so the budget is measured as the model will serve.
+    /// Hashing, loading, optimizing and the golden check run on a background thread (see
+    /// [`crate::priority`]), so that on a small device the serving threads keep their latency
+    /// while a new version stages; the warm-up that checks the latency budget then runs at
+    /// normal priority, so the budget is measured as the model will serve.
     fn stage(&mut self, manifest: Manifest, slot: Slot) {
         let store = self.store.clone();
         let (name, sha256) = (manifest.name.clone(), manifest.sha256.clone());
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let spawned = std::thread::Builder::new()
-            .name("modelcast-stage".into())
-            .spawn(move || {
-                crate::priority::lower_thread_priority(STAGING_NICE);
-                let result = (|| {
-                    store
-                        .verify_artifact(&manifest)
-                        .map_err(|e| e.to_string())?;
-                    info!(model = %manifest.name, version = manifest.version, "artifact verified");
-                    let mut reader = store
-                        .artifact_reader(&manifest)
-                        .map_err(|e| e.to_string())?;
-                    let model = LoadedModel::load(&manifest, slot, &mut reader)
-                        .map_err(|e| e.to_string())?;
-                    model.check_golden().map_err(|e| e.to_string())?;
-                    Ok(model)
-                })();
-                crate::memory::release_free_memory();
-                let _ = tx.send(result);
-            });
+        let load = move || {
+            let loaded = (|| {
+                store
+                    .verify_artifact(&manifest)
+                    .map_err(|e| e.to_string())?;
+                info!(model = %manifest.name, version = manifest.version, "artifact verified");
+                let mut reader = store
+                    .artifact_reader(&manifest)
+                    .map_err(|e| e.to_string())?;
+                let model =
+                    LoadedModel::load(&manifest, slot, &mut reader).map_err(|e| e.to_string())?;
+                model.check_golden().map_err(|e| e.to_string())?;
+                Ok(model)
+            })();
+            crate::memory::release_free_memory();
+            loaded
+        };
         self.staging.spawn(async move {
-            let loaded: Result<LoadedModel, String> = match spawned {
-                Ok(_) => rx
-                    .await
-                    .unwrap_or_else(|_| Err("the staging thread died".into())),
-                Err(e) => Err(format!("starting a staging thread: {e}")),
-            };
+            let loaded: Result<LoadedModel, String> =
+                crate::priority::in_background("stage", load).await.and_then(|r| r);
             let result = match loaded {
                 Ok(model) => tokio::task::spawn_blocking(move || {
                     let p95 = model.warm_up().map_err(|e| e.to_string())?;

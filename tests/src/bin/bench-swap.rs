@@ -5,9 +5,17 @@
 //! swap phase (downloads and loads included) and of the requests sent within ±250 ms of each
 //! swap, and the ratios to steady p99 (goal: p99 around swaps ≤ 1.2 × steady p99).
 //!
+//! On a device the fleet server and its broker run elsewhere; here they share the two cores
+//! with the device and the clients, and their work for each deploy (signing, publishing,
+//! answering chunk requests) lands on the device's latency. So the benchmark runs twice in one
+//! invocation: once with the server at normal priority, and once with it moved to the
+//! `SCHED_IDLE` policy (`chrt --idle`), which stands in for a server on another machine. The
+//! clients stay at normal priority in both.
+//!
 //! Run: `cargo build --release --bins && target/release/bench-swap`. The machine is shared and
 //! noisy: compare the ratios, not the absolute times. `BENCH_HIDDEN` sets the model width
-//! (default 256), `BENCH_STEADY_SECS` the steady phase (default 5).
+//! (default 256), `BENCH_STEADY_SECS` the steady phase (default 5), `BENCH_SERVER` which runs
+//! to make (`both`, the default, `normal` or `idle`).
 
 use std::time::Duration;
 
@@ -35,10 +43,31 @@ fn line(what: &str, shots: &[&Shot], steady_p99: Duration) {
 }
 
 fn main() {
+    let runs = std::env::var("BENCH_SERVER").unwrap_or_else(|_| "both".into());
+    for (name, idle) in [("normal", false), ("idle", true)] {
+        if runs == "both" || runs == name {
+            run(idle);
+        }
+    }
+}
+
+/// Moves every thread of process `pid` to the `SCHED_IDLE` policy.
+fn to_idle(pid: u32) {
+    let status = std::process::Command::new("chrt")
+        .args(["--idle", "--all-tasks", "--pid", "0", &pid.to_string()])
+        .status()
+        .expect("chrt (util-linux)");
+    assert!(status.success(), "chrt --idle failed");
+}
+
+fn run(server_idle: bool) {
     let swaps = env("BENCH_SWAPS", 20);
     let hidden = env("BENCH_HIDDEN", 256) as usize;
     let steady = Duration::from_secs(env("BENCH_STEADY_SECS", 5));
     let fleet = Fleet::embedded();
+    if server_idle {
+        to_idle(fleet.server_pid());
+    }
     let agent = fleet.start_agent_with(
         "edge-1",
         &[("site", "lab")],
@@ -74,6 +103,9 @@ fn main() {
     let swaps_to = hammer.elapsed();
     std::thread::sleep(steady);
     let shots = hammer.stop();
+    if std::env::var("BENCH_OFFSETS").is_ok() {
+        let _ = std::fs::copy(agent.log_path(), "/tmp/bench-swap-agent.log");
+    }
 
     let failed = shots.iter().filter(|s| s.answer.is_err()).count();
     // Each swap as each client saw it: its first answer from a new version.
@@ -119,8 +151,10 @@ fn main() {
     let steady_p99 = quantile(&steady_lat, 0.99);
 
     println!(
-        "bench-swap: 4 clients, model width {hidden}, {swaps} swaps in {:.1}s, {changes} version \
-         changes seen by client 0, {} requests, {failed} failed",
+        "\nbench-swap, server and broker at {} priority: 4 clients, model width {hidden}, {swaps} \
+         swaps in {:.1}s, {changes} version changes seen by client 0, {} requests, {failed} \
+         failed",
+        if server_idle { "idle" } else { "normal" },
         (swaps_to - swaps_from).as_secs_f64(),
         shots.len()
     );
