@@ -1,23 +1,51 @@
 //! CPU priority of the agent's background threads: work that may wait (staging a new model)
 //! yields to work that may not (serving requests).
 
-/// Moves the calling thread to the background: Linux's `SCHED_IDLE` policy, under which any
-/// normal thread that wakes (a request to serve) preempts it at once, and which still gets a
-/// small share of a busy CPU, so the work is never starved outright. Where that policy cannot
-/// be set, the thread's nice value is raised by 19 instead. It cannot be undone without
-/// privileges, so call it only on a thread of its own. Failure is ignored: the work still
-/// runs, at normal priority.
+/// Moves the calling thread to the background: nice 19, and on kernels whose scheduler takes
+/// a time slice per thread (EEVDF, Linux 6.6 and later) the shortest slice, 0.1 ms. A running
+/// thread keeps its CPU until its slice ends, whatever its nice value, so the short slice is
+/// what lets a serving thread that wakes take the CPU at once; nice 19 keeps its share small
+/// under load but never nil, so an update is slowed there, never starved. It cannot be undone
+/// without privileges, so call it only on a thread of its own. Failure is ignored: the work
+/// still runs, at normal priority.
 pub fn to_background() {
     #[cfg(target_os = "linux")]
-    // SAFETY: sched_setscheduler reads the one parameter struct passed; gettid and setpriority
-    // take no pointers.
+    // SAFETY: gettid and setpriority take no pointers; sched_setattr reads one struct of the
+    // size it is told, which lives across the call.
     unsafe {
-        let param = libc::sched_param { sched_priority: 0 };
-        if libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) != 0 {
-            let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-            libc::setpriority(libc::PRIO_PROCESS, tid, 19);
-        }
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, BACKGROUND_NICE);
+        let attr = SchedAttr {
+            size: std::mem::size_of::<SchedAttr>() as u32,
+            sched_nice: BACKGROUND_NICE,
+            sched_runtime: BACKGROUND_SLICE_NS,
+            ..SchedAttr::default()
+        };
+        libc::syscall(libc::SYS_sched_setattr, 0, &attr as *const SchedAttr, 0);
     }
+}
+
+/// Nice value of background threads.
+pub const BACKGROUND_NICE: i32 = 19;
+/// Time slice asked for background threads, in nanoseconds (the kernel's least).
+const BACKGROUND_SLICE_NS: u64 = 100_000;
+
+/// The kernel's `struct sched_attr` (`sched_setattr(2)`); `sched_runtime` is the time slice of
+/// a `SCHED_OTHER` thread.
+#[cfg(target_os = "linux")]
+#[repr(C)]
+#[derive(Default)]
+struct SchedAttr {
+    size: u32,
+    sched_policy: u32,
+    sched_flags: u64,
+    sched_nice: i32,
+    sched_priority: u32,
+    sched_runtime: u64,
+    sched_deadline: u64,
+    sched_period: u64,
+    sched_util_min: u32,
+    sched_util_max: u32,
 }
 
 /// Runs `work` on a thread of its own in the background (see [`to_background`]) and awaits its
@@ -44,17 +72,20 @@ mod tests {
     #[test]
     #[cfg(target_os = "linux")]
     fn only_the_calling_thread_goes_to_the_background() {
-        // SAFETY: sched_getscheduler takes no pointers.
-        let policy = || unsafe { libc::sched_getscheduler(0) };
-        let before = policy();
+        // SAFETY: gettid and getpriority take no pointers.
+        let nice = || unsafe {
+            let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+            libc::getpriority(libc::PRIO_PROCESS, tid)
+        };
+        let before = nice();
         let moved = std::thread::spawn(move || {
             super::to_background();
-            policy()
+            nice()
         })
         .join()
         .unwrap();
-        assert_eq!(moved, libc::SCHED_IDLE);
-        assert_eq!(policy(), before);
+        assert_eq!(moved, super::BACKGROUND_NICE);
+        assert_eq!(nice(), before);
     }
 
     #[tokio::test]
