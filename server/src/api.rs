@@ -237,7 +237,7 @@ async fn upload(
         return Err(bad(format!("chunk_size must be 1..={MAX_CHUNK_SIZE}")));
     }
     let db = fleet.db();
-    if db.artifact(&digest).map_err(internal)?.is_some() {
+    if db.artifact(&digest).await.map_err(internal)?.is_some() {
         return Ok((
             StatusCode::OK,
             Json(json!({ "sha256": sha256, "stored": "already" })),
@@ -263,14 +263,14 @@ async fn upload(
                 buf.extend_from_slice(&rest[..take]);
                 rest = &rest[take..];
                 if buf.len() == chunk {
-                    db.put_chunk(&digest, index, &buf).map_err(internal)?;
+                    db.put_chunk(&digest, index, &buf).await.map_err(internal)?;
                     index += 1;
                     buf.clear();
                 }
             }
         }
         if !buf.is_empty() {
-            db.put_chunk(&digest, index, &buf).map_err(internal)?;
+            db.put_chunk(&digest, index, &buf).await.map_err(internal)?;
         }
         if hex::encode(hasher.finalize()) != sha256 {
             return Err(bad("uploaded bytes do not match the sha256 in the path"));
@@ -282,7 +282,7 @@ async fn upload(
     }
     .await;
     if let Err(e) = result {
-        let _ = db.remove_artifact(&digest);
+        let _ = db.remove_artifact(&digest).await;
         return Err(e);
     }
     db.put_artifact(
@@ -292,6 +292,7 @@ async fn upload(
             chunk_size: q.chunk_size,
         },
     )
+    .await
     .map_err(internal)?;
     db.flush().await.map_err(internal)?;
     tracing::info!(%sha256, size, "artifact stored");
@@ -301,7 +302,8 @@ async fn upload(
         &who,
         "upload",
         json!({ "sha256": sha256, "size": size }),
-    )?;
+    )
+    .await?;
     Ok((
         StatusCode::CREATED,
         Json(json!({ "sha256": sha256, "size": size })),
@@ -314,7 +316,7 @@ async fn root(State(fleet): State<Arc<Fleet>>) -> Json<Signed> {
 }
 
 async fn roots(State(fleet): State<Arc<Fleet>>) -> ApiResult {
-    Ok(Json(fleet.repo().root_chain().map_err(internal)?).into_response())
+    Ok(Json(fleet.repo().root_chain().await.map_err(internal)?).into_response())
 }
 
 async fn rotate_root(
@@ -324,11 +326,12 @@ async fn rotate_root(
 ) -> ApiResult {
     let req: RootRequest = serde_json::from_slice(&body).map_err(bad)?;
     if let Some(t) = &req.targets {
-        check_artifacts(fleet.db(), t)?;
+        check_artifacts(fleet.db(), t).await?;
     }
     let manifests = fleet
         .repo()
         .accept_root(&req.root, req.targets.as_ref(), unix_now())
+        .await
         .map_err(bad)?;
     let version = fleet.repo().root().signed["version"].as_u64().unwrap_or(0);
     fleet.db().flush().await.map_err(internal)?;
@@ -339,18 +342,19 @@ async fn rotate_root(
         &who,
         "root.rotate",
         json!({ "root_version": version }),
-    )?;
+    )
+    .await?;
     let republished = fleet.publish_all().await.map_err(internal)?;
     Ok(Json(json!({ "root_version": version, "targets_kept": manifests.len(), "devices_updated": republished })).into_response())
 }
 
 /// Every target's artifact must be uploaded, in the chunk size its manifest says.
-fn check_artifacts(db: &crate::db::Db, signed: &Signed) -> Result<(), ApiError> {
+async fn check_artifacts(db: &crate::db::Db, signed: &Signed) -> Result<(), ApiError> {
     let targets: modelcast_proto::metadata::Targets = signed.parse("targets").map_err(bad)?;
     for (path, t) in &targets.targets {
         let m = modelcast_proto::manifest::Manifest::from_target(path, t).map_err(bad)?;
         let digest = parse_digest(&m.sha256).map_err(bad)?;
-        match db.artifact(&digest).map_err(internal)? {
+        match db.artifact(&digest).await.map_err(internal)? {
             Some(a) if a.size == m.size && a.chunk_size == m.chunk_size => {}
             Some(_) => {
                 return Err(bad(format!(
@@ -364,7 +368,7 @@ fn check_artifacts(db: &crate::db::Db, signed: &Signed) -> Result<(), ApiError> 
 }
 
 async fn targets(State(fleet): State<Arc<Fleet>>) -> ApiResult {
-    match fleet.repo().targets().map_err(internal)? {
+    match fleet.repo().targets().await.map_err(internal)? {
         Some(t) => Ok(Json(t).into_response()),
         None => Err(ApiError(
             StatusCode::NOT_FOUND,
@@ -381,16 +385,22 @@ async fn publish(
     let req: PublishRequest = serde_json::from_slice(&body).map_err(bad)?;
     let who = caller.name_or(&req.published_by);
     let db = fleet.db();
-    check_artifacts(db, &req.targets)?;
+    check_artifacts(db, &req.targets).await?;
     let targets: modelcast_proto::metadata::Targets = req.targets.parse("targets").map_err(bad)?;
     let now = unix_now();
     let manifests = fleet
         .repo()
         .accept_targets(&req.targets, now)
+        .await
         .map_err(bad)?;
     let mut added = Vec::new();
     for m in manifests {
-        if db.model(&m.name, m.version).map_err(internal)?.is_none() {
+        if db
+            .model(&m.name, m.version)
+            .await
+            .map_err(internal)?
+            .is_none()
+        {
             added.push(m.target_path());
             db.put_model(&ModelEntry {
                 manifest: m,
@@ -399,6 +409,7 @@ async fn publish(
                 stage: Stage::Candidate,
                 staged_by: None,
             })
+            .await
             .map_err(internal)?;
         }
     }
@@ -409,7 +420,8 @@ async fn publish(
         &who,
         "publish",
         json!({ "targets_version": targets.version, "added": added }),
-    )?;
+    )
+    .await?;
     let republished = fleet.publish_all().await.map_err(internal)?;
     Ok(Json(json!({ "targets_version": targets.version, "added": added, "devices_updated": republished })).into_response())
 }
@@ -426,9 +438,10 @@ pub struct VersionHistory {
 
 async fn model_history(State(fleet): State<Arc<Fleet>>, Path(name): Path<String>) -> ApiResult {
     let db = fleet.db();
-    let devices = db.devices().map_err(internal)?;
+    let devices = db.devices().await.map_err(internal)?;
     let history: Vec<VersionHistory> = db
         .models()
+        .await
         .map_err(internal)?
         .into_iter()
         .filter(|e| e.manifest.name == name)
@@ -481,41 +494,46 @@ async fn stage_model(
     };
     let who = caller.name_or(&req.by);
     let db = fleet.db();
-    let mut entry = db.model(&name, version).map_err(internal)?.ok_or_else(|| {
-        ApiError(
-            StatusCode::NOT_FOUND,
-            format!("model {name} version {version} is not published"),
-        )
-    })?;
+    let mut entry = db
+        .model(&name, version)
+        .await
+        .map_err(internal)?
+        .ok_or_else(|| {
+            ApiError(
+                StatusCode::NOT_FOUND,
+                format!("model {name} version {version} is not published"),
+            )
+        })?;
     let now = unix_now();
     if stage == Stage::Production {
-        for mut other in db.models().map_err(internal)? {
+        for mut other in db.models().await.map_err(internal)? {
             if other.manifest.name == name
                 && other.manifest.version != version
                 && other.stage == Stage::Production
             {
                 other.stage = Stage::Candidate;
                 other.staged_by = Some((who.clone(), now));
-                db.put_model(&other).map_err(internal)?;
+                db.put_model(&other).await.map_err(internal)?;
             }
         }
     }
     entry.stage = stage;
     entry.staged_by = Some((who.clone(), now));
-    db.put_model(&entry).map_err(internal)?;
+    db.put_model(&entry).await.map_err(internal)?;
     db.flush().await.map_err(internal)?;
     record(
         &fleet,
         &who,
         &format!("model.{action}"),
         json!({ "model": name, "version": version }),
-    )?;
+    )
+    .await?;
     Ok(Json(entry).into_response())
 }
 
 /// Refuses a retired version.
-fn check_not_retired(fleet: &Fleet, model: &str, version: u64) -> Result<(), ApiError> {
-    match fleet.db().model(model, version).map_err(internal)? {
+async fn check_not_retired(fleet: &Fleet, model: &str, version: u64) -> Result<(), ApiError> {
+    match fleet.db().model(model, version).await.map_err(internal)? {
         Some(e) if e.stage == Stage::Retired => Err(ApiError(
             StatusCode::CONFLICT,
             format!("model {model} version {version} is retired"),
@@ -525,7 +543,7 @@ fn check_not_retired(fleet: &Fleet, model: &str, version: u64) -> Result<(), Api
 }
 
 async fn models(State(fleet): State<Arc<Fleet>>) -> ApiResult {
-    let entries = fleet.db().models().map_err(internal)?;
+    let entries = fleet.db().models().await.map_err(internal)?;
     Ok(Json(entries).into_response())
 }
 
@@ -535,7 +553,7 @@ async fn deploy(
     body: axum::body::Bytes,
 ) -> ApiResult {
     let req: DeployRequest = serde_json::from_slice(&body).map_err(bad)?;
-    check_not_retired(&fleet, &req.model, req.version)?;
+    check_not_retired(&fleet, &req.model, req.version).await?;
     Selector::parse(&req.group).map_err(bad)?;
     if let Some(t) = &req.probation {
         t.validate().map_err(bad)?;
@@ -543,6 +561,7 @@ async fn deploy(
     if fleet
         .db()
         .model(&req.model, req.version)
+        .await
         .map_err(internal)?
         .is_none()
     {
@@ -565,6 +584,7 @@ async fn deploy(
             at: unix_now(),
             probation: req.probation,
         })
+        .await
         .map_err(internal)?;
     fleet.db().flush().await.map_err(internal)?;
     let updated = fleet.publish_all().await.map_err(internal)?;
@@ -574,7 +594,7 @@ async fn deploy(
         &d.by,
         "deploy",
         json!({ "model": d.model, "version": d.version, "group": d.group, "probation": d.probation }),
-    )?;
+    ).await?;
     Ok(Json(json!({ "deployment": d, "devices_updated": updated })).into_response())
 }
 
@@ -585,7 +605,7 @@ async fn dashboard() -> Html<&'static str> {
 }
 
 /// Appends to the audit log.
-fn record(
+async fn record(
     fleet: &Fleet,
     who: &str,
     action: &str,
@@ -594,6 +614,7 @@ fn record(
     fleet
         .db()
         .append_audit(who, action, details, unix_now())
+        .await
         .map_err(internal)?;
     Ok(())
 }
@@ -605,7 +626,7 @@ struct AuditQuery {
 }
 
 async fn audit(State(fleet): State<Arc<Fleet>>, Query(q): Query<AuditQuery>) -> ApiResult {
-    Ok(Json(fleet.db().audit(q.since).map_err(internal)?).into_response())
+    Ok(Json(fleet.db().audit(q.since).await.map_err(internal)?).into_response())
 }
 
 /// The API's OpenAPI 3 description.
@@ -631,7 +652,7 @@ async fn start_rollout(
     body: axum::body::Bytes,
 ) -> ApiResult {
     let req: RolloutRequest = serde_json::from_slice(&body).map_err(bad)?;
-    check_not_retired(&fleet, &req.spec.model, req.spec.version)?;
+    check_not_retired(&fleet, &req.spec.model, req.spec.version).await?;
     let who = caller.name_or(&req.by);
     let rollout = fleet
         .start_rollout(req.spec, &who)
@@ -676,11 +697,11 @@ async fn act_on_rollout(
 }
 
 async fn deployments(State(fleet): State<Arc<Fleet>>) -> ApiResult {
-    Ok(Json(fleet.db().deployments().map_err(internal)?).into_response())
+    Ok(Json(fleet.db().deployments().await.map_err(internal)?).into_response())
 }
 
 async fn devices(State(fleet): State<Arc<Fleet>>) -> ApiResult {
-    Ok(Json(fleet.db().devices().map_err(internal)?).into_response())
+    Ok(Json(fleet.db().devices().await.map_err(internal)?).into_response())
 }
 
 /// Reads an axum body frame by frame.

@@ -83,13 +83,18 @@ pub enum RolloutAction {
 
 impl Fleet {
     /// Connects to the broker through `link` and starts handling fleet traffic.
-    pub fn start(
+    pub async fn start(
         db: Db,
         repo: Repository,
         topics: Topics,
         link: BrokerLink,
     ) -> Result<Arc<Fleet>, DbError> {
-        let rollouts = db.rollouts()?.into_iter().map(|r| (r.id, r)).collect();
+        let rollouts = db
+            .rollouts()
+            .await?
+            .into_iter()
+            .map(|r| (r.id, r))
+            .collect();
         let mut opts = MqttOptions::new(link.client_id, link.host, link.port);
         if let Some(tls) = link.tls {
             opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
@@ -198,7 +203,7 @@ impl Fleet {
         }
         let result = match kind {
             DeviceTopic::State => self.handle_report(&device, payload).await,
-            DeviceTopic::Online => self.handle_online(&device, payload),
+            DeviceTopic::Online => self.handle_online(&device, payload).await,
             _ => Ok(()),
         };
         if let Err(e) = result {
@@ -217,7 +222,7 @@ impl Fleet {
                 report.device
             ));
         }
-        let previous = self.db.device(device).map_err(|e| e.to_string())?;
+        let previous = self.db.device(device).await.map_err(|e| e.to_string())?;
         let labels_changed = previous.as_ref().is_none_or(|p| p.labels != report.labels);
         let known_error = previous
             .as_ref()
@@ -240,7 +245,10 @@ impl Fleet {
             last_seen: unix_now(),
             report: Some(report),
         };
-        self.db.put_device(&entry).map_err(|e| e.to_string())?;
+        self.db
+            .put_device(&entry)
+            .await
+            .map_err(|e| e.to_string())?;
         if let Some(report) = &entry.report {
             self.feed_rollouts(device, report).await;
         }
@@ -253,23 +261,24 @@ impl Fleet {
         Ok(())
     }
 
-    fn handle_online(&self, device: &str, payload: &[u8]) -> Result<(), String> {
-        let Some(mut entry) = self.db.device(device).map_err(|e| e.to_string())? else {
+    async fn handle_online(&self, device: &str, payload: &[u8]) -> Result<(), String> {
+        let Some(mut entry) = self.db.device(device).await.map_err(|e| e.to_string())? else {
             return Ok(());
         };
         entry.online = payload == b"online";
         entry.last_seen = unix_now();
-        self.db.put_device(&entry).map_err(|e| e.to_string())
+        self.db.put_device(&entry).await.map_err(|e| e.to_string())
     }
 
     /// Whether `device` is deployed a model whose artifact is `artifact`: chunks go only to
     /// devices entitled to them.
-    fn entitled(&self, device: &str, artifact: &str) -> Result<bool, DbError> {
-        let Some(entry) = self.db.device(device)? else {
+    async fn entitled(&self, device: &str, artifact: &str) -> Result<bool, DbError> {
+        let Some(entry) = self.db.device(device).await? else {
             return Ok(false);
         };
         Ok(self
-            .wanted(&entry)?
+            .wanted(&entry)
+            .await?
             .iter()
             .any(|(m, _)| m.sha256 == artifact))
     }
@@ -278,7 +287,7 @@ impl Fleet {
         let Ok(digest) = parse_digest(&req.artifact) else {
             return;
         };
-        match self.entitled(&req.device, &req.artifact) {
+        match self.entitled(&req.device, &req.artifact).await {
             Ok(true) => {}
             Ok(false) => {
                 warn!(device = %req.device, artifact = %req.artifact, "chunk request for an artifact not deployed to that device refused");
@@ -291,7 +300,7 @@ impl Fleet {
         }
         let topic = self.topics.device(&req.device, DeviceTopic::Chunks);
         for index in req.chunks {
-            let data = match self.db.chunk(&digest, index) {
+            let data = match self.db.chunk(&digest, index).await {
                 Ok(Some(d)) => d,
                 Ok(None) => {
                     debug!(artifact = %req.artifact, index, "requested chunk not held");
@@ -321,7 +330,7 @@ impl Fleet {
 
     /// The manifests `device` should run, each with its probation thresholds: per model, the
     /// latest of the deployments whose group selects it and the rollouts that moved it.
-    pub fn wanted(&self, device: &DeviceEntry) -> Result<Vec<Wanted>, DbError> {
+    pub async fn wanted(&self, device: &DeviceEntry) -> Result<Vec<Wanted>, DbError> {
         let mut per_model: BTreeMap<String, (u64, u64, Option<TrialThresholds>)> = BTreeMap::new();
         let mut offer = |model: &str, seq: u64, version: u64, t: Option<TrialThresholds>| {
             let entry = per_model
@@ -331,7 +340,7 @@ impl Fleet {
                 *entry = (seq, version, t);
             }
         };
-        for d in self.db.deployments()? {
+        for d in self.db.deployments().await? {
             if Selector::parse(&d.group).is_ok_and(|s| s.matches(&device.labels)) {
                 offer(&d.model, d.seq, d.version, d.probation);
             }
@@ -343,7 +352,7 @@ impl Fleet {
         }
         let mut out = Vec::new();
         for (name, (_, version, t)) in per_model {
-            if let Some(entry) = self.db.model(&name, version)? {
+            if let Some(entry) = self.db.model(&name, version).await? {
                 out.push((entry.manifest, t));
             }
         }
@@ -373,17 +382,18 @@ impl Fleet {
     ) -> Result<Rollout, RolloutError> {
         spec.validate().map_err(RolloutError::Invalid)?;
         let selector = Selector::parse(&spec.group).map_err(|e| RolloutError::Invalid(e.0))?;
-        if self.db.model(&spec.model, spec.version)?.is_none() {
+        if self.db.model(&spec.model, spec.version).await?.is_none() {
             return Err(RolloutError::NotFound(format!(
                 "model {} version {} is not published",
                 spec.model, spec.version
             )));
         }
         let mut members = Vec::new();
-        for d in self.db.devices()? {
+        for d in self.db.devices().await? {
             if selector.matches(&d.labels) {
                 let now = self
-                    .wanted(&d)?
+                    .wanted(&d)
+                    .await?
                     .into_iter()
                     .find(|(m, _)| m.name == spec.model)
                     .map(|(m, _)| m.version);
@@ -396,21 +406,23 @@ impl Fleet {
                 spec.group
             )));
         }
-        let id = self.db.next_id()?;
+        let id = self.db.next_id().await?;
         let (rollout, effects) = Rollout::start(id, spec, by, unix_now(), members);
-        self.db.append_audit(
-            by,
-            "rollout.start",
-            serde_json::json!({
-                "rollout": id,
-                "model": rollout.spec.model,
-                "version": rollout.spec.version,
-                "group": rollout.spec.group,
-                "waves": rollout.spec.waves,
-                "devices": rollout.members.len(),
-            }),
-            unix_now(),
-        )?;
+        self.db
+            .append_audit(
+                by,
+                "rollout.start",
+                serde_json::json!({
+                    "rollout": id,
+                    "model": rollout.spec.model,
+                    "version": rollout.spec.version,
+                    "group": rollout.spec.group,
+                    "waves": rollout.spec.waves,
+                    "devices": rollout.members.len(),
+                }),
+                unix_now(),
+            )
+            .await?;
         info!(
             rollout = id,
             model = %rollout.spec.model,
@@ -448,12 +460,14 @@ impl Fleet {
         };
         info!(rollout = id, ?action, %by, state = ?rollout.state, "rollout changed by an operator");
         let name = serde_json::to_value(action).unwrap_or_default();
-        self.db.append_audit(
-            by,
-            &format!("rollout.{}", name.as_str().unwrap_or("action")),
-            serde_json::json!({ "rollout": id, "state": rollout.state }),
-            now,
-        )?;
+        self.db
+            .append_audit(
+                by,
+                &format!("rollout.{}", name.as_str().unwrap_or("action")),
+                serde_json::json!({ "rollout": id, "state": rollout.state }),
+                now,
+            )
+            .await?;
         self.commit_rollout(&rollout, effects).await?;
         Ok(rollout)
     }
@@ -497,7 +511,7 @@ impl Fleet {
             for id in dirty {
                 let rollout = self.rollout(id);
                 if let Some(r) = rollout {
-                    if let Err(e) = self.db.put_rollout(&r) {
+                    if let Err(e) = self.db.put_rollout(&r).await {
                         warn!(rollout = id, error = %e, "recording a rollout failed");
                     }
                 }
@@ -533,7 +547,7 @@ impl Fleet {
             .lock()
             .expect("rollouts lock")
             .insert(rollout.id, rollout.clone());
-        self.db.put_rollout(rollout)?;
+        self.db.put_rollout(rollout).await?;
         self.db.flush().await?;
         for effect in effects {
             match effect {
@@ -546,24 +560,28 @@ impl Fleet {
                 }
                 Effect::Ended(state) => {
                     info!(rollout = rollout.id, ?state, "rollout ended");
-                    self.db.append_audit(
-                        &format!("rollout {}", rollout.id),
-                        "rollout.end",
-                        serde_json::json!({ "rollout": rollout.id, "state": state }),
-                        unix_now(),
-                    )?;
+                    self.db
+                        .append_audit(
+                            &format!("rollout {}", rollout.id),
+                            "rollout.end",
+                            serde_json::json!({ "rollout": rollout.id, "state": state }),
+                            unix_now(),
+                        )
+                        .await?;
                     if state == RolloutState::Completed {
                         // The group keeps the version: devices that join it later get it too.
                         let s = &rollout.spec;
-                        self.db.add_deployment(Deployment {
-                            seq: 0,
-                            model: s.model.clone(),
-                            version: s.version,
-                            group: s.group.clone(),
-                            by: format!("rollout {}", rollout.id),
-                            at: unix_now(),
-                            probation: s.probation,
-                        })?;
+                        self.db
+                            .add_deployment(Deployment {
+                                seq: 0,
+                                model: s.model.clone(),
+                                version: s.version,
+                                group: s.group.clone(),
+                                by: format!("rollout {}", rollout.id),
+                                at: unix_now(),
+                                probation: s.probation,
+                            })
+                            .await?;
                         self.db.flush().await?;
                     }
                 }
@@ -575,14 +593,14 @@ impl Fleet {
     /// Publishes `device`'s desired state if it changed since the last publication.
     pub async fn publish_desired(&self, device: &str) -> Result<bool, RepoError> {
         let _guard = self.publishing.lock().await;
-        let Some(entry) = self.db.device(device)? else {
+        let Some(entry) = self.db.device(device).await? else {
             return Ok(false);
         };
-        let models = self.wanted(&entry)?;
+        let models = self.wanted(&entry).await?;
         if models.is_empty() {
             return Ok(false);
         }
-        let ts = self.repo.timestamp()?.map_or(0, |t| t.version);
+        let ts = self.repo.timestamp().await?.map_or(0, |t| t.version);
         let mut paths: Vec<String> = models
             .iter()
             .map(|(m, t)| match t {
@@ -592,19 +610,23 @@ impl Fleet {
             .collect();
         paths.sort();
         let content = format!("{}@{ts}", paths.join(","));
-        let last = self.db.director(device)?;
+        let last = self.db.director(device).await?;
         if last.content == content {
             return Ok(false);
         }
         let version = last.version + 1;
-        let desired = self.repo.desired(device, &models, version, unix_now())?;
+        let desired = self
+            .repo
+            .desired(device, &models, version, unix_now())
+            .await?;
         let topic = self.topics.device(device, DeviceTopic::Desired);
         self.client
             .publish(topic, QoS::AtLeastOnce, true, desired.to_vec())
             .await
             .map_err(|e| RepoError::Rejected(format!("publishing: {e}")))?;
         self.db
-            .put_director(device, &DirectorEntry { version, content })?;
+            .put_director(device, &DirectorEntry { version, content })
+            .await?;
         info!(%device, version, models = ?paths, "desired state published");
         Ok(true)
     }
@@ -612,7 +634,7 @@ impl Fleet {
     /// Re-evaluates every device (after a deployment or a repository change).
     pub async fn publish_all(&self) -> Result<usize, RepoError> {
         let mut changed = 0;
-        for d in self.db.devices()? {
+        for d in self.db.devices().await? {
             if self.publish_desired(&d.id).await? {
                 changed += 1;
             }
@@ -621,12 +643,12 @@ impl Fleet {
     }
 
     async fn refresh_if_due(&self) -> Result<(), RepoError> {
-        let Some(ts) = self.repo.timestamp()? else {
+        let Some(ts) = self.repo.timestamp().await? else {
             return Ok(());
         };
         let expires = modelcast_proto::metadata::parse_expiry(&ts.expires).unwrap_or(0);
         if expires - unix_now() < ONLINE_LIFETIME_SECS / 2 {
-            self.repo.refresh(unix_now())?;
+            self.repo.refresh(unix_now()).await?;
             self.publish_all().await?;
         }
         Ok(())

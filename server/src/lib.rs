@@ -47,8 +47,10 @@ pub fn unix_now() -> i64 {
 /// How the server runs.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
-    /// Where the store lives.
+    /// Where the embedded store lives (unless `database` names another).
     pub data_dir: PathBuf,
+    /// The store: a `postgres://` URL; `None` keeps an embedded sled store in `data_dir`.
+    pub database: Option<String>,
     /// Directory holding `server.key` and `root.json`.
     pub keys_dir: PathBuf,
     /// External broker (`mqtt://host:port`); `None` embeds one.
@@ -106,10 +108,13 @@ pub async fn run(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    let db = db::Db::open(&cfg.data_dir.join("store"))?;
+    let db = match &cfg.database {
+        Some(url) => db::connect(url).await?,
+        None => db::open_embedded(&cfg.data_dir.join("store"))?,
+    };
     let root = keyset::read_root(&cfg.keys_dir.join("root.json"))?;
     let online = keyset::read_key(&cfg.keys_dir.join("server.key"))?;
-    let repo = repo::Repository::new(db.clone(), root, online)?;
+    let repo = repo::Repository::new(db.clone(), root, online).await?;
     let broker = match &cfg.broker {
         Some(url) => {
             modelcast_proto::BrokerUrl::parse(url).map_err(|e| ServerError::Io(e.to_string()))?
@@ -143,7 +148,7 @@ pub async fn run(
         client_id: cfg.mqtt_identity.clone(),
         tls,
     };
-    let fleet = fleet::Fleet::start(db.clone(), repo, topics, link)?;
+    let fleet = fleet::Fleet::start(db.clone(), repo, topics, link).await?;
     let tokens = match &cfg.tokens {
         Some(path) => {
             let tokens = auth::Tokens::load(path).map_err(|e| ServerError::Io(e.to_string()))?;

@@ -14,6 +14,10 @@ struct Args {
     /// Directory of the server's store.
     #[arg(long, env = "MODELCAST_DATA_DIR", default_value = "./modelcast-data")]
     data_dir: PathBuf,
+    /// The store: a PostgreSQL URL (`postgres://user@host/db`), shared by server replicas.
+    /// Without it the server keeps an embedded store in `--data-dir`.
+    #[arg(long, env = "MODELCAST_DATABASE")]
+    database: Option<String>,
     /// Directory with `server.key` and `root.json` (from `modelcast keygen`).
     #[arg(long, env = "MODELCAST_KEYS", default_value = "./keys")]
     keys: PathBuf,
@@ -59,6 +63,7 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", args.listen))?;
     let cfg = ServerConfig {
         data_dir: args.data_dir,
+        database: args.database,
         keys_dir: args.keys,
         broker: args.broker,
         mqtt_listen: args.mqtt_listen,

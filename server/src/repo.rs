@@ -84,10 +84,10 @@ fn meta(file: &str, version: u64) -> BTreeMap<String, MetaFile> {
 impl Repository {
     /// A repository anchored at `root`, signing with `online`. Checks that the root
     /// delegates snapshot and timestamp to that key.
-    pub fn new(db: Db, root: Signed, online: SigningKey) -> Result<Self, RepoError> {
+    pub async fn new(db: Db, root: Signed, online: SigningKey) -> Result<Self, RepoError> {
         let provisioned_version = root_doc(&root)?.version;
         // A root rotated since provisioning is in the store.
-        let current = match db.repo_doc("root")? {
+        let current = match db.repo_doc("root").await? {
             Some(stored) if root_doc(&stored)?.version > provisioned_version => stored,
             _ => root.clone(),
         };
@@ -108,12 +108,12 @@ impl Repository {
     /// Every root after version 1 that this server knows, oldest first: what a device
     /// provisioned with any earlier root needs to walk to the newest one (even after the
     /// operators put a newer `root.json` beside the keys for new devices).
-    pub fn root_chain(&self) -> Result<Vec<Signed>, RepoError> {
+    pub async fn root_chain(&self) -> Result<Vec<Signed>, RepoError> {
         let provisioned = root_doc(&self.provisioned)?.version;
         let to = root_doc(&self.root())?.version;
         let mut chain = Vec::new();
         for v in 2..=to {
-            match self.db.repo_doc(&format!("root.{v}"))? {
+            match self.db.repo_doc(&format!("root.{v}")).await? {
                 Some(r) => chain.push(r),
                 None if v == provisioned => chain.push(self.provisioned.clone()),
                 // Older than anything this server saw: devices start at or after it.
@@ -129,7 +129,7 @@ impl Repository {
     /// snapshot and timestamp to this server, not expired. `targets`, when given, are the
     /// operators' targets re-signed under the new root (needed when the targets keys
     /// change); they become current in the same step.
-    pub fn accept_root(
+    pub async fn accept_root(
         &self,
         next: &Signed,
         targets: Option<&Signed>,
@@ -152,10 +152,10 @@ impl Repository {
         }
         check_online_key(&doc, &self.online)?;
         let targets = match targets {
-            Some(t) => Some((t, self.check_targets(&doc, t, now)?)),
+            Some(t) => Some((t, self.check_targets(&doc, t, now).await?)),
             None => {
                 // The current targets must still verify under the new root.
-                if let Some(t) = self.targets()? {
+                if let Some(t) = self.targets().await? {
                     let verifier = doc.role("targets").map_err(|e| reject(e.to_string()))?;
                     t.verify::<Targets>(&verifier, "targets").map_err(|e| {
                         reject(format!(
@@ -168,33 +168,38 @@ impl Repository {
             }
         };
         self.db
-            .put_repo_doc(&format!("root.{}", doc.version), &rotated)?;
-        self.db.put_repo_doc("root", &rotated)?;
+            .put_repo_doc(&format!("root.{}", doc.version), &rotated)
+            .await?;
+        self.db.put_repo_doc("root", &rotated).await?;
         *self.root.write().expect("root lock") = rotated;
         let manifests = match targets {
             Some((envelope, manifests)) => {
-                self.db.put_repo_doc("targets", envelope)?;
+                self.db.put_repo_doc("targets", envelope).await?;
                 manifests
             }
             None => Vec::new(),
         };
-        if self.db.repo_doc("targets")?.is_some() {
-            self.refresh(now)?;
+        if self.db.repo_doc("targets").await?.is_some() {
+            self.refresh(now).await?;
         }
         Ok(manifests)
     }
 
     /// Checks operator-signed targets and makes them current: signature by root's targets
     /// role, a higher version than the current one, not expired, every manifest consistent.
-    pub fn accept_targets(&self, envelope: &Signed, now: i64) -> Result<Vec<Manifest>, RepoError> {
+    pub async fn accept_targets(
+        &self,
+        envelope: &Signed,
+        now: i64,
+    ) -> Result<Vec<Manifest>, RepoError> {
         let root = root_doc(&self.root())?;
-        let manifests = self.check_targets(&root, envelope, now)?;
-        self.db.put_repo_doc("targets", envelope)?;
-        self.refresh(now)?;
+        let manifests = self.check_targets(&root, envelope, now).await?;
+        self.db.put_repo_doc("targets", envelope).await?;
+        self.refresh(now).await?;
         Ok(manifests)
     }
 
-    fn check_targets(
+    async fn check_targets(
         &self,
         root: &Root,
         envelope: &Signed,
@@ -205,7 +210,7 @@ impl Repository {
         let targets: Targets = envelope
             .verify(&verifier, "targets")
             .map_err(|e| reject(e.to_string()))?;
-        if let Some(current) = self.db.repo_doc("targets")? {
+        if let Some(current) = self.db.repo_doc("targets").await? {
             let current: Targets = current
                 .parse("targets")
                 .map_err(|e| reject(e.to_string()))?;
@@ -228,27 +233,20 @@ impl Repository {
     }
 
     /// Signs a new snapshot and timestamp naming the current targets.
-    pub fn refresh(&self, now: i64) -> Result<(), RepoError> {
+    pub async fn refresh(&self, now: i64) -> Result<(), RepoError> {
         let targets: Targets = self
             .db
-            .repo_doc("targets")?
+            .repo_doc("targets")
+            .await?
             .ok_or(RepoError::Empty)?
             .parse("targets")
             .map_err(|e| RepoError::Rejected(e.to_string()))?;
-        let version_of = |role: &str| -> Result<u64, RepoError> {
-            Ok(match self.db.repo_doc(role)? {
-                Some(s) => s
-                    .parse::<MetaIndex>(match role {
-                        "snapshot" => "snapshot",
-                        _ => "timestamp",
-                    })
-                    .map(|m| m.version)
-                    .unwrap_or(0),
-                None => 0,
-            })
+        let version_of = |doc: Option<Signed>, role: &'static str| -> u64 {
+            doc.and_then(|s| s.parse::<MetaIndex>(role).ok())
+                .map_or(0, |m| m.version)
         };
         let expires = format_expiry(now + ONLINE_LIFETIME_SECS);
-        let snapshot_version = version_of("snapshot")? + 1;
+        let snapshot_version = version_of(self.db.repo_doc("snapshot").await?, "snapshot") + 1;
         let snapshot = MetaIndex::new(
             "snapshot",
             snapshot_version,
@@ -257,44 +255,49 @@ impl Repository {
         );
         let timestamp = MetaIndex::new(
             "timestamp",
-            version_of("timestamp")? + 1,
+            version_of(self.db.repo_doc("timestamp").await?, "timestamp") + 1,
             &expires,
             meta("snapshot.json", snapshot_version),
         );
         self.db
-            .put_repo_doc("snapshot", &Signed::sign(&snapshot, &[&self.online]))?;
+            .put_repo_doc("snapshot", &Signed::sign(&snapshot, &[&self.online]))
+            .await?;
         self.db
-            .put_repo_doc("timestamp", &Signed::sign(&timestamp, &[&self.online]))?;
+            .put_repo_doc("timestamp", &Signed::sign(&timestamp, &[&self.online]))
+            .await?;
         Ok(())
     }
 
     /// The operators' current signed targets.
-    pub fn targets(&self) -> Result<Option<Signed>, RepoError> {
-        Ok(self.db.repo_doc("targets")?)
+    pub async fn targets(&self) -> Result<Option<Signed>, RepoError> {
+        Ok(self.db.repo_doc("targets").await?)
     }
 
     /// Timestamp version and expiry (for deciding when to re-sign).
-    pub fn timestamp(&self) -> Result<Option<MetaIndex>, RepoError> {
+    pub async fn timestamp(&self) -> Result<Option<MetaIndex>, RepoError> {
         Ok(self
             .db
-            .repo_doc("timestamp")?
+            .repo_doc("timestamp")
+            .await?
             .and_then(|s| s.parse("timestamp").ok()))
     }
 
     /// The repository metadata every device needs.
-    pub fn metadata(&self) -> Result<RepositoryMetadata, RepoError> {
-        let get = |role: &str| self.db.repo_doc(role)?.ok_or(RepoError::Empty);
+    pub async fn metadata(&self) -> Result<RepositoryMetadata, RepoError> {
+        let get = |role: &'static str| async move {
+            self.db.repo_doc(role).await?.ok_or(RepoError::Empty)
+        };
         Ok(RepositoryMetadata {
-            root: self.root_chain()?,
-            timestamp: get("timestamp")?,
-            snapshot: get("snapshot")?,
-            targets: get("targets")?,
+            root: self.root_chain().await?,
+            timestamp: get("timestamp").await?,
+            snapshot: get("snapshot").await?,
+            targets: get("targets").await?,
         })
     }
 
     /// Signs the desired state of `device`: run `models`, each judged on trial by its
     /// rollout's thresholds if set; counter `version`.
-    pub fn desired(
+    pub async fn desired(
         &self,
         device: &str,
         models: &[(Manifest, Option<TrialThresholds>)],
@@ -315,7 +318,7 @@ impl Repository {
             format: modelcast_proto::FORMAT_VERSION,
             device: device.into(),
             director: Signed::sign(&director, &[&self.online]),
-            repository: self.metadata()?,
+            repository: self.metadata().await?,
         })
     }
 }

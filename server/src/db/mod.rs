@@ -1,10 +1,18 @@
-//! The server's embedded store (sled): artifacts in chunks, the model registry, the TUF
-//! repository's current metadata, devices, deployments, rollouts and per-device director
-//! counters.
+//! The server's state behind one storage interface ([`Storage`]): artifacts in chunks, the
+//! model registry, the TUF repository's current metadata, devices, deployments, rollouts, the
+//! audit log and per-device director counters.
+//!
+//! Two implementations: sled, embedded, the default for one box ([`open_embedded`]);
+//! PostgreSQL, for a fleet served by several server replicas ([`connect`]).
+
+mod postgres;
+mod sled_store;
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 
+use bytes::Bytes;
 use modelcast_proto::desired::TrialThresholds;
 use modelcast_proto::manifest::Manifest;
 use modelcast_proto::metadata::Signed;
@@ -15,15 +23,18 @@ use thiserror::Error;
 use crate::audit::AuditEntry;
 use crate::rollout::Rollout;
 
-/// Key of the audit log's head (last position and digest); sorts after every position.
-const AUDIT_HEAD: &[u8] = b"~head";
-
 /// A store failure.
 #[derive(Debug, Error)]
 pub enum DbError {
     /// sled failed.
     #[error("store: {0}")]
     Sled(#[from] sled::Error),
+    /// PostgreSQL failed.
+    #[error("database: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    /// No database connection could be had, or an operation gave up.
+    #[error("database: {0}")]
+    Pool(String),
     /// A record does not decode.
     #[error("store record {key} is corrupt: {reason}")]
     Corrupt {
@@ -117,21 +128,82 @@ pub struct DirectorEntry {
     pub content: String,
 }
 
-/// The server's store.
-#[derive(Clone)]
-pub struct Db {
-    db: sled::Db,
-    artifacts: sled::Tree,
-    chunks: sled::Tree,
-    registry: sled::Tree,
-    repo: sled::Tree,
-    devices: sled::Tree,
-    deployments: sled::Tree,
-    director: sled::Tree,
-    rollouts: sled::Tree,
-    audit: sled::Tree,
+/// The server's store: what every part of the server reads and writes, whatever holds it.
+///
+/// Writes are durable once [`Storage::flush`] returns (sled batches them; PostgreSQL commits
+/// each one). Decisions that will be published (a rollout's next wave) are flushed first.
+#[async_trait::async_trait]
+pub trait Storage: Send + Sync {
+    /// Makes every write so far durable.
+    async fn flush(&self) -> Result<(), DbError>;
+    /// Stores one chunk of an artifact being uploaded.
+    async fn put_chunk(&self, artifact: &[u8; 32], index: u32, data: &[u8]) -> Result<(), DbError>;
+    /// Marks an artifact complete (after its digest was checked).
+    async fn put_artifact(&self, artifact: &[u8; 32], info: &ArtifactInfo) -> Result<(), DbError>;
+    /// Removes an artifact and its chunks (a failed upload).
+    async fn remove_artifact(&self, artifact: &[u8; 32]) -> Result<(), DbError>;
+    /// A complete artifact's layout.
+    async fn artifact(&self, artifact: &[u8; 32]) -> Result<Option<ArtifactInfo>, DbError>;
+    /// One chunk of an artifact.
+    async fn chunk(&self, artifact: &[u8; 32], index: u32) -> Result<Option<Bytes>, DbError>;
+    /// Records a published version, or replaces its entry (a stage change).
+    async fn put_model(&self, entry: &ModelEntry) -> Result<(), DbError>;
+    /// One published version.
+    async fn model(&self, name: &str, version: u64) -> Result<Option<ModelEntry>, DbError>;
+    /// Every published version, by name then version.
+    async fn models(&self) -> Result<Vec<ModelEntry>, DbError>;
+    /// A repository document (`root`, `root.N`, `targets`, `snapshot`, `timestamp`).
+    async fn repo_doc(&self, role: &str) -> Result<Option<Signed>, DbError>;
+    /// Replaces a repository document.
+    async fn put_repo_doc(&self, role: &str, doc: &Signed) -> Result<(), DbError>;
+    /// One device.
+    async fn device(&self, id: &str) -> Result<Option<DeviceEntry>, DbError>;
+    /// Every device, by id.
+    async fn devices(&self) -> Result<Vec<DeviceEntry>, DbError>;
+    /// Records a device.
+    async fn put_device(&self, entry: &DeviceEntry) -> Result<(), DbError>;
+    /// Appends a deployment, assigning its sequence number (from [`Storage::next_id`]).
+    async fn add_deployment(&self, d: Deployment) -> Result<Deployment, DbError>;
+    /// A new id, unique and increasing, shared by deployments and rollouts (later ones win).
+    async fn next_id(&self) -> Result<u64, DbError>;
+    /// Stores a rollout (flush before acting on it).
+    async fn put_rollout(&self, rollout: &Rollout) -> Result<(), DbError>;
+    /// Every rollout, oldest first.
+    async fn rollouts(&self) -> Result<Vec<Rollout>, DbError>;
+    /// Appends an entry to the audit log, atomically: its position and its link to the
+    /// previous entry cannot race with another append, from this server or another replica.
+    async fn append_audit(
+        &self,
+        who: &str,
+        action: &str,
+        details: serde_json::Value,
+        at: i64,
+    ) -> Result<AuditEntry, DbError>;
+    /// The audit log from position `since` on (1 is the first entry).
+    async fn audit(&self, since: u64) -> Result<Vec<AuditEntry>, DbError>;
+    /// Every deployment, oldest first.
+    async fn deployments(&self) -> Result<Vec<Deployment>, DbError>;
+    /// What was last published to `device`.
+    async fn director(&self, device: &str) -> Result<DirectorEntry, DbError>;
+    /// Records what was published to `device`.
+    async fn put_director(&self, device: &str, entry: &DirectorEntry) -> Result<(), DbError>;
 }
 
+/// The server's store, shared.
+pub type Db = Arc<dyn Storage>;
+
+/// Opens (or creates) the embedded sled store in `dir`.
+pub fn open_embedded(dir: &Path) -> Result<Db, DbError> {
+    Ok(Arc::new(sled_store::SledStore::open(dir)?))
+}
+
+/// Connects to a PostgreSQL database (`postgres://user@host:port/name`), creating the schema
+/// if it is missing.
+pub async fn connect(url: &str) -> Result<Db, DbError> {
+    Ok(Arc::new(postgres::PgStore::connect(url).await?))
+}
+
+/// Decodes a stored JSON record; `key` names it in the error.
 fn decode<T: for<'de> Deserialize<'de>>(key: &str, bytes: &[u8]) -> Result<T, DbError> {
     serde_json::from_slice(bytes).map_err(|e| DbError::Corrupt {
         key: key.into(),
@@ -139,244 +211,7 @@ fn decode<T: for<'de> Deserialize<'de>>(key: &str, bytes: &[u8]) -> Result<T, Db
     })
 }
 
+/// Encodes a record as JSON.
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).expect("records serialize")
-}
-
-fn registry_key(name: &str, version: u64) -> Vec<u8> {
-    let mut key = name.as_bytes().to_vec();
-    key.push(0);
-    key.extend_from_slice(&version.to_be_bytes());
-    key
-}
-
-fn chunk_key(artifact: &[u8; 32], index: u32) -> [u8; 36] {
-    let mut key = [0u8; 36];
-    key[..32].copy_from_slice(artifact);
-    key[32..].copy_from_slice(&index.to_be_bytes());
-    key
-}
-
-impl Db {
-    /// Opens (or creates) the store.
-    pub fn open(dir: &Path) -> Result<Self, DbError> {
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(32 * 1024 * 1024)
-            .open()?;
-        Ok(Db {
-            artifacts: db.open_tree("artifacts")?,
-            chunks: db.open_tree("chunks")?,
-            registry: db.open_tree("registry")?,
-            repo: db.open_tree("repo")?,
-            devices: db.open_tree("devices")?,
-            deployments: db.open_tree("deployments")?,
-            director: db.open_tree("director")?,
-            rollouts: db.open_tree("rollouts")?,
-            audit: db.open_tree("audit")?,
-            db,
-        })
-    }
-
-    /// Makes everything durable.
-    pub async fn flush(&self) -> Result<(), DbError> {
-        self.db.flush_async().await?;
-        Ok(())
-    }
-
-    /// Stores one chunk of an artifact being uploaded.
-    pub fn put_chunk(&self, artifact: &[u8; 32], index: u32, data: &[u8]) -> Result<(), DbError> {
-        self.chunks.insert(chunk_key(artifact, index), data)?;
-        Ok(())
-    }
-
-    /// Marks an artifact complete (after its digest was checked).
-    pub fn put_artifact(&self, artifact: &[u8; 32], info: &ArtifactInfo) -> Result<(), DbError> {
-        self.artifacts.insert(artifact, encode(info))?;
-        Ok(())
-    }
-
-    /// Removes an artifact's chunks (a failed upload).
-    pub fn remove_artifact(&self, artifact: &[u8; 32]) -> Result<(), DbError> {
-        let mut batch = sled::Batch::default();
-        for key in self.chunks.scan_prefix(artifact).keys() {
-            batch.remove(key?);
-        }
-        self.chunks.apply_batch(batch)?;
-        self.artifacts.remove(artifact)?;
-        Ok(())
-    }
-
-    /// A complete artifact's layout.
-    pub fn artifact(&self, artifact: &[u8; 32]) -> Result<Option<ArtifactInfo>, DbError> {
-        self.artifacts
-            .get(artifact)?
-            .map(|v| decode(&format!("artifacts/{}", hex::encode(artifact)), &v))
-            .transpose()
-    }
-
-    /// One chunk of a complete artifact.
-    pub fn chunk(&self, artifact: &[u8; 32], index: u32) -> Result<Option<sled::IVec>, DbError> {
-        Ok(self.chunks.get(chunk_key(artifact, index))?)
-    }
-
-    /// Records a published version.
-    pub fn put_model(&self, entry: &ModelEntry) -> Result<(), DbError> {
-        let key = registry_key(&entry.manifest.name, entry.manifest.version);
-        self.registry.insert(key, encode(entry))?;
-        Ok(())
-    }
-
-    /// One published version.
-    pub fn model(&self, name: &str, version: u64) -> Result<Option<ModelEntry>, DbError> {
-        self.registry
-            .get(registry_key(name, version))?
-            .map(|v| decode(&format!("registry/{name}/{version}"), &v))
-            .transpose()
-    }
-
-    /// Every published version, by name then version.
-    pub fn models(&self) -> Result<Vec<ModelEntry>, DbError> {
-        self.registry
-            .iter()
-            .values()
-            .map(|v| decode("registry", &v?))
-            .collect()
-    }
-
-    /// A repository document (`targets`, `snapshot`, `timestamp`).
-    pub fn repo_doc(&self, role: &str) -> Result<Option<Signed>, DbError> {
-        self.repo
-            .get(role)?
-            .map(|v| decode(&format!("repo/{role}"), &v))
-            .transpose()
-    }
-
-    /// Replaces a repository document.
-    pub fn put_repo_doc(&self, role: &str, doc: &Signed) -> Result<(), DbError> {
-        self.repo.insert(role, encode(doc))?;
-        Ok(())
-    }
-
-    /// One device.
-    pub fn device(&self, id: &str) -> Result<Option<DeviceEntry>, DbError> {
-        self.devices
-            .get(id)?
-            .map(|v| decode(&format!("devices/{id}"), &v))
-            .transpose()
-    }
-
-    /// Every device.
-    pub fn devices(&self) -> Result<Vec<DeviceEntry>, DbError> {
-        self.devices
-            .iter()
-            .values()
-            .map(|v| decode("devices", &v?))
-            .collect()
-    }
-
-    /// Records a device.
-    pub fn put_device(&self, entry: &DeviceEntry) -> Result<(), DbError> {
-        self.devices.insert(entry.id.as_str(), encode(entry))?;
-        Ok(())
-    }
-
-    /// Appends a deployment, assigning its sequence number.
-    pub fn add_deployment(&self, mut d: Deployment) -> Result<Deployment, DbError> {
-        d.seq = self.db.generate_id()?;
-        self.deployments.insert(d.seq.to_be_bytes(), encode(&d))?;
-        Ok(d)
-    }
-
-    /// A new id, ordered with deployments (later ones win).
-    pub fn next_id(&self) -> Result<u64, DbError> {
-        Ok(self.db.generate_id()?)
-    }
-
-    /// Stores a rollout (flush before acting on it).
-    pub fn put_rollout(&self, rollout: &Rollout) -> Result<(), DbError> {
-        self.rollouts
-            .insert(rollout.id.to_be_bytes(), encode(rollout))?;
-        Ok(())
-    }
-
-    /// Every rollout, oldest first.
-    pub fn rollouts(&self) -> Result<Vec<Rollout>, DbError> {
-        self.rollouts
-            .iter()
-            .values()
-            .map(|v| decode("rollouts", &v?))
-            .collect()
-    }
-
-    /// Appends an entry to the audit log (one transaction: its position and its link to the
-    /// previous entry cannot race with another append).
-    pub fn append_audit(
-        &self,
-        who: &str,
-        action: &str,
-        details: serde_json::Value,
-        at: i64,
-    ) -> Result<AuditEntry, DbError> {
-        use sled::transaction::{ConflictableTransactionError, TransactionError};
-        let result = self.audit.transaction(|tx| {
-            let head: Option<(u64, String)> = match tx.get(AUDIT_HEAD)? {
-                Some(v) => {
-                    Some(decode("audit/head", &v).map_err(ConflictableTransactionError::Abort)?)
-                }
-                None => None,
-            };
-            let (seq, prev) = head.map_or((1, String::new()), |(s, d)| (s + 1, d));
-            let entry = AuditEntry {
-                seq,
-                at,
-                who: who.into(),
-                action: action.into(),
-                details: details.clone(),
-                prev,
-            };
-            tx.insert(&seq.to_be_bytes(), encode(&entry))?;
-            tx.insert(AUDIT_HEAD, encode(&(seq, entry.digest())))?;
-            Ok(entry)
-        });
-        match result {
-            Ok(entry) => Ok(entry),
-            Err(TransactionError::Abort(e)) => Err(e),
-            Err(TransactionError::Storage(e)) => Err(e.into()),
-        }
-    }
-
-    /// The audit log from position `since` on (1 is the first entry).
-    pub fn audit(&self, since: u64) -> Result<Vec<AuditEntry>, DbError> {
-        self.audit
-            .range(since.max(1).to_be_bytes().to_vec()..AUDIT_HEAD.to_vec())
-            .values()
-            .map(|v| decode("audit", &v?))
-            .collect()
-    }
-
-    /// Every deployment, oldest first.
-    pub fn deployments(&self) -> Result<Vec<Deployment>, DbError> {
-        self.deployments
-            .iter()
-            .values()
-            .map(|v| decode("deployments", &v?))
-            .collect()
-    }
-
-    /// What was last published to `device`.
-    pub fn director(&self, device: &str) -> Result<DirectorEntry, DbError> {
-        Ok(self
-            .director
-            .get(device)?
-            .map(|v| decode(&format!("director/{device}"), &v))
-            .transpose()?
-            .unwrap_or_default())
-    }
-
-    /// Records what was published to `device`.
-    pub fn put_director(&self, device: &str, entry: &DirectorEntry) -> Result<(), DbError> {
-        self.director.insert(device, encode(entry))?;
-        Ok(())
-    }
 }

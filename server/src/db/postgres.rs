@@ -1,0 +1,380 @@
+//! The PostgreSQL store: the same records in tables a fleet's server replicas share.
+//!
+//! Each record is kept as the exact JSON the sled store keeps (a `json` column keeps its text
+//! byte for byte, so signed metadata round-trips unchanged, and stays queryable with SQL's
+//! JSON operators), keyed by its natural key. Every write commits on its own, so
+//! [`Storage::flush`] has nothing left to do. Appends that must not race (the audit log's hash
+//! chain) rely on a primary key and retry, so two replicas appending at once both succeed, in
+//! some order, and the chain stays whole.
+
+use bytes::Bytes;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::NoTls;
+
+use super::{
+    decode, encode, ArtifactInfo, AuditEntry, DbError, Deployment, DeviceEntry, DirectorEntry,
+    ModelEntry, Rollout, Signed, Storage,
+};
+
+/// Connections kept open per server.
+const POOL_SIZE: usize = 16;
+/// Attempts at appending to the audit log when other replicas keep winning the race.
+const AUDIT_ATTEMPTS: u32 = 32;
+
+/// The schema, created on connect when missing.
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS artifacts (digest BYTEA PRIMARY KEY, info JSON NOT NULL);
+CREATE TABLE IF NOT EXISTS chunks (
+    digest BYTEA NOT NULL, idx INTEGER NOT NULL, data BYTEA NOT NULL,
+    PRIMARY KEY (digest, idx));
+CREATE TABLE IF NOT EXISTS models (
+    name TEXT NOT NULL, version BIGINT NOT NULL, entry JSON NOT NULL,
+    PRIMARY KEY (name, version));
+CREATE TABLE IF NOT EXISTS repo (role TEXT PRIMARY KEY, doc JSON NOT NULL);
+CREATE TABLE IF NOT EXISTS devices (id TEXT PRIMARY KEY, entry JSON NOT NULL);
+CREATE TABLE IF NOT EXISTS deployments (seq BIGINT PRIMARY KEY, entry JSON NOT NULL);
+CREATE TABLE IF NOT EXISTS rollouts (id BIGINT PRIMARY KEY, rollout JSON NOT NULL);
+CREATE TABLE IF NOT EXISTS audit (seq BIGINT PRIMARY KEY, entry JSON NOT NULL, digest TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS director (device TEXT PRIMARY KEY, entry JSON NOT NULL);
+CREATE SEQUENCE IF NOT EXISTS ids;
+";
+
+/// The PostgreSQL store: a pool of connections to one database.
+pub struct PgStore {
+    pool: Pool,
+}
+
+/// A pool failure as a store error (the pool wraps the driver's own).
+fn pool_err(e: deadpool_postgres::PoolError) -> DbError {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => DbError::Postgres(e),
+        other => DbError::Pool(other.to_string()),
+    }
+}
+
+/// A `u64` as PostgreSQL's `BIGINT` (ids and versions stay far below 2⁶³).
+fn big(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+impl PgStore {
+    /// Connects to `url` (e.g. `postgres://modelcast@127.0.0.1/modelcast`) and creates the
+    /// schema if it is missing.
+    pub async fn connect(url: &str) -> Result<Self, DbError> {
+        let config: tokio_postgres::Config = url.parse()?;
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .build()
+            .map_err(|e| DbError::Pool(e.to_string()))?;
+        let store = PgStore { pool };
+        let client = store.client().await?;
+        // Two replicas starting at once must not both create the schema.
+        client
+            .batch_execute(&format!(
+                "SELECT pg_advisory_lock(7426); {SCHEMA} SELECT pg_advisory_unlock(7426);"
+            ))
+            .await?;
+        Ok(store)
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, DbError> {
+        self.pool.get().await.map_err(pool_err)
+    }
+
+    /// Runs a query for at most one JSON record (selected as text) and decodes it.
+    async fn one<T: for<'de> serde::Deserialize<'de>>(
+        &self,
+        key: &str,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Option<T>, DbError> {
+        let row = self.client().await?.query_opt(sql, params).await?;
+        row.map(|r| decode(key, r.get::<_, &str>(0).as_bytes()))
+            .transpose()
+    }
+
+    /// Runs a query for JSON records (selected as text) and decodes them.
+    async fn all<T: for<'de> serde::Deserialize<'de>>(
+        &self,
+        key: &str,
+        sql: &str,
+    ) -> Result<Vec<T>, DbError> {
+        let rows = self.client().await?.query(sql, &[]).await?;
+        rows.iter()
+            .map(|r| decode(key, r.get::<_, &str>(0).as_bytes()))
+            .collect()
+    }
+
+    /// Runs one statement.
+    async fn exec(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<(), DbError> {
+        self.client().await?.execute(sql, params).await?;
+        Ok(())
+    }
+}
+
+/// A record as the text of a `json` parameter.
+fn json<T: serde::Serialize>(value: &T) -> String {
+    String::from_utf8(encode(value)).expect("JSON is UTF-8")
+}
+
+#[async_trait::async_trait]
+impl Storage for PgStore {
+    async fn flush(&self) -> Result<(), DbError> {
+        Ok(())
+    }
+
+    async fn put_chunk(&self, artifact: &[u8; 32], index: u32, data: &[u8]) -> Result<(), DbError> {
+        self.exec(
+            "INSERT INTO chunks (digest, idx, data) VALUES ($1, $2, $3)
+             ON CONFLICT (digest, idx) DO UPDATE SET data = EXCLUDED.data",
+            &[&&artifact[..], &(index as i32), &data],
+        )
+        .await
+    }
+
+    async fn put_artifact(&self, artifact: &[u8; 32], info: &ArtifactInfo) -> Result<(), DbError> {
+        self.exec(
+            "INSERT INTO artifacts (digest, info) VALUES ($1, $2::text::json)
+             ON CONFLICT (digest) DO UPDATE SET info = EXCLUDED.info",
+            &[&&artifact[..], &json(info)],
+        )
+        .await
+    }
+
+    async fn remove_artifact(&self, artifact: &[u8; 32]) -> Result<(), DbError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        tx.execute("DELETE FROM chunks WHERE digest = $1", &[&&artifact[..]])
+            .await?;
+        tx.execute("DELETE FROM artifacts WHERE digest = $1", &[&&artifact[..]])
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn artifact(&self, artifact: &[u8; 32]) -> Result<Option<ArtifactInfo>, DbError> {
+        self.one(
+            &format!("artifacts/{}", hex::encode(artifact)),
+            "SELECT info::text FROM artifacts WHERE digest = $1",
+            &[&&artifact[..]],
+        )
+        .await
+    }
+
+    async fn chunk(&self, artifact: &[u8; 32], index: u32) -> Result<Option<Bytes>, DbError> {
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                "SELECT data FROM chunks WHERE digest = $1 AND idx = $2",
+                &[&&artifact[..], &(index as i32)],
+            )
+            .await?;
+        Ok(row.map(|r| Bytes::copy_from_slice(r.get::<_, &[u8]>(0))))
+    }
+
+    async fn put_model(&self, entry: &ModelEntry) -> Result<(), DbError> {
+        self.exec(
+            "INSERT INTO models (name, version, entry) VALUES ($1, $2, $3::text::json)
+             ON CONFLICT (name, version) DO UPDATE SET entry = EXCLUDED.entry",
+            &[
+                &entry.manifest.name,
+                &big(entry.manifest.version),
+                &json(entry),
+            ],
+        )
+        .await
+    }
+
+    async fn model(&self, name: &str, version: u64) -> Result<Option<ModelEntry>, DbError> {
+        self.one(
+            &format!("models/{name}/{version}"),
+            "SELECT entry::text FROM models WHERE name = $1 AND version = $2",
+            &[&name, &big(version)],
+        )
+        .await
+    }
+
+    async fn models(&self) -> Result<Vec<ModelEntry>, DbError> {
+        self.all(
+            "models",
+            "SELECT entry::text FROM models ORDER BY name COLLATE \"C\", version",
+        )
+        .await
+    }
+
+    async fn repo_doc(&self, role: &str) -> Result<Option<Signed>, DbError> {
+        self.one(
+            &format!("repo/{role}"),
+            "SELECT doc::text FROM repo WHERE role = $1",
+            &[&role],
+        )
+        .await
+    }
+
+    async fn put_repo_doc(&self, role: &str, doc: &Signed) -> Result<(), DbError> {
+        self.exec(
+            "INSERT INTO repo (role, doc) VALUES ($1, $2::text::json)
+             ON CONFLICT (role) DO UPDATE SET doc = EXCLUDED.doc",
+            &[&role, &json(doc)],
+        )
+        .await
+    }
+
+    async fn device(&self, id: &str) -> Result<Option<DeviceEntry>, DbError> {
+        self.one(
+            &format!("devices/{id}"),
+            "SELECT entry::text FROM devices WHERE id = $1",
+            &[&id],
+        )
+        .await
+    }
+
+    async fn devices(&self) -> Result<Vec<DeviceEntry>, DbError> {
+        self.all(
+            "devices",
+            "SELECT entry::text FROM devices ORDER BY id COLLATE \"C\"",
+        )
+        .await
+    }
+
+    async fn put_device(&self, entry: &DeviceEntry) -> Result<(), DbError> {
+        self.exec(
+            "INSERT INTO devices (id, entry) VALUES ($1, $2::text::json)
+             ON CONFLICT (id) DO UPDATE SET entry = EXCLUDED.entry",
+            &[&entry.id, &json(entry)],
+        )
+        .await
+    }
+
+    async fn add_deployment(&self, mut d: Deployment) -> Result<Deployment, DbError> {
+        d.seq = self.next_id().await?;
+        self.exec(
+            "INSERT INTO deployments (seq, entry) VALUES ($1, $2::text::json)",
+            &[&big(d.seq), &json(&d)],
+        )
+        .await?;
+        Ok(d)
+    }
+
+    async fn next_id(&self) -> Result<u64, DbError> {
+        let row = self
+            .client()
+            .await?
+            .query_one("SELECT nextval('ids')", &[])
+            .await?;
+        Ok(row.get::<_, i64>(0) as u64)
+    }
+
+    async fn put_rollout(&self, rollout: &Rollout) -> Result<(), DbError> {
+        self.exec(
+            "INSERT INTO rollouts (id, rollout) VALUES ($1, $2::text::json)
+             ON CONFLICT (id) DO UPDATE SET rollout = EXCLUDED.rollout",
+            &[&big(rollout.id), &json(rollout)],
+        )
+        .await
+    }
+
+    async fn rollouts(&self) -> Result<Vec<Rollout>, DbError> {
+        self.all("rollouts", "SELECT rollout::text FROM rollouts ORDER BY id")
+            .await
+    }
+
+    async fn append_audit(
+        &self,
+        who: &str,
+        action: &str,
+        details: serde_json::Value,
+        at: i64,
+    ) -> Result<AuditEntry, DbError> {
+        let client = self.client().await?;
+        for _ in 0..AUDIT_ATTEMPTS {
+            let head = client
+                .query_opt(
+                    "SELECT seq, digest FROM audit ORDER BY seq DESC LIMIT 1",
+                    &[],
+                )
+                .await?;
+            let (seq, prev) = head.map_or((1, String::new()), |r| {
+                (r.get::<_, i64>(0) as u64 + 1, r.get::<_, String>(1))
+            });
+            let entry = AuditEntry {
+                seq,
+                at,
+                who: who.into(),
+                action: action.into(),
+                details: details.clone(),
+                prev,
+            };
+            let inserted = client
+                .execute(
+                    "INSERT INTO audit (seq, entry, digest) VALUES ($1, $2::text::json, $3)",
+                    &[&big(seq), &json(&entry), &entry.digest()],
+                )
+                .await;
+            match inserted {
+                Ok(_) => return Ok(entry),
+                // Another replica took this position first: link to its entry instead.
+                Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(DbError::Pool(format!(
+            "audit log: lost the race for a position {AUDIT_ATTEMPTS} times"
+        )))
+    }
+
+    async fn audit(&self, since: u64) -> Result<Vec<AuditEntry>, DbError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT entry::text FROM audit WHERE seq >= $1 ORDER BY seq",
+                &[&big(since.max(1))],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| decode("audit", r.get::<_, &str>(0).as_bytes()))
+            .collect()
+    }
+
+    async fn deployments(&self) -> Result<Vec<Deployment>, DbError> {
+        self.all(
+            "deployments",
+            "SELECT entry::text FROM deployments ORDER BY seq",
+        )
+        .await
+    }
+
+    async fn director(&self, device: &str) -> Result<DirectorEntry, DbError> {
+        Ok(self
+            .one(
+                &format!("director/{device}"),
+                "SELECT entry::text FROM director WHERE device = $1",
+                &[&device],
+            )
+            .await?
+            .unwrap_or_default())
+    }
+
+    async fn put_director(&self, device: &str, entry: &DirectorEntry) -> Result<(), DbError> {
+        self.exec(
+            "INSERT INTO director (device, entry) VALUES ($1, $2::text::json)
+             ON CONFLICT (device) DO UPDATE SET entry = EXCLUDED.entry",
+            &[&device, &json(entry)],
+        )
+        .await
+    }
+}
