@@ -8,6 +8,9 @@ command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mos
 command -v curl >/dev/null 2>&1 || need+=(curl)
 # The dashboard test drives Debian's Chromium headless.
 [ -x /usr/bin/chromium ] || need+=(chromium)
+# The storage and postgres tests start PostgreSQL clusters of their own on free ports.
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
+command -v psql >/dev/null 2>&1 || need+=(postgresql-client)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive

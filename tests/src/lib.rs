@@ -264,6 +264,119 @@ impl Mosquitto {
     }
 }
 
+/// A PostgreSQL server of Debian's packages on a free loopback port, with a cluster of its own
+/// in a scratch directory; stopped (immediately) when dropped.
+pub struct Postgres {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    port: u16,
+}
+
+impl Postgres {
+    /// Creates a cluster and starts it; its superuser is `modelcast`, trusted on loopback.
+    pub fn start() -> Postgres {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("PostgreSQL is installed (tests/run.sh installs it)")
+            .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+            .filter(|b| b.join("initdb").exists())
+            .max()
+            .expect("a PostgreSQL version with initdb");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        // PostgreSQL refuses to run as root: as root, run it as Debian's `postgres` user.
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        if root {
+            let ok = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(dir.path())
+                .status()
+                .expect("chown");
+            assert!(ok.success(), "chown of the cluster directory failed");
+        }
+        let run = |exe: &str, args: &[&std::ffi::OsStr]| {
+            let mut cmd = if root {
+                let mut c = Command::new("runuser");
+                c.args(["-u", "postgres", "--"]).arg(bin.join(exe));
+                c
+            } else {
+                Command::new(bin.join(exe))
+            };
+            let out = cmd.args(args).output().expect("PostgreSQL tool");
+            assert!(
+                out.status.success(),
+                "{exe} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let data = dir.path().join("data");
+        run(
+            "initdb",
+            &[
+                "-D".as_ref(),
+                data.as_os_str(),
+                "-U".as_ref(),
+                "modelcast".as_ref(),
+                "-A".as_ref(),
+                "trust".as_ref(),
+                "-E".as_ref(),
+                "UTF8".as_ref(),
+            ],
+        );
+        let options = format!("-h 127.0.0.1 -p {port} -k {}", dir.path().display());
+        run(
+            "pg_ctl",
+            &[
+                "-D".as_ref(),
+                data.as_os_str(),
+                "-o".as_ref(),
+                options.as_ref(),
+                "-l".as_ref(),
+                dir.path().join("postgres.log").as_os_str(),
+                "-w".as_ref(),
+                "start".as_ref(),
+            ],
+        );
+        Postgres { dir, bin, port }
+    }
+
+    /// A URL of a new, empty database on it.
+    pub fn database(&self, name: &str) -> String {
+        let out = Command::new("psql")
+            .args(["-h", "127.0.0.1", "-U", "modelcast", "-d", "postgres", "-c"])
+            .arg(format!("CREATE DATABASE {name}"))
+            .arg("-p")
+            .arg(self.port.to_string())
+            .output()
+            .expect("psql");
+        assert!(
+            out.status.success(),
+            "create database: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        format!("postgres://modelcast@127.0.0.1:{}/{name}", self.port)
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let data = self.dir.path().join("data");
+        let mut cmd = if unsafe { libc::geteuid() } == 0 {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"])
+                .arg(self.bin.join("pg_ctl"));
+            c
+        } else {
+            Command::new(self.bin.join("pg_ctl"))
+        };
+        let _ = cmd
+            .arg("-D")
+            .arg(&data)
+            .args(["-m", "immediate", "stop"])
+            .output();
+    }
+}
+
 /// A fleet: keys, a server, and the operators' API client.
 pub struct Fleet {
     /// Scratch directory for everything.
@@ -284,7 +397,12 @@ pub struct Fleet {
 impl Fleet {
     /// Keys and a server with its embedded broker.
     pub fn embedded() -> Fleet {
-        Self::start_in(tempfile::tempdir().expect("tempdir"), None, None)
+        Self::start_in(tempfile::tempdir().expect("tempdir"), None, None, None)
+    }
+
+    /// Keys and a server with its embedded broker, keeping its state in PostgreSQL at `url`.
+    pub fn on_postgres(url: &str) -> Fleet {
+        Self::start_in(tempfile::tempdir().expect("tempdir"), None, None, Some(url))
     }
 
     /// Keys, a transport PKI and a server whose embedded broker speaks TLS only.
@@ -292,21 +410,26 @@ impl Fleet {
         let dir = tempfile::tempdir().expect("tempdir");
         let pki = dir.path().join("pki");
         modelcast_server::pki::init(&pki, &["127.0.0.1".into()]).expect("pki init");
-        Self::start_in(dir, None, Some(pki))
+        Self::start_in(dir, None, Some(pki), None)
     }
 
     /// Keys and a server using the broker on `port`.
     pub fn with_broker(dir: tempfile::TempDir, port: u16) -> Fleet {
-        Self::start_in(dir, Some(port), None)
+        Self::start_in(dir, Some(port), None, None)
     }
 
     /// Keys and a server using a TLS mosquitto ([`Mosquitto::start_tls`]) started in `dir`.
     pub fn with_tls_broker(dir: tempfile::TempDir, broker: &Mosquitto) -> Fleet {
         let pki = broker.pki().expect("a TLS broker").to_path_buf();
-        Self::start_in(dir, Some(broker.port()), Some(pki))
+        Self::start_in(dir, Some(broker.port()), Some(pki), None)
     }
 
-    fn start_in(dir: tempfile::TempDir, broker: Option<u16>, pki: Option<PathBuf>) -> Fleet {
+    fn start_in(
+        dir: tempfile::TempDir,
+        broker: Option<u16>,
+        pki: Option<PathBuf>,
+        database: Option<&str>,
+    ) -> Fleet {
         let keys = dir.path().join("keys");
         keyset::keygen(&keys, modelcast_server::unix_now()).expect("keygen");
         let api_port = free_port();
@@ -327,6 +450,9 @@ impl Fleet {
         };
         if let Some(pki) = &pki {
             cmd.arg("--pki").arg(pki);
+        }
+        if let Some(url) = database {
+            cmd.arg("--database").arg(url);
         }
         let server_args: Vec<std::ffi::OsString> = cmd.get_args().map(|a| a.to_owned()).collect();
         let server = Proc::spawn(&mut cmd, dir.path().join("server.log"));

@@ -76,11 +76,10 @@ impl PgStore {
             .map_err(|e| DbError::Pool(e.to_string()))?;
         let store = PgStore { pool };
         let client = store.client().await?;
-        // Two replicas starting at once must not both create the schema.
+        // Two replicas starting at once must not both create the schema: the statements run
+        // as one transaction, which holds the lock until it has committed.
         client
-            .batch_execute(&format!(
-                "SELECT pg_advisory_lock(7426); {SCHEMA} SELECT pg_advisory_unlock(7426);"
-            ))
+            .batch_execute(&format!("SELECT pg_advisory_xact_lock(7426); {SCHEMA}"))
             .await?;
         Ok(store)
     }

@@ -1,0 +1,229 @@
+//! The server's storage interface, one contract for both stores: the embedded sled store and
+//! PostgreSQL (Debian's server, started by the test on a free loopback port). Every record
+//! round-trips unchanged (signed metadata byte for byte), lists come back in the order the
+//! server relies on, ids only grow, and concurrent appends to the audit log, as two server
+//! replicas would make, keep its hash chain whole.
+
+use std::collections::BTreeMap;
+
+use modelcast_proto::metadata::Signed;
+use modelcast_server::audit::verify_chain;
+use modelcast_server::db::{
+    self, ArtifactInfo, Db, Deployment, DeviceEntry, DirectorEntry, ModelEntry, Stage,
+};
+use modelcast_server::rollout::{Rollout, RolloutSpec};
+use modelcast_tests::Postgres;
+
+fn model(name: &str, version: u64) -> ModelEntry {
+    let manifest = modelcast_proto::manifest::Manifest {
+        format: modelcast_proto::FORMAT_VERSION,
+        name: name.into(),
+        version,
+        model_format: Default::default(),
+        size: 3,
+        sha256: "00".repeat(32),
+        chunk_size: 1,
+        chunks: vec!["11".repeat(32); 3],
+        inputs: Vec::new(),
+        outputs: Vec::new(),
+        golden: Vec::new(),
+        expires: "2030-01-01T00:00:00Z".into(),
+        metadata: BTreeMap::from([(
+            "training".into(),
+            format!("{name} v{version}: naïve, \"quoted\", 1e300"),
+        )]),
+        probation: None,
+        latency_budget: None,
+        fallback_to: Some(1),
+    };
+    ModelEntry {
+        manifest,
+        published_by: "carol".into(),
+        published_at: 1_700_000_000 + version as i64,
+        stage: Stage::Candidate,
+        staged_by: None,
+    }
+}
+
+fn device(id: &str) -> DeviceEntry {
+    DeviceEntry {
+        id: id.into(),
+        labels: BTreeMap::from([("site".into(), "lab".into())]),
+        report: None,
+        last_seen: 42,
+        online: true,
+    }
+}
+
+/// Every method of the interface against `db`, which starts empty; `other` is a second
+/// handle on the same store where the store can be shared (PostgreSQL), as a replica has.
+async fn contract(db: Db, other: Option<Db>) {
+    // Artifacts and chunks.
+    let digest = [7u8; 32];
+    assert_eq!(db.artifact(&digest).await.unwrap(), None);
+    for i in 0..3u32 {
+        db.put_chunk(&digest, i, &vec![i as u8; 1000 + i as usize])
+            .await
+            .unwrap();
+    }
+    let info = ArtifactInfo {
+        size: 3003,
+        chunk_size: 1001,
+    };
+    db.put_artifact(&digest, &info).await.unwrap();
+    assert_eq!(db.artifact(&digest).await.unwrap(), Some(info));
+    assert_eq!(
+        db.chunk(&digest, 2).await.unwrap().unwrap(),
+        vec![2u8; 1002]
+    );
+    assert_eq!(db.chunk(&digest, 3).await.unwrap(), None);
+    db.remove_artifact(&digest).await.unwrap();
+    assert_eq!(db.artifact(&digest).await.unwrap(), None);
+    assert_eq!(db.chunk(&digest, 0).await.unwrap(), None);
+
+    // The registry, by name (bytewise) then version.
+    for (name, version) in [("b", 2), ("a", 10), ("b", 1), ("a", 9), ("B", 1)] {
+        db.put_model(&model(name, version)).await.unwrap();
+    }
+    let mut promoted = model("a", 9);
+    promoted.stage = Stage::Production;
+    promoted.staged_by = Some(("dave".into(), 7));
+    db.put_model(&promoted).await.unwrap();
+    assert_eq!(db.model("a", 9).await.unwrap(), Some(promoted));
+    assert_eq!(db.model("a", 11).await.unwrap(), None);
+    let order: Vec<(String, u64)> = db
+        .models()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| (m.manifest.name, m.manifest.version))
+        .collect();
+    let want = [("B", 1), ("a", 9), ("a", 10), ("b", 1), ("b", 2)];
+    assert_eq!(order, want.map(|(n, v)| (n.to_string(), v)));
+
+    // Repository documents: the signed part exactly as it was.
+    let key = modelcast_proto::keys::SigningKey::from_bytes(&[9; 32]);
+    let doc = Signed::sign(
+        &serde_json::json!({"_type": "targets", "version": 3, "z": 1, "a": [1, 25, "ü", "\\u0000"]}),
+        &[&key],
+    );
+    db.put_repo_doc("targets", &doc).await.unwrap();
+    let back = db.repo_doc("targets").await.unwrap().unwrap();
+    assert_eq!(
+        serde_json::to_vec(&back).unwrap(),
+        serde_json::to_vec(&doc).unwrap()
+    );
+    assert_eq!(db.repo_doc("snapshot").await.unwrap(), None);
+
+    // Devices, by id.
+    for id in ["edge-2", "edge-10", "edge-1"] {
+        db.put_device(&device(id)).await.unwrap();
+    }
+    let mut moved = device("edge-2");
+    moved.online = false;
+    db.put_device(&moved).await.unwrap();
+    assert_eq!(db.device("edge-2").await.unwrap(), Some(moved));
+    let ids: Vec<String> = db
+        .devices()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.id)
+        .collect();
+    assert_eq!(ids, ["edge-1", "edge-10", "edge-2"]);
+
+    // Ids grow; deployments come back in their order.
+    let first = db.next_id().await.unwrap();
+    let d1 = db
+        .add_deployment(Deployment {
+            seq: 0,
+            model: "a".into(),
+            version: 9,
+            group: "*".into(),
+            by: "carol".into(),
+            at: 1,
+            probation: None,
+        })
+        .await
+        .unwrap();
+    let d2 = db
+        .add_deployment(Deployment {
+            version: 10,
+            ..d1.clone()
+        })
+        .await
+        .unwrap();
+    assert!(first < d1.seq && d1.seq < d2.seq);
+    assert_eq!(db.deployments().await.unwrap(), vec![d1, d2.clone()]);
+    if let Some(other) = &other {
+        assert!(other.next_id().await.unwrap() > d2.seq, "ids are shared");
+    }
+
+    // Rollouts, oldest first, replaced in place.
+    let spec = RolloutSpec::new("a", 10, "*", &["1", "50%"]).unwrap();
+    let members = vec![
+        ("edge-1".to_string(), Some(9)),
+        ("edge-2".to_string(), None),
+    ];
+    let (mut r1, _) = Rollout::start(5, spec.clone(), "carol", 100, members.clone());
+    let (r0, _) = Rollout::start(3, spec, "carol", 90, members);
+    db.put_rollout(&r1).await.unwrap();
+    db.put_rollout(&r0).await.unwrap();
+    r1.pause(101);
+    db.put_rollout(&r1).await.unwrap();
+    assert_eq!(db.rollouts().await.unwrap(), vec![r0, r1]);
+
+    // Director counters default to nothing published.
+    assert_eq!(
+        db.director("edge-1").await.unwrap(),
+        DirectorEntry::default()
+    );
+    let published = DirectorEntry {
+        version: 4,
+        content: "a/10 ts 3".into(),
+    };
+    db.put_director("edge-1", &published).await.unwrap();
+    assert_eq!(db.director("edge-1").await.unwrap(), published);
+
+    // The audit log: concurrent appends (from a second handle too) keep one whole chain.
+    let mut appends = tokio::task::JoinSet::new();
+    for i in 0..40 {
+        let db = match (&other, i % 2) {
+            (Some(o), 1) => o.clone(),
+            _ => db.clone(),
+        };
+        appends.spawn(async move {
+            db.append_audit("carol", "deploy", serde_json::json!({ "n": i }), i)
+                .await
+                .unwrap()
+        });
+    }
+    let mut seqs: Vec<u64> = appends.join_all().await.iter().map(|e| e.seq).collect();
+    seqs.sort();
+    assert_eq!(seqs, (1..=40).collect::<Vec<u64>>());
+    let log = db.audit(1).await.unwrap();
+    assert_eq!(log.len(), 40);
+    verify_chain(&log).unwrap();
+    assert_eq!(db.audit(39).await.unwrap(), log[38..].to_vec());
+    db.flush().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_store_keeps_the_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = db::open_embedded(&dir.path().join("store")).unwrap();
+    contract(db, None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgresql_keeps_the_contract_shared_by_two_replicas() {
+    let pg = Postgres::start();
+    let url = pg.database("contract");
+    // Two replicas connecting at once both find (or make) the schema.
+    let (a, b) = tokio::join!(db::connect(&url), db::connect(&url));
+    contract(a.unwrap(), Some(b.unwrap())).await;
+    // A third connection later sees everything the others wrote.
+    let c = db::connect(&url).await.unwrap();
+    assert_eq!(c.devices().await.unwrap().len(), 3);
+    verify_chain(&c.audit(1).await.unwrap()).unwrap();
+}
