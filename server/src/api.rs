@@ -193,6 +193,7 @@ pub fn router(fleet: Arc<Fleet>, tokens: Option<Tokens>) -> Router {
         .route("/", get(|| async { Redirect::to("/dashboard") }))
         .route("/dashboard", get(dashboard))
         .route("/api/v1/health", get(|| async { "ok" }))
+        .route("/api/v1/status", get(status))
         .route(
             "/api/v1/artifacts/{sha256}",
             put(upload).layer(DefaultBodyLimit::max(MAX_ARTIFACT_BYTES as usize)),
@@ -215,6 +216,20 @@ pub fn router(fleet: Arc<Fleet>, tokens: Option<Tokens>) -> Router {
         .route("/api/v1/openapi.json", get(openapi))
         .layer(guard)
         .with_state(fleet)
+}
+
+/// The API of a chunk replica ([`crate::fleet::Role::Chunks`]): liveness and status only;
+/// operators use the control server's.
+pub fn replica_router(fleet: Arc<Fleet>) -> Router {
+    Router::new()
+        .route("/api/v1/health", get(|| async { "ok" }))
+        .route("/api/v1/status", get(status))
+        .with_state(fleet)
+}
+
+/// The server's role and the chunk requests it answered.
+async fn status(State(fleet): State<Arc<Fleet>>) -> Json<crate::fleet::Status> {
+    Json(fleet.status())
 }
 
 #[derive(Deserialize)]

@@ -275,4 +275,9 @@ impl Client {
     pub fn models(&self) -> Result<Vec<ModelEntry>, ClientError> {
         Self::read(self.get("/api/v1/models").call())
     }
+
+    /// The server's role and the chunk requests it answered.
+    pub fn status(&self) -> Result<crate::fleet::Status, ClientError> {
+        Self::read(self.get("/api/v1/status").call())
+    }
 }

@@ -40,12 +40,52 @@ pub struct BrokerLink {
     pub tls: Option<rustls::ClientConfig>,
 }
 
+/// What a server process does in a fleet served by several.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Everything: the operator API, device reports, desired states, rollouts, and chunks.
+    /// One per fleet.
+    #[default]
+    Control,
+    /// Chunks only: a replica that answers its share of the devices' chunk requests (an MQTT
+    /// shared subscription) from the shared PostgreSQL store. Any number per fleet.
+    Chunks,
+}
+
+/// What a server has done for the devices' chunk requests since it started.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct ChunkStats {
+    /// Requests answered.
+    pub requests: u64,
+    /// Chunks sent.
+    pub chunks: u64,
+    /// Requests refused (artifact not deployed to the device, or undecodable).
+    pub refused: u64,
+}
+
+/// A server's role and work, as `GET /api/v1/status` shows it.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct Status {
+    /// `control` or `chunks`.
+    pub role: String,
+    /// Its MQTT client id.
+    pub mqtt_identity: String,
+    /// Chunk requests it answered.
+    pub chunk_requests: ChunkStats,
+}
+
 /// The fleet: store, repository and the MQTT client.
 pub struct Fleet {
     db: Db,
     repo: Repository,
     topics: Topics,
     client: AsyncClient,
+    role: Role,
+    identity: String,
+    requests: std::sync::atomic::AtomicU64,
+    chunks: std::sync::atomic::AtomicU64,
+    refused: std::sync::atomic::AtomicU64,
     publishing: Mutex<()>,
     /// Every rollout, as stored; locked only between awaits.
     rollouts: std::sync::Mutex<Rollouts>,
@@ -82,12 +122,15 @@ pub enum RolloutAction {
 }
 
 impl Fleet {
-    /// Connects to the broker through `link` and starts handling fleet traffic.
+    /// Connects to the broker through `link` and starts handling fleet traffic: all of it in
+    /// the [`Role::Control`] role, only its share of chunk requests as a [`Role::Chunks`]
+    /// replica.
     pub async fn start(
         db: Db,
         repo: Repository,
         topics: Topics,
         link: BrokerLink,
+        role: Role,
     ) -> Result<Arc<Fleet>, DbError> {
         let rollouts = db
             .rollouts()
@@ -95,6 +138,7 @@ impl Fleet {
             .into_iter()
             .map(|r| (r.id, r))
             .collect();
+        let identity = link.client_id.clone();
         let mut opts = MqttOptions::new(link.client_id, link.host, link.port);
         if let Some(tls) = link.tls {
             opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
@@ -111,6 +155,11 @@ impl Fleet {
             repo,
             topics,
             client,
+            role,
+            identity,
+            requests: Default::default(),
+            chunks: Default::default(),
+            refused: Default::default(),
             publishing: Mutex::new(()),
             rollouts: std::sync::Mutex::new(rollouts),
             dirty_rollouts: Default::default(),
@@ -124,10 +173,14 @@ impl Fleet {
                         info!("server connected to broker");
                         let t = &subscriber.topics;
                         let c = &subscriber.client;
-                        let _ =
-                            c.try_subscribe(t.all_devices(DeviceTopic::State), QoS::AtLeastOnce);
-                        let _ =
-                            c.try_subscribe(t.all_devices(DeviceTopic::Online), QoS::AtLeastOnce);
+                        if subscriber.role == Role::Control {
+                            let _ = c
+                                .try_subscribe(t.all_devices(DeviceTopic::State), QoS::AtLeastOnce);
+                            let _ = c.try_subscribe(
+                                t.all_devices(DeviceTopic::Online),
+                                QoS::AtLeastOnce,
+                            );
+                        }
                         let _ = c.try_subscribe(
                             t.chunk_requests_shared("modelcast-server"),
                             QoS::AtLeastOnce,
@@ -152,6 +205,9 @@ impl Fleet {
                 handler.handle(&topic, &payload).await;
             }
         });
+        if role == Role::Chunks {
+            return Ok(fleet);
+        }
         let refresher = fleet.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(60));
@@ -171,6 +227,24 @@ impl Fleet {
             }
         });
         Ok(fleet)
+    }
+
+    /// Its role and what it did for chunk requests.
+    pub fn status(&self) -> Status {
+        use std::sync::atomic::Ordering::Relaxed;
+        Status {
+            role: match self.role {
+                Role::Control => "control",
+                Role::Chunks => "chunks",
+            }
+            .into(),
+            mqtt_identity: self.identity.clone(),
+            chunk_requests: ChunkStats {
+                requests: self.requests.load(Relaxed),
+                chunks: self.chunks.load(Relaxed),
+                refused: self.refused.load(Relaxed),
+            },
+        }
     }
 
     /// The store.
@@ -272,24 +346,38 @@ impl Fleet {
 
     /// Whether `device` is deployed a model whose artifact is `artifact`: chunks go only to
     /// devices entitled to them.
+    ///
+    /// A chunk replica learns of rollouts from the store: on a miss it reloads them, since
+    /// the control server may have just moved the device.
     async fn entitled(&self, device: &str, artifact: &str) -> Result<bool, DbError> {
         let Some(entry) = self.db.device(device).await? else {
             return Ok(false);
         };
-        Ok(self
-            .wanted(&entry)
-            .await?
-            .iter()
-            .any(|(m, _)| m.sha256 == artifact))
+        let wants = |wanted: Vec<Wanted>| wanted.iter().any(|(m, _)| m.sha256 == artifact);
+        if wants(self.wanted(&entry).await?) {
+            return Ok(true);
+        }
+        if self.role == Role::Chunks {
+            let stored = self.db.rollouts().await?;
+            *self.rollouts.lock().expect("rollouts lock") =
+                stored.into_iter().map(|r| (r.id, r)).collect();
+            return Ok(wants(self.wanted(&entry).await?));
+        }
+        Ok(false)
     }
 
     async fn serve_chunks(&self, req: ChunkRequest) {
+        use std::sync::atomic::Ordering::Relaxed;
         let Ok(digest) = parse_digest(&req.artifact) else {
+            self.refused.fetch_add(1, Relaxed);
             return;
         };
         match self.entitled(&req.device, &req.artifact).await {
-            Ok(true) => {}
+            Ok(true) => {
+                self.requests.fetch_add(1, Relaxed);
+            }
             Ok(false) => {
+                self.refused.fetch_add(1, Relaxed);
                 warn!(device = %req.device, artifact = %req.artifact, "chunk request for an artifact not deployed to that device refused");
                 return;
             }
@@ -325,6 +413,7 @@ impl Fleet {
             {
                 return;
             }
+            self.chunks.fetch_add(1, Relaxed);
         }
     }
 

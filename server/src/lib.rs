@@ -66,6 +66,9 @@ pub struct ServerConfig {
     pub mqtt_identity: String,
     /// The API token file; `None` leaves the API open.
     pub tokens: Option<PathBuf>,
+    /// What this process does: everything, or its share of chunk requests beside a control
+    /// server (which needs `database` and an external `broker`).
+    pub role: fleet::Role,
 }
 
 /// Why the server could not run.
@@ -108,6 +111,13 @@ pub async fn run(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    if cfg.role == fleet::Role::Chunks && (cfg.database.is_none() || cfg.broker.is_none()) {
+        return Err(ServerError::Io(
+            "a chunk replica shares the control server's PostgreSQL database and broker: \
+             give --database and --broker"
+                .into(),
+        ));
+    }
     let db = match &cfg.database {
         Some(url) => db::connect(url).await?,
         None => db::open_embedded(&cfg.data_dir.join("store"))?,
@@ -148,7 +158,15 @@ pub async fn run(
         client_id: cfg.mqtt_identity.clone(),
         tls,
     };
-    let fleet = fleet::Fleet::start(db.clone(), repo, topics, link).await?;
+    let fleet = fleet::Fleet::start(db.clone(), repo, topics, link, cfg.role).await?;
+    if cfg.role == fleet::Role::Chunks {
+        tracing::info!(addr = ?listener.local_addr().ok(), identity = %cfg.mqtt_identity, "chunk replica: answering its share of chunk requests");
+        axum::serve(listener, api::replica_router(fleet))
+            .with_graceful_shutdown(shutdown)
+            .await
+            .map_err(|e| ServerError::Io(e.to_string()))?;
+        return Ok(());
+    }
     let tokens = match &cfg.tokens {
         Some(path) => {
             let tokens = auth::Tokens::load(path).map_err(|e| ServerError::Io(e.to_string()))?;

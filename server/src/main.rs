@@ -45,6 +45,11 @@ struct Args {
     /// with the role it requires. Without it the API is open (loopback demos and tests).
     #[arg(long, env = "MODELCAST_TOKENS")]
     tokens: Option<PathBuf>,
+    /// `control` (the default) does everything; `chunks` runs a replica that answers its
+    /// share of the devices' chunk requests beside a control server, sharing its
+    /// `--database` and `--broker` (give it its own `--mqtt-identity`).
+    #[arg(long, env = "MODELCAST_ROLE", value_enum, default_value = "control")]
+    role: modelcast_server::fleet::Role,
 }
 
 #[tokio::main]
@@ -71,6 +76,7 @@ async fn main() -> anyhow::Result<()> {
         pki: args.pki,
         mqtt_identity: args.mqtt_identity,
         tokens: args.tokens,
+        role: args.role,
     };
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

@@ -418,6 +418,44 @@ impl Fleet {
         Self::start_in(dir, Some(port), None, None)
     }
 
+    /// Keys and a server using the broker on `port`, keeping its state in PostgreSQL at `url`
+    /// (chunk replicas can then join it: [`Fleet::start_chunk_replica`]).
+    pub fn with_broker_on_postgres(dir: tempfile::TempDir, port: u16, url: &str) -> Fleet {
+        Self::start_in(dir, Some(port), None, Some(url))
+    }
+
+    /// Starts a chunk replica (`--role chunks`) beside the server: same keys, database and
+    /// broker, MQTT identity `identity`. Returns the process and a client of its API.
+    pub fn start_chunk_replica(&self, identity: &str) -> (Proc, Client) {
+        let arg = |name: &str| {
+            let at = self
+                .server_args
+                .iter()
+                .position(|a| a == name)
+                .unwrap_or_else(|| panic!("the server was started with {name}"));
+            self.server_args[at + 1].clone()
+        };
+        let port = free_port();
+        let mut cmd = Command::new(bin("modelcast-server"));
+        cmd.arg("--role")
+            .arg("chunks")
+            .arg("--mqtt-identity")
+            .arg(identity)
+            .arg("--data-dir")
+            .arg(self.dir.path().join(identity))
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"));
+        for name in ["--keys", "--broker", "--database"] {
+            cmd.arg(name).arg(arg(name));
+        }
+        let proc = Proc::spawn(&mut cmd, self.dir.path().join(format!("{identity}.log")));
+        let client = Client::new(&format!("http://127.0.0.1:{port}"));
+        wait_for("the replica's API", Duration::from_secs(20), || {
+            client.status().ok()
+        });
+        (proc, client)
+    }
+
     /// Keys and a server using a TLS mosquitto ([`Mosquitto::start_tls`]) started in `dir`.
     pub fn with_tls_broker(dir: tempfile::TempDir, broker: &Mosquitto) -> Fleet {
         let pki = broker.pki().expect("a TLS broker").to_path_buf();
