@@ -116,6 +116,9 @@ pub struct Config {
     /// How new versions are judged on live traffic before they are committed.
     #[serde(default)]
     pub probation: crate::probation::ProbationPolicy,
+    /// Telemetry reports: interval and the store-and-forward queue's bounds.
+    #[serde(default)]
+    pub telemetry: crate::telemetry::TelemetryConfig,
 }
 
 fn default_device_id() -> String {

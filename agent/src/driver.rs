@@ -23,7 +23,7 @@ use modelcast_proto::report::{DeviceReport, ReportedError, Slot};
 use modelcast_proto::verify::{verify_desired, TrustState};
 use thiserror::Error;
 use tokio::task::JoinSet;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::engine::LoadedModel;
@@ -34,6 +34,7 @@ use crate::serve::Models;
 use crate::serve::RequestOutcome;
 use crate::slots::ModelRecord;
 use crate::store::{Store, StoreError};
+use crate::telemetry::{Collector, Forwarder};
 use crate::update::{Action, ChunkFate, Settings, Updater};
 
 /// Request outcomes queued from the HTTP handlers to the loop; more are dropped.
@@ -92,6 +93,10 @@ struct Agent {
     previous: BTreeMap<String, Arc<LoadedModel>>,
     last_error: Option<ReportedError>,
     desired_version: u64,
+    /// What the models served this interval.
+    collector: Arc<Collector>,
+    /// Telemetry's store-and-forward.
+    telemetry: Forwarder,
 }
 
 /// What start-up found: every stored record (and whether it serves), trials to resume (with
@@ -241,7 +246,13 @@ pub async fn run(
         })?;
     info!(addr = %cfg.http_listen, "inference API listening");
     let (outcome_tx, mut outcomes) = tokio::sync::mpsc::channel(OUTCOME_QUEUE);
-    let app = crate::serve::router(models.clone(), metrics.clone(), outcome_tx);
+    let collector = Arc::new(Collector::default());
+    let app = crate::serve::router(
+        models.clone(),
+        metrics.clone(),
+        collector.clone(),
+        outcome_tx,
+    );
     let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();
     let http = tokio::spawn(async move {
         let _ = axum::serve(listener, app)
@@ -273,6 +284,8 @@ pub async fn run(
         staged: BTreeMap::new(),
         previous: BTreeMap::new(),
         desired_version: store.trust()?.map_or(0, |t| t.director_version),
+        collector,
+        telemetry: Forwarder::new(cfg.telemetry.clone(), &cfg.device_id, &cfg.state_dir),
         cfg,
         store,
         models,
@@ -293,6 +306,11 @@ pub async fn run(
 
     // Watchdog pings come from this loop and nowhere else: if it wedges, they stop.
     let mut watchdog = crate::systemd::watchdog_interval().map(tokio::time::interval);
+    let mut telemetry_tick = agent.telemetry.interval().map(|every| {
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick
+    });
     tokio::pin!(shutdown);
     loop {
         let wake = agent.updater.next_wake(Instant::now());
@@ -300,6 +318,9 @@ pub async fn run(
             _ = &mut shutdown => break,
             _ = async { watchdog.as_mut().expect("armed").tick().await }, if watchdog.is_some() => {
                 crate::systemd::ping();
+            }
+            _ = async { telemetry_tick.as_mut().expect("armed").tick().await }, if telemetry_tick.is_some() => {
+                agent.end_telemetry_interval().await;
             }
             event = events.recv() => match event {
                 Some(event) => agent.handle_link(event).await,
@@ -334,14 +355,48 @@ pub fn store_path(state_dir: &std::path::Path) -> PathBuf {
 }
 
 impl Agent {
+    /// Ends a telemetry interval: its report joins the queue, and the queue goes out if it
+    /// can.
+    async fn end_telemetry_interval(&mut self) {
+        match self.telemetry.end_interval(&self.store, &self.collector) {
+            Ok((seq, bytes)) => debug!(seq, bytes, "telemetry report queued"),
+            Err(e) => warn!(error = %e, "telemetry report not queued"),
+        }
+        self.send_telemetry().await;
+    }
+
+    /// Sends what the telemetry queue may send now; updates its gauges.
+    async fn send_telemetry(&mut self) {
+        match self.telemetry.to_send(&self.store) {
+            Ok(reports) => {
+                for report in reports {
+                    self.link.telemetry(report).await;
+                }
+            }
+            Err(e) => warn!(error = %e, "telemetry queue"),
+        }
+        if let Ok((reports, bytes, dropped)) = self.store.telemetry_queue() {
+            self.metrics.telemetry_queue(reports, bytes, dropped);
+        }
+    }
+
     async fn handle_link(&mut self, event: LinkEvent) {
         match event {
             LinkEvent::Connected => {
                 info!("connected to broker");
                 self.updater.handle_connected();
+                self.telemetry.connected();
+                self.send_telemetry().await;
+            }
+            LinkEvent::TelemetryEcho(bytes) => {
+                if let Err(e) = self.telemetry.echoed(&self.store, &bytes) {
+                    warn!(error = %e, "telemetry queue");
+                }
+                self.send_telemetry().await;
             }
             LinkEvent::Disconnected(reason) => {
                 warn!(%reason, "broker link down");
+                self.telemetry.disconnected();
                 self.updater.handle_disconnected();
             }
             LinkEvent::Desired(bytes) => {

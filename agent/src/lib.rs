@@ -25,5 +25,6 @@ pub mod serve;
 pub mod slots;
 pub mod store;
 pub mod systemd;
+pub mod telemetry;
 pub mod transfer;
 pub mod update;

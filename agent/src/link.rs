@@ -1,5 +1,6 @@
 //! The MQTT link: connects with rumqttc, keeps a retained `online` status with a last will,
-//! subscribes to this device's desired state and chunk replies, and turns broker traffic
+//! subscribes to this device's desired state, chunk replies and its own telemetry (the
+//! broker's receipt for each report), and turns broker traffic
 //! into [`LinkEvent`]s. Over TLS (rustls, ring) with a client certificate when the broker is
 //! `mqtts://`. It decides nothing; the driver does.
 
@@ -28,6 +29,8 @@ pub enum LinkEvent {
     Desired(Bytes),
     /// A chunk reply (untrusted bytes).
     Chunk(Bytes),
+    /// A copy of one of this device's telemetry reports, back from the broker: it has it.
+    TelemetryEcho(Bytes),
 }
 
 /// Sends this device's messages.
@@ -76,6 +79,7 @@ impl Link {
         let desired = topics.device(&device, DeviceTopic::Desired);
         let chunks = topics.device(&device, DeviceTopic::Chunks);
         let online = topics.device(&device, DeviceTopic::Online);
+        let telemetry = topics.device(&device, DeviceTopic::Telemetry);
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(200);
             loop {
@@ -85,6 +89,8 @@ impl Link {
                         // try_*: this task drives the event loop, so it must never wait on it.
                         let _ = client.try_subscribe(&desired, QoS::AtLeastOnce);
                         let _ = client.try_subscribe(&chunks, QoS::AtLeastOnce);
+                        // Our own telemetry comes back: the broker's receipt.
+                        let _ = client.try_subscribe(&telemetry, QoS::AtLeastOnce);
                         let _ = client.try_publish(&online, QoS::AtLeastOnce, true, "online");
                         Some(LinkEvent::Connected)
                     }
@@ -93,6 +99,8 @@ impl Link {
                             Some(LinkEvent::Desired(p.payload))
                         } else if p.topic == chunks {
                             Some(LinkEvent::Chunk(p.payload))
+                        } else if p.topic == telemetry {
+                            Some(LinkEvent::TelemetryEcho(p.payload))
                         } else {
                             None
                         }
@@ -140,6 +148,19 @@ impl Link {
                 QoS::AtLeastOnce,
                 true,
                 report.to_vec(),
+            )
+            .await;
+    }
+
+    /// Publishes a telemetry report (QoS 1, not retained).
+    pub async fn telemetry(&self, report: Vec<u8>) {
+        let _ = self
+            .client
+            .publish(
+                self.topics.device(&self.device, DeviceTopic::Telemetry),
+                QoS::AtLeastOnce,
+                false,
+                report,
             )
             .await;
     }

@@ -160,6 +160,9 @@ pub struct Metrics {
     refetched: Family<ModelLabels, Counter>,
     chunks_rejected: Counter,
     store_bytes: Gauge<u64, AtomicU64>,
+    telemetry_queued: Gauge<u64, AtomicU64>,
+    telemetry_queued_bytes: Gauge<u64, AtomicU64>,
+    telemetry_dropped: Gauge<u64, AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -240,8 +243,30 @@ impl Metrics {
             Unit::Bytes,
             store_bytes.clone(),
         );
+        let telemetry_queued = Gauge::<u64, AtomicU64>::default();
+        registry.register(
+            "telemetry_queued_reports",
+            "Telemetry reports waiting in the store-and-forward queue",
+            telemetry_queued.clone(),
+        );
+        let telemetry_queued_bytes = Gauge::<u64, AtomicU64>::default();
+        registry.register_with_unit(
+            "telemetry_queued",
+            "Size of the telemetry queue",
+            Unit::Bytes,
+            telemetry_queued_bytes.clone(),
+        );
+        let telemetry_dropped = Gauge::<u64, AtomicU64>::default();
+        registry.register(
+            "telemetry_dropped_reports",
+            "Telemetry reports the queue dropped (oldest first) to keep its bounds, ever",
+            telemetry_dropped.clone(),
+        );
         Metrics {
             registry,
+            telemetry_queued,
+            telemetry_queued_bytes,
+            telemetry_dropped,
             inferences,
             errors,
             latency,
@@ -332,6 +357,13 @@ impl Metrics {
     /// Sets the store's size on disk.
     pub fn store_size(&self, bytes: u64) {
         self.store_bytes.set(bytes);
+    }
+
+    /// The telemetry queue: reports and bytes held, reports dropped ever.
+    pub fn telemetry_queue(&self, reports: u64, bytes: u64, dropped: u64) {
+        self.telemetry_queued.set(reports);
+        self.telemetry_queued_bytes.set(bytes);
+        self.telemetry_dropped.set(dropped);
     }
 
     /// The OpenMetrics text exposition.

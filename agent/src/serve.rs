@@ -21,6 +21,7 @@ use serde_json::{json, Value};
 
 use crate::engine::{EngineError, HostTensor, LoadedModel, Values};
 use crate::metrics::{ErrorKind, Metrics, SlotLabels};
+use crate::telemetry::Collector;
 use modelcast_proto::report::Slot;
 use tokio::sync::mpsc;
 
@@ -76,6 +77,7 @@ impl Models {
 struct Api {
     models: Arc<Models>,
     metrics: Arc<Metrics>,
+    telemetry: Arc<Collector>,
     outcomes: mpsc::Sender<RequestOutcome>,
 }
 
@@ -83,6 +85,7 @@ struct Api {
 pub fn router(
     models: Arc<Models>,
     metrics: Arc<Metrics>,
+    telemetry: Arc<Collector>,
     outcomes: mpsc::Sender<RequestOutcome>,
 ) -> Router {
     Router::new()
@@ -101,6 +104,7 @@ pub fn router(
         .with_state(Api {
             models,
             metrics,
+            telemetry,
             outcomes,
         })
 }
@@ -300,6 +304,16 @@ async fn run_infer(api: Api, name: String, version: Option<String>, body: Bytes)
             ok: matches!(&result, Ok(Ok(_))),
             latency,
         });
+    }
+    let (name, slot, version) = (
+        &model.manifest().name,
+        model.slot(),
+        model.manifest().version,
+    );
+    match &result {
+        Ok(Ok(outputs)) => api.telemetry.served(name, slot, version, latency, outputs),
+        Ok(Err(EngineError::BadInput(_))) => {}
+        _ => api.telemetry.failed(name, slot, version),
     }
     match result {
         Ok(Ok(outputs)) => {

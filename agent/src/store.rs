@@ -86,7 +86,23 @@ pub struct Store {
     models: sled::Tree,
     pending: sled::Tree,
     meta: sled::Tree,
+    /// Telemetry reports waiting to be sent: sequence number → enqueue time (Unix ms, 8
+    /// bytes) and the report.
+    telemetry: sled::Tree,
     files: Artifacts,
+}
+
+/// A big-endian `u64` record; anything else reads as 0 (a corrupt counter restarts).
+fn be_u64(bytes: &[u8]) -> u64 {
+    bytes.try_into().map(u64::from_be_bytes).unwrap_or(0)
+}
+
+/// When a queued telemetry record was queued (Unix ms); 0, long ago, if it is corrupt.
+fn queued_at(record: &[u8]) -> i64 {
+    record
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, i64::from_be_bytes)
 }
 
 /// Decodes one stored record (read back from disk, so untrusted: a corrupt record is an
@@ -120,6 +136,7 @@ impl Store {
             models: db.open_tree("models")?,
             pending: db.open_tree("pending")?,
             meta: db.open_tree("meta")?,
+            telemetry: db.open_tree("telemetry")?,
             files: Artifacts::open(&dir.join("artifacts"))?,
             db,
         })
@@ -260,6 +277,95 @@ impl Store {
             .get("last_error")?
             .map(|v| decode("meta/last_error", &v))
             .transpose()
+    }
+
+    /// Queues a telemetry report for sending; `build` makes it from its sequence number and
+    /// the count of reports dropped so far. Before it goes in, the oldest reports are dropped
+    /// until the queue holds at most `max_bytes` with it (guessing its size from the newest
+    /// queued) and none older than `max_age_ms`. Returns the report's sequence number.
+    pub fn queue_telemetry(
+        &self,
+        now_ms: i64,
+        max_bytes: u64,
+        max_age_ms: i64,
+        build: impl FnOnce(u64, u64, u64) -> Vec<u8>,
+    ) -> Result<u64, StoreError> {
+        let counter = |key: &str| -> Result<u64, StoreError> {
+            Ok(self.meta.get(key)?.map_or(0, |v| be_u64(&v)))
+        };
+        let mut dropped = counter("telemetry_dropped")?;
+        let guess = self.telemetry.last()?.map_or(0, |(_, v)| v.len() as u64);
+        let mut held = self.telemetry_bytes()?;
+        while let Some((key, value)) = self.telemetry.first()? {
+            let at = queued_at(&value);
+            if held + guess <= max_bytes && now_ms - at <= max_age_ms {
+                break;
+            }
+            self.telemetry.remove(key)?;
+            held -= value.len() as u64;
+            dropped += 1;
+        }
+        let seq = counter("telemetry_seq")? + 1;
+        let queued = self.telemetry.len() as u64 + 1;
+        let mut value = now_ms.to_be_bytes().to_vec();
+        value.extend(build(seq, dropped, queued));
+        // Still too large (a report larger than the last): make room behind it.
+        held += value.len() as u64;
+        while held > max_bytes {
+            let Some((key, old)) = self.telemetry.first()? else {
+                break;
+            };
+            self.telemetry.remove(key)?;
+            held -= old.len() as u64;
+            dropped += 1;
+        }
+        self.telemetry.insert(seq.to_be_bytes(), value)?;
+        self.meta.insert("telemetry_seq", &seq.to_be_bytes())?;
+        self.meta
+            .insert("telemetry_dropped", &dropped.to_be_bytes())?;
+        Ok(seq)
+    }
+
+    /// Queued telemetry reports after sequence number `after`, oldest first, at most `n`.
+    pub fn queued_telemetry(
+        &self,
+        after: u64,
+        n: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.telemetry.range((after + 1).to_be_bytes()..).take(n) {
+            let (key, value) = item?;
+            // A corrupt record is sent as it is: the receiver's decoder rejects it.
+            out.push((be_u64(&key), value.get(8..).unwrap_or_default().to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Removes a delivered report from the queue.
+    pub fn telemetry_delivered(&self, seq: u64) -> Result<(), StoreError> {
+        self.telemetry.remove(seq.to_be_bytes())?;
+        Ok(())
+    }
+
+    /// Reports and bytes in the telemetry queue, and reports dropped from it so far.
+    pub fn telemetry_queue(&self) -> Result<(u64, u64, u64), StoreError> {
+        let dropped = self
+            .meta
+            .get("telemetry_dropped")?
+            .map_or(0, |v| be_u64(&v));
+        Ok((
+            self.telemetry.len() as u64,
+            self.telemetry_bytes()?,
+            dropped,
+        ))
+    }
+
+    fn telemetry_bytes(&self) -> Result<u64, StoreError> {
+        let mut held = 0;
+        for item in self.telemetry.iter().values() {
+            held += item?.len() as u64;
+        }
+        Ok(held)
     }
 
     /// Bytes the store occupies on disk: sled and the artifact files.

@@ -234,6 +234,7 @@ fn config(dir: &Path, keys: &Keys, broker: u16, http: u16) -> Config {
         },
         tls: None,
         probation: Default::default(),
+        telemetry: Default::default(),
     }
 }
 

@@ -27,6 +27,7 @@ pub mod keys;
 pub mod manifest;
 pub mod metadata;
 pub mod report;
+pub mod telemetry;
 #[cfg(feature = "tls")]
 pub mod tls;
 pub mod topic;

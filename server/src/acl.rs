@@ -7,7 +7,8 @@
 //! | topic | device |
 //! | --- | --- |
 //! | `<p>/d/%u/desired`, `<p>/d/%u/chunks` | subscribe (read) only |
-//! | `<p>/d/%u/state`, `<p>/d/%u/telemetry`, `<p>/d/%u/online`, `<p>/d/%u/requests` | publish (write) only |
+//! | `<p>/d/%u/telemetry` | publish, and subscribe (its copy is the broker's receipt) |
+//! | `<p>/d/%u/state`, `<p>/d/%u/online`, `<p>/d/%u/requests` | publish (write) only |
 //! | anything else, other devices' topics included | nothing |
 //!
 //! Only the fleet server's identities may publish desired states (or anything else under
@@ -53,12 +54,13 @@ pub fn acl(prefix: &str, server_identities: &[String]) -> String {
          pattern read {}\n\
          pattern read {}\n\
          pattern write {}\n\
-         pattern write {}\n\
+         pattern readwrite {}\n\
          pattern write {}\n\
          pattern write {}",
         dev(DeviceTopic::Desired),
         dev(DeviceTopic::Chunks),
         dev(DeviceTopic::State),
+        // Read too: the agent's copy of its own report is the broker's receipt.
         dev(DeviceTopic::Telemetry),
         dev(DeviceTopic::Online),
         dev(DeviceTopic::Requests),
@@ -130,7 +132,12 @@ mod tests {
         assert!(text.contains("pattern write modelcast/d/%u/requests"));
         // Devices never get write access to desired states, nor any wildcard.
         assert!(!text.contains("pattern write modelcast/d/%u/desired"));
-        assert!(!text.contains("pattern readwrite"));
+        // Read-write only on its own telemetry (its copy back is the broker's receipt).
+        let readwrite: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("pattern readwrite"))
+            .collect();
+        assert_eq!(readwrite, ["pattern readwrite modelcast/d/%u/telemetry"]);
         assert!(!text
             .lines()
             .any(|l| l.starts_with("pattern") && l.contains('#')));

@@ -1,0 +1,519 @@
+//! Telemetry: what each model serves per interval ([`Collector`], fed by the HTTP handlers),
+//! what the agent costs its host ([`system`]), and store-and-forward of the reports
+//! ([`Forwarder`]): each report is queued in sled first, bounded by bytes and age (oldest
+//! dropped first, drops counted into the next report), and sent in order, at least once,
+//! while the broker is reachable.
+//!
+//! Delivery is confirmed by the broker itself: the agent subscribes to its own telemetry
+//! topic, and a report leaves the queue when its copy comes back (the broker has it). A
+//! report whose copy was lost with the connection is sent again; receivers keep the first
+//! copy of each sequence number.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use modelcast_proto::report::Slot;
+use modelcast_proto::telemetry::{
+    ModelTelemetry, OutputStats, Percentiles, SystemTelemetry, TelemetryReport, MAX_CLASSES,
+};
+
+use crate::engine::HostTensor;
+use crate::store::{Store, StoreError};
+
+/// Reports sent and not yet confirmed, at most, per connection.
+const SEND_WINDOW: usize = 16;
+/// Largest latency the histogram tells apart, microseconds (longer runs count as this).
+const MAX_LATENCY_US: u64 = 60_000_000;
+
+/// How telemetry is gathered, kept and sent (`[telemetry]` in the agent's configuration).
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// Seconds between reports; 0 turns telemetry off.
+    #[serde(default = "default_interval")]
+    pub interval_secs: u64,
+    /// Most bytes the queue keeps while the broker is out of reach.
+    #[serde(default = "default_queue_bytes")]
+    pub queue_bytes: u64,
+    /// Oldest report the queue keeps, seconds.
+    #[serde(default = "default_queue_age")]
+    pub queue_max_age_secs: u64,
+}
+
+fn default_interval() -> u64 {
+    60
+}
+fn default_queue_bytes() -> u64 {
+    4 * 1024 * 1024
+}
+fn default_queue_age() -> u64 {
+    7 * 24 * 3600
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            interval_secs: default_interval(),
+            queue_bytes: default_queue_bytes(),
+            queue_max_age_secs: default_queue_age(),
+        }
+    }
+}
+
+/// Running summary of one output tensor (Welford's mean and variance).
+#[derive(Debug, Clone)]
+struct Running {
+    name: String,
+    count: u64,
+    mean: f64,
+    m2: f64,
+    min: f64,
+    max: f64,
+    non_finite: u64,
+    classes: Vec<u64>,
+}
+
+impl Running {
+    fn new(name: &str) -> Self {
+        Running {
+            name: name.into(),
+            count: 0,
+            mean: 0.0,
+            m2: 0.0,
+            min: f64::INFINITY,
+            max: f64::NEG_INFINITY,
+            non_finite: 0,
+            classes: Vec::new(),
+        }
+    }
+
+    fn add(&mut self, tensor: &HostTensor) {
+        let values = tensor.values.to_f64();
+        for &v in &values {
+            if !v.is_finite() {
+                self.non_finite += 1;
+                continue;
+            }
+            self.count += 1;
+            let delta = v - self.mean;
+            self.mean += delta / self.count as f64;
+            self.m2 += delta * (v - self.mean);
+            self.min = self.min.min(v);
+            self.max = self.max.max(v);
+        }
+        // A classifier's scores: rows of 2..=MAX_CLASSES values; count each row's best.
+        let width = tensor.shape.last().copied().unwrap_or(0) as usize;
+        if (2..=MAX_CLASSES).contains(&width) && values.len().is_multiple_of(width) {
+            if self.classes.len() < width {
+                self.classes.resize(width, 0);
+            }
+            for row in values.chunks(width) {
+                let best = row
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, v)| v.is_finite())
+                    .max_by(|a, b| a.1.total_cmp(b.1))
+                    .map(|(i, _)| i);
+                if let Some(i) = best {
+                    self.classes[i] += 1;
+                }
+            }
+        }
+    }
+
+    fn stats(&self) -> OutputStats {
+        let some = self.count > 0;
+        OutputStats {
+            name: self.name.clone(),
+            count: self.count,
+            mean: if some { self.mean } else { 0.0 },
+            variance: if some {
+                self.m2 / self.count as f64
+            } else {
+                0.0
+            },
+            min: if some { self.min } else { 0.0 },
+            max: if some { self.max } else { 0.0 },
+            non_finite: self.non_finite,
+            classes: self.classes.clone(),
+        }
+    }
+}
+
+/// One model and slot's interval.
+struct Window {
+    version: u64,
+    requests: u64,
+    errors: u64,
+    latency: Histogram<u64>,
+    outputs: Vec<Running>,
+}
+
+impl Window {
+    fn new(version: u64) -> Self {
+        Window {
+            version,
+            requests: 0,
+            errors: 0,
+            latency: Histogram::new_with_bounds(1, MAX_LATENCY_US, 2).expect("valid bounds"),
+            outputs: Vec::new(),
+        }
+    }
+}
+
+/// What each model served since the last report.
+#[derive(Default)]
+pub struct Collector {
+    windows: Mutex<BTreeMap<(String, Slot), Window>>,
+}
+
+impl Collector {
+    fn with_window(&self, model: &str, slot: Slot, version: u64, f: impl FnOnce(&mut Window)) {
+        let mut windows = self.windows.lock().expect("telemetry lock");
+        let window = windows
+            .entry((model.to_string(), slot))
+            .or_insert_with(|| Window::new(version));
+        if window.version != version {
+            *window = Window::new(version);
+        }
+        f(window);
+    }
+
+    /// A request answered in `latency` with `outputs`.
+    pub fn served(
+        &self,
+        model: &str,
+        slot: Slot,
+        version: u64,
+        latency: Duration,
+        outputs: &[HostTensor],
+    ) {
+        self.with_window(model, slot, version, |w| {
+            w.requests += 1;
+            let us = (latency.as_micros() as u64).clamp(1, MAX_LATENCY_US);
+            let _ = w.latency.record(us);
+            if w.outputs.len() != outputs.len() {
+                w.outputs = outputs.iter().map(|t| Running::new(&t.name)).collect();
+            }
+            for (running, tensor) in w.outputs.iter_mut().zip(outputs) {
+                running.add(tensor);
+            }
+        });
+    }
+
+    /// A request the model failed.
+    pub fn failed(&self, model: &str, slot: Slot, version: u64) {
+        self.with_window(model, slot, version, |w| {
+            w.requests += 1;
+            w.errors += 1;
+        });
+    }
+
+    /// The interval's figures per model and slot; starts the next interval.
+    pub fn take(&self) -> Vec<ModelTelemetry> {
+        let windows = std::mem::take(&mut *self.windows.lock().expect("telemetry lock"));
+        windows
+            .into_iter()
+            .map(|((model, slot), w)| ModelTelemetry {
+                model,
+                version: w.version,
+                slot,
+                requests: w.requests,
+                errors: w.errors,
+                latency_us: (!w.latency.is_empty()).then(|| Percentiles {
+                    p50: w.latency.value_at_quantile(0.5),
+                    p95: w.latency.value_at_quantile(0.95),
+                    p99: w.latency.value_at_quantile(0.99),
+                    max: w.latency.max(),
+                }),
+                outputs: w.outputs.iter().map(Running::stats).collect(),
+            })
+            .collect()
+    }
+}
+
+/// The agent's CPU time so far (user and system, ms) and resident memory (bytes), from
+/// `/proc/self`; zeros where that is unavailable.
+pub fn system() -> (u64, u64) {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: sysconf takes no pointers.
+        let (tick, page) = unsafe {
+            (
+                libc::sysconf(libc::_SC_CLK_TCK).max(1) as u64,
+                libc::sysconf(libc::_SC_PAGESIZE).max(1) as u64,
+            )
+        };
+        let cpu = std::fs::read_to_string("/proc/self/stat")
+            .ok()
+            .and_then(|s| {
+                // Fields after the command name (which may hold spaces) in parentheses.
+                let rest = s.get(s.rfind(')')? + 2..)?;
+                let f: Vec<&str> = rest.split(' ').collect();
+                Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+            })
+            .map_or(0, |ticks| ticks * 1000 / tick);
+        let rss = std::fs::read_to_string("/proc/self/statm")
+            .ok()
+            .and_then(|s| s.split(' ').nth(1)?.parse::<u64>().ok())
+            .map_or(0, |pages| pages * page);
+        (cpu, rss)
+    }
+    #[cfg(not(target_os = "linux"))]
+    (0, 0)
+}
+
+/// Free bytes on the file system holding `path`; 0 where unknown.
+fn disk_free(path: &std::path::Path) -> u64 {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+            return 0;
+        };
+        // SAFETY: statvfs writes into the zeroed struct it is given; the path is a valid C
+        // string that lives across the call.
+        unsafe {
+            let mut st: libc::statvfs = std::mem::zeroed();
+            if libc::statvfs(c.as_ptr(), &mut st) == 0 {
+                return st.f_bavail as u64 * st.f_frsize as u64;
+            }
+        }
+        0
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = path;
+        0
+    }
+}
+
+/// Unix milliseconds now.
+pub fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Store-and-forward of telemetry reports.
+pub struct Forwarder {
+    config: TelemetryConfig,
+    device: String,
+    state_dir: std::path::PathBuf,
+    interval_started_ms: i64,
+    cpu_at_start_ms: u64,
+    /// Sent on this connection and not yet seen back: not sent again until the link drops.
+    in_flight: BTreeSet<u64>,
+    online: bool,
+}
+
+impl Forwarder {
+    /// A forwarder for `device`, its interval starting now.
+    pub fn new(config: TelemetryConfig, device: &str, state_dir: &std::path::Path) -> Self {
+        Forwarder {
+            config,
+            device: device.into(),
+            state_dir: state_dir.into(),
+            interval_started_ms: unix_ms(),
+            cpu_at_start_ms: system().0,
+            in_flight: BTreeSet::new(),
+            online: false,
+        }
+    }
+
+    /// Time between reports, if telemetry is on.
+    pub fn interval(&self) -> Option<Duration> {
+        (self.config.interval_secs > 0).then(|| Duration::from_secs(self.config.interval_secs))
+    }
+
+    /// Ends the interval: queues its report. Returns its sequence number and size in bytes.
+    pub fn end_interval(
+        &mut self,
+        store: &Store,
+        collector: &Collector,
+    ) -> Result<(u64, usize), StoreError> {
+        let now = unix_ms();
+        let (cpu, rss) = system();
+        let models = collector.take();
+        let store_bytes = store.size_on_disk().unwrap_or(0);
+        let mut size = 0;
+        let (from_ms, cpu_ms) = (
+            self.interval_started_ms,
+            cpu.saturating_sub(self.cpu_at_start_ms),
+        );
+        let seq = store.queue_telemetry(
+            now,
+            self.config.queue_bytes,
+            self.config.queue_max_age_secs.saturating_mul(1000) as i64,
+            |seq, dropped, queued| {
+                let bytes = TelemetryReport {
+                    format: modelcast_proto::FORMAT_VERSION,
+                    device: self.device.clone(),
+                    seq,
+                    from_ms,
+                    to_ms: now.max(from_ms),
+                    dropped,
+                    models,
+                    system: SystemTelemetry {
+                        cpu_ms,
+                        rss_bytes: rss,
+                        store_bytes,
+                        disk_free_bytes: disk_free(&self.state_dir),
+                        queued,
+                    },
+                }
+                .to_vec();
+                size = bytes.len();
+                bytes
+            },
+        )?;
+        self.interval_started_ms = now;
+        self.cpu_at_start_ms = cpu;
+        Ok((seq, size))
+    }
+
+    /// The link is up: everything queued goes out again.
+    pub fn connected(&mut self) {
+        self.online = true;
+        self.in_flight.clear();
+    }
+
+    /// The link is down: nothing goes out; what was in flight may be lost.
+    pub fn disconnected(&mut self) {
+        self.online = false;
+        self.in_flight.clear();
+    }
+
+    /// Reports to send now, oldest first: queued, not in flight, within the window.
+    pub fn to_send(&mut self, store: &Store) -> Result<Vec<Vec<u8>>, StoreError> {
+        if !self.online || self.in_flight.len() >= SEND_WINDOW {
+            return Ok(Vec::new());
+        }
+        let after = self.in_flight.last().copied().unwrap_or(0);
+        let room = SEND_WINDOW - self.in_flight.len();
+        let next = store.queued_telemetry(after, room)?;
+        self.in_flight.extend(next.iter().map(|(seq, _)| *seq));
+        Ok(next.into_iter().map(|(_, bytes)| bytes).collect())
+    }
+
+    /// A copy of a report came back from the broker: it is delivered.
+    pub fn echoed(&mut self, store: &Store, bytes: &[u8]) -> Result<(), StoreError> {
+        let Ok(report) = TelemetryReport::from_slice(bytes) else {
+            return Ok(());
+        };
+        if report.device != self.device {
+            return Ok(());
+        }
+        self.in_flight.remove(&report.seq);
+        store.telemetry_delivered(report.seq)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::Values;
+
+    fn scores(values: &[f32]) -> HostTensor {
+        HostTensor {
+            name: "scores".into(),
+            shape: vec![1, values.len() as u64],
+            values: Values::F32(values.to_vec()),
+        }
+    }
+
+    #[test]
+    fn a_window_summarizes_latency_outputs_and_classes() {
+        let c = Collector::default();
+        for i in 0..100u64 {
+            let best = (i % 4) as usize;
+            let mut v = [0.1f32; 4];
+            v[best] = 0.7;
+            c.served(
+                "m",
+                Slot::A,
+                2,
+                Duration::from_micros(100 + i),
+                &[scores(&v)],
+            );
+        }
+        c.served(
+            "m",
+            Slot::A,
+            2,
+            Duration::from_micros(5000),
+            &[scores(&[f32::NAN, 1.0, 0.0, 0.0])],
+        );
+        c.failed("m", Slot::A, 2);
+        let t = c.take();
+        assert_eq!(t.len(), 1);
+        let m = &t[0];
+        assert_eq!((m.version, m.requests, m.errors), (2, 102, 1));
+        let lat = m.latency_us.unwrap();
+        assert!((145..=155).contains(&lat.p50), "{lat:?}");
+        assert!(lat.max >= 4990, "{lat:?}");
+        let out = &m.outputs[0];
+        assert_eq!(out.non_finite, 1);
+        assert_eq!(out.count, 403);
+        assert_eq!(out.classes, vec![25, 26, 25, 25]);
+        assert!((out.min - 0.0).abs() < 1e-9 && (out.max - 1.0).abs() < 1e-9);
+        let mean = (100.0 * (0.7 + 0.3) + 1.0) / 403.0;
+        assert!((out.mean - mean).abs() < 1e-6, "{} vs {mean}", out.mean);
+        // The next interval starts empty; a new version starts a new window.
+        assert!(c.take().is_empty());
+        c.failed("m", Slot::A, 2);
+        c.failed("m", Slot::A, 3);
+        assert_eq!(c.take()[0].requests, 1);
+    }
+
+    #[test]
+    fn the_queue_keeps_its_bound_counts_drops_and_sends_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let config = TelemetryConfig {
+            interval_secs: 1,
+            queue_bytes: 4_000,
+            queue_max_age_secs: 3600,
+        };
+        let mut f = Forwarder::new(config, "edge-1", dir.path());
+        let c = Collector::default();
+        let mut sizes = Vec::new();
+        for _ in 0..30 {
+            c.served(
+                "m",
+                Slot::B,
+                1,
+                Duration::from_micros(50),
+                &[scores(&[0.2, 0.8])],
+            );
+            let (_, size) = f.end_interval(&store, &c).unwrap();
+            sizes.push(size);
+            let (_, bytes, _) = store.telemetry_queue().unwrap();
+            assert!(bytes <= 4_000, "{bytes} bytes queued");
+        }
+        let (queued, _, dropped) = store.telemetry_queue().unwrap();
+        assert_eq!(queued + dropped, 30);
+        assert!(dropped > 0);
+        // Offline: nothing goes out. Online: the oldest kept first, a window at a time.
+        assert!(f.to_send(&store).unwrap().is_empty());
+        f.connected();
+        let sent: Vec<TelemetryReport> = f
+            .to_send(&store)
+            .unwrap()
+            .iter()
+            .map(|b| TelemetryReport::from_slice(b).unwrap())
+            .collect();
+        let seqs: Vec<u64> = sent.iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, ((dropped + 1)..=30).collect::<Vec<u64>>());
+        assert_eq!(sent.last().unwrap().dropped, dropped);
+        // Confirmed reports leave the queue; the link dropping sends the rest again.
+        f.echoed(&store, &sent[0].to_vec()).unwrap();
+        assert!(f.to_send(&store).unwrap().is_empty());
+        f.disconnected();
+        f.connected();
+        assert_eq!(f.to_send(&store).unwrap().len(), seqs.len() - 1);
+        println!("report sizes: {sizes:?}");
+    }
+}

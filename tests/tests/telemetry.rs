@@ -1,0 +1,194 @@
+//! Telemetry store-and-forward. Two agents report every second through TCP proxies to
+//! mosquitto; a subscriber on the broker's side records every report as it arrives. Both
+//! proxies are cut for six seconds (the broker out of reach), then restored.
+//!
+//! - `roomy` (a 1 MiB queue) loses nothing: after the cut every sequence number from the first
+//!   to the last arrived, in order of first arrival, and duplicates are only re-sends.
+//! - `tight` (a queue of 1,500 bytes, about three reports) never holds more than its bound,
+//!   drops its oldest reports, and says so: the reports that never arrived are exactly the
+//!   ones its last report counts as dropped.
+//!
+//! `roomy` serves a model, and its reports carry what it served: requests, latency
+//! percentiles, and the class histogram of its output.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use modelcast_proto::telemetry::TelemetryReport;
+use modelcast_tests::proxy::Proxy;
+use modelcast_tests::{wait_for, AgentOptions, Fleet, Mosquitto};
+use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+
+const QUEUED_BYTES: &str = "modelcast_telemetry_queued_bytes";
+
+/// Every report the broker delivered, in arrival order, per device.
+type Seen = Arc<Mutex<BTreeMap<String, Vec<TelemetryReport>>>>;
+
+fn subscribe(port: u16) -> Seen {
+    let seen: Seen = Arc::default();
+    let mut opts = MqttOptions::new("telemetry-watcher", "127.0.0.1", port);
+    opts.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut connection) = Client::new(opts, 16);
+    let sink = seen.clone();
+    std::thread::spawn(move || {
+        for event in connection.iter() {
+            match event {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    let _ = client.subscribe("modelcast/d/+/telemetry", QoS::AtLeastOnce);
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let report = TelemetryReport::from_slice(&p.payload).expect("a valid report");
+                    let mut seen = sink.lock().unwrap();
+                    seen.entry(report.device.clone()).or_default().push(report);
+                }
+                Ok(_) => {}
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    });
+    seen
+}
+
+fn seqs(seen: &Seen, device: &str) -> Vec<u64> {
+    seen.lock().unwrap()[device].iter().map(|r| r.seq).collect()
+}
+
+#[test]
+fn reports_are_queued_through_a_cut_and_arrive_in_order_within_the_queue_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let mosquitto = Mosquitto::start(dir.path());
+    let seen = subscribe(mosquitto.port());
+    let fleet = Fleet::with_broker(dir, mosquitto.port());
+    let proxies = [
+        Proxy::start(mosquitto.port()),
+        Proxy::start(mosquitto.port()),
+    ];
+    let start = |id: &str, queue_bytes: u64, proxy: &Proxy| {
+        fleet.start_agent_opts(
+            id,
+            &[("site", "lab")],
+            AgentOptions {
+                extra: format!("[telemetry]\ninterval_secs = 1\nqueue_bytes = {queue_bytes}\n"),
+                broker_port: Some(proxy.port()),
+                ..AgentOptions::default()
+            },
+        )
+    };
+    let roomy = start("roomy", 1 << 20, &proxies[0]);
+    let tight = start("tight", 1_500, &proxies[1]);
+    wait_for("two devices", Duration::from_secs(30), || {
+        (fleet.client.devices().ok()?.len() == 2).then_some(())
+    });
+    let v1 = fleet.publish_example(1, 16);
+    fleet.deploy("classifier", 1, "site=lab");
+    fleet.wait_serving("roomy", "classifier", 1);
+    for _ in 0..50 {
+        roomy.infer("classifier", &v1.golden[0].inputs).unwrap();
+    }
+    // The interval holding those requests is reported.
+    let served = wait_for("a report with requests", Duration::from_secs(10), || {
+        let seen = seen.lock().unwrap();
+        let reports = seen.get("roomy")?;
+        reports
+            .iter()
+            .flat_map(|r| r.models.iter())
+            .find(|m| m.requests > 0)
+            .cloned()
+    });
+    assert_eq!((served.model.as_str(), served.version), ("classifier", 1));
+    assert!(served
+        .latency_us
+        .is_some_and(|l| l.p50 > 0 && l.p50 <= l.p99));
+    let output = &served.outputs[0];
+    assert!(output.count > 0 && output.non_finite == 0);
+    assert_eq!(
+        output.classes.iter().sum::<u64>(),
+        served.requests,
+        "one class counted per request: {output:?}"
+    );
+
+    // Cut both devices off for six seconds.
+    let before = seqs(&seen, "roomy").len();
+    for p in &proxies {
+        p.cut();
+    }
+    let cut_at = Instant::now();
+    let mut most_queued: f64 = 0.0;
+    while cut_at.elapsed() < Duration::from_secs(6) {
+        if let Some(bytes) = tight.metric(QUEUED_BYTES) {
+            most_queued = most_queued.max(bytes);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for p in &proxies {
+        p.restore();
+    }
+    assert!(
+        most_queued > 0.0,
+        "the tight queue held reports during the cut"
+    );
+    assert!(
+        most_queued <= 1_500.0,
+        "{most_queued} bytes queued, bound 1500"
+    );
+
+    // After the cut, wait for reports built after it, then let the queues drain.
+    let last = wait_for("reports after the cut", Duration::from_secs(30), || {
+        let r = seqs(&seen, "roomy");
+        (r.len() > before + 8).then(|| *r.iter().max().unwrap())
+    });
+    std::thread::sleep(Duration::from_secs(2));
+
+    // roomy: every report from 1 to `last`, first arrivals in order.
+    let arrived = seqs(&seen, "roomy");
+    let mut first: Vec<u64> = Vec::new();
+    for s in &arrived {
+        if !first.contains(s) {
+            first.push(*s);
+        }
+    }
+    let upto: Vec<u64> = first.iter().copied().filter(|s| *s <= last).collect();
+    assert_eq!(
+        upto,
+        (1..=last).collect::<Vec<u64>>(),
+        "roomy's reports in order, none lost"
+    );
+    let dropped_roomy = seen.lock().unwrap()["roomy"]
+        .iter()
+        .map(|r| r.dropped)
+        .max();
+    assert_eq!(dropped_roomy, Some(0));
+
+    // tight: what never arrived is what it says it dropped.
+    let reports = seen.lock().unwrap()["tight"].clone();
+    let newest = reports.iter().max_by_key(|r| r.seq).unwrap();
+    let got: std::collections::BTreeSet<u64> = reports.iter().map(|r| r.seq).collect();
+    let missing = (1..=newest.seq).filter(|s| !got.contains(s)).count() as u64;
+    assert!(newest.dropped > 0, "the tight queue dropped reports");
+    assert_eq!(
+        missing, newest.dropped,
+        "missing reports are the dropped ones"
+    );
+    println!(
+        "roomy: {} reports, {} arrivals ({} re-sent); tight: {} reports, {} dropped, at most \
+         {most_queued} bytes queued; a report with one model and one output of {} classes: {} \
+         bytes",
+        last,
+        arrived.len(),
+        arrived.len() - first.len(),
+        newest.seq,
+        newest.dropped,
+        output.classes.len(),
+        served_size(&seen)
+    );
+}
+
+/// Size of roomy's last report that carried a model's figures.
+fn served_size(seen: &Seen) -> usize {
+    seen.lock().unwrap()["roomy"]
+        .iter()
+        .rev()
+        .find(|r| !r.models.is_empty())
+        .map_or(0, |r| r.to_vec().len())
+}
