@@ -16,7 +16,7 @@ seconds="${1:-600}"
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-  targets=(envelope desired manifest chunk report tuf_metadata infer_request store_record)
+  targets=(envelope desired manifest chunk report telemetry tuf_metadata infer_request store_record)
 fi
 
 command -v cargo-fuzz >/dev/null 2>&1 || cargo install --locked cargo-fuzz

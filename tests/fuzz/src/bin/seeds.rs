@@ -97,6 +97,12 @@ fn main() -> std::io::Result<()> {
         at: 1_800_000_000,
     };
     write("report", "downloading", &report.to_vec())?;
+    // A telemetry report as the agent writes it.
+    write(
+        "telemetry",
+        "report",
+        br#"{"format":1,"device":"edge-1","seq":3,"from_ms":1000,"to_ms":61000,"dropped":2,"models":[{"model":"classifier","version":2,"slot":"b","requests":10,"errors":1,"latency_us":{"p50":120,"p95":300,"p99":450,"max":900},"outputs":[{"name":"scores","count":40,"mean":0.25,"variance":0.01,"min":0.0,"max":0.9,"non_finite":0,"classes":[7,2,0,1]}]}],"system":{"cpu_ms":12,"rss_bytes":31457280,"store_bytes":1048576,"disk_free_bytes":1073741824,"queued":1}}"#,
+    )?;
 
     write(
         "infer_request",
