@@ -124,6 +124,11 @@ fn main() -> std::io::Result<()> {
             slot: Slot::B,
             previous: Slot::A,
             boots: 1,
+            thresholds: Some(modelcast_proto::desired::TrialThresholds {
+                requests: Some(30),
+                seconds: Some(3),
+                ..Default::default()
+            }),
         }),
         failed: None,
     };
