@@ -26,6 +26,26 @@ pub struct AuditEntry {
 }
 
 impl AuditEntry {
+    /// The entry that follows `head` (the last entry's position and digest; `None` when the
+    /// log is empty).
+    pub fn following(
+        head: Option<(u64, String)>,
+        who: &str,
+        action: &str,
+        details: &serde_json::Value,
+        at: i64,
+    ) -> AuditEntry {
+        let (seq, prev) = head.map_or((1, String::new()), |(s, d)| (s + 1, d));
+        AuditEntry {
+            seq,
+            at,
+            who: who.into(),
+            action: action.into(),
+            details: details.clone(),
+            prev,
+        }
+    }
+
     /// Hex SHA-256 of this entry's JSON.
     pub fn digest(&self) -> String {
         hex::encode(Sha256::digest(

@@ -306,21 +306,17 @@ impl Storage for PgStore {
                     &[],
                 )
                 .await?;
-            let (seq, prev) = head.map_or((1, String::new()), |r| {
-                (r.get::<_, i64>(0) as u64 + 1, r.get::<_, String>(1))
-            });
-            let entry = AuditEntry {
-                seq,
+            let entry = AuditEntry::following(
+                head.map(|r| (r.get::<_, i64>(0) as u64, r.get::<_, String>(1))),
+                who,
+                action,
+                &details,
                 at,
-                who: who.into(),
-                action: action.into(),
-                details: details.clone(),
-                prev,
-            };
+            );
             let inserted = client
                 .execute(
                     "INSERT INTO audit (seq, entry, digest) VALUES ($1, $2::text::json, $3)",
-                    &[&big(seq), &json(&entry), &entry.digest()],
+                    &[&big(entry.seq), &json(&entry), &entry.digest()],
                 )
                 .await;
             match inserted {

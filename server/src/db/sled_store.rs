@@ -196,17 +196,9 @@ impl Storage for SledStore {
                 }
                 None => None,
             };
-            let (seq, prev) = head.map_or((1, String::new()), |(s, d)| (s + 1, d));
-            let entry = AuditEntry {
-                seq,
-                at,
-                who: who.into(),
-                action: action.into(),
-                details: details.clone(),
-                prev,
-            };
-            tx.insert(&seq.to_be_bytes(), encode(&entry))?;
-            tx.insert(AUDIT_HEAD, encode(&(seq, entry.digest())))?;
+            let entry = AuditEntry::following(head, who, action, &details, at);
+            tx.insert(&entry.seq.to_be_bytes(), encode(&entry))?;
+            tx.insert(AUDIT_HEAD, encode(&(entry.seq, entry.digest())))?;
             Ok(entry)
         });
         match result {
