@@ -28,8 +28,8 @@ fn main() {
         .unwrap_or(20_000);
     let onnx = modelcast_server::onnx::example_model(1, 16);
     let prepared = prepare(&onnx, &PublishOptions::new("classifier", 1), 0).expect("prepare");
-    let model = LoadedModel::load(&prepared.manifest, Slot::A, &mut &prepared.artifact[..])
-        .expect("load");
+    let model =
+        LoadedModel::load(&prepared.manifest, Slot::A, &mut &prepared.artifact[..]).expect("load");
     let inputs: Vec<HostTensor> = prepared.manifest.golden[0]
         .inputs
         .iter()
@@ -94,7 +94,13 @@ fn main() {
     let (mut size, mut took) = (0, Duration::MAX);
     for _ in 0..5 {
         for _ in 0..1000 {
-            collector.served("classifier", Slot::A, 1, Duration::from_micros(80), &outputs);
+            collector.served(
+                "classifier",
+                Slot::A,
+                1,
+                Duration::from_micros(80),
+                &outputs,
+            );
         }
         let t = Instant::now();
         let report = TelemetryReport {
