@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 
 use crate::engine::{EngineError, HostTensor, LoadedModel, Values};
 use crate::metrics::{ErrorKind, Metrics, SlotLabels};
-use crate::telemetry::Collector;
+use crate::telemetry::{Collector, Summary};
 use modelcast_proto::report::Slot;
 use tokio::sync::mpsc;
 
@@ -287,14 +287,17 @@ async fn run_infer(api: Api, name: String, version: Option<String>, body: Bytes)
     let served = model.clone();
     // The model's own time, measured on the blocking thread: waiting for a thread or a core
     // is the host's load, not the model's speed, and would blur the comparison probation makes.
+    // Telemetry's summary of the outputs is made here too, off the runtime's workers.
     let run = tokio::task::spawn_blocking(move || {
         let started = std::time::Instant::now();
         let outputs = served.run(&inputs);
-        (outputs, started.elapsed())
+        let took = started.elapsed();
+        let summary = outputs.as_ref().ok().map(|o| Summary::of(o));
+        (outputs, took, summary)
     });
-    let (result, latency) = match run.await {
-        Ok((outputs, latency)) => (Ok(outputs), latency),
-        Err(e) => (Err(e), std::time::Duration::ZERO),
+    let (result, latency, summary) = match run.await {
+        Ok((outputs, latency, summary)) => (Ok(outputs), latency, summary),
+        Err(e) => (Err(e), std::time::Duration::ZERO, None),
     };
     // A bad request says nothing about the model.
     if !matches!(&result, Ok(Err(EngineError::BadInput(_)))) {
@@ -310,9 +313,9 @@ async fn run_infer(api: Api, name: String, version: Option<String>, body: Bytes)
         model.slot(),
         model.manifest().version,
     );
-    match &result {
-        Ok(Ok(outputs)) => api.telemetry.served(name, slot, version, latency, outputs),
-        Ok(Err(EngineError::BadInput(_))) => {}
+    match (&result, &summary) {
+        (Ok(Ok(_)), Some(summary)) => api.telemetry.served(name, slot, version, latency, summary),
+        (Ok(Err(EngineError::BadInput(_))), _) => {}
         _ => api.telemetry.failed(name, slot, version),
     }
     match result {

@@ -89,12 +89,25 @@ pub struct Store {
     /// Telemetry reports waiting to be sent: sequence number → enqueue time (Unix ms, 8
     /// bytes) and the report.
     telemetry: sled::Tree,
+    /// Reports and bytes in `telemetry`, counted once at open and kept since (sled counts
+    /// only by scanning).
+    telemetry_held: std::sync::Arc<std::sync::Mutex<(u64, u64)>>,
     files: Artifacts,
 }
 
 /// A big-endian `u64` record; anything else reads as 0 (a corrupt counter restarts).
 fn be_u64(bytes: &[u8]) -> u64 {
     bytes.try_into().map(u64::from_be_bytes).unwrap_or(0)
+}
+
+/// Records and bytes in a tree, by scanning it.
+fn held(tree: &sled::Tree) -> Result<(u64, u64), StoreError> {
+    let (mut n, mut bytes) = (0, 0);
+    for value in tree.iter().values() {
+        n += 1;
+        bytes += value?.len() as u64;
+    }
+    Ok((n, bytes))
 }
 
 /// When a queued telemetry record was queued (Unix ms); 0, long ago, if it is corrupt.
@@ -131,12 +144,14 @@ impl Store {
             .cache_capacity(CACHE_BYTES)
             .flush_every_ms(Some(500))
             .open()?;
+        let telemetry = db.open_tree("telemetry")?;
         Ok(Store {
             trust: db.open_tree("trust")?,
             models: db.open_tree("models")?,
             pending: db.open_tree("pending")?,
             meta: db.open_tree("meta")?,
-            telemetry: db.open_tree("telemetry")?,
+            telemetry_held: std::sync::Arc::new(std::sync::Mutex::new(held(&telemetry)?)),
+            telemetry,
             files: Artifacts::open(&dir.join("artifacts"))?,
             db,
         })
@@ -295,30 +310,35 @@ impl Store {
         };
         let mut dropped = counter("telemetry_dropped")?;
         let guess = self.telemetry.last()?.map_or(0, |(_, v)| v.len() as u64);
-        let mut held = self.telemetry_bytes()?;
+        let mut held = self.telemetry_held.lock().expect("telemetry count lock");
         while let Some((key, value)) = self.telemetry.first()? {
             let at = queued_at(&value);
-            if held + guess <= max_bytes && now_ms - at <= max_age_ms {
+            if held.1 + guess <= max_bytes && now_ms - at <= max_age_ms {
                 break;
             }
             self.telemetry.remove(key)?;
-            held -= value.len() as u64;
+            *held = (
+                held.0.saturating_sub(1),
+                held.1.saturating_sub(value.len() as u64),
+            );
             dropped += 1;
         }
         let seq = counter("telemetry_seq")? + 1;
-        let queued = self.telemetry.len() as u64 + 1;
         let mut value = now_ms.to_be_bytes().to_vec();
-        value.extend(build(seq, dropped, queued));
+        value.extend(build(seq, dropped, held.0 + 1));
         // Still too large (a report larger than the last): make room behind it.
-        held += value.len() as u64;
-        while held > max_bytes {
+        while held.1 + value.len() as u64 > max_bytes {
             let Some((key, old)) = self.telemetry.first()? else {
                 break;
             };
             self.telemetry.remove(key)?;
-            held -= old.len() as u64;
+            *held = (
+                held.0.saturating_sub(1),
+                held.1.saturating_sub(old.len() as u64),
+            );
             dropped += 1;
         }
+        *held = (held.0 + 1, held.1 + value.len() as u64);
         self.telemetry.insert(seq.to_be_bytes(), value)?;
         self.meta.insert("telemetry_seq", &seq.to_be_bytes())?;
         self.meta
@@ -343,7 +363,13 @@ impl Store {
 
     /// Removes a delivered report from the queue.
     pub fn telemetry_delivered(&self, seq: u64) -> Result<(), StoreError> {
-        self.telemetry.remove(seq.to_be_bytes())?;
+        let mut held = self.telemetry_held.lock().expect("telemetry count lock");
+        if let Some(old) = self.telemetry.remove(seq.to_be_bytes())? {
+            *held = (
+                held.0.saturating_sub(1),
+                held.1.saturating_sub(old.len() as u64),
+            );
+        }
         Ok(())
     }
 
@@ -353,19 +379,8 @@ impl Store {
             .meta
             .get("telemetry_dropped")?
             .map_or(0, |v| be_u64(&v));
-        Ok((
-            self.telemetry.len() as u64,
-            self.telemetry_bytes()?,
-            dropped,
-        ))
-    }
-
-    fn telemetry_bytes(&self) -> Result<u64, StoreError> {
-        let mut held = 0;
-        for item in self.telemetry.iter().values() {
-            held += item?.len() as u64;
-        }
-        Ok(held)
+        let (reports, bytes) = *self.telemetry_held.lock().expect("telemetry count lock");
+        Ok((reports, bytes, dropped))
     }
 
     /// Bytes the store occupies on disk: sled and the artifact files.

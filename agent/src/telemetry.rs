@@ -123,6 +123,28 @@ impl Running {
         }
     }
 
+    /// Folds `other` (values seen elsewhere) into this summary (Chan et al.'s pairwise
+    /// update of mean and variance).
+    fn merge(&mut self, other: &Running) {
+        if other.count > 0 {
+            let n = self.count + other.count;
+            let delta = other.mean - self.mean;
+            self.mean += delta * other.count as f64 / n as f64;
+            self.m2 +=
+                other.m2 + delta * delta * (self.count as f64 * other.count as f64) / n as f64;
+            self.count = n;
+            self.min = self.min.min(other.min);
+            self.max = self.max.max(other.max);
+        }
+        self.non_finite += other.non_finite;
+        if self.classes.len() < other.classes.len() {
+            self.classes.resize(other.classes.len(), 0);
+        }
+        for (mine, theirs) in self.classes.iter_mut().zip(&other.classes) {
+            *mine += theirs;
+        }
+    }
+
     fn stats(&self) -> OutputStats {
         let some = self.count > 0;
         OutputStats {
@@ -139,6 +161,26 @@ impl Running {
             non_finite: self.non_finite,
             classes: self.classes.clone(),
         }
+    }
+}
+
+/// One request's outputs, summarized where the model ran, so that the collector's lock is
+/// held only to merge them, whatever the size of the outputs.
+pub struct Summary(Vec<Running>);
+
+impl Summary {
+    /// Summarizes `outputs`.
+    pub fn of(outputs: &[HostTensor]) -> Summary {
+        Summary(
+            outputs
+                .iter()
+                .map(|t| {
+                    let mut r = Running::new(&t.name);
+                    r.add(t);
+                    r
+                })
+                .collect(),
+        )
     }
 }
 
@@ -181,24 +223,24 @@ impl Collector {
         f(window);
     }
 
-    /// A request answered in `latency` with `outputs`.
+    /// A request answered in `latency` with outputs summarized as `outputs`.
     pub fn served(
         &self,
         model: &str,
         slot: Slot,
         version: u64,
         latency: Duration,
-        outputs: &[HostTensor],
+        outputs: &Summary,
     ) {
         self.with_window(model, slot, version, |w| {
             w.requests += 1;
             let us = (latency.as_micros() as u64).clamp(1, MAX_LATENCY_US);
             let _ = w.latency.record(us);
-            if w.outputs.len() != outputs.len() {
-                w.outputs = outputs.iter().map(|t| Running::new(&t.name)).collect();
+            if w.outputs.len() != outputs.0.len() {
+                w.outputs = outputs.0.iter().map(|r| Running::new(&r.name)).collect();
             }
-            for (running, tensor) in w.outputs.iter_mut().zip(outputs) {
-                running.add(tensor);
+            for (running, request) in w.outputs.iter_mut().zip(&outputs.0) {
+                running.merge(request);
             }
         });
     }
@@ -436,7 +478,7 @@ mod tests {
                 Slot::A,
                 2,
                 Duration::from_micros(100 + i),
-                &[scores(&v)],
+                &Summary::of(&[scores(&v)]),
             );
         }
         c.served(
@@ -444,7 +486,7 @@ mod tests {
             Slot::A,
             2,
             Duration::from_micros(5000),
-            &[scores(&[f32::NAN, 1.0, 0.0, 0.0])],
+            &Summary::of(&[scores(&[f32::NAN, 1.0, 0.0, 0.0])]),
         );
         c.failed("m", Slot::A, 2);
         let t = c.take();
@@ -486,7 +528,7 @@ mod tests {
                 Slot::B,
                 1,
                 Duration::from_micros(50),
-                &[scores(&[0.2, 0.8])],
+                &Summary::of(&[scores(&[0.2, 0.8])]),
             );
             let (_, size) = f.end_interval(&store, &c).unwrap();
             sizes.push(size);

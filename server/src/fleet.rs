@@ -85,6 +85,9 @@ pub struct Fleet {
     identity: String,
     requests: std::sync::atomic::AtomicU64,
     chunks: std::sync::atomic::AtomicU64,
+    /// When a chunk replica last reloaded the rollouts (at most once a second, whatever a
+    /// device asks for).
+    reloaded: std::sync::Mutex<Option<std::time::Instant>>,
     refused: std::sync::atomic::AtomicU64,
     publishing: Mutex<()>,
     /// Every rollout, as stored; locked only between awaits.
@@ -159,6 +162,7 @@ impl Fleet {
             identity,
             requests: Default::default(),
             chunks: Default::default(),
+            reloaded: Default::default(),
             refused: Default::default(),
             publishing: Mutex::new(()),
             rollouts: std::sync::Mutex::new(rollouts),
@@ -347,8 +351,8 @@ impl Fleet {
     /// Whether `device` is deployed a model whose artifact is `artifact`: chunks go only to
     /// devices entitled to them.
     ///
-    /// A chunk replica learns of rollouts from the store: on a miss it reloads them, since
-    /// the control server may have just moved the device.
+    /// A chunk replica learns of rollouts from the store: on a miss it reloads them (at most
+    /// once a second), since the control server may have just moved the device.
     async fn entitled(&self, device: &str, artifact: &str) -> Result<bool, DbError> {
         let Some(entry) = self.db.device(device).await? else {
             return Ok(false);
@@ -357,13 +361,24 @@ impl Fleet {
         if wants(self.wanted(&entry).await?) {
             return Ok(true);
         }
-        if self.role == Role::Chunks {
+        if self.role == Role::Chunks && self.may_reload() {
             let stored = self.db.rollouts().await?;
             *self.rollouts.lock().expect("rollouts lock") =
                 stored.into_iter().map(|r| (r.id, r)).collect();
             return Ok(wants(self.wanted(&entry).await?));
         }
         Ok(false)
+    }
+
+    /// Whether a chunk replica may reload the rollouts now; if so, counts this as the reload.
+    fn may_reload(&self) -> bool {
+        let mut last = self.reloaded.lock().expect("reload lock");
+        let now = std::time::Instant::now();
+        if last.is_some_and(|t| now.duration_since(t) < Duration::from_secs(1)) {
+            return false;
+        }
+        *last = Some(now);
+        true
     }
 
     async fn serve_chunks(&self, req: ChunkRequest) {

@@ -96,7 +96,7 @@ impl PgStore {
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<Option<T>, DbError> {
         let row = self.client().await?.query_opt(sql, params).await?;
-        row.map(|r| decode(key, r.get::<_, &str>(0).as_bytes()))
+        row.map(|r| decode(key, r.try_get::<_, &str>(0)?.as_bytes()))
             .transpose()
     }
 
@@ -108,7 +108,7 @@ impl PgStore {
     ) -> Result<Vec<T>, DbError> {
         let rows = self.client().await?.query(sql, &[]).await?;
         rows.iter()
-            .map(|r| decode(key, r.get::<_, &str>(0).as_bytes()))
+            .map(|r| decode(key, r.try_get::<_, &str>(0)?.as_bytes()))
             .collect()
     }
 
@@ -181,7 +181,8 @@ impl Storage for PgStore {
                 &[&&artifact[..], &(index as i32)],
             )
             .await?;
-        Ok(row.map(|r| Bytes::copy_from_slice(r.get::<_, &[u8]>(0))))
+        row.map(|r| Ok(Bytes::copy_from_slice(r.try_get::<_, &[u8]>(0)?)))
+            .transpose()
     }
 
     async fn put_model(&self, entry: &ModelEntry) -> Result<(), DbError> {
@@ -274,7 +275,7 @@ impl Storage for PgStore {
             .await?
             .query_one("SELECT nextval('ids')", &[])
             .await?;
-        Ok(row.get::<_, i64>(0) as u64)
+        Ok(row.try_get::<_, i64>(0)? as u64)
     }
 
     async fn put_rollout(&self, rollout: &Rollout) -> Result<(), DbError> {
@@ -306,13 +307,11 @@ impl Storage for PgStore {
                     &[],
                 )
                 .await?;
-            let entry = AuditEntry::following(
-                head.map(|r| (r.get::<_, i64>(0) as u64, r.get::<_, String>(1))),
-                who,
-                action,
-                &details,
-                at,
-            );
+            let head = match head {
+                Some(r) => Some((r.try_get::<_, i64>(0)? as u64, r.try_get::<_, String>(1)?)),
+                None => None,
+            };
+            let entry = AuditEntry::following(head, who, action, &details, at);
             let inserted = client
                 .execute(
                     "INSERT INTO audit (seq, entry, digest) VALUES ($1, $2::text::json, $3)",
@@ -341,7 +340,7 @@ impl Storage for PgStore {
             )
             .await?;
         rows.iter()
-            .map(|r| decode("audit", r.get::<_, &str>(0).as_bytes()))
+            .map(|r| decode("audit", r.try_get::<_, &str>(0)?.as_bytes()))
             .collect()
     }
 

@@ -12,7 +12,7 @@
 use std::time::{Duration, Instant};
 
 use modelcast_agent::engine::{HostTensor, LoadedModel};
-use modelcast_agent::telemetry::Collector;
+use modelcast_agent::telemetry::{Collector, Summary};
 use modelcast_proto::report::Slot;
 use modelcast_proto::telemetry::{SystemTelemetry, TelemetryReport};
 use modelcast_server::publish::{prepare, PublishOptions};
@@ -50,7 +50,8 @@ fn main() {
         for _ in 0..n {
             let started = Instant::now();
             let out = model.run(&inputs).expect("run");
-            collector.served("classifier", Slot::A, 1, started.elapsed(), &out);
+            let took = started.elapsed();
+            collector.served("classifier", Slot::A, 1, took, &Summary::of(&out));
         }
         t.elapsed()
     });
@@ -62,7 +63,7 @@ fn main() {
                 Slot::A,
                 1,
                 Duration::from_micros(50 + u64::from(i % 200)),
-                &outputs,
+                &Summary::of(&outputs),
             );
         }
         t.elapsed()
@@ -99,7 +100,7 @@ fn main() {
                 Slot::A,
                 1,
                 Duration::from_micros(80),
-                &outputs,
+                &Summary::of(&outputs),
             );
         }
         let t = Instant::now();
