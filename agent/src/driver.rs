@@ -60,6 +60,9 @@ pub enum AgentError {
     /// The TLS material for the broker is unusable.
     #[error(transparent)]
     Tls(#[from] crate::config::ConfigError),
+    /// The control plane's thread or runtime could not start, or died.
+    #[error("control runtime: {0}")]
+    Runtime(std::io::Error),
 }
 
 /// Unix seconds now.
@@ -225,7 +228,17 @@ pub async fn run(
     ready: impl FnOnce(&[String]),
 ) -> Result<(), AgentError> {
     std::fs::create_dir_all(&cfg.state_dir).map_err(|e| StoreError::Sled(e.into()))?;
-    let store = Store::open(&store_path(&cfg.state_dir))?;
+    // Opened from a background thread: sled's flusher thread inherits its priority.
+    let path = store_path(&cfg.state_dir);
+    let store = std::thread::Builder::new()
+        .name("modelcast-open".into())
+        .spawn(move || {
+            crate::priority::to_background();
+            Store::open(&path)
+        })
+        .map_err(AgentError::Runtime)?
+        .join()
+        .map_err(|_| AgentError::Runtime(std::io::Error::other("opening the store panicked")))??;
     let (_, director) = load_trust(&cfg, &store)?;
     let tls = cfg.tls_client_config()?;
     let models = Arc::new(Models::default());
@@ -245,7 +258,7 @@ pub async fn run(
             source,
         })?;
     info!(addr = %cfg.http_listen, "inference API listening");
-    let (outcome_tx, mut outcomes) = tokio::sync::mpsc::channel(OUTCOME_QUEUE);
+    let (outcome_tx, outcomes) = tokio::sync::mpsc::channel(OUTCOME_QUEUE);
     let collector = Arc::new(Collector::default());
     let app = crate::serve::router(
         models.clone(),
@@ -269,6 +282,82 @@ pub async fn run(
         .collect();
     ready(&serving);
 
+    // The control plane (broker link, downloads, store writes, telemetry, staging) runs on a
+    // runtime of its own on a background thread, so its work never delays a request.
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let parts = ControlParts {
+        cfg,
+        store,
+        models,
+        metrics,
+        collector,
+        director,
+        tls,
+        restored,
+        outcomes,
+    };
+    std::thread::Builder::new()
+        .name("modelcast-control".into())
+        .spawn(move || {
+            crate::priority::to_background();
+            let result = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .on_thread_start(crate::priority::to_background)
+                .build()
+                .map_err(AgentError::Runtime)
+                .and_then(|rt| rt.block_on(control(parts, stop_rx)));
+            let _ = done_tx.send(result);
+        })
+        .map_err(AgentError::Runtime)?;
+    tokio::pin!(shutdown);
+    tokio::pin!(done_rx);
+    let result = tokio::select! {
+        _ = &mut shutdown => {
+            let _ = stop_tx.send(());
+            done_rx.await
+        }
+        r = &mut done_rx => r,
+    };
+    let _ = http_stop.send(());
+    let _ = http.await;
+    result.unwrap_or_else(|_| {
+        Err(AgentError::Runtime(std::io::Error::other(
+            "the control thread died",
+        )))
+    })
+}
+
+/// What the control loop takes over from [`run`].
+struct ControlParts {
+    cfg: Config,
+    store: Store,
+    models: Arc<Models>,
+    metrics: Arc<Metrics>,
+    collector: Arc<Collector>,
+    director: RoleVerifier,
+    tls: Option<rustls::ClientConfig>,
+    restored: Restored,
+    outcomes: tokio::sync::mpsc::Receiver<RequestOutcome>,
+}
+
+/// The control loop: feeds broker events, staging results, request outcomes and the clock to
+/// the update machine until `stop` fires or the link ends.
+async fn control(
+    parts: ControlParts,
+    stop: tokio::sync::oneshot::Receiver<()>,
+) -> Result<(), AgentError> {
+    let ControlParts {
+        cfg,
+        store,
+        models,
+        metrics,
+        collector,
+        director,
+        tls,
+        restored,
+        mut outcomes,
+    } = parts;
     let settings = Settings {
         probation: cfg.probation.clone(),
         window: cfg.transfer.window,
@@ -311,11 +400,11 @@ pub async fn run(
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick
     });
-    tokio::pin!(shutdown);
+    tokio::pin!(stop);
     loop {
         let wake = agent.updater.next_wake(Instant::now());
         tokio::select! {
-            _ = &mut shutdown => break,
+            _ = &mut stop => break,
             _ = async { watchdog.as_mut().expect("armed").tick().await }, if watchdog.is_some() => {
                 crate::systemd::ping();
             }
@@ -343,8 +432,6 @@ pub async fn run(
     agent.act().await;
     crate::systemd::stopping();
     agent.link.close().await;
-    let _ = http_stop.send(());
-    let _ = http.await;
     agent.store.flush().await?;
     Ok(())
 }
@@ -593,10 +680,10 @@ impl Agent {
 
     /// Verifies, loads and checks an artifact in the background.
     ///
-    /// Hashing, loading, optimizing and the golden check run on a background thread (see
+    /// Hashing, loading, optimizing, the golden check and the warm-up that checks the latency
+    /// budget (in CPU time, see [`LoadedModel::warm_up`]) run on a background thread (see
     /// [`crate::priority`]), so that on a small device the serving threads keep their latency
-    /// while a new version stages; the warm-up that checks the latency budget then runs at
-    /// normal priority, so the budget is measured as the model will serve.
+    /// while a new version stages.
     fn stage(&mut self, manifest: Manifest, slot: Slot) {
         let store = self.store.clone();
         let (name, sha256) = (manifest.name.clone(), manifest.sha256.clone());
@@ -612,24 +699,17 @@ impl Agent {
                 let model =
                     LoadedModel::load(&manifest, slot, &mut reader).map_err(|e| e.to_string())?;
                 model.check_golden().map_err(|e| e.to_string())?;
-                Ok(model)
+                let p95 = model.warm_up().map_err(|e| e.to_string())?;
+                info!(model = %manifest.name, version = manifest.version, p95_us = p95.as_micros() as u64, "warmed up");
+                Ok(Arc::new(model))
             })();
             crate::memory::release_free_memory();
             loaded
         };
         self.staging.spawn(async move {
-            let loaded: Result<LoadedModel, String> =
-                crate::priority::in_background("stage", load).await.and_then(|r| r);
-            let result = match loaded {
-                Ok(model) => tokio::task::spawn_blocking(move || {
-                    let p95 = model.warm_up().map_err(|e| e.to_string())?;
-                    info!(model = %model.manifest().name, version = model.manifest().version, p95_us = p95.as_micros() as u64, "warmed up");
-                    Ok(Arc::new(model))
-                })
+            let result = crate::priority::in_background("stage", load)
                 .await
-                .unwrap_or_else(|e| Err(format!("warm-up task: {e}"))),
-                Err(e) => Err(e),
-            };
+                .and_then(|r| r);
             Staged {
                 name,
                 sha256,

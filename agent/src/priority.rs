@@ -1,35 +1,71 @@
-//! CPU priority of the agent's background threads: work that may wait (staging a new model)
-//! yields to work that may not (serving requests).
+//! CPU priority of the agent's background threads: work that may wait (the control plane,
+//! staging a new model) yields to work that may not (serving requests).
+//!
+//! Two levels. The control plane (broker link, downloads, store writes, telemetry) runs at
+//! [`BACKGROUND_NICE`]. Heavy one-off work (verifying a desired state, staging a model) starts
+//! lower still, at [`IDLE_NICE`], and is raised to [`BACKGROUND_NICE`] if it is not done after
+//! [`RAISE_AFTER`]: on a device with spare CPU it finishes before that and costs the serving
+//! threads nothing; on a saturated one it would otherwise starve, and the raise bounds that.
+//! Raising a thread's priority needs `CAP_SYS_NICE` or an `RLIMIT_NICE` that allows it (the
+//! systemd unit sets `LimitNICE=+10`); without either the work stays at the lower level.
+//!
+//! Both levels also take the kernel's shortest time slice, 0.1 ms (EEVDF, Linux 6.6 and
+//! later): a running thread keeps its CPU until its slice ends, whatever its nice value, so
+//! the short slice is what lets a serving thread that wakes take the CPU at once.
 
-/// Moves the calling thread to the background: nice 10, and on kernels whose scheduler takes
-/// a time slice per thread (EEVDF, Linux 6.6 and later) the shortest slice, 0.1 ms. A running
-/// thread keeps its CPU until its slice ends, whatever its nice value, so the short slice is
-/// what lets a serving thread that wakes take the CPU at once; nice 10 keeps its share small
-/// under load but not negligible (nice 19 measured faster swaps but starved staging past a
-/// test's minute on a loaded machine), so an update is slowed there, never stalled. It cannot be undone
-/// without privileges, so call it only on a thread of its own. Failure is ignored: the work
-/// still runs, at normal priority.
+use std::time::Duration;
+
+/// Nice value of the control plane, and of heavy work that ran past [`RAISE_AFTER`].
+pub const BACKGROUND_NICE: i32 = 10;
+/// Nice value heavy work starts at.
+pub const IDLE_NICE: i32 = 19;
+/// How long heavy work runs at [`IDLE_NICE`] before it is raised.
+pub const RAISE_AFTER: Duration = Duration::from_secs(5);
+/// Time slice asked for background threads, in nanoseconds (the kernel's least).
+const BACKGROUND_SLICE_NS: u64 = 100_000;
+
+/// Moves the calling thread to the background at [`BACKGROUND_NICE`] with the short slice. It
+/// cannot be undone without privileges, so call it only on a thread of its own. Failure is
+/// ignored: the work still runs, at normal priority.
 pub fn to_background() {
+    set_nice(current_thread(), BACKGROUND_NICE);
+}
+
+/// The calling thread's id, as the scheduler knows it.
+fn current_thread() -> i32 {
     #[cfg(target_os = "linux")]
-    // SAFETY: gettid and setpriority take no pointers; sched_setattr reads one struct of the
-    // size it is told, which lives across the call.
+    // SAFETY: gettid takes no arguments.
     unsafe {
-        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, tid, BACKGROUND_NICE);
+        libc::syscall(libc::SYS_gettid) as i32
+    }
+    #[cfg(not(target_os = "linux"))]
+    0
+}
+
+/// Sets thread `tid`'s nice value and the short slice; returns whether the kernel allowed it.
+fn set_nice(tid: i32, nice: i32) -> bool {
+    #[cfg(target_os = "linux")]
+    // SAFETY: setpriority takes no pointers; sched_setattr reads one struct of the size it is
+    // told, which lives across the call.
+    unsafe {
         let attr = SchedAttr {
             size: std::mem::size_of::<SchedAttr>() as u32,
-            sched_nice: BACKGROUND_NICE,
+            sched_nice: nice,
             sched_runtime: BACKGROUND_SLICE_NS,
             ..SchedAttr::default()
         };
-        libc::syscall(libc::SYS_sched_setattr, 0, &attr as *const SchedAttr, 0);
+        if libc::syscall(libc::SYS_sched_setattr, tid, &attr as *const SchedAttr, 0) == 0 {
+            return true;
+        }
+        // Kernels before 4.13 have no sched_setattr slice; the nice value alone still helps.
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) == 0
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (tid, nice);
+        false
     }
 }
-
-/// Nice value of background threads.
-pub const BACKGROUND_NICE: i32 = 10;
-/// Time slice asked for background threads, in nanoseconds (the kernel's least).
-const BACKGROUND_SLICE_NS: u64 = 100_000;
 
 /// The kernel's `struct sched_attr` (`sched_setattr(2)`); `sched_runtime` is the time slice of
 /// a `SCHED_OTHER` thread.
@@ -49,35 +85,64 @@ struct SchedAttr {
     sched_util_max: u32,
 }
 
-/// Runs `work` on a thread of its own in the background (see [`to_background`]) and awaits its
-/// result, so that neither the runtime's workers nor the serving threads wait for it. Errors
-/// if the thread cannot be started or dies before answering.
+/// Runs `work` on a thread of its own at [`IDLE_NICE`], raised to [`BACKGROUND_NICE`] after
+/// [`RAISE_AFTER`], and awaits its result, so that neither the runtime's workers nor the
+/// serving threads wait for it. Errors if the thread cannot be started or dies before
+/// answering.
 pub async fn in_background<T: Send + 'static>(
     name: &str,
     work: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, String> {
-    let (tx, rx) = tokio::sync::oneshot::channel();
+    in_background_raised_after(name, RAISE_AFTER, work).await
+}
+
+/// [`in_background`], raised after `raise_after`.
+async fn in_background_raised_after<T: Send + 'static>(
+    name: &str,
+    raise_after: Duration,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, String> {
+    let (tid_tx, tid_rx) = tokio::sync::oneshot::channel();
+    let (tx, mut rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name(format!("modelcast-{name}"))
         .spawn(move || {
-            to_background();
+            let tid = current_thread();
+            set_nice(tid, IDLE_NICE);
+            let _ = tid_tx.send(tid);
             let _ = tx.send(work());
         })
         .map_err(|e| format!("starting the {name} thread: {e}"))?;
-    rx.await
-        .map_err(|_| format!("the {name} thread died before answering"))
+    let died = |_| format!("the {name} thread died before answering");
+    // Sent first thing, so this wait is short.
+    let tid = tid_rx.await.map_err(died)?;
+    tokio::select! {
+        answer = &mut rx => return answer.map_err(died),
+        _ = tokio::time::sleep(raise_after) => {}
+    }
+    let raised = set_nice(tid, BACKGROUND_NICE);
+    tracing::debug!(
+        thread = name,
+        raised,
+        "background work still running; raising it"
+    );
+    rx.await.map_err(died)
 }
 
 #[cfg(test)]
 mod tests {
+    // SAFETY: gettid and getpriority take no pointers.
+    #[cfg(target_os = "linux")]
+    fn nice() -> i32 {
+        unsafe {
+            let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+            libc::getpriority(libc::PRIO_PROCESS, tid)
+        }
+    }
+
     #[test]
     #[cfg(target_os = "linux")]
     fn only_the_calling_thread_goes_to_the_background() {
-        // SAFETY: gettid and getpriority take no pointers.
-        let nice = || unsafe {
-            let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-            libc::getpriority(libc::PRIO_PROCESS, tid)
-        };
         let before = nice();
         let moved = std::thread::spawn(move || {
             super::to_background();
@@ -91,9 +156,28 @@ mod tests {
 
     #[tokio::test]
     async fn background_work_answers_and_its_panics_are_errors() {
-        let answer = super::in_background("test", || 6 * 7).await;
-        assert_eq!(answer, Ok(42));
+        let answer = super::in_background("test", nice).await;
+        assert_eq!(answer, Ok(super::IDLE_NICE));
         let died = super::in_background("test", || -> u8 { panic!("boom") }).await;
         assert!(died.unwrap_err().contains("died"));
+    }
+
+    #[tokio::test]
+    async fn long_background_work_is_raised() {
+        // The work waits until well after the raise, then reports its nice value.
+        let raise_after = std::time::Duration::from_millis(100);
+        let raised = super::in_background_raised_after("test", raise_after, move || {
+            std::thread::sleep(raise_after * 3);
+            nice()
+        })
+        .await;
+        // Raising needs CAP_SYS_NICE or RLIMIT_NICE; without them the work stays low.
+        let privileged = unsafe { libc::geteuid() } == 0;
+        let expected = if privileged {
+            super::BACKGROUND_NICE
+        } else {
+            super::IDLE_NICE
+        };
+        assert_eq!(raised, Ok(expected));
     }
 }

@@ -16,7 +16,8 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use modelcast_proto::report::Slot;
 use modelcast_proto::telemetry::{
-    ModelTelemetry, OutputStats, Percentiles, SystemTelemetry, TelemetryReport, MAX_CLASSES,
+    LatencyBuckets, ModelTelemetry, OutputStats, Percentiles, SystemTelemetry, TelemetryReport,
+    MAX_CLASSES,
 };
 
 use crate::engine::HostTensor;
@@ -270,6 +271,13 @@ impl Collector {
                     p99: w.latency.value_at_quantile(0.99),
                     max: w.latency.max(),
                 }),
+                latency_buckets: {
+                    let mut b = LatencyBuckets::default();
+                    for v in w.latency.iter_recorded() {
+                        b.add(v.value_iterated_to(), v.count_at_value());
+                    }
+                    b
+                },
                 outputs: w.outputs.iter().map(Running::stats).collect(),
             })
             .collect()

@@ -55,6 +55,10 @@ pub struct ModelTelemetry {
     /// Latency of the model's own run, microseconds (absent without requests).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latency_us: Option<Percentiles>,
+    /// The same latencies in logarithmic buckets, which add up across intervals and devices
+    /// (percentiles do not).
+    #[serde(default, skip_serializing_if = "LatencyBuckets::is_empty")]
+    pub latency_buckets: LatencyBuckets,
     /// Summary of each output tensor's values over the interval, in the model's order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub outputs: Vec<OutputStats>,
@@ -71,6 +75,124 @@ pub struct Percentiles {
     pub p99: u64,
     /// Largest.
     pub max: u64,
+}
+
+/// Latencies in logarithmic buckets: bucket `i` counts the runs that took more than
+/// `2^((i-1)/8)` and at most `2^(i/8)` microseconds (bucket 0: at most 1 µs). Each bucket is
+/// 9 % wide, so a quantile read from them (see [`LatencyBuckets::quantile`]) is within 4.5 %
+/// of the exact one, however many reports and devices were merged. Pairs of `[bucket, count]`,
+/// by bucket, without empty buckets.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct LatencyBuckets(pub Vec<(u16, u64)>);
+
+/// Buckets per doubling of latency.
+pub const BUCKETS_PER_DOUBLING: u16 = 8;
+/// The last bucket (2^40 µs, 12.7 days); longer runs count in it.
+pub const MAX_BUCKET: u16 = 40 * BUCKETS_PER_DOUBLING;
+
+impl LatencyBuckets {
+    /// The bucket of a latency of `us` microseconds.
+    pub fn bucket_of(us: u64) -> u16 {
+        if us <= 1 {
+            return 0;
+        }
+        let b = ((us as f64).log2() * f64::from(BUCKETS_PER_DOUBLING)).ceil();
+        (b as u64).min(u64::from(MAX_BUCKET)) as u16
+    }
+
+    /// A bucket's upper bound, microseconds.
+    pub fn upper_bound(bucket: u16) -> f64 {
+        2f64.powf(f64::from(bucket) / f64::from(BUCKETS_PER_DOUBLING))
+    }
+
+    /// Whether no latency was counted.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Latencies counted.
+    pub fn count(&self) -> u64 {
+        self.0.iter().map(|&(_, n)| n).sum()
+    }
+
+    /// Counts `n` latencies of `us` microseconds.
+    pub fn add(&mut self, us: u64, n: u64) {
+        let b = Self::bucket_of(us);
+        match self.0.binary_search_by_key(&b, |&(i, _)| i) {
+            Ok(at) => self.0[at].1 += n,
+            Err(at) => self.0.insert(at, (b, n)),
+        }
+    }
+
+    /// Adds `other`'s counts to these.
+    pub fn merge(&mut self, other: &LatencyBuckets) {
+        let mut merged = Vec::with_capacity(self.0.len().max(other.0.len()));
+        let (mut a, mut b) = (self.0.iter().peekable(), other.0.iter().peekable());
+        loop {
+            let next = match (a.peek(), b.peek()) {
+                (Some(&&(i, n)), Some(&&(j, m))) if i == j => {
+                    a.next();
+                    b.next();
+                    (i, n.saturating_add(m))
+                }
+                (Some(&&x), Some(&&y)) => {
+                    if x.0 < y.0 {
+                        a.next();
+                        x
+                    } else {
+                        b.next();
+                        y
+                    }
+                }
+                (Some(&&x), None) => {
+                    a.next();
+                    x
+                }
+                (None, Some(&&y)) => {
+                    b.next();
+                    y
+                }
+                (None, None) => break,
+            };
+            merged.push(next);
+        }
+        self.0 = merged;
+    }
+
+    /// The `q` quantile (0..=1), microseconds: the geometric middle of the bucket holding the
+    /// nearest-rank sample. `None` without latencies.
+    pub fn quantile(&self, q: f64) -> Option<u64> {
+        let total = self.count();
+        if total == 0 {
+            return None;
+        }
+        let rank = ((q.clamp(0.0, 1.0) * total as f64).ceil() as u64).clamp(1, total);
+        let mut seen = 0u64;
+        for &(b, n) in &self.0 {
+            seen += n;
+            if seen >= rank {
+                if b == 0 {
+                    return Some(1);
+                }
+                let middle = (Self::upper_bound(b) * Self::upper_bound(b - 1)).sqrt();
+                return Some(middle.round() as u64);
+            }
+        }
+        None
+    }
+
+    /// Checks the pairs are in order, distinct and in range.
+    fn check(&self) -> Result<(), String> {
+        let mut last = None;
+        for &(b, _) in &self.0 {
+            if b > MAX_BUCKET || last.is_some_and(|l| b <= l) {
+                return Err(format!("latency bucket {b} out of order or range"));
+            }
+            last = Some(b);
+        }
+        Ok(())
+    }
 }
 
 /// Summary statistics of one output tensor's values over an interval.
@@ -146,6 +268,21 @@ impl TelemetryReport {
             if m.outputs.iter().any(|o| o.classes.len() > MAX_CLASSES) {
                 return Err(invalid(format!("{}: too many classes", m.model)));
             }
+            m.latency_buckets
+                .check()
+                .map_err(|e| invalid(format!("{}: {e}", m.model)))?;
+            if m.latency_buckets
+                .0
+                .iter()
+                .map(|&(_, n)| n)
+                .try_fold(0u64, u64::checked_add)
+                .is_none_or(|n| n > m.requests)
+            {
+                return Err(invalid(format!(
+                    "{}: more latencies than requests",
+                    m.model
+                )));
+            }
         }
         Ok(r)
     }
@@ -181,6 +318,7 @@ mod tests {
                     p99: 450,
                     max: 900,
                 }),
+                latency_buckets: LatencyBuckets(vec![(55, 5), (66, 4)]),
                 outputs: vec![OutputStats {
                     name: "scores".into(),
                     count: 40,
@@ -216,10 +354,52 @@ mod tests {
         bad(&|r| r.models[0].errors = 11);
         bad(&|r| r.format = 99);
         bad(&|r| r.models[0].outputs[0].classes = vec![0; MAX_CLASSES + 1]);
+        bad(&|r| r.models[0].latency_buckets = LatencyBuckets(vec![(66, 1), (55, 1)]));
+        bad(&|r| r.models[0].latency_buckets = LatencyBuckets(vec![(MAX_BUCKET + 1, 1)]));
+        bad(&|r| r.models[0].latency_buckets = LatencyBuckets(vec![(1, 11)]));
+        bad(&|r| r.models[0].latency_buckets = LatencyBuckets(vec![(1, u64::MAX), (2, 2)]));
         assert!(TelemetryReport::from_slice(&vec![b' '; MAX_TELEMETRY_BYTES + 1]).is_err());
     }
 
+    #[test]
+    fn buckets_bound_the_relative_error() {
+        for us in [1u64, 2, 3, 7, 100, 999, 12_345, 1_000_000, 10_000_000_000] {
+            let mut b = LatencyBuckets::default();
+            b.add(us, 1);
+            let got = b.quantile(0.5).unwrap() as f64;
+            assert!(
+                (got - us as f64).abs() <= 0.05 * us as f64 + 1.0,
+                "{us} read as {got}"
+            );
+        }
+    }
+
     proptest! {
+        #[test]
+        fn merged_buckets_read_like_one_histogram(
+            a in proptest::collection::vec(1u64..5_000_000, 1..200),
+            b in proptest::collection::vec(1u64..5_000_000, 0..200),
+            q in 0.0f64..=1.0,
+        ) {
+            let (mut x, mut y, mut all) = Default::default();
+            let fill = |h: &mut LatencyBuckets, v: &[u64]| v.iter().for_each(|&us| h.add(us, 1));
+            fill(&mut x, &a);
+            fill(&mut y, &b);
+            fill(&mut all, &a);
+            fill(&mut all, &b);
+            let mut merged: LatencyBuckets = x;
+            merged.merge(&y);
+            prop_assert_eq!(&merged, &all);
+            prop_assert!(merged.check().is_ok());
+            // Against the exact nearest-rank quantile of the samples.
+            let mut v: Vec<u64> = a.iter().chain(&b).copied().collect();
+            v.sort();
+            let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
+            let exact = v[rank - 1] as f64;
+            let read = merged.quantile(q).unwrap() as f64;
+            prop_assert!((read - exact).abs() <= 0.05 * exact + 1.0, "{} vs {}", read, exact);
+        }
+
         #[test]
         fn decoder_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             let _ = TelemetryReport::from_slice(&bytes);

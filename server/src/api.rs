@@ -19,6 +19,7 @@
 //! | GET | `/api/v1/rollouts/{id}` | one rollout: waves, devices, timeline |
 //! | POST | `/api/v1/rollouts/{id}/{pause,resume,abort,cancel}` | an operator's action (`ActionRequest`) |
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -209,6 +210,9 @@ pub fn router(fleet: Arc<Fleet>, tokens: Option<Tokens>) -> Router {
         )
         .route("/api/v1/deployments", get(deployments).post(deploy))
         .route("/api/v1/devices", get(devices))
+        .route("/api/v1/devices/{id}/telemetry", get(device_telemetry))
+        .route("/api/v1/telemetry", get(telemetry))
+        .route("/metrics", get(metrics))
         .route("/api/v1/rollouts", get(rollouts).post(start_rollout))
         .route("/api/v1/rollouts/{id}", get(rollout))
         .route("/api/v1/rollouts/{id}/{action}", post(act_on_rollout))
@@ -717,6 +721,87 @@ async fn deployments(State(fleet): State<Arc<Fleet>>) -> ApiResult {
 
 async fn devices(State(fleet): State<Arc<Fleet>>) -> ApiResult {
     Ok(Json(fleet.db().devices().await.map_err(internal)?).into_response())
+}
+
+/// Latency and error rate of a model (one version, or all) across a group over a window.
+async fn telemetry(
+    State(fleet): State<Arc<Fleet>>,
+    Query(question): Query<crate::telemetry::Question>,
+) -> ApiResult {
+    question.check().map_err(bad)?;
+    let now = crate::unix_now_ms();
+    let (from, to) = question.window(now);
+    let points = fleet
+        .db()
+        .model_telemetry(&question.model, from, to)
+        .await
+        .map_err(internal)?;
+    let group = match &question.group {
+        Some(g) => Some(Selector::parse(g).map_err(bad)?),
+        None => None,
+    };
+    let labels: BTreeMap<String, BTreeMap<String, String>> = match group {
+        Some(_) => fleet
+            .db()
+            .devices()
+            .await
+            .map_err(internal)?
+            .into_iter()
+            .map(|d| (d.id, d.labels))
+            .collect(),
+        None => BTreeMap::new(),
+    };
+    let in_group = |device: &str| match &group {
+        None => true,
+        Some(g) => labels.get(device).is_some_and(|l| g.matches(l)),
+    };
+    let answer = crate::telemetry::answer(&question, now, &points, in_group);
+    Ok(Json(answer).into_response())
+}
+
+#[derive(Deserialize)]
+struct WindowQuery {
+    #[serde(default = "default_window")]
+    since_secs: u64,
+}
+
+fn default_window() -> u64 {
+    3600
+}
+
+/// One device's telemetry reports over a window.
+async fn device_telemetry(
+    State(fleet): State<Arc<Fleet>>,
+    Path(id): Path<String>,
+    Query(q): Query<WindowQuery>,
+) -> ApiResult {
+    if q.since_secs == 0 || q.since_secs > crate::telemetry::MAX_WINDOW_SECS {
+        return Err(bad(format!(
+            "since_secs must be 1..={}",
+            crate::telemetry::MAX_WINDOW_SECS
+        )));
+    }
+    let now = crate::unix_now_ms();
+    let from = now.saturating_sub(q.since_secs as i64 * 1000);
+    let reports = fleet
+        .db()
+        .device_telemetry(&id, from, now)
+        .await
+        .map_err(internal)?;
+    Ok(Json(reports).into_response())
+}
+
+/// Fleet-level gauges and the server's counters, in the Prometheus text format.
+async fn metrics(State(fleet): State<Arc<Fleet>>) -> ApiResult {
+    let text = crate::metrics::render(&fleet).await.map_err(internal)?;
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
 }
 
 /// Reads an axum body frame by frame.

@@ -280,4 +280,52 @@ impl Client {
     pub fn status(&self) -> Result<crate::fleet::Status, ClientError> {
         Self::read(self.get("/api/v1/status").call())
     }
+
+    /// Latency and error rate of a model across a group over a window.
+    pub fn telemetry(
+        &self,
+        q: &crate::telemetry::Question,
+    ) -> Result<crate::telemetry::Answer, ClientError> {
+        let mut r = self
+            .get("/api/v1/telemetry")
+            .query("model", &q.model)
+            .query("since_secs", q.since_secs.to_string());
+        if let Some(v) = q.version {
+            r = r.query("version", v.to_string());
+        }
+        if let Some(g) = &q.group {
+            r = r.query("group", g);
+        }
+        if let Some(s) = q.step_secs {
+            r = r.query("step_secs", s.to_string());
+        }
+        Self::read(r.call())
+    }
+
+    /// One device's telemetry reports over the last `since_secs`.
+    pub fn device_telemetry(
+        &self,
+        device: &str,
+        since_secs: u64,
+    ) -> Result<Vec<modelcast_proto::telemetry::TelemetryReport>, ClientError> {
+        Self::read(
+            self.get(&format!("/api/v1/devices/{device}/telemetry"))
+                .query("since_secs", since_secs.to_string())
+                .call(),
+        )
+    }
+
+    /// The server's Prometheus metrics text.
+    pub fn metrics(&self) -> Result<String, ClientError> {
+        let mut response = self.get("/metrics").call().map_err(transport)?;
+        let status = response.status().as_u16();
+        let body = response.body_mut().read_to_string().map_err(transport)?;
+        if status >= 300 {
+            return Err(ClientError::Api {
+                status,
+                message: body,
+            });
+        }
+        Ok(body)
+    }
 }

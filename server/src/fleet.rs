@@ -13,6 +13,7 @@ use modelcast_proto::chunk::{parse_digest, ChunkReply, ChunkRequest};
 use modelcast_proto::desired::TrialThresholds;
 use modelcast_proto::manifest::Manifest;
 use modelcast_proto::report::DeviceReport;
+use modelcast_proto::telemetry::TelemetryReport;
 use modelcast_proto::topic::{DeviceTopic, Topics};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
 use tokio::sync::{mpsc, Mutex};
@@ -64,6 +65,17 @@ pub struct ChunkStats {
     pub refused: u64,
 }
 
+/// What a server has done with the devices' telemetry reports since it started.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct TelemetryStats {
+    /// Reports stored.
+    pub stored: u64,
+    /// Copies of reports already stored (re-sent by devices), dropped.
+    pub duplicates: u64,
+    /// Reports that did not decode or named another device, dropped.
+    pub rejected: u64,
+}
+
 /// A server's role and work, as `GET /api/v1/status` shows it.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct Status {
@@ -73,6 +85,9 @@ pub struct Status {
     pub mqtt_identity: String,
     /// Chunk requests it answered.
     pub chunk_requests: ChunkStats,
+    /// Telemetry reports it received (a control server only).
+    #[serde(default)]
+    pub telemetry: TelemetryStats,
 }
 
 /// The fleet: store, repository and the MQTT client.
@@ -89,6 +104,11 @@ pub struct Fleet {
     /// device asks for).
     reloaded: std::sync::Mutex<Option<std::time::Instant>>,
     refused: std::sync::atomic::AtomicU64,
+    telemetry_stored: std::sync::atomic::AtomicU64,
+    telemetry_duplicates: std::sync::atomic::AtomicU64,
+    telemetry_rejected: std::sync::atomic::AtomicU64,
+    /// How long telemetry is kept, seconds.
+    telemetry_retention_secs: std::sync::atomic::AtomicU64,
     publishing: Mutex<()>,
     /// Every rollout, as stored; locked only between awaits.
     rollouts: std::sync::Mutex<Rollouts>,
@@ -164,6 +184,10 @@ impl Fleet {
             chunks: Default::default(),
             reloaded: Default::default(),
             refused: Default::default(),
+            telemetry_stored: Default::default(),
+            telemetry_duplicates: Default::default(),
+            telemetry_rejected: Default::default(),
+            telemetry_retention_secs: (crate::telemetry::DEFAULT_RETENTION_DAYS * 86_400).into(),
             publishing: Mutex::new(()),
             rollouts: std::sync::Mutex::new(rollouts),
             dirty_rollouts: Default::default(),
@@ -182,6 +206,10 @@ impl Fleet {
                                 .try_subscribe(t.all_devices(DeviceTopic::State), QoS::AtLeastOnce);
                             let _ = c.try_subscribe(
                                 t.all_devices(DeviceTopic::Online),
+                                QoS::AtLeastOnce,
+                            );
+                            let _ = c.try_subscribe(
+                                t.all_devices(DeviceTopic::Telemetry),
                                 QoS::AtLeastOnce,
                             );
                         }
@@ -215,10 +243,13 @@ impl Fleet {
         let refresher = fleet.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(60));
-            loop {
+            for minute in 0u64.. {
                 tick.tick().await;
                 if let Err(e) = refresher.refresh_if_due().await {
                     warn!(error = %e, "refreshing timestamp failed");
+                }
+                if minute % 60 == 0 {
+                    refresher.prune_telemetry().await;
                 }
             }
         });
@@ -248,7 +279,67 @@ impl Fleet {
                 chunks: self.chunks.load(Relaxed),
                 refused: self.refused.load(Relaxed),
             },
+            telemetry: TelemetryStats {
+                stored: self.telemetry_stored.load(Relaxed),
+                duplicates: self.telemetry_duplicates.load(Relaxed),
+                rejected: self.telemetry_rejected.load(Relaxed),
+            },
         }
+    }
+
+    /// Keeps telemetry for `days` (the default is [`crate::telemetry::DEFAULT_RETENTION_DAYS`]).
+    pub fn set_telemetry_retention(&self, days: u64) {
+        self.telemetry_retention_secs.store(
+            days.saturating_mul(86_400),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    /// Removes telemetry older than the retention.
+    async fn prune_telemetry(&self) {
+        let keep = self
+            .telemetry_retention_secs
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let before = unix_now()
+            .saturating_sub(i64::try_from(keep).unwrap_or(i64::MAX))
+            .saturating_mul(1000);
+        match self.db.prune_telemetry(before).await {
+            Ok(0) => {}
+            Ok(n) => info!(reports = n, "removed telemetry past its retention"),
+            Err(e) => warn!(error = %e, "pruning telemetry failed"),
+        }
+    }
+
+    /// Stores a device's telemetry report (the first copy of each).
+    async fn handle_telemetry(&self, device: &str, payload: &[u8]) -> Result<(), String> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let report = match TelemetryReport::from_slice(payload) {
+            Ok(r) if r.device == device => r,
+            Ok(r) => {
+                self.telemetry_rejected.fetch_add(1, Relaxed);
+                return Err(format!(
+                    "telemetry names {:?} on {device}'s topic",
+                    r.device
+                ));
+            }
+            Err(e) => {
+                self.telemetry_rejected.fetch_add(1, Relaxed);
+                return Err(format!("telemetry: {e}"));
+            }
+        };
+        let counter = if self
+            .db
+            .add_telemetry(&report)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            debug!(%device, seq = report.seq, "telemetry stored");
+            &self.telemetry_stored
+        } else {
+            &self.telemetry_duplicates
+        };
+        counter.fetch_add(1, Relaxed);
+        Ok(())
     }
 
     /// The store.
@@ -282,6 +373,7 @@ impl Fleet {
         let result = match kind {
             DeviceTopic::State => self.handle_report(&device, payload).await,
             DeviceTopic::Online => self.handle_online(&device, payload).await,
+            DeviceTopic::Telemetry => self.handle_telemetry(&device, payload).await,
             _ => Ok(()),
         };
         if let Err(e) = result {

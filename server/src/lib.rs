@@ -24,11 +24,13 @@ pub mod db;
 pub mod fleet;
 pub mod group;
 pub mod keyset;
+pub mod metrics;
 pub mod onnx;
 pub mod pki;
 pub mod publish;
 pub mod repo;
 pub mod rollout;
+pub mod telemetry;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -41,6 +43,14 @@ pub fn unix_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Unix milliseconds now.
+pub fn unix_now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
 }
 

@@ -7,6 +7,8 @@
 use std::collections::BTreeMap;
 
 use modelcast_proto::metadata::Signed;
+use modelcast_proto::report::Slot;
+use modelcast_proto::telemetry::{LatencyBuckets, ModelTelemetry, TelemetryReport};
 use modelcast_server::audit::verify_chain;
 use modelcast_server::db::{
     self, ArtifactInfo, Db, Deployment, DeviceEntry, DirectorEntry, ModelEntry, Stage,
@@ -205,7 +207,113 @@ async fn contract(db: Db, other: Option<Db>) {
     assert_eq!(log.len(), 40);
     verify_chain(&log).unwrap();
     assert_eq!(db.audit(39).await.unwrap(), log[38..].to_vec());
+
+    telemetry(&db, other.as_ref().unwrap_or(&db)).await;
     db.flush().await.unwrap();
+}
+
+fn report(device: &str, seq: u64, to_ms: i64, versions: &[u64]) -> TelemetryReport {
+    let mut latency_buckets = LatencyBuckets::default();
+    latency_buckets.add(250, 7);
+    TelemetryReport {
+        format: modelcast_proto::FORMAT_VERSION,
+        device: device.into(),
+        seq,
+        from_ms: to_ms - 60_000,
+        to_ms,
+        dropped: 0,
+        models: versions
+            .iter()
+            .map(|&version| ModelTelemetry {
+                model: "classifier".into(),
+                version,
+                slot: if version % 2 == 0 { Slot::B } else { Slot::A },
+                requests: 7 + seq,
+                errors: seq,
+                latency_us: None,
+                latency_buckets: latency_buckets.clone(),
+                outputs: vec![],
+            })
+            .collect(),
+        system: Default::default(),
+    }
+}
+
+/// Telemetry: the first copy of a report is kept, points come back per model in time order
+/// (from a second handle too), and pruning removes what ended before the cut.
+async fn telemetry(db: &Db, other: &Db) {
+    let t0 = 1_700_000_000_000i64;
+    // Negative and far times sort too.
+    assert!(db
+        .add_telemetry(&report("edge-1", 1, -5, &[1]))
+        .await
+        .unwrap());
+    for (device, seq, at) in [
+        ("edge-2", 1, 0),
+        ("edge-1", 2, 60_000),
+        ("edge-2", 2, 120_000),
+    ] {
+        let added = db
+            .add_telemetry(&report(device, seq, t0 + at, &[1, 2]))
+            .await
+            .unwrap();
+        assert!(added, "{device} #{seq}");
+    }
+    // A copy sent again, from either handle, is not stored twice.
+    let again = report("edge-1", 2, t0 + 60_000, &[1, 2]);
+    assert!(!db.add_telemetry(&again).await.unwrap());
+    assert!(!other.add_telemetry(&again).await.unwrap());
+    let points = other
+        .model_telemetry("classifier", t0, t0 + 120_000)
+        .await
+        .unwrap();
+    let seen: Vec<(&str, u64, i64, u64)> = points
+        .iter()
+        .map(|p| (p.device.as_str(), p.seq, p.to_ms - t0, p.telemetry.version))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            ("edge-2", 1, 0, 1),
+            ("edge-2", 1, 0, 2),
+            ("edge-1", 2, 60_000, 1),
+            ("edge-1", 2, 60_000, 2),
+            ("edge-2", 2, 120_000, 1),
+            ("edge-2", 2, 120_000, 2),
+        ]
+    );
+    assert_eq!(points[2].telemetry, again.models[0]);
+    assert!(db
+        .model_telemetry("classifier", t0 + 1, t0 + 59_999)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(db
+        .model_telemetry("other", i64::MIN, i64::MAX)
+        .await
+        .unwrap()
+        .is_empty());
+    let edge1 = db
+        .device_telemetry("edge-1", i64::MIN, i64::MAX)
+        .await
+        .unwrap();
+    assert_eq!(edge1.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1, 2]);
+    assert_eq!(edge1[1], again);
+    // Pruning: the report at -5 ms and the first minute go.
+    assert_eq!(db.prune_telemetry(t0 + 1).await.unwrap(), 2);
+    let left = db
+        .model_telemetry("classifier", i64::MIN, i64::MAX)
+        .await
+        .unwrap();
+    assert_eq!(left.len(), 4);
+    assert!(left.iter().all(|p| p.to_ms > t0));
+    assert_eq!(
+        db.device_telemetry("edge-2", i64::MIN, i64::MAX)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,14 +10,18 @@
 //!
 //! `roomy` serves a model, and its reports carry what it served: requests, latency
 //! percentiles, and the class histogram of its output.
+//!
+//! The fleet server stores the first copy of every report: its API, its CLI and its metrics
+//! then answer for the fleet (what `roomy` served, across the `site=lab` group).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use modelcast_proto::telemetry::TelemetryReport;
+use modelcast_server::telemetry::Question;
 use modelcast_tests::proxy::Proxy;
-use modelcast_tests::{wait_for, AgentOptions, Fleet, Mosquitto};
+use modelcast_tests::{bin, wait_for, AgentOptions, Fleet, Mosquitto};
 use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
 
 const QUEUED_BYTES: &str = "modelcast_telemetry_queued_bytes";
@@ -170,6 +174,7 @@ fn reports_are_queued_through_a_cut_and_arrive_in_order_within_the_queue_bound()
         missing, newest.dropped,
         "missing reports are the dropped ones"
     );
+    server_view(&fleet, &seen, served.requests);
     println!(
         "roomy: {} reports, {} arrivals ({} re-sent); tight: {} reports, {} dropped, at most \
          {most_queued} bytes queued; a report with one model and one output of {} classes: {} \
@@ -191,4 +196,77 @@ fn served_size(seen: &Seen) -> usize {
         .rev()
         .find(|r| !r.models.is_empty())
         .map_or(0, |r| r.to_vec().len())
+}
+
+/// The server kept one copy of every report that arrived, in order, and answers for the fleet.
+fn server_view(fleet: &Fleet, seen: &Seen, served: u64) {
+    let seen = seen.lock().unwrap().clone();
+    for (device, reports) in &seen {
+        let distinct: std::collections::BTreeSet<u64> = reports.iter().map(|r| r.seq).collect();
+        // The server may lag the watcher by a report or two.
+        let stored = wait_for("the server's copy", Duration::from_secs(10), || {
+            let stored = fleet.client.device_telemetry(device, 3600).ok()?;
+            let seqs: std::collections::BTreeSet<u64> = stored.iter().map(|r| r.seq).collect();
+            distinct.is_subset(&seqs).then_some(stored)
+        });
+        let seqs: Vec<u64> = stored.iter().map(|r| r.seq).collect();
+        let mut sorted = seqs.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(seqs, sorted, "{device}: one copy each, in order");
+    }
+    let status = fleet.client.status().unwrap();
+    assert_eq!(status.telemetry.rejected, 0);
+    assert!(status.telemetry.stored >= seen.values().map(Vec::len).min().unwrap() as u64);
+
+    let question = Question {
+        model: "classifier".into(),
+        version: Some(1),
+        group: Some("site=lab".into()),
+        since_secs: 3600,
+        step_secs: Some(60),
+    };
+    let answer = fleet.client.telemetry(&question).unwrap();
+    assert_eq!(answer.devices, 1, "only roomy was asked for inferences");
+    assert!(answer.totals.requests >= served && answer.totals.requests >= 50);
+    assert_eq!(answer.totals.errors, 0);
+    let latency = answer.totals.latency_us.expect("latencies");
+    assert!(latency.p50 > 0 && latency.p50 <= latency.p99, "{latency:?}");
+    let elsewhere = Question {
+        group: Some("site=elsewhere".into()),
+        ..question
+    };
+    assert_eq!(fleet.client.telemetry(&elsewhere).unwrap().devices, 0);
+
+    let out = std::process::Command::new(bin("modelcast"))
+        .args([
+            "--server",
+            fleet.client.base(),
+            "telemetry",
+            "--model",
+            "classifier",
+        ])
+        .args(["--version", "1", "--group", "site=lab", "--since", "1h"])
+        .output()
+        .expect("modelcast telemetry");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("classifier v1 on site=lab over the last 1h: 1 devices"),
+        "{text}"
+    );
+    assert!(text.contains(&answer.totals.requests.to_string()), "{text}");
+
+    let metrics = fleet.client.metrics().unwrap();
+    for line in [
+        "modelcast_fleet_devices{state=\"online\"} 2",
+        "modelcast_fleet_devices_serving{model=\"classifier\",version=\"1\"} 2",
+        "modelcast_fleet_telemetry_reports_total{result=\"rejected\"} 0",
+    ] {
+        assert!(metrics.contains(line), "{line} in\n{metrics}");
+    }
+    println!(
+        "the server's answer for the fleet: {}",
+        serde_json::to_string(&answer.totals).unwrap()
+    );
 }

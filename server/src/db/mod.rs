@@ -1,6 +1,7 @@
 //! The server's state behind one storage interface ([`Storage`]): artifacts in chunks, the
 //! model registry, the TUF repository's current metadata, devices, deployments, rollouts, the
-//! audit log and per-device director counters.
+//! audit log, per-device director counters, and telemetry as time series per device and per
+//! model version.
 //!
 //! Two implementations: sled, embedded, the default for one box ([`open_embedded`]);
 //! PostgreSQL, for a fleet served by several server replicas ([`connect`]).
@@ -17,6 +18,7 @@ use modelcast_proto::desired::TrialThresholds;
 use modelcast_proto::manifest::Manifest;
 use modelcast_proto::metadata::Signed;
 use modelcast_proto::report::DeviceReport;
+use modelcast_proto::telemetry::{ModelTelemetry, TelemetryReport};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -128,6 +130,38 @@ pub struct DirectorEntry {
     pub content: String,
 }
 
+/// One model's interval on one device: a point of the model's time series.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelInterval {
+    /// Device.
+    pub device: String,
+    /// The report's sequence number.
+    pub seq: u64,
+    /// Start of the interval, Unix milliseconds.
+    pub from_ms: i64,
+    /// End of the interval, Unix milliseconds.
+    pub to_ms: i64,
+    /// What the model served from one slot.
+    pub telemetry: ModelTelemetry,
+}
+
+impl ModelInterval {
+    /// A report's points, one per model and slot.
+    pub fn of(report: &TelemetryReport) -> Vec<ModelInterval> {
+        report
+            .models
+            .iter()
+            .map(|m| ModelInterval {
+                device: report.device.clone(),
+                seq: report.seq,
+                from_ms: report.from_ms,
+                to_ms: report.to_ms,
+                telemetry: m.clone(),
+            })
+            .collect()
+    }
+}
+
 /// The server's store: what every part of the server reads and writes, whatever holds it.
 ///
 /// Writes are durable once [`Storage::flush`] returns (sled batches them; PostgreSQL commits
@@ -187,6 +221,27 @@ pub trait Storage: Send + Sync {
     async fn director(&self, device: &str) -> Result<DirectorEntry, DbError>;
     /// Records what was published to `device`.
     async fn put_director(&self, device: &str, entry: &DirectorEntry) -> Result<(), DbError>;
+    /// Stores a telemetry report and its points per model, atomically. Returns false if the
+    /// report (device, sequence number, interval end) is already stored: devices send a report
+    /// again until its delivery is confirmed, and the first copy is kept.
+    async fn add_telemetry(&self, report: &TelemetryReport) -> Result<bool, DbError>;
+    /// Model `model`'s points (every version, device and slot) whose interval ended within
+    /// `from_ms..=to_ms`, by interval end.
+    async fn model_telemetry(
+        &self,
+        model: &str,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<ModelInterval>, DbError>;
+    /// A device's reports whose interval ended within `from_ms..=to_ms`, by interval end.
+    async fn device_telemetry(
+        &self,
+        device: &str,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<TelemetryReport>, DbError>;
+    /// Removes telemetry whose interval ended before `before_ms`; returns the reports removed.
+    async fn prune_telemetry(&self, before_ms: i64) -> Result<u64, DbError>;
 }
 
 /// The server's store, shared.

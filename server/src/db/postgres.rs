@@ -12,9 +12,11 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::NoTls;
 
+use modelcast_proto::telemetry::TelemetryReport;
+
 use super::{
     decode, encode, ArtifactInfo, AuditEntry, DbError, Deployment, DeviceEntry, DirectorEntry,
-    ModelEntry, Rollout, Signed, Storage,
+    ModelEntry, ModelInterval, Rollout, Signed, Storage,
 };
 
 /// Connections kept open per server.
@@ -38,6 +40,15 @@ CREATE TABLE IF NOT EXISTS rollouts (id BIGINT PRIMARY KEY, rollout JSON NOT NUL
 CREATE TABLE IF NOT EXISTS audit (seq BIGINT PRIMARY KEY, entry JSON NOT NULL, digest TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS director (device TEXT PRIMARY KEY, entry JSON NOT NULL);
 CREATE SEQUENCE IF NOT EXISTS ids;
+CREATE TABLE IF NOT EXISTS telemetry (
+    device TEXT NOT NULL, to_ms BIGINT NOT NULL, seq BIGINT NOT NULL, report JSON NOT NULL,
+    PRIMARY KEY (device, to_ms, seq));
+CREATE TABLE IF NOT EXISTS model_telemetry (
+    model TEXT NOT NULL, to_ms BIGINT NOT NULL, device TEXT NOT NULL, seq BIGINT NOT NULL,
+    slot SMALLINT NOT NULL, version BIGINT NOT NULL, point JSON NOT NULL,
+    PRIMARY KEY (model, to_ms, device, seq, slot));
+CREATE INDEX IF NOT EXISTS telemetry_by_time ON telemetry (to_ms);
+CREATE INDEX IF NOT EXISTS model_telemetry_by_time ON model_telemetry (to_ms);
 ";
 
 /// The PostgreSQL store: a pool of connections to one database.
@@ -370,5 +381,94 @@ impl Storage for PgStore {
             &[&device, &json(entry)],
         )
         .await
+    }
+
+    async fn add_telemetry(&self, report: &TelemetryReport) -> Result<bool, DbError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let added = tx
+            .execute(
+                "INSERT INTO telemetry (device, to_ms, seq, report) VALUES ($1, $2, $3, $4::text::json)
+                 ON CONFLICT DO NOTHING",
+                &[&report.device, &report.to_ms, &big(report.seq), &json(report)],
+            )
+            .await?;
+        if added == 0 {
+            return Ok(false);
+        }
+        for p in ModelInterval::of(report) {
+            tx.execute(
+                "INSERT INTO model_telemetry (model, to_ms, device, seq, slot, version, point)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7::text::json) ON CONFLICT DO NOTHING",
+                &[
+                    &p.telemetry.model,
+                    &p.to_ms,
+                    &p.device,
+                    &big(p.seq),
+                    &(p.telemetry.slot as i16),
+                    &big(p.telemetry.version),
+                    &json(&p),
+                ],
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn model_telemetry(
+        &self,
+        model: &str,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<ModelInterval>, DbError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT point::text FROM model_telemetry
+                 WHERE model = $1 AND to_ms BETWEEN $2 AND $3
+                 ORDER BY to_ms, device COLLATE \"C\", seq, slot",
+                &[&model, &from_ms, &to_ms],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| decode("model_telemetry", r.try_get::<_, &str>(0)?.as_bytes()))
+            .collect()
+    }
+
+    async fn device_telemetry(
+        &self,
+        device: &str,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<TelemetryReport>, DbError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT report::text FROM telemetry
+                 WHERE device = $1 AND to_ms BETWEEN $2 AND $3 ORDER BY to_ms, seq",
+                &[&device, &from_ms, &to_ms],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| decode("telemetry", r.try_get::<_, &str>(0)?.as_bytes()))
+            .collect()
+    }
+
+    async fn prune_telemetry(&self, before_ms: i64) -> Result<u64, DbError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let removed = tx
+            .execute("DELETE FROM telemetry WHERE to_ms < $1", &[&before_ms])
+            .await?;
+        tx.execute(
+            "DELETE FROM model_telemetry WHERE to_ms < $1",
+            &[&before_ms],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(removed)
     }
 }

@@ -4,9 +4,11 @@ use std::path::Path;
 
 use bytes::Bytes;
 
+use modelcast_proto::telemetry::TelemetryReport;
+
 use super::{
     decode, encode, ArtifactInfo, AuditEntry, DbError, Deployment, DeviceEntry, DirectorEntry,
-    ModelEntry, Rollout, Signed, Storage,
+    ModelEntry, ModelInterval, Rollout, Signed, Storage,
 };
 
 /// Key of the audit log's head (last position and digest); sorts after every position.
@@ -25,6 +27,40 @@ pub struct SledStore {
     director: sled::Tree,
     rollouts: sled::Tree,
     audit: sled::Tree,
+    /// Reports by device, interval end and sequence number.
+    telemetry: sled::Tree,
+    /// Per-model points by model, interval end, device, sequence number and slot.
+    model_telemetry: sled::Tree,
+}
+
+/// A time as bytes that sort like the time.
+fn time_bytes(ms: i64) -> [u8; 8] {
+    ((ms as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+/// `name`, a 0 byte, then the time: a series' key prefix up to a time.
+fn series_key(name: &str, ms: i64) -> Vec<u8> {
+    let mut key = name.as_bytes().to_vec();
+    key.push(0);
+    key.extend_from_slice(&time_bytes(ms));
+    key
+}
+
+/// A report's key: device, interval end, sequence number.
+fn report_key(r: &TelemetryReport) -> Vec<u8> {
+    let mut key = series_key(&r.device, r.to_ms);
+    key.extend_from_slice(&r.seq.to_be_bytes());
+    key
+}
+
+/// A point's key: model, interval end, device, sequence number, slot.
+fn point_key(p: &ModelInterval) -> Vec<u8> {
+    let mut key = series_key(&p.telemetry.model, p.to_ms);
+    key.extend_from_slice(p.device.as_bytes());
+    key.push(0);
+    key.extend_from_slice(&p.seq.to_be_bytes());
+    key.push(p.telemetry.slot as u8);
+    key
 }
 
 fn registry_key(name: &str, version: u64) -> Vec<u8> {
@@ -58,6 +94,8 @@ impl SledStore {
             director: db.open_tree("director")?,
             rollouts: db.open_tree("rollouts")?,
             audit: db.open_tree("audit")?,
+            telemetry: db.open_tree("telemetry")?,
+            model_telemetry: db.open_tree("model_telemetry")?,
             db,
         })
     }
@@ -236,5 +274,89 @@ impl Storage for SledStore {
     async fn put_director(&self, device: &str, entry: &DirectorEntry) -> Result<(), DbError> {
         self.director.insert(device, encode(entry))?;
         Ok(())
+    }
+
+    async fn add_telemetry(&self, report: &TelemetryReport) -> Result<bool, DbError> {
+        use sled::transaction::{TransactionError, Transactional};
+        let key = report_key(report);
+        let value = encode(report);
+        let points: Vec<(Vec<u8>, Vec<u8>)> = ModelInterval::of(report)
+            .iter()
+            .map(|p| (point_key(p), encode(p)))
+            .collect();
+        let trees = (&self.telemetry, &self.model_telemetry);
+        let result = trees.transaction(|(reports, series)| {
+            if reports.get(&key)?.is_some() {
+                return Ok(false);
+            }
+            reports.insert(key.as_slice(), value.as_slice())?;
+            for (k, v) in &points {
+                series.insert(k.as_slice(), v.as_slice())?;
+            }
+            Ok(true)
+        });
+        match result {
+            Ok(added) => Ok(added),
+            Err(TransactionError::Abort(())) => Ok(false),
+            Err(TransactionError::Storage(e)) => Err(e.into()),
+        }
+    }
+
+    async fn model_telemetry(
+        &self,
+        model: &str,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<ModelInterval>, DbError> {
+        let (from, to) = (
+            series_key(model, from_ms),
+            series_key(model, to_ms.saturating_add(1)),
+        );
+        self.model_telemetry
+            .range(from..to)
+            .values()
+            .map(|v| decode(&format!("model_telemetry/{model}"), &v?))
+            .collect()
+    }
+
+    async fn device_telemetry(
+        &self,
+        device: &str,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<TelemetryReport>, DbError> {
+        let (from, to) = (
+            series_key(device, from_ms),
+            series_key(device, to_ms.saturating_add(1)),
+        );
+        self.telemetry
+            .range(from..to)
+            .values()
+            .map(|v| decode(&format!("telemetry/{device}"), &v?))
+            .collect()
+    }
+
+    async fn prune_telemetry(&self, before_ms: i64) -> Result<u64, DbError> {
+        // Keys start with a name, then the time: every series is walked, each only up to the
+        // cut (names are at most 128 bytes, so a name ends at its 0 byte).
+        let mut removed = 0;
+        for (tree, counts) in [(&self.telemetry, true), (&self.model_telemetry, false)] {
+            let mut batch = sled::Batch::default();
+            for key in tree.iter().keys() {
+                let key = key?;
+                let Some(end) = key.iter().position(|&b| b == 0) else {
+                    continue;
+                };
+                let at = key
+                    .get(end + 1..end + 9)
+                    .and_then(|t| <[u8; 8]>::try_from(t).ok());
+                if at.is_some_and(|t| t < time_bytes(before_ms)) {
+                    batch.remove(key);
+                    removed += u64::from(counts);
+                }
+            }
+            tree.apply_batch(batch)?;
+        }
+        Ok(removed)
     }
 }

@@ -194,6 +194,28 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Latency and error rate of a model (one version, or all) across a group of devices over
+    /// a window, from the devices' telemetry.
+    Telemetry {
+        /// Model name.
+        #[arg(long)]
+        model: String,
+        /// One version (all without it).
+        #[arg(long)]
+        version: Option<u64>,
+        /// Label selector of the devices (all without it).
+        #[arg(long)]
+        group: Option<String>,
+        /// The window: the last this long (`1h`, `30m`, `2d`).
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        since: std::time::Duration,
+        /// Width of the time series' steps (default: a sixtieth of the window).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        step: Option<std::time::Duration>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// List published model versions.
     Models {
         /// One model's history: every version, its stage, the devices serving it.
@@ -714,6 +736,28 @@ fn main() -> anyhow::Result<()> {
                 }
             }
         }
+        Command::Telemetry {
+            model,
+            version,
+            group,
+            since,
+            step,
+            json,
+        } => {
+            let question = modelcast_server::telemetry::Question {
+                model,
+                version,
+                group,
+                since_secs: since.as_secs().max(1),
+                step_secs: step.map(|s| s.as_secs().max(1)),
+            };
+            let answer = client.telemetry(&question)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&answer)?);
+            } else {
+                print_telemetry(&answer);
+            }
+        }
         Command::Devices { json } => {
             let devices = client.devices()?;
             if json {
@@ -920,5 +964,59 @@ fn follow(
             );
         }
         std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// A telemetry answer as a table: the window, each version, then each step with requests.
+fn print_telemetry(a: &modelcast_server::telemetry::Answer) {
+    use modelcast_server::telemetry::Totals;
+    let q = &a.question;
+    println!(
+        "{} {} on {} over the last {}: {} devices, {} reports",
+        q.model,
+        q.version
+            .map_or("(all versions)".into(), |v| format!("v{v}")),
+        q.group.as_deref().unwrap_or("every device"),
+        humantime::format_duration(std::time::Duration::from_secs(q.since_secs)),
+        a.devices,
+        a.points
+    );
+    let row = |what: &str, t: &Totals| {
+        let (p50, p95, p99) = t
+            .latency_us
+            .map_or(("-".into(), "-".into(), "-".into()), |l| {
+                let ms = |us: u64| format!("{:.3}", us as f64 / 1000.0);
+                (ms(l.p50), ms(l.p95), ms(l.p99))
+            });
+        println!(
+            "{what:<22} {:>10} {:>8} {:>9.4}% {:>9} {:>9} {:>9} {:>6}",
+            t.requests,
+            t.errors,
+            t.error_rate * 100.0,
+            p50,
+            p95,
+            p99,
+            t.non_finite
+        );
+    };
+    println!(
+        "{:<22} {:>10} {:>8} {:>10} {:>9} {:>9} {:>9} {:>6}",
+        "", "requests", "errors", "error rate", "p50 ms", "p95 ms", "p99 ms", "NaN"
+    );
+    row("window", &a.totals);
+    for (v, t) in &a.versions {
+        row(&format!("  v{v}"), t);
+    }
+    for s in a.series.iter().filter(|s| s.totals.requests > 0) {
+        let at = time::OffsetDateTime::from_unix_timestamp(s.at_ms / 1000)
+            .ok()
+            .and_then(|t| {
+                t.format(time::macros::format_description!(
+                    "[year]-[month]-[day] [hour]:[minute]:[second]"
+                ))
+                .ok()
+            })
+            .unwrap_or_else(|| s.at_ms.to_string());
+        row(&at, &s.totals);
     }
 }

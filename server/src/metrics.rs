@@ -1,0 +1,151 @@
+//! The server's Prometheus metrics on `GET /metrics`: fleet-level gauges computed from the
+//! store at each scrape (devices online and offline, devices serving each model version,
+//! rollouts by state) and the server's own counters (chunk requests, telemetry reports).
+//!
+//! Label sets are bounded by what operators create: model names and published versions,
+//! rollout states; never device ids.
+
+use std::collections::BTreeMap;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::db::DbError;
+use crate::fleet::Fleet;
+use crate::unix_now;
+
+/// A device counted as online has sent something within this long (or holds a retained
+/// `online` status).
+pub const ONLINE_WITHIN_SECS: i64 = 300;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VersionLabels {
+    model: String,
+    version: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: String,
+}
+
+/// The metrics text, as of now.
+pub async fn render(fleet: &Fleet) -> Result<String, DbError> {
+    let devices = fleet.db().devices().await?;
+    let now = unix_now();
+    let mut registry = Registry::with_prefix("modelcast_fleet");
+
+    let by_state = Family::<StateLabels, Gauge>::default();
+    let mut serving: BTreeMap<(String, u64), i64> = BTreeMap::new();
+    for d in &devices {
+        let online = d.online && now - d.last_seen <= ONLINE_WITHIN_SECS;
+        let state = if online { "online" } else { "offline" };
+        by_state
+            .get_or_create(&StateLabels {
+                state: state.into(),
+            })
+            .inc();
+        for (model, m) in d.report.iter().flat_map(|r| &r.models) {
+            if let Some(v) = m.serving_version() {
+                *serving.entry((model.clone(), v)).or_default() += 1;
+            }
+        }
+    }
+    for state in ["online", "offline"] {
+        // Both states show, at 0 too.
+        by_state
+            .get_or_create(&StateLabels {
+                state: state.into(),
+            })
+            .inc_by(0);
+    }
+    registry.register(
+        "devices",
+        "Devices known to the fleet, by whether they were heard from lately",
+        by_state,
+    );
+
+    let versions = Family::<VersionLabels, Gauge>::default();
+    for ((model, version), n) in serving {
+        versions
+            .get_or_create(&VersionLabels {
+                model,
+                version: version.to_string(),
+            })
+            .set(n);
+    }
+    registry.register(
+        "devices_serving",
+        "Devices serving each model version",
+        versions,
+    );
+
+    let rollouts = Family::<StateLabels, Gauge>::default();
+    for r in fleet.rollouts() {
+        let state = match r.state {
+            crate::rollout::RolloutState::Running => "running",
+            crate::rollout::RolloutState::Paused => "paused",
+            crate::rollout::RolloutState::Completed => "completed",
+            crate::rollout::RolloutState::Aborted { .. } => "aborted",
+            crate::rollout::RolloutState::Cancelled => "cancelled",
+        };
+        rollouts
+            .get_or_create(&StateLabels {
+                state: state.into(),
+            })
+            .inc();
+    }
+    registry.register("rollouts", "Rollouts by state", rollouts);
+
+    let status = fleet.status();
+    let counter = |v: u64| {
+        let c = Counter::<u64>::default();
+        c.inc_by(v);
+        c
+    };
+    registry.register(
+        "chunk_requests",
+        "Chunk requests this server answered",
+        counter(status.chunk_requests.requests),
+    );
+    registry.register(
+        "chunks_sent",
+        "Chunks this server sent",
+        counter(status.chunk_requests.chunks),
+    );
+    registry.register(
+        "chunk_requests_refused",
+        "Chunk requests this server refused",
+        counter(status.chunk_requests.refused),
+    );
+    let reports = Family::<ResultLabels, Counter>::default();
+    for (result, n) in [
+        ("stored", status.telemetry.stored),
+        ("duplicate", status.telemetry.duplicates),
+        ("rejected", status.telemetry.rejected),
+    ] {
+        reports
+            .get_or_create(&ResultLabels {
+                result: result.into(),
+            })
+            .inc_by(n);
+    }
+    registry.register(
+        "telemetry_reports",
+        "Telemetry reports this server received, by what it did with them",
+        reports,
+    );
+
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry)
+        .map_err(|e| DbError::Pool(format!("encoding metrics: {e}")))?;
+    Ok(text)
+}
