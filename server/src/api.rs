@@ -212,6 +212,7 @@ pub fn router(fleet: Arc<Fleet>, tokens: Option<Tokens>) -> Router {
         .route("/api/v1/devices", get(devices))
         .route("/api/v1/devices/{id}/telemetry", get(device_telemetry))
         .route("/api/v1/telemetry", get(telemetry))
+        .route("/api/v1/alerts", get(alerts))
         .route("/metrics", get(metrics))
         .route("/api/v1/rollouts", get(rollouts).post(start_rollout))
         .route("/api/v1/rollouts/{id}", get(rollout))
@@ -767,6 +768,45 @@ struct WindowQuery {
 
 fn default_window() -> u64 {
     3600
+}
+
+/// Which alerts to list.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct AlertQuery {
+    /// One model's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// One version's (with `model`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+    /// Cleared ones too.
+    #[serde(default)]
+    pub all: bool,
+}
+
+/// Alerts, and the active ones grouped per version.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AlertList {
+    /// The alerts asked for, oldest first.
+    pub alerts: Vec<crate::drift::Alert>,
+    /// Active alerts per version: how many devices raise each kind.
+    pub versions: Vec<crate::drift::VersionAlerts>,
+}
+
+/// Drift and anomaly alerts per device, and per version.
+async fn alerts(State(fleet): State<Arc<Fleet>>, Query(q): Query<AlertQuery>) -> ApiResult {
+    let alerts: Vec<crate::drift::Alert> = fleet
+        .db()
+        .alerts()
+        .await
+        .map_err(internal)?
+        .into_iter()
+        .filter(|a| q.model.as_ref().is_none_or(|m| *m == a.model))
+        .filter(|a| q.version.is_none_or(|v| v == a.version))
+        .filter(|a| q.all || a.active())
+        .collect();
+    let versions = crate::drift::by_version(&alerts);
+    Ok(Json(AlertList { alerts, versions }).into_response())
 }
 
 /// One device's telemetry reports over a window.

@@ -315,6 +315,18 @@ impl Client {
         )
     }
 
+    /// Drift and anomaly alerts.
+    pub fn alerts(&self, q: &crate::api::AlertQuery) -> Result<crate::api::AlertList, ClientError> {
+        let mut r = self.get("/api/v1/alerts").query("all", q.all.to_string());
+        if let Some(m) = &q.model {
+            r = r.query("model", m);
+        }
+        if let Some(v) = q.version {
+            r = r.query("version", v.to_string());
+        }
+        Self::read(r.call())
+    }
+
     /// The server's Prometheus metrics text.
     pub fn metrics(&self) -> Result<String, ClientError> {
         let mut response = self.get("/metrics").call().map_err(transport)?;

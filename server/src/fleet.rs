@@ -19,11 +19,15 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Tr
 use tokio::sync::{mpsc, Mutex};
 use tracing::{debug, info, warn};
 
-use crate::db::{Db, DbError, Deployment, DeviceEntry, DirectorEntry};
+use crate::db::{Db, DbError, Deployment, DeviceEntry, DirectorEntry, ModelInterval};
+use crate::drift::{Alert, Change, Detectors};
 use crate::group::Selector;
 use crate::repo::{RepoError, Repository, ONLINE_LIFETIME_SECS};
 use crate::rollout::{Effect, Rollout, RolloutSpec, RolloutState, Rollouts};
 use crate::unix_now;
+
+/// How much stored telemetry rebuilds the drift detectors at start-up.
+const DRIFT_REPLAY_MS: i64 = 24 * 3600 * 1000;
 
 /// A version a device should run, with its deployment's probation thresholds.
 pub type Wanted = (Manifest, Option<TrialThresholds>);
@@ -108,7 +112,9 @@ pub struct Fleet {
     telemetry_duplicates: std::sync::atomic::AtomicU64,
     telemetry_rejected: std::sync::atomic::AtomicU64,
     /// How long telemetry is kept, seconds.
-    telemetry_retention_secs: std::sync::atomic::AtomicU64,
+    telemetry_retention_secs: u64,
+    /// Drift and anomaly detectors, fed by every new telemetry report.
+    drift: std::sync::Mutex<Detectors>,
     publishing: Mutex<()>,
     /// Every rollout, as stored; locked only between awaits.
     rollouts: std::sync::Mutex<Rollouts>,
@@ -154,6 +160,7 @@ impl Fleet {
         topics: Topics,
         link: BrokerLink,
         role: Role,
+        monitoring: crate::Monitoring,
     ) -> Result<Arc<Fleet>, DbError> {
         let rollouts = db
             .rollouts()
@@ -187,7 +194,8 @@ impl Fleet {
             telemetry_stored: Default::default(),
             telemetry_duplicates: Default::default(),
             telemetry_rejected: Default::default(),
-            telemetry_retention_secs: (crate::telemetry::DEFAULT_RETENTION_DAYS * 86_400).into(),
+            telemetry_retention_secs: monitoring.retention_days.saturating_mul(86_400),
+            drift: std::sync::Mutex::new(Detectors::new(monitoring.drift)),
             publishing: Mutex::new(()),
             rollouts: std::sync::Mutex::new(rollouts),
             dirty_rollouts: Default::default(),
@@ -240,6 +248,9 @@ impl Fleet {
         if role == Role::Chunks {
             return Ok(fleet);
         }
+        if let Err(e) = fleet.replay_drift().await {
+            warn!(error = %e, "rebuilding the drift detectors failed; they start empty");
+        }
         let refresher = fleet.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(60));
@@ -287,19 +298,9 @@ impl Fleet {
         }
     }
 
-    /// Keeps telemetry for `days` (the default is [`crate::telemetry::DEFAULT_RETENTION_DAYS`]).
-    pub fn set_telemetry_retention(&self, days: u64) {
-        self.telemetry_retention_secs.store(
-            days.saturating_mul(86_400),
-            std::sync::atomic::Ordering::Relaxed,
-        );
-    }
-
     /// Removes telemetry older than the retention.
     async fn prune_telemetry(&self) {
-        let keep = self
-            .telemetry_retention_secs
-            .load(std::sync::atomic::Ordering::Relaxed);
+        let keep = self.telemetry_retention_secs;
         let before = unix_now()
             .saturating_sub(i64::try_from(keep).unwrap_or(i64::MAX))
             .saturating_mul(1000);
@@ -327,19 +328,134 @@ impl Fleet {
                 return Err(format!("telemetry: {e}"));
             }
         };
-        let counter = if self
+        if !self
             .db
             .add_telemetry(&report)
             .await
             .map_err(|e| e.to_string())?
         {
-            debug!(%device, seq = report.seq, "telemetry stored");
-            &self.telemetry_stored
-        } else {
-            &self.telemetry_duplicates
+            self.telemetry_duplicates.fetch_add(1, Relaxed);
+            return Ok(());
+        }
+        debug!(%device, seq = report.seq, "telemetry stored");
+        self.telemetry_stored.fetch_add(1, Relaxed);
+        let changes: Vec<Change> = {
+            let mut drift = self.drift.lock().expect("drift lock");
+            ModelInterval::of(&report)
+                .iter()
+                .flat_map(|p| drift.observe(p))
+                .collect()
         };
-        counter.fetch_add(1, Relaxed);
+        self.apply_drift(changes).await;
         Ok(())
+    }
+
+    /// Rebuilds the drift detectors from the stored alerts and the last day of telemetry
+    /// (a restarted server goes on where it was; alerts it had not stored yet are raised).
+    async fn replay_drift(&self) -> Result<(), DbError> {
+        let alerts = self.db.alerts().await?;
+        let to = crate::unix_now_ms();
+        let from = to - DRIFT_REPLAY_MS;
+        let mut names: Vec<String> = self
+            .db
+            .models()
+            .await?
+            .into_iter()
+            .map(|m| m.manifest.name)
+            .collect();
+        names.dedup();
+        let mut points = Vec::new();
+        for name in &names {
+            points.extend(self.db.model_telemetry(name, from, to).await?);
+        }
+        points.sort_by_key(|p| p.to_ms);
+        let changes: Vec<Change> = {
+            let mut drift = self.drift.lock().expect("drift lock");
+            for a in &alerts {
+                drift.restore(a);
+            }
+            points.iter().flat_map(|p| drift.observe(p)).collect()
+        };
+        info!(
+            points = points.len(),
+            alerts = alerts.iter().filter(|a| a.active()).count(),
+            "drift detectors rebuilt"
+        );
+        self.apply_drift(changes).await;
+        Ok(())
+    }
+
+    /// Stores raised and cleared alerts, and tells the rollouts of the versions concerned.
+    async fn apply_drift(&self, changes: Vec<Change>) {
+        for change in changes {
+            if let Err(e) = self.apply_drift_change(change).await {
+                warn!(error = %e, "recording an alert failed");
+            }
+        }
+    }
+
+    async fn apply_drift_change(&self, change: Change) -> Result<(), DbError> {
+        match change {
+            Change::Raised(mut alert) => {
+                alert.id = self.db.next_id().await?;
+                self.db.put_alert(&alert).await?;
+                warn!(
+                    device = %alert.device,
+                    model = %alert.model,
+                    version = alert.version,
+                    kind = %alert.kind,
+                    test = %alert.test,
+                    value = alert.value,
+                    "alert raised: {}",
+                    alert.message
+                );
+                self.alert_rollouts(&alert).await;
+            }
+            Change::Cleared {
+                device,
+                model,
+                version,
+                kind,
+                at_ms,
+            } => {
+                for mut alert in self.db.alerts().await? {
+                    if alert.active()
+                        && alert.device == device
+                        && alert.model == model
+                        && alert.version == version
+                        && alert.kind == kind
+                    {
+                        alert.cleared_ms = Some(at_ms);
+                        self.db.put_alert(&alert).await?;
+                        info!(%device, %model, version, %kind, "alert cleared");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Fails the alerting device in every running rollout of the alert's version that aborts
+    /// on alerts.
+    async fn alert_rollouts(&self, alert: &Alert) {
+        let now = unix_now();
+        let reason = format!("alert: {}: {}", alert.kind, alert.message);
+        let changed: Vec<(Rollout, Vec<Effect>)> = {
+            let mut all = self.rollouts.lock().expect("rollouts lock");
+            all.values_mut()
+                .filter(|r| r.spec.model == alert.model && r.spec.version == alert.version)
+                .filter_map(|r| {
+                    let (changed, effects) = r.handle_alert(now, &alert.device, &reason);
+                    changed.then(|| (r.clone(), effects))
+                })
+                .collect()
+        };
+        for (rollout, effects) in changed {
+            info!(rollout = rollout.id, device = %alert.device, "rollout counts the alerting device as failed");
+            if let Err(e) = self.commit_rollout(&rollout, effects).await {
+                warn!(rollout = rollout.id, error = %e, "recording a rollout failed");
+            }
+        }
     }
 
     /// The store.

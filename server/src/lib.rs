@@ -21,6 +21,7 @@ pub mod auth;
 pub mod broker;
 pub mod client;
 pub mod db;
+pub mod drift;
 pub mod fleet;
 pub mod group;
 pub mod keyset;
@@ -79,6 +80,26 @@ pub struct ServerConfig {
     /// What this process does: everything, or its share of chunk requests beside a control
     /// server (which needs `database` and an external `broker`).
     pub role: fleet::Role,
+    /// How the fleet's telemetry is kept and watched.
+    pub monitoring: Monitoring,
+}
+
+/// How the server keeps and watches the fleet's telemetry.
+#[derive(Debug, Clone)]
+pub struct Monitoring {
+    /// Days telemetry is kept.
+    pub retention_days: u64,
+    /// How drift and anomalies are detected.
+    pub drift: drift::DriftConfig,
+}
+
+impl Default for Monitoring {
+    fn default() -> Self {
+        Monitoring {
+            retention_days: telemetry::DEFAULT_RETENTION_DAYS,
+            drift: drift::DriftConfig::default(),
+        }
+    }
 }
 
 /// Why the server could not run.
@@ -168,7 +189,8 @@ pub async fn run(
         client_id: cfg.mqtt_identity.clone(),
         tls,
     };
-    let fleet = fleet::Fleet::start(db.clone(), repo, topics, link, cfg.role).await?;
+    let fleet =
+        fleet::Fleet::start(db.clone(), repo, topics, link, cfg.role, cfg.monitoring).await?;
     if cfg.role == fleet::Role::Chunks {
         tracing::info!(addr = ?listener.local_addr().ok(), identity = %cfg.mqtt_identity, "chunk replica: answering its share of chunk requests");
         axum::serve(listener, api::replica_router(fleet))

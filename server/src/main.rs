@@ -50,6 +50,15 @@ struct Args {
     /// `--database` and `--broker` (give it its own `--mqtt-identity`).
     #[arg(long, env = "MODELCAST_ROLE", value_enum, default_value = "control")]
     role: modelcast_server::fleet::Role,
+    /// Days the fleet's telemetry is kept.
+    #[arg(long, env = "MODELCAST_TELEMETRY_RETENTION_DAYS", default_value_t = modelcast_server::telemetry::DEFAULT_RETENTION_DAYS)]
+    telemetry_retention_days: u64,
+    /// Requests a drift sample needs (a device's telemetry is pooled until it has this many).
+    #[arg(long, env = "MODELCAST_DRIFT_MIN_REQUESTS", default_value_t = 100)]
+    drift_min_requests: u64,
+    /// Samples that make a device's baseline for a model version (its first ones).
+    #[arg(long, env = "MODELCAST_DRIFT_BASELINE_SAMPLES", default_value_t = 5)]
+    drift_baseline_samples: usize,
 }
 
 #[tokio::main]
@@ -77,6 +86,14 @@ async fn main() -> anyhow::Result<()> {
         mqtt_identity: args.mqtt_identity,
         tokens: args.tokens,
         role: args.role,
+        monitoring: modelcast_server::Monitoring {
+            retention_days: args.telemetry_retention_days,
+            drift: modelcast_server::drift::DriftConfig {
+                min_requests: args.drift_min_requests,
+                baseline_samples: args.drift_baseline_samples,
+                ..Default::default()
+            },
+        },
     };
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

@@ -1,6 +1,6 @@
 //! The server's Prometheus metrics on `GET /metrics`: fleet-level gauges computed from the
 //! store at each scrape (devices online and offline, devices serving each model version,
-//! rollouts by state) and the server's own counters (chunk requests, telemetry reports).
+//! rollouts by state, active alerts) and the server's own counters (chunk requests, telemetry reports).
 //!
 //! Label sets are bounded by what operators create: model names and published versions,
 //! rollout states; never device ids.
@@ -30,6 +30,13 @@ struct StateLabels {
 struct VersionLabels {
     model: String,
     version: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AlertLabels {
+    model: String,
+    version: String,
+    kind: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -104,6 +111,24 @@ pub async fn render(fleet: &Fleet) -> Result<String, DbError> {
             .inc();
     }
     registry.register("rollouts", "Rollouts by state", rollouts);
+
+    let alerts = Family::<AlertLabels, Gauge>::default();
+    for v in crate::drift::by_version(&fleet.db().alerts().await?) {
+        for (kind, n) in v.kinds {
+            alerts
+                .get_or_create(&AlertLabels {
+                    model: v.model.clone(),
+                    version: v.version.to_string(),
+                    kind,
+                })
+                .set(n as i64);
+        }
+    }
+    registry.register(
+        "alerts",
+        "Devices with an active drift or anomaly alert, per model version and kind",
+        alerts,
+    );
 
     let status = fleet.status();
     let counter = |v: u64| {

@@ -119,6 +119,10 @@ pub struct RolloutSpec {
     /// Probation thresholds for the devices moved (overriding theirs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub probation: Option<TrialThresholds>,
+    /// A moved device on which the server raises a drift or anomaly alert for this version
+    /// ([`crate::drift`]) counts as failed, even after it committed.
+    #[serde(default)]
+    pub abort_on_alerts: bool,
 }
 
 fn full() -> u32 {
@@ -149,6 +153,7 @@ impl RolloutSpec {
             wave_timeout_secs: default_wave_timeout(),
             auto_rollback: true,
             probation: None,
+            abort_on_alerts: false,
         })
     }
 
@@ -437,6 +442,26 @@ impl Rollout {
         self.step(now)
     }
 
+    /// The server raised an alert on `device` for the rollout's version: with
+    /// `abort_on_alerts`, a device already moved (updating or committed) fails with `reason`.
+    /// Returns whether the device's state changed, and the effects.
+    pub fn handle_alert(&mut self, now: i64, device: &str, reason: &str) -> (bool, Vec<Effect>) {
+        if !self.spec.abort_on_alerts || self.state.is_over() {
+            return (false, Vec::new());
+        }
+        let Some(m) = self.members.iter_mut().find(|m| m.device == device) else {
+            return (false, Vec::new());
+        };
+        if !matches!(m.state, DeviceState::Updating | DeviceState::Committed) {
+            return (false, Vec::new());
+        }
+        m.failure = Some(reason.into());
+        m.state = DeviceState::Failed {
+            reason: reason.into(),
+        };
+        (true, self.step(now))
+    }
+
     /// The clock.
     pub fn handle_timeout(&mut self, now: i64) -> Vec<Effect> {
         self.step(now)
@@ -674,6 +699,7 @@ mod tests {
             wave_timeout_secs: 600,
             auto_rollback: true,
             probation: None,
+            abort_on_alerts: true,
         }
     }
 
@@ -855,6 +881,8 @@ mod tests {
         /// Device `i` (of the moved ones) reports: 0 updating, 1 on trial, 2 committed,
         /// 3 failed, 4 serving the old version.
         Report(usize, u8),
+        /// An alert on device `i` (of the moved ones).
+        Alert(usize),
         Tick(i64),
         Pause,
         Resume,
@@ -867,6 +895,7 @@ mod tests {
             prop_oneof![3 => Just(0u8), 3 => Just(1), 10 => Just(2), 1 => Just(3), 3 => Just(4)];
         prop_oneof![
             100 => (0usize..30, status).prop_map(|(i, s)| Event::Report(i, s)),
+            3 => (0usize..30).prop_map(Event::Alert),
             10 => (1i64..120).prop_map(Event::Tick),
             2 => Just(Event::Pause),
             4 => Just(Event::Resume),
@@ -928,6 +957,18 @@ mod tests {
                             _ => report(d, 1, None),
                         };
                         r.handle_report(now, d, &rep)
+                    }
+                    Event::Alert(i) => {
+                        let ids: Vec<String> = r
+                            .members
+                            .iter()
+                            .filter(|m| m.state != DeviceState::Waiting)
+                            .map(|m| m.device.clone())
+                            .collect();
+                        if ids.is_empty() {
+                            continue;
+                        }
+                        r.handle_alert(now, &ids[i % ids.len()], "alert: class drift").1
                     }
                     Event::Tick(dt) => { now += dt; r.handle_timeout(now) }
                     Event::Pause => r.pause(now),

@@ -397,12 +397,29 @@ pub struct Fleet {
 impl Fleet {
     /// Keys and a server with its embedded broker.
     pub fn embedded() -> Fleet {
-        Self::start_in(tempfile::tempdir().expect("tempdir"), None, None, None)
+        Self::start_in(tempfile::tempdir().expect("tempdir"), None, None, None, &[])
+    }
+
+    /// Keys and a server with its embedded broker, started with these further arguments.
+    pub fn embedded_with(args: &[&str]) -> Fleet {
+        Self::start_in(
+            tempfile::tempdir().expect("tempdir"),
+            None,
+            None,
+            None,
+            args,
+        )
     }
 
     /// Keys and a server with its embedded broker, keeping its state in PostgreSQL at `url`.
     pub fn on_postgres(url: &str) -> Fleet {
-        Self::start_in(tempfile::tempdir().expect("tempdir"), None, None, Some(url))
+        Self::start_in(
+            tempfile::tempdir().expect("tempdir"),
+            None,
+            None,
+            Some(url),
+            &[],
+        )
     }
 
     /// Keys, a transport PKI and a server whose embedded broker speaks TLS only.
@@ -410,18 +427,18 @@ impl Fleet {
         let dir = tempfile::tempdir().expect("tempdir");
         let pki = dir.path().join("pki");
         modelcast_server::pki::init(&pki, &["127.0.0.1".into()]).expect("pki init");
-        Self::start_in(dir, None, Some(pki), None)
+        Self::start_in(dir, None, Some(pki), None, &[])
     }
 
     /// Keys and a server using the broker on `port`.
     pub fn with_broker(dir: tempfile::TempDir, port: u16) -> Fleet {
-        Self::start_in(dir, Some(port), None, None)
+        Self::start_in(dir, Some(port), None, None, &[])
     }
 
     /// Keys and a server using the broker on `port`, keeping its state in PostgreSQL at `url`
     /// (chunk replicas can then join it: [`Fleet::start_chunk_replica`]).
     pub fn with_broker_on_postgres(dir: tempfile::TempDir, port: u16, url: &str) -> Fleet {
-        Self::start_in(dir, Some(port), None, Some(url))
+        Self::start_in(dir, Some(port), None, Some(url), &[])
     }
 
     /// Starts a chunk replica (`--role chunks`) beside the server: same keys, database and
@@ -459,7 +476,7 @@ impl Fleet {
     /// Keys and a server using a TLS mosquitto ([`Mosquitto::start_tls`]) started in `dir`.
     pub fn with_tls_broker(dir: tempfile::TempDir, broker: &Mosquitto) -> Fleet {
         let pki = broker.pki().expect("a TLS broker").to_path_buf();
-        Self::start_in(dir, Some(broker.port()), Some(pki), None)
+        Self::start_in(dir, Some(broker.port()), Some(pki), None, &[])
     }
 
     fn start_in(
@@ -467,6 +484,7 @@ impl Fleet {
         broker: Option<u16>,
         pki: Option<PathBuf>,
         database: Option<&str>,
+        extra: &[&str],
     ) -> Fleet {
         let keys = dir.path().join("keys");
         keyset::keygen(&keys, modelcast_server::unix_now()).expect("keygen");
@@ -492,6 +510,7 @@ impl Fleet {
         if let Some(url) = database {
             cmd.arg("--database").arg(url);
         }
+        cmd.args(extra);
         let server_args: Vec<std::ffi::OsString> = cmd.get_args().map(|a| a.to_owned()).collect();
         let server = Proc::spawn(&mut cmd, dir.path().join("server.log"));
         let client = Client::new(&format!("http://127.0.0.1:{api_port}"));

@@ -4,7 +4,7 @@
 //!
 //! - `roomy` (a 1 MiB queue) loses nothing: after the cut every sequence number from the first
 //!   to the last arrived, in order of first arrival, and duplicates are only re-sends.
-//! - `tight` (a queue of 1,500 bytes, about three reports) never holds more than its bound,
+//! - `tight` (a queue of 1,000 bytes, about three reports) never holds more than its bound,
 //!   drops its oldest reports, and says so: the reports that never arrived are exactly the
 //!   ones its last report counts as dropped.
 //!
@@ -80,7 +80,7 @@ fn reports_are_queued_through_a_cut_and_arrive_in_order_within_the_queue_bound()
         )
     };
     let roomy = start("roomy", 1 << 20, &proxies[0]);
-    let tight = start("tight", 1_500, &proxies[1]);
+    let tight = start("tight", 1_000, &proxies[1]);
     wait_for("two devices", Duration::from_secs(30), || {
         (fleet.client.devices().ok()?.len() == 2).then_some(())
     });
@@ -133,8 +133,8 @@ fn reports_are_queued_through_a_cut_and_arrive_in_order_within_the_queue_bound()
         "the tight queue held reports during the cut"
     );
     assert!(
-        most_queued <= 1_500.0,
-        "{most_queued} bytes queued, bound 1500"
+        most_queued <= 1_000.0,
+        "{most_queued} bytes queued, bound 1000"
     );
 
     // After the cut, wait for reports built after it, then let the queues drain.

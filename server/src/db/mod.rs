@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::audit::AuditEntry;
+use crate::drift::Alert;
 use crate::rollout::Rollout;
 
 /// A store failure.
@@ -242,6 +243,10 @@ pub trait Storage: Send + Sync {
     ) -> Result<Vec<TelemetryReport>, DbError>;
     /// Removes telemetry whose interval ended before `before_ms`; returns the reports removed.
     async fn prune_telemetry(&self, before_ms: i64) -> Result<u64, DbError>;
+    /// Stores an alert, new or changed (cleared), by its id.
+    async fn put_alert(&self, alert: &Alert) -> Result<(), DbError>;
+    /// Every alert, by id.
+    async fn alerts(&self) -> Result<Vec<Alert>, DbError>;
 }
 
 /// The server's store, shared.

@@ -18,6 +18,7 @@ use super::{
     decode, encode, ArtifactInfo, AuditEntry, DbError, Deployment, DeviceEntry, DirectorEntry,
     ModelEntry, ModelInterval, Rollout, Signed, Storage,
 };
+use crate::drift::Alert;
 
 /// Connections kept open per server.
 const POOL_SIZE: usize = 16;
@@ -49,6 +50,7 @@ CREATE TABLE IF NOT EXISTS model_telemetry (
     PRIMARY KEY (model, to_ms, device, seq, slot));
 CREATE INDEX IF NOT EXISTS telemetry_by_time ON telemetry (to_ms);
 CREATE INDEX IF NOT EXISTS model_telemetry_by_time ON model_telemetry (to_ms);
+CREATE TABLE IF NOT EXISTS alerts (id BIGINT PRIMARY KEY, alert JSON NOT NULL);
 ";
 
 /// The PostgreSQL store: a pool of connections to one database.
@@ -470,5 +472,19 @@ impl Storage for PgStore {
         .await?;
         tx.commit().await?;
         Ok(removed)
+    }
+
+    async fn put_alert(&self, alert: &Alert) -> Result<(), DbError> {
+        self.exec(
+            "INSERT INTO alerts (id, alert) VALUES ($1, $2::text::json)
+             ON CONFLICT (id) DO UPDATE SET alert = EXCLUDED.alert",
+            &[&big(alert.id), &json(alert)],
+        )
+        .await
+    }
+
+    async fn alerts(&self) -> Result<Vec<Alert>, DbError> {
+        self.all("alerts", "SELECT alert::text FROM alerts ORDER BY id")
+            .await
     }
 }

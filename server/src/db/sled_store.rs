@@ -10,6 +10,7 @@ use super::{
     decode, encode, ArtifactInfo, AuditEntry, DbError, Deployment, DeviceEntry, DirectorEntry,
     ModelEntry, ModelInterval, Rollout, Signed, Storage,
 };
+use crate::drift::Alert;
 
 /// Key of the audit log's head (last position and digest); sorts after every position.
 const AUDIT_HEAD: &[u8] = b"~head";
@@ -31,6 +32,8 @@ pub struct SledStore {
     telemetry: sled::Tree,
     /// Per-model points by model, interval end, device, sequence number and slot.
     model_telemetry: sled::Tree,
+    /// Drift and anomaly alerts by id.
+    alerts: sled::Tree,
 }
 
 /// A time as bytes that sort like the time.
@@ -96,6 +99,7 @@ impl SledStore {
             audit: db.open_tree("audit")?,
             telemetry: db.open_tree("telemetry")?,
             model_telemetry: db.open_tree("model_telemetry")?,
+            alerts: db.open_tree("alerts")?,
             db,
         })
     }
@@ -358,5 +362,18 @@ impl Storage for SledStore {
             tree.apply_batch(batch)?;
         }
         Ok(removed)
+    }
+
+    async fn put_alert(&self, alert: &Alert) -> Result<(), DbError> {
+        self.alerts.insert(alert.id.to_be_bytes(), encode(alert))?;
+        Ok(())
+    }
+
+    async fn alerts(&self) -> Result<Vec<Alert>, DbError> {
+        self.alerts
+            .iter()
+            .values()
+            .map(|v| decode("alerts", &v?))
+            .collect()
     }
 }

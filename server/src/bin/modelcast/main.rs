@@ -216,6 +216,21 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Drift and anomaly alerts: per device, and per version (how many devices raise each).
+    Alerts {
+        /// One model's.
+        #[arg(long)]
+        model: Option<String>,
+        /// One version's.
+        #[arg(long, requires = "model")]
+        version: Option<u64>,
+        /// Cleared alerts too.
+        #[arg(long)]
+        all: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// List published model versions.
     Models {
         /// One model's history: every version, its stage, the devices serving it.
@@ -758,6 +773,56 @@ fn main() -> anyhow::Result<()> {
                 print_telemetry(&answer);
             }
         }
+        Command::Alerts {
+            model,
+            version,
+            all,
+            json,
+        } => {
+            let list = client.alerts(&modelcast_server::api::AlertQuery {
+                model,
+                version,
+                all,
+            })?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+                return Ok(());
+            }
+            if list.alerts.is_empty() {
+                println!("no {}alerts", if all { "" } else { "active " });
+            }
+            for v in &list.versions {
+                let kinds: Vec<String> =
+                    v.kinds.iter().map(|(k, n)| format!("{k} on {n}")).collect();
+                println!(
+                    "{} v{}: {} device(s) alerting: {}",
+                    v.model,
+                    v.version,
+                    v.devices,
+                    kinds.join(", ")
+                );
+            }
+            for a in &list.alerts {
+                let state = match a.cleared_ms {
+                    None => "ACTIVE".to_string(),
+                    Some(at) => format!("cleared {}", rfc3339_ms(at)),
+                };
+                println!(
+                    "{:>5}  {}  {:<16} {} v{}  {:<24} {}  [{}; {} {:.3} > {:.3}]",
+                    a.id,
+                    rfc3339_ms(a.raised_ms),
+                    a.device,
+                    a.model,
+                    a.version,
+                    a.kind.to_string(),
+                    a.message,
+                    state,
+                    a.test,
+                    a.value,
+                    a.threshold
+                );
+            }
+        }
         Command::Devices { json } => {
             let devices = client.devices()?;
             if json {
@@ -1019,4 +1084,15 @@ fn print_telemetry(a: &modelcast_server::telemetry::Answer) {
             .unwrap_or_else(|| s.at_ms.to_string());
         row(&at, &s.totals);
     }
+}
+
+/// Unix milliseconds as RFC 3339 (UTC, seconds).
+fn rfc3339_ms(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000))
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| ms.to_string())
 }

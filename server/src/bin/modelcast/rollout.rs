@@ -47,6 +47,10 @@ pub enum RolloutCommand {
         /// On abort, leave moved devices on the new version.
         #[arg(long)]
         no_auto_rollback: bool,
+        /// Count a moved device as failed when the server raises a drift or anomaly alert on
+        /// it for this version (latency, error rate, output distribution).
+        #[arg(long)]
+        abort_on_alerts: bool,
         /// Probation for the devices it moves, overriding theirs.
         #[command(flatten)]
         probation: ProbationArgs,
@@ -104,6 +108,7 @@ pub fn run(client: &Client, command: RolloutCommand) -> anyhow::Result<()> {
             max_failure_percent,
             wave_timeout,
             no_auto_rollback,
+            abort_on_alerts,
             probation,
             by,
             follow,
@@ -119,6 +124,7 @@ pub fn run(client: &Client, command: RolloutCommand) -> anyhow::Result<()> {
                 wave_timeout_secs: wave_timeout,
                 auto_rollback: !no_auto_rollback,
                 probation: probation.thresholds(),
+                abort_on_alerts,
             };
             let r = client.start_rollout(&RolloutRequest { spec, by })?;
             println!(

@@ -1,0 +1,249 @@
+//! Drift detection end to end: two real agents serve the example classifier and report
+//! telemetry every second; clients send each a 50/50 mix of two inputs the model puts in
+//! different classes. Then one device's inputs shift to the second kind only, while the other
+//! keeps the mix.
+//!
+//! - The shifted device raises a class-drift alert (PSI of its class histogram against its
+//!   baseline) for the version it serves, visible in the API, the CLI and `/metrics`.
+//! - The stable device raises no alert of any kind.
+//! - As a rollout's abort criterion: version 2 goes out with `abort_on_alerts` to one canary
+//!   (on a long trial, so the rollout waits in its first wave); when the canary's inputs
+//!   shift, the alert fails it and the rollout aborts and sends it back to version 1.
+
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use modelcast_proto::manifest::TensorData;
+use modelcast_server::api::AlertQuery;
+use modelcast_server::rollout::{RolloutSpec, RolloutState};
+use modelcast_tests::{bin, wait_for, Agent, Fleet};
+
+/// Inputs: the mix, or the second kind only.
+const MIX: u8 = 0;
+const SHIFTED: u8 = 1;
+
+/// Two inputs the model puts in different classes.
+fn two_classes(agent: &Agent, golden: &TensorData) -> (Vec<TensorData>, Vec<TensorData>) {
+    let argmax = |v: &[f64]| {
+        v.iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(i, _)| i)
+            .unwrap()
+    };
+    let mut seen: Vec<(usize, Vec<TensorData>)> = Vec::new();
+    // Probes: one-hot vectors both ways, then pseudo-random ones (a fixed LCG).
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        state = state
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        ((state >> 33) as f32 / (1u64 << 31) as f32) * 16.0 - 8.0
+    };
+    let probes = (0..8).map(|i| {
+        let mut x = vec![0.0f32; 4];
+        x[i / 2] = if i % 2 == 0 { 8.0 } else { -8.0 };
+        x
+    });
+    let random: Vec<Vec<f32>> = (0..64).map(|_| (0..4).map(|_| next()).collect()).collect();
+    for x in probes.chain(random) {
+        let input = vec![TensorData::from_f32(&golden.name, golden.shape.clone(), &x)];
+        let (_, out) = agent.infer("classifier", &input).expect("inference");
+        let class = argmax(&out);
+        if let Some((_, first)) = seen.iter().find(|(c, _)| *c != class) {
+            return (first.clone(), input);
+        }
+        seen.push((class, input));
+    }
+    panic!("every probe input lands in one class");
+}
+
+/// Sends `agent` requests about every 20 ms until `stop`: alternating the two inputs under
+/// [`MIX`], the second only under [`SHIFTED`].
+fn traffic(
+    agent: &Agent,
+    inputs: (Vec<TensorData>, Vec<TensorData>),
+    mode: Arc<AtomicU8>,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<u64> {
+    let port = agent.http_port;
+    std::thread::spawn(move || {
+        let clients = [
+            modelcast_tests::hammer::InferClient::new(port, "classifier", &inputs.0),
+            modelcast_tests::hammer::InferClient::new(port, "classifier", &inputs.1),
+        ];
+        let mut sent = 0u64;
+        // Bounded: at most ten minutes of requests.
+        for i in 0..30_000u64 {
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let which = if mode.load(Ordering::Relaxed) == SHIFTED {
+                1
+            } else {
+                (i % 2) as usize
+            };
+            if clients[which].call().is_ok() {
+                sent += 1;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        sent
+    })
+}
+
+fn alerts(fleet: &Fleet, all: bool) -> modelcast_server::api::AlertList {
+    fleet
+        .client
+        .alerts(&AlertQuery {
+            all,
+            ..AlertQuery::default()
+        })
+        .unwrap()
+}
+
+#[test]
+fn a_shifted_input_distribution_raises_an_alert_and_a_stable_one_does_not() {
+    let fleet = Fleet::embedded_with(&[
+        "--drift-min-requests",
+        "20",
+        "--drift-baseline-samples",
+        "3",
+    ]);
+    let config = "[telemetry]\ninterval_secs = 1\n[probation]\nrequests = 20\nseconds = 600\n";
+    let stable = fleet.start_agent_with("stable", &[("site", "lab")], config);
+    let shifted = fleet.start_agent_with("shifted", &[("site", "lab")], config);
+    wait_for("two devices", Duration::from_secs(30), || {
+        (fleet.client.devices().ok()?.len() == 2).then_some(())
+    });
+    let v1 = fleet.publish_example(1, 16);
+    fleet.deploy("classifier", 1, "site=lab");
+    fleet.wait_serving("stable", "classifier", 1);
+    fleet.wait_serving("shifted", "classifier", 1);
+    let inputs = two_classes(&stable, &v1.golden[0].inputs[0]);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let modes = [Arc::new(AtomicU8::new(MIX)), Arc::new(AtomicU8::new(MIX))];
+    let senders = [
+        traffic(&stable, inputs.clone(), modes[0].clone(), stop.clone()),
+        traffic(&shifted, inputs.clone(), modes[1].clone(), stop.clone()),
+    ];
+    // A baseline of the mix (three samples of 20 requests or more), and some more.
+    std::thread::sleep(Duration::from_secs(8));
+    assert!(
+        alerts(&fleet, true).alerts.is_empty(),
+        "no alert on the mix"
+    );
+    modes[1].store(SHIFTED, Ordering::Relaxed);
+    let shifted_at = Instant::now();
+    let alert = wait_for(
+        "a drift alert on the shifted device",
+        Duration::from_secs(40),
+        || {
+            alerts(&fleet, false)
+                .alerts
+                .into_iter()
+                .find(|a| a.device == "shifted")
+        },
+    );
+    let after = shifted_at.elapsed();
+    assert_eq!((alert.model.as_str(), alert.version), ("classifier", 1));
+    assert_eq!(alert.test, "psi");
+    assert!(alert.value > alert.threshold, "{alert:?}");
+    // The stable device goes on with the mix a while longer.
+    std::thread::sleep(Duration::from_secs(4));
+
+    let list = alerts(&fleet, true);
+    assert!(
+        list.alerts.iter().all(|a| a.device == "shifted"),
+        "the stable device raised no alert: {:?}",
+        list.alerts
+    );
+    assert_eq!(list.versions.len(), 1);
+    assert_eq!(list.versions[0].devices, 1);
+
+    let out = std::process::Command::new(bin("modelcast"))
+        .args(["--server", fleet.client.base(), "alerts"])
+        .output()
+        .expect("modelcast alerts");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("classifier v1: 1 device(s) alerting: class drift of"),
+        "{text}"
+    );
+    assert!(
+        text.contains("shifted") && text.contains("ACTIVE"),
+        "{text}"
+    );
+    let metrics = fleet.client.metrics().unwrap();
+    assert!(
+        metrics.contains(
+            "modelcast_fleet_alerts{model=\"classifier\",version=\"1\",kind=\"class drift of"
+        ),
+        "{metrics}"
+    );
+    println!(
+        "alert {:.1} s after the shift: {} ({} {:.3} > {:.3})",
+        after.as_secs_f64(),
+        alert.message,
+        alert.test,
+        alert.value,
+        alert.threshold
+    );
+
+    // As a rollout's abort criterion: v2 to one canary.
+    stop.store(true, Ordering::Relaxed);
+    for s in senders {
+        assert!(s.join().unwrap() > 100);
+    }
+    fleet.publish_example(2, 16);
+    let mut spec = RolloutSpec::new("classifier", 2, "site=lab", &["1"]).unwrap();
+    spec.abort_on_alerts = true;
+    spec.wave_timeout_secs = 600;
+    // The canary stays on trial, so the rollout waits in its first wave.
+    spec.probation = Some(modelcast_proto::desired::TrialThresholds {
+        requests: Some(1_000_000),
+        seconds: Some(600),
+        max_error_permille: None,
+        max_p99_percent: None,
+    });
+    let r = fleet.start_rollout(spec);
+    let canary = r.members[0].device.clone();
+    fleet.wait_serving(&canary, "classifier", 2);
+    // v2 has other weights: two inputs it puts in different classes; the mix again.
+    let agent = if canary == "stable" {
+        &stable
+    } else {
+        &shifted
+    };
+    let inputs = two_classes(agent, &v1.golden[0].inputs[0]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let canary_mode = Arc::new(AtomicU8::new(MIX));
+    let sender = traffic(agent, inputs, canary_mode.clone(), stop.clone());
+    // The canary's baseline of v2 on the mix, then its inputs shift.
+    std::thread::sleep(Duration::from_secs(8));
+    canary_mode.store(SHIFTED, Ordering::Relaxed);
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let aborted = loop {
+        let now = fleet.client.rollout(r.id).unwrap();
+        if matches!(now.state, RolloutState::Aborted { .. }) {
+            break now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the rollout was not aborted by an alert: {:?}\nalerts: {:?}\n{}",
+            now.members,
+            alerts(&fleet, true).alerts,
+            fleet.server_log()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    let failure = aborted.members[0].failure.clone().unwrap_or_default();
+    assert!(failure.starts_with("alert: class drift"), "{failure}");
+    fleet.wait_serving(&canary, "classifier", 1);
+    stop.store(true, Ordering::Relaxed);
+    assert!(sender.join().unwrap() > 100);
+    println!("rollout {} aborted: {failure}", aborted.id);
+}
