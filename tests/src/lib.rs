@@ -20,6 +20,7 @@ use modelcast_server::client::Client;
 use modelcast_server::publish::{publish_file, PublishOptions};
 use modelcast_server::{keyset, onnx};
 
+pub mod browser;
 pub mod hammer;
 pub mod proxy;
 pub mod sim;

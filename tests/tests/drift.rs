@@ -6,6 +6,8 @@
 //! - The shifted device raises a class-drift alert (PSI of its class histogram against its
 //!   baseline) for the version it serves, visible in the API, the CLI and `/metrics`.
 //! - The stable device raises no alert of any kind.
+//! - The dashboard, in headless Chromium, shows the alert and the model's charts.
+//!   `MODELCAST_SCREENSHOT=docs/monitoring.png` also writes a screenshot.
 //! - As a rollout's abort criterion: version 2 goes out with `abort_on_alerts` to one canary
 //!   (on a long trial, so the rollout waits in its first wave); when the canary's inputs
 //!   shift, the alert fails it and the rollout aborts and sends it back to version 1.
@@ -17,6 +19,7 @@ use std::time::{Duration, Instant};
 use modelcast_proto::manifest::TensorData;
 use modelcast_server::api::AlertQuery;
 use modelcast_server::rollout::{RolloutSpec, RolloutState};
+use modelcast_tests::browser::{chromium, element, rendered};
 use modelcast_tests::{bin, wait_for, Agent, Fleet};
 
 /// Inputs: the mix, or the second kind only.
@@ -177,6 +180,42 @@ fn a_shifted_input_distribution_raises_an_alert_and_a_stable_one_does_not() {
         text.contains("shifted") && text.contains("ACTIVE"),
         "{text}"
     );
+    // The dashboard: the alert, and the model's charts and figures for the last hour.
+    let dom = rendered(
+        fleet.dir.path(),
+        &format!("{}/dashboard", fleet.client.base()),
+    );
+    let row = element(&dom, "tr", "data-alert", &alert.id.to_string());
+    assert!(
+        row.contains("shifted") && row.contains("class drift of"),
+        "{row}"
+    );
+    let summary = element(&dom, "div", "data-alert-version", "classifier:1");
+    assert!(summary.contains("1 device(s) alerting"), "{summary}");
+    let block = element(&dom, "div", "data-telemetry", "classifier");
+    for series in ["p50", "p99", "errors", "requests"] {
+        assert!(
+            block.contains(&format!("data-series=\"{series}\"")),
+            "{block}"
+        );
+    }
+    let v1_row = element(&dom, "tr", "data-version", "classifier:1");
+    assert!(
+        v1_row.contains("0.00 %") && v1_row.contains(" ms<"),
+        "{v1_row}"
+    );
+    if let Ok(path) = std::env::var("MODELCAST_SCREENSHOT") {
+        let path = std::fs::canonicalize(".").unwrap().join(path);
+        chromium(
+            fleet.dir.path(),
+            &[
+                "--window-size=1280,1100",
+                &format!("--screenshot={}", path.display()),
+                &format!("{}/dashboard", fleet.client.base()),
+            ],
+        );
+    }
+
     let metrics = fleet.client.metrics().unwrap();
     assert!(
         metrics.contains(
