@@ -49,6 +49,24 @@ fn series_key(name: &str, ms: i64) -> Vec<u8> {
     key
 }
 
+/// The records of series `name` in `tree` whose time is within `from_ms..=to_ms`, in order.
+fn series<T: for<'de> serde::Deserialize<'de>>(
+    tree: &sled::Tree,
+    name: &str,
+    from_ms: i64,
+    to_ms: i64,
+    what: &str,
+) -> Result<Vec<T>, DbError> {
+    let (from, to) = (
+        series_key(name, from_ms),
+        series_key(name, to_ms.saturating_add(1)),
+    );
+    tree.range(from..to)
+        .values()
+        .map(|v| decode(&format!("{what}/{name}"), &v?))
+        .collect()
+}
+
 /// A report's key: device, interval end, sequence number.
 fn report_key(r: &TelemetryReport) -> Vec<u8> {
     let mut key = series_key(&r.device, r.to_ms);
@@ -312,15 +330,13 @@ impl Storage for SledStore {
         from_ms: i64,
         to_ms: i64,
     ) -> Result<Vec<ModelInterval>, DbError> {
-        let (from, to) = (
-            series_key(model, from_ms),
-            series_key(model, to_ms.saturating_add(1)),
-        );
-        self.model_telemetry
-            .range(from..to)
-            .values()
-            .map(|v| decode(&format!("model_telemetry/{model}"), &v?))
-            .collect()
+        series(
+            &self.model_telemetry,
+            model,
+            from_ms,
+            to_ms,
+            "model_telemetry",
+        )
     }
 
     async fn device_telemetry(
@@ -329,15 +345,7 @@ impl Storage for SledStore {
         from_ms: i64,
         to_ms: i64,
     ) -> Result<Vec<TelemetryReport>, DbError> {
-        let (from, to) = (
-            series_key(device, from_ms),
-            series_key(device, to_ms.saturating_add(1)),
-        );
-        self.telemetry
-            .range(from..to)
-            .values()
-            .map(|v| decode(&format!("telemetry/{device}"), &v?))
-            .collect()
+        series(&self.telemetry, device, from_ms, to_ms, "telemetry")
     }
 
     async fn prune_telemetry(&self, before_ms: i64) -> Result<u64, DbError> {
