@@ -399,6 +399,22 @@ mod tests {
         modelcast_proto::verify::fixture::manifest(name, version, bytes, chunk)
     }
 
+    /// Opens the store again after the test dropped it. sled lets go of its file lock when
+    /// its last thread has: under emulation (qemu in `cross/test`) that can be a while after
+    /// the drop, so this retries for at most ten seconds.
+    fn reopen(dir: &Path) -> Store {
+        for _ in 0..100 {
+            match Store::open(dir) {
+                Ok(store) => return store,
+                Err(StoreError::Sled(sled::Error::Io(e))) if e.to_string().contains("lock") => {
+                    std::thread::sleep(std::time::Duration::from_millis(100))
+                }
+                Err(e) => panic!("reopening the store: {e}"),
+            }
+        }
+        panic!("the store's lock was still held ten seconds after it was dropped");
+    }
+
     fn put_all(store: &Store, m: &Manifest, bytes: &[u8]) {
         for (i, c) in bytes.chunks(m.chunk_size as usize).enumerate() {
             store.put_chunk(m, i as u32, c).unwrap();
@@ -468,7 +484,7 @@ mod tests {
         let f = std::fs::OpenOptions::new().write(true).open(&part).unwrap();
         std::os::unix::fs::FileExt::write_all_at(&f, &bytes[128..160], 128).unwrap();
         drop(store);
-        let store = Store::open(dir.path()).unwrap();
+        let store = reopen(dir.path());
         assert_eq!(
             store.received(&m).unwrap(),
             vec![true, false, false, false, true]
