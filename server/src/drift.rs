@@ -16,8 +16,10 @@
 //! | NaN or infinite outputs | rate over the window | above the baseline's rate plus 0.1 % |
 //!
 //! An alert clears when its statistic is back under half its threshold (PSI under
-//! [`DriftConfig::psi_clear`]). Per version, the fleet's view is the devices alerting on it
-//! ([`by_version`]).
+//! [`DriftConfig::psi_clear`]), judged against a baseline from before the alert: a restarted
+//! server rebuilds its streams from recent points, and an alert raised before the restart
+//! stays active until that stream's version is replaced. Per version, the fleet's view is the
+//! devices alerting on it ([`by_version`]).
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -330,6 +332,8 @@ struct Stream {
     pending: Sample,
     baseline: Option<Sample>,
     baseline_samples: usize,
+    /// End of the baseline's last sample (Unix ms).
+    baseline_to_ms: i64,
     window: VecDeque<Sample>,
     latency: PageHinkley,
     latency_ratio_ewma: f64,
@@ -397,11 +401,13 @@ impl Detectors {
         }
         let sample = std::mem::take(&mut stream.pending);
         let Some(baseline) = &mut stream.baseline else {
+            stream.baseline_to_ms = sample.to_ms;
             stream.baseline = Some(sample);
             stream.baseline_samples = 1;
             return Vec::new();
         };
         if stream.baseline_samples < config.baseline_samples.max(1) {
+            stream.baseline_to_ms = sample.to_ms;
             baseline.merge(&sample);
             stream.baseline_samples += 1;
             return Vec::new();
@@ -434,8 +440,11 @@ impl Detectors {
                     raised_ms: p.to_ms,
                     cleared_ms: None,
                 }));
-            } else if raised_at.is_some_and(|at| p.to_ms > at) && v.clear {
-                // (A restored alert is not cleared by the points before it, replayed.)
+            } else if raised_at.is_some_and(|at| stream.baseline_to_ms < at && at < p.to_ms)
+                && v.clear
+            {
+                // Only against a baseline from before the alert: a restarted server rebuilds
+                // baselines from recent points, which may already be the drifted ones.
                 stream.active.remove(&v.kind);
                 if v.kind == AlertKind::Latency {
                     stream.latency = PageHinkley::default();
@@ -741,6 +750,23 @@ mod tests {
             .chain(shifted)
             .flat_map(|p| again.observe(&p))
             .collect();
+        assert_eq!(changes, vec![]);
+    }
+
+    #[test]
+    fn a_restored_alert_is_not_cleared_against_a_baseline_of_drifted_points() {
+        let stable = (1..=10).map(|i| point(i * 1000, 2000, 0, &[50, 50, 0]));
+        let shifted = (11..=14).map(|i| point(i * 1000, 2000, 0, &[5, 95, 0]));
+        let mut d = Detectors::new(DriftConfig::default());
+        let raised: Vec<Change> = stable.chain(shifted).flat_map(|p| d.observe(&p)).collect();
+        let Change::Raised(alert) = &raised[0] else {
+            panic!()
+        };
+        // After a restart only the drifted points are left to replay, and more follow.
+        let mut again = Detectors::new(DriftConfig::default());
+        again.restore(alert);
+        let later = (11..=30).map(|i| point(i * 1000, 2000, 0, &[5, 95, 0]));
+        let changes: Vec<Change> = later.flat_map(|p| again.observe(&p)).collect();
         assert_eq!(changes, vec![]);
     }
 

@@ -27,7 +27,9 @@ use crate::rollout::{Effect, Rollout, RolloutSpec, RolloutState, Rollouts};
 use crate::unix_now;
 
 /// How much stored telemetry rebuilds the drift detectors at start-up.
-const DRIFT_REPLAY_MS: i64 = 24 * 3600 * 1000;
+const DRIFT_REPLAY_MS: i64 = 3600 * 1000;
+/// How much of it is read at once.
+const DRIFT_REPLAY_SLICE_MS: i64 = 600 * 1000;
 
 /// A version a device should run, with its deployment's probation thresholds.
 pub type Wanted = (Manifest, Option<TrialThresholds>);
@@ -350,12 +352,18 @@ impl Fleet {
         Ok(())
     }
 
-    /// Rebuilds the drift detectors from the stored alerts and the last day of telemetry
-    /// (a restarted server goes on where it was; alerts it had not stored yet are raised).
+    /// Rebuilds the drift detectors from the stored alerts and the last hour of telemetry (a
+    /// restarted server goes on from there; alerts it had not stored yet are raised). The
+    /// points are read ten minutes at a time, so memory stays bounded with a large fleet.
     async fn replay_drift(&self) -> Result<(), DbError> {
         let alerts = self.db.alerts().await?;
+        {
+            let mut drift = self.drift.lock().expect("drift lock");
+            for a in &alerts {
+                drift.restore(a);
+            }
+        }
         let to = crate::unix_now_ms();
-        let from = to - DRIFT_REPLAY_MS;
         let mut names: Vec<String> = self
             .db
             .models()
@@ -364,24 +372,27 @@ impl Fleet {
             .map(|m| m.manifest.name)
             .collect();
         names.dedup();
-        let mut points = Vec::new();
+        let mut replayed = 0;
         for name in &names {
-            points.extend(self.db.model_telemetry(name, from, to).await?);
-        }
-        points.sort_by_key(|p| p.to_ms);
-        let changes: Vec<Change> = {
-            let mut drift = self.drift.lock().expect("drift lock");
-            for a in &alerts {
-                drift.restore(a);
+            let mut from = to - DRIFT_REPLAY_MS;
+            while from <= to {
+                let until = (from + DRIFT_REPLAY_SLICE_MS - 1).min(to);
+                let mut points = self.db.model_telemetry(name, from, until).await?;
+                points.sort_by_key(|p| p.to_ms);
+                replayed += points.len();
+                let changes: Vec<Change> = {
+                    let mut drift = self.drift.lock().expect("drift lock");
+                    points.iter().flat_map(|p| drift.observe(p)).collect()
+                };
+                self.apply_drift(changes).await;
+                from = until + 1;
             }
-            points.iter().flat_map(|p| drift.observe(p)).collect()
-        };
+        }
         info!(
-            points = points.len(),
+            points = replayed,
             alerts = alerts.iter().filter(|a| a.active()).count(),
             "drift detectors rebuilt"
         );
-        self.apply_drift(changes).await;
         Ok(())
     }
 
