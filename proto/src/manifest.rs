@@ -196,7 +196,7 @@ pub struct Manifest {
 }
 
 /// A latency budget checked before the swap: over `runs` warm-up inferences on the device,
-/// the 95th percentile must not exceed `p95_us` microseconds (integers: canonical JSON has no
+/// the 95th percentile of their CPU time must not exceed `p95_us` microseconds (integers: canonical JSON has no
 /// floats).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LatencyBudget {

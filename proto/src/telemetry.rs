@@ -113,14 +113,16 @@ impl LatencyBuckets {
 
     /// Latencies counted.
     pub fn count(&self) -> u64 {
-        self.0.iter().map(|&(_, n)| n).sum()
+        self.0
+            .iter()
+            .fold(0u64, |sum, &(_, n)| sum.saturating_add(n))
     }
 
     /// Counts `n` latencies of `us` microseconds.
     pub fn add(&mut self, us: u64, n: u64) {
         let b = Self::bucket_of(us);
         match self.0.binary_search_by_key(&b, |&(i, _)| i) {
-            Ok(at) => self.0[at].1 += n,
+            Ok(at) => self.0[at].1 = self.0[at].1.saturating_add(n),
             Err(at) => self.0.insert(at, (b, n)),
         }
     }
@@ -170,7 +172,7 @@ impl LatencyBuckets {
         let rank = ((q.clamp(0.0, 1.0) * total as f64).ceil() as u64).clamp(1, total);
         let mut seen = 0u64;
         for &(b, n) in &self.0 {
-            seen += n;
+            seen = seen.saturating_add(n);
             if seen >= rank {
                 if b == 0 {
                     return Some(1);

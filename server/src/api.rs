@@ -725,18 +725,14 @@ async fn devices(State(fleet): State<Arc<Fleet>>) -> ApiResult {
 }
 
 /// Latency and error rate of a model (one version, or all) across a group over a window.
+///
+/// Only published versions count (devices could report any), and the window is read a slice
+/// at a time, so a long window over a large fleet holds one slice's points at once.
 async fn telemetry(
     State(fleet): State<Arc<Fleet>>,
     Query(question): Query<crate::telemetry::Question>,
 ) -> ApiResult {
     question.check().map_err(bad)?;
-    let now = crate::unix_now_ms();
-    let (from, to) = question.window(now);
-    let points = fleet
-        .db()
-        .model_telemetry(&question.model, from, to)
-        .await
-        .map_err(internal)?;
     let group = match &question.group {
         Some(g) => Some(Selector::parse(g).map_err(bad)?),
         None => None,
@@ -752,12 +748,35 @@ async fn telemetry(
             .collect(),
         None => BTreeMap::new(),
     };
-    let in_group = |device: &str| match &group {
-        None => true,
-        Some(g) => labels.get(device).is_some_and(|l| g.matches(l)),
+    let published: std::collections::BTreeSet<u64> = fleet
+        .db()
+        .models()
+        .await
+        .map_err(internal)?
+        .into_iter()
+        .filter(|m| m.manifest.name == question.model)
+        .map(|m| m.manifest.version)
+        .collect();
+    let accept = |device: &str, version: u64| {
+        published.contains(&version)
+            && match &group {
+                None => true,
+                Some(g) => labels.get(device).is_some_and(|l| g.matches(l)),
+            }
     };
-    let answer = crate::telemetry::answer(&question, now, &points, in_group);
-    Ok(Json(answer).into_response())
+    let mut answer = crate::telemetry::Aggregator::new(&question, crate::unix_now_ms());
+    let (from, to) = answer.window();
+    for (a, b) in crate::telemetry::slices(from, to) {
+        let points = fleet
+            .db()
+            .model_telemetry(&question.model, a, b)
+            .await
+            .map_err(internal)?;
+        for p in &points {
+            answer.add(p, accept);
+        }
+    }
+    Ok(Json(answer.finish()).into_response())
 }
 
 #[derive(Deserialize)]
@@ -809,7 +828,8 @@ async fn alerts(State(fleet): State<Arc<Fleet>>, Query(q): Query<AlertQuery>) ->
     Ok(Json(AlertList { alerts, versions }).into_response())
 }
 
-/// One device's telemetry reports over a window.
+/// One device's telemetry reports over a window: the newest
+/// [`crate::telemetry::MAX_DEVICE_REPORTS`] of them.
 async fn device_telemetry(
     State(fleet): State<Arc<Fleet>>,
     Path(id): Path<String>,
@@ -825,7 +845,7 @@ async fn device_telemetry(
     let from = now.saturating_sub(q.since_secs as i64 * 1000);
     let reports = fleet
         .db()
-        .device_telemetry(&id, from, now)
+        .device_telemetry(&id, from, now, crate::telemetry::MAX_DEVICE_REPORTS)
         .await
         .map_err(internal)?;
     Ok(Json(reports).into_response())

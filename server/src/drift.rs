@@ -186,8 +186,8 @@ impl OutputSum {
             self.mean += delta * n_b / n;
             self.m2 += o.variance * n_b + delta * delta * n_a * n_b / n;
         }
-        self.count += o.count;
-        self.non_finite += o.non_finite;
+        self.count = self.count.saturating_add(o.count);
+        self.non_finite = self.non_finite.saturating_add(o.non_finite);
         if self.classes.len() < o.classes.len() {
             self.classes.resize(o.classes.len(), 0);
         }
@@ -222,7 +222,7 @@ impl OutputSum {
     }
 
     fn non_finite_rate(&self) -> f64 {
-        let all = self.count + self.non_finite;
+        let all = self.count.saturating_add(self.non_finite);
         if all == 0 {
             0.0
         } else {
@@ -254,7 +254,7 @@ impl Sample {
                 let (sum, n) = self.p95_fallback.unwrap_or((0, 0));
                 self.p95_fallback = Some((
                     sum.saturating_add(l.p95.saturating_mul(t.requests)),
-                    n + t.requests,
+                    n.saturating_add(t.requests),
                 ));
             }
         }
@@ -299,7 +299,7 @@ pub fn psi(baseline: &[u64], current: &[u64]) -> f64 {
         return 0.0;
     }
     let share = |counts: &[u64], i: usize| {
-        let total: u64 = counts.iter().sum();
+        let total = counts.iter().fold(0u64, |sum, &n| sum.saturating_add(n));
         (counts.get(i).copied().unwrap_or(0) as f64 + 0.5) / (total as f64 + 0.5 * k as f64)
     };
     (0..k)
@@ -343,6 +343,11 @@ struct Stream {
     last_to_ms: i64,
 }
 
+/// Most streams (model versions) one device may have: devices report what they like, and
+/// points of further versions are not judged (a device runs a few models, and a version's
+/// stream is forgotten once idle, see [`Detectors::forget_idle`]).
+pub const MAX_STREAMS_PER_DEVICE: usize = 64;
+
 /// Every stream's detectors.
 #[derive(Debug, Default)]
 pub struct Detectors {
@@ -385,11 +390,31 @@ impl Detectors {
         }
     }
 
+    /// Forgets the streams without a point since `before_ms` (a replaced version, a device
+    /// gone); a stream that comes back forms a new baseline. Returns how many were forgotten.
+    pub fn forget_idle(&mut self, before_ms: i64) -> usize {
+        let before = self.streams.len();
+        self.streams
+            .retain(|_, s| s.last_to_ms >= before_ms || !s.active.is_empty());
+        before - self.streams.len()
+    }
+
     /// Feeds one point (points of a stream in time order; older ones are ignored).
     pub fn observe(&mut self, p: &ModelInterval) -> Vec<Change> {
         let t = &p.telemetry;
         let key = (p.device.clone(), t.model.clone(), t.version);
         let config = self.config.clone();
+        if !self.streams.contains_key(&key) {
+            let first = (p.device.clone(), String::new(), 0);
+            let of_device = self
+                .streams
+                .range(first..)
+                .take_while(|((d, _, _), _)| *d == p.device)
+                .count();
+            if of_device >= MAX_STREAMS_PER_DEVICE {
+                return Vec::new();
+            }
+        }
         let stream = self.streams.entry(key).or_default();
         if p.to_ms <= stream.last_to_ms {
             return Vec::new();
@@ -530,7 +555,7 @@ fn judge(
         let Some(then) = baseline.outputs.get(name) else {
             continue;
         };
-        if !then.classes.is_empty() && now.classes.iter().sum::<u64>() > 0 {
+        if !then.classes.is_empty() && now.classes.iter().any(|&n| n > 0) {
             let value = psi(&then.classes, &now.classes);
             verdicts.push(Verdict {
                 kind: AlertKind::ClassDrift {
@@ -584,7 +609,7 @@ fn judge(
 
 /// Class shares as percentages, e.g. `[50%, 50%, 0%]`.
 fn shares(counts: &[u64]) -> String {
-    let total = counts.iter().sum::<u64>().max(1) as f64;
+    let total = counts.iter().map(|&n| n as f64).sum::<f64>().max(1.0);
     let parts: Vec<String> = counts
         .iter()
         .map(|&n| format!("{:.0}%", n as f64 * 100.0 / total))
@@ -768,6 +793,42 @@ mod tests {
         let later = (11..=30).map(|i| point(i * 1000, 2000, 0, &[5, 95, 0]));
         let changes: Vec<Change> = later.flat_map(|p| again.observe(&p)).collect();
         assert_eq!(changes, vec![]);
+    }
+
+    #[test]
+    fn streams_are_bounded_per_device_and_idle_ones_forgotten() {
+        let mut d = Detectors::new(DriftConfig::default());
+        for v in 0..MAX_STREAMS_PER_DEVICE as u64 + 10 {
+            let mut p = point(1000, 2000, 0, &[50, 50, 0]);
+            p.telemetry.version = v;
+            d.observe(&p);
+        }
+        assert_eq!(d.streams.len(), MAX_STREAMS_PER_DEVICE);
+        let mut other = point(5000, 2000, 0, &[50, 50, 0]);
+        other.device = "edge-2".into();
+        d.observe(&other);
+        assert_eq!(d.forget_idle(2000), MAX_STREAMS_PER_DEVICE);
+        assert_eq!(d.streams.len(), 1);
+    }
+
+    #[test]
+    fn absurd_counts_do_not_overflow() {
+        let mut d = Detectors::new(DriftConfig {
+            min_requests: 1,
+            baseline_samples: 1,
+            ..DriftConfig::default()
+        });
+        for i in 1..=6 {
+            let mut p = point(i * 1000, 2000, 0, &[50, 50, 0]);
+            let t = &mut p.telemetry;
+            t.requests = u64::MAX;
+            t.errors = u64::MAX / 2;
+            t.latency_buckets = LatencyBuckets(vec![(1, u64::MAX), (2, u64::MAX)]);
+            t.outputs[0].count = u64::MAX;
+            t.outputs[0].non_finite = u64::MAX;
+            t.outputs[0].classes = vec![u64::MAX, u64::MAX, 1];
+            d.observe(&p);
+        }
     }
 
     #[test]

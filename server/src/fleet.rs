@@ -26,10 +26,14 @@ use crate::repo::{RepoError, Repository, ONLINE_LIFETIME_SECS};
 use crate::rollout::{Effect, Rollout, RolloutSpec, RolloutState, Rollouts};
 use crate::unix_now;
 
+/// A drift stream without a point for this long is forgotten.
+const DRIFT_IDLE_MS: i64 = 24 * 3600 * 1000;
+/// Reports whose interval ends further in the future than this are refused (a device's
+/// clock gone wrong would otherwise keep them past every retention).
+const MAX_CLOCK_AHEAD_MS: i64 = 24 * 3600 * 1000;
+
 /// How much stored telemetry rebuilds the drift detectors at start-up.
 const DRIFT_REPLAY_MS: i64 = 3600 * 1000;
-/// How much of it is read at once.
-const DRIFT_REPLAY_SLICE_MS: i64 = 600 * 1000;
 
 /// A version a device should run, with its deployment's probation thresholds.
 pub type Wanted = (Manifest, Option<TrialThresholds>);
@@ -311,6 +315,11 @@ impl Fleet {
             Ok(n) => info!(reports = n, "removed telemetry past its retention"),
             Err(e) => warn!(error = %e, "pruning telemetry failed"),
         }
+        let idle = crate::unix_now_ms() - DRIFT_IDLE_MS;
+        let forgotten = self.drift.lock().expect("drift lock").forget_idle(idle);
+        if forgotten > 0 {
+            info!(streams = forgotten, "forgot idle drift streams");
+        }
     }
 
     /// Stores a device's telemetry report (the first copy of each).
@@ -330,6 +339,14 @@ impl Fleet {
                 return Err(format!("telemetry: {e}"));
             }
         };
+        if report.to_ms > crate::unix_now_ms().saturating_add(MAX_CLOCK_AHEAD_MS) {
+            self.telemetry_rejected.fetch_add(1, Relaxed);
+            return Err(format!(
+                "telemetry #{} ends {} ms in the future: the device's clock is wrong",
+                report.seq,
+                report.to_ms - crate::unix_now_ms()
+            ));
+        }
         if !self
             .db
             .add_telemetry(&report)
@@ -354,7 +371,8 @@ impl Fleet {
 
     /// Rebuilds the drift detectors from the stored alerts and the last hour of telemetry (a
     /// restarted server goes on from there; alerts it had not stored yet are raised). The
-    /// points are read ten minutes at a time, so memory stays bounded with a large fleet.
+    /// points are read a slice at a time ([`crate::telemetry::slices`]), so memory stays
+    /// bounded with a large fleet.
     async fn replay_drift(&self) -> Result<(), DbError> {
         let alerts = self.db.alerts().await?;
         {
@@ -374,9 +392,7 @@ impl Fleet {
         names.dedup();
         let mut replayed = 0;
         for name in &names {
-            let mut from = to - DRIFT_REPLAY_MS;
-            while from <= to {
-                let until = (from + DRIFT_REPLAY_SLICE_MS - 1).min(to);
+            for (from, until) in crate::telemetry::slices(to - DRIFT_REPLAY_MS, to) {
                 let mut points = self.db.model_telemetry(name, from, until).await?;
                 points.sort_by_key(|p| p.to_ms);
                 replayed += points.len();
@@ -385,7 +401,6 @@ impl Fleet {
                     points.iter().flat_map(|p| drift.observe(p)).collect()
                 };
                 self.apply_drift(changes).await;
-                from = until + 1;
             }
         }
         info!(

@@ -17,6 +17,8 @@ use crate::db::ModelInterval;
 pub const DEFAULT_RETENTION_DAYS: u64 = 14;
 /// Most steps a time series answer has (the step grows to fit).
 pub const MAX_STEPS: u64 = 1_000;
+/// Most reports one answer about a device holds (a week of reports a minute apart).
+pub const MAX_DEVICE_REPORTS: usize = 10_080;
 /// Longest window a question may cover.
 pub const MAX_WINDOW_SECS: u64 = 90 * 24 * 3600;
 
@@ -108,7 +110,10 @@ impl Sum {
         let t = &p.telemetry;
         self.requests = self.requests.saturating_add(t.requests);
         self.errors = self.errors.saturating_add(t.errors);
-        let nan: u64 = t.outputs.iter().map(|o| o.non_finite).sum();
+        let nan = t
+            .outputs
+            .iter()
+            .fold(0u64, |sum, o| sum.saturating_add(o.non_finite));
         self.non_finite = self.non_finite.saturating_add(nan);
         self.latency.merge(&t.latency_buckets);
         if let Some(l) = t.latency_us {
@@ -170,60 +175,126 @@ impl Question {
     }
 }
 
+/// Width of the time slices in which long windows are read from the store, so that a
+/// question over days of a large fleet never holds more than a slice's points at once.
+pub const SLICE_MS: i64 = 10 * 60 * 1000;
+
+/// `from_ms..=to_ms` in consecutive inclusive slices of [`SLICE_MS`].
+pub fn slices(from_ms: i64, to_ms: i64) -> impl Iterator<Item = (i64, i64)> {
+    let mut next = Some(from_ms).filter(|&f| f <= to_ms);
+    std::iter::from_fn(move || {
+        let from = next?;
+        let until = from.saturating_add(SLICE_MS - 1).min(to_ms);
+        next = (until < to_ms).then(|| until + 1);
+        Some((from, until))
+    })
+}
+
+/// An answer being built from points fed a few at a time ([`Aggregator::add`]).
+#[derive(Debug)]
+pub struct Aggregator {
+    question: Question,
+    from_ms: i64,
+    to_ms: i64,
+    step_ms: i64,
+    whole: Sum,
+    versions: BTreeMap<u64, Sum>,
+    series: Vec<Sum>,
+    devices: BTreeSet<String>,
+    points: u64,
+}
+
+impl Aggregator {
+    /// An empty answer to `question` asked at `now_ms`.
+    pub fn new(question: &Question, now_ms: i64) -> Self {
+        let (from_ms, to_ms) = question.window(now_ms);
+        let step_ms = question.step_ms();
+        // The last step ends at the window's end (and holds it).
+        let steps = usize::try_from(((to_ms - from_ms) as u64).div_ceil(step_ms as u64))
+            .unwrap_or(1)
+            .max(1);
+        Aggregator {
+            question: question.clone(),
+            from_ms,
+            to_ms,
+            step_ms,
+            whole: Sum::default(),
+            versions: BTreeMap::new(),
+            series: (0..steps).map(|_| Sum::default()).collect(),
+            devices: BTreeSet::new(),
+            points: 0,
+        }
+    }
+
+    /// The window, as the store is asked for it.
+    pub fn window(&self) -> (i64, i64) {
+        (self.from_ms, self.to_ms)
+    }
+
+    /// Counts `p` if it answers the question: in the window, of the model (and version), and
+    /// from a device (and version) `accept` takes.
+    pub fn add(&mut self, p: &ModelInterval, accept: impl Fn(&str, u64) -> bool) {
+        let t = &p.telemetry;
+        if p.to_ms < self.from_ms
+            || p.to_ms > self.to_ms
+            || t.model != self.question.model
+            || self.question.version.is_some_and(|v| v != t.version)
+            || !accept(&p.device, t.version)
+        {
+            return;
+        }
+        self.points += 1;
+        if !self.devices.contains(&p.device) {
+            self.devices.insert(p.device.clone());
+        }
+        self.whole.add(p);
+        self.versions.entry(t.version).or_default().add(p);
+        let at = usize::try_from((p.to_ms - self.from_ms) / self.step_ms).unwrap_or(0);
+        let last = self.series.len() - 1;
+        self.series[at.min(last)].add(p);
+    }
+
+    /// The answer.
+    pub fn finish(self) -> Answer {
+        Answer {
+            from_ms: self.from_ms,
+            to_ms: self.to_ms,
+            step_ms: self.step_ms,
+            devices: self.devices.len() as u64,
+            points: self.points,
+            totals: self.whole.totals(),
+            versions: self
+                .versions
+                .iter()
+                .map(|(v, s)| (*v, s.totals()))
+                .collect(),
+            series: self
+                .series
+                .iter()
+                .enumerate()
+                .map(|(i, s)| Step {
+                    at_ms: self.from_ms + i as i64 * self.step_ms,
+                    totals: s.totals(),
+                })
+                .collect(),
+            question: self.question,
+        }
+    }
+}
+
 /// Answers `question` at `now_ms` from the model's `points` (any order, any window: those
-/// outside it, of other versions or of devices `in_group` refuses are left out).
+/// outside it, of other versions or refused by `accept` are left out).
 pub fn answer(
     question: &Question,
     now_ms: i64,
     points: &[ModelInterval],
-    in_group: impl Fn(&str) -> bool,
+    accept: impl Fn(&str, u64) -> bool,
 ) -> Answer {
-    let (from_ms, to_ms) = question.window(now_ms);
-    let step_ms = question.step_ms();
-    // The last step ends at the window's end (and holds it).
-    let steps = usize::try_from(((to_ms - from_ms) as u64).div_ceil(step_ms as u64))
-        .unwrap_or(1)
-        .max(1);
-    let mut whole = Sum::default();
-    let mut versions: BTreeMap<u64, Sum> = BTreeMap::new();
-    let mut series: Vec<Sum> = (0..steps).map(|_| Sum::default()).collect();
-    let mut devices = BTreeSet::new();
-    let mut count = 0;
+    let mut a = Aggregator::new(question, now_ms);
     for p in points {
-        let t = &p.telemetry;
-        if p.to_ms < from_ms
-            || p.to_ms > to_ms
-            || t.model != question.model
-            || question.version.is_some_and(|v| v != t.version)
-            || !in_group(&p.device)
-        {
-            continue;
-        }
-        count += 1;
-        devices.insert(p.device.as_str());
-        whole.add(p);
-        versions.entry(t.version).or_default().add(p);
-        let at = usize::try_from((p.to_ms - from_ms) / step_ms).unwrap_or(0);
-        series[at.min(steps - 1)].add(p);
+        a.add(p, &accept);
     }
-    Answer {
-        question: question.clone(),
-        from_ms,
-        to_ms,
-        step_ms,
-        devices: devices.len() as u64,
-        points: count,
-        totals: whole.totals(),
-        versions: versions.iter().map(|(v, s)| (*v, s.totals())).collect(),
-        series: series
-            .iter()
-            .enumerate()
-            .map(|(i, s)| Step {
-                at_ms: from_ms + i as i64 * step_ms,
-                totals: s.totals(),
-            })
-            .collect(),
-    }
+    a.finish()
 }
 
 #[cfg(test)]
@@ -287,7 +358,7 @@ mod tests {
             point("a", 1, now - 1_000, &slow, 0), // another version
             point("a", 2, now - 4_000_000, &slow, 0), // before the window
         ];
-        let a = answer(&question(Some(2)), now, &points, |d| d != "c");
+        let a = answer(&question(Some(2)), now, &points, |d, _| d != "c");
         assert_eq!(a.devices, 2);
         assert_eq!(a.points, 2);
         assert_eq!(a.totals.requests, 110);
@@ -305,7 +376,7 @@ mod tests {
         assert_eq!(a.series.iter().map(|s| s.totals.requests).sum::<u64>(), 110);
         assert_eq!(a.series.last().unwrap().totals.requests, 90);
         assert_eq!(a.versions.keys().copied().collect::<Vec<_>>(), vec![2]);
-        let all = answer(&question(None), now, &points, |_| true);
+        let all = answer(&question(None), now, &points, |_, _| true);
         assert_eq!(all.versions.len(), 2);
         assert_eq!(all.devices, 3);
     }
@@ -324,6 +395,25 @@ mod tests {
         assert!(q.check().is_err());
     }
 
+    #[test]
+    fn slices_cover_the_window_once() {
+        let s: Vec<_> = slices(0, 2 * SLICE_MS).collect();
+        assert_eq!(
+            s,
+            vec![
+                (0, SLICE_MS - 1),
+                (SLICE_MS, 2 * SLICE_MS - 1),
+                (2 * SLICE_MS, 2 * SLICE_MS)
+            ]
+        );
+        assert_eq!(slices(5, 5).collect::<Vec<_>>(), vec![(5, 5)]);
+        assert_eq!(slices(6, 5).count(), 0);
+        assert_eq!(
+            slices(i64::MAX - 3, i64::MAX).collect::<Vec<_>>(),
+            vec![(i64::MAX - 3, i64::MAX)]
+        );
+    }
+
     proptest! {
         #[test]
         fn every_point_in_the_window_lands_in_one_step(
@@ -334,7 +424,7 @@ mod tests {
             let now = 7_200_000;
             let points: Vec<_> = ends.iter().map(|&t| point("d", 1, t, &[50], 0)).collect();
             let q = Question { since_secs: since, step_secs: step, ..question(None) };
-            let a = answer(&q, now, &points, |_| true);
+            let a = answer(&q, now, &points, |_, _| true);
             let inside = ends.iter().filter(|&&t| t >= now - since as i64 * 1000).count() as u64;
             prop_assert_eq!(a.totals.requests, inside);
             prop_assert_eq!(a.series.iter().map(|s| s.totals.requests).sum::<u64>(), inside);

@@ -294,12 +294,39 @@ async fn telemetry(db: &Db, other: &Db) {
         .unwrap()
         .is_empty());
     let edge1 = db
-        .device_telemetry("edge-1", i64::MIN, i64::MAX)
+        .device_telemetry("edge-1", i64::MIN, i64::MAX, usize::MAX)
         .await
         .unwrap();
     assert_eq!(edge1.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1, 2]);
     assert_eq!(edge1[1], again);
-    // Pruning: the report at -5 ms and the first minute go.
+    // A limit keeps the newest.
+    let newest = other
+        .device_telemetry("edge-1", i64::MIN, i64::MAX, 1)
+        .await
+        .unwrap();
+    assert_eq!(newest, vec![again.clone()]);
+    // Alerts: stored by id, changed in place, and a cleared one goes with pruning.
+    let alert = |id: u64, cleared_ms: Option<i64>| modelcast_server::drift::Alert {
+        id,
+        device: "edge-1".into(),
+        model: "classifier".into(),
+        version: 2,
+        kind: modelcast_server::drift::AlertKind::ClassDrift { output: "y".into() },
+        test: "psi".into(),
+        value: 0.4,
+        threshold: 0.25,
+        message: "class shares [5%, 95%]".into(),
+        raised_ms: t0 - 10,
+        cleared_ms,
+    };
+    db.put_alert(&alert(7, None)).await.unwrap();
+    db.put_alert(&alert(8, None)).await.unwrap();
+    other.put_alert(&alert(7, Some(t0 - 5))).await.unwrap();
+    assert_eq!(
+        db.alerts().await.unwrap(),
+        vec![alert(7, Some(t0 - 5)), alert(8, None)]
+    );
+    // Pruning: the report at -5 ms and the first minute go, and the alert cleared before.
     assert_eq!(db.prune_telemetry(t0 + 1).await.unwrap(), 2);
     let left = db
         .model_telemetry("classifier", i64::MIN, i64::MAX)
@@ -308,12 +335,13 @@ async fn telemetry(db: &Db, other: &Db) {
     assert_eq!(left.len(), 4);
     assert!(left.iter().all(|p| p.to_ms > t0));
     assert_eq!(
-        db.device_telemetry("edge-2", i64::MIN, i64::MAX)
+        db.device_telemetry("edge-2", i64::MIN, i64::MAX, usize::MAX)
             .await
             .unwrap()
             .len(),
         1
     );
+    assert_eq!(db.alerts().await.unwrap(), vec![alert(8, None)]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

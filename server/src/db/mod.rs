@@ -234,14 +234,17 @@ pub trait Storage: Send + Sync {
         from_ms: i64,
         to_ms: i64,
     ) -> Result<Vec<ModelInterval>, DbError>;
-    /// A device's reports whose interval ended within `from_ms..=to_ms`, by interval end.
+    /// A device's newest `limit` reports whose interval ended within `from_ms..=to_ms`, by
+    /// interval end.
     async fn device_telemetry(
         &self,
         device: &str,
         from_ms: i64,
         to_ms: i64,
+        limit: usize,
     ) -> Result<Vec<TelemetryReport>, DbError>;
-    /// Removes telemetry whose interval ended before `before_ms`; returns the reports removed.
+    /// Removes telemetry whose interval ended before `before_ms`, and alerts cleared before
+    /// then; returns the reports removed.
     async fn prune_telemetry(&self, before_ms: i64) -> Result<u64, DbError>;
     /// Stores an alert, new or changed (cleared), by its id.
     async fn put_alert(&self, alert: &Alert) -> Result<(), DbError>;

@@ -444,17 +444,21 @@ impl Storage for PgStore {
         device: &str,
         from_ms: i64,
         to_ms: i64,
+        limit: usize,
     ) -> Result<Vec<TelemetryReport>, DbError> {
         let rows = self
             .client()
             .await?
             .query(
                 "SELECT report::text FROM telemetry
-                 WHERE device = $1 AND to_ms BETWEEN $2 AND $3 ORDER BY to_ms, seq",
-                &[&device, &from_ms, &to_ms],
+                 WHERE device = $1 AND to_ms BETWEEN $2 AND $3
+                 ORDER BY to_ms DESC, seq DESC LIMIT $4",
+                &[&device, &from_ms, &to_ms, &big(limit as u64)],
             )
             .await?;
+        // Newest first from the query; oldest first to the caller.
         rows.iter()
+            .rev()
             .map(|r| decode("telemetry", r.try_get::<_, &str>(0)?.as_bytes()))
             .collect()
     }
@@ -467,6 +471,11 @@ impl Storage for PgStore {
             .await?;
         tx.execute(
             "DELETE FROM model_telemetry WHERE to_ms < $1",
+            &[&before_ms],
+        )
+        .await?;
+        tx.execute(
+            "DELETE FROM alerts WHERE (alert->>'cleared_ms')::BIGINT < $1",
             &[&before_ms],
         )
         .await?;

@@ -49,22 +49,29 @@ fn series_key(name: &str, ms: i64) -> Vec<u8> {
     key
 }
 
-/// The records of series `name` in `tree` whose time is within `from_ms..=to_ms`, in order.
+/// The newest `limit` records of series `name` in `tree` whose time is within
+/// `from_ms..=to_ms`, in order.
 fn series<T: for<'de> serde::Deserialize<'de>>(
     tree: &sled::Tree,
     name: &str,
     from_ms: i64,
     to_ms: i64,
+    limit: usize,
     what: &str,
 ) -> Result<Vec<T>, DbError> {
     let (from, to) = (
         series_key(name, from_ms),
         series_key(name, to_ms.saturating_add(1)),
     );
-    tree.range(from..to)
+    let mut records = tree
+        .range(from..to)
         .values()
+        .rev()
+        .take(limit)
         .map(|v| decode(&format!("{what}/{name}"), &v?))
-        .collect()
+        .collect::<Result<Vec<T>, _>>()?;
+    records.reverse();
+    Ok(records)
 }
 
 /// A report's key: device, interval end, sequence number.
@@ -335,6 +342,7 @@ impl Storage for SledStore {
             model,
             from_ms,
             to_ms,
+            usize::MAX,
             "model_telemetry",
         )
     }
@@ -344,13 +352,13 @@ impl Storage for SledStore {
         device: &str,
         from_ms: i64,
         to_ms: i64,
+        limit: usize,
     ) -> Result<Vec<TelemetryReport>, DbError> {
-        series(&self.telemetry, device, from_ms, to_ms, "telemetry")
+        series(&self.telemetry, device, from_ms, to_ms, limit, "telemetry")
     }
 
     async fn prune_telemetry(&self, before_ms: i64) -> Result<u64, DbError> {
-        // Keys start with a name, then the time: every series is walked, each only up to the
-        // cut (names are at most 128 bytes, so a name ends at its 0 byte).
+        // Keys start with a name (which has no 0 byte), a 0 byte, then the time.
         let mut removed = 0;
         for (tree, counts) in [(&self.telemetry, true), (&self.model_telemetry, false)] {
             let mut batch = sled::Batch::default();
@@ -369,6 +377,15 @@ impl Storage for SledStore {
             }
             tree.apply_batch(batch)?;
         }
+        let mut batch = sled::Batch::default();
+        for entry in self.alerts.iter() {
+            let (key, value) = entry?;
+            let alert: Alert = decode("alerts", &value)?;
+            if alert.cleared_ms.is_some_and(|at| at < before_ms) {
+                batch.remove(key);
+            }
+        }
+        self.alerts.apply_batch(batch)?;
         Ok(removed)
     }
 
