@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use modelcast_proto::chunk::{ChunkReply, ChunkRequest};
-use modelcast_proto::desired::DesiredState;
+use modelcast_proto::desired::{DesiredState, SamplingSpec};
 use modelcast_proto::keys::PublicKey;
 use modelcast_proto::manifest::Manifest;
 use modelcast_proto::metadata::{RoleVerifier, Signed};
@@ -30,6 +30,7 @@ use crate::engine::LoadedModel;
 use crate::link::{Link, LinkEvent};
 use crate::metrics::Metrics;
 use crate::probation::ProbationPolicy;
+use crate::sampling::Sampler;
 use crate::serve::Models;
 use crate::serve::RequestOutcome;
 use crate::slots::ModelRecord;
@@ -39,6 +40,8 @@ use crate::update::{Action, ChunkFate, Settings, Updater};
 
 /// Request outcomes queued from the HTTP handlers to the loop; more are dropped.
 const OUTCOME_QUEUE: usize = 4096;
+/// How often samples move from the serve path's buffer to the store.
+const SAMPLES_EVERY: Duration = Duration::from_secs(2);
 
 /// Why the agent could not start or had to stop.
 #[derive(Debug, Error)]
@@ -98,6 +101,8 @@ struct Agent {
     desired_version: u64,
     /// What the models served this interval.
     collector: Arc<Collector>,
+    /// Requests kept whole where a deployment samples them.
+    sampler: Arc<Sampler>,
     /// Telemetry's store-and-forward.
     telemetry: Forwarder,
 }
@@ -260,10 +265,13 @@ pub async fn run(
     info!(addr = %cfg.http_listen, "inference API listening");
     let (outcome_tx, outcomes) = tokio::sync::mpsc::channel(OUTCOME_QUEUE);
     let collector = Arc::new(Collector::default());
+    let sampler = Sampler::new();
+    sampler.set_policies(store.sampling()?);
     let app = crate::serve::router(
         models.clone(),
         metrics.clone(),
         collector.clone(),
+        sampler.clone(),
         outcome_tx,
     );
     let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -292,6 +300,7 @@ pub async fn run(
         models,
         metrics,
         collector,
+        sampler,
         director,
         tls,
         restored,
@@ -335,6 +344,7 @@ struct ControlParts {
     models: Arc<Models>,
     metrics: Arc<Metrics>,
     collector: Arc<Collector>,
+    sampler: Arc<Sampler>,
     director: RoleVerifier,
     tls: Option<rustls::ClientConfig>,
     restored: Restored,
@@ -353,6 +363,7 @@ async fn control(
         models,
         metrics,
         collector,
+        sampler,
         director,
         tls,
         restored,
@@ -374,6 +385,7 @@ async fn control(
         previous: BTreeMap::new(),
         desired_version: store.trust()?.map_or(0, |t| t.director_version),
         collector,
+        sampler,
         telemetry: Forwarder::new(cfg.telemetry.clone(), &cfg.device_id, &cfg.state_dir),
         cfg,
         store,
@@ -400,6 +412,8 @@ async fn control(
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick
     });
+    let mut samples_tick = tokio::time::interval(SAMPLES_EVERY);
+    samples_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(stop);
     loop {
         let wake = agent.updater.next_wake(Instant::now());
@@ -411,6 +425,7 @@ async fn control(
             _ = async { telemetry_tick.as_mut().expect("armed").tick().await }, if telemetry_tick.is_some() => {
                 agent.end_telemetry_interval().await;
             }
+            _ = samples_tick.tick() => agent.store_samples(),
             event = events.recv() => match event {
                 Some(event) => agent.handle_link(event).await,
                 None => break,
@@ -442,9 +457,24 @@ pub fn store_path(state_dir: &std::path::Path) -> PathBuf {
 }
 
 impl Agent {
+    /// Moves the samples the serve path kept into the store, within each model's budget.
+    fn store_samples(&mut self) {
+        let (taken, dropped) = self.sampler.take();
+        if taken.is_empty() && dropped == 0 {
+            return;
+        }
+        if let Err(e) = self
+            .store
+            .keep_samples(taken, dropped, &self.sampler.policies())
+        {
+            warn!(error = %e, "samples not stored");
+        }
+    }
+
     /// Ends a telemetry interval: its report joins the queue, and the queue goes out if it
     /// can.
     async fn end_telemetry_interval(&mut self) {
+        self.store_samples();
         match self.telemetry.end_interval(&self.store, &self.collector) {
             Ok((seq, bytes)) => debug!(seq, bytes, "telemetry report queued"),
             Err(e) => warn!(error = %e, "telemetry report not queued"),
@@ -522,6 +552,17 @@ impl Agent {
             models = verified.models().len(),
             "desired state verified"
         );
+        let sampling: BTreeMap<String, SamplingSpec> = verified
+            .models()
+            .iter()
+            .filter_map(|m| Some((m.name.clone(), verified.sampling(&m.name)?)))
+            .collect();
+        // What is held of a model no longer sampled is deleted with the policy.
+        self.store_samples();
+        self.store
+            .set_sampling(&sampling)
+            .map_err(|e| e.to_string())?;
+        self.sampler.set_policies(sampling);
         let desired: Vec<_> = verified
             .models()
             .iter()

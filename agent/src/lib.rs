@@ -21,6 +21,7 @@ pub mod memory;
 pub mod metrics;
 pub mod priority;
 pub mod probation;
+pub mod sampling;
 pub mod serve;
 pub mod slots;
 pub mod store;

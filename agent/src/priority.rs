@@ -3,11 +3,16 @@
 //!
 //! Two levels. The control plane (broker link, downloads, store writes, telemetry) runs at
 //! [`BACKGROUND_NICE`]. Heavy one-off work (verifying a desired state, staging a model) starts
-//! lower still, at [`IDLE_NICE`], and is raised to [`BACKGROUND_NICE`] if it is not done after
-//! [`RAISE_AFTER`]: on a device with spare CPU it finishes before that and costs the serving
-//! threads nothing; on a saturated one it would otherwise starve, and the raise bounds that.
-//! Raising a thread's priority needs `CAP_SYS_NICE` or an `RLIMIT_NICE` that allows it (the
-//! systemd unit sets `LimitNICE=+10`); without either the work stays at the lower level.
+//! lower still, and is raised to [`BACKGROUND_NICE`] if it is not done after [`RAISE_AFTER`]:
+//! on a device with spare CPU it finishes before that and costs the serving threads nothing;
+//! on a saturated one it would otherwise starve, and the raise bounds that.
+//!
+//! "Lower still" is Linux's `SCHED_IDLE` policy when the raise is allowed: a serving thread
+//! that wakes preempts an idle-policy thread at once, and the kernel places wake-ups on a CPU
+//! running only idle-policy work as if it were free. Leaving `SCHED_IDLE`, like raising a
+//! nice value, needs `CAP_SYS_NICE` or an `RLIMIT_NICE` that allows it (the systemd unit sets
+//! `LimitNICE=+10`). Without either, heavy work starts at [`IDLE_NICE`] instead and stays
+//! there, since a thread stuck in `SCHED_IDLE` could starve for good.
 //!
 //! Both levels also take the kernel's shortest time slice, 0.1 ms (EEVDF, Linux 6.6 and
 //! later): a running thread keeps its CPU until its slice ends, whatever its nice value, so
@@ -19,7 +24,7 @@ use std::time::Duration;
 pub const BACKGROUND_NICE: i32 = 10;
 /// Nice value heavy work starts at.
 pub const IDLE_NICE: i32 = 19;
-/// How long heavy work runs at [`IDLE_NICE`] before it is raised.
+/// How long heavy work runs at its starting priority before it is raised.
 pub const RAISE_AFTER: Duration = Duration::from_secs(5);
 /// Time slice asked for background threads, in nanoseconds (the kernel's least).
 const BACKGROUND_SLICE_NS: u64 = 100_000;
@@ -42,7 +47,8 @@ fn current_thread() -> i32 {
     0
 }
 
-/// Sets thread `tid`'s nice value and the short slice; returns whether the kernel allowed it.
+/// Sets thread `tid`'s nice value and the short slice, under `SCHED_OTHER`; returns whether the
+/// kernel allowed it.
 fn set_nice(tid: i32, nice: i32) -> bool {
     #[cfg(target_os = "linux")]
     // SAFETY: setpriority takes no pointers; sched_setattr reads one struct of the size it is
@@ -67,6 +73,51 @@ fn set_nice(tid: i32, nice: i32) -> bool {
     }
 }
 
+/// Moves thread `tid` to [`IDLE_NICE`], and then to `SCHED_IDLE` if it may leave it again.
+fn to_idle(tid: i32) {
+    // First the nice value, which SCHED_IDLE keeps: leaving SCHED_IDLE checks RLIMIT_NICE
+    // against it, and 19 is within any limit.
+    set_nice(tid, IDLE_NICE);
+    #[cfg(target_os = "linux")]
+    if may_raise() {
+        // SAFETY: sched_setattr reads one struct of the size it is told, which lives across
+        // the call.
+        let attr = SchedAttr {
+            size: std::mem::size_of::<SchedAttr>() as u32,
+            sched_policy: libc::SCHED_IDLE as u32,
+            sched_nice: IDLE_NICE,
+            ..SchedAttr::default()
+        };
+        // On failure the thread stays at nice 19.
+        unsafe { libc::syscall(libc::SYS_sched_setattr, tid, &attr as *const SchedAttr, 0) };
+    }
+}
+
+/// Whether this process may raise a thread to [`BACKGROUND_NICE`]: it holds `CAP_SYS_NICE`, or
+/// its `RLIMIT_NICE` reaches that far (nice = 20 − limit).
+#[cfg(target_os = "linux")]
+fn may_raise() -> bool {
+    static MAY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *MAY.get_or_init(|| {
+        const CAP_SYS_NICE: u32 = 23;
+        let capable = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|status| {
+                let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+                u64::from_str_radix(hex.trim(), 16).ok()
+            })
+            .is_some_and(|caps| caps & (1 << CAP_SYS_NICE) != 0);
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes one struct we own.
+        let limited = unsafe { libc::getrlimit(libc::RLIMIT_NICE, &mut limit) } == 0
+            && limit.rlim_cur >= (20 - BACKGROUND_NICE) as libc::rlim_t;
+        capable || limited
+    })
+}
+
 /// The kernel's `struct sched_attr` (`sched_setattr(2)`); `sched_runtime` is the time slice of
 /// a `SCHED_OTHER` thread.
 #[cfg(target_os = "linux")]
@@ -85,7 +136,7 @@ struct SchedAttr {
     sched_util_max: u32,
 }
 
-/// Runs `work` on a thread of its own at [`IDLE_NICE`], raised to [`BACKGROUND_NICE`] after
+/// Runs `work` on a thread of its own at idle priority, raised to [`BACKGROUND_NICE`] after
 /// [`RAISE_AFTER`], and awaits its result, so that neither the runtime's workers nor the
 /// serving threads wait for it. Errors if the thread cannot be started or dies before
 /// answering.
@@ -108,7 +159,7 @@ async fn in_background_raised_after<T: Send + 'static>(
         .name(format!("modelcast-{name}"))
         .spawn(move || {
             let tid = current_thread();
-            set_nice(tid, IDLE_NICE);
+            to_idle(tid);
             let _ = tid_tx.send(tid);
             let _ = tx.send(work());
         })
@@ -154,30 +205,49 @@ mod tests {
         assert_eq!(nice(), before);
     }
 
+    /// The calling thread's scheduling policy.
+    #[cfg(target_os = "linux")]
+    fn policy() -> i32 {
+        // SAFETY: sched_getscheduler takes no pointers; 0 is the calling thread.
+        unsafe { libc::sched_getscheduler(0) }
+    }
+
     #[tokio::test]
+    #[cfg(target_os = "linux")]
     async fn background_work_answers_and_its_panics_are_errors() {
-        let answer = super::in_background("test", nice).await;
-        assert_eq!(answer, Ok(super::IDLE_NICE));
+        let answer = super::in_background("test", || (policy(), nice())).await;
+        // SCHED_IDLE only where the work may leave it again; nice 19 otherwise.
+        let expected = if super::may_raise() {
+            libc::SCHED_IDLE
+        } else {
+            libc::SCHED_OTHER
+        };
+        assert_eq!(answer, Ok((expected, super::IDLE_NICE)));
         let died = super::in_background("test", || -> u8 { panic!("boom") }).await;
         assert!(died.unwrap_err().contains("died"));
     }
 
     #[tokio::test]
+    #[cfg(target_os = "linux")]
     async fn long_background_work_is_raised() {
-        // The work waits until well after the raise, then reports its nice value.
+        // The work waits until well after the raise, then reports its priority.
         let raise_after = std::time::Duration::from_millis(100);
         let raised = super::in_background_raised_after("test", raise_after, move || {
             std::thread::sleep(raise_after * 3);
-            nice()
+            (policy(), nice())
         })
         .await;
-        // Raising needs CAP_SYS_NICE or RLIMIT_NICE; without them the work stays low.
+        // Raising needs CAP_SYS_NICE or RLIMIT_NICE; without them the work stays at nice 19.
+        // CI runs as root, so there this checks the raise out of SCHED_IDLE.
         let privileged = unsafe { libc::geteuid() } == 0;
-        let expected = if privileged {
+        let expected = if super::may_raise() {
             super::BACKGROUND_NICE
         } else {
             super::IDLE_NICE
         };
-        assert_eq!(raised, Ok(expected));
+        assert_eq!(raised, Ok((libc::SCHED_OTHER, expected)));
+        if privileged {
+            assert!(super::may_raise(), "root may raise");
+        }
     }
 }

@@ -21,6 +21,7 @@ use serde_json::{json, Value};
 
 use crate::engine::{EngineError, HostTensor, LoadedModel, Values};
 use crate::metrics::{ErrorKind, Metrics, SlotLabels};
+use crate::sampling::Sampler;
 use crate::telemetry::{Collector, Summary};
 use modelcast_proto::report::Slot;
 use tokio::sync::mpsc;
@@ -78,14 +79,17 @@ struct Api {
     models: Arc<Models>,
     metrics: Arc<Metrics>,
     telemetry: Arc<Collector>,
+    sampler: Arc<Sampler>,
     outcomes: mpsc::Sender<RequestOutcome>,
 }
 
-/// The KServe v2 routes and `GET /metrics`; request outcomes go to `outcomes`.
+/// The KServe v2 routes and `GET /metrics`; request outcomes go to `outcomes`, and the
+/// requests `sampler` draws are kept whole.
 pub fn router(
     models: Arc<Models>,
     metrics: Arc<Metrics>,
     telemetry: Arc<Collector>,
+    sampler: Arc<Sampler>,
     outcomes: mpsc::Sender<RequestOutcome>,
 ) -> Router {
     Router::new()
@@ -105,6 +109,7 @@ pub fn router(
             models,
             metrics,
             telemetry,
+            sampler,
             outcomes,
         })
 }
@@ -285,14 +290,20 @@ async fn run_infer(api: Api, name: String, version: Option<String>, body: Bytes)
         }
     };
     let served = model.clone();
+    let sampler = api.sampler.draw(&name).then(|| api.sampler.clone());
     // The model's own time, measured on the blocking thread: waiting for a thread or a core
     // is the host's load, not the model's speed, and would blur the comparison probation makes.
-    // Telemetry's summary of the outputs is made here too, off the runtime's workers.
+    // Telemetry's summary of the outputs (and a sample, if drawn) is made here too, off the
+    // runtime's workers.
     let run = tokio::task::spawn_blocking(move || {
         let started = std::time::Instant::now();
         let outputs = served.run(&inputs);
         let took = started.elapsed();
         let summary = outputs.as_ref().ok().map(|o| Summary::of(o));
+        if let (Some(sampler), Ok(outputs)) = (sampler, &outputs) {
+            let m = served.manifest();
+            sampler.keep(&m.name, m.version, served.slot(), &inputs, outputs);
+        }
         (outputs, took, summary)
     });
     let (result, latency, summary) = match run.await {

@@ -6,20 +6,26 @@
 //! - `trust`: the TUF trust state (`state`).
 //! - `models`: model name → [`ModelRecord`] (the A/B slots and which one serves).
 //! - `pending`: model name → the manifest being downloaded.
-//! - `meta`: `last_error`.
+//! - `meta`: `last_error`, telemetry and sample counters, `sampling` (the models sampled).
+//! - `telemetry`: reports waiting to be sent.
+//! - `samples`: sampled requests waiting to be shipped, by id (see [`crate::sampling`]).
 //!
 //! Everything read back is decoded with errors, never panics: the disk is input too.
 
+use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
 
+use modelcast_proto::desired::SamplingSpec;
 use modelcast_proto::manifest::Manifest;
 use modelcast_proto::report::ReportedError;
+use modelcast_proto::telemetry::Sample;
 use modelcast_proto::verify::TrustState;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub use crate::artifacts::ArtifactReader;
 use crate::artifacts::Artifacts;
+use crate::sampling::sample_bytes;
 
 /// sled's page cache: small, it holds only records; model bytes live in files.
 const CACHE_BYTES: u64 = 1024 * 1024;
@@ -92,7 +98,46 @@ pub struct Store {
     /// Reports and bytes in `telemetry`, counted once at open and kept since (sled counts
     /// only by scanning).
     telemetry_held: std::sync::Arc<std::sync::Mutex<(u64, u64)>>,
+    /// Sampled requests waiting to be shipped: id → [`Sample`].
+    samples: sled::Tree,
+    /// Each model's samples in `samples`, oldest first, with their sizes: built once at open.
+    samples_held: std::sync::Arc<std::sync::Mutex<SampleIndex>>,
     files: Artifacts,
+}
+
+/// Per model, the ids and sizes of its stored samples, oldest first.
+type SampleIndex = BTreeMap<String, VecDeque<(u64, u64)>>;
+
+/// Indexes the stored samples; a record that does not decode is removed (it could never be
+/// shipped) and counted as dropped.
+fn index_samples(tree: &sled::Tree, meta: &sled::Tree) -> Result<SampleIndex, StoreError> {
+    let mut index = SampleIndex::new();
+    let mut corrupt = Vec::new();
+    for item in tree.iter() {
+        let (key, value) = item?;
+        match decode::<Sample>("samples", &value) {
+            Ok(s) => index
+                .entry(s.model)
+                .or_default()
+                .push_back((be_u64(&key), value.len() as u64)),
+            Err(_) => corrupt.push(key),
+        }
+    }
+    if !corrupt.is_empty() {
+        tracing::warn!(records = corrupt.len(), "corrupt samples removed");
+        for key in &corrupt {
+            tree.remove(key)?;
+        }
+        add_counter(meta, "samples_dropped", corrupt.len() as u64)?;
+    }
+    Ok(index)
+}
+
+/// Adds `n` to the big-endian counter `key` in `meta`.
+fn add_counter(meta: &sled::Tree, key: &str, n: u64) -> Result<u64, StoreError> {
+    let now = meta.get(key)?.map_or(0, |v| be_u64(&v)).saturating_add(n);
+    meta.insert(key, &now.to_be_bytes())?;
+    Ok(now)
 }
 
 /// A big-endian `u64` record; anything else reads as 0 (a corrupt counter restarts).
@@ -145,13 +190,18 @@ impl Store {
             .flush_every_ms(Some(500))
             .open()?;
         let telemetry = db.open_tree("telemetry")?;
+        let (samples, meta) = (db.open_tree("samples")?, db.open_tree("meta")?);
         Ok(Store {
             trust: db.open_tree("trust")?,
             models: db.open_tree("models")?,
             pending: db.open_tree("pending")?,
-            meta: db.open_tree("meta")?,
             telemetry_held: std::sync::Arc::new(std::sync::Mutex::new(held(&telemetry)?)),
             telemetry,
+            samples_held: std::sync::Arc::new(std::sync::Mutex::new(index_samples(
+                &samples, &meta,
+            )?)),
+            samples,
+            meta,
             files: Artifacts::open(&dir.join("artifacts"))?,
             db,
         })
@@ -383,6 +433,137 @@ impl Store {
         Ok((reports, bytes, dropped))
     }
 
+    /// The models sampled, as the last verified desired state said (none if never).
+    pub fn sampling(&self) -> Result<BTreeMap<String, SamplingSpec>, StoreError> {
+        match self.meta.get("sampling")? {
+            Some(bytes) => decode("sampling", &bytes),
+            None => Ok(BTreeMap::new()),
+        }
+    }
+
+    /// Records the models sampled and deletes the stored samples of every other model, and
+    /// of a model whose budget shrank, its oldest until it fits.
+    pub fn set_sampling(
+        &self,
+        policies: &BTreeMap<String, SamplingSpec>,
+    ) -> Result<(), StoreError> {
+        self.meta.insert("sampling", encode(policies))?;
+        let mut index = self.samples_held.lock().expect("samples lock");
+        let gone: Vec<String> = index
+            .keys()
+            .filter(|m| !policies.contains_key(*m))
+            .cloned()
+            .collect();
+        for model in gone {
+            for (id, _) in index.remove(&model).unwrap_or_default() {
+                self.samples.remove(id.to_be_bytes())?;
+            }
+        }
+        for (model, spec) in policies {
+            self.trim_samples(&mut index, model, spec.budget_bytes)?;
+        }
+        Ok(())
+    }
+
+    /// Drops `model`'s oldest samples until they fit `budget`; returns how many.
+    fn trim_samples(
+        &self,
+        index: &mut SampleIndex,
+        model: &str,
+        budget: u64,
+    ) -> Result<u64, StoreError> {
+        let Some(held) = index.get_mut(model) else {
+            return Ok(0);
+        };
+        let mut bytes: u64 = held.iter().map(|(_, n)| n).sum();
+        let mut dropped = 0;
+        while bytes > budget {
+            let Some((id, n)) = held.pop_front() else {
+                break;
+            };
+            self.samples.remove(id.to_be_bytes())?;
+            bytes -= n;
+            dropped += 1;
+        }
+        Ok(dropped)
+    }
+
+    /// Stores freshly taken samples (assigning their ids) of the models sampled in
+    /// `policies`; each model's oldest are dropped to stay within its budget. `dropped` more
+    /// were lost before they got here. A sample of a model no longer sampled is discarded.
+    pub fn keep_samples(
+        &self,
+        samples: Vec<Sample>,
+        dropped: u64,
+        policies: &BTreeMap<String, SamplingSpec>,
+    ) -> Result<(), StoreError> {
+        let mut index = self.samples_held.lock().expect("samples lock");
+        let mut id = self.meta.get("sample_seq")?.map_or(0, |v| be_u64(&v));
+        let mut lost = dropped;
+        let mut touched = BTreeMap::new();
+        for mut sample in samples {
+            let Some(spec) = policies.get(&sample.model) else {
+                continue;
+            };
+            id += 1;
+            sample.id = id;
+            let bytes = encode(&sample);
+            index
+                .entry(sample.model.clone())
+                .or_default()
+                .push_back((id, bytes.len() as u64));
+            self.samples.insert(id.to_be_bytes(), bytes)?;
+            touched.insert(sample.model, spec.budget_bytes);
+        }
+        for (model, budget) in touched {
+            lost += self.trim_samples(&mut index, &model, budget)?;
+        }
+        self.meta.insert("sample_seq", &id.to_be_bytes())?;
+        if lost > 0 {
+            add_counter(&self.meta, "samples_dropped", lost)?;
+        }
+        Ok(())
+    }
+
+    /// The oldest stored samples, up to `max_bytes` of them (as [`sample_bytes`] counts).
+    pub fn samples_to_ship(&self, max_bytes: usize) -> Result<Vec<Sample>, StoreError> {
+        let (mut out, mut bytes) = (Vec::new(), 0);
+        for item in self.samples.iter() {
+            let (key, value) = item?;
+            let sample: Sample = decode(&format!("samples/{}", be_u64(&key)), &value)?;
+            bytes += sample_bytes(&sample);
+            if bytes > max_bytes {
+                break;
+            }
+            out.push(sample);
+        }
+        Ok(out)
+    }
+
+    /// Removes samples that joined the telemetry queue.
+    pub fn samples_shipped(&self, samples: &[Sample]) -> Result<(), StoreError> {
+        let mut index = self.samples_held.lock().expect("samples lock");
+        for s in samples {
+            self.samples.remove(s.id.to_be_bytes())?;
+            if let Some(held) = index.get_mut(&s.model) {
+                held.retain(|(id, _)| *id != s.id);
+            }
+        }
+        index.retain(|_, held| !held.is_empty());
+        Ok(())
+    }
+
+    /// Samples stored and their bytes, and samples dropped so far.
+    pub fn sample_counts(&self) -> Result<(u64, u64, u64), StoreError> {
+        let index = self.samples_held.lock().expect("samples lock");
+        let (n, bytes) = index
+            .values()
+            .flatten()
+            .fold((0, 0), |(n, b), (_, len)| (n + 1, b + len));
+        let dropped = self.meta.get("samples_dropped")?.map_or(0, |v| be_u64(&v));
+        Ok((n, bytes, dropped))
+    }
+
     /// Bytes the store occupies on disk: sled and the artifact files.
     pub fn size_on_disk(&self) -> Result<u64, StoreError> {
         Ok(self.db.size_on_disk()? + self.files.size_on_disk()?)
@@ -539,5 +720,81 @@ mod tests {
         store.models.insert("m", &b"{not json"[..]).unwrap();
         assert!(matches!(store.model("m"), Err(StoreError::Corrupt { .. })));
         assert!(store.models().is_err());
+    }
+
+    fn sample(model: &str, values: usize) -> Sample {
+        Sample {
+            id: 0,
+            model: model.into(),
+            version: 1,
+            slot: Slot::A,
+            at_ms: 5,
+            inputs: vec![modelcast_proto::manifest::TensorData::from_f32(
+                "x",
+                vec![values as u64],
+                &vec![0.5; values],
+            )],
+            outputs: vec![],
+        }
+    }
+
+    fn spec(budget_bytes: u64) -> SamplingSpec {
+        SamplingSpec {
+            rate_permille: 1000,
+            budget_bytes,
+        }
+    }
+
+    #[test]
+    fn samples_stay_within_each_models_budget_and_leave_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let policies = BTreeMap::from([
+            ("a".to_string(), spec(4096)),
+            ("b".to_string(), spec(65536)),
+        ]);
+        store.set_sampling(&policies).unwrap();
+        assert_eq!(store.sampling().unwrap(), policies);
+        // 30 samples of about 500 bytes each for a (4 KiB budget), 3 for b, 2 for a model not
+        // sampled; 4 lost on the serve path.
+        let mut batch: Vec<Sample> = (0..30).map(|_| sample("a", 50)).collect();
+        batch.extend((0..3).map(|_| sample("b", 50)));
+        batch.extend((0..2).map(|_| sample("c", 50)));
+        store.keep_samples(batch, 4, &policies).unwrap();
+        let (held, bytes, dropped) = store.sample_counts().unwrap();
+        let a_bytes = bytes - 3 * (bytes / held);
+        assert!(a_bytes <= 4096, "{a_bytes}");
+        assert_eq!(held + dropped, 33 + 4, "every sample kept or counted");
+        // Ids are assigned in order; the oldest of a went; they ship oldest first.
+        let shipped = store.samples_to_ship(usize::MAX).unwrap();
+        let ids: Vec<u64> = shipped.iter().map(|s| s.id).collect();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+        assert_eq!(*ids.last().unwrap(), 33);
+        assert!(ids[0] > 1, "the oldest of a were dropped");
+        // A byte cap takes a prefix.
+        let first = store.samples_to_ship(1500).unwrap();
+        assert!(!first.is_empty() && first.len() < shipped.len());
+        assert_eq!(first[..], shipped[..first.len()]);
+        store.samples_shipped(&first).unwrap();
+        assert_eq!(store.sample_counts().unwrap().0, held - first.len() as u64);
+
+        // The index survives a reopen.
+        let left = store.samples_to_ship(usize::MAX).unwrap();
+        drop(store);
+        let store = reopen(dir.path());
+        assert_eq!(store.samples_to_ship(usize::MAX).unwrap(), left);
+        assert_eq!(store.sample_counts().unwrap().0, left.len() as u64);
+
+        // Sampling a turned off: its samples are deleted at once; b's stay.
+        let only_b = BTreeMap::from([("b".to_string(), spec(65536))]);
+        store.set_sampling(&only_b).unwrap();
+        let left = store.samples_to_ship(usize::MAX).unwrap();
+        assert_eq!(left.len(), 3);
+        assert!(left.iter().all(|s| s.model == "b"));
+        // A smaller budget trims b to fit.
+        store
+            .set_sampling(&BTreeMap::from([("b".to_string(), spec(1024))]))
+            .unwrap();
+        assert!(store.sample_counts().unwrap().1 <= 1024);
     }
 }

@@ -17,7 +17,7 @@ use hdrhistogram::Histogram;
 use modelcast_proto::report::Slot;
 use modelcast_proto::telemetry::{
     LatencyBuckets, ModelTelemetry, OutputStats, Percentiles, SystemTelemetry, TelemetryReport,
-    MAX_CLASSES,
+    MAX_CLASSES, MAX_REPORT_SAMPLE_BYTES,
 };
 
 use crate::engine::HostTensor;
@@ -393,6 +393,14 @@ impl Forwarder {
             self.interval_started_ms,
             cpu.saturating_sub(self.cpu_at_start_ms),
         );
+        // Samples ride out only while the link is up: offline, they wait in their own
+        // budget rather than crowd reports out of the queue.
+        let samples = if self.online {
+            store.samples_to_ship(MAX_REPORT_SAMPLE_BYTES)?
+        } else {
+            Vec::new()
+        };
+        let samples_dropped = store.sample_counts()?.2;
         let seq = store.queue_telemetry(
             now,
             self.config.queue_bytes,
@@ -413,12 +421,15 @@ impl Forwarder {
                         disk_free_bytes: disk_free(&self.state_dir),
                         queued,
                     },
+                    samples: samples.clone(),
+                    samples_dropped,
                 }
                 .to_vec();
                 size = bytes.len();
                 bytes
             },
         )?;
+        store.samples_shipped(&samples)?;
         self.interval_started_ms = now;
         self.cpu_at_start_ms = cpu;
         Ok((seq, size))

@@ -111,10 +111,83 @@ impl TrialThresholds {
     }
 }
 
+/// A deployment's sampling of inputs and outputs, for analysis: opt-in, off unless the
+/// director puts it in the device's signed target (`custom.sampling`). The agent keeps one
+/// request in `1000 / rate_permille` (drawn at random) with its outputs, holds at most
+/// `budget_bytes` of them per model until they are shipped with telemetry, and drops the
+/// oldest beyond that.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SamplingSpec {
+    /// Requests sampled, in parts per thousand (1..=1000).
+    pub rate_permille: u32,
+    /// Most bytes of samples the device keeps for the model (1 KiB ..= [`MAX_SAMPLE_BUDGET`]).
+    pub budget_bytes: u64,
+}
+
+/// What the director attaches to one device's target besides the model: the rollout's or
+/// deployment's probation thresholds and sampling, each signed in `custom`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TargetTerms {
+    /// Probation thresholds (`custom.probation`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probation: Option<TrialThresholds>,
+    /// Sampling of inputs and outputs (`custom.sampling`); off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampling: Option<SamplingSpec>,
+}
+
+/// Largest sample budget a deployment may give a device.
+pub const MAX_SAMPLE_BUDGET: u64 = 64 * 1024 * 1024;
+
+impl SamplingSpec {
+    /// Checks the ranges; the reason names the field.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(1..=1000).contains(&self.rate_permille) {
+            return Err("sampling rate_permille must be within 1..=1000".into());
+        }
+        if !(1024..=MAX_SAMPLE_BUDGET).contains(&self.budget_bytes) {
+            return Err(format!(
+                "sampling budget_bytes must be within 1024..={MAX_SAMPLE_BUDGET}"
+            ));
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn sampling_ranges_are_checked() {
+        let ok = SamplingSpec {
+            rate_permille: 10,
+            budget_bytes: 1 << 20,
+        };
+        assert_eq!(ok.validate(), Ok(()));
+        for bad in [
+            SamplingSpec {
+                rate_permille: 0,
+                ..ok
+            },
+            SamplingSpec {
+                rate_permille: 1001,
+                ..ok
+            },
+            SamplingSpec {
+                budget_bytes: 100,
+                ..ok
+            },
+            SamplingSpec {
+                budget_bytes: MAX_SAMPLE_BUDGET + 1,
+                ..ok
+            },
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?}");
+        }
+    }
 
     proptest! {
         #[test]

@@ -7,14 +7,22 @@
 //! broker is out of reach and sent in order, at least once, when it is back: a receiver keeps
 //! the first copy of each sequence number. `dropped` counts the reports the device's queue
 //! discarded (oldest first) to stay within its bounds.
+//!
+//! Where a deployment turned sampling on ([`crate::desired::SamplingSpec`]), a report also
+//! carries some of the device's [`Sample`]s: requests kept whole, inputs and outputs, for
+//! analysis. They ride in the report so they share its queue, ordering and delivery.
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::DecodeError;
+use crate::manifest::TensorData;
 use crate::report::Slot;
 
-/// Largest telemetry report accepted.
-pub const MAX_TELEMETRY_BYTES: usize = 256 * 1024;
+/// Largest telemetry report accepted (under the 1 MiB MQTT packet the agent and the fleet
+/// server allow).
+pub const MAX_TELEMETRY_BYTES: usize = 960 * 1024;
+/// Most bytes of samples one report carries; a larger sample is never shipped.
+pub const MAX_REPORT_SAMPLE_BYTES: usize = 512 * 1024;
 /// Most classes a class histogram keeps (larger outputs are summarized, not histogrammed).
 pub const MAX_CLASSES: usize = 1024;
 
@@ -37,6 +45,53 @@ pub struct TelemetryReport {
     pub models: Vec<ModelTelemetry>,
     /// What the agent costs its host.
     pub system: SystemTelemetry,
+    /// Sampled requests, oldest first (only where a deployment turned sampling on).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub samples: Vec<Sample>,
+    /// Samples the device discarded so far (over its budget, or too large to ship), over its
+    /// lifetime.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub samples_dropped: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// One request a device kept whole: what came in and what the model answered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sample {
+    /// Position in the device's sequence of samples, from 1 (with the device, the sample's
+    /// identity: a receiver keeps the first copy).
+    pub id: u64,
+    /// Model name.
+    pub model: String,
+    /// Version that answered.
+    pub version: u64,
+    /// Slot that answered.
+    pub slot: Slot,
+    /// When it was answered, Unix milliseconds.
+    pub at_ms: i64,
+    /// The request's input tensors.
+    pub inputs: Vec<TensorData>,
+    /// The model's output tensors.
+    pub outputs: Vec<TensorData>,
+}
+
+impl Sample {
+    /// Checks that every tensor's bytes fit its shape and type.
+    pub fn check(&self) -> Result<(), DecodeError> {
+        if self.id == 0 {
+            return Err(DecodeError::Invalid {
+                what: "sample",
+                reason: "sample ids start at 1".into(),
+            });
+        }
+        for t in self.inputs.iter().chain(&self.outputs) {
+            t.values()?;
+        }
+        Ok(())
+    }
 }
 
 /// What one model served from one slot in an interval.
@@ -286,6 +341,11 @@ impl TelemetryReport {
                 )));
             }
         }
+        for sample in &r.samples {
+            sample
+                .check()
+                .map_err(|e| invalid(format!("sample {}: {e}", sample.id)))?;
+        }
         Ok(r)
     }
 
@@ -339,6 +399,16 @@ mod tests {
                 disk_free_bytes: 1 << 30,
                 queued: 1,
             },
+            samples: vec![Sample {
+                id: 4,
+                model: "classifier".into(),
+                version: 2,
+                slot: Slot::B,
+                at_ms: 30_000,
+                inputs: vec![TensorData::from_f32("x", vec![1, 2], &[0.5, -1.0])],
+                outputs: vec![TensorData::from_f32("scores", vec![1, 2], &[0.9, 0.1])],
+            }],
+            samples_dropped: 2,
         }
     }
 
@@ -360,6 +430,9 @@ mod tests {
         bad(&|r| r.models[0].latency_buckets = LatencyBuckets(vec![(MAX_BUCKET + 1, 1)]));
         bad(&|r| r.models[0].latency_buckets = LatencyBuckets(vec![(1, 11)]));
         bad(&|r| r.models[0].latency_buckets = LatencyBuckets(vec![(1, u64::MAX), (2, 2)]));
+        bad(&|r| r.samples[0].id = 0);
+        bad(&|r| r.samples[0].inputs[0].shape = vec![1, 3]);
+        bad(&|r| r.samples[0].outputs[0].data.push('z'));
         assert!(TelemetryReport::from_slice(&vec![b' '; MAX_TELEMETRY_BYTES + 1]).is_err());
     }
 

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::desired::{DesiredState, TrialThresholds};
+use crate::desired::{DesiredState, SamplingSpec, TrialThresholds};
 use crate::error::VerifyError;
 use crate::manifest::Manifest;
 use crate::metadata::{MetaIndex, RoleVerifier, Root, Signed, Targets};
@@ -58,6 +58,7 @@ pub struct VerifiedDesired {
     trust: TrustState,
     models: Vec<Manifest>,
     probation: BTreeMap<String, TrialThresholds>,
+    sampling: BTreeMap<String, SamplingSpec>,
     director_version: u64,
 }
 
@@ -75,6 +76,12 @@ impl VerifiedDesired {
     /// The rollout's probation thresholds for `model`, when the director set any.
     pub fn probation(&self, model: &str) -> Option<TrialThresholds> {
         self.probation.get(model).copied()
+    }
+
+    /// The deployment's sampling of `model`'s inputs and outputs, when the director turned it
+    /// on.
+    pub fn sampling(&self, model: &str) -> Option<SamplingSpec> {
+        self.sampling.get(model).copied()
     }
 
     /// The director document's version (the desired-state counter).
@@ -208,6 +215,7 @@ pub fn verify_desired(
     check_expiry("director", &wanted.expires, now)?;
     let mut models: Vec<Manifest> = Vec::new();
     let mut probation = BTreeMap::new();
+    let mut sampling = BTreeMap::new();
     for (path, target) in &wanted.targets {
         let addressed = target
             .custom
@@ -248,6 +256,16 @@ pub fn verify_desired(
                 })?;
             probation.insert(manifest.name.clone(), thresholds);
         }
+        if let Some(value) = target.custom.as_ref().and_then(|c| c.get("sampling")) {
+            let spec = serde_json::from_value::<SamplingSpec>(value.clone())
+                .map_err(|e| e.to_string())
+                .and_then(|s| s.validate().map(|()| s))
+                .map_err(|reason| VerifyError::Mismatch {
+                    role: "director".into(),
+                    reason: format!("{path}: {reason}"),
+                })?;
+            sampling.insert(manifest.name.clone(), spec);
+        }
         models.push(manifest);
     }
 
@@ -261,6 +279,7 @@ pub fn verify_desired(
         },
         models,
         probation,
+        sampling,
         director_version: wanted.version,
     })
 }
@@ -486,6 +505,47 @@ mod tests {
             edit_director(&keys, &mut msg, |d| {
                 let custom = d.targets.get_mut(&path).unwrap().custom.as_mut().unwrap();
                 custom["probation"] = bad.clone();
+            });
+            let err = verify_desired(&trust(&keys), &keys.director_verifier(), "dev", &msg, now())
+                .unwrap_err();
+            assert!(matches!(err, VerifyError::Mismatch { .. }), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn sampling_is_off_unless_the_signed_director_target_turns_it_on() {
+        let keys = Keys::from_seed(0);
+        let msg = keys.desired("dev", &[manifest(1)], 1, FAR);
+        let v =
+            verify_desired(&trust(&keys), &keys.director_verifier(), "dev", &msg, now()).unwrap();
+        assert_eq!(v.sampling("m"), None);
+
+        let path = manifest(1).target_path();
+        let mut msg = keys.desired("dev", &[manifest(1)], 1, FAR);
+        edit_director(&keys, &mut msg, |d| {
+            let custom = d.targets.get_mut(&path).unwrap().custom.as_mut().unwrap();
+            custom["sampling"] = serde_json::json!({"rate_permille": 5, "budget_bytes": 65536});
+        });
+        let v =
+            verify_desired(&trust(&keys), &keys.director_verifier(), "dev", &msg, now()).unwrap();
+        assert_eq!(
+            v.sampling("m"),
+            Some(SamplingSpec {
+                rate_permille: 5,
+                budget_bytes: 65536
+            })
+        );
+
+        for bad in [
+            serde_json::json!({"rate_permille": 0, "budget_bytes": 65536}),
+            serde_json::json!({"rate_permille": 5, "budget_bytes": 1_000_000_000_u64}),
+            serde_json::json!({"rate_permille": 5}),
+            serde_json::json!({"rate_permille": 5, "budget_bytes": 65536, "everything": true}),
+        ] {
+            let mut msg = keys.desired("dev", &[manifest(1)], 1, FAR);
+            edit_director(&keys, &mut msg, |d| {
+                let custom = d.targets.get_mut(&path).unwrap().custom.as_mut().unwrap();
+                custom["sampling"] = bad.clone();
             });
             let err = verify_desired(&trust(&keys), &keys.director_verifier(), "dev", &msg, now())
                 .unwrap_err();

@@ -18,6 +18,7 @@
 //! | GET | `/api/v1/rollouts` | every rollout |
 //! | GET | `/api/v1/rollouts/{id}` | one rollout: waves, devices, timeline |
 //! | POST | `/api/v1/rollouts/{id}/{pause,resume,abort,cancel}` | an operator's action (`ActionRequest`) |
+//! | GET | `/api/v1/samples` | sampled inputs and outputs (`SampleRequest`; needs `deployer`) |
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -94,6 +95,37 @@ pub struct DeployRequest {
     /// Probation thresholds for the devices it moves (overriding theirs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub probation: Option<modelcast_proto::desired::TrialThresholds>,
+    /// Sampling of inputs and outputs on the devices it moves (off when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampling: Option<modelcast_proto::desired::SamplingSpec>,
+}
+
+/// Query of `GET /api/v1/samples`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SampleRequest {
+    /// Model name.
+    pub model: String,
+    /// Only this version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+    /// Only this device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// Sampled within this many seconds before now.
+    #[serde(default = "default_window")]
+    pub since_secs: u64,
+    /// The newest this many (at most [`MAX_SAMPLES`]).
+    #[serde(default = "default_sample_limit")]
+    pub limit: usize,
+}
+
+/// Most samples one request returns.
+pub const MAX_SAMPLES: usize = 10_000;
+/// Most bytes of samples one request returns (about; the newest first).
+pub const MAX_SAMPLE_RESPONSE_BYTES: usize = 32 * 1024 * 1024;
+
+fn default_sample_limit() -> usize {
+    1000
 }
 
 struct ApiError(StatusCode, String);
@@ -127,7 +159,10 @@ fn public(path: &str) -> bool {
 /// everything else (uploads, publishing, deployments, rollouts) for deployers.
 pub fn required_role(method: &axum::http::Method, path: &str) -> Role {
     use axum::http::Method;
-    if *method == Method::GET || *method == Method::HEAD {
+    if path == "/api/v1/samples" {
+        // What devices were asked and answered: data, not fleet state.
+        Role::Deployer
+    } else if *method == Method::GET || *method == Method::HEAD {
         Role::Viewer
     } else if path == "/api/v1/repository/root" {
         Role::Admin
@@ -213,6 +248,7 @@ pub fn router(fleet: Arc<Fleet>, tokens: Option<Tokens>) -> Router {
         .route("/api/v1/devices/{id}/telemetry", get(device_telemetry))
         .route("/api/v1/telemetry", get(telemetry))
         .route("/api/v1/alerts", get(alerts))
+        .route("/api/v1/samples", get(samples))
         .route("/metrics", get(metrics))
         .route("/api/v1/rollouts", get(rollouts).post(start_rollout))
         .route("/api/v1/rollouts/{id}", get(rollout))
@@ -578,6 +614,9 @@ async fn deploy(
     if let Some(t) = &req.probation {
         t.validate().map_err(bad)?;
     }
+    if let Some(s) = &req.sampling {
+        s.validate().map_err(bad)?;
+    }
     if fleet
         .db()
         .model(&req.model, req.version)
@@ -603,6 +642,7 @@ async fn deploy(
             by: caller.name_or(&req.by),
             at: unix_now(),
             probation: req.probation,
+            sampling: req.sampling,
         })
         .await
         .map_err(internal)?;
@@ -613,8 +653,15 @@ async fn deploy(
         &fleet,
         &d.by,
         "deploy",
-        json!({ "model": d.model, "version": d.version, "group": d.group, "probation": d.probation }),
-    ).await?;
+        json!({
+            "model": d.model,
+            "version": d.version,
+            "group": d.group,
+            "probation": d.probation,
+            "sampling": d.sampling,
+        }),
+    )
+    .await?;
     Ok(Json(json!({ "deployment": d, "devices_updated": updated })).into_response())
 }
 
@@ -849,6 +896,31 @@ async fn device_telemetry(
         .await
         .map_err(internal)?;
     Ok(Json(reports).into_response())
+}
+
+/// Sampled inputs and outputs of one model, newest `limit` over the window, oldest first.
+async fn samples(State(fleet): State<Arc<Fleet>>, Query(q): Query<SampleRequest>) -> ApiResult {
+    if q.since_secs == 0 || q.since_secs > crate::telemetry::MAX_WINDOW_SECS {
+        return Err(bad(format!(
+            "since_secs must be 1..={}",
+            crate::telemetry::MAX_WINDOW_SECS
+        )));
+    }
+    if !(1..=MAX_SAMPLES).contains(&q.limit) {
+        return Err(bad(format!("limit must be 1..={MAX_SAMPLES}")));
+    }
+    let now = crate::unix_now_ms();
+    let query = crate::db::SampleQuery {
+        model: q.model,
+        version: q.version,
+        device: q.device,
+        from_ms: now.saturating_sub(q.since_secs as i64 * 1000),
+        to_ms: now,
+        limit: q.limit,
+        max_bytes: MAX_SAMPLE_RESPONSE_BYTES,
+    };
+    let samples = fleet.db().samples(&query).await.map_err(internal)?;
+    Ok(Json(samples).into_response())
 }
 
 /// Fleet-level gauges and the server's counters, in the Prometheus text format.

@@ -327,6 +327,25 @@ impl Client {
         Self::read(r.call())
     }
 
+    /// Sampled inputs and outputs (needs the `deployer` role).
+    pub fn samples(
+        &self,
+        q: &crate::api::SampleRequest,
+    ) -> Result<Vec<crate::db::StoredSample>, ClientError> {
+        let mut r = self
+            .get("/api/v1/samples")
+            .query("model", &q.model)
+            .query("since_secs", q.since_secs.to_string())
+            .query("limit", q.limit.to_string());
+        if let Some(v) = q.version {
+            r = r.query("version", v.to_string());
+        }
+        if let Some(d) = &q.device {
+            r = r.query("device", d);
+        }
+        Self::read(r.call())
+    }
+
     /// The server's Prometheus metrics text.
     pub fn metrics(&self) -> Result<String, ClientError> {
         let mut response = self.get("/metrics").call().map_err(transport)?;

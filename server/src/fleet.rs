@@ -10,10 +10,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use modelcast_proto::chunk::{parse_digest, ChunkReply, ChunkRequest};
-use modelcast_proto::desired::TrialThresholds;
+use modelcast_proto::desired::TargetTerms;
 use modelcast_proto::manifest::Manifest;
 use modelcast_proto::report::DeviceReport;
-use modelcast_proto::telemetry::TelemetryReport;
+use modelcast_proto::telemetry::{Sample, TelemetryReport};
 use modelcast_proto::topic::{DeviceTopic, Topics};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
 use tokio::sync::{mpsc, Mutex};
@@ -35,8 +35,8 @@ const MAX_CLOCK_AHEAD_MS: i64 = 24 * 3600 * 1000;
 /// How much stored telemetry rebuilds the drift detectors at start-up.
 const DRIFT_REPLAY_MS: i64 = 3600 * 1000;
 
-/// A version a device should run, with its deployment's probation thresholds.
-pub type Wanted = (Manifest, Option<TrialThresholds>);
+/// A version a device should run, with its deployment's terms (probation, sampling).
+pub type Wanted = (Manifest, TargetTerms);
 
 /// Where and as whom the server connects to the broker.
 pub struct BrokerLink {
@@ -84,6 +84,13 @@ pub struct TelemetryStats {
     pub duplicates: u64,
     /// Reports that did not decode or named another device, dropped.
     pub rejected: u64,
+    /// Sampled requests stored.
+    #[serde(default)]
+    pub samples_stored: u64,
+    /// Sampled requests dropped: the device's deployment does not sample that model (any
+    /// more).
+    #[serde(default)]
+    pub samples_refused: u64,
 }
 
 /// A server's role and work, as `GET /api/v1/status` shows it.
@@ -117,6 +124,8 @@ pub struct Fleet {
     telemetry_stored: std::sync::atomic::AtomicU64,
     telemetry_duplicates: std::sync::atomic::AtomicU64,
     telemetry_rejected: std::sync::atomic::AtomicU64,
+    samples_stored: std::sync::atomic::AtomicU64,
+    samples_refused: std::sync::atomic::AtomicU64,
     /// How long telemetry is kept, seconds.
     telemetry_retention_secs: u64,
     /// Drift and anomaly detectors, fed by every new telemetry report.
@@ -199,6 +208,8 @@ impl Fleet {
             refused: Default::default(),
             telemetry_stored: Default::default(),
             telemetry_duplicates: Default::default(),
+            samples_stored: Default::default(),
+            samples_refused: Default::default(),
             telemetry_rejected: Default::default(),
             telemetry_retention_secs: monitoring.retention_days.saturating_mul(86_400),
             drift: std::sync::Mutex::new(Detectors::new(monitoring.drift)),
@@ -300,6 +311,8 @@ impl Fleet {
                 stored: self.telemetry_stored.load(Relaxed),
                 duplicates: self.telemetry_duplicates.load(Relaxed),
                 rejected: self.telemetry_rejected.load(Relaxed),
+                samples_stored: self.samples_stored.load(Relaxed),
+                samples_refused: self.samples_refused.load(Relaxed),
             },
         }
     }
@@ -322,10 +335,11 @@ impl Fleet {
         }
     }
 
-    /// Stores a device's telemetry report (the first copy of each).
+    /// Stores a device's telemetry report (the first copy of each), and the samples it
+    /// carries.
     async fn handle_telemetry(&self, device: &str, payload: &[u8]) -> Result<(), String> {
         use std::sync::atomic::Ordering::Relaxed;
-        let report = match TelemetryReport::from_slice(payload) {
+        let mut report = match TelemetryReport::from_slice(payload) {
             Ok(r) if r.device == device => r,
             Ok(r) => {
                 self.telemetry_rejected.fetch_add(1, Relaxed);
@@ -347,6 +361,14 @@ impl Fleet {
                 report.to_ms - crate::unix_now_ms()
             ));
         }
+        // Samples are kept apart from the time series; a re-sent report's samples are stored
+        // again (each is kept once), in case the first copy's were not.
+        let samples = std::mem::take(&mut report.samples);
+        if !samples.is_empty() {
+            self.store_samples(device, samples)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
         if !self
             .db
             .add_telemetry(&report)
@@ -366,6 +388,35 @@ impl Fleet {
                 .collect()
         };
         self.apply_drift(changes).await;
+        Ok(())
+    }
+
+    /// Stores the samples of models that `device`'s deployments sample now; drops the rest (a
+    /// device that samples unasked, or a deployment that stopped sampling).
+    async fn store_samples(&self, device: &str, samples: Vec<Sample>) -> Result<(), DbError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let sampled: std::collections::BTreeSet<String> = match self.db.device(device).await? {
+            Some(entry) => self
+                .wanted(&entry)
+                .await?
+                .into_iter()
+                .filter(|(_, terms)| terms.sampling.is_some())
+                .map(|(m, _)| m.name)
+                .collect(),
+            None => Default::default(),
+        };
+        let (keep, refuse): (Vec<Sample>, Vec<Sample>) = samples
+            .into_iter()
+            .partition(|s| sampled.contains(&s.model));
+        if !refuse.is_empty() {
+            warn!(%device, samples = refuse.len(), "samples of a model not sampled; dropped");
+            self.samples_refused.fetch_add(refuse.len() as u64, Relaxed);
+        }
+        let added = self
+            .db
+            .add_samples(device, crate::unix_now_ms(), &keep)
+            .await?;
+        self.samples_stored.fetch_add(added, Relaxed);
         Ok(())
     }
 
@@ -666,11 +717,11 @@ impl Fleet {
         }
     }
 
-    /// The manifests `device` should run, each with its probation thresholds: per model, the
-    /// latest of the deployments whose group selects it and the rollouts that moved it.
+    /// The manifests `device` should run, each with its terms: per model, the latest of the
+    /// deployments whose group selects it and the rollouts that moved it.
     pub async fn wanted(&self, device: &DeviceEntry) -> Result<Vec<Wanted>, DbError> {
-        let mut per_model: BTreeMap<String, (u64, u64, Option<TrialThresholds>)> = BTreeMap::new();
-        let mut offer = |model: &str, seq: u64, version: u64, t: Option<TrialThresholds>| {
+        let mut per_model: BTreeMap<String, (u64, u64, TargetTerms)> = BTreeMap::new();
+        let mut offer = |model: &str, seq: u64, version: u64, t: TargetTerms| {
             let entry = per_model
                 .entry(model.to_string())
                 .or_insert((seq, version, t));
@@ -680,7 +731,11 @@ impl Fleet {
         };
         for d in self.db.deployments().await? {
             if Selector::parse(&d.group).is_ok_and(|s| s.matches(&device.labels)) {
-                offer(&d.model, d.seq, d.version, d.probation);
+                let terms = TargetTerms {
+                    probation: d.probation,
+                    sampling: d.sampling,
+                };
+                offer(&d.model, d.seq, d.version, terms);
             }
         }
         for r in self.rollouts.lock().expect("rollouts lock").values() {
@@ -918,6 +973,7 @@ impl Fleet {
                                 by: format!("rollout {}", rollout.id),
                                 at: unix_now(),
                                 probation: s.probation,
+                                sampling: s.sampling,
                             })
                             .await?;
                         self.db.flush().await?;
@@ -941,9 +997,15 @@ impl Fleet {
         let ts = self.repo.timestamp().await?.map_or(0, |t| t.version);
         let mut paths: Vec<String> = models
             .iter()
-            .map(|(m, t)| match t {
-                Some(t) => format!("{}{}", m.target_path(), serde_json::json!(t)),
-                None => m.target_path(),
+            .map(|(m, t)| {
+                let mut path = m.target_path();
+                if let Some(p) = t.probation {
+                    path.push_str(&serde_json::json!(p).to_string());
+                }
+                if let Some(s) = t.sampling {
+                    path.push_str(&format!("sampling{}", serde_json::json!(s)));
+                }
+                path
             })
             .collect();
         paths.sort();

@@ -168,6 +168,22 @@ pub async fn render(fleet: &Fleet) -> Result<String, DbError> {
         "Telemetry reports this server received, by what it did with them",
         reports,
     );
+    let samples = Family::<ResultLabels, Counter>::default();
+    for (result, n) in [
+        ("stored", status.telemetry.samples_stored),
+        ("refused", status.telemetry.samples_refused),
+    ] {
+        samples
+            .get_or_create(&ResultLabels {
+                result: result.into(),
+            })
+            .inc_by(n);
+    }
+    registry.register(
+        "samples",
+        "Sampled requests this server received, by what it did with them",
+        samples,
+    );
 
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry)

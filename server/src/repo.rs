@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
-use modelcast_proto::desired::{DesiredState, RepositoryMetadata, TrialThresholds};
+use modelcast_proto::desired::{DesiredState, RepositoryMetadata, TargetTerms};
 use modelcast_proto::keys::SigningKey;
 use modelcast_proto::manifest::Manifest;
 use modelcast_proto::metadata::{
@@ -295,21 +295,25 @@ impl Repository {
         })
     }
 
-    /// Signs the desired state of `device`: run `models`, each judged on trial by its
-    /// rollout's thresholds if set; counter `version`.
+    /// Signs the desired state of `device`: run `models`, each with its terms (judged on trial
+    /// by its rollout's thresholds if set, sampled if its deployment says so); counter
+    /// `version`.
     pub async fn desired(
         &self,
         device: &str,
-        models: &[(Manifest, Option<TrialThresholds>)],
+        models: &[(Manifest, TargetTerms)],
         version: u64,
         now: i64,
     ) -> Result<DesiredState, RepoError> {
         let mut director = Targets::new(version, &format_expiry(now + ONLINE_LIFETIME_SECS));
-        for (m, thresholds) in models {
+        for (m, terms) in models {
             let mut target = m.to_target();
             let mut custom = serde_json::json!({ "device": device });
-            if let Some(t) = thresholds.filter(|t| !t.is_empty()) {
+            if let Some(t) = terms.probation.filter(|t| !t.is_empty()) {
                 custom["probation"] = serde_json::json!(t);
+            }
+            if let Some(s) = terms.sampling {
+                custom["sampling"] = serde_json::json!(s);
             }
             target.custom = Some(custom);
             director.targets.insert(m.target_path(), target);

@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
-use modelcast_proto::desired::TrialThresholds;
+use modelcast_proto::desired::{SamplingSpec, TargetTerms, TrialThresholds};
 use modelcast_proto::report::{DeviceReport, Phase};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -119,6 +119,9 @@ pub struct RolloutSpec {
     /// Probation thresholds for the devices moved (overriding theirs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub probation: Option<TrialThresholds>,
+    /// Sampling of inputs and outputs on the devices moved (off when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampling: Option<SamplingSpec>,
     /// A moved device on which the server raises a drift or anomaly alert for this version
     /// ([`crate::drift`]) counts as failed, even after it committed.
     #[serde(default)]
@@ -153,6 +156,7 @@ impl RolloutSpec {
             wave_timeout_secs: default_wave_timeout(),
             auto_rollback: true,
             probation: None,
+            sampling: None,
             abort_on_alerts: false,
         })
     }
@@ -173,6 +177,9 @@ impl RolloutSpec {
         }
         if let Some(t) = &self.probation {
             t.validate()?;
+        }
+        if let Some(s) = &self.sampling {
+            s.validate()?;
         }
         Ok(())
     }
@@ -401,14 +408,22 @@ impl Rollout {
         (rollout, effects)
     }
 
-    /// The version (and probation thresholds) the rollout wants `device` to run, if it
-    /// decides for that device.
-    pub fn assignment(&self, device: &str) -> Option<(u64, Option<TrialThresholds>)> {
+    /// The version (and its terms) the rollout wants `device` to run, if it decides for that
+    /// device. A device sent back runs its previous version on its own terms, unsampled.
+    pub fn assignment(&self, device: &str) -> Option<(u64, TargetTerms)> {
         let m = self.members.iter().find(|m| m.device == device)?;
         match m.state {
             DeviceState::Waiting => None,
-            DeviceState::Reverting | DeviceState::Reverted => m.previous.map(|v| (v, None)),
-            _ => Some((self.spec.version, self.spec.probation)),
+            DeviceState::Reverting | DeviceState::Reverted => {
+                m.previous.map(|v| (v, TargetTerms::default()))
+            }
+            _ => Some((
+                self.spec.version,
+                TargetTerms {
+                    probation: self.spec.probation,
+                    sampling: self.spec.sampling,
+                },
+            )),
         }
     }
 
@@ -699,6 +714,7 @@ mod tests {
             wave_timeout_secs: 600,
             auto_rollback: true,
             probation: None,
+            sampling: None,
             abort_on_alerts: true,
         }
     }
@@ -800,7 +816,7 @@ mod tests {
         r.handle_report(40, &rest[0], &report(&rest[0], 2, None));
         let e = r.handle_report(50, &rest[1], &report(&rest[1], 2, None));
         assert_eq!(e, vec![Effect::Ended(RolloutState::Completed)]);
-        assert_eq!(r.assignment(&rest[1]), Some((2, None)));
+        assert_eq!(r.assignment(&rest[1]), Some((2, TargetTerms::default())));
         assert_eq!(r.timeline.last().unwrap().committed, 4);
     }
 
@@ -825,7 +841,10 @@ mod tests {
         let mut expected = canaries.clone();
         expected.sort();
         assert_eq!(back, expected);
-        assert_eq!(r.assignment(&canaries[0]), Some((1, None)));
+        assert_eq!(
+            r.assignment(&canaries[0]),
+            Some((1, TargetTerms::default()))
+        );
         r.handle_report(30, &canaries[0], &report(&canaries[0], 1, None));
         let m = r.members.iter().find(|m| m.device == canaries[0]).unwrap();
         assert_eq!(m.state, DeviceState::Reverted);
@@ -1011,7 +1030,7 @@ mod tests {
                 }
                 if matches!(r.state, RolloutState::Aborted { .. }) && r.spec.auto_rollback {
                     for m in r.members.iter().filter(|m| m.state != DeviceState::Waiting) {
-                        prop_assert_eq!(r.assignment(&m.device), Some((1, None)));
+                        prop_assert_eq!(r.assignment(&m.device), Some((1, TargetTerms::default())));
                     }
                 }
                 // Every device the rollout decides for was retargeted.

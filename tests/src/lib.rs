@@ -620,6 +620,27 @@ impl Fleet {
                 group: group.into(),
                 by: "e2e".into(),
                 probation,
+                sampling: None,
+            })
+            .expect("deploy");
+    }
+
+    /// Deploys with sampling of inputs and outputs turned on (`None`: off).
+    pub fn deploy_sampled(
+        &self,
+        model: &str,
+        version: u64,
+        group: &str,
+        sampling: Option<modelcast_proto::desired::SamplingSpec>,
+    ) {
+        self.client
+            .deploy(&modelcast_server::api::DeployRequest {
+                model: model.into(),
+                version,
+                group: group.into(),
+                by: "e2e".into(),
+                probation: None,
+                sampling,
             })
             .expect("deploy");
     }

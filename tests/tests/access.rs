@@ -48,11 +48,30 @@ fn tokens_roles_and_the_audit_log() {
         group: "site=lab".into(),
         by: "mallory".into(),
         probation: None,
+        sampling: None,
     };
     let (code, message) = status(viewer.deploy(&deploy("classifier", 1)).unwrap_err());
     assert_eq!(code, 403);
     assert!(
         message.contains("bob is a viewer; POST /api/v1/deployments needs deployer"),
+        "{message}"
+    );
+    // Sampled inputs and outputs are the devices' data, not fleet state: a viewer cannot
+    // read them.
+    let (code, message) = status(
+        viewer
+            .samples(&modelcast_server::api::SampleRequest {
+                model: "classifier".into(),
+                version: None,
+                device: None,
+                since_secs: 3600,
+                limit: 10,
+            })
+            .unwrap_err(),
+    );
+    assert_eq!(code, 403);
+    assert!(
+        message.contains("GET /api/v1/samples needs deployer"),
         "{message}"
     );
 

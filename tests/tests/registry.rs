@@ -47,6 +47,7 @@ fn versions_are_promoted_retired_and_show_where_they_run() {
             group: "site=lab".into(),
             by: "e2e".into(),
             probation: None,
+            sampling: None,
         })
         .unwrap_err();
     assert_eq!(

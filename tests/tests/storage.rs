@@ -6,12 +6,14 @@
 
 use std::collections::BTreeMap;
 
+use modelcast_proto::manifest::TensorData;
 use modelcast_proto::metadata::Signed;
 use modelcast_proto::report::Slot;
-use modelcast_proto::telemetry::{LatencyBuckets, ModelTelemetry, TelemetryReport};
+use modelcast_proto::telemetry::{LatencyBuckets, ModelTelemetry, Sample, TelemetryReport};
 use modelcast_server::audit::verify_chain;
 use modelcast_server::db::{
-    self, ArtifactInfo, Db, Deployment, DeviceEntry, DirectorEntry, ModelEntry, Stage,
+    self, ArtifactInfo, Db, Deployment, DeviceEntry, DirectorEntry, ModelEntry, SampleQuery, Stage,
+    StoredSample,
 };
 use modelcast_server::rollout::{Rollout, RolloutSpec};
 use modelcast_tests::Postgres;
@@ -145,6 +147,10 @@ async fn contract(db: Db, other: Option<Db>) {
             by: "carol".into(),
             at: 1,
             probation: None,
+            sampling: Some(modelcast_proto::desired::SamplingSpec {
+                rate_permille: 10,
+                budget_bytes: 65_536,
+            }),
         })
         .await
         .unwrap();
@@ -236,7 +242,99 @@ fn report(device: &str, seq: u64, to_ms: i64, versions: &[u64]) -> TelemetryRepo
             })
             .collect(),
         system: Default::default(),
+        samples: vec![],
+        samples_dropped: 0,
     }
+}
+
+fn sample(id: u64, version: u64, at_ms: i64) -> Sample {
+    Sample {
+        id,
+        model: "classifier".into(),
+        version,
+        slot: Slot::A,
+        at_ms,
+        inputs: vec![TensorData::from_f32("x", vec![1, 2], &[id as f32, -1.0])],
+        outputs: vec![TensorData::from_f32("y", vec![1], &[0.5])],
+    }
+}
+
+/// Samples: kept once per device and id (from either handle), read back per model, version
+/// and device, newest within the limits, oldest first; pruned with telemetry.
+async fn samples(db: &Db, other: &Db, t0: i64) {
+    let a = [
+        sample(1, 1, t0 + 10),
+        sample(2, 2, t0 + 20),
+        sample(3, 2, t0 + 30),
+    ];
+    assert_eq!(db.add_samples("edge-1", t0 + 40, &a).await.unwrap(), 3);
+    // The same ids from the same device: already stored, whoever receives them.
+    assert_eq!(
+        other.add_samples("edge-1", t0 + 50, &a[1..]).await.unwrap(),
+        0
+    );
+    // The same ids from another device are other samples.
+    let b = [sample(1, 2, t0 + 20)];
+    assert_eq!(other.add_samples("edge-2", t0 + 41, &b).await.unwrap(), 1);
+    let query = |version: Option<u64>, device: Option<&str>, limit: usize| SampleQuery {
+        model: "classifier".into(),
+        version,
+        device: device.map(String::from),
+        from_ms: t0,
+        to_ms: t0 + 1000,
+        limit,
+        max_bytes: usize::MAX,
+    };
+    let seen = |found: Vec<StoredSample>| -> Vec<(String, u64, i64)> {
+        found
+            .into_iter()
+            .map(|s| (s.device, s.sample.id, s.sample.at_ms - t0))
+            .collect()
+    };
+    let all = db.samples(&query(None, None, 100)).await.unwrap();
+    assert_eq!(all[0].sample, a[0]);
+    assert_eq!(all[0].received_ms, t0 + 40);
+    let e = |d: &str, id: u64, at: i64| (d.to_string(), id, at);
+    assert_eq!(
+        seen(all),
+        vec![
+            e("edge-1", 1, 10),
+            e("edge-1", 2, 20),
+            e("edge-2", 1, 20),
+            e("edge-1", 3, 30)
+        ]
+    );
+    assert_eq!(
+        seen(
+            other
+                .samples(&query(Some(2), Some("edge-1"), 100))
+                .await
+                .unwrap()
+        ),
+        vec![e("edge-1", 2, 20), e("edge-1", 3, 30)]
+    );
+    // The newest within the limit, oldest first.
+    assert_eq!(
+        seen(db.samples(&query(None, None, 2)).await.unwrap()),
+        vec![e("edge-2", 1, 20), e("edge-1", 3, 30)]
+    );
+    // A byte cap stops after the newest sample that reaches it.
+    let capped = SampleQuery {
+        max_bytes: 1,
+        ..query(None, None, 100)
+    };
+    assert_eq!(
+        seen(other.samples(&capped).await.unwrap()),
+        vec![e("edge-1", 3, 30)]
+    );
+    let mut window = query(None, None, 100);
+    window.from_ms = t0 + 25;
+    assert_eq!(
+        seen(db.samples(&window).await.unwrap()),
+        vec![e("edge-1", 3, 30)]
+    );
+    window.model = "other".into();
+    assert!(db.samples(&window).await.unwrap().is_empty());
 }
 
 /// Telemetry: the first copy of a report is kept, points come back per model in time order
@@ -326,8 +424,37 @@ async fn telemetry(db: &Db, other: &Db) {
         db.alerts().await.unwrap(),
         vec![alert(7, Some(t0 - 5)), alert(8, None)]
     );
-    // Pruning: the report at -5 ms and the first minute go, and the alert cleared before.
+    samples(db, other, t0).await;
+    // Pruning: the report at -5 ms and the first minute go, and the alert cleared before;
+    // samples taken before the cut too.
     assert_eq!(db.prune_telemetry(t0 + 1).await.unwrap(), 2);
+    let kept = other
+        .samples(&SampleQuery {
+            model: "classifier".into(),
+            version: None,
+            device: None,
+            from_ms: i64::MIN,
+            to_ms: i64::MAX,
+            limit: 100,
+            max_bytes: usize::MAX,
+        })
+        .await
+        .unwrap();
+    assert_eq!(kept.len(), 4, "every sample is after the cut");
+    assert_eq!(db.prune_telemetry(t0 + 25).await.unwrap(), 0);
+    let kept = db
+        .samples(&SampleQuery {
+            model: "classifier".into(),
+            version: None,
+            device: None,
+            from_ms: i64::MIN,
+            to_ms: i64::MAX,
+            limit: 100,
+            max_bytes: usize::MAX,
+        })
+        .await
+        .unwrap();
+    assert_eq!(kept.len(), 1, "samples before t0+25 pruned");
     let left = db
         .model_telemetry("classifier", i64::MIN, i64::MAX)
         .await

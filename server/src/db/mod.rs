@@ -14,11 +14,11 @@ use std::path::Path;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use modelcast_proto::desired::TrialThresholds;
+use modelcast_proto::desired::{SamplingSpec, TrialThresholds};
 use modelcast_proto::manifest::Manifest;
 use modelcast_proto::metadata::Signed;
 use modelcast_proto::report::DeviceReport;
-use modelcast_proto::telemetry::{ModelTelemetry, TelemetryReport};
+use modelcast_proto::telemetry::{ModelTelemetry, Sample, TelemetryReport};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -120,6 +120,9 @@ pub struct Deployment {
     /// Probation thresholds for the devices it moves (overriding theirs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub probation: Option<TrialThresholds>,
+    /// Sampling of inputs and outputs on the devices it moves (off when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampling: Option<SamplingSpec>,
 }
 
 /// What was last published to a device.
@@ -160,6 +163,47 @@ impl ModelInterval {
                 telemetry: m.clone(),
             })
             .collect()
+    }
+}
+
+/// A sampled request as the server keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredSample {
+    /// The device that sampled it.
+    pub device: String,
+    /// When the server received it, Unix milliseconds.
+    pub received_ms: i64,
+    /// The request and the model's answer.
+    pub sample: Sample,
+}
+
+/// Which samples to read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SampleQuery {
+    /// Model name.
+    pub model: String,
+    /// Only this version.
+    pub version: Option<u64>,
+    /// Only this device.
+    pub device: Option<String>,
+    /// Sampled at or after, Unix milliseconds.
+    pub from_ms: i64,
+    /// Sampled at or before, Unix milliseconds.
+    pub to_ms: i64,
+    /// The newest this many.
+    pub limit: usize,
+    /// And no more than about this many bytes of stored samples: the newest sample that goes
+    /// past it is the last one returned.
+    pub max_bytes: usize,
+}
+
+impl SampleQuery {
+    /// Whether `s` answers the query.
+    pub fn matches(&self, s: &StoredSample) -> bool {
+        s.sample.model == self.model
+            && self.version.is_none_or(|v| v == s.sample.version)
+            && self.device.as_ref().is_none_or(|d| *d == s.device)
+            && (self.from_ms..=self.to_ms).contains(&s.sample.at_ms)
     }
 }
 
@@ -243,9 +287,20 @@ pub trait Storage: Send + Sync {
         to_ms: i64,
         limit: usize,
     ) -> Result<Vec<TelemetryReport>, DbError>;
-    /// Removes telemetry whose interval ended before `before_ms`, and alerts cleared before
-    /// then; returns the reports removed.
+    /// Removes telemetry whose interval ended before `before_ms`, samples taken before then,
+    /// and alerts cleared before then; returns the reports removed.
     async fn prune_telemetry(&self, before_ms: i64) -> Result<u64, DbError>;
+    /// Stores `device`'s samples; a sample already stored (same device and id) is kept as it
+    /// is. Returns how many were new.
+    async fn add_samples(
+        &self,
+        device: &str,
+        received_ms: i64,
+        samples: &[Sample],
+    ) -> Result<u64, DbError>;
+    /// The newest samples that answer `query`, within its limits, oldest first (by sampling
+    /// time, then device and id).
+    async fn samples(&self, query: &SampleQuery) -> Result<Vec<StoredSample>, DbError>;
     /// Stores an alert, new or changed (cleared), by its id.
     async fn put_alert(&self, alert: &Alert) -> Result<(), DbError>;
     /// Every alert, by id.

@@ -12,11 +12,11 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::NoTls;
 
-use modelcast_proto::telemetry::TelemetryReport;
+use modelcast_proto::telemetry::{Sample, TelemetryReport};
 
 use super::{
     decode, encode, ArtifactInfo, AuditEntry, DbError, Deployment, DeviceEntry, DirectorEntry,
-    ModelEntry, ModelInterval, Rollout, Signed, Storage,
+    ModelEntry, ModelInterval, Rollout, SampleQuery, Signed, Storage, StoredSample,
 };
 use crate::drift::Alert;
 
@@ -51,6 +51,11 @@ CREATE TABLE IF NOT EXISTS model_telemetry (
 CREATE INDEX IF NOT EXISTS telemetry_by_time ON telemetry (to_ms);
 CREATE INDEX IF NOT EXISTS model_telemetry_by_time ON model_telemetry (to_ms);
 CREATE TABLE IF NOT EXISTS alerts (id BIGINT PRIMARY KEY, alert JSON NOT NULL);
+CREATE TABLE IF NOT EXISTS samples (
+    device TEXT NOT NULL, id BIGINT NOT NULL, model TEXT NOT NULL, version BIGINT NOT NULL,
+    at_ms BIGINT NOT NULL, stored JSON NOT NULL,
+    PRIMARY KEY (device, id));
+CREATE INDEX IF NOT EXISTS samples_by_model ON samples (model, at_ms);
 ";
 
 /// The PostgreSQL store: a pool of connections to one database.
@@ -474,6 +479,8 @@ impl Storage for PgStore {
             &[&before_ms],
         )
         .await?;
+        tx.execute("DELETE FROM samples WHERE at_ms < $1", &[&before_ms])
+            .await?;
         tx.execute(
             "DELETE FROM alerts WHERE (alert->>'cleared_ms')::BIGINT < $1",
             &[&before_ms],
@@ -481,6 +488,76 @@ impl Storage for PgStore {
         .await?;
         tx.commit().await?;
         Ok(removed)
+    }
+
+    async fn add_samples(
+        &self,
+        device: &str,
+        received_ms: i64,
+        samples: &[Sample],
+    ) -> Result<u64, DbError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let mut added = 0;
+        for sample in samples {
+            let stored = StoredSample {
+                device: device.into(),
+                received_ms,
+                sample: sample.clone(),
+            };
+            added += tx
+                .execute(
+                    "INSERT INTO samples (device, id, model, version, at_ms, stored)
+                     VALUES ($1, $2, $3, $4, $5, $6::text::json) ON CONFLICT DO NOTHING",
+                    &[
+                        &device,
+                        &big(sample.id),
+                        &sample.model,
+                        &big(sample.version),
+                        &sample.at_ms,
+                        &json(&stored),
+                    ],
+                )
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(added)
+    }
+
+    async fn samples(&self, query: &SampleQuery) -> Result<Vec<StoredSample>, DbError> {
+        let version = query.version.map(big);
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT stored FROM (
+                     SELECT stored::text, at_ms, device, id,
+                            SUM(octet_length(stored::text)) OVER (
+                                ORDER BY at_ms DESC, device COLLATE \"C\" DESC, id DESC
+                            ) - octet_length(stored::text) AS before
+                     FROM samples
+                     WHERE model = $1 AND at_ms BETWEEN $2 AND $3
+                       AND ($4::BIGINT IS NULL OR version = $4)
+                       AND ($5::TEXT IS NULL OR device = $5)
+                 ) newest
+                 WHERE before < $7
+                 ORDER BY at_ms DESC, device COLLATE \"C\" DESC, id DESC LIMIT $6",
+                &[
+                    &query.model,
+                    &query.from_ms,
+                    &query.to_ms,
+                    &version,
+                    &query.device,
+                    &big(query.limit as u64),
+                    &big(query.max_bytes as u64),
+                ],
+            )
+            .await?;
+        // Newest first from the query; oldest first to the caller.
+        rows.iter()
+            .rev()
+            .map(|r| decode("samples", r.try_get::<_, &str>(0)?.as_bytes()))
+            .collect()
     }
 
     async fn put_alert(&self, alert: &Alert) -> Result<(), DbError> {

@@ -4,11 +4,11 @@ use std::path::Path;
 
 use bytes::Bytes;
 
-use modelcast_proto::telemetry::TelemetryReport;
+use modelcast_proto::telemetry::{Sample, TelemetryReport};
 
 use super::{
     decode, encode, ArtifactInfo, AuditEntry, DbError, Deployment, DeviceEntry, DirectorEntry,
-    ModelEntry, ModelInterval, Rollout, Signed, Storage,
+    ModelEntry, ModelInterval, Rollout, SampleQuery, Signed, Storage, StoredSample,
 };
 use crate::drift::Alert;
 
@@ -34,6 +34,8 @@ pub struct SledStore {
     model_telemetry: sled::Tree,
     /// Drift and anomaly alerts by id.
     alerts: sled::Tree,
+    /// Sampled requests by model, sampling time, device and id.
+    samples: sled::Tree,
 }
 
 /// A time as bytes that sort like the time.
@@ -91,6 +93,38 @@ fn point_key(p: &ModelInterval) -> Vec<u8> {
     key
 }
 
+/// A sample's key: model, sampling time, device, id. Everything in it is fixed for a sample,
+/// so a copy sent again lands on the same key.
+fn sample_key(device: &str, s: &Sample) -> Vec<u8> {
+    let mut key = series_key(&s.model, s.at_ms);
+    key.extend_from_slice(device.as_bytes());
+    key.push(0);
+    key.extend_from_slice(&s.id.to_be_bytes());
+    key
+}
+
+/// Removes the records of `tree` whose key (a name, a 0 byte, then a time) is older than
+/// `before_ms`; returns how many.
+fn prune_series(tree: &sled::Tree, before_ms: i64) -> Result<u64, DbError> {
+    let mut batch = sled::Batch::default();
+    let mut removed = 0;
+    for key in tree.iter().keys() {
+        let key = key?;
+        let Some(end) = key.iter().position(|&b| b == 0) else {
+            continue;
+        };
+        let at = key
+            .get(end + 1..end + 9)
+            .and_then(|t| <[u8; 8]>::try_from(t).ok());
+        if at.is_some_and(|t| t < time_bytes(before_ms)) {
+            batch.remove(key);
+            removed += 1;
+        }
+    }
+    tree.apply_batch(batch)?;
+    Ok(removed)
+}
+
 fn registry_key(name: &str, version: u64) -> Vec<u8> {
     let mut key = name.as_bytes().to_vec();
     key.push(0);
@@ -125,6 +159,7 @@ impl SledStore {
             telemetry: db.open_tree("telemetry")?,
             model_telemetry: db.open_tree("model_telemetry")?,
             alerts: db.open_tree("alerts")?,
+            samples: db.open_tree("samples")?,
             db,
         })
     }
@@ -359,24 +394,9 @@ impl Storage for SledStore {
 
     async fn prune_telemetry(&self, before_ms: i64) -> Result<u64, DbError> {
         // Keys start with a name (which has no 0 byte), a 0 byte, then the time.
-        let mut removed = 0;
-        for (tree, counts) in [(&self.telemetry, true), (&self.model_telemetry, false)] {
-            let mut batch = sled::Batch::default();
-            for key in tree.iter().keys() {
-                let key = key?;
-                let Some(end) = key.iter().position(|&b| b == 0) else {
-                    continue;
-                };
-                let at = key
-                    .get(end + 1..end + 9)
-                    .and_then(|t| <[u8; 8]>::try_from(t).ok());
-                if at.is_some_and(|t| t < time_bytes(before_ms)) {
-                    batch.remove(key);
-                    removed += u64::from(counts);
-                }
-            }
-            tree.apply_batch(batch)?;
-        }
+        let removed = prune_series(&self.telemetry, before_ms)?;
+        prune_series(&self.model_telemetry, before_ms)?;
+        prune_series(&self.samples, before_ms)?;
         let mut batch = sled::Batch::default();
         for entry in self.alerts.iter() {
             let (key, value) = entry?;
@@ -387,6 +407,50 @@ impl Storage for SledStore {
         }
         self.alerts.apply_batch(batch)?;
         Ok(removed)
+    }
+
+    async fn add_samples(
+        &self,
+        device: &str,
+        received_ms: i64,
+        samples: &[Sample],
+    ) -> Result<u64, DbError> {
+        let mut added = 0;
+        for sample in samples {
+            let stored = StoredSample {
+                device: device.into(),
+                received_ms,
+                sample: sample.clone(),
+            };
+            let fresh = self.samples.compare_and_swap(
+                sample_key(device, sample),
+                None::<&[u8]>,
+                Some(encode(&stored)),
+            )?;
+            added += u64::from(fresh.is_ok());
+        }
+        Ok(added)
+    }
+
+    async fn samples(&self, query: &SampleQuery) -> Result<Vec<StoredSample>, DbError> {
+        let (from, to) = (
+            series_key(&query.model, query.from_ms),
+            series_key(&query.model, query.to_ms.saturating_add(1)),
+        );
+        let (mut found, mut bytes) = (Vec::new(), 0);
+        for value in self.samples.range(from..to).values().rev() {
+            if found.len() >= query.limit || bytes >= query.max_bytes {
+                break;
+            }
+            let value = value?;
+            let stored: StoredSample = decode(&format!("samples/{}", query.model), &value)?;
+            if query.matches(&stored) {
+                bytes += value.len();
+                found.push(stored);
+            }
+        }
+        found.reverse();
+        Ok(found)
     }
 
     async fn put_alert(&self, alert: &Alert) -> Result<(), DbError> {

@@ -3,7 +3,8 @@
 //! [`Collector`] as the inference API does (latency histogram, output statistics, class
 //! histogram). The baseline is measured in the same invocation: the same inferences without
 //! recording. Prints the cost per recorded request, as a share of an inference, and what it
-//! comes to at 1,000 inferences per second; then the cost and size of building a report.
+//! comes to at 1,000 inferences per second; then the cost and size of building a report, and
+//! the cost of sampling (the draw on every request, keeping a drawn one, storing it in sled).
 //!
 //! Run: `cargo build --release --bins && target/release/bench-telemetry`. `BENCH_N` sets the
 //! requests per round (default 20,000); the best of 5 rounds counts. The machine is shared
@@ -113,6 +114,8 @@ fn main() {
             dropped: 0,
             models: collector.take(),
             system: SystemTelemetry::default(),
+            samples: vec![],
+            samples_dropped: 0,
         };
         let (cpu, rss) = modelcast_agent::telemetry::system();
         std::hint::black_box((cpu, rss));
@@ -122,5 +125,75 @@ fn main() {
     println!(
         "a report (one model)        {:>9.1} µs to build and encode, {size} bytes",
         took.as_secs_f64() * 1e6
+    );
+
+    sampling(n, &inputs, &outputs, inf_ns);
+}
+
+/// The serve path's cost of sampling: the draw every request pays, and keeping a drawn one;
+/// then the control plane's cost of storing a sample in sled.
+fn sampling(n: u32, inputs: &[HostTensor], outputs: &[HostTensor], inf_ns: f64) {
+    use modelcast_agent::sampling::{sample_bytes, Sampler};
+    use modelcast_proto::desired::SamplingSpec;
+    let per = |d: Duration| d.as_secs_f64() * 1e9 / f64::from(n);
+    let sampler = Sampler::new();
+    let off = best(5, || {
+        let t = Instant::now();
+        for _ in 0..n {
+            std::hint::black_box(sampler.draw("classifier"));
+        }
+        t.elapsed()
+    });
+    let spec = SamplingSpec {
+        rate_permille: 10,
+        budget_bytes: 64 << 20,
+    };
+    sampler.set_policies([("classifier".to_string(), spec)].into());
+    let at_one_percent = best(5, || {
+        let t = Instant::now();
+        for _ in 0..n {
+            if sampler.draw("classifier") {
+                sampler.keep("classifier", 1, Slot::A, inputs, outputs);
+            }
+        }
+        let took = t.elapsed();
+        sampler.take();
+        took
+    });
+    let keep = best(5, || {
+        let t = Instant::now();
+        for _ in 0..1000 {
+            sampler.keep("classifier", 1, Slot::A, inputs, outputs);
+        }
+        t.elapsed() * n / 1000
+    });
+    let (taken, _) = sampler.take();
+    let bytes = sample_bytes(&taken[0]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = modelcast_agent::store::Store::open(dir.path()).expect("store");
+    let policies = [("classifier".to_string(), spec)].into();
+    let t = Instant::now();
+    let stored = taken.len();
+    store.keep_samples(taken, 0, &policies).expect("keep");
+    let store_ns = t.elapsed().as_secs_f64() * 1e9 / stored as f64;
+    let at_one = per(at_one_percent);
+    println!(
+        "sampling off: the draw        {:>9.1} ns per request  ({:.2}% of an inference)",
+        per(off),
+        per(off) / inf_ns * 100.0
+    );
+    println!(
+        "keeping one sample            {:>9.0} ns  ({bytes} bytes in a report)",
+        per(keep)
+    );
+    println!(
+        "sampling 1%: draw + keep      {:>9.1} ns per request  ({:.2}% of an inference)",
+        at_one,
+        at_one / inf_ns * 100.0
+    );
+    println!("storing one sample in sled    {:>9.0} ns", store_ns);
+    println!(
+        "at 1,000 inferences/s, 1%     {:>9.4} % of one core for sampling (serve path and store)",
+        (at_one * 1000.0 + store_ns * 10.0) / 1e9 * 100.0
     );
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use modelcast_proto::desired::TrialThresholds;
+use modelcast_proto::desired::{SamplingSpec, TrialThresholds};
 use modelcast_proto::manifest::{LatencyBudget, ModelFormat};
 use modelcast_proto::report::Phase;
 use modelcast_server::api::DeployRequest;
@@ -184,6 +184,9 @@ enum Command {
         /// Probation for the devices this moves, overriding theirs.
         #[command(flatten)]
         probation: ProbationArgs,
+        /// Sampling of inputs and outputs on the devices this moves (off by default).
+        #[command(flatten)]
+        sampling: SamplingArgs,
     },
     /// Roll a version out to a group in waves; watch, pause, resume, abort.
     #[command(subcommand)]
@@ -230,6 +233,29 @@ enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Download sampled inputs and outputs, one JSON object per line: the device, the
+    /// version, when, and the inputs and outputs as Open Inference Protocol tensors (the
+    /// inputs can be sent to `/v2/models/{name}/infer` as they are). Needs `deployer`.
+    Samples {
+        /// Model name.
+        #[arg(long)]
+        model: String,
+        /// One version (all without it).
+        #[arg(long)]
+        version: Option<u64>,
+        /// One device (all without it).
+        #[arg(long)]
+        device: Option<String>,
+        /// The window: the last this long (`1h`, `30m`, `2d`).
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        since: std::time::Duration,
+        /// The newest this many.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+        /// Write to this file instead of standard output.
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
     },
     /// List published model versions.
     Models {
@@ -548,6 +574,33 @@ struct ProbationArgs {
     max_p99_ratio: Option<f64>,
 }
 
+/// A deployment's sampling of inputs and outputs: off unless `--sample-rate` is given.
+#[derive(Debug, clap::Args)]
+struct SamplingArgs {
+    /// Fraction of requests each device keeps whole, inputs and outputs, and ships with its
+    /// telemetry (0.001..1; 0.01 = one in a hundred). Off without it.
+    #[arg(long, value_parser = fraction)]
+    sample_rate: Option<f64>,
+    /// Most bytes of samples a device holds for the model while they wait to be shipped
+    /// (oldest dropped first).
+    #[arg(long, default_value_t = 1024 * 1024, requires = "sample_rate")]
+    sample_budget: u64,
+}
+
+impl SamplingArgs {
+    fn spec(&self) -> anyhow::Result<Option<SamplingSpec>> {
+        let Some(rate) = self.sample_rate else {
+            return Ok(None);
+        };
+        let spec = SamplingSpec {
+            rate_permille: (rate * 1000.0).round() as u32,
+            budget_bytes: self.sample_budget,
+        };
+        spec.validate().map_err(anyhow::Error::msg)?;
+        Ok(Some(spec))
+    }
+}
+
 impl ProbationArgs {
     fn thresholds(&self) -> Option<TrialThresholds> {
         let t = TrialThresholds {
@@ -700,6 +753,7 @@ fn main() -> anyhow::Result<()> {
             group,
             by,
             probation,
+            sampling,
         } => {
             let answer = client.deploy(&DeployRequest {
                 model: model.clone(),
@@ -707,6 +761,7 @@ fn main() -> anyhow::Result<()> {
                 group: group.clone(),
                 by,
                 probation: probation.thresholds(),
+                sampling: sampling.spec()?,
             })?;
             println!(
                 "deployed {model} v{version} to group '{group}': {} device(s) given a new desired state",
@@ -771,6 +826,34 @@ fn main() -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&answer)?);
             } else {
                 print_telemetry(&answer);
+            }
+        }
+        Command::Samples {
+            model,
+            version,
+            device,
+            since,
+            limit,
+            out,
+        } => {
+            let samples = client.samples(&modelcast_server::api::SampleRequest {
+                model,
+                version,
+                device,
+                since_secs: since.as_secs().max(1),
+                limit,
+            })?;
+            let mut text = String::new();
+            for s in &samples {
+                text.push_str(&serde_json::to_string(&sample_line(s)?)?);
+                text.push('\n');
+            }
+            match out {
+                Some(path) => {
+                    std::fs::write(&path, text)?;
+                    eprintln!("{} sample(s) written to {}", samples.len(), path.display());
+                }
+                None => print!("{text}"),
             }
         }
         Command::Alerts {
@@ -1095,4 +1178,32 @@ fn rfc3339_ms(ms: i64) -> String {
                 .ok()
         })
         .unwrap_or_else(|| ms.to_string())
+}
+
+/// One sample as a line of `modelcast samples`: tensors as the Open Inference Protocol writes
+/// them (numbers, not the stored little-endian hex).
+fn sample_line(s: &modelcast_server::db::StoredSample) -> anyhow::Result<serde_json::Value> {
+    let tensors = |ts: &[modelcast_proto::manifest::TensorData]| -> anyhow::Result<Vec<_>> {
+        ts.iter()
+            .map(|t| {
+                Ok(serde_json::json!({
+                    "name": t.name,
+                    "datatype": t.datatype,
+                    "shape": t.shape,
+                    "data": t.values()?,
+                }))
+            })
+            .collect()
+    };
+    let x = &s.sample;
+    Ok(serde_json::json!({
+        "device": s.device,
+        "model": x.model,
+        "version": x.version,
+        "slot": x.slot,
+        "id": x.id,
+        "at_ms": x.at_ms,
+        "inputs": tensors(&x.inputs)?,
+        "outputs": tensors(&x.outputs)?,
+    }))
 }

@@ -10,7 +10,7 @@ use modelcast_server::client::Client;
 use modelcast_server::fleet::RolloutAction;
 use modelcast_server::rollout::{DeviceState, Rollout, RolloutSpec, RolloutState, WaveSize};
 
-use crate::ProbationArgs;
+use crate::{ProbationArgs, SamplingArgs};
 
 /// How often `--follow` asks the server.
 const POLL: Duration = Duration::from_millis(500);
@@ -54,6 +54,9 @@ pub enum RolloutCommand {
         /// Probation for the devices it moves, overriding theirs.
         #[command(flatten)]
         probation: ProbationArgs,
+        /// Sampling of inputs and outputs on the devices it moves (off by default).
+        #[command(flatten)]
+        sampling: SamplingArgs,
         /// Who starts it.
         #[arg(long, env = "USER", default_value = "operator")]
         by: String,
@@ -110,6 +113,7 @@ pub fn run(client: &Client, command: RolloutCommand) -> anyhow::Result<()> {
             no_auto_rollback,
             abort_on_alerts,
             probation,
+            sampling,
             by,
             follow,
         } => {
@@ -124,6 +128,7 @@ pub fn run(client: &Client, command: RolloutCommand) -> anyhow::Result<()> {
                 wave_timeout_secs: wave_timeout,
                 auto_rollback: !no_auto_rollback,
                 probation: probation.thresholds(),
+                sampling: sampling.spec()?,
                 abort_on_alerts,
             };
             let r = client.start_rollout(&RolloutRequest { spec, by })?;
