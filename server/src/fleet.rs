@@ -812,6 +812,7 @@ impl Fleet {
                     "group": rollout.spec.group,
                     "waves": rollout.spec.waves,
                     "devices": rollout.members.len(),
+                    "sampling": rollout.spec.sampling,
                 }),
                 unix_now(),
             )

@@ -199,6 +199,15 @@ fn sampled_requests_reach_the_server_whole_and_only_where_a_deployment_asks() {
         },
     );
     assert!(samples(&fleet, Some("plain")).is_empty());
+    let metrics = fleet.client.metrics().unwrap();
+    assert!(
+        metrics.contains("modelcast_fleet_samples_total{result=\"refused\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("modelcast_fleet_samples_total{result=\"stored\"} 23"),
+        "{metrics}"
+    );
 
     // Sampling off: the device stops, and nothing more arrives over several reports.
     fleet.deploy_sampled("classifier", 1, "ring=a", None);
