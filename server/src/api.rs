@@ -268,6 +268,26 @@ pub fn replica_router(fleet: Arc<Fleet>) -> Router {
         .with_state(fleet)
 }
 
+/// The API of a standby control server waiting for the lease ([`crate::lease`]): liveness,
+/// and a status whose role is `standby`.
+pub fn standby_router(mqtt_identity: String) -> Router {
+    let status = crate::fleet::Status {
+        role: "standby".into(),
+        mqtt_identity,
+        chunk_requests: Default::default(),
+        telemetry: Default::default(),
+    };
+    Router::new()
+        .route("/api/v1/health", get(|| async { "ok" }))
+        .route(
+            "/api/v1/status",
+            get(move || {
+                let status = status.clone();
+                async move { Json(status) }
+            }),
+        )
+}
+
 /// The server's role and the chunk requests it answered.
 async fn status(State(fleet): State<Arc<Fleet>>) -> Json<crate::fleet::Status> {
     Json(fleet.status())

@@ -65,7 +65,7 @@ pub enum Role {
 }
 
 /// What a server has done for the devices' chunk requests since it started.
-#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct ChunkStats {
     /// Requests answered.
     pub requests: u64,
@@ -76,7 +76,7 @@ pub struct ChunkStats {
 }
 
 /// What a server has done with the devices' telemetry reports since it started.
-#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct TelemetryStats {
     /// Reports stored.
     pub stored: u64,
@@ -94,7 +94,7 @@ pub struct TelemetryStats {
 }
 
 /// A server's role and work, as `GET /api/v1/status` shows it.
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Status {
     /// `control` or `chunks`.
     pub role: String,

@@ -25,6 +25,7 @@ pub mod drift;
 pub mod fleet;
 pub mod group;
 pub mod keyset;
+pub mod lease;
 pub mod metrics;
 pub mod onnx;
 pub mod pki;
@@ -82,6 +83,9 @@ pub struct ServerConfig {
     pub role: fleet::Role,
     /// How the fleet's telemetry is kept and watched.
     pub monitoring: Monitoring,
+    /// Run as the control server only while holding the database's control lease
+    /// ([`lease`]), as a standby until then (needs a PostgreSQL `database`).
+    pub lease: bool,
 }
 
 /// How the server keeps and watches the fleet's telemetry.
@@ -117,6 +121,9 @@ pub enum ServerError {
     /// Network setup failed.
     #[error("{0}")]
     Io(String),
+    /// The control lease may be another server's now: this one stopped.
+    #[error("control lease lost: {0}")]
+    LeaseLost(String),
 }
 
 /// The server's TLS client configuration from the PKI directory.
@@ -149,6 +156,21 @@ pub async fn run(
                 .into(),
         ));
     }
+    let mut stopping = stop_signal(shutdown);
+    let (listener, lease) = if cfg.lease {
+        match standby(&cfg, listener, &mut stopping).await? {
+            Some(held) => held,
+            None => return Ok(()),
+        }
+    } else {
+        (listener, None)
+    };
+    let lost = async move {
+        match lease {
+            Some(lease) => lease.lost().await,
+            None => std::future::pending().await,
+        }
+    };
     let db = match &cfg.database {
         Some(url) => db::connect(url).await?,
         None => db::open_embedded(&cfg.data_dir.join("store"))?,
@@ -191,6 +213,9 @@ pub async fn run(
     };
     let fleet =
         fleet::Fleet::start(db.clone(), repo, topics, link, cfg.role, cfg.monitoring).await?;
+    let shutdown = async move {
+        let _ = stopping.wait_for(|stop| *stop).await;
+    };
     if cfg.role == fleet::Role::Chunks {
         tracing::info!(addr = ?listener.local_addr().ok(), identity = %cfg.mqtt_identity, "chunk replica: answering its share of chunk requests");
         axum::serve(listener, api::replica_router(fleet))
@@ -214,10 +239,65 @@ pub async fn run(
     };
     let app = api::router(fleet, tokens);
     tracing::info!(addr = ?listener.local_addr().ok(), "operator API listening");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(|e| ServerError::Io(e.to_string()))?;
+    let serving = axum::serve(listener, app).with_graceful_shutdown(shutdown);
+    tokio::select! {
+        served = serving => served.map_err(|e| ServerError::Io(e.to_string()))?,
+        reason = lost => {
+            tracing::error!(%reason, "control lease lost: stopping so that one control server acts");
+            return Err(ServerError::LeaseLost(reason));
+        }
+    }
     db.flush().await?;
     Ok(())
+}
+
+/// Turns the shutdown future into a flag that several waits can watch.
+fn stop_signal(
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> tokio::sync::watch::Receiver<bool> {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = tx.send(true);
+    });
+    rx
+}
+
+/// Waits as a standby until this server holds the control lease, answering health and
+/// status (role `standby`) on the API's address meanwhile. Returns the listener and the
+/// lease, or `None` if the server was told to stop first.
+async fn standby(
+    cfg: &ServerConfig,
+    listener: tokio::net::TcpListener,
+    stopping: &mut tokio::sync::watch::Receiver<bool>,
+) -> Result<Option<(tokio::net::TcpListener, Option<lease::Lease>)>, ServerError> {
+    let (Some(url), fleet::Role::Control) = (&cfg.database, cfg.role) else {
+        return Err(ServerError::Io(
+            "--lease is for control servers sharing a PostgreSQL --database".into(),
+        ));
+    };
+    let io = |e: std::io::Error| ServerError::Io(format!("the API socket: {e}"));
+    // The standby's API answers on a duplicate of the socket, dropped when the lease is
+    // taken; connections that arrive meanwhile wait in the socket's backlog.
+    let socket = listener.into_std().map_err(io)?;
+    let waiting = tokio::net::TcpListener::from_std(socket.try_clone().map_err(io)?).map_err(io)?;
+    let listener = tokio::net::TcpListener::from_std(socket).map_err(io)?;
+    let (taken_tx, taken_rx) = tokio::sync::oneshot::channel::<()>();
+    let router = api::standby_router(cfg.mqtt_identity.clone());
+    let standby_api = tokio::spawn(async move {
+        axum::serve(waiting, router)
+            .with_graceful_shutdown(async {
+                let _ = taken_rx.await;
+            })
+            .await
+    });
+    let acquired = tokio::select! {
+        lease = lease::Lease::acquire(url, || {
+            tracing::info!("standby: another server holds the control lease; waiting for it")
+        }) => lease?,
+        _ = stopping.wait_for(|stop| *stop) => return Ok(None),
+    };
+    let _ = taken_tx.send(());
+    let _ = standby_api.await;
+    Ok(Some((listener, Some(acquired))))
 }

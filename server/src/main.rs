@@ -59,6 +59,11 @@ struct Args {
     /// Samples that make a device's baseline for a model version (its first ones).
     #[arg(long, env = "MODELCAST_DRIFT_BASELINE_SAMPLES", default_value_t = 5)]
     drift_baseline_samples: usize,
+    /// Act as the control server only while holding the database's control lease (a
+    /// PostgreSQL advisory lock); until then wait as a standby, answering health and status.
+    /// Run two or more control servers with `--lease` on one `--database` for failover.
+    #[arg(long, env = "MODELCAST_LEASE")]
+    lease: bool,
 }
 
 #[tokio::main]
@@ -86,6 +91,7 @@ async fn main() -> anyhow::Result<()> {
         mqtt_identity: args.mqtt_identity,
         tokens: args.tokens,
         role: args.role,
+        lease: args.lease,
         monitoring: modelcast_server::Monitoring {
             retention_days: args.telemetry_retention_days,
             drift: modelcast_server::drift::DriftConfig {

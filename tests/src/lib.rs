@@ -120,6 +120,11 @@ impl Proc {
         self.kill();
     }
 
+    /// Its exit status, if it has ended.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     /// Kills the process (SIGKILL) and reaps it.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -357,6 +362,32 @@ impl Postgres {
         );
         format!("postgres://modelcast@127.0.0.1:{}/{name}", self.port)
     }
+
+    /// Runs one SQL statement in database `name`; returns psql's unaligned output.
+    pub fn sql(&self, name: &str, statement: &str) -> String {
+        let out = Command::new("psql")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "modelcast",
+                "-At",
+                "-d",
+                name,
+                "-c",
+            ])
+            .arg(statement)
+            .arg("-p")
+            .arg(self.port.to_string())
+            .output()
+            .expect("psql");
+        assert!(
+            out.status.success(),
+            "{statement}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
 }
 
 impl Drop for Postgres {
@@ -440,6 +471,62 @@ impl Fleet {
     /// (chunk replicas can then join it: [`Fleet::start_chunk_replica`]).
     pub fn with_broker_on_postgres(dir: tempfile::TempDir, port: u16, url: &str) -> Fleet {
         Self::start_in(dir, Some(port), None, Some(url), &[])
+    }
+
+    /// Keys and a control server holding the database's control lease (`--lease`), using
+    /// the broker on `port` and PostgreSQL at `url`; standbys join with
+    /// [`Fleet::start_standby`].
+    pub fn leased(dir: tempfile::TempDir, port: u16, url: &str) -> Fleet {
+        Self::start_in(dir, Some(port), None, Some(url), &["--lease"])
+    }
+
+    /// Starts another control server with the same arguments but its own API port and data
+    /// directory: with `--lease`, a standby. Returns the process and a client of its API
+    /// (which answers health and status while it waits).
+    pub fn start_standby(&self, name: &str) -> (Proc, Client) {
+        let port = free_port();
+        let mut args = self.server_args.clone();
+        for (flag, value) in [
+            ("--listen", format!("127.0.0.1:{port}")),
+            (
+                "--data-dir",
+                self.dir.path().join(name).display().to_string(),
+            ),
+        ] {
+            let at = args
+                .iter()
+                .position(|a| a == flag)
+                .unwrap_or_else(|| panic!("the server was started with {flag}"));
+            args[at + 1] = value.into();
+        }
+        let mut cmd = Command::new(bin("modelcast-server"));
+        cmd.args(&args);
+        let proc = Proc::spawn(&mut cmd, self.dir.path().join(format!("{name}.log")));
+        let client = Client::new(&format!("http://127.0.0.1:{port}"));
+        wait_for("the standby's API", Duration::from_secs(20), || {
+            client.status().ok()
+        });
+        (proc, client)
+    }
+
+    /// Kills the server (SIGKILL) if it runs, and starts it again on the same data and ports;
+    /// waits until `ready` answers (a standby serves no operator API).
+    pub fn restart_server_waiting_for<T>(&mut self, ready: impl FnMut() -> Option<T>) -> T {
+        self.server.kill();
+        self.restarts += 1;
+        let log = self
+            .dir
+            .path()
+            .join(format!("server-{}.log", self.restarts));
+        let mut cmd = Command::new(bin("modelcast-server"));
+        cmd.args(&self.server_args);
+        self.server = Proc::spawn(&mut cmd, log);
+        wait_for("the server again", Duration::from_secs(20), ready)
+    }
+
+    /// Kills the server (SIGKILL) without starting it again.
+    pub fn kill_server(&mut self) {
+        self.server.kill();
     }
 
     /// Starts a chunk replica (`--role chunks`) beside the server: same keys, database and
