@@ -700,16 +700,7 @@ impl Fleet {
         group: &str,
         probation: Option<modelcast_proto::desired::TrialThresholds>,
     ) {
-        self.client
-            .deploy(&modelcast_server::api::DeployRequest {
-                model: model.into(),
-                version,
-                group: group.into(),
-                by: "e2e".into(),
-                probation,
-                sampling: None,
-            })
-            .expect("deploy");
+        self.deploy_request(model, version, group, probation, None);
     }
 
     /// Deploys with sampling of inputs and outputs turned on (`None`: off).
@@ -720,13 +711,24 @@ impl Fleet {
         group: &str,
         sampling: Option<modelcast_proto::desired::SamplingSpec>,
     ) {
+        self.deploy_request(model, version, group, None, sampling);
+    }
+
+    fn deploy_request(
+        &self,
+        model: &str,
+        version: u64,
+        group: &str,
+        probation: Option<modelcast_proto::desired::TrialThresholds>,
+        sampling: Option<modelcast_proto::desired::SamplingSpec>,
+    ) {
         self.client
             .deploy(&modelcast_server::api::DeployRequest {
                 model: model.into(),
                 version,
                 group: group.into(),
                 by: "e2e".into(),
-                probation: None,
+                probation,
                 sampling,
             })
             .expect("deploy");

@@ -247,6 +247,19 @@ fn report(device: &str, seq: u64, to_ms: i64, versions: &[u64]) -> TelemetryRepo
     }
 }
 
+/// Every stored sample of the classifier.
+fn every_sample() -> SampleQuery {
+    SampleQuery {
+        model: "classifier".into(),
+        version: None,
+        device: None,
+        from_ms: i64::MIN,
+        to_ms: i64::MAX,
+        limit: 100,
+        max_bytes: usize::MAX,
+    }
+}
+
 fn sample(id: u64, version: u64, at_ms: i64) -> Sample {
     Sample {
         id,
@@ -428,32 +441,10 @@ async fn telemetry(db: &Db, other: &Db) {
     // Pruning: the report at -5 ms and the first minute go, and the alert cleared before;
     // samples taken before the cut too.
     assert_eq!(db.prune_telemetry(t0 + 1).await.unwrap(), 2);
-    let kept = other
-        .samples(&SampleQuery {
-            model: "classifier".into(),
-            version: None,
-            device: None,
-            from_ms: i64::MIN,
-            to_ms: i64::MAX,
-            limit: 100,
-            max_bytes: usize::MAX,
-        })
-        .await
-        .unwrap();
+    let kept = other.samples(&every_sample()).await.unwrap();
     assert_eq!(kept.len(), 4, "every sample is after the cut");
     assert_eq!(db.prune_telemetry(t0 + 25).await.unwrap(), 0);
-    let kept = db
-        .samples(&SampleQuery {
-            model: "classifier".into(),
-            version: None,
-            device: None,
-            from_ms: i64::MIN,
-            to_ms: i64::MAX,
-            limit: 100,
-            max_bytes: usize::MAX,
-        })
-        .await
-        .unwrap();
+    let kept = db.samples(&every_sample()).await.unwrap();
     assert_eq!(kept.len(), 1, "samples before t0+25 pruned");
     let left = db
         .model_telemetry("classifier", i64::MIN, i64::MAX)

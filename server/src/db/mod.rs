@@ -177,6 +177,17 @@ pub struct StoredSample {
     pub sample: Sample,
 }
 
+impl StoredSample {
+    /// `sample` from `device`, received now (`received_ms`).
+    pub fn new(device: &str, received_ms: i64, sample: &Sample) -> Self {
+        StoredSample {
+            device: device.into(),
+            received_ms,
+            sample: sample.clone(),
+        }
+    }
+}
+
 /// Which samples to read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SampleQuery {

@@ -500,11 +500,7 @@ impl Storage for PgStore {
         let tx = client.transaction().await?;
         let mut added = 0;
         for sample in samples {
-            let stored = StoredSample {
-                device: device.into(),
-                received_ms,
-                sample: sample.clone(),
-            };
+            let stored = StoredSample::new(device, received_ms, sample);
             added += tx
                 .execute(
                     "INSERT INTO samples (device, id, model, version, at_ms, stored)

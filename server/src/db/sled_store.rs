@@ -417,11 +417,7 @@ impl Storage for SledStore {
     ) -> Result<u64, DbError> {
         let mut added = 0;
         for sample in samples {
-            let stored = StoredSample {
-                device: device.into(),
-                received_ms,
-                sample: sample.clone(),
-            };
+            let stored = StoredSample::new(device, received_ms, sample);
             let fresh = self.samples.compare_and_swap(
                 sample_key(device, sample),
                 None::<&[u8]>,
