@@ -512,6 +512,12 @@ impl Fleet {
     /// Kills the server (SIGKILL) if it runs, and starts it again on the same data and ports;
     /// waits until `ready` answers (a standby serves no operator API).
     pub fn restart_server_waiting_for<T>(&mut self, ready: impl FnMut() -> Option<T>) -> T {
+        self.respawn_server();
+        wait_for("the server again", Duration::from_secs(20), ready)
+    }
+
+    /// Kills the server (SIGKILL) and starts it again with the same arguments.
+    fn respawn_server(&mut self) {
         self.server.kill();
         self.restarts += 1;
         let log = self
@@ -521,7 +527,6 @@ impl Fleet {
         let mut cmd = Command::new(bin("modelcast-server"));
         cmd.args(&self.server_args);
         self.server = Proc::spawn(&mut cmd, log);
-        wait_for("the server again", Duration::from_secs(20), ready)
     }
 
     /// Kills the server (SIGKILL) without starting it again.
@@ -645,15 +650,7 @@ impl Fleet {
 
     /// Kills the server (SIGKILL) and starts it again on the same data and ports.
     pub fn restart_server(&mut self) {
-        self.server.kill();
-        self.restarts += 1;
-        let log = self
-            .dir
-            .path()
-            .join(format!("server-{}.log", self.restarts));
-        let mut cmd = Command::new(bin("modelcast-server"));
-        cmd.args(&self.server_args);
-        self.server = Proc::spawn(&mut cmd, log);
+        self.respawn_server();
         wait_for("the server API again", Duration::from_secs(20), || {
             self.client.devices().ok()
         });
