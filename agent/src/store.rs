@@ -525,12 +525,26 @@ impl Store {
         Ok(())
     }
 
-    /// The oldest stored samples, up to `max_bytes` of them (as [`sample_bytes`] counts).
+    /// The oldest stored samples, up to `max_bytes` of them (as [`sample_bytes`] counts). A
+    /// record that no longer decodes is removed and counted as dropped: it could never be
+    /// shipped, and must not hold back the reports.
     pub fn samples_to_ship(&self, max_bytes: usize) -> Result<Vec<Sample>, StoreError> {
         let (mut out, mut bytes) = (Vec::new(), 0);
         for item in self.samples.iter() {
             let (key, value) = item?;
-            let sample: Sample = decode(&format!("samples/{}", be_u64(&key)), &value)?;
+            let sample: Sample = match decode(&format!("samples/{}", be_u64(&key)), &value) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "corrupt sample removed");
+                    let mut index = self.samples_held.lock().expect("samples lock");
+                    for held in index.values_mut() {
+                        held.retain(|(id, _)| *id != be_u64(&key));
+                    }
+                    self.samples.remove(&key)?;
+                    add_counter(&self.meta, "samples_dropped", 1)?;
+                    continue;
+                }
+            };
             bytes += sample_bytes(&sample);
             if bytes > max_bytes {
                 break;
@@ -546,7 +560,12 @@ impl Store {
         for s in samples {
             self.samples.remove(s.id.to_be_bytes())?;
             if let Some(held) = index.get_mut(&s.model) {
-                held.retain(|(id, _)| *id != s.id);
+                // Shipped oldest first, so each is the front of its model's samples.
+                if held.front().is_some_and(|(id, _)| *id == s.id) {
+                    held.pop_front();
+                } else {
+                    held.retain(|(id, _)| *id != s.id);
+                }
             }
         }
         index.retain(|_, held| !held.is_empty());
@@ -560,8 +579,12 @@ impl Store {
             .values()
             .flatten()
             .fold((0, 0), |(n, b), (_, len)| (n + 1, b + len));
-        let dropped = self.meta.get("samples_dropped")?.map_or(0, |v| be_u64(&v));
-        Ok((n, bytes, dropped))
+        Ok((n, bytes, self.samples_dropped()?))
+    }
+
+    /// Samples dropped so far, over the device's lifetime.
+    pub fn samples_dropped(&self) -> Result<u64, StoreError> {
+        Ok(self.meta.get("samples_dropped")?.map_or(0, |v| be_u64(&v)))
     }
 
     /// Bytes the store occupies on disk: sled and the artifact files.
@@ -796,5 +819,24 @@ mod tests {
             .set_sampling(&BTreeMap::from([("b".to_string(), spec(1024))]))
             .unwrap();
         assert!(store.sample_counts().unwrap().1 <= 1024);
+    }
+
+    #[test]
+    fn a_corrupt_sample_is_dropped_and_does_not_hold_back_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let policies = BTreeMap::from([("a".to_string(), spec(65536))]);
+        store.set_sampling(&policies).unwrap();
+        store
+            .keep_samples(vec![sample("a", 4), sample("a", 4)], 0, &policies)
+            .unwrap();
+        store
+            .samples
+            .insert(1u64.to_be_bytes(), &b"{not json"[..])
+            .unwrap();
+        let shipped = store.samples_to_ship(usize::MAX).unwrap();
+        assert_eq!(shipped.iter().map(|s| s.id).collect::<Vec<_>>(), vec![2]);
+        let (held, _, dropped) = store.sample_counts().unwrap();
+        assert_eq!((held, dropped), (1, 1), "the corrupt one gone and counted");
     }
 }

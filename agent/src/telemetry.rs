@@ -400,7 +400,7 @@ impl Forwarder {
         } else {
             Vec::new()
         };
-        let samples_dropped = store.sample_counts()?.2;
+        let samples_dropped = store.samples_dropped()?;
         let seq = store.queue_telemetry(
             now,
             self.config.queue_bytes,

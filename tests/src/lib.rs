@@ -348,18 +348,7 @@ impl Postgres {
 
     /// A URL of a new, empty database on it.
     pub fn database(&self, name: &str) -> String {
-        let out = Command::new("psql")
-            .args(["-h", "127.0.0.1", "-U", "modelcast", "-d", "postgres", "-c"])
-            .arg(format!("CREATE DATABASE {name}"))
-            .arg("-p")
-            .arg(self.port.to_string())
-            .output()
-            .expect("psql");
-        assert!(
-            out.status.success(),
-            "create database: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        self.sql("postgres", &format!("CREATE DATABASE {name}"));
         format!("postgres://modelcast@127.0.0.1:{}/{name}", self.port)
     }
 
