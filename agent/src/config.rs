@@ -66,11 +66,15 @@ pub struct TlsConfig {
 pub struct TransferConfig {
     /// Chunks requested and not yet received, at most.
     pub window: usize,
-    /// Seconds without a requested chunk before it is requested again.
+    /// Seconds without any chunk stored before the ones in flight are requested again.
     pub chunk_timeout_secs: u64,
     /// Seconds without any new chunk before the download is reported as stalled (slow
     /// retrieval); it keeps retrying.
     pub stall_timeout_secs: u64,
+    /// Listen on each artifact's shared topic while downloading it, so the server can publish
+    /// a chunk once for every device that wants it. Off: every chunk comes on the device's
+    /// own topic.
+    pub shared_topic: bool,
 }
 
 impl Default for TransferConfig {
@@ -79,6 +83,7 @@ impl Default for TransferConfig {
             window: 64,
             chunk_timeout_secs: 5,
             stall_timeout_secs: 60,
+            shared_topic: true,
         }
     }
 }

@@ -8,7 +8,7 @@
 //! probation → commit or roll back. A rejected update is reported with its reason and never
 //! touches the serving model.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -105,6 +105,8 @@ struct Agent {
     sampler: Arc<Sampler>,
     /// Telemetry's store-and-forward.
     telemetry: Forwarder,
+    /// The artifacts whose shared topic the link listens on.
+    listening: BTreeSet<String>,
 }
 
 /// What start-up found: every stored record (and whether it serves), trials to resume (with
@@ -387,6 +389,7 @@ async fn control(
         collector,
         sampler,
         telemetry: Forwarder::new(cfg.telemetry.clone(), &cfg.device_id, &cfg.state_dir),
+        listening: BTreeSet::new(),
         cfg,
         store,
         models,
@@ -639,14 +642,20 @@ impl Agent {
                     model,
                     artifact,
                     chunks,
-                    refetched,
+                    again,
                 } => {
-                    self.metrics.chunks_refetched(&model, refetched);
+                    self.metrics.chunks_refetched(&model, again.len() as u64);
+                    let shared = self.cfg.transfer.shared_topic;
+                    if shared && self.listening.insert(artifact.clone()) {
+                        self.link.listen(&artifact).await;
+                    }
                     let request = ChunkRequest {
                         format: modelcast_proto::FORMAT_VERSION,
                         device: self.cfg.device_id.clone(),
                         artifact,
                         chunks,
+                        again,
+                        shared,
                     };
                     self.link.request_chunks(&request).await;
                 }
@@ -696,6 +705,11 @@ impl Agent {
                 Action::Ended { name, outcome } => self.metrics.update_ended(&name, outcome),
                 Action::Report => self.report().await,
             }
+        }
+        let downloading: BTreeSet<String> = self.updater.downloads().map(String::from).collect();
+        if !self.listening.is_subset(&downloading) {
+            self.listening.retain(|a| downloading.contains(a));
+            self.link.listen_only(&self.listening).await;
         }
     }
 

@@ -1,9 +1,11 @@
 //! The MQTT link: connects with rumqttc, keeps a retained `online` status with a last will,
 //! subscribes to this device's desired state, chunk replies and its own telemetry (the
-//! broker's receipt for each report), and turns broker traffic
-//! into [`LinkEvent`]s. Over TLS (rustls, ring) with a client certificate when the broker is
+//! broker's receipt for each report), and to the shared topic of each artifact it downloads
+//! (chunks published once for every device), and turns broker traffic into [`LinkEvent`]s. Over TLS (rustls, ring) with a client certificate when the broker is
 //! `mqtts://`. It decides nothing; the driver does.
 
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -27,7 +29,8 @@ pub enum LinkEvent {
     Disconnected(String),
     /// A desired-state message (untrusted bytes).
     Desired(Bytes),
-    /// A chunk reply (untrusted bytes).
+    /// A chunk reply, on the device's own topic or an artifact's shared topic (untrusted
+    /// bytes).
     Chunk(Bytes),
     /// A copy of one of this device's telemetry reports, back from the broker: it has it.
     TelemetryEcho(Bytes),
@@ -39,6 +42,8 @@ pub struct Link {
     client: AsyncClient,
     topics: Topics,
     device: String,
+    /// The artifact topics listened on: subscribed again after each reconnect.
+    artifacts: Arc<Mutex<BTreeSet<String>>>,
 }
 
 /// Largest packet the agent accepts: a maximal chunk plus framing.
@@ -71,10 +76,12 @@ impl Link {
             ));
         let (client, mut eventloop) = AsyncClient::new(opts, 64);
         let (tx, rx) = mpsc::channel(256);
+        let artifacts = Arc::new(Mutex::new(BTreeSet::new()));
         let link = Link {
             client: client.clone(),
             topics: topics.clone(),
             device: device.clone(),
+            artifacts: artifacts.clone(),
         };
         let desired = topics.device(&device, DeviceTopic::Desired);
         let chunks = topics.device(&device, DeviceTopic::Chunks);
@@ -91,6 +98,9 @@ impl Link {
                         let _ = client.try_subscribe(&chunks, QoS::AtLeastOnce);
                         // Our own telemetry comes back: the broker's receipt.
                         let _ = client.try_subscribe(&telemetry, QoS::AtLeastOnce);
+                        for topic in artifacts.lock().expect("artifacts lock").iter() {
+                            let _ = client.try_subscribe(topic, QoS::AtLeastOnce);
+                        }
                         let _ = client.try_publish(&online, QoS::AtLeastOnce, true, "online");
                         Some(LinkEvent::Connected)
                     }
@@ -101,6 +111,8 @@ impl Link {
                             Some(LinkEvent::Chunk(p.payload))
                         } else if p.topic == telemetry {
                             Some(LinkEvent::TelemetryEcho(p.payload))
+                        } else if topics.is_artifact(&p.topic) {
+                            Some(LinkEvent::Chunk(p.payload))
                         } else {
                             None
                         }
@@ -124,6 +136,38 @@ impl Link {
             }
         });
         (link, rx)
+    }
+
+    /// Listens on `artifact`'s shared topic (hex SHA-256), if not already: chunks the server
+    /// publishes there for any device arrive as [`LinkEvent::Chunk`]. Called before the
+    /// first request, so the subscription is in place before the server answers.
+    pub async fn listen(&self, artifact: &str) {
+        let topic = self.topics.artifact(artifact);
+        if self
+            .artifacts
+            .lock()
+            .expect("artifacts lock")
+            .insert(topic.clone())
+        {
+            let _ = self.client.subscribe(topic, QoS::AtLeastOnce).await;
+        }
+    }
+
+    /// Stops listening on every artifact topic but those of `downloading`.
+    pub async fn listen_only(&self, downloading: &BTreeSet<String>) {
+        let gone: Vec<String> = {
+            let mut artifacts = self.artifacts.lock().expect("artifacts lock");
+            let keep: BTreeSet<String> = downloading
+                .iter()
+                .map(|a| self.topics.artifact(a))
+                .collect();
+            let gone = artifacts.difference(&keep).cloned().collect();
+            artifacts.retain(|t| keep.contains(t));
+            gone
+        };
+        for topic in gone {
+            let _ = self.client.unsubscribe(topic).await;
+        }
     }
 
     /// Asks the server for chunks.

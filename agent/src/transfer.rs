@@ -2,7 +2,10 @@
 //!
 //! It decides which chunks to ask for (a bounded window in flight, timed-out requests asked
 //! again), checks each arriving chunk against the manifest's digest and length, and says when
-//! the artifact is complete. The caller stores accepted chunks and sends the requests. Time
+//! the artifact is complete. A chunk may arrive unasked (published once on the artifact's
+//! shared topic for every device downloading it): it is stored like any other. A request
+//! times out only when no chunk was stored for the timeout, so a slow but moving stream (a
+//! broker serving thousands of devices) is not asked again. The caller stores accepted chunks and sends the requests. Time
 //! is an argument; nothing here reads a clock.
 
 use std::collections::BTreeMap;
@@ -69,6 +72,22 @@ pub struct Transfer {
     progress_at: Option<Instant>,
     /// A chunk was stored since the last [`Transfer::poll_request`].
     progressed: bool,
+}
+
+/// The chunks to ask for now.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Asks {
+    /// Asked for the first time.
+    pub first: Vec<u32>,
+    /// Asked before (timed out, or lost with the connection).
+    pub again: Vec<u32>,
+}
+
+impl Asks {
+    /// Nothing to ask.
+    pub fn is_empty(&self) -> bool {
+        self.first.is_empty() && self.again.is_empty()
+    }
 }
 
 /// Default for [`Transfer::with_stall_deadline`].
@@ -185,15 +204,18 @@ impl Transfer {
         }
     }
 
-    /// The chunks to request now: timed-out ones again, then new ones up to the window.
-    pub fn poll_request(&mut self, now: Instant) -> Vec<u32> {
+    /// The chunks to request now: timed-out ones again, then new ones up to the window. A
+    /// request in flight times out when neither it nor any stored chunk is as recent as the
+    /// timeout.
+    pub fn poll_request(&mut self, now: Instant) -> Asks {
         if self.progressed || self.progress_at.is_none() {
             self.progress_at = Some(now);
             self.progressed = false;
         }
+        let progress_at = self.progress_at.unwrap_or(now);
         let mut out = Vec::new();
         for (index, sent) in self.in_flight.iter_mut() {
-            if now.saturating_duration_since(*sent) >= self.timeout {
+            if now.saturating_duration_since((*sent).max(progress_at)) >= self.timeout {
                 *sent = now;
                 out.push(*index);
             }
@@ -212,20 +234,30 @@ impl Transfer {
                 out.push(index);
             }
         }
-        for &index in &out {
+        let mut asks = Asks::default();
+        for index in out {
             let asked = &mut self.asked[index as usize];
             if *asked {
                 self.refetched += 1;
+                asks.again.push(index);
+            } else {
+                asks.first.push(index);
             }
             *asked = true;
         }
-        out
+        asks
     }
 
     /// When the earliest request in flight times out, or the stall deadline passes.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let stall = self.progress_at.map(|t| t + self.stall_after);
-        let retry = self.in_flight.values().min().map(|t| *t + self.timeout);
+        let retry = self.in_flight.values().min().map(|t| {
+            let since = match self.progress_at {
+                Some(p) => (*t).max(p),
+                None => *t,
+            };
+            since + self.timeout
+        });
         match (retry, stall) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -242,19 +274,59 @@ mod tests {
         modelcast_proto::verify::fixture::manifest("m", 1, bytes, chunk)
     }
 
+    fn first(chunks: &[u32]) -> Asks {
+        Asks {
+            first: chunks.to_vec(),
+            again: vec![],
+        }
+    }
+
+    fn again(chunks: &[u32]) -> Asks {
+        Asks {
+            first: vec![],
+            again: chunks.to_vec(),
+        }
+    }
+
+    #[test]
+    fn a_moving_stream_holds_off_timeouts_and_unasked_chunks_are_kept() {
+        let bytes: Vec<u8> = (0..100).collect();
+        let mut t = Transfer::new(manifest(&bytes, 10), vec![], 2, Duration::from_secs(5));
+        let t0 = Instant::now();
+        assert_eq!(t.poll_request(t0), first(&[0, 1]));
+        // Chunk 7 arrives unasked (published for another device): stored, never asked.
+        assert_eq!(t.handle_chunk(7, &bytes[70..80]), Ok(Accepted::Store));
+        t.handle_stored(7);
+        let t4 = t0 + Duration::from_secs(4);
+        assert!(t.poll_request(t4).is_empty());
+        // Six seconds after the asks, but only two after the last stored chunk: no re-ask.
+        let t6 = t0 + Duration::from_secs(6);
+        assert!(t.poll_request(t6).is_empty());
+        assert_eq!(t.poll_timeout(), Some(t4 + Duration::from_secs(5)));
+        assert_eq!(t.poll_request(t4 + Duration::from_secs(5)), again(&[0, 1]));
+        for i in [0u32, 1] {
+            let at = 10 * i as usize;
+            assert_eq!(t.handle_chunk(i, &bytes[at..at + 10]), Ok(Accepted::Store));
+            t.handle_stored(i);
+        }
+        let asks = t.poll_request(t6 + Duration::from_secs(4));
+        assert_eq!(asks, first(&[2, 3]), "7 is never asked");
+        assert_eq!(t.refetched_chunks(), 2);
+    }
+
     #[test]
     fn window_bounds_requests_and_timeouts_repeat_them() {
         let bytes = vec![7u8; 100];
         let mut t = Transfer::new(manifest(&bytes, 10), vec![], 3, Duration::from_secs(5));
         let t0 = Instant::now();
-        assert_eq!(t.poll_request(t0), vec![0, 1, 2]);
+        assert_eq!(t.poll_request(t0), first(&[0, 1, 2]));
         assert!(t.poll_request(t0).is_empty());
         assert_eq!(t.handle_chunk(1, &bytes[10..20]), Ok(Accepted::Store));
         t.handle_stored(1);
-        assert_eq!(t.poll_request(t0), vec![3]);
+        assert_eq!(t.poll_request(t0), first(&[3]));
         assert_eq!(t.poll_timeout(), Some(t0 + Duration::from_secs(5)));
         let later = t0 + Duration::from_secs(6);
-        assert_eq!(t.poll_request(later), vec![0, 2, 3]);
+        assert_eq!(t.poll_request(later), again(&[0, 2, 3]));
         assert_eq!(t.refetched_chunks(), 3);
     }
 
@@ -263,21 +335,21 @@ mod tests {
         let bytes: Vec<u8> = (0..60).collect();
         let t0 = Instant::now();
         let mut t = Transfer::new(manifest(&bytes, 10), vec![], 2, Duration::from_secs(5));
-        assert_eq!(t.poll_request(t0), vec![0, 1]);
+        assert_eq!(t.poll_request(t0), first(&[0, 1]));
         assert_eq!(t.handle_chunk(0, &bytes[..10]), Ok(Accepted::Store));
         t.handle_stored(0);
         t.handle_disconnect();
         // Chunk 1 was lost with the link: asked again (once), after the new ones in the window.
-        assert_eq!(t.poll_request(t0), vec![2, 3]);
+        assert_eq!(t.poll_request(t0), first(&[2, 3]));
         for i in [2u32, 3, 4, 5] {
             let at = 10 * i as usize;
             if i == 4 {
-                assert_eq!(t.poll_request(t0), vec![4, 5]);
+                assert_eq!(t.poll_request(t0), first(&[4, 5]));
             }
             assert_eq!(t.handle_chunk(i, &bytes[at..at + 10]), Ok(Accepted::Store));
             t.handle_stored(i);
         }
-        assert_eq!(t.poll_request(t0), vec![1]);
+        assert_eq!(t.poll_request(t0), again(&[1]));
         assert_eq!(t.refetched_chunks(), 1);
         // A late copy of a stored chunk is a duplicate, not a second store.
         assert_eq!(t.handle_chunk(2, &bytes[20..30]), Ok(Accepted::Duplicate));
@@ -289,7 +361,7 @@ mod tests {
         let mut t = Transfer::new(manifest(&bytes, 10), vec![], 3, Duration::from_secs(5))
             .with_stall_deadline(Duration::from_secs(20));
         let t0 = Instant::now();
-        assert_eq!(t.poll_request(t0), vec![0, 1, 2]);
+        assert_eq!(t.poll_request(t0), first(&[0, 1, 2]));
         assert_eq!(t.poll_stalled(t0 + Duration::from_secs(19)), None);
         assert_eq!(t.handle_chunk(0, &bytes[..10]), Ok(Accepted::Store));
         t.handle_stored(0);
@@ -327,7 +399,7 @@ mod tests {
         let have = vec![true, false, true, false, true];
         let mut t = Transfer::new(manifest(&bytes, 10), have, 8, Duration::from_secs(5));
         assert_eq!(t.received_bytes(), 30);
-        assert_eq!(t.poll_request(Instant::now()), vec![1, 3]);
+        assert_eq!(t.poll_request(Instant::now()), first(&[1, 3]));
     }
 
     proptest! {
@@ -347,7 +419,8 @@ mod tests {
             let now = Instant::now();
             let mut outstanding: Vec<u32> = Vec::new();
             for p in picks {
-                outstanding.extend(t.poll_request(now));
+                let asks = t.poll_request(now);
+                outstanding.extend(asks.first.into_iter().chain(asks.again));
                 prop_assert!(outstanding.len() <= window);
                 if outstanding.is_empty() { break; }
                 let i = outstanding.remove(p as usize % outstanding.len());
@@ -358,7 +431,8 @@ mod tests {
                 }
             }
             while !t.is_complete() {
-                outstanding.extend(t.poll_request(now));
+                let asks = t.poll_request(now);
+                outstanding.extend(asks.first.into_iter().chain(asks.again));
                 let i = outstanding.pop().unwrap();
                 let s = (i * chunk) as usize;
                 if t.handle_chunk(i, &bytes[s..(s + chunk as usize).min(len)]).unwrap() == Accepted::Store {

@@ -65,17 +65,17 @@ pub enum Action {
     /// which chunks are already on disk; answer [`Updater::download_ready`] or
     /// [`Updater::download_failed`].
     PrepareDownload(Manifest),
-    /// Ask the server for these chunks of `artifact` (hex SHA-256) of `model`; `refetched`
-    /// of them were asked for before.
+    /// Ask the server for chunks of `artifact` (hex SHA-256) of `model`: `chunks` for the
+    /// first time, `again` asked before (timed out, or lost with the link).
     RequestChunks {
         /// Model name.
         model: String,
         /// Artifact digest, hex.
         artifact: String,
-        /// Chunk indices.
+        /// Chunk indices asked for the first time.
         chunks: Vec<u32>,
-        /// How many of `chunks` are asked again.
-        refetched: u64,
+        /// Chunk indices asked for again.
+        again: Vec<u32>,
     },
     /// Verify the whole artifact, load it for `slot` off the serving path, check its golden
     /// vectors and latency budget; answer [`Updater::staged`].
@@ -285,6 +285,14 @@ impl Updater {
             self.models.get(name).map(|m| &m.step),
             Some(Step::Staging { manifest, .. }) if manifest.sha256 == sha256
         )
+    }
+
+    /// The artifacts (hex SHA-256) being downloaded now.
+    pub fn downloads(&self) -> impl Iterator<Item = &str> {
+        self.models.values().filter_map(|m| match &m.step {
+            Step::Downloading(t) => Some(t.manifest().sha256.as_str()),
+            _ => None,
+        })
     }
 
     /// The manifest of `name`'s download in progress.
@@ -981,14 +989,13 @@ impl Updater {
             if !self.online {
                 continue;
             }
-            let before = t.refetched_chunks();
-            let chunks = t.poll_request(now);
-            if !chunks.is_empty() {
+            let asks = t.poll_request(now);
+            if !asks.is_empty() {
                 queued.push(Ok(Action::RequestChunks {
                     model: name.clone(),
                     artifact: t.manifest().sha256.clone(),
-                    chunks,
-                    refetched: t.refetched_chunks() - before,
+                    chunks: asks.first,
+                    again: asks.again,
                 }));
             }
         }
@@ -1154,10 +1161,13 @@ mod tests {
                         }
                     }
                     Action::RequestChunks {
-                        artifact, chunks, ..
+                        artifact,
+                        chunks,
+                        again,
+                        ..
                     } => {
                         assert!(self.online, "chunk request while the link is down");
-                        for c in chunks {
+                        for c in chunks.into_iter().chain(again) {
                             self.requested.insert((artifact.clone(), c));
                         }
                     }

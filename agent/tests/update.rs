@@ -231,6 +231,7 @@ fn config(dir: &Path, keys: &Keys, broker: u16, http: u16) -> Config {
             window: 4,
             chunk_timeout_secs: 2,
             stall_timeout_secs: 60,
+            shared_topic: true,
         },
         tls: None,
         probation: Default::default(),

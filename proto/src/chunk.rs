@@ -1,7 +1,11 @@
 //! Chunk requests (agent → server) and chunk replies (server → agent).
 //!
 //! A request names an artifact by its SHA-256 and lists the chunk indices wanted (the agent
-//! keeps a bounded window in flight). A reply is a binary frame:
+//! keeps a bounded window in flight): those asked for the first time, and those asked again.
+//! A device that listens on the artifact's shared topic says so; the server may then answer
+//! a first ask there, once for every device downloading the artifact (see
+//! [`crate::topic::Topics::artifact`]). A chunk asked again is always answered on the
+//! device's own chunk topic. A reply is a binary frame, the same on either topic:
 //!
 //! ```text
 //! magic "MCC1" (4) | artifact sha256 (32) | index u32 BE (4) | length u32 BE (4) | bytes
@@ -27,8 +31,16 @@ pub struct ChunkRequest {
     pub device: String,
     /// Hex SHA-256 of the artifact.
     pub artifact: String,
-    /// Chunk indices wanted.
+    /// Chunk indices wanted, asked for the first time.
     pub chunks: Vec<u32>,
+    /// Chunk indices asked for again (timed out, or lost with the connection): answered on
+    /// the device's own chunk topic.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub again: Vec<u32>,
+    /// The device listens on the artifact's shared topic, so a first ask may be answered
+    /// there (or not at all, when it was just published there).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shared: bool,
 }
 
 impl ChunkRequest {
@@ -43,10 +55,11 @@ impl ChunkRequest {
                 expected: crate::FORMAT_VERSION,
             });
         }
-        if req.chunks.len() > MAX_CHUNKS_PER_REQUEST {
+        let asked = req.chunks.len() + req.again.len();
+        if asked > MAX_CHUNKS_PER_REQUEST {
             return Err(DecodeError::Invalid {
                 what: "chunk request",
-                reason: format!("{} chunks in one request", req.chunks.len()),
+                reason: format!("{asked} chunks in one request"),
             });
         }
         parse_digest(&req.artifact)?;
@@ -62,6 +75,11 @@ impl ChunkRequest {
     /// Encodes to JSON bytes.
     pub fn to_vec(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("requests serialize")
+    }
+
+    /// Every index asked: first asks, then the ones asked again.
+    pub fn indices(&self) -> impl Iterator<Item = u32> + '_ {
+        self.chunks.iter().chain(&self.again).copied()
     }
 }
 
@@ -164,11 +182,26 @@ mod tests {
             device: "dev-1".into(),
             artifact: "ab".repeat(32),
             chunks: vec![1, 2, 3],
+            again: vec![],
+            shared: false,
         };
         assert_eq!(ChunkRequest::from_slice(&r.to_vec()).unwrap(), r);
+        // The fields a device that predates the shared topic leaves out.
+        assert!(!String::from_utf8(r.to_vec()).unwrap().contains("shared"));
+        let both = ChunkRequest {
+            again: vec![0],
+            shared: true,
+            ..r.clone()
+        };
+        assert_eq!(ChunkRequest::from_slice(&both.to_vec()).unwrap(), both);
+        assert_eq!(both.indices().collect::<Vec<_>>(), vec![1, 2, 3, 0]);
         let mut big = r.clone();
         big.chunks = vec![0; MAX_CHUNKS_PER_REQUEST + 1];
         assert!(ChunkRequest::from_slice(&big.to_vec()).is_err());
+        let mut split = r.clone();
+        split.chunks = vec![0; MAX_CHUNKS_PER_REQUEST / 2 + 1];
+        split.again = vec![0; MAX_CHUNKS_PER_REQUEST / 2];
+        assert!(ChunkRequest::from_slice(&split.to_vec()).is_err());
         let mut bad = r;
         bad.device = "a/b".into();
         assert!(ChunkRequest::from_slice(&bad.to_vec()).is_err());

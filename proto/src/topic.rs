@@ -1,7 +1,8 @@
 //! MQTT topic names: the only place they are built or parsed.
 //!
 //! Everything lives under a configurable prefix. Device topics sit under `<p>/d/{device}/` so
-//! a broker ACL can confine a device to its own subtree.
+//! a broker ACL can confine a device to its own subtree. Artifact topics `<p>/a/{sha256}`
+//! carry chunks published once for every device downloading that artifact.
 
 /// The kinds of per-device topic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +81,25 @@ impl Topics {
         format!("$share/{group}/{}", self.all_devices(DeviceTopic::Requests))
     }
 
+    /// `<p>/a/{artifact}`: chunks of the artifact (hex SHA-256) published once for every
+    /// device that listens, instead of once per device.
+    pub fn artifact(&self, artifact: &str) -> String {
+        format!("{}/a/{artifact}", self.prefix)
+    }
+
+    /// `<p>/a/+`: every artifact topic (what a device may read).
+    pub fn all_artifacts(&self) -> String {
+        format!("{}/a/+", self.prefix)
+    }
+
+    /// Whether `topic` is an artifact topic.
+    pub fn is_artifact(&self, topic: &str) -> bool {
+        topic
+            .strip_prefix(&self.prefix)
+            .and_then(|rest| rest.strip_prefix("/a/"))
+            .is_some_and(|sha| sha.len() == 64 && sha.bytes().all(|b| b.is_ascii_hexdigit()))
+    }
+
     /// Splits a device topic into device id and kind.
     pub fn parse_device(&self, topic: &str) -> Option<(String, DeviceTopic)> {
         let rest = topic.strip_prefix(&self.prefix)?.strip_prefix("/d/")?;
@@ -109,5 +129,12 @@ mod tests {
         assert_eq!(t.parse_device("mc/d/+/state"), None);
         assert_eq!(t.all_devices(DeviceTopic::State), "mc/d/+/state");
         assert_eq!(t.chunk_requests_shared("srv"), "$share/srv/mc/d/+/requests");
+        let sha = "ab".repeat(32);
+        assert_eq!(t.artifact(&sha), format!("mc/a/{sha}"));
+        assert!(t.is_artifact(&t.artifact(&sha)));
+        assert!(!t.is_artifact("mc/a/+"));
+        assert!(!t.is_artifact(&format!("other/a/{sha}")));
+        assert_eq!(t.parse_device(&t.artifact(&sha)), None);
+        assert_eq!(t.all_artifacts(), "mc/a/+");
     }
 }

@@ -9,7 +9,12 @@
 //! | `<p>/d/%u/desired`, `<p>/d/%u/chunks` | subscribe (read) only |
 //! | `<p>/d/%u/telemetry` | publish, and subscribe (its copy is the broker's receipt) |
 //! | `<p>/d/%u/state`, `<p>/d/%u/online`, `<p>/d/%u/requests` | publish (write) only |
+//! | `<p>/a/+` (artifacts' shared chunk topics) | subscribe (read) only |
 //! | anything else, other devices' topics included | nothing |
+//!
+//! A device can read every artifact published on a shared topic, not only its own; a fleet
+//! whose devices must not read each other's models runs the server with
+//! `--no-shared-chunks` (and may drop that line).
 //!
 //! Only the fleet server's identities may publish desired states (or anything else under
 //! the prefix). The embedded broker (rumqttd) has no per-topic ACLs: see `docs/security.md`.
@@ -56,7 +61,9 @@ pub fn acl(prefix: &str, server_identities: &[String]) -> String {
          pattern write {}\n\
          pattern readwrite {}\n\
          pattern write {}\n\
-         pattern write {}",
+         pattern write {}\n\
+         # Chunks published once for every device downloading an artifact.\n\
+         pattern read {}",
         dev(DeviceTopic::Desired),
         dev(DeviceTopic::Chunks),
         dev(DeviceTopic::State),
@@ -64,6 +71,7 @@ pub fn acl(prefix: &str, server_identities: &[String]) -> String {
         dev(DeviceTopic::Telemetry),
         dev(DeviceTopic::Online),
         dev(DeviceTopic::Requests),
+        t.all_artifacts(),
     );
     out
 }
@@ -130,6 +138,7 @@ mod tests {
         assert!(text.contains("pattern read modelcast/d/%u/desired"));
         assert!(text.contains("pattern write modelcast/d/%u/state"));
         assert!(text.contains("pattern write modelcast/d/%u/requests"));
+        assert!(text.contains("pattern read modelcast/a/+"));
         // Devices never get write access to desired states, nor any wildcard.
         assert!(!text.contains("pattern write modelcast/d/%u/desired"));
         // Read-write only on its own telemetry (its copy back is the broker's receipt).

@@ -1,5 +1,6 @@
-//! The server's MQTT side: device reports and online status in, chunk replies and retained
-//! desired states out. Handlers run off the event loop so it never waits on itself.
+//! The server's MQTT side: device reports and online status in, chunk replies (on devices'
+//! own topics, or once on an artifact's shared topic: [`crate::fanout`]) and retained desired
+//! states out. Handlers run off the event loop so it never waits on itself.
 //!
 //! It also drives the rollouts ([`crate::rollout`]): device reports and a one-second clock go
 //! to each running rollout; every change is persisted (flushed) before its new desired states
@@ -21,6 +22,7 @@ use tracing::{debug, info, warn};
 
 use crate::db::{Db, DbError, Deployment, DeviceEntry, DirectorEntry, ModelInterval};
 use crate::drift::{Alert, Change, Detectors};
+use crate::fanout::{Fanout, Route};
 use crate::group::Selector;
 use crate::repo::{RepoError, Repository, ONLINE_LIFETIME_SECS};
 use crate::rollout::{Effect, Rollout, RolloutSpec, RolloutState, Rollouts};
@@ -49,6 +51,9 @@ pub struct BrokerLink {
     pub client_id: String,
     /// TLS client configuration (with the server's certificate), for `mqtts://`.
     pub tls: Option<rustls::ClientConfig>,
+    /// Publish a chunk asked for by several devices once on its artifact's shared topic
+    /// ([`crate::fanout`]); off, every chunk goes on the asking device's own topic.
+    pub shared_chunks: bool,
 }
 
 /// What a server process does in a fleet served by several.
@@ -69,8 +74,15 @@ pub enum Role {
 pub struct ChunkStats {
     /// Requests answered.
     pub requests: u64,
-    /// Chunks sent.
+    /// Chunks sent (on devices' own topics and shared topics).
     pub chunks: u64,
+    /// Of those, the ones published on an artifact's shared topic, once for every device
+    /// listening there.
+    #[serde(default)]
+    pub shared: u64,
+    /// Chunks asked for and not sent, because a copy on the shared topic was on its way.
+    #[serde(default)]
+    pub skipped: u64,
     /// Requests refused (artifact not deployed to the device, or undecodable).
     pub refused: u64,
 }
@@ -117,6 +129,12 @@ pub struct Fleet {
     identity: String,
     requests: std::sync::atomic::AtomicU64,
     chunks: std::sync::atomic::AtomicU64,
+    chunks_shared: std::sync::atomic::AtomicU64,
+    chunks_skipped: std::sync::atomic::AtomicU64,
+    /// Which asked chunks go on shared topics; `None` when shared publication is off.
+    fanout: Option<std::sync::Mutex<Fanout>>,
+    /// Wakes the shared publisher when a publication is scheduled.
+    fanout_scheduled: tokio::sync::Notify,
     /// When a chunk replica last reloaded the rollouts (at most once a second, whatever a
     /// device asks for).
     reloaded: std::sync::Mutex<Option<std::time::Instant>>,
@@ -184,6 +202,9 @@ impl Fleet {
             .map(|r| (r.id, r))
             .collect();
         let identity = link.client_id.clone();
+        let fanout = link
+            .shared_chunks
+            .then(|| std::sync::Mutex::new(Fanout::new()));
         let mut opts = MqttOptions::new(link.client_id, link.host, link.port);
         if let Some(tls) = link.tls {
             opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
@@ -204,6 +225,10 @@ impl Fleet {
             identity,
             requests: Default::default(),
             chunks: Default::default(),
+            chunks_shared: Default::default(),
+            chunks_skipped: Default::default(),
+            fanout,
+            fanout_scheduled: Default::default(),
             reloaded: Default::default(),
             refused: Default::default(),
             telemetry_stored: Default::default(),
@@ -262,6 +287,10 @@ impl Fleet {
                 handler.handle(&topic, &payload).await;
             }
         });
+        if fleet.fanout.is_some() {
+            let publisher = fleet.clone();
+            tokio::spawn(async move { publisher.publish_shared().await });
+        }
         if role == Role::Chunks {
             return Ok(fleet);
         }
@@ -305,6 +334,8 @@ impl Fleet {
             chunk_requests: ChunkStats {
                 requests: self.requests.load(Relaxed),
                 chunks: self.chunks.load(Relaxed),
+                shared: self.chunks_shared.load(Relaxed),
+                skipped: self.chunks_skipped.load(Relaxed),
                 refused: self.refused.load(Relaxed),
             },
             telemetry: TelemetryStats {
@@ -686,35 +717,94 @@ impl Fleet {
                 return;
             }
         }
-        let topic = self.topics.device(&req.device, DeviceTopic::Chunks);
-        for index in req.chunks {
-            let data = match self.db.chunk(&digest, index).await {
-                Ok(Some(d)) => d,
-                Ok(None) => {
-                    debug!(artifact = %req.artifact, index, "requested chunk not held");
-                    continue;
+        let routes = match &self.fanout {
+            Some(f) => f
+                .lock()
+                .expect("fanout lock")
+                .route(std::time::Instant::now(), &req),
+            None => req.indices().map(|i| (i, Route::Direct)).collect(),
+        };
+        let own = self.topics.device(&req.device, DeviceTopic::Chunks);
+        let mut scheduled = false;
+        for (index, route) in routes {
+            match route {
+                Route::Skip => {
+                    self.chunks_skipped.fetch_add(1, Relaxed);
                 }
-                Err(e) => {
-                    warn!(error = %e, "reading chunk");
-                    return;
+                Route::Shared => scheduled = true,
+                Route::Direct => {
+                    if !self.send_chunk(&own, &req.artifact, &digest, index).await {
+                        break;
+                    }
                 }
-            };
-            let frame = ChunkReply {
-                artifact: digest,
-                index,
-                data: &data,
             }
-            .encode();
-            if self
-                .client
-                .publish(&topic, QoS::AtLeastOnce, false, frame)
-                .await
-                .is_err()
-            {
-                return;
-            }
-            self.chunks.fetch_add(1, Relaxed);
         }
+        if scheduled {
+            self.fanout_scheduled.notify_one();
+        }
+    }
+
+    /// Publishes the shared chunks as they fall due ([`Fanout::take_due`]), for ever.
+    async fn publish_shared(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let Some(fanout) = &self.fanout else {
+            return;
+        };
+        loop {
+            let next = fanout.lock().expect("fanout lock").next_due();
+            match next {
+                Some(at) => tokio::select! {
+                    _ = tokio::time::sleep_until(at.into()) => {}
+                    _ = self.fanout_scheduled.notified() => {}
+                },
+                None => self.fanout_scheduled.notified().await,
+            }
+            let due = fanout
+                .lock()
+                .expect("fanout lock")
+                .take_due(std::time::Instant::now());
+            for (artifact, index) in due {
+                let Ok(digest) = parse_digest(&artifact) else {
+                    continue;
+                };
+                let topic = self.topics.artifact(&artifact);
+                if self.send_chunk(&topic, &artifact, &digest, index).await {
+                    self.chunks_shared.fetch_add(1, Relaxed);
+                }
+            }
+        }
+    }
+
+    /// Publishes chunk `index` of `artifact` on `topic`; false if the broker link is gone.
+    async fn send_chunk(&self, topic: &str, artifact: &str, digest: &[u8; 32], index: u32) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let data = match self.db.chunk(digest, index).await {
+            Ok(Some(d)) => d,
+            Ok(None) => {
+                debug!(%artifact, index, "requested chunk not held");
+                return true;
+            }
+            Err(e) => {
+                warn!(error = %e, "reading chunk");
+                return false;
+            }
+        };
+        let frame = ChunkReply {
+            artifact: *digest,
+            index,
+            data: &data,
+        }
+        .encode();
+        if self
+            .client
+            .publish(topic, QoS::AtLeastOnce, false, frame)
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        self.chunks.fetch_add(1, Relaxed);
+        true
     }
 
     /// The manifests `device` should run, each with its terms: per model, the latest of the

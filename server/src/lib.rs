@@ -22,6 +22,7 @@ pub mod broker;
 pub mod client;
 pub mod db;
 pub mod drift;
+pub mod fanout;
 pub mod fleet;
 pub mod group;
 pub mod keyset;
@@ -86,6 +87,11 @@ pub struct ServerConfig {
     /// Run as the control server only while holding the database's control lease
     /// ([`lease`]), as a standby until then (needs a PostgreSQL `database`).
     pub lease: bool,
+    /// Publish chunks that several devices ask for once on the artifact's shared topic
+    /// ([`fanout`]). Every device that may read the shared topics can then read every
+    /// artifact published there: turn it off where models must stay confidential between
+    /// devices on one broker.
+    pub shared_chunks: bool,
 }
 
 /// How the server keeps and watches the fleet's telemetry.
@@ -210,6 +216,7 @@ pub async fn run(
         port: broker.port,
         client_id: cfg.mqtt_identity.clone(),
         tls,
+        shared_chunks: cfg.shared_chunks,
     };
     let fleet =
         fleet::Fleet::start(db.clone(), repo, topics, link, cfg.role, cfg.monitoring).await?;

@@ -64,6 +64,12 @@ struct Args {
     /// Run two or more control servers with `--lease` on one `--database` for failover.
     #[arg(long, env = "MODELCAST_LEASE")]
     lease: bool,
+    /// Send every chunk on the asking device's own topic instead of publishing chunks that
+    /// several devices want once on the artifact's shared topic (`<prefix>/a/<sha256>`),
+    /// which every device may read: for fleets whose devices must not read each other's
+    /// models.
+    #[arg(long, env = "MODELCAST_NO_SHARED_CHUNKS")]
+    no_shared_chunks: bool,
 }
 
 #[tokio::main]
@@ -92,6 +98,7 @@ async fn main() -> anyhow::Result<()> {
         tokens: args.tokens,
         role: args.role,
         lease: args.lease,
+        shared_chunks: !args.no_shared_chunks,
         monitoring: modelcast_server::Monitoring {
             retention_days: args.telemetry_retention_days,
             drift: modelcast_server::drift::DriftConfig {

@@ -147,6 +147,16 @@ pub async fn render(fleet: &Fleet) -> Result<String, DbError> {
         counter(status.chunk_requests.chunks),
     );
     registry.register(
+        "chunks_shared",
+        "Chunks this server published once on an artifact's shared topic",
+        counter(status.chunk_requests.shared),
+    );
+    registry.register(
+        "chunks_skipped",
+        "Chunks asked for and not sent: a copy on the shared topic was on its way",
+        counter(status.chunk_requests.skipped),
+    );
+    registry.register(
         "chunk_requests_refused",
         "Chunk requests this server refused",
         counter(status.chunk_requests.refused),

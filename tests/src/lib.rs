@@ -1119,7 +1119,7 @@ impl Rogue {
                 let Ok(digest) = modelcast_proto::chunk::parse_digest(&req.artifact) else {
                     continue;
                 };
-                for index in req.chunks {
+                for index in req.indices() {
                     let start = index as usize * *chunk_size as usize;
                     if start >= bytes.len() {
                         continue;

@@ -46,6 +46,9 @@ pub struct SimOptions {
     pub probation: ProbationPolicy,
     /// Connections opened per second (a real fleet does not reconnect all at once).
     pub connect_rate: u32,
+    /// Devices listen on each artifact's shared topic while downloading it (as the agent
+    /// does by default).
+    pub shared: bool,
 }
 
 impl SimOptions {
@@ -61,6 +64,7 @@ impl SimOptions {
             window: 16,
             probation: ProbationPolicy::default(),
             connect_rate: 2000,
+            shared: true,
         }
     }
 }
@@ -238,6 +242,7 @@ impl Device {
         let mut desired_version = 0;
         let mut staging: Vec<(Instant, String, String)> = Vec::new();
         let mut connected = false;
+        let mut listening: BTreeSet<String> = BTreeSet::new();
         loop {
             let now = Instant::now();
             let mut wake = updater.next_wake(now);
@@ -251,6 +256,9 @@ impl Device {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
                         let _ = client.try_subscribe(&desired, QoS::AtLeastOnce);
                         let _ = client.try_subscribe(&chunks, QoS::AtLeastOnce);
+                        for artifact in &listening {
+                            let _ = client.try_subscribe(topics.artifact(artifact), QoS::AtLeastOnce);
+                        }
                         let _ = client.try_publish(&online, QoS::AtLeastOnce, true, "online");
                         if !connected {
                             self.stats.connected.fetch_add(1, Ordering::Relaxed);
@@ -284,7 +292,9 @@ impl Device {
                             }
                         }
                     }
-                    Ok(Event::Incoming(Packet::Publish(p))) if p.topic == chunks => {
+                    Ok(Event::Incoming(Packet::Publish(p)))
+                        if p.topic == chunks || topics.is_artifact(&p.topic) =>
+                    {
                         if let Ok(reply) = ChunkReply::decode(&p.payload) {
                             self.stats
                                 .chunk_bytes
@@ -326,13 +336,23 @@ impl Device {
                         updater.download_ready(&m.name, &m.sha256, have);
                     }
                     Action::RequestChunks {
-                        artifact, chunks, ..
+                        artifact,
+                        chunks,
+                        again,
+                        ..
                     } => {
+                        let shared = self.opts.shared;
+                        if shared && listening.insert(artifact.clone()) {
+                            let _ =
+                                client.try_subscribe(topics.artifact(&artifact), QoS::AtLeastOnce);
+                        }
                         let request = ChunkRequest {
                             format: modelcast_proto::FORMAT_VERSION,
                             device: self.id.clone(),
                             artifact,
                             chunks,
+                            again,
+                            shared,
                         };
                         // try_: this task also drives the event loop, so it must never wait
                         // on it. A request lost to a full queue is asked again on timeout.
@@ -389,6 +409,16 @@ impl Device {
                     | Action::Phase { .. }
                     | Action::Ended { .. } => {}
                 }
+            }
+            if !listening.is_empty() {
+                let downloading: BTreeSet<&str> = updater.downloads().collect();
+                listening.retain(|a| {
+                    let keep = downloading.contains(a.as_str());
+                    if !keep {
+                        let _ = client.try_unsubscribe(topics.artifact(a));
+                    }
+                    keep
+                });
             }
         }
     }

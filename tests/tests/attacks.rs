@@ -238,15 +238,28 @@ fn every_attack_is_rejected_and_the_old_model_keeps_serving() {
         device: "edge-1".into(),
         artifact: v1.sha256.clone(),
         chunks: vec![0],
+        again: vec![],
+        shared: false,
     };
     intruder.publish_raw("modelcast/d/edge-1/requests", false, on_behalf.to_vec());
     intruder.publish_raw("modelcast/d/intruder/requests", false, on_behalf.to_vec());
+    // A forged chunk on the artifact's shared topic, which every device may read.
+    let forged = modelcast_proto::chunk::ChunkReply {
+        artifact: modelcast_proto::chunk::parse_digest(&v1.sha256).unwrap(),
+        index: 0,
+        data: b"forged",
+    };
+    intruder.publish_raw(
+        &format!("modelcast/a/{}", v1.sha256),
+        false,
+        forged.encode(),
+    );
     wait_for(
         "the broker to deny the forgeries",
         Duration::from_secs(10),
         || {
             let log = broker.log();
-            (log.matches("Denied PUBLISH from intruder").count() >= 4).then_some(())
+            (log.matches("Denied PUBLISH from intruder").count() >= 5).then_some(())
         },
     );
     wait_for(

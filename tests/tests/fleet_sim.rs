@@ -1,10 +1,13 @@
 //! A rollout to a group of 50 simulated devices (the agent's update machine and verifier on
 //! real MQTT connections, no inference) in which one canary fails: the rollout aborts by
 //! itself and every device it moved goes back to v1; the devices of later waves never move.
+//! And a group taking one model at once is served mostly through the artifact's shared topic.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use modelcast_proto::desired::TrialThresholds;
+use modelcast_server::onnx::example_model_of_size;
 use modelcast_server::rollout::{DeviceState, RolloutSpec, RolloutState};
 use modelcast_tests::sim::{Sim, SimOptions};
 use modelcast_tests::{wait_for, Fleet};
@@ -71,4 +74,46 @@ fn a_failing_canary_in_a_simulated_fleet_aborts_and_rolls_back() {
         assert_eq!(m.state, DeviceState::Waiting, "{} moved", m.device);
         assert_eq!(sim.version_of(&m.device, "classifier"), Some(1));
     }
+}
+
+/// Chunks published once on the artifact's shared topic reach the whole group: 40 devices
+/// take an 8-chunk model while the server sends a fraction of 40 × 8 chunks, and no device
+/// receives much more than it needs.
+#[test]
+fn a_shared_artifact_topic_serves_a_group_with_a_fraction_of_the_chunks() {
+    const GROUP: usize = 40;
+    let fleet = Fleet::embedded();
+    let sim = Sim::start(SimOptions::new(fleet.mqtt_port, GROUP), &fleet.keys);
+    wait_for(
+        "every simulated device to register",
+        Duration::from_secs(60),
+        || (fleet.client.devices().ok()?.len() == GROUP).then_some(()),
+    );
+    // 2 MiB in 256 KiB chunks: every device asks for all 8 at once (window 16).
+    let path = fleet.dir.path().join("model.onnx");
+    std::fs::write(&path, example_model_of_size(1, 2 << 20)).unwrap();
+    let v1 = fleet.publish_file(&path, "classifier", 1);
+    let chunks = v1.chunks.len() as u64;
+    fleet.deploy("classifier", 1, "fleet=sim");
+    wait_for("the group on v1", Duration::from_secs(120), || {
+        (sim.serving("classifier", 1) == GROUP).then_some(())
+    });
+    let sent = fleet.client.status().expect("status").chunk_requests;
+    let received = sim.stats.chunk_bytes.load(Ordering::Relaxed) as f64;
+    let needed = (GROUP as u64 * v1.size) as f64;
+    println!(
+        "{GROUP} devices × {chunks} chunks: the server sent {} chunks ({} on the shared topic, \
+         {} asks skipped); the devices received {:.2}× the bytes they needed",
+        sent.chunks,
+        sent.shared,
+        sent.skipped,
+        received / needed
+    );
+    assert!(sent.shared > 0, "nothing went on the shared topic");
+    assert!(
+        sent.chunks * 4 <= GROUP as u64 * chunks,
+        "{} chunks sent for {GROUP} devices × {chunks}",
+        sent.chunks
+    );
+    assert!(received <= 2.5 * needed, "received {received} for {needed}");
 }

@@ -6,12 +6,14 @@
 //! cargo build --release --bins && target/release/bench-fleet
 //! BENCH_DEVICES=100,1000 BENCH_SIZE_MB=10 target/release/bench-fleet
 //! BENCH_BROKER=mosquitto BENCH_DEVICES=1000,10000 target/release/bench-fleet
+//! BENCH_SHARED=0 target/release/bench-fleet   # devices do not listen on shared topics
 //! ```
 //!
 //! For each N it prints the wall time from the rollout's start until every device serves the
 //! new version, the server's CPU time and peak RSS, and the ratio of the wall time to
 //! N × size / raw broker throughput (one publisher to one subscriber through the same broker,
-//! QoS 1, 256 KiB messages). The server, its embedded broker and the simulated fleet share
+//! QoS 1, 256 KiB messages), and how many chunks the server sent (on devices' own topics and
+//! once on the artifact's shared topic). The server, its broker and the simulated fleet share
 //! this machine's cores, so the figures are for comparing, not absolute.
 
 use std::sync::Arc;
@@ -127,9 +129,12 @@ struct Row {
     server_cpu: f64,
     server_rss_mib: f64,
     received_gib: f64,
+    chunks: usize,
+    sent: u64,
+    shared: u64,
 }
 
-fn run(devices: usize, size: usize, mosquitto: bool) -> Row {
+fn run(devices: usize, size: usize, mosquitto: bool, shared: bool) -> Row {
     // With mosquitto, the server runs beside it; its CPU and memory are added to the server's.
     let scratch = tempfile::tempdir().unwrap();
     let broker = mosquitto.then(|| Mosquitto::start(scratch.path()));
@@ -148,6 +153,7 @@ fn run(devices: usize, size: usize, mosquitto: bool) -> Row {
     };
     let mut opts = SimOptions::new(fleet.mqtt_port, devices);
     opts.window = env("BENCH_WINDOW", 8);
+    opts.shared = shared;
     let sim = Arc::new(Sim::start(opts, &fleet.keys));
     let limit = Duration::from_secs(60 + devices as u64 / 20);
     wait_for("the simulated fleet to register", limit, || {
@@ -167,6 +173,7 @@ fn run(devices: usize, size: usize, mosquitto: bool) -> Row {
     let v2 = fleet.publish_file(&path, "classifier", 2);
     let bytes = v2.size as usize;
 
+    let sent0 = fleet.client.status().unwrap().chunk_requests;
     let cpu0 = cpu();
     let received0 = sim
         .stats
@@ -211,6 +218,7 @@ fn run(devices: usize, size: usize, mosquitto: bool) -> Row {
         .chunk_bytes
         .load(std::sync::atomic::Ordering::Relaxed)
         - received0;
+    let sent = fleet.client.status().unwrap().chunk_requests;
     let done = Instant::now();
     wait_for("the rollout to complete", Duration::from_secs(1800), || {
         std::thread::sleep(Duration::from_millis(500));
@@ -234,6 +242,9 @@ fn run(devices: usize, size: usize, mosquitto: bool) -> Row {
         server_cpu,
         server_rss_mib,
         received_gib: received as f64 / (1u64 << 30) as f64,
+        chunks: v2.chunks.len(),
+        sent: sent.chunks - sent0.chunks,
+        shared: sent.shared - sent0.shared,
     }
 }
 
@@ -246,6 +257,7 @@ fn main() {
         .collect();
     let size = env("BENCH_SIZE_MB", 10usize) << 20;
     let mosquitto = std::env::var("BENCH_BROKER").is_ok_and(|b| b == "mosquitto");
+    let shared = env("BENCH_SHARED", 1u8) != 0;
     let broker = if mosquitto {
         "mosquitto"
     } else {
@@ -257,7 +269,7 @@ fn main() {
             "bench-fleet: {n} devices, {} MiB model, {broker}",
             size >> 20
         );
-        let r = run(n, size, mosquitto);
+        let r = run(n, size, mosquitto, shared);
         eprintln!(
             "  {n} devices: {:.1}s (ideal {:.1}s, ratio {:.2}), server+broker cpu {:.1}s, peak {:.0} MiB",
             r.wall,
@@ -268,9 +280,16 @@ fn main() {
         );
         rows.push(r);
     }
-    println!("broker: {broker}");
     println!(
-        "{:>8} {:>9} {:>9} {:>7} {:>12} {:>14} {:>12} {:>12}",
+        "broker: {broker}; devices {} the artifact's shared topic",
+        if shared {
+            "listen on"
+        } else {
+            "do not listen on"
+        }
+    );
+    println!(
+        "{:>8} {:>9} {:>9} {:>7} {:>12} {:>14} {:>12} {:>12} {:>16} {:>8}",
         "devices",
         "wall s",
         "ideal s",
@@ -278,11 +297,13 @@ fn main() {
         "server cpu s",
         "cpu ms/device",
         "server MiB",
-        "received GiB"
+        "received GiB",
+        "chunks sent/N×C",
+        "shared"
     );
     for r in &rows {
         println!(
-            "{:>8} {:>9.1} {:>9.1} {:>7.2} {:>12.1} {:>14.1} {:>12.0} {:>12.2}",
+            "{:>8} {:>9.1} {:>9.1} {:>7.2} {:>12.1} {:>14.1} {:>12.0} {:>12.2} {:>16.4} {:>8}",
             r.devices,
             r.wall,
             r.ideal,
@@ -290,7 +311,9 @@ fn main() {
             r.server_cpu,
             1e3 * r.server_cpu / r.devices as f64,
             r.server_rss_mib,
-            r.received_gib
+            r.received_gib,
+            r.sent as f64 / (r.devices * r.chunks) as f64,
+            r.shared
         );
     }
 }

@@ -55,6 +55,8 @@ fn main() -> std::io::Result<()> {
         device: DEVICE.into(),
         artifact: m1.sha256.clone(),
         chunks: vec![0, 1, 5],
+        again: vec![2],
+        shared: true,
     };
     write("chunk", "request", &request.to_vec())?;
     let reply = ChunkReply {

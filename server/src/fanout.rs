@@ -1,0 +1,386 @@
+//! Chunk fan-out: for each chunk a device asks for, whether to publish it once on the
+//! artifact's shared topic (every device downloading the artifact listens there), send it on
+//! the device's own chunk topic, or not at all because a copy already published will reach
+//! the device. No I/O; time is an argument.
+//!
+//! The broker delivers a publication only to the subscribers it has at that moment. A device
+//! subscribes to the artifact topic before its first request, so every publication the
+//! server makes after receiving a request from it reaches it: the device *joined* then. The
+//! first ask for a chunk schedules its shared publication [`GATHER`] later, so that the
+//! devices of a group, whose requests arrive within moments of each other, all join before
+//! it; their asks meanwhile are skipped. A first ask for a chunk published after the device
+//! joined is skipped too (the copy is on its way, perhaps queued behind others at the
+//! broker). A device that joined after the last publication missed it; it gets the chunk on
+//! its own topic, until as many devices have joined since that publication as were listening
+//! when it was made: then publishing again costs no more than sending to each. (Like renting
+//! skis until the rent paid equals the price, this is never more than about twice the
+//! cheapest choice made in hindsight.)
+//!
+//! A chunk asked again (the device's request timed out, or the link dropped) always goes on
+//! the device's own topic, and the device joins anew. A device that does not listen (an
+//! older agent, or one configured not to) gets everything on its own topic.
+//!
+//! State is per server: replicas sharing the chunk requests each publish what their share of
+//! the requests asks for, so a chunk may be published once per replica.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use modelcast_proto::chunk::ChunkRequest;
+
+/// Where one asked chunk goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// On the artifact's shared topic, once for every device listening, when it is due
+    /// ([`Fanout::take_due`]): nothing to send now.
+    Shared,
+    /// On the asking device's own chunk topic, now.
+    Direct,
+    /// Nowhere: a shared copy published after the device joined, or due, will reach it.
+    Skip,
+}
+
+/// How long a first ask waits for the other devices' asks before its chunk is published on
+/// the shared topic.
+pub const GATHER: Duration = Duration::from_millis(50);
+
+/// A listener that asked nothing for this long is forgotten (if it asks again it joins anew,
+/// which is never wrong, only more cautious).
+pub const LISTENER_IDLE: Duration = Duration::from_secs(60);
+
+/// Listeners that asked within this long count as still listening when a chunk is
+/// published (the cost of publishing it again).
+pub const LISTENER_ACTIVE: Duration = Duration::from_secs(5);
+
+/// How often forgotten listeners and artifacts are swept.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// The fan-out state of every artifact being downloaded.
+#[derive(Debug, Default)]
+pub struct Fanout {
+    artifacts: HashMap<String, Artifact>,
+    /// Scheduled shared publications, in the order they fall due.
+    due: VecDeque<(Instant, String, u32)>,
+    swept: Option<Instant>,
+}
+
+#[derive(Debug, Default)]
+struct Artifact {
+    /// The join number the next device to join gets.
+    next_join: u64,
+    listeners: HashMap<String, Listener>,
+    chunks: HashMap<u32, Shared>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Listener {
+    joined: u64,
+    asked: Instant,
+}
+
+/// A chunk's shared publication.
+#[derive(Debug, Clone, Copy)]
+enum Shared {
+    /// Scheduled: every device that joins before it falls due gets it.
+    Due,
+    /// Made: devices whose join number is below `joins` were listening, `listening` of
+    /// them active.
+    Made { joins: u64, listening: u64 },
+}
+
+impl Fanout {
+    /// An empty plan.
+    pub fn new() -> Self {
+        Fanout::default()
+    }
+
+    /// Where each chunk of `request` goes, first asks then the ones asked again, in the
+    /// request's order. The caller sends the [`Route::Direct`] ones now, and the shared ones
+    /// when [`Fanout::take_due`] says (the request was checked: the device is entitled to the
+    /// artifact).
+    pub fn route(&mut self, now: Instant, request: &ChunkRequest) -> Vec<(u32, Route)> {
+        self.sweep(now);
+        let direct = |i: &u32| (*i, Route::Direct);
+        if !request.shared {
+            return request
+                .chunks
+                .iter()
+                .chain(&request.again)
+                .map(direct)
+                .collect();
+        }
+        let artifact = self.artifacts.entry(request.artifact.clone()).or_default();
+        let rejoin = !request.again.is_empty();
+        let listener = match artifact.listeners.get_mut(&request.device) {
+            Some(l) if !rejoin => {
+                l.asked = now;
+                *l
+            }
+            _ => {
+                let l = Listener {
+                    joined: artifact.next_join,
+                    asked: now,
+                };
+                artifact.next_join += 1;
+                artifact.listeners.insert(request.device.clone(), l);
+                l
+            }
+        };
+        let mut out = Vec::with_capacity(request.chunks.len() + request.again.len());
+        for &index in &request.chunks {
+            let route = match artifact.chunks.get(&index) {
+                Some(Shared::Due) => Route::Skip,
+                Some(Shared::Made { joins, .. }) if listener.joined < *joins => Route::Skip,
+                Some(Shared::Made { joins, listening })
+                    if artifact.next_join - joins < *listening =>
+                {
+                    Route::Direct
+                }
+                _ => {
+                    artifact.chunks.insert(index, Shared::Due);
+                    self.due
+                        .push_back((now + GATHER, request.artifact.clone(), index));
+                    Route::Shared
+                }
+            };
+            out.push((index, route));
+        }
+        out.extend(request.again.iter().map(direct));
+        out
+    }
+
+    /// When the next scheduled shared publication falls due.
+    pub fn next_due(&self) -> Option<Instant> {
+        self.due.front().map(|(at, ..)| *at)
+    }
+
+    /// The shared publications due by `now` (artifact, chunk index), recorded as made: the
+    /// caller publishes each on the artifact's topic.
+    pub fn take_due(&mut self, now: Instant) -> Vec<(String, u32)> {
+        let mut out = Vec::new();
+        while self.due.front().is_some_and(|(at, ..)| *at <= now) {
+            let (_, name, index) = self.due.pop_front().expect("checked");
+            let Some(artifact) = self.artifacts.get_mut(&name) else {
+                continue; // Nobody listens any more.
+            };
+            let made = Shared::Made {
+                joins: artifact.next_join,
+                listening: artifact.active(now),
+            };
+            artifact.chunks.insert(index, made);
+            out.push((name, index));
+        }
+        out
+    }
+
+    /// Devices listening on `artifact` now (for status).
+    pub fn listeners(&self, artifact: &str) -> usize {
+        self.artifacts
+            .get(artifact)
+            .map_or(0, |a| a.listeners.len())
+    }
+
+    /// Forgets listeners idle for [`LISTENER_IDLE`], and artifacts nobody listens to.
+    fn sweep(&mut self, now: Instant) {
+        if self
+            .swept
+            .is_some_and(|t| now.saturating_duration_since(t) < SWEEP_EVERY)
+        {
+            return;
+        }
+        self.swept = Some(now);
+        self.artifacts.retain(|_, a| {
+            a.listeners
+                .retain(|_, l| now.saturating_duration_since(l.asked) < LISTENER_IDLE);
+            !a.listeners.is_empty()
+        });
+    }
+}
+
+impl Artifact {
+    /// Listeners that asked within [`LISTENER_ACTIVE`].
+    fn active(&self, now: Instant) -> u64 {
+        self.listeners
+            .values()
+            .filter(|l| now.saturating_duration_since(l.asked) < LISTENER_ACTIVE)
+            .count() as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::{BTreeMap, BTreeSet};
+
+    fn ask(device: &str, chunks: &[u32], again: &[u32]) -> ChunkRequest {
+        ChunkRequest {
+            format: modelcast_proto::FORMAT_VERSION,
+            device: device.into(),
+            artifact: "ab".repeat(32),
+            chunks: chunks.to_vec(),
+            again: again.to_vec(),
+            shared: true,
+        }
+    }
+
+    fn routes(r: &[(u32, Route)]) -> Vec<Route> {
+        r.iter().map(|(_, r)| *r).collect()
+    }
+
+    #[test]
+    fn a_group_asking_together_gets_one_publication() {
+        let mut f = Fanout::new();
+        let t = Instant::now();
+        let a = f.route(t, &ask("a", &[0, 1], &[]));
+        assert_eq!(a, vec![(0, Route::Shared), (1, Route::Shared)]);
+        assert_eq!(f.next_due(), Some(t + GATHER));
+        // b asks before they fall due: it joined before the publication, so it gets it.
+        let b = f.route(t + GATHER / 2, &ask("b", &[0, 1], &[]));
+        assert_eq!(b, vec![(0, Route::Skip), (1, Route::Skip)]);
+        assert!(f.take_due(t).is_empty());
+        let sha = "ab".repeat(32);
+        assert_eq!(
+            f.take_due(t + GATHER),
+            vec![(sha.clone(), 0), (sha.clone(), 1)]
+        );
+        assert_eq!(f.next_due(), None);
+        // c joins after it: it missed them, and sending to c alone is cheaper than to two.
+        let c = f.route(t + GATHER, &ask("c", &[0, 1], &[]));
+        assert_eq!(routes(&c), vec![Route::Direct, Route::Direct]);
+        // Chunk 2, first asked by c, is scheduled; a, already listening, gets it.
+        assert_eq!(
+            routes(&f.route(t, &ask("c", &[2], &[]))),
+            vec![Route::Shared]
+        );
+        assert_eq!(routes(&f.route(t, &ask("a", &[2], &[]))), vec![Route::Skip]);
+        assert_eq!(f.listeners(&sha), 3);
+    }
+
+    #[test]
+    fn asked_again_goes_direct_and_rejoins() {
+        let mut f = Fanout::new();
+        let t = Instant::now();
+        f.route(t, &ask("a", &[0], &[]));
+        f.route(t, &ask("b", &[1], &[]));
+        f.take_due(t + GATHER);
+        // a asks 0 again: its own topic. It joined anew, so 1 (published before) is missed.
+        let again = f.route(t + GATHER, &ask("a", &[], &[0]));
+        assert_eq!(again, vec![(0, Route::Direct)]);
+        let one = f.route(t + GATHER, &ask("a", &[1], &[]));
+        assert_eq!(routes(&one), vec![Route::Direct]);
+    }
+
+    #[test]
+    fn devices_that_do_not_listen_get_everything_direct() {
+        let mut f = Fanout::new();
+        let mut r = ask("old", &[0, 1], &[2]);
+        r.shared = false;
+        assert_eq!(routes(&f.route(Instant::now(), &r)), vec![Route::Direct; 3]);
+        assert_eq!(f.listeners(&r.artifact), 0);
+        assert_eq!(f.next_due(), None);
+    }
+
+    #[test]
+    fn late_joiners_get_a_publication_again_once_they_outnumber_its_listeners() {
+        let mut f = Fanout::new();
+        let t = Instant::now();
+        for d in ["a", "b", "c"] {
+            f.route(t, &ask(d, &[0], &[]));
+        }
+        // Published to 3 active listeners.
+        assert_eq!(f.take_due(t + GATHER).len(), 1);
+        let t = t + GATHER;
+        // The next two joiners get it direct; the third makes three: published again.
+        assert_eq!(
+            routes(&f.route(t, &ask("d", &[0], &[]))),
+            vec![Route::Direct]
+        );
+        assert_eq!(
+            routes(&f.route(t, &ask("e", &[0], &[]))),
+            vec![Route::Direct]
+        );
+        assert_eq!(
+            routes(&f.route(t, &ask("f", &[0], &[]))),
+            vec![Route::Shared]
+        );
+        assert_eq!(routes(&f.route(t, &ask("g", &[0], &[]))), vec![Route::Skip]);
+    }
+
+    #[test]
+    fn idle_listeners_and_artifacts_are_forgotten() {
+        let mut f = Fanout::new();
+        let t = Instant::now();
+        f.route(t, &ask("a", &[0], &[]));
+        f.take_due(t + GATHER);
+        let later = t + LISTENER_IDLE + Duration::from_secs(1);
+        // a is forgotten: it joins anew, so the old publication is not trusted to reach it.
+        assert_eq!(
+            routes(&f.route(later, &ask("a", &[0], &[]))),
+            vec![Route::Shared]
+        );
+        f.sweep(later + LISTENER_IDLE + SWEEP_EVERY);
+        assert!(f.artifacts.is_empty());
+        // A publication due for a forgotten artifact is dropped.
+        assert!(f.take_due(later + LISTENER_IDLE * 3).is_empty());
+    }
+
+    proptest! {
+        /// Against a model broker that delivers a shared publication to every device
+        /// listening when it is made: whatever the order of joins, asks and publications, a
+        /// skipped chunk always reaches its device, and no device gets a chunk it asks for
+        /// the first time directly more than once.
+        #[test]
+        fn a_skipped_chunk_always_reaches_its_device(
+            steps in proptest::collection::vec((0u8..6, 0u32..6, any::<bool>(), 0u64..80), 1..200),
+        ) {
+            let mut f = Fanout::new();
+            let mut now = Instant::now();
+            let mut listening: BTreeSet<String> = BTreeSet::new();
+            // What each device has, and the shared copies it is owed (skipped, not yet made).
+            let mut got: BTreeMap<String, BTreeSet<u32>> = BTreeMap::new();
+            let mut owed: BTreeSet<(String, u32)> = BTreeSet::new();
+            let mut direct: BTreeMap<(String, u32), u32> = BTreeMap::new();
+            let mut asked: BTreeSet<(String, u32)> = BTreeSet::new();
+            let publish = |f: &mut Fanout, now, listening: &BTreeSet<String>,
+                               got: &mut BTreeMap<String, BTreeSet<u32>>| {
+                for (_, index) in f.take_due(now) {
+                    for l in listening {
+                        got.entry(l.clone()).or_default().insert(index);
+                    }
+                }
+            };
+            for (d, chunk, again, ms) in steps {
+                now += Duration::from_millis(ms);
+                publish(&mut f, now, &listening, &mut got);
+                let device = format!("d{d}");
+                // A device subscribes before its request reaches the server, and asks for a
+                // chunk for the first time once.
+                listening.insert(device.clone());
+                let again = again || !asked.insert((device.clone(), chunk));
+                let req = if again { ask(&device, &[], &[chunk]) } else { ask(&device, &[chunk], &[]) };
+                for (index, route) in f.route(now, &req) {
+                    match route {
+                        Route::Shared | Route::Skip => {
+                            owed.insert((device.clone(), index));
+                        }
+                        Route::Direct => {
+                            got.entry(device.clone()).or_default().insert(index);
+                            if !again {
+                                *direct.entry((device.clone(), index)).or_default() += 1;
+                            }
+                        }
+                    }
+                }
+            }
+            publish(&mut f, now + GATHER, &listening, &mut got);
+            for (device, index) in owed {
+                prop_assert!(
+                    got.get(&device).is_some_and(|g| g.contains(&index)),
+                    "{} was owed {} and never got it", device, index
+                );
+            }
+            prop_assert!(direct.values().all(|n| *n <= 1));
+        }
+    }
+}
