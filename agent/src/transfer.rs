@@ -204,8 +204,8 @@ impl Transfer {
         }
     }
 
-    /// The chunks to request now: timed-out ones again, then new ones up to the window. A
-    /// request in flight times out when neither it nor any stored chunk is as recent as the
+    /// The chunks to request now: timed-out ones again, then new ones up to the window once
+    /// half of it is free. A request in flight times out when neither it nor any stored chunk is as recent as the
     /// timeout.
     pub fn poll_request(&mut self, now: Instant) -> Asks {
         if self.progressed || self.progress_at.is_none() {
@@ -220,9 +220,13 @@ impl Transfer {
                 out.push(*index);
             }
         }
+        // The window refills once half of it has arrived: one request for many chunks rather
+        // than one per chunk (each costs the broker and the server a message).
+        let refill = self.in_flight.len() <= self.window / 2;
         let count = self.manifest.chunk_count();
         let mut scanned = 0;
-        while self.in_flight.len() < self.window && self.missing > self.in_flight.len() {
+        while refill && self.in_flight.len() < self.window && self.missing > self.in_flight.len()
+        {
             if scanned > count {
                 break;
             }
@@ -323,10 +327,14 @@ mod tests {
         assert!(t.poll_request(t0).is_empty());
         assert_eq!(t.handle_chunk(1, &bytes[10..20]), Ok(Accepted::Store));
         t.handle_stored(1);
-        assert_eq!(t.poll_request(t0), first(&[3]));
+        // Two of three still in flight: the window waits until half of it is free.
+        assert!(t.poll_request(t0).is_empty());
+        assert_eq!(t.handle_chunk(0, &bytes[..10]), Ok(Accepted::Store));
+        t.handle_stored(0);
+        assert_eq!(t.poll_request(t0), first(&[3, 4]));
         assert_eq!(t.poll_timeout(), Some(t0 + Duration::from_secs(5)));
         let later = t0 + Duration::from_secs(6);
-        assert_eq!(t.poll_request(later), again(&[0, 2, 3]));
+        assert_eq!(t.poll_request(later), again(&[2, 3, 4]));
         assert_eq!(t.refetched_chunks(), 3);
     }
 

@@ -76,6 +76,9 @@ pub fn acl(prefix: &str, server_identities: &[String]) -> String {
     out
 }
 
+/// Messages mosquitto may queue for a client (the fleet server is the one that needs it).
+pub const SERVER_QUEUE: usize = 100_000;
+
 /// The mosquitto configuration file's text.
 pub fn mosquitto_conf(s: &MosquittoSetup<'_>) -> String {
     let pki = |f: &str| s.pki_dir.join(f).display().to_string();
@@ -93,7 +96,11 @@ pub fn mosquitto_conf(s: &MosquittoSetup<'_>) -> String {
          require_certificate true\n\
          use_identity_as_username true\n\
          use_username_as_clientid true\n\
-         max_packet_size {max}\n",
+         max_packet_size {max}\n\
+         # The fleet server's subscriptions carry every device's chunk requests and reports:\n\
+         # its queue must absorb a burst from the whole fleet (mosquitto drops QoS 1 messages\n\
+         # past it; its default, 1000, is less than one request per device of a large fleet).\n\
+         max_queued_messages {queue}\n",
         acl = s.acl_file.display(),
         port = s.port,
         host = s.listen_host,
@@ -101,6 +108,7 @@ pub fn mosquitto_conf(s: &MosquittoSetup<'_>) -> String {
         cert = pki("broker.pem"),
         key = pki("broker.key"),
         max = crate::broker::MAX_PAYLOAD + 1024,
+        queue = SERVER_QUEUE,
     )
 }
 

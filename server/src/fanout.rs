@@ -8,7 +8,8 @@
 //! server makes after receiving a request from it reaches it: the device *joined* then. The
 //! first ask for a chunk schedules its shared publication [`GATHER`] later, so that the
 //! devices of a group, whose requests arrive within moments of each other, all join before
-//! it; their asks meanwhile are skipped. A first ask for a chunk published after the device
+//! it; while devices keep joining, the publication waits on, [`GATHER`] after the last join
+//! but no more than [`MAX_GATHER`] after the first ask. Their asks meanwhile are skipped. A first ask for a chunk published after the device
 //! joined is skipped too (the copy is on its way, perhaps queued behind others at the
 //! broker). A device that joined after the last publication missed it; it gets the chunk on
 //! its own topic, until as many devices have joined since that publication as were listening
@@ -23,7 +24,7 @@
 //! State is per server: replicas sharing the chunk requests each publish what their share of
 //! the requests asks for, so a chunk may be published once per replica.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use modelcast_proto::chunk::ChunkRequest;
@@ -40,9 +41,12 @@ pub enum Route {
     Skip,
 }
 
-/// How long a first ask waits for the other devices' asks before its chunk is published on
-/// the shared topic.
+/// How long a scheduled shared publication waits after the last device joined (for the
+/// other devices of a group, whose asks arrive within moments of each other).
 pub const GATHER: Duration = Duration::from_millis(50);
+
+/// The longest a shared publication waits for devices joining, from its first ask.
+pub const MAX_GATHER: Duration = Duration::from_secs(2);
 
 /// A listener that asked nothing for this long is forgotten (if it asks again it joins anew,
 /// which is never wrong, only more cautious).
@@ -59,8 +63,8 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 #[derive(Debug, Default)]
 pub struct Fanout {
     artifacts: HashMap<String, Artifact>,
-    /// Scheduled shared publications, in the order they fall due.
-    due: VecDeque<(Instant, String, u32)>,
+    /// Scheduled shared publications (when due, artifact, chunk), in the order they fall due.
+    due: BTreeSet<(Instant, String, u32)>,
     swept: Option<Instant>,
 }
 
@@ -68,6 +72,8 @@ pub struct Fanout {
 struct Artifact {
     /// The join number the next device to join gets.
     next_join: u64,
+    /// When the last device joined.
+    joined_at: Option<Instant>,
     listeners: HashMap<String, Listener>,
     chunks: HashMap<u32, Shared>,
 }
@@ -81,8 +87,9 @@ struct Listener {
 /// A chunk's shared publication.
 #[derive(Debug, Clone, Copy)]
 enum Shared {
-    /// Scheduled: every device that joins before it falls due gets it.
-    Due,
+    /// Scheduled (first asked at `asked`): every device that joins before it is made gets
+    /// it.
+    Due { asked: Instant },
     /// Made: devices whose join number is below `joins` were listening, `listening` of
     /// them active.
     Made { joins: u64, listening: u64 },
@@ -122,6 +129,7 @@ impl Fanout {
                     asked: now,
                 };
                 artifact.next_join += 1;
+                artifact.joined_at = Some(now);
                 artifact.listeners.insert(request.device.clone(), l);
                 l
             }
@@ -129,7 +137,7 @@ impl Fanout {
         let mut out = Vec::with_capacity(request.chunks.len() + request.again.len());
         for &index in &request.chunks {
             let route = match artifact.chunks.get(&index) {
-                Some(Shared::Due) => Route::Skip,
+                Some(Shared::Due { .. }) => Route::Skip,
                 Some(Shared::Made { joins, .. }) if listener.joined < *joins => Route::Skip,
                 Some(Shared::Made { joins, listening })
                     if artifact.next_join - joins < *listening =>
@@ -137,9 +145,9 @@ impl Fanout {
                     Route::Direct
                 }
                 _ => {
-                    artifact.chunks.insert(index, Shared::Due);
+                    artifact.chunks.insert(index, Shared::Due { asked: now });
                     self.due
-                        .push_back((now + GATHER, request.artifact.clone(), index));
+                        .insert((now + GATHER, request.artifact.clone(), index));
                     Route::Shared
                 }
             };
@@ -151,18 +159,29 @@ impl Fanout {
 
     /// When the next scheduled shared publication falls due.
     pub fn next_due(&self) -> Option<Instant> {
-        self.due.front().map(|(at, ..)| *at)
+        self.due.first().map(|(at, ..)| *at)
     }
 
     /// The shared publications due by `now` (artifact, chunk index), recorded as made: the
     /// caller publishes each on the artifact's topic.
     pub fn take_due(&mut self, now: Instant) -> Vec<(String, u32)> {
         let mut out = Vec::new();
-        while self.due.front().is_some_and(|(at, ..)| *at <= now) {
-            let (_, name, index) = self.due.pop_front().expect("checked");
+        let mut later = Vec::new();
+        while self.due.first().is_some_and(|(at, ..)| *at <= now) {
+            let (_, name, index) = self.due.pop_first().expect("checked");
             let Some(artifact) = self.artifacts.get_mut(&name) else {
                 continue; // Nobody listens any more.
             };
+            let Some(Shared::Due { asked }) = artifact.chunks.get(&index) else {
+                continue;
+            };
+            // Devices are still joining: wait for them, within the limit.
+            let quiet = artifact.joined_at.map_or(now, |t| t + GATHER);
+            let until = quiet.min(*asked + MAX_GATHER);
+            if until > now {
+                later.push((until, name, index));
+                continue;
+            }
             let made = Shared::Made {
                 joins: artifact.next_join,
                 listening: artifact.active(now),
@@ -170,6 +189,7 @@ impl Fanout {
             artifact.chunks.insert(index, made);
             out.push((name, index));
         }
+        self.due.extend(later);
         out
     }
 
@@ -239,14 +259,14 @@ mod tests {
         let b = f.route(t + GATHER / 2, &ask("b", &[0, 1], &[]));
         assert_eq!(b, vec![(0, Route::Skip), (1, Route::Skip)]);
         assert!(f.take_due(t).is_empty());
+        // b joined at GATHER / 2: the publication waits GATHER after that.
+        assert!(f.take_due(t + GATHER).is_empty());
         let sha = "ab".repeat(32);
-        assert_eq!(
-            f.take_due(t + GATHER),
-            vec![(sha.clone(), 0), (sha.clone(), 1)]
-        );
+        let made = t + GATHER / 2 + GATHER;
+        assert_eq!(f.take_due(made), vec![(sha.clone(), 0), (sha.clone(), 1)]);
         assert_eq!(f.next_due(), None);
         // c joins after it: it missed them, and sending to c alone is cheaper than to two.
-        let c = f.route(t + GATHER, &ask("c", &[0, 1], &[]));
+        let c = f.route(made, &ask("c", &[0, 1], &[]));
         assert_eq!(routes(&c), vec![Route::Direct, Route::Direct]);
         // Chunk 2, first asked by c, is scheduled; a, already listening, gets it.
         assert_eq!(
@@ -255,6 +275,31 @@ mod tests {
         );
         assert_eq!(routes(&f.route(t, &ask("a", &[2], &[]))), vec![Route::Skip]);
         assert_eq!(f.listeners(&sha), 3);
+    }
+
+    #[test]
+    fn a_publication_waits_while_devices_keep_joining_within_a_limit() {
+        let mut f = Fanout::new();
+        let t = Instant::now();
+        f.route(t, &ask("d0", &[0], &[]));
+        // A device joins every 40 ms: the publication waits for them, up to MAX_GATHER.
+        let mut at = t;
+        let mut made = None;
+        for i in 1..200 {
+            at += Duration::from_millis(40);
+            if !f.take_due(at).is_empty() {
+                made = Some(at);
+                break;
+            }
+            assert_eq!(routes(&f.route(at, &ask(&format!("d{i}"), &[0], &[]))), vec![Route::Skip]);
+        }
+        let made = made.expect("published");
+        assert!(made >= t + MAX_GATHER && made < t + MAX_GATHER + Duration::from_millis(100));
+        // Once joins stop, the next one goes GATHER after the last join.
+        let t2 = made + Duration::from_secs(1);
+        f.route(t2, &ask("d0", &[1], &[]));
+        assert!(f.take_due(t2 + GATHER / 2).is_empty());
+        assert_eq!(f.take_due(t2 + GATHER).len(), 1);
     }
 
     #[test]

@@ -269,6 +269,10 @@ impl Fleet {
                         );
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
+                        // Chunk requests never wait behind reports.
+                        if subscriber.dispatch_request(&p.topic, &p.payload) {
+                            continue;
+                        }
                         if tx.send((p.topic, p.payload)).await.is_err() {
                             return;
                         }
@@ -576,24 +580,29 @@ impl Fleet {
         &self.repo
     }
 
+    /// Starts answering a chunk request, if that is what `topic` carries.
+    fn dispatch_request(self: &Arc<Self>, topic: &str, payload: &[u8]) -> bool {
+        let Some((device, DeviceTopic::Requests)) = self.topics.parse_device(topic) else {
+            return false;
+        };
+        match ChunkRequest::from_slice(payload) {
+            // The topic is the sender (the broker's ACL binds it); the request must agree.
+            Ok(req) if req.device == device => {
+                let fleet = self.clone();
+                tokio::spawn(async move { fleet.serve_chunks(req).await });
+            }
+            Ok(req) => {
+                warn!(%device, named = %req.device, "chunk request naming another device dropped")
+            }
+            Err(e) => warn!(%device, error = %e, "bad chunk request dropped"),
+        }
+        true
+    }
+
     async fn handle(self: &Arc<Self>, topic: &str, payload: &[u8]) {
         let Some((device, kind)) = self.topics.parse_device(topic) else {
             return;
         };
-        if kind == DeviceTopic::Requests {
-            match ChunkRequest::from_slice(payload) {
-                // The topic is the sender (the broker's ACL binds it); the request must agree.
-                Ok(req) if req.device == device => {
-                    let fleet = self.clone();
-                    tokio::spawn(async move { fleet.serve_chunks(req).await });
-                }
-                Ok(req) => {
-                    warn!(%device, named = %req.device, "chunk request naming another device dropped")
-                }
-                Err(e) => warn!(%device, error = %e, "bad chunk request dropped"),
-            }
-            return;
-        }
         let result = match kind {
             DeviceTopic::State => self.handle_report(&device, payload).await,
             DeviceTopic::Online => self.handle_online(&device, payload).await,

@@ -171,7 +171,11 @@ impl Mosquitto {
         let conf = dir.join(format!("mosquitto-{port}.conf"));
         std::fs::write(
             &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
+                 max_queued_messages {}\n",
+                modelcast_server::acl::SERVER_QUEUE
+            ),
         )
         .expect("mosquitto config");
         Self::spawn(dir, port, &conf, None)

@@ -82,6 +82,10 @@ pub struct SimStats {
     pub desired_rejected: AtomicU64,
     /// Updates activated.
     pub activated: AtomicU64,
+    /// Requests and subscriptions the MQTT client's queue refused (asked again on timeout).
+    pub queue_full: AtomicU64,
+    /// Chunks asked again after a timeout or a reconnect.
+    pub asked_again: AtomicU64,
 }
 
 /// A running simulated fleet; stops when dropped.
@@ -342,10 +346,17 @@ impl Device {
                         ..
                     } => {
                         let shared = self.opts.shared;
-                        if shared && listening.insert(artifact.clone()) {
-                            let _ =
-                                client.try_subscribe(topics.artifact(&artifact), QoS::AtLeastOnce);
+                        if shared
+                            && listening.insert(artifact.clone())
+                            && client
+                                .try_subscribe(topics.artifact(&artifact), QoS::AtLeastOnce)
+                                .is_err()
+                        {
+                            self.stats.queue_full.fetch_add(1, Ordering::Relaxed);
                         }
+                        self.stats
+                            .asked_again
+                            .fetch_add(again.len() as u64, Ordering::Relaxed);
                         let request = ChunkRequest {
                             format: modelcast_proto::FORMAT_VERSION,
                             device: self.id.clone(),
@@ -356,12 +367,15 @@ impl Device {
                         };
                         // try_: this task also drives the event loop, so it must never wait
                         // on it. A request lost to a full queue is asked again on timeout.
-                        let _ = client.try_publish(
+                        let sent = client.try_publish(
                             topics.chunk_requests(&self.id),
                             QoS::AtLeastOnce,
                             false,
                             request.to_vec(),
                         );
+                        if sent.is_err() {
+                            self.stats.queue_full.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
                     Action::Stage { manifest, .. } => {
                         staging.push((now + self.opts.stage_delay, manifest.name, manifest.sha256));

@@ -175,6 +175,7 @@ fn run(devices: usize, size: usize, mosquitto: bool, shared: bool) -> Row {
 
     let sent0 = fleet.client.status().unwrap().chunk_requests;
     let cpu0 = cpu();
+    let sim_cpu0 = cpu_secs(std::process::id());
     let received0 = sim
         .stats
         .chunk_bytes
@@ -212,6 +213,7 @@ fn run(devices: usize, size: usize, mosquitto: bool, shared: bool) -> Row {
     });
     let wall = started.elapsed().as_secs_f64();
     let server_cpu = cpu() - cpu0;
+    let sim_cpu = cpu_secs(std::process::id()) - sim_cpu0;
     let server_rss_mib = rss() as f64 / 1024.0;
     let received = sim
         .stats
@@ -219,6 +221,16 @@ fn run(devices: usize, size: usize, mosquitto: bool, shared: bool) -> Row {
         .load(std::sync::atomic::Ordering::Relaxed)
         - received0;
     let sent = fleet.client.status().unwrap().chunk_requests;
+    eprintln!(
+        "  the devices asked {} chunks again; {} requests were lost to a full client queue",
+        sim.stats.asked_again.load(std::sync::atomic::Ordering::Relaxed),
+        sim.stats.queue_full.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    if let Some(b) = &broker {
+        for line in b.log().lines().filter(|l| l.contains("dropped")) {
+            eprintln!("  mosquitto: {line}");
+        }
+    }
     let done = Instant::now();
     wait_for("the rollout to complete", Duration::from_secs(1800), || {
         std::thread::sleep(Duration::from_millis(500));
@@ -231,7 +243,8 @@ fn run(devices: usize, size: usize, mosquitto: bool, shared: bool) -> Row {
     );
     let ideal = (devices * bytes) as f64 / raw;
     eprintln!(
-        "  raw broker throughput {:.0} MB/s; artifact {:.1} MB",
+        "  raw broker throughput {:.0} MB/s; artifact {:.1} MB; the simulated devices used \
+         {sim_cpu:.1}s of cpu",
         raw / 1e6,
         bytes as f64 / 1e6
     );
