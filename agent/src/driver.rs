@@ -649,6 +649,7 @@ impl Agent {
                     if shared && self.listening.insert(artifact.clone()) {
                         self.link.listen(&artifact).await;
                     }
+                    let joined = shared && self.link.take_joined(&artifact);
                     let request = ChunkRequest {
                         format: modelcast_proto::FORMAT_VERSION,
                         device: self.cfg.device_id.clone(),
@@ -656,6 +657,7 @@ impl Agent {
                         chunks,
                         again,
                         shared,
+                        joined,
                     };
                     self.link.request_chunks(&request).await;
                 }

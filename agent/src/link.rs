@@ -4,7 +4,7 @@
 //! (chunks published once for every device), and turns broker traffic into [`LinkEvent`]s. Over TLS (rustls, ring) with a client certificate when the broker is
 //! `mqtts://`. It decides nothing; the driver does.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -42,8 +42,9 @@ pub struct Link {
     client: AsyncClient,
     topics: Topics,
     device: String,
-    /// The artifact topics listened on: subscribed again after each reconnect.
-    artifacts: Arc<Mutex<BTreeSet<String>>>,
+    /// The artifact topics listened on (subscribed again after each reconnect), each with
+    /// whether it was (re)subscribed since the last request for it.
+    artifacts: Arc<Mutex<BTreeMap<String, bool>>>,
 }
 
 /// Largest packet the agent accepts: a maximal chunk plus framing.
@@ -76,7 +77,7 @@ impl Link {
             ));
         let (client, mut eventloop) = AsyncClient::new(opts, 64);
         let (tx, rx) = mpsc::channel(256);
-        let artifacts = Arc::new(Mutex::new(BTreeSet::new()));
+        let artifacts = Arc::new(Mutex::new(BTreeMap::new()));
         let link = Link {
             client: client.clone(),
             topics: topics.clone(),
@@ -98,8 +99,10 @@ impl Link {
                         let _ = client.try_subscribe(&chunks, QoS::AtLeastOnce);
                         // Our own telemetry comes back: the broker's receipt.
                         let _ = client.try_subscribe(&telemetry, QoS::AtLeastOnce);
-                        for topic in artifacts.lock().expect("artifacts lock").iter() {
+                        for (topic, joined) in artifacts.lock().expect("artifacts lock").iter_mut()
+                        {
                             let _ = client.try_subscribe(topic, QoS::AtLeastOnce);
+                            *joined = true;
                         }
                         let _ = client.try_publish(&online, QoS::AtLeastOnce, true, "online");
                         Some(LinkEvent::Connected)
@@ -143,14 +146,21 @@ impl Link {
     /// first request, so the subscription is in place before the server answers.
     pub async fn listen(&self, artifact: &str) {
         let topic = self.topics.artifact(artifact);
-        if self
-            .artifacts
-            .lock()
-            .expect("artifacts lock")
-            .insert(topic.clone())
-        {
+        let new = {
+            let mut artifacts = self.artifacts.lock().expect("artifacts lock");
+            artifacts.insert(topic.clone(), true).is_none()
+        };
+        if new {
             let _ = self.client.subscribe(topic, QoS::AtLeastOnce).await;
         }
+    }
+
+    /// Whether `artifact`'s shared topic was (re)subscribed since this was last asked: the
+    /// next request says so ([`ChunkRequest::joined`]).
+    pub fn take_joined(&self, artifact: &str) -> bool {
+        let topic = self.topics.artifact(artifact);
+        let mut artifacts = self.artifacts.lock().expect("artifacts lock");
+        artifacts.get_mut(&topic).is_some_and(std::mem::take)
     }
 
     /// Stops listening on every artifact topic but those of `downloading`.
@@ -161,8 +171,12 @@ impl Link {
                 .iter()
                 .map(|a| self.topics.artifact(a))
                 .collect();
-            let gone = artifacts.difference(&keep).cloned().collect();
-            artifacts.retain(|t| keep.contains(t));
+            let gone = artifacts
+                .keys()
+                .filter(|t| !keep.contains(*t))
+                .cloned()
+                .collect();
+            artifacts.retain(|t, _| keep.contains(t));
             gone
         };
         for topic in gone {

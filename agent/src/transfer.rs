@@ -225,8 +225,7 @@ impl Transfer {
         let refill = self.in_flight.len() <= self.window / 2;
         let count = self.manifest.chunk_count();
         let mut scanned = 0;
-        while refill && self.in_flight.len() < self.window && self.missing > self.in_flight.len()
-        {
+        while refill && self.in_flight.len() < self.window && self.missing > self.in_flight.len() {
             if scanned > count {
                 break;
             }

@@ -41,6 +41,11 @@ pub struct ChunkRequest {
     /// there (or not at all, when it was just published there).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub shared: bool,
+    /// The device (re)subscribed to the artifact's shared topic since its previous request
+    /// for the artifact (its first request, or after a reconnect): shared copies published
+    /// before may not reach it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub joined: bool,
 }
 
 impl ChunkRequest {
@@ -184,6 +189,7 @@ mod tests {
             chunks: vec![1, 2, 3],
             again: vec![],
             shared: false,
+            joined: false,
         };
         assert_eq!(ChunkRequest::from_slice(&r.to_vec()).unwrap(), r);
         // The fields a device that predates the shared topic leaves out.
@@ -191,6 +197,7 @@ mod tests {
         let both = ChunkRequest {
             again: vec![0],
             shared: true,
+            joined: true,
             ..r.clone()
         };
         assert_eq!(ChunkRequest::from_slice(&both.to_vec()).unwrap(), both);

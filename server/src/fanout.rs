@@ -17,9 +17,12 @@
 //! skis until the rent paid equals the price, this is never more than about twice the
 //! cheapest choice made in hindsight.)
 //!
-//! A chunk asked again (the device's request timed out, or the link dropped) always goes on
-//! the device's own topic, and the device joins anew. A device that does not listen (an
-//! older agent, or one configured not to) gets everything on its own topic.
+//! A device that (re)subscribed says so in its next request ([`ChunkRequest::joined`]: its
+//! first, or the first after a reconnect, which loses what the broker had queued for it):
+//! it joins anew. A chunk asked again (the device's request timed out) is skipped while a
+//! shared copy made after the device joined may still be queued for it at the broker (for
+//! [`PATIENCE`]), and otherwise goes on the device's own topic. A device that does not
+//! listen (an older agent, or one configured not to) gets everything on its own topic.
 //!
 //! State is per server: replicas sharing the chunk requests each publish what their share of
 //! the requests asks for, so a chunk may be published once per replica.
@@ -56,6 +59,10 @@ pub const LISTENER_IDLE: Duration = Duration::from_secs(60);
 /// published (the cost of publishing it again).
 pub const LISTENER_ACTIVE: Duration = Duration::from_secs(5);
 
+/// How long a shared copy made after a device joined is trusted to reach it: a device that
+/// asks for the chunk later than this gets its own copy (the broker may have dropped it).
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
 /// How often forgotten listeners and artifacts are swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
@@ -90,9 +97,13 @@ enum Shared {
     /// Scheduled (first asked at `asked`): every device that joins before it is made gets
     /// it.
     Due { asked: Instant },
-    /// Made: devices whose join number is below `joins` were listening, `listening` of
-    /// them active.
-    Made { joins: u64, listening: u64 },
+    /// Made at `at`: devices whose join number is below `joins` were listening,
+    /// `listening` of them active.
+    Made {
+        joins: u64,
+        listening: u64,
+        at: Instant,
+    },
 }
 
 impl Fanout {
@@ -117,9 +128,8 @@ impl Fanout {
                 .collect();
         }
         let artifact = self.artifacts.entry(request.artifact.clone()).or_default();
-        let rejoin = !request.again.is_empty();
         let listener = match artifact.listeners.get_mut(&request.device) {
-            Some(l) if !rejoin => {
+            Some(l) if !request.joined => {
                 l.asked = now;
                 *l
             }
@@ -135,15 +145,20 @@ impl Fanout {
             }
         };
         let mut out = Vec::with_capacity(request.chunks.len() + request.again.len());
+        let covered = |shared: Option<&Shared>| match shared {
+            Some(Shared::Due { .. }) => true,
+            Some(Shared::Made { joins, at, .. }) => {
+                listener.joined < *joins && now.saturating_duration_since(*at) < PATIENCE
+            }
+            None => false,
+        };
         for &index in &request.chunks {
-            let route = match artifact.chunks.get(&index) {
-                Some(Shared::Due { .. }) => Route::Skip,
-                Some(Shared::Made { joins, .. }) if listener.joined < *joins => Route::Skip,
-                Some(Shared::Made { joins, listening })
-                    if artifact.next_join - joins < *listening =>
-                {
-                    Route::Direct
-                }
+            let shared = artifact.chunks.get(&index);
+            let route = match shared {
+                _ if covered(shared) => Route::Skip,
+                Some(Shared::Made {
+                    joins, listening, ..
+                }) if artifact.next_join - joins < *listening => Route::Direct,
                 _ => {
                     artifact.chunks.insert(index, Shared::Due { asked: now });
                     self.due
@@ -153,7 +168,14 @@ impl Fanout {
             };
             out.push((index, route));
         }
-        out.extend(request.again.iter().map(direct));
+        for &index in &request.again {
+            let route = if covered(artifact.chunks.get(&index)) {
+                Route::Skip
+            } else {
+                Route::Direct
+            };
+            out.push((index, route));
+        }
         out
     }
 
@@ -185,6 +207,7 @@ impl Fanout {
             let made = Shared::Made {
                 joins: artifact.next_join,
                 listening: artifact.active(now),
+                at: now,
             };
             artifact.chunks.insert(index, made);
             out.push((name, index));
@@ -241,6 +264,7 @@ mod tests {
             chunks: chunks.to_vec(),
             again: again.to_vec(),
             shared: true,
+            joined: false,
         }
     }
 
@@ -291,7 +315,10 @@ mod tests {
                 made = Some(at);
                 break;
             }
-            assert_eq!(routes(&f.route(at, &ask(&format!("d{i}"), &[0], &[]))), vec![Route::Skip]);
+            assert_eq!(
+                routes(&f.route(at, &ask(&format!("d{i}"), &[0], &[]))),
+                vec![Route::Skip]
+            );
         }
         let made = made.expect("published");
         assert!(made >= t + MAX_GATHER && made < t + MAX_GATHER + Duration::from_millis(100));
@@ -303,17 +330,26 @@ mod tests {
     }
 
     #[test]
-    fn asked_again_goes_direct_and_rejoins() {
+    fn asked_again_waits_for_a_copy_on_its_way_unless_the_device_rejoined() {
         let mut f = Fanout::new();
         let t = Instant::now();
-        f.route(t, &ask("a", &[0], &[]));
-        f.route(t, &ask("b", &[1], &[]));
+        f.route(t, &ask("a", &[0, 1], &[]));
         f.take_due(t + GATHER);
-        // a asks 0 again: its own topic. It joined anew, so 1 (published before) is missed.
-        let again = f.route(t + GATHER, &ask("a", &[], &[0]));
-        assert_eq!(again, vec![(0, Route::Direct)]);
-        let one = f.route(t + GATHER, &ask("a", &[1], &[]));
-        assert_eq!(routes(&one), vec![Route::Direct]);
+        let t = t + GATHER;
+        // a timed out on 0: the shared copy made after it joined may still be queued.
+        assert_eq!(f.route(t, &ask("a", &[], &[0])), vec![(0, Route::Skip)]);
+        // Past the patience, it gets its own copy.
+        let late = t + PATIENCE;
+        assert_eq!(
+            f.route(late, &ask("a", &[], &[0])),
+            vec![(0, Route::Direct)]
+        );
+        // After a reconnect (joined), what was queued is lost: its own copy at once.
+        let mut rejoined = ask("a", &[], &[1]);
+        rejoined.joined = true;
+        assert_eq!(f.route(t, &rejoined), vec![(1, Route::Direct)]);
+        // A chunk never published goes direct when asked again.
+        assert_eq!(f.route(t, &ask("a", &[], &[7])), vec![(7, Route::Direct)]);
     }
 
     #[test]
@@ -377,7 +413,8 @@ mod tests {
         /// the first time directly more than once.
         #[test]
         fn a_skipped_chunk_always_reaches_its_device(
-            steps in proptest::collection::vec((0u8..6, 0u32..6, any::<bool>(), 0u64..80), 1..200),
+            steps in proptest::collection::vec(
+                (0u8..6, 0u32..6, any::<bool>(), any::<bool>(), 0u64..80), 1..200),
         ) {
             let mut f = Fanout::new();
             let mut now = Instant::now();
@@ -395,7 +432,7 @@ mod tests {
                     }
                 }
             };
-            for (d, chunk, again, ms) in steps {
+            for (d, chunk, again, joined, ms) in steps {
                 now += Duration::from_millis(ms);
                 publish(&mut f, now, &listening, &mut got);
                 let device = format!("d{d}");
@@ -403,7 +440,10 @@ mod tests {
                 // chunk for the first time once.
                 listening.insert(device.clone());
                 let again = again || !asked.insert((device.clone(), chunk));
-                let req = if again { ask(&device, &[], &[chunk]) } else { ask(&device, &[chunk], &[]) };
+                let mut req = if again { ask(&device, &[], &[chunk]) } else { ask(&device, &[chunk], &[]) };
+                // A reconnect: the device subscribed again (copies are delivered at once in
+                // this model, so nothing owed is lost).
+                req.joined = joined;
                 for (index, route) in f.route(now, &req) {
                     match route {
                         Route::Shared | Route::Skip => {

@@ -247,6 +247,8 @@ impl Device {
         let mut staging: Vec<(Instant, String, String)> = Vec::new();
         let mut connected = false;
         let mut listening: BTreeSet<String> = BTreeSet::new();
+        // Artifact topics (re)subscribed since the last request for them.
+        let mut fresh: BTreeSet<String> = BTreeSet::new();
         loop {
             let now = Instant::now();
             let mut wake = updater.next_wake(now);
@@ -262,6 +264,7 @@ impl Device {
                         let _ = client.try_subscribe(&chunks, QoS::AtLeastOnce);
                         for artifact in &listening {
                             let _ = client.try_subscribe(topics.artifact(artifact), QoS::AtLeastOnce);
+                            fresh.insert(artifact.clone());
                         }
                         let _ = client.try_publish(&online, QoS::AtLeastOnce, true, "online");
                         if !connected {
@@ -346,14 +349,15 @@ impl Device {
                         ..
                     } => {
                         let shared = self.opts.shared;
-                        if shared
-                            && listening.insert(artifact.clone())
-                            && client
-                                .try_subscribe(topics.artifact(&artifact), QoS::AtLeastOnce)
-                                .is_err()
-                        {
-                            self.stats.queue_full.fetch_add(1, Ordering::Relaxed);
+                        if shared && listening.insert(artifact.clone()) {
+                            fresh.insert(artifact.clone());
+                            let subscribe =
+                                client.try_subscribe(topics.artifact(&artifact), QoS::AtLeastOnce);
+                            if subscribe.is_err() {
+                                self.stats.queue_full.fetch_add(1, Ordering::Relaxed);
+                            }
                         }
+                        let joined = fresh.remove(&artifact);
                         self.stats
                             .asked_again
                             .fetch_add(again.len() as u64, Ordering::Relaxed);
@@ -364,6 +368,7 @@ impl Device {
                             chunks,
                             again,
                             shared,
+                            joined,
                         };
                         // try_: this task also drives the event loop, so it must never wait
                         // on it. A request lost to a full queue is asked again on timeout.
@@ -426,6 +431,7 @@ impl Device {
             }
             if !listening.is_empty() {
                 let downloading: BTreeSet<&str> = updater.downloads().collect();
+                fresh.retain(|a| downloading.contains(a.as_str()));
                 listening.retain(|a| {
                     let keep = downloading.contains(a.as_str());
                     if !keep {

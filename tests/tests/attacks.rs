@@ -240,6 +240,7 @@ fn every_attack_is_rejected_and_the_old_model_keeps_serving() {
         chunks: vec![0],
         again: vec![],
         shared: false,
+        joined: false,
     };
     intruder.publish_raw("modelcast/d/edge-1/requests", false, on_behalf.to_vec());
     intruder.publish_raw("modelcast/d/intruder/requests", false, on_behalf.to_vec());

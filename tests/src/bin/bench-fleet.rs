@@ -223,8 +223,12 @@ fn run(devices: usize, size: usize, mosquitto: bool, shared: bool) -> Row {
     let sent = fleet.client.status().unwrap().chunk_requests;
     eprintln!(
         "  the devices asked {} chunks again; {} requests were lost to a full client queue",
-        sim.stats.asked_again.load(std::sync::atomic::Ordering::Relaxed),
-        sim.stats.queue_full.load(std::sync::atomic::Ordering::Relaxed)
+        sim.stats
+            .asked_again
+            .load(std::sync::atomic::Ordering::Relaxed),
+        sim.stats
+            .queue_full
+            .load(std::sync::atomic::Ordering::Relaxed)
     );
     if let Some(b) = &broker {
         for line in b.log().lines().filter(|l| l.contains("dropped")) {

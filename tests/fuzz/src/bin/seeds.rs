@@ -57,6 +57,7 @@ fn main() -> std::io::Result<()> {
         chunks: vec![0, 1, 5],
         again: vec![2],
         shared: true,
+        joined: true,
     };
     write("chunk", "request", &request.to_vec())?;
     let reply = ChunkReply {
