@@ -72,7 +72,12 @@ pub struct Transfer {
     progress_at: Option<Instant>,
     /// A chunk was stored since the last [`Transfer::poll_request`].
     progressed: bool,
+    /// Time-outs in a row without a stored chunk: the timeout is doubled this many times.
+    backoff: u32,
 }
+
+/// Most doublings of the chunk timeout.
+const MAX_BACKOFF: u32 = 3;
 
 /// The chunks to ask for now.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -119,6 +124,7 @@ impl Transfer {
             stall_after: DEFAULT_STALL,
             progress_at: None,
             progressed: false,
+            backoff: 0,
         }
     }
 
@@ -205,20 +211,26 @@ impl Transfer {
     }
 
     /// The chunks to request now: timed-out ones again, then new ones up to the window once
-    /// half of it is free. A request in flight times out when neither it nor any stored chunk is as recent as the
-    /// timeout.
+    /// half of it is free. A request in flight times out when neither it nor any stored
+    /// chunk is as recent as the timeout; the timeout doubles with each time-out in a row
+    /// without a stored chunk (up to 8 times), as a congested broker needs.
     pub fn poll_request(&mut self, now: Instant) -> Asks {
         if self.progressed || self.progress_at.is_none() {
             self.progress_at = Some(now);
             self.progressed = false;
+            self.backoff = 0;
         }
         let progress_at = self.progress_at.unwrap_or(now);
+        let timeout = self.timeout * (1 << self.backoff);
         let mut out = Vec::new();
         for (index, sent) in self.in_flight.iter_mut() {
-            if now.saturating_duration_since((*sent).max(progress_at)) >= self.timeout {
+            if now.saturating_duration_since((*sent).max(progress_at)) >= timeout {
                 *sent = now;
                 out.push(*index);
             }
+        }
+        if !out.is_empty() {
+            self.backoff = (self.backoff + 1).min(MAX_BACKOFF);
         }
         // The window refills once half of it has arrived: one request for many chunks rather
         // than one per chunk (each costs the broker and the server a message).
@@ -254,12 +266,13 @@ impl Transfer {
     /// When the earliest request in flight times out, or the stall deadline passes.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let stall = self.progress_at.map(|t| t + self.stall_after);
+        let timeout = self.timeout * (1 << self.backoff);
         let retry = self.in_flight.values().min().map(|t| {
             let since = match self.progress_at {
                 Some(p) => (*t).max(p),
                 None => *t,
             };
-            since + self.timeout
+            since + timeout
         });
         match (retry, stall) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -306,7 +319,11 @@ mod tests {
         let t6 = t0 + Duration::from_secs(6);
         assert!(t.poll_request(t6).is_empty());
         assert_eq!(t.poll_timeout(), Some(t4 + Duration::from_secs(5)));
-        assert_eq!(t.poll_request(t4 + Duration::from_secs(5)), again(&[0, 1]));
+        let t9 = t4 + Duration::from_secs(5);
+        assert_eq!(t.poll_request(t9), again(&[0, 1]));
+        // No chunk since: the next time-out comes twice as late.
+        assert_eq!(t.poll_timeout(), Some(t9 + Duration::from_secs(10)));
+        assert!(t.poll_request(t9 + Duration::from_secs(9)).is_empty());
         for i in [0u32, 1] {
             let at = 10 * i as usize;
             assert_eq!(t.handle_chunk(i, &bytes[at..at + 10]), Ok(Accepted::Store));

@@ -49,7 +49,7 @@ pub enum Route {
 pub const GATHER: Duration = Duration::from_millis(50);
 
 /// The longest a shared publication waits for devices joining, from its first ask.
-pub const MAX_GATHER: Duration = Duration::from_secs(2);
+pub const MAX_GATHER: Duration = Duration::from_secs(5);
 
 /// A listener that asked nothing for this long is forgotten (if it asks again it joins anew,
 /// which is never wrong, only more cautious).
