@@ -5,17 +5,20 @@
 //!
 //! The broker delivers a publication only to the subscribers it has at that moment. A device
 //! subscribes to the artifact topic before its first request, so every publication the
-//! server makes after receiving a request from it reaches it: the device *joined* then. The
-//! first ask for a chunk schedules its shared publication [`GATHER`] later, so that the
-//! devices of a group, whose requests arrive within moments of each other, all join before
-//! it; while devices keep joining, the publication waits on, [`GATHER`] after the last join
-//! but no more than [`MAX_GATHER`] after the first ask. Their asks meanwhile are skipped. A first ask for a chunk published after the device
-//! joined is skipped too (the copy is on its way, perhaps queued behind others at the
-//! broker). A device that joined after the last publication missed it; it gets the chunk on
-//! its own topic, until as many devices have joined since that publication as were listening
-//! when it was made: then publishing again costs no more than sending to each. (Like renting
-//! skis until the rent paid equals the price, this is never more than about twice the
-//! cheapest choice made in hindsight.)
+//! server makes after receiving a request from it reaches it: the device *joined* then.
+//!
+//! - The first ask for a chunk schedules its shared publication [`GATHER`] later. While
+//!   devices keep joining it waits on, until [`JOIN_QUIET`] after the last join but no more
+//!   than [`MAX_GATHER`] after the first ask: a wave's desired states reach thousands of
+//!   devices over seconds, and every device that joins in time gets this one copy. Their
+//!   asks meanwhile are skipped.
+//! - A first ask for a chunk published after the device joined is skipped too (the copy is
+//!   on its way, perhaps queued behind others at the broker).
+//! - A device that joined after the last publication missed it. It gets the chunk on its own
+//!   topic, until as many devices have joined since that publication as were listening when
+//!   it was made: then publishing again costs no more than sending to each. (Like renting
+//!   skis until the rent paid equals the price, this is never more than about twice the
+//!   cheapest choice made in hindsight.)
 //!
 //! A device that (re)subscribed says so in its next request ([`ChunkRequest::joined`]: its
 //! first, or the first after a reconnect, which loses what the broker had queued for it):
@@ -48,8 +51,11 @@ pub enum Route {
 /// other devices of a group, whose asks arrive within moments of each other).
 pub const GATHER: Duration = Duration::from_millis(50);
 
-/// The longest a shared publication waits for devices joining, from its first ask.
-pub const MAX_GATHER: Duration = Duration::from_secs(5);
+/// A shared publication waits until no device joined for this long...
+pub const JOIN_QUIET: Duration = Duration::from_millis(250);
+
+/// ...but no longer than this from its first ask.
+pub const MAX_GATHER: Duration = Duration::from_secs(30);
 
 /// A listener that asked nothing for this long is forgotten (if it asks again it joins anew,
 /// which is never wrong, only more cautious).
@@ -198,7 +204,7 @@ impl Fanout {
                 continue;
             };
             // Devices are still joining: wait for them, within the limit.
-            let quiet = artifact.joined_at.map_or(now, |t| t + GATHER);
+            let quiet = artifact.joined_at.map_or(now, |t| t + JOIN_QUIET);
             let until = quiet.min(*asked + MAX_GATHER);
             if until > now {
                 later.push((until, name, index));
@@ -283,10 +289,10 @@ mod tests {
         let b = f.route(t + GATHER / 2, &ask("b", &[0, 1], &[]));
         assert_eq!(b, vec![(0, Route::Skip), (1, Route::Skip)]);
         assert!(f.take_due(t).is_empty());
-        // b joined at GATHER / 2: the publication waits GATHER after that.
+        // b joined at GATHER / 2: the publication waits JOIN_QUIET after that.
         assert!(f.take_due(t + GATHER).is_empty());
         let sha = "ab".repeat(32);
-        let made = t + GATHER / 2 + GATHER;
+        let made = t + GATHER / 2 + JOIN_QUIET;
         assert_eq!(f.take_due(made), vec![(sha.clone(), 0), (sha.clone(), 1)]);
         assert_eq!(f.next_due(), None);
         // c joins after it: it missed them, and sending to c alone is cheaper than to two.
@@ -309,7 +315,7 @@ mod tests {
         // A device joins every 40 ms: the publication waits for them, up to MAX_GATHER.
         let mut at = t;
         let mut made = None;
-        for i in 1..200 {
+        for i in 1..1000 {
             at += Duration::from_millis(40);
             if !f.take_due(at).is_empty() {
                 made = Some(at);
@@ -322,7 +328,7 @@ mod tests {
         }
         let made = made.expect("published");
         assert!(made >= t + MAX_GATHER && made < t + MAX_GATHER + Duration::from_millis(100));
-        // Once joins stop, the next one goes GATHER after the last join.
+        // Once joins stop, the next one goes GATHER after its first ask.
         let t2 = made + Duration::from_secs(1);
         f.route(t2, &ask("d0", &[1], &[]));
         assert!(f.take_due(t2 + GATHER / 2).is_empty());
@@ -334,8 +340,8 @@ mod tests {
         let mut f = Fanout::new();
         let t = Instant::now();
         f.route(t, &ask("a", &[0, 1], &[]));
-        f.take_due(t + GATHER);
-        let t = t + GATHER;
+        f.take_due(t + JOIN_QUIET);
+        let t = t + JOIN_QUIET;
         // a timed out on 0: the shared copy made after it joined may still be queued.
         assert_eq!(f.route(t, &ask("a", &[], &[0])), vec![(0, Route::Skip)]);
         // Past the patience, it gets its own copy.
@@ -370,8 +376,8 @@ mod tests {
             f.route(t, &ask(d, &[0], &[]));
         }
         // Published to 3 active listeners.
-        assert_eq!(f.take_due(t + GATHER).len(), 1);
-        let t = t + GATHER;
+        assert_eq!(f.take_due(t + JOIN_QUIET).len(), 1);
+        let t = t + JOIN_QUIET;
         // The next two joiners get it direct; the third makes three: published again.
         assert_eq!(
             routes(&f.route(t, &ask("d", &[0], &[]))),
@@ -393,7 +399,7 @@ mod tests {
         let mut f = Fanout::new();
         let t = Instant::now();
         f.route(t, &ask("a", &[0], &[]));
-        f.take_due(t + GATHER);
+        f.take_due(t + JOIN_QUIET);
         let later = t + LISTENER_IDLE + Duration::from_secs(1);
         // a is forgotten: it joins anew, so the old publication is not trusted to reach it.
         assert_eq!(
@@ -458,7 +464,7 @@ mod tests {
                     }
                 }
             }
-            publish(&mut f, now + GATHER, &listening, &mut got);
+            publish(&mut f, now + MAX_GATHER, &listening, &mut got);
             for (device, index) in owed {
                 prop_assert!(
                     got.get(&device).is_some_and(|g| g.contains(&index)),
