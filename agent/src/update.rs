@@ -40,8 +40,11 @@ use crate::transfer::{Accepted, ChunkError, Transfer};
 
 /// How many bad copies of one chunk end an update.
 pub const MAX_BAD_CHUNKS: u32 = 3;
-/// Least time between two routine progress reports.
+/// Least time between two routine reports (a step of an update).
 pub const REPORT_EVERY: Duration = Duration::from_millis(500);
+/// Least time between two reports that only carry download progress: a fleet downloading
+/// at once must not flood the server with them.
+pub const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 /// Longest sleep when nothing is scheduled.
 const IDLE_WAKE: Duration = Duration::from_secs(30);
 
@@ -234,6 +237,8 @@ pub struct Updater {
     actions: VecDeque<Action>,
     report_due: bool,
     report_now: bool,
+    /// Download progress changed since the last report.
+    progress_due: bool,
     last_report: Option<Instant>,
     /// Something changed that [`Updater::handle_timeout`] must see at once (a download
     /// started, the link came back).
@@ -263,6 +268,7 @@ impl Updater {
             actions: VecDeque::new(),
             report_due: true,
             report_now: false,
+            progress_due: false,
             last_report: None,
             poll_now: false,
         }
@@ -355,6 +361,9 @@ impl Updater {
                 _ => now,
             };
             wake = wake.min(at);
+        }
+        if self.progress_due {
+            wake = wake.min(self.last_report.map_or(now, |l| l + PROGRESS_EVERY));
         }
         wake
     }
@@ -516,7 +525,7 @@ impl Updater {
             p.received_bytes = transfer.received_bytes();
         }
         let complete = transfer.is_complete();
-        self.want_report(false);
+        self.progress_due = true;
         if complete {
             self.stage(name);
         }
@@ -660,14 +669,15 @@ impl Updater {
         self.poll_now = false;
         self.judge_trials(now);
         self.poll_transfers(now);
-        if self.report_due {
-            let due = self.report_now || self.last_report.is_none_or(|l| now >= l + REPORT_EVERY);
-            if due {
-                self.push(Action::Report);
-                self.last_report = Some(now);
-                self.report_due = false;
-                self.report_now = false;
-            }
+        let since = |every| self.last_report.is_none_or(|l| now >= l + every);
+        let routine = self.report_due && (self.report_now || since(REPORT_EVERY));
+        let progress = self.progress_due && since(PROGRESS_EVERY);
+        if routine || progress {
+            self.push(Action::Report);
+            self.last_report = Some(now);
+            self.report_due = false;
+            self.report_now = false;
+            self.progress_due = false;
         }
     }
 
