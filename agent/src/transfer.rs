@@ -72,7 +72,7 @@ pub struct Transfer {
     progress_at: Option<Instant>,
     /// A chunk was stored since the last [`Transfer::poll_request`].
     progressed: bool,
-    /// Time-outs in a row without a stored chunk: the timeout is doubled this many times.
+    /// Time-outs in a row with nothing arriving: the timeout is doubled this many times.
     backoff: u32,
 }
 
@@ -180,6 +180,8 @@ impl Transfer {
             .manifest
             .chunk_len(index)
             .ok_or(ChunkError::OutOfRange { index, count })?;
+        // Something answers: a congested link is not the problem, so no longer back off.
+        self.backoff = 0;
         if self.have[index as usize] {
             self.in_flight.remove(&index);
             return Ok(Accepted::Duplicate);
@@ -213,7 +215,7 @@ impl Transfer {
     /// The chunks to request now: timed-out ones again, then new ones up to the window once
     /// half of it is free. A request in flight times out when neither it nor any stored
     /// chunk is as recent as the timeout; the timeout doubles with each time-out in a row
-    /// without a stored chunk (up to 8 times), as a congested broker needs.
+    /// with no chunk arriving (up to 8 times), as a congested broker needs.
     pub fn poll_request(&mut self, now: Instant) -> Asks {
         if self.progressed || self.progress_at.is_none() {
             self.progress_at = Some(now);
