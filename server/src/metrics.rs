@@ -136,31 +136,32 @@ pub async fn render(fleet: &Fleet) -> Result<String, DbError> {
         c.inc_by(v);
         c
     };
-    registry.register(
-        "chunk_requests",
-        "Chunk requests this server answered",
-        counter(status.chunk_requests.requests),
-    );
-    registry.register(
-        "chunks_sent",
-        "Chunks this server sent",
-        counter(status.chunk_requests.chunks),
-    );
-    registry.register(
-        "chunks_shared",
-        "Chunks this server published once on an artifact's shared topic",
-        counter(status.chunk_requests.shared),
-    );
-    registry.register(
-        "chunks_skipped",
-        "Chunks asked for and not sent: a copy on the shared topic was on its way",
-        counter(status.chunk_requests.skipped),
-    );
-    registry.register(
-        "chunk_requests_refused",
-        "Chunk requests this server refused",
-        counter(status.chunk_requests.refused),
-    );
+    let chunks = &status.chunk_requests;
+    for (name, help, value) in [
+        (
+            "chunk_requests",
+            "Chunk requests this server answered",
+            chunks.requests,
+        ),
+        ("chunks_sent", "Chunks this server sent", chunks.chunks),
+        (
+            "chunks_shared",
+            "Chunks this server published once on an artifact's shared topic",
+            chunks.shared,
+        ),
+        (
+            "chunks_skipped",
+            "Chunks asked for and not sent: a copy on the shared topic was on its way",
+            chunks.skipped,
+        ),
+        (
+            "chunk_requests_refused",
+            "Chunk requests this server refused",
+            chunks.refused,
+        ),
+    ] {
+        registry.register(name, help, counter(value));
+    }
     let reports = Family::<ResultLabels, Counter>::default();
     for (result, n) in [
         ("stored", status.telemetry.stored),
