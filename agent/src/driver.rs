@@ -105,8 +105,6 @@ struct Agent {
     sampler: Arc<Sampler>,
     /// Telemetry's store-and-forward.
     telemetry: Forwarder,
-    /// The artifacts whose shared topic the link listens on.
-    listening: BTreeSet<String>,
 }
 
 /// What start-up found: every stored record (and whether it serves), trials to resume (with
@@ -389,7 +387,6 @@ async fn control(
         collector,
         sampler,
         telemetry: Forwarder::new(cfg.telemetry.clone(), &cfg.device_id, &cfg.state_dir),
-        listening: BTreeSet::new(),
         cfg,
         store,
         models,
@@ -646,7 +643,7 @@ impl Agent {
                 } => {
                     self.metrics.chunks_refetched(&model, again.len() as u64);
                     let shared = self.cfg.transfer.shared_topic;
-                    if shared && self.listening.insert(artifact.clone()) {
+                    if shared {
                         self.link.listen(&artifact).await;
                     }
                     let joined = shared && self.link.take_joined(&artifact);
@@ -709,10 +706,7 @@ impl Agent {
             }
         }
         let downloading: BTreeSet<String> = self.updater.downloads().map(String::from).collect();
-        if !self.listening.is_subset(&downloading) {
-            self.listening.retain(|a| downloading.contains(a));
-            self.link.listen_only(&self.listening).await;
-        }
+        self.link.listen_only(&downloading).await;
     }
 
     async fn persist(&self, name: &str, record: &ModelRecord) -> Result<(), StoreError> {

@@ -1,8 +1,9 @@
 //! The MQTT link: connects with rumqttc, keeps a retained `online` status with a last will,
 //! subscribes to this device's desired state, chunk replies and its own telemetry (the
 //! broker's receipt for each report), and to the shared topic of each artifact it downloads
-//! (chunks published once for every device), and turns broker traffic into [`LinkEvent`]s. Over TLS (rustls, ring) with a client certificate when the broker is
-//! `mqtts://`. It decides nothing; the driver does.
+//! (chunks published once for every device), and turns broker traffic into [`LinkEvent`]s.
+//! Over TLS (rustls, ring) with a client certificate when the broker is `mqtts://`. It
+//! decides nothing; the driver does.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -163,7 +164,8 @@ impl Link {
         artifacts.get_mut(&topic).is_some_and(std::mem::take)
     }
 
-    /// Stops listening on every artifact topic but those of `downloading`.
+    /// Stops listening on every artifact topic but those of `downloading` (nothing to do,
+    /// and no message, when it listens on no other).
     pub async fn listen_only(&self, downloading: &BTreeSet<String>) {
         let gone: Vec<String> = {
             let mut artifacts = self.artifacts.lock().expect("artifacts lock");

@@ -86,6 +86,14 @@ impl ChunkRequest {
     pub fn indices(&self) -> impl Iterator<Item = u32> + '_ {
         self.chunks.iter().chain(&self.again).copied()
     }
+
+    /// Keeps only indices of an artifact of `count` chunks, each once (a first ask wins over
+    /// an ask again): what a server answers, whatever the sender repeated or made up.
+    pub fn keep_within(&mut self, count: u32) {
+        let mut seen = std::collections::HashSet::new();
+        self.chunks.retain(|i| *i < count && seen.insert(*i));
+        self.again.retain(|i| *i < count && seen.insert(*i));
+    }
 }
 
 /// One chunk of an artifact.
@@ -202,6 +210,13 @@ mod tests {
         };
         assert_eq!(ChunkRequest::from_slice(&both.to_vec()).unwrap(), both);
         assert_eq!(both.indices().collect::<Vec<_>>(), vec![1, 2, 3, 0]);
+        let mut messy = ChunkRequest {
+            chunks: vec![3, 9, 3, 1],
+            again: vec![1, 4, 4, 12],
+            ..r.clone()
+        };
+        messy.keep_within(10);
+        assert_eq!((messy.chunks, messy.again), (vec![3, 9, 1], vec![4]));
         let mut big = r.clone();
         big.chunks = vec![0; MAX_CHUNKS_PER_REQUEST + 1];
         assert!(ChunkRequest::from_slice(&big.to_vec()).is_err());

@@ -222,8 +222,9 @@ impl Fanout {
         out
     }
 
-    /// Devices listening on `artifact` now (for status).
-    pub fn listeners(&self, artifact: &str) -> usize {
+    /// Devices listening on `artifact` now.
+    #[cfg(test)]
+    fn listeners(&self, artifact: &str) -> usize {
         self.artifacts
             .get(artifact)
             .map_or(0, |a| a.listeners.len())

@@ -673,26 +673,31 @@ impl Fleet {
         self.db.put_device(&entry).await.map_err(|e| e.to_string())
     }
 
-    /// Whether `device` is deployed a model whose artifact is `artifact`: chunks go only to
-    /// devices entitled to them.
+    /// The chunk count of `artifact` if `device` is deployed a model whose artifact it is:
+    /// chunks go only to devices entitled to them.
     ///
     /// A chunk replica learns of rollouts from the store: on a miss it reloads them (at most
     /// once a second), since the control server may have just moved the device.
-    async fn entitled(&self, device: &str, artifact: &str) -> Result<bool, DbError> {
+    async fn entitled(&self, device: &str, artifact: &str) -> Result<Option<u32>, DbError> {
         let Some(entry) = self.db.device(device).await? else {
-            return Ok(false);
+            return Ok(None);
         };
-        let wants = |wanted: Vec<Wanted>| wanted.iter().any(|(m, _)| m.sha256 == artifact);
-        if wants(self.wanted(&entry).await?) {
-            return Ok(true);
+        let chunks = |wanted: Vec<Wanted>| {
+            wanted
+                .iter()
+                .find(|(m, _)| m.sha256 == artifact)
+                .map(|(m, _)| m.chunk_count())
+        };
+        if let Some(count) = chunks(self.wanted(&entry).await?) {
+            return Ok(Some(count));
         }
         if self.role == Role::Chunks && self.may_reload() {
             let stored = self.db.rollouts().await?;
             *self.rollouts.lock().expect("rollouts lock") =
                 stored.into_iter().map(|r| (r.id, r)).collect();
-            return Ok(wants(self.wanted(&entry).await?));
+            return Ok(chunks(self.wanted(&entry).await?));
         }
-        Ok(false)
+        Ok(None)
     }
 
     /// Whether a chunk replica may reload the rollouts now; if so, counts this as the reload.
@@ -706,17 +711,19 @@ impl Fleet {
         true
     }
 
-    async fn serve_chunks(&self, req: ChunkRequest) {
+    async fn serve_chunks(&self, mut req: ChunkRequest) {
         use std::sync::atomic::Ordering::Relaxed;
         let Ok(digest) = parse_digest(&req.artifact) else {
             self.refused.fetch_add(1, Relaxed);
             return;
         };
         match self.entitled(&req.device, &req.artifact).await {
-            Ok(true) => {
+            Ok(Some(count)) => {
                 self.requests.fetch_add(1, Relaxed);
+                // Made-up or repeated indices neither grow the fan-out state nor send twice.
+                req.keep_within(count);
             }
-            Ok(false) => {
+            Ok(None) => {
                 self.refused.fetch_add(1, Relaxed);
                 warn!(device = %req.device, artifact = %req.artifact, "chunk request for an artifact not deployed to that device refused");
                 return;
