@@ -21,4 +21,13 @@ fi
 # free ports and never use it.
 export PATH="$PATH:/usr/sbin"
 
+# The real-model corpus and the Python clients (onnxruntime, tritonclient) its test drives, in
+# .cache/ (kept between runs, keyed by version).
+need_py=()
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_py+=(python3-venv)
+if [ ${#need_py[@]} -gt 0 ]; then
+  apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need_py[@]}" >/dev/null
+fi
+bash tests/corpus/setup.sh
+
 cargo test --workspace --locked "$@"

@@ -124,6 +124,44 @@ pub struct Config {
     /// Telemetry reports: interval and the store-and-forward queue's bounds.
     #[serde(default)]
     pub telemetry: crate::telemetry::TelemetryConfig,
+    /// The inference API's limits.
+    #[serde(default)]
+    pub serve: ServeConfig,
+}
+
+/// Limits of the local inference API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeConfig {
+    /// Largest request body accepted, JSON header and binary tensors together (default
+    /// 128 MiB: four 1080p RGB frames as FP32, or forty as UINT8).
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+    /// Largest single input tensor, in bytes (default: the body limit).
+    #[serde(default)]
+    pub max_tensor_bytes: Option<usize>,
+}
+
+fn default_max_body() -> usize {
+    128 << 20
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            max_body_bytes: default_max_body(),
+            max_tensor_bytes: None,
+        }
+    }
+}
+
+impl ServeConfig {
+    /// The per-tensor limit in force.
+    pub fn tensor_limit(&self) -> usize {
+        self.max_tensor_bytes
+            .unwrap_or(self.max_body_bytes)
+            .min(self.max_body_bytes)
+    }
 }
 
 fn default_device_id() -> String {

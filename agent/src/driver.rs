@@ -273,6 +273,7 @@ pub async fn run(
         collector.clone(),
         sampler.clone(),
         outcome_tx,
+        cfg.serve,
     );
     let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();
     let http = tokio::spawn(async move {

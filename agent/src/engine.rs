@@ -7,10 +7,11 @@
 //! loads without an ONNX parser, which keeps the device binary small.
 
 use std::io::Read;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use modelcast_proto::manifest::{DataType, Manifest, ModelFormat, TensorData, TensorSpec};
+use modelcast_proto::manifest::{DataType, Dim, Manifest, ModelFormat, TensorData, TensorSpec};
 use modelcast_proto::report::Slot;
 use thiserror::Error;
 use tract_nnef::prelude::*;
@@ -54,75 +55,75 @@ pub enum EngineError {
 /// of a fresh plan are slow (allocation, caches), and they should not be live requests.
 pub const DEFAULT_WARMUP_RUNS: u32 = 3;
 
-/// Typed tensor values.
+/// A tensor's elements: little-endian bytes of one datatype (BOOL: 0 or 1 per byte). Every
+/// device modelcast builds for is little-endian, so these are also the bytes tract holds.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Values {
-    /// FP32.
-    F32(Vec<f32>),
-    /// INT64.
-    I64(Vec<i64>),
-    /// INT32.
-    I32(Vec<i32>),
+pub struct Values {
+    datatype: DataType,
+    bytes: Vec<u8>,
 }
 
+#[cfg(not(target_endian = "little"))]
+compile_error!("tensors travel as little-endian bytes; big-endian hosts are not supported");
+
 impl Values {
+    /// Elements of `datatype` from their little-endian bytes: a whole number of elements,
+    /// BOOL bytes 0 or 1.
+    pub fn new(datatype: DataType, bytes: Vec<u8>) -> Result<Self, EngineError> {
+        if !bytes.len().is_multiple_of(datatype.size()) {
+            return Err(EngineError::BadInput(format!(
+                "{} bytes are not a whole number of {datatype} elements",
+                bytes.len()
+            )));
+        }
+        if datatype == DataType::Bool && bytes.iter().any(|b| *b > 1) {
+            return Err(EngineError::BadInput("BOOL elements must be 0 or 1".into()));
+        }
+        Ok(Values { datatype, bytes })
+    }
+
+    /// FP32 values.
+    pub fn from_f32(values: &[f32]) -> Self {
+        Values {
+            datatype: DataType::Fp32,
+            bytes: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        }
+    }
+
+    /// Zeros of `datatype`.
+    pub fn zeros(datatype: DataType, elements: usize) -> Self {
+        Values {
+            datatype,
+            bytes: vec![0; elements * datatype.size()],
+        }
+    }
+
     /// Element count.
     pub fn len(&self) -> usize {
-        match self {
-            Values::F32(v) => v.len(),
-            Values::I64(v) => v.len(),
-            Values::I32(v) => v.len(),
-        }
+        self.bytes.len() / self.datatype.size()
     }
 
     /// Whether empty.
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.bytes.is_empty()
     }
 
     /// The element type.
     pub fn datatype(&self) -> DataType {
-        match self {
-            Values::F32(_) => DataType::Fp32,
-            Values::I64(_) => DataType::Int64,
-            Values::I32(_) => DataType::Int32,
-        }
+        self.datatype
     }
 
-    /// Converts JSON-ish numbers into `datatype`, rejecting values that do not fit.
-    pub fn from_f64(datatype: DataType, values: &[f64]) -> Result<Self, EngineError> {
-        let int = |v: f64| -> Result<i64, EngineError> {
-            if v.fract() != 0.0 || !v.is_finite() || v.abs() > 9.007e15 {
-                return Err(EngineError::BadInput(format!("{v} is not an integer")));
-            }
-            Ok(v as i64)
-        };
-        Ok(match datatype {
-            DataType::Fp32 => Values::F32(values.iter().map(|v| *v as f32).collect()),
-            DataType::Int64 => {
-                Values::I64(values.iter().map(|v| int(*v)).collect::<Result<_, _>>()?)
-            }
-            DataType::Int32 => Values::I32(
-                values
-                    .iter()
-                    .map(|v| {
-                        int(*v).and_then(|i| {
-                            i32::try_from(i)
-                                .map_err(|_| EngineError::BadInput(format!("{i} overflows INT32")))
-                        })
-                    })
-                    .collect::<Result<_, _>>()?,
-            ),
-        })
+    /// The little-endian element bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
     }
 
-    /// The values as f64, for JSON and comparisons.
+    /// The values as f64, for telemetry and comparisons (64-bit integers beyond 2^53 round).
     pub fn to_f64(&self) -> Vec<f64> {
-        match self {
-            Values::F32(v) => v.iter().map(|x| f64::from(*x)).collect(),
-            Values::I64(v) => v.iter().map(|x| *x as f64).collect(),
-            Values::I32(v) => v.iter().map(|x| f64::from(*x)).collect(),
-        }
+        self.bytes
+            .chunks_exact(self.datatype.size())
+            .map(|c| self.datatype.decode_f64(c))
+            .collect()
     }
 }
 
@@ -140,23 +141,44 @@ pub struct HostTensor {
 impl HostTensor {
     /// A manifest tensor (golden vector data) as a host tensor.
     pub fn from_data(t: &TensorData) -> Result<Self, EngineError> {
-        let values = t
-            .values()
+        let bytes = t
+            .bytes()
             .map_err(|e| EngineError::BadInput(e.to_string()))?;
         Ok(HostTensor {
             name: t.name.clone(),
             shape: t.shape.clone(),
-            values: Values::from_f64(t.datatype, &values)?,
+            values: Values::new(t.datatype, bytes)?,
         })
     }
 }
 
-fn datum(dt: DataType) -> DatumType {
+/// tract's type for a manifest type.
+pub fn datum(dt: DataType) -> DatumType {
     match dt {
-        DataType::Fp32 => DatumType::F32,
-        DataType::Int64 => DatumType::I64,
+        DataType::Bool => DatumType::Bool,
+        DataType::Uint8 => DatumType::U8,
+        DataType::Uint16 => DatumType::U16,
+        DataType::Uint32 => DatumType::U32,
+        DataType::Uint64 => DatumType::U64,
+        DataType::Int8 => DatumType::I8,
+        DataType::Int16 => DatumType::I16,
         DataType::Int32 => DatumType::I32,
+        DataType::Int64 => DatumType::I64,
+        DataType::Fp16 => DatumType::F16,
+        DataType::Fp32 => DatumType::F32,
+        DataType::Fp64 => DatumType::F64,
     }
+}
+
+/// The manifest type of a tract type (quantized types as their storage; tract's symbolic
+/// integers, concrete once run, as INT64), if it has one.
+pub fn datatype_of(dt: DatumType) -> Option<DataType> {
+    if dt == DatumType::TDim {
+        return Some(DataType::Int64);
+    }
+    DataType::ALL
+        .into_iter()
+        .find(|d| datum(*d) == dt.unquantized())
 }
 
 fn shape_usize(shape: &[u64]) -> Result<Vec<usize>, EngineError> {
@@ -168,13 +190,83 @@ fn shape_usize(shape: &[u64]) -> Result<Vec<usize>, EngineError> {
         .collect()
 }
 
+/// Plans kept per model when its inputs have symbolic dimensions.
+pub const DEFAULT_PLAN_CACHE: usize = 8;
+
+/// One optimized plan per concrete input shape, least recently used dropped first.
+struct PlanCache {
+    /// The decluttered model, its input dimensions still symbolic.
+    template: TypedModel,
+    /// For each manifest input, the symbol of each of its dimensions that has one.
+    symbols: Vec<Vec<Option<Symbol>>>,
+    /// Plans by the inputs' shapes (manifest order).
+    plans: std::sync::Mutex<lru::LruCache<Vec<Vec<u64>>, Arc<TypedRunnableModel>>>,
+}
+
+/// How a model runs.
+enum Plans {
+    /// Every input dimension fixed: one plan.
+    Fixed(Arc<TypedRunnableModel>),
+    /// Symbolic input dimensions: plans made on demand.
+    PerShape(Box<PlanCache>),
+}
+
+/// How a run found its plan, for `/metrics`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlanUse {
+    /// The plan was made for this request's shapes (a cache miss).
+    pub built: bool,
+    /// Plans held after the run (1 for a model of fixed shapes).
+    pub cached: usize,
+}
+
+/// What a serving model has answered, as Triton's statistics extension reports it.
+#[derive(Debug, Default)]
+pub struct RunStats {
+    /// Requests answered.
+    pub success: AtomicU64,
+    /// Their total time, ns.
+    pub success_ns: AtomicU64,
+    /// Requests the model failed (bad requests are not counted).
+    pub fail: AtomicU64,
+    /// Their total time, ns.
+    pub fail_ns: AtomicU64,
+    /// Runs that found their plan cached.
+    pub plan_hits: AtomicU64,
+    /// Runs that made a plan for their shapes.
+    pub plan_builds: AtomicU64,
+    /// When the last request was answered, ms since the Unix epoch.
+    pub last_ms: AtomicU64,
+}
+
+impl RunStats {
+    /// Counts one request.
+    pub fn record(&self, ok: bool, took: Duration, plan: Option<PlanUse>, now_ms: u64) {
+        let ns = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        let (n, t) = if ok {
+            (&self.success, &self.success_ns)
+        } else {
+            (&self.fail, &self.fail_ns)
+        };
+        n.fetch_add(1, Ordering::Relaxed);
+        t.fetch_add(ns, Ordering::Relaxed);
+        match plan {
+            Some(PlanUse { built: true, .. }) => self.plan_builds.fetch_add(1, Ordering::Relaxed),
+            Some(_) => self.plan_hits.fetch_add(1, Ordering::Relaxed),
+            None => 0,
+        };
+        self.last_ms.store(now_ms, Ordering::Relaxed);
+    }
+}
+
 /// A model loaded, optimized and checked, ready to serve from one slot.
 pub struct LoadedModel {
     manifest: Manifest,
     slot: Slot,
-    plan: Arc<TypedRunnableModel>,
+    plans: Plans,
     /// Position in the plan's inputs of each manifest input.
     input_positions: Vec<usize>,
+    stats: RunStats,
 }
 
 impl std::fmt::Debug for LoadedModel {
@@ -191,49 +283,67 @@ fn load_err(e: impl std::fmt::Display) -> EngineError {
     EngineError::Load(format!("{e:#}"))
 }
 
+fn optimize(model: TypedModel) -> Result<Arc<TypedRunnableModel>, EngineError> {
+    model
+        .into_optimized()
+        .map_err(load_err)?
+        .into_runnable()
+        .map_err(load_err)
+}
+
 impl LoadedModel {
-    /// Reads a model in the manifest's format, plans it for the manifest's input shapes and
-    /// optimizes it.
+    /// Reads a model in the manifest's format, plans it for the manifest's declared input
+    /// shapes and optimizes it, keeping up to [`DEFAULT_PLAN_CACHE`] plans.
     pub fn load(
         manifest: &Manifest,
         slot: Slot,
         reader: &mut dyn Read,
     ) -> Result<Self, EngineError> {
+        Self::load_with(manifest, slot, reader, DEFAULT_PLAN_CACHE)
+    }
+
+    /// [`LoadedModel::load`], keeping up to `plan_cache` plans (at least one) for models
+    /// whose inputs have symbolic dimensions.
+    pub fn load_with(
+        manifest: &Manifest,
+        slot: Slot,
+        reader: &mut dyn Read,
+        plan_cache: usize,
+    ) -> Result<Self, EngineError> {
         let (model, input_positions) = match manifest.model_format {
             ModelFormat::Nnef => read_nnef(manifest, reader)?,
             ModelFormat::Onnx => read_onnx(manifest, reader)?,
         };
-        let typed = model.into_optimized().map_err(load_err)?;
-        let outputs = typed.output_outlets().map_err(load_err)?.len();
-        if outputs != manifest.outputs.len() {
-            return Err(EngineError::Interface(format!(
-                "model has {outputs} outputs, manifest lists {}",
-                manifest.outputs.len()
-            )));
-        }
-        for (i, spec) in manifest.outputs.iter().enumerate() {
-            let fact = typed.output_fact(i).map_err(load_err)?;
-            if fact.datum_type != datum(spec.datatype) {
-                return Err(EngineError::Interface(format!(
-                    "output {} is {:?}, manifest says {:?}",
-                    spec.name, fact.datum_type, spec.datatype
-                )));
-            }
-            let shape: Option<Vec<usize>> = fact.shape.as_concrete().map(|s| s.to_vec());
-            if shape.as_deref() != Some(&shape_usize(&spec.shape)?[..]) {
-                return Err(EngineError::Interface(format!(
-                    "output {} has shape {:?}, manifest says {:?}",
-                    spec.name, fact.shape, spec.shape
-                )));
-            }
-        }
-        let plan = typed.into_runnable().map_err(load_err)?;
-        Ok(LoadedModel {
+        let symbols = input_symbols(manifest, &model, &input_positions)?;
+        check_output_types(manifest, &model)?;
+        let dynamic = symbols.iter().flatten().any(Option::is_some);
+        let plans = if dynamic {
+            let template = model.into_decluttered().map_err(load_err)?;
+            let capacity = std::num::NonZeroUsize::new(plan_cache.max(1)).expect("at least 1");
+            Plans::PerShape(Box::new(PlanCache {
+                template,
+                symbols,
+                plans: std::sync::Mutex::new(lru::LruCache::new(capacity)),
+            }))
+        } else {
+            let plan = optimize(model)?;
+            check_output_shapes(manifest, &plan)?;
+            Plans::Fixed(plan)
+        };
+        let loaded = LoadedModel {
             manifest: manifest.clone(),
             slot,
-            plan,
+            plans,
             input_positions,
-        })
+            stats: RunStats::default(),
+        };
+        if let Plans::PerShape(cache) = &loaded.plans {
+            // The declared shapes must plan, and the model must answer them as declared.
+            let declared: Vec<Vec<u64>> = manifest.inputs.iter().map(|i| i.shape.clone()).collect();
+            let (plan, _) = loaded.plan_for(cache, &declared)?;
+            check_output_shapes(manifest, &plan)?;
+        }
+        Ok(loaded)
     }
 
     /// The manifest this model was loaded from.
@@ -246,16 +356,88 @@ impl LoadedModel {
         self.slot
     }
 
+    /// What it has answered.
+    pub fn stats(&self) -> &RunStats {
+        &self.stats
+    }
+
+    /// Plans it holds now.
+    pub fn plans_cached(&self) -> usize {
+        match &self.plans {
+            Plans::Fixed(_) => 1,
+            Plans::PerShape(cache) => cache.plans.lock().map_or(0, |p| p.len()),
+        }
+    }
+
+    /// The plan for these input shapes (manifest order), made and cached on a miss.
+    fn plan_for(
+        &self,
+        cache: &PlanCache,
+        shapes: &[Vec<u64>],
+    ) -> Result<(Arc<TypedRunnableModel>, PlanUse), EngineError> {
+        let lock = || cache.plans.lock().unwrap_or_else(|p| p.into_inner());
+        {
+            let mut plans = lock();
+            if let Some(plan) = plans.get(shapes).cloned() {
+                let cached = plans.len();
+                return Ok((
+                    plan,
+                    PlanUse {
+                        built: false,
+                        cached,
+                    },
+                ));
+            }
+        }
+        let mut values: std::collections::HashMap<Symbol, TDim> = Default::default();
+        for ((spec, syms), shape) in self.manifest.inputs.iter().zip(&cache.symbols).zip(shapes) {
+            for (sym, &size) in syms.iter().zip(shape) {
+                let Some(sym) = sym else { continue };
+                let size = TDim::Val(size as i64);
+                match values.get(sym) {
+                    Some(bound) if *bound != size => {
+                        return Err(EngineError::BadInput(format!(
+                            "input {} gives dimension {sym} the size {size}, another input {bound}",
+                            spec.name
+                        )))
+                    }
+                    _ => {
+                        values.insert(sym.clone(), size);
+                    }
+                }
+            }
+        }
+        // A shape the ranges allow but the model cannot compute (a width that does not divide
+        // its strides, say) is the request's fault, not the model's.
+        let plan = cache
+            .template
+            .set_symbols(&values)
+            .and_then(|m| m.into_optimized())
+            .and_then(|m| m.into_runnable())
+            .map_err(|e| {
+                EngineError::BadInput(format!("the model cannot run shapes {shapes:?}: {e:#}"))
+            })?;
+        let mut plans = lock();
+        plans.put(shapes.to_vec(), plan.clone());
+        Ok((
+            plan,
+            PlanUse {
+                built: true,
+                cached: plans.len(),
+            },
+        ))
+    }
+
     /// Runs one request. Inputs are matched by name and checked against the manifest.
     pub fn run(&self, inputs: &[HostTensor]) -> Result<Vec<HostTensor>, EngineError> {
-        let mut ordered: Vec<Option<TValue>> = vec![None; self.input_positions.len()];
-        for (spec, pos) in self.manifest.inputs.iter().zip(&self.input_positions) {
-            let given = inputs
-                .iter()
-                .find(|t| t.name == spec.name)
-                .ok_or_else(|| EngineError::BadInput(format!("missing input {:?}", spec.name)))?;
-            ordered[*pos] = Some(to_tract(spec, given)?);
-        }
+        self.run_counted(inputs).map(|(outputs, _)| outputs)
+    }
+
+    /// [`LoadedModel::run`], saying how it found its plan.
+    pub fn run_counted(
+        &self,
+        inputs: &[HostTensor],
+    ) -> Result<(Vec<HostTensor>, PlanUse), EngineError> {
         if inputs.len() != self.manifest.inputs.len() {
             return Err(EngineError::BadInput(format!(
                 "{} inputs given, model takes {}",
@@ -263,19 +445,39 @@ impl LoadedModel {
                 self.manifest.inputs.len()
             )));
         }
+        let mut ordered: Vec<Option<TValue>> = vec![None; self.input_positions.len()];
+        let mut shapes = Vec::with_capacity(inputs.len());
+        for (spec, pos) in self.manifest.inputs.iter().zip(&self.input_positions) {
+            let given = inputs
+                .iter()
+                .find(|t| t.name == spec.name)
+                .ok_or_else(|| EngineError::BadInput(format!("missing input {:?}", spec.name)))?;
+            ordered[*pos] = Some(to_tract(spec, given)?);
+            shapes.push(given.shape.clone());
+        }
+        let (plan, used) = match &self.plans {
+            Plans::Fixed(plan) => (
+                plan.clone(),
+                PlanUse {
+                    built: false,
+                    cached: 1,
+                },
+            ),
+            Plans::PerShape(cache) => self.plan_for(cache, &shapes)?,
+        };
         let values: TVec<TValue> = ordered
             .into_iter()
             .map(|v| v.expect("every position filled"))
             .collect();
-        let outputs = self
-            .plan
+        let outputs = plan
             .run(values)
             .map_err(|e| EngineError::Run(format!("{e:#}")))?;
-        outputs
+        let outputs = outputs
             .iter()
             .zip(&self.manifest.outputs)
             .map(|(t, spec)| from_tract(spec, t))
-            .collect()
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((outputs, used))
     }
 
     /// Runs every golden vector of the manifest; any difference beyond tolerance, or a
@@ -322,7 +524,7 @@ impl LoadedModel {
         Ok(())
     }
 
-    /// Warm-up input: the first golden vector's, or zeros of every input's shape.
+    /// Warm-up input: the first golden vector's, or zeros of every input's declared shape.
     fn warmup_inputs(&self) -> Result<Vec<HostTensor>, EngineError> {
         if let Some(golden) = self.manifest.golden.first() {
             return golden.inputs.iter().map(HostTensor::from_data).collect();
@@ -337,7 +539,7 @@ impl LoadedModel {
                 Ok(HostTensor {
                     name: spec.name.clone(),
                     shape: spec.shape.clone(),
-                    values: Values::from_f64(spec.datatype, &vec![0.0; n])?,
+                    values: Values::zeros(spec.datatype, n),
                 })
             })
             .collect()
@@ -412,7 +614,108 @@ fn input_positions(manifest: &Manifest, names: &[String]) -> Result<Vec<usize>, 
         .collect()
 }
 
-/// Reads an NNEF tar; its inputs must already have the manifest's types and shapes.
+fn input_names(model: &TypedModel) -> Result<Vec<String>, EngineError> {
+    Ok(model
+        .input_outlets()
+        .map_err(load_err)?
+        .iter()
+        .map(|o| model.node(o.node).name.clone())
+        .collect())
+}
+
+/// Checks each model input against its manifest spec (type, rank, fixed dimensions) and
+/// returns the symbol of each dimension the manifest bounds.
+fn input_symbols(
+    manifest: &Manifest,
+    model: &TypedModel,
+    positions: &[usize],
+) -> Result<Vec<Vec<Option<Symbol>>>, EngineError> {
+    manifest
+        .inputs
+        .iter()
+        .zip(positions)
+        .map(|(spec, pos)| {
+            let fact = model.input_fact(*pos).map_err(load_err)?;
+            let mismatch = || {
+                EngineError::Interface(format!(
+                    "input {} is {:?} {:?}, manifest says {} {}",
+                    spec.name,
+                    fact.datum_type,
+                    fact.shape,
+                    spec.datatype,
+                    spec.describe_shape()
+                ))
+            };
+            if fact.datum_type.unquantized() != datum(spec.datatype)
+                || fact.shape.rank() != spec.shape.len()
+            {
+                return Err(mismatch());
+            }
+            fact.shape
+                .iter()
+                .enumerate()
+                .map(|(axis, dim)| match (dim, spec.dim(axis)) {
+                    (TDim::Val(v), Some(Dim::Fixed(f))) if *v >= 0 && *v as u64 == f => Ok(None),
+                    (TDim::Sym(s), Some(Dim::Range(_))) => Ok(Some(s.clone())),
+                    _ => Err(mismatch()),
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Checks the model's output count and types against the manifest.
+fn check_output_types(manifest: &Manifest, model: &TypedModel) -> Result<(), EngineError> {
+    let outputs = model.output_outlets().map_err(load_err)?.len();
+    if outputs != manifest.outputs.len() {
+        return Err(EngineError::Interface(format!(
+            "model has {outputs} outputs, manifest lists {}",
+            manifest.outputs.len()
+        )));
+    }
+    for (i, spec) in manifest.outputs.iter().enumerate() {
+        let fact = model.output_fact(i).map_err(load_err)?;
+        if datatype_of(fact.datum_type) != Some(spec.datatype) {
+            return Err(EngineError::Interface(format!(
+                "output {} is {:?}, manifest says {}",
+                spec.name, fact.datum_type, spec.datatype
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Checks a plan's output shapes at the declared input shapes against the manifest.
+fn check_output_shapes(manifest: &Manifest, plan: &TypedRunnableModel) -> Result<(), EngineError> {
+    let model = plan.model();
+    for (i, spec) in manifest.outputs.iter().enumerate() {
+        let fact = model.output_fact(i).map_err(load_err)?;
+        let Some(shape) = fact.shape.as_concrete() else {
+            // Data-dependent (a detector's box count): checked when it runs.
+            continue;
+        };
+        let fits = shape.len() == spec.shape.len()
+            && shape
+                .iter()
+                .enumerate()
+                .all(|(axis, &d)| match spec.dim(axis) {
+                    Some(Dim::Fixed(f)) => d as u64 == f,
+                    Some(_) => true,
+                    None => false,
+                });
+        if !fits {
+            return Err(EngineError::Interface(format!(
+                "output {} has shape {:?}, manifest says {}",
+                spec.name,
+                fact.shape,
+                spec.describe_shape()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Reads an NNEF tar; its inputs must have the manifest's types and dimensions.
 fn read_nnef(
     manifest: &Manifest,
     reader: &mut dyn Read,
@@ -421,29 +724,12 @@ fn read_nnef(
     #[cfg(feature = "onnx-ops")]
     let nnef = tract_onnx_opl::WithOnnx::with_onnx(nnef);
     let model = nnef.model_for_read(reader).map_err(load_err)?;
-    let names: Vec<String> = model
-        .input_outlets()
-        .map_err(load_err)?
-        .iter()
-        .map(|o| model.node(o.node).name.clone())
-        .collect();
-    let positions = input_positions(manifest, &names)?;
-    for (spec, pos) in manifest.inputs.iter().zip(&positions) {
-        let fact = model.input_fact(*pos).map_err(load_err)?;
-        let shape: Option<Vec<usize>> = fact.shape.as_concrete().map(|s| s.to_vec());
-        if fact.datum_type != datum(spec.datatype)
-            || shape.as_deref() != Some(&shape_usize(&spec.shape)?[..])
-        {
-            return Err(EngineError::Interface(format!(
-                "input {} is {:?} {:?}, manifest says {:?} {:?}",
-                spec.name, fact.datum_type, fact.shape, spec.datatype, spec.shape
-            )));
-        }
-    }
+    let positions = input_positions(manifest, &input_names(&model)?)?;
     Ok((model, positions))
 }
 
-/// Reads an ONNX protobuf and types it for the manifest's input shapes.
+/// Reads an ONNX protobuf and types it for the manifest's input types and dimensions (each
+/// bounded dimension a symbol of the manifest's name for it).
 #[cfg(feature = "onnx")]
 fn read_onnx(
     manifest: &Manifest,
@@ -462,9 +748,14 @@ fn read_onnx(
         .collect();
     let positions = input_positions(manifest, &names)?;
     for (spec, pos) in manifest.inputs.iter().zip(&positions) {
-        let shape = shape_usize(&spec.shape)?;
+        let dims: Vec<TDim> = (0..spec.shape.len())
+            .map(|axis| match spec.dim(axis) {
+                Some(Dim::Range(r)) => model.symbols.sym(&r.symbol).into(),
+                _ => TDim::Val(spec.shape[axis] as i64),
+            })
+            .collect();
         model
-            .set_input_fact(*pos, InferenceFact::dt_shape(datum(spec.datatype), shape))
+            .set_input_fact(*pos, InferenceFact::dt_shape(datum(spec.datatype), dims))
             .map_err(load_err)?;
     }
     Ok((model.into_typed().map_err(load_err)?, positions))
@@ -484,67 +775,58 @@ fn read_onnx(
 }
 
 fn to_tract(spec: &TensorSpec, t: &HostTensor) -> Result<TValue, EngineError> {
-    if t.shape != spec.shape {
-        return Err(EngineError::BadInput(format!(
-            "input {} has shape {:?}, model takes {:?}",
-            spec.name, t.shape, spec.shape
-        )));
-    }
+    spec.accepts(&t.shape).map_err(EngineError::BadInput)?;
     if t.values.datatype() != spec.datatype {
         return Err(EngineError::BadInput(format!(
-            "input {} is {:?}, model takes {:?}",
+            "input {} is {}, model takes {}",
             spec.name,
             t.values.datatype(),
             spec.datatype
         )));
     }
     let shape = shape_usize(&t.shape)?;
-    if spec.elements() != Some(t.values.len()) {
+    if modelcast_proto::manifest::elements(&t.shape) != Some(t.values.len()) {
         return Err(EngineError::BadInput(format!(
             "input {} has {} values for shape {:?}",
             spec.name,
             t.values.len(),
-            spec.shape
+            t.shape
         )));
     }
-    let tensor = match &t.values {
-        Values::F32(v) => Tensor::from_shape(&shape, v),
-        Values::I64(v) => Tensor::from_shape(&shape, v),
-        Values::I32(v) => Tensor::from_shape(&shape, v),
-    }
-    .map_err(|e| EngineError::BadInput(e.to_string()))?;
+    // SAFETY: the type is a plain number or BOOL (whose bytes `Values::new` checked to be 0
+    // or 1), so any whole number of elements' bytes is a valid tensor; tract checks that
+    // the bytes fill the shape before it allocates.
+    let tensor = unsafe { Tensor::from_raw_dt(datum(spec.datatype), &shape, t.values.bytes()) }
+        .map_err(|e| EngineError::BadInput(format!("{e:#}")))?;
     Ok(tensor.into())
 }
 
 fn from_tract(spec: &TensorSpec, t: &Tensor) -> Result<HostTensor, EngineError> {
-    let run = |e: TractError| EngineError::Run(format!("{e:#}"));
-    let values = match spec.datatype {
-        DataType::Fp32 => Values::F32(
-            t.to_plain_array_view::<f32>()
-                .map_err(run)?
-                .iter()
-                .copied()
-                .collect(),
-        ),
-        DataType::Int64 => Values::I64(
-            t.to_plain_array_view::<i64>()
-                .map_err(run)?
-                .iter()
-                .copied()
-                .collect(),
-        ),
-        DataType::Int32 => Values::I32(
-            t.to_plain_array_view::<i32>()
-                .map_err(run)?
-                .iter()
-                .copied()
-                .collect(),
-        ),
+    if datatype_of(t.datum_type()) != Some(spec.datatype) {
+        return Err(EngineError::Run(format!(
+            "output {} came out {:?}, manifest says {}",
+            spec.name,
+            t.datum_type(),
+            spec.datatype
+        )));
+    }
+    let as_i64;
+    let t = if t.datum_type() == DatumType::TDim {
+        as_i64 = t
+            .cast_to::<i64>()
+            .map_err(|e| EngineError::Run(format!("output {}: {e:#}", spec.name)))?;
+        &*as_i64
+    } else {
+        t
     };
+    let bytes = t
+        .as_plain_ram()
+        .map(|_| t.as_bytes().to_vec())
+        .ok_or_else(|| EngineError::Run(format!("output {} is not in memory", spec.name)))?;
     Ok(HostTensor {
         name: spec.name.clone(),
         shape: t.shape().iter().map(|d| *d as u64).collect(),
-        values,
+        values: Values::new(spec.datatype, bytes)?,
     })
 }
 
@@ -568,7 +850,7 @@ mod tests {
         vec![HostTensor {
             name: "x".into(),
             shape: vec![1, 4],
-            values: Values::F32(vec![0.5, -1.0, 2.0, 0.25]),
+            values: Values::from_f32(&[0.5, -1.0, 2.0, 0.25]),
         }]
     }
 

@@ -6,7 +6,9 @@
 //! - [`transfer`]: the sans-IO chunk download of one artifact.
 //! - [`update`]: the sans-IO update sequence of every model (download → staging → swap →
 //!   trial → commit or rollback).
-//! - [`engine`]: tract — load, optimize for concrete shapes, golden check, run.
+//! - [`engine`]: tract — load, one optimized plan per concrete input shape (bounded cache),
+//!   golden check, run; tensors of every KServe v2 numeric type as little-endian bytes.
+//! - [`kserve`]: the sans-IO Open Inference Protocol codec (JSON and binary tensors).
 //! - [`serve`]: the local Open Inference Protocol (KServe v2) API over the serving models.
 //! - [`link`]: MQTT (rumqttc): connect, last will, subscriptions, events in, publishes out.
 //! - [`driver`]: the one loop that feeds events to the update logic and acts on it.
@@ -16,6 +18,7 @@ pub mod artifacts;
 pub mod config;
 pub mod driver;
 pub mod engine;
+pub mod kserve;
 pub mod link;
 pub mod memory;
 pub mod metrics;

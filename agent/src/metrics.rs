@@ -163,6 +163,19 @@ pub struct Metrics {
     telemetry_queued: Gauge<u64, AtomicU64>,
     telemetry_queued_bytes: Gauge<u64, AtomicU64>,
     telemetry_dropped: Gauge<u64, AtomicU64>,
+    plan_runs: Family<PlanLabels, Counter>,
+    plans_cached: Family<SlotLabels, Gauge>,
+}
+
+/// How a run found its plan.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PlanLabels {
+    /// Model name.
+    pub model: String,
+    /// `a` or `b`.
+    pub slot: String,
+    /// `hit` (cached) or `miss` (made for the request's shapes).
+    pub result: String,
 }
 
 impl Default for Metrics {
@@ -262,8 +275,22 @@ impl Metrics {
             "Telemetry reports the queue dropped (oldest first) to keep its bounds, ever",
             telemetry_dropped.clone(),
         );
+        let plan_runs = Family::<PlanLabels, Counter>::default();
+        registry.register(
+            "plan_cache_runs",
+            "Inference runs by whether the optimized plan for their input shapes was cached",
+            plan_runs.clone(),
+        );
+        let plans_cached = Family::<SlotLabels, Gauge>::default();
+        registry.register(
+            "plan_cache_plans",
+            "Optimized plans a model holds, one per input shape seen (bounded, least recently used dropped)",
+            plans_cached.clone(),
+        );
         Metrics {
             registry,
+            plan_runs,
+            plans_cached,
             telemetry_queued,
             telemetry_queued_bytes,
             telemetry_dropped,
@@ -287,6 +314,20 @@ impl Metrics {
         self.latency
             .get_or_create(labels)
             .observe(took.as_secs_f64());
+    }
+
+    /// Counts how a run found its plan.
+    pub fn plans(&self, labels: &SlotLabels, used: crate::engine::PlanUse) {
+        self.plan_runs
+            .get_or_create(&PlanLabels {
+                model: labels.model.clone(),
+                slot: labels.slot.clone(),
+                result: if used.built { "miss" } else { "hit" }.into(),
+            })
+            .inc();
+        self.plans_cached
+            .get_or_create(labels)
+            .set(i64::try_from(used.cached).unwrap_or(i64::MAX));
     }
 
     /// Counts one failed inference.

@@ -18,7 +18,7 @@ use modelcast_proto::manifest::TensorData;
 use modelcast_proto::report::Slot;
 use modelcast_proto::telemetry::{Sample, MAX_REPORT_SAMPLE_BYTES};
 
-use crate::engine::{HostTensor, Values};
+use crate::engine::HostTensor;
 
 /// Most bytes of samples held in memory between two moves to the store; beyond it new samples
 /// are dropped (and counted).
@@ -54,16 +54,11 @@ pub fn sample_bytes(s: &Sample) -> usize {
 
 /// Packs a host tensor as little-endian hex, the manifest's tensor encoding.
 fn pack(t: &HostTensor) -> TensorData {
-    let bytes: Vec<u8> = match &t.values {
-        Values::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        Values::I64(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        Values::I32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-    };
     TensorData {
         name: t.name.clone(),
         datatype: t.values.datatype(),
         shape: t.shape.clone(),
-        data: hex::encode(bytes),
+        data: hex::encode(t.values.bytes()),
     }
 }
 
@@ -162,7 +157,7 @@ mod tests {
         HostTensor {
             name: "x".into(),
             shape: vec![1, values.len() as u64],
-            values: Values::F32(values),
+            values: crate::engine::Values::from_f32(&values),
         }
     }
 

@@ -1,5 +1,6 @@
-//! The local inference API — the Open Inference Protocol (KServe v2) with JSON tensors — over
-//! the set of serving models.
+//! The local inference API — the Open Inference Protocol (KServe v2) as Triton speaks it: JSON
+//! and binary tensors (`kserve.rs` is the codec), model metadata, configuration, readiness and
+//! statistics per version — over the set of serving models.
 //!
 //! [`Models`] holds the serving model of each name behind one `ArcSwap`: a swap is a single
 //! atomic pointer exchange, and a request that already holds an `Arc` to the old model
@@ -9,17 +10,18 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
 use modelcast_proto::manifest::{DataType, TensorSpec};
-use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::engine::{EngineError, HostTensor, LoadedModel, Values};
+use crate::config::ServeConfig;
+use crate::engine::{EngineError, LoadedModel};
+use crate::kserve;
 use crate::metrics::{ErrorKind, Metrics, SlotLabels};
 use crate::sampling::Sampler;
 use crate::telemetry::{Collector, Summary};
@@ -39,9 +41,6 @@ pub struct RequestOutcome {
     /// Time to run it.
     pub latency: std::time::Duration,
 }
-
-/// Most elements accepted in one request tensor.
-const MAX_ELEMENTS: usize = 16 * 1024 * 1024;
 
 /// The serving model of each name.
 #[derive(Default)]
@@ -81,36 +80,65 @@ struct Api {
     telemetry: Arc<Collector>,
     sampler: Arc<Sampler>,
     outcomes: mpsc::Sender<RequestOutcome>,
+    max_tensor_bytes: usize,
 }
 
 /// The KServe v2 routes and `GET /metrics`; request outcomes go to `outcomes`, and the
-/// requests `sampler` draws are kept whole.
+/// requests `sampler` draws are kept whole. Bodies over `limits.max_body_bytes` get a 413.
 pub fn router(
     models: Arc<Models>,
     metrics: Arc<Metrics>,
     telemetry: Arc<Collector>,
     sampler: Arc<Sampler>,
     outcomes: mpsc::Sender<RequestOutcome>,
+    limits: ServeConfig,
 ) -> Router {
     Router::new()
         .route("/metrics", get(prometheus))
         .route("/v2", get(server_metadata))
         .route("/v2/health/live", get(|| async { StatusCode::OK }))
         .route("/v2/health/ready", get(ready))
+        .route("/v2/repository/index", post(repository_index))
+        .route(
+            "/v2/repository/models/{name}/{action}",
+            post(|| async {
+                error(
+                    StatusCode::BAD_REQUEST,
+                    "models are loaded and unloaded by the fleet (modelcast deploy), not by clients",
+                )
+            }),
+        )
+        .route("/v2/models/stats", get(all_stats))
         .route("/v2/models/{name}", get(model_metadata))
         .route("/v2/models/{name}/ready", get(model_ready))
+        .route("/v2/models/{name}/config", get(model_config))
+        .route("/v2/models/{name}/stats", get(model_stats))
         .route("/v2/models/{name}/infer", post(infer))
         .route(
             "/v2/models/{name}/versions/{version}",
             get(model_metadata_v),
         )
+        .route(
+            "/v2/models/{name}/versions/{version}/ready",
+            get(model_ready_v),
+        )
+        .route(
+            "/v2/models/{name}/versions/{version}/config",
+            get(model_config_v),
+        )
+        .route(
+            "/v2/models/{name}/versions/{version}/stats",
+            get(model_stats_v),
+        )
         .route("/v2/models/{name}/versions/{version}/infer", post(infer_v))
+        .layer(DefaultBodyLimit::max(limits.max_body_bytes))
         .with_state(Api {
             models,
             metrics,
             telemetry,
             sampler,
             outcomes,
+            max_tensor_bytes: limits.tensor_limit(),
         })
 }
 
@@ -133,7 +161,7 @@ async fn server_metadata() -> Json<Value> {
     Json(json!({
         "name": "modelcast-agent",
         "version": env!("CARGO_PKG_VERSION"),
-        "extensions": [],
+        "extensions": kserve::EXTENSIONS,
     }))
 }
 
@@ -153,10 +181,51 @@ async fn model_ready(State(api): State<Api>, Path(name): Path<String>) -> Status
     }
 }
 
+async fn model_ready_v(
+    State(api): State<Api>,
+    Path((name, version)): Path<(String, String)>,
+) -> StatusCode {
+    if lookup(&api, &name, Some(&version)).is_ok() {
+        StatusCode::OK
+    } else {
+        StatusCode::NOT_FOUND
+    }
+}
+
+/// The serving models, as Triton's repository index lists them.
+async fn repository_index(State(api): State<Api>) -> Json<Value> {
+    let models: Vec<Value> = api
+        .models
+        .names()
+        .iter()
+        .filter_map(|n| api.models.get(n))
+        .map(|m| {
+            json!({
+                "name": m.manifest().name,
+                "version": m.manifest().version.to_string(),
+                "state": "READY",
+            })
+        })
+        .collect();
+    Json(Value::Array(models))
+}
+
 fn spec_json(specs: &[TensorSpec]) -> Vec<Value> {
     specs
         .iter()
-        .map(|s| json!({ "name": s.name, "datatype": s.datatype, "shape": s.shape }))
+        .map(|s| json!({ "name": s.name, "datatype": s.datatype, "shape": s.metadata_shape() }))
+        .collect()
+}
+
+/// Triton's name for a type in a model configuration.
+fn config_type(dt: DataType) -> String {
+    format!("TYPE_{}", dt.name())
+}
+
+fn config_json(specs: &[TensorSpec]) -> Vec<Value> {
+    specs
+        .iter()
+        .map(|s| json!({ "name": s.name, "data_type": config_type(s.datatype), "dims": s.metadata_shape() }))
         .collect()
 }
 
@@ -206,118 +275,192 @@ fn metadata(api: &Api, name: &str, version: Option<&str>) -> Response {
     }
 }
 
-#[derive(Deserialize)]
-struct InferRequest {
-    #[serde(default)]
-    id: Option<String>,
-    inputs: Vec<RequestInput>,
+async fn model_config(State(api): State<Api>, Path(name): Path<String>) -> Response {
+    config(&api, &name, None)
 }
 
-#[derive(Deserialize)]
-struct RequestInput {
-    name: String,
-    shape: Vec<u64>,
-    datatype: DataType,
-    data: Value,
+async fn model_config_v(
+    State(api): State<Api>,
+    Path((name, version)): Path<(String, String)>,
+) -> Response {
+    config(&api, &name, Some(&version))
 }
 
-fn flatten(value: &Value, out: &mut Vec<f64>) -> Result<(), String> {
-    match value {
-        Value::Array(items) => {
-            for item in items {
-                flatten(item, out)?;
-                if out.len() > MAX_ELEMENTS {
-                    return Err(format!("more than {MAX_ELEMENTS} elements"));
-                }
-            }
-            Ok(())
+/// The model's configuration in the shape of Triton's: the batch dimension, where a model has
+/// one, is part of `dims` (`max_batch_size` 0), as for a Triton model without implicit
+/// batching.
+fn config(api: &Api, name: &str, version: Option<&str>) -> Response {
+    match lookup(api, name, version) {
+        Ok(model) => {
+            let m = model.manifest();
+            Json(json!({
+                "name": m.name,
+                "platform": "onnx_tract",
+                "backend": "tract",
+                "version_policy": { "specific": { "versions": [m.version.to_string()] } },
+                "max_batch_size": 0,
+                "input": config_json(&m.inputs),
+                "output": config_json(&m.outputs),
+                "parameters": m.metadata.iter().map(|(k, v)| (k.clone(), json!({ "string_value": v }))).collect::<serde_json::Map<_, _>>(),
+            }))
+            .into_response()
         }
-        Value::Number(n) => {
-            out.push(n.as_f64().ok_or("number out of range")?);
-            Ok(())
-        }
-        Value::Bool(b) => {
-            out.push(if *b { 1.0 } else { 0.0 });
-            Ok(())
-        }
-        other => Err(format!("tensor data must be numbers, found {other}")),
+        Err(e) => error(StatusCode::NOT_FOUND, e),
     }
 }
 
-/// Parses a KServe v2 JSON inference request (untrusted bytes from local clients) into the
-/// request id and its input tensors.
-pub fn parse_request(body: &[u8]) -> Result<(Option<String>, Vec<HostTensor>), String> {
-    let req: InferRequest =
-        serde_json::from_slice(body).map_err(|e| format!("invalid request: {e}"))?;
-    let mut tensors = Vec::with_capacity(req.inputs.len());
-    for input in req.inputs {
-        let mut flat = Vec::new();
-        flatten(&input.data, &mut flat).map_err(|e| format!("input {}: {e}", input.name))?;
-        let values = Values::from_f64(input.datatype, &flat)
-            .map_err(|e| format!("input {}: {e}", input.name))?;
-        tensors.push(HostTensor {
-            name: input.name,
-            shape: input.shape,
-            values,
-        });
-    }
-    Ok((req.id, tensors))
+fn duration_json(count: u64, ns: u64) -> Value {
+    json!({ "count": count, "ns": ns })
 }
 
-async fn infer(State(api): State<Api>, Path(name): Path<String>, body: Bytes) -> Response {
-    run_infer(api, name, None, body).await
+fn stats_json(model: &LoadedModel) -> Value {
+    use std::sync::atomic::Ordering::Relaxed;
+    let s = model.stats();
+    let (ok, ok_ns) = (s.success.load(Relaxed), s.success_ns.load(Relaxed));
+    let (fail, fail_ns) = (s.fail.load(Relaxed), s.fail_ns.load(Relaxed));
+    json!({
+        "name": model.manifest().name,
+        "version": model.manifest().version.to_string(),
+        "last_inference": s.last_ms.load(Relaxed),
+        "inference_count": ok,
+        "execution_count": ok,
+        "inference_stats": {
+            "success": duration_json(ok, ok_ns),
+            "fail": duration_json(fail, fail_ns),
+            "queue": duration_json(0, 0),
+            "compute_input": duration_json(0, 0),
+            "compute_infer": duration_json(ok, ok_ns),
+            "compute_output": duration_json(0, 0),
+            "cache_hit": duration_json(s.plan_hits.load(Relaxed), 0),
+            "cache_miss": duration_json(s.plan_builds.load(Relaxed), 0),
+        },
+        "batch_stats": [],
+    })
+}
+
+async fn all_stats(State(api): State<Api>) -> Json<Value> {
+    let stats: Vec<Value> = api
+        .models
+        .names()
+        .iter()
+        .filter_map(|n| api.models.get(n))
+        .map(|m| stats_json(&m))
+        .collect();
+    Json(json!({ "model_stats": stats }))
+}
+
+async fn model_stats(State(api): State<Api>, Path(name): Path<String>) -> Response {
+    stats(&api, &name, None)
+}
+
+async fn model_stats_v(
+    State(api): State<Api>,
+    Path((name, version)): Path<(String, String)>,
+) -> Response {
+    stats(&api, &name, Some(&version))
+}
+
+fn stats(api: &Api, name: &str, version: Option<&str>) -> Response {
+    match lookup(api, name, version) {
+        Ok(model) => Json(json!({ "model_stats": [stats_json(&model)] })).into_response(),
+        Err(e) => error(StatusCode::NOT_FOUND, e),
+    }
+}
+
+async fn infer(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    run_infer(api, name, None, headers, body).await
 }
 
 async fn infer_v(
     State(api): State<Api>,
     Path((name, version)): Path<(String, String)>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    run_infer(api, name, Some(version), body).await
+    run_infer(api, name, Some(version), headers, body).await
 }
 
-async fn run_infer(api: Api, name: String, version: Option<String>, body: Bytes) -> Response {
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+async fn run_infer(
+    api: Api,
+    name: String,
+    version: Option<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let model = match lookup(&api, &name, version.as_deref()) {
         Ok(m) => m,
         Err(e) => return error(StatusCode::NOT_FOUND, e),
     };
     let labels = SlotLabels::new(&model.manifest().name, model.slot());
-    let (id, inputs) = match parse_request(&body) {
-        Ok(r) => r,
-        Err(e) => {
-            api.metrics.inference_error(&labels, ErrorKind::BadRequest);
-            return error(StatusCode::BAD_REQUEST, e);
-        }
+    let bad = |e: String| {
+        api.metrics.inference_error(&labels, ErrorKind::BadRequest);
+        error(StatusCode::BAD_REQUEST, e)
     };
+    let header_length = match headers.get(kserve::HEADER_LENGTH) {
+        None => None,
+        Some(v) => match v.to_str().ok().and_then(|s| s.trim().parse::<usize>().ok()) {
+            Some(n) => Some(n),
+            None => return bad(format!("{} is not a length", kserve::HEADER_LENGTH)),
+        },
+    };
+    let max_tensor = api.max_tensor_bytes;
+    // Decoding a large request is work too: off the runtime's workers, with the run.
     let served = model.clone();
-    let sampler = api.sampler.draw(&name).then(|| api.sampler.clone());
-    // The model's own time, measured on the blocking thread: waiting for a thread or a core
-    // is the host's load, not the model's speed, and would blur the comparison probation makes.
-    // Telemetry's summary of the outputs (and a sample, if drawn) is made here too, off the
-    // runtime's workers.
+    let sampler = api.sampler.clone();
     let run = tokio::task::spawn_blocking(move || {
+        let request = kserve::parse_request(&body, header_length, max_tensor)?;
+        drop(body);
+        let drawn = sampler.draw(&name);
         let started = std::time::Instant::now();
-        let outputs = served.run(&inputs);
+        let outputs = served.run_counted(&request.inputs);
         let took = started.elapsed();
-        let summary = outputs.as_ref().ok().map(|o| Summary::of(o));
-        if let (Some(sampler), Ok(outputs)) = (sampler, &outputs) {
+        let summary = outputs.as_ref().ok().map(|(o, _)| Summary::of(o));
+        if let (true, Ok((outputs, _))) = (drawn, &outputs) {
             let m = served.manifest();
-            sampler.keep(&m.name, m.version, served.slot(), &inputs, outputs);
+            sampler.keep(&m.name, m.version, served.slot(), &request.inputs, outputs);
         }
-        (outputs, took, summary)
+        let response = match &outputs {
+            Ok((outputs, _)) => Some(kserve::select_outputs(outputs, &request).map(|chosen| {
+                let m = served.manifest();
+                kserve::encode_response(&m.name, m.version, &request, &chosen)
+            })),
+            Err(_) => None,
+        };
+        Ok::<_, kserve::CodecError>((outputs.map(|(_, used)| used), response, took, summary))
     });
-    let (result, latency, summary) = match run.await {
-        Ok((outputs, latency, summary)) => (Ok(outputs), latency, summary),
-        Err(e) => (Err(e), std::time::Duration::ZERO, None),
+    let (result, response, latency, summary) = match run.await {
+        Ok(Ok((outputs, response, latency, summary))) => (Ok(outputs), response, latency, summary),
+        Ok(Err(e)) => return bad(e.to_string()),
+        Err(e) => (Err(e), None, std::time::Duration::ZERO, None),
     };
     // A bad request says nothing about the model.
     if !matches!(&result, Ok(Err(EngineError::BadInput(_)))) {
+        let ok = matches!(&result, Ok(Ok(_)));
         let _ = api.outcomes.try_send(RequestOutcome {
             model: model.manifest().name.clone(),
             slot: model.slot(),
-            ok: matches!(&result, Ok(Ok(_))),
+            ok,
             latency,
         });
+        let plan = match &result {
+            Ok(Ok(used)) => Some(*used),
+            _ => None,
+        };
+        model.stats().record(ok, latency, plan, now_ms());
+        if let Some(used) = plan {
+            api.metrics.plans(&labels, used);
+        }
     }
     let (name, slot, version) = (
         &model.manifest().name,
@@ -329,76 +472,50 @@ async fn run_infer(api: Api, name: String, version: Option<String>, body: Bytes)
         (Ok(Err(EngineError::BadInput(_))), _) => {}
         _ => api.telemetry.failed(name, slot, version),
     }
-    match result {
-        Ok(Ok(outputs)) => {
+    match (result, response) {
+        (Ok(Ok(_)), Some(Ok(response))) => {
             api.metrics.inference(&labels, latency);
-            let outputs: Vec<Value> = outputs
-                .iter()
-                .map(|t| {
-                    json!({
-                        "name": t.name,
-                        "datatype": t.values.datatype(),
-                        "shape": t.shape,
-                        "data": t.values.to_f64(),
-                    })
-                })
-                .collect();
-            let mut body = json!({
-                "model_name": model.manifest().name,
-                "model_version": model.manifest().version.to_string(),
-                "outputs": outputs,
-            });
-            if let Some(id) = id {
-                body["id"] = json!(id);
+            match response.header_length {
+                Some(n) => (
+                    [
+                        (
+                            axum::http::header::CONTENT_TYPE,
+                            "application/octet-stream".to_string(),
+                        ),
+                        (
+                            axum::http::HeaderName::from_static(kserve::HEADER_LENGTH),
+                            n.to_string(),
+                        ),
+                    ],
+                    response.body,
+                )
+                    .into_response(),
+                None => (
+                    [(axum::http::header::CONTENT_TYPE, "application/json")],
+                    response.body,
+                )
+                    .into_response(),
             }
-            Json(body).into_response()
         }
-        Ok(Err(e @ EngineError::BadInput(_))) => {
+        (Ok(Ok(_)), Some(Err(e))) => bad(e.to_string()),
+        (Ok(Err(e @ EngineError::BadInput(_))), _) => {
             api.metrics.inference_error(&labels, ErrorKind::BadRequest);
             error(StatusCode::BAD_REQUEST, e)
         }
-        Ok(Err(e)) => {
+        (Ok(Err(e)), _) => {
             api.metrics.inference_error(&labels, ErrorKind::Failed);
             error(StatusCode::INTERNAL_SERVER_ERROR, e)
         }
-        Err(e) => {
+        (Ok(Ok(_)), None) => {
+            api.metrics.inference_error(&labels, ErrorKind::Failed);
+            error(StatusCode::INTERNAL_SERVER_ERROR, "no response encoded")
+        }
+        (Err(e), _) => {
             api.metrics.inference_error(&labels, ErrorKind::Failed);
             error(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 format!("inference task failed: {e}"),
             )
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    #[test]
-    fn parses_flat_and_nested_requests() {
-        let (id, t) = parse_request(
-            br#"{"id":"7","inputs":[{"name":"x","shape":[1,2],"datatype":"FP32","data":[[1,2.5]]}]}"#,
-        )
-        .unwrap();
-        assert_eq!(id.as_deref(), Some("7"));
-        assert_eq!(t[0].values, Values::F32(vec![1.0, 2.5]));
-        assert!(parse_request(
-            br#"{"inputs":[{"name":"x","shape":[1],"datatype":"INT64","data":[1.5]}]}"#
-        )
-        .is_err());
-        assert!(parse_request(
-            br#"{"inputs":[{"name":"x","shape":[1],"datatype":"BYTES","data":["a"]}]}"#
-        )
-        .is_err());
-        assert!(parse_request(b"nope").is_err());
-    }
-
-    proptest! {
-        #[test]
-        fn request_parser_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
-            let _ = parse_request(&bytes);
         }
     }
 }

@@ -481,7 +481,7 @@ mod tests {
         HostTensor {
             name: "scores".into(),
             shape: vec![1, values.len() as u64],
-            values: Values::F32(values.to_vec()),
+            values: Values::from_f32(values),
         }
     }
 

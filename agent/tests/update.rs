@@ -76,13 +76,10 @@ fn reference_output(bytes: &[u8], manifest: &Manifest) -> Vec<f32> {
         .run(&[HostTensor {
             name: "x".into(),
             shape: vec![1, 4],
-            values: Values::F32(INPUT.to_vec()),
+            values: Values::from_f32(&INPUT),
         }])
         .unwrap();
-    match &out[0].values {
-        Values::F32(v) => v.clone(),
-        other => panic!("{other:?}"),
-    }
+    out[0].values.to_f64().iter().map(|v| *v as f32).collect()
 }
 
 /// A manifest with small chunks (several per model) and a golden vector.
@@ -100,11 +97,13 @@ fn manifest(bytes: &[u8], version: u64, model_format: ModelFormat) -> Manifest {
             name: "x".into(),
             datatype: DataType::Fp32,
             shape: vec![1, 4],
+            dims: vec![],
         }],
         outputs: vec![TensorSpec {
             name: "y".into(),
             datatype: DataType::Fp32,
             shape: vec![1, 3],
+            dims: vec![],
         }],
         golden: vec![],
         expires: FAR.into(),
@@ -236,6 +235,7 @@ fn config(dir: &Path, keys: &Keys, broker: u16, http: u16) -> Config {
         tls: None,
         probation: Default::default(),
         telemetry: Default::default(),
+        serve: Default::default(),
     }
 }
 

@@ -19,48 +19,308 @@ pub const MAX_CHUNK_SIZE: u32 = 4 * 1024 * 1024;
 /// Largest artifact accepted (8 GiB).
 pub const MAX_ARTIFACT_BYTES: u64 = 8 << 30;
 
-/// Element types, named as the Open Inference Protocol (KServe v2) names them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// Element types, named as the Open Inference Protocol (KServe v2) names them. Every type
+/// here travels as little-endian bytes (BOOL: one byte, 0 or 1; FP16: IEEE 754 half).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum DataType {
-    /// 32-bit float.
-    #[serde(rename = "FP32")]
-    Fp32,
-    /// 64-bit signed integer.
-    #[serde(rename = "INT64")]
-    Int64,
+    /// Boolean, one byte (0 or 1).
+    #[serde(rename = "BOOL")]
+    Bool,
+    /// 8-bit unsigned integer.
+    #[serde(rename = "UINT8")]
+    Uint8,
+    /// 16-bit unsigned integer.
+    #[serde(rename = "UINT16")]
+    Uint16,
+    /// 32-bit unsigned integer.
+    #[serde(rename = "UINT32")]
+    Uint32,
+    /// 64-bit unsigned integer.
+    #[serde(rename = "UINT64")]
+    Uint64,
+    /// 8-bit signed integer.
+    #[serde(rename = "INT8")]
+    Int8,
+    /// 16-bit signed integer.
+    #[serde(rename = "INT16")]
+    Int16,
     /// 32-bit signed integer.
     #[serde(rename = "INT32")]
     Int32,
+    /// 64-bit signed integer.
+    #[serde(rename = "INT64")]
+    Int64,
+    /// 16-bit float (IEEE 754 half precision).
+    #[serde(rename = "FP16")]
+    Fp16,
+    /// 32-bit float.
+    #[serde(rename = "FP32")]
+    Fp32,
+    /// 64-bit float.
+    #[serde(rename = "FP64")]
+    Fp64,
 }
 
 impl DataType {
+    /// Every type, in KServe v2's order.
+    pub const ALL: [DataType; 12] = [
+        DataType::Bool,
+        DataType::Uint8,
+        DataType::Uint16,
+        DataType::Uint32,
+        DataType::Uint64,
+        DataType::Int8,
+        DataType::Int16,
+        DataType::Int32,
+        DataType::Int64,
+        DataType::Fp16,
+        DataType::Fp32,
+        DataType::Fp64,
+    ];
+
     /// Bytes per element.
     pub fn size(self) -> usize {
         match self {
-            DataType::Fp32 | DataType::Int32 => 4,
-            DataType::Int64 => 8,
+            DataType::Bool | DataType::Uint8 | DataType::Int8 => 1,
+            DataType::Uint16 | DataType::Int16 | DataType::Fp16 => 2,
+            DataType::Uint32 | DataType::Int32 | DataType::Fp32 => 4,
+            DataType::Uint64 | DataType::Int64 | DataType::Fp64 => 8,
+        }
+    }
+
+    /// The KServe v2 name (`FP32`, `UINT8`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            DataType::Bool => "BOOL",
+            DataType::Uint8 => "UINT8",
+            DataType::Uint16 => "UINT16",
+            DataType::Uint32 => "UINT32",
+            DataType::Uint64 => "UINT64",
+            DataType::Int8 => "INT8",
+            DataType::Int16 => "INT16",
+            DataType::Int32 => "INT32",
+            DataType::Int64 => "INT64",
+            DataType::Fp16 => "FP16",
+            DataType::Fp32 => "FP32",
+            DataType::Fp64 => "FP64",
+        }
+    }
+
+    /// Whether a float type.
+    pub fn is_float(self) -> bool {
+        matches!(self, DataType::Fp16 | DataType::Fp32 | DataType::Fp64)
+    }
+
+    /// Decodes one little-endian element (exactly [`DataType::size`] bytes) as f64: exact for
+    /// every type but 64-bit integers beyond 2^53.
+    pub fn decode_f64(self, b: &[u8]) -> f64 {
+        fn arr<const N: usize>(b: &[u8]) -> [u8; N] {
+            let mut a = [0u8; N];
+            a.copy_from_slice(&b[..N]);
+            a
+        }
+        match self {
+            DataType::Bool => f64::from(u8::from(b[0] != 0)),
+            DataType::Uint8 => f64::from(b[0]),
+            DataType::Int8 => f64::from(b[0] as i8),
+            DataType::Uint16 => f64::from(u16::from_le_bytes(arr(b))),
+            DataType::Int16 => f64::from(i16::from_le_bytes(arr(b))),
+            DataType::Fp16 => f64::from(half::f16::from_bits(u16::from_le_bytes(arr(b))).to_f32()),
+            DataType::Uint32 => f64::from(u32::from_le_bytes(arr(b))),
+            DataType::Int32 => f64::from(i32::from_le_bytes(arr(b))),
+            DataType::Fp32 => f64::from(f32::from_le_bytes(arr(b))),
+            DataType::Uint64 => u64::from_le_bytes(arr(b)) as f64,
+            DataType::Int64 => i64::from_le_bytes(arr(b)) as f64,
+            DataType::Fp64 => f64::from_le_bytes(arr(b)),
         }
     }
 }
 
-/// A named tensor's type and concrete shape.
+impl std::fmt::Display for DataType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for DataType {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        DataType::ALL
+            .into_iter()
+            .find(|d| d.name() == s)
+            .ok_or_else(|| format!("unknown datatype {s:?}"))
+    }
+}
+
+/// Largest size of one dimension a manifest may allow.
+pub const MAX_DIM: u64 = 1 << 24;
+
+/// One dimension of a tensor of a model's interface.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Dim {
+    /// Exactly this size.
+    Fixed(u64),
+    /// Any size in a range (inputs): a symbolic dimension of the model, bounded by the
+    /// publisher.
+    Range(DimRange),
+    /// Whatever the model computes (outputs), named as the model names it (`N`, `N*25`).
+    Symbolic(String),
+}
+
+/// A bounded symbolic dimension of an input.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DimRange {
+    /// Smallest size accepted.
+    pub min: u64,
+    /// Largest size accepted.
+    pub max: u64,
+    /// The model's name for this dimension; inputs that share a name must agree on its size.
+    pub symbol: String,
+}
+
+/// A named tensor's type and shape.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TensorSpec {
     /// Tensor name in the ONNX graph.
     pub name: String,
     /// Element type.
     pub datatype: DataType,
-    /// Concrete shape.
+    /// The concrete shape golden vectors, warm-up and the latency budget use; for a model
+    /// without symbolic dimensions, the only shape it takes.
     pub shape: Vec<u64>,
+    /// Each dimension as the model declares it, where any is symbolic (empty: exactly
+    /// `shape`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dims: Vec<Dim>,
 }
 
 impl TensorSpec {
-    /// Number of elements.
-    pub fn elements(&self) -> Option<usize> {
-        self.shape
-            .iter()
-            .try_fold(1usize, |acc, &d| acc.checked_mul(usize::try_from(d).ok()?))
+    /// A tensor of exactly `shape`.
+    pub fn fixed(name: &str, datatype: DataType, shape: Vec<u64>) -> Self {
+        TensorSpec {
+            name: name.into(),
+            datatype,
+            shape,
+            dims: Vec::new(),
+        }
     }
+
+    /// Number of elements of the declared shape.
+    pub fn elements(&self) -> Option<usize> {
+        elements(&self.shape)
+    }
+
+    /// Dimension `axis` as declared.
+    pub fn dim(&self, axis: usize) -> Option<Dim> {
+        match self.dims.get(axis) {
+            Some(d) => Some(d.clone()),
+            None if self.dims.is_empty() => self.shape.get(axis).map(|d| Dim::Fixed(*d)),
+            None => None,
+        }
+    }
+
+    /// Whether some dimension is not fixed.
+    pub fn is_dynamic(&self) -> bool {
+        self.dims.iter().any(|d| !matches!(d, Dim::Fixed(_)))
+    }
+
+    /// The shape as KServe v2 model metadata gives it: `-1` where a dimension varies.
+    pub fn metadata_shape(&self) -> Vec<i64> {
+        (0..self.shape.len())
+            .map(|axis| match self.dim(axis) {
+                Some(Dim::Fixed(d)) => d as i64,
+                _ => -1,
+            })
+            .collect()
+    }
+
+    /// Checks a request's shape against this input's dimensions.
+    pub fn accepts(&self, shape: &[u64]) -> Result<(), String> {
+        if shape.len() != self.shape.len() {
+            return Err(format!(
+                "input {} has {} dimensions {shape:?}, the model takes {} ({})",
+                self.name,
+                shape.len(),
+                self.shape.len(),
+                self.describe_shape()
+            ));
+        }
+        for (axis, &size) in shape.iter().enumerate() {
+            let ok = match self.dim(axis) {
+                Some(Dim::Fixed(d)) => size == d,
+                Some(Dim::Range(r)) => (r.min..=r.max).contains(&size),
+                Some(Dim::Symbolic(_)) | None => false,
+            };
+            if !ok {
+                return Err(format!(
+                    "input {} has shape {shape:?}, the model takes {}",
+                    self.name,
+                    self.describe_shape()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The accepted shapes, as people read them: `[1..8, 3, 224, 224]`.
+    pub fn describe_shape(&self) -> String {
+        let dims: Vec<String> = (0..self.shape.len())
+            .map(|axis| match self.dim(axis) {
+                Some(Dim::Fixed(d)) => d.to_string(),
+                Some(Dim::Range(r)) => format!("{}..{}", r.min, r.max),
+                Some(Dim::Symbolic(s)) => s,
+                None => "?".into(),
+            })
+            .collect();
+        format!("[{}]", dims.join(", "))
+    }
+
+    /// Checks the dimensions against the declared shape; `input` says whether requests give
+    /// this tensor (then every dimension is fixed or bounded).
+    fn validate(&self, input: bool) -> Result<(), String> {
+        if self.dims.is_empty() {
+            return Ok(());
+        }
+        if self.dims.len() != self.shape.len() {
+            return Err(format!(
+                "tensor {}: {} dimensions for a shape of {}",
+                self.name,
+                self.dims.len(),
+                self.shape.len()
+            ));
+        }
+        for (d, &at) in self.dims.iter().zip(&self.shape) {
+            let ok = match d {
+                Dim::Fixed(f) => *f == at,
+                Dim::Range(r) => {
+                    r.min >= 1
+                        && r.min <= at
+                        && at <= r.max
+                        && r.max <= MAX_DIM
+                        && !r.symbol.is_empty()
+                        && r.symbol.len() <= 64
+                }
+                Dim::Symbolic(s) => !input && !s.is_empty() && s.len() <= 64,
+            };
+            if !ok {
+                return Err(format!(
+                    "tensor {}: dimension {d:?} does not fit declared size {at}",
+                    self.name
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Number of elements of `shape`, if it fits in memory's counting.
+pub fn elements(shape: &[u64]) -> Option<usize> {
+    shape
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(usize::try_from(d).ok()?))
 }
 
 /// A tensor's values: little-endian bytes, hex encoded.
@@ -88,20 +348,13 @@ impl TensorData {
         }
     }
 
-    /// The values as f64 (whatever the element type), checked against the shape.
-    pub fn values(&self) -> Result<Vec<f64>, DecodeError> {
+    /// The little-endian element bytes, checked against the type and shape.
+    pub fn bytes(&self) -> Result<Vec<u8>, DecodeError> {
         let bytes = hex::decode(&self.data).map_err(|e| DecodeError::Invalid {
             what: "tensor data",
             reason: e.to_string(),
         })?;
-        let size = self.datatype.size();
-        let expected = TensorSpec {
-            name: self.name.clone(),
-            datatype: self.datatype,
-            shape: self.shape.clone(),
-        }
-        .elements()
-        .and_then(|n| n.checked_mul(size));
+        let expected = elements(&self.shape).and_then(|n| n.checked_mul(self.datatype.size()));
         if expected != Some(bytes.len()) {
             return Err(DecodeError::Invalid {
                 what: "tensor data",
@@ -114,13 +367,16 @@ impl TensorData {
                 ),
             });
         }
-        Ok(bytes
+        Ok(bytes)
+    }
+
+    /// The values as f64 (whatever the element type), checked against the shape.
+    pub fn values(&self) -> Result<Vec<f64>, DecodeError> {
+        let size = self.datatype.size();
+        Ok(self
+            .bytes()?
             .chunks_exact(size)
-            .map(|c| match self.datatype {
-                DataType::Fp32 => f64::from(f32::from_le_bytes(c.try_into().expect("4 bytes"))),
-                DataType::Int32 => f64::from(i32::from_le_bytes(c.try_into().expect("4 bytes"))),
-                DataType::Int64 => i64::from_le_bytes(c.try_into().expect("8 bytes")) as f64,
-            })
+            .map(|c| self.datatype.decode_f64(c))
             .collect())
     }
 }
@@ -320,6 +576,12 @@ impl Manifest {
         if self.inputs.is_empty() || self.outputs.is_empty() {
             return Err(invalid("a model needs inputs and outputs".into()));
         }
+        for t in &self.inputs {
+            t.validate(true).map_err(invalid)?;
+        }
+        for t in &self.outputs {
+            t.validate(false).map_err(invalid)?;
+        }
         for g in &self.golden {
             g.tolerance()?;
         }
@@ -433,11 +695,13 @@ mod tests {
                 name: "x".into(),
                 datatype: DataType::Fp32,
                 shape: vec![1, 2],
+                dims: vec![],
             }],
             outputs: vec![TensorSpec {
                 name: "y".into(),
                 datatype: DataType::Fp32,
                 shape: vec![1, 1],
+                dims: vec![],
             }],
             golden: vec![GoldenVector {
                 inputs: vec![TensorData::from_f32("x", vec![1, 2], &[1.0, 2.0])],

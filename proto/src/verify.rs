@@ -302,6 +302,7 @@ pub mod fixture {
             name: n.into(),
             datatype: DataType::Fp32,
             shape: vec![1],
+            dims: vec![],
         };
         Manifest {
             format: crate::FORMAT_VERSION,

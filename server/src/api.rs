@@ -232,7 +232,9 @@ pub fn router(fleet: Arc<Fleet>, tokens: Option<Tokens>) -> Router {
         .route("/api/v1/status", get(status))
         .route(
             "/api/v1/artifacts/{sha256}",
-            put(upload).layer(DefaultBodyLimit::max(MAX_ARTIFACT_BYTES as usize)),
+            put(upload)
+                .get(artifact_info)
+                .layer(DefaultBodyLimit::max(MAX_ARTIFACT_BYTES as usize)),
         )
         .route("/api/v1/repository/root", get(root).post(rotate_root))
         .route("/api/v1/repository/roots", get(roots))
@@ -293,6 +295,18 @@ async fn status(State(fleet): State<Arc<Fleet>>) -> Json<crate::fleet::Status> {
     Json(fleet.status())
 }
 
+/// Whether the server holds an artifact (so a publisher need not send it again).
+async fn artifact_info(State(fleet): State<Arc<Fleet>>, Path(sha256): Path<String>) -> ApiResult {
+    let digest = parse_digest(&sha256).map_err(bad)?;
+    match fleet.db().artifact(&digest).await.map_err(internal)? {
+        Some(info) => Ok(Json(json!({ "sha256": sha256, "size": info.size })).into_response()),
+        None => Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no artifact {sha256}"),
+        )),
+    }
+}
+
 #[derive(Deserialize)]
 struct UploadQuery {
     chunk_size: u32,
@@ -313,10 +327,20 @@ async fn upload(
         return Err(bad(format!("chunk_size must be 1..={MAX_CHUNK_SIZE}")));
     }
     let db = fleet.db();
-    if db.artifact(&digest).await.map_err(internal)?.is_some() {
+    if let Some(info) = db.artifact(&digest).await.map_err(internal)? {
+        // Read the body to its end before answering: a client still sending would see its
+        // connection reset instead of this answer.
+        let mut body = body;
+        let mut drained = 0u64;
+        while let Some(bytes) = frames::next_frame(&mut body).await.map_err(bad)? {
+            drained += bytes.len() as u64;
+            if drained > MAX_ARTIFACT_BYTES {
+                return Err(bad("artifact too large"));
+            }
+        }
         return Ok((
             StatusCode::OK,
-            Json(json!({ "sha256": sha256, "stored": "already" })),
+            Json(json!({ "sha256": sha256, "size": info.size, "stored": "already" })),
         )
             .into_response());
     }

@@ -193,6 +193,15 @@ impl Client {
         chunk_size: u32,
         artifact: &[u8],
     ) -> Result<serde_json::Value, ClientError> {
+        // An artifact the server holds already (the same file under a new name or version)
+        // is not sent again.
+        if let Ok(held) =
+            Self::read::<serde_json::Value>(self.get(&format!("/api/v1/artifacts/{sha256}")).call())
+        {
+            return Ok(
+                serde_json::json!({ "sha256": sha256, "size": held["size"], "stored": "already" }),
+            );
+        }
         let path = format!("/api/v1/artifacts/{sha256}?chunk_size={chunk_size}");
         Self::read(self.put(&path).send(artifact))
     }

@@ -13,6 +13,8 @@
 //!   roles, the append-only audit log.
 //! - [`keyset`], [`publish`], [`onnx`], [`client`]: the operators' side — keys, manifests,
 //!   example models and the API client the `modelcast` CLI uses.
+//! - [`shapes`], [`convert`]: publishing a model — its input shapes settled from the
+//!   operator's specs, the artifact made (NNEF or ONNX) and proved with the device's engine.
 
 pub mod acl;
 pub mod api;
@@ -20,6 +22,7 @@ pub mod audit;
 pub mod auth;
 pub mod broker;
 pub mod client;
+pub mod convert;
 pub mod db;
 pub mod drift;
 pub mod fanout;
@@ -33,6 +36,7 @@ pub mod pki;
 pub mod publish;
 pub mod repo;
 pub mod rollout;
+pub mod shapes;
 pub mod telemetry;
 
 use std::future::Future;

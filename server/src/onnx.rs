@@ -1,8 +1,9 @@
-//! ONNX files on the publisher's side: reading a model's interface (for its manifest),
-//! converting it to tract's NNEF for devices, and generating small real models (for the demo,
-//! tests and benchmarks).
+//! ONNX files on the publisher's side: reading a model's interface as the file declares it
+//! (types, fixed and symbolic dimensions, `metadata_props`, operators), making a model
+//! self-contained (external data inlined, non-tensor outputs dropped), and generating small real
+//! models (for the demo, tests and benchmarks). Conversion is `convert.rs`.
 
-use modelcast_proto::manifest::{DataType, TensorSpec};
+use modelcast_proto::manifest::DataType;
 use prost::Message;
 use thiserror::Error;
 use tract_onnx::pb;
@@ -17,81 +18,124 @@ pub enum OnnxError {
     /// The model has no graph or an unusable interface.
     #[error("unsupported model interface: {0}")]
     Interface(String),
-    /// tract could not type, declutter or serialize the model.
-    #[error("converting to NNEF: {0}")]
-    Convert(String),
 }
 
-/// Converts an ONNX model to tract's NNEF (an uncompressed tar), typed for the concrete shapes
-/// of `inputs` (in graph order) and decluttered: what devices load without an ONNX parser.
-pub fn to_nnef(bytes: &[u8], inputs: &[TensorSpec]) -> Result<Vec<u8>, OnnxError> {
-    use tract_onnx::prelude::*;
-    let err = |e: TractError| OnnxError::Convert(format!("{e:#}"));
-    let mut model = tract_onnx::onnx()
-        .with_ignore_value_info(true)
-        .model_for_read(&mut &bytes[..])
-        .map_err(err)?;
-    for (i, spec) in inputs.iter().enumerate() {
-        let shape: Vec<usize> = spec.shape.iter().map(|d| *d as usize).collect();
-        let datum = match spec.datatype {
-            DataType::Fp32 => DatumType::F32,
-            DataType::Int64 => DatumType::I64,
-            DataType::Int32 => DatumType::I32,
-        };
-        model
-            .set_input_fact(i, InferenceFact::dt_shape(datum, shape))
-            .map_err(err)?;
-    }
-    let typed = model
-        .into_typed()
-        .map_err(err)?
-        .into_decluttered()
-        .map_err(err)?;
-    tract_nnef::nnef()
-        .with_onnx()
-        .write_to_tar(&typed, Vec::new())
-        .map_err(err)
+/// One dimension of a tensor as the ONNX file declares it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OnnxDim {
+    /// A size.
+    Fixed(u64),
+    /// A symbolic size: the file's `dim_param` (made an identifier), or a name made up for an
+    /// unnamed one (`x_3` for axis 3 of input `x`).
+    Symbol(String),
+}
+
+/// A tensor of the model's interface as the ONNX file declares it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OnnxTensor {
+    /// Name in the graph.
+    pub name: String,
+    /// Element type.
+    pub datatype: DataType,
+    /// Dimensions.
+    pub dims: Vec<OnnxDim>,
 }
 
 /// A model's interface and provenance, as read from the file.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelInfo {
     /// Graph inputs (initializers excluded).
-    pub inputs: Vec<TensorSpec>,
-    /// Graph outputs.
-    pub outputs: Vec<TensorSpec>,
+    pub inputs: Vec<OnnxTensor>,
+    /// Graph outputs that are tensors.
+    pub outputs: Vec<OnnxTensor>,
+    /// Graph outputs that are not tensors (ONNX-ML `ZipMap` sequences of maps), with why.
+    pub dropped_outputs: Vec<(String, String)>,
     /// Default-domain opset version.
     pub opset: Option<i64>,
     /// Producer name and version.
     pub producer: String,
+    /// The file's `metadata_props` (class names, character sets, ...).
+    pub metadata_props: Vec<(String, String)>,
+    /// Operator types the graph uses (main graph only), with their domain when not ONNX's.
+    pub ops: std::collections::BTreeSet<String>,
 }
 
-fn spec(value: &pb::ValueInfoProto) -> Result<TensorSpec, OnnxError> {
-    let bad = |why: &str| OnnxError::Interface(format!("tensor {:?}: {why}", value.name));
+/// A symbol name tract and NNEF accept: `[A-Za-z_][A-Za-z0-9_]*`. A name with no letter in
+/// it (`?`, `-1`, which some exporters write for "unknown") names nothing: each such
+/// dimension gets `fallback()`, a name of its own.
+fn symbol_name(raw: &str, fallback: impl FnOnce() -> String) -> String {
+    let mut s: String = raw
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    if !s.chars().any(|c| c.is_ascii_alphabetic()) || s.len() > 64 {
+        s = fallback();
+    }
+    if s.starts_with(|c: char| c.is_ascii_digit()) {
+        s.insert(0, '_');
+    }
+    s
+}
+
+/// The KServe v2 type of an ONNX element type, if it has one here.
+pub fn datatype_of(elem_type: i32) -> Option<DataType> {
+    Some(match PbType::try_from(elem_type).ok()? {
+        PbType::Bool => DataType::Bool,
+        PbType::Uint8 => DataType::Uint8,
+        PbType::Uint16 => DataType::Uint16,
+        PbType::Uint32 => DataType::Uint32,
+        PbType::Uint64 => DataType::Uint64,
+        PbType::Int8 => DataType::Int8,
+        PbType::Int16 => DataType::Int16,
+        PbType::Int32 => DataType::Int32,
+        PbType::Int64 => DataType::Int64,
+        PbType::Float16 => DataType::Fp16,
+        PbType::Float => DataType::Fp32,
+        PbType::Double => DataType::Fp64,
+        _ => return None,
+    })
+}
+
+/// The tensor of a graph input or output, or why it is not one modelcast serves.
+fn tensor(value: &pb::ValueInfoProto) -> Result<OnnxTensor, String> {
     let Some(pb::type_proto::Value::TensorType(t)) =
         value.r#type.as_ref().and_then(|t| t.value.as_ref())
     else {
-        return Err(bad("not a tensor"));
+        return Err(
+            "not a tensor (a sequence or a map: the ONNX-ML ZipMap output of a classifier, say)"
+                .into(),
+        );
     };
-    let datatype = match PbType::try_from(t.elem_type) {
-        Ok(PbType::Float) => DataType::Fp32,
-        Ok(PbType::Int64) => DataType::Int64,
-        Ok(PbType::Int32) => DataType::Int32,
-        other => return Err(bad(&format!("element type {other:?} is not supported yet"))),
-    };
-    let dims = t.shape.as_ref().ok_or_else(|| bad("no shape"))?;
-    let shape = dims
+    let datatype = datatype_of(t.elem_type).ok_or_else(|| {
+        format!(
+            "element type {:?} is not served (KServe v2 numeric types and BOOL are)",
+            PbType::try_from(t.elem_type)
+                .map(|t| t.as_str_name().to_string())
+                .unwrap_or_else(|_| t.elem_type.to_string())
+        )
+    })?;
+    let dims = t.shape.as_ref().ok_or("no shape")?;
+    let dims = dims
         .dim
         .iter()
-        .map(|d| match &d.value {
-            Some(pb::tensor_shape_proto::dimension::Value::DimValue(v)) if *v > 0 => Ok(*v as u64),
-            _ => Err(bad("symbolic dimension: publish needs concrete shapes")),
+        .enumerate()
+        .map(|(axis, d)| {
+            let made_up = || symbol_name(&format!("{}_{axis}", value.name), || format!("d_{axis}"));
+            match &d.value {
+                Some(pb::tensor_shape_proto::dimension::Value::DimValue(v)) if *v > 0 => {
+                    OnnxDim::Fixed(*v as u64)
+                }
+                Some(pb::tensor_shape_proto::dimension::Value::DimParam(p)) if !p.is_empty() => {
+                    OnnxDim::Symbol(symbol_name(p, made_up))
+                }
+                _ => OnnxDim::Symbol(made_up()),
+            }
         })
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(TensorSpec {
+        .collect();
+    Ok(OnnxTensor {
         name: value.name.clone(),
         datatype,
-        shape,
+        dims,
     })
 }
 
@@ -102,26 +146,52 @@ pub fn inspect(bytes: &[u8]) -> Result<ModelInfo, OnnxError> {
         .graph
         .as_ref()
         .ok_or_else(|| OnnxError::Interface("no graph".into()))?;
-    let initializers: Vec<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
+    let initializers: std::collections::HashSet<&str> =
+        graph.initializer.iter().map(|t| t.name.as_str()).collect();
     let inputs = graph
         .input
         .iter()
-        .filter(|i| !initializers.contains(&i.name.as_str()))
-        .map(spec)
+        .filter(|i| !initializers.contains(i.name.as_str()))
+        .map(|i| {
+            tensor(i).map_err(|why| OnnxError::Interface(format!("input {:?}: {why}", i.name)))
+        })
         .collect::<Result<Vec<_>, _>>()?;
-    let outputs = graph
-        .output
-        .iter()
-        .map(spec)
-        .collect::<Result<Vec<_>, _>>()?;
-    if inputs.is_empty() || outputs.is_empty() {
-        return Err(OnnxError::Interface(
-            "a model needs inputs and outputs".into(),
-        ));
+    let mut outputs = Vec::new();
+    let mut dropped_outputs = Vec::new();
+    for o in &graph.output {
+        match tensor(o) {
+            Ok(t) => outputs.push(t),
+            Err(why) => dropped_outputs.push((o.name.clone(), why)),
+        }
     }
+    if inputs.is_empty() {
+        return Err(OnnxError::Interface("the model has no inputs".into()));
+    }
+    if outputs.is_empty() {
+        let why: Vec<String> = dropped_outputs
+            .iter()
+            .map(|(n, w)| format!("output {n:?}: {w}"))
+            .collect();
+        return Err(OnnxError::Interface(format!(
+            "the model has no tensor output ({})",
+            why.join("; ")
+        )));
+    }
+    let ops = graph
+        .node
+        .iter()
+        .map(|n| {
+            if n.domain.is_empty() || n.domain == "ai.onnx" {
+                n.op_type.clone()
+            } else {
+                format!("{}:{}", n.domain, n.op_type)
+            }
+        })
+        .collect();
     Ok(ModelInfo {
         inputs,
         outputs,
+        dropped_outputs,
         opset: model
             .opset_import
             .iter()
@@ -130,7 +200,128 @@ pub fn inspect(bytes: &[u8]) -> Result<ModelInfo, OnnxError> {
         producer: format!("{} {}", model.producer_name, model.producer_version)
             .trim()
             .to_string(),
+        metadata_props: model
+            .metadata_props
+            .iter()
+            .map(|p| (p.key.clone(), p.value.clone()))
+            .collect(),
+        ops,
     })
+}
+
+/// Largest ONNX file modelcast reads, external data included (protobuf's own limit is 2 GiB).
+pub const MAX_ONNX_BYTES: u64 = 2 << 30;
+
+/// Makes a model self-contained: tensors whose weights live in side files (ONNX external data,
+/// `location` relative to `dir`) get them inline, and graph outputs that are not tensors
+/// (ONNX-ML `ZipMap`) are dropped with the nodes only they needed. Returns the bytes unchanged
+/// when there is nothing to do.
+pub fn self_contained(bytes: &[u8], dir: &std::path::Path) -> Result<Vec<u8>, OnnxError> {
+    let mut model = pb::ModelProto::decode(bytes).map_err(|e| OnnxError::Decode(e.to_string()))?;
+    let Some(graph) = model.graph.as_mut() else {
+        return Err(OnnxError::Interface("no graph".into()));
+    };
+    let mut changed = false;
+    let mut total = bytes.len() as u64;
+    for t in &mut graph.initializer {
+        if t.data_location != Some(pb::tensor_proto::DataLocation::External as i32) {
+            continue;
+        }
+        let field = |k: &str| {
+            t.external_data
+                .iter()
+                .find(|e| e.key == k)
+                .map(|e| e.value.clone())
+        };
+        let bad = |why: String| OnnxError::Interface(format!("tensor {:?}: {why}", t.name));
+        let location =
+            field("location").ok_or_else(|| bad("external data without a location".into()))?;
+        let rel = std::path::Path::new(&location);
+        if rel.is_absolute()
+            || rel
+                .components()
+                .any(|c| matches!(c, std::path::Component::ParentDir))
+        {
+            return Err(bad(format!(
+                "external data location {location:?} leaves the model's folder"
+            )));
+        }
+        let number = |k: &str| -> Result<Option<u64>, OnnxError> {
+            field(k)
+                .map(|v| {
+                    v.parse::<u64>()
+                        .map_err(|_| bad(format!("external data {k} {v:?}")))
+                })
+                .transpose()
+        };
+        let offset = number("offset")?.unwrap_or(0);
+        let path = dir.join(rel);
+        let file_len = std::fs::metadata(&path)
+            .map_err(|e| bad(format!("{}: {e}", path.display())))?
+            .len();
+        let length = number("length")?.unwrap_or(file_len.saturating_sub(offset));
+        if offset.checked_add(length).is_none_or(|end| end > file_len) {
+            return Err(bad(format!(
+                "external data runs past the end of {}",
+                path.display()
+            )));
+        }
+        total += length;
+        if total > MAX_ONNX_BYTES {
+            return Err(bad(format!("the model is over {MAX_ONNX_BYTES} bytes")));
+        }
+        use std::io::{Read, Seek};
+        let mut f =
+            std::fs::File::open(&path).map_err(|e| bad(format!("{}: {e}", path.display())))?;
+        f.seek(std::io::SeekFrom::Start(offset))
+            .map_err(|e| bad(e.to_string()))?;
+        let mut raw = vec![0; length as usize];
+        f.read_exact(&mut raw).map_err(|e| bad(e.to_string()))?;
+        t.raw_data = raw;
+        t.external_data.clear();
+        t.data_location = None;
+        changed = true;
+    }
+    let before = graph.output.len();
+    graph.output.retain(|o| {
+        matches!(
+            o.r#type.as_ref().and_then(|t| t.value.as_ref()),
+            Some(pb::type_proto::Value::TensorType(_))
+        )
+    });
+    if graph.output.len() != before {
+        prune(graph);
+        changed = true;
+    }
+    Ok(if changed {
+        model.encode_to_vec()
+    } else {
+        bytes.to_vec()
+    })
+}
+
+/// Drops the nodes no graph output depends on.
+fn prune(graph: &mut pb::GraphProto) {
+    let mut needed: std::collections::HashSet<String> =
+        graph.output.iter().map(|o| o.name.clone()).collect();
+    let mut keep = vec![false; graph.node.len()];
+    // Nodes are in topological order: walk back once.
+    for (i, node) in graph.node.iter().enumerate().rev() {
+        if node.output.iter().any(|o| needed.contains(o)) {
+            keep[i] = true;
+            needed.extend(node.input.iter().filter(|s| !s.is_empty()).cloned());
+            // Subgraphs (If, Loop) may read outer values by name.
+            for a in &node.attribute {
+                for g in a.g.iter().chain(&a.graphs) {
+                    for n in &g.node {
+                        needed.extend(n.input.iter().cloned());
+                    }
+                }
+            }
+        }
+    }
+    let mut k = keep.into_iter();
+    graph.node.retain(|_| k.next().unwrap_or(true));
 }
 
 fn value_info(name: &str, dims: &[i64]) -> pb::ValueInfoProto {
@@ -307,8 +498,14 @@ mod tests {
         let bytes = example_model(1, 16);
         let info = inspect(&bytes).unwrap();
         assert_eq!(info.inputs[0].name, "x");
-        assert_eq!(info.inputs[0].shape, vec![1, 4]);
-        assert_eq!(info.outputs[0].shape, vec![1, 3]);
+        assert_eq!(
+            info.inputs[0].dims,
+            vec![OnnxDim::Fixed(1), OnnxDim::Fixed(4)]
+        );
+        assert_eq!(
+            info.outputs[0].dims,
+            vec![OnnxDim::Fixed(1), OnnxDim::Fixed(3)]
+        );
         assert_eq!(info.opset, Some(13));
         assert_ne!(example_model(1, 16), example_model(2, 16));
         let big = example_model(1, hidden_for_size(1_000_000));
@@ -320,7 +517,10 @@ mod tests {
             deep.len()
         );
         let info = inspect(&deep).unwrap();
-        assert_eq!(info.outputs[0].shape, vec![1, 3]);
+        assert_eq!(
+            info.outputs[0].dims,
+            vec![OnnxDim::Fixed(1), OnnxDim::Fixed(3)]
+        );
     }
 
     #[test]

@@ -8,14 +8,14 @@ use std::collections::BTreeMap;
 
 use modelcast_proto::keys::SigningKey;
 use modelcast_proto::manifest::{
-    chunk_digests, DataType, GoldenVector, LatencyBudget, Manifest, ModelFormat, TensorData,
-    DEFAULT_CHUNK_SIZE,
+    chunk_digests, GoldenVector, LatencyBudget, Manifest, ModelFormat, DEFAULT_CHUNK_SIZE,
 };
 use modelcast_proto::metadata::{format_expiry, Signed, Targets};
 use thiserror::Error;
-use tract_onnx::prelude::*;
 
-use crate::onnx::{inspect, to_nnef, OnnxError};
+use crate::convert::{convert, tensor_data, Choice, ConvertError};
+use crate::onnx::{inspect, OnnxError};
+use crate::shapes::{self, ShapeError, ShapeSpec};
 
 /// Manifests made here are valid for a year.
 pub const MANIFEST_LIFETIME_SECS: i64 = 365 * 24 * 3600;
@@ -28,9 +28,20 @@ pub enum PublishError {
     /// The file is not a usable ONNX model.
     #[error(transparent)]
     Onnx(#[from] OnnxError),
-    /// The reference run for golden vectors failed.
-    #[error("reference inference failed: {0}")]
-    Reference(String),
+    /// The input shapes cannot be settled.
+    #[error(transparent)]
+    Shapes(#[from] ShapeError),
+    /// tract cannot run the model, or its artifact does not prove out.
+    #[error(transparent)]
+    Convert(#[from] ConvertError),
+    /// This version is already in the repository.
+    #[error("{name} version {version} is already published")]
+    AlreadyPublished {
+        /// Model name.
+        name: String,
+        /// Version.
+        version: u64,
+    },
     /// The name or version is unusable.
     #[error("{0}")]
     Invalid(String),
@@ -45,9 +56,12 @@ pub struct PublishOptions {
     pub version: u64,
     /// Chunk size.
     pub chunk_size: u32,
-    /// What devices receive: NNEF (converted here) or the ONNX file as is.
-    pub format: ModelFormat,
-    /// Compute golden vectors with tract.
+    /// What devices receive: NNEF (converted here), the ONNX file as is, or NNEF where it
+    /// proves out and ONNX otherwise.
+    pub format: Choice,
+    /// The inputs' shapes where the model leaves them symbolic.
+    pub shapes: Vec<ShapeSpec>,
+    /// Embed a golden vector (when it fits [`GOLDEN_INLINE_BYTES`]).
     pub golden: bool,
     /// Registry metadata.
     pub metadata: BTreeMap<String, String>,
@@ -76,7 +90,8 @@ impl PublishOptions {
             name: name.into(),
             version,
             chunk_size: DEFAULT_CHUNK_SIZE,
-            format: ModelFormat::Nnef,
+            format: Choice::Auto,
+            shapes: Vec::new(),
             golden: true,
             metadata: BTreeMap::new(),
             latency_budget: None,
@@ -85,115 +100,13 @@ impl PublishOptions {
     }
 }
 
-/// A deterministic input for golden vectors: values in [-1, 1).
-fn reference_input(n: usize, seed: u64) -> Vec<f32> {
-    let mut x = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
+/// Largest golden vector (input and output bytes) carried inside the signed manifest: every
+/// version's manifest travels in the targets metadata every device receives. A larger one is
+/// left out (the artifact was still proved here) and the manifest's metadata says so.
+pub const GOLDEN_INLINE_BYTES: usize = 16 * 1024;
 
-/// Plans `artifact` the way a device does: typed for the manifest's input shapes, optimized.
-fn reference_plan(
-    artifact: &[u8],
-    manifest: &Manifest,
-) -> Result<std::sync::Arc<TypedRunnableModel>, PublishError> {
-    let r = |e: TractError| PublishError::Reference(format!("{e:#}"));
-    let typed = match manifest.model_format {
-        ModelFormat::Nnef => {
-            let model = tract_nnef::nnef()
-                .with_onnx()
-                .model_for_read(&mut &artifact[..])
-                .map_err(r)?;
-            let names: Vec<String> = model
-                .input_outlets()
-                .map_err(r)?
-                .iter()
-                .map(|o| model.node(o.node).name.clone())
-                .collect();
-            let wanted: Vec<&str> = manifest.inputs.iter().map(|i| i.name.as_str()).collect();
-            if names != wanted {
-                return Err(PublishError::Reference(format!(
-                    "NNEF conversion renamed the inputs {wanted:?} to {names:?}"
-                )));
-            }
-            model
-        }
-        ModelFormat::Onnx => {
-            let mut model = tract_onnx::onnx()
-                .with_ignore_value_info(true)
-                .model_for_read(&mut &artifact[..])
-                .map_err(r)?;
-            for (i, spec) in manifest.inputs.iter().enumerate() {
-                let shape: Vec<usize> = spec.shape.iter().map(|d| *d as usize).collect();
-                model
-                    .set_input_fact(i, InferenceFact::dt_shape(f32::datum_type(), shape))
-                    .map_err(r)?;
-            }
-            model.into_typed().map_err(r)?
-        }
-    };
-    typed
-        .into_optimized()
-        .map_err(r)?
-        .into_runnable()
-        .map_err(r)
-}
-
-/// One golden vector: a deterministic input and what `artifact` answers to it (FP32 models).
-fn golden_vector(
-    artifact: &[u8],
-    manifest: &Manifest,
-) -> Result<Option<GoldenVector>, PublishError> {
-    if manifest.inputs.iter().any(|i| i.datatype != DataType::Fp32)
-        || manifest
-            .outputs
-            .iter()
-            .any(|o| o.datatype != DataType::Fp32)
-    {
-        return Ok(None);
-    }
-    let r = |e: TractError| PublishError::Reference(format!("{e:#}"));
-    let plan = reference_plan(artifact, manifest)?;
-    let mut inputs = Vec::new();
-    let mut tensors = TVec::new();
-    for (i, spec) in manifest.inputs.iter().enumerate() {
-        let shape: Vec<usize> = spec.shape.iter().map(|d| *d as usize).collect();
-        let values = reference_input(shape.iter().product(), manifest.version + i as u64);
-        tensors.push(Tensor::from_shape(&shape, &values).map_err(r)?.into());
-        inputs.push(TensorData::from_f32(
-            &spec.name,
-            spec.shape.clone(),
-            &values,
-        ));
-    }
-    let result = plan.run(tensors).map_err(r)?;
-    let outputs = result
-        .iter()
-        .zip(&manifest.outputs)
-        .map(|(t, spec)| {
-            let view = t.to_plain_array_view::<f32>().map_err(r)?;
-            let values: Vec<f32> = view.iter().copied().collect();
-            Ok(TensorData::from_f32(
-                &spec.name,
-                spec.shape.clone(),
-                &values,
-            ))
-        })
-        .collect::<Result<Vec<_>, PublishError>>()?;
-    Ok(Some(GoldenVector {
-        inputs,
-        outputs,
-        tolerance: GOLDEN_TOLERANCE.into(),
-    }))
-}
+/// Largest `metadata_props` value copied into the manifest's metadata.
+pub const METADATA_PROP_BYTES: usize = 1024;
 
 /// An artifact ready to upload and its manifest.
 #[derive(Debug, Clone)]
@@ -202,10 +115,19 @@ pub struct Prepared {
     pub artifact: Vec<u8>,
     /// Its manifest.
     pub manifest: Manifest,
+    /// Why the artifact is ONNX when NNEF was preferred.
+    pub fallback_reason: Option<String>,
+    /// Graph outputs left out (not tensors), with why.
+    pub dropped_outputs: Vec<(String, String)>,
+    /// `metadata_props` keys too large to copy into the manifest.
+    pub props_left_out: Vec<String>,
+    /// Largest NNEF-vs-ONNX difference on the reference input, where NNEF was proved.
+    pub nnef_max_diff: Option<f64>,
 }
 
-/// Prepares an ONNX model for publishing: converts it to the requested format and builds the
-/// manifest of the result.
+/// Prepares an ONNX model (self-contained: see [`crate::onnx::self_contained`]) for
+/// publishing: settles its input shapes, converts it to the requested format, proves the
+/// artifact with the device engine and builds the manifest of the result.
 pub fn prepare(onnx: &[u8], opts: &PublishOptions, now: i64) -> Result<Prepared, PublishError> {
     if !modelcast_proto::manifest::valid_name(&opts.name) {
         return Err(PublishError::Invalid(format!(
@@ -214,6 +136,44 @@ pub fn prepare(onnx: &[u8], opts: &PublishOptions, now: i64) -> Result<Prepared,
         )));
     }
     let info = inspect(onnx)?;
+    let inputs = shapes::resolve(&info.inputs, &opts.shapes)?;
+    let output_names: Vec<String> = info.outputs.iter().map(|o| o.name.clone()).collect();
+    // A model whose non-tensor outputs were dropped is published without them.
+    let pruned;
+    let onnx = if info.dropped_outputs.is_empty() {
+        onnx
+    } else {
+        pruned = crate::onnx::self_contained(onnx, std::path::Path::new("."))?;
+        &pruned[..]
+    };
+    let mut converted = convert(
+        &opts.name,
+        onnx,
+        &inputs,
+        &output_names,
+        opts.format,
+        opts.version,
+    );
+    let mut fixed_note = None;
+    if let (Err(ConvertError::FixedOnly { reason, .. }), true) =
+        (&converted, opts.shapes.is_empty())
+    {
+        // The operator bounded nothing: the symbolic batch was our default, so take the
+        // model at its declared shapes instead, and say so.
+        fixed_note = Some(format!(
+            "inputs fixed at their declared shapes: tract cannot plan the model with a symbolic batch ({reason})"
+        ));
+        let fixed = crate::convert::fixed_at_declared(&inputs);
+        converted = convert(
+            &opts.name,
+            onnx,
+            &fixed,
+            &output_names,
+            opts.format,
+            opts.version,
+        );
+    }
+    let converted = converted?;
     let mut metadata = opts.metadata.clone();
     metadata
         .entry("framework".into())
@@ -228,24 +188,38 @@ pub fn prepare(onnx: &[u8], opts: &PublishOptions, now: i64) -> Result<Prepared,
             .entry("producer".into())
             .or_insert(info.producer.clone());
     }
-    let artifact = match opts.format {
-        ModelFormat::Onnx => onnx.to_vec(),
-        ModelFormat::Nnef => {
-            metadata.insert("source_sha256".into(), modelcast_proto::sha256_hex(onnx));
-            to_nnef(onnx, &info.inputs)?
+    if converted.format == ModelFormat::Nnef {
+        metadata.insert("source_sha256".into(), modelcast_proto::sha256_hex(onnx));
+    }
+    if let Some(note) = &fixed_note {
+        let mut note = note.clone();
+        note.truncate(METADATA_PROP_BYTES);
+        metadata.insert("shapes".into(), note);
+    }
+    if let Some(why) = &converted.fallback_reason {
+        let mut why = why.clone();
+        why.truncate(METADATA_PROP_BYTES);
+        metadata.insert("format_reason".into(), why);
+    }
+    let mut props_left_out = Vec::new();
+    for (k, v) in &info.metadata_props {
+        if v.len() <= METADATA_PROP_BYTES && k.len() <= 64 {
+            metadata.entry(format!("onnx.{k}")).or_insert(v.clone());
+        } else {
+            props_left_out.push(k.clone());
         }
-    };
+    }
     let mut manifest = Manifest {
         format: modelcast_proto::FORMAT_VERSION,
         name: opts.name.clone(),
         version: opts.version,
-        model_format: opts.format,
-        size: artifact.len() as u64,
-        sha256: modelcast_proto::sha256_hex(&artifact),
+        model_format: converted.format,
+        size: converted.artifact.len() as u64,
+        sha256: modelcast_proto::sha256_hex(&converted.artifact),
         chunk_size: opts.chunk_size,
-        chunks: chunk_digests(&artifact, opts.chunk_size),
-        inputs: info.inputs,
-        outputs: info.outputs,
+        chunks: chunk_digests(&converted.artifact, opts.chunk_size),
+        inputs: converted.inputs,
+        outputs: converted.outputs,
         golden: vec![],
         expires: format_expiry(now + MANIFEST_LIFETIME_SECS),
         metadata,
@@ -253,13 +227,42 @@ pub fn prepare(onnx: &[u8], opts: &PublishOptions, now: i64) -> Result<Prepared,
         latency_budget: opts.latency_budget,
         fallback_to: None,
     };
-    if opts.golden {
-        manifest.golden.extend(golden_vector(&artifact, &manifest)?);
+    let (input, output) = &converted.reference;
+    let golden_bytes: usize = input
+        .iter()
+        .chain(output)
+        .map(|t| t.values.bytes().len())
+        .sum();
+    let finite = output
+        .iter()
+        .all(|t| t.values.to_f64().iter().all(|v| v.is_finite()));
+    if opts.golden && golden_bytes <= GOLDEN_INLINE_BYTES && finite {
+        manifest.golden.push(GoldenVector {
+            inputs: tensor_data(input),
+            outputs: tensor_data(output),
+            tolerance: GOLDEN_TOLERANCE.into(),
+        });
+    } else if opts.golden {
+        manifest.metadata.insert(
+            "golden".into(),
+            if finite {
+                format!("left out: {golden_bytes} bytes exceed the {GOLDEN_INLINE_BYTES} carried in metadata; the artifact was proved at publishing")
+            } else {
+                "left out: the reference answer is not finite".into()
+            },
+        );
     }
     manifest
         .validate()
         .map_err(|e| PublishError::Invalid(e.to_string()))?;
-    Ok(Prepared { artifact, manifest })
+    Ok(Prepared {
+        artifact: converted.artifact,
+        manifest,
+        fallback_reason: converted.fallback_reason,
+        dropped_outputs: info.dropped_outputs,
+        props_left_out,
+        nnef_max_diff: converted.nnef_max_diff,
+    })
 }
 
 /// The newest version of `name` in signed `targets`.
@@ -294,10 +297,20 @@ pub fn sign_next_targets(
         None => Targets::new(0, ""),
     };
     let path = manifest.target_path();
-    if targets.targets.contains_key(&path) {
-        return Err(PublishError::Invalid(format!(
-            "{path} is already published"
-        )));
+    let same_version = targets.targets.values().any(|t| {
+        t.custom
+            .as_ref()
+            .and_then(|c| c.get("modelcast"))
+            .is_some_and(|m| {
+                m.get("name").and_then(|n| n.as_str()) == Some(manifest.name.as_str())
+                    && m.get("version").and_then(|v| v.as_u64()) == Some(manifest.version)
+            })
+    });
+    if targets.targets.contains_key(&path) || same_version {
+        return Err(PublishError::AlreadyPublished {
+            name: manifest.name.clone(),
+            version: manifest.version,
+        });
     }
     if let Some(newest) = newest_in(&targets, &manifest.name) {
         if manifest.version <= newest {
@@ -325,18 +338,42 @@ pub fn publish_file(
     trusted_root: &Signed,
     by: &str,
     now: i64,
-) -> Result<Manifest, PublishError> {
+) -> Result<Prepared, PublishError> {
     let io = |e: std::io::Error| PublishError::Invalid(format!("{}: {e}", path.display()));
-    let onnx = std::fs::read(path).map_err(io)?;
-    let Prepared { artifact, manifest } = prepare(&onnx, opts, now)?;
-    drop(onnx);
     let api = |e: crate::client::ClientError| PublishError::Invalid(e.to_string());
-    client
-        .upload(&manifest.sha256, manifest.chunk_size, &artifact)
-        .map_err(api)?;
     // Re-sign only what a threshold of the targets keys signed before, under a root reached
     // from the operators' own.
     let current = client.verified_targets(trusted_root).map_err(api)?;
+    if let Some(targets) = &current {
+        if newest_version(targets, &opts.name)? >= Some(opts.version) {
+            let taken = targets
+                .parse::<Targets>("targets")
+                .map_err(|e| PublishError::Invalid(format!("current targets: {e}")))?
+                .targets
+                .values()
+                .filter_map(|t| t.custom.as_ref()?.get("modelcast"))
+                .any(|m| {
+                    m.get("name").and_then(|n| n.as_str()) == Some(opts.name.as_str())
+                        && m.get("version").and_then(|v| v.as_u64()) == Some(opts.version)
+                });
+            if taken {
+                return Err(PublishError::AlreadyPublished {
+                    name: opts.name.clone(),
+                    version: opts.version,
+                });
+            }
+        }
+    }
+    let onnx = std::fs::read(path).map_err(io)?;
+    let dir = path.parent().unwrap_or(std::path::Path::new("."));
+    let onnx = crate::onnx::self_contained(&onnx, dir)?;
+    let mut prepared = prepare(&onnx, opts, now)?;
+    drop(onnx);
+    let manifest = prepared.manifest.clone();
+    client
+        .upload(&manifest.sha256, manifest.chunk_size, &prepared.artifact)
+        .map_err(api)?;
+    prepared.artifact = Vec::new();
     let mut manifest = manifest;
     manifest.fallback_to = match opts.fallback {
         Fallback::InService => {
@@ -367,7 +404,8 @@ pub fn publish_file(
             published_by: by.into(),
         })
         .map_err(api)?;
-    Ok(manifest)
+    prepared.manifest = manifest;
+    Ok(prepared)
 }
 
 #[cfg(test)]
@@ -386,7 +424,7 @@ mod tests {
             nnef.manifest.metadata["source_sha256"],
             modelcast_proto::sha256_hex(&bytes)
         );
-        opts.format = ModelFormat::Onnx;
+        opts.format = Choice::Onnx;
         let onnx = prepare(&bytes, &opts, 1_700_000_000).unwrap();
         assert_eq!(onnx.artifact, bytes);
         assert_eq!(onnx.manifest.target_path(), "models/clf/3.onnx");

@@ -675,6 +675,7 @@ impl Fleet {
             modelcast_server::unix_now(),
         )
         .expect("publish")
+        .manifest
     }
 
     /// Deploys `model` `version` to `group`.

@@ -109,3 +109,57 @@ fn versions_are_promoted_retired_and_show_where_they_run() {
         .collect();
     assert_eq!(actions, ["model.promote", "model.retire", "model.promote"]);
 }
+
+#[test]
+fn the_same_file_publishes_again_under_a_new_name_and_a_taken_version_is_named_as_such() {
+    let fleet = Fleet::embedded();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.onnx");
+    std::fs::write(&path, modelcast_server::onnx::example_model(1, 16)).unwrap();
+    let first = fleet.publish_file(&path, "classifier", 1);
+    // The artifact is held already: publishing it under another name acknowledges it instead
+    // of breaking the connection.
+    let again = fleet.publish_file(&path, "detector", 1);
+    assert_eq!(first.sha256, again.sha256);
+    let held = fleet
+        .client
+        .upload(&first.sha256, first.chunk_size, b"not even these bytes")
+        .expect("a held artifact is acknowledged");
+    assert_eq!(held["stored"], "already");
+    // A raw PUT of the whole body to a held artifact is read to its end and answered.
+    let bytes = std::fs::read(&path).unwrap();
+    let url = format!(
+        "{}/api/v1/artifacts/{}?chunk_size={}",
+        fleet.client.base(),
+        first.sha256,
+        first.chunk_size
+    );
+    let answer: serde_json::Value = ureq::put(&url)
+        .send(&bytes[..])
+        .expect("answered")
+        .body_mut()
+        .read_json()
+        .unwrap();
+    assert_eq!(answer["stored"], "already");
+    // Publishing a version that exists says so.
+    let keys = modelcast_server::keyset::read_role_keys(&fleet.keys, "targets").unwrap();
+    let root = modelcast_server::keyset::read_root(&fleet.keys.join("root.json")).unwrap();
+    let err = modelcast_server::publish::publish_file(
+        &fleet.client,
+        &path,
+        &modelcast_server::publish::PublishOptions::new("classifier", 1),
+        &keys,
+        &root,
+        "e2e",
+        modelcast_server::unix_now(),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            modelcast_server::publish::PublishError::AlreadyPublished { version: 1, .. }
+        ),
+        "{err}"
+    );
+    assert_eq!(err.to_string(), "classifier version 1 is already published");
+}

@@ -9,13 +9,15 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use modelcast_proto::desired::{SamplingSpec, TrialThresholds};
-use modelcast_proto::manifest::{LatencyBudget, ModelFormat};
+use modelcast_proto::manifest::LatencyBudget;
 use modelcast_proto::report::Phase;
 use modelcast_server::api::DeployRequest;
 use modelcast_server::auth::{Role, Tokens};
 use modelcast_server::client::Client;
+use modelcast_server::convert::Choice;
 use modelcast_server::group::Selector;
-use modelcast_server::publish::{publish_file, Fallback, PublishOptions};
+use modelcast_server::publish::{publish_file, Fallback, Prepared, PublishOptions};
+use modelcast_server::shapes::ShapeSpec;
 use modelcast_server::{keyset, onnx, unix_now};
 
 mod rollout;
@@ -114,13 +116,21 @@ enum Command {
         #[arg(long, default_value_t = 64 * 1024)]
         size: u64,
     },
-    /// Convert an ONNX file to the NNEF tar devices receive (what `publish` does before signing).
+    /// Convert an ONNX file to the artifact devices receive and prove it, as `publish` does
+    /// before signing: fails on anything publish would refuse.
     Convert {
         /// The ONNX file.
         model: PathBuf,
-        /// Output file (`.nnef.tar`).
+        /// Output file (`.nnef.tar`, or `.onnx` when the ONNX file ships).
         #[arg(long)]
         out: PathBuf,
+        /// `auto` (NNEF where it proves out, else ONNX), `nnef` or `onnx`.
+        #[arg(long, default_value = "auto")]
+        format: Choice,
+        /// Shape of an input with symbolic dimensions: `name=1..8,3,224,224` (repeatable;
+        /// `a..b` a range, `?` any size, `@n` the size checked).
+        #[arg(long = "input-shape")]
+        input_shape: Vec<ShapeSpec>,
     },
     /// Sign a model version with the operators' targets key and upload it.
     Publish {
@@ -147,10 +157,16 @@ enum Command {
         /// Do not compute golden vectors.
         #[arg(long)]
         no_golden: bool,
-        /// What devices receive: `nnef` (converted here; loads without an ONNX parser) or
-        /// `onnx` (the file as is; needs agents built with the `onnx` feature).
-        #[arg(long, default_value = "nnef")]
-        format: ModelFormat,
+        /// What devices receive: `nnef` (converted here; loads without an ONNX parser),
+        /// `onnx` (the file as is; needs agents built with the `onnx` feature), or `auto`:
+        /// NNEF where it converts and answers as the ONNX model does, else ONNX.
+        #[arg(long, default_value = "auto")]
+        format: Choice,
+        /// Shape of an input with symbolic dimensions: `name=1..8,3,224,224` (repeatable;
+        /// `a..b` a range, `?` any size, `@n` the size checked and used for golden vectors).
+        /// A symbolic first dimension defaults to a batch of 1..8.
+        #[arg(long = "input-shape")]
+        input_shape: Vec<ShapeSpec>,
         /// Devices reject this version unless the p95 of their warm-up runs is within this
         /// many milliseconds (checked before the swap).
         #[arg(long)]
@@ -679,16 +695,28 @@ fn main() -> anyhow::Result<()> {
                 bytes.len()
             );
         }
-        Command::Convert { model, out } => {
+        Command::Convert {
+            model,
+            out,
+            format,
+            input_shape,
+        } => {
             let bytes =
                 std::fs::read(&model).with_context(|| format!("reading {}", model.display()))?;
-            let info = onnx::inspect(&bytes)?;
-            let nnef = onnx::to_nnef(&bytes, &info.inputs)?;
-            std::fs::write(&out, &nnef).with_context(|| format!("writing {}", out.display()))?;
+            let dir = model.parent().unwrap_or(std::path::Path::new("."));
+            let bytes = onnx::self_contained(&bytes, dir)?;
+            let mut opts = PublishOptions::new("convert", 1);
+            opts.format = format;
+            opts.shapes = input_shape;
+            let prepared = modelcast_server::publish::prepare(&bytes, &opts, unix_now())?;
+            report_prepared(&prepared);
+            std::fs::write(&out, &prepared.artifact)
+                .with_context(|| format!("writing {}", out.display()))?;
             println!(
-                "wrote {} ({} bytes NNEF from {} bytes ONNX)",
+                "wrote {} ({} bytes {} from {} bytes ONNX)",
                 out.display(),
-                nnef.len(),
+                prepared.artifact.len(),
+                prepared.manifest.model_format,
                 bytes.len()
             );
         }
@@ -706,6 +734,7 @@ fn main() -> anyhow::Result<()> {
             warmup_runs,
             fallback_to,
             no_fallback,
+            input_shape,
         } => {
             let key = if targets_keys.is_empty() {
                 keyset::read_role_keys(&keys, "targets")?
@@ -736,8 +765,11 @@ fn main() -> anyhow::Result<()> {
                     runs: warmup_runs,
                 });
             }
+            opts.shapes = input_shape;
             let root = keyset::read_root(&keys.join("root.json"))?;
-            let manifest = publish_file(&client, &model, &opts, &key, &root, &by, unix_now())?;
+            let prepared = publish_file(&client, &model, &opts, &key, &root, &by, unix_now())?;
+            report_prepared(&prepared);
+            let manifest = prepared.manifest;
             println!(
                 "published {name} v{version} as {}: {} bytes, {} chunk(s), sha256 {}…, {} golden vector(s)",
                 manifest.model_format,
@@ -1190,7 +1222,9 @@ fn sample_line(s: &modelcast_server::db::StoredSample) -> anyhow::Result<serde_j
                     "name": t.name,
                     "datatype": t.datatype,
                     "shape": t.shape,
-                    "data": t.values()?,
+                    "data": modelcast_agent::kserve::data_value(
+                        &modelcast_agent::engine::HostTensor::from_data(t)?.values
+                    ),
                 }))
             })
             .collect()
@@ -1206,4 +1240,35 @@ fn sample_line(s: &modelcast_server::db::StoredSample) -> anyhow::Result<serde_j
         "inputs": tensors(&x.inputs)?,
         "outputs": tensors(&x.outputs)?,
     }))
+}
+
+/// Says what publishing chose and left out.
+fn report_prepared(p: &Prepared) {
+    let m = &p.manifest;
+    for (label, specs) in [("input", &m.inputs), ("output", &m.outputs)] {
+        for t in specs.iter() {
+            println!("{label} {} {} {}", t.name, t.datatype, t.describe_shape());
+        }
+    }
+    if let Some(why) = &p.fallback_reason {
+        println!("shipping the ONNX file (agents need the `onnx` feature): {why}");
+    }
+    if let Some(d) = p.nnef_max_diff {
+        println!("NNEF proved against the ONNX model: max abs difference {d:.3e}");
+    }
+    for (name, why) in &p.dropped_outputs {
+        println!("output {name} left out: {why}");
+    }
+    if !p.props_left_out.is_empty() {
+        println!(
+            "metadata_props too large for the manifest, left out: {}",
+            p.props_left_out.join(", ")
+        );
+    }
+    if let Some(s) = m.metadata.get("shapes") {
+        println!("{s}");
+    }
+    if let Some(g) = m.metadata.get("golden") {
+        println!("golden vector {g}");
+    }
 }
