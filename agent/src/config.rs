@@ -140,6 +140,10 @@ pub struct ServeConfig {
     /// Largest single input tensor, in bytes (default: the body limit).
     #[serde(default)]
     pub max_tensor_bytes: Option<usize>,
+    /// Address of the same API over gRPC (KServe v2's `inference.GRPCInferenceService`, as
+    /// `tritonclient.grpc` speaks it; agents built with the `grpc` feature). Off when unset.
+    #[serde(default)]
+    pub grpc_listen: Option<SocketAddr>,
 }
 
 fn default_max_body() -> usize {
@@ -151,6 +155,7 @@ impl Default for ServeConfig {
         ServeConfig {
             max_body_bytes: default_max_body(),
             max_tensor_bytes: None,
+            grpc_listen: None,
         }
     }
 }

@@ -267,7 +267,7 @@ pub async fn run(
     let collector = Arc::new(Collector::default());
     let sampler = Sampler::new();
     sampler.set_policies(store.sampling()?);
-    let app = crate::serve::router(
+    let api = crate::serve::Api::new(
         models.clone(),
         metrics.clone(),
         collector.clone(),
@@ -275,6 +275,22 @@ pub async fn run(
         outcome_tx,
         cfg.serve,
     );
+    #[cfg(not(feature = "grpc"))]
+    if cfg.serve.grpc_listen.is_some() {
+        tracing::warn!(
+            "serve.grpc_listen is set, but this agent is built without the grpc feature"
+        );
+    }
+    #[cfg(feature = "grpc")]
+    let grpc = match cfg.serve.grpc_listen {
+        Some(addr) => Some(
+            crate::grpc::spawn(addr, api.clone())
+                .await
+                .map_err(|source| AgentError::Bind { addr, source })?,
+        ),
+        None => None,
+    };
+    let app = crate::serve::router(api);
     let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();
     let http = tokio::spawn(async move {
         let _ = axum::serve(listener, app)
@@ -331,6 +347,10 @@ pub async fn run(
     };
     let _ = http_stop.send(());
     let _ = http.await;
+    #[cfg(feature = "grpc")]
+    if let Some(grpc) = grpc {
+        grpc.stop().await;
+    }
     result.unwrap_or_else(|_| {
         Err(AgentError::Runtime(std::io::Error::other(
             "the control thread died",

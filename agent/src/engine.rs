@@ -614,6 +614,17 @@ fn input_positions(manifest: &Manifest, names: &[String]) -> Result<Vec<usize>, 
         .collect()
 }
 
+/// An input's dimensions for tract: fixed ones as sizes, bounded ones as the symbol the
+/// manifest names (the same symbol for inputs that share it).
+pub fn input_dims(symbols: &SymbolScope, spec: &TensorSpec) -> Vec<TDim> {
+    (0..spec.shape.len())
+        .map(|axis| match spec.dim(axis) {
+            Some(Dim::Range(r)) => symbols.sym(&r.symbol).into(),
+            _ => TDim::Val(spec.shape[axis] as i64),
+        })
+        .collect()
+}
+
 fn input_names(model: &TypedModel) -> Result<Vec<String>, EngineError> {
     Ok(model
         .input_outlets()
@@ -748,12 +759,7 @@ fn read_onnx(
         .collect();
     let positions = input_positions(manifest, &names)?;
     for (spec, pos) in manifest.inputs.iter().zip(&positions) {
-        let dims: Vec<TDim> = (0..spec.shape.len())
-            .map(|axis| match spec.dim(axis) {
-                Some(Dim::Range(r)) => model.symbols.sym(&r.symbol).into(),
-                _ => TDim::Val(spec.shape[axis] as i64),
-            })
-            .collect();
+        let dims = input_dims(&model.symbols, spec);
         model
             .set_input_fact(*pos, InferenceFact::dt_shape(datum(spec.datatype), dims))
             .map_err(load_err)?;

@@ -18,6 +18,8 @@ pub mod artifacts;
 pub mod config;
 pub mod driver;
 pub mod engine;
+#[cfg(feature = "grpc")]
+pub mod grpc;
 pub mod kserve;
 pub mod link;
 pub mod memory;

@@ -72,27 +72,46 @@ impl Models {
     }
 }
 
-/// Shared state of the HTTP handlers.
+/// What the inference routes (HTTP and gRPC) share: the serving models and where each
+/// request's outcome goes.
 #[derive(Clone)]
-struct Api {
-    models: Arc<Models>,
-    metrics: Arc<Metrics>,
-    telemetry: Arc<Collector>,
-    sampler: Arc<Sampler>,
-    outcomes: mpsc::Sender<RequestOutcome>,
-    max_tensor_bytes: usize,
+pub struct Api {
+    pub(crate) models: Arc<Models>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) telemetry: Arc<Collector>,
+    pub(crate) sampler: Arc<Sampler>,
+    pub(crate) outcomes: mpsc::Sender<RequestOutcome>,
+    pub(crate) limits: ServeConfig,
+    pub(crate) max_tensor_bytes: usize,
 }
 
-/// The KServe v2 routes and `GET /metrics`; request outcomes go to `outcomes`, and the
-/// requests `sampler` draws are kept whole. Bodies over `limits.max_body_bytes` get a 413.
-pub fn router(
-    models: Arc<Models>,
-    metrics: Arc<Metrics>,
-    telemetry: Arc<Collector>,
-    sampler: Arc<Sampler>,
-    outcomes: mpsc::Sender<RequestOutcome>,
-    limits: ServeConfig,
-) -> Router {
+impl Api {
+    /// The state of the inference API: request outcomes go to `outcomes`, and the requests
+    /// `sampler` draws are kept whole.
+    pub fn new(
+        models: Arc<Models>,
+        metrics: Arc<Metrics>,
+        telemetry: Arc<Collector>,
+        sampler: Arc<Sampler>,
+        outcomes: mpsc::Sender<RequestOutcome>,
+        limits: ServeConfig,
+    ) -> Api {
+        Api {
+            models,
+            metrics,
+            telemetry,
+            sampler,
+            outcomes,
+            limits,
+            max_tensor_bytes: limits.tensor_limit(),
+        }
+    }
+}
+
+/// The KServe v2 routes and `GET /metrics`. Bodies over the limits' `max_body_bytes` get a
+/// 413.
+pub fn router(api: Api) -> Router {
+    let max_body = api.limits.max_body_bytes;
     Router::new()
         .route("/metrics", get(prometheus))
         .route("/v2", get(server_metadata))
@@ -131,15 +150,8 @@ pub fn router(
             get(model_stats_v),
         )
         .route("/v2/models/{name}/versions/{version}/infer", post(infer_v))
-        .layer(DefaultBodyLimit::max(limits.max_body_bytes))
-        .with_state(Api {
-            models,
-            metrics,
-            telemetry,
-            sampler,
-            outcomes,
-            max_tensor_bytes: limits.tensor_limit(),
-        })
+        .layer(DefaultBodyLimit::max(max_body))
+        .with_state(api)
 }
 
 async fn prometheus(State(api): State<Api>) -> Response {
@@ -157,9 +169,12 @@ fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {
     (status, Json(json!({ "error": message.to_string() }))).into_response()
 }
 
+/// The server's name in its metadata.
+pub(crate) const SERVER_NAME: &str = "modelcast-agent";
+
 async fn server_metadata() -> Json<Value> {
     Json(json!({
-        "name": "modelcast-agent",
+        "name": SERVER_NAME,
         "version": env!("CARGO_PKG_VERSION"),
         "extensions": kserve::EXTENSIONS,
     }))
@@ -230,7 +245,11 @@ fn config_json(specs: &[TensorSpec]) -> Vec<Value> {
 }
 
 /// The serving model, or the 404 message.
-fn lookup(api: &Api, name: &str, version: Option<&str>) -> Result<Arc<LoadedModel>, String> {
+pub(crate) fn lookup(
+    api: &Api,
+    name: &str,
+    version: Option<&str>,
+) -> Result<Arc<LoadedModel>, String> {
     let model = api
         .models
         .get(name)
@@ -398,30 +417,100 @@ async fn run_infer(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let model = match lookup(&api, &name, version.as_deref()) {
-        Ok(m) => m,
-        Err(e) => return error(StatusCode::NOT_FOUND, e),
-    };
-    let labels = SlotLabels::new(&model.manifest().name, model.slot());
-    let bad = |e: String| {
-        api.metrics.inference_error(&labels, ErrorKind::BadRequest);
-        error(StatusCode::BAD_REQUEST, e)
-    };
     let header_length = match headers.get(kserve::HEADER_LENGTH) {
         None => None,
         Some(v) => match v.to_str().ok().and_then(|s| s.trim().parse::<usize>().ok()) {
             Some(n) => Some(n),
-            None => return bad(format!("{} is not a length", kserve::HEADER_LENGTH)),
+            None => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("{} is not a length", kserve::HEADER_LENGTH),
+                )
+            }
         },
     };
     let max_tensor = api.max_tensor_bytes;
-    // Decoding a large request is work too: off the runtime's workers, with the run.
+    let answer = infer_with(
+        &api,
+        &name,
+        version.as_deref(),
+        move || kserve::parse_request(&body, header_length, max_tensor),
+        |model, request, outputs| {
+            let chosen = kserve::select_outputs(outputs, request)?;
+            let m = model.manifest();
+            Ok(kserve::encode_response(
+                &m.name, m.version, request, &chosen,
+            ))
+        },
+    )
+    .await;
+    match answer {
+        Answer::Done(response) => match response.header_length {
+            Some(n) => (
+                [
+                    (
+                        axum::http::header::CONTENT_TYPE,
+                        "application/octet-stream".to_string(),
+                    ),
+                    (
+                        axum::http::HeaderName::from_static(kserve::HEADER_LENGTH),
+                        n.to_string(),
+                    ),
+                ],
+                response.body,
+            )
+                .into_response(),
+            None => (
+                [(axum::http::header::CONTENT_TYPE, "application/json")],
+                response.body,
+            )
+                .into_response(),
+        },
+        Answer::NotFound(e) => error(StatusCode::NOT_FOUND, e),
+        Answer::Bad(e) => error(StatusCode::BAD_REQUEST, e),
+        Answer::Failed(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}
+
+/// How one inference request ended, whatever protocol carried it.
+pub(crate) enum Answer<R> {
+    /// Answered; the encoded response.
+    Done(R),
+    /// No such model or version serves.
+    NotFound(String),
+    /// The request was malformed (HTTP 400, gRPC INVALID_ARGUMENT).
+    Bad(String),
+    /// The model failed to run it (HTTP 500, gRPC INTERNAL).
+    Failed(String),
+}
+
+/// Runs one inference for any protocol: `decode` makes the request from its bytes and
+/// `encode` the response from the outputs, both on the blocking thread that runs the model
+/// (large tensors are work too), and everything else — metrics, probation outcomes, Triton
+/// statistics, telemetry, sampling — is the same for HTTP and gRPC.
+pub(crate) async fn infer_with<R: Send + 'static>(
+    api: &Api,
+    name: &str,
+    version: Option<&str>,
+    decode: impl FnOnce() -> Result<kserve::InferRequest, kserve::CodecError> + Send + 'static,
+    encode: impl FnOnce(
+            &LoadedModel,
+            &kserve::InferRequest,
+            &[crate::engine::HostTensor],
+        ) -> Result<R, kserve::CodecError>
+        + Send
+        + 'static,
+) -> Answer<R> {
+    let model = match lookup(api, name, version) {
+        Ok(m) => m,
+        Err(e) => return Answer::NotFound(e),
+    };
+    let labels = SlotLabels::new(&model.manifest().name, model.slot());
     let served = model.clone();
     let sampler = api.sampler.clone();
     let run = tokio::task::spawn_blocking(move || {
-        let request = kserve::parse_request(&body, header_length, max_tensor)?;
-        drop(body);
-        let drawn = sampler.draw(&name);
+        let request = decode()?;
+        let drawn = sampler.draw(&served.manifest().name);
         let started = std::time::Instant::now();
         let outputs = served.run_counted(&request.inputs);
         let took = started.elapsed();
@@ -431,17 +520,17 @@ async fn run_infer(
             sampler.keep(&m.name, m.version, served.slot(), &request.inputs, outputs);
         }
         let response = match &outputs {
-            Ok((outputs, _)) => Some(kserve::select_outputs(outputs, &request).map(|chosen| {
-                let m = served.manifest();
-                kserve::encode_response(&m.name, m.version, &request, &chosen)
-            })),
+            Ok((outputs, _)) => Some(encode(&served, &request, outputs)),
             Err(_) => None,
         };
         Ok::<_, kserve::CodecError>((outputs.map(|(_, used)| used), response, took, summary))
     });
     let (result, response, latency, summary) = match run.await {
         Ok(Ok((outputs, response, latency, summary))) => (Ok(outputs), response, latency, summary),
-        Ok(Err(e)) => return bad(e.to_string()),
+        Ok(Err(e)) => {
+            api.metrics.inference_error(&labels, ErrorKind::BadRequest);
+            return Answer::Bad(e.to_string());
+        }
         Err(e) => (Err(e), None, std::time::Duration::ZERO, None),
     };
     // A bad request says nothing about the model.
@@ -475,47 +564,27 @@ async fn run_infer(
     match (result, response) {
         (Ok(Ok(_)), Some(Ok(response))) => {
             api.metrics.inference(&labels, latency);
-            match response.header_length {
-                Some(n) => (
-                    [
-                        (
-                            axum::http::header::CONTENT_TYPE,
-                            "application/octet-stream".to_string(),
-                        ),
-                        (
-                            axum::http::HeaderName::from_static(kserve::HEADER_LENGTH),
-                            n.to_string(),
-                        ),
-                    ],
-                    response.body,
-                )
-                    .into_response(),
-                None => (
-                    [(axum::http::header::CONTENT_TYPE, "application/json")],
-                    response.body,
-                )
-                    .into_response(),
-            }
+            Answer::Done(response)
         }
-        (Ok(Ok(_)), Some(Err(e))) => bad(e.to_string()),
+        (Ok(Ok(_)), Some(Err(e))) => {
+            api.metrics.inference_error(&labels, ErrorKind::BadRequest);
+            Answer::Bad(e.to_string())
+        }
         (Ok(Err(e @ EngineError::BadInput(_))), _) => {
             api.metrics.inference_error(&labels, ErrorKind::BadRequest);
-            error(StatusCode::BAD_REQUEST, e)
+            Answer::Bad(e.to_string())
         }
         (Ok(Err(e)), _) => {
             api.metrics.inference_error(&labels, ErrorKind::Failed);
-            error(StatusCode::INTERNAL_SERVER_ERROR, e)
+            Answer::Failed(e.to_string())
         }
         (Ok(Ok(_)), None) => {
             api.metrics.inference_error(&labels, ErrorKind::Failed);
-            error(StatusCode::INTERNAL_SERVER_ERROR, "no response encoded")
+            Answer::Failed("no response encoded".into())
         }
         (Err(e), _) => {
             api.metrics.inference_error(&labels, ErrorKind::Failed);
-            error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("inference task failed: {e}"),
-            )
+            Answer::Failed(format!("inference task failed: {e}"))
         }
     }
 }

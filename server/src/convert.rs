@@ -99,12 +99,7 @@ pub fn typed(onnx: &[u8], inputs: &[TensorSpec]) -> Result<TypedModel, ConvertEr
         )));
     }
     for (i, spec) in inputs.iter().enumerate() {
-        let dims: Vec<TDim> = (0..spec.shape.len())
-            .map(|axis| match spec.dim(axis) {
-                Some(Dim::Range(r)) => model.symbols.sym(&r.symbol).into(),
-                _ => TDim::Val(spec.shape[axis] as i64),
-            })
-            .collect();
+        let dims = modelcast_agent::engine::input_dims(&model.symbols, spec);
         model
             .set_input_fact(i, InferenceFact::dt_shape(datum(spec.datatype), dims))
             .map_err(type_err)?;

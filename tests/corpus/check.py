@@ -1,76 +1,44 @@
-"""Drives a modelcast agent with the real Triton client (tritonclient.http), as a user of a
-KServe v2 server would, and compares every corpus model's answers with onnxruntime's on the
-same inputs.
+"""Drives a modelcast agent with the real Triton client (tritonclient.http and .grpc), as a
+user of a KServe v2 server would, and compares every corpus model's answers with onnxruntime's
+on the same inputs: over HTTP with binary tensors (the client's default) and JSON, and gRPC.
 
-usage: check.py HOST:PORT MODELS_TSV CORPUS_DIR ID [ID ...]
+usage: check.py HTTP_HOST:PORT GRPC_HOST:PORT MODELS_TSV CORPUS_DIR ID [ID ...]
 
 Prints one table row per model and the API checks; exits 1 when anything differs or fails.
 """
 import sys
-import time
-import zlib
 
 import numpy as np
 import onnxruntime as ort
+import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-NP = {
-    "BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32,
-    "UINT64": np.uint64, "INT8": np.int8, "INT16": np.int16, "INT32": np.int32,
-    "INT64": np.int64, "FP16": np.float16, "FP32": np.float32, "FP64": np.float64,
-}
+from common import infer_inputs, load_rows, make_inputs
 
-url, tsv, corpus, ids = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
-rows = {}
-for line in open(tsv):
-    if line.startswith("#") or not line.strip():
-        continue
-    f = line.rstrip("\n").split("\t")
-    rows[f[0]] = dict(id=f[0], package=f[1], version=f[2], kind=f[5], inputs=f[7],
-                      expect=f[8], tol=f[9])
-
+url, grpc_url, tsv, corpus, ids = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:]
+rows = load_rows(tsv)
 client = httpclient.InferenceServerClient(url=url, network_timeout=120.0)
+grpc = grpcclient.InferenceServerClient(url=grpc_url)
 failures = []
 
 
-def make_inputs(row, metadata):
-    rng = np.random.default_rng(zlib.crc32(row["id"].encode()))
-    types = {i["name"]: i["datatype"] for i in metadata["inputs"]}
-    out = {}
-    for spec in row["inputs"].split(";"):
-        name, rest = spec.split("=", 1)
-        shape, how = rest.split(":", 1)
-        shape = [int(d) for d in shape.split("x")]
-        dtype = NP[types[name]]
-        if how == "uniform":
-            v = rng.random(shape)
-        elif how == "normal":
-            v = rng.standard_normal(shape)
-        elif how.startswith("ints:"):
-            _, lo, hi = how.split(":")
-            v = rng.integers(int(lo), int(hi), shape)
-        elif how == "ones":
-            v = np.ones(shape)
-        else:
-            v = np.zeros(shape)
-        out[name] = v.astype(dtype)
-    return out
+def make(row, metadata):
+    return make_inputs(row, {i["name"]: i["datatype"] for i in metadata["inputs"]})
 
 
 def call(model, inputs, binary):
-    req = []
-    for name, value in inputs.items():
-        dt = [k for k, v in NP.items() if v == value.dtype.type][0]
-        i = httpclient.InferInput(name, list(value.shape), dt)
-        i.set_data_from_numpy(value, binary_data=binary)
-        req.append(i)
+    req = infer_inputs(httpclient, inputs, binary_data=binary)
     if binary:
         # The client's default: no outputs named, all come back binary.
         return client.infer(model, req)
     meta = client.get_model_metadata(model)
     outs = [httpclient.InferRequestedOutput(o["name"], binary_data=False) for o in meta["outputs"]]
     return client.infer(model, req, outputs=outs)
+
+
+def call_grpc(model, inputs):
+    return grpc.infer(model, infer_inputs(grpcclient, inputs), client_timeout=120.0)
 
 
 def worst(result, reference, names):
@@ -85,12 +53,12 @@ def worst(result, reference, names):
     return w
 
 
-print(f"{'model':22} {'package':30} {'outputs':>7} {'binary':>10} {'json':>10} {'tol':>6}  result")
+print(f"{'model':22} {'package':30} {'outputs':>7} {'binary':>10} {'json':>10} {'grpc':>10} {'tol':>6}  result")
 for mid in ids:
     row = rows[mid]
     try:
         meta = client.get_model_metadata(mid)
-        inputs = make_inputs(row, meta)
+        inputs = make(row, meta)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = 1
         sess = ort.InferenceSession(f"{corpus}/{mid}.onnx", opts, providers=["CPUExecutionProvider"])
@@ -98,14 +66,15 @@ for mid in ids:
         reference = sess.run(names, inputs)
         wb = worst(call(mid, inputs, True), reference, names)
         wj = worst(call(mid, inputs, False), reference, names)
+        wg = worst(call_grpc(mid, inputs), reference, names)
         tol = float(row["tol"])
-        ok = wb <= tol and wj <= tol
+        ok = wb <= tol and wj <= tol and wg <= tol
         known = row["expect"].startswith("differs:")
         verdict = ("ok" if ok else "DIFFERS") if not known else (
             "NOW MATCHES: update models.tsv" if ok else "differs, as known")
-        print(f"{mid:22} {row['package'] + ' ' + row['version']:30} {len(names):>7} {wb:>10.2e} {wj:>10.2e} {tol:>6.0e}  {verdict}")
+        print(f"{mid:22} {row['package'] + ' ' + row['version']:30} {len(names):>7} {wb:>10.2e} {wj:>10.2e} {wg:>10.2e} {tol:>6.0e}  {verdict}")
         if ok == known:
-            failures.append(f"{mid}: max difference from onnxruntime {max(wb, wj):.3e} (tolerance {tol}); models.tsv expects {row['expect'][:40]!r}")
+            failures.append(f"{mid}: max difference from onnxruntime {max(wb, wj, wg):.3e} (tolerance {tol}); models.tsv expects {row['expect'][:40]!r}")
     except Exception as e:  # one model's failure must not hide the others'
         print(f"{mid:22} FAILED: {e}")
         failures.append(f"{mid}: {e}")
@@ -144,13 +113,8 @@ if ids:
     index = client.get_model_repository_index()
     check("get_model_repository_index lists every model", sorted(r["name"] for r in index) == sorted(ids))
     before = client.get_inference_statistics(m)["model_stats"][0]["inference_count"]
-    inputs = make_inputs(rows[m], client.get_model_metadata(m))
-    req = []
-    for name, value in inputs.items():
-        dt = [k for k, v in NP.items() if v == value.dtype.type][0]
-        i = httpclient.InferInput(name, list(value.shape), dt)
-        i.set_data_from_numpy(value)
-        req.append(i)
+    inputs = make(rows[m], client.get_model_metadata(m))
+    req = infer_inputs(httpclient, inputs)
     first = client.get_model_metadata(m)["outputs"][0]["name"]
     r = client.infer(m, req, request_id="req-42",
                      outputs=[httpclient.InferRequestedOutput(first)])
@@ -165,6 +129,34 @@ if ids:
     raises("infer with a shape outside the model's", lambda: client.infer(m, [bad]))
     raises("infer on a model that does not serve", lambda: client.infer("nope", req))
     raises("load_model (the fleet loads models)", lambda: client.load_model(m))
+
+print("tritonclient.grpc API:")
+if ids:
+    try:
+        m = "osc_fsmn_vad" if "osc_fsmn_vad" in ids else ids[0]
+        version = grpc.get_model_metadata(m).versions[0]
+        check("is_server_live", grpc.is_server_live())
+        check("is_server_ready", grpc.is_server_ready())
+        check("get_server_metadata", grpc.get_server_metadata().name == "modelcast-agent")
+        check(f"is_model_ready({m!r}, {version!r})", grpc.is_model_ready(m, version))
+        check(f"is_model_ready({m!r}, '999') is false", not grpc.is_model_ready(m, "999"))
+        meta = grpc.get_model_metadata(m, version)
+        check("get_model_metadata by version", meta.name == m and len(meta.inputs) >= 1)
+        inputs = make(rows[m], client.get_model_metadata(m))
+        req = infer_inputs(grpcclient, inputs)
+        first = meta.outputs[0].name
+        r = grpc.infer(m, req, request_id="g-7", outputs=[grpcclient.InferRequestedOutput(first)])
+        check("request id echoed", r.get_response().id == "g-7")
+        check(f"only the requested output {first!r} comes back",
+              [o.name for o in r.get_response().outputs] == [first])
+        bad = grpcclient.InferInput(list(inputs)[0], [1, 1], "FP32")
+        bad.set_data_from_numpy(np.zeros((1, 1), np.float32))
+        raises("infer with a shape outside the model's", lambda: grpc.infer(m, [bad]))
+        raises("infer on a model that does not serve", lambda: grpc.infer("nope", req))
+        raises("get_model_config (not in KServe v2's gRPC service; HTTP has it)",
+               lambda: grpc.get_model_config(m))
+    except Exception as e:
+        check(f"gRPC API: {e}", False)
 
 if failures:
     print("FAILED:\n  " + "\n  ".join(failures))

@@ -21,6 +21,7 @@ use modelcast_server::publish::{publish_file, PublishOptions};
 use modelcast_server::{keyset, onnx};
 
 pub mod browser;
+pub mod corpus;
 pub mod hammer;
 pub mod proxy;
 pub mod sim;

@@ -1,0 +1,167 @@
+//! The real-model corpus (`tests/corpus/models.tsv`, fetched by `tests/corpus/setup.sh`):
+//! its rows, where the models and the Python environment are, and publishing the ones that
+//! serve to a fleet as an operator would. Used by `tests/corpus.rs` and `bench-models`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use modelcast_server::publish::PublishOptions;
+
+use crate::{free_port, wait_for, Agent, Fleet};
+
+/// One model of the corpus.
+pub struct Row {
+    /// Its id: model name and file name in the cache.
+    pub id: String,
+    /// Where it comes from, as `package version`.
+    pub source: String,
+    /// The `modelcast publish` flags it needs.
+    pub publish_args: Vec<String>,
+    /// `serve`, `differs:<why>` or `refuse:<words>`.
+    pub expect: String,
+}
+
+impl Row {
+    /// Whether it is published and served (as known to agree with onnxruntime or not).
+    pub fn serves(&self) -> bool {
+        self.expect == "serve" || self.expect.starts_with("differs:")
+    }
+
+    /// The publish options its flags say.
+    pub fn options(&self) -> PublishOptions {
+        let mut opts = PublishOptions::new(&self.id, 1);
+        let mut args = self.publish_args.iter();
+        while let Some(flag) = args.next() {
+            let value = args.next().expect("flag value");
+            match flag.as_str() {
+                "--input-shape" => opts.shapes.push(value.parse().expect("shape spec")),
+                "--format" => opts.format = value.parse().expect("format"),
+                other => panic!("models.tsv: unknown publish flag {other}"),
+            }
+        }
+        opts
+    }
+}
+
+/// The repository's root.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The cache folder (`MODELCAST_CACHE`, else `.cache` in the repository).
+pub fn cache() -> PathBuf {
+    std::env::var_os("MODELCAST_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join(".cache"))
+}
+
+/// The fetched models' folder; panics with what to run when it is missing.
+pub fn models_dir() -> PathBuf {
+    let dir = cache().join("corpus");
+    assert!(
+        python().exists() && dir.is_dir(),
+        "the corpus is not fetched: run tests/corpus/setup.sh (tests/run.sh does)"
+    );
+    dir
+}
+
+/// The corpus' Python (onnxruntime, tritonclient).
+pub fn python() -> PathBuf {
+    cache().join("python/bin/python")
+}
+
+/// The rows of `models.tsv`.
+pub fn rows() -> Vec<Row> {
+    let text = std::fs::read_to_string(repo().join("tests/corpus/models.tsv")).expect("models.tsv");
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| {
+            let f: Vec<&str> = l.split('\t').collect();
+            assert_eq!(f.len(), 10, "models.tsv row {l:?}");
+            Row {
+                id: f[0].into(),
+                source: format!("{} {}", f[1], f[2]),
+                publish_args: match f[6] {
+                    "-" => vec![],
+                    args => args.split_whitespace().map(String::from).collect(),
+                },
+                expect: f[8].into(),
+            }
+        })
+        .collect()
+}
+
+/// Publishes every serving row to `fleet`, deploys it to `group`, and waits until `device`
+/// serves them all (failing fast on a model the device rejects). Returns their ids.
+pub fn publish_and_serve(fleet: &Fleet, group: &str, device: &str) -> Vec<String> {
+    let dir = models_dir();
+    let mut serving = Vec::new();
+    for row in rows().into_iter().filter(Row::serves) {
+        let m = fleet.publish_with(&dir.join(format!("{}.onnx", row.id)), &row.options());
+        println!(
+            "{:22} published as {} ({} bytes), inputs {}",
+            row.id,
+            m.model_format,
+            m.size,
+            m.inputs
+                .iter()
+                .map(|i| format!("{} {} {}", i.name, i.datatype, i.describe_shape()))
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+        fleet.deploy(&row.id, 1, group);
+        serving.push(row.id);
+    }
+    for id in &serving {
+        wait_for(
+            &format!("{device} to serve {id}"),
+            Duration::from_secs(300),
+            || {
+                let r = fleet.report(device)?;
+                if let Some(e) = r
+                    .last_error
+                    .as_ref()
+                    .filter(|e| e.model.as_deref() == Some(id.as_str()))
+                {
+                    panic!("{device} rejected {id}: {}", e.reason);
+                }
+                (r.models.get(id)?.serving_version() == Some(1)).then_some(())
+            },
+        );
+    }
+    serving
+}
+
+/// Starts device `id` in `group` (`key=value`) with the gRPC API on too; returns it and its
+/// gRPC port, once the server knows it.
+pub fn start_agent_with_grpc(fleet: &Fleet, id: &str, group: (&str, &str)) -> (Agent, u16) {
+    let grpc_port = free_port();
+    let agent = fleet.start_agent_with(
+        id,
+        &[group],
+        &format!("[serve]\ngrpc_listen = \"127.0.0.1:{grpc_port}\"\n"),
+    );
+    fleet.wait_registered();
+    (agent, grpc_port)
+}
+
+/// Runs one of the corpus' Python scripts against `agent` (HTTP and gRPC) for the `serving`
+/// models; returns its exit status, having let it print.
+pub fn run_script(
+    script: &str,
+    agent: &Agent,
+    grpc_port: u16,
+    serving: &[String],
+) -> std::process::Output {
+    std::process::Command::new(python())
+        .arg(repo().join("tests/corpus").join(script))
+        .arg(format!("127.0.0.1:{}", agent.http_port))
+        .arg(format!("127.0.0.1:{grpc_port}"))
+        .arg(repo().join("tests/corpus/models.tsv"))
+        .arg(models_dir())
+        .args(serving)
+        .stdout(std::process::Stdio::inherit())
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .expect("the corpus' Python runs")
+}
