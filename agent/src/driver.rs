@@ -293,6 +293,11 @@ pub async fn run(
     let app = crate::serve::router(api);
     let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();
     let http = tokio::spawn(async move {
+        // Small answers go out at once, not when Nagle's algorithm lets them.
+        use axum::serve::ListenerExt;
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let _ = axum::serve(listener, app)
             .with_graceful_shutdown(async {
                 let _ = http_stopped.await;

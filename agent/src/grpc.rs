@@ -310,7 +310,9 @@ pub async fn spawn(addr: SocketAddr, api: Api) -> std::io::Result<GrpcServer> {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     tracing::info!(%addr, "inference API listening (gRPC)");
     let task = tokio::spawn(async move {
-        let incoming = tonic::transport::server::TcpIncoming::from(listener);
+        // Small answers go out at once, not when Nagle's algorithm lets them.
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         if let Err(e) = tonic::transport::Server::builder()
             .add_service(service)
             .serve_with_incoming_shutdown(incoming, async {

@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use modelcast_proto::report::Phase;
 use modelcast_server::publish::PublishOptions;
 
 use crate::{free_port, wait_for, Agent, Fleet};
@@ -118,14 +119,13 @@ pub fn publish_and_serve(fleet: &Fleet, group: &str, device: &str) -> Vec<String
             Duration::from_secs(300),
             || {
                 let r = fleet.report(device)?;
-                if let Some(e) = r
-                    .last_error
-                    .as_ref()
-                    .filter(|e| e.model.as_deref() == Some(id.as_str()))
-                {
-                    panic!("{device} rejected {id}: {}", e.reason);
+                let state = r.models.get(id)?;
+                // A rejected update ends in the failed phase (a stalled download only retries).
+                if state.update.as_ref().map(|u| u.phase) == Some(Phase::Failed) {
+                    let why = r.last_error.as_ref().map_or("", |e| e.reason.as_str());
+                    panic!("{device} rejected {id}: {why}");
                 }
-                (r.models.get(id)?.serving_version() == Some(1)).then_some(())
+                (state.serving_version() == Some(1)).then_some(())
             },
         );
     }
