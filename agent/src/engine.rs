@@ -781,7 +781,8 @@ fn read_onnx(
 }
 
 fn to_tract(spec: &TensorSpec, t: &HostTensor) -> Result<TValue, EngineError> {
-    spec.accepts(&t.shape).map_err(EngineError::BadInput)?;
+    spec.accepts(&t.shape)
+        .map_err(|e| EngineError::BadInput(e.to_string()))?;
     if t.values.datatype() != spec.datatype {
         return Err(EngineError::BadInput(format!(
             "input {} is {}, model takes {}",

@@ -261,14 +261,14 @@ impl fmt::Display for Number {
 
 /// Appends `n` as one little-endian element of `dt`, if it is one exactly (floats: any
 /// number; integers: whole numbers in range; BOOL: true, false, 0 or 1).
-fn encode(dt: DataType, n: Number, out: &mut Vec<u8>) -> Result<(), String> {
-    let int = || -> Result<i128, String> {
+fn encode(dt: DataType, n: Number, out: &mut Vec<u8>) -> Result<(), CodecError> {
+    let int = || -> Result<i128, CodecError> {
         match n {
             Number::U(v) => Ok(i128::from(v)),
             Number::I(v) => Ok(i128::from(v)),
             Number::F(v) if v.fract() == 0.0 && v.abs() < 1.8e19 => Ok(v as i128),
             Number::B(b) => Ok(i128::from(b)),
-            Number::F(_) => Err(format!("{n} is not an integer")),
+            Number::F(_) => Err(err(format!("{n} is not an integer"))),
         }
     };
     let float = || -> f64 {
@@ -282,14 +282,14 @@ fn encode(dt: DataType, n: Number, out: &mut Vec<u8>) -> Result<(), String> {
     macro_rules! int_as {
         ($t:ty) => {{
             let v = int()?;
-            let v = <$t>::try_from(v).map_err(|_| format!("{v} does not fit {dt}"))?;
+            let v = <$t>::try_from(v).map_err(|_| err(format!("{v} does not fit {dt}")))?;
             out.extend_from_slice(&v.to_le_bytes());
         }};
     }
     match dt {
         DataType::Bool => match int()? {
             v @ (0 | 1) => out.push(v as u8),
-            v => return Err(format!("{v} is not a BOOL")),
+            v => return Err(err(format!("{v} is not a BOOL"))),
         },
         DataType::Uint8 => int_as!(u8),
         DataType::Uint16 => int_as!(u16),

@@ -143,14 +143,29 @@ impl std::fmt::Display for DataType {
 }
 
 impl std::str::FromStr for DataType {
-    type Err = String;
+    type Err = DecodeError;
 
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(s: &str) -> Result<Self, DecodeError> {
         DataType::ALL
             .into_iter()
             .find(|d| d.name() == s)
-            .ok_or_else(|| format!("unknown datatype {s:?}"))
+            .ok_or_else(|| DecodeError::Invalid {
+                what: "datatype",
+                reason: format!("{s:?} is not one of the numeric KServe v2 types and BOOL"),
+            })
     }
+}
+
+/// A request's tensor whose shape an input does not accept.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("input {input} has shape {shape:?}, the model takes {accepted}")]
+pub struct ShapeMismatch {
+    /// The input.
+    pub input: String,
+    /// The shape given.
+    pub shape: Vec<u64>,
+    /// What the input accepts, as [`TensorSpec::describe_shape`] writes it.
+    pub accepted: String,
 }
 
 /// Largest size of one dimension a manifest may allow.
@@ -238,31 +253,25 @@ impl TensorSpec {
     }
 
     /// Checks a request's shape against this input's dimensions.
-    pub fn accepts(&self, shape: &[u64]) -> Result<(), String> {
-        if shape.len() != self.shape.len() {
-            return Err(format!(
-                "input {} has {} dimensions {shape:?}, the model takes {} ({})",
-                self.name,
-                shape.len(),
-                self.shape.len(),
-                self.describe_shape()
-            ));
+    pub fn accepts(&self, shape: &[u64]) -> Result<(), ShapeMismatch> {
+        let fits = shape.len() == self.shape.len()
+            && shape
+                .iter()
+                .enumerate()
+                .all(|(axis, &size)| match self.dim(axis) {
+                    Some(Dim::Fixed(d)) => size == d,
+                    Some(Dim::Range(r)) => (r.min..=r.max).contains(&size),
+                    Some(Dim::Symbolic(_)) | None => false,
+                });
+        if fits {
+            Ok(())
+        } else {
+            Err(ShapeMismatch {
+                input: self.name.clone(),
+                shape: shape.to_vec(),
+                accepted: self.describe_shape(),
+            })
         }
-        for (axis, &size) in shape.iter().enumerate() {
-            let ok = match self.dim(axis) {
-                Some(Dim::Fixed(d)) => size == d,
-                Some(Dim::Range(r)) => (r.min..=r.max).contains(&size),
-                Some(Dim::Symbolic(_)) | None => false,
-            };
-            if !ok {
-                return Err(format!(
-                    "input {} has shape {shape:?}, the model takes {}",
-                    self.name,
-                    self.describe_shape()
-                ));
-            }
-        }
-        Ok(())
     }
 
     /// The accepted shapes, as people read them: `[1..8, 3, 224, 224]`.
@@ -280,17 +289,21 @@ impl TensorSpec {
 
     /// Checks the dimensions against the declared shape; `input` says whether requests give
     /// this tensor (then every dimension is fixed or bounded).
-    fn validate(&self, input: bool) -> Result<(), String> {
+    fn validate(&self, input: bool) -> Result<(), DecodeError> {
+        let invalid = |reason: String| DecodeError::Invalid {
+            what: "tensor",
+            reason,
+        };
         if self.dims.is_empty() {
             return Ok(());
         }
         if self.dims.len() != self.shape.len() {
-            return Err(format!(
+            return Err(invalid(format!(
                 "tensor {}: {} dimensions for a shape of {}",
                 self.name,
                 self.dims.len(),
                 self.shape.len()
-            ));
+            )));
         }
         for (d, &at) in self.dims.iter().zip(&self.shape) {
             let ok = match d {
@@ -306,10 +319,10 @@ impl TensorSpec {
                 Dim::Symbolic(s) => !input && !s.is_empty() && s.len() <= 64,
             };
             if !ok {
-                return Err(format!(
+                return Err(invalid(format!(
                     "tensor {}: dimension {d:?} does not fit declared size {at}",
                     self.name
-                ));
+                )));
             }
         }
         Ok(())
@@ -577,10 +590,10 @@ impl Manifest {
             return Err(invalid("a model needs inputs and outputs".into()));
         }
         for t in &self.inputs {
-            t.validate(true).map_err(invalid)?;
+            t.validate(true)?;
         }
         for t in &self.outputs {
-            t.validate(false).map_err(invalid)?;
+            t.validate(false)?;
         }
         for g in &self.golden {
             g.tolerance()?;

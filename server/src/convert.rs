@@ -57,15 +57,20 @@ pub enum Choice {
     Onnx,
 }
 
-impl std::str::FromStr for Choice {
-    type Err = String;
+/// A format name that is not `auto`, `nnef` or `onnx`.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("unknown format {0:?} (auto, nnef or onnx)")]
+pub struct UnknownChoice(pub String);
 
-    fn from_str(s: &str) -> Result<Self, String> {
+impl std::str::FromStr for Choice {
+    type Err = UnknownChoice;
+
+    fn from_str(s: &str) -> Result<Self, UnknownChoice> {
         match s {
             "auto" => Ok(Choice::Auto),
             "nnef" => Ok(Choice::Nnef),
             "onnx" => Ok(Choice::Onnx),
-            other => Err(format!("unknown format {other:?} (auto, nnef or onnx)")),
+            other => Err(UnknownChoice(other.into())),
         }
     }
 }

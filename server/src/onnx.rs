@@ -49,7 +49,7 @@ pub struct ModelInfo {
     /// Graph outputs that are tensors.
     pub outputs: Vec<OnnxTensor>,
     /// Graph outputs that are not tensors (ONNX-ML `ZipMap` sequences of maps), with why.
-    pub dropped_outputs: Vec<(String, String)>,
+    pub dropped_outputs: Vec<(String, NotServed)>,
     /// Default-domain opset version.
     pub opset: Option<i64>,
     /// Producer name and version.
@@ -96,25 +96,35 @@ pub fn datatype_of(elem_type: i32) -> Option<DataType> {
     })
 }
 
+/// Why a graph input or output is not a tensor modelcast serves.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum NotServed {
+    /// A sequence or a map (the ONNX-ML `ZipMap` output of a classifier, say).
+    #[error("not a tensor (a sequence or a map: the ONNX-ML ZipMap output of a classifier, say)")]
+    NotATensor,
+    /// An element type without a KServe v2 numeric equivalent (strings, complex, ...).
+    #[error("element type {0} is not served (KServe v2 numeric types and BOOL are)")]
+    ElementType(String),
+    /// The file gives no shape.
+    #[error("no shape")]
+    NoShape,
+}
+
 /// The tensor of a graph input or output, or why it is not one modelcast serves.
-fn tensor(value: &pb::ValueInfoProto) -> Result<OnnxTensor, String> {
+fn tensor(value: &pb::ValueInfoProto) -> Result<OnnxTensor, NotServed> {
     let Some(pb::type_proto::Value::TensorType(t)) =
         value.r#type.as_ref().and_then(|t| t.value.as_ref())
     else {
-        return Err(
-            "not a tensor (a sequence or a map: the ONNX-ML ZipMap output of a classifier, say)"
-                .into(),
-        );
+        return Err(NotServed::NotATensor);
     };
     let datatype = datatype_of(t.elem_type).ok_or_else(|| {
-        format!(
-            "element type {:?} is not served (KServe v2 numeric types and BOOL are)",
+        NotServed::ElementType(
             PbType::try_from(t.elem_type)
                 .map(|t| t.as_str_name().to_string())
-                .unwrap_or_else(|_| t.elem_type.to_string())
+                .unwrap_or_else(|_| t.elem_type.to_string()),
         )
     })?;
-    let dims = t.shape.as_ref().ok_or("no shape")?;
+    let dims = t.shape.as_ref().ok_or(NotServed::NoShape)?;
     let dims = dims
         .dim
         .iter()

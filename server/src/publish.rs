@@ -118,7 +118,7 @@ pub struct Prepared {
     /// Why the artifact is ONNX when NNEF was preferred.
     pub fallback_reason: Option<String>,
     /// Graph outputs left out (not tensors), with why.
-    pub dropped_outputs: Vec<(String, String)>,
+    pub dropped_outputs: Vec<(String, crate::onnx::NotServed)>,
     /// `metadata_props` keys too large to copy into the manifest.
     pub props_left_out: Vec<String>,
     /// Largest NNEF-vs-ONNX difference on the reference input, where NNEF was proved.
@@ -273,14 +273,18 @@ fn newest_version(targets: &Signed, name: &str) -> Result<Option<u64>, PublishEr
     Ok(newest_in(&targets, name))
 }
 
-fn newest_in(targets: &Targets, name: &str) -> Option<u64> {
+/// The versions of `name` in `targets`.
+fn versions_in<'a>(targets: &'a Targets, name: &'a str) -> impl Iterator<Item = u64> + 'a {
     targets
         .targets
         .values()
         .filter_map(|t| t.custom.as_ref()?.get("modelcast"))
-        .filter(|m| m.get("name").and_then(|n| n.as_str()) == Some(name))
+        .filter(move |m| m.get("name").and_then(|n| n.as_str()) == Some(name))
         .filter_map(|m| m.get("version")?.as_u64())
-        .max()
+}
+
+fn newest_in(targets: &Targets, name: &str) -> Option<u64> {
+    versions_in(targets, name).max()
 }
 
 /// The next targets: `current` (if any) plus `manifest`, version + 1, signed with `keys`.
@@ -297,15 +301,7 @@ pub fn sign_next_targets(
         None => Targets::new(0, ""),
     };
     let path = manifest.target_path();
-    let same_version = targets.targets.values().any(|t| {
-        t.custom
-            .as_ref()
-            .and_then(|c| c.get("modelcast"))
-            .is_some_and(|m| {
-                m.get("name").and_then(|n| n.as_str()) == Some(manifest.name.as_str())
-                    && m.get("version").and_then(|v| v.as_u64()) == Some(manifest.version)
-            })
-    });
+    let same_version = versions_in(&targets, &manifest.name).any(|v| v == manifest.version);
     if targets.targets.contains_key(&path) || same_version {
         return Err(PublishError::AlreadyPublished {
             name: manifest.name.clone(),
@@ -345,23 +341,14 @@ pub fn publish_file(
     // from the operators' own.
     let current = client.verified_targets(trusted_root).map_err(api)?;
     if let Some(targets) = &current {
-        if newest_version(targets, &opts.name)? >= Some(opts.version) {
-            let taken = targets
-                .parse::<Targets>("targets")
-                .map_err(|e| PublishError::Invalid(format!("current targets: {e}")))?
-                .targets
-                .values()
-                .filter_map(|t| t.custom.as_ref()?.get("modelcast"))
-                .any(|m| {
-                    m.get("name").and_then(|n| n.as_str()) == Some(opts.name.as_str())
-                        && m.get("version").and_then(|v| v.as_u64()) == Some(opts.version)
-                });
-            if taken {
-                return Err(PublishError::AlreadyPublished {
-                    name: opts.name.clone(),
-                    version: opts.version,
-                });
-            }
+        let targets = targets
+            .parse::<Targets>("targets")
+            .map_err(|e| PublishError::Invalid(format!("current targets: {e}")))?;
+        if versions_in(&targets, &opts.name).any(|v| v == opts.version) {
+            return Err(PublishError::AlreadyPublished {
+                name: opts.name.clone(),
+                version: opts.version,
+            });
         }
     }
     let onnx = std::fs::read(path).map_err(io)?;

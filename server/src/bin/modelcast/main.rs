@@ -16,10 +16,11 @@ use modelcast_server::auth::{Role, Tokens};
 use modelcast_server::client::Client;
 use modelcast_server::convert::Choice;
 use modelcast_server::group::Selector;
-use modelcast_server::publish::{publish_file, Fallback, Prepared, PublishOptions};
+use modelcast_server::publish::{publish_file, Fallback, PublishOptions};
 use modelcast_server::shapes::ShapeSpec;
 use modelcast_server::{keyset, onnx, unix_now};
 
+mod publish;
 mod rollout;
 
 /// A published version and who acts on it.
@@ -709,7 +710,7 @@ fn main() -> anyhow::Result<()> {
             opts.format = format;
             opts.shapes = input_shape;
             let prepared = modelcast_server::publish::prepare(&bytes, &opts, unix_now())?;
-            report_prepared(&prepared);
+            publish::report(&prepared);
             std::fs::write(&out, &prepared.artifact)
                 .with_context(|| format!("writing {}", out.display()))?;
             println!(
@@ -768,7 +769,7 @@ fn main() -> anyhow::Result<()> {
             opts.shapes = input_shape;
             let root = keyset::read_root(&keys.join("root.json"))?;
             let prepared = publish_file(&client, &model, &opts, &key, &root, &by, unix_now())?;
-            report_prepared(&prepared);
+            publish::report(&prepared);
             let manifest = prepared.manifest;
             println!(
                 "published {name} v{version} as {}: {} bytes, {} chunk(s), sha256 {}…, {} golden vector(s)",
@@ -1240,35 +1241,4 @@ fn sample_line(s: &modelcast_server::db::StoredSample) -> anyhow::Result<serde_j
         "inputs": tensors(&x.inputs)?,
         "outputs": tensors(&x.outputs)?,
     }))
-}
-
-/// Says what publishing chose and left out.
-fn report_prepared(p: &Prepared) {
-    let m = &p.manifest;
-    for (label, specs) in [("input", &m.inputs), ("output", &m.outputs)] {
-        for t in specs.iter() {
-            println!("{label} {} {} {}", t.name, t.datatype, t.describe_shape());
-        }
-    }
-    if let Some(why) = &p.fallback_reason {
-        println!("shipping the ONNX file (agents need the `onnx` feature): {why}");
-    }
-    if let Some(d) = p.nnef_max_diff {
-        println!("NNEF proved against the ONNX model: max abs difference {d:.3e}");
-    }
-    for (name, why) in &p.dropped_outputs {
-        println!("output {name} left out: {why}");
-    }
-    if !p.props_left_out.is_empty() {
-        println!(
-            "metadata_props too large for the manifest, left out: {}",
-            p.props_left_out.join(", ")
-        );
-    }
-    if let Some(s) = m.metadata.get("shapes") {
-        println!("{s}");
-    }
-    if let Some(g) = m.metadata.get("golden") {
-        println!("golden vector {g}");
-    }
 }
