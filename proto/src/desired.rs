@@ -5,6 +5,8 @@
 //! document for this device, signed by the server's director key, as Uptane does. The agent
 //! activates a model only when both agree (see [`crate::verify`]).
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::error::DecodeError;
@@ -20,8 +22,12 @@ pub struct RepositoryMetadata {
     pub timestamp: Signed,
     /// Signed snapshot.
     pub snapshot: Signed,
-    /// Signed targets (offline operator key).
+    /// Signed top-level targets (offline operator key).
     pub targets: Signed,
+    /// The delegated targets roles (hash bins, see [`crate::bins`]) that hold this device's
+    /// targets, by role name: only those, not the repository's whole history.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub delegated: BTreeMap<String, Signed>,
 }
 
 /// The desired-state message.

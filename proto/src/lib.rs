@@ -5,6 +5,8 @@
 //! - [`keys`]: ed25519 keys in TUF's key format, key ids, signing.
 //! - [`metadata`]: TUF 1.0 documents (`root`, `targets`, `snapshot`, `timestamp`) in signed
 //!   envelopes with OLPC canonical-JSON signatures.
+//! - [`bins`]: the repository's layout: every target in one of the hash bins the top-level
+//!   targets delegate to, so that publishing and a device's download stay small.
 //! - [`manifest`]: the modelcast part of a TUF target: chunk digests, tensors, golden vectors.
 //! - [`trusted`]: the TUF client core (spec §5): the trusted metadata set, updated from bytes
 //!   and the time, and the delegation search. Used by [`verify`] and by the agent's TUF
@@ -20,6 +22,7 @@
 //!
 //! Every decoder takes untrusted bytes and returns an error, never panics.
 
+pub mod bins;
 pub mod chunk;
 pub mod desired;
 pub mod error;

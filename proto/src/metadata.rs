@@ -179,6 +179,11 @@ impl SuccinctRoles {
         format!("{max:x}").len()
     }
 
+    /// The name of bin number `bin`.
+    pub fn role_name(&self, bin: u32) -> String {
+        format!("{}-{bin:0w$x}", self.name_prefix, w = self.width())
+    }
+
     /// The bin role responsible for `target_path`, or `None` if `bit_length` is out of range.
     pub fn role_for_target(&self, target_path: &str) -> Option<String> {
         use sha2::Digest;

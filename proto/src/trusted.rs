@@ -332,6 +332,17 @@ impl TrustedMetadata {
         self.update_targets_input(Input::Bytes(bytes), role, delegator, now)
     }
 
+    /// [`TrustedMetadata::update_delegated_targets`] from a decoded envelope.
+    pub fn update_delegated_targets_envelope(
+        &mut self,
+        env: &Signed,
+        role: &str,
+        delegator: &str,
+        now: i64,
+    ) -> Result<(), VerifyError> {
+        self.update_targets_input(Input::Envelope(env), role, delegator, now)
+    }
+
     fn update_targets_input(
         &mut self,
         input: Input<'_>,

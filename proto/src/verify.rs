@@ -10,11 +10,19 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::desired::RepositoryMetadata;
 use crate::desired::{DesiredState, SamplingSpec, TrialThresholds};
 use crate::error::VerifyError;
 use crate::manifest::Manifest;
+use crate::metadata::TargetFile;
 use crate::metadata::{MetaIndex, RoleVerifier, Root, Signed, Targets};
-use crate::trusted::{check_expiry, check_root_step, TrustedMetadata};
+use crate::trusted::{
+    check_expiry, check_root_step, SearchStep, TargetSearch, TrustedMetadata, MAX_DELEGATIONS,
+};
+
+/// Most delegated roles whose version floors a device keeps: bins it no longer uses are
+/// forgotten first (lowest name first), beyond this.
+pub const MAX_DELEGATED_FLOORS: usize = 1024;
 
 /// What a device trusts between updates.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -29,6 +37,9 @@ pub struct TrustState {
     pub targets_version: u64,
     /// Highest director targets version accepted (the desired-state counter).
     pub director_version: u64,
+    /// Highest version accepted of each delegated targets role (hash bin) the device used.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub delegated_versions: BTreeMap<String, u64>,
 }
 
 impl TrustState {
@@ -43,6 +54,7 @@ impl TrustState {
             snapshot_version: 0,
             targets_version: 0,
             director_version: 0,
+            delegated_versions: BTreeMap::new(),
         })
     }
 
@@ -207,6 +219,9 @@ pub fn verify_desired(
             "targets verified without timestamp and snapshot",
         ));
     };
+    let (timestamp_version, snapshot_version, targets_version) =
+        (timestamp.version, snapshot.version, targets.version);
+    let mut delegated = trust.delegated_versions.clone();
 
     // Uptane: the director's per-device targets, each of which the repository must hold
     // byte for byte (same length, same hashes, same manifest).
@@ -228,10 +243,7 @@ pub fn verify_desired(
                 found: addressed.unwrap_or("<none>").into(),
             });
         }
-        let repo_target = targets
-            .targets
-            .get(path)
-            .ok_or_else(|| VerifyError::UnknownTarget { path: path.clone() })?;
+        let repo_target = &find_target(&mut set, repo, path, trust, &mut delegated, now)?;
         if repo_target.length != target.length || repo_target.hashes != target.hashes {
             return Err(VerifyError::Mismatch {
                 role: "director".into(),
@@ -272,16 +284,52 @@ pub fn verify_desired(
     Ok(VerifiedDesired {
         trust: TrustState {
             root: root_env,
-            timestamp_version: timestamp.version,
-            snapshot_version: snapshot.version,
-            targets_version: targets.version,
+            timestamp_version,
+            snapshot_version,
+            targets_version,
             director_version: wanted.version,
+            delegated_versions: delegated,
         },
         models,
         probation,
         sampling,
         director_version: wanted.version,
     })
+}
+
+/// The repository's target at `path` (TUF §5.6.7): in the top-level targets or in the
+/// delegated role (hash bin) the search leads to, loaded from the message's `delegated`
+/// documents, each checked against the snapshot, its delegator's keys and the device's
+/// version floor for it (raised in `floors`).
+fn find_target(
+    set: &mut TrustedMetadata,
+    repo: &RepositoryMetadata,
+    path: &str,
+    trust: &TrustState,
+    floors: &mut BTreeMap<String, u64>,
+    now: i64,
+) -> Result<TargetFile, VerifyError> {
+    let mut search = TargetSearch::new(path);
+    for _ in 0..=MAX_DELEGATIONS {
+        let (role, delegator) = match search.step(set) {
+            SearchStep::Found(target) => return Ok(target),
+            SearchStep::NotFound => break,
+            SearchStep::Load { role, delegator } => (role, delegator),
+        };
+        let Some(env) = repo.delegated.get(&role) else {
+            // The server left out the role that would hold it: as good as not there.
+            break;
+        };
+        set.update_delegated_targets_envelope(env, &role, &delegator, now)?;
+        let found = set.delegated(&role).map_or(0, |t| t.version);
+        let floor = trust.delegated_versions.get(&role).copied().unwrap_or(0);
+        check_not_older(&role, found, floor)?;
+        floors.insert(role, found);
+        while floors.len() > MAX_DELEGATED_FLOORS {
+            floors.pop_first();
+        }
+    }
+    Err(VerifyError::UnknownTarget { path: path.into() })
 }
 
 /// Test and tooling support: a complete, consistent set of signing keys and a function that
@@ -386,6 +434,39 @@ pub mod fixture {
             self.desired_over(&targets, device, models, version, expires)
         }
 
+        /// A desired state as a repository laid out in hash bins ([`crate::bins`]) sends it:
+        /// top-level targets at `version` delegating to bins signed by the targets key, each
+        /// model in its bin (at `version` too), and only those bins in the message.
+        pub fn desired_in_bins(
+            &self,
+            device: &str,
+            models: &[Manifest],
+            version: u64,
+            expires: &str,
+        ) -> DesiredState {
+            let mut top = Targets::new(version, expires);
+            let key = self.targets.public();
+            top.delegations = Some(crate::bins::delegation(
+                [(key.key_id(), key)].into(),
+                1,
+                crate::bins::DEFAULT_BIT_LENGTH,
+            ));
+            let mut bins: BTreeMap<String, Targets> = BTreeMap::new();
+            for m in models {
+                let bin = crate::bins::bin_for(&top, &m.target_path()).expect("binned");
+                bins.entry(bin)
+                    .or_insert_with(|| Targets::new(version, expires))
+                    .targets
+                    .insert(m.target_path(), m.to_target());
+            }
+            let delegated = bins
+                .into_iter()
+                .map(|(role, doc)| (role, Signed::sign(&doc, &[&self.targets])))
+                .collect();
+            let top = Signed::sign(&top, &[&self.targets]);
+            self.desired_with(&top, delegated, device, models, version, expires)
+        }
+
         /// A desired state for `device` running `models` over already signed repository
         /// `targets` (what a holder of only the online keys can make): snapshot, timestamp
         /// and director at `version`, signed with this set's snapshot, timestamp and director
@@ -398,6 +479,20 @@ pub mod fixture {
             version: u64,
             expires: &str,
         ) -> DesiredState {
+            self.desired_with(targets, BTreeMap::new(), device, models, version, expires)
+        }
+
+        /// [`Keys::desired_over`] with `delegated` targets roles, which the snapshot lists
+        /// at their own versions.
+        pub fn desired_with(
+            &self,
+            targets: &Signed,
+            delegated: BTreeMap<String, Signed>,
+            device: &str,
+            models: &[Manifest],
+            version: u64,
+            expires: &str,
+        ) -> DesiredState {
             let mut director = Targets::new(version, expires);
             for m in models {
                 let mut t = m.to_target();
@@ -405,22 +500,21 @@ pub mod fixture {
                 director.targets.insert(m.target_path(), t);
             }
             let targets_version = targets.signed["version"].as_u64().unwrap_or(0);
-            let meta = |file: &str, version: u64| {
-                BTreeMap::from([(
-                    file.to_string(),
-                    MetaFile {
-                        version,
-                        length: None,
-                        hashes: None,
-                    },
-                )])
-            };
-            let snapshot = MetaIndex::new(
-                "snapshot",
+            let entry = |version: u64| MetaFile {
                 version,
-                expires,
-                meta("targets.json", targets_version),
-            );
+                length: None,
+                hashes: None,
+            };
+            let meta =
+                |file: &str, version: u64| BTreeMap::from([(file.to_string(), entry(version))]);
+            let mut listed = meta("targets.json", targets_version);
+            for (role, doc) in &delegated {
+                listed.insert(
+                    format!("{role}.json"),
+                    entry(doc.signed["version"].as_u64().unwrap_or(0)),
+                );
+            }
+            let snapshot = MetaIndex::new("snapshot", version, expires, listed);
             let timestamp = MetaIndex::new(
                 "timestamp",
                 version,
@@ -436,6 +530,7 @@ pub mod fixture {
                     timestamp: Signed::sign(&timestamp, &[&self.timestamp]),
                     snapshot: Signed::sign(&snapshot, &[&self.snapshot]),
                     targets: targets.clone(),
+                    delegated,
                 },
             }
         }
@@ -470,6 +565,71 @@ mod tests {
             verify_desired(&trust(&keys), &keys.director_verifier(), "dev", &msg, now()).unwrap();
         assert_eq!(v.models(), &[manifest(1)]);
         assert_eq!(v.trust().director_version, 1);
+    }
+
+    #[test]
+    fn targets_in_hash_bins_are_found_and_their_versions_never_go_back() {
+        let keys = Keys::from_seed(0);
+        let models = [manifest(1), super::fixture::manifest("n", 4, b"other", 4)];
+        let msg = keys.desired_in_bins("dev", &models, 3, FAR);
+        // Only the bins of the device's two targets travel.
+        assert!((1..=2).contains(&msg.repository.delegated.len()));
+        let director = keys.director_verifier();
+        let v = verify_desired(&trust(&keys), &director, "dev", &msg, now()).unwrap();
+        assert_eq!(v.models(), &models);
+        let floors = &v.trust().delegated_versions;
+        assert_eq!(floors.len(), msg.repository.delegated.len());
+        assert!(floors.values().all(|&v| v == 3));
+
+        // An older bin (validly signed, with a snapshot naming it) is a rollback.
+        let mut later = v.trust().clone();
+        later.director_version = 0;
+        let old = keys.desired_in_bins("dev", &models, 2, FAR);
+        let mut newer_top = old.clone();
+        newer_top.repository = keys.desired_in_bins("dev", &models, 5, FAR).repository;
+        newer_top.repository.delegated = old.repository.delegated.clone();
+        // Re-sign the snapshot so that it names the old bins: only the floor stops it.
+        let err = verify_desired(
+            &later,
+            &director,
+            "dev",
+            &resnapshot(&keys, newer_top, &models),
+            now(),
+        );
+        assert!(
+            matches!(err, Err(VerifyError::Rollback { ref role, found: 2, trusted: 3 }) if role.starts_with("bins-")),
+            "{err:?}"
+        );
+
+        // A bin left out, or signed by a key the delegation does not name: no target.
+        let mut missing = msg.clone();
+        missing.repository.delegated.clear();
+        assert!(matches!(
+            verify_desired(&trust(&keys), &director, "dev", &missing, now()),
+            Err(VerifyError::UnknownTarget { .. })
+        ));
+        let mut forged = msg.clone();
+        let other = Keys::from_seed(9);
+        for doc in forged.repository.delegated.values_mut() {
+            *doc = Signed::sign(&doc.parse::<Targets>("targets").unwrap(), &[&other.targets]);
+        }
+        assert!(verify_desired(&trust(&keys), &director, "dev", &forged, now()).is_err());
+    }
+
+    /// `msg` (for `models`) with a snapshot and timestamp re-signed one version up to name
+    /// the delegated documents it carries, at their own versions.
+    fn resnapshot(keys: &Keys, msg: DesiredState, models: &[Manifest]) -> DesiredState {
+        let version = msg.repository.snapshot.signed["version"].as_u64().unwrap() + 1;
+        let mut out = keys.desired_with(
+            &msg.repository.targets,
+            msg.repository.delegated.clone(),
+            "dev",
+            models,
+            version,
+            FAR,
+        );
+        out.director = msg.director;
+        out
     }
 
     /// `msg` with its director document re-signed after `edit`.

@@ -9,7 +9,9 @@
 //! | POST | `/api/v1/repository/root` | rotate to the next root (`RootRequest`) |
 //! | GET | `/api/v1/repository/roots` | the rotation chain (every root after version 1) |
 //! | GET | `/api/v1/repository/targets` | the current operator-signed targets |
-//! | POST | `/api/v1/repository/targets` | publish new signed targets (`PublishRequest`) |
+//! | GET | `/api/v1/artifacts` | what an upload may be (`max_bytes`) |
+//! | POST | `/api/v1/repository/targets` | publish signed targets and hash bins (`PublishRequest`) |
+//! | GET | `/api/v1/repository/targets/{role}` | a hash bin (delegated targets role) |
 //! | GET | `/api/v1/models` | the registry |
 //! | POST | `/api/v1/deployments` | deploy (`DeployRequest`) |
 //! | GET | `/api/v1/deployments` | every deployment |
@@ -40,17 +42,25 @@ use crate::auth::{Caller, Role, Tokens};
 use crate::db::{ArtifactInfo, Deployment, ModelEntry, Stage};
 use crate::fleet::{Fleet, RolloutAction, RolloutError};
 use crate::group::Selector;
+use crate::repo::TargetsUpload;
 use crate::rollout::RolloutSpec;
 use crate::unix_now;
+use modelcast_proto::manifest::Manifest;
 
-/// Body of `POST /api/v1/repository/targets`.
+/// Body of `POST /api/v1/repository/targets`: operator-signed documents (the top-level
+/// targets when they change, the hash bins re-signed).
 #[derive(Debug, Serialize, Deserialize)]
 pub struct PublishRequest {
-    /// Operator-signed targets.
-    pub targets: Signed,
+    /// The signed documents.
+    #[serde(flatten)]
+    pub upload: TargetsUpload,
     /// Who publishes.
     pub published_by: String,
 }
+
+/// Largest body of `POST /api/v1/repository/targets`: a few re-signed bins (manifests only,
+/// never golden data) fit many times over.
+pub const PUBLISH_BODY_BYTES: usize = 4 * modelcast_proto::metadata::MAX_METADATA_BYTES;
 
 /// Body of `POST /api/v1/repository/root`: the next root, signed by a threshold of the
 /// current and of the new root keys.
@@ -222,14 +232,45 @@ async fn authorize(
     next.run(req).await
 }
 
+/// What the API takes.
+#[derive(Debug, Clone, Copy)]
+pub struct ApiLimits {
+    /// Largest artifact an upload may store (at most the protocol's
+    /// [`MAX_ARTIFACT_BYTES`]).
+    pub max_artifact_bytes: u64,
+}
+
+impl Default for ApiLimits {
+    fn default() -> Self {
+        ApiLimits {
+            max_artifact_bytes: MAX_ARTIFACT_BYTES,
+        }
+    }
+}
+
+/// Body of `GET /api/v1/artifacts`: what an upload may be.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ArtifactLimits {
+    /// Largest artifact this server stores, in bytes.
+    pub max_bytes: u64,
+}
+
 /// The API routes, guarded by `tokens` (open without them).
-pub fn router(fleet: Arc<Fleet>, tokens: Option<Tokens>) -> Router {
+pub fn router(fleet: Arc<Fleet>, tokens: Option<Tokens>, limits: ApiLimits) -> Router {
     let guard = axum::middleware::from_fn_with_state(Arc::new(tokens), authorize);
     Router::new()
         .route("/", get(|| async { Redirect::to("/dashboard") }))
         .route("/dashboard", get(dashboard))
         .route("/api/v1/health", get(|| async { "ok" }))
         .route("/api/v1/status", get(status))
+        .route(
+            "/api/v1/artifacts",
+            get(move || async move {
+                Json(ArtifactLimits {
+                    max_bytes: limits.max_artifact_bytes,
+                })
+            }),
+        )
         .route(
             "/api/v1/artifacts/{sha256}",
             put(upload)
@@ -238,7 +279,13 @@ pub fn router(fleet: Arc<Fleet>, tokens: Option<Tokens>) -> Router {
         )
         .route("/api/v1/repository/root", get(root).post(rotate_root))
         .route("/api/v1/repository/roots", get(roots))
-        .route("/api/v1/repository/targets", get(targets).post(publish))
+        .route(
+            "/api/v1/repository/targets",
+            get(targets)
+                .post(publish)
+                .layer(DefaultBodyLimit::max(PUBLISH_BODY_BYTES)),
+        )
+        .route("/api/v1/repository/targets/{role}", get(delegated_targets))
         .route("/api/v1/models", get(models))
         .route("/api/v1/models/{name}", get(model_history))
         .route(
@@ -258,6 +305,7 @@ pub fn router(fleet: Arc<Fleet>, tokens: Option<Tokens>) -> Router {
         .route("/api/v1/audit", get(audit))
         .route("/api/v1/openapi.json", get(openapi))
         .layer(guard)
+        .layer(Extension(limits))
         .with_state(fleet)
 }
 
@@ -317,14 +365,30 @@ struct UploadQuery {
 async fn upload(
     State(fleet): State<Arc<Fleet>>,
     Extension(caller): Extension<Caller>,
+    Extension(limits): Extension<ApiLimits>,
     Path(sha256): Path<String>,
     Query(q): Query<UploadQuery>,
+    headers: axum::http::HeaderMap,
     body: Body,
 ) -> ApiResult {
     use frames::next_frame;
     let digest = parse_digest(&sha256).map_err(bad)?;
     if q.chunk_size == 0 || q.chunk_size > MAX_CHUNK_SIZE {
         return Err(bad(format!("chunk_size must be 1..={MAX_CHUNK_SIZE}")));
+    }
+    let limit = limits.max_artifact_bytes;
+    let too_large = |what: String| {
+        ApiError(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("{what} is over this server's limit of {limit} bytes (--max-artifact-bytes)"),
+        )
+    };
+    let declared = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if let Some(n) = declared.filter(|&n| n > limit) {
+        // Answered before a byte of the body is read.
+        return Err(too_large(format!("an artifact of {n} bytes")));
     }
     let db = fleet.db();
     if let Some(info) = db.artifact(&digest).await.map_err(internal)? {
@@ -334,8 +398,8 @@ async fn upload(
         let mut drained = 0u64;
         while let Some(bytes) = frames::next_frame(&mut body).await.map_err(bad)? {
             drained += bytes.len() as u64;
-            if drained > MAX_ARTIFACT_BYTES {
-                return Err(bad("artifact too large"));
+            if drained > limit {
+                return Err(too_large("the artifact".into()));
             }
         }
         return Ok((
@@ -353,8 +417,8 @@ async fn upload(
     let result: Result<(), ApiError> = async {
         while let Some(bytes) = next_frame(&mut body).await.map_err(bad)? {
             size += bytes.len() as u64;
-            if size > MAX_ARTIFACT_BYTES {
-                return Err(bad("artifact too large"));
+            if size > limit {
+                return Err(too_large("the artifact".into()));
             }
             hasher.update(&bytes);
             let mut rest = &bytes[..];
@@ -426,7 +490,14 @@ async fn rotate_root(
 ) -> ApiResult {
     let req: RootRequest = serde_json::from_slice(&body).map_err(bad)?;
     if let Some(t) = &req.targets {
-        check_artifacts(fleet.db(), t).await?;
+        let targets: modelcast_proto::metadata::Targets = t.parse("targets").map_err(bad)?;
+        let manifests = targets
+            .targets
+            .iter()
+            .map(|(path, t)| Manifest::from_target(path, t))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(bad)?;
+        check_artifacts(fleet.db(), &manifests).await?;
     }
     let manifests = fleet
         .repo()
@@ -449,10 +520,9 @@ async fn rotate_root(
 }
 
 /// Every target's artifact must be uploaded, in the chunk size its manifest says.
-async fn check_artifacts(db: &crate::db::Db, signed: &Signed) -> Result<(), ApiError> {
-    let targets: modelcast_proto::metadata::Targets = signed.parse("targets").map_err(bad)?;
-    for (path, t) in &targets.targets {
-        let m = modelcast_proto::manifest::Manifest::from_target(path, t).map_err(bad)?;
+async fn check_artifacts(db: &crate::db::Db, manifests: &[Manifest]) -> Result<(), ApiError> {
+    for m in manifests {
+        let path = m.target_path();
         let digest = parse_digest(&m.sha256).map_err(bad)?;
         match db.artifact(&digest).await.map_err(internal)? {
             Some(a) if a.size == m.size && a.chunk_size == m.chunk_size => {}
@@ -477,6 +547,17 @@ async fn targets(State(fleet): State<Arc<Fleet>>) -> ApiResult {
     }
 }
 
+/// A delegated targets role (a hash bin), as last signed.
+async fn delegated_targets(State(fleet): State<Arc<Fleet>>, Path(role): Path<String>) -> ApiResult {
+    match fleet.repo().delegated(&role).await.map_err(internal)? {
+        Some(t) => Ok(Json(t).into_response()),
+        None => Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no targets role {role:?} has been published"),
+        )),
+    }
+}
+
 async fn publish(
     State(fleet): State<Arc<Fleet>>,
     Extension(caller): Extension<Caller>,
@@ -485,45 +566,102 @@ async fn publish(
     let req: PublishRequest = serde_json::from_slice(&body).map_err(bad)?;
     let who = caller.name_or(&req.published_by);
     let db = fleet.db();
-    check_artifacts(db, &req.targets).await?;
-    let targets: modelcast_proto::metadata::Targets = req.targets.parse("targets").map_err(bad)?;
     let now = unix_now();
-    let manifests = fleet
+    let checked = fleet
         .repo()
-        .accept_targets(&req.targets, now)
+        .check_upload(&req.upload, now)
         .await
         .map_err(bad)?;
+    let mut new = Vec::new();
+    for m in checked.manifests {
+        match db.model(&m.name, m.version).await.map_err(internal)? {
+            None => new.push(m),
+            Some(e) if e.manifest.target_path() == m.target_path() => {}
+            Some(e) => {
+                return Err(ApiError(
+                    StatusCode::CONFLICT,
+                    format!(
+                        "{} version {} is already published (as {})",
+                        m.name,
+                        m.version,
+                        e.manifest.target_path()
+                    ),
+                ))
+            }
+        }
+    }
+    check_artifacts(db, &new).await?;
+    // A version leaves the repository only when no device is meant to run it.
+    if !checked.removed.is_empty() {
+        for d in db.devices().await.map_err(internal)? {
+            for (m, _) in fleet.wanted(&d).await.map_err(internal)? {
+                if checked.removed.contains(&m.target_path()) {
+                    return Err(ApiError(
+                        StatusCode::CONFLICT,
+                        format!(
+                            "{} is still meant to run on device {} (a deployment or rollout names it): deploy another version first",
+                            m.target_path(),
+                            d.id
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    fleet
+        .repo()
+        .store_upload(&req.upload, now)
+        .await
+        .map_err(internal)?;
     let mut added = Vec::new();
-    for m in manifests {
-        if db
-            .model(&m.name, m.version)
-            .await
-            .map_err(internal)?
-            .is_none()
+    for m in new {
+        added.push(m.target_path());
+        db.put_model(&ModelEntry {
+            manifest: m,
+            published_by: who.clone(),
+            published_at: now,
+            stage: Stage::Candidate,
+            staged_by: None,
+        })
+        .await
+        .map_err(internal)?;
+    }
+    let retired = if checked.removed.is_empty() {
+        Vec::new()
+    } else {
+        db.models().await.map_err(internal)?
+    };
+    for entry in retired {
+        if checked.removed.contains(&entry.manifest.target_path()) && entry.stage != Stage::Retired
         {
-            added.push(m.target_path());
-            db.put_model(&ModelEntry {
-                manifest: m,
-                published_by: who.clone(),
-                published_at: now,
-                stage: Stage::Candidate,
-                staged_by: None,
-            })
-            .await
-            .map_err(internal)?;
+            let mut entry = entry;
+            entry.stage = Stage::Retired;
+            entry.staged_by = Some((who.clone(), now));
+            db.put_model(&entry).await.map_err(internal)?;
         }
     }
     db.flush().await.map_err(internal)?;
-    tracing::info!(?added, by = %who, "targets published");
+    tracing::info!(?added, removed = ?checked.removed, by = %who, "targets published");
     record(
         &fleet,
         &who,
         "publish",
-        json!({ "targets_version": targets.version, "added": added }),
+        json!({
+            "targets_version": checked.targets_version,
+            "added": added,
+            "removed": checked.removed,
+            "roles": req.upload.delegated.keys().collect::<Vec<_>>(),
+        }),
     )
     .await?;
     let republished = fleet.publish_all().await.map_err(internal)?;
-    Ok(Json(json!({ "targets_version": targets.version, "added": added, "devices_updated": republished })).into_response())
+    Ok(Json(json!({
+        "targets_version": checked.targets_version,
+        "added": added,
+        "removed": checked.removed,
+        "devices_updated": republished,
+    }))
+    .into_response())
 }
 
 /// One version in a model's history, with the devices that serve it.

@@ -131,6 +131,18 @@ impl Client {
         }
     }
 
+    /// A delegated targets role (hash bin) as the server holds it, if it exists.
+    pub fn delegated_targets(&self, role: &str) -> Result<Option<Signed>, ClientError> {
+        match Self::read(
+            self.get(&format!("/api/v1/repository/targets/{role}"))
+                .call(),
+        ) {
+            Ok(t) => Ok(Some(t)),
+            Err(ClientError::Api { status: 404, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// The newest trusted root.
     pub fn root(&self) -> Result<Signed, ClientError> {
         Self::read(self.get("/api/v1/repository/root").call())
@@ -201,6 +213,21 @@ impl Client {
             return Ok(
                 serde_json::json!({ "sha256": sha256, "size": held["size"], "stored": "already" }),
             );
+        }
+        // Over the server's limit: said before sending a byte.
+        if let Ok(limits) =
+            Self::read::<crate::api::ArtifactLimits>(self.get("/api/v1/artifacts").call())
+        {
+            if artifact.len() as u64 > limits.max_bytes {
+                return Err(ClientError::Api {
+                    status: 413,
+                    message: format!(
+                        "an artifact of {} bytes is over this server's limit of {} bytes (--max-artifact-bytes)",
+                        artifact.len(),
+                        limits.max_bytes
+                    ),
+                });
+            }
         }
         let path = format!("/api/v1/artifacts/{sha256}?chunk_size={chunk_size}");
         Self::read(self.put(&path).send(artifact))

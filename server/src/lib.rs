@@ -5,7 +5,9 @@
 //!   mosquitto configuration that confines each device to its own topics.
 //! - [`db`]: the server's sled store — artifacts, registry, repository, devices, deployments,
 //!   rollouts, audit log.
-//! - [`repo`]: the TUF repository (snapshot/timestamp signing) and the Uptane director.
+//! - [`repo`]: the TUF repository (snapshot/timestamp signing, hash bins) and the Uptane
+//!   director.
+//! - [`signing`]: what operators sign offline to add or remove a version (its hash bin).
 //! - [`fleet`]: MQTT traffic — reports in, chunks and desired states out.
 //! - [`group`]: label selectors for device groups.
 //! - [`rollout`]: the sans-IO rollout planner (waves, abort criteria, auto-rollback).
@@ -37,6 +39,7 @@ pub mod publish;
 pub mod repo;
 pub mod rollout;
 pub mod shapes;
+pub mod signing;
 pub mod telemetry;
 
 use std::future::Future;
@@ -96,6 +99,9 @@ pub struct ServerConfig {
     /// artifact published there: turn it off where models must stay confidential between
     /// devices on one broker.
     pub shared_chunks: bool,
+    /// Largest artifact the API stores (uploads are streamed to the store; a larger one
+    /// is refused with 413).
+    pub max_artifact_bytes: u64,
 }
 
 /// How the server keeps and watches the fleet's telemetry.
@@ -165,6 +171,12 @@ pub async fn run(
              give --database and --broker"
                 .into(),
         ));
+    }
+    if !(1..=modelcast_proto::manifest::MAX_ARTIFACT_BYTES).contains(&cfg.max_artifact_bytes) {
+        return Err(ServerError::Io(format!(
+            "--max-artifact-bytes must be 1..={}",
+            modelcast_proto::manifest::MAX_ARTIFACT_BYTES
+        )));
     }
     let mut stopping = stop_signal(shutdown);
     let (listener, lease) = if cfg.lease {
@@ -248,7 +260,10 @@ pub async fn run(
             None
         }
     };
-    let app = api::router(fleet, tokens);
+    let limits = api::ApiLimits {
+        max_artifact_bytes: cfg.max_artifact_bytes,
+    };
+    let app = api::router(fleet, tokens, limits);
     tracing::info!(addr = ?listener.local_addr().ok(), "operator API listening");
     let serving = axum::serve(listener, app).with_graceful_shutdown(shutdown);
     tokio::select! {

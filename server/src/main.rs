@@ -70,6 +70,10 @@ struct Args {
     /// models.
     #[arg(long, env = "MODELCAST_NO_SHARED_CHUNKS")]
     no_shared_chunks: bool,
+    /// Largest artifact (model file) the API stores, in bytes; uploads stream to the store,
+    /// a larger one is refused with 413. At most 8 GiB (the protocol's bound).
+    #[arg(long, env = "MODELCAST_MAX_ARTIFACT_BYTES", default_value_t = modelcast_proto::manifest::MAX_ARTIFACT_BYTES)]
+    max_artifact_bytes: u64,
 }
 
 #[tokio::main]
@@ -99,6 +103,7 @@ async fn main() -> anyhow::Result<()> {
         role: args.role,
         lease: args.lease,
         shared_chunks: !args.no_shared_chunks,
+        max_artifact_bytes: args.max_artifact_bytes,
         monitoring: modelcast_server::Monitoring {
             retention_days: args.telemetry_retention_days,
             drift: modelcast_server::drift::DriftConfig {

@@ -10,7 +10,7 @@ use modelcast_proto::keys::SigningKey;
 use modelcast_proto::manifest::{
     chunk_digests, GoldenVector, LatencyBudget, Manifest, ModelFormat, DEFAULT_CHUNK_SIZE,
 };
-use modelcast_proto::metadata::{format_expiry, Signed, Targets};
+use modelcast_proto::metadata::{format_expiry, Signed};
 use thiserror::Error;
 
 use crate::convert::{convert, tensor_data, Choice, ConvertError};
@@ -18,7 +18,7 @@ use crate::onnx::{inspect, OnnxError};
 use crate::shapes::{self, ShapeError, ShapeSpec};
 
 /// Manifests made here are valid for a year.
-pub const MANIFEST_LIFETIME_SECS: i64 = 365 * 24 * 3600;
+pub const MANIFEST_LIFETIME_SECS: i64 = crate::signing::SIGNED_LIFETIME_SECS;
 /// Tolerance written into generated golden vectors.
 pub const GOLDEN_TOLERANCE: &str = "0.0001";
 
@@ -265,63 +265,6 @@ pub fn prepare(onnx: &[u8], opts: &PublishOptions, now: i64) -> Result<Prepared,
     })
 }
 
-/// The newest version of `name` in signed `targets`.
-fn newest_version(targets: &Signed, name: &str) -> Result<Option<u64>, PublishError> {
-    let targets = targets
-        .parse::<Targets>("targets")
-        .map_err(|e| PublishError::Invalid(format!("current targets: {e}")))?;
-    Ok(newest_in(&targets, name))
-}
-
-/// The versions of `name` in `targets`.
-fn versions_in<'a>(targets: &'a Targets, name: &'a str) -> impl Iterator<Item = u64> + 'a {
-    targets
-        .targets
-        .values()
-        .filter_map(|t| t.custom.as_ref()?.get("modelcast"))
-        .filter(move |m| m.get("name").and_then(|n| n.as_str()) == Some(name))
-        .filter_map(|m| m.get("version")?.as_u64())
-}
-
-fn newest_in(targets: &Targets, name: &str) -> Option<u64> {
-    versions_in(targets, name).max()
-}
-
-/// The next targets: `current` (if any) plus `manifest`, version + 1, signed with `keys`.
-pub fn sign_next_targets(
-    current: Option<&Signed>,
-    manifest: &Manifest,
-    keys: &[&SigningKey],
-    now: i64,
-) -> Result<Signed, PublishError> {
-    let mut targets = match current {
-        Some(s) => s
-            .parse::<Targets>("targets")
-            .map_err(|e| PublishError::Invalid(format!("current targets: {e}")))?,
-        None => Targets::new(0, ""),
-    };
-    let path = manifest.target_path();
-    let same_version = versions_in(&targets, &manifest.name).any(|v| v == manifest.version);
-    if targets.targets.contains_key(&path) || same_version {
-        return Err(PublishError::AlreadyPublished {
-            name: manifest.name.clone(),
-            version: manifest.version,
-        });
-    }
-    if let Some(newest) = newest_in(&targets, &manifest.name) {
-        if manifest.version <= newest {
-            return Err(PublishError::Invalid(format!(
-                "version {} of {} is not newer than published version {newest}",
-                manifest.version, manifest.name
-            )));
-        }
-    }
-    targets.targets.insert(path, manifest.to_target());
-    targets.version += 1;
-    targets.expires = format_expiry(now + MANIFEST_LIFETIME_SECS);
-    Ok(Signed::sign(&targets, keys))
-}
-
 /// Publishes an ONNX file: prepares its artifact and manifest, uploads the artifact, signs the
 /// next targets with the operators' `targets_keys` (a threshold of them) and hands them to
 /// the server. The current targets are verified first, from `trusted_root` (the operators'
@@ -337,20 +280,28 @@ pub fn publish_file(
 ) -> Result<Prepared, PublishError> {
     let io = |e: std::io::Error| PublishError::Invalid(format!("{}: {e}", path.display()));
     let api = |e: crate::client::ClientError| PublishError::Invalid(e.to_string());
+    let signing = |e: crate::signing::SigningError| match e {
+        crate::signing::SigningError::Present { .. } => PublishError::AlreadyPublished {
+            name: opts.name.clone(),
+            version: opts.version,
+        },
+        e => PublishError::Invalid(e.to_string()),
+    };
     // Re-sign only what a threshold of the targets keys signed before, under a root reached
     // from the operators' own.
-    let current = client.verified_targets(trusted_root).map_err(api)?;
-    if let Some(targets) = &current {
-        let targets = targets
-            .parse::<Targets>("targets")
-            .map_err(|e| PublishError::Invalid(format!("current targets: {e}")))?;
-        if versions_in(&targets, &opts.name).any(|v| v == opts.version) {
-            return Err(PublishError::AlreadyPublished {
-                name: opts.name.clone(),
-                version: opts.version,
-            });
-        }
+    let repo = crate::signing::Repository::open(client, trusted_root).map_err(signing)?;
+    let versions: Vec<u64> = match client.model_history(&opts.name) {
+        Ok(history) => history.iter().map(|h| h.entry.manifest.version).collect(),
+        Err(crate::client::ClientError::Api { status: 404, .. }) => Vec::new(),
+        Err(e) => return Err(api(e)),
+    };
+    if versions.contains(&opts.version) {
+        return Err(PublishError::AlreadyPublished {
+            name: opts.name.clone(),
+            version: opts.version,
+        });
     }
+    let newest = versions.iter().copied().max();
     let onnx = std::fs::read(path).map_err(io)?;
     let dir = path.parent().unwrap_or(std::path::Path::new("."));
     let onnx = crate::onnx::self_contained(&onnx, dir)?;
@@ -371,11 +322,7 @@ pub fn publish_file(
                 .filter(|d| d.model == manifest.name && d.version < manifest.version)
                 .map(|d| d.version)
                 .min();
-            match (deployed, &current) {
-                (Some(v), _) => Some(v),
-                (None, Some(targets)) => newest_version(targets, &manifest.name)?,
-                (None, None) => None,
-            }
+            deployed.or(newest)
         }
         Fallback::To(v) => Some(v),
         Fallback::Never => None,
@@ -384,10 +331,10 @@ pub fn publish_file(
         .validate()
         .map_err(|e| PublishError::Invalid(e.to_string()))?;
     let keys: Vec<&SigningKey> = targets_keys.iter().collect();
-    let targets = sign_next_targets(current.as_ref(), &manifest, &keys, now)?;
+    let upload = repo.add(&manifest, newest, &keys, now).map_err(signing)?;
     client
         .publish(&crate::api::PublishRequest {
-            targets,
+            upload,
             published_by: by.into(),
         })
         .map_err(api)?;
@@ -435,11 +382,5 @@ mod tests {
             .manifest;
         assert_eq!(m.golden.len(), 1);
         assert_eq!(m.golden[0].outputs[0].values().unwrap().len(), 3);
-        let key = SigningKey::from_bytes(&[1; 32]);
-        let t1 = sign_next_targets(None, &m, &[&key], 0).unwrap();
-        assert!(sign_next_targets(Some(&t1), &m, &[&key], 0).is_err());
-        let mut older = m.clone();
-        older.version = 2;
-        assert!(sign_next_targets(Some(&t1), &older, &[&key], 0).is_err());
     }
 }

@@ -4,6 +4,12 @@
 //! root, then signs fresh `snapshot` and `timestamp` documents with its online key. For each
 //! device the director signs a `targets` document naming the models that device should run.
 //!
+//! Models live in hash bins ([`modelcast_proto::bins`]): the top-level targets delegate every
+//! path to one of them, and a publish uploads the one bin it changed (signed offline too),
+//! so neither a publish nor a device's metadata grows with the repository's history. A
+//! device receives the top-level targets and the bins of its own models; the snapshot names
+//! every bin's version. A version removed from its bin (retired) leaves the repository.
+//!
 //! Operators rotate keys by uploading the next root (signed by a threshold of the old and of
 //! the new root keys), with the targets re-signed under it. The server keeps every root
 //! after the provisioned one and sends that chain with each desired state, so a device
@@ -12,6 +18,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
+use modelcast_proto::bins;
 use modelcast_proto::desired::{DesiredState, RepositoryMetadata, TargetTerms};
 use modelcast_proto::keys::SigningKey;
 use modelcast_proto::manifest::Manifest;
@@ -24,6 +31,34 @@ use crate::db::{Db, DbError};
 
 /// Lifetime of the server's snapshot, timestamp and director documents.
 pub const ONLINE_LIFETIME_SECS: i64 = 7 * 24 * 3600;
+
+/// Key of a delegated role's document in the store.
+fn role_key(role: &str) -> String {
+    format!("role:{role}")
+}
+
+/// What operators upload to change the repository: the top-level targets when they change
+/// (first publish, delegation to the bins), and the delegated roles (bins) they re-signed.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct TargetsUpload {
+    /// New top-level targets, if they changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub targets: Option<Signed>,
+    /// Re-signed delegated roles, by name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub delegated: BTreeMap<String, Signed>,
+}
+
+/// What an accepted upload changed.
+#[derive(Debug, Clone, Default)]
+pub struct Accepted {
+    /// Every manifest the uploaded documents list (new or not).
+    pub manifests: Vec<Manifest>,
+    /// Target paths the uploaded documents no longer list (removed versions).
+    pub removed: Vec<String>,
+    /// The top-level targets version now current.
+    pub targets_version: u64,
+}
 
 /// Why uploaded metadata was refused.
 #[derive(Debug, Error)]
@@ -68,6 +103,10 @@ fn check_online_key(doc: &Root, online: &SigningKey) -> Result<(), RepoError> {
         }
     }
     Ok(())
+}
+
+fn version_of_targets(doc: &Signed) -> u64 {
+    doc.signed["version"].as_u64().unwrap_or(0)
 }
 
 fn meta(file: &str, version: u64) -> BTreeMap<String, MetaFile> {
@@ -152,7 +191,7 @@ impl Repository {
         }
         check_online_key(&doc, &self.online)?;
         let targets = match targets {
-            Some(t) => Some((t, self.check_targets(&doc, t, now).await?)),
+            Some(t) => Some((t, self.check_targets(&doc, t, now).await?.1)),
             None => {
                 // The current targets must still verify under the new root.
                 if let Some(t) = self.targets().await? {
@@ -192,11 +231,157 @@ impl Repository {
         envelope: &Signed,
         now: i64,
     ) -> Result<Vec<Manifest>, RepoError> {
+        let upload = TargetsUpload {
+            targets: Some(envelope.clone()),
+            delegated: BTreeMap::new(),
+        };
+        let checked = self.check_upload(&upload, now).await?;
+        self.store_upload(&upload, now).await?;
+        Ok(checked.manifests)
+    }
+
+    /// Checks an upload without storing it: the top-level targets (if given) as
+    /// [`Repository::accept_targets`] does; each delegated role named by the top-level
+    /// delegation, signed by its keys, newer than the stored one, not expired, listing only
+    /// paths delegated to it, every manifest consistent.
+    pub async fn check_upload(
+        &self,
+        upload: &TargetsUpload,
+        now: i64,
+    ) -> Result<Accepted, RepoError> {
+        let reject = |e: String| RepoError::Rejected(e);
         let root = root_doc(&self.root())?;
-        let manifests = self.check_targets(&root, envelope, now).await?;
-        self.db.put_repo_doc("targets", envelope).await?;
-        self.refresh(now).await?;
-        Ok(manifests)
+        let stored_top = self.top().await?;
+        let mut accepted = Accepted::default();
+        // The upload delegates the bins to new keys (after a rotation).
+        let mut rekeyed = false;
+        let top = match &upload.targets {
+            Some(envelope) => {
+                let (top, manifests) = self.check_targets(&root, envelope, now).await?;
+                if let Some(old) = &stored_top {
+                    accepted.removed.extend(
+                        old.targets
+                            .keys()
+                            .filter(|p| !top.targets.contains_key(*p))
+                            .cloned(),
+                    );
+                    let layout = |t: &Targets| {
+                        t.delegations
+                            .as_ref()
+                            .and_then(|d| d.succinct_roles.as_ref())
+                            .map(|s| (s.bit_length, s.name_prefix.clone()))
+                    };
+                    if layout(old).is_some() && layout(old) != layout(&top) {
+                        return Err(reject(
+                            "the top-level targets may not change the number or names of their hash bins"
+                                .into(),
+                        ));
+                    }
+                    rekeyed = old.delegations.is_some() && old.delegations != top.delegations;
+                }
+                accepted.manifests = manifests;
+                top
+            }
+            None => stored_top.clone().ok_or(RepoError::Empty)?,
+        };
+        accepted.targets_version = top.version;
+        if let Some(bits) = top
+            .delegations
+            .as_ref()
+            .and_then(|d| d.succinct_roles.as_ref())
+            .map(|s| s.bit_length)
+        {
+            if bits > bins::MAX_BIT_LENGTH {
+                return Err(reject(format!(
+                    "{bits}-bit hash bins: at most {} bits",
+                    bins::MAX_BIT_LENGTH
+                )));
+            }
+        }
+        for (role, envelope) in &upload.delegated {
+            if !bins::is_bin(&top, role) {
+                return Err(reject(format!(
+                    "{role} is not a bin the targets delegate to"
+                )));
+            }
+            let verifier = top
+                .delegations
+                .as_ref()
+                .and_then(|d| d.verifier(role))
+                .ok_or_else(|| reject(format!("{role} is not delegated")))?;
+            let doc: Targets = envelope
+                .verify(&verifier, "targets")
+                .map_err(|e| reject(format!("{role}: {e}")))?;
+            let stored = self.delegated(role).await?;
+            if let Some(stored) = &stored {
+                let stored: Targets = stored
+                    .parse("targets")
+                    .map_err(|e| reject(format!("stored {role}: {e}")))?;
+                if doc.version <= stored.version {
+                    return Err(reject(format!(
+                        "{role}: version {} is not newer than current {}",
+                        doc.version, stored.version
+                    )));
+                }
+                accepted.removed.extend(
+                    stored
+                        .targets
+                        .keys()
+                        .filter(|p| !doc.targets.contains_key(*p))
+                        .cloned(),
+                );
+            }
+            if parse_expiry(&doc.expires).map_err(|e| reject(e.to_string()))? <= now {
+                return Err(reject(format!("{role}: expired at {}", doc.expires)));
+            }
+            if doc.delegations.is_some() {
+                return Err(reject(format!("{role}: a bin delegates no further")));
+            }
+            for (path, t) in &doc.targets {
+                if bins::bin_for(&top, path).as_deref() != Some(role.as_str()) {
+                    return Err(reject(format!("{path} does not belong in {role}")));
+                }
+                accepted
+                    .manifests
+                    .push(Manifest::from_target(path, t).map_err(|e| reject(e.to_string()))?);
+            }
+        }
+        if let Some(succinct) = top
+            .delegations
+            .as_ref()
+            .and_then(|d| d.succinct_roles.as_ref())
+            .filter(|_| rekeyed)
+        {
+            // Every bin the upload leaves as it is must verify under the new keys.
+            for n in 0..(1u32 << succinct.bit_length.min(bins::MAX_BIT_LENGTH)) {
+                let role = succinct.role_name(n);
+                if upload.delegated.contains_key(&role) {
+                    continue;
+                }
+                let Some(stored) = self.delegated(&role).await? else {
+                    continue;
+                };
+                let verifier = top.delegations.as_ref().and_then(|d| d.verifier(&role));
+                if verifier.is_none_or(|v| stored.verify::<Targets>(&v, "targets").is_err()) {
+                    return Err(reject(format!(
+                        "the bins are delegated to new keys but {role} is not re-signed with them"
+                    )));
+                }
+            }
+        }
+        Ok(accepted)
+    }
+
+    /// Stores a checked upload (the bins first, then the top-level targets) and signs the
+    /// snapshot and timestamp that name it.
+    pub async fn store_upload(&self, upload: &TargetsUpload, now: i64) -> Result<(), RepoError> {
+        for (role, envelope) in &upload.delegated {
+            self.db.put_repo_doc(&role_key(role), envelope).await?;
+        }
+        if let Some(top) = &upload.targets {
+            self.db.put_repo_doc("targets", top).await?;
+        }
+        self.refresh(now).await
     }
 
     async fn check_targets(
@@ -204,16 +389,13 @@ impl Repository {
         root: &Root,
         envelope: &Signed,
         now: i64,
-    ) -> Result<Vec<Manifest>, RepoError> {
+    ) -> Result<(Targets, Vec<Manifest>), RepoError> {
         let reject = |e: String| RepoError::Rejected(e);
         let verifier = root.role("targets").map_err(|e| reject(e.to_string()))?;
         let targets: Targets = envelope
             .verify(&verifier, "targets")
             .map_err(|e| reject(e.to_string()))?;
-        if let Some(current) = self.db.repo_doc("targets").await? {
-            let current: Targets = current
-                .parse("targets")
-                .map_err(|e| reject(e.to_string()))?;
+        if let Some(current) = self.top().await? {
             if targets.version <= current.version {
                 return Err(reject(format!(
                     "version {} is not newer than current {}",
@@ -229,7 +411,24 @@ impl Repository {
             .iter()
             .map(|(path, t)| Manifest::from_target(path, t).map_err(|e| reject(e.to_string())))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(manifests)
+        Ok((targets, manifests))
+    }
+
+    /// The current top-level targets, decoded.
+    async fn top(&self) -> Result<Option<Targets>, RepoError> {
+        self.db
+            .repo_doc("targets")
+            .await?
+            .map(|t| {
+                t.parse("targets")
+                    .map_err(|e| RepoError::Rejected(format!("stored targets: {e}")))
+            })
+            .transpose()
+    }
+
+    /// A delegated role's current document (a hash bin), if it exists.
+    pub async fn delegated(&self, role: &str) -> Result<Option<Signed>, RepoError> {
+        Ok(self.db.repo_doc(&role_key(role)).await?)
     }
 
     /// Signs a new snapshot and timestamp naming the current targets.
@@ -247,12 +446,23 @@ impl Repository {
         };
         let expires = format_expiry(now + ONLINE_LIFETIME_SECS);
         let snapshot_version = version_of(self.db.repo_doc("snapshot").await?, "snapshot") + 1;
-        let snapshot = MetaIndex::new(
-            "snapshot",
-            snapshot_version,
-            &expires,
-            meta("targets.json", targets.version),
-        );
+        let mut listed = meta("targets.json", targets.version);
+        // Every bin that exists, at its stored version (read back, so a publish cut short
+        // between its documents is still named as stored).
+        if let Some(succinct) = targets
+            .delegations
+            .as_ref()
+            .and_then(|d| d.succinct_roles.as_ref())
+            .filter(|s| s.bit_length <= bins::MAX_BIT_LENGTH)
+        {
+            for bin in 0..(1u32 << succinct.bit_length) {
+                let role = succinct.role_name(bin);
+                if let Some(doc) = self.delegated(&role).await? {
+                    listed.extend(meta(&format!("{role}.json"), version_of_targets(&doc)));
+                }
+            }
+        }
+        let snapshot = MetaIndex::new("snapshot", snapshot_version, &expires, listed);
         let timestamp = MetaIndex::new(
             "timestamp",
             version_of(self.db.repo_doc("timestamp").await?, "timestamp") + 1,
@@ -282,16 +492,34 @@ impl Repository {
             .and_then(|s| s.parse("timestamp").ok()))
     }
 
-    /// The repository metadata every device needs.
-    pub async fn metadata(&self) -> Result<RepositoryMetadata, RepoError> {
+    /// The repository metadata a device needs for the targets at `paths`: the root chain,
+    /// timestamp, snapshot, top-level targets, and the bins that hold those paths.
+    pub async fn metadata(&self, paths: &[String]) -> Result<RepositoryMetadata, RepoError> {
         let get = |role: &'static str| async move {
             self.db.repo_doc(role).await?.ok_or(RepoError::Empty)
         };
+        let targets = get("targets").await?;
+        let top: Targets = targets
+            .parse("targets")
+            .map_err(|e| RepoError::Rejected(format!("stored targets: {e}")))?;
+        let mut delegated = BTreeMap::new();
+        for path in paths.iter().filter(|p| !top.targets.contains_key(*p)) {
+            let Some(role) = bins::bin_for(&top, path) else {
+                continue;
+            };
+            if delegated.contains_key(&role) {
+                continue;
+            }
+            if let Some(doc) = self.delegated(&role).await? {
+                delegated.insert(role, doc);
+            }
+        }
         Ok(RepositoryMetadata {
             root: self.root_chain().await?,
             timestamp: get("timestamp").await?,
             snapshot: get("snapshot").await?,
-            targets: get("targets").await?,
+            targets,
+            delegated,
         })
     }
 
@@ -322,7 +550,14 @@ impl Repository {
             format: modelcast_proto::FORMAT_VERSION,
             device: device.into(),
             director: Signed::sign(&director, &[&self.online]),
-            repository: self.metadata().await?,
+            repository: self
+                .metadata(
+                    &models
+                        .iter()
+                        .map(|(m, _)| m.target_path())
+                        .collect::<Vec<_>>(),
+                )
+                .await?,
         })
     }
 }

@@ -1226,18 +1226,32 @@ pub struct Forger {
     online: modelcast_proto::keys::SigningKey,
     /// The operators' signed targets, as the server holds them.
     pub targets: modelcast_proto::metadata::Signed,
+    /// The operators' signed hash bins, as the server holds them.
+    pub bins: BTreeMap<String, modelcast_proto::metadata::Signed>,
 }
 
 impl Forger {
     /// Steals the online key from `keys` and the current targets from the server.
     pub fn steal(fleet: &Fleet) -> Forger {
+        let targets = fleet
+            .client
+            .targets()
+            .expect("targets from the API")
+            .expect("published targets");
+        let top: modelcast_proto::metadata::Targets = targets.parse("targets").expect("targets");
+        let mut bins = BTreeMap::new();
+        if let Some(s) = top.delegations.and_then(|d| d.succinct_roles) {
+            for bin in 0..(1u32 << s.bit_length) {
+                let role = s.role_name(bin);
+                if let Some(doc) = fleet.client.delegated_targets(&role).expect("a bin") {
+                    bins.insert(role, doc);
+                }
+            }
+        }
         Forger {
             online: keyset::read_key(&fleet.keys.join("server.key")).expect("server key"),
-            targets: fleet
-                .client
-                .targets()
-                .expect("targets from the API")
-                .expect("published targets"),
+            targets,
+            bins,
         }
     }
 
@@ -1264,6 +1278,12 @@ impl Forger {
             timestamp: self.online.clone(),
             director: self.online.clone(),
         };
-        online.desired_over(&self.targets, device, models, version, expires)
+        let top: Option<modelcast_proto::metadata::Targets> = self.targets.parse("targets").ok();
+        let delegated = models
+            .iter()
+            .filter_map(|m| modelcast_proto::bins::bin_for(top.as_ref()?, &m.target_path()))
+            .filter_map(|role| Some((role.clone(), self.bins.get(&role)?.clone())))
+            .collect();
+        online.desired_with(&self.targets, delegated, device, models, version, expires)
     }
 }

@@ -6,6 +6,7 @@
 //! Two implementations: sled, embedded, the default for one box ([`open_embedded`]);
 //! PostgreSQL, for a fleet served by several server replicas ([`connect`]).
 
+mod chunk_files;
 mod postgres;
 mod sled_store;
 
@@ -35,6 +36,9 @@ pub enum DbError {
     /// PostgreSQL failed.
     #[error("database: {0}")]
     Postgres(#[from] tokio_postgres::Error),
+    /// The embedded store's artifact files failed.
+    #[error("artifact files: {0}")]
+    Files(String),
     /// No database connection could be had, or an operation gave up.
     #[error("database: {0}")]
     Pool(String),

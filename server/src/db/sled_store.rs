@@ -6,6 +6,7 @@ use bytes::Bytes;
 
 use modelcast_proto::telemetry::{Sample, TelemetryReport};
 
+use super::chunk_files::ChunkFiles;
 use super::{
     decode, encode, ArtifactInfo, AuditEntry, DbError, Deployment, DeviceEntry, DirectorEntry,
     ModelEntry, ModelInterval, Rollout, SampleQuery, Signed, Storage, StoredSample,
@@ -20,7 +21,9 @@ const AUDIT_HEAD: &[u8] = b"~head";
 pub struct SledStore {
     db: sled::Db,
     artifacts: sled::Tree,
+    /// Artifact chunks are files ([`ChunkFiles`]); this tree holds only those written before.
     chunks: sled::Tree,
+    chunk_files: ChunkFiles,
     registry: sled::Tree,
     repo: sled::Tree,
     devices: sled::Tree,
@@ -149,6 +152,7 @@ impl SledStore {
         Ok(SledStore {
             artifacts: db.open_tree("artifacts")?,
             chunks: db.open_tree("chunks")?,
+            chunk_files: ChunkFiles::new(&dir.join("chunks")),
             registry: db.open_tree("registry")?,
             repo: db.open_tree("repo")?,
             devices: db.open_tree("devices")?,
@@ -173,16 +177,17 @@ impl Storage for SledStore {
     }
 
     async fn put_chunk(&self, artifact: &[u8; 32], index: u32, data: &[u8]) -> Result<(), DbError> {
-        self.chunks.insert(chunk_key(artifact, index), data)?;
-        Ok(())
+        self.chunk_files.put(artifact, index, data).await
     }
 
     async fn put_artifact(&self, artifact: &[u8; 32], info: &ArtifactInfo) -> Result<(), DbError> {
+        self.chunk_files.sync(artifact).await?;
         self.artifacts.insert(artifact, encode(info))?;
         Ok(())
     }
 
     async fn remove_artifact(&self, artifact: &[u8; 32]) -> Result<(), DbError> {
+        self.chunk_files.remove(artifact).await?;
         let mut batch = sled::Batch::default();
         for key in self.chunks.scan_prefix(artifact).keys() {
             batch.remove(key?);
@@ -200,6 +205,9 @@ impl Storage for SledStore {
     }
 
     async fn chunk(&self, artifact: &[u8; 32], index: u32) -> Result<Option<Bytes>, DbError> {
+        if let Some(bytes) = self.chunk_files.get(artifact, index).await? {
+            return Ok(Some(bytes));
+        }
         Ok(self
             .chunks
             .get(chunk_key(artifact, index))?

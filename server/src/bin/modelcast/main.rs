@@ -282,8 +282,35 @@ enum Command {
     /// Promote a version to production (the previous production version becomes a
     /// candidate again).
     Promote(VersionArgs),
-    /// Retire a version: it can no longer be deployed or rolled out.
-    Retire(VersionArgs),
+    /// Retire a version: it can no longer be deployed or rolled out. With `--remove`, it
+    /// also leaves the signed repository (its hash bin is re-signed without it), so devices'
+    /// metadata no longer carries it; refused while a deployment or rollout names it.
+    Retire {
+        #[command(flatten)]
+        version: VersionArgs,
+        /// Remove the version from the signed repository too (needs the targets keys).
+        #[arg(long)]
+        remove: bool,
+        /// Directory with `targets.key` (or `targets-N.key`: all of them sign).
+        #[arg(long, env = "MODELCAST_KEYS", default_value = "./keys")]
+        keys: PathBuf,
+        /// Sign with these targets key files instead (repeatable; a threshold of them).
+        #[arg(long = "targets-key")]
+        targets_keys: Vec<PathBuf>,
+    },
+    /// Re-sign the top-level targets and every hash bin with fresh expiries (what operators
+    /// sign lasts a year; `publish` and `retire --remove` refresh only what they touch).
+    Resign {
+        /// Directory with `root.json` and `targets.key` (or `targets-N.key`).
+        #[arg(long, env = "MODELCAST_KEYS", default_value = "./keys")]
+        keys: PathBuf,
+        /// Sign with these targets key files instead (repeatable; a threshold of them).
+        #[arg(long = "targets-key")]
+        targets_keys: Vec<PathBuf>,
+        /// Who signs.
+        #[arg(long, env = "USER", default_value = "operator")]
+        by: String,
+    },
     /// API tokens for a server run with `--tokens FILE`.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -373,6 +400,25 @@ enum RootCommand {
         #[arg(long, env = "USER", default_value = "operator")]
         by: String,
     },
+}
+
+/// The targets keys to sign with: the given files, or every `targets*.key` in `keys`.
+fn read_targets_keys(
+    keys: &std::path::Path,
+    files: &[PathBuf],
+) -> anyhow::Result<Vec<modelcast_proto::keys::SigningKey>> {
+    let read = if files.is_empty() {
+        keyset::read_role_keys(keys, "targets")?
+    } else {
+        files
+            .iter()
+            .map(|p| keyset::read_key(p))
+            .collect::<Result<Vec<_>, _>>()?
+    };
+    if read.is_empty() {
+        bail!("no targets key in {}", keys.display());
+    }
+    Ok(read)
 }
 
 fn root_command(client: &Client, cmd: RootCommand) -> anyhow::Result<()> {
@@ -472,12 +518,32 @@ fn root_command(client: &Client, cmd: RootCommand) -> anyhow::Result<()> {
                 let signers: Vec<_> = keys.iter().collect();
                 Some(Signed::sign(&doc, &signers))
             };
+            let resign = targets.is_some();
             let answer = client.rotate_root(&modelcast_server::api::RootRequest {
                 root: next,
                 targets,
-                by,
+                by: by.clone(),
             })?;
             println!("{answer}");
+            if resign {
+                // The bins follow the new targets keys at once: a revoked key signs nothing.
+                let keys = targets_keys
+                    .iter()
+                    .map(|p| keyset::read_key(p))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let signers: Vec<_> = keys.iter().collect();
+                let repo = modelcast_server::signing::Repository::open(
+                    client,
+                    &keyset::read_root(&trusted)?,
+                )?;
+                let upload = repo.resign(&signers, modelcast_server::unix_now())?;
+                let bins = upload.delegated.len();
+                client.publish(&modelcast_server::api::PublishRequest {
+                    upload,
+                    published_by: by,
+                })?;
+                println!("re-signed the top-level targets and {bins} bin(s) with the new keys");
+            }
         }
     }
     Ok(())
@@ -737,17 +803,7 @@ fn main() -> anyhow::Result<()> {
             no_fallback,
             input_shape,
         } => {
-            let key = if targets_keys.is_empty() {
-                keyset::read_role_keys(&keys, "targets")?
-            } else {
-                targets_keys
-                    .iter()
-                    .map(|p| keyset::read_key(p))
-                    .collect::<Result<Vec<_>, _>>()?
-            };
-            if key.is_empty() {
-                bail!("no targets key in {}", keys.display());
-            }
+            let key = read_targets_keys(&keys, &targets_keys)?;
             let mut opts = PublishOptions::new(&name, version);
             opts.golden = !no_golden;
             opts.format = format;
@@ -983,7 +1039,49 @@ fn main() -> anyhow::Result<()> {
             client.stage_model(&model, version, "promote", &by)?;
             println!("{model} v{version} is in production");
         }
-        Command::Retire(VersionArgs { model, version, by }) => {
+        Command::Resign {
+            keys,
+            targets_keys,
+            by,
+        } => {
+            let signers = read_targets_keys(&keys, &targets_keys)?;
+            let signers: Vec<_> = signers.iter().collect();
+            let root = keyset::read_root(&keys.join("root.json"))?;
+            let repo = modelcast_server::signing::Repository::open(&client, &root)?;
+            let upload = repo.resign(&signers, unix_now())?;
+            let bins = upload.delegated.len();
+            client.publish(&modelcast_server::api::PublishRequest {
+                upload,
+                published_by: by,
+            })?;
+            println!("re-signed the top-level targets and {bins} bin(s)");
+        }
+        Command::Retire {
+            version: VersionArgs { model, version, by },
+            remove,
+            keys,
+            targets_keys,
+        } => {
+            if remove {
+                let signers = read_targets_keys(&keys, &targets_keys)?;
+                let path = client
+                    .model_history(&model)?
+                    .into_iter()
+                    .find(|v| v.entry.manifest.version == version)
+                    .with_context(|| format!("{model} v{version} is not published"))?
+                    .entry
+                    .manifest
+                    .target_path();
+                let root = keyset::read_root(&keys.join("root.json"))?;
+                let repo = modelcast_server::signing::Repository::open(&client, &root)?;
+                let signers: Vec<_> = signers.iter().collect();
+                let upload = repo.remove(&path, &signers, unix_now())?;
+                client.publish(&modelcast_server::api::PublishRequest {
+                    upload,
+                    published_by: by.clone(),
+                })?;
+                println!("{path} removed from the repository");
+            }
             client.stage_model(&model, version, "retire", &by)?;
             println!("{model} v{version} is retired");
         }
