@@ -19,7 +19,7 @@ use std::io::{ErrorKind, Read};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use modelcast_proto::manifest::Manifest;
+use modelcast_proto::manifest::Layout;
 use sha2::{Digest, Sha256};
 
 use crate::store::StoreError;
@@ -38,17 +38,17 @@ fn io_err(path: &Path, source: std::io::Error) -> StoreError {
 }
 
 /// A manifest's digest, checked to be 64 hex digits (it names a file).
-fn file_name(manifest: &Manifest) -> Result<String, StoreError> {
-    modelcast_proto::chunk::parse_digest(&manifest.sha256).map_err(|e| StoreError::Corrupt {
-        key: manifest.target_path(),
+fn file_name(layout: &Layout<'_>) -> Result<String, StoreError> {
+    modelcast_proto::chunk::parse_digest(layout.sha256).map_err(|e| StoreError::Corrupt {
+        key: format!("artifact {:?}", layout.sha256),
         reason: e.to_string(),
     })?;
-    Ok(manifest.sha256.to_ascii_lowercase())
+    Ok(layout.sha256.to_ascii_lowercase())
 }
 
-fn mismatch(manifest: &Manifest, reason: String) -> StoreError {
+fn mismatch(layout: &Layout<'_>, reason: String) -> StoreError {
     StoreError::DigestMismatch {
-        artifact: manifest.sha256.clone(),
+        artifact: layout.sha256.to_string(),
         reason,
     }
 }
@@ -105,24 +105,24 @@ impl Artifacts {
 
     /// Starts (or continues) the download of `manifest`: a new partial file gets its space
     /// reserved; an existing one is hashed. Returns which chunks are already on disk.
-    pub fn begin(&self, manifest: &Manifest) -> Result<Vec<bool>, StoreError> {
-        let name = file_name(manifest)?;
+    pub fn begin(&self, layout: &Layout<'_>) -> Result<Vec<bool>, StoreError> {
+        let name = file_name(layout)?;
         let path = self.part_path(&name);
         if self.complete_path(&name).exists() {
-            return self.received(manifest);
+            return self.received(layout);
         }
         let file = match OpenOptions::new().write(true).create_new(true).open(&path) {
             Ok(file) => file,
-            Err(e) if e.kind() == ErrorKind::AlreadyExists => return self.received(manifest),
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => return self.received(layout),
             Err(e) => return Err(io_err(&path, e)),
         };
-        if let Err(e) = reserve(&file, manifest.size) {
+        if let Err(e) = reserve(&file, layout.size) {
             drop(file);
             // Whatever part of the reservation was made goes back to the disk.
             let _ = std::fs::remove_file(&path);
             if e.raw_os_error() == Some(libc::ENOSPC) {
                 return Err(StoreError::NoSpace {
-                    needed: manifest.size,
+                    needed: layout.size,
                     available: free_bytes(&self.dir).unwrap_or(0),
                     dir: self.dir.display().to_string(),
                 });
@@ -130,20 +130,20 @@ impl Artifacts {
             return Err(io_err(&path, e));
         }
         // Just created: nothing to hash.
-        Ok(vec![false; manifest.chunks.len()])
+        Ok(vec![false; layout.chunks.len()])
     }
 
     /// Writes chunk `index` (already checked against its digest) at its offset.
     pub fn put_chunk(
         &self,
-        manifest: &Manifest,
+        layout: &Layout<'_>,
         index: u32,
         data: &[u8],
     ) -> Result<(), StoreError> {
-        let name = file_name(manifest)?;
-        if manifest.chunk_len(index) != Some(data.len() as u32) {
+        let name = file_name(layout)?;
+        if layout.chunk_len(index) != Some(data.len() as u32) {
             return Err(mismatch(
-                manifest,
+                layout,
                 format!("chunk {index} of {} bytes does not fit", data.len()),
             ));
         }
@@ -152,15 +152,15 @@ impl Artifacts {
             .write(true)
             .open(&path)
             .map_err(|e| io_err(&path, e))?;
-        let offset = u64::from(index) * u64::from(manifest.chunk_size);
+        let offset = u64::from(index) * u64::from(layout.chunk_size);
         file.write_all_at(data, offset)
             .map_err(|e| io_err(&path, e))
     }
 
     /// Which chunks of `manifest` are on disk with the right bytes (resume after a restart).
-    pub fn received(&self, manifest: &Manifest) -> Result<Vec<bool>, StoreError> {
-        let name = file_name(manifest)?;
-        let count = manifest.chunks.len();
+    pub fn received(&self, layout: &Layout<'_>) -> Result<Vec<bool>, StoreError> {
+        let name = file_name(layout)?;
+        let count = layout.chunks.len();
         if self.complete_path(&name).exists() {
             return Ok(vec![true; count]);
         }
@@ -170,16 +170,16 @@ impl Artifacts {
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(vec![false; count]),
             Err(e) => return Err(io_err(&path, e)),
         };
-        let mut buf = vec![0u8; manifest.chunk_size as usize];
+        let mut buf = vec![0u8; layout.chunk_size as usize];
         let mut have = vec![false; count];
         for (index, slot) in have.iter_mut().enumerate() {
-            let Some(len) = manifest.chunk_len(index as u32) else {
+            let Some(len) = layout.chunk_len(index as u32) else {
                 break;
             };
             let chunk = &mut buf[..len as usize];
-            let offset = index as u64 * u64::from(manifest.chunk_size);
+            let offset = index as u64 * u64::from(layout.chunk_size);
             match file.read_exact_at(chunk, offset) {
-                Ok(()) => *slot = modelcast_proto::sha256_hex(chunk) == manifest.chunks[index],
+                Ok(()) => *slot = modelcast_proto::sha256_hex(chunk) == layout.chunks[index],
                 Err(e) if e.kind() == ErrorKind::UnexpectedEof => break,
                 Err(e) => return Err(io_err(&path, e)),
             }
@@ -190,8 +190,8 @@ impl Artifacts {
     /// Checks the whole artifact against the manifest's size and SHA-256. A partial file that
     /// passes is synced and renamed to its final name (and the directory synced) before this
     /// returns: from then on it is complete across crashes.
-    pub fn verify(&self, manifest: &Manifest) -> Result<(), StoreError> {
-        let name = file_name(manifest)?;
+    pub fn verify(&self, layout: &Layout<'_>) -> Result<(), StoreError> {
+        let name = file_name(layout)?;
         let complete = self.complete_path(&name);
         let (path, partial) = if complete.exists() {
             (complete.clone(), false)
@@ -200,15 +200,15 @@ impl Artifacts {
         };
         let mut file = File::open(&path).map_err(|e| match e.kind() {
             ErrorKind::NotFound => StoreError::MissingArtifact {
-                artifact: manifest.sha256.clone(),
+                artifact: layout.sha256.to_string(),
             },
             _ => io_err(&path, e),
         })?;
         let len = file.metadata().map_err(|e| io_err(&path, e))?.len();
-        if len != manifest.size {
+        if len != layout.size {
             return Err(mismatch(
-                manifest,
-                format!("{len} bytes, manifest says {}", manifest.size),
+                layout,
+                format!("{len} bytes, manifest says {}", layout.size),
             ));
         }
         let mut whole = Sha256::new();
@@ -220,8 +220,8 @@ impl Artifacts {
             }
             whole.update(&buf[..n]);
         }
-        if hex::encode(whole.finalize()) != manifest.sha256.to_ascii_lowercase() {
-            return Err(mismatch(manifest, "whole-artifact SHA-256 differs".into()));
+        if hex::encode(whole.finalize()) != layout.sha256.to_ascii_lowercase() {
+            return Err(mismatch(layout, "whole-artifact SHA-256 differs".into()));
         }
         if partial {
             file.sync_all().map_err(|e| io_err(&path, e))?;
@@ -234,18 +234,21 @@ impl Artifacts {
     }
 
     /// A reader over the complete artifact that checks each chunk's digest as it goes.
-    pub fn reader(&self, manifest: &Manifest) -> Result<ArtifactReader, StoreError> {
-        let name = file_name(manifest)?;
+    pub fn reader(&self, layout: &Layout<'_>) -> Result<ArtifactReader, StoreError> {
+        let name = file_name(layout)?;
         let path = self.complete_path(&name);
         let file = File::open(&path).map_err(|e| match e.kind() {
             ErrorKind::NotFound => StoreError::MissingArtifact {
-                artifact: manifest.sha256.clone(),
+                artifact: layout.sha256.to_string(),
             },
             _ => io_err(&path, e),
         })?;
         Ok(ArtifactReader {
             file,
-            manifest: manifest.clone(),
+            sha256: layout.sha256.to_string(),
+            size: layout.size,
+            chunk_size: layout.chunk_size,
+            chunks: layout.chunks.to_vec(),
             next: 0,
             current: Vec::new(),
             offset: 0,
@@ -290,7 +293,10 @@ impl Artifacts {
 /// Streams a complete artifact chunk by chunk, failing on a short or altered chunk.
 pub struct ArtifactReader {
     file: File,
-    manifest: Manifest,
+    sha256: String,
+    size: u64,
+    chunk_size: u32,
+    chunks: Vec<String>,
     next: u32,
     current: Vec<u8>,
     offset: usize,
@@ -300,14 +306,20 @@ impl Read for ArtifactReader {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         if self.offset == self.current.len() {
             let index = self.next;
-            let Some(len) = self.manifest.chunk_len(index) else {
+            let layout = Layout {
+                sha256: &self.sha256,
+                size: self.size,
+                chunk_size: self.chunk_size,
+                chunks: &self.chunks,
+            };
+            let Some(len) = layout.chunk_len(index) else {
                 return Ok(0);
             };
             self.current.resize(len as usize, 0);
             self.file.read_exact(&mut self.current)?;
-            if modelcast_proto::sha256_hex(&self.current) != self.manifest.chunks[index as usize] {
+            if modelcast_proto::sha256_hex(&self.current) != self.chunks[index as usize] {
                 return Err(std::io::Error::other(mismatch(
-                    &self.manifest,
+                    &layout,
                     format!("stored chunk {index} does not match its digest"),
                 )));
             }

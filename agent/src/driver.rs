@@ -775,8 +775,9 @@ impl Agent {
                     .map_err(|e| e.to_string())?;
                 let model =
                     LoadedModel::load(&manifest, slot, &mut reader).map_err(|e| e.to_string())?;
-                model.check_golden().map_err(|e| e.to_string())?;
-                let p95 = model.warm_up().map_err(|e| e.to_string())?;
+                let golden = store.golden_file(&manifest).map_err(|e| e.to_string())?;
+                model.check_golden(&golden).map_err(|e| e.to_string())?;
+                let p95 = model.warm_up(&golden).map_err(|e| e.to_string())?;
                 info!(model = %manifest.name, version = manifest.version, p95_us = p95.as_micros() as u64, "warmed up");
                 Ok(Arc::new(model))
             })();

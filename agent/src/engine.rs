@@ -11,7 +11,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use modelcast_proto::manifest::{DataType, Dim, Manifest, ModelFormat, TensorData, TensorSpec};
+use modelcast_proto::manifest::{
+    DataType, Dim, GoldenVector, Manifest, ModelFormat, TensorData, TensorSpec,
+};
 use modelcast_proto::report::Slot;
 use thiserror::Error;
 use tract_nnef::prelude::*;
@@ -480,10 +482,10 @@ impl LoadedModel {
         Ok((outputs, used))
     }
 
-    /// Runs every golden vector of the manifest; any difference beyond tolerance, or a
-    /// NaN/Inf output, is an error.
-    pub fn check_golden(&self) -> Result<(), EngineError> {
-        for (index, golden) in self.manifest.golden.iter().enumerate() {
+    /// Runs every golden vector of the manifest, then those of its golden file (`file`, read
+    /// by the caller); any difference beyond tolerance, or a NaN/Inf output, is an error.
+    pub fn check_golden(&self, file: &[GoldenVector]) -> Result<(), EngineError> {
+        for (index, golden) in self.manifest.golden.iter().chain(file).enumerate() {
             let g = |reason: String| EngineError::Golden { index, reason };
             let tolerance = golden.tolerance().map_err(|e| g(e.to_string()))?;
             let inputs = golden
@@ -524,9 +526,10 @@ impl LoadedModel {
         Ok(())
     }
 
-    /// Warm-up input: the first golden vector's, or zeros of every input's declared shape.
-    fn warmup_inputs(&self) -> Result<Vec<HostTensor>, EngineError> {
-        if let Some(golden) = self.manifest.golden.first() {
+    /// Warm-up input: the first golden vector's (inline, else of the golden file `file`), or
+    /// zeros of every input's declared shape.
+    fn warmup_inputs(&self, file: &[GoldenVector]) -> Result<Vec<HostTensor>, EngineError> {
+        if let Some(golden) = self.manifest.golden.first().or(file.first()) {
             return golden.inputs.iter().map(HostTensor::from_data).collect();
         }
         self.manifest
@@ -553,10 +556,10 @@ impl LoadedModel {
     /// thread that asks), not by the wall clock: the budget is what the model costs, and it
     /// holds whatever else the device is doing. So warm-up can run in the background while
     /// requests are served, and a busy device does not reject a version that fits.
-    pub fn warm_up(&self) -> Result<Duration, EngineError> {
+    pub fn warm_up(&self, file: &[GoldenVector]) -> Result<Duration, EngineError> {
         let budget = self.manifest.latency_budget;
         let runs = budget.map_or(DEFAULT_WARMUP_RUNS, |b| b.runs).max(1);
-        let inputs = self.warmup_inputs()?;
+        let inputs = self.warmup_inputs(file)?;
         let mut took = Vec::with_capacity(runs as usize);
         for _ in 0..runs {
             let started = thread_cpu_time();

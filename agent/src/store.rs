@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
 
 use modelcast_proto::desired::SamplingSpec;
-use modelcast_proto::manifest::Manifest;
+use modelcast_proto::manifest::{decode_golden_file, GoldenVector, Manifest};
 use modelcast_proto::report::ReportedError;
 use modelcast_proto::telemetry::Sample;
 use modelcast_proto::verify::TrustState;
@@ -279,10 +279,14 @@ impl Store {
             .collect()
     }
 
-    /// Records a download in progress and reserves the space for its artifact. Returns which
-    /// chunks are already on disk.
+    /// Records a download in progress and reserves the space for its files (the artifact,
+    /// and the golden file when the manifest has one). Returns which chunks of the download
+    /// ([`Manifest::parts`], one numbering) are already on disk.
     pub fn set_pending(&self, manifest: &Manifest) -> Result<Vec<bool>, StoreError> {
-        let have = self.files.begin(manifest)?;
+        let mut have = Vec::new();
+        for part in manifest.parts() {
+            have.extend(self.files.begin(&part)?);
+        }
         self.pending
             .insert(manifest.name.as_str(), encode(manifest))?;
         Ok(have)
@@ -294,39 +298,74 @@ impl Store {
         Ok(())
     }
 
-    /// Writes one chunk (already checked against its digest by the caller).
+    /// Writes download chunk `index` (already checked against its digest by the caller)
+    /// into the file it belongs to.
     pub fn put_chunk(
         &self,
         manifest: &Manifest,
         index: u32,
         data: &[u8],
     ) -> Result<(), StoreError> {
-        self.files.put_chunk(manifest, index, data)
+        let (part, local) = manifest
+            .locate(index)
+            .ok_or_else(|| StoreError::DigestMismatch {
+                artifact: manifest.sha256.clone(),
+                reason: format!("chunk {index} is past the download's end"),
+            })?;
+        self.files.put_chunk(&part, local, data)
     }
 
-    /// Which chunks of `manifest` are already stored (resume after restart).
+    /// Which chunks of `manifest`'s download are already stored (resume after restart).
     pub fn received(&self, manifest: &Manifest) -> Result<Vec<bool>, StoreError> {
-        self.files.received(manifest)
+        let mut have = Vec::new();
+        for part in manifest.parts() {
+            have.extend(self.files.received(&part)?);
+        }
+        Ok(have)
     }
 
-    /// Checks the whole artifact against its manifest and makes it complete and durable.
+    /// Checks every file of the download (the artifact and its golden file) against the
+    /// manifest and makes them complete and durable.
     pub fn verify_artifact(&self, manifest: &Manifest) -> Result<(), StoreError> {
-        self.files.verify(manifest)
+        for part in manifest.parts() {
+            self.files.verify(&part)?;
+        }
+        Ok(())
     }
 
     /// A reader over the stored artifact that checks each chunk's digest as it goes.
     pub fn artifact_reader(&self, manifest: &Manifest) -> Result<ArtifactReader, StoreError> {
-        self.files.reader(manifest)
+        self.files.reader(&manifest.artifact())
     }
 
-    /// Removes the files of artifacts that neither a slot nor a download refers to.
-    /// Returns how many files were removed.
+    /// The golden vectors of `manifest`'s golden file (verified by
+    /// [`Store::verify_artifact`]; each chunk checked again as it is read), none without one.
+    pub fn golden_file(&self, manifest: &Manifest) -> Result<Vec<GoldenVector>, StoreError> {
+        let Some(part) = manifest.parts().get(1).copied() else {
+            return Ok(Vec::new());
+        };
+        let mut bytes = Vec::with_capacity(part.size as usize);
+        std::io::Read::read_to_end(&mut self.files.reader(&part)?, &mut bytes).map_err(|e| {
+            StoreError::DigestMismatch {
+                artifact: part.sha256.to_string(),
+                reason: e.to_string(),
+            }
+        })?;
+        decode_golden_file(&bytes).map_err(|e| StoreError::Corrupt {
+            key: format!("golden file {}", part.sha256),
+            reason: e.to_string(),
+        })
+    }
+
+    /// Removes the files of artifacts (and golden files) that neither a slot nor a download
+    /// refers to. Returns how many files were removed.
     pub fn collect_garbage(&self) -> Result<usize, StoreError> {
         let mut live: Vec<String> = Vec::new();
+        let mut keep = |m: &Manifest| live.extend(m.parts().iter().map(|p| p.sha256.to_string()));
         for (_, rec) in self.models()? {
-            live.extend(rec.a.iter().chain(rec.b.iter()).map(|m| m.sha256.clone()));
+            rec.a.iter().chain(rec.b.iter()).for_each(&mut keep);
         }
-        live.extend(self.all_pending()?.into_iter().map(|m| m.sha256));
+        self.all_pending()?.iter().for_each(&mut keep);
         self.files.collect_garbage(&live)
     }
 
@@ -617,6 +656,55 @@ mod tests {
             }
         }
         panic!("the store's lock was still held ten seconds after it was dropped");
+    }
+
+    #[test]
+    fn a_golden_file_downloads_after_the_artifact_and_is_kept_with_it() {
+        use modelcast_proto::manifest::{Attachment, TensorData};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let artifact = vec![5u8; 150];
+        let tensor = |v: f32| TensorData::from_f32("y", vec![1], &[v]);
+        let golden = vec![GoldenVector {
+            inputs: vec![tensor(1.0)],
+            outputs: vec![tensor(2.0)],
+            tolerance: "0.001".into(),
+        }];
+        let file = serde_json::to_vec(&golden).unwrap();
+        let mut m = manifest_for("g", 1, &artifact, 64);
+        m.golden_file = Some(Attachment::of(&file, 64));
+        m.validate().unwrap();
+        // One numbering: 3 chunks of artifact, then the golden file's.
+        let download: Vec<u8> = artifact.iter().chain(&file).copied().collect();
+        let have = store.set_pending(&m).unwrap();
+        assert_eq!(have.len() as u32, m.download_chunk_count());
+        assert_eq!(m.download_chunk_count(), 3 + file.len().div_ceil(64) as u32);
+        let mut index = 0;
+        for part in [&artifact[..], &file[..]] {
+            for c in part.chunks(64) {
+                store.put_chunk(&m, index, c).unwrap();
+                index += 1;
+            }
+        }
+        assert!(store.put_chunk(&m, index, b"past the end").is_err());
+        assert!(store.received(&m).unwrap().iter().all(|h| *h));
+        store.verify_artifact(&m).unwrap();
+        assert_eq!(store.golden_file(&m).unwrap(), golden);
+        let mut read = Vec::new();
+        store
+            .artifact_reader(&m)
+            .unwrap()
+            .read_to_end(&mut read)
+            .unwrap();
+        assert_eq!(read, artifact);
+        assert_eq!(download.len() as u64, m.download_size());
+
+        // Kept while a download refers to it; collected once nothing does.
+        store.collect_garbage().unwrap();
+        assert_eq!(store.golden_file(&m).unwrap(), golden);
+        store.clear_pending("g").unwrap();
+        assert_eq!(store.collect_garbage().unwrap(), 2);
+        assert!(store.golden_file(&m).is_err());
     }
 
     fn put_all(store: &Store, m: &Manifest, bytes: &[u8]) {

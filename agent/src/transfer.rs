@@ -95,6 +95,12 @@ impl Asks {
     }
 }
 
+/// Length of download chunk `index` (of the artifact or, after it, the golden file).
+fn chunk_len(manifest: &Manifest, index: u32) -> Option<u32> {
+    let (part, local) = manifest.locate(index)?;
+    part.chunk_len(local)
+}
+
 /// Default for [`Transfer::with_stall_deadline`].
 pub const DEFAULT_STALL: Duration = Duration::from_secs(60);
 
@@ -102,12 +108,12 @@ impl Transfer {
     /// Starts (or resumes) a download, given which chunks are already stored.
     pub fn new(manifest: Manifest, have: Vec<bool>, window: usize, timeout: Duration) -> Self {
         let mut have = have;
-        have.resize(manifest.chunks.len(), false);
+        have.resize(manifest.download_chunk_count() as usize, false);
         let received_bytes = have
             .iter()
             .enumerate()
             .filter(|(_, h)| **h)
-            .filter_map(|(i, _)| manifest.chunk_len(i as u32))
+            .filter_map(|(i, _)| chunk_len(&manifest, i as u32))
             .map(u64::from)
             .sum();
         Transfer {
@@ -175,10 +181,13 @@ impl Transfer {
 
     /// Checks an arriving chunk.
     pub fn handle_chunk(&mut self, index: u32, data: &[u8]) -> Result<Accepted, ChunkError> {
-        let count = self.manifest.chunk_count();
-        let expected = self
+        let count = self.manifest.download_chunk_count();
+        let (part, local) = self
             .manifest
-            .chunk_len(index)
+            .locate(index)
+            .ok_or(ChunkError::OutOfRange { index, count })?;
+        let expected = part
+            .chunk_len(local)
             .ok_or(ChunkError::OutOfRange { index, count })?;
         // Something answers: a congested link is not the problem, so no longer back off.
         self.backoff = 0;
@@ -193,7 +202,7 @@ impl Transfer {
                 expected,
             });
         }
-        if modelcast_proto::sha256_hex(data) != self.manifest.chunks[index as usize] {
+        if modelcast_proto::sha256_hex(data) != part.chunks[local as usize] {
             return Err(ChunkError::Digest { index });
         }
         Ok(Accepted::Store)
@@ -207,7 +216,7 @@ impl Transfer {
                 *h = true;
                 self.progressed = true;
                 self.missing -= 1;
-                self.received_bytes += u64::from(self.manifest.chunk_len(index).unwrap_or(0));
+                self.received_bytes += u64::from(chunk_len(&self.manifest, index).unwrap_or(0));
             }
         }
     }
@@ -237,7 +246,7 @@ impl Transfer {
         // The window refills once half of it has arrived: one request for many chunks rather
         // than one per chunk (each costs the broker and the server a message).
         let refill = self.in_flight.len() <= self.window / 2;
-        let count = self.manifest.chunk_count();
+        let count = self.manifest.download_chunk_count();
         let mut scanned = 0;
         while refill && self.in_flight.len() < self.window && self.missing > self.in_flight.len() {
             if scanned > count {
@@ -304,6 +313,42 @@ mod tests {
             first: vec![],
             again: chunks.to_vec(),
         }
+    }
+
+    #[test]
+    fn the_golden_file_downloads_after_the_artifact_in_one_numbering() {
+        let artifact: Vec<u8> = (0..100).collect();
+        let golden = b"[golden vectors, forty-five bytes of them...]".to_vec();
+        let mut m = manifest(&artifact, 32);
+        m.golden_file = Some(modelcast_proto::manifest::Attachment::of(&golden, 32));
+        // 4 chunks of artifact, 2 of golden file.
+        let mut t = Transfer::new(m.clone(), vec![], 16, Duration::from_secs(5));
+        let now = Instant::now();
+        assert_eq!(t.poll_request(now), first(&[0, 1, 2, 3, 4, 5]));
+        assert_eq!(t.handle_chunk(4, &golden[..32]), Ok(Accepted::Store));
+        assert_eq!(t.handle_chunk(5, &golden[32..]), Ok(Accepted::Store));
+        // The golden part's digests, not the artifact's.
+        assert_eq!(
+            t.handle_chunk(4, &artifact[..32]),
+            Err(ChunkError::Digest { index: 4 })
+        );
+        assert!(matches!(
+            t.handle_chunk(5, &golden[..20]),
+            Err(ChunkError::Length { .. })
+        ));
+        assert!(matches!(
+            t.handle_chunk(6, b"x"),
+            Err(ChunkError::OutOfRange { index: 6, count: 6 })
+        ));
+        for (i, c) in artifact.chunks(32).enumerate() {
+            assert_eq!(t.handle_chunk(i as u32, c), Ok(Accepted::Store));
+            t.handle_stored(i as u32);
+        }
+        assert!(!t.is_complete());
+        t.handle_stored(4);
+        t.handle_stored(5);
+        assert!(t.is_complete());
+        assert_eq!(t.received_bytes(), 100 + golden.len() as u64);
     }
 
     #[test]

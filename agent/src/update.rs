@@ -456,7 +456,7 @@ impl Updater {
             manifest.version,
             Phase::Downloading,
             transfer.received_bytes(),
-            manifest.size,
+            manifest.download_size(),
         ));
         m.bad_chunks.clear();
         let complete = transfer.is_complete();
@@ -825,7 +825,7 @@ impl Updater {
             manifest.version,
             Phase::Downloading,
             0,
-            manifest.size,
+            manifest.download_size(),
         ));
         m.step = Step::Preparing(manifest.clone());
         self.push(Action::PrepareDownload(manifest));

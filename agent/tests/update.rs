@@ -106,6 +106,7 @@ fn manifest(bytes: &[u8], version: u64, model_format: ModelFormat) -> Manifest {
             dims: vec![],
         }],
         golden: vec![],
+        golden_file: None,
         expires: FAR.into(),
         metadata: BTreeMap::new(),
         probation: None,

@@ -18,6 +18,9 @@ pub const DEFAULT_CHUNK_SIZE: u32 = 256 * 1024;
 pub const MAX_CHUNK_SIZE: u32 = 4 * 1024 * 1024;
 /// Largest artifact accepted (8 GiB).
 pub const MAX_ARTIFACT_BYTES: u64 = 8 << 30;
+/// Largest golden file (golden vectors kept beside the artifact, see [`Manifest::golden_file`]):
+/// a batch of full-HD FP32 frames, hex-encoded.
+pub const MAX_GOLDEN_FILE_BYTES: u64 = 256 << 20;
 
 /// Element types, named as the Open Inference Protocol (KServe v2) names them. Every type
 /// here travels as little-endian bytes (BOOL: one byte, 0 or 1; FP16: IEEE 754 half).
@@ -405,6 +408,23 @@ pub struct GoldenVector {
     pub tolerance: String,
 }
 
+/// Decodes a golden file ([`Manifest::golden_file`]): the JSON of a list of golden vectors,
+/// each with a valid tolerance.
+pub fn decode_golden_file(bytes: &[u8]) -> Result<Vec<GoldenVector>, DecodeError> {
+    if bytes.len() as u64 > MAX_GOLDEN_FILE_BYTES {
+        return Err(DecodeError::Invalid {
+            what: "golden file",
+            reason: format!("{} bytes is too large", bytes.len()),
+        });
+    }
+    let vectors: Vec<GoldenVector> =
+        serde_json::from_slice(bytes).map_err(|e| DecodeError::json("golden file", e))?;
+    for g in &vectors {
+        g.tolerance()?;
+    }
+    Ok(vectors)
+}
+
 impl GoldenVector {
     /// The tolerance as a number.
     pub fn tolerance(&self) -> Result<f64, DecodeError> {
@@ -416,6 +436,58 @@ impl GoldenVector {
                 what: "tolerance",
                 reason: format!("{:?} is not a non-negative number", self.tolerance),
             })
+    }
+}
+
+/// A file that travels beside the artifact, content-addressed: its size, SHA-256 and the
+/// SHA-256 of each of its chunks (in the manifest's chunk size).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    /// Length in bytes.
+    pub size: u64,
+    /// Hex SHA-256 of the whole file.
+    pub sha256: String,
+    /// Hex SHA-256 of every chunk, in order.
+    pub chunks: Vec<String>,
+}
+
+impl Attachment {
+    /// The attachment for `bytes` in chunks of `chunk_size`.
+    pub fn of(bytes: &[u8], chunk_size: u32) -> Self {
+        Attachment {
+            size: bytes.len() as u64,
+            sha256: crate::sha256_hex(bytes),
+            chunks: chunk_digests(bytes, chunk_size),
+        }
+    }
+}
+
+/// One file of a download, in chunks: the artifact or its golden file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout<'a> {
+    /// Hex SHA-256 of the whole file (its name on disk and on the wire).
+    pub sha256: &'a str,
+    /// Length in bytes.
+    pub size: u64,
+    /// Chunk size (the last chunk may be shorter).
+    pub chunk_size: u32,
+    /// Hex SHA-256 of every chunk.
+    pub chunks: &'a [String],
+}
+
+impl Layout<'_> {
+    /// Number of chunks.
+    pub fn chunk_count(&self) -> u32 {
+        self.chunks.len() as u32
+    }
+
+    /// Exact length of chunk `index`.
+    pub fn chunk_len(&self, index: u32) -> Option<u32> {
+        let start = u64::from(index).checked_mul(u64::from(self.chunk_size))?;
+        if index >= self.chunk_count() || start >= self.size {
+            return None;
+        }
+        Some((self.size - start).min(u64::from(self.chunk_size)) as u32)
     }
 }
 
@@ -443,9 +515,14 @@ pub struct Manifest {
     pub inputs: Vec<TensorSpec>,
     /// Output tensors.
     pub outputs: Vec<TensorSpec>,
-    /// Golden vectors to check before the model may serve.
+    /// Golden vectors to check before the model may serve (small ones, carried here).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub golden: Vec<GoldenVector>,
+    /// Golden vectors too large for metadata, in a file of their own that devices download
+    /// after the artifact (in the same numbering of chunks, see [`Manifest::parts`]): the JSON
+    /// of a list of [`GoldenVector`]s, named here by size and hashes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub golden_file: Option<Attachment>,
     /// When this manifest stops being valid (`YYYY-MM-DDTHH:MM:SSZ`).
     pub expires: String,
     /// Free-form registry metadata (framework, opset, training data, metrics), strings only.
@@ -538,6 +615,53 @@ impl Manifest {
         self.chunks.len() as u32
     }
 
+    /// The artifact as a [`Layout`].
+    pub fn artifact(&self) -> Layout<'_> {
+        Layout {
+            sha256: &self.sha256,
+            size: self.size,
+            chunk_size: self.chunk_size,
+            chunks: &self.chunks,
+        }
+    }
+
+    /// What a device downloads for this version, in order: the artifact, then the golden
+    /// file if there is one. Chunk indices on the wire run through them in that order.
+    pub fn parts(&self) -> Vec<Layout<'_>> {
+        let mut parts = vec![self.artifact()];
+        if let Some(g) = &self.golden_file {
+            parts.push(Layout {
+                sha256: &g.sha256,
+                size: g.size,
+                chunk_size: self.chunk_size,
+                chunks: &g.chunks,
+            });
+        }
+        parts
+    }
+
+    /// Chunks of the whole download (artifact and golden file).
+    pub fn download_chunk_count(&self) -> u32 {
+        self.parts().iter().map(|p| p.chunk_count()).sum()
+    }
+
+    /// Bytes of the whole download.
+    pub fn download_size(&self) -> u64 {
+        self.parts().iter().map(|p| p.size).sum()
+    }
+
+    /// The part that download chunk `index` belongs to, and its index within that part.
+    pub fn locate(&self, index: u32) -> Option<(Layout<'_>, u32)> {
+        let mut rest = index;
+        for part in self.parts() {
+            if rest < part.chunk_count() {
+                return Some((part, rest));
+            }
+            rest -= part.chunk_count();
+        }
+        None
+    }
+
     /// Exact length of chunk `index`.
     pub fn chunk_len(&self, index: u32) -> Option<u32> {
         let start = u64::from(index).checked_mul(u64::from(self.chunk_size))?;
@@ -597,6 +721,23 @@ impl Manifest {
         }
         for g in &self.golden {
             g.tolerance()?;
+        }
+        if let Some(g) = &self.golden_file {
+            if g.size == 0 || g.size > MAX_GOLDEN_FILE_BYTES {
+                return Err(invalid(format!("golden file size {} out of range", g.size)));
+            }
+            if g.chunks.len() as u64 != g.size.div_ceil(u64::from(self.chunk_size)) {
+                return Err(invalid(format!(
+                    "{} chunk digests for a golden file of {} bytes",
+                    g.chunks.len(),
+                    g.size
+                )));
+            }
+            for d in std::iter::once(&g.sha256).chain(&g.chunks) {
+                if d.len() != 64 || !d.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err(invalid(format!("digest {d:?} is not hex SHA-256")));
+                }
+            }
         }
         if let Some(b) = self.latency_budget {
             if b.p95_us == 0 || !(1..=1000).contains(&b.runs) {
@@ -716,6 +857,7 @@ mod tests {
                 shape: vec![1, 1],
                 dims: vec![],
             }],
+            golden_file: None,
             golden: vec![GoldenVector {
                 inputs: vec![TensorData::from_f32("x", vec![1, 2], &[1.0, 2.0])],
                 outputs: vec![TensorData::from_f32("y", vec![1, 1], &[3.0])],
@@ -742,6 +884,36 @@ mod tests {
         assert_eq!(v, vec![1.0, 2.0]);
         // The manifest survives canonical JSON (no floats).
         crate::keys::canonical_json(&serde_json::to_value(&m).unwrap()).unwrap();
+    }
+
+    #[test]
+    fn a_golden_file_follows_the_artifact_in_the_download() {
+        let mut m = sample(&[1u8; 100]);
+        assert_eq!(m.parts().len(), 1);
+        let file = vec![b'g'; 2 * m.chunk_size as usize + 1];
+        m.golden_file = Some(Attachment::of(&file, m.chunk_size));
+        m.validate().unwrap();
+        let n = m.chunk_count();
+        assert_eq!(m.download_chunk_count(), n + 3);
+        assert_eq!(m.download_size(), 100 + file.len() as u64);
+        let (part, local) = m.locate(n + 2).unwrap();
+        assert_eq!(
+            (part.sha256, local, part.chunk_len(local)),
+            (m.golden_file.as_ref().unwrap().sha256.as_str(), 2, Some(1))
+        );
+        assert_eq!(m.locate(n - 1).unwrap().0.sha256, m.sha256);
+        assert_eq!(m.locate(n + 3), None);
+
+        // Its layout must hold together, and it is bounded.
+        let mut bad = m.clone();
+        bad.golden_file.as_mut().unwrap().chunks.pop();
+        assert!(bad.validate().is_err());
+        let mut big = m.clone();
+        big.golden_file.as_mut().unwrap().size = MAX_GOLDEN_FILE_BYTES + 1;
+        assert!(big.validate().is_err());
+        assert!(decode_golden_file(b"not json").is_err());
+        assert!(decode_golden_file(br#"[{"inputs":[],"outputs":[],"tolerance":"-1"}]"#).is_err());
+        assert_eq!(decode_golden_file(b"[]").unwrap(), vec![]);
     }
 
     #[test]

@@ -364,6 +364,7 @@ pub mod fixture {
             inputs: vec![tensor("x")],
             outputs: vec![tensor("y")],
             golden: vec![],
+            golden_file: None,
             expires: "2035-01-01T00:00:00Z".into(),
             metadata: Default::default(),
             probation: None,

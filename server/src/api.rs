@@ -523,15 +523,19 @@ async fn rotate_root(
 async fn check_artifacts(db: &crate::db::Db, manifests: &[Manifest]) -> Result<(), ApiError> {
     for m in manifests {
         let path = m.target_path();
-        let digest = parse_digest(&m.sha256).map_err(bad)?;
-        match db.artifact(&digest).await.map_err(internal)? {
-            Some(a) if a.size == m.size && a.chunk_size == m.chunk_size => {}
-            Some(_) => {
-                return Err(bad(format!(
-                    "{path}: stored artifact's layout differs from its manifest"
-                )))
+        // The artifact and its golden file.
+        for part in m.parts() {
+            let digest = parse_digest(part.sha256).map_err(bad)?;
+            match db.artifact(&digest).await.map_err(internal)? {
+                Some(a) if a.size == part.size && a.chunk_size == part.chunk_size => {}
+                Some(_) => {
+                    return Err(bad(format!(
+                        "{path}: stored file {}'s layout differs from its manifest",
+                        part.sha256
+                    )))
+                }
+                None => return Err(bad(format!("{path}: file {} not uploaded", part.sha256))),
             }
-            None => return Err(bad(format!("{path}: artifact {} not uploaded", m.sha256))),
         }
     }
     Ok(())

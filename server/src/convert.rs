@@ -246,6 +246,7 @@ pub fn draft(
         inputs: inputs.to_vec(),
         outputs: outputs.to_vec(),
         golden: vec![],
+        golden_file: None,
         expires: "2099-01-01T00:00:00Z".into(),
         metadata: Default::default(),
         probation: None,

@@ -36,6 +36,11 @@ const MAX_CLOCK_AHEAD_MS: i64 = 24 * 3600 * 1000;
 
 /// How much stored telemetry rebuilds the drift detectors at start-up.
 const DRIFT_REPLAY_MS: i64 = 3600 * 1000;
+/// The files of one download in order, each as its digest and chunk count.
+type DownloadFiles = Vec<([u8; 32], u32)>;
+
+/// Most downloads whose chunk sources [`Fleet`] keeps in memory at once.
+const MAX_DOWNLOADS_KNOWN: usize = 4096;
 
 /// A version a device should run, with its deployment's terms (probation, sampling).
 pub type Wanted = (Manifest, TargetTerms);
@@ -138,6 +143,9 @@ pub struct Fleet {
     /// When a chunk replica last reloaded the rollouts (at most once a second, whatever a
     /// device asks for).
     reloaded: std::sync::Mutex<Option<std::time::Instant>>,
+    /// Where each entitled download's chunks come from: artifact digest (hex) → the files of
+    /// the download in order (the artifact, then its golden file), each with its chunk count.
+    parts: std::sync::Mutex<BTreeMap<String, DownloadFiles>>,
     refused: std::sync::atomic::AtomicU64,
     telemetry_stored: std::sync::atomic::AtomicU64,
     telemetry_duplicates: std::sync::atomic::AtomicU64,
@@ -230,6 +238,7 @@ impl Fleet {
             fanout,
             fanout_scheduled: Default::default(),
             reloaded: Default::default(),
+            parts: Default::default(),
             refused: Default::default(),
             telemetry_stored: Default::default(),
             telemetry_duplicates: Default::default(),
@@ -683,10 +692,9 @@ impl Fleet {
             return Ok(None);
         };
         let chunks = |wanted: Vec<Wanted>| {
-            wanted
-                .iter()
-                .find(|(m, _)| m.sha256 == artifact)
-                .map(|(m, _)| m.chunk_count())
+            let (m, _) = wanted.iter().find(|(m, _)| m.sha256 == artifact)?;
+            self.remember_parts(m);
+            Some(m.download_chunk_count())
         };
         if let Some(count) = chunks(self.wanted(&entry).await?) {
             return Ok(Some(count));
@@ -698,6 +706,34 @@ impl Fleet {
             return Ok(chunks(self.wanted(&entry).await?));
         }
         Ok(None)
+    }
+
+    /// Records where the chunks of `m`'s download come from (bounded: forgotten wholesale
+    /// past [`MAX_DOWNLOADS_KNOWN`], then learnt again from the next requests).
+    fn remember_parts(&self, m: &Manifest) {
+        let parts = m
+            .parts()
+            .iter()
+            .filter_map(|p| Some((parse_digest(p.sha256).ok()?, p.chunk_count())))
+            .collect();
+        let mut known = self.parts.lock().expect("parts lock");
+        if known.len() >= MAX_DOWNLOADS_KNOWN && !known.contains_key(&m.sha256) {
+            known.clear();
+        }
+        known.insert(m.sha256.clone(), parts);
+    }
+
+    /// The file and the index in it of download chunk `index` of `artifact`.
+    fn locate(&self, artifact: &str, digest: &[u8; 32], index: u32) -> ([u8; 32], u32) {
+        let known = self.parts.lock().expect("parts lock");
+        let mut rest = index;
+        for (part, count) in known.get(artifact).into_iter().flatten() {
+            if rest < *count {
+                return (*part, rest);
+            }
+            rest -= count;
+        }
+        (*digest, index)
     }
 
     /// Whether a chunk replica may reload the rollouts now; if so, counts this as the reload.
@@ -794,7 +830,8 @@ impl Fleet {
     /// Publishes chunk `index` of `artifact` on `topic`; false if the broker link is gone.
     async fn send_chunk(&self, topic: &str, artifact: &str, digest: &[u8; 32], index: u32) -> bool {
         use std::sync::atomic::Ordering::Relaxed;
-        let data = match self.db.chunk(digest, index).await {
+        let (file, at) = self.locate(artifact, digest, index);
+        let data = match self.db.chunk(&file, at).await {
             Ok(Some(d)) => d,
             Ok(None) => {
                 debug!(%artifact, index, "requested chunk not held");

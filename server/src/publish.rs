@@ -8,7 +8,8 @@ use std::collections::BTreeMap;
 
 use modelcast_proto::keys::SigningKey;
 use modelcast_proto::manifest::{
-    chunk_digests, GoldenVector, LatencyBudget, Manifest, ModelFormat, DEFAULT_CHUNK_SIZE,
+    chunk_digests, Attachment, GoldenVector, LatencyBudget, Manifest, ModelFormat,
+    DEFAULT_CHUNK_SIZE, MAX_GOLDEN_FILE_BYTES,
 };
 use modelcast_proto::metadata::{format_expiry, Signed};
 use thiserror::Error;
@@ -100,9 +101,9 @@ impl PublishOptions {
     }
 }
 
-/// Largest golden vector (input and output bytes) carried inside the signed manifest: every
-/// version's manifest travels in the targets metadata every device receives. A larger one is
-/// left out (the artifact was still proved here) and the manifest's metadata says so.
+/// Largest golden vector (input and output bytes) carried inside the signed manifest (which
+/// travels in the metadata of every device running the version). A larger one goes into a
+/// golden file beside the artifact, which the manifest names by size and hashes.
 pub const GOLDEN_INLINE_BYTES: usize = 16 * 1024;
 
 /// Largest `metadata_props` value copied into the manifest's metadata.
@@ -113,6 +114,9 @@ pub const METADATA_PROP_BYTES: usize = 1024;
 pub struct Prepared {
     /// What devices download: NNEF tar or ONNX bytes, as the manifest's format says.
     pub artifact: Vec<u8>,
+    /// The golden file, when the golden vector is too large for the manifest
+    /// ([`Manifest::golden_file`] names it).
+    pub golden_file: Option<Vec<u8>>,
     /// Its manifest.
     pub manifest: Manifest,
     /// Why the artifact is ONNX when NNEF was preferred.
@@ -221,6 +225,7 @@ pub fn prepare(onnx: &[u8], opts: &PublishOptions, now: i64) -> Result<Prepared,
         inputs: converted.inputs,
         outputs: converted.outputs,
         golden: vec![],
+        golden_file: None,
         expires: format_expiry(now + MANIFEST_LIFETIME_SECS),
         metadata,
         probation: None,
@@ -236,20 +241,31 @@ pub fn prepare(onnx: &[u8], opts: &PublishOptions, now: i64) -> Result<Prepared,
     let finite = output
         .iter()
         .all(|t| t.values.to_f64().iter().all(|v| v.is_finite()));
-    if opts.golden && golden_bytes <= GOLDEN_INLINE_BYTES && finite {
-        manifest.golden.push(GoldenVector {
+    let mut golden_file = None;
+    if opts.golden && finite {
+        let vector = GoldenVector {
             inputs: tensor_data(input),
             outputs: tensor_data(output),
             tolerance: GOLDEN_TOLERANCE.into(),
-        });
+        };
+        if golden_bytes <= GOLDEN_INLINE_BYTES {
+            manifest.golden.push(vector);
+        } else {
+            let bytes = serde_json::to_vec(&[vector]).expect("golden vectors serialize");
+            if bytes.len() as u64 <= MAX_GOLDEN_FILE_BYTES {
+                manifest.golden_file = Some(Attachment::of(&bytes, opts.chunk_size));
+                golden_file = Some(bytes);
+            } else {
+                manifest.metadata.insert(
+                    "golden".into(),
+                    format!("left out: {} bytes exceed the {MAX_GOLDEN_FILE_BYTES} of a golden file; the artifact was proved at publishing", bytes.len()),
+                );
+            }
+        }
     } else if opts.golden {
         manifest.metadata.insert(
             "golden".into(),
-            if finite {
-                format!("left out: {golden_bytes} bytes exceed the {GOLDEN_INLINE_BYTES} carried in metadata; the artifact was proved at publishing")
-            } else {
-                "left out: the reference answer is not finite".into()
-            },
+            "left out: the reference answer is not finite".into(),
         );
     }
     manifest
@@ -257,6 +273,7 @@ pub fn prepare(onnx: &[u8], opts: &PublishOptions, now: i64) -> Result<Prepared,
         .map_err(|e| PublishError::Invalid(e.to_string()))?;
     Ok(Prepared {
         artifact: converted.artifact,
+        golden_file,
         manifest,
         fallback_reason: converted.fallback_reason,
         dropped_outputs: info.dropped_outputs,
@@ -312,6 +329,12 @@ pub fn publish_file(
         .upload(&manifest.sha256, manifest.chunk_size, &prepared.artifact)
         .map_err(api)?;
     prepared.artifact = Vec::new();
+    if let (Some(bytes), Some(g)) = (&prepared.golden_file, &manifest.golden_file) {
+        client
+            .upload(&g.sha256, manifest.chunk_size, bytes)
+            .map_err(api)?;
+    }
+    prepared.golden_file = None;
     let mut manifest = manifest;
     manifest.fallback_to = match opts.fallback {
         Fallback::InService => {

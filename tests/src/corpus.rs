@@ -97,10 +97,25 @@ pub fn rows() -> Vec<Row> {
 pub fn publish_and_serve(fleet: &Fleet, group: &str, device: &str) -> Vec<String> {
     let dir = models_dir();
     let mut serving = Vec::new();
+    let mut golden_files = 0;
     for row in rows().into_iter().filter(Row::serves) {
         let m = fleet.publish_with(&dir.join(format!("{}.onnx", row.id)), &row.options());
+        // Every device checks the model's golden vector before it serves: in the manifest
+        // when small, else in a golden file downloaded beside the artifact.
+        let golden = match (&m.golden_file, m.golden.len()) {
+            (Some(g), _) => {
+                golden_files += 1;
+                format!("golden file of {} bytes", g.size)
+            }
+            (None, 1) => "golden vector in the manifest".to_string(),
+            _ => panic!(
+                "{} published without a golden vector: {:?}",
+                row.id,
+                m.metadata.get("golden")
+            ),
+        };
         println!(
-            "{:22} published as {} ({} bytes), inputs {}",
+            "{:22} published as {} ({} bytes, {golden}), inputs {}",
             row.id,
             m.model_format,
             m.size,
@@ -129,6 +144,8 @@ pub fn publish_and_serve(fleet: &Fleet, group: &str, device: &str) -> Vec<String
             },
         );
     }
+    // The image models' golden vectors (a 224×224 frame is 600 KB) travel as files.
+    assert!(golden_files >= 3, "{golden_files} golden files");
     serving
 }
 

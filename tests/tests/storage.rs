@@ -31,6 +31,7 @@ fn model(name: &str, version: u64) -> ModelEntry {
         inputs: Vec::new(),
         outputs: Vec::new(),
         golden: Vec::new(),
+        golden_file: None,
         expires: "2030-01-01T00:00:00Z".into(),
         metadata: BTreeMap::from([(
             "training".into(),

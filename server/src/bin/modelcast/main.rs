@@ -828,12 +828,15 @@ fn main() -> anyhow::Result<()> {
             publish::report(&prepared);
             let manifest = prepared.manifest;
             println!(
-                "published {name} v{version} as {}: {} bytes, {} chunk(s), sha256 {}…, {} golden vector(s)",
+                "published {name} v{version} as {}: {} bytes, {} chunk(s), sha256 {}…, {}",
                 manifest.model_format,
                 manifest.size,
                 manifest.chunks.len(),
                 &manifest.sha256[..16],
-                manifest.golden.len(),
+                match &manifest.golden_file {
+                    Some(g) => format!("golden vector in a file of {} bytes beside it", g.size),
+                    None => format!("{} golden vector(s) in the manifest", manifest.golden.len()),
+                },
             );
         }
         Command::Deploy {
