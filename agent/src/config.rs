@@ -127,6 +127,42 @@ pub struct Config {
     /// The inference API's limits.
     #[serde(default)]
     pub serve: ServeConfig,
+    /// How the engine runs models.
+    #[serde(default)]
+    pub engine: EngineConfig,
+}
+
+/// How the engine runs models (`[engine]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineConfig {
+    /// Threads one inference may spread its matrix products over (tract's multithreaded
+    /// matmul; agents built with the `multithread` feature). 1, the default, runs each request
+    /// on one core and requests side by side: best for throughput; more lowers one request's
+    /// latency on a device with idle cores.
+    #[serde(default = "default_threads")]
+    pub threads: usize,
+    /// Optimized plans kept per model whose inputs have ranges, one per concrete input shape
+    /// seen, least recently used dropped first.
+    #[serde(default = "default_plan_cache")]
+    pub plan_cache: usize,
+}
+
+fn default_threads() -> usize {
+    1
+}
+
+fn default_plan_cache() -> usize {
+    crate::engine::DEFAULT_PLAN_CACHE
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            threads: default_threads(),
+            plan_cache: default_plan_cache(),
+        }
+    }
 }
 
 /// Limits of the local inference API.
@@ -243,6 +279,18 @@ impl Config {
                 "transfer: chunk_timeout_secs must be at least 1 and stall_timeout_secs at least chunk_timeout_secs".into(),
             ));
         }
+        if !(1..=256).contains(&self.engine.threads)
+            || !(1..=1024).contains(&self.engine.plan_cache)
+        {
+            return Err(ConfigError::Invalid(
+                "engine: threads must be 1..=256 and plan_cache 1..=1024".into(),
+            ));
+        }
+        if self.engine.threads > 1 && !cfg!(feature = "multithread") {
+            return Err(ConfigError::Invalid(
+                "engine.threads > 1 needs an agent built with the `multithread` feature".into(),
+            ));
+        }
         if self.transfer.window == 0 || self.transfer.window > 256 {
             return Err(ConfigError::Invalid(
                 "transfer.window must be 1..=256".into(),
@@ -326,6 +374,20 @@ mod tests {
         assert_eq!((broker.host.as_str(), broker.port), ("10.0.0.1", 1884));
         assert_eq!(cfg.labels["site"], "berlin");
         assert_eq!(cfg.transfer.window, 64);
+    }
+
+    #[test]
+    fn the_engine_section_bounds_threads_and_the_plan_cache() {
+        let base = "device_id = 'a'\n[trust]\nroot='r'\ndirector_keys=['0']\n";
+        let cfg = Config::from_toml(base).unwrap();
+        assert_eq!(cfg.engine, EngineConfig::default());
+        assert_eq!((cfg.engine.threads, cfg.engine.plan_cache), (1, 8));
+        let with = |engine: &str| Config::from_toml(&format!("{base}[engine]\n{engine}\n"));
+        assert_eq!(with("plan_cache = 32").unwrap().engine.plan_cache, 32);
+        assert_eq!(with("threads = 4").is_ok(), cfg!(feature = "multithread"));
+        for bad in ["threads = 0", "plan_cache = 0", "plan_cache = 5000", "surprise = 1"] {
+            assert!(with(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

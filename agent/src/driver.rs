@@ -117,10 +117,15 @@ struct Restored {
     downloads: Vec<(Manifest, Vec<bool>)>,
 }
 
-fn load_slot(store: &Store, record: &ModelRecord, slot: Slot) -> Result<LoadedModel, String> {
+fn load_slot(
+    store: &Store,
+    record: &ModelRecord,
+    slot: Slot,
+    plan_cache: usize,
+) -> Result<LoadedModel, String> {
     let manifest = record.slot(slot).ok_or("empty slot")?;
     let mut reader = store.artifact_reader(manifest).map_err(|e| e.to_string())?;
-    LoadedModel::load(manifest, slot, &mut reader).map_err(|e| e.to_string())
+    LoadedModel::load_with(manifest, slot, &mut reader, plan_cache).map_err(|e| e.to_string())
 }
 
 /// Loads the serving model of every stored model and finds the downloads to resume. A trial that has been active through too
@@ -131,6 +136,7 @@ fn restore(
     models: &Models,
     metrics: &Metrics,
     policy: &ProbationPolicy,
+    plan_cache: usize,
 ) -> Result<Restored, StoreError> {
     let mut restored = Restored::default();
     for (name, mut record) in store.models()? {
@@ -149,7 +155,7 @@ fn restore(
         };
         let mut served = false;
         for slot in [active, active.other()] {
-            match load_slot(store, &record, slot) {
+            match load_slot(store, &record, slot, plan_cache) {
                 Ok(model) => {
                     let version = model.manifest().version;
                     info!(model = %name, version, %slot, "serving from store");
@@ -178,7 +184,7 @@ fn restore(
         if !served {
             warn!(model = %name, "no stored slot loads; nothing serves this model");
         } else if let Some(trial) = record.trial {
-            match load_slot(store, &record, trial.previous) {
+            match load_slot(store, &record, trial.previous, plan_cache) {
                 Ok(previous) => restored.trials.push((name.clone(), Arc::new(previous))),
                 Err(e) => {
                     // Nothing to swap back to: the trial version is as good as it gets.
@@ -233,6 +239,7 @@ pub async fn run(
     ready: impl FnOnce(&[String]),
 ) -> Result<(), AgentError> {
     std::fs::create_dir_all(&cfg.state_dir).map_err(|e| StoreError::Sled(e.into()))?;
+    crate::engine::set_threads(cfg.engine.threads);
     // Opened from a background thread: sled's flusher thread inherits its priority.
     let path = store_path(&cfg.state_dir);
     let store = std::thread::Builder::new()
@@ -250,8 +257,8 @@ pub async fn run(
     let metrics = Arc::new(Metrics::new());
     let restored = {
         let (store, models, metrics) = (store.clone(), models.clone(), metrics.clone());
-        let policy = cfg.probation.clone();
-        tokio::task::spawn_blocking(move || restore(&store, &models, &metrics, &policy))
+        let (policy, plan_cache) = (cfg.probation.clone(), cfg.engine.plan_cache);
+        tokio::task::spawn_blocking(move || restore(&store, &models, &metrics, &policy, plan_cache))
             .await
             .map_err(|e| AgentError::Trust(format!("restore task: {e}")))??
     };
@@ -764,6 +771,7 @@ impl Agent {
     fn stage(&mut self, manifest: Manifest, slot: Slot) {
         let store = self.store.clone();
         let (name, sha256) = (manifest.name.clone(), manifest.sha256.clone());
+        let plan_cache = self.cfg.engine.plan_cache;
         let load = move || {
             let loaded = (|| {
                 store
@@ -773,8 +781,8 @@ impl Agent {
                 let mut reader = store
                     .artifact_reader(&manifest)
                     .map_err(|e| e.to_string())?;
-                let model =
-                    LoadedModel::load(&manifest, slot, &mut reader).map_err(|e| e.to_string())?;
+                let model = LoadedModel::load_with(&manifest, slot, &mut reader, plan_cache)
+                    .map_err(|e| e.to_string())?;
                 let golden = store.golden_file(&manifest).map_err(|e| e.to_string())?;
                 model.check_golden(&golden).map_err(|e| e.to_string())?;
                 let p95 = model.warm_up(&golden).map_err(|e| e.to_string())?;

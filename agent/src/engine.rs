@@ -195,6 +195,19 @@ fn shape_usize(shape: &[u64]) -> Result<Vec<usize>, EngineError> {
 /// Plans kept per model when its inputs have symbolic dimensions.
 pub const DEFAULT_PLAN_CACHE: usize = 8;
 
+/// Lets one inference spread its matrix products over `threads` threads (tract's
+/// multithreaded matmul, in a pool of its own) when above 1; agents built without the
+/// `multithread` feature always run one thread per inference.
+pub fn set_threads(threads: usize) {
+    #[cfg(feature = "multithread")]
+    if threads > 1 {
+        use tract_linalg::multithread::{set_default_executor, Executor};
+        set_default_executor(Executor::multithread_with_name(threads, "modelcast-mm"));
+    }
+    #[cfg(not(feature = "multithread"))]
+    let _ = threads;
+}
+
 /// One optimized plan per concrete input shape, least recently used dropped first.
 struct PlanCache {
     /// The decluttered model, its input dimensions still symbolic.

@@ -237,6 +237,7 @@ fn config(dir: &Path, keys: &Keys, broker: u16, http: u16) -> Config {
         probation: Default::default(),
         telemetry: Default::default(),
         serve: Default::default(),
+        engine: Default::default(),
     }
 }
 

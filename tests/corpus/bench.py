@@ -1,11 +1,11 @@
-"""Per corpus model, the device's single-thread inference time against onnxruntime's on the
-same input in the same run, and what HTTP (binary tensors) and gRPC add on top of it.
+"""Per corpus model, the device's inference time against onnxruntime's on the same input in
+the same run, both with BENCH_THREADS threads per inference (default 1), and what HTTP (binary tensors) and gRPC add on top of it.
 
 usage: bench.py HTTP_HOST:PORT GRPC_HOST:PORT MODELS_TSV CORPUS_DIR ID [ID ...]
 
 For each model the three are interleaved, one call each per round (so the machine's noise
 falls on all of them alike), for BENCH_SECONDS (default 3) or at least 5 rounds: onnxruntime
-in this process (one thread), tritonclient.http with binary tensors, tritonclient.grpc. The
+in this process (BENCH_THREADS intra-op threads), tritonclient.http with binary tensors, tritonclient.grpc. The
 device's own time is what its statistics say its engine spent on those same requests
 (`compute_infer`); HTTP and gRPC are the client's wall time per call. Means over the rounds.
 """
@@ -25,6 +25,7 @@ rows = load_rows(tsv)
 http = httpclient.InferenceServerClient(url=url, network_timeout=300.0)
 grpc = grpcclient.InferenceServerClient(url=grpc_url)
 seconds = float(os.environ.get("BENCH_SECONDS", "3"))
+threads = int(os.environ.get("BENCH_THREADS", "1"))
 
 
 def engine_ns(model):
@@ -40,7 +41,7 @@ for mid in ids:
     meta = http.get_model_metadata(mid)
     inputs = make_inputs(rows[mid], {i["name"]: i["datatype"] for i in meta["inputs"]})
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
+    opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     sess = ort.InferenceSession(f"{corpus}/{mid}.onnx", opts, providers=["CPUExecutionProvider"])
     names = [o["name"] for o in meta["outputs"]]

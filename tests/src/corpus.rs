@@ -149,14 +149,19 @@ pub fn publish_and_serve(fleet: &Fleet, group: &str, device: &str) -> Vec<String
     serving
 }
 
-/// Starts device `id` in `group` (`key=value`) with the gRPC API on too; returns it and its
-/// gRPC port, once the server knows it.
-pub fn start_agent_with_grpc(fleet: &Fleet, id: &str, group: (&str, &str)) -> (Agent, u16) {
+/// Starts device `id` in `group` (`key=value`) with the gRPC API on too and `extra` TOML in
+/// its configuration; returns it and its gRPC port, once the server knows it.
+pub fn start_agent_with_grpc(
+    fleet: &Fleet,
+    id: &str,
+    group: (&str, &str),
+    extra: &str,
+) -> (Agent, u16) {
     let grpc_port = free_port();
     let agent = fleet.start_agent_with(
         id,
         &[group],
-        &format!("[serve]\ngrpc_listen = \"127.0.0.1:{grpc_port}\"\n"),
+        &format!("[serve]\ngrpc_listen = \"127.0.0.1:{grpc_port}\"\n{extra}"),
     );
     fleet.wait_registered();
     (agent, grpc_port)
