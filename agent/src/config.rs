@@ -385,7 +385,12 @@ mod tests {
         let with = |engine: &str| Config::from_toml(&format!("{base}[engine]\n{engine}\n"));
         assert_eq!(with("plan_cache = 32").unwrap().engine.plan_cache, 32);
         assert_eq!(with("threads = 4").is_ok(), cfg!(feature = "multithread"));
-        for bad in ["threads = 0", "plan_cache = 0", "plan_cache = 5000", "surprise = 1"] {
+        for bad in [
+            "threads = 0",
+            "plan_cache = 0",
+            "plan_cache = 5000",
+            "surprise = 1",
+        ] {
             assert!(with(bad).is_err(), "{bad}");
         }
     }

@@ -446,13 +446,30 @@ pub fn select_outputs<'a>(
         .collect()
 }
 
-/// Encodes the response to `request` from `outputs`.
+/// Encodes the response to `request` from `outputs`. A floating-point output holding NaN or
+/// an infinity cannot go as JSON (which has no such numbers; it would read `null`): that is
+/// an error naming the output, and the client can ask for it as binary data instead.
 pub fn encode_response(
     model_name: &str,
     model_version: u64,
     request: &InferRequest,
     outputs: &[(&HostTensor, bool)],
-) -> Response {
+) -> Result<Response, CodecError> {
+    for (o, as_binary) in outputs {
+        let float = matches!(
+            o.values.datatype(),
+            DataType::Fp16 | DataType::Fp32 | DataType::Fp64
+        );
+        if !as_binary && float {
+            if let Some(i) = o.values.to_f64().iter().position(|v| !v.is_finite()) {
+                return Err(err(format!(
+                    "output {:?} holds a non-finite value ({} at element {i}), which JSON cannot carry: ask for it as binary data (\"binary_data\": true)",
+                    o.name,
+                    o.values.to_f64()[i]
+                )));
+            }
+        }
+    }
     let mut binary = Vec::new();
     let json_outputs = outputs
         .iter()
@@ -488,10 +505,10 @@ pub fn encode_response(
     let header_length =
         (!binary.is_empty() || outputs.iter().any(|(_, b)| *b)).then_some(body.len());
     body.extend_from_slice(&binary);
-    Response {
+    Ok(Response {
         body,
         header_length,
-    }
+    })
 }
 
 #[cfg(test)]
@@ -500,6 +517,28 @@ mod tests {
     use proptest::prelude::*;
 
     const MAX: usize = 1 << 20;
+
+    #[test]
+    fn non_finite_outputs_go_binary_or_fail_by_name_never_as_null() {
+        let r = parse_request(br#"{"inputs":[]}"#, None, MAX).unwrap();
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let y = HostTensor {
+                name: "y".into(),
+                shape: vec![2],
+                values: Values::from_f32(&[1.0, bad]),
+            };
+            let e = encode_response("m", 1, &r, &[(&y, false)]).unwrap_err();
+            assert!(
+                e.to_string().contains("\"y\" holds a non-finite value"),
+                "{e}"
+            );
+            assert!(e.to_string().contains("element 1"), "{e}");
+            // As binary data it is carried bit for bit.
+            let ok = encode_response("m", 1, &r, &[(&y, true)]).unwrap();
+            let n = ok.header_length.unwrap();
+            assert_eq!(&ok.body[n..], y.values.bytes());
+        }
+    }
 
     #[test]
     fn parses_flat_and_nested_json() {
@@ -544,7 +583,7 @@ mod tests {
             .collect();
         assert_eq!(r.inputs[0].values.bytes(), &want[..]);
         let outputs = [(&r.inputs[0], false)];
-        let resp = encode_response("m", 1, &r, &outputs);
+        let resp = encode_response("m", 1, &r, &outputs).unwrap();
         let text = String::from_utf8(resp.body).unwrap();
         assert!(text.contains("1152921504606846977"), "{text}");
         assert!(text.contains(&i64::MIN.to_string()), "{text}");
@@ -576,7 +615,7 @@ mod tests {
         let chosen = select_outputs(&all, &r).unwrap();
         assert_eq!(chosen[0].0.name, "y");
         assert!(!chosen[0].1 && chosen[1].1);
-        let resp = encode_response("m", 3, &r, &chosen);
+        let resp = encode_response("m", 3, &r, &chosen).unwrap();
         let n = resp.header_length.unwrap();
         let header: Value = serde_json::from_slice(&resp.body[..n]).unwrap();
         assert_eq!(header["id"], "a");
@@ -634,7 +673,7 @@ mod tests {
             let r = parse_request(body.as_bytes(), None, MAX).unwrap();
             assert_eq!(r.inputs[0].values.to_f64(), vec![1.0, 0.0], "{dt}");
             let outputs = [(&r.inputs[0], false)];
-            let resp = encode_response("m", 1, &r, &outputs);
+            let resp = encode_response("m", 1, &r, &outputs).unwrap();
             let v: Value = serde_json::from_slice(&resp.body).unwrap();
             assert_eq!(v["outputs"][0]["datatype"], dt.name());
             let again = format!(

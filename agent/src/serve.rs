@@ -438,9 +438,7 @@ async fn run_infer(
         |model, request, outputs| {
             let chosen = kserve::select_outputs(outputs, request)?;
             let m = model.manifest();
-            Ok(kserve::encode_response(
-                &m.name, m.version, request, &chosen,
-            ))
+            kserve::encode_response(&m.name, m.version, request, &chosen)
         },
     )
     .await;

@@ -183,6 +183,44 @@ pub fn required_role(method: &axum::http::Method, path: &str) -> Role {
 
 /// Checks the bearer token against the role the request needs; hands the caller to the
 /// handlers. Without a token file every caller is an anonymous admin.
+/// Why a mutation must be refused as possibly forged by a web page the operator's browser
+/// has open (CSRF): a request from another origin, or a POST a page could send without the
+/// browser asking first (a "simple" request: no JSON content type). Every API client (the
+/// CLI, scripts) sends JSON; an open API (no `--tokens`) has no credential a page lacks.
+fn forged_from_a_browser(req: &axum::extract::Request) -> Option<(StatusCode, &'static str)> {
+    use axum::http::{header, Method};
+    if matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS) {
+        return None;
+    }
+    let headers = req.headers();
+    if let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
+        let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
+        let same = host.is_some_and(|h| {
+            origin
+                .strip_prefix("http://")
+                .or_else(|| origin.strip_prefix("https://"))
+                == Some(h)
+        });
+        if !same {
+            return Some((
+                StatusCode::FORBIDDEN,
+                "a request from another origin may not change anything",
+            ));
+        }
+    }
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.trim_start().starts_with("application/json"));
+    if *req.method() == Method::POST && !json {
+        return Some((
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "a POST must carry JSON (Content-Type: application/json)",
+        ));
+    }
+    None
+}
+
 async fn authorize(
     State(tokens): State<Arc<Option<Tokens>>>,
     mut req: axum::extract::Request,
@@ -215,6 +253,9 @@ async fn authorize(
             }
         }
     };
+    if let Some((status, why)) = forged_from_a_browser(&req) {
+        return ApiError(status, why.into()).into_response();
+    }
     let needed = required_role(req.method(), &path);
     if caller.role < needed {
         let who = caller.name.as_deref().unwrap_or("-");

@@ -158,3 +158,38 @@ fn tokens_roles_and_the_audit_log() {
     let listing = cli(&["audit"]);
     assert!(listing.contains("rollout.abort"), "{listing}");
 }
+
+#[test]
+fn an_open_api_takes_no_change_a_web_page_could_forge() {
+    let fleet = Fleet::embedded();
+    fleet.publish_example(1, 16);
+    let base = fleet.client.base().to_string();
+    let body = r#"{"model":"classifier","version":1,"group":"site=lab","by":"page"}"#;
+    let post = |content_type: Option<&str>, origin: Option<&str>| {
+        let mut r = ureq::post(format!("{base}/api/v1/deployments"))
+            .config()
+            .http_status_as_error(false)
+            .build();
+        if let Some(t) = content_type {
+            r = r.header("Content-Type", t);
+        }
+        if let Some(o) = origin {
+            r = r.header("Origin", o);
+        }
+        r.send(body).unwrap().status().as_u16()
+    };
+    // What a page may send cross-origin without the browser asking first (a "simple"
+    // request), and any request from another origin, are refused before they act.
+    assert_eq!(post(Some("text/plain"), None), 415);
+    assert_eq!(post(Some("application/x-www-form-urlencoded"), None), 415);
+    assert_eq!(post(None, None), 415);
+    assert_eq!(
+        post(Some("application/json"), Some("http://evil.example")),
+        403
+    );
+    assert!(fleet.client.deployments().unwrap().is_empty());
+    // The API's own clients (JSON, same origin or none) go through.
+    let own = format!("http://{}", base.trim_start_matches("http://"));
+    assert_eq!(post(Some("application/json"), Some(&own)), 200);
+    assert_eq!(fleet.client.deployments().unwrap().len(), 1);
+}
