@@ -37,6 +37,40 @@ struct VersionArgs {
     by: String,
 }
 
+/// The operators' offline keys that sign targets.
+#[derive(clap::Args, Debug)]
+struct SigningArgs {
+    /// Directory with `root.json` and `targets.key` (or `targets-N.key`: all of them sign).
+    #[arg(long, env = "MODELCAST_KEYS", default_value = "./keys")]
+    keys: PathBuf,
+    /// Sign with these targets key files instead (repeatable; a threshold of them).
+    #[arg(long = "targets-key")]
+    targets_keys: Vec<PathBuf>,
+}
+
+impl SigningArgs {
+    /// The targets keys to sign with: the given files, or every `targets*.key` in `keys`.
+    fn targets_keys(&self) -> anyhow::Result<Vec<modelcast_proto::keys::SigningKey>> {
+        let read = if self.targets_keys.is_empty() {
+            keyset::read_role_keys(&self.keys, "targets")?
+        } else {
+            self.targets_keys
+                .iter()
+                .map(|p| keyset::read_key(p))
+                .collect::<Result<Vec<_>, _>>()?
+        };
+        if read.is_empty() {
+            bail!("no targets key in {}", self.keys.display());
+        }
+        Ok(read)
+    }
+
+    /// The operators' own root (`root.json` in the key directory).
+    fn root(&self) -> anyhow::Result<modelcast_proto::metadata::Signed> {
+        Ok(keyset::read_root(&self.keys.join("root.json"))?)
+    }
+}
+
 /// `modelcast token …`.
 #[derive(Subcommand, Debug)]
 enum TokenCommand {
@@ -143,12 +177,8 @@ enum Command {
         /// Version (greater than every published one).
         #[arg(long)]
         version: u64,
-        /// Directory with `targets.key` (or `targets-N.key`: all of them sign).
-        #[arg(long, env = "MODELCAST_KEYS", default_value = "./keys")]
-        keys: PathBuf,
-        /// Sign with these targets key files instead (repeatable; a threshold of them).
-        #[arg(long = "targets-key")]
-        targets_keys: Vec<PathBuf>,
+        #[command(flatten)]
+        signing: SigningArgs,
         /// Who publishes (recorded in the registry).
         #[arg(long, env = "USER", default_value = "operator")]
         by: String,
@@ -291,22 +321,14 @@ enum Command {
         /// Remove the version from the signed repository too (needs the targets keys).
         #[arg(long)]
         remove: bool,
-        /// Directory with `targets.key` (or `targets-N.key`: all of them sign).
-        #[arg(long, env = "MODELCAST_KEYS", default_value = "./keys")]
-        keys: PathBuf,
-        /// Sign with these targets key files instead (repeatable; a threshold of them).
-        #[arg(long = "targets-key")]
-        targets_keys: Vec<PathBuf>,
+        #[command(flatten)]
+        signing: SigningArgs,
     },
     /// Re-sign the top-level targets and every hash bin with fresh expiries (what operators
     /// sign lasts a year; `publish` and `retire --remove` refresh only what they touch).
     Resign {
-        /// Directory with `root.json` and `targets.key` (or `targets-N.key`).
-        #[arg(long, env = "MODELCAST_KEYS", default_value = "./keys")]
-        keys: PathBuf,
-        /// Sign with these targets key files instead (repeatable; a threshold of them).
-        #[arg(long = "targets-key")]
-        targets_keys: Vec<PathBuf>,
+        #[command(flatten)]
+        signing: SigningArgs,
         /// Who signs.
         #[arg(long, env = "USER", default_value = "operator")]
         by: String,
@@ -400,25 +422,6 @@ enum RootCommand {
         #[arg(long, env = "USER", default_value = "operator")]
         by: String,
     },
-}
-
-/// The targets keys to sign with: the given files, or every `targets*.key` in `keys`.
-fn read_targets_keys(
-    keys: &std::path::Path,
-    files: &[PathBuf],
-) -> anyhow::Result<Vec<modelcast_proto::keys::SigningKey>> {
-    let read = if files.is_empty() {
-        keyset::read_role_keys(keys, "targets")?
-    } else {
-        files
-            .iter()
-            .map(|p| keyset::read_key(p))
-            .collect::<Result<Vec<_>, _>>()?
-    };
-    if read.is_empty() {
-        bail!("no targets key in {}", keys.display());
-    }
-    Ok(read)
 }
 
 fn root_command(client: &Client, cmd: RootCommand) -> anyhow::Result<()> {
@@ -791,8 +794,7 @@ fn main() -> anyhow::Result<()> {
             model,
             name,
             version,
-            keys,
-            targets_keys,
+            signing,
             by,
             meta,
             no_golden,
@@ -803,7 +805,7 @@ fn main() -> anyhow::Result<()> {
             no_fallback,
             input_shape,
         } => {
-            let key = read_targets_keys(&keys, &targets_keys)?;
+            let key = signing.targets_keys()?;
             let mut opts = PublishOptions::new(&name, version);
             opts.golden = !no_golden;
             opts.format = format;
@@ -823,7 +825,7 @@ fn main() -> anyhow::Result<()> {
                 });
             }
             opts.shapes = input_shape;
-            let root = keyset::read_root(&keys.join("root.json"))?;
+            let root = signing.root()?;
             let prepared = publish_file(&client, &model, &opts, &key, &root, &by, unix_now())?;
             publish::report(&prepared);
             let manifest = prepared.manifest;
@@ -1042,14 +1044,10 @@ fn main() -> anyhow::Result<()> {
             client.stage_model(&model, version, "promote", &by)?;
             println!("{model} v{version} is in production");
         }
-        Command::Resign {
-            keys,
-            targets_keys,
-            by,
-        } => {
-            let signers = read_targets_keys(&keys, &targets_keys)?;
+        Command::Resign { signing, by } => {
+            let signers = signing.targets_keys()?;
             let signers: Vec<_> = signers.iter().collect();
-            let root = keyset::read_root(&keys.join("root.json"))?;
+            let root = signing.root()?;
             let repo = modelcast_server::signing::Repository::open(&client, &root)?;
             let upload = repo.resign(&signers, unix_now())?;
             let bins = upload.delegated.len();
@@ -1062,11 +1060,10 @@ fn main() -> anyhow::Result<()> {
         Command::Retire {
             version: VersionArgs { model, version, by },
             remove,
-            keys,
-            targets_keys,
+            signing,
         } => {
             if remove {
-                let signers = read_targets_keys(&keys, &targets_keys)?;
+                let signers = signing.targets_keys()?;
                 let path = client
                     .model_history(&model)?
                     .into_iter()
@@ -1075,7 +1072,7 @@ fn main() -> anyhow::Result<()> {
                     .entry
                     .manifest
                     .target_path();
-                let root = keyset::read_root(&keys.join("root.json"))?;
+                let root = signing.root()?;
                 let repo = modelcast_server::signing::Repository::open(&client, &root)?;
                 let signers: Vec<_> = signers.iter().collect();
                 let upload = repo.remove(&path, &signers, unix_now())?;
