@@ -47,6 +47,31 @@ pub const REPORT_EVERY: Duration = Duration::from_millis(500);
 pub const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 /// Longest sleep when nothing is scheduled.
 const IDLE_WAKE: Duration = Duration::from_secs(30);
+/// After a download is given up because its chunks kept arriving damaged (the bytes on the
+/// way, not the version), it is tried again after this, doubling with each give-up in a row.
+pub const RETRY_AFTER: Duration = Duration::from_secs(30);
+/// The longest wait before trying a damaged download again.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
+/// A download given up over damaged chunks, to be tried again.
+#[derive(Debug, Clone)]
+struct Retry {
+    manifest: Manifest,
+    thresholds: Option<TrialThresholds>,
+    /// Give-ups of this artifact in a row.
+    attempts: u32,
+    /// When to try again (set at the first tick after the give-up).
+    at: Option<Instant>,
+    /// The retry is under way.
+    running: bool,
+}
+
+impl Retry {
+    fn wait(&self) -> Duration {
+        let doublings = self.attempts.saturating_sub(1).min(16);
+        (RETRY_AFTER * (1u32 << doublings)).min(MAX_RETRY_AFTER)
+    }
+}
 
 /// The device's settings the machine works with.
 #[derive(Debug, Clone)]
@@ -231,8 +256,11 @@ struct ModelUpdate {
 pub struct Updater {
     settings: Settings,
     models: BTreeMap<String, ModelUpdate>,
-    /// Artifacts that failed this run: not tried again until a new version is desired.
+    /// Artifacts that failed this run for a reason about the version itself (its golden
+    /// vectors, loading, latency budget): not tried again until a new version is desired.
     rejected: BTreeSet<String>,
+    /// Per model, a download given up over damaged chunks, tried again after a back-off.
+    retries: BTreeMap<String, Retry>,
     online: bool,
     actions: VecDeque<Action>,
     report_due: bool,
@@ -264,6 +292,7 @@ impl Updater {
             settings,
             models,
             rejected: BTreeSet::new(),
+            retries: BTreeMap::new(),
             online: false,
             actions: VecDeque::new(),
             report_due: true,
@@ -354,6 +383,9 @@ impl Updater {
                 Step::Trial(p) => wake = wake.min(p.deadline()),
                 _ => {}
             }
+        }
+        for r in self.retries.values().filter(|r| !r.running) {
+            wake = wake.min(r.at.unwrap_or(now));
         }
         if self.report_due {
             let at = match self.last_report {
@@ -505,7 +537,7 @@ impl Updater {
         let count = *count;
         warn!(model = %name, error = %e, attempt = count, "chunk rejected");
         if count >= MAX_BAD_CHUNKS {
-            self.abandon(&name, format!("update rejected: {e}"));
+            self.give_up_for_now(&name, format!("update rejected: {e}"));
         } else {
             self.error(Some(&name), Some(version), format!("chunk rejected: {e}"));
         }
@@ -667,6 +699,7 @@ impl Updater {
     /// The clock: judges trials, asks for chunks, notices stalls, sends reports when due.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.poll_now = false;
+        self.retry_due(now);
         self.judge_trials(now);
         self.poll_transfers(now);
         let since = |every| self.last_report.is_none_or(|l| now >= l + every);
@@ -803,6 +836,18 @@ impl Updater {
         if self.rejected.contains(&manifest.sha256) {
             return; // Already failed; reported then. A new version will retry.
         }
+        match self.retries.get_mut(&name) {
+            // Given up over damaged chunks: tried again when its back-off ends.
+            Some(r) if r.manifest.sha256 == manifest.sha256 && !r.running => {
+                r.thresholds = thresholds;
+                return;
+            }
+            Some(r) if r.manifest.sha256 != manifest.sha256 => {
+                self.retries.remove(&name);
+            }
+            _ => {}
+        }
+        let m = self.models.entry(name.clone()).or_default();
         let same = m.step.manifest().map(|c| &c.sha256) == Some(&manifest.sha256);
         match &m.step {
             Step::Preparing(_) | Step::Downloading(_) | Step::Staging { .. } if same => {
@@ -889,6 +934,60 @@ impl Updater {
         self.next_deferred(name);
     }
 
+    /// Gives up on the download of `name` because its chunks kept arriving damaged: as
+    /// [`Updater::abandon`], but the version is not refused. It is tried again after a
+    /// back-off ([`RETRY_AFTER`], doubling up to [`MAX_RETRY_AFTER`]), unless another version
+    /// is wanted by then.
+    fn give_up_for_now(&mut self, name: &str, reason: String) {
+        let Some(m) = self.models.get(name) else {
+            return;
+        };
+        let Some(manifest) = m.step.manifest().cloned() else {
+            return;
+        };
+        let thresholds = m.thresholds;
+        let attempts = self
+            .retries
+            .get(name)
+            .filter(|r| r.manifest.sha256 == manifest.sha256)
+            .map_or(0, |r| r.attempts)
+            + 1;
+        let retry = Retry {
+            manifest,
+            thresholds,
+            attempts,
+            at: None,
+            running: false,
+        };
+        let reason = format!("{reason}; trying again in {} s", retry.wait().as_secs());
+        let sha = retry.manifest.sha256.clone();
+        self.abandon(name, reason);
+        self.rejected.remove(&sha);
+        // A version that waited behind this download took its place: nothing to retry.
+        if matches!(self.models.get(name).map(|m| &m.step), Some(Step::Idle)) {
+            self.retries.insert(name.into(), retry);
+        } else {
+            self.retries.remove(name);
+        }
+    }
+
+    /// Starts the retries whose back-off has ended (and times those that just began).
+    fn retry_due(&mut self, now: Instant) {
+        let mut due = Vec::new();
+        for r in self.retries.values_mut().filter(|r| !r.running) {
+            let at = *r.at.get_or_insert(now + r.wait());
+            if now >= at {
+                r.running = true;
+                due.push((r.manifest.clone(), r.thresholds));
+            }
+        }
+        for (manifest, thresholds) in due {
+            info!(model = %manifest.name, version = manifest.version, "trying the damaged download again");
+            self.converge(manifest, thresholds);
+            self.want_report(false);
+        }
+    }
+
     fn stage(&mut self, name: &str) {
         let Some(m) = self.models.get_mut(name) else {
             return;
@@ -897,6 +996,7 @@ impl Updater {
             return;
         };
         let slot = m.record.inactive();
+        self.retries.remove(name);
         info!(model = name, version = manifest.version, %slot, "artifact complete; staging");
         m.step = Step::Staging {
             manifest: manifest.clone(),
@@ -1484,6 +1584,45 @@ mod tests {
             sim.requested.is_empty(),
             "a rolled-back version is not fetched again"
         );
+    }
+
+    #[test]
+    fn a_download_given_up_over_damaged_chunks_is_tried_again_after_a_back_off() {
+        let mut sim = Sim::new();
+        sim.install(1);
+        sim.desire(2);
+        let sha = manifest(2).sha256;
+        let damaged: Vec<u8> = bytes(2)[..4].iter().map(|b| b ^ 0xff).collect();
+        for round in 1..=2u32 {
+            // Forged copies of one chunk: the download is given up, the version not refused.
+            for _ in 0..MAX_BAD_CHUNKS {
+                sim.m.handle_chunk(&sha, 0, &damaged);
+            }
+            sim.run();
+            let wait = RETRY_AFTER.as_secs() * u64::from(round);
+            let (_, version, reason) = sim.errors.last().unwrap().clone();
+            assert_eq!(version, Some(2));
+            assert!(
+                reason.ends_with(&format!("trying again in {wait} s")),
+                "{reason}"
+            );
+            assert_eq!(sim.serving_version(), Some(1));
+            // The desired state again (a reconnect) does not restart it before the back-off.
+            sim.requested.clear();
+            sim.set_online(false);
+            sim.set_online(true);
+            sim.advance(wait * 1000 - 100);
+            assert!(
+                sim.requested.is_empty(),
+                "round {round}: asked before the back-off"
+            );
+            sim.advance(200);
+            assert!(!sim.requested.is_empty(), "round {round}: not tried again");
+        }
+        // The genuine chunks install it.
+        sim.deliver_all();
+        sim.finish_staging(true);
+        assert_eq!(sim.serving_version(), Some(2));
     }
 
     #[test]
