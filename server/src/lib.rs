@@ -12,7 +12,8 @@
 //! - [`group`]: label selectors for device groups.
 //! - [`rollout`]: the sans-IO rollout planner (waves, abort criteria, auto-rollback).
 //! - [`api`], [`auth`], [`audit`]: the operators' HTTP API and dashboard, its tokens and
-//!   roles, the append-only audit log.
+//!   roles, the append-only audit log; [`http`]: its server, with bounded connections and a
+//!   header timeout.
 //! - [`keyset`], [`publish`], [`onnx`], [`client`]: the operators' side — keys, manifests,
 //!   example models and the API client the `modelcast` CLI uses.
 //! - [`shapes`], [`convert`]: publishing a model — its input shapes settled from the
@@ -30,6 +31,7 @@ pub mod drift;
 pub mod fanout;
 pub mod fleet;
 pub mod group;
+pub mod http;
 pub mod keyset;
 pub mod lease;
 pub mod metrics;
@@ -102,6 +104,8 @@ pub struct ServerConfig {
     /// Largest artifact the API stores (uploads are streamed to the store; a larger one
     /// is refused with 413).
     pub max_artifact_bytes: u64,
+    /// What the operator API's HTTP server takes (connections, header timeout).
+    pub http: http::HttpLimits,
 }
 
 /// How the server keeps and watches the fleet's telemetry.
@@ -177,6 +181,10 @@ pub async fn run(
             "--max-artifact-bytes must be 1..={}",
             modelcast_proto::manifest::MAX_ARTIFACT_BYTES
         )));
+    }
+    match http::raise_open_files() {
+        Some(n) => tracing::info!(open_files = n, "open-file limit"),
+        None => tracing::warn!("the open-file limit could not be read"),
     }
     let mut stopping = stop_signal(shutdown);
     let (listener, lease) = if cfg.lease {
@@ -264,8 +272,14 @@ pub async fn run(
         max_artifact_bytes: cfg.max_artifact_bytes,
     };
     let app = api::router(fleet, tokens, limits);
-    tracing::info!(addr = ?listener.local_addr().ok(), "operator API listening");
-    let serving = axum::serve(listener, app).with_graceful_shutdown(shutdown);
+    tracing::info!(
+        addr = ?listener.local_addr().ok(),
+        max_connections = cfg.http.max_connections,
+        header_timeout_s = cfg.http.header_timeout.as_secs(),
+        "operator API listening"
+    );
+    let stats = std::sync::Arc::new(http::HttpStats::default());
+    let serving = http::serve(listener, app, cfg.http, stats, shutdown);
     tokio::select! {
         served = serving => served.map_err(|e| ServerError::Io(e.to_string()))?,
         reason = lost => {

@@ -74,6 +74,12 @@ struct Args {
     /// a larger one is refused with 413. At most 8 GiB (the protocol's bound).
     #[arg(long, env = "MODELCAST_MAX_ARTIFACT_BYTES", default_value_t = modelcast_proto::manifest::MAX_ARTIFACT_BYTES)]
     max_artifact_bytes: u64,
+    /// Operator API connections at once (loopback peers get 32 more once they are taken).
+    #[arg(long, env = "MODELCAST_HTTP_MAX_CONNECTIONS", default_value_t = 1024)]
+    http_max_connections: usize,
+    /// Seconds a request's headers may take to arrive.
+    #[arg(long, env = "MODELCAST_HTTP_HEADER_TIMEOUT_SECS", default_value_t = 10)]
+    http_header_timeout_secs: u64,
 }
 
 #[tokio::main]
@@ -104,6 +110,11 @@ async fn main() -> anyhow::Result<()> {
         lease: args.lease,
         shared_chunks: !args.no_shared_chunks,
         max_artifact_bytes: args.max_artifact_bytes,
+        http: modelcast_server::http::HttpLimits {
+            max_connections: args.http_max_connections,
+            header_timeout: std::time::Duration::from_secs(args.http_header_timeout_secs.max(1)),
+            ..Default::default()
+        },
         monitoring: modelcast_server::Monitoring {
             retention_days: args.telemetry_retention_days,
             drift: modelcast_server::drift::DriftConfig {
