@@ -770,14 +770,27 @@ impl Fleet {
 
     /// Waits until `device`'s last error contains `needle`; returns the reason.
     pub fn wait_error(&self, device: &str, needle: &str) -> String {
-        wait_for(
-            &format!("{device} to report an error containing {needle:?}"),
-            Duration::from_secs(60),
-            || {
-                let reason = self.report(device)?.last_error?.reason;
-                reason.contains(needle).then_some(reason)
-            },
-        )
+        // The errors seen while waiting, for the failure message.
+        let mut seen: Vec<String> = Vec::new();
+        let found = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            wait_for(
+                &format!("{device} to report an error containing {needle:?}"),
+                Duration::from_secs(60),
+                || {
+                    let reason = self.report(device)?.last_error?.reason;
+                    if seen.last() != Some(&reason) && seen.len() < 20 {
+                        seen.push(reason.clone());
+                    }
+                    reason.contains(needle).then_some(reason)
+                },
+            )
+        }));
+        match found {
+            Ok(reason) => reason,
+            Err(_) => panic!(
+                "timed out after 60 s waiting for {device} to report an error containing {needle:?}; it reported: {seen:#?}"
+            ),
+        }
     }
 
     /// Starts an agent `id` with `labels`, connected to this fleet's broker.
