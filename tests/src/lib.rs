@@ -679,6 +679,27 @@ impl Fleet {
         .manifest
     }
 
+    /// Publishes `manifest`, whose files are uploaded already, as `modelcast publish` signs
+    /// it: the repository verified from the operators' root, the version's hash bin re-signed
+    /// with this fleet's targets keys (`newest`: the model's newest published version).
+    /// Returns the size of the publish request in bytes.
+    pub fn publish_manifest(&self, manifest: &Manifest, newest: Option<u64>) -> usize {
+        let keys = keyset::read_role_keys(&self.keys, "targets").expect("targets keys");
+        let signers: Vec<_> = keys.iter().collect();
+        let root = keyset::read_root(&self.keys.join("root.json")).expect("root.json");
+        let upload = modelcast_server::signing::Repository::open(&self.client, &root)
+            .expect("the repository verifies")
+            .add(manifest, newest, &signers, modelcast_server::unix_now())
+            .expect("signing the addition");
+        let request = modelcast_server::api::PublishRequest {
+            upload,
+            published_by: "e2e".into(),
+        };
+        let size = serde_json::to_vec(&request).expect("a request").len();
+        self.client.publish(&request).expect("publish");
+        size
+    }
+
     /// Deploys `model` `version` to `group`.
     pub fn deploy(&self, model: &str, version: u64, group: &str) {
         self.deploy_with(model, version, group, None);

@@ -4,10 +4,7 @@
 //! the reason, and the device keeps serving the one before.
 
 use modelcast_proto::manifest::{Attachment, Manifest};
-use modelcast_server::api::PublishRequest;
-use modelcast_server::keyset;
 use modelcast_server::publish::{prepare, PublishOptions};
-use modelcast_server::signing::Repository;
 use modelcast_tests::Fleet;
 
 /// Publishes the example model at `version` with its golden vector moved into a golden file;
@@ -35,19 +32,7 @@ fn publish_with_golden_file(
     client
         .upload(&golden.sha256, manifest.chunk_size, &file)
         .unwrap();
-    let keys = keyset::read_role_keys(&fleet.keys, "targets").unwrap();
-    let signers: Vec<_> = keys.iter().collect();
-    let root = keyset::read_root(&fleet.keys.join("root.json")).unwrap();
-    let upload = Repository::open(client, &root)
-        .unwrap()
-        .add(&manifest, Some(version - 1), &signers, now)
-        .unwrap();
-    client
-        .publish(&PublishRequest {
-            upload,
-            published_by: "e2e".into(),
-        })
-        .unwrap();
+    fleet.publish_manifest(&manifest, Some(version - 1));
     manifest
 }
 

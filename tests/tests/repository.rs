@@ -8,9 +8,6 @@ use std::time::{Duration, Instant};
 
 use modelcast_proto::metadata::{Signed, Targets};
 use modelcast_proto::verify::fixture;
-use modelcast_server::api::PublishRequest;
-use modelcast_server::keyset;
-use modelcast_server::signing::Repository;
 use modelcast_tests::{bin, desired_topic, wait_for, Fleet, Rogue};
 
 /// Versions published.
@@ -55,11 +52,6 @@ fn a_thousand_versions_keep_a_publish_and_a_devices_metadata_small() {
     let fleet = Fleet::embedded();
     let _agent = fleet.start_agent_with("edge-1", &[("site", "lab")], "");
     fleet.wait_registered();
-    let keys = keyset::read_role_keys(&fleet.keys, "targets").unwrap();
-    let signers: Vec<_> = keys.iter().collect();
-    let root = keyset::read_root(&fleet.keys.join("root.json")).unwrap();
-    let now = modelcast_server::unix_now();
-
     // 1,000 versions of ten models, each a small artifact, published as `modelcast publish`
     // does (upload, verified repository, one bin signed), as fast as the API takes them.
     let mut largest_publish = 0;
@@ -72,14 +64,7 @@ fn a_thousand_versions_keep_a_publish_and_a_devices_metadata_small() {
             .client
             .upload(&m.sha256, m.chunk_size, &bytes)
             .unwrap();
-        let repo = Repository::open(&fleet.client, &root).unwrap();
-        let upload = repo.add(&m, v.checked_sub(10), &signers, now).unwrap();
-        let request = PublishRequest {
-            upload,
-            published_by: "e2e".into(),
-        };
-        largest_publish = largest_publish.max(serde_json::to_vec(&request).unwrap().len());
-        fleet.client.publish(&request).unwrap();
+        largest_publish = largest_publish.max(fleet.publish_manifest(&m, v.checked_sub(10)));
         times.push(started.elapsed());
     }
     let median = |t: &[Duration]| {
