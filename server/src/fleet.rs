@@ -101,6 +101,9 @@ pub struct TelemetryStats {
     pub duplicates: u64,
     /// Reports that did not decode or named another device, dropped.
     pub rejected: u64,
+    /// Reports over their device's budget ([`crate::budget::TELEMETRY`]), dropped unread.
+    #[serde(default)]
+    pub over_budget: u64,
     /// Sampled requests stored.
     #[serde(default)]
     pub samples_stored: u64,
@@ -150,6 +153,9 @@ pub struct Fleet {
     telemetry_stored: std::sync::atomic::AtomicU64,
     telemetry_duplicates: std::sync::atomic::AtomicU64,
     telemetry_rejected: std::sync::atomic::AtomicU64,
+    telemetry_over_budget: std::sync::atomic::AtomicU64,
+    /// What each device may still send of telemetry this minute.
+    telemetry_budgets: std::sync::Mutex<crate::budget::Budgets>,
     samples_stored: std::sync::atomic::AtomicU64,
     samples_refused: std::sync::atomic::AtomicU64,
     /// How long telemetry is kept, seconds.
@@ -245,6 +251,10 @@ impl Fleet {
             samples_stored: Default::default(),
             samples_refused: Default::default(),
             telemetry_rejected: Default::default(),
+            telemetry_over_budget: Default::default(),
+            telemetry_budgets: std::sync::Mutex::new(crate::budget::Budgets::new(
+                crate::budget::TELEMETRY,
+            )),
             telemetry_retention_secs: monitoring.retention_days.saturating_mul(86_400),
             drift: std::sync::Mutex::new(Detectors::new(monitoring.drift)),
             publishing: Mutex::new(()),
@@ -355,6 +365,7 @@ impl Fleet {
                 stored: self.telemetry_stored.load(Relaxed),
                 duplicates: self.telemetry_duplicates.load(Relaxed),
                 rejected: self.telemetry_rejected.load(Relaxed),
+                over_budget: self.telemetry_over_budget.load(Relaxed),
                 samples_stored: self.samples_stored.load(Relaxed),
                 samples_refused: self.samples_refused.load(Relaxed),
             },
@@ -383,6 +394,17 @@ impl Fleet {
     /// carries.
     async fn handle_telemetry(&self, device: &str, payload: &[u8]) -> Result<(), String> {
         use std::sync::atomic::Ordering::Relaxed;
+        let admitted = self.telemetry_budgets.lock().expect("budgets lock").admit(
+            device,
+            payload.len() as u64,
+            std::time::Instant::now(),
+        );
+        if !admitted {
+            // Dropped unread; counted, and logged at most once per report it concerns.
+            self.telemetry_over_budget.fetch_add(1, Relaxed);
+            debug!(%device, bytes = payload.len(), "telemetry over the device's budget dropped");
+            return Ok(());
+        }
         let mut report = match TelemetryReport::from_slice(payload) {
             Ok(r) if r.device == device => r,
             Ok(r) => {

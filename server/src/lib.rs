@@ -8,7 +8,8 @@
 //! - [`repo`]: the TUF repository (snapshot/timestamp signing, hash bins) and the Uptane
 //!   director.
 //! - [`signing`]: what operators sign offline to add or remove a version (its hash bin).
-//! - [`fleet`]: MQTT traffic — reports in, chunks and desired states out.
+//! - [`fleet`]: MQTT traffic — reports in, chunks and desired states out; [`budget`]: what
+//!   one device may send per minute.
 //! - [`group`]: label selectors for device groups.
 //! - [`rollout`]: the sans-IO rollout planner (waves, abort criteria, auto-rollback).
 //! - [`api`], [`auth`], [`audit`]: the operators' HTTP API and dashboard, its tokens and
@@ -24,6 +25,7 @@ pub mod api;
 pub mod audit;
 pub mod auth;
 pub mod broker;
+pub mod budget;
 pub mod client;
 pub mod convert;
 pub mod db;

@@ -167,6 +167,7 @@ pub async fn render(fleet: &Fleet) -> Result<String, DbError> {
         ("stored", status.telemetry.stored),
         ("duplicate", status.telemetry.duplicates),
         ("rejected", status.telemetry.rejected),
+        ("over_budget", status.telemetry.over_budget),
     ] {
         reports
             .get_or_create(&ResultLabels {

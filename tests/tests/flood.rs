@@ -1,0 +1,59 @@
+//! A device that floods the server with telemetry spends its own budget only
+//! (`server/src/budget.rs`: 60 reports and 4 MiB a minute): what it sends over budget is
+//! dropped unread and counted (`/api/v1/status`, `modelcast_fleet_telemetry_reports_total
+//! {result="over_budget"}`), and another device is deployed to meanwhile.
+
+use std::time::Duration;
+
+use modelcast_proto::telemetry::TelemetryReport;
+use modelcast_tests::{wait_for, Fleet, Rogue};
+
+#[test]
+fn a_telemetry_flood_is_dropped_over_the_devices_budget() {
+    let fleet = Fleet::embedded();
+    let _agent = fleet.start_agent_with("edge-1", &[("site", "lab")], "");
+    fleet.wait_registered();
+    let rogue = Rogue::connect(fleet.mqtt_port, None);
+    let topic = modelcast_proto::topic::Topics::new("modelcast")
+        .device("flood-1", modelcast_proto::topic::DeviceTopic::Telemetry);
+    // 300 reports with fresh sequence numbers, each padded to ~60 KB with a large host name
+    // in the system section, as fast as the broker takes them.
+    let now = modelcast_server::unix_now_ms();
+    for seq in 1..=300u64 {
+        let report = TelemetryReport {
+            format: modelcast_proto::FORMAT_VERSION,
+            device: "flood-1".into(),
+            seq,
+            from_ms: now - 1000,
+            to_ms: now,
+            dropped: 0,
+            models: vec![],
+            system: Default::default(),
+            samples: vec![],
+            samples_dropped: 0,
+        };
+        let mut bytes = serde_json::to_vec(&report).unwrap();
+        bytes.extend(std::iter::repeat_n(b' ', 60_000));
+        rogue.publish_raw(&topic, false, bytes);
+    }
+    let status = || fleet.client.status().ok().map(|s| s.telemetry);
+    let t = wait_for("the flood to be counted", Duration::from_secs(60), || {
+        status().filter(|t| t.stored + t.over_budget + t.rejected >= 300)
+    });
+    println!(
+        "300 reports of 60 KB from one device: {} stored, {} over budget, {} rejected",
+        t.stored, t.over_budget, t.rejected
+    );
+    // The burst allowance (60 reports, 4 MiB) and no more, give or take a second's refill.
+    assert!(t.stored <= 70, "{} stored", t.stored);
+    assert!(t.over_budget >= 220, "{} over budget", t.over_budget);
+    let metrics = fleet.client.metrics().unwrap();
+    assert!(
+        metrics.contains("result=\"over_budget\""),
+        "no over_budget series"
+    );
+    // Everyone else is served.
+    fleet.publish_example(1, 16);
+    fleet.deploy("classifier", 1, "site=lab");
+    fleet.wait_serving("edge-1", "classifier", 1);
+}
