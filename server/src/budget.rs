@@ -6,19 +6,27 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-/// What one device may send per minute.
+/// What one device may send: a burst, then a rate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Allowance {
-    /// Messages per minute (also the burst).
+    /// Messages at once.
+    pub burst_messages: u32,
+    /// Bytes at once.
+    pub burst_bytes: u64,
+    /// Messages per minute after the burst.
     pub messages: u32,
-    /// Bytes per minute (also the burst).
+    /// Bytes per minute after the burst.
     pub bytes: u64,
 }
 
-/// Telemetry's default: a report every second and 4 MiB a minute, far above what an agent
-/// sends (a report per interval, 10 s by default, of a few KB plus its samples).
+/// Telemetry's default. An agent sends a report a minute of a few KB, and after being offline
+/// its whole queue at once — which its own bound keeps under 4 MiB — so the burst takes a
+/// full queue (8 MiB, 20,000 reports) and the rate is far above a live agent's (4 MiB and
+/// 1,000 reports a minute), while a flooding device is held to that rate.
 pub const TELEMETRY: Allowance = Allowance {
-    messages: 60,
+    burst_messages: 20_000,
+    burst_bytes: 8 << 20,
+    messages: 1_000,
     bytes: 4 << 20,
 };
 
@@ -55,14 +63,14 @@ impl Budgets {
             self.forget_full(now);
         }
         let bucket = self.buckets.entry(device.to_string()).or_insert(Bucket {
-            messages: f64::from(a.messages),
-            bytes: a.bytes as f64,
+            messages: f64::from(a.burst_messages),
+            bytes: a.burst_bytes as f64,
             at: now,
         });
         let minutes = now.saturating_duration_since(bucket.at).as_secs_f64() / 60.0;
         bucket.messages =
-            (bucket.messages + minutes * f64::from(a.messages)).min(f64::from(a.messages));
-        bucket.bytes = (bucket.bytes + minutes * a.bytes as f64).min(a.bytes as f64);
+            (bucket.messages + minutes * f64::from(a.messages)).min(f64::from(a.burst_messages));
+        bucket.bytes = (bucket.bytes + minutes * a.bytes as f64).min(a.burst_bytes as f64);
         bucket.at = now;
         if bucket.messages < 1.0 || bucket.bytes < bytes as f64 {
             return false;
@@ -74,7 +82,10 @@ impl Budgets {
 
     /// Forgets devices whose buckets have refilled (they are as if new).
     fn forget_full(&mut self, now: Instant) {
-        let full = Duration::from_secs(60);
+        let a = self.allowance;
+        let minutes = (f64::from(a.burst_messages) / f64::from(a.messages.max(1)))
+            .max(a.burst_bytes as f64 / a.bytes.max(1) as f64);
+        let full = Duration::from_secs_f64(minutes * 60.0);
         self.buckets
             .retain(|_, b| now.saturating_duration_since(b.at) < full);
     }
@@ -91,9 +102,29 @@ mod tests {
     use proptest::prelude::*;
 
     const SMALL: Allowance = Allowance {
+        burst_messages: 10,
+        burst_bytes: 1000,
         messages: 10,
         bytes: 1000,
     };
+
+    #[test]
+    fn a_full_queue_goes_through_at_once_and_a_flood_is_held_to_the_rate() {
+        let mut b = Budgets::new(TELEMETRY);
+        let t0 = Instant::now();
+        // A week offline: an agent's whole queue (its bound: 4 MiB) of 2 KB reports.
+        let queue = (4 << 20) / 2048;
+        assert_eq!(
+            (0..queue).filter(|_| b.admit("back", 2048, t0)).count(),
+            queue
+        );
+        // A flood of 60 KB reports: the burst (8 MiB), then 4 MiB a minute.
+        let burst = (0..1000).filter(|_| b.admit("loud", 60_000, t0)).count();
+        assert_eq!(burst, (8 << 20) / 60_000);
+        let later = t0 + Duration::from_secs(60);
+        let minute = (0..1000).filter(|_| b.admit("loud", 60_000, later)).count();
+        assert!((69..=70).contains(&minute), "{minute}");
+    }
 
     #[test]
     fn a_flooding_device_spends_its_own_budget_only() {
