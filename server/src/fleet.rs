@@ -227,7 +227,13 @@ impl Fleet {
         }
         opts.set_keep_alive(Duration::from_secs(15))
             .set_clean_session(true)
-            .set_max_packet_size(1024 * 1024, crate::broker::MAX_PAYLOAD)
+            // Whatever the brokers let a device publish (the embedded one and the generated
+            // mosquitto configuration both allow MAX_PAYLOAD), the server can read: a larger
+            // message would end its connection, again at every reconnect.
+            .set_max_packet_size(
+                crate::broker::MAX_PAYLOAD + 1024,
+                crate::broker::MAX_PAYLOAD,
+            )
             .set_inflight(256);
         let (client, mut eventloop) = AsyncClient::new(opts, 1024);
         let fleet = Arc::new(Fleet {
