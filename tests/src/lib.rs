@@ -1075,7 +1075,12 @@ impl Rogue {
     /// Connects to the plain broker on `port`; answers chunk requests for `artifact` (the
     /// true bytes) with the attack applied.
     pub fn connect(port: u16, artifact: Option<RogueArtifact>) -> Rogue {
-        let opts = rumqttc::MqttOptions::new(format!("rogue-{}", free_port()), "127.0.0.1", port);
+        // A client id no other rogue of this process has had (a reused one would let a
+        // dropped rogue's session and its successor's knock each other off).
+        static ROGUES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = ROGUES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = format!("rogue-{}-{n}", std::process::id());
+        let opts = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
         Self::start(opts, artifact)
     }
 
@@ -1115,7 +1120,8 @@ impl Rogue {
         opts.set_max_packet_size(8 << 20, 8 << 20);
         let (client, mut connection) = rumqttc::Client::new(opts, 64);
         let topics = Topics::new("modelcast");
-        if artifact.is_some() {
+        let answers = artifact.is_some();
+        if answers {
             client
                 .subscribe(topics.all_devices(DeviceTopic::Requests), QoS::AtLeastOnce)
                 .expect("subscribe");
@@ -1186,6 +1192,11 @@ impl Rogue {
                 }
             }
         });
+        // The rogue answers only once the broker has taken its subscription to the requests.
+        if answers {
+            acks.recv_timeout(Duration::from_secs(10))
+                .expect("the rogue's SUBACK within 10 s");
+        }
         Rogue {
             client,
             acks,
