@@ -456,18 +456,20 @@ pub fn encode_response(
     outputs: &[(&HostTensor, bool)],
 ) -> Result<Response, CodecError> {
     for (o, as_binary) in outputs {
-        let float = matches!(
-            o.values.datatype(),
-            DataType::Fp16 | DataType::Fp32 | DataType::Fp64
-        );
-        if !as_binary && float {
-            if let Some(i) = o.values.to_f64().iter().position(|v| !v.is_finite()) {
-                return Err(err(format!(
-                    "output {:?} holds a non-finite value ({} at element {i}), which JSON cannot carry: ask for it as binary data (\"binary_data\": true)",
-                    o.name,
-                    o.values.to_f64()[i]
-                )));
-            }
+        let dt = o.values.datatype();
+        if *as_binary || !matches!(dt, DataType::Fp16 | DataType::Fp32 | DataType::Fp64) {
+            continue;
+        }
+        let values = o
+            .values
+            .bytes()
+            .chunks_exact(dt.size())
+            .map(|c| dt.decode_f64(c));
+        if let Some((i, v)) = values.enumerate().find(|(_, v)| !v.is_finite()) {
+            return Err(err(format!(
+                "output {:?} holds a non-finite value ({v} at element {i}), which JSON cannot carry: ask for it as binary data (\"binary_data\": true)",
+                o.name
+            )));
         }
     }
     let mut binary = Vec::new();

@@ -30,7 +30,8 @@ pub const TELEMETRY: Allowance = Allowance {
     bytes: 4 << 20,
 };
 
-/// Most devices tracked at once; idle ones (full buckets) are forgotten beyond it.
+/// Most devices tracked at once; idle ones (full buckets) are forgotten beyond it, and while
+/// none is, a device not tracked yet is refused.
 pub const MAX_TRACKED: usize = 100_000;
 
 #[derive(Debug, Clone, Copy)]
@@ -61,6 +62,11 @@ impl Budgets {
         let a = self.allowance;
         if self.buckets.len() >= MAX_TRACKED && !self.buckets.contains_key(device) {
             self.forget_full(now);
+            if self.buckets.len() >= MAX_TRACKED {
+                // Every tracked device is spending: a new one waits (made-up device ids must
+                // not grow this without bound).
+                return false;
+            }
         }
         let bucket = self.buckets.entry(device.to_string()).or_insert(Bucket {
             messages: f64::from(a.burst_messages),
@@ -139,6 +145,21 @@ mod tests {
         // It refills over the minute: 6 s gives one message back.
         assert!(!b.admit("loud", 10, t0 + Duration::from_secs(5)));
         assert!(b.admit("loud", 10, t0 + Duration::from_secs(11)));
+    }
+
+    #[test]
+    fn the_devices_tracked_are_bounded() {
+        let mut b = Budgets::new(SMALL);
+        let t0 = Instant::now();
+        for n in 0..MAX_TRACKED {
+            assert!(b.admit(&n.to_string(), 1, t0));
+        }
+        // All of them spending: a new id is refused, not tracked.
+        assert!(!b.admit("one more", 1, t0));
+        assert_eq!(b.tracked(), MAX_TRACKED);
+        // Once they are idle (buckets full again), they make room.
+        assert!(b.admit("one more", 1, t0 + Duration::from_secs(61)));
+        assert_eq!(b.tracked(), 1);
     }
 
     proptest! {

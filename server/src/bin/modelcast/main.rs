@@ -424,6 +424,25 @@ enum RootCommand {
     },
 }
 
+/// Re-signs the top-level targets and every hash bin with `keys` (the repository verified
+/// from the operators' `root`) and hands them to the server; returns how many bins.
+fn resign(
+    client: &Client,
+    root: &modelcast_proto::metadata::Signed,
+    keys: &[modelcast_proto::keys::SigningKey],
+    by: String,
+) -> anyhow::Result<usize> {
+    let signers: Vec<_> = keys.iter().collect();
+    let repo = modelcast_server::signing::Repository::open(client, root)?;
+    let upload = repo.resign(&signers, unix_now())?;
+    let bins = upload.delegated.len();
+    client.publish(&modelcast_server::api::PublishRequest {
+        upload,
+        published_by: by,
+    })?;
+    Ok(bins)
+}
+
 fn root_command(client: &Client, cmd: RootCommand) -> anyhow::Result<()> {
     use modelcast_proto::metadata::{Root, Signed, Targets};
     let load = |path: &Option<PathBuf>| -> anyhow::Result<Signed> {
@@ -521,30 +540,20 @@ fn root_command(client: &Client, cmd: RootCommand) -> anyhow::Result<()> {
                 let signers: Vec<_> = keys.iter().collect();
                 Some(Signed::sign(&doc, &signers))
             };
-            let resign = targets.is_some();
+            let new_keys = targets.is_some();
             let answer = client.rotate_root(&modelcast_server::api::RootRequest {
                 root: next,
                 targets,
                 by: by.clone(),
             })?;
             println!("{answer}");
-            if resign {
+            if new_keys {
                 // The bins follow the new targets keys at once: a revoked key signs nothing.
                 let keys = targets_keys
                     .iter()
                     .map(|p| keyset::read_key(p))
                     .collect::<Result<Vec<_>, _>>()?;
-                let signers: Vec<_> = keys.iter().collect();
-                let repo = modelcast_server::signing::Repository::open(
-                    client,
-                    &keyset::read_root(&trusted)?,
-                )?;
-                let upload = repo.resign(&signers, modelcast_server::unix_now())?;
-                let bins = upload.delegated.len();
-                client.publish(&modelcast_server::api::PublishRequest {
-                    upload,
-                    published_by: by,
-                })?;
+                let bins = resign(client, &keyset::read_root(&trusted)?, &keys, by)?;
                 println!("re-signed the top-level targets and {bins} bin(s) with the new keys");
             }
         }
@@ -1045,16 +1054,7 @@ fn main() -> anyhow::Result<()> {
             println!("{model} v{version} is in production");
         }
         Command::Resign { signing, by } => {
-            let signers = signing.targets_keys()?;
-            let signers: Vec<_> = signers.iter().collect();
-            let root = signing.root()?;
-            let repo = modelcast_server::signing::Repository::open(&client, &root)?;
-            let upload = repo.resign(&signers, unix_now())?;
-            let bins = upload.delegated.len();
-            client.publish(&modelcast_server::api::PublishRequest {
-                upload,
-                published_by: by,
-            })?;
+            let bins = resign(&client, &signing.root()?, &signing.targets_keys()?, by)?;
             println!("re-signed the top-level targets and {bins} bin(s)");
         }
         Command::Retire {
