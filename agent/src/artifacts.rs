@@ -24,6 +24,41 @@ use sha2::{Digest, Sha256};
 
 use crate::store::StoreError;
 
+/// Beside a complete artifact `<sha256>`, `<sha256>.manifest` holds the manifest the device
+/// accepted it under, so that a store whose database is lost can be rebuilt from the files.
+const MANIFEST_SUFFIX: &str = ".manifest";
+
+/// The most bytes a kept manifest file may hold (the disk is input too).
+const MAX_MANIFEST_FILE: u64 = 4 * 1024 * 1024;
+
+/// Writes `bytes` to `path` so that a crash leaves either the old file or the new one: a
+/// temporary file beside it, synced, renamed over it, and the directory synced.
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    use std::io::Write;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut file = File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
+    file.write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .map_err(|e| io_err(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| io_err(path, e))?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io_err(dir, e))
+}
+
+/// The digest a file of the artifact directory belongs to, and whether it is a partial
+/// download (`.part`): artifacts, partial files, kept manifests and temporary files alike.
+fn digest_of(file: &str) -> (&str, bool) {
+    let file = file.strip_suffix(".tmp").unwrap_or(file);
+    if let Some(digest) = file.strip_suffix(".part") {
+        return (digest, true);
+    }
+    (file.strip_suffix(MANIFEST_SUFFIX).unwrap_or(file), false)
+}
+
 /// The artifact files of one store.
 #[derive(Debug, Clone)]
 pub struct Artifacts {
@@ -108,8 +143,18 @@ impl Artifacts {
     pub fn begin(&self, layout: &Layout<'_>) -> Result<Vec<bool>, StoreError> {
         let name = file_name(layout)?;
         let path = self.part_path(&name);
-        if self.complete_path(&name).exists() {
-            return self.received(layout);
+        let complete = self.complete_path(&name);
+        if complete.exists() {
+            // Asked for again (a fleet rollback to a version still on disk, or healing): the
+            // file is used only if its bytes are still the signed ones.
+            match self.verify(layout) {
+                Ok(()) => return Ok(vec![true; layout.chunks.len()]),
+                Err(e) => {
+                    tracing::warn!(artifact = %name, error = %e, "stored artifact is damaged; downloading it again");
+                    std::fs::remove_file(&complete).map_err(|e| io_err(&complete, e))?;
+                    self.forget_manifest(&name)?;
+                }
+            }
         }
         let file = match OpenOptions::new().write(true).create_new(true).open(&path) {
             Ok(file) => file,
@@ -264,10 +309,7 @@ impl Artifacts {
             let entry = entry.map_err(|e| io_err(&self.dir, e))?;
             let file = entry.file_name();
             let file = file.to_string_lossy();
-            let (digest, partial) = match file.strip_suffix(".part") {
-                Some(d) => (d, true),
-                None => (&*file, false),
-            };
+            let (digest, partial) = digest_of(&file);
             let superseded = partial && self.complete_path(digest).exists();
             if superseded || !live.iter().any(|l| l.eq_ignore_ascii_case(digest)) {
                 std::fs::remove_file(entry.path()).map_err(|e| io_err(&entry.path(), e))?;
@@ -275,6 +317,53 @@ impl Artifacts {
             }
         }
         Ok(removed)
+    }
+
+    /// Keeps `manifest` (JSON) beside the complete artifact `sha256`, replacing what was kept.
+    pub fn keep_manifest(&self, sha256: &str, manifest: &[u8]) -> Result<(), StoreError> {
+        let name = sha256.to_ascii_lowercase();
+        write_atomically(&self.dir.join(format!("{name}{MANIFEST_SUFFIX}")), manifest)
+    }
+
+    /// Removes the manifest kept beside `sha256`, if any.
+    pub fn forget_manifest(&self, sha256: &str) -> Result<(), StoreError> {
+        let path = self
+            .dir
+            .join(format!("{}{MANIFEST_SUFFIX}", sha256.to_ascii_lowercase()));
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != ErrorKind::NotFound => Err(io_err(&path, e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// The manifests kept beside artifacts, as bytes (a file too large to be one is skipped).
+    pub fn kept_manifests(&self) -> Result<Vec<Vec<u8>>, StoreError> {
+        let mut kept = Vec::new();
+        for entry in std::fs::read_dir(&self.dir).map_err(|e| io_err(&self.dir, e))? {
+            let entry = entry.map_err(|e| io_err(&self.dir, e))?;
+            let path = entry.path();
+            if !entry
+                .file_name()
+                .to_string_lossy()
+                .ends_with(MANIFEST_SUFFIX)
+            {
+                continue;
+            }
+            match entry.metadata() {
+                Ok(m) if m.len() <= MAX_MANIFEST_FILE => {}
+                _ => {
+                    tracing::warn!(path = %path.display(), "kept manifest skipped: too large or unreadable");
+                    continue;
+                }
+            }
+            match std::fs::read(&path) {
+                Ok(bytes) => kept.push(bytes),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "kept manifest unreadable")
+                }
+            }
+        }
+        Ok(kept)
     }
 
     /// Bytes the artifact files occupy on disk (allocated blocks, not apparent sizes).

@@ -108,13 +108,30 @@ struct Agent {
 }
 
 /// What start-up found: every stored record (and whether it serves), trials to resume (with
-/// the last good model to swap back to), rollbacks it made and downloads to resume.
+/// the last good model to swap back to), rollbacks it made, versions whose bytes were lost on
+/// disk, models of which nothing loads, and downloads to resume.
 #[derive(Default)]
 struct Restored {
     records: Vec<(String, ModelRecord, bool)>,
     trials: Vec<(String, Arc<LoadedModel>)>,
     rolled_back: Vec<(String, u64, String)>,
+    lost: Vec<(String, u64, String)>,
+    unloadable: Vec<(String, u64, String)>,
     downloads: Vec<(Manifest, Vec<bool>)>,
+}
+
+/// Why a stored slot did not load.
+#[derive(Debug, thiserror::Error)]
+enum SlotLoadError {
+    /// The slot holds nothing.
+    #[error("empty slot")]
+    Empty,
+    /// The artifact could not be read back from the store.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The engine refused the bytes it read.
+    #[error(transparent)]
+    Engine(#[from] crate::engine::EngineError),
 }
 
 fn load_slot(
@@ -122,15 +139,22 @@ fn load_slot(
     record: &ModelRecord,
     slot: Slot,
     plan_cache: usize,
-) -> Result<LoadedModel, String> {
-    let manifest = record.slot(slot).ok_or("empty slot")?;
-    let mut reader = store.artifact_reader(manifest).map_err(|e| e.to_string())?;
-    LoadedModel::load_with(manifest, slot, &mut reader, plan_cache).map_err(|e| e.to_string())
+) -> Result<LoadedModel, SlotLoadError> {
+    let manifest = record.slot(slot).ok_or(SlotLoadError::Empty)?;
+    let mut reader = store.artifact_reader(manifest)?;
+    Ok(LoadedModel::load_with(
+        manifest,
+        slot,
+        &mut reader,
+        plan_cache,
+    )?)
 }
 
-/// Loads the serving model of every stored model and finds the downloads to resume. A trial that has been active through too
-/// many start-ups (crashes) is rolled back first; a slot that no longer loads falls back to the
-/// other. Runs before the network is touched: offline first.
+/// Loads the serving model of every stored model and finds the downloads to resume. A trial
+/// that has been active through too many start-ups (crashes) is rolled back first. A slot that
+/// does not load is checked against its digest: if its bytes are gone or damaged the slot is
+/// emptied ([`ModelRecord::lose`]) so that the desired state installs the version again;
+/// either way the other slot is tried. Runs before the network is touched: offline first.
 fn restore(
     store: &Store,
     models: &Models,
@@ -145,6 +169,9 @@ fn restore(
             if let Some(reason) = record.start_up(policy.max_trial_boots) {
                 warn!(model = %name, version, "trial crash loop; rolling back");
                 restored.rolled_back.push((name.clone(), version, reason));
+                if let Some(failed) = &record.failed {
+                    store.forget_manifest(failed)?;
+                }
             }
             store.put_model(&name, &record)?;
             store.flush_blocking()?;
@@ -153,47 +180,83 @@ fn restore(
             restored.records.push((name, record, false));
             continue;
         };
-        let mut served = false;
+        let mut served = None;
         for slot in [active, active.other()] {
+            let Some(manifest) = record.slot(slot).cloned() else {
+                continue;
+            };
             match load_slot(store, &record, slot, plan_cache) {
                 Ok(model) => {
-                    let version = model.manifest().version;
-                    info!(model = %name, version, %slot, "serving from store");
-                    metrics.serving(&name, slot, version);
-                    models.swap_in(Arc::new(model));
-                    if slot != active {
-                        warn!(model = %name, "active slot failed to load; fell back to the other slot");
-                        let tried = record.serving().map_or(0, |m| m.version);
-                        if record.roll_back().is_some() {
-                            restored.rolled_back.push((
-                                name.clone(),
-                                tried,
-                                format!("rolled back: version {tried} on trial no longer loads"),
-                            ));
-                        } else {
-                            record.active = Some(slot);
-                        }
-                        store.put_model(&name, &record)?;
-                    }
-                    served = true;
+                    // What the device accepted, kept beside the artifact for a rebuild (an
+                    // agent from before kept none).
+                    store.keep_manifest(&manifest)?;
+                    served = Some(model);
                     break;
                 }
-                Err(e) => warn!(model = %name, %slot, error = %e, "stored model does not load"),
-            }
-        }
-        if !served {
-            warn!(model = %name, "no stored slot loads; nothing serves this model");
-        } else if let Some(trial) = record.trial {
-            match load_slot(store, &record, trial.previous, plan_cache) {
-                Ok(previous) => restored.trials.push((name.clone(), Arc::new(previous))),
                 Err(e) => {
-                    // Nothing to swap back to: the trial version is as good as it gets.
-                    warn!(model = %name, error = %e, "last good slot does not load; committing the trial");
-                    record.trial = None;
-                    store.put_model(&name, &record)?;
+                    warn!(model = %name, %slot, error = %e, "stored model does not load");
+                    if let Err(damage) = store.verify_artifact(&manifest) {
+                        warn!(model = %name, %slot, version = manifest.version, error = %damage, "stored artifact lost; it will be downloaded again");
+                        metrics.artifact_lost();
+                        record.lose(slot);
+                        restored.lost.push((
+                            name.clone(),
+                            manifest.version,
+                            format!(
+                                "version {} of {name} (slot {slot}) lost on disk: {damage}; \
+                                 downloading it again",
+                                manifest.version
+                            ),
+                        ));
+                    } else if record.active == Some(slot) {
+                        restored.unloadable.push((
+                            name.clone(),
+                            manifest.version,
+                            format!("version {} of {name} does not load: {e}", manifest.version),
+                        ));
+                    }
                 }
             }
         }
+        let served = match served {
+            Some(model) => {
+                let (slot, version) = (model.slot(), model.manifest().version);
+                info!(model = %name, version, %slot, "serving from store");
+                metrics.serving(&name, slot, version);
+                models.swap_in(Arc::new(model));
+                if record.active != Some(slot) {
+                    warn!(model = %name, "active slot failed to load; fell back to the other slot");
+                    let tried = record.serving().map_or(0, |m| m.version);
+                    if record.roll_back().is_some() {
+                        restored.rolled_back.push((
+                            name.clone(),
+                            tried,
+                            format!("rolled back: version {tried} on trial no longer loads"),
+                        ));
+                    } else {
+                        record.active = Some(slot);
+                    }
+                }
+                true
+            }
+            None => {
+                warn!(model = %name, "no stored slot loads; nothing serves this model");
+                false
+            }
+        };
+        if served {
+            if let Some(trial) = record.trial {
+                match load_slot(store, &record, trial.previous, plan_cache) {
+                    Ok(previous) => restored.trials.push((name.clone(), Arc::new(previous))),
+                    Err(e) => {
+                        // Nothing to swap back to: the trial version is as good as it gets.
+                        warn!(model = %name, error = %e, "last good slot does not load; committing the trial");
+                        record.trial = None;
+                    }
+                }
+            }
+        }
+        store.put_model(&name, &record)?;
         restored.records.push((name, record, served));
     }
     store.flush_blocking()?;
@@ -242,11 +305,11 @@ pub async fn run(
     crate::engine::set_threads(cfg.engine.threads);
     // Opened from a background thread: sled's flusher thread inherits its priority.
     let path = store_path(&cfg.state_dir);
-    let store = std::thread::Builder::new()
+    let (store, rebuilt) = std::thread::Builder::new()
         .name("modelcast-open".into())
         .spawn(move || {
             crate::priority::to_background();
-            Store::open(&path)
+            crate::recovery::open(&path)
         })
         .map_err(AgentError::Runtime)?
         .join()
@@ -255,6 +318,7 @@ pub async fn run(
     let tls = cfg.tls_client_config()?;
     let models = Arc::new(Models::default());
     let metrics = Arc::new(Metrics::new());
+    metrics.store_rebuilds(crate::recovery::rebuilds(&store_path(&cfg.state_dir)));
     let restored = {
         let (store, models, metrics) = (store.clone(), models.clone(), metrics.clone());
         let (policy, plan_cache) = (cfg.probation.clone(), cfg.engine.plan_cache);
@@ -333,6 +397,7 @@ pub async fn run(
         director,
         tls,
         restored,
+        rebuilt,
         outcomes,
     };
     std::thread::Builder::new()
@@ -381,6 +446,8 @@ struct ControlParts {
     director: RoleVerifier,
     tls: Option<rustls::ClientConfig>,
     restored: Restored,
+    /// How the store was rebuilt at this start, if it was.
+    rebuilt: Option<crate::recovery::Rebuilt>,
     outcomes: tokio::sync::mpsc::Receiver<RequestOutcome>,
 }
 
@@ -400,6 +467,7 @@ async fn control(
         director,
         tls,
         restored,
+        rebuilt,
         mut outcomes,
     } = parts;
     let settings = Settings {
@@ -426,6 +494,12 @@ async fn control(
         metrics,
         link,
     };
+    if let Some(rebuilt) = rebuilt {
+        agent.updater.note_error(None, None, rebuilt.describe());
+    }
+    for (name, version, reason) in restored.lost.into_iter().chain(restored.unloadable) {
+        agent.updater.note_error(Some(&name), Some(version), reason);
+    }
     for (name, version, reason) in restored.rolled_back {
         agent.updater.report_rollback(&name, version, reason);
     }
@@ -705,6 +779,12 @@ impl Agent {
                     crate::memory::release_free_memory();
                 }
                 Action::RollBack { name, record } => {
+                    // A rebuilt store must never adopt the version rolled back.
+                    if let Some(failed) = &record.failed {
+                        if let Err(e) = self.store.forget_manifest(failed) {
+                            warn!(model = %name, error = %e, "forgetting the rolled-back manifest failed");
+                        }
+                    }
                     if let Some(model) = self.previous.remove(&name) {
                         self.metrics
                             .serving(&name, model.slot(), model.manifest().version);
@@ -811,6 +891,11 @@ impl Agent {
                 .activation_failed(&name, "the staged model is gone".into());
             return;
         };
+        // Kept for a rebuild of the store; restore keeps it again at the next start if this
+        // fails (a disk full to the last block), so it does not stop the update.
+        if let Err(e) = self.store.keep_manifest(model.manifest()) {
+            warn!(model = %name, error = %e, "keeping the manifest beside its artifact failed");
+        }
         let persisted = async {
             self.store.put_model(&name, &record)?;
             self.store.clear_pending(&name)?;

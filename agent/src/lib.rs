@@ -2,6 +2,8 @@
 //!
 //! - [`config`]: TOML config, overridden by environment and flags.
 //! - [`store`]: sled — trust, A/B slots, downloads, chunks, last error.
+//! - [`recovery`]: opening a damaged store — the database moved aside and rebuilt from the
+//!   verified artifact files and the mirrored trust state.
 //! - [`slots`]: the A/B slot state machine of one model (install, trial, commit, rollback).
 //! - [`transfer`]: the sans-IO chunk download of one artifact.
 //! - [`update`]: the sans-IO update sequence of every model (download → staging → swap →
@@ -26,6 +28,7 @@ pub mod memory;
 pub mod metrics;
 pub mod priority;
 pub mod probation;
+pub mod recovery;
 pub mod sampling;
 pub mod serve;
 pub mod slots;

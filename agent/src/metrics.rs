@@ -160,6 +160,8 @@ pub struct Metrics {
     refetched: Family<ModelLabels, Counter>,
     chunks_rejected: Counter,
     store_bytes: Gauge<u64, AtomicU64>,
+    store_rebuilds: Gauge<u64, AtomicU64>,
+    artifacts_lost: Counter,
     telemetry_queued: Gauge<u64, AtomicU64>,
     telemetry_queued_bytes: Gauge<u64, AtomicU64>,
     telemetry_dropped: Gauge<u64, AtomicU64>,
@@ -256,6 +258,18 @@ impl Metrics {
             Unit::Bytes,
             store_bytes.clone(),
         );
+        let store_rebuilds = Gauge::<u64, AtomicU64>::default();
+        registry.register(
+            "store_rebuilds",
+            "Times the store's database was found damaged or empty and rebuilt from the verified artifact files",
+            store_rebuilds.clone(),
+        );
+        let artifacts_lost = Counter::default();
+        registry.register(
+            "artifacts_lost",
+            "Stored artifacts found missing or damaged at start-up (downloaded again)",
+            artifacts_lost.clone(),
+        );
         let telemetry_queued = Gauge::<u64, AtomicU64>::default();
         registry.register(
             "telemetry_queued_reports",
@@ -305,6 +319,8 @@ impl Metrics {
             refetched,
             chunks_rejected,
             store_bytes,
+            store_rebuilds,
+            artifacts_lost,
         }
     }
 
@@ -398,6 +414,16 @@ impl Metrics {
     /// Sets the store's size on disk.
     pub fn store_size(&self, bytes: u64) {
         self.store_bytes.set(bytes);
+    }
+
+    /// Rebuilds of the store's database so far.
+    pub fn store_rebuilds(&self, count: u64) {
+        self.store_rebuilds.set(count);
+    }
+
+    /// One stored artifact was found missing or damaged.
+    pub fn artifact_lost(&self) {
+        self.artifacts_lost.inc();
     }
 
     /// The telemetry queue: reports and bytes held, reports dropped ever.

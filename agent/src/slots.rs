@@ -93,6 +93,34 @@ impl ModelRecord {
         }
     }
 
+    /// Whether a slot holds `version`.
+    pub fn holds(&self, version: u64) -> bool {
+        [&self.a, &self.b]
+            .into_iter()
+            .any(|m| m.as_ref().is_some_and(|m| m.version == version))
+    }
+
+    /// The bytes of `slot` are gone (missing or damaged on disk, found when loading): the slot
+    /// is emptied. A lost trial slot ends the trial on the last good slot without marking the
+    /// version failed (it is about the disk, not the version: it may install again); a lost
+    /// last good slot ends the trial as committed (nothing to go back to); a lost serving slot
+    /// with no trial leaves nothing serving until the caller finds the other slot loads.
+    /// Returns the version that was lost.
+    pub fn lose(&mut self, slot: Slot) -> Option<u64> {
+        let lost = self.slot(slot).map(|m| m.version)?;
+        self.set_slot(slot, None);
+        match self.trial {
+            Some(t) if t.slot == slot => {
+                self.trial = None;
+                self.active = Some(t.previous);
+            }
+            Some(t) if t.previous == slot => self.trial = None,
+            _ if self.active == Some(slot) => self.active = None,
+            _ => {}
+        }
+        Some(lost)
+    }
+
     /// The serving manifest.
     pub fn serving(&self) -> Option<&Manifest> {
         self.slot(self.active?)
@@ -117,8 +145,11 @@ impl ModelRecord {
             return Admission::Wait;
         }
         let serving = self.serving();
+        // The newest accepted version again, when no slot holds it any more (its bytes were
+        // lost on disk): the floor guards against older versions, not against healing.
         if manifest.version > self.highest_version
-            || (manifest.version == self.highest_version && serving.is_none())
+            || (manifest.version == self.highest_version
+                && (serving.is_none() || !self.holds(manifest.version)))
         {
             return Admission::Install;
         }
@@ -240,6 +271,35 @@ mod tests {
     }
 
     #[test]
+    fn a_version_whose_bytes_were_lost_installs_again_and_nothing_older_does() {
+        let mut r = ModelRecord::default();
+        r.install(Slot::A, version(1), false).unwrap();
+        r.install(Slot::B, version(2), false).unwrap();
+        assert_eq!(r.lose(Slot::B), Some(2));
+        assert_eq!((r.active, r.serving()), (None, None));
+        assert_eq!(r.admit(&version(2)), Admission::Install, "healing");
+        assert_eq!(r.admit(&version(1)), Admission::Rollback { highest: 2 });
+        // The driver found slot A still loads: it serves while 2 comes back.
+        r.active = Some(Slot::A);
+        assert_eq!(r.admit(&version(2)), Admission::Install);
+        assert_eq!(r.admit(&version(1)), Admission::Serving);
+
+        // A trial whose bytes are lost ends on the last good slot, not marked failed.
+        r.install(Slot::B, version(3), true).unwrap();
+        assert_eq!(r.lose(Slot::B), Some(3));
+        assert_eq!(
+            (r.active, r.trial, r.failed.clone()),
+            (Some(Slot::A), None, None)
+        );
+        assert_eq!(r.admit(&version(3)), Admission::Install);
+        // The last good slot lost under a trial: the trial stays, with nothing to go back to.
+        r.install(Slot::B, version(3), true).unwrap();
+        r.lose(Slot::A);
+        assert_eq!((r.active, r.trial), (Some(Slot::B), None));
+        assert_eq!(r.lose(Slot::A), None, "an empty slot loses nothing");
+    }
+
+    #[test]
     fn a_crash_loop_rolls_back_at_the_start_up_past_the_limit() {
         let mut r = ModelRecord::default();
         r.install(Slot::A, version(1), true).unwrap();
@@ -303,6 +363,10 @@ mod tests {
         CleanStop,
         /// A rejected update: nothing changes.
         Reject,
+        /// The bytes of a slot were lost on disk.
+        Lose {
+            slot: Slot,
+        },
     }
 
     fn event() -> impl Strategy<Value = Event> {
@@ -314,6 +378,7 @@ mod tests {
             2 => (0u32..3).prop_map(|max_boots| Event::StartUp { max_boots }),
             1 => Just(Event::CleanStop),
             1 => Just(Event::Reject),
+            1 => prop_oneof![Just(Slot::A), Just(Slot::B)].prop_map(|slot| Event::Lose { slot }),
         ]
     }
 
@@ -327,6 +392,8 @@ mod tests {
             // The versions that were committed or installed without a trial, in order.
             let mut last_good: Option<u64> = None;
             let (mut rollbacks, mut reported) = (0, 0);
+            // The serving slot's bytes were lost and nothing installed since.
+            let mut emptied = false;
             for e in events {
                 let floor = r.highest_version;
                 let before = r.clone();
@@ -354,7 +421,8 @@ mod tests {
                             let m = version(v);
                             match r.admit(&m) {
                                 Admission::Install => prop_assert!(v > r.highest_version
-                                    || (v == r.highest_version && r.serving().is_none())),
+                                    || (v == r.highest_version
+                                        && (r.serving().is_none() || !r.holds(v)))),
                                 Admission::Serving => prop_assert_eq!(
                                     r.serving().map(|s| s.version), Some(v)),
                                 _ => {}
@@ -389,9 +457,38 @@ mod tests {
                     }
                     Event::CleanStop => r.stop_cleanly(),
                     Event::Reject => prop_assert_eq!(&r, &before),
+                    Event::Lose { slot } => {
+                        let trial = r.trial;
+                        let lost = r.lose(slot);
+                        prop_assert_eq!(lost, before.slot(slot).map(|m| m.version));
+                        prop_assert!(r.slot(slot).is_none());
+                        prop_assert_eq!(&r.failed, &before.failed, "the disk, not the version");
+                        match trial {
+                            Some(t) if lost.is_some() && t.previous == slot => {
+                                last_good = r.serving().map(|m| m.version);
+                            }
+                            None if lost.is_some() && before.active == Some(slot) => {
+                                last_good = None;
+                                emptied = true;
+                            }
+                            _ => {}
+                        }
+                        if lost.is_some() {
+                            // The lost version may install again; nothing older may.
+                            let top = version(r.highest_version);
+                            let failed = r.failed.as_ref() == Some(&top.sha256);
+                            if !r.holds(r.highest_version) && r.trial.is_none() && !failed {
+                                prop_assert_eq!(r.admit(&top), Admission::Install);
+                            }
+                        }
+                    }
                 }
-                // The serving slot holds a verified version once anything was installed.
-                prop_assert_eq!(r.active.is_some(), next > 1);
+                if r.active.is_some() {
+                    emptied = false;
+                }
+                // The serving slot holds a verified version once anything was installed,
+                // unless its bytes were lost since.
+                prop_assert_eq!(r.active.is_some(), next > 1 && !emptied);
                 if let Some(active) = r.active {
                     prop_assert!(r.slot(active).is_some());
                 }

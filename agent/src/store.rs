@@ -72,6 +72,12 @@ pub enum StoreError {
         /// Artifact digest.
         artifact: String,
     },
+    /// Another agent (or this one, not yet let go) holds the database.
+    #[error("store {path} is in use by another process")]
+    Locked {
+        /// The database directory.
+        path: String,
+    },
     /// Stored bytes do not match the manifest.
     #[error("artifact {artifact}: {reason}")]
     DigestMismatch {
@@ -103,6 +109,32 @@ pub struct Store {
     /// Each model's samples in `samples`, oldest first, with their sizes: built once at open.
     samples_held: std::sync::Arc<std::sync::Mutex<SampleIndex>>,
     files: Artifacts,
+    /// The store directory (`sled/`, `artifacts/`, the trust mirror).
+    dir: std::path::PathBuf,
+}
+
+/// A copy of the trust state beside the database, written on every change, so that the
+/// version floors survive the database (see [`crate::recovery`]).
+const TRUST_MIRROR: &str = "trust.json";
+
+/// The database lives in `sled/` under the store directory.
+pub(crate) fn sled_dir(dir: &Path) -> std::path::PathBuf {
+    dir.join("sled")
+}
+
+/// Fails with [`StoreError::Locked`] when a process holds the database's lock (sled takes an
+/// exclusive `flock` on its `db` file): a held database is busy, not damaged.
+fn check_unlocked(dir: &Path) -> Result<(), StoreError> {
+    let db = sled_dir(dir).join("db");
+    let Ok(file) = std::fs::File::open(&db) else {
+        return Ok(()); // None yet, or unreadable: sled will say.
+    };
+    match file.try_lock() {
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Locked {
+            path: db.display().to_string(),
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Per model, the ids and sizes of its stored samples, oldest first.
@@ -184,8 +216,9 @@ fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 impl Store {
     /// Opens (or creates) the store in `dir`. Only one process may hold it.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        check_unlocked(dir)?;
         let db = sled::Config::new()
-            .path(dir.join("sled"))
+            .path(sled_dir(dir))
             .cache_capacity(CACHE_BYTES)
             .flush_every_ms(Some(500))
             .open()?;
@@ -203,8 +236,42 @@ impl Store {
             samples,
             meta,
             files: Artifacts::open(&dir.join("artifacts"))?,
+            dir: dir.into(),
             db,
         })
+    }
+
+    /// Reads back every record the agent needs to start (trust, slots, downloads, the last
+    /// error, the sampling policies): an error here means the database cannot be used.
+    pub fn check(&self) -> Result<(), StoreError> {
+        self.trust()?;
+        self.models()?;
+        self.all_pending()?;
+        self.last_error()?;
+        self.sampling()?;
+        Ok(())
+    }
+
+    /// The trust state mirrored beside the database, if one was written and decodes.
+    pub fn mirrored_trust(&self) -> Option<TrustState> {
+        let bytes = std::fs::read(self.dir.join(TRUST_MIRROR)).ok()?;
+        decode(TRUST_MIRROR, &bytes).ok()
+    }
+
+    /// Keeps `manifest` beside its artifact: what the device accepted, for a rebuild.
+    pub fn keep_manifest(&self, manifest: &Manifest) -> Result<(), StoreError> {
+        self.files
+            .keep_manifest(&manifest.sha256, &encode(manifest))
+    }
+
+    /// Forgets the manifest kept beside `sha256` (a version rolled back is not adopted).
+    pub fn forget_manifest(&self, sha256: &str) -> Result<(), StoreError> {
+        self.files.forget_manifest(sha256)
+    }
+
+    /// The manifests kept beside artifacts (see [`Store::keep_manifest`]), as bytes.
+    pub fn kept_manifests(&self) -> Result<Vec<Vec<u8>>, StoreError> {
+        self.files.kept_manifests()
     }
 
     /// Makes everything written so far durable. Call before acting on a state change.
@@ -229,8 +296,9 @@ impl Store {
 
     /// Replaces the trust state.
     pub fn set_trust(&self, state: &TrustState) -> Result<(), StoreError> {
-        self.trust.insert("state", encode(state))?;
-        Ok(())
+        let bytes = encode(state);
+        self.trust.insert("state", bytes.as_slice())?;
+        crate::artifacts::write_atomically(&self.dir.join(TRUST_MIRROR), &bytes)
     }
 
     /// One model's slots.
@@ -649,7 +717,7 @@ mod tests {
         for _ in 0..100 {
             match Store::open(dir) {
                 Ok(store) => return store,
-                Err(StoreError::Sled(sled::Error::Io(e))) if e.to_string().contains("lock") => {
+                Err(StoreError::Locked { .. }) => {
                     std::thread::sleep(std::time::Duration::from_millis(100))
                 }
                 Err(e) => panic!("reopening the store: {e}"),

@@ -59,12 +59,14 @@ impl Drop for Tmpfs {
     }
 }
 
-/// The artifact files (complete and partial) in the store.
+/// The artifact files (complete and partial) in the store, not the manifests kept beside
+/// them.
 fn artifact_files(store: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(store.join("store").join("artifacts"))
         .map(|d| {
             d.filter_map(|e| e.ok())
                 .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|name| !name.ends_with(".manifest"))
                 .collect()
         })
         .unwrap_or_default();
