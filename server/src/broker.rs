@@ -3,7 +3,8 @@
 //!
 //! With a PKI it speaks TLS only and requires a client certificate signed by the fleet CA.
 //! It has no per-topic ACLs: any client with a valid certificate may use any topic (see
-//! `docs/security.md`; mosquitto with [`crate::acl`] isolates devices from each other).
+//! `docs/security.md`; mosquitto with [`crate::acl`] isolates devices from each other). Its
+//! sessions are bound to certificates through their organization ([`crate::pki::client_name`]).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -102,6 +102,21 @@ fn named(cn: &str) -> DistinguishedName {
     dn
 }
 
+/// A client's name: its common name, and an organization derived from it that binds the
+/// MQTT client id to the certificate on the embedded broker. rumqttd takes a client
+/// certificate's organization as a tenant and keys every session by `tenant.client_id`, so
+/// a certificate can only ever reach the sessions of its own identity: a device connecting
+/// with the server's client id, or another device's, gets a session of its own and knocks
+/// nobody off. (mosquitto with the generated configuration binds them by
+/// `use_username_as_clientid`.) The organization is 32 hex digits of the name's SHA-256:
+/// rumqttd accepts only alphanumeric tenants, and device ids may hold `-`, `_` and `.`.
+pub fn client_name(cn: &str) -> DistinguishedName {
+    let mut dn = named(cn);
+    let digest = modelcast_proto::sha256_hex(cn.as_bytes());
+    dn.push(DnType::OrganizationName, &digest[..32]);
+    dn
+}
+
 /// Creates a CA and the broker's certificate for `broker_names` (host names or IP
 /// addresses the devices dial), plus the fleet server's client identity.
 pub fn init(dir: &Path, broker_names: &[String]) -> Result<(), PkiError> {
@@ -141,7 +156,7 @@ pub fn issue(dir: &Path, name: &str) -> Result<Identity, PkiError> {
     let ca_key = KeyPair::from_pem(&read(&dir.join("ca.key"))?)?;
     let issuer = Issuer::from_ca_cert_pem(&read(&dir.join("ca.pem"))?, ca_key)?;
     let mut params = CertificateParams::new(Vec::<String>::new())?;
-    params.distinguished_name = named(name);
+    params.distinguished_name = client_name(name);
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     let id = Identity::in_dir(dir, name);
     // Never re-issue over an identity: a device named like the server (or an existing

@@ -844,6 +844,14 @@ impl Fleet {
         self.server.log_tail(60)
     }
 
+    /// How many times the server's whole log contains `needle`.
+    pub fn server_log_count(&self, needle: &str) -> usize {
+        std::fs::read_to_string(&self.server.log)
+            .unwrap_or_default()
+            .matches(needle)
+            .count()
+    }
+
     /// Whether the server's whole log contains `needle`.
     pub fn server_logged(&self, needle: &str) -> bool {
         std::fs::read_to_string(&self.server.log)
@@ -1092,6 +1100,18 @@ impl Rogue {
         identity: &str,
         artifact: Option<RogueArtifact>,
     ) -> Rogue {
+        Self::connect_tls_as(port, pki, identity, identity, artifact)
+    }
+
+    /// [`Rogue::connect_tls`] with a client id other than its certificate's name (a session
+    /// takeover attempt).
+    pub fn connect_tls_as(
+        port: u16,
+        pki: &Path,
+        identity: &str,
+        client_id: &str,
+        artifact: Option<RogueArtifact>,
+    ) -> Rogue {
         let id = modelcast_server::pki::Identity::in_dir(pki, identity);
         if !id.cert.exists() {
             modelcast_server::pki::issue(pki, identity).expect("issuing a certificate");
@@ -1106,7 +1126,7 @@ impl Rogue {
             }),
         )
         .expect("TLS config");
-        let mut opts = rumqttc::MqttOptions::new(identity, "127.0.0.1", port);
+        let mut opts = rumqttc::MqttOptions::new(client_id, "127.0.0.1", port);
         opts.set_transport(rumqttc::Transport::tls_with_config(
             rumqttc::TlsConfiguration::Rustls(std::sync::Arc::new(tls)),
         ));

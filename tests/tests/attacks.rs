@@ -424,3 +424,61 @@ fn revoked_keys_and_unmet_thresholds_are_refused_after_a_root_rotation() {
     );
     drop(v1);
 }
+
+/// Session takeover on the embedded broker with client certificates (rumqttd): two devices
+/// with valid certificates connect with the server's client id and with another device's.
+/// Each certificate reaches only its own identity's sessions (see `pki::client_name`), so
+/// neither the server's link nor edge-1's drops, and an update still goes through.
+#[test]
+fn a_certificate_cannot_take_over_another_identitys_session() {
+    let fleet = Fleet::embedded_tls();
+    let pki = fleet.pki.clone().expect("PKI");
+    let edge = fleet.start_agent_with("edge-1", &[], "[probation]\nrequests = 1\nseconds = 1\n");
+    fleet.wait_registered();
+    fleet.publish_example(1, 64);
+    fleet.deploy("classifier", 1, "*");
+    fleet.wait_serving("edge-1", "classifier", 1);
+    let agent_drops = || {
+        std::fs::read_to_string(edge.log_path())
+            .unwrap_or_default()
+            .matches("broker link down")
+            .count()
+    };
+    let (server_before, agent_before) = (
+        fleet.server_log_count("server broker link down"),
+        agent_drops(),
+    );
+    let rogues: Vec<Rogue> = [
+        ("edge-2", modelcast_server::pki::SERVER_IDENTITY),
+        ("edge-3", "edge-1"),
+    ]
+    .into_iter()
+    .map(|(cert, id)| Rogue::connect_tls_as(fleet.mqtt_port, &pki, cert, id, None))
+    .collect();
+    // Both are connected and served by the broker (a SUBACK each).
+    for rogue in &rogues {
+        assert!(rogue.subscribe("modelcast/takeover/none"));
+    }
+    let v2 = fleet.publish_example(2, 64);
+    fleet.deploy("classifier", 2, "*");
+    fleet.wait_serving("edge-1", "classifier", 2);
+    assert_eq!(edge.check_golden(&v2), "2");
+    for rogue in &rogues {
+        assert!(
+            rogue.subscribe("modelcast/takeover/still"),
+            "the rogue kept its own session"
+        );
+    }
+    let (server_after, agent_after) = (
+        fleet.server_log_count("server broker link down"),
+        agent_drops(),
+    );
+    eprintln!(
+        "takeover: server link drops {server_before} → {server_after}, edge-1 link drops {agent_before} → {agent_after}"
+    );
+    assert_eq!(
+        server_after, server_before,
+        "the server's session was taken over"
+    );
+    assert_eq!(agent_after, agent_before, "edge-1's session was taken over");
+}
