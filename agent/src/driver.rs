@@ -591,7 +591,10 @@ impl Agent {
 
     /// Sends what the telemetry queue may send now; updates its gauges.
     async fn send_telemetry(&mut self) {
-        match self.telemetry.to_send(&self.store) {
+        match self
+            .telemetry
+            .to_send(&self.store, crate::telemetry::unix_ms())
+        {
             Ok(reports) => {
                 for report in reports {
                     self.link.telemetry(report).await;
@@ -612,8 +615,8 @@ impl Agent {
                 self.telemetry.connected();
                 self.send_telemetry().await;
             }
-            LinkEvent::TelemetryEcho(bytes) => {
-                if let Err(e) = self.telemetry.echoed(&self.store, &bytes) {
+            LinkEvent::TelemetryAck(bytes) => {
+                if let Err(e) = self.telemetry.acknowledged(&self.store, &bytes) {
                     warn!(error = %e, "telemetry queue");
                 }
                 self.send_telemetry().await;

@@ -1,6 +1,6 @@
 //! The MQTT link: connects with rumqttc, keeps a retained `online` status with a last will,
-//! subscribes to this device's desired state, chunk replies and its own telemetry (the
-//! broker's receipt for each report), and to the shared topic of each artifact it downloads
+//! subscribes to this device's desired state, chunk replies and the server's receipts for its
+//! telemetry, and to the shared topic of each artifact it downloads
 //! (chunks published once for every device), and turns broker traffic into [`LinkEvent`]s.
 //! Over TLS (rustls, ring) with a client certificate when the broker is `mqtts://`. It
 //! decides nothing; the driver does.
@@ -33,8 +33,8 @@ pub enum LinkEvent {
     /// A chunk reply, on the device's own topic or an artifact's shared topic (untrusted
     /// bytes).
     Chunk(Bytes),
-    /// A copy of one of this device's telemetry reports, back from the broker: it has it.
-    TelemetryEcho(Bytes),
+    /// The server's receipt for some of this device's telemetry reports: it has them.
+    TelemetryAck(Bytes),
 }
 
 /// Sends this device's messages.
@@ -88,7 +88,7 @@ impl Link {
         let desired = topics.device(&device, DeviceTopic::Desired);
         let chunks = topics.device(&device, DeviceTopic::Chunks);
         let online = topics.device(&device, DeviceTopic::Online);
-        let telemetry = topics.device(&device, DeviceTopic::Telemetry);
+        let receipts = topics.device(&device, DeviceTopic::TelemetryAcks);
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(200);
             loop {
@@ -98,8 +98,8 @@ impl Link {
                         // try_*: this task drives the event loop, so it must never wait on it.
                         let _ = client.try_subscribe(&desired, QoS::AtLeastOnce);
                         let _ = client.try_subscribe(&chunks, QoS::AtLeastOnce);
-                        // Our own telemetry comes back: the broker's receipt.
-                        let _ = client.try_subscribe(&telemetry, QoS::AtLeastOnce);
+                        // The server's receipts for our telemetry.
+                        let _ = client.try_subscribe(&receipts, QoS::AtLeastOnce);
                         for (topic, joined) in artifacts.lock().expect("artifacts lock").iter_mut()
                         {
                             let _ = client.try_subscribe(topic, QoS::AtLeastOnce);
@@ -113,8 +113,8 @@ impl Link {
                             Some(LinkEvent::Desired(p.payload))
                         } else if p.topic == chunks {
                             Some(LinkEvent::Chunk(p.payload))
-                        } else if p.topic == telemetry {
-                            Some(LinkEvent::TelemetryEcho(p.payload))
+                        } else if p.topic == receipts {
+                            Some(LinkEvent::TelemetryAck(p.payload))
                         } else if topics.is_artifact(&p.topic) {
                             Some(LinkEvent::Chunk(p.payload))
                         } else {

@@ -4,20 +4,22 @@
 //! dropped first, drops counted into the next report), and sent in order, at least once,
 //! while the broker is reachable.
 //!
-//! Delivery is confirmed by the broker itself: the agent subscribes to its own telemetry
-//! topic, and a report leaves the queue when its copy comes back (the broker has it). A
-//! report whose copy was lost with the connection is sent again; receivers keep the first
-//! copy of each sequence number.
+//! Delivery is confirmed by the fleet server itself, not by the broker: a report leaves the
+//! queue when the server's receipt names it ([`TelemetryAck`] on the device's
+//! `telemetry-acks` topic). A report with no receipt `resend_after_secs` after it was sent
+//! (lost with a connection, published while the server was away and its session with it, or
+//! a broker restart) is sent again; the server keeps the first copy of each sequence number
+//! and acknowledges every copy.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
 use modelcast_proto::report::Slot;
 use modelcast_proto::telemetry::{
-    LatencyBuckets, ModelTelemetry, OutputStats, Percentiles, SystemTelemetry, TelemetryReport,
-    MAX_CLASSES, MAX_REPORT_SAMPLE_BYTES,
+    LatencyBuckets, ModelTelemetry, OutputStats, Percentiles, SystemTelemetry, TelemetryAck,
+    TelemetryReport, MAX_CLASSES, MAX_REPORT_SAMPLE_BYTES,
 };
 
 use crate::engine::HostTensor;
@@ -41,6 +43,9 @@ pub struct TelemetryConfig {
     /// Oldest report the queue keeps, seconds.
     #[serde(default = "default_queue_age")]
     pub queue_max_age_secs: u64,
+    /// Seconds after which a report the server has not acknowledged is sent again.
+    #[serde(default = "default_resend_after")]
+    pub resend_after_secs: u64,
 }
 
 fn default_interval() -> u64 {
@@ -52,6 +57,9 @@ fn default_queue_bytes() -> u64 {
 fn default_queue_age() -> u64 {
     7 * 24 * 3600
 }
+fn default_resend_after() -> u64 {
+    60
+}
 
 impl Default for TelemetryConfig {
     fn default() -> Self {
@@ -59,6 +67,7 @@ impl Default for TelemetryConfig {
             interval_secs: default_interval(),
             queue_bytes: default_queue_bytes(),
             queue_max_age_secs: default_queue_age(),
+            resend_after_secs: default_resend_after(),
         }
     }
 }
@@ -354,8 +363,9 @@ pub struct Forwarder {
     state_dir: std::path::PathBuf,
     interval_started_ms: i64,
     cpu_at_start_ms: u64,
-    /// Sent on this connection and not yet seen back: not sent again until the link drops.
-    in_flight: BTreeSet<u64>,
+    /// Sent on this connection and not yet acknowledged, with when they were sent (Unix ms):
+    /// sent again when the link comes back or `resend_after_secs` passed.
+    in_flight: BTreeMap<u64, i64>,
     online: bool,
 }
 
@@ -368,7 +378,7 @@ impl Forwarder {
             state_dir: state_dir.into(),
             interval_started_ms: unix_ms(),
             cpu_at_start_ms: system().0,
-            in_flight: BTreeSet::new(),
+            in_flight: BTreeMap::new(),
             online: false,
         }
     }
@@ -447,28 +457,58 @@ impl Forwarder {
         self.in_flight.clear();
     }
 
-    /// Reports to send now, oldest first: queued, not in flight, within the window.
-    pub fn to_send(&mut self, store: &Store) -> Result<Vec<Vec<u8>>, StoreError> {
-        if !self.online || self.in_flight.len() >= SEND_WINDOW {
+    /// Reports to send at `now_ms`, oldest first: those in flight longer than
+    /// `resend_after_secs` with no receipt again, then queued ones not in flight, within the
+    /// window.
+    pub fn to_send(&mut self, store: &Store, now_ms: i64) -> Result<Vec<Vec<u8>>, StoreError> {
+        if !self.online {
             return Ok(Vec::new());
         }
-        let after = self.in_flight.last().copied().unwrap_or(0);
-        let room = SEND_WINDOW - self.in_flight.len();
-        let next = store.queued_telemetry(after, room)?;
-        self.in_flight.extend(next.iter().map(|(seq, _)| *seq));
-        Ok(next.into_iter().map(|(_, bytes)| bytes).collect())
+        let resend_after = (self.config.resend_after_secs.saturating_mul(1000)) as i64;
+        let overdue: Vec<u64> = self
+            .in_flight
+            .iter()
+            .filter(|(_, &sent)| now_ms.saturating_sub(sent) >= resend_after)
+            .map(|(&seq, _)| seq)
+            .collect();
+        let mut out = Vec::new();
+        for seq in overdue {
+            match store.queued_telemetry(seq - 1, 1)?.pop() {
+                Some((found, bytes)) if found == seq => {
+                    self.in_flight.insert(seq, now_ms);
+                    out.push(bytes);
+                }
+                // Dropped from the queue meanwhile (its bound or age).
+                _ => {
+                    self.in_flight.remove(&seq);
+                }
+            }
+        }
+        if self.in_flight.len() < SEND_WINDOW {
+            let after = self.in_flight.keys().next_back().copied().unwrap_or(0);
+            let room = SEND_WINDOW - self.in_flight.len();
+            let next = store.queued_telemetry(after, room)?;
+            for (seq, bytes) in next {
+                self.in_flight.insert(seq, now_ms);
+                out.push(bytes);
+            }
+        }
+        Ok(out)
     }
 
-    /// A copy of a report came back from the broker: it is delivered.
-    pub fn echoed(&mut self, store: &Store, bytes: &[u8]) -> Result<(), StoreError> {
-        let Ok(report) = TelemetryReport::from_slice(bytes) else {
+    /// The server's receipt: the reports it names are delivered.
+    pub fn acknowledged(&mut self, store: &Store, bytes: &[u8]) -> Result<(), StoreError> {
+        let Ok(ack) = TelemetryAck::from_slice(bytes) else {
             return Ok(());
         };
-        if report.device != self.device {
+        if ack.device != self.device {
             return Ok(());
         }
-        self.in_flight.remove(&report.seq);
-        store.telemetry_delivered(report.seq)
+        for seq in ack.seqs {
+            self.in_flight.remove(&seq);
+            store.telemetry_delivered(seq)?;
+        }
+        Ok(())
     }
 }
 
@@ -537,6 +577,7 @@ mod tests {
             interval_secs: 1,
             queue_bytes: 4_000,
             queue_max_age_secs: 3600,
+            resend_after_secs: 10,
         };
         let mut f = Forwarder::new(config, "edge-1", dir.path());
         let c = Collector::default();
@@ -558,10 +599,10 @@ mod tests {
         assert_eq!(queued + dropped, 30);
         assert!(dropped > 0);
         // Offline: nothing goes out. Online: the oldest kept first, a window at a time.
-        assert!(f.to_send(&store).unwrap().is_empty());
+        assert!(f.to_send(&store, 0).unwrap().is_empty());
         f.connected();
         let sent: Vec<TelemetryReport> = f
-            .to_send(&store)
+            .to_send(&store, 0)
             .unwrap()
             .iter()
             .map(|b| TelemetryReport::from_slice(b).unwrap())
@@ -569,12 +610,22 @@ mod tests {
         let seqs: Vec<u64> = sent.iter().map(|r| r.seq).collect();
         assert_eq!(seqs, ((dropped + 1)..=30).collect::<Vec<u64>>());
         assert_eq!(sent.last().unwrap().dropped, dropped);
-        // Confirmed reports leave the queue; the link dropping sends the rest again.
-        f.echoed(&store, &sent[0].to_vec()).unwrap();
-        assert!(f.to_send(&store).unwrap().is_empty());
+        // Acknowledged reports leave the queue; another device's receipt changes nothing.
+        let ack = |device: &str, seqs: Vec<u64>| TelemetryAck::new(device, seqs).to_vec();
+        f.acknowledged(&store, &ack("edge-1", vec![sent[0].seq]))
+            .unwrap();
+        f.acknowledged(&store, &ack("edge-2", vec![sent[1].seq]))
+            .unwrap();
+        f.acknowledged(&store, b"not a receipt").unwrap();
+        assert!(f.to_send(&store, 9_999).unwrap().is_empty());
+        // With no receipt for 10 s, the rest go again (the server was away).
+        let again = f.to_send(&store, 10_000).unwrap();
+        assert_eq!(again.len(), seqs.len() - 1);
+        assert!(f.to_send(&store, 10_001).unwrap().is_empty());
+        // The link dropping sends them again at once.
         f.disconnected();
         f.connected();
-        assert_eq!(f.to_send(&store).unwrap().len(), seqs.len() - 1);
+        assert_eq!(f.to_send(&store, 10_002).unwrap().len(), seqs.len() - 1);
         println!("report sizes: {sizes:?}");
     }
 }

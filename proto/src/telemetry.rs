@@ -355,9 +355,84 @@ impl TelemetryReport {
     }
 }
 
+/// Most sequence numbers one receipt names.
+pub const MAX_ACKED: usize = 256;
+
+/// The server's receipt for telemetry reports of one device: it has dealt with them (stored,
+/// already had, or refused for good), so the device may drop them from its queue. Reports
+/// the server never names (lost with a connection, or while the server was away) are sent
+/// again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TelemetryAck {
+    /// Wire format version.
+    pub format: u32,
+    /// The device whose reports these are.
+    pub device: String,
+    /// Their sequence numbers.
+    pub seqs: Vec<u64>,
+}
+
+impl TelemetryAck {
+    /// A receipt for `device`'s reports `seqs`.
+    pub fn new(device: &str, seqs: Vec<u64>) -> Self {
+        TelemetryAck {
+            format: crate::FORMAT_VERSION,
+            device: device.into(),
+            seqs,
+        }
+    }
+
+    /// Decodes and checks a receipt (untrusted bytes).
+    pub fn from_slice(bytes: &[u8]) -> Result<Self, DecodeError> {
+        const MAX_BYTES: usize = 64 * 1024;
+        let invalid = |reason: String| DecodeError::Invalid {
+            what: "telemetry receipt",
+            reason,
+        };
+        if bytes.len() > MAX_BYTES {
+            return Err(invalid(format!("{} bytes is too large", bytes.len())));
+        }
+        let ack: TelemetryAck =
+            serde_json::from_slice(bytes).map_err(|e| DecodeError::json("telemetry receipt", e))?;
+        if ack.format != crate::FORMAT_VERSION {
+            return Err(DecodeError::Version {
+                what: "telemetry receipt",
+                found: ack.format,
+                expected: crate::FORMAT_VERSION,
+            });
+        }
+        if ack.seqs.len() > MAX_ACKED {
+            return Err(invalid(format!("{} sequence numbers", ack.seqs.len())));
+        }
+        Ok(ack)
+    }
+
+    /// Encodes the receipt (compact JSON).
+    pub fn to_vec(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("receipts serialize")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_receipt_round_trips_and_is_bounded() {
+        let ack = TelemetryAck::new("edge-1", vec![1, 2, 9]);
+        assert_eq!(TelemetryAck::from_slice(&ack.to_vec()).unwrap(), ack);
+        let many = TelemetryAck::new("edge-1", (1..=MAX_ACKED as u64 + 1).collect());
+        assert!(TelemetryAck::from_slice(&many.to_vec()).is_err());
+        assert!(TelemetryAck::from_slice(&vec![b' '; 64 * 1024 + 1]).is_err());
+        assert!(TelemetryAck::from_slice(b"{\"format\":1}").is_err());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_bytes_decode_to_a_receipt_or_an_error(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let _ = TelemetryAck::from_slice(&bytes);
+        }
+    }
     use proptest::prelude::*;
 
     fn report() -> TelemetryReport {

@@ -15,6 +15,9 @@ pub enum DeviceTopic {
     State,
     /// Telemetry (agent → server).
     Telemetry,
+    /// Receipts of stored telemetry (server → agent): a report leaves the device's queue only
+    /// once the server has it.
+    TelemetryAcks,
     /// Retained online/offline status, with a last will.
     Online,
     /// Chunk requests (agent → server): on the device's own topic, so a broker ACL binds
@@ -29,6 +32,7 @@ impl DeviceTopic {
             DeviceTopic::Chunks => "chunks",
             DeviceTopic::State => "state",
             DeviceTopic::Telemetry => "telemetry",
+            DeviceTopic::TelemetryAcks => "telemetry-acks",
             DeviceTopic::Online => "online",
             DeviceTopic::Requests => "requests",
         }
@@ -40,6 +44,7 @@ impl DeviceTopic {
             "chunks" => DeviceTopic::Chunks,
             "state" => DeviceTopic::State,
             "telemetry" => DeviceTopic::Telemetry,
+            "telemetry-acks" => DeviceTopic::TelemetryAcks,
             "online" => DeviceTopic::Online,
             "requests" => DeviceTopic::Requests,
             _ => return None,

@@ -6,9 +6,8 @@
 //!
 //! | topic | device |
 //! | --- | --- |
-//! | `<p>/d/%u/desired`, `<p>/d/%u/chunks` | subscribe (read) only |
-//! | `<p>/d/%u/telemetry` | publish, and subscribe (its copy is the broker's receipt) |
-//! | `<p>/d/%u/state`, `<p>/d/%u/online`, `<p>/d/%u/requests` | publish (write) only |
+//! | `<p>/d/%u/desired`, `<p>/d/%u/chunks`, `<p>/d/%u/telemetry-acks` | subscribe (read) only |
+//! | `<p>/d/%u/state`, `<p>/d/%u/telemetry`, `<p>/d/%u/online`, `<p>/d/%u/requests` | publish (write) only |
 //! | `<p>/a/+` (artifacts' shared chunk topics) | subscribe (read) only |
 //! | anything else, other devices' topics included | nothing |
 //!
@@ -58,16 +57,18 @@ pub fn acl(prefix: &str, server_identities: &[String]) -> String {
         "# Every device, by its certificate's common name (%u): its own topics only.\n\
          pattern read {}\n\
          pattern read {}\n\
+         pattern read {}\n\
          pattern write {}\n\
-         pattern readwrite {}\n\
+         pattern write {}\n\
          pattern write {}\n\
          pattern write {}\n\
          # Chunks published once for every device downloading an artifact.\n\
          pattern read {}",
         dev(DeviceTopic::Desired),
         dev(DeviceTopic::Chunks),
+        // The server's receipts for its telemetry.
+        dev(DeviceTopic::TelemetryAcks),
         dev(DeviceTopic::State),
-        // Read too: the agent's copy of its own report is the broker's receipt.
         dev(DeviceTopic::Telemetry),
         dev(DeviceTopic::Online),
         dev(DeviceTopic::Requests),
@@ -149,12 +150,10 @@ mod tests {
         assert!(text.contains("pattern read modelcast/a/+"));
         // Devices never get write access to desired states, nor any wildcard.
         assert!(!text.contains("pattern write modelcast/d/%u/desired"));
-        // Read-write only on its own telemetry (its copy back is the broker's receipt).
-        let readwrite: Vec<&str> = text
-            .lines()
-            .filter(|l| l.starts_with("pattern readwrite"))
-            .collect();
-        assert_eq!(readwrite, ["pattern readwrite modelcast/d/%u/telemetry"]);
+        // Telemetry out, the server's receipts in; nothing both ways.
+        assert!(text.contains("pattern write modelcast/d/%u/telemetry\n"));
+        assert!(text.contains("pattern read modelcast/d/%u/telemetry-acks"));
+        assert!(!text.contains("pattern readwrite"));
         assert!(!text
             .lines()
             .any(|l| l.starts_with("pattern") && l.contains('#')));

@@ -14,7 +14,7 @@ use modelcast_proto::chunk::{parse_digest, ChunkReply, ChunkRequest};
 use modelcast_proto::desired::TargetTerms;
 use modelcast_proto::manifest::Manifest;
 use modelcast_proto::report::DeviceReport;
-use modelcast_proto::telemetry::{Sample, TelemetryReport};
+use modelcast_proto::telemetry::{Sample, TelemetryAck, TelemetryReport};
 use modelcast_proto::topic::{DeviceTopic, Topics};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
 use tokio::sync::{mpsc, Mutex};
@@ -90,6 +90,23 @@ pub struct ChunkStats {
     pub skipped: u64,
     /// Requests refused (artifact not deployed to the device, or undecodable).
     pub refused: u64,
+}
+
+/// Why a decoded telemetry report was not taken.
+#[derive(Debug, thiserror::Error)]
+enum Refused {
+    /// The device's clock is ahead: refused for good (and acknowledged, so it is not sent
+    /// again).
+    #[error("telemetry #{seq} ends {ahead_ms} ms in the future: the device's clock is wrong")]
+    ClockAhead {
+        /// The report.
+        seq: u64,
+        /// How far ahead.
+        ahead_ms: i64,
+    },
+    /// The database failed: the report is not acknowledged, so the device sends it again.
+    #[error(transparent)]
+    Storage(#[from] DbError),
 }
 
 /// What a server has done with the devices' telemetry reports since it started.
@@ -411,7 +428,7 @@ impl Fleet {
             debug!(%device, bytes = payload.len(), "telemetry over the device's budget dropped");
             return Ok(());
         }
-        let mut report = match TelemetryReport::from_slice(payload) {
+        let report = match TelemetryReport::from_slice(payload) {
             Ok(r) if r.device == device => r,
             Ok(r) => {
                 self.telemetry_rejected.fetch_add(1, Relaxed);
@@ -425,13 +442,37 @@ impl Fleet {
                 return Err(format!("telemetry: {e}"));
             }
         };
+        let seq = report.seq;
+        let taken = self.take_telemetry(device, report).await;
+        // The receipt: the device drops the report from its queue. Not when storing failed
+        // (it sends the report again later).
+        if !matches!(taken, Err(Refused::Storage(_))) {
+            let ack = TelemetryAck::new(device, vec![seq]).to_vec();
+            let topic = self.topics.device(device, DeviceTopic::TelemetryAcks);
+            if let Err(e) = self
+                .client
+                .publish(topic, QoS::AtLeastOnce, false, ack)
+                .await
+            {
+                debug!(%device, seq, error = %e, "telemetry receipt not sent");
+            }
+        }
+        taken.map_err(|e| e.to_string())
+    }
+
+    /// Stores one decoded report of `device` and feeds drift detection.
+    async fn take_telemetry(
+        &self,
+        device: &str,
+        mut report: TelemetryReport,
+    ) -> Result<(), Refused> {
+        use std::sync::atomic::Ordering::Relaxed;
         if report.to_ms > crate::unix_now_ms().saturating_add(MAX_CLOCK_AHEAD_MS) {
             self.telemetry_rejected.fetch_add(1, Relaxed);
-            return Err(format!(
-                "telemetry #{} ends {} ms in the future: the device's clock is wrong",
-                report.seq,
-                report.to_ms - crate::unix_now_ms()
-            ));
+            return Err(Refused::ClockAhead {
+                seq: report.seq,
+                ahead_ms: report.to_ms - crate::unix_now_ms(),
+            });
         }
         // Samples are kept apart from the time series; a re-sent report's samples are stored
         // again (each is kept once), in case the first copy's were not.
@@ -439,13 +480,13 @@ impl Fleet {
         if !samples.is_empty() {
             self.store_samples(device, samples)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(Refused::Storage)?;
         }
         if !self
             .db
             .add_telemetry(&report)
             .await
-            .map_err(|e| e.to_string())?
+            .map_err(Refused::Storage)?
         {
             self.telemetry_duplicates.fetch_add(1, Relaxed);
             return Ok(());

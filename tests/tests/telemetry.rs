@@ -270,3 +270,91 @@ fn server_view(fleet: &Fleet, seen: &Seen, served: u64) {
         serde_json::to_string(&answer.totals).unwrap()
     );
 }
+
+/// Nothing is lost between agent and server: inference requests are counted by the device
+/// and reported while the fleet server is killed, while mosquitto restarts with the server
+/// still away (the agent reconnects first; the broker keeps nothing for a server that is
+/// not there), and after both are back. Every request sent is in the fleet's count, once:
+/// a report leaves the device's queue only on the server's own receipt.
+#[test]
+fn every_request_is_counted_once_through_the_servers_absence_and_a_broker_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut mosquitto = Mosquitto::start(dir.path());
+    let mut fleet = Fleet::with_broker(dir, mosquitto.port());
+    let agent = fleet.start_agent_opts(
+        "edge-1",
+        &[],
+        AgentOptions {
+            extra: "[telemetry]\ninterval_secs = 1\nresend_after_secs = 3\n".into(),
+            ..AgentOptions::default()
+        },
+    );
+    fleet.wait_registered();
+    let v1 = fleet.publish_example(1, 16);
+    fleet.deploy("classifier", 1, "*");
+    fleet.wait_serving("edge-1", "classifier", 1);
+    let mut sent = 0u64;
+    let mut burst = |n: u64| {
+        for _ in 0..n {
+            agent.infer("classifier", &v1.golden[0].inputs).unwrap();
+        }
+        sent += n;
+    };
+    let queued = || {
+        agent
+            .metric("modelcast_telemetry_queued_reports")
+            .unwrap_or(0.0) as u64
+    };
+    let counted = |fleet: &Fleet| {
+        let question = Question {
+            model: "classifier".into(),
+            version: Some(1),
+            group: None,
+            since_secs: 3600,
+            step_secs: Some(60),
+        };
+        fleet
+            .client
+            .telemetry(&question)
+            .ok()
+            .map(|a| a.totals.requests)
+    };
+    burst(100);
+
+    // The server away: reports wait on the device, unacknowledged.
+    fleet.kill_server();
+    burst(100);
+    let held = wait_for(
+        "reports held for the absent server",
+        Duration::from_secs(30),
+        || {
+            let q = queued();
+            (q >= 4).then_some(q)
+        },
+    );
+    // The broker restarts while the server is still away; the agent reconnects to it.
+    mosquitto.restart();
+    burst(100);
+    wait_for(
+        "more reports held after the broker restart",
+        Duration::from_secs(30),
+        || (queued() >= held + 3).then_some(()),
+    );
+    let most = queued();
+    fleet.restart_server();
+    burst(100);
+    let total = wait_for("every request counted", Duration::from_secs(60), || {
+        (counted(&fleet)? == sent).then_some(sent)
+    });
+    // Drained, and still counted once (re-sent copies are not counted twice).
+    wait_for("the queue drained", Duration::from_secs(30), || {
+        (queued() <= 1).then_some(())
+    });
+    assert_eq!(counted(&fleet), Some(sent), "counted once");
+    let status = fleet.client.status().unwrap();
+    println!(
+        "through the server's absence and a broker restart: {total} requests sent, {total} \
+         counted; at most {most} reports held; since its restart the server stored {} reports, {} duplicates",
+        status.telemetry.stored, status.telemetry.duplicates
+    );
+}
