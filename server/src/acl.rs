@@ -80,6 +80,9 @@ pub fn acl(prefix: &str, server_identities: &[String]) -> String {
 /// Messages mosquitto may queue for a client (the fleet server is the one that needs it).
 pub const SERVER_QUEUE: usize = 100_000;
 
+/// Bytes mosquitto may queue for any one client (`max_queued_bytes`).
+pub const CLIENT_QUEUE_BYTES: u64 = 128 << 20;
+
 /// The mosquitto configuration file's text.
 pub fn mosquitto_conf(s: &MosquittoSetup<'_>) -> String {
     let pki = |f: &str| s.pki_dir.join(f).display().to_string();
@@ -101,7 +104,12 @@ pub fn mosquitto_conf(s: &MosquittoSetup<'_>) -> String {
          # The fleet server's subscriptions carry every device's chunk requests and reports:\n\
          # its queue must absorb a burst from the whole fleet (mosquitto drops QoS 1 messages\n\
          # past it; its default, 1000, is less than one request per device of a large fleet).\n\
-         max_queued_messages {queue}\n",
+         max_queued_messages {queue}\n\
+         # What any one client that stops reading (or a device that asks for chunks and never\n\
+         # reads them) can make the broker hold for it: QoS 1 messages past this are dropped\n\
+         # for that client only. A device's download window is 16 MiB by default; the server's\n\
+         # queue holds requests and reports, kilobytes each.\n\
+         max_queued_bytes {queue_bytes}\n",
         acl = s.acl_file.display(),
         port = s.port,
         host = s.listen_host,
@@ -110,6 +118,7 @@ pub fn mosquitto_conf(s: &MosquittoSetup<'_>) -> String {
         key = pki("broker.key"),
         max = crate::broker::MAX_PAYLOAD + 1024,
         queue = SERVER_QUEUE,
+        queue_bytes = CLIENT_QUEUE_BYTES,
     )
 }
 

@@ -1,5 +1,6 @@
 //! Per-device budgets: how much of something one device may send per minute (telemetry
-//! reports and their bytes), as token buckets refilled continuously. Sans-IO: time is passed
+//! reports and their bytes), or make the server send it (chunks on its own topic), as token
+//! buckets refilled continuously. Sans-IO: time is passed
 //! in. One device flooding spends its own budget and nobody else's; what it sends over budget
 //! is dropped and counted by the caller.
 
@@ -28,6 +29,29 @@ pub const TELEMETRY: Allowance = Allowance {
     burst_bytes: 8 << 20,
     messages: 1_000,
     bytes: 4 << 20,
+};
+
+/// Chunks a device asks for the first time and gets on its own topic. An agent asks for a
+/// window of chunks and more as they arrive; a burst of 512 MiB takes a whole model of most
+/// sizes at full speed, and 2 GiB a minute (34 MiB/s) after it is more than a device's link.
+/// Chunks published once on an artifact's shared topic are not charged to anyone.
+pub const FIRST_ASKS: Allowance = Allowance {
+    burst_messages: 65_536,
+    burst_bytes: 512 << 20,
+    messages: 1_000_000,
+    bytes: 2 << 30,
+};
+
+/// Chunks a device asks for again (`again`: timed out, or lost with its connection). An
+/// agent asks again at most its window (16 MiB by default) per chunk timeout (5 s) and per
+/// reconnect: 64 MiB at once and 256 MiB a minute cover a link that drops every few seconds.
+/// What it stops: a device asking for every chunk again and again without reading them
+/// (amplification: one 300-byte request made the server send 16 MB into the broker).
+pub const ASKED_AGAIN: Allowance = Allowance {
+    burst_messages: 16_384,
+    burst_bytes: 64 << 20,
+    messages: 65_536,
+    bytes: 256 << 20,
 };
 
 /// Most devices tracked at once; idle ones (full buckets) are forgotten beyond it, and while
@@ -130,6 +154,35 @@ mod tests {
         let later = t0 + Duration::from_secs(60);
         let minute = (0..1000).filter(|_| b.admit("loud", 60_000, later)).count();
         assert!((69..=70).contains(&minute), "{minute}");
+    }
+
+    #[test]
+    fn a_device_asking_for_chunks_again_and_again_is_held_to_the_rate() {
+        let (mut first, mut again) = (Budgets::new(FIRST_ASKS), Budgets::new(ASKED_AGAIN));
+        let t0 = Instant::now();
+        const CHUNK: u64 = 256 * 1024;
+        // A 100 MiB model goes at once, and a lost window of 16 MiB is asked again at once.
+        assert_eq!(
+            (0..400)
+                .filter(|_| first.admit("edge-1", CHUNK, t0))
+                .count(),
+            400
+        );
+        assert_eq!(
+            (0..64).filter(|_| again.admit("edge-1", CHUNK, t0)).count(),
+            64
+        );
+        // 40 requests asking all 65 chunks of a 16 MiB artifact again: 64 MiB of them.
+        let sent = (0..40 * 65)
+            .filter(|_| again.admit("loud", CHUNK, t0))
+            .count() as u64;
+        assert_eq!(sent * CHUNK, 64 << 20);
+        // Then 256 MiB a minute: one second gives 4 MiB.
+        let later = t0 + Duration::from_secs(1);
+        let second = (0..1000)
+            .filter(|_| again.admit("loud", CHUNK, later))
+            .count() as u64;
+        assert_eq!(second, (256u64 << 20) / 60 / CHUNK);
     }
 
     #[test]

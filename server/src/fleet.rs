@@ -90,6 +90,11 @@ pub struct ChunkStats {
     pub skipped: u64,
     /// Requests refused (artifact not deployed to the device, or undecodable).
     pub refused: u64,
+    /// Chunks asked for on a device's own topic beyond its budget
+    /// ([`crate::budget::FIRST_ASKS`], [`crate::budget::ASKED_AGAIN`]): not sent (the device
+    /// asks again later).
+    #[serde(default)]
+    pub over_budget: u64,
 }
 
 /// Why a decoded telemetry report was not taken.
@@ -173,6 +178,11 @@ pub struct Fleet {
     telemetry_over_budget: std::sync::atomic::AtomicU64,
     /// What each device may still send of telemetry this minute.
     telemetry_budgets: std::sync::Mutex<crate::budget::Budgets>,
+    /// Chunks asked beyond their device's budget.
+    chunks_over_budget: std::sync::atomic::AtomicU64,
+    /// Per device: chunks asked the first time, and asked again, sent on its own topic.
+    first_asks: std::sync::Mutex<crate::budget::Budgets>,
+    asked_again: std::sync::Mutex<crate::budget::Budgets>,
     samples_stored: std::sync::atomic::AtomicU64,
     samples_refused: std::sync::atomic::AtomicU64,
     /// How long telemetry is kept, seconds.
@@ -275,6 +285,13 @@ impl Fleet {
             samples_refused: Default::default(),
             telemetry_rejected: Default::default(),
             telemetry_over_budget: Default::default(),
+            chunks_over_budget: Default::default(),
+            first_asks: std::sync::Mutex::new(crate::budget::Budgets::new(
+                crate::budget::FIRST_ASKS,
+            )),
+            asked_again: std::sync::Mutex::new(crate::budget::Budgets::new(
+                crate::budget::ASKED_AGAIN,
+            )),
             telemetry_budgets: std::sync::Mutex::new(crate::budget::Budgets::new(
                 crate::budget::TELEMETRY,
             )),
@@ -383,6 +400,7 @@ impl Fleet {
                 shared: self.chunks_shared.load(Relaxed),
                 skipped: self.chunks_skipped.load(Relaxed),
                 refused: self.refused.load(Relaxed),
+                over_budget: self.chunks_over_budget.load(Relaxed),
             },
             telemetry: TelemetryStats {
                 stored: self.telemetry_stored.load(Relaxed),
@@ -854,7 +872,11 @@ impl Fleet {
                 }
                 Route::Shared => scheduled = true,
                 Route::Direct => {
-                    if !self.send_chunk(&own, &req.artifact, &digest, index).await {
+                    let charge = Some((req.device.as_str(), req.again.contains(&index)));
+                    if !self
+                        .send_chunk(&own, &req.artifact, &digest, index, charge)
+                        .await
+                    {
                         break;
                     }
                 }
@@ -889,15 +911,28 @@ impl Fleet {
                     continue;
                 };
                 let topic = self.topics.artifact(&artifact);
-                if self.send_chunk(&topic, &artifact, &digest, index).await {
+                if self
+                    .send_chunk(&topic, &artifact, &digest, index, None)
+                    .await
+                {
                     self.chunks_shared.fetch_add(1, Relaxed);
                 }
             }
         }
     }
 
-    /// Publishes chunk `index` of `artifact` on `topic`; false if the broker link is gone.
-    async fn send_chunk(&self, topic: &str, artifact: &str, digest: &[u8; 32], index: u32) -> bool {
+    /// Publishes chunk `index` of `artifact` on `topic`, charged to the budget of the device
+    /// `charge` names (for a chunk it asked again, or the first time) if given; false if the
+    /// broker link is gone or the device is over its budget (the rest of its request is not
+    /// sent either).
+    async fn send_chunk(
+        &self,
+        topic: &str,
+        artifact: &str,
+        digest: &[u8; 32],
+        index: u32,
+        charge: Option<(&str, bool)>,
+    ) -> bool {
         use std::sync::atomic::Ordering::Relaxed;
         let (file, at) = self.locate(artifact, digest, index);
         let data = match self.db.chunk(&file, at).await {
@@ -911,6 +946,22 @@ impl Fleet {
                 return false;
             }
         };
+        if let Some((device, again)) = charge {
+            let budgets = match again {
+                true => &self.asked_again,
+                false => &self.first_asks,
+            };
+            let admitted = budgets.lock().expect("budgets lock").admit(
+                device,
+                data.len() as u64,
+                std::time::Instant::now(),
+            );
+            if !admitted {
+                self.chunks_over_budget.fetch_add(1, Relaxed);
+                debug!(%device, %artifact, index, "chunk over the device's budget not sent");
+                return false;
+            }
+        }
         let frame = ChunkReply {
             artifact: *digest,
             index,

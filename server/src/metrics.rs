@@ -159,6 +159,11 @@ pub async fn render(fleet: &Fleet) -> Result<String, DbError> {
             "Chunk requests this server refused",
             chunks.refused,
         ),
+        (
+            "chunks_over_budget",
+            "Chunks asked for on a device's own topic beyond its budget, not sent",
+            chunks.over_budget,
+        ),
     ] {
         registry.register(name, help, counter(value));
     }

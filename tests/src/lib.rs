@@ -174,8 +174,9 @@ impl Mosquitto {
             &conf,
             format!(
                 "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
-                 max_queued_messages {}\n",
-                modelcast_server::acl::SERVER_QUEUE
+                 max_queued_messages {}\nmax_queued_bytes {}\n",
+                modelcast_server::acl::SERVER_QUEUE,
+                modelcast_server::acl::CLIENT_QUEUE_BYTES
             ),
         )
         .expect("mosquitto config");
@@ -1076,6 +1077,31 @@ pub enum ChunkAttack {
     Stall,
 }
 
+/// MQTT options for a TLS connection to the broker on `port` with the client certificate
+/// `identity` from `pki` (issued now if it does not exist yet: a device the fleet CA vouches
+/// for), as client `client_id`.
+pub fn tls_options(port: u16, pki: &Path, identity: &str, client_id: &str) -> rumqttc::MqttOptions {
+    let id = modelcast_server::pki::Identity::in_dir(pki, identity);
+    if !id.cert.exists() {
+        modelcast_server::pki::issue(pki, identity).expect("issuing a certificate");
+    }
+    let read = |p: &Path| std::fs::read(p).expect("PKI file");
+    let (ca, cert, key) = (read(&pki.join("ca.pem")), read(&id.cert), read(&id.key));
+    let tls = modelcast_proto::tls::client_config(
+        &ca,
+        Some(modelcast_proto::tls::ClientIdentity {
+            cert_pem: &cert,
+            key_pem: &key,
+        }),
+    )
+    .expect("TLS config");
+    let mut opts = rumqttc::MqttOptions::new(client_id, "127.0.0.1", port);
+    opts.set_transport(rumqttc::Transport::tls_with_config(
+        rumqttc::TlsConfiguration::Rustls(std::sync::Arc::new(tls)),
+    ));
+    opts
+}
+
 /// A chunk the rogue serves for `artifact`: its bytes, chunk size and what to do to them.
 pub type RogueArtifact = (Vec<u8>, u32, ChunkAttack);
 
@@ -1112,25 +1138,7 @@ impl Rogue {
         client_id: &str,
         artifact: Option<RogueArtifact>,
     ) -> Rogue {
-        let id = modelcast_server::pki::Identity::in_dir(pki, identity);
-        if !id.cert.exists() {
-            modelcast_server::pki::issue(pki, identity).expect("issuing a certificate");
-        }
-        let read = |p: &Path| std::fs::read(p).expect("PKI file");
-        let (ca, cert, key) = (read(&pki.join("ca.pem")), read(&id.cert), read(&id.key));
-        let tls = modelcast_proto::tls::client_config(
-            &ca,
-            Some(modelcast_proto::tls::ClientIdentity {
-                cert_pem: &cert,
-                key_pem: &key,
-            }),
-        )
-        .expect("TLS config");
-        let mut opts = rumqttc::MqttOptions::new(client_id, "127.0.0.1", port);
-        opts.set_transport(rumqttc::Transport::tls_with_config(
-            rumqttc::TlsConfiguration::Rustls(std::sync::Arc::new(tls)),
-        ));
-        Self::start(opts, artifact)
+        Self::start(tls_options(port, pki, identity, client_id), artifact)
     }
 
     fn start(mut opts: rumqttc::MqttOptions, artifact: Option<RogueArtifact>) -> Rogue {
