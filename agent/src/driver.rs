@@ -19,7 +19,7 @@ use modelcast_proto::desired::{DesiredState, SamplingSpec};
 use modelcast_proto::keys::PublicKey;
 use modelcast_proto::manifest::Manifest;
 use modelcast_proto::metadata::{RoleVerifier, Signed};
-use modelcast_proto::report::{DeviceReport, ReportedError, Slot};
+use modelcast_proto::report::{DeviceReport, ErrorKind, ReportedError, Slot};
 use modelcast_proto::verify::{verify_desired, TrustState};
 use thiserror::Error;
 use tokio::task::JoinSet;
@@ -495,10 +495,21 @@ async fn control(
         link,
     };
     if let Some(rebuilt) = rebuilt {
-        agent.updater.note_error(None, None, rebuilt.describe());
+        agent
+            .updater
+            .note_error(ErrorKind::Healing, None, None, rebuilt.describe());
     }
-    for (name, version, reason) in restored.lost.into_iter().chain(restored.unloadable) {
-        agent.updater.note_error(Some(&name), Some(version), reason);
+    for (name, version, reason) in restored.lost {
+        let v = Some(version);
+        agent
+            .updater
+            .note_error(ErrorKind::Healing, Some(&name), v, reason);
+    }
+    for (name, version, reason) in restored.unloadable {
+        let v = Some(version);
+        agent
+            .updater
+            .note_error(ErrorKind::Failed, Some(&name), v, reason);
     }
     for (name, version, reason) in restored.rolled_back {
         agent.updater.report_rollback(&name, version, reason);
@@ -628,7 +639,7 @@ impl Agent {
             }
             LinkEvent::Desired(bytes) => {
                 if let Err(e) = self.handle_desired(&bytes).await {
-                    self.updater.note_error(None, None, e);
+                    self.updater.note_error(ErrorKind::Failed, None, None, e);
                 }
             }
             LinkEvent::Chunk(bytes) => self.handle_chunk(&bytes),
@@ -814,8 +825,9 @@ impl Agent {
                 Action::Error {
                     model,
                     version,
+                    kind,
                     reason,
-                } => self.record_error(model, version, reason).await,
+                } => self.record_error(model, version, kind, reason).await,
                 Action::Phase { name, phase } => self.metrics.phase(&name, phase),
                 Action::Ended { name, outcome } => self.metrics.update_ended(&name, outcome),
                 Action::Report => self.report().await,
@@ -939,10 +951,17 @@ impl Agent {
         }
     }
 
-    async fn record_error(&mut self, model: Option<String>, version: Option<u64>, reason: String) {
+    async fn record_error(
+        &mut self,
+        model: Option<String>,
+        version: Option<u64>,
+        kind: ErrorKind,
+        reason: String,
+    ) {
         let error = ReportedError {
             model,
             version,
+            kind,
             reason,
             at: unix_now(),
         };

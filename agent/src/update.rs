@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use modelcast_proto::desired::TrialThresholds;
 use modelcast_proto::manifest::Manifest;
-use modelcast_proto::report::{ModelState, Phase, Slot, SlotContent, UpdateProgress};
+use modelcast_proto::report::{ErrorKind, ModelState, Phase, Slot, SlotContent, UpdateProgress};
 use tracing::{info, warn};
 
 use crate::metrics::Outcome;
@@ -159,6 +159,8 @@ pub enum Action {
         model: Option<String>,
         /// The version it concerns.
         version: Option<u64>,
+        /// What kind.
+        kind: ErrorKind,
         /// Why.
         reason: String,
     },
@@ -340,8 +342,14 @@ impl Updater {
 
     /// An error outside the machine's steps (a desired state that failed verification):
     /// recorded and reported like its own.
-    pub fn note_error(&mut self, model: Option<&str>, version: Option<u64>, reason: String) {
-        self.error(model, version, reason);
+    pub fn note_error(
+        &mut self,
+        kind: ErrorKind,
+        model: Option<&str>,
+        version: Option<u64>,
+        reason: String,
+    ) {
+        self.error_of(kind, model, version, reason);
     }
 
     /// Every model's slots and update, for the state report.
@@ -748,10 +756,22 @@ impl Updater {
     }
 
     fn error(&mut self, model: Option<&str>, version: Option<u64>, reason: String) {
-        warn!(model, version, %reason, "update failed");
+        self.error_of(ErrorKind::Failed, model, version, reason);
+    }
+
+    /// Records and reports an error of `kind`.
+    fn error_of(
+        &mut self,
+        kind: ErrorKind,
+        model: Option<&str>,
+        version: Option<u64>,
+        reason: String,
+    ) {
+        warn!(model, version, ?kind, %reason, "update error");
         self.push(Action::Error {
             model: model.map(str::to_string),
             version,
+            kind,
             reason,
         });
         self.want_report(true);
@@ -1112,7 +1132,9 @@ impl Updater {
         for q in queued {
             match q {
                 Ok(action) => self.push(action),
-                Err((name, version, reason)) => self.error(Some(&name), Some(version), reason),
+                Err((name, version, reason)) => {
+                    self.error_of(ErrorKind::Stalled, Some(&name), Some(version), reason)
+                }
             }
         }
     }
@@ -1341,6 +1363,7 @@ mod tests {
                         model,
                         version,
                         reason,
+                        ..
                     } => {
                         if model.is_some() && model == unreported {
                             assert!(reason.starts_with("rolled back"), "{reason}");

@@ -110,10 +110,62 @@ pub struct ReportedError {
     pub model: Option<String>,
     /// Version concerned, if any.
     pub version: Option<u64>,
-    /// Human-readable reason.
+    /// What kind of error: what the fleet decides by (never the reason's wording).
+    #[serde(default)]
+    pub kind: ErrorKind,
+    /// Human-readable reason, for people.
     pub reason: String,
     /// Unix seconds.
     pub at: i64,
+}
+
+/// What kind of error a device reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// A download is waiting for chunks and keeps retrying: not a verdict on the version.
+    Stalled,
+    /// The device's store lost something (a damaged artifact, a rebuilt database) and is
+    /// healing: not a verdict on the version.
+    Healing,
+    /// The update of the version named failed, or was refused (verification, golden
+    /// vectors, latency budget, probation, a rollback), or anything else (a kind this build
+    /// does not know reads as this).
+    #[default]
+    #[serde(other)]
+    Failed,
+}
+
+impl ErrorKind {
+    /// Whether the error passes by itself and says nothing against the version.
+    pub fn is_transient(self) -> bool {
+        matches!(self, ErrorKind::Stalled | ErrorKind::Healing)
+    }
+}
+
+#[cfg(test)]
+mod error_kind_tests {
+    use super::*;
+
+    #[test]
+    fn a_kind_round_trips_and_an_unknown_or_missing_one_reads_as_failed() {
+        let error = ReportedError {
+            model: Some("m".into()),
+            version: Some(2),
+            kind: ErrorKind::Stalled,
+            reason: "download stalled".into(),
+            at: 1,
+        };
+        let json = serde_json::to_string(&error).unwrap();
+        assert!(json.contains(r#""kind":"stalled""#), "{json}");
+        assert_eq!(serde_json::from_str::<ReportedError>(&json).unwrap(), error);
+        let newer = json.replace("stalled\"", "from_the_future\"");
+        let read: ReportedError = serde_json::from_str(&newer).unwrap();
+        assert_eq!(read.kind, ErrorKind::Failed);
+        let older = r#"{"model":null,"version":null,"reason":"x","at":0}"#;
+        let read: ReportedError = serde_json::from_str(older).unwrap();
+        assert_eq!(read.kind, ErrorKind::Failed);
+    }
 }
 
 /// The full state report.

@@ -339,7 +339,7 @@ pub fn observe(report: &DeviceReport, model: &str, version: u64, since: i64) -> 
     if serving == Some(version) {
         return Observed::Committed;
     }
-    if error.is_some_and(|e| e.at >= since && !e.reason.starts_with("download stalled")) {
+    if error.is_some_and(|e| e.at >= since && !e.kind.is_transient()) {
         return Observed::Failed(reason());
     }
     Observed::Serving(serving)
@@ -747,6 +747,7 @@ mod tests {
             Some((v, Phase::Failed)) => Some(ReportedError {
                 model: Some("m".into()),
                 version: Some(v),
+                kind: modelcast_proto::report::ErrorKind::Failed,
                 reason: "rolled back to version 1: p99 latency".into(),
                 at: 100,
             }),
@@ -772,6 +773,29 @@ mod tests {
                 _ => vec![],
             })
             .collect()
+    }
+
+    #[test]
+    fn only_a_verdict_on_the_version_counts_as_failed_never_a_stall_or_healing() {
+        use modelcast_proto::report::ErrorKind;
+        let with = |kind: ErrorKind| {
+            let mut r = report("d", 1, Some((2, Phase::Downloading)));
+            r.last_error = Some(ReportedError {
+                model: Some("m".into()),
+                version: Some(2),
+                kind,
+                reason: "the words do not matter".into(),
+                at: 100,
+            });
+            r.models.get_mut("m").unwrap().update = None;
+            observe(&r, "m", 2, 50)
+        };
+        assert_eq!(with(ErrorKind::Stalled), Observed::Serving(Some(1)));
+        assert_eq!(with(ErrorKind::Healing), Observed::Serving(Some(1)));
+        assert_eq!(
+            with(ErrorKind::Failed),
+            Observed::Failed("the words do not matter".into())
+        );
     }
 
     #[test]

@@ -1058,6 +1058,10 @@ pub fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
 /// compromised server replica, depending on the identity it connects with.
 pub struct Rogue {
     client: rumqttc::Client,
+    /// Its subscriptions, made again at every connection (the broker may drop one before
+    /// its SUBACK: rumqttd sometimes ends a new connection once; with a clean session the
+    /// subscription goes with it).
+    filters: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     acks: std::sync::mpsc::Receiver<Vec<rumqttc::SubscribeReasonCode>>,
     seen: std::sync::mpsc::Receiver<(String, Vec<u8>)>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -1149,11 +1153,14 @@ impl Rogue {
         let (client, mut connection) = rumqttc::Client::new(opts, 64);
         let topics = Topics::new("modelcast");
         let answers = artifact.is_some();
+        let filters = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         if answers {
-            client
-                .subscribe(topics.all_devices(DeviceTopic::Requests), QoS::AtLeastOnce)
-                .expect("subscribe");
+            filters
+                .lock()
+                .unwrap()
+                .push(topics.all_devices(DeviceTopic::Requests));
         }
+        let resubscribe = (client.clone(), filters.clone());
         let (ack_tx, acks) = std::sync::mpsc::channel();
         let (seen_tx, seen) = std::sync::mpsc::channel();
         let replier = client.clone();
@@ -1167,6 +1174,13 @@ impl Rogue {
                 }
                 let p = match event {
                     Ok(Event::Incoming(Packet::Publish(p))) => p,
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        let (client, filters) = &resubscribe;
+                        for filter in filters.lock().unwrap().iter() {
+                            let _ = client.try_subscribe(filter, QoS::AtLeastOnce);
+                        }
+                        continue;
+                    }
                     Ok(Event::Incoming(Packet::SubAck(ack))) => {
                         let _ = ack_tx.send(ack.return_codes);
                         continue;
@@ -1227,6 +1241,7 @@ impl Rogue {
         }
         Rogue {
             client,
+            filters,
             acks,
             seen,
             stop,
@@ -1248,6 +1263,7 @@ impl Rogue {
 
     /// Subscribes to `filter` and returns whether the broker granted it (bounded wait).
     pub fn subscribe(&self, filter: &str) -> bool {
+        self.filters.lock().unwrap().push(filter.to_string());
         self.client
             .subscribe(filter, rumqttc::QoS::AtLeastOnce)
             .expect("subscribe");

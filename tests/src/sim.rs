@@ -295,7 +295,7 @@ impl Device {
                             }
                             Err(e) => {
                                 self.stats.desired_rejected.fetch_add(1, Ordering::Relaxed);
-                                updater.note_error(None, None, format!("desired state rejected: {e}"));
+                                updater.note_error(modelcast_proto::report::ErrorKind::Failed, None, None, format!("desired state rejected: {e}"));
                             }
                         }
                     }
@@ -394,11 +394,13 @@ impl Device {
                     Action::Error {
                         model,
                         version,
+                        kind,
                         reason,
                     } => {
                         last_error = Some(ReportedError {
                             model,
                             version,
+                            kind,
                             reason,
                             at: modelcast_server::unix_now(),
                         });
