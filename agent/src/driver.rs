@@ -514,6 +514,13 @@ async fn control(
     for (name, version, reason) in restored.rolled_back {
         agent.updater.report_rollback(&name, version, reason);
     }
+    for (name, b) in agent.store.backoffs()? {
+        let left = Duration::from_secs(b.until.saturating_sub(unix_now()).max(0) as u64);
+        let until = Instant::now() + left;
+        agent
+            .updater
+            .restore_backoff(&name, b.sha256, b.attempts, until);
+    }
     for (name, previous) in restored.trials {
         agent.previous.insert(name.clone(), previous);
         agent.updater.resume_trial(&name, Instant::now());
@@ -822,6 +829,16 @@ impl Agent {
                     }
                 }
                 Action::CollectGarbage => self.collect_garbage(),
+                Action::Backoff { name, backoff } => {
+                    let kept = backoff.map(|(sha256, attempts, wait)| crate::store::Backoff {
+                        sha256,
+                        attempts,
+                        until: unix_now().saturating_add(wait.as_secs() as i64),
+                    });
+                    if let Err(e) = self.store.set_backoff(&name, kept.as_ref()) {
+                        warn!(model = %name, error = %e, "keeping the back-off failed");
+                    }
+                }
                 Action::Error {
                     model,
                     version,

@@ -137,6 +137,18 @@ fn check_unlocked(dir: &Path) -> Result<(), StoreError> {
     }
 }
 
+/// A download given up over damaged chunks, kept across restarts: it is not tried again
+/// before `until` (Unix seconds).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Backoff {
+    /// The artifact (hex SHA-256).
+    pub sha256: String,
+    /// Give-ups in a row.
+    pub attempts: u32,
+    /// Unix seconds.
+    pub until: i64,
+}
+
 /// Per model, the ids and sizes of its stored samples, oldest first.
 type SampleIndex = BTreeMap<String, VecDeque<(u64, u64)>>;
 
@@ -435,6 +447,32 @@ impl Store {
         }
         self.all_pending()?.iter().for_each(&mut keep);
         self.files.collect_garbage(&live)
+    }
+
+    /// Keeps (or, with `None`, forgets) the back-off of `name`'s download given up over
+    /// damaged chunks.
+    pub fn set_backoff(&self, name: &str, backoff: Option<&Backoff>) -> Result<(), StoreError> {
+        let key = format!("backoff/{name}");
+        match backoff {
+            Some(b) => self.meta.insert(key, encode(b))?,
+            None => self.meta.remove(key)?,
+        };
+        Ok(())
+    }
+
+    /// Every back-off kept, by model (a record that does not decode is skipped: the download
+    /// is then tried at once, as before back-offs were kept).
+    pub fn backoffs(&self) -> Result<Vec<(String, Backoff)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.meta.scan_prefix("backoff/") {
+            let (key, value) = item?;
+            let name = String::from_utf8_lossy(&key["backoff/".len()..]).into_owned();
+            match decode::<Backoff>("meta/backoff", &value) {
+                Ok(b) => out.push((name, b)),
+                Err(e) => tracing::warn!(model = %name, error = %e, "kept back-off skipped"),
+            }
+        }
+        Ok(out)
     }
 
     /// Records the last error.
@@ -773,6 +811,25 @@ mod tests {
         store.clear_pending("g").unwrap();
         assert_eq!(store.collect_garbage().unwrap(), 2);
         assert!(store.golden_file(&m).is_err());
+    }
+
+    #[test]
+    fn back_offs_are_kept_across_a_reopen_and_a_corrupt_one_is_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let b = Backoff {
+            sha256: "ab".repeat(32),
+            attempts: 2,
+            until: 1_800_000_000,
+        };
+        store.set_backoff("m", Some(&b)).unwrap();
+        store.set_backoff("gone", Some(&b)).unwrap();
+        store.set_backoff("gone", None).unwrap();
+        store.meta.insert("backoff/bad", b"{not json").unwrap();
+        store.flush_blocking().unwrap();
+        drop(store);
+        let store = reopen(dir.path());
+        assert_eq!(store.backoffs().unwrap(), vec![("m".to_string(), b)]);
     }
 
     fn put_all(store: &Store, m: &Manifest, bytes: &[u8]) {

@@ -153,6 +153,14 @@ pub enum Action {
     },
     /// Remove artifacts that neither a slot nor a download refers to.
     CollectGarbage,
+    /// Keep (or, with `None`, forget) across restarts the back-off of `name`'s download
+    /// given up over damaged chunks: its artifact, give-ups in a row and the wait from now.
+    Backoff {
+        /// Model name.
+        name: String,
+        /// Artifact (hex SHA-256), attempts, wait.
+        backoff: Option<(String, u32, Duration)>,
+    },
     /// Record this error as the device's last one (persisted) and report it.
     Error {
         /// The model it concerns.
@@ -263,6 +271,9 @@ pub struct Updater {
     rejected: BTreeSet<String>,
     /// Per model, a download given up over damaged chunks, tried again after a back-off.
     retries: BTreeMap<String, Retry>,
+    /// Per model, a back-off kept in the store from before a restart, waiting for the
+    /// desired state to name its artifact again: artifact, attempts, until.
+    held: BTreeMap<String, (String, u32, Instant)>,
     online: bool,
     actions: VecDeque<Action>,
     report_due: bool,
@@ -295,6 +306,7 @@ impl Updater {
             models,
             rejected: BTreeSet::new(),
             retries: BTreeMap::new(),
+            held: BTreeMap::new(),
             online: false,
             actions: VecDeque::new(),
             report_due: true,
@@ -409,6 +421,13 @@ impl Updater {
     }
 
     // ---- start-up ----
+
+    /// Start-up found a back-off of `name`'s download of `sha256` (given up `attempts` times
+    /// in a row over damaged chunks) that lasts until `until`: if the desired state names
+    /// that artifact, it waits until then.
+    pub fn restore_backoff(&mut self, name: &str, sha256: String, attempts: u32, until: Instant) {
+        self.held.insert(name.into(), (sha256, attempts, until));
+    }
 
     /// Start-up rolled `name` back (a crash loop, or its trial version no longer loads).
     pub fn report_rollback(&mut self, name: &str, version: u64, reason: String) {
@@ -856,6 +875,25 @@ impl Updater {
         if self.rejected.contains(&manifest.sha256) {
             return; // Already failed; reported then. A new version will retry.
         }
+        if let Some((sha256, attempts, until)) = self.held.remove(&name) {
+            if sha256 == manifest.sha256 {
+                // Given up before a restart: the back-off runs on.
+                let retry = Retry {
+                    manifest,
+                    thresholds,
+                    attempts,
+                    at: Some(until),
+                    running: false,
+                };
+                self.retries.insert(name, retry);
+                self.poll_now = true;
+                return;
+            }
+            self.push(Action::Backoff {
+                name: name.clone(),
+                backoff: None,
+            });
+        }
         match self.retries.get_mut(&name) {
             // Given up over damaged chunks: tried again when its back-off ends.
             Some(r) if r.manifest.sha256 == manifest.sha256 && !r.running => {
@@ -864,6 +902,10 @@ impl Updater {
             }
             Some(r) if r.manifest.sha256 != manifest.sha256 => {
                 self.retries.remove(&name);
+                self.push(Action::Backoff {
+                    name: name.clone(),
+                    backoff: None,
+                });
             }
             _ => {}
         }
@@ -984,11 +1026,18 @@ impl Updater {
         self.abandon(name, reason);
         self.rejected.remove(&sha);
         // A version that waited behind this download took its place: nothing to retry.
-        if matches!(self.models.get(name).map(|m| &m.step), Some(Step::Idle)) {
+        let backoff = if matches!(self.models.get(name).map(|m| &m.step), Some(Step::Idle)) {
+            let kept = (sha, retry.attempts, retry.wait());
             self.retries.insert(name.into(), retry);
+            Some(kept)
         } else {
             self.retries.remove(name);
-        }
+            None
+        };
+        self.push(Action::Backoff {
+            name: name.into(),
+            backoff,
+        });
     }
 
     /// Starts the retries whose back-off has ended (and times those that just began).
@@ -1009,6 +1058,12 @@ impl Updater {
     }
 
     fn stage(&mut self, name: &str) {
+        if self.retries.remove(name).is_some() {
+            self.push(Action::Backoff {
+                name: name.into(),
+                backoff: None,
+            });
+        }
         let Some(m) = self.models.get_mut(name) else {
             return;
         };
@@ -1016,7 +1071,6 @@ impl Updater {
             return;
         };
         let slot = m.record.inactive();
-        self.retries.remove(name);
         info!(model = name, version = manifest.version, %slot, "artifact complete; staging");
         m.step = Step::Staging {
             manifest: manifest.clone(),
@@ -1221,6 +1275,8 @@ mod tests {
         fallback_floor: Option<u64>,
         /// The broker's retained desired state: delivered again at every (re)connection.
         retained: Option<(Manifest, Option<TrialThresholds>)>,
+        /// Back-offs of downloads given up over damaged chunks, as the store keeps them.
+        backoffs: BTreeMap<String, (String, u32, Instant)>,
     }
 
     impl Sim {
@@ -1246,6 +1302,7 @@ mod tests {
                 floor: 0,
                 fallback_floor: None,
                 retained: None,
+                backoffs: BTreeMap::new(),
             };
             sim.m.handle_connected();
             sim
@@ -1359,6 +1416,15 @@ mod tests {
                         self.disk.insert(name, record);
                     }
                     Action::CollectGarbage | Action::Phase { .. } | Action::Ended { .. } => {}
+                    Action::Backoff { name, backoff } => match backoff {
+                        Some((sha, attempts, wait)) => {
+                            let until = self.now + wait;
+                            self.backoffs.insert(name, (sha, attempts, until));
+                        }
+                        None => {
+                            self.backoffs.remove(&name);
+                        }
+                    },
                     Action::Error {
                         model,
                         version,
@@ -1529,6 +1595,9 @@ mod tests {
                 records.push((M.to_string(), record, self.serving.is_some()));
             }
             let mut m = Updater::new(settings(), records);
+            for (name, (sha, attempts, until)) in &self.backoffs {
+                m.restore_backoff(name, sha.clone(), *attempts, *until);
+            }
             if let Some((version, reason)) = rolled_back {
                 m.report_rollback(M, version, reason);
             }
@@ -1630,11 +1699,20 @@ mod tests {
                 "{reason}"
             );
             assert_eq!(sim.serving_version(), Some(1));
-            // The desired state again (a reconnect) does not restart it before the back-off.
+            assert_eq!(sim.backoffs[M].1, round, "kept in the store");
+            // The desired state again (a reconnect, or a restart: the back-off is kept in the
+            // store) does not restart it before the back-off.
             sim.requested.clear();
-            sim.set_online(false);
-            sim.set_online(true);
-            sim.advance(wait * 1000 - 100);
+            if round == 2 {
+                sim.advance(1000);
+                sim.restart(true);
+                sim.set_online(true); // The retained desired state names v2 again.
+                sim.advance(wait * 1000 - 1100);
+            } else {
+                sim.set_online(false);
+                sim.set_online(true);
+                sim.advance(wait * 1000 - 100);
+            }
             assert!(
                 sim.requested.is_empty(),
                 "round {round}: asked before the back-off"
@@ -1642,10 +1720,11 @@ mod tests {
             sim.advance(200);
             assert!(!sim.requested.is_empty(), "round {round}: not tried again");
         }
-        // The genuine chunks install it.
+        // The genuine chunks install it; the back-off is forgotten.
         sim.deliver_all();
         sim.finish_staging(true);
         assert_eq!(sim.serving_version(), Some(2));
+        assert!(sim.backoffs.is_empty());
     }
 
     #[test]

@@ -427,6 +427,7 @@ impl Device {
                     | Action::Abandon { .. }
                     | Action::Persist { .. }
                     | Action::CollectGarbage
+                    | Action::Backoff { .. }
                     | Action::Phase { .. }
                     | Action::Ended { .. } => {}
                 }

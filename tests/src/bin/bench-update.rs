@@ -4,7 +4,8 @@
 //!
 //! Run: `cargo build --release --bins && target/release/bench-update` (it starts the release
 //! binaries beside it). Figures are printed; the machine is shared and noisy, so compare the
-//! ratios, not the absolute times. `BENCH_RUNS`, `BENCH_MB`, `BENCH_SMALL_MB` change sizes.
+//! ratios, not the absolute times. `BENCH_RUNS`, `BENCH_MB`, `BENCH_SMALL_MB` change sizes;
+//! `BENCH_AGENT_TOML` appends to the agent's configuration.
 
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -149,7 +150,14 @@ fn main() {
         Some(m) => Fleet::with_broker(tempfile::tempdir().expect("tempdir"), m.port()),
         None => Fleet::embedded(),
     };
-    let agent = fleet.start_agent("bench-1", &[("site", "bench")]);
+    // Probation ends a second after each swap, so that every run measures an update rather
+    // than the wait for the previous one's trial. `BENCH_AGENT_TOML` appends to the agent's
+    // configuration (e.g. `[transfer]` settings).
+    let extra = format!(
+        "[probation]\nseconds = 1\nrequests = 1000000\n{}",
+        std::env::var("BENCH_AGENT_TOML").unwrap_or_default()
+    );
+    let agent = fleet.start_agent_with("bench-1", &[("site", "bench")], &extra);
     fleet.wait_registered();
     fleet.publish_example(1, 64);
     fleet.deploy("classifier", 1, "*");
