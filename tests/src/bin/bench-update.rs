@@ -5,7 +5,7 @@
 //! Run: `cargo build --release --bins && target/release/bench-update` (it starts the release
 //! binaries beside it). Figures are printed; the machine is shared and noisy, so compare the
 //! ratios, not the absolute times. `BENCH_RUNS`, `BENCH_MB`, `BENCH_SMALL_MB` change sizes;
-//! `BENCH_AGENT_TOML` appends to the agent's configuration.
+//! `BENCH_TRANSFER` adds keys to the agent's `[transfer]` section.
 
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -151,13 +151,17 @@ fn main() {
         None => Fleet::embedded(),
     };
     // Probation ends a second after each swap, so that every run measures an update rather
-    // than the wait for the previous one's trial. `BENCH_AGENT_TOML` appends to the agent's
-    // configuration (e.g. `[transfer]` settings).
-    let extra = format!(
-        "[probation]\nseconds = 1\nrequests = 1000000\n{}",
-        std::env::var("BENCH_AGENT_TOML").unwrap_or_default()
+    // than the wait for the previous one's trial. `BENCH_TRANSFER` adds keys to the agent's
+    // `[transfer]` section (e.g. `window = 128`).
+    let agent = fleet.start_agent_opts(
+        "bench-1",
+        &[("site", "bench")],
+        modelcast_tests::AgentOptions {
+            extra: "[probation]\nseconds = 1\nrequests = 1000000\n".into(),
+            transfer: std::env::var("BENCH_TRANSFER").map_or(String::new(), |t| t + "\n"),
+            ..modelcast_tests::AgentOptions::default()
+        },
     );
-    let agent = fleet.start_agent_with("bench-1", &[("site", "bench")], &extra);
     fleet.wait_registered();
     fleet.publish_example(1, 64);
     fleet.deploy("classifier", 1, "*");
