@@ -1194,27 +1194,19 @@ impl Fleet {
         }
     }
 
-    /// Persists `rollout` (flushed), then carries out its effects.
+    /// Persists `rollout` (flushed), then carries out its effects. What a rollout's end
+    /// leaves (its audit entry, the group's deployment) is written before the rollout is
+    /// recorded as ended, and the operators see it ended only then: a crash in between ends
+    /// it again after the restart rather than losing them.
     async fn commit_rollout(
         &self,
         rollout: &Rollout,
         effects: Vec<Effect>,
     ) -> Result<(), RolloutError> {
-        self.rollouts
-            .lock()
-            .expect("rollouts lock")
-            .insert(rollout.id, rollout.clone());
-        self.db.put_rollout(rollout).await?;
-        self.db.flush().await?;
+        let mut retarget = Vec::new();
         for effect in effects {
             match effect {
-                Effect::Retarget(devices) => {
-                    for device in devices {
-                        if let Err(e) = self.publish_desired(&device).await {
-                            warn!(rollout = rollout.id, %device, error = %e, "publishing desired state failed");
-                        }
-                    }
-                }
+                Effect::Retarget(devices) => retarget.extend(devices),
                 Effect::Ended(state) => {
                     info!(rollout = rollout.id, ?state, "rollout ended");
                     self.db
@@ -1240,9 +1232,19 @@ impl Fleet {
                                 sampling: s.sampling,
                             })
                             .await?;
-                        self.db.flush().await?;
                     }
                 }
+            }
+        }
+        self.db.put_rollout(rollout).await?;
+        self.db.flush().await?;
+        self.rollouts
+            .lock()
+            .expect("rollouts lock")
+            .insert(rollout.id, rollout.clone());
+        for device in retarget {
+            if let Err(e) = self.publish_desired(&device).await {
+                warn!(rollout = rollout.id, %device, error = %e, "publishing desired state failed");
             }
         }
         Ok(())
