@@ -9,6 +9,7 @@
 //! device certificate), and for the chunk attacks a holder of every key, so that only the
 //! byte checks stand in the way. `docs/security.md` maps each test to its threat.
 
+use std::path::Path;
 use std::time::Duration;
 
 use modelcast_proto::manifest::Manifest;
@@ -425,14 +426,13 @@ fn revoked_keys_and_unmet_thresholds_are_refused_after_a_root_rotation() {
     drop(v1);
 }
 
-/// Session takeover on the embedded broker with client certificates (rumqttd): two devices
-/// with valid certificates connect with the server's client id and with another device's.
-/// Each certificate reaches only its own identity's sessions (see `pki::client_name`), so
-/// neither the server's link nor edge-1's drops, and an update still goes through.
-#[test]
-fn a_certificate_cannot_take_over_another_identitys_session() {
-    let fleet = Fleet::embedded_tls();
-    let pki = fleet.pki.clone().expect("PKI");
+/// Session takeover, on both brokers with client certificates: two devices with valid
+/// certificates connect with the server's client id and with another device's. On the
+/// embedded broker (rumqttd) each certificate reaches only its own identity's sessions (see
+/// `pki::client_name`); on mosquitto with the generated configuration the client id is the
+/// certificate's name (`use_username_as_clientid`). Either way neither the server's link nor
+/// edge-1's drops, and an update still goes through.
+fn a_certificate_cannot_take_over_another_identitys_session(fleet: &Fleet, pki: &Path) {
     let edge = fleet.start_agent_with("edge-1", &[], "[probation]\nrequests = 1\nseconds = 1\n");
     fleet.wait_registered();
     fleet.publish_example(1, 64);
@@ -453,7 +453,7 @@ fn a_certificate_cannot_take_over_another_identitys_session() {
         ("edge-3", "edge-1"),
     ]
     .into_iter()
-    .map(|(cert, id)| Rogue::connect_tls_as(fleet.mqtt_port, &pki, cert, id, None))
+    .map(|(cert, id)| Rogue::connect_tls_as(fleet.mqtt_port, pki, cert, id, None))
     .collect();
     // Both are connected and served by the broker (a SUBACK each).
     for rogue in &rogues {
@@ -481,4 +481,20 @@ fn a_certificate_cannot_take_over_another_identitys_session() {
         "the server's session was taken over"
     );
     assert_eq!(agent_after, agent_before, "edge-1's session was taken over");
+}
+
+#[test]
+fn a_certificate_cannot_take_over_a_session_on_the_embedded_broker() {
+    let fleet = Fleet::embedded_tls();
+    let pki = fleet.pki.clone().expect("PKI");
+    a_certificate_cannot_take_over_another_identitys_session(&fleet, &pki);
+}
+
+#[test]
+fn a_certificate_cannot_take_over_a_session_on_mosquitto() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start_tls(dir.path());
+    let pki = broker.pki().expect("PKI").to_path_buf();
+    let fleet = Fleet::with_tls_broker(dir, &broker);
+    a_certificate_cannot_take_over_another_identitys_session(&fleet, &pki);
 }
