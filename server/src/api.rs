@@ -367,6 +367,7 @@ pub fn standby_router(mqtt_identity: String) -> Router {
         mqtt_identity,
         chunk_requests: Default::default(),
         telemetry: Default::default(),
+        reports_over_budget: 0,
     };
     Router::new()
         .route("/api/v1/health", get(|| async { "ok" }))

@@ -55,6 +55,16 @@ pub const ASKED_AGAIN: Allowance = Allowance {
     bytes: 256 << 20,
 };
 
+/// State reports. An agent reports at most every half second during an update and every
+/// five seconds with download progress, a few KB each: 600 at once and 240 a minute (16 MiB
+/// each way) are far above that, and hold a device that floods its state topic to it.
+pub const STATE_REPORTS: Allowance = Allowance {
+    burst_messages: 600,
+    burst_bytes: 16 << 20,
+    messages: 240,
+    bytes: 16 << 20,
+};
+
 /// Most devices tracked at once; idle ones (full buckets) are forgotten beyond it, and while
 /// none is, a device not tracked yet is refused.
 pub const MAX_TRACKED: usize = 100_000;

@@ -147,6 +147,10 @@ pub struct Status {
     /// Telemetry reports it received (a control server only).
     #[serde(default)]
     pub telemetry: TelemetryStats,
+    /// State reports over their device's budget ([`crate::budget::STATE_REPORTS`]), dropped
+    /// unread.
+    #[serde(default)]
+    pub reports_over_budget: u64,
 }
 
 /// The fleet: store, repository and the MQTT client.
@@ -180,6 +184,9 @@ pub struct Fleet {
     telemetry_budgets: std::sync::Mutex<crate::budget::Budgets>,
     /// Chunks asked beyond their device's budget.
     chunks_over_budget: std::sync::atomic::AtomicU64,
+    /// State reports beyond their device's budget, and the budgets.
+    reports_over_budget: std::sync::atomic::AtomicU64,
+    report_budgets: std::sync::Mutex<crate::budget::Budgets>,
     /// Per device: chunks asked the first time, and asked again, sent on its own topic.
     first_asks: std::sync::Mutex<crate::budget::Budgets>,
     asked_again: std::sync::Mutex<crate::budget::Budgets>,
@@ -286,6 +293,10 @@ impl Fleet {
             telemetry_rejected: Default::default(),
             telemetry_over_budget: Default::default(),
             chunks_over_budget: Default::default(),
+            reports_over_budget: Default::default(),
+            report_budgets: std::sync::Mutex::new(crate::budget::Budgets::new(
+                crate::budget::STATE_REPORTS,
+            )),
             first_asks: std::sync::Mutex::new(crate::budget::Budgets::new(
                 crate::budget::FIRST_ASKS,
             )),
@@ -410,6 +421,7 @@ impl Fleet {
                 samples_stored: self.samples_stored.load(Relaxed),
                 samples_refused: self.samples_refused.load(Relaxed),
             },
+            reports_over_budget: self.reports_over_budget.load(Relaxed),
         }
     }
 
@@ -699,6 +711,19 @@ impl Fleet {
         let Some((device, kind)) = self.topics.parse_device(topic) else {
             return;
         };
+        if kind == DeviceTopic::State && !payload.is_empty() {
+            let admitted = self.report_budgets.lock().expect("budgets lock").admit(
+                &device,
+                payload.len() as u64,
+                std::time::Instant::now(),
+            );
+            if !admitted {
+                use std::sync::atomic::Ordering::Relaxed;
+                self.reports_over_budget.fetch_add(1, Relaxed);
+                debug!(%device, bytes = payload.len(), "state report over the device's budget dropped");
+                return;
+            }
+        }
         let result = match kind {
             DeviceTopic::State => self.handle_report(&device, payload).await,
             DeviceTopic::Online => self.handle_online(&device, payload).await,

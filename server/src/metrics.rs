@@ -164,6 +164,11 @@ pub async fn render(fleet: &Fleet) -> Result<String, DbError> {
             "Chunks asked for on a device's own topic beyond its budget, not sent",
             chunks.over_budget,
         ),
+        (
+            "state_reports_over_budget",
+            "State reports beyond their device's budget, dropped unread",
+            status.reports_over_budget,
+        ),
     ] {
         registry.register(name, help, counter(value));
     }

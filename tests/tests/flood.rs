@@ -57,3 +57,47 @@ fn a_telemetry_flood_is_dropped_over_the_devices_budget() {
     fleet.deploy("classifier", 1, "site=lab");
     fleet.wait_serving("edge-1", "classifier", 1);
 }
+
+/// A device that floods its state topic spends its own budget only
+/// (`budget::STATE_REPORTS`: 600 at once, then 240 a minute): the rest is dropped unread and
+/// counted, and another device is deployed to meanwhile.
+#[test]
+fn a_state_report_flood_is_dropped_over_the_devices_budget() {
+    use modelcast_proto::report::DeviceReport;
+    let fleet = Fleet::embedded();
+    let _agent = fleet.start_agent_with("edge-1", &[("site", "lab")], "");
+    fleet.wait_registered();
+    let rogue = Rogue::connect(fleet.mqtt_port, None);
+    let topic = modelcast_proto::topic::Topics::new("modelcast")
+        .device("flood-2", modelcast_proto::topic::DeviceTopic::State);
+    const SENT: u64 = 2000;
+    for at in 0..SENT {
+        let report = DeviceReport {
+            format: modelcast_proto::FORMAT_VERSION,
+            device: "flood-2".into(),
+            labels: Default::default(),
+            agent_version: "0.1.0".into(),
+            models: Default::default(),
+            last_error: None,
+            desired_version: 0,
+            at: at as i64,
+        };
+        rogue.publish_raw(&topic, false, report.to_vec());
+    }
+    let over = wait_for("the flood to be counted", Duration::from_secs(60), || {
+        let over = fleet.client.status().ok()?.reports_over_budget;
+        (over >= SENT - 700).then_some(over)
+    });
+    println!("{SENT} state reports from one device: {over} over budget");
+    // The burst (600) and a few seconds' refill at most were read.
+    assert!(over <= SENT - 600, "{over} over budget");
+    assert!(fleet
+        .client
+        .metrics()
+        .unwrap()
+        .contains("modelcast_fleet_state_reports_over_budget_total"));
+    // Everyone else is served.
+    fleet.publish_example(1, 16);
+    fleet.deploy("classifier", 1, "site=lab");
+    fleet.wait_serving("edge-1", "classifier", 1);
+}
