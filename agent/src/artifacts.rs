@@ -325,6 +325,12 @@ impl Artifacts {
         write_atomically(&self.dir.join(format!("{name}{MANIFEST_SUFFIX}")), manifest)
     }
 
+    /// Whether a manifest is kept beside `sha256`.
+    pub fn keeps_manifest(&self, sha256: &str) -> bool {
+        let name = sha256.to_ascii_lowercase();
+        self.dir.join(format!("{name}{MANIFEST_SUFFIX}")).exists()
+    }
+
     /// Removes the manifest kept beside `sha256`, if any.
     pub fn forget_manifest(&self, sha256: &str) -> Result<(), StoreError> {
         let path = self

@@ -29,7 +29,7 @@ use crate::config::Config;
 use crate::engine::LoadedModel;
 use crate::link::{Link, LinkEvent};
 use crate::metrics::Metrics;
-use crate::probation::ProbationPolicy;
+use crate::recovery::Restored;
 use crate::sampling::Sampler;
 use crate::serve::Models;
 use crate::serve::RequestOutcome;
@@ -107,167 +107,6 @@ struct Agent {
     telemetry: Forwarder,
 }
 
-/// What start-up found: every stored record (and whether it serves), trials to resume (with
-/// the last good model to swap back to), rollbacks it made, versions whose bytes were lost on
-/// disk, models of which nothing loads, and downloads to resume.
-#[derive(Default)]
-struct Restored {
-    records: Vec<(String, ModelRecord, bool)>,
-    trials: Vec<(String, Arc<LoadedModel>)>,
-    rolled_back: Vec<(String, u64, String)>,
-    lost: Vec<(String, u64, String)>,
-    unloadable: Vec<(String, u64, String)>,
-    downloads: Vec<(Manifest, Vec<bool>)>,
-}
-
-/// Why a stored slot did not load.
-#[derive(Debug, thiserror::Error)]
-enum SlotLoadError {
-    /// The slot holds nothing.
-    #[error("empty slot")]
-    Empty,
-    /// The artifact could not be read back from the store.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    /// The engine refused the bytes it read.
-    #[error(transparent)]
-    Engine(#[from] crate::engine::EngineError),
-}
-
-fn load_slot(
-    store: &Store,
-    record: &ModelRecord,
-    slot: Slot,
-    plan_cache: usize,
-) -> Result<LoadedModel, SlotLoadError> {
-    let manifest = record.slot(slot).ok_or(SlotLoadError::Empty)?;
-    let mut reader = store.artifact_reader(manifest)?;
-    Ok(LoadedModel::load_with(
-        manifest,
-        slot,
-        &mut reader,
-        plan_cache,
-    )?)
-}
-
-/// Loads the serving model of every stored model and finds the downloads to resume. A trial
-/// that has been active through too many start-ups (crashes) is rolled back first. A slot that
-/// does not load is checked against its digest: if its bytes are gone or damaged the slot is
-/// emptied ([`ModelRecord::lose`]) so that the desired state installs the version again;
-/// either way the other slot is tried. Runs before the network is touched: offline first.
-fn restore(
-    store: &Store,
-    models: &Models,
-    metrics: &Metrics,
-    policy: &ProbationPolicy,
-    plan_cache: usize,
-) -> Result<Restored, StoreError> {
-    let mut restored = Restored::default();
-    for (name, mut record) in store.models()? {
-        if record.trial.is_some() {
-            let version = record.serving().map_or(0, |m| m.version);
-            if let Some(reason) = record.start_up(policy.max_trial_boots) {
-                warn!(model = %name, version, "trial crash loop; rolling back");
-                restored.rolled_back.push((name.clone(), version, reason));
-                if let Some(failed) = &record.failed {
-                    store.forget_manifest(failed)?;
-                }
-            }
-            store.put_model(&name, &record)?;
-            store.flush_blocking()?;
-        }
-        let Some(active) = record.active else {
-            restored.records.push((name, record, false));
-            continue;
-        };
-        let mut served = None;
-        for slot in [active, active.other()] {
-            let Some(manifest) = record.slot(slot).cloned() else {
-                continue;
-            };
-            match load_slot(store, &record, slot, plan_cache) {
-                Ok(model) => {
-                    // What the device accepted, kept beside the artifact for a rebuild (an
-                    // agent from before kept none).
-                    store.keep_manifest(&manifest)?;
-                    served = Some(model);
-                    break;
-                }
-                Err(e) => {
-                    warn!(model = %name, %slot, error = %e, "stored model does not load");
-                    if let Err(damage) = store.verify_artifact(&manifest) {
-                        warn!(model = %name, %slot, version = manifest.version, error = %damage, "stored artifact lost; it will be downloaded again");
-                        metrics.artifact_lost();
-                        record.lose(slot);
-                        restored.lost.push((
-                            name.clone(),
-                            manifest.version,
-                            format!(
-                                "version {} of {name} (slot {slot}) lost on disk: {damage}; \
-                                 downloading it again",
-                                manifest.version
-                            ),
-                        ));
-                    } else if record.active == Some(slot) {
-                        restored.unloadable.push((
-                            name.clone(),
-                            manifest.version,
-                            format!("version {} of {name} does not load: {e}", manifest.version),
-                        ));
-                    }
-                }
-            }
-        }
-        let served = match served {
-            Some(model) => {
-                let (slot, version) = (model.slot(), model.manifest().version);
-                info!(model = %name, version, %slot, "serving from store");
-                metrics.serving(&name, slot, version);
-                models.swap_in(Arc::new(model));
-                if record.active != Some(slot) {
-                    warn!(model = %name, "active slot failed to load; fell back to the other slot");
-                    let tried = record.serving().map_or(0, |m| m.version);
-                    if record.roll_back().is_some() {
-                        restored.rolled_back.push((
-                            name.clone(),
-                            tried,
-                            format!("rolled back: version {tried} on trial no longer loads"),
-                        ));
-                    } else {
-                        record.active = Some(slot);
-                    }
-                }
-                true
-            }
-            None => {
-                warn!(model = %name, "no stored slot loads; nothing serves this model");
-                false
-            }
-        };
-        if served {
-            if let Some(trial) = record.trial {
-                match load_slot(store, &record, trial.previous, plan_cache) {
-                    Ok(previous) => restored.trials.push((name.clone(), Arc::new(previous))),
-                    Err(e) => {
-                        // Nothing to swap back to: the trial version is as good as it gets.
-                        warn!(model = %name, error = %e, "last good slot does not load; committing the trial");
-                        record.trial = None;
-                    }
-                }
-            }
-        }
-        store.put_model(&name, &record)?;
-        restored.records.push((name, record, served));
-    }
-    store.flush_blocking()?;
-    for manifest in store.all_pending()? {
-        let have = store.received(&manifest)?;
-        restored.downloads.push((manifest, have));
-    }
-    crate::memory::release_free_memory();
-    Ok(restored)
-}
-
 fn load_trust(cfg: &Config, store: &Store) -> Result<(TrustState, RoleVerifier), AgentError> {
     let trust = match store.trust()? {
         Some(t) => t,
@@ -322,9 +161,11 @@ pub async fn run(
     let restored = {
         let (store, models, metrics) = (store.clone(), models.clone(), metrics.clone());
         let (policy, plan_cache) = (cfg.probation.clone(), cfg.engine.plan_cache);
-        tokio::task::spawn_blocking(move || restore(&store, &models, &metrics, &policy, plan_cache))
-            .await
-            .map_err(|e| AgentError::Trust(format!("restore task: {e}")))??
+        tokio::task::spawn_blocking(move || {
+            crate::recovery::restore(&store, &models, &metrics, &policy, plan_cache)
+        })
+        .await
+        .map_err(|e| AgentError::Trust(format!("restore task: {e}")))??
     };
 
     let listener = tokio::net::TcpListener::bind(cfg.http_listen)
@@ -515,7 +356,10 @@ async fn control(
         agent.updater.report_rollback(&name, version, reason);
     }
     for (name, b) in agent.store.backoffs()? {
-        let left = Duration::from_secs(b.until.saturating_sub(unix_now()).max(0) as u64);
+        // Read from disk: a far-off or corrupt time waits no longer than the longest back-off
+        // (and cannot overflow the clock).
+        let left = Duration::from_secs(b.until.saturating_sub(unix_now()).max(0) as u64)
+            .min(crate::update::MAX_RETRY_AFTER);
         let until = Instant::now() + left;
         agent
             .updater

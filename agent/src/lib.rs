@@ -2,7 +2,8 @@
 //!
 //! - [`config`]: TOML config, overridden by environment and flags.
 //! - [`store`]: sled — trust, A/B slots, downloads, chunks, last error.
-//! - [`recovery`]: opening a damaged store — the database moved aside and rebuilt from the
+//! - [`recovery`]: start-up — loading what the store holds, healing lost artifacts; opening a
+//!   damaged store — the database moved aside and rebuilt from the
 //!   verified artifact files and the mirrored trust state.
 //! - [`slots`]: the A/B slot state machine of one model (install, trial, commit, rollback).
 //! - [`transfer`]: the sans-IO chunk download of one artifact.

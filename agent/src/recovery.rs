@@ -12,17 +12,23 @@
 //! back, so a rebuild never adopts one. A trial running when the database was lost is adopted
 //! as if committed (its probation is not resumed).
 //!
-//! Damaged artifacts are the other half of healing, in [`crate::driver`]: a slot that does not
-//! load and whose file no longer matches its digest is emptied ([`ModelRecord::lose`]) and the
-//! version is downloaded again from the signed desired state.
+//! Damaged artifacts are the other half of healing, in `restore` (which loads what the store
+//! holds at start-up, before the network is touched): a slot that does not load and whose file
+//! no longer matches its digest is emptied ([`ModelRecord::lose`]) and the version is
+//! downloaded again from the signed desired state.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use modelcast_proto::manifest::Manifest;
 use modelcast_proto::report::Slot;
 use tracing::{info, warn};
 
+use crate::engine::LoadedModel;
+use crate::metrics::Metrics;
+use crate::probation::ProbationPolicy;
+use crate::serve::Models;
 use crate::slots::ModelRecord;
 use crate::store::{decode, sled_dir, Store, StoreError};
 
@@ -195,12 +201,8 @@ fn records(newest: Option<Manifest>, before: Option<Manifest>) -> ModelRecord {
 
 /// Adds one to the rebuild counter beside the database; returns the count.
 fn count_rebuild(dir: &Path) -> u64 {
+    let count = rebuilds(dir).saturating_add(1);
     let path = dir.join(REBUILDS);
-    let count = std::fs::read_to_string(&path)
-        .ok()
-        .and_then(|s| s.trim().parse::<u64>().ok())
-        .unwrap_or(0)
-        .saturating_add(1);
     if let Err(e) = crate::artifacts::write_atomically(&path, count.to_string().as_bytes()) {
         warn!(error = %e, "rebuild counter not written");
     }
@@ -213,6 +215,171 @@ pub fn rebuilds(dir: &Path) -> u64 {
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(0)
+}
+
+// ---- start-up: loading what the store holds ----
+
+/// What start-up found: every stored record (and whether it serves), trials to resume (with
+/// the last good model to swap back to), rollbacks it made, versions whose bytes were lost on
+/// disk, models of which nothing loads, and downloads to resume.
+#[derive(Default)]
+pub(crate) struct Restored {
+    pub(crate) records: Vec<(String, ModelRecord, bool)>,
+    pub(crate) trials: Vec<(String, Arc<LoadedModel>)>,
+    pub(crate) rolled_back: Vec<(String, u64, String)>,
+    pub(crate) lost: Vec<(String, u64, String)>,
+    pub(crate) unloadable: Vec<(String, u64, String)>,
+    pub(crate) downloads: Vec<(Manifest, Vec<bool>)>,
+}
+
+/// Why a stored slot did not load.
+#[derive(Debug, thiserror::Error)]
+enum SlotLoadError {
+    /// The slot holds nothing.
+    #[error("empty slot")]
+    Empty,
+    /// The artifact could not be read back from the store.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The engine refused the bytes it read.
+    #[error(transparent)]
+    Engine(#[from] crate::engine::EngineError),
+}
+
+fn load_slot(
+    store: &Store,
+    record: &ModelRecord,
+    slot: Slot,
+    plan_cache: usize,
+) -> Result<LoadedModel, SlotLoadError> {
+    let manifest = record.slot(slot).ok_or(SlotLoadError::Empty)?;
+    let mut reader = store.artifact_reader(manifest)?;
+    Ok(LoadedModel::load_with(
+        manifest,
+        slot,
+        &mut reader,
+        plan_cache,
+    )?)
+}
+
+/// Loads the serving model of every stored model and finds the downloads to resume. A trial
+/// that has been active through too many start-ups (crashes) is rolled back first. A slot that
+/// does not load is checked against its digest: if its bytes are gone or damaged the slot is
+/// emptied ([`ModelRecord::lose`]) so that the desired state installs the version again;
+/// either way the other slot is tried. Runs before the network is touched: offline first.
+pub(crate) fn restore(
+    store: &Store,
+    models: &Models,
+    metrics: &Metrics,
+    policy: &ProbationPolicy,
+    plan_cache: usize,
+) -> Result<Restored, StoreError> {
+    let mut restored = Restored::default();
+    for (name, mut record) in store.models()? {
+        if record.trial.is_some() {
+            let version = record.serving().map_or(0, |m| m.version);
+            if let Some(reason) = record.start_up(policy.max_trial_boots) {
+                warn!(model = %name, version, "trial crash loop; rolling back");
+                restored.rolled_back.push((name.clone(), version, reason));
+                if let Some(failed) = &record.failed {
+                    store.forget_manifest(failed)?;
+                }
+            }
+            store.put_model(&name, &record)?;
+            store.flush_blocking()?;
+        }
+        let Some(active) = record.active else {
+            restored.records.push((name, record, false));
+            continue;
+        };
+        let found = record.clone();
+        let mut served = None;
+        for slot in [active, active.other()] {
+            let Some(manifest) = record.slot(slot).cloned() else {
+                continue;
+            };
+            match load_slot(store, &record, slot, plan_cache) {
+                Ok(model) => {
+                    // What the device accepted, kept beside the artifact for a rebuild.
+                    store.keep_manifest_once(&manifest)?;
+                    served = Some(model);
+                    break;
+                }
+                Err(e) => {
+                    warn!(model = %name, %slot, error = %e, "stored model does not load");
+                    if let Err(damage) = store.verify_artifact(&manifest) {
+                        warn!(model = %name, %slot, version = manifest.version, error = %damage, "stored artifact lost; it will be downloaded again");
+                        metrics.artifact_lost();
+                        record.lose(slot);
+                        restored.lost.push((
+                            name.clone(),
+                            manifest.version,
+                            format!(
+                                "version {} of {name} (slot {slot}) lost on disk: {damage}; \
+                                 downloading it again",
+                                manifest.version
+                            ),
+                        ));
+                    } else if record.active == Some(slot) {
+                        restored.unloadable.push((
+                            name.clone(),
+                            manifest.version,
+                            format!("version {} of {name} does not load: {e}", manifest.version),
+                        ));
+                    }
+                }
+            }
+        }
+        let served = match served {
+            Some(model) => {
+                let (slot, version) = (model.slot(), model.manifest().version);
+                info!(model = %name, version, %slot, "serving from store");
+                metrics.serving(&name, slot, version);
+                models.swap_in(Arc::new(model));
+                if record.active != Some(slot) {
+                    warn!(model = %name, "active slot failed to load; fell back to the other slot");
+                    let tried = record.serving().map_or(0, |m| m.version);
+                    if record.roll_back().is_some() {
+                        restored.rolled_back.push((
+                            name.clone(),
+                            tried,
+                            format!("rolled back: version {tried} on trial no longer loads"),
+                        ));
+                    } else {
+                        record.active = Some(slot);
+                    }
+                }
+                true
+            }
+            None => {
+                warn!(model = %name, "no stored slot loads; nothing serves this model");
+                false
+            }
+        };
+        if served {
+            if let Some(trial) = record.trial {
+                match load_slot(store, &record, trial.previous, plan_cache) {
+                    Ok(previous) => restored.trials.push((name.clone(), Arc::new(previous))),
+                    Err(e) => {
+                        // Nothing to swap back to: the trial version is as good as it gets.
+                        warn!(model = %name, error = %e, "last good slot does not load; committing the trial");
+                        record.trial = None;
+                    }
+                }
+            }
+        }
+        if record != found {
+            store.put_model(&name, &record)?;
+        }
+        restored.records.push((name, record, served));
+    }
+    store.flush_blocking()?;
+    for manifest in store.all_pending()? {
+        let have = store.received(&manifest)?;
+        restored.downloads.push((manifest, have));
+    }
+    crate::memory::release_free_memory();
+    Ok(restored)
 }
 
 #[cfg(test)]
@@ -239,18 +406,8 @@ mod tests {
         store.clear_pending(&m.name).unwrap();
     }
 
-    /// [`open`] once the dropped store's sled threads let go of its lock (at most ten
-    /// seconds: slow under emulation).
     fn reopen(dir: &Path) -> (Store, Option<Rebuilt>) {
-        for _ in 0..100 {
-            match open(dir) {
-                Err(StoreError::Locked { .. }) => {
-                    std::thread::sleep(std::time::Duration::from_millis(100))
-                }
-                other => return other.unwrap(),
-            }
-        }
-        panic!("the store's lock was still held ten seconds after it was dropped");
+        crate::store::once_unlocked(|| open(dir))
     }
 
     /// A store serving version 2 of `m` with version 1 in the other slot.

@@ -276,6 +276,15 @@ impl Store {
             .keep_manifest(&manifest.sha256, &encode(manifest))
     }
 
+    /// Keeps `manifest` beside its artifact unless one is kept there already (an agent from
+    /// before kept none): one `stat` per slot at start-up, not a synced write.
+    pub fn keep_manifest_once(&self, manifest: &Manifest) -> Result<(), StoreError> {
+        if self.files.keeps_manifest(&manifest.sha256) {
+            return Ok(());
+        }
+        self.keep_manifest(manifest)
+    }
+
     /// Forgets the manifest kept beside `sha256` (a version rolled back is not adopted).
     pub fn forget_manifest(&self, sha256: &str) -> Result<(), StoreError> {
         self.files.forget_manifest(sha256)
@@ -738,6 +747,22 @@ impl Store {
     }
 }
 
+/// Runs `open` (of a store a test just dropped) until the store's lock is free. sled lets go
+/// of its file lock when its last thread has: under emulation (qemu in `cross/test`) that can
+/// be a while after the drop, so this polls the lock for at most ten seconds.
+#[cfg(test)]
+pub(crate) fn once_unlocked<T>(mut open: impl FnMut() -> Result<T, StoreError>) -> T {
+    for _ in 0..100 {
+        match open() {
+            Err(StoreError::Locked { .. }) => {
+                std::thread::sleep(std::time::Duration::from_millis(100))
+            }
+            other => return other.unwrap_or_else(|e| panic!("reopening the store: {e}")),
+        }
+    }
+    panic!("the store's lock was still held ten seconds after it was dropped");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -748,20 +773,9 @@ mod tests {
         modelcast_proto::verify::fixture::manifest(name, version, bytes, chunk)
     }
 
-    /// Opens the store again after the test dropped it. sled lets go of its file lock when
-    /// its last thread has: under emulation (qemu in `cross/test`) that can be a while after
-    /// the drop, so this retries for at most ten seconds.
+    /// Opens the store again after the test dropped it.
     fn reopen(dir: &Path) -> Store {
-        for _ in 0..100 {
-            match Store::open(dir) {
-                Ok(store) => return store,
-                Err(StoreError::Locked { .. }) => {
-                    std::thread::sleep(std::time::Duration::from_millis(100))
-                }
-                Err(e) => panic!("reopening the store: {e}"),
-            }
-        }
-        panic!("the store's lock was still held ten seconds after it was dropped");
+        once_unlocked(|| Store::open(dir))
     }
 
     #[test]

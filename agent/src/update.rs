@@ -1568,7 +1568,7 @@ mod tests {
         }
 
         /// The process dies (after a clean stop, when `clean`) and starts again from the
-        /// store, as `driver::restore` does.
+        /// store, as `recovery::restore` does.
         fn restart(&mut self, clean: bool) {
             if clean {
                 self.m.stop();
