@@ -58,6 +58,7 @@ fn main() -> anyhow::Result<()> {
     cfg.validate()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .thread_stack_size(modelcast_agent::priority::WORK_STACK)
         .enable_all()
         .build()
         .context("starting the runtime")?;

@@ -147,6 +147,14 @@ pub async fn in_background<T: Send + 'static>(
     in_background_raised_after(name, RAISE_AFTER, work).await
 }
 
+/// Stack of a thread that loads, optimizes or runs a model (background work here, and the
+/// runtime's blocking threads, see `main.rs`). tract recurses over the model's graph; with
+/// the default 2 MiB the debug agent died of SIGSEGV, with no Rust message, while staging a
+/// quantized model in 2 of 3 corpus runs (a likely overflow past the guard page); with a
+/// larger stack, 5 of 5 passed. Reserved, not committed: pages are used only as touched (and
+/// 16 MiB keeps a 32-bit device's address space for its threads).
+pub const WORK_STACK: usize = 16 * 1024 * 1024;
+
 /// [`in_background`], raised after `raise_after`.
 async fn in_background_raised_after<T: Send + 'static>(
     name: &str,
@@ -157,6 +165,7 @@ async fn in_background_raised_after<T: Send + 'static>(
     let (tx, mut rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name(format!("modelcast-{name}"))
+        .stack_size(WORK_STACK)
         .spawn(move || {
             let tid = current_thread();
             to_idle(tid);

@@ -966,6 +966,11 @@ impl Agent {
         }
     }
 
+    /// How the process ended, if it has (a crash shows as the signal that ended it).
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.proc.as_mut()?.exited()
+    }
+
     /// The running process's id.
     pub fn pid(&self) -> Option<u32> {
         self.proc.as_ref().map(|p| p.child.id())

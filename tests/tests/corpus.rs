@@ -29,14 +29,19 @@ fn real_models_publish_serve_and_answer_as_onnxruntime_through_tritonclient() {
     }
 
     let fleet = Fleet::embedded();
-    let (agent, grpc_port) = corpus::start_agent_with_grpc(&fleet, "lab-1", ("site", "lab"), "");
+    let (mut agent, grpc_port) =
+        corpus::start_agent_with_grpc(&fleet, "lab-1", ("site", "lab"), "");
     let serving = corpus::publish_and_serve(&fleet, "site=lab", "lab-1");
     let out = corpus::run_script("check.py", &agent, grpc_port, &serving);
     if !out.status.success() {
         let log = std::fs::read_to_string(agent.log_path()).unwrap_or_default();
         let tail: Vec<&str> = log.lines().rev().take(40).collect();
         panic!(
-            "check.py failed; the device's log ends:\n{}",
+            "check.py failed; the device {}; its log ends:\n{}",
+            match agent.exit_status() {
+                Some(status) => format!("ended: {status}"),
+                None => "still runs".into(),
+            },
             tail.into_iter().rev().collect::<Vec<_>>().join("\n")
         );
     }
