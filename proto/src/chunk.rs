@@ -19,6 +19,9 @@ use crate::manifest::MAX_CHUNK_SIZE;
 /// Most chunk indices one request may name.
 pub const MAX_CHUNKS_PER_REQUEST: usize = 1024;
 
+/// Largest encoded chunk request (1,024 indices take about 11 KiB).
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
 const MAGIC: &[u8; 4] = b"MCC1";
 const HEADER: usize = 4 + 32 + 4 + 4;
 
@@ -51,6 +54,12 @@ pub struct ChunkRequest {
 impl ChunkRequest {
     /// Decodes untrusted bytes.
     pub fn from_slice(bytes: &[u8]) -> Result<Self, DecodeError> {
+        if bytes.len() > MAX_REQUEST_BYTES {
+            return Err(DecodeError::Invalid {
+                what: "chunk request",
+                reason: format!("{} bytes is too large", bytes.len()),
+            });
+        }
         let req: ChunkRequest =
             serde_json::from_slice(bytes).map_err(|e| DecodeError::json("chunk request", e))?;
         if req.format != crate::FORMAT_VERSION {

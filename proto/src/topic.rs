@@ -26,6 +26,40 @@ pub enum DeviceTopic {
 }
 
 impl DeviceTopic {
+    /// Largest payload a device may publish on this kind of topic, or `None` for the kinds
+    /// only the fleet server writes. One bound per kind, shared by the agent that writes,
+    /// the broker front that checks ([`crate::topic`] users on the server) and the server
+    /// that reads; brokers themselves bound every packet by the largest kind (a chunk).
+    pub fn device_limit(self) -> Option<usize> {
+        match self {
+            DeviceTopic::State => Some(crate::report::MAX_REPORT_BYTES),
+            DeviceTopic::Telemetry => Some(crate::telemetry::MAX_TELEMETRY_BYTES),
+            DeviceTopic::Requests => Some(crate::chunk::MAX_REQUEST_BYTES),
+            DeviceTopic::Online => Some(MAX_ONLINE_BYTES),
+            DeviceTopic::Desired | DeviceTopic::Chunks | DeviceTopic::TelemetryAcks => None,
+        }
+    }
+
+    /// Whether a message on this kind of topic may be retained: the desired state (by the
+    /// server), a device's latest state report and its online status. Nothing else is.
+    pub fn retained(self) -> bool {
+        matches!(
+            self,
+            DeviceTopic::Desired | DeviceTopic::State | DeviceTopic::Online
+        )
+    }
+
+    /// Every kind.
+    pub const ALL: [DeviceTopic; 7] = [
+        DeviceTopic::Desired,
+        DeviceTopic::Chunks,
+        DeviceTopic::State,
+        DeviceTopic::Telemetry,
+        DeviceTopic::TelemetryAcks,
+        DeviceTopic::Online,
+        DeviceTopic::Requests,
+    ];
+
     fn suffix(self) -> &'static str {
         match self {
             DeviceTopic::Desired => "desired",
@@ -51,6 +85,9 @@ impl DeviceTopic {
         })
     }
 }
+
+/// Largest online status (`online` or `offline`).
+pub const MAX_ONLINE_BYTES: usize = 64;
 
 /// Topic builder for one prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -336,6 +336,7 @@ pub fn router(fleet: Arc<Fleet>, tokens: Option<Tokens>, limits: ApiLimits) -> R
         .route("/api/v1/deployments", get(deployments).post(deploy))
         .route("/api/v1/devices", get(devices))
         .route("/api/v1/devices/{id}/telemetry", get(device_telemetry))
+        .route("/api/v1/devices/{id}/quarantine", post(quarantine))
         .route("/api/v1/telemetry", get(telemetry))
         .route("/api/v1/alerts", get(alerts))
         .route("/api/v1/samples", get(samples))
@@ -996,7 +997,53 @@ async fn deployments(State(fleet): State<Arc<Fleet>>) -> ApiResult {
 }
 
 async fn devices(State(fleet): State<Arc<Fleet>>) -> ApiResult {
-    Ok(Json(fleet.db().devices().await.map_err(internal)?).into_response())
+    Ok(Json(fleet.devices().await.map_err(internal)?).into_response())
+}
+
+/// Body of `POST /api/v1/devices/{id}/quarantine`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct QuarantineRequest {
+    /// `true` quarantines the device, `false` releases it.
+    pub quarantined: bool,
+    /// Why (kept with the quarantine and in the audit log).
+    #[serde(default)]
+    pub reason: String,
+    /// Who acts (a token's name wins).
+    #[serde(default)]
+    pub by: String,
+}
+
+/// Quarantines or releases a device: while quarantined, what it sends is dropped unread.
+async fn quarantine(
+    State(fleet): State<Arc<Fleet>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    Json(req): Json<QuarantineRequest>,
+) -> ApiResult {
+    if !modelcast_proto::manifest::valid_name(&id) {
+        return Err(bad(format!("bad device id {id:?}")));
+    }
+    let by = caller.name_or(&req.by);
+    let q = req.quarantined.then(|| crate::db::Quarantine {
+        by: by.clone(),
+        at: unix_now(),
+        reason: req.reason.clone(),
+    });
+    let action = if req.quarantined {
+        "device.quarantine"
+    } else {
+        "device.release"
+    };
+    record(
+        &fleet,
+        &by,
+        action,
+        json!({ "device": id, "reason": req.reason }),
+    )
+    .await?;
+    let entry = fleet.quarantine(&id, q).await.map_err(internal)?;
+    tracing::warn!(device = %id, %by, reason = %req.reason, quarantined = req.quarantined, "device quarantine changed");
+    Ok(Json(entry).into_response())
 }
 
 /// Latency and error rate of a model (one version, or all) across a group over a window.

@@ -137,6 +137,71 @@ impl Budgets {
     }
 }
 
+/// What was dropped or refused per device since the server started, by reason: what an
+/// operator sees beside each device (`GET /api/v1/devices`, `modelcast devices`), so one
+/// that floods or misbehaves is found by name. Reasons are short stable names:
+/// `chunks_over_budget`, `state_over_budget`, `telemetry_over_budget`, `oversized` (a
+/// message over its topic kind's bound, [`modelcast_proto::topic::DeviceTopic::device_limit`]),
+/// `quarantined` (a message of a quarantined device), and the broker front's refusals
+/// ([`crate::broker::policy::Refusal::kind`]).
+#[derive(Debug, Default)]
+pub struct Drops {
+    by_device: std::sync::Mutex<HashMap<String, std::collections::BTreeMap<&'static str, u64>>>,
+}
+
+impl Drops {
+    /// Counts `n` of `reason` for `device`. Beyond [`MAX_TRACKED`] devices, a device not
+    /// seen yet is counted under `*` (made-up ids must not grow this without bound).
+    pub fn add(&self, device: &str, reason: &'static str, n: u64) {
+        let mut by_device = self.by_device.lock().unwrap_or_else(|e| e.into_inner());
+        let key = if by_device.len() >= MAX_TRACKED && !by_device.contains_key(device) {
+            "*"
+        } else {
+            device
+        };
+        *by_device
+            .entry(key.to_string())
+            .or_default()
+            .entry(reason)
+            .or_default() += n;
+    }
+
+    /// `device`'s counts by reason.
+    pub fn of(&self, device: &str) -> std::collections::BTreeMap<String, u64> {
+        let by_device = self.by_device.lock().unwrap_or_else(|e| e.into_inner());
+        by_device
+            .get(device)
+            .map(|m| m.iter().map(|(k, v)| (k.to_string(), *v)).collect())
+            .unwrap_or_default()
+    }
+
+    /// Every device's counts.
+    pub fn all(&self) -> Vec<(String, std::collections::BTreeMap<String, u64>)> {
+        let by_device = self.by_device.lock().unwrap_or_else(|e| e.into_inner());
+        by_device
+            .iter()
+            .map(|(d, m)| {
+                (
+                    d.clone(),
+                    m.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+                )
+            })
+            .collect()
+    }
+
+    /// Every device's counts summed by reason.
+    pub fn totals(&self) -> std::collections::BTreeMap<&'static str, u64> {
+        let by_device = self.by_device.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = std::collections::BTreeMap::new();
+        for m in by_device.values() {
+            for (k, v) in m {
+                *out.entry(*k).or_default() += v;
+            }
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -307,6 +307,24 @@ impl Client {
         Self::read(self.get("/api/v1/devices").call())
     }
 
+    /// Quarantines `device` (with `reason`) or, with `quarantined` false, releases it.
+    pub fn quarantine(
+        &self,
+        device: &str,
+        quarantined: bool,
+        reason: &str,
+        by: &str,
+    ) -> Result<DeviceEntry, ClientError> {
+        Self::read(
+            self.post(&format!("/api/v1/devices/{device}/quarantine"))
+                .send_json(crate::api::QuarantineRequest {
+                    quarantined,
+                    reason: reason.into(),
+                    by: by.into(),
+                }),
+        )
+    }
+
     /// The registry.
     pub fn models(&self) -> Result<Vec<ModelEntry>, ClientError> {
         Self::read(self.get("/api/v1/models").call())

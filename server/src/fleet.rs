@@ -20,7 +20,7 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Tr
 use tokio::sync::{mpsc, Mutex};
 use tracing::{debug, info, warn};
 
-use crate::db::{Db, DbError, Deployment, DeviceEntry, DirectorEntry, ModelInterval};
+use crate::db::{Db, DbError, Deployment, DeviceEntry, DirectorEntry, ModelInterval, Quarantine};
 use crate::drift::{Alert, Change, Detectors};
 use crate::fanout::{Fanout, Route};
 use crate::group::Selector;
@@ -56,9 +56,22 @@ pub struct BrokerLink {
     pub client_id: String,
     /// TLS client configuration (with the server's certificate), for `mqtts://`.
     pub tls: Option<rustls::ClientConfig>,
+    /// A password (the user name is the client id): the embedded broker's secret, when the
+    /// server reaches it on loopback behind its TLS front.
+    pub password: Option<String>,
     /// Publish a chunk asked for by several devices once on its artifact's shared topic
     /// ([`crate::fanout`]); off, every chunk goes on the asking device's own topic.
     pub shared_chunks: bool,
+}
+
+/// The counters the fleet shares with the embedded broker's front: what was dropped of each
+/// device's traffic, and what the front did (when the server has one).
+#[derive(Debug, Default, Clone)]
+pub struct Guards {
+    /// Per device, by reason.
+    pub drops: Arc<crate::budget::Drops>,
+    /// The front's connections.
+    pub front: Option<Arc<crate::broker::front::FrontStats>>,
 }
 
 /// What a server process does in a fleet served by several.
@@ -201,6 +214,12 @@ pub struct Fleet {
     rollouts: std::sync::Mutex<Rollouts>,
     /// Rollouts whose device states changed without a decision: written by the clock.
     dirty_rollouts: std::sync::Mutex<std::collections::BTreeSet<u64>>,
+    /// What was dropped of each device's traffic (shared with the embedded broker's front).
+    drops: Arc<crate::budget::Drops>,
+    /// The embedded broker's front, if it has one.
+    front: Option<Arc<crate::broker::front::FrontStats>>,
+    /// Quarantined devices (also in their device records).
+    quarantined: std::sync::RwLock<BTreeMap<String, Quarantine>>,
 }
 
 /// Why a rollout request failed.
@@ -242,7 +261,15 @@ impl Fleet {
         link: BrokerLink,
         role: Role,
         monitoring: crate::Monitoring,
+        guards: Guards,
     ) -> Result<Arc<Fleet>, DbError> {
+        let Guards { drops, front } = guards;
+        let quarantined = db
+            .devices()
+            .await?
+            .into_iter()
+            .filter_map(|d| Some((d.id, d.quarantine?)))
+            .collect();
         let rollouts = db
             .rollouts()
             .await?
@@ -253,7 +280,10 @@ impl Fleet {
         let fanout = link
             .shared_chunks
             .then(|| std::sync::Mutex::new(Fanout::new()));
-        let mut opts = MqttOptions::new(link.client_id, link.host, link.port);
+        let mut opts = MqttOptions::new(link.client_id.clone(), link.host, link.port);
+        if let Some(password) = link.password {
+            opts.set_credentials(link.client_id, password);
+        }
         if let Some(tls) = link.tls {
             opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
                 Arc::new(tls),
@@ -311,6 +341,9 @@ impl Fleet {
             publishing: Mutex::new(()),
             rollouts: std::sync::Mutex::new(rollouts),
             dirty_rollouts: Default::default(),
+            drops,
+            front,
+            quarantined: std::sync::RwLock::new(quarantined),
         });
         let (tx, mut rx) = mpsc::channel::<(String, bytes::Bytes)>(1024);
         let subscriber = fleet.clone();
@@ -339,6 +372,9 @@ impl Fleet {
                         );
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
+                        if !subscriber.admit(&p.topic, p.payload.len()) {
+                            continue;
+                        }
                         // Chunk requests never wait behind reports.
                         if subscriber.dispatch_request(&p.topic, &p.payload) {
                             continue;
@@ -455,6 +491,7 @@ impl Fleet {
         if !admitted {
             // Dropped unread; counted, and logged at most once per report it concerns.
             self.telemetry_over_budget.fetch_add(1, Relaxed);
+            self.drops.add(device, "telemetry_over_budget", 1);
             debug!(%device, bytes = payload.len(), "telemetry over the device's budget dropped");
             return Ok(());
         }
@@ -688,6 +725,98 @@ impl Fleet {
         &self.repo
     }
 
+    /// Whether a message of `bytes` on `topic` is read at all: not from a quarantined device,
+    /// and within its topic kind's bound ([`DeviceTopic::device_limit`]; the brokers bound
+    /// packets by the largest kind only). What is not read is counted for its device.
+    fn admit(&self, topic: &str, bytes: usize) -> bool {
+        let Some((device, kind)) = self.topics.parse_device(topic) else {
+            return true;
+        };
+        if self.is_quarantined(&device) {
+            self.drops.add(&device, "quarantined", 1);
+            return false;
+        }
+        if kind.device_limit().is_some_and(|limit| bytes > limit) {
+            self.drops.add(&device, "oversized", 1);
+            debug!(%device, ?kind, bytes, "message over its topic's bound dropped");
+            return false;
+        }
+        true
+    }
+
+    /// Whether `device` is quarantined.
+    pub fn is_quarantined(&self, device: &str) -> bool {
+        self.quarantined
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(device)
+    }
+
+    /// Quarantines `device` (`Some`) or releases it (`None`): while quarantined, everything
+    /// it sends (reports, telemetry, chunk requests) is dropped unread and counted. Kept in
+    /// its device record, so it outlasts a restart.
+    pub async fn quarantine(
+        &self,
+        device: &str,
+        quarantine: Option<Quarantine>,
+    ) -> Result<DeviceEntry, DbError> {
+        {
+            let mut q = self.quarantined.write().unwrap_or_else(|e| e.into_inner());
+            match &quarantine {
+                Some(v) => q.insert(device.to_string(), v.clone()),
+                None => q.remove(device),
+            };
+        }
+        let mut entry = self.db.device(device).await?.unwrap_or(DeviceEntry {
+            id: device.to_string(),
+            labels: Default::default(),
+            report: None,
+            last_seen: 0,
+            online: false,
+            quarantine: None,
+            dropped: Default::default(),
+        });
+        entry.quarantine = quarantine;
+        self.db.put_device(&entry).await?;
+        Ok(entry)
+    }
+
+    /// Every device as stored, with its quarantine and what was dropped of its traffic;
+    /// identities that never reported but had traffic dropped (a certificate refused at the
+    /// broker's front, say) are listed too.
+    pub async fn devices(&self) -> Result<Vec<DeviceEntry>, DbError> {
+        let mut devices = self.db.devices().await?;
+        let mut known = std::collections::BTreeSet::new();
+        for d in &mut devices {
+            d.dropped = self.drops.of(&d.id);
+            known.insert(d.id.clone());
+        }
+        for (id, dropped) in self.drops.all() {
+            if !known.contains(&id) {
+                devices.push(DeviceEntry {
+                    id,
+                    labels: Default::default(),
+                    report: None,
+                    last_seen: 0,
+                    online: false,
+                    quarantine: None,
+                    dropped,
+                });
+            }
+        }
+        Ok(devices)
+    }
+
+    /// What was dropped of each device's traffic.
+    pub fn drops(&self) -> &crate::budget::Drops {
+        &self.drops
+    }
+
+    /// What the embedded broker's front did, if there is one.
+    pub fn front(&self) -> Option<&crate::broker::front::FrontStats> {
+        self.front.as_deref()
+    }
+
     /// Starts answering a chunk request, if that is what `topic` carries.
     fn dispatch_request(self: &Arc<Self>, topic: &str, payload: &[u8]) -> bool {
         let Some((device, DeviceTopic::Requests)) = self.topics.parse_device(topic) else {
@@ -720,6 +849,7 @@ impl Fleet {
             if !admitted {
                 use std::sync::atomic::Ordering::Relaxed;
                 self.reports_over_budget.fetch_add(1, Relaxed);
+                self.drops.add(&device, "state_over_budget", 1);
                 debug!(%device, bytes = payload.len(), "state report over the device's budget dropped");
                 return;
             }
@@ -768,6 +898,14 @@ impl Fleet {
             online: previous.as_ref().is_none_or(|p| p.online),
             last_seen: unix_now(),
             report: Some(report),
+            // The quarantine in memory is the one an operator set last.
+            quarantine: self
+                .quarantined
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(device)
+                .cloned(),
+            dropped: Default::default(),
         };
         self.db
             .put_device(&entry)
@@ -791,6 +929,12 @@ impl Fleet {
         };
         entry.online = payload == b"online";
         entry.last_seen = unix_now();
+        entry.quarantine = self
+            .quarantined
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(device)
+            .cloned();
         self.db.put_device(&entry).await.map_err(|e| e.to_string())
     }
 
@@ -983,6 +1127,7 @@ impl Fleet {
             );
             if !admitted {
                 self.chunks_over_budget.fetch_add(1, Relaxed);
+                self.drops.add(device, "chunks_over_budget", 1);
                 debug!(%device, %artifact, index, "chunk over the device's budget not sent");
                 return false;
             }

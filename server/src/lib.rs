@@ -108,6 +108,31 @@ pub struct ServerConfig {
     pub max_artifact_bytes: u64,
     /// What the operator API's HTTP server takes (connections, header timeout).
     pub http: http::HttpLimits,
+    /// What the embedded broker takes from devices (with a PKI: its front's connection cap
+    /// and time to a checked CONNECT, apart from the API's).
+    pub mqtt: MqttLimits,
+}
+
+/// The embedded broker's limits, with a PKI ([`broker::front`]).
+#[derive(Debug, Clone)]
+pub struct MqttLimits {
+    /// Device connections at once.
+    pub max_connections: usize,
+    /// Time from accept to a checked CONNECT (TLS handshake included).
+    pub connect_timeout: std::time::Duration,
+    /// Identities of other fleet servers (chunk replicas) that connect to the embedded
+    /// broker: not confined to a device's topics. The server's own is always one.
+    pub servers: Vec<String>,
+}
+
+impl Default for MqttLimits {
+    fn default() -> Self {
+        MqttLimits {
+            max_connections: 10_000,
+            connect_timeout: std::time::Duration::from_secs(10),
+            servers: Vec::new(),
+        }
+    }
 }
 
 /// How the server keeps and watches the fleet's telemetry.
@@ -210,20 +235,38 @@ pub async fn run(
     let root = keyset::read_root(&cfg.keys_dir.join("root.json"))?;
     let online = keyset::read_key(&cfg.keys_dir.join("server.key"))?;
     let repo = repo::Repository::new(db.clone(), root, online).await?;
-    let broker = match &cfg.broker {
-        Some(url) => {
-            modelcast_proto::BrokerUrl::parse(url).map_err(|e| ServerError::Io(e.to_string()))?
-        }
+    let drops = std::sync::Arc::new(budget::Drops::default());
+    let front_stats = std::sync::Arc::new(broker::front::FrontStats::default());
+    let (broker, secret) = match &cfg.broker {
+        Some(url) => (
+            modelcast_proto::BrokerUrl::parse(url).map_err(|e| ServerError::Io(e.to_string()))?,
+            None,
+        ),
         None => {
-            broker::start(cfg.mqtt_listen, cfg.pki.as_deref()).map_err(|e| {
-                ServerError::Io(format!("embedded broker on {}: {e}", cfg.mqtt_listen))
-            })?;
+            let mut servers = vec![cfg.mqtt_identity.clone()];
+            servers.extend(cfg.mqtt.servers.iter().cloned());
+            let embedded = broker::EmbeddedConfig {
+                listen: cfg.mqtt_listen,
+                pki: cfg.pki.clone(),
+                prefix: cfg.topic_prefix.clone(),
+                servers,
+                max_connections: cfg.mqtt.max_connections,
+                connect_timeout: cfg.mqtt.connect_timeout,
+            };
+            let started = broker::start(
+                &embedded,
+                front_stats.clone(),
+                drops.clone(),
+                stopping.clone(),
+            )
+            .map_err(|e| ServerError::Io(format!("embedded broker on {}: {e}", cfg.mqtt_listen)))?;
             tracing::info!(addr = %cfg.mqtt_listen, tls = cfg.pki.is_some(), "embedded MQTT broker listening");
-            modelcast_proto::BrokerUrl {
-                host: cfg.mqtt_listen.ip().to_string(),
-                port: cfg.mqtt_listen.port(),
-                tls: cfg.pki.is_some(),
-            }
+            let url = modelcast_proto::BrokerUrl {
+                host: started.host,
+                port: started.port,
+                tls: false,
+            };
+            (url, started.secret)
         }
     };
     let tls = match (&cfg.pki, broker.tls) {
@@ -242,10 +285,22 @@ pub async fn run(
         port: broker.port,
         client_id: cfg.mqtt_identity.clone(),
         tls,
+        password: secret,
         shared_chunks: cfg.shared_chunks,
     };
-    let fleet =
-        fleet::Fleet::start(db.clone(), repo, topics, link, cfg.role, cfg.monitoring).await?;
+    let fleet = fleet::Fleet::start(
+        db.clone(),
+        repo,
+        topics,
+        link,
+        cfg.role,
+        cfg.monitoring,
+        fleet::Guards {
+            drops,
+            front: (cfg.broker.is_none() && cfg.pki.is_some()).then_some(front_stats),
+        },
+    )
+    .await?;
     let shutdown = async move {
         let _ = stopping.wait_for(|stop| *stop).await;
     };

@@ -80,6 +80,26 @@ struct Args {
     /// Seconds a request's headers may take to arrive.
     #[arg(long, env = "MODELCAST_HTTP_HEADER_TIMEOUT_SECS", default_value_t = 10)]
     http_header_timeout_secs: u64,
+    /// Device connections the embedded broker takes at once (with `--pki`; apart from the
+    /// API's).
+    #[arg(long, env = "MODELCAST_MQTT_MAX_CONNECTIONS", default_value_t = 10_000)]
+    mqtt_max_connections: usize,
+    /// Seconds a device connecting to the embedded broker (with `--pki`) has for its TLS
+    /// handshake and CONNECT.
+    #[arg(
+        long,
+        env = "MODELCAST_MQTT_CONNECT_TIMEOUT_SECS",
+        default_value_t = 10
+    )]
+    mqtt_connect_timeout_secs: u64,
+    /// Identity of another fleet server (a chunk replica) connecting to the embedded broker
+    /// (repeatable): not confined to a device's topics.
+    #[arg(
+        long = "broker-server-identity",
+        env = "MODELCAST_BROKER_SERVER_IDENTITIES",
+        value_delimiter = ','
+    )]
+    broker_server_identities: Vec<String>,
 }
 
 #[tokio::main]
@@ -114,6 +134,11 @@ async fn main() -> anyhow::Result<()> {
             max_connections: args.http_max_connections,
             header_timeout: std::time::Duration::from_secs(args.http_header_timeout_secs.max(1)),
             ..Default::default()
+        },
+        mqtt: modelcast_server::MqttLimits {
+            max_connections: args.mqtt_max_connections.max(1),
+            connect_timeout: std::time::Duration::from_secs(args.mqtt_connect_timeout_secs.max(1)),
+            servers: args.broker_server_identities,
         },
         monitoring: modelcast_server::Monitoring {
             retention_days: args.telemetry_retention_days,

@@ -44,6 +44,11 @@ struct ResultLabels {
     result: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: String,
+}
+
 /// The metrics text, as of now.
 pub async fn render(fleet: &Fleet) -> Result<String, DbError> {
     let devices = fleet.db().devices().await?;
@@ -171,6 +176,48 @@ pub async fn render(fleet: &Fleet) -> Result<String, DbError> {
         ),
     ] {
         registry.register(name, help, counter(value));
+    }
+    let dropped = Family::<ReasonLabels, Counter>::default();
+    for (reason, n) in fleet.drops().totals() {
+        dropped
+            .get_or_create(&ReasonLabels {
+                reason: reason.into(),
+            })
+            .inc_by(n);
+    }
+    registry.register(
+        "device_messages_dropped",
+        "Device messages dropped or refused (over a budget, over their topic's bound, from a quarantined device, refused by the embedded broker's front), by reason; per device in GET /api/v1/devices",
+        dropped,
+    );
+    if let Some(front) = fleet.front() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let open = Gauge::<i64>::default();
+        open.set(front.open.load(Relaxed) as i64);
+        registry.register(
+            "broker_front_connections_open",
+            "Connections open at the embedded broker's TLS front",
+            open,
+        );
+        let ended = Family::<ResultLabels, Counter>::default();
+        for (result, n) in [
+            ("admitted", front.admitted.load(Relaxed)),
+            ("over_capacity", front.over_capacity.load(Relaxed)),
+            ("timed_out", front.timed_out.load(Relaxed)),
+            ("failed", front.failed.load(Relaxed)),
+            ("refused", front.refused.load(Relaxed)),
+        ] {
+            ended
+                .get_or_create(&ResultLabels {
+                    result: result.into(),
+                })
+                .inc_by(n);
+        }
+        registry.register(
+            "broker_front_connections",
+            "Connections the embedded broker's TLS front accepted, by what became of them",
+            ended,
+        );
     }
     let reports = Family::<ResultLabels, Counter>::default();
     for (result, n) in [

@@ -451,10 +451,15 @@ impl Fleet {
 
     /// Keys, a transport PKI and a server whose embedded broker speaks TLS only.
     pub fn embedded_tls() -> Fleet {
+        Self::embedded_tls_with(&[])
+    }
+
+    /// [`Fleet::embedded_tls`] with more server arguments.
+    pub fn embedded_tls_with(extra: &[&str]) -> Fleet {
         let dir = tempfile::tempdir().expect("tempdir");
         let pki = dir.path().join("pki");
         modelcast_server::pki::init(&pki, &["127.0.0.1".into()]).expect("pki init");
-        Self::start_in(dir, None, Some(pki), None, &[])
+        Self::start_in(dir, None, Some(pki), None, extra)
     }
 
     /// Keys and a server using the broker on `port`.
@@ -1268,17 +1273,23 @@ impl Rogue {
 
     /// Subscribes to `filter` and returns whether the broker granted it (bounded wait).
     pub fn subscribe(&self, filter: &str) -> bool {
+        self.try_subscribe(filter, Duration::from_secs(10))
+            .expect("a SUBACK within 10 s")
+    }
+
+    /// Subscribes to `filter`: whether the broker granted it, or `None` if no SUBACK came
+    /// within `wait` (a broker that refused the connection, or closed it).
+    pub fn try_subscribe(&self, filter: &str, wait: Duration) -> Option<bool> {
         self.filters.lock().unwrap().push(filter.to_string());
         self.client
             .subscribe(filter, rumqttc::QoS::AtLeastOnce)
             .expect("subscribe");
-        let codes = self
-            .acks
-            .recv_timeout(Duration::from_secs(10))
-            .expect("a SUBACK within 10 s");
-        codes
-            .iter()
-            .all(|c| !matches!(c, rumqttc::SubscribeReasonCode::Failure))
+        let codes = self.acks.recv_timeout(wait).ok()?;
+        Some(
+            codes
+                .iter()
+                .all(|c| !matches!(c, rumqttc::SubscribeReasonCode::Failure)),
+        )
     }
 
     /// Every message delivered to this rogue since the last call (chunk requests aside):

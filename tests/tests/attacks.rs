@@ -286,15 +286,18 @@ fn every_attack_is_rejected_and_the_old_model_keeps_serving() {
 /// Key compromise, the TUF way: operators rotate the root to revoke a stolen targets key and
 /// raise the targets threshold to two keys; the devices follow the rotation through the
 /// server; a thief holding the revoked key, or only one of the two new keys, cannot get a
-/// model installed. Over the embedded broker with TLS and client certificates (which, with no
-/// per-topic ACLs, lets any certified client publish anywhere: the signatures stand alone).
+/// model installed. Over the embedded broker with TLS and client certificates; the forger
+/// holds a second fleet server's certificate (with a device's, the broker's front would
+/// refuse its desired states before any device saw them): the signatures stand alone.
 #[test]
 fn revoked_keys_and_unmet_thresholds_are_refused_after_a_root_rotation() {
     use modelcast_proto::keys::SigningKey;
     use modelcast_proto::metadata::{Signed, Targets};
     use modelcast_server::keyset;
 
-    let fleet = Fleet::embedded_tls();
+    // The forger is a compromised fleet server: a second server identity, which the
+    // embedded broker lets publish desired states (a device's certificate may not).
+    let fleet = Fleet::embedded_tls_with(&["--broker-server-identity", "modelcast-server-2"]);
     let edge = fleet.start_agent_with(
         "edge-1",
         &[("site", "lab")],
@@ -391,7 +394,7 @@ fn revoked_keys_and_unmet_thresholds_are_refused_after_a_root_rotation() {
     fleet.wait_serving("edge-1", "classifier", 4);
 
     let pki = fleet.pki.clone().unwrap();
-    let intruder = Rogue::connect_tls(fleet.mqtt_port, &pki, "intruder", None);
+    let intruder = Rogue::connect_tls(fleet.mqtt_port, &pki, "modelcast-server-2", None);
     let mut opts = PublishOptions::new("classifier", 5);
     opts.chunk_size = 16 * 1024;
     let evil = prepare(&example_model(5, 64), &opts, now).unwrap().manifest;
@@ -427,12 +430,16 @@ fn revoked_keys_and_unmet_thresholds_are_refused_after_a_root_rotation() {
 }
 
 /// Session takeover, on both brokers with client certificates: two devices with valid
-/// certificates connect with the server's client id and with another device's. On the
-/// embedded broker (rumqttd) each certificate reaches only its own identity's sessions (see
-/// `pki::client_name`); on mosquitto with the generated configuration the client id is the
-/// certificate's name (`use_username_as_clientid`). Either way neither the server's link nor
-/// edge-1's drops, and an update still goes through.
-fn a_certificate_cannot_take_over_another_identitys_session(fleet: &Fleet, pki: &Path) {
+/// certificates connect with the server's client id and with another device's. The embedded
+/// broker's front refuses both at CONNECT ("identifier rejected", counted for the
+/// certificate's device); mosquitto with the generated configuration replaces the client id
+/// with the certificate's name (`use_username_as_clientid`), so they connect as themselves.
+/// Either way neither the server's link nor edge-1's drops, and an update still goes through.
+fn a_certificate_cannot_take_over_another_identitys_session(
+    fleet: &Fleet,
+    pki: &Path,
+    refused_at_connect: bool,
+) {
     let edge = fleet.start_agent_with("edge-1", &[], "[probation]\nrequests = 1\nseconds = 1\n");
     fleet.wait_registered();
     fleet.publish_example(1, 64);
@@ -455,20 +462,34 @@ fn a_certificate_cannot_take_over_another_identitys_session(fleet: &Fleet, pki: 
     .into_iter()
     .map(|(cert, id)| Rogue::connect_tls_as(fleet.mqtt_port, pki, cert, id, None))
     .collect();
-    // Both are connected and served by the broker (a SUBACK each).
-    for rogue in &rogues {
-        assert!(rogue.subscribe("modelcast/takeover/none"));
+    let filter = |dev: &str| format!("modelcast/d/{dev}/desired");
+    for (rogue, dev) in rogues.iter().zip(["edge-2", "edge-3"]) {
+        if refused_at_connect {
+            // Never served: no SUBACK, and the refusals are counted for the certificate.
+            assert_eq!(
+                rogue.try_subscribe(&filter(dev), Duration::from_secs(2)),
+                None
+            );
+            wait_for(
+                &format!("{dev}'s refusals counted"),
+                Duration::from_secs(10),
+                || {
+                    fleet.client.devices().ok().and_then(|d| {
+                        d.into_iter().find(|d| {
+                            d.id == dev && d.dropped.get("client_id").copied().unwrap_or(0) > 0
+                        })
+                    })
+                },
+            );
+        } else {
+            // Connected and served by the broker as itself (a SUBACK).
+            assert!(rogue.subscribe(&filter(dev)));
+        }
     }
     let v2 = fleet.publish_example(2, 64);
     fleet.deploy("classifier", 2, "*");
     fleet.wait_serving("edge-1", "classifier", 2);
     assert_eq!(edge.check_golden(&v2), "2");
-    for rogue in &rogues {
-        assert!(
-            rogue.subscribe("modelcast/takeover/still"),
-            "the rogue kept its own session"
-        );
-    }
     let (server_after, agent_after) = (
         fleet.server_log_count("server broker link down"),
         agent_drops(),
@@ -487,7 +508,7 @@ fn a_certificate_cannot_take_over_another_identitys_session(fleet: &Fleet, pki: 
 fn a_certificate_cannot_take_over_a_session_on_the_embedded_broker() {
     let fleet = Fleet::embedded_tls();
     let pki = fleet.pki.clone().expect("PKI");
-    a_certificate_cannot_take_over_another_identitys_session(&fleet, &pki);
+    a_certificate_cannot_take_over_another_identitys_session(&fleet, &pki, true);
 }
 
 #[test]
@@ -496,5 +517,5 @@ fn a_certificate_cannot_take_over_a_session_on_mosquitto() {
     let broker = Mosquitto::start_tls(dir.path());
     let pki = broker.pki().expect("PKI").to_path_buf();
     let fleet = Fleet::with_tls_broker(dir, &broker);
-    a_certificate_cannot_take_over_another_identitys_session(&fleet, &pki);
+    a_certificate_cannot_take_over_another_identitys_session(&fleet, &pki, false);
 }

@@ -57,6 +57,13 @@ fn device(id: &str) -> DeviceEntry {
         report: None,
         last_seen: 42,
         online: true,
+        // Kept by both stores (a quarantine outlasts a restart).
+        quarantine: Some(modelcast_server::db::Quarantine {
+            by: "ops".into(),
+            at: 7,
+            reason: "floods".into(),
+        }),
+        dropped: Default::default(),
     }
 }
 

@@ -104,6 +104,25 @@ pub struct DeviceEntry {
     pub last_seen: i64,
     /// Its retained online status.
     pub online: bool,
+    /// Set by an operator: everything the device sends is dropped unread.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quarantine: Option<Quarantine>,
+    /// What was dropped of its traffic since the server started, by reason
+    /// ([`crate::budget::Drops`]): filled in when devices are listed, never stored.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub dropped: BTreeMap<String, u64>,
+}
+
+/// An operator's quarantine of a device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quarantine {
+    /// Who.
+    pub by: String,
+    /// Unix seconds.
+    pub at: i64,
+    /// Why.
+    #[serde(default)]
+    pub reason: String,
 }
 
 /// An operator's order: run `model` at `version` on every device of `group`.

@@ -238,11 +238,26 @@ enum Command {
     /// Roll a version out to a group in waves; watch, pause, resume, abort.
     #[command(subcommand)]
     Rollout(rollout::RolloutCommand),
-    /// List devices with what they run.
+    /// List devices with what they run, and what was dropped of their traffic.
     Devices {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Quarantine a device: everything it sends (reports, telemetry, chunk requests) is
+    /// dropped unread until it is released. Written to the audit log.
+    Quarantine {
+        /// Device id.
+        device: String,
+        /// Release it instead.
+        #[arg(long)]
+        release: bool,
+        /// Why.
+        #[arg(long, default_value = "")]
+        reason: String,
+        /// Who acts (a token's name wins).
+        #[arg(long, default_value = "operator")]
+        by: String,
     },
     /// Latency and error rate of a model (one version, or all) across a group of devices over
     /// a window, from the devices' telemetry.
@@ -1016,8 +1031,8 @@ fn main() -> anyhow::Result<()> {
                 return Ok(());
             }
             println!(
-                "{:<16} {:<8} {:<28} {:<28} last error",
-                "device", "online", "labels", "serving"
+                "{:<16} {:<8} {:<28} {:<28} {:<24} last error",
+                "device", "online", "labels", "serving", "dropped"
             );
             for d in devices {
                 let labels: Vec<String> =
@@ -1039,14 +1054,34 @@ fn main() -> anyhow::Result<()> {
                     ),
                     None => (String::new(), String::new()),
                 };
+                let online = match (&d.quarantine, d.online) {
+                    (Some(_), _) => "quarantined",
+                    (None, true) => "true",
+                    (None, false) => "false",
+                };
+                let dropped: Vec<String> =
+                    d.dropped.iter().map(|(k, v)| format!("{k}={v}")).collect();
                 println!(
-                    "{:<16} {:<8} {:<28} {:<28} {}",
+                    "{:<16} {:<8} {:<28} {:<28} {:<24} {}",
                     d.id,
-                    d.online,
+                    online,
                     labels.join(","),
                     serving,
+                    dropped.join(","),
                     error
                 );
+            }
+        }
+        Command::Quarantine {
+            device,
+            release,
+            reason,
+            by,
+        } => {
+            client.quarantine(&device, !release, &reason, &by)?;
+            match release {
+                true => println!("{device} released"),
+                false => println!("{device} quarantined: what it sends is dropped"),
             }
         }
         Command::Promote(VersionArgs { model, version, by }) => {

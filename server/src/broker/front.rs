@@ -1,0 +1,394 @@
+//! The embedded broker's front door, when it speaks TLS: it accepts devices' connections,
+//! does the TLS handshake, checks each client against its certificate and the fleet's
+//! [`Policy`], and relays what is allowed to rumqttd, which listens on loopback only and
+//! admits no one without the front's secret.
+//!
+//! Why not rumqttd's own TLS listener: it does each TLS handshake inside its accept loop
+//! with no time limit, so one TCP connection that never sends a byte stopped every later
+//! device from connecting, for as long as it stayed open. It caps neither connections nor
+//! the time before CONNECT, and it has no topic rules, so any certificate could fill it
+//! with retained messages on any topic. Here:
+//!
+//! - at most `max_connections` connections at once (more are closed as accepted), each
+//!   handshake and CONNECT in its own task within `connect_timeout`;
+//! - the client id must be the certificate's common name (refused with CONNACK "identifier
+//!   rejected" otherwise);
+//! - a device's packets are checked against [`Policy`] (its own topics, one bound per topic
+//!   kind, retained only where the protocol uses it): its first refused packet closes its
+//!   connection and is counted for it ([`Drops`]). An agent never sends one.
+//!
+//! What the broker sends to a client is copied through unread. The fleet server itself
+//! connects to rumqttd directly on loopback, with the secret.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use rumqttc::mqttbytes::v4::{ConnAck, ConnectReturnCode, Login, Packet};
+use rumqttc::tokio_rustls::TlsAcceptor;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn};
+
+use super::policy::{Client, Policy, Refusal};
+use crate::budget::Drops;
+
+/// Largest CONNECT packet read before the client is known.
+const MAX_CONNECT: usize = 64 * 1024;
+
+/// What the front needs.
+pub struct FrontConfig {
+    /// TLS for devices: the broker's certificate, client certificates from the fleet CA.
+    pub tls: Arc<rustls::ServerConfig>,
+    /// Where rumqttd listens (loopback).
+    pub internal: SocketAddr,
+    /// The password the front presents for every client it relays.
+    pub secret: Arc<str>,
+    /// Who may do what.
+    pub policy: Policy,
+    /// Connections at once.
+    pub max_connections: usize,
+    /// From accept to a checked CONNECT.
+    pub connect_timeout: Duration,
+    /// Largest packet (the brokers' bound).
+    pub max_packet: usize,
+}
+
+/// What the front did since the server started (`/metrics`).
+#[derive(Debug, Default)]
+pub struct FrontStats {
+    /// Connections open now.
+    pub open: AtomicU64,
+    /// Connections relayed to the broker.
+    pub admitted: AtomicU64,
+    /// Connections closed as accepted: `max_connections` were open.
+    pub over_capacity: AtomicU64,
+    /// Connections closed because the handshake and CONNECT took longer than allowed.
+    pub timed_out: AtomicU64,
+    /// Connections whose TLS handshake or CONNECT failed (no client certificate of the
+    /// fleet's CA, not MQTT 3.1.1, …).
+    pub failed: AtomicU64,
+    /// Connections closed for a packet the policy refused (client id, topic, size,
+    /// retained, subscription); per device in [`Drops`].
+    pub refused: AtomicU64,
+}
+
+/// Accepts on `listener` until `stop` turns true, then closes every connection.
+pub async fn run(
+    listener: TcpListener,
+    cfg: FrontConfig,
+    stats: Arc<FrontStats>,
+    drops: Arc<Drops>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let cfg = Arc::new(cfg);
+    let slots = Arc::new(Semaphore::new(cfg.max_connections));
+    let mut connections = JoinSet::new();
+    info!(addr = ?listener.local_addr().ok(), max_connections = cfg.max_connections, "MQTT front listening");
+    loop {
+        tokio::select! {
+            changed = stop.changed() => if changed.is_err() || *stop.borrow() { break },
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of descriptors, most likely: wait instead of spinning.
+                        warn!(error = %e, "MQTT front: accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let Ok(permit) = slots.clone().try_acquire_owned() else {
+                    stats.over_capacity.fetch_add(1, Ordering::Relaxed);
+                    debug!(%peer, "MQTT front full: connection closed");
+                    continue;
+                };
+                let (cfg, stats, drops) = (cfg.clone(), stats.clone(), drops.clone());
+                connections.spawn(async move {
+                    stats.open.fetch_add(1, Ordering::Relaxed);
+                    serve(stream, peer, &cfg, &stats, &drops).await;
+                    stats.open.fetch_sub(1, Ordering::Relaxed);
+                    drop(permit);
+                });
+            }
+        }
+    }
+    connections.shutdown().await;
+}
+
+/// Why a connection ended before it was relayed.
+#[derive(Debug, thiserror::Error)]
+enum Ended {
+    #[error("timed out before CONNECT")]
+    TimedOut,
+    #[error("{0}")]
+    Failed(String),
+    #[error("refused: {0}")]
+    Refused(Refusal),
+}
+
+async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    cfg: &FrontConfig,
+    stats: &FrontStats,
+    drops: &Drops,
+) {
+    let _ = stream.set_nodelay(true);
+    let admitted = tokio::time::timeout(cfg.connect_timeout, admit(stream, cfg)).await;
+    let (tls, identity, client, connect, buf) = match admitted {
+        Err(_) => {
+            stats.timed_out.fetch_add(1, Ordering::Relaxed);
+            debug!(%peer, "MQTT front: {}", Ended::TimedOut);
+            return;
+        }
+        Ok(Err((Ended::Refused(refusal), identity))) => {
+            stats.refused.fetch_add(1, Ordering::Relaxed);
+            drops.add(&identity, refusal.kind(), 1);
+            warn!(%peer, %identity, %refusal, "MQTT front: connection refused");
+            return;
+        }
+        Ok(Err((e, _))) => {
+            stats.failed.fetch_add(1, Ordering::Relaxed);
+            debug!(%peer, error = %e, "MQTT front: connection failed");
+            return;
+        }
+        Ok(Ok(admitted)) => admitted,
+    };
+    let upstream = match TcpStream::connect(cfg.internal).await {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "MQTT front: the broker is unreachable");
+            return;
+        }
+    };
+    let _ = upstream.set_nodelay(true);
+    stats.admitted.fetch_add(1, Ordering::Relaxed);
+    let (mut up_rd, mut up_wr) = upstream.into_split();
+    let (mut rd, mut wr) = tokio::io::split(tls);
+    let mut first = BytesMut::new();
+    if Packet::Connect(connect)
+        .write(&mut first, MAX_CONNECT)
+        .is_err()
+        || up_wr.write_all(&first).await.is_err()
+    {
+        return;
+    }
+    let down = tokio::io::copy(&mut up_rd, &mut wr);
+    let up = relay(&mut rd, &mut up_wr, buf, &client, cfg);
+    tokio::select! {
+        _ = down => {}
+        ended = up => {
+            if let Err(Ended::Refused(refusal)) = ended {
+                stats.refused.fetch_add(1, Ordering::Relaxed);
+                drops.add(&identity, refusal.kind(), 1);
+                warn!(%peer, %identity, %refusal, "MQTT front: connection closed");
+            }
+        }
+    }
+}
+
+type Admitted = (
+    rumqttc::tokio_rustls::server::TlsStream<TcpStream>,
+    String,
+    Client,
+    rumqttc::mqttbytes::v4::Connect,
+    BytesMut,
+);
+
+/// The handshake and CONNECT: who this is, and the CONNECT to relay (with the front's
+/// login in place of the client's).
+async fn admit(stream: TcpStream, cfg: &FrontConfig) -> Result<Admitted, (Ended, String)> {
+    let failed = |e: String| (Ended::Failed(e), String::new());
+    let mut tls = TlsAcceptor::from(cfg.tls.clone())
+        .accept(stream)
+        .await
+        .map_err(|e| failed(format!("TLS: {e}")))?;
+    let identity = {
+        let (_, conn) = tls.get_ref();
+        let cert = conn
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .ok_or_else(|| failed("no client certificate".into()))?;
+        common_name(cert).ok_or_else(|| failed("the certificate has no common name".into()))?
+    };
+    let mut buf = BytesMut::with_capacity(1024);
+    let packet = read_packet(&mut tls, &mut buf, MAX_CONNECT)
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    let Some(Packet::Connect(mut connect)) = packet.map(|(p, _)| p) else {
+        return Err(failed("the first packet is not CONNECT".into()));
+    };
+    let client = match cfg.policy.connect(&identity, &connect) {
+        Ok(c) => c,
+        Err(refusal) => {
+            let code = match refusal {
+                Refusal::ClientId { .. } => ConnectReturnCode::BadClientId,
+                _ => ConnectReturnCode::NotAuthorized,
+            };
+            let mut ack = BytesMut::new();
+            let _ = Packet::ConnAck(ConnAck::new(code, false)).write(&mut ack, 16);
+            let _ = tls.write_all(&ack).await;
+            let _ = tls.shutdown().await;
+            return Err((Ended::Refused(refusal), identity));
+        }
+    };
+    connect.login = Some(Login::new(identity.clone(), &*cfg.secret));
+    Ok((tls, identity, client, connect, buf))
+}
+
+/// Client → broker: a server's bytes are copied; a device's packets are read one by one,
+/// checked, and passed on as they came.
+async fn relay<R, W>(
+    rd: &mut R,
+    up: &mut W,
+    mut buf: BytesMut,
+    client: &Client,
+    cfg: &FrontConfig,
+) -> Result<(), Ended>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    if let Client::Server(_) = client {
+        up.write_all(&buf)
+            .await
+            .map_err(|e| Ended::Failed(e.to_string()))?;
+        tokio::io::copy(rd, up)
+            .await
+            .map_err(|e| Ended::Failed(e.to_string()))?;
+        return Ok(());
+    }
+    loop {
+        let Some((packet, frame)) = read_packet(rd, &mut buf, cfg.max_packet)
+            .await
+            .map_err(|e| Ended::Failed(e.to_string()))?
+        else {
+            return Ok(());
+        };
+        match &packet {
+            Packet::Publish(p) => cfg.policy.publish(client, p).map_err(Ended::Refused)?,
+            Packet::Subscribe(s) => cfg.policy.subscribe(client, s).map_err(Ended::Refused)?,
+            Packet::Connect(_) => return Err(Ended::Failed("a second CONNECT".into())),
+            _ => {}
+        }
+        up.write_all(&frame)
+            .await
+            .map_err(|e| Ended::Failed(e.to_string()))?;
+    }
+}
+
+/// Why a packet could not be read.
+#[derive(Debug, thiserror::Error)]
+enum ReadError {
+    #[error("read: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("MQTT: {0:?}")]
+    Mqtt(rumqttc::mqttbytes::Error),
+}
+
+/// The next packet, decoded, with its bytes as they came; `None` at a clean end of stream.
+async fn read_packet<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+    max: usize,
+) -> Result<Option<(Packet, bytes::Bytes)>, ReadError> {
+    loop {
+        match rumqttc::mqttbytes::check(buf.iter(), max) {
+            Ok(header) => {
+                let frame = buf.split_to(header.frame_length()).freeze();
+                let mut copy = BytesMut::from(&frame[..]);
+                let packet = Packet::read(&mut copy, max).map_err(ReadError::Mqtt)?;
+                return Ok(Some((packet, frame)));
+            }
+            Err(rumqttc::mqttbytes::Error::InsufficientBytes(n)) => {
+                buf.reserve(n.min(1 << 20));
+                if rd.read_buf(buf).await? == 0 {
+                    return if buf.is_empty() {
+                        Ok(None)
+                    } else {
+                        Err(ReadError::Io(std::io::ErrorKind::UnexpectedEof.into()))
+                    };
+                }
+            }
+            Err(e) => return Err(ReadError::Mqtt(e)),
+        }
+    }
+}
+
+/// The certificate's common name (its first, as mosquitto's `use_identity_as_username`).
+fn common_name(cert: &rustls::pki_types::CertificateDer<'_>) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert).ok()?;
+    let cn = cert.subject().iter_common_name().next()?;
+    cn.as_str().ok().map(str::to_string)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn read_all(bytes: &[u8], max: usize) -> Result<Vec<Packet>, ReadError> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut rd = bytes;
+            let mut buf = BytesMut::new();
+            let mut out = Vec::new();
+            while let Some((p, _)) = read_packet(&mut rd, &mut buf, max).await? {
+                out.push(p);
+            }
+            Ok(out)
+        })
+    }
+
+    #[test]
+    fn packets_are_read_whole_and_bounded() {
+        let mut bytes = BytesMut::new();
+        let mut publish = rumqttc::mqttbytes::v4::Publish::new(
+            "mc/d/edge-1/state",
+            rumqttc::mqttbytes::QoS::AtLeastOnce,
+            vec![7u8; 3000],
+        );
+        publish.pkid = 1;
+        Packet::Publish(publish.clone())
+            .write(&mut bytes, 1 << 20)
+            .unwrap();
+        Packet::PingReq.write(&mut bytes, 16).unwrap();
+        let packets = read_all(&bytes, 1 << 20).unwrap();
+        assert_eq!(packets, vec![Packet::Publish(publish), Packet::PingReq]);
+        // Over the bound: refused from the header, before the payload is read.
+        assert!(matches!(
+            read_all(&bytes, 1000),
+            Err(ReadError::Mqtt(
+                rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(_)
+            ))
+        ));
+        // Cut short.
+        assert!(read_all(&bytes[..100], 1 << 20).is_err());
+    }
+
+    #[test]
+    fn the_common_name_is_read_from_a_fleet_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::pki::init(dir.path(), &["localhost".into()]).unwrap();
+        let id = crate::pki::issue(dir.path(), "edge-7").unwrap();
+        let pem = std::fs::read(&id.cert).unwrap();
+        use rustls::pki_types::pem::PemObject;
+        let der = rustls::pki_types::CertificateDer::from_pem_slice(&pem).unwrap();
+        assert_eq!(common_name(&der).as_deref(), Some("edge-7"));
+    }
+
+    proptest! {
+        #[test]
+        fn the_reader_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = read_all(&bytes, 4096);
+        }
+    }
+}
