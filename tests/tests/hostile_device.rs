@@ -138,3 +138,217 @@ fn a_device_asking_for_everything_again_and_again_cannot_grow_the_broker() {
     drop(client);
     drop(connection);
 }
+
+/// Connects with `identity`'s certificate through the embedded broker's front and returns
+/// how long the CONNACK took, or `None` if none came within 10 s.
+fn connack(port: u16, pki: &std::path::Path, identity: &str) -> Option<Duration> {
+    let started = Instant::now();
+    let (_client, mut connection) =
+        rumqttc::Client::new(tls_options(port, pki, identity, identity), 8);
+    while started.elapsed() < Duration::from_secs(10) {
+        match connection.recv_timeout(Duration::from_secs(1)) {
+            Ok(Ok(Event::Incoming(Packet::ConnAck(ack))))
+                if ack.code == rumqttc::ConnectReturnCode::Success =>
+            {
+                return Some(started.elapsed())
+            }
+            Ok(Err(_)) => return None,
+            _ => {}
+        }
+    }
+    None
+}
+
+/// Connects as `identity`, publishes `bytes` on `topic` (QoS 1) and waits (at most 10 s) for
+/// the broker to acknowledge it (true) or close the connection (false).
+fn publish_once(
+    port: u16,
+    pki: &std::path::Path,
+    identity: &str,
+    topic: &str,
+    retain: bool,
+    bytes: usize,
+) -> bool {
+    let mut opts = tls_options(port, pki, identity, identity);
+    opts.set_max_packet_size(8 << 20, 8 << 20);
+    let (client, mut connection) = rumqttc::Client::new(opts, 8);
+    client
+        .publish(topic, QoS::AtLeastOnce, retain, vec![b'j'; bytes])
+        .unwrap();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(10) {
+        match connection.recv_timeout(Duration::from_secs(1)) {
+            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => return true,
+            Ok(Err(_)) => return false,
+            _ => {}
+        }
+    }
+    panic!("neither acknowledged nor refused within 10 s");
+}
+
+/// The embedded broker with TLS against one device certificate used as a weapon (cases 4, 5
+/// and 6 of the issue on the embedded broker), then an operator's quarantine:
+///
+/// - idle TCP connections that never start TLS: before, the first one stopped every later
+///   device from connecting (rumqttd's TLS handshake ran inside its accept loop); now a device
+///   connects at once beside them, the front holds at most `--mqtt-max-connections`, and each
+///   is closed after `--mqtt-connect-timeout-secs`;
+/// - 60 retained messages of 4 MiB on arbitrary topics (before: the server process grew
+///   173 → 528 MB), a state report over its kind's bound, a desired state for another
+///   device and retained telemetry: each refused at its header, the connection closed,
+///   counted for the device;
+///   nothing is retained, and another device's update completes;
+/// - a quarantined device's chunk requests are dropped and counted until it is released.
+#[test]
+fn a_hostile_certificate_cannot_stop_or_fill_the_embedded_broker() {
+    const CAP: usize = 24;
+    let cap = CAP.to_string();
+    let fleet = Fleet::embedded_tls_with(&[
+        "--mqtt-max-connections",
+        &cap,
+        "--mqtt-connect-timeout-secs",
+        "3",
+        "--broker-server-identity",
+        "observer",
+    ]);
+    let pki = fleet.pki.clone().expect("PKI");
+    let port = fleet.mqtt_port;
+    let victim = fleet.start_agent_with(
+        "edge-1",
+        &[("role", "victim")],
+        "[probation]\nrequests = 1\nseconds = 1\n",
+    );
+    fleet.wait_registered();
+    fleet.publish_example(1, 64);
+    fleet.deploy("classifier", 1, "*");
+    fleet.wait_serving("edge-1", "classifier", 1);
+
+    // Idle connections, below the cap: a device still connects at once.
+    let connect = || std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut idle: Vec<std::net::TcpStream> = (0..CAP / 2).map(|_| connect()).collect();
+    let beside_idle = connack(port, &pki, "edge-3").expect("a device connects beside idle ones");
+    // Over the cap: the rest are closed as accepted, and every one within the timeout.
+    idle.extend((0..CAP + CAP / 2).map(|_| connect()));
+    let opened = Instant::now();
+    for s in &mut idle {
+        use std::io::Read;
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut byte = [0u8; 1];
+        assert!(
+            matches!(s.read(&mut byte), Ok(0) | Err(_)),
+            "the front closed an idle connection"
+        );
+    }
+    let all_closed = opened.elapsed();
+    let after_idle = connack(port, &pki, "edge-3").expect("a device connects after them");
+    let metrics = fleet.client.metrics().unwrap();
+    let front = |result: &str| -> u64 {
+        let key = format!("modelcast_fleet_broker_front_connections_total{{result=\"{result}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&key)?.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    assert!(front("over_capacity") >= (CAP / 2) as u64, "{metrics}");
+    // Every idle connection was either closed at the cap or timed out.
+    assert!(
+        front("over_capacity") + front("timed_out") >= idle.len() as u64,
+        "{metrics}"
+    );
+
+    // Junk from edge-2's certificate, each message on a fresh connection (the first refused
+    // packet ends one).
+    const JUNK: usize = 60;
+    let server_before = proc_status_kib(fleet.server_pid(), "VmHWM");
+    let junk_started = Instant::now();
+    for i in 0..JUNK {
+        let acked = publish_once(port, &pki, "edge-2", &format!("junk/{i}"), true, 4 << 20);
+        assert!(!acked, "retained junk was taken");
+    }
+    let junk_took = junk_started.elapsed();
+    let state = "modelcast/d/edge-2/state";
+    assert!(!publish_once(port, &pki, "edge-2", state, true, 2 << 20));
+    let desired = "modelcast/d/edge-1/desired";
+    assert!(!publish_once(port, &pki, "edge-2", desired, true, 1024));
+    let telemetry = "modelcast/d/edge-2/telemetry";
+    assert!(!publish_once(port, &pki, "edge-2", telemetry, true, 1024));
+    // Meanwhile the victim updates.
+    let v2 = fleet.publish_example(2, 64);
+    fleet.deploy("classifier", 2, "role=victim");
+    fleet.wait_serving("edge-1", "classifier", 2);
+    assert_eq!(victim.check_golden(&v2), "2");
+    let server_grew = proc_status_kib(fleet.server_pid(), "VmHWM").saturating_sub(server_before);
+
+    // Nothing was retained: a server identity subscribing to junk/# gets its own marker (a
+    // retained message, delivered with any others at subscription) and nothing else.
+    let observer = modelcast_tests::Rogue::connect_tls(port, &pki, "observer", None);
+    observer.publish_raw("junk/marker", true, b"marker".to_vec());
+    assert!(observer.subscribe("junk/#"));
+    let seen = wait_for("the marker", Duration::from_secs(10), || {
+        let seen = observer.seen();
+        (!seen.is_empty()).then_some(seen)
+    });
+    assert_eq!(
+        seen.iter().map(|(t, _)| t.as_str()).collect::<Vec<_>>(),
+        ["junk/marker"]
+    );
+    observer.publish_raw("junk/marker", true, Vec::new());
+
+    // Counted for the certificate's device, which never registered.
+    let dropped = wait_for("edge-2's refusals", Duration::from_secs(10), || {
+        let d = fleet.client.devices().ok()?;
+        let d = d.into_iter().find(|d| d.id == "edge-2")?;
+        (d.dropped.values().sum::<u64>() >= JUNK as u64 + 3).then_some(d.dropped)
+    });
+    // Junk topics and another device's desired state: not its topics.
+    assert_eq!(
+        dropped.get("publish"),
+        Some(&(JUNK as u64 + 1)),
+        "{dropped:?}"
+    );
+    assert_eq!(dropped.get("too_large"), Some(&1), "{dropped:?}");
+    assert_eq!(dropped.get("retained"), Some(&1), "{dropped:?}");
+
+    // Quarantine: edge-1's requests for v3 are dropped until it is released.
+    fleet
+        .client
+        .quarantine("edge-1", true, "hostile-device test", "ops")
+        .unwrap();
+    let v3 = fleet.publish_example(3, 64);
+    fleet.deploy("classifier", 3, "role=victim");
+    wait_for("edge-1's messages dropped", Duration::from_secs(60), || {
+        let d = fleet.client.devices().ok()?;
+        let d = d.into_iter().find(|d| d.id == "edge-1")?;
+        (d.quarantine.is_some() && d.dropped.get("quarantined").copied().unwrap_or(0) > 0)
+            .then_some(())
+    });
+    assert_eq!(
+        victim.check_golden(&v2),
+        "2",
+        "still on v2 while quarantined"
+    );
+    fleet.client.quarantine("edge-1", false, "", "ops").unwrap();
+    fleet.wait_serving("edge-1", "classifier", 3);
+    assert_eq!(victim.check_golden(&v3), "3");
+    let audit = fleet.client.audit(0).unwrap();
+    assert!(audit.iter().any(|e| e.action == "device.quarantine"));
+    assert!(audit.iter().any(|e| e.action == "device.release"));
+
+    println!(
+        "embedded broker: a device connected in {:.0} ms beside {} idle connections (before: \
+         never); {} idle connections all closed in {:.1} s ({} over the cap of {CAP}), a device \
+         connected {:.0} ms after; {JUNK} retained 4 MiB messages on junk topics refused in \
+         {:.1} s, none retained, the server's peak memory grew {} MiB (before: 355 MB); \
+         edge-2's refusals {dropped:?}",
+        beside_idle.as_secs_f64() * 1000.0,
+        CAP / 2,
+        idle.len(),
+        all_closed.as_secs_f64(),
+        front("over_capacity"),
+        after_idle.as_secs_f64() * 1000.0,
+        junk_took.as_secs_f64(),
+        server_grew / 1024,
+    );
+    // Budget: the front reads no more than a refused packet's header.
+    assert!(server_grew < 64 * 1024, "the server grew {server_grew} KiB");
+}

@@ -54,8 +54,6 @@ pub struct FrontConfig {
     pub max_connections: usize,
     /// From accept to a checked CONNECT.
     pub connect_timeout: Duration,
-    /// Largest packet (the brokers' bound).
-    pub max_packet: usize,
 }
 
 /// What the front did since the server started (`/metrics`).
@@ -265,9 +263,21 @@ where
         return Ok(());
     }
     loop {
-        let Some((packet, frame)) = read_packet(rd, &mut buf, cfg.max_packet)
-            .await
-            .map_err(|e| Ended::Failed(e.to_string()))?
+        let early = |h: &PublishHeader| {
+            cfg.policy
+                .check_publish(client, &h.topic, h.retain, h.payload)
+        };
+        let read = read_checked(rd, &mut buf, cfg.policy.max_device_packet(), early).await;
+        let Some((packet, frame)) = read.map_err(|e| match e {
+            ReadError::Refused(refusal) => Ended::Refused(refusal),
+            ReadError::Mqtt(rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(bytes)) => {
+                Ended::Refused(Refusal::Packet {
+                    bytes,
+                    limit: cfg.policy.max_device_packet(),
+                })
+            }
+            e => Ended::Failed(e.to_string()),
+        })?
         else {
             return Ok(());
         };
@@ -290,6 +300,52 @@ enum ReadError {
     Io(#[from] std::io::Error),
     #[error("MQTT: {0:?}")]
     Mqtt(rumqttc::mqttbytes::Error),
+    #[error("refused: {0}")]
+    Refused(Refusal),
+}
+
+/// What the first bytes of a PUBLISH say: enough to judge it before its payload arrives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PublishHeader {
+    /// Its topic.
+    pub topic: String,
+    /// Its retain flag.
+    pub retain: bool,
+    /// Its payload's size.
+    pub payload: usize,
+}
+
+impl PublishHeader {
+    /// The header of the PUBLISH at the start of `buf`, once its topic is there; `None`
+    /// for another packet, or too few bytes yet (a malformed one is left to the decoder).
+    fn peek(buf: &[u8]) -> Option<PublishHeader> {
+        let first = *buf.first()?;
+        if first >> 4 != 3 {
+            return None;
+        }
+        let (mut remaining, mut at, mut shift) = (0usize, 1usize, 0u32);
+        loop {
+            let b = *buf.get(at)?;
+            remaining |= usize::from(b & 0x7f) << shift;
+            at += 1;
+            if b & 0x80 == 0 {
+                break;
+            }
+            shift += 7;
+            if shift > 21 {
+                return None;
+            }
+        }
+        let len = usize::from(u16::from_be_bytes([*buf.get(at)?, *buf.get(at + 1)?]));
+        let topic = buf.get(at + 2..at + 2 + len)?;
+        let qos = (first >> 1) & 3;
+        let id = if qos > 0 { 2 } else { 0 };
+        Some(PublishHeader {
+            topic: String::from_utf8_lossy(topic).into_owned(),
+            retain: first & 1 == 1,
+            payload: remaining.saturating_sub(2 + len + id),
+        })
+    }
 }
 
 /// The next packet, decoded, with its bytes as they came; `None` at a clean end of stream.
@@ -298,7 +354,21 @@ async fn read_packet<R: AsyncRead + Unpin>(
     buf: &mut BytesMut,
     max: usize,
 ) -> Result<Option<(Packet, bytes::Bytes)>, ReadError> {
+    read_checked(rd, buf, max, |_| Ok(())).await
+}
+
+/// [`read_packet`], with `early` asked about a PUBLISH as soon as its topic has arrived
+/// (before its payload is read): a refused one costs the front no more than its header.
+async fn read_checked<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+    max: usize,
+    early: impl Fn(&PublishHeader) -> Result<(), Refusal>,
+) -> Result<Option<(Packet, bytes::Bytes)>, ReadError> {
     loop {
+        if let Some(header) = PublishHeader::peek(buf) {
+            early(&header).map_err(ReadError::Refused)?;
+        }
         match rumqttc::mqttbytes::check(buf.iter(), max) {
             Ok(header) => {
                 let frame = buf.split_to(header.frame_length()).freeze();
@@ -385,7 +455,40 @@ mod tests {
         assert_eq!(common_name(&der).as_deref(), Some("edge-7"));
     }
 
+    #[test]
+    fn a_publish_is_judged_from_its_first_bytes() {
+        let mut publish = rumqttc::mqttbytes::v4::Publish::new(
+            "junk/1",
+            rumqttc::mqttbytes::QoS::AtLeastOnce,
+            vec![0u8; 300_000],
+        );
+        publish.pkid = 9;
+        publish.retain = true;
+        let mut bytes = BytesMut::new();
+        Packet::Publish(publish).write(&mut bytes, 1 << 20).unwrap();
+        let header = PublishHeader {
+            topic: "junk/1".into(),
+            retain: true,
+            payload: 300_000,
+        };
+        // The fixed header (4 bytes for this size), the topic's length and the topic: enough.
+        assert_eq!(
+            PublishHeader::peek(&bytes[..4 + 2 + 6]),
+            Some(header.clone())
+        );
+        assert_eq!(PublishHeader::peek(&bytes[..4 + 2 + 5]), None);
+        assert_eq!(PublishHeader::peek(&bytes), Some(header));
+        let mut ping = BytesMut::new();
+        Packet::PingReq.write(&mut ping, 16).unwrap();
+        assert_eq!(PublishHeader::peek(&ping), None);
+    }
+
     proptest! {
+        #[test]
+        fn peeking_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let _ = PublishHeader::peek(&bytes);
+        }
+
         #[test]
         fn the_reader_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             let _ = read_all(&bytes, 4096);

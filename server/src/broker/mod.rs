@@ -134,7 +134,6 @@ pub fn start(
         policy: policy::Policy::new(&cfg.prefix, &cfg.servers),
         max_connections: cfg.max_connections,
         connect_timeout: cfg.connect_timeout,
-        max_packet: MAX_PAYLOAD + 1024,
     };
     tokio::spawn(front::run(listener, front_cfg, stats, drops, stop));
     Ok(Embedded {

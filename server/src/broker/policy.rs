@@ -48,6 +48,14 @@ pub enum Refusal {
         /// The bound.
         limit: usize,
     },
+    /// A packet over the broker's bound (refused from its header, before its body is read).
+    #[error("a packet of {bytes} bytes (at most {limit})")]
+    Packet {
+        /// Its size.
+        bytes: usize,
+        /// The bound.
+        limit: usize,
+    },
     /// A filter the identity may not subscribe to.
     #[error("subscribing to {filter:?} is not allowed")]
     Subscribe {
@@ -64,7 +72,7 @@ impl Refusal {
             Refusal::ClientId { .. } => "client_id",
             Refusal::Publish { .. } => "publish",
             Refusal::Retained { .. } => "retained",
-            Refusal::TooLarge { .. } => "too_large",
+            Refusal::TooLarge { .. } | Refusal::Packet { .. } => "too_large",
             Refusal::Subscribe { .. } => "subscribe",
         }
     }
@@ -122,7 +130,9 @@ impl Policy {
         self.check_publish(client, topic, publish.retain, publish.payload.len())
     }
 
-    fn check_publish(
+    /// Whether `client` may publish `bytes` on `topic` (retained or not); what a PUBLISH's
+    /// header is judged by before its payload is read.
+    pub fn check_publish(
         &self,
         client: &Client,
         topic: &str,
@@ -185,6 +195,17 @@ impl Policy {
             }
             None => false,
         }
+    }
+
+    /// The largest packet a device may send: its largest topic kind's bound plus room for
+    /// the topic and framing. What the front reads of a device's packet at most.
+    pub fn max_device_packet(&self) -> usize {
+        DeviceTopic::ALL
+            .iter()
+            .filter_map(|k| k.device_limit())
+            .max()
+            .unwrap_or(0)
+            + 64 * 1024
     }
 
     /// The topic prefix.
