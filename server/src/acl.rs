@@ -16,7 +16,8 @@
 //! `--no-shared-chunks` (and may drop that line).
 //!
 //! Only the fleet server's identities may publish desired states (or anything else under
-//! the prefix). The embedded broker (rumqttd) has no per-topic ACLs: see `docs/security.md`.
+//! the prefix). The embedded broker's front holds clients to the same rules
+//! ([`crate::broker::policy`]).
 
 use std::fmt::Write as _;
 use std::path::Path;

@@ -102,14 +102,12 @@ fn named(cn: &str) -> DistinguishedName {
     dn
 }
 
-/// A client's name: its common name, and an organization derived from it that binds the
-/// MQTT client id to the certificate on the embedded broker. rumqttd takes a client
-/// certificate's organization as a tenant and keys every session by `tenant.client_id`, so
-/// a certificate can only ever reach the sessions of its own identity: a device connecting
-/// with the server's client id, or another device's, gets a session of its own and knocks
-/// nobody off. (mosquitto with the generated configuration binds them by
-/// `use_username_as_clientid`.) The organization is 32 hex digits of the name's SHA-256:
-/// rumqttd accepts only alphanumeric tenants, and device ids may hold `-`, `_` and `.`.
+/// A client's name: its common name, and an organization derived from it (32 hex digits of
+/// the name's SHA-256). The organization bound client ids to certificates when rumqttd did
+/// the TLS itself (it keys sessions by `organization.client_id`); the embedded broker's front
+/// ([`crate::broker::front`]) now refuses any client id but the common name, as mosquitto
+/// does with the generated configuration, and certificates keep the organization so that
+/// ones issued before and after read alike.
 pub fn client_name(cn: &str) -> DistinguishedName {
     let mut dn = named(cn);
     let digest = modelcast_proto::sha256_hex(cn.as_bytes());

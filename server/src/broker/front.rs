@@ -167,7 +167,7 @@ async fn serve(
     };
     let _ = upstream.set_nodelay(true);
     stats.admitted.fetch_add(1, Ordering::Relaxed);
-    let (mut up_rd, mut up_wr) = upstream.into_split();
+    let (up_rd, mut up_wr) = upstream.into_split();
     let (mut rd, mut wr) = tokio::io::split(tls);
     let mut first = BytesMut::new();
     if Packet::Connect(connect)
@@ -177,7 +177,9 @@ async fn serve(
     {
         return;
     }
-    let down = tokio::io::copy(&mut up_rd, &mut wr);
+    // Chunks of up to 4 MiB come this way: copy in large pieces (TLS records of 16 KiB).
+    let mut up_rd = tokio::io::BufReader::with_capacity(256 * 1024, up_rd);
+    let down = tokio::io::copy_buf(&mut up_rd, &mut wr);
     let up = relay(&mut rd, &mut up_wr, buf, &client, cfg);
     tokio::select! {
         _ = down => {}
