@@ -6,7 +6,22 @@
 use std::time::Duration;
 
 use modelcast_proto::telemetry::TelemetryReport;
-use modelcast_tests::{wait_for, Fleet, Rogue};
+use modelcast_tests::{proc_status_kib, wait_for, Fleet, Rogue};
+
+/// Bytes of the files under `dir`.
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
 
 #[test]
 fn a_telemetry_flood_is_dropped_over_the_devices_budget() {
@@ -18,6 +33,11 @@ fn a_telemetry_flood_is_dropped_over_the_devices_budget() {
         .device("flood-1", modelcast_proto::topic::DeviceTopic::Telemetry);
     // 300 reports with fresh sequence numbers, each padded to ~60 KB with a large host name
     // in the system section, as fast as the broker takes them.
+    let store = fleet.dir.path().join("server");
+    let (store_before, memory_before) = (
+        dir_bytes(&store),
+        proc_status_kib(fleet.server_pid(), "VmHWM"),
+    );
     let now = modelcast_server::unix_now_ms();
     for seq in 1..=300u64 {
         let report = TelemetryReport {
@@ -52,6 +72,26 @@ fn a_telemetry_flood_is_dropped_over_the_devices_budget() {
         metrics.contains("result=\"over_budget\""),
         "no over_budget series"
     );
+    // The flooder is named: its drops are listed with it.
+    let flooder = fleet.client.devices().unwrap();
+    let flooder = flooder.iter().find(|d| d.id == "flood-1").expect("listed");
+    assert_eq!(
+        flooder.dropped.get("telemetry_over_budget"),
+        Some(&t.over_budget),
+        "{:?}",
+        flooder.dropped
+    );
+    // Budgets: what was stored of the flood (the burst, 8 MiB, plus the store's own overhead),
+    // and the server's peak memory (before: the store grew 44 → 104 MB in 5 s).
+    let store_grew = dir_bytes(&store).saturating_sub(store_before);
+    let memory_grew = proc_status_kib(fleet.server_pid(), "VmHWM").saturating_sub(memory_before);
+    println!(
+        "the server's store grew {} MiB, its peak memory {} MiB",
+        store_grew >> 20,
+        memory_grew >> 10
+    );
+    assert!(store_grew < 48 << 20, "the store grew {store_grew} bytes");
+    assert!(memory_grew < 128 << 10, "the server grew {memory_grew} KiB");
     // Everyone else is served.
     fleet.publish_example(1, 16);
     fleet.deploy("classifier", 1, "site=lab");
