@@ -368,6 +368,11 @@ pub(crate) fn restore(
                 }
             }
         }
+        if served && record.trial.is_none() {
+            // The other slot (the version a fleet rollback may return to) is not loaded: its
+            // bytes are checked in full here, once the serving model answers.
+            check_fallback(store, &name, &mut record, metrics, &mut restored)?;
+        }
         if record != found {
             store.put_model(&name, &record)?;
         }
@@ -380,6 +385,43 @@ pub(crate) fn restore(
     }
     crate::memory::release_free_memory();
     Ok(restored)
+}
+
+/// Hashes the slot `record` does not serve against its signed digest; a damaged or missing
+/// artifact empties the slot ([`ModelRecord::lose`]) and is reported, so that a rollback never
+/// reaches for bytes that are gone, and the version is downloaded again if a desired state
+/// names it.
+fn check_fallback(
+    store: &Store,
+    name: &str,
+    record: &mut ModelRecord,
+    metrics: &Metrics,
+    restored: &mut Restored,
+) -> Result<(), StoreError> {
+    let Some(slot) = record.active.map(Slot::other) else {
+        return Ok(());
+    };
+    let Some(manifest) = record.slot(slot).cloned() else {
+        return Ok(());
+    };
+    match store.verify_artifact(&manifest) {
+        Ok(()) => store.keep_manifest_once(&manifest),
+        Err(damage) => {
+            warn!(model = %name, %slot, version = manifest.version, error = %damage, "stored fallback artifact lost");
+            metrics.artifact_lost();
+            record.lose(slot);
+            restored.lost.push((
+                name.to_string(),
+                manifest.version,
+                format!(
+                    "version {} of {name} (slot {slot}, the fallback) lost on disk: {damage}; \
+                     it is downloaded again if a desired state names it",
+                    manifest.version
+                ),
+            ));
+            Ok(())
+        }
+    }
 }
 
 #[cfg(test)]

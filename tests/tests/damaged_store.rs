@@ -1,6 +1,7 @@
 //! The damaged-store matrix: a device serving version 2 of a model (version 1 in its other
 //! slot) is stopped, one part of its store is damaged — flipped bytes, truncated, deleted or
-//! zeroed × the serving artifact, every artifact, sled's database file, sled's `conf` — and it
+//! zeroed × the serving artifact, the fallback artifact (the other slot's), every artifact,
+//! sled's database file, sled's `conf` — and it
 //! is started again with the fleet server reachable. Every time, the agent must start (never
 //! exit on a damaged store), and at once either serve a verified model (with that version's
 //! exact answer) or say truthfully that it cannot (`/v2/health/ready` 503, no answer claimed);
@@ -29,6 +30,8 @@ enum Target {
     SledDb,
     SledConf,
     ServingArtifact,
+    /// The other slot's artifact (version 1, what a fleet rollback returns to).
+    FallbackArtifact,
     EveryArtifact,
 }
 
@@ -65,12 +68,13 @@ fn unix_now() -> i64 {
 }
 
 /// The files of `target` in the store under `store`.
-fn files(store: &Path, target: Target, serving: &Manifest) -> Vec<PathBuf> {
+fn files(store: &Path, target: Target, serving: &Manifest, fallback: &Manifest) -> Vec<PathBuf> {
     let artifacts = store.join("artifacts");
     match target {
         Target::SledDb => vec![store.join("sled/db")],
         Target::SledConf => vec![store.join("sled/conf")],
         Target::ServingArtifact => vec![artifacts.join(&serving.sha256)],
+        Target::FallbackArtifact => vec![artifacts.join(&fallback.sha256)],
         Target::EveryArtifact => std::fs::read_dir(&artifacts)
             .unwrap()
             .map(|e| e.unwrap().path())
@@ -161,13 +165,20 @@ fn a_damaged_store_serves_a_verified_model_or_says_it_cannot_and_heals() {
         Target::SledDb,
         Target::SledConf,
         Target::ServingArtifact,
+        Target::FallbackArtifact,
         Target::EveryArtifact,
     ] {
         for how in [Damage::Flip, Damage::Truncate, Damage::Delete, Damage::Zero] {
             let case = format!("{how:?} × {target:?}");
             agent.stop();
-            for path in files(&store, target, v2) {
-                damage(&path, how);
+            // Files an earlier case lost for good (the fallback, which no desired state
+            // names again) cannot be damaged twice.
+            let present: Vec<PathBuf> = files(&store, target, v2, v1)
+                .into_iter()
+                .filter(|p| p.exists())
+                .collect();
+            for path in &present {
+                damage(path, how);
             }
             let restarted = unix_now();
             agent.start(); // Panics if the API never answers (the agent exited).
@@ -203,7 +214,12 @@ fn a_damaged_store_serves_a_verified_model_or_says_it_cannot_and_heals() {
                 );
             }
             let told = report.last_error.map(|e| e.reason).unwrap_or_default();
-            if matches!(target, Target::ServingArtifact | Target::EveryArtifact) {
+            if !present.is_empty()
+                && matches!(
+                    target,
+                    Target::ServingArtifact | Target::FallbackArtifact | Target::EveryArtifact
+                )
+            {
                 assert!(
                     told.contains("lost on disk"),
                     "{case}: the fleet was not told: {told:?}"
