@@ -321,7 +321,19 @@ pub async fn run(
             Some(tokens)
         }
         None => {
-            tracing::warn!("no --tokens: the operator API is open to anyone who reaches it");
+            // Open mode is for one box: refuse to offer an open API to the network.
+            let exposed = listener
+                .local_addr()
+                .map(|a| !a.ip().is_loopback())
+                .unwrap_or(true);
+            if exposed {
+                return Err(ServerError::Io(
+                    "without --tokens the operator API listens on loopback only: give --tokens \
+                     (modelcast token create), or --listen 127.0.0.1:PORT"
+                        .into(),
+                ));
+            }
+            tracing::warn!("no --tokens: the operator API is open to every local user");
             None
         }
     };

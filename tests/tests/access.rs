@@ -193,3 +193,35 @@ fn an_open_api_takes_no_change_a_web_page_could_forge() {
     assert_eq!(post(Some("application/json"), Some(&own)), 200);
     assert_eq!(fleet.client.deployments().unwrap().len(), 1);
 }
+
+/// Without `--tokens` the API is open, so the server refuses to listen anywhere but loopback:
+/// it exits at once with the reason, before it takes a device.
+#[test]
+fn an_open_api_is_refused_off_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    modelcast_server::keyset::keygen(&keys, modelcast_server::unix_now()).unwrap();
+    let port = modelcast_tests::free_port();
+    let mqtt = modelcast_tests::free_port();
+    let mut child = std::process::Command::new(bin("modelcast-server"))
+        .arg("--data-dir")
+        .arg(dir.path().join("server"))
+        .arg("--keys")
+        .arg(&keys)
+        .arg("--listen")
+        .arg(format!("0.0.0.0:{port}"))
+        .arg("--mqtt-listen")
+        .arg(format!("127.0.0.1:{mqtt}"))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = wait_for(
+        "the server to exit",
+        std::time::Duration::from_secs(30),
+        || child.try_wait().unwrap(),
+    );
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success());
+    assert!(err.contains("loopback only"), "{err}");
+}
