@@ -111,6 +111,7 @@ fn a_state_report_flood_is_dropped_over_the_devices_budget() {
     let topic = modelcast_proto::topic::Topics::new("modelcast")
         .device("flood-2", modelcast_proto::topic::DeviceTopic::State);
     const SENT: u64 = 2000;
+    let memory_before = proc_status_kib(fleet.server_pid(), "VmHWM");
     for at in 0..SENT {
         let report = DeviceReport {
             format: modelcast_proto::FORMAT_VERSION,
@@ -128,7 +129,22 @@ fn a_state_report_flood_is_dropped_over_the_devices_budget() {
         let over = fleet.client.status().ok()?.reports_over_budget;
         (over >= SENT - 700).then_some(over)
     });
-    println!("{SENT} state reports from one device: {over} over budget");
+    let memory_grew = proc_status_kib(fleet.server_pid(), "VmHWM").saturating_sub(memory_before);
+    println!(
+        "{SENT} state reports from one device: {over} over budget; the server's peak memory \
+         grew {} MiB",
+        memory_grew >> 10
+    );
+    assert!(memory_grew < 64 << 10, "the server grew {memory_grew} KiB");
+    let flooder = fleet.client.devices().unwrap();
+    let flooder = flooder.iter().find(|d| d.id == "flood-2").expect("listed");
+    // Counted by name too (at least what the status said; later drops may have landed).
+    let named = flooder
+        .dropped
+        .get("state_over_budget")
+        .copied()
+        .unwrap_or(0);
+    assert!(named >= over, "{named} named, {over} counted");
     // The burst (600) and a few seconds' refill at most were read.
     assert!(over <= SENT - 600, "{over} over budget");
     assert!(fleet
