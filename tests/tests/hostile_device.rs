@@ -1,6 +1,7 @@
 //! A hostile device with a valid certificate, against mosquitto with the generated TLS and ACL
-//! configuration: whatever it does, the other devices keep getting their updates, the broker's
-//! and the server's memory stay within a stated budget, and the attacker is counted.
+//! configuration and against the embedded broker's TLS front: whatever it does, the other
+//! devices keep getting their updates, the broker's and the server's memory stay within a
+//! stated budget, and the attacker is counted by name.
 //!
 //! The other cases of the hostile-device suite live beside the part they attack:
 //! `flood.rs` (telemetry flood), `oversized.rs` (one message over the server's read limit),
