@@ -266,7 +266,9 @@ fn load_slot(
 /// that has been active through too many start-ups (crashes) is rolled back first. A slot that
 /// does not load is checked against its digest: if its bytes are gone or damaged the slot is
 /// emptied ([`ModelRecord::lose`]) so that the desired state installs the version again;
-/// either way the other slot is tried. Runs before the network is touched: offline first.
+/// either way the other slot is tried. Once every model serves, the slots not loaded (the
+/// fallbacks) are hashed in full ([`check_fallback`]). Runs before the network is touched:
+/// offline first.
 pub(crate) fn restore(
     store: &Store,
     models: &Models,
@@ -368,16 +370,23 @@ pub(crate) fn restore(
                 }
             }
         }
-        if served && record.trial.is_none() {
-            // The other slot (the version a fleet rollback may return to) is not loaded: its
-            // bytes are checked in full here, once the serving model answers.
-            check_fallback(store, &name, &mut record, metrics, &mut restored)?;
-        }
         if record != found {
             store.put_model(&name, &record)?;
         }
         restored.records.push((name, record, served));
     }
+    // Once every stored model serves: the slots not loaded (the versions a fleet rollback
+    // may return to) are hashed in full.
+    let mut lost = Vec::new();
+    for (name, record, served) in &mut restored.records {
+        if *served && record.trial.is_none() {
+            if let Some(gone) = check_fallback(store, name, record, metrics)? {
+                store.put_model(name, record)?;
+                lost.push(gone);
+            }
+        }
+    }
+    restored.lost.extend(lost);
     store.flush_blocking()?;
     for manifest in store.all_pending()? {
         let have = store.received(&manifest)?;
@@ -388,40 +397,34 @@ pub(crate) fn restore(
 }
 
 /// Hashes the slot `record` does not serve against its signed digest; a damaged or missing
-/// artifact empties the slot ([`ModelRecord::lose`]) and is reported, so that a rollback never
-/// reaches for bytes that are gone, and the version is downloaded again if a desired state
-/// names it.
+/// artifact empties the slot ([`ModelRecord::lose`]), so that a rollback never reaches for
+/// bytes that are gone (the version is downloaded again if a desired state names it), and is
+/// returned as lost (model, version, reason) for the report.
 fn check_fallback(
     store: &Store,
     name: &str,
     record: &mut ModelRecord,
     metrics: &Metrics,
-    restored: &mut Restored,
-) -> Result<(), StoreError> {
+) -> Result<Option<(String, u64, String)>, StoreError> {
     let Some(slot) = record.active.map(Slot::other) else {
-        return Ok(());
+        return Ok(None);
     };
     let Some(manifest) = record.slot(slot).cloned() else {
-        return Ok(());
+        return Ok(None);
     };
-    match store.verify_artifact(&manifest) {
-        Ok(()) => store.keep_manifest_once(&manifest),
-        Err(damage) => {
-            warn!(model = %name, %slot, version = manifest.version, error = %damage, "stored fallback artifact lost");
-            metrics.artifact_lost();
-            record.lose(slot);
-            restored.lost.push((
-                name.to_string(),
-                manifest.version,
-                format!(
-                    "version {} of {name} (slot {slot}, the fallback) lost on disk: {damage}; \
-                     it is downloaded again if a desired state names it",
-                    manifest.version
-                ),
-            ));
-            Ok(())
-        }
-    }
+    let Err(damage) = store.verify_artifact(&manifest) else {
+        store.keep_manifest_once(&manifest)?;
+        return Ok(None);
+    };
+    warn!(model = %name, %slot, version = manifest.version, error = %damage, "stored fallback artifact lost");
+    metrics.artifact_lost();
+    record.lose(slot);
+    let reason = format!(
+        "version {} of {name} (slot {slot}, the fallback) lost on disk: {damage}; \
+         it is downloaded again if a desired state names it",
+        manifest.version
+    );
+    Ok(Some((name.to_string(), manifest.version, reason)))
 }
 
 #[cfg(test)]

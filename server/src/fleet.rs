@@ -746,10 +746,26 @@ impl Fleet {
 
     /// Whether `device` is quarantined.
     pub fn is_quarantined(&self, device: &str) -> bool {
+        self.quarantine_of(device).is_some()
+    }
+
+    /// `device`'s quarantine, as an operator set it last (what every write of its record
+    /// carries).
+    fn quarantine_of(&self, device: &str) -> Option<Quarantine> {
         self.quarantined
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .contains_key(device)
+            .get(device)
+            .cloned()
+    }
+
+    /// Sets `device`'s quarantine in memory; returns the one it replaces.
+    fn set_quarantine(&self, device: &str, q: Option<Quarantine>) -> Option<Quarantine> {
+        let mut all = self.quarantined.write().unwrap_or_else(|e| e.into_inner());
+        match q {
+            Some(q) => all.insert(device.to_string(), q),
+            None => all.remove(device),
+        }
     }
 
     /// Quarantines `device` (`Some`) or releases it (`None`): while quarantined, everything
@@ -760,25 +776,28 @@ impl Fleet {
         device: &str,
         quarantine: Option<Quarantine>,
     ) -> Result<DeviceEntry, DbError> {
-        {
-            let mut q = self.quarantined.write().unwrap_or_else(|e| e.into_inner());
-            match &quarantine {
-                Some(v) => q.insert(device.to_string(), v.clone()),
-                None => q.remove(device),
-            };
+        // Memory first: a report handled meanwhile writes the record with the new state.
+        let before = self.set_quarantine(device, quarantine.clone());
+        let stored = async {
+            let mut entry = self.db.device(device).await?.unwrap_or(DeviceEntry {
+                id: device.to_string(),
+                labels: Default::default(),
+                report: None,
+                last_seen: 0,
+                online: false,
+                quarantine: None,
+                dropped: Default::default(),
+            });
+            entry.quarantine = quarantine;
+            self.db.put_device(&entry).await?;
+            Ok(entry)
         }
-        let mut entry = self.db.device(device).await?.unwrap_or(DeviceEntry {
-            id: device.to_string(),
-            labels: Default::default(),
-            report: None,
-            last_seen: 0,
-            online: false,
-            quarantine: None,
-            dropped: Default::default(),
-        });
-        entry.quarantine = quarantine;
-        self.db.put_device(&entry).await?;
-        Ok(entry)
+        .await;
+        if stored.is_err() {
+            // Not kept: as it was.
+            self.set_quarantine(device, before);
+        }
+        stored
     }
 
     /// Every device as stored, with its quarantine and what was dropped of its traffic;
@@ -898,13 +917,7 @@ impl Fleet {
             online: previous.as_ref().is_none_or(|p| p.online),
             last_seen: unix_now(),
             report: Some(report),
-            // The quarantine in memory is the one an operator set last.
-            quarantine: self
-                .quarantined
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(device)
-                .cloned(),
+            quarantine: self.quarantine_of(device),
             dropped: Default::default(),
         };
         self.db
@@ -929,12 +942,7 @@ impl Fleet {
         };
         entry.online = payload == b"online";
         entry.last_seen = unix_now();
-        entry.quarantine = self
-            .quarantined
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(device)
-            .cloned();
+        entry.quarantine = self.quarantine_of(device);
         self.db.put_device(&entry).await.map_err(|e| e.to_string())
     }
 
@@ -1216,7 +1224,8 @@ impl Fleet {
         }
         let mut members = Vec::new();
         for d in self.db.devices().await? {
-            if selector.matches(&d.labels) {
+            // A quarantined device's reports are dropped: it could never pass a wave.
+            if selector.matches(&d.labels) && !self.is_quarantined(&d.id) {
                 let now = self
                     .wanted(&d)
                     .await?

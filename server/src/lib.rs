@@ -209,6 +209,19 @@ pub async fn run(
             modelcast_proto::manifest::MAX_ARTIFACT_BYTES
         )));
     }
+    // Open mode is for one box: an open operator API is never offered to the network
+    // (checked before anything starts; a chunk replica's API only reads).
+    let exposed = listener
+        .local_addr()
+        .map(|a| !a.ip().is_loopback())
+        .unwrap_or(true);
+    if cfg.role == fleet::Role::Control && cfg.tokens.is_none() && exposed {
+        return Err(ServerError::Io(
+            "without --tokens the operator API listens on loopback only: give --tokens \
+             (modelcast token create), or --listen 127.0.0.1:PORT"
+                .into(),
+        ));
+    }
     match http::raise_open_files() {
         Some(n) => tracing::info!(open_files = n, "open-file limit"),
         None => tracing::warn!("the open-file limit could not be read"),
@@ -321,18 +334,6 @@ pub async fn run(
             Some(tokens)
         }
         None => {
-            // Open mode is for one box: refuse to offer an open API to the network.
-            let exposed = listener
-                .local_addr()
-                .map(|a| !a.ip().is_loopback())
-                .unwrap_or(true);
-            if exposed {
-                return Err(ServerError::Io(
-                    "without --tokens the operator API listens on loopback only: give --tokens \
-                     (modelcast token create), or --listen 127.0.0.1:PORT"
-                        .into(),
-                ));
-            }
             tracing::warn!("no --tokens: the operator API is open to every local user");
             None
         }

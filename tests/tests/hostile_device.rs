@@ -199,7 +199,8 @@ fn publish_once(
 ///   device and retained telemetry: each refused at its header, the connection closed,
 ///   counted for the device;
 ///   nothing is retained, and another device's update completes;
-/// - a quarantined device's chunk requests are dropped and counted until it is released.
+/// - a quarantined device's traffic is dropped and counted until it is released, and no
+///   rollout takes it as a member.
 #[test]
 fn a_hostile_certificate_cannot_stop_or_fill_the_embedded_broker() {
     const CAP: usize = 24;
@@ -327,6 +328,20 @@ fn a_hostile_certificate_cannot_stop_or_fill_the_embedded_broker() {
         victim.check_golden(&v2),
         "2",
         "still on v2 while quarantined"
+    );
+    // Nor is it a member of a rollout (its reports would never pass a wave).
+    let spec = modelcast_server::rollout::RolloutSpec::new("classifier", 3, "role=victim", &["1"])
+        .unwrap();
+    let refused = fleet
+        .client
+        .start_rollout(&modelcast_server::api::RolloutRequest {
+            spec,
+            by: "ops".into(),
+        })
+        .expect_err("no member");
+    assert!(
+        refused.to_string().contains("no device matches"),
+        "{refused}"
     );
     fleet.client.quarantine("edge-1", false, "", "ops").unwrap();
     fleet.wait_serving("edge-1", "classifier", 3);

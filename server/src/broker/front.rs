@@ -139,7 +139,13 @@ async fn serve(
 ) {
     let _ = stream.set_nodelay(true);
     let admitted = tokio::time::timeout(cfg.connect_timeout, admit(stream, cfg)).await;
-    let (tls, identity, client, connect, buf) = match admitted {
+    let Admitted {
+        tls,
+        identity,
+        client,
+        connect,
+        buf,
+    } = match admitted {
         Err(_) => {
             stats.timed_out.fetch_add(1, Ordering::Relaxed);
             debug!(%peer, "MQTT front: {}", Ended::TimedOut);
@@ -193,13 +199,17 @@ async fn serve(
     }
 }
 
-type Admitted = (
-    rumqttc::tokio_rustls::server::TlsStream<TcpStream>,
-    String,
-    Client,
-    rumqttc::mqttbytes::v4::Connect,
-    BytesMut,
-);
+/// A connection whose handshake and CONNECT passed.
+struct Admitted {
+    tls: rumqttc::tokio_rustls::server::TlsStream<TcpStream>,
+    /// Its certificate's common name.
+    identity: String,
+    client: Client,
+    /// The CONNECT to relay, with the front's login.
+    connect: rumqttc::mqttbytes::v4::Connect,
+    /// Bytes read past the CONNECT.
+    buf: BytesMut,
+}
 
 /// The handshake and CONNECT: who this is, and the CONNECT to relay (with the front's
 /// login in place of the client's).
@@ -239,7 +249,13 @@ async fn admit(stream: TcpStream, cfg: &FrontConfig) -> Result<Admitted, (Ended,
         }
     };
     connect.login = Some(Login::new(identity.clone(), &*cfg.secret));
-    Ok((tls, identity, client, connect, buf))
+    Ok(Admitted {
+        tls,
+        identity,
+        client,
+        connect,
+        buf,
+    })
 }
 
 /// Client → broker: a server's bytes are copied; a device's packets are read one by one,
@@ -284,7 +300,7 @@ where
             return Ok(());
         };
         match &packet {
-            Packet::Publish(p) => cfg.policy.publish(client, p).map_err(Ended::Refused)?,
+            // A PUBLISH was judged by its header already (`early`).
             Packet::Subscribe(s) => cfg.policy.subscribe(client, s).map_err(Ended::Refused)?,
             Packet::Connect(_) => return Err(Ended::Failed("a second CONNECT".into())),
             _ => {}

@@ -12,7 +12,7 @@
 //! packet and counts the refusal for that device. An agent never sends such a packet.
 
 use modelcast_proto::topic::{DeviceTopic, Topics};
-use rumqttc::mqttbytes::v4::{Connect, Publish, Subscribe};
+use rumqttc::mqttbytes::v4::{Connect, Subscribe};
 use thiserror::Error;
 
 /// Why a packet was refused.
@@ -124,12 +124,6 @@ impl Policy {
         Ok(client)
     }
 
-    /// `client` publishes `publish`.
-    pub fn publish(&self, client: &Client, publish: &Publish) -> Result<(), Refusal> {
-        let topic = &publish.topic;
-        self.check_publish(client, topic, publish.retain, publish.payload.len())
-    }
-
     /// Whether `client` may publish `bytes` on `topic` (retained or not); what a PUBLISH's
     /// header is judged by before its payload is read.
     pub fn check_publish(
@@ -224,12 +218,6 @@ mod tests {
         Policy::new("mc", &["modelcast-server".to_string()])
     }
 
-    fn publish(topic: &str, retain: bool, bytes: usize) -> Publish {
-        let mut p = Publish::new(topic, QoS::AtLeastOnce, vec![b'x'; bytes]);
-        p.retain = retain;
-        p
-    }
-
     fn subscribe(filter: &str) -> Subscribe {
         Subscribe::new_many([SubscribeFilter::new(filter.to_string(), QoS::AtLeastOnce)])
     }
@@ -288,11 +276,7 @@ mod tests {
         let dev = Client::Device("edge-1".into());
         for kind in ["state", "telemetry", "online", "requests"] {
             let topic = format!("mc/d/edge-1/{kind}");
-            assert_eq!(
-                p.publish(&dev, &publish(&topic, false, 10)),
-                Ok(()),
-                "{kind}"
-            );
+            assert_eq!(p.check_publish(&dev, &topic, false, 10), Ok(()), "{kind}");
         }
         for topic in [
             "mc/d/edge-2/state",
@@ -303,38 +287,34 @@ mod tests {
             "junk/anything",
             "mc/d/edge-1/state/more",
         ] {
-            let e = p.publish(&dev, &publish(topic, false, 10)).unwrap_err();
+            let e = p.check_publish(&dev, topic, false, 10).unwrap_err();
             assert_eq!(e.kind(), "publish", "{topic}");
         }
-        let big = publish("mc/d/edge-1/state", true, 2 << 20);
         assert!(matches!(
-            p.publish(&dev, &big),
+            p.check_publish(&dev, "mc/d/edge-1/state", true, 2 << 20),
             Err(Refusal::TooLarge {
                 kind: DeviceTopic::State,
                 ..
             })
         ));
         assert_eq!(
-            p.publish(&dev, &publish("mc/d/edge-1/state", true, 100)),
+            p.check_publish(&dev, "mc/d/edge-1/state", true, 100),
             Ok(())
         );
-        assert_eq!(
-            p.publish(&dev, &publish("mc/d/edge-1/online", true, 6)),
-            Ok(())
-        );
+        assert_eq!(p.check_publish(&dev, "mc/d/edge-1/online", true, 6), Ok(()));
         let e = p
-            .publish(&dev, &publish("mc/d/edge-1/telemetry", true, 100))
+            .check_publish(&dev, "mc/d/edge-1/telemetry", true, 100)
             .unwrap_err();
         assert_eq!(e.kind(), "retained");
         // Clearing a retained message is allowed.
         assert_eq!(
-            p.publish(&dev, &publish("mc/d/edge-1/requests", true, 0)),
+            p.check_publish(&dev, "mc/d/edge-1/requests", true, 0),
             Ok(())
         );
         // The server may do anything.
         let server = Client::Server("modelcast-server".into());
         assert_eq!(
-            p.publish(&server, &publish("mc/d/edge-1/desired", true, 10)),
+            p.check_publish(&server, "mc/d/edge-1/desired", true, 10),
             Ok(())
         );
     }
