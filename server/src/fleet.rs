@@ -219,7 +219,7 @@ pub struct Fleet {
     /// The embedded broker's front, if it has one.
     front: Option<Arc<crate::broker::front::FrontStats>>,
     /// Quarantined devices (also in their device records).
-    quarantined: std::sync::RwLock<BTreeMap<String, Quarantine>>,
+    quarantined: crate::quarantine::Quarantines,
 }
 
 /// Why a rollout request failed.
@@ -264,12 +264,7 @@ impl Fleet {
         guards: Guards,
     ) -> Result<Arc<Fleet>, DbError> {
         let Guards { drops, front } = guards;
-        let quarantined = db
-            .devices()
-            .await?
-            .into_iter()
-            .filter_map(|d| Some((d.id, d.quarantine?)))
-            .collect();
+        let quarantined = crate::quarantine::Quarantines::from_records(db.devices().await?);
         let rollouts = db
             .rollouts()
             .await?
@@ -343,7 +338,7 @@ impl Fleet {
             dirty_rollouts: Default::default(),
             drops,
             front,
-            quarantined: std::sync::RwLock::new(quarantined),
+            quarantined,
         });
         let (tx, mut rx) = mpsc::channel::<(String, bytes::Bytes)>(1024);
         let subscriber = fleet.clone();
@@ -746,26 +741,7 @@ impl Fleet {
 
     /// Whether `device` is quarantined.
     pub fn is_quarantined(&self, device: &str) -> bool {
-        self.quarantine_of(device).is_some()
-    }
-
-    /// `device`'s quarantine, as an operator set it last (what every write of its record
-    /// carries).
-    fn quarantine_of(&self, device: &str) -> Option<Quarantine> {
-        self.quarantined
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(device)
-            .cloned()
-    }
-
-    /// Sets `device`'s quarantine in memory; returns the one it replaces.
-    fn set_quarantine(&self, device: &str, q: Option<Quarantine>) -> Option<Quarantine> {
-        let mut all = self.quarantined.write().unwrap_or_else(|e| e.into_inner());
-        match q {
-            Some(q) => all.insert(device.to_string(), q),
-            None => all.remove(device),
-        }
+        self.quarantined.contains(device)
     }
 
     /// Quarantines `device` (`Some`) or releases it (`None`): while quarantined, everything
@@ -777,7 +753,7 @@ impl Fleet {
         quarantine: Option<Quarantine>,
     ) -> Result<DeviceEntry, DbError> {
         // Memory first: a report handled meanwhile writes the record with the new state.
-        let before = self.set_quarantine(device, quarantine.clone());
+        let before = self.quarantined.set(device, quarantine.clone());
         let stored = async {
             let mut entry = self.db.device(device).await?.unwrap_or(DeviceEntry {
                 id: device.to_string(),
@@ -795,7 +771,7 @@ impl Fleet {
         .await;
         if stored.is_err() {
             // Not kept: as it was.
-            self.set_quarantine(device, before);
+            self.quarantined.set(device, before);
         }
         stored
     }
@@ -917,7 +893,7 @@ impl Fleet {
             online: previous.as_ref().is_none_or(|p| p.online),
             last_seen: unix_now(),
             report: Some(report),
-            quarantine: self.quarantine_of(device),
+            quarantine: self.quarantined.of(device),
             dropped: Default::default(),
         };
         self.db
@@ -942,7 +918,7 @@ impl Fleet {
         };
         entry.online = payload == b"online";
         entry.last_seen = unix_now();
-        entry.quarantine = self.quarantine_of(device);
+        entry.quarantine = self.quarantined.of(device);
         self.db.put_device(&entry).await.map_err(|e| e.to_string())
     }
 

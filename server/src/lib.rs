@@ -1,6 +1,8 @@
 //! modelcast-server: the fleet server and the operators' tooling.
 //!
-//! - [`broker`]: the embedded MQTT broker (rumqttd), plain or TLS with client certificates.
+//! - [`broker`]: the embedded MQTT broker (rumqttd), plain, or with a PKI behind its TLS front
+//!   ([`broker::front`]) that binds client ids to certificates and confines each device to its
+//!   topics ([`broker::policy`]).
 //! - [`pki`], [`acl`]: the transport PKI (CA, broker and client certificates) and the
 //!   mosquitto configuration that confines each device to its own topics.
 //! - [`db`]: the server's sled store — artifacts, registry, repository, devices, deployments,
@@ -9,7 +11,8 @@
 //!   director.
 //! - [`signing`]: what operators sign offline to add or remove a version (its hash bin).
 //! - [`fleet`]: MQTT traffic — reports in, chunks and desired states out; [`budget`]: what
-//!   one device may send per minute.
+//!   one device may send per minute, and what was dropped of each device's traffic;
+//!   [`quarantine`]: devices an operator cut off.
 //! - [`group`]: label selectors for device groups.
 //! - [`rollout`]: the sans-IO rollout planner (waves, abort criteria, auto-rollback).
 //! - [`api`], [`auth`], [`audit`]: the operators' HTTP API and dashboard, its tokens and
@@ -40,6 +43,7 @@ pub mod metrics;
 pub mod onnx;
 pub mod pki;
 pub mod publish;
+pub mod quarantine;
 pub mod repo;
 pub mod rollout;
 pub mod shapes;
