@@ -37,8 +37,10 @@ use tracing::{debug, info, warn};
 use super::policy::{Client, Policy, Refusal};
 use crate::budget::Drops;
 
-/// Largest CONNECT packet read before the client is known.
-const MAX_CONNECT: usize = 64 * 1024;
+/// Largest CONNECT packet read before the client is known (an agent's is under 200 bytes:
+/// its id and a last will of `offline`). Connections not yet admitted hold at most this
+/// much each, however many one certificate opens.
+const MAX_CONNECT: usize = 4 * 1024;
 
 /// What the front needs.
 pub struct FrontConfig {
@@ -177,7 +179,8 @@ async fn serve(
     let (mut rd, mut wr) = tokio::io::split(tls);
     let mut first = BytesMut::new();
     if Packet::Connect(connect)
-        .write(&mut first, MAX_CONNECT)
+        // Its login (the identity and the secret) added.
+        .write(&mut first, MAX_CONNECT + 1024)
         .is_err()
         || up_wr.write_all(&first).await.is_err()
     {
