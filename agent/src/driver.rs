@@ -165,7 +165,7 @@ pub async fn run(
             crate::recovery::restore(&store, &models, &metrics, &policy, plan_cache)
         })
         .await
-        .map_err(|e| AgentError::Trust(format!("restore task: {e}")))??
+        .map_err(|e| AgentError::Runtime(std::io::Error::other(format!("restore task: {e}"))))??
     };
 
     let listener = tokio::net::TcpListener::bind(cfg.http_listen)
@@ -307,10 +307,21 @@ async fn control(
         sampler,
         director,
         tls,
-        restored,
+        mut restored,
         rebuilt,
         mut outcomes,
     } = parts;
+    // The fallback slots are hashed here, while the API already serves.
+    restored = {
+        let (store, metrics) = (store.clone(), metrics.clone());
+        tokio::task::spawn_blocking(move || {
+            crate::recovery::check_fallbacks(&store, &mut restored, &metrics).map(|()| restored)
+        })
+        .await
+        .map_err(|e| {
+            AgentError::Runtime(std::io::Error::other(format!("fallback check task: {e}")))
+        })??
+    };
     let settings = Settings {
         probation: cfg.probation.clone(),
         window: cfg.transfer.window,

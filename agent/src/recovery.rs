@@ -266,9 +266,8 @@ fn load_slot(
 /// that has been active through too many start-ups (crashes) is rolled back first. A slot that
 /// does not load is checked against its digest: if its bytes are gone or damaged the slot is
 /// emptied ([`ModelRecord::lose`]) so that the desired state installs the version again;
-/// either way the other slot is tried. Once every model serves, the slots not loaded (the
-/// fallbacks) are hashed in full ([`check_fallback`]). Runs before the network is touched:
-/// offline first.
+/// either way the other slot is tried. The slots not loaded (the fallbacks) are hashed later,
+/// in the background ([`check_fallbacks`]). Runs before the network is touched: offline first.
 pub(crate) fn restore(
     store: &Store,
     models: &Models,
@@ -375,8 +374,24 @@ pub(crate) fn restore(
         }
         restored.records.push((name, record, served));
     }
-    // Once every stored model serves: the slots not loaded (the versions a fleet rollback
-    // may return to) are hashed in full.
+    store.flush_blocking()?;
+    for manifest in store.all_pending()? {
+        let have = store.received(&manifest)?;
+        restored.downloads.push((manifest, have));
+    }
+    crate::memory::release_free_memory();
+    Ok(restored)
+}
+
+/// Hashes in full the slots not loaded by [`restore`] (the versions a fleet rollback may
+/// return to) of every model that serves and is not on trial. Run on the control thread once
+/// the inference API serves, before the update machine takes the records over: serving never
+/// waits for it.
+pub(crate) fn check_fallbacks(
+    store: &Store,
+    restored: &mut Restored,
+    metrics: &Metrics,
+) -> Result<(), StoreError> {
     let mut lost = Vec::new();
     for (name, record, served) in &mut restored.records {
         if *served && record.trial.is_none() {
@@ -386,14 +401,11 @@ pub(crate) fn restore(
             }
         }
     }
-    restored.lost.extend(lost);
-    store.flush_blocking()?;
-    for manifest in store.all_pending()? {
-        let have = store.received(&manifest)?;
-        restored.downloads.push((manifest, have));
+    if !lost.is_empty() {
+        store.flush_blocking()?;
     }
-    crate::memory::release_free_memory();
-    Ok(restored)
+    restored.lost.extend(lost);
+    Ok(())
 }
 
 /// Hashes the slot `record` does not serve against its signed digest; a damaged or missing

@@ -64,12 +64,14 @@ pub struct BrokerLink {
     pub shared_chunks: bool,
 }
 
-/// The counters the fleet shares with the embedded broker's front: what was dropped of each
-/// device's traffic, and what the front did (when the server has one).
+/// What the fleet shares with the embedded broker's front: what was dropped of each device's
+/// traffic, the quarantines both enforce, and what the front did (when the server has one).
 #[derive(Debug, Default, Clone)]
 pub struct Guards {
     /// Per device, by reason.
     pub drops: Arc<crate::budget::Drops>,
+    /// Quarantined devices (loaded from the database at start).
+    pub quarantines: Arc<crate::quarantine::Quarantines>,
     /// The front's connections.
     pub front: Option<Arc<crate::broker::front::FrontStats>>,
 }
@@ -219,7 +221,7 @@ pub struct Fleet {
     /// The embedded broker's front, if it has one.
     front: Option<Arc<crate::broker::front::FrontStats>>,
     /// Quarantined devices (also in their device records).
-    quarantined: crate::quarantine::Quarantines,
+    quarantined: Arc<crate::quarantine::Quarantines>,
 }
 
 /// Why a rollout request failed.
@@ -263,8 +265,11 @@ impl Fleet {
         monitoring: crate::Monitoring,
         guards: Guards,
     ) -> Result<Arc<Fleet>, DbError> {
-        let Guards { drops, front } = guards;
-        let quarantined = crate::quarantine::Quarantines::from_records(db.devices().await?);
+        let Guards {
+            drops,
+            quarantines: quarantined,
+            front,
+        } = guards;
         let rollouts = db
             .rollouts()
             .await?

@@ -253,6 +253,8 @@ pub async fn run(
     let online = keyset::read_key(&cfg.keys_dir.join("server.key"))?;
     let repo = repo::Repository::new(db.clone(), root, online).await?;
     let drops = std::sync::Arc::new(budget::Drops::default());
+    let quarantines =
+        std::sync::Arc::new(quarantine::Quarantines::from_records(db.devices().await?));
     let front_stats = std::sync::Arc::new(broker::front::FrontStats::default());
     let (broker, secret) = match &cfg.broker {
         Some(url) => (
@@ -274,6 +276,7 @@ pub async fn run(
                 &embedded,
                 front_stats.clone(),
                 drops.clone(),
+                quarantines.clone(),
                 stopping.clone(),
             )
             .map_err(|e| ServerError::Io(format!("embedded broker on {}: {e}", cfg.mqtt_listen)))?;
@@ -314,6 +317,7 @@ pub async fn run(
         cfg.monitoring,
         fleet::Guards {
             drops,
+            quarantines,
             front: (cfg.broker.is_none() && cfg.pki.is_some()).then_some(front_stats),
         },
     )

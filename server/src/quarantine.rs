@@ -1,6 +1,7 @@
 //! Operators' quarantines of devices (`modelcast quarantine`): while a device is quarantined,
 //! everything it sends is dropped unread and counted ([`crate::budget::Drops`]), and no rollout
-//! takes it as a member. Held in memory for the check on every message, and stored in each
+//! takes it as a member. The embedded broker's front ([`crate::broker::front`]) also refuses
+//! it at connect and cuts a connected one off at its next packet. Held in memory for the check on every message, and stored in each
 //! device's record ([`crate::db::DeviceEntry::quarantine`]) so that it outlasts a restart; the
 //! memory is what an operator set last, and every write of a device's record carries it.
 

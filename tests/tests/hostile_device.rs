@@ -199,8 +199,8 @@ fn publish_once(
 ///   device and retained telemetry: each refused at its header, the connection closed,
 ///   counted for the device;
 ///   nothing is retained, and another device's update completes;
-/// - a quarantined device's traffic is dropped and counted until it is released, and no
-///   rollout takes it as a member.
+/// - a quarantined device is cut off by the front and refused at every reconnect (counted)
+///   until it is released, and no rollout takes it as a member.
 #[test]
 fn a_hostile_certificate_cannot_stop_or_fill_the_embedded_broker() {
     const CAP: usize = 24;
@@ -243,14 +243,15 @@ fn a_hostile_certificate_cannot_stop_or_fill_the_embedded_broker() {
     }
     let all_closed = opened.elapsed();
     let after_idle = connack(port, &pki, "edge-3").expect("a device connects after them");
-    let metrics = fleet.client.metrics().unwrap();
-    let front = |result: &str| -> u64 {
+    let front_count = |metrics: &str, result: &str| -> u64 {
         let key = format!("modelcast_fleet_broker_front_connections_total{{result=\"{result}\"}} ");
         metrics
             .lines()
             .find_map(|l| l.strip_prefix(&key)?.trim().parse().ok())
             .unwrap_or(0)
     };
+    let metrics = fleet.client.metrics().unwrap();
+    let front = |result: &str| front_count(&metrics, result);
     assert!(front("over_capacity") >= (CAP / 2) as u64, "{metrics}");
     // Every idle connection was either closed at the cap or timed out.
     assert!(
@@ -311,19 +312,28 @@ fn a_hostile_certificate_cannot_stop_or_fill_the_embedded_broker() {
     assert_eq!(dropped.get("too_large"), Some(&1), "{dropped:?}");
     assert_eq!(dropped.get("retained"), Some(&1), "{dropped:?}");
 
-    // Quarantine: edge-1's requests for v3 are dropped until it is released.
+    // Quarantine: edge-1 is cut off, refused at every reconnect, until it is released.
+    let refused_before = front_count(&fleet.client.metrics().unwrap(), "refused");
     fleet
         .client
         .quarantine("edge-1", true, "hostile-device test", "ops")
         .unwrap();
     let v3 = fleet.publish_example(3, 64);
     fleet.deploy("classifier", 3, "role=victim");
-    wait_for("edge-1's messages dropped", Duration::from_secs(60), || {
-        let d = fleet.client.devices().ok()?;
-        let d = d.into_iter().find(|d| d.id == "edge-1")?;
-        (d.quarantine.is_some() && d.dropped.get("quarantined").copied().unwrap_or(0) > 0)
-            .then_some(())
-    });
+    // Cut off at its next packet, then refused at a reconnect: two refusals at the front.
+    wait_for(
+        "edge-1 cut off and refused",
+        Duration::from_secs(60),
+        || {
+            let d = fleet.client.devices().ok()?;
+            let d = d.into_iter().find(|d| d.id == "edge-1")?;
+            let refused = front_count(&fleet.client.metrics().ok()?, "refused");
+            (d.quarantine.is_some()
+                && d.dropped.get("quarantined").copied().unwrap_or(0) >= 2
+                && refused >= refused_before + 2)
+                .then_some(())
+        },
+    );
     assert_eq!(
         victim.check_golden(&v2),
         "2",

@@ -36,6 +36,7 @@ use tracing::{debug, info, warn};
 
 use super::policy::{Client, Policy, Refusal};
 use crate::budget::Drops;
+use crate::quarantine::Quarantines;
 
 /// Largest CONNECT packet read before the client is known (an agent's is under 200 bytes:
 /// its id and a last will of `offline`). Connections not yet admitted hold at most this
@@ -56,6 +57,8 @@ pub struct FrontConfig {
     pub max_connections: usize,
     /// From accept to a checked CONNECT.
     pub connect_timeout: Duration,
+    /// Devices refused at connect, and cut off at their next packet once quarantined.
+    pub quarantines: Arc<Quarantines>,
 }
 
 /// What the front did since the server started (`/metrics`).
@@ -237,7 +240,14 @@ async fn admit(stream: TcpStream, cfg: &FrontConfig) -> Result<Admitted, (Ended,
     let Some(Packet::Connect(mut connect)) = packet.map(|(p, _)| p) else {
         return Err(failed("the first packet is not CONNECT".into()));
     };
-    let client = match cfg.policy.connect(&identity, &connect) {
+    let checked = cfg
+        .policy
+        .connect(&identity, &connect)
+        .and_then(|c| match c {
+            Client::Device(id) if cfg.quarantines.contains(&id) => Err(Refusal::Quarantined),
+            c => Ok(c),
+        });
+    let client = match checked {
         Ok(c) => c,
         Err(refusal) => {
             let code = match refusal {
@@ -283,8 +293,14 @@ where
             .map_err(|e| Ended::Failed(e.to_string()))?;
         return Ok(());
     }
+    // Quarantined while connected: cut off at its next packet, a PUBLISH from its header.
+    let quarantined = || match client {
+        Client::Device(id) if cfg.quarantines.contains(id) => Err(Refusal::Quarantined),
+        _ => Ok(()),
+    };
     loop {
         let early = |h: &PublishHeader| {
+            quarantined()?;
             cfg.policy
                 .check_publish(client, &h.topic, h.retain, h.payload)
         };
@@ -302,6 +318,7 @@ where
         else {
             return Ok(());
         };
+        quarantined().map_err(Ended::Refused)?;
         match &packet {
             // A PUBLISH was judged by its header already (`early`).
             Packet::Subscribe(s) => cfg.policy.subscribe(client, s).map_err(Ended::Refused)?,

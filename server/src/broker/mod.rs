@@ -94,6 +94,7 @@ pub fn start(
     cfg: &EmbeddedConfig,
     stats: Arc<front::FrontStats>,
     drops: Arc<crate::budget::Drops>,
+    quarantines: Arc<crate::quarantine::Quarantines>,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> std::io::Result<Embedded> {
     let Some(pki) = &cfg.pki else {
@@ -134,6 +135,7 @@ pub fn start(
         policy: policy::Policy::new(&cfg.prefix, &cfg.servers),
         max_connections: cfg.max_connections,
         connect_timeout: cfg.connect_timeout,
+        quarantines,
     };
     tokio::spawn(front::run(listener, front_cfg, stats, drops, stop));
     Ok(Embedded {

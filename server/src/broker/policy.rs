@@ -62,11 +62,14 @@ pub enum Refusal {
         /// The filter.
         filter: String,
     },
+    /// The device is quarantined by an operator ([`crate::quarantine`]).
+    #[error("the device is quarantined")]
+    Quarantined,
 }
 
 impl Refusal {
     /// A short stable name for counting (`client_id`, `publish`, `retained`, `too_large`,
-    /// `subscribe`).
+    /// `subscribe`, `quarantined`).
     pub fn kind(&self) -> &'static str {
         match self {
             Refusal::ClientId { .. } => "client_id",
@@ -74,6 +77,7 @@ impl Refusal {
             Refusal::Retained { .. } => "retained",
             Refusal::TooLarge { .. } | Refusal::Packet { .. } => "too_large",
             Refusal::Subscribe { .. } => "subscribe",
+            Refusal::Quarantined => "quarantined",
         }
     }
 }
