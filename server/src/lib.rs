@@ -107,6 +107,9 @@ pub struct ServerConfig {
     /// artifact published there: turn it off where models must stay confidential between
     /// devices on one broker.
     pub shared_chunks: bool,
+    /// Chunk requests answered at once; more are dropped (counted in `/metrics`) until one
+    /// ends, and their devices ask again.
+    pub max_chunk_requests: usize,
     /// Largest artifact the API stores (uploads are streamed to the store; a larger one
     /// is refused with 413).
     pub max_artifact_bytes: u64,
@@ -299,7 +302,6 @@ pub async fn run(
         }
         (_, false) => None,
     };
-    let topics = modelcast_proto::topic::Topics::new(&cfg.topic_prefix);
     let link = fleet::BrokerLink {
         host: broker.host,
         port: broker.port,
@@ -307,11 +309,12 @@ pub async fn run(
         tls,
         password: secret,
         shared_chunks: cfg.shared_chunks,
+        max_chunk_requests: cfg.max_chunk_requests,
+        topics: modelcast_proto::topic::Topics::new(&cfg.topic_prefix),
     };
-    let fleet = fleet::Fleet::start(
+    let (fleet, running) = fleet::Fleet::start(
         db.clone(),
         repo,
-        topics,
         link,
         cfg.role,
         cfg.monitoring,
@@ -320,17 +323,22 @@ pub async fn run(
             quarantines,
             front: (cfg.broker.is_none() && cfg.pki.is_some()).then_some(front_stats),
         },
+        stopping.clone(),
     )
     .await?;
-    let shutdown = async move {
-        let _ = stopping.wait_for(|stop| *stop).await;
+    let shutdown = {
+        let mut stopping = stopping.clone();
+        async move {
+            let _ = stopping.wait_for(|stop| *stop).await;
+        }
     };
     if cfg.role == fleet::Role::Chunks {
         tracing::info!(addr = ?listener.local_addr().ok(), identity = %cfg.mqtt_identity, "chunk replica: answering its share of chunk requests");
-        axum::serve(listener, api::replica_router(fleet))
+        axum::serve(listener, api::replica_router(fleet.clone()))
             .with_graceful_shutdown(shutdown)
             .await
             .map_err(|e| ServerError::Io(e.to_string()))?;
+        log_drained(running.drained().await, &fleet);
         return Ok(());
     }
     let tokens = match &cfg.tokens {
@@ -349,7 +357,7 @@ pub async fn run(
     let limits = api::ApiLimits {
         max_artifact_bytes: cfg.max_artifact_bytes,
     };
-    let app = api::router(fleet, tokens, limits);
+    let app = api::router(fleet.clone(), tokens, limits);
     tracing::info!(
         addr = ?listener.local_addr().ok(),
         max_connections = cfg.http.max_connections,
@@ -365,8 +373,41 @@ pub async fn run(
             return Err(ServerError::LeaseLost(reason));
         }
     }
+    log_drained(running.drained().await, &fleet);
     db.flush().await?;
     Ok(())
+}
+
+/// Says what the fleet's drain at shutdown finished, and what it sent in all.
+fn log_drained(drained: fleet::Drained, fleet: &fleet::Fleet) {
+    let fleet::Drained {
+        tasks,
+        queued,
+        complete,
+        elapsed,
+    } = drained;
+    let ms = elapsed.as_millis() as u64;
+    let sent = fleet.status().chunk_requests;
+    let (chunks_sent, chunk_bytes_sent) = (sent.chunks, sent.bytes);
+    if complete {
+        tracing::info!(
+            tasks,
+            queued,
+            ms,
+            chunks_sent,
+            chunk_bytes_sent,
+            "fleet drained: every task finished, the broker link closed"
+        );
+    } else {
+        tracing::warn!(
+            tasks,
+            queued,
+            ms,
+            chunks_sent,
+            chunk_bytes_sent,
+            "fleet not fully drained: what was left is dropped"
+        );
+    }
 }
 
 /// Turns the shutdown future into a flag that several waits can watch.

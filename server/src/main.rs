@@ -70,6 +70,10 @@ struct Args {
     /// models.
     #[arg(long, env = "MODELCAST_NO_SHARED_CHUNKS")]
     no_shared_chunks: bool,
+    /// Chunk requests answered at once; more are dropped until one ends (devices ask again),
+    /// so that a flood of requests costs bounded memory.
+    #[arg(long, env = "MODELCAST_MAX_CHUNK_REQUESTS", default_value_t = 256)]
+    max_chunk_requests: usize,
     /// Largest artifact (model file) the API stores, in bytes; uploads stream to the store,
     /// a larger one is refused with 413. At most 8 GiB (the protocol's bound).
     #[arg(long, env = "MODELCAST_MAX_ARTIFACT_BYTES", default_value_t = modelcast_proto::manifest::MAX_ARTIFACT_BYTES)]
@@ -129,6 +133,7 @@ async fn main() -> anyhow::Result<()> {
         role: args.role,
         lease: args.lease,
         shared_chunks: !args.no_shared_chunks,
+        max_chunk_requests: args.max_chunk_requests.max(1),
         max_artifact_bytes: args.max_artifact_bytes,
         http: modelcast_server::http::HttpLimits {
             max_connections: args.http_max_connections,

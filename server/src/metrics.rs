@@ -174,8 +174,29 @@ pub async fn render(fleet: &Fleet) -> Result<String, DbError> {
             "State reports beyond their device's budget, dropped unread",
             status.reports_over_budget,
         ),
+        (
+            "chunk_requests_busy",
+            "Chunk requests dropped because --max-chunk-requests were being answered (devices ask again)",
+            chunks.busy,
+        ),
     ] {
         registry.register(name, help, counter(value));
+    }
+    for (name, help, value) in [
+        (
+            "chunk_requests_in_flight",
+            "Chunk requests being answered now",
+            chunks.in_flight,
+        ),
+        (
+            "chunk_requests_limit",
+            "Chunk requests answered at once, at most (--max-chunk-requests)",
+            chunks.limit,
+        ),
+    ] {
+        let g = Gauge::<i64>::default();
+        g.set(i64::try_from(value).unwrap_or(i64::MAX));
+        registry.register(name, help, g);
     }
     let dropped = Family::<ReasonLabels, Counter>::default();
     for (reason, n) in fleet.drops().totals() {

@@ -467,6 +467,11 @@ impl Fleet {
         Self::start_in(dir, Some(port), None, None, &[])
     }
 
+    /// [`Fleet::with_broker`] with more server arguments.
+    pub fn with_broker_args(dir: tempfile::TempDir, port: u16, extra: &[&str]) -> Fleet {
+        Self::start_in(dir, Some(port), None, None, extra)
+    }
+
     /// Keys and a server using the broker on `port`, keeping its state in PostgreSQL at `url`
     /// (chunk replicas can then join it: [`Fleet::start_chunk_replica`]).
     pub fn with_broker_on_postgres(dir: tempfile::TempDir, port: u16, url: &str) -> Fleet {
@@ -532,6 +537,13 @@ impl Fleet {
     /// Kills the server (SIGKILL) without starting it again.
     pub fn kill_server(&mut self) {
         self.server.kill();
+    }
+
+    /// Stops the server as systemd does (SIGTERM; SIGKILL after 10 s) without starting it
+    /// again; its exit status.
+    pub fn stop_server(&mut self) -> Option<std::process::ExitStatus> {
+        self.server.stop();
+        self.server.exited()
     }
 
     /// Starts a chunk replica (`--role chunks`) beside the server: same keys, database and

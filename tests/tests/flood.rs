@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use modelcast_proto::telemetry::TelemetryReport;
-use modelcast_tests::{proc_status_kib, wait_for, Fleet, Rogue};
+use modelcast_tests::{proc_status_kib, wait_for, Fleet, Mosquitto, Rogue};
 
 /// Bytes of the files under `dir`.
 fn dir_bytes(dir: &std::path::Path) -> u64 {
@@ -156,4 +156,87 @@ fn a_state_report_flood_is_dropped_over_the_devices_budget() {
     fleet.publish_example(1, 16);
     fleet.deploy("classifier", 1, "site=lab");
     fleet.wait_serving("edge-1", "classifier", 1);
+}
+
+/// A flood of chunk requests from a device entitled to a 16 MiB artifact (each request for
+/// every chunk, as a first ask) is answered at most `--max-chunk-requests` at a time: the rest
+/// are dropped and counted (`busy`), the server's memory stays within a budget, and another
+/// device is updated meanwhile. Before, every request was a task of its own, each holding a
+/// chunk while its reply waited for the broker link, up to the device's budget (1 GiB), and
+/// the server's MQTT client queued up to 1,024 replies.
+#[test]
+fn a_chunk_request_flood_is_answered_a_few_at_a_time() {
+    const MIB: u64 = 1 << 20;
+    const REQUESTS: usize = 2_000;
+    // On mosquitto: the embedded broker would share the server's process and memory.
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path());
+    let fleet = Fleet::with_broker_args(
+        dir,
+        broker.port(),
+        &["--max-chunk-requests", "8", "--no-shared-chunks"],
+    );
+    let victim = fleet.start_agent_with("edge-1", &[("role", "victim")], "");
+    let mut flooder = fleet.start_agent_with("edge-2", &[("role", "flooder")], "");
+    wait_for("two devices", Duration::from_secs(30), || {
+        (fleet.client.devices().ok()?.len() == 2).then_some(())
+    });
+    let model = |version: u64| {
+        let path = fleet.dir.path().join(format!("big-v{version}.onnx"));
+        let onnx = modelcast_server::onnx::example_model_of_size(version, 16 * MIB);
+        std::fs::write(&path, onnx).unwrap();
+        fleet.publish_file(&path, "classifier", version)
+    };
+    let v1 = model(1);
+    fleet.deploy("classifier", 1, "*");
+    fleet.wait_serving("edge-2", "classifier", 1);
+    // edge-2's agent stops; its identity floods.
+    flooder.stop();
+    let request = modelcast_proto::chunk::ChunkRequest {
+        format: modelcast_proto::FORMAT_VERSION,
+        device: "edge-2".into(),
+        artifact: v1.sha256.clone(),
+        chunks: (0..v1.download_chunk_count()).collect(),
+        again: Vec::new(),
+        shared: false,
+        joined: false,
+    }
+    .to_vec();
+    let topic = modelcast_proto::topic::Topics::new("modelcast").chunk_requests("edge-2");
+    let memory_before = proc_status_kib(fleet.server_pid(), "VmHWM");
+    let rogue = Rogue::connect(broker.port(), None);
+    for _ in 0..REQUESTS {
+        rogue.publish_raw(&topic, false, request.clone());
+    }
+    let busy = wait_for("requests dropped as busy", Duration::from_secs(30), || {
+        let s = fleet.client.status().ok()?.chunk_requests;
+        (s.busy > 0).then_some(s)
+    });
+    // Meanwhile another device is updated.
+    let v2 = model(2);
+    fleet.deploy("classifier", 2, "role=victim");
+    fleet.wait_serving("edge-1", "classifier", 2);
+    assert_eq!(victim.check_golden(&v2), "2");
+    let sent = fleet.client.status().unwrap().chunk_requests;
+    let memory_grew = proc_status_kib(fleet.server_pid(), "VmHWM").saturating_sub(memory_before);
+    let metrics = fleet.client.metrics().unwrap();
+    assert!(
+        metrics.contains("modelcast_fleet_chunk_requests_limit 8"),
+        "the limit in /metrics"
+    );
+    println!(
+        "{REQUESTS} requests for all {} chunks of a 16 MiB artifact: {} answered, {} dropped \
+         as busy (limit 8), {} chunks sent in all; the server's peak memory grew {} MiB; \
+         another device updated meanwhile",
+        v1.download_chunk_count(),
+        sent.requests,
+        sent.busy,
+        sent.chunks,
+        memory_grew >> 10
+    );
+    assert!(busy.busy > 0);
+    // 8 replies in progress and the MQTT client's queue (64 requests) of chunks at most,
+    // besides v2's publication (streamed) and its download by edge-1 (measured: 42 MiB; with
+    // the client's queue at 1,024 requests, as before, 270 MiB).
+    assert!(memory_grew < 128 << 10, "the server grew {memory_grew} KiB");
 }
