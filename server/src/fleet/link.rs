@@ -19,8 +19,11 @@ use tracing::{debug, info, warn};
 
 use super::{Fleet, Role};
 
-/// Messages waiting for the handler (reports, online status, telemetry).
-const HANDLER_QUEUE: usize = 1024;
+/// Messages waiting for the handler (reports, online status, telemetry), at most.
+const HANDLER_QUEUE: usize = 65_536;
+/// Their payloads, bytes at most (a state report is a few KB; 10,000 devices reporting at
+/// once queue tens of MB).
+const HANDLER_QUEUE_BYTES: usize = 64 << 20;
 /// How long a drain may take before what is left is dropped.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -45,7 +48,7 @@ pub(super) async fn supervise(
     mut stop: watch::Receiver<bool>,
 ) -> Drained {
     let mut tasks = JoinSet::new();
-    let (tx, mut rx) = mpsc::channel::<(String, bytes::Bytes)>(HANDLER_QUEUE);
+    let (tx, mut rx) = Queue::new();
     {
         let fleet = fleet.clone();
         tasks.spawn(async move {
@@ -112,6 +115,83 @@ pub(super) async fn supervise(
     drained
 }
 
+/// The handler's queue: bounded by count and bytes, and never waited on. The link must not
+/// wait for the handler, which may itself be waiting for the link (its publications go out
+/// through the MQTT client's queue, which only the link's poll empties).
+struct Queue {
+    tx: mpsc::UnboundedSender<(String, bytes::Bytes, usize)>,
+    /// Messages and bytes it holds at most.
+    bounds: (usize, usize),
+    /// Messages and bytes queued now.
+    held: Arc<Held>,
+}
+
+/// Messages and bytes in a [`Queue`].
+type Held = (
+    std::sync::atomic::AtomicUsize,
+    std::sync::atomic::AtomicUsize,
+);
+
+/// The handler's end of a [`Queue`].
+struct Dequeue {
+    rx: mpsc::UnboundedReceiver<(String, bytes::Bytes, usize)>,
+    held: Arc<Held>,
+}
+
+impl Queue {
+    fn new() -> (Queue, Dequeue) {
+        Queue::with_bounds(HANDLER_QUEUE, HANDLER_QUEUE_BYTES)
+    }
+
+    fn with_bounds(messages: usize, bytes: usize) -> (Queue, Dequeue) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let held: Arc<Held> = Arc::default();
+        (
+            Queue {
+                tx,
+                bounds: (messages, bytes),
+                held: held.clone(),
+            },
+            Dequeue { rx, held },
+        )
+    }
+
+    /// Queues a message unless the queue is full (`Err(true)`) or its handler gone
+    /// (`Err(false)`).
+    fn push(&self, topic: String, payload: bytes::Bytes) -> Result<(), bool> {
+        let bytes = payload.len();
+        let (count, size) = (&self.held.0, &self.held.1);
+        if count.load(Relaxed) >= self.bounds.0
+            || size.load(Relaxed).saturating_add(bytes) > self.bounds.1
+        {
+            return Err(true);
+        }
+        // Counted before it can be taken off (the handler subtracts it).
+        count.fetch_add(1, Relaxed);
+        size.fetch_add(bytes, Relaxed);
+        if self.tx.send((topic, payload, bytes)).is_err() {
+            count.fetch_sub(1, Relaxed);
+            size.fetch_sub(bytes, Relaxed);
+            return Err(false);
+        }
+        Ok(())
+    }
+
+    /// Messages queued now.
+    fn len(&self) -> usize {
+        self.held.0.load(Relaxed)
+    }
+}
+
+impl Dequeue {
+    async fn recv(&mut self) -> Option<(String, bytes::Bytes)> {
+        let (topic, payload, bytes) = self.rx.recv().await?;
+        self.held.0.fetch_sub(1, Relaxed);
+        self.held.1.fetch_sub(bytes, Relaxed);
+        Some((topic, payload))
+    }
+}
+
 /// The broker link's event loop on a task of its own, its events passed on in order. A
 /// poll is never cancelled half-way (rumqttc's is not cancel-safe: a request taken from the
 /// client's queue and not yet written would be lost), whatever the supervisor's `select!`
@@ -148,16 +228,11 @@ pub(super) async fn stopped(stop: &mut watch::Receiver<bool>) {
 
 /// Lets every task finish while the link is polled (their publications go out through it),
 /// then writes a DISCONNECT; bounded by [`DRAIN_TIMEOUT`].
-async fn drain(
-    fleet: &Fleet,
-    link: &mut Poller,
-    mut tasks: JoinSet<()>,
-    tx: mpsc::Sender<(String, bytes::Bytes)>,
-) -> Drained {
+async fn drain(fleet: &Fleet, link: &mut Poller, mut tasks: JoinSet<()>, tx: Queue) -> Drained {
     let started = Instant::now();
     let mut drained = Drained {
         tasks: tasks.len(),
-        queued: HANDLER_QUEUE - tx.capacity(),
+        queued: tx.len(),
         ..Drained::default()
     };
     // The handler ends once it has handled what is queued.
@@ -209,7 +284,7 @@ impl Fleet {
     fn on_event(
         self: &Arc<Self>,
         event: Event,
-        tx: &mpsc::Sender<(String, bytes::Bytes)>,
+        tx: &Queue,
         permits: &Arc<Semaphore>,
         tasks: &mut JoinSet<()>,
     ) -> bool {
@@ -245,19 +320,20 @@ impl Fleet {
                 {
                     return true;
                 }
-                // Never waits for the handler: it may itself be waiting for the broker link,
-                // which waits for this loop. What a full queue cannot take is dropped and
-                // counted for its device (telemetry is sent again unacknowledged; a device
-                // reports its state again).
-                match tx.try_send((p.topic, p.payload)) {
+                // Never waits for the handler (see [`Queue`]). What a full queue cannot take
+                // is dropped and counted for its device: telemetry is sent again until
+                // acknowledged; a state report is not until the device's state changes.
+                let device = self.topics.parse_device(&p.topic).map(|(d, _)| d);
+                match tx.push(p.topic, p.payload) {
                     Ok(()) => true,
-                    Err(mpsc::error::TrySendError::Full((topic, _))) => {
-                        if let Some((device, _)) = self.topics.parse_device(&topic) {
+                    Err(true) => {
+                        if let Some(device) = device {
                             self.drops.add(&device, "server_busy", 1);
                         }
+                        debug!("the handler's queue is full: a device message dropped");
                         true
                     }
-                    Err(mpsc::error::TrySendError::Closed(_)) => false,
+                    Err(false) => false,
                 }
             }
             _ => true,
@@ -353,5 +429,30 @@ impl Fleet {
         if let Err(e) = result {
             warn!(%device, error = %e, "device message rejected");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_handlers_queue_is_bounded_by_messages_and_bytes_and_never_waits() {
+        let (q, mut d) = Queue::with_bounds(3, 10);
+        let msg = |n: usize| bytes::Bytes::from(vec![0u8; n]);
+        assert_eq!(q.push("a".into(), msg(4)), Ok(()));
+        assert_eq!(q.push("b".into(), msg(4)), Ok(()));
+        // 12 bytes would be over 10.
+        assert_eq!(q.push("c".into(), msg(4)), Err(true));
+        assert_eq!(q.push("c".into(), msg(2)), Ok(()));
+        // 3 messages held.
+        assert_eq!(q.push("d".into(), msg(0)), Err(true));
+        assert_eq!(q.len(), 3);
+        assert_eq!(d.recv().await.map(|(t, _)| t).as_deref(), Some("a"));
+        assert_eq!(q.push("d".into(), msg(0)), Ok(()));
+        let (q, d) = Queue::with_bounds(3, 10);
+        drop(d);
+        assert_eq!(q.push("e".into(), msg(0)), Err(false));
+        assert_eq!(q.len(), 0);
     }
 }
