@@ -32,20 +32,19 @@ use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use modelcast_proto::chunk::parse_digest;
-use modelcast_proto::manifest::{MAX_ARTIFACT_BYTES, MAX_CHUNK_SIZE};
+use modelcast_proto::manifest::MAX_ARTIFACT_BYTES;
 use modelcast_proto::metadata::Signed;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use sha2::{Digest, Sha256};
 
 use crate::auth::{Caller, Role, Tokens};
-use crate::db::{ArtifactInfo, Deployment, ModelEntry, Stage};
+use crate::db::{Deployment, Stage};
 use crate::fleet::{Fleet, RolloutAction, RolloutError};
 use crate::group::Selector;
+use crate::registry::{self, RegistryError};
 use crate::repo::TargetsUpload;
 use crate::rollout::RolloutSpec;
 use crate::unix_now;
-use modelcast_proto::manifest::Manifest;
 
 /// Body of `POST /api/v1/repository/targets`: operator-signed documents (the top-level
 /// targets when they change, the hash bins re-signed).
@@ -403,8 +402,8 @@ struct UploadQuery {
     chunk_size: u32,
 }
 
-/// Streams the body into chunk-sized records, hashing as it goes; keeps it only if the
-/// digest matches the path.
+/// Streams the body into the registry ([`registry::Upload`]): chunk-sized records, hashed as
+/// they come; kept only if the digest matches the path.
 async fn upload(
     State(fleet): State<Arc<Fleet>>,
     Extension(caller): Extension<Caller>,
@@ -415,102 +414,51 @@ async fn upload(
     body: Body,
 ) -> ApiResult {
     use frames::next_frame;
-    let digest = parse_digest(&sha256).map_err(bad)?;
-    if q.chunk_size == 0 || q.chunk_size > MAX_CHUNK_SIZE {
-        return Err(bad(format!("chunk_size must be 1..={MAX_CHUNK_SIZE}")));
-    }
     let limit = limits.max_artifact_bytes;
-    let too_large = |what: String| {
-        ApiError(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("{what} is over this server's limit of {limit} bytes (--max-artifact-bytes)"),
-        )
-    };
     let declared = headers
         .get(axum::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if let Some(n) = declared.filter(|&n| n > limit) {
-        // Answered before a byte of the body is read.
-        return Err(too_large(format!("an artifact of {n} bytes")));
-    }
-    let db = fleet.db();
-    if let Some(info) = db.artifact(&digest).await.map_err(internal)? {
-        // Read the body to its end before answering: a client still sending would see its
-        // connection reset instead of this answer.
-        let mut body = body;
-        let mut drained = 0u64;
-        while let Some(bytes) = frames::next_frame(&mut body).await.map_err(bad)? {
-            drained += bytes.len() as u64;
-            if drained > limit {
-                return Err(too_large("the artifact".into()));
-            }
-        }
-        return Ok((
-            StatusCode::OK,
-            Json(json!({ "sha256": sha256, "size": info.size, "stored": "already" })),
-        )
-            .into_response());
-    }
-    let chunk = q.chunk_size as usize;
-    let mut hasher = Sha256::new();
-    let mut buf: Vec<u8> = Vec::with_capacity(chunk);
-    let mut index = 0u32;
-    let mut size = 0u64;
     let mut body = body;
-    let result: Result<(), ApiError> = async {
-        while let Some(bytes) = next_frame(&mut body).await.map_err(bad)? {
-            size += bytes.len() as u64;
-            if size > limit {
-                return Err(too_large("the artifact".into()));
-            }
-            hasher.update(&bytes);
-            let mut rest = &bytes[..];
-            while !rest.is_empty() {
-                let take = (chunk - buf.len()).min(rest.len());
-                buf.extend_from_slice(&rest[..take]);
-                rest = &rest[take..];
-                if buf.len() == chunk {
-                    db.put_chunk(&digest, index, &buf).await.map_err(internal)?;
-                    index += 1;
-                    buf.clear();
+    let begun = registry::Upload::begin(&fleet, &sha256, q.chunk_size, limit, declared)
+        .await
+        .map_err(registry_error)?;
+    let mut upload = match begun {
+        registry::Begun::Stored(info) => {
+            // Read the body to its end before answering: a client still sending would see
+            // its connection reset instead of this answer.
+            let mut drained = 0u64;
+            while let Some(bytes) = next_frame(&mut body).await.map_err(bad)? {
+                drained += bytes.len() as u64;
+                if drained > limit {
+                    return Err(ApiError(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        format!("the artifact is over this server's limit of {limit} bytes (--max-artifact-bytes)"),
+                    ));
                 }
             }
+            return Ok((
+                StatusCode::OK,
+                Json(json!({ "sha256": sha256, "size": info.size, "stored": "already" })),
+            )
+                .into_response());
         }
-        if !buf.is_empty() {
-            db.put_chunk(&digest, index, &buf).await.map_err(internal)?;
+        registry::Begun::New(upload) => upload,
+    };
+    loop {
+        let pushed = match next_frame(&mut body).await {
+            Ok(Some(bytes)) => upload.push(&bytes).await.map_err(registry_error),
+            Ok(None) => break,
+            Err(e) => Err(bad(e)),
+        };
+        if let Err(e) = pushed {
+            upload.abandon().await;
+            return Err(e);
         }
-        if hex::encode(hasher.finalize()) != sha256 {
-            return Err(bad("uploaded bytes do not match the sha256 in the path"));
-        }
-        if size == 0 {
-            return Err(bad("empty artifact"));
-        }
-        Ok(())
     }
-    .await;
-    if let Err(e) = result {
-        let _ = db.remove_artifact(&digest).await;
-        return Err(e);
-    }
-    db.put_artifact(
-        &digest,
-        &ArtifactInfo {
-            size,
-            chunk_size: q.chunk_size,
-        },
-    )
-    .await
-    .map_err(internal)?;
-    db.flush().await.map_err(internal)?;
-    tracing::info!(%sha256, size, "artifact stored");
-    let who = caller.name_or("-");
-    record(
-        &fleet,
-        &who,
-        "upload",
-        json!({ "sha256": sha256, "size": size }),
-    )
-    .await?;
+    let size = upload
+        .finish(&caller.name_or("-"))
+        .await
+        .map_err(registry_error)?;
     Ok((
         StatusCode::CREATED,
         Json(json!({ "sha256": sha256, "size": size })),
@@ -532,56 +480,11 @@ async fn rotate_root(
     body: axum::body::Bytes,
 ) -> ApiResult {
     let req: RootRequest = serde_json::from_slice(&body).map_err(bad)?;
-    if let Some(t) = &req.targets {
-        let targets: modelcast_proto::metadata::Targets = t.parse("targets").map_err(bad)?;
-        let manifests = targets
-            .targets
-            .iter()
-            .map(|(path, t)| Manifest::from_target(path, t))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(bad)?;
-        check_artifacts(fleet.db(), &manifests).await?;
-    }
-    let manifests = fleet
-        .repo()
-        .accept_root(&req.root, req.targets.as_ref(), unix_now())
-        .await
-        .map_err(bad)?;
-    let version = fleet.repo().root().signed["version"].as_u64().unwrap_or(0);
-    fleet.db().flush().await.map_err(internal)?;
     let who = caller.name_or(&req.by);
-    tracing::warn!(version, by = %who, "root rotated");
-    record(
-        &fleet,
-        &who,
-        "root.rotate",
-        json!({ "root_version": version }),
-    )
-    .await?;
-    let republished = fleet.publish_all().await.map_err(internal)?;
-    Ok(Json(json!({ "root_version": version, "targets_kept": manifests.len(), "devices_updated": republished })).into_response())
-}
-
-/// Every target's artifact must be uploaded, in the chunk size its manifest says.
-async fn check_artifacts(db: &crate::db::Db, manifests: &[Manifest]) -> Result<(), ApiError> {
-    for m in manifests {
-        let path = m.target_path();
-        // The artifact and its golden file.
-        for part in m.parts() {
-            let digest = parse_digest(part.sha256).map_err(bad)?;
-            match db.artifact(&digest).await.map_err(internal)? {
-                Some(a) if a.size == part.size && a.chunk_size == part.chunk_size => {}
-                Some(_) => {
-                    return Err(bad(format!(
-                        "{path}: stored file {}'s layout differs from its manifest",
-                        part.sha256
-                    )))
-                }
-                None => return Err(bad(format!("{path}: file {} not uploaded", part.sha256))),
-            }
-        }
-    }
-    Ok(())
+    let rotated = registry::rotate_root(&fleet, &req.root, req.targets.as_ref(), &who)
+        .await
+        .map_err(registry_error)?;
+    Ok(Json(rotated).into_response())
 }
 
 async fn targets(State(fleet): State<Arc<Fleet>>) -> ApiResult {
@@ -612,145 +515,18 @@ async fn publish(
 ) -> ApiResult {
     let req: PublishRequest = serde_json::from_slice(&body).map_err(bad)?;
     let who = caller.name_or(&req.published_by);
-    let db = fleet.db();
-    let now = unix_now();
-    let checked = fleet
-        .repo()
-        .check_upload(&req.upload, now)
+    let published = registry::publish(&fleet, &req.upload, &who)
         .await
-        .map_err(bad)?;
-    let mut new = Vec::new();
-    for m in checked.manifests {
-        match db.model(&m.name, m.version).await.map_err(internal)? {
-            None => new.push(m),
-            Some(e) if e.manifest.target_path() == m.target_path() => {}
-            Some(e) => {
-                return Err(ApiError(
-                    StatusCode::CONFLICT,
-                    format!(
-                        "{} version {} is already published (as {})",
-                        m.name,
-                        m.version,
-                        e.manifest.target_path()
-                    ),
-                ))
-            }
-        }
-    }
-    check_artifacts(db, &new).await?;
-    // A version leaves the repository only when no device is meant to run it.
-    if !checked.removed.is_empty() {
-        for d in db.devices().await.map_err(internal)? {
-            for (m, _) in fleet.wanted(&d).await.map_err(internal)? {
-                if checked.removed.contains(&m.target_path()) {
-                    return Err(ApiError(
-                        StatusCode::CONFLICT,
-                        format!(
-                            "{} is still meant to run on device {} (a deployment or rollout names it): deploy another version first",
-                            m.target_path(),
-                            d.id
-                        ),
-                    ));
-                }
-            }
-        }
-    }
-    fleet
-        .repo()
-        .store_upload(&req.upload, now)
-        .await
-        .map_err(internal)?;
-    let mut added = Vec::new();
-    for m in new {
-        added.push(m.target_path());
-        db.put_model(&ModelEntry {
-            manifest: m,
-            published_by: who.clone(),
-            published_at: now,
-            stage: Stage::Candidate,
-            staged_by: None,
-        })
-        .await
-        .map_err(internal)?;
-    }
-    let retired = if checked.removed.is_empty() {
-        Vec::new()
-    } else {
-        db.models().await.map_err(internal)?
-    };
-    for entry in retired {
-        if checked.removed.contains(&entry.manifest.target_path()) && entry.stage != Stage::Retired
-        {
-            let mut entry = entry;
-            entry.stage = Stage::Retired;
-            entry.staged_by = Some((who.clone(), now));
-            db.put_model(&entry).await.map_err(internal)?;
-        }
-    }
-    db.flush().await.map_err(internal)?;
-    tracing::info!(?added, removed = ?checked.removed, by = %who, "targets published");
-    record(
-        &fleet,
-        &who,
-        "publish",
-        json!({
-            "targets_version": checked.targets_version,
-            "added": added,
-            "removed": checked.removed,
-            "roles": req.upload.delegated.keys().collect::<Vec<_>>(),
-        }),
-    )
-    .await?;
-    let republished = fleet.publish_all().await.map_err(internal)?;
-    Ok(Json(json!({
-        "targets_version": checked.targets_version,
-        "added": added,
-        "removed": checked.removed,
-        "devices_updated": republished,
-    }))
-    .into_response())
+        .map_err(registry_error)?;
+    Ok(Json(published).into_response())
 }
 
-/// One version in a model's history, with the devices that serve it.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct VersionHistory {
-    /// The registry entry.
-    #[serde(flatten)]
-    pub entry: ModelEntry,
-    /// Devices whose last report says they serve it.
-    pub devices: Vec<String>,
-}
+pub use crate::registry::VersionHistory;
 
 async fn model_history(State(fleet): State<Arc<Fleet>>, Path(name): Path<String>) -> ApiResult {
-    let db = fleet.db();
-    let devices = db.devices().await.map_err(internal)?;
-    let history: Vec<VersionHistory> = db
-        .models()
+    let history = registry::history(&fleet, &name)
         .await
-        .map_err(internal)?
-        .into_iter()
-        .filter(|e| e.manifest.name == name)
-        .map(|entry| {
-            let version = entry.manifest.version;
-            let devices = devices
-                .iter()
-                .filter(|d| {
-                    d.report
-                        .as_ref()
-                        .and_then(|r| r.models.get(&name)?.serving_version())
-                        == Some(version)
-                })
-                .map(|d| d.id.clone())
-                .collect();
-            VersionHistory { entry, devices }
-        })
-        .collect();
-    if history.is_empty() {
-        return Err(ApiError(
-            StatusCode::NOT_FOUND,
-            format!("no model {name:?} is published"),
-        ));
-    }
+        .map_err(registry_error)?;
     Ok(Json(history).into_response())
 }
 
@@ -778,53 +554,10 @@ async fn stage_model(
         serde_json::from_slice(&body).map_err(bad)?
     };
     let who = caller.name_or(&req.by);
-    let db = fleet.db();
-    let mut entry = db
-        .model(&name, version)
+    let entry = registry::stage(&fleet, &name, version, stage, &who)
         .await
-        .map_err(internal)?
-        .ok_or_else(|| {
-            ApiError(
-                StatusCode::NOT_FOUND,
-                format!("model {name} version {version} is not published"),
-            )
-        })?;
-    let now = unix_now();
-    if stage == Stage::Production {
-        for mut other in db.models().await.map_err(internal)? {
-            if other.manifest.name == name
-                && other.manifest.version != version
-                && other.stage == Stage::Production
-            {
-                other.stage = Stage::Candidate;
-                other.staged_by = Some((who.clone(), now));
-                db.put_model(&other).await.map_err(internal)?;
-            }
-        }
-    }
-    entry.stage = stage;
-    entry.staged_by = Some((who.clone(), now));
-    db.put_model(&entry).await.map_err(internal)?;
-    db.flush().await.map_err(internal)?;
-    record(
-        &fleet,
-        &who,
-        &format!("model.{action}"),
-        json!({ "model": name, "version": version }),
-    )
-    .await?;
+        .map_err(registry_error)?;
     Ok(Json(entry).into_response())
-}
-
-/// Refuses a retired version.
-async fn check_not_retired(fleet: &Fleet, model: &str, version: u64) -> Result<(), ApiError> {
-    match fleet.db().model(model, version).await.map_err(internal)? {
-        Some(e) if e.stage == Stage::Retired => Err(ApiError(
-            StatusCode::CONFLICT,
-            format!("model {model} version {version} is retired"),
-        )),
-        _ => Ok(()),
-    }
 }
 
 async fn models(State(fleet): State<Arc<Fleet>>) -> ApiResult {
@@ -838,32 +571,9 @@ async fn deploy(
     body: axum::body::Bytes,
 ) -> ApiResult {
     let req: DeployRequest = serde_json::from_slice(&body).map_err(bad)?;
-    check_not_retired(&fleet, &req.model, req.version).await?;
-    Selector::parse(&req.group).map_err(bad)?;
-    if let Some(t) = &req.probation {
-        t.validate().map_err(bad)?;
-    }
-    if let Some(s) = &req.sampling {
-        s.validate().map_err(bad)?;
-    }
-    if fleet
-        .db()
-        .model(&req.model, req.version)
-        .await
-        .map_err(internal)?
-        .is_none()
-    {
-        return Err(ApiError(
-            StatusCode::NOT_FOUND,
-            format!(
-                "model {} version {} is not published",
-                req.model, req.version
-            ),
-        ));
-    }
-    let d = fleet
-        .db()
-        .add_deployment(Deployment {
+    let (d, updated) = registry::deploy(
+        &fleet,
+        Deployment {
             seq: 0,
             model: req.model,
             version: req.version,
@@ -872,25 +582,10 @@ async fn deploy(
             at: unix_now(),
             probation: req.probation,
             sampling: req.sampling,
-        })
-        .await
-        .map_err(internal)?;
-    fleet.db().flush().await.map_err(internal)?;
-    let updated = fleet.publish_all().await.map_err(internal)?;
-    tracing::info!(model = %d.model, version = d.version, group = %d.group, devices = updated, "deployed");
-    record(
-        &fleet,
-        &d.by,
-        "deploy",
-        json!({
-            "model": d.model,
-            "version": d.version,
-            "group": d.group,
-            "probation": d.probation,
-            "sampling": d.sampling,
-        }),
+        },
     )
-    .await?;
+    .await
+    .map_err(registry_error)?;
     Ok(Json(json!({ "deployment": d, "devices_updated": updated })).into_response())
 }
 
@@ -900,19 +595,16 @@ async fn dashboard() -> Html<&'static str> {
     Html(include_str!("dashboard.html"))
 }
 
-/// Appends to the audit log.
-async fn record(
-    fleet: &Fleet,
-    who: &str,
-    action: &str,
-    details: serde_json::Value,
-) -> Result<(), ApiError> {
-    fleet
-        .db()
-        .append_audit(who, action, details, unix_now())
-        .await
-        .map_err(internal)?;
-    Ok(())
+/// The answer to a refused or failed registry operation.
+fn registry_error(e: RegistryError) -> ApiError {
+    let status = match &e {
+        RegistryError::Invalid(_) => StatusCode::BAD_REQUEST,
+        RegistryError::NotFound(_) => StatusCode::NOT_FOUND,
+        RegistryError::Conflict(_) => StatusCode::CONFLICT,
+        RegistryError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+        RegistryError::Store(_) | RegistryError::Repository(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    ApiError(status, e.to_string())
 }
 
 #[derive(Deserialize)]
@@ -948,7 +640,9 @@ async fn start_rollout(
     body: axum::body::Bytes,
 ) -> ApiResult {
     let req: RolloutRequest = serde_json::from_slice(&body).map_err(bad)?;
-    check_not_retired(&fleet, &req.spec.model, req.spec.version).await?;
+    registry::check_not_retired(&fleet, &req.spec.model, req.spec.version)
+        .await
+        .map_err(registry_error)?;
     let who = caller.name_or(&req.by);
     let rollout = fleet
         .start_rollout(req.spec, &who)
@@ -1034,13 +728,14 @@ async fn quarantine(
     } else {
         "device.release"
     };
-    record(
+    registry::record(
         &fleet,
         &by,
         action,
         json!({ "device": id, "reason": req.reason }),
     )
-    .await?;
+    .await
+    .map_err(registry_error)?;
     let entry = fleet.quarantine(&id, q).await.map_err(internal)?;
     tracing::warn!(device = %id, %by, reason = %req.reason, quarantined = req.quarantined, "device quarantine changed");
     Ok(Json(entry).into_response())

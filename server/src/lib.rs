@@ -10,9 +10,11 @@
 //! - [`repo`]: the TUF repository (snapshot/timestamp signing, hash bins) and the Uptane
 //!   director.
 //! - [`signing`]: what operators sign offline to add or remove a version (its hash bin).
-//! - [`fleet`]: MQTT traffic — reports in, chunks and desired states out; [`budget`]: what
-//!   one device may send per minute, and what was dropped of each device's traffic;
-//!   [`quarantine`]: devices an operator cut off.
+//! - [`fleet`]: MQTT traffic — reports in, chunks and desired states out, rollouts driven,
+//!   every task drained at shutdown; [`budget`]: what one device may send per minute, and
+//!   what was dropped of each device's traffic; [`quarantine`]: devices an operator cut off.
+//! - [`registry`]: the model registry's operations — artifacts stored, targets published,
+//!   versions promoted and retired, deployments, root rotations — behind the API's handlers.
 //! - [`group`]: label selectors for device groups.
 //! - [`rollout`]: the sans-IO rollout planner (waves, abort criteria, auto-rollback).
 //! - [`api`], [`auth`], [`audit`]: the operators' HTTP API and dashboard, its tokens and
@@ -44,6 +46,7 @@ pub mod onnx;
 pub mod pki;
 pub mod publish;
 pub mod quarantine;
+pub mod registry;
 pub mod repo;
 pub mod rollout;
 pub mod shapes;
