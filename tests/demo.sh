@@ -9,7 +9,7 @@ say() { printf '\n\033[1;36m== %s\033[0m\n' "$*"; }
 run() { printf '\033[2m$ %s\033[0m\n' "$*"; "$@"; }
 
 say "building (first run compiles tract: several minutes)"
-cargo build --locked -q -p modelcast-server -p modelcast-agent --bins
+cargo build --locked -q -p modelcast-server -p modelcast-ops -p modelcast-agent --bins
 BIN="$PWD/target/debug"
 
 WORK=$(mktemp -d -t modelcast-demo.XXXXXX)

@@ -1,4 +1,6 @@
-//! modelcast-server: the fleet server and the operators' tooling.
+//! modelcast-server: the fleet server daemon. It runs no model and links no inference engine;
+//! the operators' tooling (the `modelcast` CLI, conversion, publishing, offline signing, the
+//! API client) is the `modelcast-ops` crate beside it (`server/ops/`).
 //!
 //! - [`broker`]: the embedded MQTT broker (rumqttd), plain, or with a PKI behind its TLS front
 //!   ([`broker::front`]) that binds client ids to certificates and confines each device to its
@@ -9,10 +11,10 @@
 //!   rollouts, audit log.
 //! - [`repo`]: the TUF repository (snapshot/timestamp signing, hash bins) and the Uptane
 //!   director.
-//! - [`signing`]: what operators sign offline to add or remove a version (its hash bin).
 //! - [`fleet`]: MQTT traffic — reports in, chunks and desired states out, rollouts driven,
 //!   every task drained at shutdown; [`budget`]: what one device may send per minute, and
-//!   what was dropped of each device's traffic; [`quarantine`]: devices an operator cut off.
+//!   what was dropped of each device's traffic; [`quarantine`]: devices an operator cut off;
+//!   [`fanout`]: the planner of chunks published once for many devices.
 //! - [`registry`]: the model registry's operations — artifacts stored, targets published,
 //!   versions promoted and retired, deployments, root rotations — behind the API's handlers.
 //! - [`group`]: label selectors for device groups.
@@ -20,10 +22,10 @@
 //! - [`api`], [`auth`], [`audit`]: the operators' HTTP API and dashboard, its tokens and
 //!   roles, the append-only audit log; [`http`]: its server, with bounded connections and a
 //!   header timeout.
-//! - [`keyset`], [`publish`], [`onnx`], [`client`]: the operators' side — keys, manifests,
-//!   example models and the API client the `modelcast` CLI uses.
-//! - [`shapes`], [`convert`]: publishing a model — its input shapes settled from the
-//!   operator's specs, the artifact made (NNEF or ONNX) and proved with the device's engine.
+//! - [`keyset`]: the repository's keys (made by operators, read by the server at start).
+//! - [`lease`]: the control lease of servers sharing a PostgreSQL database.
+//! - [`drift`], [`telemetry`], [`metrics`]: drift and anomaly detection, the telemetry
+//!   queries, `/metrics`.
 
 pub mod acl;
 pub mod api;
@@ -31,8 +33,6 @@ pub mod audit;
 pub mod auth;
 pub mod broker;
 pub mod budget;
-pub mod client;
-pub mod convert;
 pub mod db;
 pub mod drift;
 pub mod fanout;
@@ -42,15 +42,11 @@ pub mod http;
 pub mod keyset;
 pub mod lease;
 pub mod metrics;
-pub mod onnx;
 pub mod pki;
-pub mod publish;
 pub mod quarantine;
 pub mod registry;
 pub mod repo;
 pub mod rollout;
-pub mod shapes;
-pub mod signing;
 pub mod telemetry;
 
 use std::future::Future;

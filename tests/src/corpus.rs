@@ -5,8 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use modelcast_ops::publish::PublishOptions;
 use modelcast_proto::report::Phase;
-use modelcast_server::publish::PublishOptions;
 
 use crate::{free_port, wait_for, Agent, Fleet};
 

@@ -14,11 +14,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use modelcast_ops::client::Client;
+use modelcast_ops::onnx;
+use modelcast_ops::publish::{publish_file, PublishOptions};
 use modelcast_proto::manifest::{Manifest, TensorData};
 use modelcast_proto::report::DeviceReport;
-use modelcast_server::client::Client;
-use modelcast_server::publish::{publish_file, PublishOptions};
-use modelcast_server::{keyset, onnx};
+use modelcast_server::keyset;
 
 pub mod browser;
 pub mod corpus;
@@ -705,7 +706,7 @@ impl Fleet {
         let keys = keyset::read_role_keys(&self.keys, "targets").expect("targets keys");
         let signers: Vec<_> = keys.iter().collect();
         let root = keyset::read_root(&self.keys.join("root.json")).expect("root.json");
-        let upload = modelcast_server::signing::Repository::open(&self.client, &root)
+        let upload = modelcast_ops::signing::Repository::open(&self.client, &root)
             .expect("the repository verifies")
             .add(manifest, newest, &signers, modelcast_server::unix_now())
             .expect("signing the addition");

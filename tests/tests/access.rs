@@ -3,8 +3,8 @@
 //! under the token's name (whatever name a request body claims), and the log reads back as an
 //! unbroken chain through the `modelcast` CLI.
 
+use modelcast_ops::client::{Client, ClientError};
 use modelcast_server::api::{DeployRequest, RolloutRequest};
-use modelcast_server::client::{Client, ClientError};
 use modelcast_server::fleet::RolloutAction;
 use modelcast_server::rollout::RolloutSpec;
 use modelcast_tests::{bin, wait_for, Fleet};

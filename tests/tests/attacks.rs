@@ -12,10 +12,10 @@
 use std::path::Path;
 use std::time::Duration;
 
+use modelcast_ops::onnx::example_model;
+use modelcast_ops::publish::{prepare, Fallback, PublishOptions};
 use modelcast_proto::manifest::Manifest;
 use modelcast_proto::verify::fixture::Keys;
-use modelcast_server::onnx::example_model;
-use modelcast_server::publish::{prepare, Fallback, PublishOptions};
 use modelcast_tests::{
     desired_topic, stolen_keys, wait_for, Agent, ChunkAttack, Fleet, Forger, Mosquitto, Rogue,
 };

@@ -6,7 +6,7 @@
 //! compares every answer with onnxruntime's on the same inputs and drives the client's other
 //! calls. Models that cannot serve must be refused at publishing with their reason.
 
-use modelcast_server::publish::prepare;
+use modelcast_ops::publish::prepare;
 use modelcast_tests::corpus;
 use modelcast_tests::Fleet;
 
@@ -20,7 +20,7 @@ fn real_models_publish_serve_and_answer_as_onnxruntime_through_tritonclient() {
             .strip_prefix("refuse:")
             .unwrap_or_else(|| panic!("models.tsv: expect {:?}", row.expect));
         let onnx = std::fs::read(dir.join(format!("{}.onnx", row.id))).expect("corpus model");
-        let onnx = modelcast_server::onnx::self_contained(&onnx, &dir).expect("reads");
+        let onnx = modelcast_ops::onnx::self_contained(&onnx, &dir).expect("reads");
         let err = prepare(&onnx, &row.options(), modelcast_server::unix_now())
             .expect_err(&format!("{} was expected to be refused", row.id))
             .to_string();

@@ -16,9 +16,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use modelcast_ops::onnx::example_model_of_size;
 use modelcast_proto::manifest::Manifest;
 use modelcast_proto::report::Phase;
-use modelcast_server::onnx::example_model_of_size;
 use modelcast_tests::{reference_output, wait_for, Agent, Fleet};
 
 /// Trials commit after one second; three start-ups with a trial slot active roll it back.

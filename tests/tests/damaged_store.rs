@@ -141,7 +141,7 @@ fn a_damaged_store_serves_a_verified_model_or_says_it_cannot_and_heals() {
     fleet.wait_registered();
     let mut published = Vec::new();
     for version in [1, 2] {
-        let onnx = modelcast_server::onnx::example_model_of_size(version, 256 * 1024);
+        let onnx = modelcast_ops::onnx::example_model_of_size(version, 256 * 1024);
         std::fs::write(onnx_path(version), &onnx).unwrap();
         published.push(fleet.publish_file(&onnx_path(version), "classifier", version));
         fleet.deploy("classifier", version, "*");

@@ -7,10 +7,10 @@
 
 use std::time::Duration;
 
+use modelcast_ops::onnx::example_model;
+use modelcast_ops::publish::PublishOptions;
 use modelcast_proto::manifest::LatencyBudget;
 use modelcast_server::api::RolloutRequest;
-use modelcast_server::onnx::example_model;
-use modelcast_server::publish::PublishOptions;
 use modelcast_server::rollout::{RolloutSpec, RolloutState};
 use modelcast_tests::browser::{chromium, element, rendered};
 use modelcast_tests::{wait_for, Fleet};

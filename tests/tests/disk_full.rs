@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use modelcast_server::onnx::example_model_of_size;
+use modelcast_ops::onnx::example_model_of_size;
 use modelcast_tests::{wait_for, Fleet};
 
 const MIB: u64 = 1024 * 1024;

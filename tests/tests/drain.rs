@@ -34,7 +34,7 @@ fn a_stopped_server_sends_every_chunk_reply_it_took_on_before_it_exits() {
     let path = models.path().join("large.onnx");
     std::fs::write(
         &path,
-        modelcast_server::onnx::example_model_of_size(1, MODEL_BYTES),
+        modelcast_ops::onnx::example_model_of_size(1, MODEL_BYTES),
     )
     .unwrap();
     let manifest = fleet.publish_file(&path, "large", 1);

@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
+use modelcast_ops::onnx::example_model;
+use modelcast_ops::publish::{prepare, PublishOptions};
 use modelcast_proto::verify::fixture::Keys;
-use modelcast_server::onnx::example_model;
-use modelcast_server::publish::{prepare, PublishOptions};
 use modelcast_tests::{stolen_keys, wait_for, ChunkAttack, Fleet, Mosquitto, Rogue};
 
 const FAR: &str = "2036-01-01T00:00:00Z";

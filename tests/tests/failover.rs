@@ -12,7 +12,7 @@
 
 use std::time::{Duration, Instant};
 
-use modelcast_server::client::Client;
+use modelcast_ops::client::Client;
 use modelcast_tests::{wait_for, Fleet, Mosquitto, Postgres};
 
 fn role(client: &Client) -> Option<String> {

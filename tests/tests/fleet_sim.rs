@@ -6,8 +6,8 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use modelcast_ops::onnx::example_model_of_size;
 use modelcast_proto::desired::TrialThresholds;
-use modelcast_server::onnx::example_model_of_size;
 use modelcast_server::rollout::{DeviceState, RolloutSpec, RolloutState};
 use modelcast_tests::sim::{Sim, SimOptions};
 use modelcast_tests::{wait_for, Fleet};

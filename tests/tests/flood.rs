@@ -183,7 +183,7 @@ fn a_chunk_request_flood_is_answered_a_few_at_a_time() {
     });
     let model = |version: u64| {
         let path = fleet.dir.path().join(format!("big-v{version}.onnx"));
-        let onnx = modelcast_server::onnx::example_model_of_size(version, 16 * MIB);
+        let onnx = modelcast_ops::onnx::example_model_of_size(version, 16 * MIB);
         std::fs::write(&path, onnx).unwrap();
         fleet.publish_file(&path, "classifier", version)
     };

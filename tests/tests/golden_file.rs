@@ -3,8 +3,8 @@
 //! it serves. A golden file whose answers the model does not give rejects the version with
 //! the reason, and the device keeps serving the one before.
 
+use modelcast_ops::publish::{prepare, PublishOptions};
 use modelcast_proto::manifest::{Attachment, Manifest};
-use modelcast_server::publish::{prepare, PublishOptions};
 use modelcast_tests::Fleet;
 
 /// Publishes the example model at `version` with its golden vector moved into a golden file;
@@ -14,7 +14,7 @@ fn publish_with_golden_file(
     version: u64,
     edit: impl FnOnce(&mut Vec<modelcast_proto::manifest::GoldenVector>),
 ) -> Manifest {
-    let onnx = modelcast_server::onnx::example_model(version, 16);
+    let onnx = modelcast_ops::onnx::example_model(version, 16);
     let now = modelcast_server::unix_now();
     let prepared = prepare(&onnx, &PublishOptions::new("classifier", version), now).unwrap();
     let mut manifest = prepared.manifest;

@@ -33,7 +33,7 @@ fn a_device_asking_for_everything_again_and_again_cannot_grow_the_broker() {
     });
     let model = |version: u64| {
         let path = fleet.dir.path().join(format!("big-v{version}.onnx"));
-        let onnx = modelcast_server::onnx::example_model_of_size(version, 16 * MIB);
+        let onnx = modelcast_ops::onnx::example_model_of_size(version, 16 * MIB);
         std::fs::write(&path, onnx).unwrap();
         fleet.publish_file(&path, "classifier", version)
     };

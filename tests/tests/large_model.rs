@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use modelcast_server::client::ClientError;
+use modelcast_ops::client::ClientError;
 use modelcast_tests::{proc_status_kib, Fleet};
 
 /// The model's size: a deep MLP of 1024-wide layers, like a mid-sized vision backbone.
@@ -20,7 +20,7 @@ fn a_model_of_several_hundred_megabytes_publishes_and_serves() {
     let path = dir.path().join("large.onnx");
     std::fs::write(
         &path,
-        modelcast_server::onnx::example_model_of_size(1, MODEL_BYTES),
+        modelcast_ops::onnx::example_model_of_size(1, MODEL_BYTES),
     )
     .unwrap();
     let rss_before = proc_status_kib(fleet.server_pid(), "VmRSS");
@@ -61,7 +61,7 @@ fn an_artifact_over_the_servers_limit_is_refused_before_it_is_read() {
     // About 2 MB: over the limit.
     std::fs::write(
         &path,
-        modelcast_server::onnx::example_model_of_size(1, 2 << 20),
+        modelcast_ops::onnx::example_model_of_size(1, 2 << 20),
     )
     .unwrap();
     let bytes = std::fs::read(&path).unwrap();

@@ -5,9 +5,9 @@
 
 use std::time::Duration;
 
+use modelcast_ops::onnx::example_model_of_size;
 use modelcast_proto::desired::TrialThresholds;
 use modelcast_proto::report::Phase;
-use modelcast_server::onnx::example_model_of_size;
 use modelcast_tests::{wait_for, Agent, Fleet};
 
 const PROBATION: &str =

@@ -2,7 +2,7 @@
 //! production (one at a time per model) and retirement (no new deployment or rollout may
 //! name a retired version), through the API and the `modelcast` CLI, in the audit log.
 
-use modelcast_server::client::ClientError;
+use modelcast_ops::client::ClientError;
 use modelcast_server::db::Stage;
 use modelcast_server::rollout::RolloutSpec;
 use modelcast_tests::{bin, Fleet};
@@ -115,7 +115,7 @@ fn the_same_file_publishes_again_under_a_new_name_and_a_taken_version_is_named_a
     let fleet = Fleet::embedded();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("model.onnx");
-    std::fs::write(&path, modelcast_server::onnx::example_model(1, 16)).unwrap();
+    std::fs::write(&path, modelcast_ops::onnx::example_model(1, 16)).unwrap();
     let first = fleet.publish_file(&path, "classifier", 1);
     // The artifact is held already: publishing it under another name acknowledges it instead
     // of breaking the connection.
@@ -144,10 +144,10 @@ fn the_same_file_publishes_again_under_a_new_name_and_a_taken_version_is_named_a
     // Publishing a version that exists says so.
     let keys = modelcast_server::keyset::read_role_keys(&fleet.keys, "targets").unwrap();
     let root = modelcast_server::keyset::read_root(&fleet.keys.join("root.json")).unwrap();
-    let err = modelcast_server::publish::publish_file(
+    let err = modelcast_ops::publish::publish_file(
         &fleet.client,
         &path,
-        &modelcast_server::publish::PublishOptions::new("classifier", 1),
+        &modelcast_ops::publish::PublishOptions::new("classifier", 1),
         &keys,
         &root,
         "e2e",
@@ -157,7 +157,7 @@ fn the_same_file_publishes_again_under_a_new_name_and_a_taken_version_is_named_a
     assert!(
         matches!(
             err,
-            modelcast_server::publish::PublishError::AlreadyPublished { version: 1, .. }
+            modelcast_ops::publish::PublishError::AlreadyPublished { version: 1, .. }
         ),
         "{err}"
     );

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use modelcast_server::onnx::example_model_of_size;
+use modelcast_ops::onnx::example_model_of_size;
 use modelcast_tests::{wait_for, Fleet, Mosquitto, Postgres};
 
 const DEVICES: [&str; 4] = ["edge-1", "edge-2", "edge-3", "edge-4"];

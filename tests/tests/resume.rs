@@ -9,7 +9,7 @@
 
 use std::time::{Duration, Instant};
 
-use modelcast_server::onnx::example_model_of_size;
+use modelcast_ops::onnx::example_model_of_size;
 use modelcast_tests::proxy::Proxy;
 use modelcast_tests::{AgentOptions, Fleet, Mosquitto};
 

@@ -12,9 +12,9 @@
 
 use std::time::Duration;
 
+use modelcast_ops::onnx::example_model_of_size;
 use modelcast_proto::desired::TrialThresholds;
 use modelcast_server::fleet::RolloutAction;
-use modelcast_server::onnx::example_model_of_size;
 use modelcast_server::rollout::{DeviceState, RolloutSpec, RolloutState};
 use modelcast_tests::{bin, wait_for, Agent, Fleet};
 

@@ -6,8 +6,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use modelcast_ops::onnx::{example_model, example_model_of_size};
 use modelcast_proto::report::Phase;
-use modelcast_server::onnx::{example_model, example_model_of_size};
 use modelcast_tests::hammer::Hammer;
 use modelcast_tests::{reference_output, wait_for, Fleet};
 

@@ -2,9 +2,9 @@
 //! budget its manifest sets is rejected with the measured p95 in the reason, and the old model
 //! keeps serving; the same model with a budget it meets installs.
 
+use modelcast_ops::onnx::example_model_of_size;
+use modelcast_ops::publish::PublishOptions;
 use modelcast_proto::manifest::LatencyBudget;
-use modelcast_server::onnx::example_model_of_size;
-use modelcast_server::publish::PublishOptions;
 use modelcast_tests::Fleet;
 
 #[test]

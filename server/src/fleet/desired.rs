@@ -103,7 +103,7 @@ pub fn fingerprint(models: &[Wanted], ts: u64) -> String {
 }
 
 impl Fleet {
-    /// The manifests `device` should run, each with its terms ([`resolve`]).
+    /// The manifests `device` should run, each with its terms (`desired::resolve`).
     pub async fn wanted(&self, device: &DeviceEntry) -> Result<Vec<Wanted>, DbError> {
         let deployments = self.db.deployments().await?;
         let chosen = {

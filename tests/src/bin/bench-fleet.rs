@@ -19,9 +19,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use modelcast_ops::onnx::example_model_of_size;
 use modelcast_proto::desired::TrialThresholds;
 use modelcast_server::api::RolloutRequest;
-use modelcast_server::onnx::example_model_of_size;
 use modelcast_server::rollout::{RolloutSpec, RolloutState};
 use modelcast_tests::sim::{Sim, SimOptions};
 use modelcast_tests::{proc_status_kib, wait_for, Fleet, Mosquitto};

@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use modelcast_server::onnx::example_model_of_size;
+use modelcast_ops::onnx::example_model_of_size;
 use modelcast_tests::{proc_status_kib, wait_for, Agent, Fleet};
 
 const MB: u64 = 1024 * 1024;

@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 
 use modelcast_agent::engine::{HostTensor, LoadedModel};
 use modelcast_agent::telemetry::{Collector, Summary};
+use modelcast_ops::publish::{prepare, PublishOptions};
 use modelcast_proto::report::Slot;
 use modelcast_proto::telemetry::{SystemTelemetry, TelemetryReport};
-use modelcast_server::publish::{prepare, PublishOptions};
 
 fn best(rounds: usize, mut f: impl FnMut() -> Duration) -> Duration {
     (0..rounds).map(|_| f()).min().expect("rounds")
@@ -27,7 +27,7 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(20_000);
-    let onnx = modelcast_server::onnx::example_model(1, 16);
+    let onnx = modelcast_ops::onnx::example_model(1, 16);
     let prepared = prepare(&onnx, &PublishOptions::new("classifier", 1), 0).expect("prepare");
     let model =
         LoadedModel::load(&prepared.manifest, Slot::A, &mut &prepared.artifact[..]).expect("load");

@@ -11,7 +11,7 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use modelcast_server::onnx::example_model_of_size;
+use modelcast_ops::onnx::example_model_of_size;
 use modelcast_tests::{free_port, proc_status_kib, wait_for, Agent, Fleet, Mosquitto};
 
 const MB: u64 = 1024 * 1024;

@@ -14,7 +14,7 @@ use modelcast_proto::metadata::{format_expiry, parse_expiry, Delegations, Root, 
 use thiserror::Error;
 
 use crate::client::{Client, ClientError};
-use crate::repo::TargetsUpload;
+use modelcast_server::repo::TargetsUpload;
 
 /// Lifetime of what operators sign: the top-level targets, the bins and the manifests.
 pub const SIGNED_LIFETIME_SECS: i64 = 365 * 24 * 3600;

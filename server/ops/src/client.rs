@@ -6,11 +6,13 @@ use modelcast_proto::metadata::Signed;
 use serde::de::DeserializeOwned;
 use thiserror::Error;
 
-use crate::api::{ActionRequest, DeployRequest, PublishRequest, RolloutRequest, VersionHistory};
-use crate::audit::AuditEntry;
-use crate::db::{Deployment, DeviceEntry, ModelEntry};
-use crate::fleet::RolloutAction;
-use crate::rollout::Rollout;
+use modelcast_server::api::{
+    ActionRequest, DeployRequest, PublishRequest, RolloutRequest, VersionHistory,
+};
+use modelcast_server::audit::AuditEntry;
+use modelcast_server::db::{Deployment, DeviceEntry, ModelEntry};
+use modelcast_server::fleet::RolloutAction;
+use modelcast_server::rollout::Rollout;
 
 /// A failed API call.
 #[derive(Debug, Error)]
@@ -193,7 +195,7 @@ impl Client {
     /// Rotates the repository to the next root.
     pub fn rotate_root(
         &self,
-        request: &crate::api::RootRequest,
+        request: &modelcast_server::api::RootRequest,
     ) -> Result<serde_json::Value, ClientError> {
         Self::read(self.post("/api/v1/repository/root").send_json(request))
     }
@@ -215,9 +217,9 @@ impl Client {
             );
         }
         // Over the server's limit: said before sending a byte.
-        if let Ok(limits) =
-            Self::read::<crate::api::ArtifactLimits>(self.get("/api/v1/artifacts").call())
-        {
+        if let Ok(limits) = Self::read::<modelcast_server::api::ArtifactLimits>(
+            self.get("/api/v1/artifacts").call(),
+        ) {
             if artifact.len() as u64 > limits.max_bytes {
                 return Err(ClientError::Api {
                     status: 413,
@@ -317,7 +319,7 @@ impl Client {
     ) -> Result<DeviceEntry, ClientError> {
         Self::read(
             self.post(&format!("/api/v1/devices/{device}/quarantine"))
-                .send_json(crate::api::QuarantineRequest {
+                .send_json(modelcast_server::api::QuarantineRequest {
                     quarantined,
                     reason: reason.into(),
                     by: by.into(),
@@ -331,15 +333,15 @@ impl Client {
     }
 
     /// The server's role and the chunk requests it answered.
-    pub fn status(&self) -> Result<crate::fleet::Status, ClientError> {
+    pub fn status(&self) -> Result<modelcast_server::fleet::Status, ClientError> {
         Self::read(self.get("/api/v1/status").call())
     }
 
     /// Latency and error rate of a model across a group over a window.
     pub fn telemetry(
         &self,
-        q: &crate::telemetry::Question,
-    ) -> Result<crate::telemetry::Answer, ClientError> {
+        q: &modelcast_server::telemetry::Question,
+    ) -> Result<modelcast_server::telemetry::Answer, ClientError> {
         let mut r = self
             .get("/api/v1/telemetry")
             .query("model", &q.model)
@@ -370,7 +372,10 @@ impl Client {
     }
 
     /// Drift and anomaly alerts.
-    pub fn alerts(&self, q: &crate::api::AlertQuery) -> Result<crate::api::AlertList, ClientError> {
+    pub fn alerts(
+        &self,
+        q: &modelcast_server::api::AlertQuery,
+    ) -> Result<modelcast_server::api::AlertList, ClientError> {
         let mut r = self.get("/api/v1/alerts").query("all", q.all.to_string());
         if let Some(m) = &q.model {
             r = r.query("model", m);
@@ -384,8 +389,8 @@ impl Client {
     /// Sampled inputs and outputs (needs the `deployer` role).
     pub fn samples(
         &self,
-        q: &crate::api::SampleRequest,
-    ) -> Result<Vec<crate::db::StoredSample>, ClientError> {
+        q: &modelcast_server::api::SampleRequest,
+    ) -> Result<Vec<modelcast_server::db::StoredSample>, ClientError> {
         let mut r = self
             .get("/api/v1/samples")
             .query("model", &q.model)

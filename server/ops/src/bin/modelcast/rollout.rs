@@ -5,8 +5,8 @@ use std::time::Duration;
 use anyhow::bail;
 use clap::Subcommand;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use modelcast_ops::client::Client;
 use modelcast_server::api::RolloutRequest;
-use modelcast_server::client::Client;
 use modelcast_server::fleet::RolloutAction;
 use modelcast_server::rollout::{DeviceState, Rollout, RolloutSpec, RolloutState, WaveSize};
 

@@ -1,7 +1,7 @@
 //! What `modelcast publish` and `modelcast convert` tell the operator about a prepared model:
 //! its interface as published, the format chosen and why, and what was left out.
 
-use modelcast_server::publish::Prepared;
+use modelcast_ops::publish::Prepared;
 
 /// Says what publishing chose and left out.
 pub fn report(p: &Prepared) {

@@ -8,17 +8,18 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use modelcast_ops::client::Client;
+use modelcast_ops::convert::Choice;
+use modelcast_ops::onnx;
+use modelcast_ops::publish::{publish_file, Fallback, PublishOptions};
+use modelcast_ops::shapes::ShapeSpec;
 use modelcast_proto::desired::{SamplingSpec, TrialThresholds};
 use modelcast_proto::manifest::LatencyBudget;
 use modelcast_proto::report::Phase;
 use modelcast_server::api::DeployRequest;
 use modelcast_server::auth::{Role, Tokens};
-use modelcast_server::client::Client;
-use modelcast_server::convert::Choice;
 use modelcast_server::group::Selector;
-use modelcast_server::publish::{publish_file, Fallback, PublishOptions};
-use modelcast_server::shapes::ShapeSpec;
-use modelcast_server::{keyset, onnx, unix_now};
+use modelcast_server::{keyset, unix_now};
 
 mod publish;
 mod rollout;
@@ -448,7 +449,7 @@ fn resign(
     by: String,
 ) -> anyhow::Result<usize> {
     let signers: Vec<_> = keys.iter().collect();
-    let repo = modelcast_server::signing::Repository::open(client, root)?;
+    let repo = modelcast_ops::signing::Repository::open(client, root)?;
     let upload = repo.resign(&signers, unix_now())?;
     let bins = upload.delegated.len();
     client.publish(&modelcast_server::api::PublishRequest {
@@ -802,7 +803,7 @@ fn main() -> anyhow::Result<()> {
             let mut opts = PublishOptions::new("convert", 1);
             opts.format = format;
             opts.shapes = input_shape;
-            let prepared = modelcast_server::publish::prepare(&bytes, &opts, unix_now())?;
+            let prepared = modelcast_ops::publish::prepare(&bytes, &opts, unix_now())?;
             publish::report(&prepared);
             std::fs::write(&out, &prepared.artifact)
                 .with_context(|| format!("writing {}", out.display()))?;
@@ -1108,7 +1109,7 @@ fn main() -> anyhow::Result<()> {
                     .manifest
                     .target_path();
                 let root = signing.root()?;
-                let repo = modelcast_server::signing::Repository::open(&client, &root)?;
+                let repo = modelcast_ops::signing::Repository::open(&client, &root)?;
                 let signers: Vec<_> = signers.iter().collect();
                 let upload = repo.remove(&path, &signers, unix_now())?;
                 client.publish(&modelcast_server::api::PublishRequest {

@@ -356,7 +356,7 @@ pub fn publish_file(
     let keys: Vec<&SigningKey> = targets_keys.iter().collect();
     let upload = repo.add(&manifest, newest, &keys, now).map_err(signing)?;
     client
-        .publish(&crate::api::PublishRequest {
+        .publish(&modelcast_server::api::PublishRequest {
             upload,
             published_by: by.into(),
         })
