@@ -88,41 +88,6 @@ fn mismatch(layout: &Layout<'_>, reason: String) -> StoreError {
     }
 }
 
-/// Reserves `len` bytes for `file` so that writing them later cannot run out of space.
-fn reserve(file: &File, len: u64) -> std::io::Result<()> {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        use std::os::fd::AsRawFd;
-        let len = libc::off_t::try_from(len).map_err(std::io::Error::other)?;
-        // SAFETY: a valid open descriptor and a non-negative range.
-        let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len) };
-        if rc != 0 {
-            return Err(std::io::Error::from_raw_os_error(rc));
-        }
-        Ok(())
-    }
-    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-    file.set_len(len)
-}
-
-/// Bytes an unprivileged process may still write on the file system holding `dir`.
-fn free_bytes(dir: &Path) -> Option<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
-    let mut stat = std::mem::MaybeUninit::<libc::statvfs>::uninit();
-    // SAFETY: a NUL-terminated path and a buffer statvfs fills on success.
-    let rc = unsafe { libc::statvfs(path.as_ptr(), stat.as_mut_ptr()) };
-    if rc != 0 {
-        return None;
-    }
-    // SAFETY: statvfs returned 0, so it filled the buffer.
-    let stat = unsafe { stat.assume_init() };
-    // The field types differ between targets (u32 on armv7): a widening conversion there.
-    #[allow(clippy::useless_conversion)]
-    let (blocks, size) = (u64::from(stat.f_bavail), u64::from(stat.f_frsize));
-    Some(blocks.saturating_mul(size))
-}
-
 impl Artifacts {
     /// Opens (creating) the artifact directory `dir`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
@@ -161,14 +126,14 @@ impl Artifacts {
             Err(e) if e.kind() == ErrorKind::AlreadyExists => return self.received(layout),
             Err(e) => return Err(io_err(&path, e)),
         };
-        if let Err(e) = reserve(&file, layout.size) {
+        if let Err(e) = crate::sys::reserve(&file, layout.size) {
             drop(file);
             // Whatever part of the reservation was made goes back to the disk.
             let _ = std::fs::remove_file(&path);
             if e.raw_os_error() == Some(libc::ENOSPC) {
                 return Err(StoreError::NoSpace {
                     needed: layout.size,
-                    available: free_bytes(&self.dir).unwrap_or(0),
+                    available: crate::sys::free_bytes(&self.dir).unwrap_or(0),
                     dir: self.dir.display().to_string(),
                 });
             }

@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use modelcast_proto::chunk::{ChunkReply, ChunkRequest};
 use modelcast_proto::desired::{DesiredState, SamplingSpec};
@@ -68,13 +68,7 @@ pub enum AgentError {
     Runtime(std::io::Error),
 }
 
-/// Unix seconds now.
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
+use crate::clock::unix_secs as unix_now;
 
 /// The outcome of staging one artifact.
 struct Staged {
@@ -464,10 +458,7 @@ impl Agent {
 
     /// Sends what the telemetry queue may send now; updates its gauges.
     async fn send_telemetry(&mut self) {
-        match self
-            .telemetry
-            .to_send(&self.store, crate::telemetry::unix_ms())
-        {
+        match self.telemetry.to_send(&self.store, crate::clock::unix_ms()) {
             Ok(reports) => {
                 for report in reports {
                     self.link.telemetry(report).await;
@@ -652,7 +643,7 @@ impl Agent {
                         warn!(model = %name, error = %e, "recording the commit failed");
                     }
                     self.previous.remove(&name);
-                    crate::memory::release_free_memory();
+                    crate::sys::release_free_memory();
                 }
                 Action::RollBack { name, record } => {
                     // A rebuilt store must never adopt the version rolled back.
@@ -666,7 +657,7 @@ impl Agent {
                             .serving(&name, model.slot(), model.manifest().version);
                         self.models.swap_in(model);
                     }
-                    crate::memory::release_free_memory();
+                    crate::sys::release_free_memory();
                     if let Err(e) = self.persist(&name, &record).await {
                         warn!(model = %name, error = %e, "recording the rollback failed");
                     }
@@ -756,7 +747,7 @@ impl Agent {
                 info!(model = %manifest.name, version = manifest.version, p95_us = p95.as_micros() as u64, "warmed up");
                 Ok(Arc::new(model))
             })();
-            crate::memory::release_free_memory();
+            crate::sys::release_free_memory();
             loaded
         };
         self.staging.spawn(async move {
@@ -810,7 +801,7 @@ impl Agent {
             // The replaced model is freed once its last request finishes.
             replaced => drop(replaced),
         }
-        crate::memory::release_free_memory();
+        crate::sys::release_free_memory();
         self.metrics.serving(&name, slot, version);
         self.updater.activated(&name, Instant::now());
     }

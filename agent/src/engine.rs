@@ -575,9 +575,9 @@ impl LoadedModel {
         let inputs = self.warmup_inputs(file)?;
         let mut took = Vec::with_capacity(runs as usize);
         for _ in 0..runs {
-            let started = thread_cpu_time();
+            let started = crate::sys::thread_cpu_time();
             self.run(&inputs)?;
-            took.push(thread_cpu_time().saturating_sub(started));
+            took.push(crate::sys::thread_cpu_time().saturating_sub(started));
         }
         took.sort();
         // Nearest rank.
@@ -595,17 +595,6 @@ impl LoadedModel {
         }
         Ok(p95)
     }
-}
-
-/// CPU time the calling thread has used (`CLOCK_THREAD_CPUTIME_ID`).
-fn thread_cpu_time() -> Duration {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec, which lives across the call.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 /// Where each manifest input sits among the model's inputs, matched by name.
@@ -819,6 +808,7 @@ fn to_tract(spec: &TensorSpec, t: &HostTensor) -> Result<TValue, EngineError> {
     // SAFETY: the type is a plain number or BOOL (whose bytes `Values::new` checked to be 0
     // or 1), so any whole number of elements' bytes is a valid tensor; tract checks that
     // the bytes fill the shape before it allocates.
+    #[allow(unsafe_code)]
     let tensor = unsafe { Tensor::from_raw_dt(datum(spec.datatype), &shape, t.values.bytes()) }
         .map_err(|e| EngineError::BadInput(format!("{e:#}")))?;
     Ok(tensor.into())

@@ -16,8 +16,20 @@
 //! - [`link`]: MQTT (rumqttc): connect, last will, subscriptions, events in, publishes out.
 //! - [`driver`]: the one loop that feeds events to the update logic and acts on it.
 //! - [`systemd`]: readiness, status and watchdog notifications.
+//! - [`artifacts`]: the artifact files (reserved before they are written, each complete one
+//!   with the manifest it was accepted under beside it).
+//! - [`probation`]: the sans-IO judgement of a version on trial.
+//! - [`metrics`], [`telemetry`], [`sampling`]: `/metrics`, the telemetry reports kept until
+//!   the server acknowledges them, sampled inputs and outputs.
+//! - [`priority`]: background threads that yield to serving.
+//! - [`clock`]: the wall clock, in one unit. [`sys`]: every operating-system call (`unsafe`
+//!   is allowed there only, and for one tract call in [`engine`]).
+//! - `grpc` (feature `grpc`): the KServe v2 gRPC service.
+
+#![deny(unsafe_code)]
 
 pub mod artifacts;
+pub mod clock;
 pub mod config;
 pub mod driver;
 pub mod engine;
@@ -25,7 +37,6 @@ pub mod engine;
 pub mod grpc;
 pub mod kserve;
 pub mod link;
-pub mod memory;
 pub mod metrics;
 pub mod priority;
 pub mod probation;
@@ -34,6 +45,7 @@ pub mod sampling;
 pub mod serve;
 pub mod slots;
 pub mod store;
+pub mod sys;
 pub mod systemd;
 pub mod telemetry;
 pub mod transfer;

@@ -38,39 +38,20 @@ pub fn to_background() {
 
 /// The calling thread's id, as the scheduler knows it.
 fn current_thread() -> i32 {
-    #[cfg(target_os = "linux")]
-    // SAFETY: gettid takes no arguments.
-    unsafe {
-        libc::syscall(libc::SYS_gettid) as i32
-    }
-    #[cfg(not(target_os = "linux"))]
-    0
+    crate::sys::current_thread()
 }
 
 /// Sets thread `tid`'s nice value and the short slice, under `SCHED_OTHER`; returns whether the
-/// kernel allowed it.
+/// kernel allowed it (kernels before 4.13 have no slice: the nice value alone still helps).
 fn set_nice(tid: i32, nice: i32) -> bool {
-    #[cfg(target_os = "linux")]
-    // SAFETY: setpriority takes no pointers; sched_setattr reads one struct of the size it is
-    // told, which lives across the call.
-    unsafe {
-        let attr = SchedAttr {
-            size: std::mem::size_of::<SchedAttr>() as u32,
-            sched_nice: nice,
-            sched_runtime: BACKGROUND_SLICE_NS,
-            ..SchedAttr::default()
-        };
-        if libc::syscall(libc::SYS_sched_setattr, tid, &attr as *const SchedAttr, 0) == 0 {
-            return true;
-        }
-        // Kernels before 4.13 have no sched_setattr slice; the nice value alone still helps.
-        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) == 0
-    }
-    #[cfg(not(target_os = "linux"))]
-    {
-        let _ = (tid, nice);
-        false
-    }
+    crate::sys::set_scheduling(
+        tid,
+        crate::sys::Scheduling {
+            idle: false,
+            nice,
+            slice_ns: BACKGROUND_SLICE_NS,
+        },
+    )
 }
 
 /// Moves thread `tid` to [`IDLE_NICE`], and then to `SCHED_IDLE` if it may leave it again.
@@ -78,24 +59,21 @@ fn to_idle(tid: i32) {
     // First the nice value, which SCHED_IDLE keeps: leaving SCHED_IDLE checks RLIMIT_NICE
     // against it, and 19 is within any limit.
     set_nice(tid, IDLE_NICE);
-    #[cfg(target_os = "linux")]
     if may_raise() {
-        // SAFETY: sched_setattr reads one struct of the size it is told, which lives across
-        // the call.
-        let attr = SchedAttr {
-            size: std::mem::size_of::<SchedAttr>() as u32,
-            sched_policy: libc::SCHED_IDLE as u32,
-            sched_nice: IDLE_NICE,
-            ..SchedAttr::default()
-        };
         // On failure the thread stays at nice 19.
-        unsafe { libc::syscall(libc::SYS_sched_setattr, tid, &attr as *const SchedAttr, 0) };
+        crate::sys::set_scheduling(
+            tid,
+            crate::sys::Scheduling {
+                idle: true,
+                nice: IDLE_NICE,
+                slice_ns: 0,
+            },
+        );
     }
 }
 
 /// Whether this process may raise a thread to [`BACKGROUND_NICE`]: it holds `CAP_SYS_NICE`, or
 /// its `RLIMIT_NICE` reaches that far (nice = 20 − limit).
-#[cfg(target_os = "linux")]
 fn may_raise() -> bool {
     static MAY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *MAY.get_or_init(|| {
@@ -107,33 +85,9 @@ fn may_raise() -> bool {
                 u64::from_str_radix(hex.trim(), 16).ok()
             })
             .is_some_and(|caps| caps & (1 << CAP_SYS_NICE) != 0);
-        let mut limit = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: getrlimit writes one struct we own.
-        let limited = unsafe { libc::getrlimit(libc::RLIMIT_NICE, &mut limit) } == 0
-            && limit.rlim_cur >= (20 - BACKGROUND_NICE) as libc::rlim_t;
+        let limited = crate::sys::nice_limit().is_some_and(|l| l >= (20 - BACKGROUND_NICE) as u64);
         capable || limited
     })
-}
-
-/// The kernel's `struct sched_attr` (`sched_setattr(2)`); `sched_runtime` is the time slice of
-/// a `SCHED_OTHER` thread.
-#[cfg(target_os = "linux")]
-#[repr(C)]
-#[derive(Default)]
-struct SchedAttr {
-    size: u32,
-    sched_policy: u32,
-    sched_flags: u64,
-    sched_nice: i32,
-    sched_priority: u32,
-    sched_runtime: u64,
-    sched_deadline: u64,
-    sched_period: u64,
-    sched_util_min: u32,
-    sched_util_max: u32,
 }
 
 /// Runs `work` on a thread of its own at idle priority, raised to [`BACKGROUND_NICE`] after
@@ -191,13 +145,10 @@ async fn in_background_raised_after<T: Send + 'static>(
 
 #[cfg(test)]
 mod tests {
-    // SAFETY: gettid and getpriority take no pointers.
-    #[cfg(target_os = "linux")]
+    use crate::sys::own_scheduling;
+
     fn nice() -> i32 {
-        unsafe {
-            let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-            libc::getpriority(libc::PRIO_PROCESS, tid)
-        }
+        own_scheduling().1
     }
 
     #[test]
@@ -214,24 +165,12 @@ mod tests {
         assert_eq!(nice(), before);
     }
 
-    /// The calling thread's scheduling policy.
-    #[cfg(target_os = "linux")]
-    fn policy() -> i32 {
-        // SAFETY: sched_getscheduler takes no pointers; 0 is the calling thread.
-        unsafe { libc::sched_getscheduler(0) }
-    }
-
     #[tokio::test]
     #[cfg(target_os = "linux")]
     async fn background_work_answers_and_its_panics_are_errors() {
-        let answer = super::in_background("test", || (policy(), nice())).await;
+        let answer = super::in_background("test", own_scheduling).await;
         // SCHED_IDLE only where the work may leave it again; nice 19 otherwise.
-        let expected = if super::may_raise() {
-            libc::SCHED_IDLE
-        } else {
-            libc::SCHED_OTHER
-        };
-        assert_eq!(answer, Ok((expected, super::IDLE_NICE)));
+        assert_eq!(answer, Ok((super::may_raise(), super::IDLE_NICE)));
         let died = super::in_background("test", || -> u8 { panic!("boom") }).await;
         assert!(died.unwrap_err().contains("died"));
     }
@@ -243,19 +182,18 @@ mod tests {
         let raise_after = std::time::Duration::from_millis(100);
         let raised = super::in_background_raised_after("test", raise_after, move || {
             std::thread::sleep(raise_after * 3);
-            (policy(), nice())
+            own_scheduling()
         })
         .await;
         // Raising needs CAP_SYS_NICE or RLIMIT_NICE; without them the work stays at nice 19.
         // CI runs as root, so there this checks the raise out of SCHED_IDLE.
-        let privileged = unsafe { libc::geteuid() } == 0;
         let expected = if super::may_raise() {
             super::BACKGROUND_NICE
         } else {
             super::IDLE_NICE
         };
-        assert_eq!(raised, Ok((libc::SCHED_OTHER, expected)));
-        if privileged {
+        assert_eq!(raised, Ok((false, expected)));
+        if crate::sys::is_root() {
             assert!(super::may_raise(), "root may raise");
         }
     }

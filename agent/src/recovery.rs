@@ -379,7 +379,7 @@ pub(crate) fn restore(
         let have = store.received(&manifest)?;
         restored.downloads.push((manifest, have));
     }
-    crate::memory::release_free_memory();
+    crate::sys::release_free_memory();
     Ok(restored)
 }
 

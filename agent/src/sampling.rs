@@ -120,7 +120,7 @@ impl Sampler {
             model: model.into(),
             version,
             slot,
-            at_ms: crate::telemetry::unix_ms(),
+            at_ms: crate::clock::unix_ms(),
             inputs: inputs.iter().map(pack).collect(),
             outputs: outputs.iter().map(pack).collect(),
         };

@@ -405,9 +405,7 @@ async fn infer_v(
 }
 
 fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    u64::try_from(crate::clock::unix_ms()).unwrap_or(0)
 }
 
 async fn run_infer(

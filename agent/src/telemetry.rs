@@ -298,13 +298,7 @@ impl Collector {
 pub fn system() -> (u64, u64) {
     #[cfg(target_os = "linux")]
     {
-        // SAFETY: sysconf takes no pointers.
-        let (tick, page) = unsafe {
-            (
-                libc::sysconf(libc::_SC_CLK_TCK).max(1) as u64,
-                libc::sysconf(libc::_SC_PAGESIZE).max(1) as u64,
-            )
-        };
+        let (tick, page) = crate::sys::clock_ticks_and_page_size();
         let cpu = std::fs::read_to_string("/proc/self/stat")
             .ok()
             .and_then(|s| {
@@ -322,38 +316,6 @@ pub fn system() -> (u64, u64) {
     }
     #[cfg(not(target_os = "linux"))]
     (0, 0)
-}
-
-/// Free bytes on the file system holding `path`; 0 where unknown.
-fn disk_free(path: &std::path::Path) -> u64 {
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::unix::ffi::OsStrExt;
-        let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
-            return 0;
-        };
-        // SAFETY: statvfs writes into the zeroed struct it is given; the path is a valid C
-        // string that lives across the call.
-        unsafe {
-            let mut st: libc::statvfs = std::mem::zeroed();
-            if libc::statvfs(c.as_ptr(), &mut st) == 0 {
-                return st.f_bavail as u64 * st.f_frsize as u64;
-            }
-        }
-        0
-    }
-    #[cfg(not(target_os = "linux"))]
-    {
-        let _ = path;
-        0
-    }
-}
-
-/// Unix milliseconds now.
-pub fn unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Store-and-forward of telemetry reports.
@@ -376,7 +338,7 @@ impl Forwarder {
             config,
             device: device.into(),
             state_dir: state_dir.into(),
-            interval_started_ms: unix_ms(),
+            interval_started_ms: crate::clock::unix_ms(),
             cpu_at_start_ms: system().0,
             in_flight: BTreeMap::new(),
             online: false,
@@ -394,7 +356,7 @@ impl Forwarder {
         store: &Store,
         collector: &Collector,
     ) -> Result<(u64, usize), StoreError> {
-        let now = unix_ms();
+        let now = crate::clock::unix_ms();
         let (cpu, rss) = system();
         let models = collector.take();
         let store_bytes = store.size_on_disk().unwrap_or(0);
@@ -428,7 +390,7 @@ impl Forwarder {
                         cpu_ms,
                         rss_bytes: rss,
                         store_bytes,
-                        disk_free_bytes: disk_free(&self.state_dir),
+                        disk_free_bytes: crate::sys::free_bytes(&self.state_dir).unwrap_or(0),
                         queued,
                     },
                     samples: samples.clone(),

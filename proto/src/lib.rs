@@ -22,6 +22,8 @@
 //!
 //! Every decoder takes untrusted bytes and returns an error, never panics.
 
+#![forbid(unsafe_code)]
+
 pub mod bins;
 pub mod chunk;
 pub mod desired;

@@ -131,27 +131,9 @@ fn admit(
 /// Raises this process's soft limit of open files to its hard limit; returns the limit in
 /// force (or `None` when it cannot be read).
 pub fn raise_open_files() -> Option<u64> {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit fills the struct it is given.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return None;
-    }
-    if limit.rlim_cur < limit.rlim_max {
-        let raised = libc::rlimit {
-            rlim_cur: limit.rlim_max,
-            rlim_max: limit.rlim_max,
-        };
-        // SAFETY: setrlimit reads the struct it is given.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
-            limit = raised;
-        }
-    }
-    // rlim_t is not u64 on every target.
-    #[allow(clippy::unnecessary_cast)]
-    Some(limit.rlim_cur as u64)
+    rlimit::increase_nofile_limit(u64::MAX)
+        .ok()
+        .or_else(|| Some(rlimit::getrlimit(rlimit::Resource::NOFILE).ok()?.0))
 }
 
 #[cfg(test)]
@@ -175,17 +157,7 @@ mod tests {
     #[test]
     fn the_open_file_limit_is_raised_to_the_hard_limit() {
         let raised = raise_open_files().unwrap();
-        let mut limit = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: as above.
-        assert_eq!(
-            unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) },
-            0
-        );
-        #[allow(clippy::unnecessary_cast)]
-        let current = limit.rlim_cur as u64;
-        assert_eq!(raised, current);
+        let (soft, hard) = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap();
+        assert_eq!((raised, soft), (hard, hard));
     }
 }

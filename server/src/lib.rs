@@ -22,10 +22,13 @@
 //! - [`api`], [`auth`], [`audit`]: the operators' HTTP API and dashboard, its tokens and
 //!   roles, the append-only audit log; [`http`]: its server, with bounded connections and a
 //!   header timeout.
+//! - [`clock`]: the wall clock, read in one place, in one unit (Unix milliseconds).
 //! - [`keyset`]: the repository's keys (made by operators, read by the server at start).
 //! - [`lease`]: the control lease of servers sharing a PostgreSQL database.
 //! - [`drift`], [`telemetry`], [`metrics`]: drift and anomaly detection, the telemetry
 //!   queries, `/metrics`.
+
+#![forbid(unsafe_code)]
 
 pub mod acl;
 pub mod api;
@@ -33,6 +36,7 @@ pub mod audit;
 pub mod auth;
 pub mod broker;
 pub mod budget;
+pub mod clock;
 pub mod db;
 pub mod drift;
 pub mod fanout;
@@ -55,21 +59,7 @@ use std::path::PathBuf;
 
 use thiserror::Error;
 
-/// Unix seconds now.
-pub fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
-/// Unix milliseconds now.
-pub fn unix_now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
+pub use clock::{unix_now, unix_now_ms};
 
 /// How the server runs.
 #[derive(Debug, Clone)]

@@ -11,6 +11,8 @@
 //!   re-delegation after a key rotation, yearly re-signing.
 //! - [`client`]: the API client the `modelcast` CLI (`src/bin/modelcast/`) uses.
 
+#![forbid(unsafe_code)]
+
 pub mod client;
 pub mod convert;
 pub mod onnx;
