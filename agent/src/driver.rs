@@ -36,7 +36,7 @@ use crate::serve::RequestOutcome;
 use crate::slots::ModelRecord;
 use crate::store::{Store, StoreError};
 use crate::telemetry::{Collector, Forwarder};
-use crate::update::{Action, ChunkFate, Settings, Updater};
+use crate::update::{Action, ChunkFate, Failure, Settings, Updater};
 
 /// Request outcomes queued from the HTTP handlers to the loop; more are dropped.
 const OUTCOME_QUEUE: usize = 4096;
@@ -74,7 +74,7 @@ use crate::clock::unix_secs as unix_now;
 struct Staged {
     name: String,
     sha256: String,
-    result: Result<Arc<LoadedModel>, String>,
+    result: Result<Arc<LoadedModel>, Failure>,
 }
 
 /// The running agent: the update machine and the parts it drives.
@@ -355,7 +355,7 @@ async fn control(
         let v = Some(version);
         agent
             .updater
-            .note_error(ErrorKind::Failed, Some(&name), v, reason);
+            .note_error(ErrorKind::Staging, Some(&name), v, reason);
     }
     for (name, version, reason) in restored.rolled_back {
         agent.updater.report_rollback(&name, version, reason);
@@ -492,7 +492,9 @@ impl Agent {
             }
             LinkEvent::Desired(bytes) => {
                 if let Err(e) = self.handle_desired(&bytes).await {
-                    self.updater.note_error(ErrorKind::Failed, None, None, e);
+                    // A desired state that does not decode or verify.
+                    self.updater
+                        .note_error(ErrorKind::Verification, None, None, e);
                 }
             }
             LinkEvent::Chunk(bytes) => self.handle_chunk(&bytes),
@@ -578,7 +580,7 @@ impl Agent {
                         self.metrics.downloaded(&name, len);
                         self.updater.chunk_stored(&name, reply.index);
                     }
-                    Err(e) => self.updater.chunk_write_failed(&name, e.to_string()),
+                    Err(e) => self.updater.chunk_write_failed(&name, e.into()),
                 }
             }
         }
@@ -716,7 +718,7 @@ impl Agent {
                 .download_ready(&manifest.name, &manifest.sha256, have),
             Err(e) => self
                 .updater
-                .download_failed(&manifest.name, &manifest.sha256, e.to_string()),
+                .download_failed(&manifest.name, &manifest.sha256, e.into()),
         }
     }
 
@@ -732,18 +734,13 @@ impl Agent {
         let plan_cache = self.cfg.engine.plan_cache;
         let load = move || {
             let loaded = (|| {
-                store
-                    .verify_artifact(&manifest)
-                    .map_err(|e| e.to_string())?;
+                store.verify_artifact(&manifest)?;
                 info!(model = %manifest.name, version = manifest.version, "artifact verified");
-                let mut reader = store
-                    .artifact_reader(&manifest)
-                    .map_err(|e| e.to_string())?;
-                let model = LoadedModel::load_with(&manifest, slot, &mut reader, plan_cache)
-                    .map_err(|e| e.to_string())?;
-                let golden = store.golden_file(&manifest).map_err(|e| e.to_string())?;
-                model.check_golden(&golden).map_err(|e| e.to_string())?;
-                let p95 = model.warm_up(&golden).map_err(|e| e.to_string())?;
+                let mut reader = store.artifact_reader(&manifest)?;
+                let model = LoadedModel::load_with(&manifest, slot, &mut reader, plan_cache)?;
+                let golden = store.golden_file(&manifest)?;
+                model.check_golden(&golden)?;
+                let p95 = model.warm_up(&golden)?;
                 info!(model = %manifest.name, version = manifest.version, p95_us = p95.as_micros() as u64, "warmed up");
                 Ok(Arc::new(model))
             })();
@@ -753,6 +750,7 @@ impl Agent {
         self.staging.spawn(async move {
             let result = crate::priority::in_background("stage", load)
                 .await
+                .map_err(|e| Failure::new(ErrorKind::Staging, e))
                 .and_then(|r| r);
             Staged {
                 name,

@@ -53,6 +53,24 @@ pub enum EngineError {
     },
 }
 
+impl EngineError {
+    /// What kind of error the fleet is told of when staging fails with it.
+    pub fn kind(&self) -> modelcast_proto::report::ErrorKind {
+        use modelcast_proto::report::ErrorKind;
+        match self {
+            EngineError::Golden { .. } => ErrorKind::GoldenMismatch,
+            EngineError::TooSlow { .. } => ErrorKind::LatencyBudget,
+            _ => ErrorKind::Staging,
+        }
+    }
+}
+
+impl From<EngineError> for crate::update::Failure {
+    fn from(e: EngineError) -> Self {
+        crate::update::Failure::new(e.kind(), e)
+    }
+}
+
 /// Warm-up runs before a swap when the manifest sets no latency budget: the first inferences
 /// of a fresh plan are slow (allocation, caches), and they should not be live requests.
 pub const DEFAULT_WARMUP_RUNS: u32 = 3;

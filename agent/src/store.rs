@@ -88,6 +88,25 @@ pub enum StoreError {
     },
 }
 
+impl StoreError {
+    /// What kind of error the fleet is told of: no room, a digest that does not verify, or a
+    /// failure of the store itself.
+    pub fn kind(&self) -> modelcast_proto::report::ErrorKind {
+        use modelcast_proto::report::ErrorKind;
+        match self {
+            StoreError::NoSpace { .. } => ErrorKind::NoSpace,
+            StoreError::DigestMismatch { .. } => ErrorKind::Verification,
+            _ => ErrorKind::Failed,
+        }
+    }
+}
+
+impl From<StoreError> for crate::update::Failure {
+    fn from(e: StoreError) -> Self {
+        crate::update::Failure::new(e.kind(), e)
+    }
+}
+
 pub use crate::slots::{ModelRecord, Trial};
 
 /// The agent's sled store.

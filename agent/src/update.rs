@@ -73,6 +73,26 @@ impl Retry {
     }
 }
 
+/// Why a step the machine asked for failed: the answers of [`Updater::staged`],
+/// [`Updater::download_failed`] and [`Updater::chunk_write_failed`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// What kind of failure: what the fleet decides by.
+    pub kind: ErrorKind,
+    /// For people.
+    pub reason: String,
+}
+
+impl Failure {
+    /// A failure of `kind`, described by `reason`.
+    pub fn new(kind: ErrorKind, reason: impl std::fmt::Display) -> Failure {
+        Failure {
+            kind,
+            reason: reason.to_string(),
+        }
+    }
+}
+
 /// The device's settings the machine works with.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -431,12 +451,13 @@ impl Updater {
 
     /// Start-up rolled `name` back (a crash loop, or its trial version no longer loads).
     pub fn report_rollback(&mut self, name: &str, version: u64, reason: String) {
+        let kind = ErrorKind::CrashLoop;
         self.set_phase(name, Phase::Failed);
         self.push(Action::Ended {
             name: name.into(),
             outcome: Outcome::RolledBack,
         });
-        self.error(Some(name), Some(version), reason);
+        self.error_of(kind, Some(name), Some(version), reason);
     }
 
     /// Start-up found `name`'s active slot on trial, with the last good model loaded beside
@@ -530,9 +551,9 @@ impl Updater {
     }
 
     /// The answer to [`Action::PrepareDownload`]: it could not start (no space, store error).
-    pub fn download_failed(&mut self, name: &str, sha256: &str, reason: String) {
+    pub fn download_failed(&mut self, name: &str, sha256: &str, failure: Failure) {
         if self.current(name, sha256).is_some() {
-            self.abandon(name, reason);
+            self.abandon(name, failure.kind, failure.reason);
         }
     }
 
@@ -566,7 +587,12 @@ impl Updater {
         if count >= MAX_BAD_CHUNKS {
             self.give_up_for_now(&name, format!("update rejected: {e}"));
         } else {
-            self.error(Some(&name), Some(version), format!("chunk rejected: {e}"));
+            self.error_of(
+                ErrorKind::Chunk,
+                Some(&name),
+                Some(version),
+                format!("chunk rejected: {e}"),
+            );
         }
         ChunkFate::Rejected(name)
     }
@@ -591,20 +617,21 @@ impl Updater {
     }
 
     /// The answer to [`ChunkFate::Store`]: writing the chunk failed.
-    pub fn chunk_write_failed(&mut self, name: &str, reason: String) {
+    pub fn chunk_write_failed(&mut self, name: &str, failure: Failure) {
         if matches!(
             self.models.get(name).map(|m| &m.step),
             Some(Step::Downloading(_))
         ) {
-            self.abandon(name, format!("storing chunk: {reason}"));
+            let reason = format!("storing chunk: {}", failure.reason);
+            self.abandon(name, failure.kind, reason);
         }
     }
 
     // ---- staging and activation ----
 
     /// The answer to [`Action::Stage`]: `Ok` when the artifact verified, loaded and passed
-    /// its checks; the reason otherwise.
-    pub fn staged(&mut self, name: &str, sha256: &str, result: Result<(), String>) {
+    /// its checks; what failed otherwise.
+    pub fn staged(&mut self, name: &str, sha256: &str, result: Result<(), Failure>) {
         let Some(m) = self.models.get(name) else {
             return;
         };
@@ -615,14 +642,14 @@ impl Updater {
             return;
         }
         if let Err(e) = result {
-            self.abandon(name, format!("update rejected: {e}"));
+            self.abandon(name, e.kind, format!("update rejected: {}", e.reason));
             return;
         }
         let (manifest, slot) = (manifest.clone(), *slot);
         let on_trial = m.serving && self.policy_for(&manifest, m.thresholds).enabled();
         let mut record = m.record.clone();
         if let Err(e) = record.install(slot, manifest.clone(), on_trial) {
-            self.abandon(name, format!("recording slot: {e}"));
+            self.abandon(name, ErrorKind::Failed, format!("recording slot: {e}"));
             return;
         }
         if let Some(trial) = record.trial.as_mut() {
@@ -703,7 +730,7 @@ impl Updater {
             self.models.get(name).map(|m| &m.step),
             Some(Step::Activating { .. })
         ) {
-            self.abandon(name, format!("recording slot: {reason}"));
+            self.abandon(name, ErrorKind::Failed, format!("recording slot: {reason}"));
         }
     }
 
@@ -772,10 +799,6 @@ impl Updater {
             name: name.into(),
             phase,
         });
-    }
-
-    fn error(&mut self, model: Option<&str>, version: Option<u64>, reason: String) {
-        self.error_of(ErrorKind::Failed, model, version, reason);
     }
 
     /// Records and reports an error of `kind`.
@@ -859,7 +882,8 @@ impl Updater {
                 return;
             }
             Admission::Rollback { highest } => {
-                self.error(
+                self.error_of(
+                    ErrorKind::Downgrade,
                     Some(&name),
                     Some(manifest.version),
                     format!(
@@ -973,7 +997,7 @@ impl Updater {
 
     /// Gives up on the update of `name`: the serving model is untouched, the partial
     /// artifact removed, the reason reported.
-    fn abandon(&mut self, name: &str, reason: String) {
+    fn abandon(&mut self, name: &str, kind: ErrorKind, reason: String) {
         let Some(m) = self.models.get_mut(name) else {
             return;
         };
@@ -992,7 +1016,7 @@ impl Updater {
             name: name.into(),
             outcome: Outcome::Rejected,
         });
-        self.error(Some(name), version, reason);
+        self.error_of(kind, Some(name), version, reason);
         self.next_deferred(name);
     }
 
@@ -1023,7 +1047,7 @@ impl Updater {
         };
         let reason = format!("{reason}; trying again in {} s", retry.wait().as_secs());
         let sha = retry.manifest.sha256.clone();
-        self.abandon(name, reason);
+        self.abandon(name, ErrorKind::Chunk, reason);
         self.rejected.remove(&sha);
         // A version that waited behind this download took its place: nothing to retry.
         let backoff = if matches!(self.models.get(name).map(|m| &m.step), Some(Step::Idle)) {
@@ -1127,7 +1151,7 @@ impl Updater {
                     Some(v) => format!("rolled back to version {v}: {reason}"),
                     None => format!("rolled back: {reason}"),
                 };
-                self.error(Some(name), Some(tried), reason);
+                self.error_of(ErrorKind::RolledBack, Some(name), Some(tried), reason);
             }
             _ => {
                 m.record.commit();
@@ -1265,7 +1289,8 @@ mod tests {
         /// The running trial: when it started, requests it answered, and the requests and
         /// time after which it may be judged.
         trial: Option<(Instant, u32, u32, Duration)>,
-        errors: Vec<(Option<String>, Option<u64>, String)>,
+        /// Every error reported: model, version, reason and its kind.
+        errors: Vec<(Option<String>, Option<u64>, String, ErrorKind)>,
         commits: u32,
         rollbacks: u32,
         /// The next write to the store fails.
@@ -1345,7 +1370,7 @@ mod tests {
                             self.m.download_failed(
                                 &manifest.name,
                                 &manifest.sha256,
-                                "no space".into(),
+                                Failure::new(ErrorKind::NoSpace, "no space"),
                             );
                         }
                     }
@@ -1428,14 +1453,17 @@ mod tests {
                     Action::Error {
                         model,
                         version,
+                        kind,
                         reason,
-                        ..
                     } => {
                         if model.is_some() && model == unreported {
-                            assert!(reason.starts_with("rolled back"), "{reason}");
+                            assert!(
+                                matches!(kind, ErrorKind::RolledBack | ErrorKind::CrashLoop),
+                                "{kind:?}: {reason}"
+                            );
                             unreported = None;
                         }
-                        self.errors.push((model, version, reason));
+                        self.errors.push((model, version, reason, kind));
                     }
                     Action::Report => {}
                 }
@@ -1504,7 +1532,8 @@ mod tests {
                     self.chunks.entry(artifact).or_default().insert(index);
                     self.m.chunk_stored(&name, index);
                 } else {
-                    self.m.chunk_write_failed(&name, "disk full".into());
+                    self.m
+                        .chunk_write_failed(&name, Failure::new(ErrorKind::NoSpace, "disk full"));
                 }
             }
             self.run();
@@ -1530,7 +1559,10 @@ mod tests {
             let result = if ok {
                 Ok(())
             } else {
-                Err("golden vector 0 differs".into())
+                Err(Failure::new(
+                    ErrorKind::GoldenMismatch,
+                    "golden vector 0 differs",
+                ))
             };
             self.m.staged(&manifest.name, &manifest.sha256, result);
             self.run();
@@ -1668,8 +1700,9 @@ mod tests {
         sim.outcome(false, false);
         assert_eq!(sim.rollbacks, 1);
         assert_eq!(sim.serving_version(), Some(1));
-        let (_, version, reason) = sim.errors.last().unwrap();
+        let (_, version, reason, kind) = sim.errors.last().unwrap();
         assert_eq!(*version, Some(2));
+        assert_eq!(*kind, ErrorKind::RolledBack);
         assert!(reason.starts_with("rolled back to version 1"), "{reason}");
         sim.desire(2);
         assert!(
@@ -1692,8 +1725,11 @@ mod tests {
             }
             sim.run();
             let wait = RETRY_AFTER.as_secs() * u64::from(round);
-            let (_, version, reason) = sim.errors.last().unwrap().clone();
+            let (_, version, reason, kind) = sim.errors.last().unwrap().clone();
             assert_eq!(version, Some(2));
+            // Not a verdict on the version: a rollout does not count it as failed.
+            assert_eq!(kind, ErrorKind::Chunk);
+            assert!(kind.is_transient());
             assert!(
                 reason.ends_with(&format!("trying again in {wait} s")),
                 "{reason}"
@@ -1736,6 +1772,7 @@ mod tests {
         sim.finish_staging(false);
         assert_eq!(sim.serving_version(), Some(1));
         assert!(sim.errors.last().unwrap().2.contains("golden vector"));
+        assert_eq!(sim.errors.last().unwrap().3, ErrorKind::GoldenMismatch);
         assert!(
             sim.pending.is_empty(),
             "the abandoned download is forgotten"
@@ -1815,6 +1852,7 @@ mod tests {
             sim.errors.last().unwrap().2.contains("(rollback)"),
             "2 allows no fallback"
         );
+        assert_eq!(sim.errors.last().unwrap().3, ErrorKind::Downgrade);
 
         sim.install(4);
         sim.advance(10_000);
@@ -1865,6 +1903,7 @@ mod tests {
         sim.restart(false); // Third start-up with the trial: past max_trial_boots = 2.
         assert_eq!(sim.serving_version(), Some(1));
         assert!(sim.errors.last().unwrap().2.contains("crash loop"));
+        assert_eq!(sim.errors.last().unwrap().3, ErrorKind::CrashLoop);
     }
 
     #[test]
@@ -1969,7 +2008,7 @@ mod tests {
                 sim.advance(11_000);
             }
             if desired > 0 && sim.serving_version() != Some(desired as u64) {
-                let reported = sim.errors.iter().any(|(_, v, _)| *v == Some(desired as u64));
+                let reported = sim.errors.iter().any(|(_, v, _, _)| *v == Some(desired as u64));
                 prop_assert!(
                     reported,
                     "serving {:?}, desired {} and nothing said why",

@@ -119,18 +119,38 @@ pub struct ReportedError {
     pub at: i64,
 }
 
-/// What kind of error a device reports.
+/// What kind of error a device reports: what the fleet decides by (a rollout counts a device
+/// as failed for a kind that is a verdict on the version, never for its reason's wording).
+/// New kinds may come: a kind this build does not know reads as [`ErrorKind::Failed`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum ErrorKind {
     /// A download is waiting for chunks and keeps retrying: not a verdict on the version.
     Stalled,
     /// The device's store lost something (a damaged artifact, a rebuilt database) and is
     /// healing: not a verdict on the version.
     Healing,
-    /// The update of the version named failed, or was refused (verification, golden
-    /// vectors, latency budget, probation, a rollback), or anything else (a kind this build
-    /// does not know reads as this).
+    /// A chunk arrived damaged; it is asked for again, and after repeated damage the
+    /// download backs off and retries: not a verdict on the version.
+    Chunk,
+    /// No room for the artifact on the device: not a verdict on the version.
+    NoSpace,
+    /// Signed metadata or an artifact's digest did not verify.
+    Verification,
+    /// The artifact does not load (or its golden file does not read back).
+    Staging,
+    /// The model's answer to its golden vectors differs beyond the tolerance.
+    GoldenMismatch,
+    /// The model's warm-up missed its latency budget.
+    LatencyBudget,
+    /// An older version than one already installed was refused.
+    Downgrade,
+    /// The version on trial was rolled back (probation, a desired state going back).
+    RolledBack,
+    /// The version on trial crashed the agent at start-up too often, or no longer loads.
+    CrashLoop,
+    /// Anything else, and any kind this build does not know.
     #[default]
     #[serde(other)]
     Failed,
@@ -139,7 +159,10 @@ pub enum ErrorKind {
 impl ErrorKind {
     /// Whether the error passes by itself and says nothing against the version.
     pub fn is_transient(self) -> bool {
-        matches!(self, ErrorKind::Stalled | ErrorKind::Healing)
+        matches!(
+            self,
+            ErrorKind::Stalled | ErrorKind::Healing | ErrorKind::Chunk | ErrorKind::NoSpace
+        )
     }
 }
 
@@ -165,6 +188,33 @@ mod error_kind_tests {
         let older = r#"{"model":null,"version":null,"reason":"x","at":0}"#;
         let read: ReportedError = serde_json::from_str(older).unwrap();
         assert_eq!(read.kind, ErrorKind::Failed);
+    }
+
+    #[test]
+    fn every_kind_has_a_stable_name_and_only_passing_ones_are_transient() {
+        use ErrorKind::*;
+        let named = [
+            (Stalled, "stalled", true),
+            (Healing, "healing", true),
+            (Chunk, "chunk", true),
+            (NoSpace, "no_space", true),
+            (Verification, "verification", false),
+            (Staging, "staging", false),
+            (GoldenMismatch, "golden_mismatch", false),
+            (LatencyBudget, "latency_budget", false),
+            (Downgrade, "downgrade", false),
+            (RolledBack, "rolled_back", false),
+            (CrashLoop, "crash_loop", false),
+            (Failed, "failed", false),
+        ];
+        for (kind, name, transient) in named {
+            assert_eq!(serde_json::to_value(kind).unwrap(), name);
+            assert_eq!(
+                serde_json::from_value::<ErrorKind>(name.into()).unwrap(),
+                kind
+            );
+            assert_eq!(kind.is_transient(), transient, "{name}");
+        }
     }
 }
 

@@ -776,7 +776,7 @@ mod tests {
     }
 
     #[test]
-    fn only_a_verdict_on_the_version_counts_as_failed_never_a_stall_or_healing() {
+    fn only_a_verdict_on_the_version_counts_as_failed_never_a_passing_error() {
         use modelcast_proto::report::ErrorKind;
         let with = |kind: ErrorKind| {
             let mut r = report("d", 1, Some((2, Phase::Downloading)));
@@ -790,12 +790,30 @@ mod tests {
             r.models.get_mut("m").unwrap().update = None;
             observe(&r, "m", 2, 50)
         };
-        assert_eq!(with(ErrorKind::Stalled), Observed::Serving(Some(1)));
-        assert_eq!(with(ErrorKind::Healing), Observed::Serving(Some(1)));
-        assert_eq!(
-            with(ErrorKind::Failed),
-            Observed::Failed("the words do not matter".into())
-        );
+        for passing in [
+            ErrorKind::Stalled,
+            ErrorKind::Healing,
+            ErrorKind::Chunk,
+            ErrorKind::NoSpace,
+        ] {
+            assert_eq!(with(passing), Observed::Serving(Some(1)), "{passing:?}");
+        }
+        for verdict in [
+            ErrorKind::Verification,
+            ErrorKind::Staging,
+            ErrorKind::GoldenMismatch,
+            ErrorKind::LatencyBudget,
+            ErrorKind::Downgrade,
+            ErrorKind::RolledBack,
+            ErrorKind::CrashLoop,
+            ErrorKind::Failed,
+        ] {
+            assert_eq!(
+                with(verdict),
+                Observed::Failed("the words do not matter".into()),
+                "{verdict:?}"
+            );
+        }
     }
 
     #[test]

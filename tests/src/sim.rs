@@ -329,7 +329,10 @@ impl Device {
                     .expect("failing lock")
                     .contains(&self.id);
                 let result = if fail {
-                    Err("golden vector 0 differs from the manifest (simulated)".to_string())
+                    Err(modelcast_agent::update::Failure::new(
+                        modelcast_proto::report::ErrorKind::GoldenMismatch,
+                        "golden vector 0 differs from the manifest (simulated)",
+                    ))
                 } else {
                     Ok(())
                 };
