@@ -19,6 +19,30 @@ fn role(client: &Client) -> Option<String> {
     client.status().ok().map(|s| s.role)
 }
 
+/// The database's clock now.
+fn db_now(pg: &Postgres) -> String {
+    pg.sql("fleet", "SELECT now()")
+}
+
+/// Waits until a server waiting for the lease has asked for it again since `since` (the
+/// database's clock): the positive fact before asserting that it still waits.
+fn wait_for_a_lease_attempt(pg: &Postgres, since: &str) {
+    wait_for(
+        "a standby to ask for the lease again",
+        Duration::from_secs(20),
+        || {
+            let n = pg.sql(
+                "fleet",
+                &format!(
+                    "SELECT count(*) FROM pg_stat_activity WHERE query LIKE \
+                     'SELECT pg_try_advisory_lock%' AND query_start > '{since}'"
+                ),
+            );
+            (n.trim().parse::<u32>().ok()? >= 1).then_some(())
+        },
+    );
+}
+
 #[test]
 fn a_standby_takes_over_when_the_control_server_dies_and_a_lost_lease_stops_its_holder() {
     let pg = Postgres::start();
@@ -38,7 +62,8 @@ fn a_standby_takes_over_when_the_control_server_dies_and_a_lost_lease_stops_its_
     fleet.publish_example(1, 16);
     fleet.deploy("classifier", 1, "site=lab");
     fleet.wait_serving("edge-1", "classifier", 1);
-    std::thread::sleep(Duration::from_secs(2));
+    let since = db_now(&pg);
+    wait_for_a_lease_attempt(&pg, &since);
     assert_eq!(
         role(&second).as_deref(),
         Some("standby"),
@@ -73,7 +98,8 @@ fn a_standby_takes_over_when_the_control_server_dies_and_a_lost_lease_stops_its_
 
     // The first server comes back: it waits.
     fleet.restart_server_waiting_for(|| (role(&first).as_deref() == Some("standby")).then_some(()));
-    std::thread::sleep(Duration::from_secs(2));
+    let since = db_now(&pg);
+    wait_for_a_lease_attempt(&pg, &since);
     assert_eq!(role(&first).as_deref(), Some("standby"));
     assert_eq!(role(&second).as_deref(), Some("control"));
 

@@ -137,12 +137,23 @@ fn reports_are_queued_through_a_cut_and_arrive_in_order_within_the_queue_bound()
         "{most_queued} bytes queued, bound 1000"
     );
 
-    // After the cut, wait for reports built after it, then let the queues drain.
+    // After the cut, wait for reports built after it, then for the queues to drain: every
+    // report of roomy's up to the newest, and tight's missing ones down to those it dropped.
     let last = wait_for("reports after the cut", Duration::from_secs(30), || {
         let r = seqs(&seen, "roomy");
         (r.len() > before + 8).then(|| *r.iter().max().unwrap())
     });
-    std::thread::sleep(Duration::from_secs(2));
+    wait_for("roomy's queue to drain", Duration::from_secs(30), || {
+        let got: std::collections::BTreeSet<u64> = seqs(&seen, "roomy").into_iter().collect();
+        (1..=last).all(|s| got.contains(&s)).then_some(())
+    });
+    wait_for("tight's queue to drain", Duration::from_secs(30), || {
+        let reports = seen.lock().unwrap().get("tight")?.clone();
+        let newest = reports.iter().max_by_key(|r| r.seq)?;
+        let got: std::collections::BTreeSet<u64> = reports.iter().map(|r| r.seq).collect();
+        let missing = (1..=newest.seq).filter(|s| !got.contains(s)).count() as u64;
+        (missing <= newest.dropped).then_some(())
+    });
 
     // roomy: every report from 1 to `last`, first arrivals in order.
     let arrived = seqs(&seen, "roomy");

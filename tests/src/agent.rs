@@ -1,0 +1,187 @@
+//! A device under test: a `modelcast-agent` process with its config, state directory and
+//! inference API.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use modelcast_proto::manifest::{Manifest, TensorData};
+
+use crate::{bin, free_port, hammer, wait_for, Fleet, Proc};
+
+/// How an agent differs from the default test agent.
+#[derive(Debug, Clone, Default)]
+pub struct AgentOptions {
+    /// More TOML appended to its config (e.g. a `[probation]` section).
+    pub extra: String,
+    /// More keys for its `[transfer]` section (e.g. `window = 8`), one per line.
+    pub transfer: String,
+    /// The broker port it connects to, when not the fleet's (e.g. through a [`proxy::Proxy`]).
+    pub broker_port: Option<u16>,
+}
+
+/// One device.
+pub struct Agent {
+    /// Device id.
+    pub id: String,
+    /// Inference API port.
+    pub http_port: u16,
+    config: PathBuf,
+    log: PathBuf,
+    proc: Option<Proc>,
+    starts: u32,
+}
+
+impl Agent {
+    pub(crate) fn new(
+        fleet: &Fleet,
+        id: &str,
+        labels: &[(&str, &str)],
+        options: AgentOptions,
+    ) -> Agent {
+        let AgentOptions {
+            extra,
+            transfer,
+            broker_port,
+        } = options;
+        let http_port = free_port();
+        let dir = fleet.dir.path();
+        let labels: Vec<String> = labels
+            .iter()
+            .map(|(k, v)| format!("{k} = \"{v}\""))
+            .collect();
+        let director =
+            std::fs::read_to_string(fleet.keys.join("director.pub")).expect("director.pub");
+        let config = dir.join(format!("{id}.toml"));
+        let (scheme, tls) = match &fleet.pki {
+            Some(pki) => {
+                let cert = modelcast_server::pki::issue(pki, id).expect("device certificate");
+                let tls = format!(
+                    "[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+                    pki.join("ca.pem").display(),
+                    cert.cert.display(),
+                    cert.key.display()
+                );
+                ("mqtts", tls)
+            }
+            None => ("mqtt", String::new()),
+        };
+        std::fs::write(
+            &config,
+            format!(
+                "device_id = \"{id}\"\nlabels = {{ {} }}\nstate_dir = \"{}\"\nbroker = \"{scheme}://127.0.0.1:{}\"\nhttp_listen = \"127.0.0.1:{http_port}\"\n[trust]\nroot = \"{}\"\ndirector_keys = [\"{}\"]\n[transfer]\nchunk_timeout_secs = 2\nstall_timeout_secs = 5\n{transfer}{tls}{extra}",
+                labels.join(", "),
+                dir.join(id).display(),
+                broker_port.unwrap_or(fleet.mqtt_port),
+                fleet.keys.join("root.json").display(),
+                director.trim()
+            ),
+        )
+        .expect("agent config");
+        let mut agent = Agent {
+            id: id.into(),
+            http_port,
+            config,
+            log: dir.join(format!("{id}.log")),
+            proc: None,
+            starts: 0,
+        };
+        agent.start();
+        agent
+    }
+
+    /// Starts (or restarts) the process and waits for its API.
+    pub fn start(&mut self) {
+        self.starts += 1;
+        let log = self.log_path();
+        // `MODELCAST_AGENT_BIN` runs another build of the agent (e.g. the device profile).
+        let exe = std::env::var_os("MODELCAST_AGENT_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| bin("modelcast-agent"));
+        let proc = Proc::spawn(
+            Command::new(exe)
+                .arg("--config")
+                .arg(&self.config)
+                .env("RUST_LOG", "info,sled=warn"),
+            log,
+        );
+        self.proc = Some(proc);
+        let url = format!("http://127.0.0.1:{}/v2/health/live", self.http_port);
+        wait_for(&format!("{} API", self.id), Duration::from_secs(30), || {
+            ureq::get(&url).call().ok()
+        });
+    }
+
+    /// Kills the process with SIGKILL (a crash, a power cut) without restarting it.
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+    }
+
+    /// How the process ended, if it has (a crash shows as the signal that ended it).
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.proc.as_mut()?.exited()
+    }
+
+    /// The running process's id.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(|p| p.child.id())
+    }
+
+    /// The current process's log file.
+    pub fn log_path(&self) -> PathBuf {
+        self.log.with_extension(format!("{}.log", self.starts))
+    }
+
+    /// Stops the process gracefully.
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.stop();
+        }
+    }
+
+    /// Sends a KServe v2 JSON inference request built from tensors; returns the version that
+    /// answered and the first output's values, or the error body.
+    pub fn infer(&self, model: &str, inputs: &[TensorData]) -> Result<(String, Vec<f64>), String> {
+        hammer::InferClient::new(self.http_port, model, inputs).call()
+    }
+
+    /// The value of one Prometheus sample from its `/metrics`, e.g.
+    /// `modelcast_downloaded_bytes_total{model="classifier"}`; `None` if absent.
+    pub fn metric(&self, sample: &str) -> Option<f64> {
+        let text = ureq::get(format!("http://127.0.0.1:{}/metrics", self.http_port))
+            .call()
+            .ok()?
+            .body_mut()
+            .read_to_string()
+            .ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
+    /// Runs the manifest's golden vector and checks the answer; returns the version.
+    pub fn check_golden(&self, manifest: &Manifest) -> String {
+        let golden = &manifest.golden[0];
+        let (version, got) = self
+            .infer(&manifest.name, &golden.inputs)
+            .unwrap_or_else(|e| panic!("{} infer: {e}", self.id));
+        let want = golden.outputs[0].values().expect("golden values");
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(&want) {
+            assert!(
+                (g - w).abs() < 1e-4,
+                "{}: got {got:?}, want {want:?}",
+                self.id
+            );
+        }
+        version
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
