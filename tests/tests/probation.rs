@@ -116,8 +116,17 @@ fn slow_and_crash_looping_versions_are_rolled_back() {
     assert!(reason.contains("3 start-ups"), "{reason}");
     fleet.wait_serving("edge-1", "classifier", 1);
 
-    // The rolled-back versions are not installed again while the desired state names them.
-    std::thread::sleep(Duration::from_secs(2));
+    // The rolled-back versions are not installed again while the desired state names them:
+    // once this start has verified the desired state (naming v3), no update starts.
+    let log = wait_for(
+        "the desired state verified",
+        Duration::from_secs(30),
+        || {
+            let log = std::fs::read_to_string(agent.log_path()).ok()?;
+            log.contains("desired state verified").then_some(log)
+        },
+    );
+    assert!(!log.contains("update starts"), "{log}");
     assert_eq!(agent.check_golden(&v1), "1");
     let metrics = ureq::get(format!("http://127.0.0.1:{}/metrics", agent.http_port))
         .call()
