@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use modelcast_proto::manifest::Layout;
 use sha2::{Digest, Sha256};
 
-use crate::store::StoreError;
+use crate::store_error::StoreError;
 
 /// Beside a complete artifact `<sha256>`, `<sha256>.manifest` holds the manifest the device
 /// accepted it under, so that a store whose database is lost can be rebuilt from the files.

@@ -1,7 +1,8 @@
 //! modelcast-agent: the device daemon.
 //!
 //! - [`config`]: TOML config, overridden by environment and flags.
-//! - [`store`]: sled — trust, A/B slots, downloads, chunks, last error.
+//! - [`store`]: sled — trust, A/B slots, downloads, chunks, last error; [`store_error`]: its
+//!   one error type (the artifact files' too).
 //! - [`recovery`]: start-up — loading what the store holds, healing lost artifacts; opening a
 //!   damaged store — the database moved aside and rebuilt from the
 //!   verified artifact files and the mirrored trust state.
@@ -45,6 +46,7 @@ pub mod sampling;
 pub mod serve;
 pub mod slots;
 pub mod store;
+pub mod store_error;
 pub mod sys;
 pub mod systemd;
 pub mod telemetry;

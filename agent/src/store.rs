@@ -21,7 +21,6 @@ use modelcast_proto::report::ReportedError;
 use modelcast_proto::telemetry::Sample;
 use modelcast_proto::verify::TrustState;
 use serde::{Deserialize, Serialize};
-use thiserror::Error;
 
 pub use crate::artifacts::ArtifactReader;
 use crate::artifacts::Artifacts;
@@ -30,82 +29,7 @@ use crate::sampling::sample_bytes;
 /// sled's page cache: small, it holds only records; model bytes live in files.
 const CACHE_BYTES: u64 = 1024 * 1024;
 
-/// A store failure.
-#[derive(Debug, Error)]
-pub enum StoreError {
-    /// sled failed (I/O, disk full, corruption sled detected).
-    #[error("store: {0}")]
-    Sled(#[from] sled::Error),
-    /// A record on disk does not decode.
-    #[error("store record {key} is corrupt: {reason}")]
-    Corrupt {
-        /// Which record.
-        key: String,
-        /// Why.
-        reason: String,
-    },
-    /// An artifact file could not be read or written (disk full, I/O error).
-    #[error("{path}: {source}")]
-    Io {
-        /// The file.
-        path: String,
-        /// What failed.
-        source: std::io::Error,
-    },
-    /// The disk has no room for an artifact (checked when its download starts).
-    #[error(
-        "not enough disk space: the artifact needs {} MiB, {} MiB are free in {dir}",
-        mib(*needed),
-        mib(*available)
-    )]
-    NoSpace {
-        /// Bytes the artifact needs.
-        needed: u64,
-        /// Bytes free for the agent.
-        available: u64,
-        /// The artifact directory.
-        dir: String,
-    },
-    /// No file holds the artifact.
-    #[error("artifact {artifact} is not stored")]
-    MissingArtifact {
-        /// Artifact digest.
-        artifact: String,
-    },
-    /// Another agent (or this one, not yet let go) holds the database.
-    #[error("store {path} is in use by another process")]
-    Locked {
-        /// The database directory.
-        path: String,
-    },
-    /// Stored bytes do not match the manifest.
-    #[error("artifact {artifact}: {reason}")]
-    DigestMismatch {
-        /// Artifact digest.
-        artifact: String,
-        /// What differs.
-        reason: String,
-    },
-}
-
-impl StoreError {
-    /// What kind of error the fleet is told of: no room, a digest that does not verify, or a
-    /// failure of the store itself.
-    pub fn kind(&self) -> modelcast_proto::report::ErrorKind {
-        use modelcast_proto::report::ErrorKind;
-        match self {
-            StoreError::NoSpace { .. } => ErrorKind::NoSpace,
-            StoreError::DigestMismatch { .. } => ErrorKind::Verification,
-            _ => ErrorKind::Failed,
-        }
-    }
-}
-
-impl From<StoreError> for crate::update::Failure {
-    fn from(e: StoreError) -> Self {
-        crate::update::Failure::new(e.kind(), e)
-    }
-}
+pub use crate::store_error::StoreError;
 
 pub use crate::slots::{ModelRecord, Trial};
 
@@ -233,11 +157,6 @@ pub fn decode<T: for<'de> Deserialize<'de>>(key: &str, bytes: &[u8]) -> Result<T
         key: key.into(),
         reason: e.to_string(),
     })
-}
-
-/// Bytes in MiB with one decimal, for messages.
-fn mib(bytes: u64) -> String {
-    format!("{:.1}", bytes as f64 / (1024.0 * 1024.0))
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {

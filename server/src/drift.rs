@@ -23,10 +23,40 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use modelcast_proto::telemetry::{LatencyBuckets, OutputStats};
+use modelcast_proto::telemetry::{LatencyBuckets, ModelTelemetry, OutputStats, TelemetryReport};
 use serde::{Deserialize, Serialize};
 
-use crate::db::ModelInterval;
+/// One model's interval on one device: a point of the model's time series.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelInterval {
+    /// Device.
+    pub device: String,
+    /// The report's sequence number.
+    pub seq: u64,
+    /// Start of the interval, Unix milliseconds.
+    pub from_ms: i64,
+    /// End of the interval, Unix milliseconds.
+    pub to_ms: i64,
+    /// What the model served from one slot.
+    pub telemetry: ModelTelemetry,
+}
+
+impl ModelInterval {
+    /// A report's points, one per model and slot.
+    pub fn of(report: &TelemetryReport) -> Vec<ModelInterval> {
+        report
+            .models
+            .iter()
+            .map(|m| ModelInterval {
+                device: report.device.clone(),
+                seq: report.seq,
+                from_ms: report.from_ms,
+                to_ms: report.to_ms,
+                telemetry: m.clone(),
+            })
+            .collect()
+    }
+}
 
 /// How streams are judged.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -654,7 +684,6 @@ pub fn by_version(alerts: &[Alert]) -> Vec<VersionAlerts> {
 mod tests {
     use super::*;
     use modelcast_proto::report::Slot;
-    use modelcast_proto::telemetry::ModelTelemetry;
     use proptest::prelude::*;
 
     /// A point: `requests` at `latency_us`, `errors` of them failed, classes counted.

@@ -19,12 +19,13 @@ use modelcast_proto::desired::{SamplingSpec, TrialThresholds};
 use modelcast_proto::manifest::Manifest;
 use modelcast_proto::metadata::Signed;
 use modelcast_proto::report::DeviceReport;
-use modelcast_proto::telemetry::{ModelTelemetry, Sample, TelemetryReport};
+use modelcast_proto::telemetry::{Sample, TelemetryReport};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::audit::AuditEntry;
 use crate::drift::Alert;
+pub use crate::drift::ModelInterval;
 use crate::rollout::Rollout;
 
 /// A store failure.
@@ -155,38 +156,6 @@ pub struct DirectorEntry {
     pub version: u64,
     /// What it said: target paths and the repository timestamp version.
     pub content: String,
-}
-
-/// One model's interval on one device: a point of the model's time series.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ModelInterval {
-    /// Device.
-    pub device: String,
-    /// The report's sequence number.
-    pub seq: u64,
-    /// Start of the interval, Unix milliseconds.
-    pub from_ms: i64,
-    /// End of the interval, Unix milliseconds.
-    pub to_ms: i64,
-    /// What the model served from one slot.
-    pub telemetry: ModelTelemetry,
-}
-
-impl ModelInterval {
-    /// A report's points, one per model and slot.
-    pub fn of(report: &TelemetryReport) -> Vec<ModelInterval> {
-        report
-            .models
-            .iter()
-            .map(|m| ModelInterval {
-                device: report.device.clone(),
-                seq: report.seq,
-                from_ms: report.from_ms,
-                to_ms: report.to_ms,
-                telemetry: m.clone(),
-            })
-            .collect()
-    }
 }
 
 /// A sampled request as the server keeps it.
