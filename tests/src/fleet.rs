@@ -285,6 +285,18 @@ impl Fleet {
         self.publish_file(&path, "classifier", version)
     }
 
+    /// Writes an example model of about `bytes` (a deep MLP) and publishes it as `name` at
+    /// `version`.
+    pub fn publish_example_of_size(&self, name: &str, version: u64, bytes: u64) -> Manifest {
+        let path = self
+            .dir
+            .path()
+            .join(format!("{name}-{bytes}-v{version}.onnx"));
+        let model = onnx::example_model_of_size(version, bytes);
+        std::fs::write(&path, model).expect("model file");
+        self.publish_file(&path, name, version)
+    }
+
     /// Publishes an ONNX file as `name` at `version`.
     pub fn publish_file(&self, path: &Path, name: &str, version: u64) -> Manifest {
         self.publish_with(path, &PublishOptions::new(name, version))
@@ -400,9 +412,16 @@ impl Fleet {
 
     /// Waits until some device has registered with the server.
     pub fn wait_registered(&self) {
-        wait_for("device registered", Duration::from_secs(30), || {
-            (!self.client.devices().ok()?.is_empty()).then_some(())
-        });
+        self.wait_devices(1);
+    }
+
+    /// Waits until at least `n` devices have registered.
+    pub fn wait_devices(&self, n: usize) {
+        wait_for(
+            &format!("{n} devices registered"),
+            Duration::from_secs(30),
+            || (self.client.devices().ok()?.len() >= n).then_some(()),
+        );
     }
 
     /// Waits until `device` reports `model` serving `version`.

@@ -30,14 +30,7 @@ fn a_stopped_server_sends_every_chunk_reply_it_took_on_before_it_exits() {
         },
     );
     fleet.wait_registered();
-    let models = tempfile::tempdir().unwrap();
-    let path = models.path().join("large.onnx");
-    std::fs::write(
-        &path,
-        modelcast_ops::onnx::example_model_of_size(1, MODEL_BYTES),
-    )
-    .unwrap();
-    let manifest = fleet.publish_file(&path, "large", 1);
+    let manifest = fleet.publish_example_of_size("large", 1, MODEL_BYTES);
     fleet.deploy("large", 1, "site=lab");
     let received = || agent.metric(r#"modelcast_chunk_received_bytes_total{model="large"}"#);
     wait_for("the download to start", Duration::from_secs(60), || {

@@ -178,15 +178,8 @@ fn a_chunk_request_flood_is_answered_a_few_at_a_time() {
     );
     let victim = fleet.start_agent_with("edge-1", &[("role", "victim")], "");
     let mut flooder = fleet.start_agent_with("edge-2", &[("role", "flooder")], "");
-    wait_for("two devices", Duration::from_secs(30), || {
-        (fleet.client.devices().ok()?.len() == 2).then_some(())
-    });
-    let model = |version: u64| {
-        let path = fleet.dir.path().join(format!("big-v{version}.onnx"));
-        let onnx = modelcast_ops::onnx::example_model_of_size(version, 16 * MIB);
-        std::fs::write(&path, onnx).unwrap();
-        fleet.publish_file(&path, "classifier", version)
-    };
+    fleet.wait_devices(2);
+    let model = |version: u64| fleet.publish_example_of_size("classifier", version, 16 * MIB);
     let v1 = model(1);
     fleet.deploy("classifier", 1, "*");
     fleet.wait_serving("edge-2", "classifier", 1);

@@ -28,15 +28,8 @@ fn a_device_asking_for_everything_again_and_again_cannot_grow_the_broker() {
     let pki = broker.pki().expect("PKI").to_path_buf();
     let mut attacker = fleet.start_agent("edge-2", &[("role", "attacker")]);
     let victim = fleet.start_agent("edge-1", &[("role", "victim")]);
-    wait_for("two devices", Duration::from_secs(30), || {
-        (fleet.client.devices().ok()?.len() == 2).then_some(())
-    });
-    let model = |version: u64| {
-        let path = fleet.dir.path().join(format!("big-v{version}.onnx"));
-        let onnx = modelcast_ops::onnx::example_model_of_size(version, 16 * MIB);
-        std::fs::write(&path, onnx).unwrap();
-        fleet.publish_file(&path, "classifier", version)
-    };
+    fleet.wait_devices(2);
+    let model = |version: u64| fleet.publish_example_of_size("classifier", version, 16 * MIB);
     let v1 = model(1);
     fleet.deploy("classifier", 1, "*");
     fleet.wait_serving("edge-1", "classifier", 1);
