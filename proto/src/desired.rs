@@ -143,6 +143,57 @@ pub struct TargetTerms {
     pub sampling: Option<SamplingSpec>,
 }
 
+/// The `custom` object of a target in a device's director targets, as the server signs it
+/// and the agent reads it: the device it addresses and the terms it carries
+/// (`{"device": …, "probation": …, "sampling": …}`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirectorCustom {
+    /// The device the target is for (Uptane: a director target names its ECU).
+    pub device: String,
+    /// The rollout's or deployment's terms.
+    #[serde(flatten)]
+    pub terms: TargetTerms,
+}
+
+/// Why a director target's `custom` object was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CustomError {
+    /// It names no device (or not as a string).
+    #[error("no device named")]
+    NoDevice,
+    /// Its terms do not decode or are out of range.
+    #[error("{0}")]
+    Terms(String),
+}
+
+impl DirectorCustom {
+    /// The `custom` value to sign: empty probation thresholds are left out.
+    pub fn to_value(&self) -> serde_json::Value {
+        let mut custom = self.clone();
+        custom.terms.probation = custom.terms.probation.filter(|t| !t.is_empty());
+        serde_json::to_value(custom).expect("custom serializes")
+    }
+
+    /// Reads a target's `custom` value: the device it names, then its terms, each checked.
+    pub fn from_value(value: Option<&serde_json::Value>) -> Result<DirectorCustom, CustomError> {
+        let value = value.ok_or(CustomError::NoDevice)?;
+        let device = value
+            .get("device")
+            .and_then(|d| d.as_str())
+            .ok_or(CustomError::NoDevice)?
+            .to_string();
+        let terms: TargetTerms =
+            serde_json::from_value(value.clone()).map_err(|e| CustomError::Terms(e.to_string()))?;
+        if let Some(t) = &terms.probation {
+            t.validate().map_err(CustomError::Terms)?;
+        }
+        if let Some(s) = &terms.sampling {
+            s.validate().map_err(CustomError::Terms)?;
+        }
+        Ok(DirectorCustom { device, terms })
+    }
+}
+
 /// Largest sample budget a deployment may give a device.
 pub const MAX_SAMPLE_BUDGET: u64 = 64 * 1024 * 1024;
 
@@ -165,6 +216,54 @@ impl SamplingSpec {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn the_director_custom_object_round_trips_and_refuses_what_it_must() {
+        let custom = DirectorCustom {
+            device: "edge-1".into(),
+            terms: TargetTerms {
+                probation: Some(TrialThresholds {
+                    requests: Some(7),
+                    ..TrialThresholds::default()
+                }),
+                sampling: Some(SamplingSpec {
+                    rate_permille: 5,
+                    budget_bytes: 65_536,
+                }),
+            },
+        };
+        let value = custom.to_value();
+        assert_eq!(value["device"], "edge-1");
+        assert_eq!(value["probation"]["requests"], 7);
+        assert_eq!(DirectorCustom::from_value(Some(&value)), Ok(custom));
+        // What older servers signed: a device and nothing else.
+        let bare = serde_json::json!({ "device": "edge-1" });
+        let read = DirectorCustom::from_value(Some(&bare)).unwrap();
+        assert_eq!(read.terms, TargetTerms::default());
+        // Empty thresholds are left out of what is signed.
+        let empty = DirectorCustom {
+            device: "edge-1".into(),
+            terms: TargetTerms {
+                probation: Some(TrialThresholds::default()),
+                sampling: None,
+            },
+        };
+        assert_eq!(empty.to_value(), bare);
+        assert_eq!(DirectorCustom::from_value(None), Err(CustomError::NoDevice));
+        let unnamed = serde_json::json!({ "device": 7 });
+        assert_eq!(
+            DirectorCustom::from_value(Some(&unnamed)),
+            Err(CustomError::NoDevice)
+        );
+        let out_of_range = serde_json::json!({
+            "device": "edge-1",
+            "sampling": { "rate_permille": 0, "budget_bytes": 65536 }
+        });
+        assert!(matches!(
+            DirectorCustom::from_value(Some(&out_of_range)),
+            Err(CustomError::Terms(_))
+        ));
+    }
 
     #[test]
     fn sampling_ranges_are_checked() {

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::desired::RepositoryMetadata;
-use crate::desired::{DesiredState, SamplingSpec, TrialThresholds};
+use crate::desired::{CustomError, DesiredState, DirectorCustom, SamplingSpec, TrialThresholds};
 use crate::error::VerifyError;
 use crate::manifest::Manifest;
 use crate::metadata::TargetFile;
@@ -232,17 +232,27 @@ pub fn verify_desired(
     let mut probation = BTreeMap::new();
     let mut sampling = BTreeMap::new();
     for (path, target) in &wanted.targets {
-        let addressed = target
-            .custom
-            .as_ref()
-            .and_then(|c| c.get("device"))
-            .and_then(|d| d.as_str());
-        if addressed != Some(device) {
-            return Err(VerifyError::WrongDevice {
-                expected: device.into(),
-                found: addressed.unwrap_or("<none>").into(),
-            });
-        }
+        let custom = match DirectorCustom::from_value(target.custom.as_ref()) {
+            Ok(c) if c.device == device => c,
+            Ok(c) => {
+                return Err(VerifyError::WrongDevice {
+                    expected: device.into(),
+                    found: c.device,
+                })
+            }
+            Err(CustomError::NoDevice) => {
+                return Err(VerifyError::WrongDevice {
+                    expected: device.into(),
+                    found: "<none>".into(),
+                })
+            }
+            Err(CustomError::Terms(reason)) => {
+                return Err(VerifyError::Mismatch {
+                    role: "director".into(),
+                    reason: format!("{path}: {reason}"),
+                })
+            }
+        };
         let repo_target = &find_target(&mut set, repo, path, trust, &mut delegated, now)?;
         if repo_target.length != target.length || repo_target.hashes != target.hashes {
             return Err(VerifyError::Mismatch {
@@ -258,24 +268,10 @@ pub fn verify_desired(
                 reason: format!("two versions of model {} at once", manifest.name),
             });
         }
-        if let Some(value) = target.custom.as_ref().and_then(|c| c.get("probation")) {
-            let thresholds = serde_json::from_value::<TrialThresholds>(value.clone())
-                .map_err(|e| e.to_string())
-                .and_then(|t| t.validate().map(|()| t))
-                .map_err(|reason| VerifyError::Mismatch {
-                    role: "director".into(),
-                    reason: format!("{path}: {reason}"),
-                })?;
+        if let Some(thresholds) = custom.terms.probation {
             probation.insert(manifest.name.clone(), thresholds);
         }
-        if let Some(value) = target.custom.as_ref().and_then(|c| c.get("sampling")) {
-            let spec = serde_json::from_value::<SamplingSpec>(value.clone())
-                .map_err(|e| e.to_string())
-                .and_then(|s| s.validate().map(|()| s))
-                .map_err(|reason| VerifyError::Mismatch {
-                    role: "director".into(),
-                    reason: format!("{path}: {reason}"),
-                })?;
+        if let Some(spec) = custom.terms.sampling {
             sampling.insert(manifest.name.clone(), spec);
         }
         models.push(manifest);

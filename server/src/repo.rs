@@ -536,14 +536,11 @@ impl Repository {
         let mut director = Targets::new(version, &format_expiry(now + ONLINE_LIFETIME_SECS));
         for (m, terms) in models {
             let mut target = m.to_target();
-            let mut custom = serde_json::json!({ "device": device });
-            if let Some(t) = terms.probation.filter(|t| !t.is_empty()) {
-                custom["probation"] = serde_json::json!(t);
-            }
-            if let Some(s) = terms.sampling {
-                custom["sampling"] = serde_json::json!(s);
-            }
-            target.custom = Some(custom);
+            let custom = modelcast_proto::desired::DirectorCustom {
+                device: device.to_string(),
+                terms: *terms,
+            };
+            target.custom = Some(custom.to_value());
             director.targets.insert(m.target_path(), target);
         }
         Ok(DesiredState {
