@@ -111,6 +111,7 @@ impl Fleet {
     async fn alert_rollouts(&self, alert: &Alert) {
         let now = unix_now();
         let reason = format!("alert: {}: {}", alert.kind, alert.message);
+        let _persisting = self.persisting.lock().await;
         let changed: Vec<(Rollout, Vec<Effect>)> = {
             let mut all = self.rollouts.lock().expect("rollouts lock");
             all.values_mut()

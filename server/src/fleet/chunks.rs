@@ -40,9 +40,15 @@ impl Fleet {
             return Ok(Some(count));
         }
         if self.role == Role::Chunks && self.may_reload() {
-            let stored = self.db.rollouts().await?;
-            *self.rollouts.lock().expect("rollouts lock") =
-                stored.into_iter().map(|r| (r.id, r)).collect();
+            let stored: crate::rollout::Rollouts = self
+                .db
+                .rollouts()
+                .await?
+                .into_iter()
+                .map(|r| (r.id, r))
+                .collect();
+            *self.stored_rollouts.lock().expect("rollouts lock") = stored.clone();
+            *self.rollouts.lock().expect("rollouts lock") = stored;
             return Ok(chunks(self.wanted(&entry).await?));
         }
         Ok(None)

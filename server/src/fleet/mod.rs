@@ -223,8 +223,15 @@ pub struct Fleet {
     /// Drift and anomaly detectors, fed by every new telemetry report.
     drift: std::sync::Mutex<Detectors>,
     publishing: Mutex<()>,
-    /// Every rollout, as stored; locked only between awaits.
+    /// Every rollout as the planner last left it (its decisions included before they are
+    /// stored); locked only between awaits.
     rollouts: std::sync::Mutex<Rollouts>,
+    /// Every rollout as last stored: what the API and `/metrics` show, so an operator never
+    /// sees a decision a crash could take back.
+    stored_rollouts: std::sync::Mutex<Rollouts>,
+    /// Held while a rollout is decided on and stored, and while the clock stores device
+    /// states: no write of a rollout overtakes another.
+    persisting: Mutex<()>,
     /// Rollouts whose device states changed without a decision: written by the clock.
     dirty_rollouts: std::sync::Mutex<std::collections::BTreeSet<u64>>,
     /// What was dropped of each device's traffic (shared with the embedded broker's front).
@@ -253,7 +260,7 @@ impl Fleet {
             quarantines: quarantined,
             front,
         } = guards;
-        let rollouts = db
+        let rollouts: crate::rollout::Rollouts = db
             .rollouts()
             .await?
             .into_iter()
@@ -329,7 +336,9 @@ impl Fleet {
             telemetry_retention_secs: monitoring.retention_days.saturating_mul(86_400),
             drift: std::sync::Mutex::new(Detectors::new(monitoring.drift)),
             publishing: Mutex::new(()),
+            stored_rollouts: std::sync::Mutex::new(rollouts.clone()),
             rollouts: std::sync::Mutex::new(rollouts),
+            persisting: Mutex::new(()),
             dirty_rollouts: Default::default(),
             drops,
             front,

@@ -39,14 +39,23 @@ pub enum RolloutAction {
 }
 
 impl Fleet {
-    /// Every rollout, oldest first.
+    /// Every rollout as stored, oldest first.
     pub fn rollouts(&self) -> Vec<Rollout> {
-        let all = self.rollouts.lock().expect("rollouts lock");
+        let all = self.stored_rollouts.lock().expect("rollouts lock");
         all.values().cloned().collect()
     }
 
-    /// Rollout `id`.
+    /// Rollout `id` as stored.
     pub fn rollout(&self, id: u64) -> Option<Rollout> {
+        self.stored_rollouts
+            .lock()
+            .expect("rollouts lock")
+            .get(&id)
+            .cloned()
+    }
+
+    /// Rollout `id` as the planner left it.
+    fn working(&self, id: u64) -> Option<Rollout> {
         self.rollouts
             .lock()
             .expect("rollouts lock")
@@ -87,6 +96,7 @@ impl Fleet {
                 spec.group
             )));
         }
+        let _persisting = self.persisting.lock().await;
         let id = self.db.next_id().await?;
         let (rollout, effects) = Rollout::start(id, spec, by, unix_now(), members);
         self.db
@@ -127,6 +137,7 @@ impl Fleet {
         by: &str,
     ) -> Result<Rollout, RolloutError> {
         let now = unix_now();
+        let _persisting = self.persisting.lock().await;
         let (rollout, effects) = {
             let mut all = self.rollouts.lock().expect("rollouts lock");
             let r = all
@@ -164,6 +175,7 @@ impl Fleet {
         report: &modelcast_proto::report::DeviceReport,
     ) {
         let now = unix_now();
+        let _persisting = self.persisting.lock().await;
         let changed: Vec<(Rollout, Vec<Effect>)> = {
             let mut all = self.rollouts.lock().expect("rollouts lock");
             let mut dirty = self.dirty_rollouts.lock().expect("dirty lock");
@@ -192,13 +204,20 @@ impl Fleet {
     /// The rollouts' clock: wave timeouts, and writing device states that changed.
     pub(super) async fn tick_rollouts(&self) {
         let now = unix_now();
+        let _persisting = self.persisting.lock().await;
         let dirty = std::mem::take(&mut *self.dirty_rollouts.lock().expect("dirty lock"));
         if !dirty.is_empty() {
             for id in dirty {
-                let rollout = self.rollout(id);
+                let rollout = self.working(id);
                 if let Some(r) = rollout {
-                    if let Err(e) = self.db.put_rollout(&r).await {
-                        warn!(rollout = id, error = %e, "recording a rollout failed");
+                    match self.db.put_rollout(&r).await {
+                        Ok(()) => {
+                            self.stored_rollouts
+                                .lock()
+                                .expect("rollouts lock")
+                                .insert(id, r);
+                        }
+                        Err(e) => warn!(rollout = id, error = %e, "recording a rollout failed"),
                     }
                 }
             }
@@ -268,6 +287,10 @@ impl Fleet {
         self.db.put_rollout(rollout).await?;
         self.db.flush().await?;
         self.rollouts
+            .lock()
+            .expect("rollouts lock")
+            .insert(rollout.id, rollout.clone());
+        self.stored_rollouts
             .lock()
             .expect("rollouts lock")
             .insert(rollout.id, rollout.clone());
