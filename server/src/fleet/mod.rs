@@ -36,6 +36,31 @@ pub use desired::Wanted;
 pub use link::{Drained, DRAIN_TIMEOUT};
 pub use rollouts::{RolloutAction, RolloutError};
 
+/// Why a device's message (state report, online status, telemetry) was not taken; logged.
+#[derive(Debug, thiserror::Error)]
+enum Rejected {
+    /// It does not decode.
+    #[error(transparent)]
+    Decode(#[from] modelcast_proto::error::DecodeError),
+    /// It names another device than the topic it came on.
+    #[error("{kind} names {named:?} on another device's topic")]
+    WrongDevice {
+        /// What it is.
+        kind: &'static str,
+        /// The device it names.
+        named: String,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] DbError),
+    /// Publishing the device's desired state failed.
+    #[error(transparent)]
+    Repository(#[from] crate::repo::RepoError),
+    /// A decoded telemetry report was refused.
+    #[error(transparent)]
+    Telemetry(#[from] telemetry::Refused),
+}
+
 /// The fleet's tasks, running until the stop signal given to [`Fleet::start`].
 pub struct Running {
     supervisor: tokio::task::JoinHandle<Drained>,

@@ -7,21 +7,21 @@ use tracing::{info, warn};
 use crate::db::DeviceEntry;
 use crate::unix_now;
 
-use super::Fleet;
+use super::{Fleet, Rejected};
 
 impl Fleet {
-    pub(super) async fn handle_report(&self, device: &str, payload: &[u8]) -> Result<(), String> {
+    pub(super) async fn handle_report(&self, device: &str, payload: &[u8]) -> Result<(), Rejected> {
         if payload.is_empty() {
             return Ok(()); // A cleared retained message.
         }
-        let report = DeviceReport::from_slice(payload).map_err(|e| e.to_string())?;
+        let report = DeviceReport::from_slice(payload)?;
         if report.device != device {
-            return Err(format!(
-                "report names {:?} on {device}'s topic",
-                report.device
-            ));
+            return Err(Rejected::WrongDevice {
+                kind: "report",
+                named: report.device,
+            });
         }
-        let previous = self.db.device(device).await.map_err(|e| e.to_string())?;
+        let previous = self.db.device(device).await?;
         let labels_changed = previous.as_ref().is_none_or(|p| p.labels != report.labels);
         let known_error = previous
             .as_ref()
@@ -46,29 +46,24 @@ impl Fleet {
             quarantine: self.quarantined.of(device),
             dropped: Default::default(),
         };
-        self.db
-            .put_device(&entry)
-            .await
-            .map_err(|e| e.to_string())?;
+        self.db.put_device(&entry).await?;
         if let Some(report) = &entry.report {
             self.feed_rollouts(device, report).await;
         }
         if labels_changed {
             info!(%device, labels = ?entry.labels, "device registered");
-            self.publish_desired(device)
-                .await
-                .map_err(|e| e.to_string())?;
+            self.publish_desired(device).await?;
         }
         Ok(())
     }
 
-    pub(super) async fn handle_online(&self, device: &str, payload: &[u8]) -> Result<(), String> {
-        let Some(mut entry) = self.db.device(device).await.map_err(|e| e.to_string())? else {
+    pub(super) async fn handle_online(&self, device: &str, payload: &[u8]) -> Result<(), Rejected> {
+        let Some(mut entry) = self.db.device(device).await? else {
             return Ok(());
         };
         entry.online = payload == b"online";
         entry.last_seen = unix_now();
         entry.quarantine = self.quarantined.of(device);
-        self.db.put_device(&entry).await.map_err(|e| e.to_string())
+        Ok(self.db.put_device(&entry).await?)
     }
 }

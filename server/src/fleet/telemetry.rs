@@ -11,7 +11,7 @@ use crate::db::{DbError, ModelInterval};
 use crate::drift::Change;
 use crate::unix_now;
 
-use super::Fleet;
+use super::{Fleet, Rejected};
 
 /// A drift stream without a point for this long is forgotten.
 const DRIFT_IDLE_MS: i64 = 24 * 3600 * 1000;
@@ -21,7 +21,7 @@ const MAX_CLOCK_AHEAD_MS: i64 = 24 * 3600 * 1000;
 
 /// Why a decoded telemetry report was not taken.
 #[derive(Debug, thiserror::Error)]
-enum Refused {
+pub(super) enum Refused {
     /// The device's clock is ahead: refused for good (and acknowledged, so it is not sent
     /// again).
     #[error("telemetry #{seq} ends {ahead_ms} ms in the future: the device's clock is wrong")]
@@ -61,7 +61,7 @@ impl Fleet {
         &self,
         device: &str,
         payload: &[u8],
-    ) -> Result<(), String> {
+    ) -> Result<(), Rejected> {
         use std::sync::atomic::Ordering::Relaxed;
         let admitted = self.telemetry_budgets.lock().expect("budgets lock").admit(
             device,
@@ -79,14 +79,14 @@ impl Fleet {
             Ok(r) if r.device == device => r,
             Ok(r) => {
                 self.telemetry_rejected.fetch_add(1, Relaxed);
-                return Err(format!(
-                    "telemetry names {:?} on {device}'s topic",
-                    r.device
-                ));
+                return Err(Rejected::WrongDevice {
+                    kind: "telemetry",
+                    named: r.device,
+                });
             }
             Err(e) => {
                 self.telemetry_rejected.fetch_add(1, Relaxed);
-                return Err(format!("telemetry: {e}"));
+                return Err(Rejected::Decode(e));
             }
         };
         let seq = report.seq;
@@ -104,7 +104,7 @@ impl Fleet {
                 debug!(%device, seq, error = %e, "telemetry receipt not sent");
             }
         }
-        taken.map_err(|e| e.to_string())
+        Ok(taken?)
     }
 
     /// Stores one decoded report of `device` and feeds drift detection.
