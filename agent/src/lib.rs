@@ -29,26 +29,26 @@
 
 #![deny(unsafe_code)]
 
-pub mod artifacts;
-pub mod clock;
+pub(crate) mod artifacts;
+pub(crate) mod clock;
 pub mod config;
 pub mod driver;
 pub mod engine;
 #[cfg(feature = "grpc")]
-pub mod grpc;
+pub(crate) mod grpc;
 pub mod kserve;
 pub mod link;
-pub mod metrics;
+pub(crate) mod metrics;
 pub mod priority;
 pub mod probation;
-pub mod recovery;
+pub(crate) mod recovery;
 pub mod sampling;
 pub mod serve;
 pub mod slots;
 pub mod store;
-pub mod store_error;
-pub mod sys;
+pub(crate) mod store_error;
+pub(crate) mod sys;
 pub mod systemd;
 pub mod telemetry;
-pub mod transfer;
+pub(crate) mod transfer;
 pub mod update;

@@ -156,9 +156,9 @@ pub fn nice_limit() -> Option<u64> {
     Some(limit.rlim_cur as u64)
 }
 
-/// The calling thread's nice value and whether its policy is `SCHED_IDLE` (for tests and
-/// diagnostics).
+/// The calling thread's nice value and whether its policy is `SCHED_IDLE` (for tests).
 #[allow(unsafe_code)]
+#[cfg(test)]
 pub fn own_scheduling() -> (bool, i32) {
     #[cfg(target_os = "linux")]
     {
@@ -176,8 +176,9 @@ pub fn own_scheduling() -> (bool, i32) {
     (false, 0)
 }
 
-/// Whether the process runs as root.
+/// Whether the process runs as root (for tests).
 #[allow(unsafe_code)]
+#[cfg(test)]
 pub fn is_root() -> bool {
     // SAFETY: geteuid takes no arguments and cannot fail.
     unsafe { libc::geteuid() == 0 }

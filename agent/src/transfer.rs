@@ -170,6 +170,7 @@ impl Transfer {
 
     /// Chunk requests that asked again for a chunk asked for before (timed out, or lost with
     /// the connection): a measure of waste.
+    #[cfg(test)]
     pub fn refetched_chunks(&self) -> u64 {
         self.refetched
     }

@@ -132,6 +132,7 @@ impl Budgets {
     }
 
     /// Devices tracked.
+    #[cfg(test)]
     pub fn tracked(&self) -> usize {
         self.buckets.len()
     }

@@ -72,12 +72,46 @@ pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// A free TCP port on 127.0.0.1.
+/// A free TCP port on 127.0.0.1 for a server a test starts.
+///
+/// A port the kernel picks (`bind(…:0)`) comes from the ephemeral range, which outgoing
+/// connections and other tests' listeners draw from too: between the moment it is released
+/// here and the moment the server binds it, someone else may take it. So ports are handed
+/// out from below the ephemeral range instead, each once per process, starting at an offset
+/// of the process's own (two test binaries at once pick apart), skipping any port that is
+/// busy now. Where the ephemeral range leaves no room below it, the kernel picks.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let bound = |port: u16| TcpListener::bind(("127.0.0.1", port)).is_ok();
+    let (first, last) = reserved_ports();
+    if last > first {
+        let span = u32::from(last - first);
+        let offset = std::process::id().wrapping_mul(7_919) % span;
+        for _ in 0..span {
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let port = first + ((offset + n) % span) as u16;
+            if bound(port) {
+                return port;
+            }
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free port")
+}
+
+/// The ports [`free_port`] hands out: up to 12,000 ports ending below the ephemeral range
+/// (`/proc/sys/net/ipv4/ip_local_port_range`, 32768–60999 by default), not under 10,000.
+fn reserved_ports() -> (u16, u16) {
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| t.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    let last = ephemeral_start.saturating_sub(1);
+    let first = last.saturating_sub(12_000).max(10_000);
+    (first, last.max(first))
 }
 
 /// Polls `f` every 100 ms until it returns `Some`, at most `timeout`; panics with `what`.
@@ -180,4 +214,19 @@ pub fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ports_are_handed_out_once_each_and_below_the_ephemeral_range() {
+        let (first, last) = super::reserved_ports();
+        let ports: Vec<u16> = (0..200).map(|_| super::free_port()).collect();
+        let distinct: std::collections::BTreeSet<u16> = ports.iter().copied().collect();
+        assert_eq!(distinct.len(), ports.len(), "a port handed out twice");
+        assert!(
+            ports.iter().all(|p| (first..last).contains(p)),
+            "{ports:?} outside {first}..{last}"
+        );
+    }
 }

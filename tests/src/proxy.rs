@@ -4,13 +4,15 @@
 
 use std::io::Read;
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 #[derive(Default)]
 struct Shared {
     down: AtomicBool,
     stop: AtomicBool,
+    /// Connections dropped while down.
+    refused: AtomicU64,
     /// Both ends of every connection, to shut them down on a cut.
     conns: Mutex<Vec<TcpStream>>,
 }
@@ -61,6 +63,7 @@ impl Proxy {
                 }
                 let Ok(client) = client else { continue };
                 if s.down.load(Ordering::SeqCst) {
+                    s.refused.fetch_add(1, Ordering::SeqCst);
                     let _ = client.shutdown(Shutdown::Both);
                     continue;
                 }
@@ -99,6 +102,12 @@ impl Proxy {
     pub fn cut(&self) {
         self.shared.down.store(true, Ordering::SeqCst);
         self.shared.close_all();
+    }
+
+    /// Connections dropped because the network was cut, so far: a client that tried again
+    /// through the cut.
+    pub fn refused(&self) -> u64 {
+        self.shared.refused.load(Ordering::SeqCst)
     }
 
     /// Lets connections through again.

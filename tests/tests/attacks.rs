@@ -222,8 +222,22 @@ fn every_attack_is_rejected_and_the_old_model_keeps_serving() {
     let granted = intruder.subscribe(&desired_topic("edge-1"));
     let wildcard = intruder.subscribe("modelcast/#");
     eprintln!("attack outcome: intruder SUBACK for edge-1/desired granted={granted}, modelcast/# granted={wildcard}");
-    std::thread::sleep(Duration::from_secs(2));
-    let seen: Vec<String> = intruder.seen().into_iter().map(|(t, _)| t).collect();
+    // The positive marker: a message on the intruder's own desired topic, published by the
+    // server's identity after the subscriptions. Once it has arrived, whatever the broker
+    // delivers for those subscriptions (retained messages at once) has arrived too.
+    let own = desired_topic("intruder");
+    let server = Rogue::connect_tls(port, &pki, "modelcast-server-2", None);
+    server.publish_raw(&own, false, b"marker".to_vec());
+    let mut seen: Vec<String> = Vec::new();
+    wait_for(
+        "the intruder to receive its own topic's marker",
+        Duration::from_secs(10),
+        || {
+            seen.extend(intruder.seen().into_iter().map(|(t, _)| t));
+            seen.contains(&own).then_some(())
+        },
+    );
+    drop(server);
     assert!(
         seen.iter().all(|t| !t.contains("/d/edge-")),
         "an intruder read other devices' messages: {seen:?}"
@@ -273,7 +287,8 @@ fn every_attack_is_rejected_and_the_old_model_keeps_serving() {
                 .then_some(())
         },
     );
-    std::thread::sleep(Duration::from_secs(1));
+    // Every forgery was denied at the broker (five above) or dropped by the server (waited
+    // on): nothing is in flight towards edge-1.
     assert_eq!(edge1.check_golden(&v1), "1");
     let report = fleet.report("edge-1").unwrap();
     assert!(

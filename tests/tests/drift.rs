@@ -96,6 +96,36 @@ fn traffic(
     })
 }
 
+/// Requests an interval needs to make a drift sample (`--drift-min-requests`).
+const MIN_REQUESTS: u64 = 20;
+
+/// How many of `device`'s stored telemetry reports hold a whole drift sample of the
+/// classifier at `version` (at least [`MIN_REQUESTS`] requests). The server stores a report
+/// before its drift detectors take it, and takes reports one at a time: when `n` are stored,
+/// the first `n - 1` have been judged.
+fn samples(fleet: &Fleet, device: &str, version: u64) -> usize {
+    fleet
+        .client
+        .device_telemetry(device, 3600)
+        .unwrap_or_default()
+        .iter()
+        .filter(|r| {
+            r.models.iter().any(|m| {
+                m.model == "classifier" && m.version == version && m.requests >= MIN_REQUESTS
+            })
+        })
+        .count()
+}
+
+/// Waits until `device` has at least `n` judged samples of the classifier at `version`.
+fn wait_judged(fleet: &Fleet, device: &str, version: u64, n: usize) {
+    wait_for(
+        &format!("{n} judged drift samples of {device} at v{version}"),
+        Duration::from_secs(60),
+        || (samples(fleet, device, version) > n).then_some(()),
+    );
+}
+
 fn alerts(fleet: &Fleet, all: bool) -> modelcast_server::api::AlertList {
     fleet
         .client
@@ -110,7 +140,7 @@ fn alerts(fleet: &Fleet, all: bool) -> modelcast_server::api::AlertList {
 fn a_shifted_input_distribution_raises_an_alert_and_a_stable_one_does_not() {
     let fleet = Fleet::embedded_with(&[
         "--drift-min-requests",
-        "20",
+        &MIN_REQUESTS.to_string(),
         "--drift-baseline-samples",
         "3",
     ]);
@@ -132,8 +162,11 @@ fn a_shifted_input_distribution_raises_an_alert_and_a_stable_one_does_not() {
         traffic(&stable, inputs.clone(), modes[0].clone(), stop.clone()),
         traffic(&shifted, inputs.clone(), modes[1].clone(), stop.clone()),
     ];
-    // A baseline of the mix (three samples of 20 requests or more), and some more.
-    std::thread::sleep(Duration::from_secs(8));
+    // A baseline of the mix (three samples of 20 requests or more) on both devices, and two
+    // samples judged against it.
+    for device in ["stable", "shifted"] {
+        wait_judged(&fleet, device, 1, 5);
+    }
     assert!(
         alerts(&fleet, true).alerts.is_empty(),
         "no alert on the mix"
@@ -154,8 +187,9 @@ fn a_shifted_input_distribution_raises_an_alert_and_a_stable_one_does_not() {
     assert_eq!((alert.model.as_str(), alert.version), ("classifier", 1));
     assert_eq!(alert.test, "psi");
     assert!(alert.value > alert.threshold, "{alert:?}");
-    // The stable device goes on with the mix a while longer.
-    std::thread::sleep(Duration::from_secs(4));
+    // The stable device goes on with the mix: two more samples judged.
+    let judged = samples(&fleet, "stable", 1);
+    wait_judged(&fleet, "stable", 1, judged + 2);
 
     let list = alerts(&fleet, true);
     assert!(
@@ -261,8 +295,8 @@ fn a_shifted_input_distribution_raises_an_alert_and_a_stable_one_does_not() {
     let stop = Arc::new(AtomicBool::new(false));
     let canary_mode = Arc::new(AtomicU8::new(MIX));
     let sender = traffic(agent, inputs, canary_mode.clone(), stop.clone());
-    // The canary's baseline of v2 on the mix, then its inputs shift.
-    std::thread::sleep(Duration::from_secs(8));
+    // The canary's baseline of v2 on the mix (three samples judged), then its inputs shift.
+    wait_judged(&fleet, &canary, 2, 3);
     canary_mode.store(SHIFTED, Ordering::Relaxed);
     let deadline = Instant::now() + Duration::from_secs(40);
     let aborted = loop {

@@ -67,10 +67,20 @@ fn a_download_resumes_after_a_network_cut_and_a_broker_restart() {
 
     // 1. The network is cut for two seconds a quarter of the way in.
     let at_cut = stored_at_least(size / 4);
+    // Facts, not time: the agent has noticed the cut when it tries to connect again (and is
+    // refused twice); two attempts later, nothing more may have been stored.
+    let refused = proxy.refused();
     proxy.cut();
-    std::thread::sleep(Duration::from_millis(500));
+    let tried = |n: u64| {
+        modelcast_tests::wait_for(
+            &format!("{n} connection attempts through the cut"),
+            Duration::from_secs(30),
+            || (proxy.refused() >= refused + n).then_some(()),
+        )
+    };
+    tried(2);
     let during = stored();
-    std::thread::sleep(Duration::from_millis(1500));
+    tried(4);
     assert_eq!(stored(), during, "bytes arrived through a cut network");
     assert!(during < size, "the download finished before the cut");
     proxy.restore();

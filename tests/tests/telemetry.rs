@@ -16,7 +16,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use modelcast_proto::telemetry::TelemetryReport;
 use modelcast_server::telemetry::Question;
@@ -25,6 +25,8 @@ use modelcast_tests::{bin, wait_for, AgentOptions, Fleet, Mosquitto};
 use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
 
 const QUEUED_BYTES: &str = "modelcast_telemetry_queued_bytes";
+const QUEUED_REPORTS: &str = "modelcast_telemetry_queued_reports";
+const DROPPED: &str = "modelcast_telemetry_dropped_reports";
 
 /// Every report the broker delivered, in arrival order, per device.
 type Seen = Arc<Mutex<BTreeMap<String, Vec<TelemetryReport>>>>;
@@ -112,19 +114,26 @@ fn reports_are_queued_through_a_cut_and_arrive_in_order_within_the_queue_bound()
         "one class counted per request: {output:?}"
     );
 
-    // Cut both devices off for six seconds.
+    // Cut both devices off until the facts the test is about have happened: tight's queue
+    // dropped a report to keep its bound, and roomy's holds three.
     let before = seqs(&seen, "roomy").len();
+    let dropped_before = tight.metric(DROPPED).unwrap_or(0.0);
     for p in &proxies {
         p.cut();
     }
-    let cut_at = Instant::now();
     let mut most_queued: f64 = 0.0;
-    while cut_at.elapsed() < Duration::from_secs(6) {
-        if let Some(bytes) = tight.metric(QUEUED_BYTES) {
-            most_queued = most_queued.max(bytes);
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for(
+        "tight to drop a report and roomy to queue three",
+        Duration::from_secs(60),
+        || {
+            if let Some(bytes) = tight.metric(QUEUED_BYTES) {
+                most_queued = most_queued.max(bytes);
+            }
+            let dropped = tight.metric(DROPPED)? > dropped_before;
+            let queued = roomy.metric(QUEUED_REPORTS)? >= 3.0;
+            (dropped && queued).then_some(())
+        },
+    );
     for p in &proxies {
         p.restore();
     }

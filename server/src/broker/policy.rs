@@ -86,7 +86,6 @@ impl Refusal {
 #[derive(Debug, Clone)]
 pub struct Policy {
     topics: Topics,
-    prefix: String,
     servers: Vec<String>,
 }
 
@@ -104,7 +103,6 @@ impl Policy {
     pub fn new(prefix: &str, servers: &[String]) -> Self {
         Policy {
             topics: Topics::new(prefix),
-            prefix: prefix.trim_end_matches('/').to_string(),
             servers: servers.to_vec(),
         }
     }
@@ -204,11 +202,6 @@ impl Policy {
             .max()
             .unwrap_or(0)
             + 64 * 1024
-    }
-
-    /// The topic prefix.
-    pub fn prefix(&self) -> &str {
-        &self.prefix
     }
 }
 
