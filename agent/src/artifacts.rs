@@ -7,17 +7,20 @@
 //!   by hashing it — a chunk counts as received only if its bytes match the signed digest — so
 //!   a crash or power cut at any instant costs at worst some chunks fetched again.
 //! - `<sha256>` once complete: the whole file matched the manifest's SHA-256, was synced,
-//!   renamed and its directory synced. Readers check every chunk's digest again as they read,
+//!   renamed and its directory synced. That SHA-256 is computed as the chunks are written
+//!   ([`WholeHash`]), so a download ends without a second pass over its bytes. Readers check every chunk's digest again as they read,
 //!   so bytes altered on disk later are caught too.
 //!
 //! Files rather than sled values: sled copies every value through its page cache and log, which
 //! cost 3–5× the artifact in disk and memory; a file costs the artifact once, and a page cache
 //! the kernel can drop.
 
+use std::collections::{BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Read};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use modelcast_proto::manifest::Layout;
 use sha2::{Digest, Sha256};
@@ -63,6 +66,51 @@ fn digest_of(file: &str) -> (&str, bool) {
 #[derive(Debug, Clone)]
 pub struct Artifacts {
     dir: PathBuf,
+    /// The whole-artifact hash of each download in progress (partial file name → hash).
+    hashing: Arc<Mutex<HashMap<String, WholeHash>>>,
+}
+
+/// The SHA-256 of a partial file, computed as its chunks are written: over the chunks written
+/// in order from the first, with those written past a gap remembered (indices only) and read
+/// back from the file once the gap closes. Lost with the process; a download resumed after a
+/// restart seeds it while hashing what the file holds ([`Artifacts::received`]).
+#[derive(Debug, Default)]
+struct WholeHash {
+    hasher: Sha256,
+    /// The first chunk not hashed yet.
+    next: u32,
+    /// Chunks written past `next`.
+    ahead: BTreeSet<u32>,
+}
+
+impl WholeHash {
+    /// Takes chunk `index`, whose bytes are `data`, written to `file` (the chunks past a gap
+    /// it closes are read back from there). False if a read failed: the hash is lost.
+    fn take(&mut self, file: &File, layout: &Layout<'_>, index: u32, data: &[u8]) -> bool {
+        if index < self.next || self.ahead.contains(&index) {
+            return true; // Written again: the same bytes (checked against their digest).
+        }
+        if index > self.next {
+            self.ahead.insert(index);
+            return true;
+        }
+        self.hasher.update(data);
+        self.next += 1;
+        let mut buf = Vec::new();
+        while self.ahead.remove(&self.next) {
+            let Some(len) = layout.chunk_len(self.next) else {
+                return false;
+            };
+            buf.resize(len as usize, 0);
+            let offset = u64::from(self.next) * u64::from(layout.chunk_size);
+            if file.read_exact_at(&mut buf, offset).is_err() {
+                return false;
+            }
+            self.hasher.update(&buf);
+            self.next += 1;
+        }
+        true
+    }
 }
 
 fn io_err(path: &Path, source: std::io::Error) -> StoreError {
@@ -92,7 +140,10 @@ impl Artifacts {
     /// Opens (creating) the artifact directory `dir`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
-        Ok(Artifacts { dir: dir.into() })
+        Ok(Artifacts {
+            dir: dir.into(),
+            hashing: Arc::default(),
+        })
     }
 
     fn complete_path(&self, name: &str) -> PathBuf {
@@ -139,7 +190,8 @@ impl Artifacts {
             }
             return Err(io_err(&path, e));
         }
-        // Just created: nothing to hash.
+        // Just created: nothing to hash yet.
+        self.hashes().insert(name, WholeHash::default());
         Ok(vec![false; layout.chunks.len()])
     }
 
@@ -159,12 +211,24 @@ impl Artifacts {
         }
         let path = self.part_path(&name);
         let file = OpenOptions::new()
+            .read(true)
             .write(true)
             .open(&path)
             .map_err(|e| io_err(&path, e))?;
         let offset = u64::from(index) * u64::from(layout.chunk_size);
         file.write_all_at(data, offset)
-            .map_err(|e| io_err(&path, e))
+            .map_err(|e| io_err(&path, e))?;
+        let mut hashes = self.hashes();
+        if let Some(whole) = hashes.get_mut(&name) {
+            if !whole.take(&file, layout, index, data) {
+                hashes.remove(&name);
+            }
+        }
+        Ok(())
+    }
+
+    fn hashes(&self) -> std::sync::MutexGuard<'_, HashMap<String, WholeHash>> {
+        self.hashing.lock().expect("hashing lock")
     }
 
     /// Which chunks of `manifest` are on disk with the right bytes (resume after a restart).
@@ -182,6 +246,8 @@ impl Artifacts {
         };
         let mut buf = vec![0u8; layout.chunk_size as usize];
         let mut have = vec![false; count];
+        // The whole-artifact hash goes on from what the file holds.
+        let mut whole = WholeHash::default();
         for (index, slot) in have.iter_mut().enumerate() {
             let Some(len) = layout.chunk_len(index as u32) else {
                 break;
@@ -193,7 +259,14 @@ impl Artifacts {
                 Err(e) if e.kind() == ErrorKind::UnexpectedEof => break,
                 Err(e) => return Err(io_err(&path, e)),
             }
+            if *slot && whole.next == index as u32 {
+                whole.hasher.update(&*chunk);
+                whole.next += 1;
+            } else if *slot {
+                whole.ahead.insert(index as u32);
+            }
         }
+        self.hashes().insert(name, whole);
         Ok(have)
     }
 
@@ -221,16 +294,27 @@ impl Artifacts {
                 format!("{len} bytes, manifest says {}", layout.size),
             ));
         }
-        let mut whole = Sha256::new();
-        let mut buf = vec![0u8; 256 * 1024];
-        loop {
-            let n = file.read(&mut buf).map_err(|e| io_err(&path, e))?;
-            if n == 0 {
-                break;
+        // A download hashed as it was written needs no second pass.
+        let running = match partial {
+            true => self.hashes().remove(&name),
+            false => None,
+        };
+        let digest = match running {
+            Some(w) if w.next as usize == layout.chunks.len() => w.hasher.finalize(),
+            _ => {
+                let mut whole = Sha256::new();
+                let mut buf = vec![0u8; 256 * 1024];
+                loop {
+                    let n = file.read(&mut buf).map_err(|e| io_err(&path, e))?;
+                    if n == 0 {
+                        break;
+                    }
+                    whole.update(&buf[..n]);
+                }
+                whole.finalize()
             }
-            whole.update(&buf[..n]);
-        }
-        if hex::encode(whole.finalize()) != layout.sha256.to_ascii_lowercase() {
+        };
+        if hex::encode(digest) != layout.sha256.to_ascii_lowercase() {
             return Err(mismatch(layout, "whole-artifact SHA-256 differs".into()));
         }
         if partial {
@@ -277,6 +361,9 @@ impl Artifacts {
             let (digest, partial) = digest_of(&file);
             let superseded = partial && self.complete_path(digest).exists();
             if superseded || !live.iter().any(|l| l.eq_ignore_ascii_case(digest)) {
+                if partial {
+                    self.hashes().remove(&digest.to_ascii_lowercase());
+                }
                 std::fs::remove_file(entry.path()).map_err(|e| io_err(&entry.path(), e))?;
                 removed += 1;
             }
@@ -390,5 +477,101 @@ impl Read for ArtifactReader {
         buf[..n].copy_from_slice(&self.current[self.offset..self.offset + n]);
         self.offset += n;
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn setup(
+        bytes: &[u8],
+    ) -> (
+        tempfile::TempDir,
+        Artifacts,
+        modelcast_proto::manifest::Manifest,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let files = Artifacts::open(dir.path()).unwrap();
+        let m = modelcast_proto::verify::fixture::manifest("m", 1, bytes, 64);
+        (dir, files, m)
+    }
+
+    fn hashed(files: &Artifacts, m: &modelcast_proto::manifest::Manifest) -> Option<u32> {
+        files
+            .hashes()
+            .get(&m.sha256.to_ascii_lowercase())
+            .map(|w| w.next)
+    }
+
+    proptest! {
+        /// In whatever order the chunks are written, the hash kept as they are written is
+        /// the file's: complete when the last one is, and the download verifies from it.
+        #[test]
+        fn the_hash_kept_while_writing_is_the_files_in_any_order(
+            order in Just((0..16u32).collect::<Vec<u32>>()).prop_shuffle(),
+        ) {
+            let bytes: Vec<u8> = (0..1000u32).map(|i| (i * 7) as u8).collect();
+            let (_dir, files, m) = setup(&bytes);
+            let layout = m.artifact();
+            files.begin(&layout).unwrap();
+            for &i in &order {
+                let at = i as usize * 64;
+                let chunk = &bytes[at..(at + 64).min(bytes.len())];
+                files.put_chunk(&layout, i, chunk).unwrap();
+                // Written twice: no harm.
+                files.put_chunk(&layout, i, chunk).unwrap();
+            }
+            prop_assert_eq!(hashed(&files, &m), Some(16));
+            files.verify(&layout).unwrap();
+            prop_assert_eq!(std::fs::read(files.complete_path(&m.sha256)).unwrap(), bytes);
+        }
+    }
+
+    #[test]
+    fn a_chunk_read_back_altered_fails_the_whole_hash() {
+        let bytes: Vec<u8> = (0..256u32).map(|i| i as u8).collect();
+        let (_dir, files, m) = setup(&bytes);
+        let layout = m.artifact();
+        files.begin(&layout).unwrap();
+        files.put_chunk(&layout, 1, &bytes[64..128]).unwrap();
+        // Chunk 1 is altered on disk while it waits for chunk 0.
+        let part = files.part_path(&m.sha256);
+        let f = OpenOptions::new().write(true).open(&part).unwrap();
+        f.write_all_at(&[0u8; 64], 64).unwrap();
+        for i in [0u32, 2, 3] {
+            let at = i as usize * 64;
+            files.put_chunk(&layout, i, &bytes[at..at + 64]).unwrap();
+        }
+        assert_eq!(hashed(&files, &m), Some(4));
+        assert!(matches!(
+            files.verify(&layout),
+            Err(StoreError::DigestMismatch { .. })
+        ));
+        assert!(part.exists(), "a partial file that fails stays partial");
+    }
+
+    #[test]
+    fn a_resumed_download_goes_on_hashing_from_what_the_file_holds() {
+        let bytes: Vec<u8> = (0..256u32).map(|i| (i * 3) as u8).collect();
+        let (dir, files, m) = setup(&bytes);
+        let layout = m.artifact();
+        files.begin(&layout).unwrap();
+        for i in [0u32, 2] {
+            let at = i as usize * 64;
+            files.put_chunk(&layout, i, &bytes[at..at + 64]).unwrap();
+        }
+        // A restart: the hash in memory is gone; hashing the file seeds it again.
+        let files = Artifacts::open(dir.path()).unwrap();
+        let have = files.begin(&layout).unwrap();
+        assert_eq!(have, vec![true, false, true, false]);
+        assert_eq!(hashed(&files, &m), Some(1));
+        for i in [3u32, 1] {
+            let at = i as usize * 64;
+            files.put_chunk(&layout, i, &bytes[at..at + 64]).unwrap();
+        }
+        assert_eq!(hashed(&files, &m), Some(4));
+        files.verify(&layout).unwrap();
     }
 }

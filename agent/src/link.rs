@@ -77,6 +77,11 @@ impl Link {
                 true,
             ));
         let (client, mut eventloop) = AsyncClient::new(opts, 64);
+        // Chunk requests are small messages that must not wait for Nagle's algorithm behind
+        // the acknowledgements of earlier ones (a 40 ms delayed-ACK stall per request).
+        let mut network = rumqttc::NetworkOptions::new();
+        network.set_tcp_nodelay(true);
+        eventloop.set_network_options(network);
         let (tx, rx) = mpsc::channel(256);
         let artifacts = Arc::new(Mutex::new(BTreeMap::new()));
         let link = Link {

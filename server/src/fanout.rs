@@ -22,6 +22,13 @@
 //!   skis until the rent paid equals the price, this is never more than about twice the
 //!   cheapest choice made in hindsight.)
 //!
+//! When the server publishes desired states naming an artifact, it says which devices it told
+//! ([`Fanout::expect`]). Once every device told lately has joined, there is nobody left to
+//! gather for: a device downloading alone gets its chunks at once from its first ask, and
+//! shared publications go [`GATHER`] after their first ask without waiting for
+//! [`JOIN_QUIET`]. Where nothing is known (a chunk replica, or desired states published before
+//! a restart), the quiet time decides as above.
+//!
 //! A device that (re)subscribed says so in its next request ([`ChunkRequest::joined`]: its
 //! first, or the first after a reconnect, which loses what the broker had queued for it):
 //! it joins anew. A chunk asked again (the device's request timed out) is skipped while a
@@ -71,6 +78,10 @@ pub const LISTENER_ACTIVE: Duration = Duration::from_secs(5);
 /// asks for the chunk later than this gets its own copy (the broker may have dropped it).
 pub const PATIENCE: Duration = Duration::from_secs(30);
 
+/// Most devices expected to join one artifact that are remembered at once (past it, the
+/// quiet time decides).
+const MAX_EXPECTED: usize = 100_000;
+
 /// How often forgotten listeners and artifacts are swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
@@ -91,6 +102,13 @@ struct Artifact {
     joined_at: Option<Instant>,
     listeners: HashMap<String, Listener>,
     chunks: HashMap<u32, Shared>,
+    /// Devices told to download the artifact that have not joined yet, with when they were
+    /// told; forgotten [`MAX_GATHER`] later.
+    expected: HashMap<String, Instant>,
+    /// When a device was last told to download it.
+    told_at: Option<Instant>,
+    /// When a device was told that [`MAX_EXPECTED`] left untracked.
+    overflowed_at: Option<Instant>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -120,6 +138,23 @@ impl Fanout {
         Fanout::default()
     }
 
+    /// Records that `device` was just told to download `artifact` (a desired state naming it
+    /// was published): a device expected to join.
+    pub fn expect(&mut self, now: Instant, artifact: &str, device: &str) {
+        self.sweep(now);
+        let a = self.artifacts.entry(artifact.to_string()).or_default();
+        a.told_at = Some(now);
+        if a.listeners.contains_key(device) {
+            return;
+        }
+        if a.expected.len() >= MAX_EXPECTED && !a.expected.contains_key(device) {
+            // Too many to track: who is still to join is not known (the quiet time decides).
+            a.overflowed_at = Some(now);
+            return;
+        }
+        a.expected.insert(device.to_string(), now);
+    }
+
     /// Where each chunk of `request` goes, first asks then the ones asked again, in the
     /// request's order. The caller sends the [`Route::Direct`] ones now, and the shared ones
     /// when [`Fanout::take_due`] says (the request was checked: the device is entitled to the
@@ -146,9 +181,28 @@ impl Fanout {
                     joined: artifact.next_join,
                     asked: now,
                 };
+                let gathering = artifact.gathering(now);
                 artifact.next_join += 1;
                 artifact.joined_at = Some(now);
+                artifact.expected.remove(&request.device);
                 artifact.listeners.insert(request.device.clone(), l);
+                if gathering && !artifact.gathering(now) {
+                    // The last device told has joined: what waited for it falls due now.
+                    let waiting: Vec<_> = self
+                        .due
+                        .iter()
+                        .filter(|(at, name, _)| *at > now && *name == request.artifact)
+                        .cloned()
+                        .collect();
+                    for (at, name, index) in waiting {
+                        self.due.remove(&(at, name.clone(), index));
+                        let asked = match artifact.chunks.get(&index) {
+                            Some(Shared::Due { asked }) => *asked,
+                            _ => now,
+                        };
+                        self.due.insert(((asked + GATHER).max(now), name, index));
+                    }
+                }
                 l
             }
         };
@@ -160,14 +214,10 @@ impl Fanout {
             }
             None => false,
         };
-        // The only device downloading the artifact, and no other joined for a while: nobody
-        // to gather for, so waiting would only slow it down (one device's 100 MB update took
-        // 2.3 s gathered, 0.5 s sent at once). A device joining later gets the shared copies
-        // from then on.
-        let alone = artifact.listeners.len() == 1
-            && artifact
-                .joined_at
-                .is_some_and(|t| now.saturating_duration_since(t) >= JOIN_QUIET);
+        // The only device downloading the artifact, and nobody else to gather for: waiting
+        // would only slow it down (one device's 100 MB update took 2.3 s gathered, 0.5 s
+        // sent at once). A device joining later gets the shared copies from then on.
+        let alone = artifact.listeners.len() == 1 && !artifact.gathering(now);
         for &index in &request.chunks {
             let shared = artifact.chunks.get(&index);
             let route = match shared {
@@ -215,7 +265,10 @@ impl Fanout {
                 continue;
             };
             // Devices are still joining: wait for them, within the limit.
-            let quiet = artifact.joined_at.map_or(now, |t| t + JOIN_QUIET);
+            let quiet = match artifact.gathering(now) {
+                true => artifact.joined_at.map_or(now, |t| t + JOIN_QUIET),
+                false => now,
+            };
             let until = quiet.min(*asked + MAX_GATHER);
             if until > now {
                 later.push((until, name, index));
@@ -253,12 +306,26 @@ impl Fanout {
         self.artifacts.retain(|_, a| {
             a.listeners
                 .retain(|_, l| now.saturating_duration_since(l.asked) < LISTENER_IDLE);
-            !a.listeners.is_empty()
+            a.expected
+                .retain(|_, told| now.saturating_duration_since(*told) < MAX_GATHER);
+            !a.listeners.is_empty() || !a.expected.is_empty()
         });
     }
 }
 
 impl Artifact {
+    /// Whether devices may still be joining, so that a publication should wait for them:
+    /// some told lately have not joined, or, where nobody was told lately (nothing known),
+    /// one joined within [`JOIN_QUIET`].
+    fn gathering(&self, now: Instant) -> bool {
+        let lately = |t: Instant| now.saturating_duration_since(t) < MAX_GATHER;
+        if self.told_at.is_some_and(lately) && !self.overflowed_at.is_some_and(lately) {
+            return self.expected.values().any(|t| lately(*t));
+        }
+        self.joined_at
+            .is_some_and(|t| now.saturating_duration_since(t) < JOIN_QUIET)
+    }
+
     /// Listeners that asked within [`LISTENER_ACTIVE`].
     fn active(&self, now: Instant) -> u64 {
         self.listeners
@@ -315,6 +382,84 @@ mod tests {
             routes(&f.route(much_later, &ask("a", &[4], &[]))),
             vec![Route::Shared]
         );
+    }
+
+    #[test]
+    fn a_device_told_alone_gets_its_chunks_at_once_from_its_first_ask() {
+        let mut f = Fanout::new();
+        let t = Instant::now();
+        let sha = "ab".repeat(32);
+        f.expect(t, &sha, "a");
+        let mut first = ask("a", &[0, 1], &[]);
+        first.joined = true;
+        assert_eq!(
+            routes(&f.route(t, &first)),
+            vec![Route::Direct, Route::Direct]
+        );
+        assert_eq!(f.next_due(), None);
+    }
+
+    #[test]
+    fn once_every_device_told_has_joined_publications_wait_no_quiet_time() {
+        let mut f = Fanout::new();
+        let t = Instant::now();
+        let sha = "ab".repeat(32);
+        for d in ["a", "b", "c"] {
+            f.expect(t, &sha, d);
+        }
+        assert_eq!(
+            routes(&f.route(t, &ask("a", &[0], &[]))),
+            vec![Route::Shared]
+        );
+        let b_at = t + GATHER / 2;
+        assert_eq!(
+            routes(&f.route(b_at, &ask("b", &[0], &[]))),
+            vec![Route::Skip]
+        );
+        // c has not joined: the quiet time after b's join holds.
+        assert!(f.take_due(t + GATHER).is_empty());
+        let c_at = t + GATHER;
+        assert_eq!(
+            routes(&f.route(c_at, &ask("c", &[0], &[]))),
+            vec![Route::Skip]
+        );
+        // Everyone told is in: published at once, not JOIN_QUIET after c's join.
+        assert_eq!(f.take_due(c_at), vec![(sha.clone(), 0)]);
+        // A device told that never joins: the quiet time decides again, as when nothing is
+        // known, until MAX_GATHER after it was told.
+        f.expect(c_at, &sha, "d");
+        assert_eq!(
+            routes(&f.route(c_at, &ask("a", &[1], &[]))),
+            vec![Route::Shared]
+        );
+        assert!(f.take_due(c_at + GATHER).is_empty());
+        assert_eq!(f.take_due(c_at + JOIN_QUIET).len(), 1);
+    }
+
+    #[test]
+    fn expected_devices_are_forgotten_and_bounded() {
+        let mut f = Fanout::new();
+        let t = Instant::now();
+        let sha = "ab".repeat(32);
+        f.expect(t, &sha, "late");
+        // Nobody listens, but a device is expected: the artifact is kept...
+        f.sweep(t + SWEEP_EVERY);
+        assert!(f.artifacts.contains_key(&sha));
+        // ...until MAX_GATHER after it was told.
+        f.sweep(t + MAX_GATHER + SWEEP_EVERY);
+        assert!(f.artifacts.is_empty());
+        for i in 0..MAX_EXPECTED + 10 {
+            f.expect(t, &sha, &format!("d{i}"));
+        }
+        assert_eq!(f.artifacts[&sha].expected.len(), MAX_EXPECTED);
+        // Untracked devices told: who is still to join is unknown, the quiet time decides.
+        assert_eq!(
+            routes(&f.route(t, &ask("d0", &[0], &[]))),
+            vec![Route::Shared]
+        );
+        let a = &f.artifacts[&sha];
+        assert!(a.gathering(t));
+        assert!(!a.gathering(t + JOIN_QUIET));
     }
 
     #[test]
@@ -459,7 +604,7 @@ mod tests {
         #[test]
         fn a_skipped_chunk_always_reaches_its_device(
             steps in proptest::collection::vec(
-                (0u8..6, 0u32..6, any::<bool>(), any::<bool>(), 0u64..80), 1..200),
+                (0u8..6, 0u32..6, any::<bool>(), any::<bool>(), 0u64..80, 0u8..4), 1..200),
         ) {
             let mut f = Fanout::new();
             let mut now = Instant::now();
@@ -477,10 +622,15 @@ mod tests {
                     }
                 }
             };
-            for (d, chunk, again, joined, ms) in steps {
+            for (d, chunk, again, joined, ms, tell) in steps {
                 now += Duration::from_millis(ms);
                 publish(&mut f, now, &listening, &mut got);
                 let device = format!("d{d}");
+                // The server tells a device to download (one step in four).
+                if tell == 0 {
+                    f.expect(now, &"ab".repeat(32), &device);
+                    continue;
+                }
                 // A device subscribes before its request reaches the server, and asks for a
                 // chunk for the first time once.
                 listening.insert(device.clone());

@@ -180,6 +180,12 @@ fn a_damaged_store_serves_a_verified_model_or_says_it_cannot_and_heals() {
             for path in &present {
                 damage(path, how);
             }
+            // Reports carry Unix seconds: the restart is in a later second than anything the
+            // stopped agent reported, so that its last report cannot pass for a new one.
+            let stopped = unix_now();
+            wait_for("the next second", Duration::from_secs(5), || {
+                (unix_now() > stopped).then_some(())
+            });
             let restarted = unix_now();
             agent.start(); // Panics if the API never answers (the agent exited).
             let at_start = serves_verified_or_says_not(&agent, &[v2, v1], &case);

@@ -12,10 +12,10 @@ use modelcast_tests::hammer::Hammer;
 use modelcast_tests::{reference_output, wait_for, Fleet};
 
 /// Trials are judged on 60 live requests; a version three times slower at p99, and more than
-/// 1 ms slower, is rolled back (the slow versions are ~3 ms; the good ones ~0.1 ms, and on a
-/// loaded 2-core machine their p99 alone can jitter to 0.7 ms).
+/// 1.5 ms slower, is rolled back (the slow versions are ~3 ms; the good ones ~0.1 ms, and on a
+/// loaded 2-core machine their p99 alone has jittered to 1.7 ms against 0.45 ms).
 const PROBATION: &str =
-    "[probation]\nrequests = 60\nseconds = 600\nmax_p99_ratio = 3.0\np99_slack_ms = 1.0\n";
+    "[probation]\nrequests = 60\nseconds = 600\nmax_p99_ratio = 3.0\np99_slack_ms = 1.5\n";
 
 /// Each cycle: a good version is swapped in and committed, then a slow one is swapped in and
 /// rolled back — three pointer exchanges.

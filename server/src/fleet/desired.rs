@@ -146,10 +146,34 @@ impl Fleet {
             .await
             .map_err(|e| RepoError::Rejected(format!("publishing: {e}")))?;
         info!(%device, version, models = %content, "desired state published");
+        self.expect_downloads(&entry, &models);
         self.db
             .put_director(device, &DirectorEntry { version, content })
             .await?;
         Ok(true)
+    }
+
+    /// Tells the fan-out which artifacts of a desired state just published `device` is to
+    /// download: those neither of its slots holds by its last report.
+    fn expect_downloads(&self, device: &DeviceEntry, models: &[Wanted]) {
+        let Some(fanout) = &self.fanout else {
+            return;
+        };
+        let held = |sha256: &str| {
+            device.report.as_ref().is_some_and(|r| {
+                r.models.values().any(|m| {
+                    [&m.a, &m.b]
+                        .into_iter()
+                        .flatten()
+                        .any(|c| c.sha256.eq_ignore_ascii_case(sha256))
+                })
+            })
+        };
+        let now = std::time::Instant::now();
+        let mut fanout = fanout.lock().expect("fanout lock");
+        for (m, _) in models.iter().filter(|(m, _)| !held(&m.sha256)) {
+            fanout.expect(now, &m.sha256, &device.id);
+        }
     }
 
     /// Re-evaluates every device (after a deployment or a repository change).

@@ -317,7 +317,12 @@ impl Fleet {
             .set_inflight(256);
         // Requests (chunk replies of up to 4 MiB among them) waiting for the link: what the
         // MQTT client holds besides the 256 in flight.
-        let (client, eventloop) = AsyncClient::new(opts, CLIENT_QUEUE);
+        let (client, mut eventloop) = AsyncClient::new(opts, CLIENT_QUEUE);
+        // Small messages (acknowledgements, desired states) go out at once, not held by
+        // Nagle's algorithm until earlier ones are acknowledged.
+        let mut network = rumqttc::NetworkOptions::new();
+        network.set_tcp_nodelay(true);
+        eventloop.set_network_options(network);
         let fleet = Arc::new(Fleet {
             db,
             repo,

@@ -5,7 +5,8 @@
 //! Run: `cargo build --release --bins && target/release/bench-update` (it starts the release
 //! binaries beside it). Figures are printed; the machine is shared and noisy, so compare the
 //! ratios, not the absolute times. `BENCH_RUNS`, `BENCH_MB`, `BENCH_SMALL_MB` change sizes;
-//! `BENCH_TRANSFER` adds keys to the agent's `[transfer]` section.
+//! `BENCH_TRANSFER` adds keys to the agent's `[transfer]` section; `BENCH_LOGS=<dir>` keeps
+//! the agent's and the server's logs.
 
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -220,6 +221,18 @@ fn main() {
         last_file = file;
     }
     let _ = last_file;
+    // `BENCH_LOGS=<dir>` keeps the agent's and the server's logs (their timestamps say where
+    // the time went).
+    if let Ok(logs) = std::env::var("BENCH_LOGS") {
+        let logs = std::path::Path::new(&logs);
+        std::fs::create_dir_all(logs).expect("BENCH_LOGS directory");
+        for (from, to) in [
+            (agent.log_path(), "agent.log"),
+            (fleet.dir.path().join("server.log"), "server.log"),
+        ] {
+            let _ = std::fs::copy(from, logs.join(to));
+        }
+    }
     let (mv, ma, mb) = (median(verified), median(active), median(baselines));
     println!(
         "median: modelcast {:.2}s to verified, {:.2}s to serving; baseline {:.2}s",
