@@ -327,6 +327,16 @@ impl Artifacts {
         Ok(())
     }
 
+    /// Reads `len` bytes at `offset` of the complete artifact `sha256`, if it is on disk and
+    /// holds them (unchecked: the caller checks them against a digest).
+    pub fn read_complete(&self, sha256: &str, offset: u64, len: u32) -> Option<Vec<u8>> {
+        modelcast_proto::chunk::parse_digest(sha256).ok()?;
+        let file = File::open(self.complete_path(&sha256.to_ascii_lowercase())).ok()?;
+        let mut buf = vec![0u8; len as usize];
+        file.read_exact_at(&mut buf, offset).ok()?;
+        Some(buf)
+    }
+
     /// A reader over the complete artifact that checks each chunk's digest as it goes.
     pub fn reader(&self, layout: &Layout<'_>) -> Result<ArtifactReader, StoreError> {
         let name = file_name(layout)?;

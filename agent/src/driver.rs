@@ -708,14 +708,24 @@ impl Agent {
     }
 
     async fn prepare_download(&mut self, manifest: Manifest) {
-        let result = match self.store.set_pending(&manifest) {
-            Ok(have) => self.store.flush().await.map(|()| have),
+        // What the download needs that the device already holds is copied, not downloaded.
+        let prepared = self.store.set_pending(&manifest).and_then(|mut have| {
+            let reused = self.store.reuse(&manifest, &mut have)?;
+            Ok((have, reused))
+        });
+        let result = match prepared {
+            Ok(ready) => self.store.flush().await.map(|()| ready),
             Err(e) => Err(e),
         };
         match result {
-            Ok(have) => self
-                .updater
-                .download_ready(&manifest.name, &manifest.sha256, have),
+            Ok((have, reused)) => {
+                if reused > 0 {
+                    info!(model = %manifest.name, version = manifest.version, reused_bytes = reused, "chunks reused from stored artifacts");
+                    self.metrics.reused(&manifest.name, reused);
+                }
+                self.updater
+                    .download_ready(&manifest.name, &manifest.sha256, have, reused)
+            }
             Err(e) => self
                 .updater
                 .download_failed(&manifest.name, &manifest.sha256, e.into()),

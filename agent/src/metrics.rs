@@ -156,6 +156,7 @@ pub struct Metrics {
     update_phase: Family<PhaseLabels, Gauge>,
     updates: Family<OutcomeLabels, Counter>,
     downloaded: Family<ModelLabels, Counter>,
+    reused: Family<ModelLabels, Counter>,
     chunk_bytes: Family<ModelLabels, Counter>,
     refetched: Family<ModelLabels, Counter>,
     chunks_rejected: Counter,
@@ -231,6 +232,13 @@ impl Metrics {
             "Verified artifact bytes received",
             Unit::Bytes,
             downloaded.clone(),
+        );
+        let reused = Family::<ModelLabels, Counter>::default();
+        registry.register_with_unit(
+            "reused",
+            "Artifact bytes copied from artifacts already on the device instead of downloaded",
+            Unit::Bytes,
+            reused.clone(),
         );
         let chunk_bytes = Family::<ModelLabels, Counter>::default();
         registry.register_with_unit(
@@ -315,6 +323,7 @@ impl Metrics {
             update_phase,
             updates,
             downloaded,
+            reused,
             chunk_bytes,
             refetched,
             chunks_rejected,
@@ -392,6 +401,11 @@ impl Metrics {
     /// Counts verified bytes received for `model`.
     pub fn downloaded(&self, model: &str, bytes: u64) {
         count(&self.downloaded, model, bytes);
+    }
+
+    /// Counts bytes a download of `model` copied from artifacts already on the device.
+    pub fn reused(&self, model: &str, bytes: u64) {
+        count(&self.reused, model, bytes);
     }
 
     /// Counts the bytes of a chunk reply for a download in progress.

@@ -319,6 +319,55 @@ impl Store {
         Ok(have)
     }
 
+    /// Copies into `manifest`'s artifact every chunk `have` lacks that an artifact the device
+    /// holds (any model's slots) has with the same digest and length: read, checked against
+    /// the digest, written. Marks them in `have`; returns the bytes copied. A chunk that
+    /// cannot be read, or whose bytes differ, is left to download.
+    pub fn reuse(&self, manifest: &Manifest, have: &mut [bool]) -> Result<u64, StoreError> {
+        let target = manifest.artifact();
+        // Where each digest can be read: (artifact, offset, length).
+        let mut sources: std::collections::HashMap<&str, (&str, u64, u32)> = Default::default();
+        let records = self.models()?;
+        for (_, record) in &records {
+            for m in [&record.a, &record.b].into_iter().flatten() {
+                if m.sha256.eq_ignore_ascii_case(&manifest.sha256) {
+                    continue;
+                }
+                let layout = m.artifact();
+                for (i, digest) in layout.chunks.iter().enumerate() {
+                    if let Some(len) = layout.chunk_len(i as u32) {
+                        let offset = i as u64 * u64::from(layout.chunk_size);
+                        sources
+                            .entry(digest.as_str())
+                            .or_insert((m.sha256.as_str(), offset, len));
+                    }
+                }
+            }
+        }
+        let mut reused = 0;
+        for (index, digest) in target.chunks.iter().enumerate() {
+            if have.get(index).is_none_or(|h| *h) {
+                continue;
+            }
+            let Some(&(from, offset, len)) = sources.get(digest.as_str()) else {
+                continue;
+            };
+            if target.chunk_len(index as u32) != Some(len) {
+                continue;
+            }
+            let Some(bytes) = self.files.read_complete(from, offset, len) else {
+                continue;
+            };
+            if modelcast_proto::sha256_hex(&bytes) != *digest {
+                continue;
+            }
+            self.files.put_chunk(&target, index as u32, &bytes)?;
+            have[index] = true;
+            reused += u64::from(len);
+        }
+        Ok(reused)
+    }
+
     /// Forgets the download of `name`.
     pub fn clear_pending(&self, name: &str) -> Result<(), StoreError> {
         self.pending.remove(name)?;

@@ -473,7 +473,10 @@ impl Updater {
         let (version, size) = (manifest.version, manifest.size);
         let m = self.models.get_mut(name).expect("looked up above");
         m.step = Step::Trial(Box::new(Probation::new(policy, Window::default(), now)));
-        m.progress = Some(progress(version, Phase::Probation, size, size));
+        m.progress = Some(UpdateProgress {
+            reused_bytes: reused(&m.progress),
+            ..progress(version, Phase::Probation, size, size)
+        });
         self.set_phase(name, Phase::Probation);
         self.want_report(false);
     }
@@ -484,7 +487,7 @@ impl Updater {
         let name = manifest.name.clone();
         let m = self.models.entry(name.clone()).or_default();
         m.step = Step::Preparing(manifest.clone());
-        self.download_ready(&name, &manifest.sha256, have);
+        self.download_ready(&name, &manifest.sha256, have, 0);
     }
 
     // ---- the link ----
@@ -518,7 +521,9 @@ impl Updater {
     // ---- downloads ----
 
     /// The answer to [`Action::PrepareDownload`]: the chunks `have` are already on disk.
-    pub fn download_ready(&mut self, name: &str, sha256: &str, have: Vec<bool>) {
+    ///
+    /// `reused_bytes` of what it has were copied from artifacts the device already held.
+    pub fn download_ready(&mut self, name: &str, sha256: &str, have: Vec<bool>, reused_bytes: u64) {
         let Some(m) = self.models.get_mut(name) else {
             return;
         };
@@ -532,12 +537,15 @@ impl Updater {
         let s = &self.settings;
         let transfer = Transfer::new(manifest.clone(), have, s.window, s.chunk_timeout)
             .with_stall_deadline(s.stall_after);
-        m.progress = Some(progress(
-            manifest.version,
-            Phase::Downloading,
-            transfer.received_bytes(),
-            manifest.download_size(),
-        ));
+        m.progress = Some(UpdateProgress {
+            reused_bytes,
+            ..progress(
+                manifest.version,
+                Phase::Downloading,
+                transfer.received_bytes(),
+                manifest.download_size(),
+            )
+        });
         m.bad_chunks.clear();
         let complete = transfer.is_complete();
         m.step = Step::Downloading(transfer);
@@ -686,12 +694,15 @@ impl Updater {
         };
         m.record = *record;
         m.serving = true;
-        m.progress = Some(progress(
-            manifest.version,
-            Phase::Active,
-            manifest.size,
-            manifest.size,
-        ));
+        m.progress = Some(UpdateProgress {
+            reused_bytes: reused(&m.progress),
+            ..progress(
+                manifest.version,
+                Phase::Active,
+                manifest.size,
+                manifest.size,
+            )
+        });
         self.push(Action::Ended {
             name: name.into(),
             outcome: Outcome::Activated,
@@ -1218,12 +1229,18 @@ impl Updater {
     }
 }
 
+/// The bytes an update reused, carried from one phase's progress to the next.
+fn reused(progress: &Option<UpdateProgress>) -> u64 {
+    progress.as_ref().map_or(0, |p| p.reused_bytes)
+}
+
 fn progress(version: u64, phase: Phase, received_bytes: u64, total_bytes: u64) -> UpdateProgress {
     UpdateProgress {
         version,
         phase,
         received_bytes,
         total_bytes,
+        reused_bytes: 0,
     }
 }
 

@@ -77,6 +77,14 @@ pub struct UpdateProgress {
     pub received_bytes: u64,
     /// Artifact size.
     pub total_bytes: u64,
+    /// Bytes of the download the device copied from artifacts it already held (chunks with
+    /// the same digest) instead of downloading them; part of `received_bytes`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub reused_bytes: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// The state of one model on a device.

@@ -740,6 +740,7 @@ mod tests {
                     phase,
                     received_bytes: 0,
                     total_bytes: 0,
+                    reused_bytes: 0,
                 }),
             },
         );

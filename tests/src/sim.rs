@@ -343,7 +343,7 @@ impl Device {
                 match action {
                     Action::PrepareDownload(m) => {
                         let have = vec![false; m.chunks.len()];
-                        updater.download_ready(&m.name, &m.sha256, have);
+                        updater.download_ready(&m.name, &m.sha256, have, 0);
                     }
                     Action::RequestChunks {
                         artifact,

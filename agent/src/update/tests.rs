@@ -137,7 +137,7 @@ impl Sim {
                     if self.write_ok() {
                         self.pending.insert(manifest.name.clone(), manifest.clone());
                         self.m
-                            .download_ready(&manifest.name, &manifest.sha256, have);
+                            .download_ready(&manifest.name, &manifest.sha256, have, 0);
                     } else {
                         self.m.download_failed(
                             &manifest.name,

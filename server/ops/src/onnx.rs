@@ -440,12 +440,24 @@ pub fn example_model_of_size(version: u64, bytes: u64) -> Vec<u8> {
     if bytes <= 8 * 1024 * 1024 {
         return example_model(version, hidden_for_size(bytes));
     }
+    deep_model(version, bytes, version)
+}
+
+/// The deep example model of about `bytes` (over 8 MiB) at `version` with only its last layer
+/// retrained, as at `head`: every other tensor is `version`'s, byte for byte.
+pub fn example_model_fine_tuned(version: u64, bytes: u64, head: u64) -> Vec<u8> {
+    deep_model(version, bytes, head)
+}
+
+/// A deep MLP of about `bytes`: weights of `version`, the last layer's of `head`.
+fn deep_model(version: u64, bytes: u64, head: u64) -> Vec<u8> {
     let w = DEEP_WIDTH;
     let layer_bytes = (4 * (w * w + w)) as u64;
     let layers = (bytes / layer_bytes).max(1) as usize;
     let mut nodes = Vec::new();
     let mut initializers = Vec::new();
     let mut layer = |input: &str, fan_in: usize, fan_out: usize, i: usize, relu: bool| {
+        let version = if relu { version } else { head };
         // He-style uniform bound keeps activations in range through many layers.
         let bound = (6.0 / fan_in as f32).sqrt();
         let weights: Vec<f32> = (0..fan_in * fan_out)

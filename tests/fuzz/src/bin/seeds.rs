@@ -87,6 +87,7 @@ fn main() -> std::io::Result<()> {
                     phase: Phase::Downloading,
                     received_bytes: 32,
                     total_bytes: 70,
+                    reused_bytes: 16,
                 }),
             },
         )]),
