@@ -250,6 +250,38 @@ pub struct Member {
     /// Why it failed, if it did (kept after it is sent back).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<String>,
+    /// What its update of the rollout's version took, as last reported with a change of
+    /// state (final once committed).
+    #[serde(default, skip_serializing_if = "Transferred::is_empty")]
+    pub transferred: Transferred,
+}
+
+/// Bytes an update brought to a device: all it has of the download, and the part of it
+/// copied from artifacts the device already held (the rest travelled).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Transferred {
+    /// Bytes of the download on the device.
+    pub received_bytes: u64,
+    /// Of those, bytes copied on the device rather than downloaded.
+    pub reused_bytes: u64,
+}
+
+impl Transferred {
+    /// Nothing reported.
+    pub fn is_empty(&self) -> bool {
+        *self == Transferred::default()
+    }
+}
+
+impl std::ops::Add for Transferred {
+    type Output = Transferred;
+
+    fn add(self, other: Transferred) -> Transferred {
+        Transferred {
+            received_bytes: self.received_bytes + other.received_bytes,
+            reused_bytes: self.reused_bytes + other.reused_bytes,
+        }
+    }
 }
 
 /// Counts of devices by state at one instant.
@@ -389,6 +421,7 @@ impl Rollout {
                 previous,
                 state: DeviceState::Waiting,
                 failure: None,
+                transferred: Transferred::default(),
             })
             .collect();
         let mut rollout = Rollout {
@@ -452,6 +485,17 @@ impl Rollout {
         }
         if let DeviceState::Failed { reason } = &next {
             m.failure = Some(reason.clone());
+        }
+        if let Some(u) = report
+            .models
+            .get(model)
+            .and_then(|s| s.update.as_ref())
+            .filter(|u| u.version == version)
+        {
+            m.transferred = Transferred {
+                received_bytes: u.received_bytes,
+                reused_bytes: u.reused_bytes,
+            };
         }
         m.state = next;
         self.step(now)
@@ -537,6 +581,13 @@ impl Rollout {
         self.state = RolloutState::Cancelled;
         self.sample(now);
         vec![Effect::Ended(RolloutState::Cancelled)]
+    }
+
+    /// What the members' updates took, added up.
+    pub fn transferred(&self) -> Transferred {
+        self.members
+            .iter()
+            .fold(Transferred::default(), |t, m| t + m.transferred)
     }
 
     /// Device counts now.
@@ -828,6 +879,37 @@ mod tests {
         assert_eq!(r.wave_sizes, vec![1, 4, 20, 40]);
         let (r, _) = Rollout::start(1, spec(&["100", "10%"], 0), "op", 0, devices(3));
         assert_eq!(r.wave_sizes, vec![3]);
+    }
+
+    #[test]
+    fn what_each_update_took_is_kept_with_its_member_and_added_up() {
+        let (mut r, effects) = Rollout::start(7, spec(&["100%"], 0), "op", 0, devices(2));
+        let moved = moved(&effects);
+        let took = |device: &str, reused: u64| {
+            let mut rep = report(device, 2, Some((2, Phase::Active)));
+            let u = rep.models.get_mut("m").unwrap().update.as_mut().unwrap();
+            (u.received_bytes, u.total_bytes, u.reused_bytes) = (1000, 1000, reused);
+            rep
+        };
+        r.handle_report(10, &moved[0], &took(&moved[0], 900));
+        r.handle_report(11, &moved[1], &took(&moved[1], 0));
+        assert_eq!(
+            r.member(&moved[0]).unwrap().transferred,
+            Transferred {
+                received_bytes: 1000,
+                reused_bytes: 900
+            }
+        );
+        assert_eq!(
+            r.transferred(),
+            Transferred {
+                received_bytes: 2000,
+                reused_bytes: 900
+            }
+        );
+        // Kept with the rollout as stored; absent from older stored rollouts.
+        let back: Rollout = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+        assert_eq!(back.transferred(), r.transferred());
     }
 
     #[test]

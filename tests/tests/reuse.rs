@@ -1,13 +1,16 @@
 //! Reuse on the device: a new version that differs from the serving one in one tensor (the
 //! deep example model with only its last layer retrained) is assembled from the chunks the
 //! device already holds; only the chunks that changed travel. Checked by the server's
-//! sent-bytes counter, the agent's reused-bytes metric and its state report; the new version
-//! then answers its own golden vector.
+//! sent-bytes counter, the agent's reused-bytes metric, its state report and the rollout's
+//! figures (API, `modelcast rollout status` and the dashboard); the new version then answers its own golden
+//! vector.
 
 use std::time::Duration;
 
 use modelcast_ops::onnx::{example_model_fine_tuned, example_model_of_size};
-use modelcast_tests::{wait_for, AgentOptions, Fleet};
+use modelcast_server::rollout::{RolloutSpec, RolloutState};
+use modelcast_tests::browser::{element, rendered};
+use modelcast_tests::{bin, wait_for, AgentOptions, Fleet};
 
 const MIB: u64 = 1024 * 1024;
 const REUSED: &str = r#"modelcast_reused_bytes_total{model="classifier"}"#;
@@ -39,7 +42,11 @@ fn a_version_that_changes_one_tensor_downloads_only_its_chunks() {
     let before = sent();
     // Every tensor of version 1 but the last layer's.
     let v2 = write(2, example_model_fine_tuned(1, size, 2));
-    fleet.deploy("classifier", 2, "*");
+    let rollout = fleet.start_rollout(RolloutSpec::new("classifier", 2, "*", &["100%"]).unwrap());
+    let rollout = wait_for("the rollout to complete", Duration::from_secs(60), || {
+        let r = fleet.client.rollout(rollout.id).ok()?;
+        (r.state == RolloutState::Completed).then_some(r)
+    });
     fleet.wait_serving("edge-1", "classifier", 2);
     assert_eq!(agent.check_golden(&v2), "2");
 
@@ -56,6 +63,25 @@ fn a_version_that_changes_one_tensor_downloads_only_its_chunks() {
         100.0 * travelled as f64 / download as f64
     );
     assert_eq!(report.reused_bytes, reused, "{report:?}");
+    let t = rollout.transferred();
+    assert_eq!((t.received_bytes, t.reused_bytes), (download, reused));
+    let out = std::process::Command::new(bin("modelcast"))
+        .args(["--server", fleet.client.base(), "rollout", "status"])
+        .arg(rollout.id.to_string())
+        .output()
+        .expect("modelcast rollout status");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("MB of it reused"), "{text}");
+    // The dashboard, in headless Chromium.
+    let dom = rendered(
+        fleet.dir.path(),
+        &format!("{}/dashboard", fleet.client.base()),
+    );
+    let line = element(&dom, "div", "data-transferred", &rollout.id.to_string());
+    assert!(
+        line.contains("MB reused from what they held (97 %)"),
+        "{line}"
+    );
     assert!(
         reused + travelled >= v2.size,
         "every byte of the artifact either reused or sent"

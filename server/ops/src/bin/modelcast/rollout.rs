@@ -275,6 +275,16 @@ fn print_status(r: &Rollout) {
             wave_message(r, wave)
         );
     }
+    let t = r.transferred();
+    if t.received_bytes > 0 {
+        println!(
+            "  bytes: {:.1} MB on the devices, {:.1} MB of it reused from what they held ({:.0} %), {:.1} MB downloaded",
+            t.received_bytes as f64 / 1e6,
+            t.reused_bytes as f64 / 1e6,
+            100.0 * t.reused_bytes as f64 / t.received_bytes as f64,
+            (t.received_bytes - t.reused_bytes.min(t.received_bytes)) as f64 / 1e6
+        );
+    }
     for m in &r.members {
         if let Some(reason) = &m.failure {
             println!("  failed: {}: {reason}", m.device);
