@@ -102,17 +102,13 @@ pub fn mosquitto_conf(s: &MosquittoSetup<'_>) -> String {
          use_identity_as_username true\n\
          use_username_as_clientid true\n\
          max_packet_size {max}\n\
-         # Chunk requests and acknowledgements are small: sent at once, not held back by\n\
-         # Nagle's algorithm behind earlier ones (a 40 ms delayed-ACK stall each time).\n\
-         set_tcp_nodelay true\n\
          # The fleet server's subscriptions carry every device's chunk requests and reports:\n\
          # its queue must absorb a burst from the whole fleet (mosquitto drops QoS 1 messages\n\
          # past it; its default, 1000, is less than one request per device of a large fleet).\n\
          max_queued_messages {queue}\n\
          # What any one client that stops reading (or a device that asks for chunks and never\n\
          # reads them) can make the broker hold for it: QoS 1 messages past this are dropped\n\
-         # for that client only (chunk replies travel at QoS 0: a device asks again for what\n\
-         # does not come). A device's download window is 16 MiB by default; the server's\n\
+         # for that client only. A device's download window is 16 MiB by default; the server's\n\
          # queue holds requests and reports, kilobytes each.\n\
          max_queued_bytes {queue_bytes}\n",
         acl = s.acl_file.display(),

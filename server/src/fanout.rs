@@ -52,6 +52,10 @@ pub enum Route {
     Shared,
     /// On the asking device's own chunk topic, now.
     Direct,
+    /// On the asking device's own chunk topic, now, and nobody else downloads the artifact:
+    /// the device's window is all that is in flight for it (the caller may send without
+    /// waiting for the broker's acknowledgements).
+    Alone,
     /// Nowhere: a shared copy published after the device joined, or due, will reach it.
     Skip,
 }
@@ -225,7 +229,7 @@ impl Fanout {
                 Some(Shared::Made {
                     joins, listening, ..
                 }) if artifact.next_join - joins < *listening => Route::Direct,
-                _ if alone => Route::Direct,
+                _ if alone => Route::Alone,
                 _ => {
                     artifact.chunks.insert(index, Shared::Due { asked: now });
                     self.due
@@ -238,6 +242,8 @@ impl Fanout {
         for &index in &request.again {
             let route = if covered(artifact.chunks.get(&index)) {
                 Route::Skip
+            } else if alone {
+                Route::Alone
             } else {
                 Route::Direct
             };
@@ -370,7 +376,7 @@ mod tests {
         let later = t + JOIN_QUIET;
         assert_eq!(
             routes(&f.route(later, &ask("a", &[1, 2], &[]))),
-            vec![Route::Direct, Route::Direct]
+            vec![Route::Alone, Route::Alone]
         );
         assert_eq!(f.take_due(later), vec![("ab".repeat(32), 0)]);
         // Another device joins: shared again, for both.
@@ -394,7 +400,7 @@ mod tests {
         first.joined = true;
         assert_eq!(
             routes(&f.route(t, &first)),
-            vec![Route::Direct, Route::Direct]
+            vec![Route::Alone, Route::Alone]
         );
         assert_eq!(f.next_due(), None);
     }
@@ -528,12 +534,9 @@ mod tests {
         let t = t + JOIN_QUIET;
         // a timed out on 0: the shared copy made after it joined may still be queued.
         assert_eq!(f.route(t, &ask("a", &[], &[0])), vec![(0, Route::Skip)]);
-        // Past the patience, it gets its own copy.
+        // Past the patience, it gets its own copy (alone: nobody else downloads).
         let late = t + PATIENCE;
-        assert_eq!(
-            f.route(late, &ask("a", &[], &[0])),
-            vec![(0, Route::Direct)]
-        );
+        assert_eq!(f.route(late, &ask("a", &[], &[0])), vec![(0, Route::Alone)]);
         // After a reconnect (joined), what was queued is lost: its own copy at once.
         let mut rejoined = ask("a", &[], &[1]);
         rejoined.joined = true;
@@ -644,7 +647,7 @@ mod tests {
                         Route::Shared | Route::Skip => {
                             owed.insert((device.clone(), index));
                         }
-                        Route::Direct => {
+                        Route::Direct | Route::Alone => {
                             got.entry(device.clone()).or_default().insert(index);
                             if !again {
                                 *direct.entry((device.clone(), index)).or_default() += 1;

@@ -32,7 +32,6 @@ impl Mosquitto {
             &conf,
             format!(
                 "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
-                 set_tcp_nodelay true\n\
                  max_queued_messages {}\nmax_queued_bytes {}\n",
                 modelcast_server::acl::SERVER_QUEUE,
                 modelcast_server::acl::CLIENT_QUEUE_BYTES

@@ -131,10 +131,14 @@ impl Fleet {
                     self.chunks_skipped.fetch_add(1, Relaxed);
                 }
                 Route::Shared => scheduled = true,
-                Route::Direct => {
+                Route::Direct | Route::Alone => {
                     let charge = Some((req.device.as_str(), req.again.contains(&index)));
+                    let qos = match route {
+                        Route::Alone => QoS::AtMostOnce,
+                        _ => QoS::AtLeastOnce,
+                    };
                     if !self
-                        .send_chunk(&own, &req.artifact, &digest, index, charge)
+                        .send_chunk(&own, &req.artifact, &digest, index, charge, qos)
                         .await
                     {
                         break;
@@ -179,7 +183,7 @@ impl Fleet {
                 };
                 let topic = self.topics.artifact(&artifact);
                 if self
-                    .send_chunk(&topic, &artifact, &digest, index, None)
+                    .send_chunk(&topic, &artifact, &digest, index, None, QoS::AtLeastOnce)
                     .await
                 {
                     self.chunks_shared.fetch_add(1, Relaxed);
@@ -188,10 +192,20 @@ impl Fleet {
         }
     }
 
-    /// Publishes chunk `index` of `artifact` on `topic`, charged to the budget of the device
-    /// `charge` names (for a chunk it asked again, or the first time) if given; false if the
-    /// broker link is gone or the device is over its budget (the rest of its request is not
+    /// Publishes chunk `index` of `artifact` on `topic` at `qos`, charged to the budget of the
+    /// device `charge` names (for a chunk it asked again, or the first time) if given; false if
+    /// the broker link is gone or the device is over its budget (the rest of its request is not
     /// sent either).
+    ///
+    /// A device downloading an artifact alone ([`Route::Alone`]) gets its chunks at QoS 0: it
+    /// asked for them within its window, checks each against its digest and asks again for what
+    /// does not come, so a broker's acknowledgement adds only a small packet per chunk. Those
+    /// held each next request back 20-40 ms (the broker's small packets to the server wait, by
+    /// Nagle's algorithm, for the server's delayed ACK of the one before; neither rumqttd nor
+    /// mosquitto by default sets TCP_NODELAY). Everything else goes at QoS 1, which paces the
+    /// server to what the broker takes: with 10,000 devices, QoS 0 replies (or TCP_NODELAY in
+    /// mosquitto) had mosquitto drop the server's connection ("out of memory") and the
+    /// devices stall.
     async fn send_chunk(
         &self,
         topic: &str,
@@ -199,6 +213,7 @@ impl Fleet {
         digest: &[u8; 32],
         index: u32,
         charge: Option<(&str, bool)>,
+        qos: QoS,
     ) -> bool {
         use std::sync::atomic::Ordering::Relaxed;
         let (file, at) = self.locate(artifact, digest, index);
@@ -236,17 +251,7 @@ impl Fleet {
             data: &data,
         }
         .encode();
-        // At QoS 0: a chunk is checked against its digest and asked again when it does not
-        // come (the device's window and timeouts), so a broker's acknowledgement adds nothing
-        // but a small packet per chunk each way, and those held the device's next request
-        // back by 20-40 ms each time (Nagle's algorithm against delayed ACKs on the broker's
-        // socket): one device's 100 MB download took 0.48 s with them, 0.35-0.43 s without.
-        if self
-            .client
-            .publish(topic, QoS::AtMostOnce, false, frame)
-            .await
-            .is_err()
-        {
+        if self.client.publish(topic, qos, false, frame).await.is_err() {
             return false;
         }
         self.chunks.fetch_add(1, Relaxed);
