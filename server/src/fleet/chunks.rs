@@ -124,7 +124,6 @@ impl Fleet {
         };
         let own = self.topics.device(&req.device, DeviceTopic::Chunks);
         let mut scheduled = false;
-
         for (index, route) in routes {
             match route {
                 Route::Skip => {
@@ -203,9 +202,8 @@ impl Fleet {
     /// held each next request back 20-40 ms (the broker's small packets to the server wait, by
     /// Nagle's algorithm, for the server's delayed ACK of the one before; neither rumqttd nor
     /// mosquitto by default sets TCP_NODELAY). Everything else goes at QoS 1, which paces the
-    /// server to what the broker takes: with 10,000 devices, QoS 0 replies (or TCP_NODELAY in
-    /// mosquitto) had mosquitto drop the server's connection ("out of memory") and the
-    /// devices stall.
+    /// server to what the broker takes, whose per-subscriber queues and inflight limits then
+    /// apply (a shared publication at QoS 0 becomes a packet per subscriber at once).
     async fn send_chunk(
         &self,
         topic: &str,
