@@ -75,31 +75,44 @@ impl From<EngineError> for crate::update::Failure {
 /// of a fresh plan are slow (allocation, caches), and they should not be live requests.
 pub const DEFAULT_WARMUP_RUNS: u32 = 3;
 
-/// A tensor's elements: little-endian bytes of one datatype (BOOL: 0 or 1 per byte). Every
-/// device modelcast builds for is little-endian, so these are also the bytes tract holds.
+/// A tensor's elements: little-endian bytes of one datatype (BOOL: 0 or 1 per byte), or for
+/// BYTES, KServe v2's binary form (each element's length as a little-endian u32, then its
+/// bytes). Every device modelcast builds for is little-endian, so numbers are also the bytes
+/// tract holds.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Values {
     datatype: DataType,
     bytes: Vec<u8>,
+    len: usize,
 }
 
 #[cfg(not(target_endian = "little"))]
 compile_error!("tensors travel as little-endian bytes; big-endian hosts are not supported");
 
 impl Values {
-    /// Elements of `datatype` from their little-endian bytes: a whole number of elements,
-    /// BOOL bytes 0 or 1.
+    /// Elements of `datatype` from their bytes: a whole number of little-endian elements,
+    /// BOOL bytes 0 or 1, BYTES elements each with its length.
     pub fn new(datatype: DataType, bytes: Vec<u8>) -> Result<Self, EngineError> {
-        if !bytes.len().is_multiple_of(datatype.size()) {
-            return Err(EngineError::BadInput(format!(
-                "{} bytes are not a whole number of {datatype} elements",
-                bytes.len()
-            )));
-        }
+        let len = match datatype.size() {
+            Some(size) if !bytes.len().is_multiple_of(size) => {
+                return Err(EngineError::BadInput(format!(
+                    "{} bytes are not a whole number of {datatype} elements",
+                    bytes.len()
+                )))
+            }
+            Some(size) => bytes.len() / size,
+            None => modelcast_proto::manifest::split_bytes(&bytes)
+                .map_err(|e| EngineError::BadInput(e.to_string()))?
+                .len(),
+        };
         if datatype == DataType::Bool && bytes.iter().any(|b| *b > 1) {
             return Err(EngineError::BadInput("BOOL elements must be 0 or 1".into()));
         }
-        Ok(Values { datatype, bytes })
+        Ok(Values {
+            datatype,
+            bytes,
+            len,
+        })
     }
 
     /// FP32 values.
@@ -107,25 +120,27 @@ impl Values {
         Values {
             datatype: DataType::Fp32,
             bytes: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            len: values.len(),
         }
     }
 
-    /// Zeros of `datatype`.
+    /// Zeros of `datatype` (BYTES: empty strings).
     pub fn zeros(datatype: DataType, elements: usize) -> Self {
         Values {
             datatype,
-            bytes: vec![0; elements * datatype.size()],
+            bytes: vec![0; elements * datatype.size().unwrap_or(4)],
+            len: elements,
         }
     }
 
     /// Element count.
     pub fn len(&self) -> usize {
-        self.bytes.len() / self.datatype.size()
+        self.len
     }
 
     /// Whether empty.
     pub fn is_empty(&self) -> bool {
-        self.bytes.is_empty()
+        self.len == 0
     }
 
     /// The element type.
@@ -133,15 +148,28 @@ impl Values {
         self.datatype
     }
 
-    /// The little-endian element bytes.
+    /// The elements' bytes: little-endian numbers, or BYTES in KServe v2's binary form.
     pub fn bytes(&self) -> &[u8] {
         &self.bytes
     }
 
+    /// The elements of a BYTES tensor (none for a numeric one).
+    pub fn strings(&self) -> Vec<&[u8]> {
+        if self.datatype != DataType::Bytes {
+            return Vec::new();
+        }
+        // Checked when made.
+        modelcast_proto::manifest::split_bytes(&self.bytes).unwrap_or_default()
+    }
+
     /// The values as f64, for telemetry and comparisons (64-bit integers beyond 2^53 round).
+    /// BYTES has no numbers: empty.
     pub fn to_f64(&self) -> Vec<f64> {
+        let Some(size) = self.datatype.size() else {
+            return Vec::new();
+        };
         self.bytes
-            .chunks_exact(self.datatype.size())
+            .chunks_exact(size)
             .map(|c| self.datatype.decode_f64(c))
             .collect()
     }
@@ -187,6 +215,7 @@ pub fn datum(dt: DataType) -> DatumType {
         DataType::Fp16 => DatumType::F16,
         DataType::Fp32 => DatumType::F32,
         DataType::Fp64 => DatumType::F64,
+        DataType::Bytes => DatumType::String,
     }
 }
 
@@ -531,6 +560,16 @@ impl LoadedModel {
                     .iter()
                     .find(|o| o.name == expected.name)
                     .ok_or_else(|| g(format!("no output {:?}", expected.name)))?;
+                if expected.datatype == DataType::Bytes {
+                    let want = expected.bytes().map_err(|e| g(e.to_string()))?;
+                    if got.values.datatype() != DataType::Bytes || got.values.bytes() != want {
+                        return Err(g(format!(
+                            "{} differs from the expected strings",
+                            expected.name
+                        )));
+                    }
+                    continue;
+                }
                 let want = expected.values().map_err(|e| g(e.to_string()))?;
                 let have = got.values.to_f64();
                 if have.len() != want.len() {
@@ -823,6 +862,25 @@ fn to_tract(spec: &TensorSpec, t: &HostTensor) -> Result<TValue, EngineError> {
             t.shape
         )));
     }
+    if spec.datatype == DataType::Bytes {
+        let strings = t
+            .values
+            .strings()
+            .into_iter()
+            .enumerate()
+            .map(|(i, b)| {
+                String::from_utf8(b.to_vec()).map_err(|_| {
+                    EngineError::BadInput(format!(
+                        "input {} element {i} is not UTF-8 text, which the model's strings must be",
+                        spec.name
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let array = tract_ndarray::ArrayD::from_shape_vec(shape, strings)
+            .map_err(|e| EngineError::BadInput(format!("input {}: {e}", spec.name)))?;
+        return Ok(Tensor::from(array).into());
+    }
     // SAFETY: the type is a plain number or BOOL (whose bytes `Values::new` checked to be 0
     // or 1), so any whole number of elements' bytes is a valid tensor; tract checks that
     // the bytes fill the shape before it allocates.
@@ -850,10 +908,18 @@ fn from_tract(spec: &TensorSpec, t: &Tensor) -> Result<HostTensor, EngineError> 
     } else {
         t
     };
-    let bytes = t
-        .as_plain_ram()
-        .map(|_| t.as_bytes().to_vec())
-        .ok_or_else(|| EngineError::Run(format!("output {} is not in memory", spec.name)))?;
+    let bytes = if spec.datatype == DataType::Bytes {
+        let strings = t
+            .to_plain_array_view::<String>()
+            .map_err(|e| EngineError::Run(format!("output {}: {e:#}", spec.name)))?;
+        // Row-major, whatever the view's strides.
+        modelcast_proto::manifest::join_bytes(strings.iter().map(|s| s.as_bytes()))
+            .map_err(|e| EngineError::Run(format!("output {}: {e}", spec.name)))?
+    } else {
+        t.as_plain_ram()
+            .map(|_| t.as_bytes().to_vec())
+            .ok_or_else(|| EngineError::Run(format!("output {} is not in memory", spec.name)))?
+    };
     Ok(HostTensor {
         name: spec.name.clone(),
         shape: t.shape().iter().map(|d| *d as u64).collect(),

@@ -41,6 +41,98 @@ fn metadata_tensors(
         .collect()
 }
 
+/// Triton's configuration type of a tensor type.
+fn config_type(dt: DataType) -> pb::DataType {
+    match dt {
+        DataType::Bool => pb::DataType::TypeBool,
+        DataType::Uint8 => pb::DataType::TypeUint8,
+        DataType::Uint16 => pb::DataType::TypeUint16,
+        DataType::Uint32 => pb::DataType::TypeUint32,
+        DataType::Uint64 => pb::DataType::TypeUint64,
+        DataType::Int8 => pb::DataType::TypeInt8,
+        DataType::Int16 => pb::DataType::TypeInt16,
+        DataType::Int32 => pb::DataType::TypeInt32,
+        DataType::Int64 => pb::DataType::TypeInt64,
+        DataType::Fp16 => pb::DataType::TypeFp16,
+        DataType::Fp32 => pb::DataType::TypeFp32,
+        DataType::Fp64 => pb::DataType::TypeFp64,
+        DataType::Bytes => pb::DataType::TypeString,
+    }
+}
+
+/// The model's configuration as `serve.rs` answers it over HTTP, in Triton's messages.
+fn model_config(model: &crate::engine::LoadedModel) -> pb::ModelConfig {
+    let m = model.manifest();
+    pb::ModelConfig {
+        name: m.name.clone(),
+        platform: crate::serve::PLATFORM.into(),
+        backend: "tract".into(),
+        version_policy: Some(pb::ModelVersionPolicy {
+            policy_choice: Some(pb::model_version_policy::PolicyChoice::Specific(
+                pb::model_version_policy::Specific {
+                    versions: vec![i64::try_from(m.version).unwrap_or(i64::MAX)],
+                },
+            )),
+        }),
+        max_batch_size: 0,
+        input: m
+            .inputs
+            .iter()
+            .map(|s| pb::ModelInput {
+                name: s.name.clone(),
+                data_type: config_type(s.datatype).into(),
+                dims: s.metadata_shape(),
+            })
+            .collect(),
+        output: m
+            .outputs
+            .iter()
+            .map(|s| pb::ModelOutput {
+                name: s.name.clone(),
+                data_type: config_type(s.datatype).into(),
+                dims: s.metadata_shape(),
+            })
+            .collect(),
+        parameters: m
+            .metadata
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    pb::ModelParameter {
+                        string_value: v.clone(),
+                    },
+                )
+            })
+            .collect(),
+    }
+}
+
+/// A model's statistics, as `serve.rs` answers them over HTTP.
+fn model_statistics(model: &crate::engine::LoadedModel) -> pb::ModelStatistics {
+    use std::sync::atomic::Ordering::Relaxed;
+    let s = model.stats();
+    let d = |count: u64, ns: u64| Some(pb::StatisticDuration { count, ns });
+    let (ok, ok_ns) = (s.success.load(Relaxed), s.success_ns.load(Relaxed));
+    pb::ModelStatistics {
+        name: model.manifest().name.clone(),
+        version: model.manifest().version.to_string(),
+        last_inference: s.last_ms.load(Relaxed),
+        inference_count: ok,
+        execution_count: ok,
+        inference_stats: Some(pb::InferStatistics {
+            success: d(ok, ok_ns),
+            fail: d(s.fail.load(Relaxed), s.fail_ns.load(Relaxed)),
+            queue: d(0, 0),
+            compute_input: d(0, 0),
+            compute_infer: d(ok, ok_ns),
+            compute_output: d(0, 0),
+            cache_hit: d(s.plan_hits.load(Relaxed), 0),
+            cache_miss: d(s.plan_builds.load(Relaxed), 0),
+        }),
+    }
+}
+
 fn version(v: &str) -> Option<&str> {
     (!v.is_empty()).then_some(v)
 }
@@ -62,11 +154,25 @@ fn typed_bytes(
         DataType::Fp32 => c.fp32_contents.len(),
         DataType::Fp64 => c.fp64_contents.len(),
         DataType::Fp16 => return Err(err("FP16 travels only as raw contents".into())),
+        DataType::Bytes => {
+            let total = c
+                .bytes_contents
+                .iter()
+                .fold(0usize, |n, b| n.saturating_add(b.len()).saturating_add(4));
+            if total > max {
+                return Err(err(format!("more than the limit of {max} bytes")));
+            }
+            return modelcast_proto::manifest::join_bytes(
+                c.bytes_contents.iter().map(Vec::as_slice),
+            )
+            .map_err(|e| err(e.to_string()));
+        }
     };
-    if count.saturating_mul(dt.size()) > max {
+    let size = dt.size().unwrap_or(1);
+    if count.saturating_mul(size) > max {
         return Err(err(format!("more than the limit of {max} bytes")));
     }
-    let mut out = Vec::with_capacity(count * dt.size());
+    let mut out = Vec::with_capacity(count * size);
     macro_rules! narrow {
         ($src:expr, $t:ty) => {
             for v in $src {
@@ -93,7 +199,7 @@ fn typed_bytes(
             .fp64_contents
             .iter()
             .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-        DataType::Fp16 => {}
+        DataType::Fp16 | DataType::Bytes => {}
     }
     Ok(out)
 }
@@ -256,9 +362,59 @@ impl GrpcInferenceService for Service {
         Ok(Response::new(pb::ModelMetadataResponse {
             name: m.name.clone(),
             versions: vec![m.version.to_string()],
-            platform: "onnx_tract".into(),
+            platform: crate::serve::PLATFORM.into(),
             inputs: metadata_tensors(&m.inputs),
             outputs: metadata_tensors(&m.outputs),
+        }))
+    }
+
+    async fn model_config(
+        &self,
+        req: Request<pb::ModelConfigRequest>,
+    ) -> Result<Response<pb::ModelConfigResponse>, Status> {
+        let r = req.into_inner();
+        let model = lookup(&self.api, &r.name, version(&r.version)).map_err(Status::not_found)?;
+        Ok(Response::new(pb::ModelConfigResponse {
+            config: Some(model_config(&model)),
+        }))
+    }
+
+    async fn model_statistics(
+        &self,
+        req: Request<pb::ModelStatisticsRequest>,
+    ) -> Result<Response<pb::ModelStatisticsResponse>, Status> {
+        let r = req.into_inner();
+        let model_stats = if r.name.is_empty() {
+            let models = self.api.models.names();
+            models
+                .iter()
+                .filter_map(|n| self.api.models.get(n))
+                .map(|m| model_statistics(&m))
+                .collect()
+        } else {
+            let model =
+                lookup(&self.api, &r.name, version(&r.version)).map_err(Status::not_found)?;
+            vec![model_statistics(&model)]
+        };
+        Ok(Response::new(pb::ModelStatisticsResponse { model_stats }))
+    }
+
+    async fn repository_index(
+        &self,
+        _: Request<pb::RepositoryIndexRequest>,
+    ) -> Result<Response<pb::RepositoryIndexResponse>, Status> {
+        let models = self.api.models.names();
+        Ok(Response::new(pb::RepositoryIndexResponse {
+            models: models
+                .iter()
+                .filter_map(|n| self.api.models.get(n))
+                .map(|m| pb::repository_index_response::ModelIndex {
+                    name: m.manifest().name.clone(),
+                    version: m.manifest().version.to_string(),
+                    state: "READY".into(),
+                    reason: String::new(),
+                })
+                .collect(),
         }))
     }
 
@@ -418,6 +574,40 @@ mod tests {
             ..Default::default()
         };
         assert!(decode(miscount, 1 << 20).is_err());
+    }
+
+    #[test]
+    fn bytes_come_typed_or_raw_alike() {
+        let typed = pb::ModelInferRequest {
+            inputs: vec![input(
+                "w",
+                "BYTES",
+                vec![2],
+                Some(pb::InferTensorContents {
+                    bytes_contents: vec![b"fleet".to_vec(), vec![]],
+                    ..Default::default()
+                }),
+            )],
+            ..Default::default()
+        };
+        let raw = pb::ModelInferRequest {
+            inputs: vec![input("w", "BYTES", vec![2], None)],
+            raw_input_contents: vec![vec![5, 0, 0, 0, b'f', b'l', b'e', b'e', b't', 0, 0, 0, 0]],
+            ..Default::default()
+        };
+        let a = decode(typed.clone(), 1 << 20).unwrap();
+        assert_eq!(a.inputs, decode(raw, 1 << 20).unwrap().inputs);
+        assert_eq!(a.inputs[0].values.strings(), vec![&b"fleet"[..], b""]);
+        // Each element's length counts against the limit.
+        assert!(decode(typed.clone(), 12).is_err());
+        assert!(decode(typed, 13).is_ok());
+        let torn = pb::ModelInferRequest {
+            inputs: vec![input("w", "BYTES", vec![1], None)],
+            raw_input_contents: vec![vec![9, 0, 0, 0, b'x']],
+            ..Default::default()
+        };
+        assert!(decode(torn, 1 << 20).is_err());
+        assert_eq!(config_type(DataType::Bytes), pb::DataType::TypeString);
     }
 
     proptest! {

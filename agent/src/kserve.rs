@@ -210,8 +210,9 @@ pub fn parse_request(
 /// Most nesting accepted in a JSON tensor.
 const MAX_DEPTH: usize = 32;
 
-/// Flattens a JSON tensor (nested arrays of numbers or booleans, row-major) into
-/// little-endian bytes of `datatype`, exactly: integers are never routed through f64.
+/// Flattens a JSON tensor (nested arrays of numbers or booleans, row-major; of strings for
+/// BYTES) into little-endian bytes of `datatype`, exactly: integers are never routed through
+/// f64. BYTES elements go in KServe v2's binary form.
 struct Flatten<'a> {
     datatype: DataType,
     out: &'a mut Vec<u8>,
@@ -229,7 +230,12 @@ impl<'de> DeserializeSeed<'de> for Flatten<'_> {
 
 impl Flatten<'_> {
     fn push<E: serde::de::Error>(&mut self, n: Number) -> Result<(), E> {
-        if self.out.len() + self.datatype.size() > self.max_bytes {
+        let Some(size) = self.datatype.size() else {
+            return Err(E::custom(format!(
+                "{n} is not a string (BYTES elements are)"
+            )));
+        };
+        if self.out.len() + size > self.max_bytes {
             return Err(E::custom(format!(
                 "more than the limit of {} bytes",
                 self.max_bytes
@@ -302,6 +308,7 @@ fn encode(dt: DataType, n: Number, out: &mut Vec<u8>) -> Result<(), CodecError> 
         DataType::Fp16 => out.extend_from_slice(&half::f16::from_f64(float()).to_le_bytes()),
         DataType::Fp32 => out.extend_from_slice(&(float() as f32).to_le_bytes()),
         DataType::Fp64 => out.extend_from_slice(&float().to_le_bytes()),
+        DataType::Bytes => return Err(err(format!("{n} is not a string"))),
     }
     Ok(())
 }
@@ -344,6 +351,25 @@ impl<'de> Visitor<'de> for Flatten<'_> {
     fn visit_bool<E: serde::de::Error>(mut self, v: bool) -> Result<(), E> {
         self.push(Number::B(v))
     }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<(), E> {
+        if self.datatype != DataType::Bytes {
+            return Err(E::custom(format!(
+                "a string is not a {} value",
+                self.datatype
+            )));
+        }
+        if self.out.len().saturating_add(4).saturating_add(v.len()) > self.max_bytes {
+            return Err(E::custom(format!(
+                "more than the limit of {} bytes",
+                self.max_bytes
+            )));
+        }
+        let len = u32::try_from(v.len()).map_err(|_| E::custom("a string too long"))?;
+        self.out.extend_from_slice(&len.to_le_bytes());
+        self.out.extend_from_slice(v.as_bytes());
+        Ok(())
+    }
 }
 
 /// An output's data as JSON numbers of its own type.
@@ -355,11 +381,12 @@ enum DataJson {
     I(Vec<i64>),
     F32(Vec<f32>),
     F64(Vec<f64>),
+    S(Vec<String>),
 }
 
 fn data_json(values: &Values) -> DataJson {
     let dt = values.datatype();
-    let chunks = values.bytes().chunks_exact(dt.size());
+    let chunks = values.bytes().chunks_exact(dt.size().unwrap_or(1));
     match dt {
         DataType::Bool => DataJson::Bool(chunks.map(|c| c[0] != 0).collect()),
         DataType::Uint8 | DataType::Uint16 | DataType::Uint32 => {
@@ -382,6 +409,15 @@ fn data_json(values: &Values) -> DataJson {
             DataJson::F32(chunks.map(|c| dt.decode_f64(c) as f32).collect())
         }
         DataType::Fp64 => DataJson::F64(chunks.map(|c| dt.decode_f64(c)).collect()),
+        // JSON strings are text: bytes that are not UTF-8 come back replaced (U+FFFD); binary
+        // data carries them as they are. tract's strings are always UTF-8.
+        DataType::Bytes => DataJson::S(
+            values
+                .strings()
+                .into_iter()
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .collect(),
+        ),
     }
 }
 
@@ -463,7 +499,7 @@ pub fn encode_response(
         let values = o
             .values
             .bytes()
-            .chunks_exact(dt.size())
+            .chunks_exact(dt.size().unwrap_or(1))
             .map(|c| dt.decode_f64(c));
         if let Some((i, v)) = values.enumerate().find(|(_, v)| !v.is_finite()) {
             return Err(err(format!(
@@ -557,8 +593,9 @@ mod tests {
             &br#"{"inputs":[{"name":"x","shape":[1],"datatype":"INT64","data":[1.5]}]}"#[..],
             br#"{"inputs":[{"name":"x","shape":[1],"datatype":"UINT8","data":[256]}]}"#,
             br#"{"inputs":[{"name":"x","shape":[1],"datatype":"BOOL","data":[2]}]}"#,
-            br#"{"inputs":[{"name":"x","shape":[1],"datatype":"BYTES","data":["a"]}]}"#,
+            br#"{"inputs":[{"name":"x","shape":[1],"datatype":"BYTES","data":[1]}]}"#,
             br#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":["a"]}]}"#,
+            br#"{"inputs":[{"name":"x","shape":[1],"datatype":"STRING","data":["a"]}]}"#,
             br#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32"}]}"#,
             b"nope",
         ] {
@@ -667,8 +704,68 @@ mod tests {
     }
 
     #[test]
+    fn bytes_travel_as_json_strings_and_as_length_prefixed_binary() {
+        // JSON: strings in, strings out, nested as the shape says.
+        let r = parse_request(
+            r#"{"inputs":[{"name":"w","shape":[1,3],"datatype":"BYTES","data":[["fleet","","é"]]}]}"#
+                .as_bytes(),
+            None,
+            MAX,
+        )
+        .unwrap();
+        let v = &r.inputs[0].values;
+        assert_eq!(v.len(), 3);
+        assert_eq!(v.strings(), vec![&b"fleet"[..], b"", "é".as_bytes()]);
+        assert_eq!(&v.bytes()[..9], &[5, 0, 0, 0, b'f', b'l', b'e', b'e', b't']);
+        assert!(v.to_f64().is_empty());
+        let resp = encode_response("m", 1, &r, &[(&r.inputs[0], false)]).unwrap();
+        let out: Value = serde_json::from_slice(&resp.body).unwrap();
+        assert_eq!(out["outputs"][0]["datatype"], "BYTES");
+        assert_eq!(
+            out["outputs"][0]["data"],
+            serde_json::json!(["fleet", "", "é"])
+        );
+        // Binary: Triton's form (a u32 length before each element), both ways, as is.
+        let json = br#"{"inputs":[{"name":"w","shape":[2],"datatype":"BYTES","parameters":{"binary_data_size":11}}]}"#;
+        let mut body = json.to_vec();
+        body.extend_from_slice(&[2, 0, 0, 0, b'h', b'i', 1, 0, 0, 0, 0xff]);
+        let r = parse_request(&body, Some(json.len()), MAX).unwrap();
+        assert_eq!(r.inputs[0].values.strings(), vec![&b"hi"[..], &[0xff]]);
+        let resp = encode_response("m", 1, &r, &[(&r.inputs[0], true)]).unwrap();
+        let n = resp.header_length.unwrap();
+        assert_eq!(&resp.body[n..], &body[json.len()..]);
+        // As JSON, bytes that are not UTF-8 come back replaced, never as an error.
+        let resp = encode_response("m", 1, &r, &[(&r.inputs[0], false)]).unwrap();
+        let out: Value = serde_json::from_slice(&resp.body).unwrap();
+        assert_eq!(
+            out["outputs"][0]["data"],
+            serde_json::json!(["hi", "\u{fffd}"])
+        );
+        // A length running past the data, or a torn length, is refused.
+        for torn in [&[3u8, 0, 0, 0, b'a'][..], &[1, 0, 0]] {
+            let json = format!(
+                r#"{{"inputs":[{{"name":"w","shape":[1],"datatype":"BYTES","parameters":{{"binary_data_size":{}}}}}]}}"#,
+                torn.len()
+            );
+            let mut body = json.as_bytes().to_vec();
+            body.extend_from_slice(torn);
+            assert!(
+                parse_request(&body, Some(json.len()), MAX).is_err(),
+                "{torn:?}"
+            );
+        }
+        // JSON strings count against the limit with their lengths.
+        let long = format!(
+            r#"{{"inputs":[{{"name":"w","shape":[1],"datatype":"BYTES","data":["{}"]}}]}}"#,
+            "x".repeat(61)
+        );
+        assert!(parse_request(long.as_bytes(), None, 64).is_err());
+        assert!(parse_request(long.as_bytes(), None, 65).is_ok());
+    }
+
+    #[test]
     fn every_datatype_round_trips_through_json() {
-        for dt in DataType::ALL {
+        for dt in DataType::ALL.into_iter().filter(|d| *d != DataType::Bytes) {
             let body = format!(
                 r#"{{"inputs":[{{"name":"x","shape":[2],"datatype":"{dt}","data":[1,0]}}]}}"#
             );

@@ -171,6 +171,8 @@ fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {
 
 /// The server's name in its metadata.
 pub(crate) const SERVER_NAME: &str = "modelcast-agent";
+/// The platform models report (Triton's names say format and engine: `onnxruntime_onnx`).
+pub(crate) const PLATFORM: &str = "onnx_tract";
 
 async fn server_metadata() -> Json<Value> {
     Json(json!({
@@ -234,7 +236,10 @@ fn spec_json(specs: &[TensorSpec]) -> Vec<Value> {
 
 /// Triton's name for a type in a model configuration.
 fn config_type(dt: DataType) -> String {
-    format!("TYPE_{}", dt.name())
+    match dt {
+        DataType::Bytes => "TYPE_STRING".into(),
+        dt => format!("TYPE_{}", dt.name()),
+    }
 }
 
 fn config_json(specs: &[TensorSpec]) -> Vec<Value> {
@@ -283,7 +288,7 @@ fn metadata(api: &Api, name: &str, version: Option<&str>) -> Response {
             Json(json!({
                 "name": m.name,
                 "versions": [m.version.to_string()],
-                "platform": "onnx_tract",
+                "platform": PLATFORM,
                 "inputs": spec_json(&m.inputs),
                 "outputs": spec_json(&m.outputs),
                 "parameters": { "slot": model.slot().to_string(), "sha256": m.sha256 },
@@ -314,7 +319,7 @@ fn config(api: &Api, name: &str, version: Option<&str>) -> Response {
             let m = model.manifest();
             Json(json!({
                 "name": m.name,
-                "platform": "onnx_tract",
+                "platform": PLATFORM,
                 "backend": "tract",
                 "version_policy": { "specific": { "versions": [m.version.to_string()] } },
                 "max_batch_size": 0,

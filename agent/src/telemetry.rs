@@ -100,6 +100,10 @@ impl Running {
     }
 
     fn add(&mut self, tensor: &HostTensor) {
+        // Strings have no mean or range; their requests are still counted.
+        if tensor.values.datatype() == modelcast_proto::manifest::DataType::Bytes {
+            return;
+        }
         let values = tensor.values.to_f64();
         for &v in &values {
             if !v.is_finite() {

@@ -23,7 +23,9 @@ pub const MAX_ARTIFACT_BYTES: u64 = 8 << 30;
 pub const MAX_GOLDEN_FILE_BYTES: u64 = 256 << 20;
 
 /// Element types, named as the Open Inference Protocol (KServe v2) names them. Every type
-/// here travels as little-endian bytes (BOOL: one byte, 0 or 1; FP16: IEEE 754 half).
+/// here travels as little-endian bytes (BOOL: one byte, 0 or 1; FP16: IEEE 754 half), and
+/// BYTES as KServe v2's binary form of it: each element its length as a little-endian u32,
+/// then its bytes (see [`split_bytes`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum DataType {
     /// Boolean, one byte (0 or 1).
@@ -62,11 +64,14 @@ pub enum DataType {
     /// 64-bit float.
     #[serde(rename = "FP64")]
     Fp64,
+    /// Byte strings of any length (text, where a model takes or gives strings).
+    #[serde(rename = "BYTES")]
+    Bytes,
 }
 
 impl DataType {
     /// Every type, in KServe v2's order.
-    pub const ALL: [DataType; 12] = [
+    pub const ALL: [DataType; 13] = [
         DataType::Bool,
         DataType::Uint8,
         DataType::Uint16,
@@ -79,15 +84,17 @@ impl DataType {
         DataType::Fp16,
         DataType::Fp32,
         DataType::Fp64,
+        DataType::Bytes,
     ];
 
-    /// Bytes per element.
-    pub fn size(self) -> usize {
+    /// Bytes per element; `None` for BYTES, whose elements have lengths of their own.
+    pub fn size(self) -> Option<usize> {
         match self {
-            DataType::Bool | DataType::Uint8 | DataType::Int8 => 1,
-            DataType::Uint16 | DataType::Int16 | DataType::Fp16 => 2,
-            DataType::Uint32 | DataType::Int32 | DataType::Fp32 => 4,
-            DataType::Uint64 | DataType::Int64 | DataType::Fp64 => 8,
+            DataType::Bool | DataType::Uint8 | DataType::Int8 => Some(1),
+            DataType::Uint16 | DataType::Int16 | DataType::Fp16 => Some(2),
+            DataType::Uint32 | DataType::Int32 | DataType::Fp32 => Some(4),
+            DataType::Uint64 | DataType::Int64 | DataType::Fp64 => Some(8),
+            DataType::Bytes => None,
         }
     }
 
@@ -106,6 +113,7 @@ impl DataType {
             DataType::Fp16 => "FP16",
             DataType::Fp32 => "FP32",
             DataType::Fp64 => "FP64",
+            DataType::Bytes => "BYTES",
         }
     }
 
@@ -115,7 +123,7 @@ impl DataType {
     }
 
     /// Decodes one little-endian element (exactly [`DataType::size`] bytes) as f64: exact for
-    /// every type but 64-bit integers beyond 2^53.
+    /// every type but 64-bit integers beyond 2^53. BYTES has no number: NaN.
     pub fn decode_f64(self, b: &[u8]) -> f64 {
         fn arr<const N: usize>(b: &[u8]) -> [u8; N] {
             let mut a = [0u8; N];
@@ -135,8 +143,60 @@ impl DataType {
             DataType::Uint64 => u64::from_le_bytes(arr(b)) as f64,
             DataType::Int64 => i64::from_le_bytes(arr(b)) as f64,
             DataType::Fp64 => f64::from_le_bytes(arr(b)),
+            DataType::Bytes => f64::NAN,
         }
     }
+}
+
+/// Largest BYTES element: its length prefix is a u32.
+pub const MAX_BYTES_ELEMENT: usize = u32::MAX as usize;
+
+/// The elements of a BYTES tensor in KServe v2's binary form (each element's length as a
+/// little-endian u32, then its bytes), checked to be exactly that.
+pub fn split_bytes(data: &[u8]) -> Result<Vec<&[u8]>, DecodeError> {
+    let bad = |reason: String| DecodeError::Invalid {
+        what: "BYTES tensor",
+        reason,
+    };
+    let mut elements = Vec::new();
+    let mut rest = data;
+    while !rest.is_empty() {
+        let Some((len, tail)) = rest.split_first_chunk::<4>() else {
+            return Err(bad(format!(
+                "{} bytes left where an element's 4-byte length should be",
+                rest.len()
+            )));
+        };
+        let len = u32::from_le_bytes(*len) as usize;
+        if len > tail.len() {
+            return Err(bad(format!(
+                "element {} is {len} bytes long, {} remain",
+                elements.len(),
+                tail.len()
+            )));
+        }
+        let (element, tail) = tail.split_at(len);
+        elements.push(element);
+        rest = tail;
+    }
+    Ok(elements)
+}
+
+/// BYTES elements in KServe v2's binary form (see [`split_bytes`]). An element longer than
+/// [`MAX_BYTES_ELEMENT`] is an error.
+pub fn join_bytes<'a>(
+    elements: impl IntoIterator<Item = &'a [u8]>,
+) -> Result<Vec<u8>, DecodeError> {
+    let mut out = Vec::new();
+    for e in elements {
+        let len = u32::try_from(e.len()).map_err(|_| DecodeError::Invalid {
+            what: "BYTES tensor",
+            reason: format!("an element of {} bytes is too long", e.len()),
+        })?;
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(e);
+    }
+    Ok(out)
 }
 
 impl std::fmt::Display for DataType {
@@ -154,7 +214,7 @@ impl std::str::FromStr for DataType {
             .find(|d| d.name() == s)
             .ok_or_else(|| DecodeError::Invalid {
                 what: "datatype",
-                reason: format!("{s:?} is not one of the numeric KServe v2 types and BOOL"),
+                reason: format!("{s:?} is not a KServe v2 type"),
             })
     }
 }
@@ -370,14 +430,24 @@ impl TensorData {
             what: "tensor data",
             reason: e.to_string(),
         })?;
-        let expected = elements(&self.shape).and_then(|n| n.checked_mul(self.datatype.size()));
-        if expected != Some(bytes.len()) {
+        let (expected, got) = match self.datatype.size() {
+            Some(size) => (
+                elements(&self.shape).and_then(|n| n.checked_mul(size)),
+                bytes.len(),
+            ),
+            None => (elements(&self.shape), split_bytes(&bytes)?.len()),
+        };
+        if expected != Some(got) {
             return Err(DecodeError::Invalid {
                 what: "tensor data",
                 reason: format!(
-                    "{} has {} bytes, shape {:?} needs {:?}",
+                    "{} has {got} {}, shape {:?} needs {:?}",
                     self.name,
-                    bytes.len(),
+                    if self.datatype == DataType::Bytes {
+                        "elements"
+                    } else {
+                        "bytes"
+                    },
                     self.shape,
                     expected
                 ),
@@ -386,9 +456,15 @@ impl TensorData {
         Ok(bytes)
     }
 
-    /// The values as f64 (whatever the element type), checked against the shape.
+    /// The values as f64 (whatever the numeric element type), checked against the shape.
+    /// BYTES has no numbers: an error.
     pub fn values(&self) -> Result<Vec<f64>, DecodeError> {
-        let size = self.datatype.size();
+        let Some(size) = self.datatype.size() else {
+            return Err(DecodeError::Invalid {
+                what: "tensor data",
+                reason: format!("{} is BYTES, not numbers", self.name),
+            });
+        };
         Ok(self
             .bytes()?
             .chunks_exact(size)
@@ -834,6 +910,51 @@ pub fn chunk_digests(bytes: &[u8], chunk_size: u32) -> Vec<String> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn bytes_elements_split_as_joined_and_torn_ones_are_refused() {
+        let joined = join_bytes([&b"ab"[..], b"", b"\xff"]).unwrap();
+        assert_eq!(
+            joined,
+            [2, 0, 0, 0, b'a', b'b', 0, 0, 0, 0, 1, 0, 0, 0, 0xff]
+        );
+        assert_eq!(
+            split_bytes(&joined).unwrap(),
+            vec![&b"ab"[..], b"", b"\xff"]
+        );
+        assert!(split_bytes(&joined[..joined.len() - 1]).is_err());
+        assert!(split_bytes(&[1, 0]).is_err());
+        assert!(split_bytes(&[]).unwrap().is_empty());
+        let t = TensorData {
+            name: "w".into(),
+            datatype: DataType::Bytes,
+            shape: vec![3],
+            data: hex::encode(&joined),
+        };
+        assert_eq!(t.bytes().unwrap(), joined);
+        assert!(t.values().is_err(), "strings are not numbers");
+        let t = TensorData {
+            shape: vec![2],
+            ..t
+        };
+        assert!(t.bytes().is_err(), "3 elements for a shape of 2");
+        assert_eq!("BYTES".parse::<DataType>().unwrap(), DataType::Bytes);
+        assert_eq!(DataType::Bytes.size(), None);
+    }
+
+    proptest! {
+        #[test]
+        fn bytes_elements_round_trip(elements in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..40), 0..20)) {
+            let joined = join_bytes(elements.iter().map(Vec::as_slice)).unwrap();
+            let split = split_bytes(&joined).unwrap();
+            prop_assert_eq!(split, elements.iter().map(Vec::as_slice).collect::<Vec<_>>());
+        }
+
+        #[test]
+        fn bytes_splitting_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let _ = split_bytes(&bytes);
+        }
+    }
 
     pub(crate) fn sample(bytes: &[u8]) -> Manifest {
         Manifest {

@@ -14,7 +14,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from common import infer_inputs, load_rows, make_inputs
+from common import as_text, infer_inputs, load_rows, make_inputs
 
 url, grpc_url, tsv, corpus, ids = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:]
 rows = load_rows(tsv)
@@ -47,6 +47,10 @@ def worst(result, reference, names):
         got = result.as_numpy(name)
         if got is None or got.shape != ref.shape:
             raise AssertionError(f"{name}: got {None if got is None else got.shape}, expected {ref.shape}")
+        if as_text(ref) is not None:
+            # Strings: equal or not.
+            w = max(w, 0.0 if as_text(got) == as_text(ref) else float("inf"))
+            continue
         ref64 = ref.astype(np.float64)
         scale = max(1.0, float(np.max(np.abs(ref64)))) if ref.size else 1.0
         w = max(w, float(np.max(np.abs(got.astype(np.float64) - ref64))) / scale if ref.size else 0.0)
@@ -153,8 +157,25 @@ if ids:
         bad.set_data_from_numpy(np.zeros((1, 1), np.float32))
         raises("infer with a shape outside the model's", lambda: grpc.infer(m, [bad]))
         raises("infer on a model that does not serve", lambda: grpc.infer("nope", req))
-        raises("get_model_config (not in KServe v2's gRPC service; HTTP has it)",
-               lambda: grpc.get_model_config(m))
+        cfg = grpc.get_model_config(m).config
+        check("get_model_config names the inputs and their types",
+              [(i.name, "TYPE_" + i.datatype) for i in meta.inputs] ==
+              [(i.name, grpcclient.model_config_pb2.DataType.Name(i.data_type)) for i in cfg.input])
+        check("get_model_config by version", grpc.get_model_config(m, version).config.name == m)
+        raises("get_model_config of a version that does not serve",
+               lambda: grpc.get_model_config(m, "999"))
+        index = grpc.get_model_repository_index().models
+        check("get_model_repository_index lists every model",
+              sorted(r.name for r in index) == sorted(ids) and all(r.state == "READY" for r in index))
+        stats = grpc.get_inference_statistics(m).model_stats
+        count = stats[0].inference_count
+        grpc.infer(m, req)
+        stats = grpc.get_inference_statistics(m, version).model_stats
+        check(f"get_inference_statistics counts requests ({count} -> {stats[0].inference_count})",
+              len(stats) == 1 and stats[0].inference_count == count + 1
+              and stats[0].inference_stats.success.ns > 0)
+        check("get_inference_statistics of every model",
+              sorted(s.name for s in grpc.get_inference_statistics().model_stats) == sorted(ids))
     except Exception as e:
         check(f"gRPC API: {e}", False)
 

@@ -188,7 +188,8 @@ pub fn to_nnef(typed: &TypedModel) -> Result<Vec<u8>, ConvertError> {
 }
 
 /// A deterministic input of `spec`'s declared shape: floats in [-1, 1), bytes over their
-/// whole range, other integers 0 (indices and lengths must stay valid), BOOL true.
+/// whole range, other integers 0 (indices and lengths must stay valid), BOOL true, BYTES
+/// one-digit numerals (text a model may parse as a number or look up as a word).
 pub fn reference_input(spec: &TensorSpec, seed: u64) -> Result<HostTensor, ConvertError> {
     let n = spec.elements().filter(|n| *n <= 1 << 28).ok_or_else(|| {
         ConvertError::Type(format!(
@@ -206,7 +207,7 @@ pub fn reference_input(spec: &TensorSpec, seed: u64) -> Result<HostTensor, Conve
         x >> 40
     };
     let unit = |r: u64| (r as f64 / (1u64 << 24) as f64) * 2.0 - 1.0;
-    let mut bytes = Vec::with_capacity(n * spec.datatype.size());
+    let mut bytes = Vec::with_capacity(n * spec.datatype.size().unwrap_or(5));
     for _ in 0..n {
         match spec.datatype {
             DataType::Fp16 => {
@@ -216,7 +217,11 @@ pub fn reference_input(spec: &TensorSpec, seed: u64) -> Result<HostTensor, Conve
             DataType::Fp64 => bytes.extend_from_slice(&unit(next()).to_le_bytes()),
             DataType::Uint8 | DataType::Int8 => bytes.push(next() as u8),
             DataType::Bool => bytes.push(1),
-            other => bytes.extend(std::iter::repeat_n(0, other.size())),
+            DataType::Bytes => {
+                bytes.extend_from_slice(&1u32.to_le_bytes());
+                bytes.push(b'0' + (next() % 10) as u8);
+            }
+            other => bytes.extend(std::iter::repeat_n(0, other.size().unwrap_or(0))),
         }
     }
     Ok(HostTensor {
@@ -284,6 +289,15 @@ pub fn compare(a: &[HostTensor], b: &[HostTensor]) -> Result<f64, ConvertError> 
                 y.values.datatype(),
                 y.shape
             )));
+        }
+        if x.values.datatype() == DataType::Bytes {
+            if x.values.bytes() != y.values.bytes() {
+                return Err(ConvertError::Mismatch(format!(
+                    "output {}'s strings differ between NNEF and ONNX",
+                    x.name
+                )));
+            }
+            continue;
         }
         let (xv, yv) = (x.values.to_f64(), y.values.to_f64());
         let scale = yv

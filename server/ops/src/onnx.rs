@@ -92,6 +92,7 @@ pub fn datatype_of(elem_type: i32) -> Option<DataType> {
         PbType::Float16 => DataType::Fp16,
         PbType::Float => DataType::Fp32,
         PbType::Double => DataType::Fp64,
+        PbType::String => DataType::Bytes,
         _ => return None,
     })
 }
@@ -102,8 +103,8 @@ pub enum NotServed {
     /// A sequence or a map (the ONNX-ML `ZipMap` output of a classifier, say).
     #[error("not a tensor (a sequence or a map: the ONNX-ML ZipMap output of a classifier, say)")]
     NotATensor,
-    /// An element type without a KServe v2 numeric equivalent (strings, complex, ...).
-    #[error("element type {0} is not served (KServe v2 numeric types and BOOL are)")]
+    /// An element type without a KServe v2 equivalent (complex, bfloat16, float8, ...).
+    #[error("element type {0} is not served (KServe v2's types are)")]
     ElementType(String),
     /// The file gives no shape.
     #[error("no shape")]
@@ -223,9 +224,10 @@ pub fn inspect(bytes: &[u8]) -> Result<ModelInfo, OnnxError> {
 pub const MAX_ONNX_BYTES: u64 = 2 << 30;
 
 /// Makes a model self-contained: tensors whose weights live in side files (ONNX external data,
-/// `location` relative to `dir`) get them inline, and graph outputs that are not tensors
-/// (ONNX-ML `ZipMap`) are dropped with the nodes only they needed. Returns the bytes unchanged
-/// when there is nothing to do.
+/// `location` relative to `dir`) get them inline, graph outputs that are not tensors
+/// (ONNX-ML `ZipMap`) are dropped with the nodes only they needed, and classifiers labelled
+/// with strings are given to tract in a form it types (see [`STRING_LABELLED`]). Returns the
+/// bytes unchanged when there is nothing to do.
 pub fn self_contained(bytes: &[u8], dir: &std::path::Path) -> Result<Vec<u8>, OnnxError> {
     let mut model = pb::ModelProto::decode(bytes).map_err(|e| OnnxError::Decode(e.to_string()))?;
     let Some(graph) = model.graph.as_mut() else {
@@ -292,6 +294,7 @@ pub fn self_contained(bytes: &[u8], dir: &std::path::Path) -> Result<Vec<u8>, On
         t.data_location = None;
         changed = true;
     }
+    changed |= label_strings_by_lookup(graph);
     let before = graph.output.len();
     graph.output.retain(|o| {
         matches!(
@@ -308,6 +311,80 @@ pub fn self_contained(bytes: &[u8], dir: &std::path::Path) -> Result<Vec<u8>, On
     } else {
         bytes.to_vec()
     })
+}
+
+/// The classifiers of ONNX-ML whose label output tract 0.23 cannot type when the labels are
+/// strings (it looks up the winner with a default of "zero", which strings lack), with the
+/// attribute that holds their integer labels instead.
+const STRING_LABELLED: [(&str, &str); 2] = [
+    ("LinearClassifier", "classlabels_ints"),
+    ("TreeEnsembleClassifier", "classlabels_int64s"),
+];
+
+/// Rewrites each ONNX-ML classifier labelled with strings (what scikit-learn exports for a
+/// model trained on class names) into the same classifier labelled 0..n, followed by a
+/// `CategoryMapper` from those indices to the strings: the same answers, in operators tract
+/// types. Returns whether it changed anything.
+fn label_strings_by_lookup(graph: &mut pb::GraphProto) -> bool {
+    let mut changed = false;
+    let mut nodes = Vec::with_capacity(graph.node.len());
+    for mut node in std::mem::take(&mut graph.node) {
+        let Some((_, ints)) = STRING_LABELLED
+            .iter()
+            .find(|(op, _)| node.domain == "ai.onnx.ml" && node.op_type == *op)
+        else {
+            nodes.push(node);
+            continue;
+        };
+        let at = node
+            .attribute
+            .iter()
+            .position(|a| a.name == "classlabels_strings");
+        let label = node.output.first().filter(|l| !l.is_empty()).cloned();
+        let (Some(at), Some(label)) = (at, label) else {
+            nodes.push(node);
+            continue;
+        };
+        let mut strings = node.attribute.remove(at);
+        let n = strings.strings.len() as i64;
+        node.attribute.push(pb::AttributeProto {
+            name: ints.to_string(),
+            r#type: pb::attribute_proto::AttributeType::Ints as i32,
+            ints: (0..n).collect(),
+            ..Default::default()
+        });
+        let index = format!("{label}__class_index");
+        node.output[0] = index.clone();
+        strings.name = "cats_strings".into();
+        // The lookup right after its classifier: the nodes stay in topological order.
+        nodes.push(node);
+        changed = true;
+        nodes.push(pb::NodeProto {
+            input: vec![index],
+            output: vec![label.clone()],
+            name: format!("{label}__class_name"),
+            op_type: "CategoryMapper".into(),
+            domain: "ai.onnx.ml".into(),
+            attribute: vec![
+                strings,
+                pb::AttributeProto {
+                    name: "cats_int64s".into(),
+                    r#type: pb::attribute_proto::AttributeType::Ints as i32,
+                    ints: (0..n).collect(),
+                    ..Default::default()
+                },
+                pb::AttributeProto {
+                    name: "default_string".into(),
+                    r#type: pb::attribute_proto::AttributeType::String as i32,
+                    s: Vec::new(),
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        });
+    }
+    graph.node = nodes;
+    changed
 }
 
 /// Drops the nodes no graph output depends on.
@@ -514,6 +591,41 @@ fn model_proto(version: u64, graph: pb::GraphProto) -> pb::ModelProto {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn string_labelled_classifiers_become_index_labels_and_a_lookup() {
+        let classifier = pb::NodeProto {
+            input: vec!["x".into()],
+            output: vec!["label".into(), "scores".into()],
+            op_type: "LinearClassifier".into(),
+            domain: "ai.onnx.ml".into(),
+            attribute: vec![pb::AttributeProto {
+                name: "classlabels_strings".into(),
+                r#type: pb::attribute_proto::AttributeType::Strings as i32,
+                strings: vec![b"cat".to_vec(), b"dog".to_vec()],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let reader = node("Identity", &["label"], "out");
+        let mut graph = pb::GraphProto {
+            node: vec![classifier, reader],
+            ..Default::default()
+        };
+        assert!(label_strings_by_lookup(&mut graph));
+        let ops: Vec<&str> = graph.node.iter().map(|n| n.op_type.as_str()).collect();
+        assert_eq!(ops, ["LinearClassifier", "CategoryMapper", "Identity"]);
+        let (c, lookup) = (&graph.node[0], &graph.node[1]);
+        assert_eq!(c.output[0], "label__class_index");
+        assert_eq!(c.attribute[0].name, "classlabels_ints");
+        assert_eq!(c.attribute[0].ints, [0, 1]);
+        assert_eq!(lookup.input, ["label__class_index"]);
+        assert_eq!(lookup.output, ["label"]);
+        let strings = lookup.attribute.iter().find(|a| a.name == "cats_strings");
+        assert_eq!(strings.unwrap().strings, [b"cat".to_vec(), b"dog".to_vec()]);
+        // Integer labels are left as they are.
+        assert!(!label_strings_by_lookup(&mut graph));
+    }
 
     #[test]
     fn example_model_inspects() {
