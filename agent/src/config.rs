@@ -75,6 +75,10 @@ pub struct TransferConfig {
     /// a chunk once for every device that wants it. Off: every chunk comes on the device's
     /// own topic.
     pub shared_topic: bool,
+    /// The device's link is metered (an LTE modem billed by the byte, say) at start: it
+    /// downloads only versions whose deployment allows metered links. The local API changes
+    /// it at run time (`PUT /v1/link` from the device itself).
+    pub metered: bool,
 }
 
 impl Default for TransferConfig {
@@ -84,6 +88,7 @@ impl Default for TransferConfig {
             chunk_timeout_secs: 5,
             stall_timeout_secs: 60,
             shared_topic: true,
+            metered: false,
         }
     }
 }

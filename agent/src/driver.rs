@@ -173,6 +173,7 @@ pub async fn run(
     let collector = Arc::new(Collector::default());
     let sampler = Sampler::new();
     sampler.set_policies(store.sampling()?);
+    let metered = Arc::new(tokio::sync::watch::Sender::new(cfg.transfer.metered));
     let api = crate::serve::Api::new(
         models.clone(),
         metrics.clone(),
@@ -180,6 +181,7 @@ pub async fn run(
         sampler.clone(),
         outcome_tx,
         cfg.serve,
+        metered.clone(),
     );
     #[cfg(not(feature = "grpc"))]
     if cfg.serve.grpc_listen.is_some() {
@@ -204,6 +206,7 @@ pub async fn run(
         let listener = listener.tap_io(|tcp| {
             let _ = tcp.set_nodelay(true);
         });
+        let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
         let _ = axum::serve(listener, app)
             .with_graceful_shutdown(async {
                 let _ = http_stopped.await;
@@ -234,6 +237,7 @@ pub async fn run(
         restored,
         rebuilt,
         outcomes,
+        metered: metered.subscribe(),
     };
     std::thread::Builder::new()
         .name("modelcast-control".into())
@@ -284,6 +288,8 @@ struct ControlParts {
     /// How the store was rebuilt at this start, if it was.
     rebuilt: Option<crate::recovery::Rebuilt>,
     outcomes: tokio::sync::mpsc::Receiver<RequestOutcome>,
+    /// Whether the link is metered, as the local API last said.
+    metered: tokio::sync::watch::Receiver<bool>,
 }
 
 /// The control loop: feeds broker events, staging results, request outcomes and the clock to
@@ -304,6 +310,7 @@ async fn control(
         mut restored,
         rebuilt,
         mut outcomes,
+        mut metered,
     } = parts;
     // The fallback slots are hashed here, while the API already serves.
     restored = {
@@ -377,6 +384,7 @@ async fn control(
     for (manifest, have) in restored.downloads {
         agent.updater.resume_download(manifest, have);
     }
+    agent.updater.set_metered(*metered.borrow_and_update());
     agent.act().await;
 
     // Watchdog pings come from this loop and nowhere else: if it wedges, they stop.
@@ -405,6 +413,10 @@ async fn control(
                 None => break,
             },
             Some(o) = outcomes.recv() => agent.handle_outcome(o),
+            Ok(()) = metered.changed() => {
+                let now_metered = *metered.borrow_and_update();
+                agent.updater.set_metered(now_metered);
+            }
             Some(done) = agent.staging.join_next(), if !agent.staging.is_empty() => {
                 match done {
                     Ok(staged) => agent.handle_staged(staged),
@@ -413,7 +425,11 @@ async fn control(
             }
             _ = tokio::time::sleep_until(wake.into()) => {}
         }
-        agent.updater.handle_timeout(Instant::now());
+        let (now, unix) = (Instant::now(), crate::clock::unix_secs());
+        agent
+            .updater
+            .set_wall_clock(now, unix, crate::sys::local_offset(unix));
+        agent.updater.handle_timeout(now);
         agent.act().await;
     }
     info!("shutting down");
@@ -542,7 +558,11 @@ impl Agent {
         let desired: Vec<_> = verified
             .models()
             .iter()
-            .map(|m| (m.clone(), verified.probation(&m.name)))
+            .map(|m| crate::update::Wanted {
+                manifest: m.clone(),
+                thresholds: verified.probation(&m.name),
+                download: verified.download(&m.name).cloned().unwrap_or_default(),
+            })
             .collect();
         self.updater.handle_desired(&desired);
         Ok(())
@@ -616,9 +636,10 @@ impl Agent {
                     artifact,
                     chunks,
                     again,
+                    alone,
                 } => {
                     self.metrics.chunks_refetched(&model, again.len() as u64);
-                    let shared = self.cfg.transfer.shared_topic;
+                    let shared = self.cfg.transfer.shared_topic && !alone;
                     if shared {
                         self.link.listen(&artifact).await;
                     }

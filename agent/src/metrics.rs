@@ -123,12 +123,13 @@ pub struct PhaseLabels {
     pub phase: String,
 }
 
-const PHASES: [Phase; 5] = [
+const PHASES: [Phase; 6] = [
     Phase::Downloading,
     Phase::Staging,
     Phase::Probation,
     Phase::Active,
     Phase::Failed,
+    Phase::Waiting,
 ];
 
 fn phase_name(phase: Phase) -> &'static str {
@@ -138,6 +139,7 @@ fn phase_name(phase: Phase) -> &'static str {
         Phase::Probation => "probation",
         Phase::Active => "active",
         Phase::Failed => "failed",
+        Phase::Waiting => "waiting",
     }
 }
 

@@ -83,6 +83,9 @@ pub struct Api {
     pub(crate) outcomes: mpsc::Sender<RequestOutcome>,
     pub(crate) limits: ServeConfig,
     pub(crate) max_tensor_bytes: usize,
+    /// Whether the device's link is metered: the local API sets it, the control loop reads
+    /// it.
+    pub(crate) metered: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl Api {
@@ -95,6 +98,7 @@ impl Api {
         sampler: Arc<Sampler>,
         outcomes: mpsc::Sender<RequestOutcome>,
         limits: ServeConfig,
+        metered: Arc<tokio::sync::watch::Sender<bool>>,
     ) -> Api {
         Api {
             models,
@@ -104,16 +108,19 @@ impl Api {
             outcomes,
             limits,
             max_tensor_bytes: limits.tensor_limit(),
+            metered,
         }
     }
 }
 
-/// The KServe v2 routes and `GET /metrics`. Bodies over the limits' `max_body_bytes` get a
-/// 413.
+/// The KServe v2 routes, `GET /metrics` and the device's own `/v1/link`. Bodies over the
+/// limits' `max_body_bytes` get a 413. Serve it with the peers' addresses
+/// (`into_make_service_with_connect_info::<SocketAddr>`).
 pub fn router(api: Api) -> Router {
     let max_body = api.limits.max_body_bytes;
     Router::new()
         .route("/metrics", get(prometheus))
+        .route("/v1/link", get(link_state).put(set_link))
         .route("/v2", get(server_metadata))
         .route("/v2/health/live", get(|| async { StatusCode::OK }))
         .route("/v2/health/ready", get(ready))
@@ -163,6 +170,43 @@ async fn prometheus(State(api): State<Api>) -> Response {
         api.metrics.encode(),
     )
         .into_response()
+}
+
+/// Whether the device's link is metered.
+async fn link_state(State(api): State<Api>) -> Json<Value> {
+    Json(json!({ "metered": *api.metered.borrow() }))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LinkState {
+    metered: bool,
+}
+
+/// Says whether the device's link is metered (a network manager's hook, say): downloads
+/// their deployments do not allow over a metered link pause until it is not. Only the device
+/// itself (a loopback peer) may say so.
+async fn set_link(
+    State(api): State<Api>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
+    body: Bytes,
+) -> Response {
+    if !peer.ip().is_loopback() {
+        return error(
+            StatusCode::FORBIDDEN,
+            "only the device itself may say whether its link is metered",
+        );
+    }
+    match serde_json::from_slice::<LinkState>(&body) {
+        Ok(state) => {
+            api.metered.send_replace(state.metered);
+            Json(json!({ "metered": state.metered })).into_response()
+        }
+        Err(e) => error(
+            StatusCode::BAD_REQUEST,
+            format!("expected {{\"metered\": true|false}}: {e}"),
+        ),
+    }
 }
 
 fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {

@@ -45,6 +45,36 @@ pub fn reserve(file: &File, len: u64) -> std::io::Result<()> {
     file.set_len(len)
 }
 
+/// The local time zone's offset from UTC at Unix second `unix`, in seconds east (the C
+/// library's `localtime_r`, which reads `TZ` or `/etc/localtime`); 0 when it cannot tell.
+#[allow(unsafe_code)]
+pub fn local_offset(unix: i64) -> i32 {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // `time_t` is 32 bits on some armv7 systems.
+        #[allow(irrefutable_let_patterns)]
+        let Ok(t) = libc::time_t::try_from(unix) else {
+            return 0;
+        };
+        let mut tm = std::mem::MaybeUninit::<libc::tm>::uninit();
+        // SAFETY: a valid time and a buffer localtime_r fills on success (non-null return).
+        let filled = unsafe { !libc::localtime_r(&t, tm.as_mut_ptr()).is_null() };
+        if !filled {
+            return 0;
+        }
+        // SAFETY: localtime_r succeeded, so it filled the buffer.
+        let tm = unsafe { tm.assume_init() };
+        // A `long` on every target (i32 on armv7).
+        #[allow(clippy::useless_conversion)]
+        i32::try_from(i64::from(tm.tm_gmtoff)).unwrap_or(0)
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        let _ = unix;
+        0
+    }
+}
+
 /// Returns free heap memory to the system (glibc's `malloc_trim`): glibc keeps freed memory
 /// in its arenas, so the buffers of reading and planning a 100 MB model would stay resident
 /// next to the model itself.

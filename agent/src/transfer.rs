@@ -5,8 +5,9 @@
 //! the artifact is complete. A chunk may arrive unasked (published once on the artifact's
 //! shared topic for every device downloading it): it is stored like any other. A request
 //! times out only when no chunk was stored for the timeout, so a slow but moving stream (a
-//! broker serving thousands of devices) is not asked again. The caller stores accepted chunks and sends the requests. Time
-//! is an argument; nothing here reads a clock.
+//! broker serving thousands of devices) is not asked again. A download may be held to a
+//! rate: a chunk is asked for only when a token bucket of its bytes allows. The caller stores
+//! accepted chunks and sends the requests. Time is an argument; nothing here reads a clock.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -74,6 +75,42 @@ pub struct Transfer {
     progressed: bool,
     /// Time-outs in a row with nothing arriving: the timeout is doubled this many times.
     backoff: u32,
+    /// The download's rate limit, if it has one.
+    bucket: Option<Bucket>,
+}
+
+/// A token bucket of bytes: `rate` a second, holding at most `burst`.
+#[derive(Debug, Clone)]
+struct Bucket {
+    rate: u64,
+    burst: f64,
+    tokens: f64,
+    at: Option<Instant>,
+}
+
+impl Bucket {
+    fn refill(&mut self, now: Instant) {
+        if let Some(at) = self.at {
+            let secs = now.saturating_duration_since(at).as_secs_f64();
+            self.tokens = (self.tokens + secs * self.rate as f64).min(self.burst);
+        }
+        self.at = Some(now);
+    }
+
+    /// Takes `bytes` if the bucket holds them.
+    fn take(&mut self, bytes: u32) -> bool {
+        if self.tokens + 1e-6 < f64::from(bytes) {
+            return false;
+        }
+        self.tokens -= f64::from(bytes);
+        true
+    }
+
+    /// When the bucket will hold `bytes` (once it was first filled).
+    fn ready_at(&self, bytes: u32) -> Option<Instant> {
+        let lack = (f64::from(bytes) - self.tokens).max(0.0);
+        Some(self.at? + Duration::from_secs_f64(lack / self.rate as f64))
+    }
 }
 
 /// Most doublings of the chunk timeout.
@@ -131,7 +168,40 @@ impl Transfer {
             progress_at: None,
             progressed: false,
             backoff: 0,
+            bucket: None,
         }
+    }
+
+    /// Holds the download to `rate` bytes a second (none: as fast as chunks come). The
+    /// bucket holds a second of it, or one chunk if more, and starts with one chunk's worth;
+    /// the stall deadline stretches to three chunks' time at that rate. Changing the rate
+    /// keeps what the bucket holds.
+    pub fn set_rate(&mut self, rate: Option<u64>) {
+        let Some(rate) = rate.filter(|r| *r > 0) else {
+            self.bucket = None;
+            return;
+        };
+        let chunk = f64::from(self.manifest.chunk_size);
+        if let Some(b) = &mut self.bucket {
+            b.rate = rate;
+            b.burst = chunk.max(rate as f64);
+            return;
+        }
+        self.bucket = Some(Bucket {
+            rate,
+            burst: chunk.max(rate as f64),
+            tokens: chunk,
+            at: None,
+        });
+        let slow = Duration::from_secs_f64(3.0 * chunk / rate as f64);
+        self.stall_after = self.stall_after.max(slow);
+    }
+
+    /// Stops asking for chunks for now (the download is paused): requests in flight are
+    /// forgotten, and the stall clock starts again when it resumes.
+    pub fn pause(&mut self) {
+        self.in_flight.clear();
+        self.progress_at = None;
     }
 
     /// Sets how long the download may go without a stored chunk before
@@ -234,9 +304,17 @@ impl Transfer {
         }
         let progress_at = self.progress_at.unwrap_or(now);
         let timeout = self.timeout * (1 << self.backoff);
+        if let Some(b) = &mut self.bucket {
+            b.refill(now);
+        }
         let mut out = Vec::new();
         for (index, sent) in self.in_flight.iter_mut() {
             if now.saturating_duration_since((*sent).max(progress_at)) >= timeout {
+                // Asked again within the rate too; what it cannot afford waits, still due.
+                let len = chunk_len(&self.manifest, *index).unwrap_or(0);
+                if self.bucket.as_mut().is_some_and(|b| !b.take(len)) {
+                    break;
+                }
                 *sent = now;
                 out.push(*index);
             }
@@ -257,6 +335,12 @@ impl Transfer {
             self.cursor = (self.cursor + 1) % count.max(1);
             scanned += 1;
             if !self.have[index as usize] && !self.in_flight.contains_key(&index) {
+                let len = chunk_len(&self.manifest, index).unwrap_or(0);
+                if self.bucket.as_mut().is_some_and(|b| !b.take(len)) {
+                    // Over the rate: this chunk is the next one asked for.
+                    self.cursor = index;
+                    break;
+                }
                 self.in_flight.insert(index, now);
                 out.push(index);
             }
@@ -286,10 +370,17 @@ impl Transfer {
             };
             since + timeout
         });
-        match (retry, stall) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        // Held to a rate: nothing is asked (again) before the bucket affords a chunk.
+        let afford = self
+            .bucket
+            .as_ref()
+            .and_then(|b| b.ready_at(self.manifest.chunk_size));
+        let retry = match (retry, afford) {
+            (Some(r), Some(a)) => Some(r.max(a)),
+            (r, _) => r,
+        };
+        let ask = afford.filter(|_| self.missing > self.in_flight.len());
+        [retry, stall, ask].into_iter().flatten().min()
     }
 }
 
@@ -472,6 +563,48 @@ mod tests {
         let mut t = Transfer::new(manifest(&bytes, 10), have, 8, Duration::from_secs(5));
         assert_eq!(t.received_bytes(), 30);
         assert_eq!(t.poll_request(Instant::now()), first(&[1, 3]));
+    }
+
+    #[test]
+    fn a_rate_paces_the_requests_and_a_pause_forgets_what_was_in_flight() {
+        // 64 chunks of 32 bytes at 64 bytes a second: the bucket starts with one chunk.
+        let artifact: Vec<u8> = (0..2048u32).map(|i| i as u8).collect();
+        let m = manifest(&artifact, 32);
+        let mut t = Transfer::new(m, vec![], 16, Duration::from_secs(60));
+        t.set_rate(Some(64));
+        let start = Instant::now();
+        assert_eq!(t.poll_request(start), first(&[0]));
+        let second = start + Duration::from_millis(499);
+        assert_eq!(
+            t.poll_request(second),
+            Asks::default(),
+            "32 bytes take half a second"
+        );
+        assert_eq!(t.poll_timeout(), Some(start + Duration::from_millis(500)));
+        assert_eq!(
+            t.poll_request(start + Duration::from_millis(500)),
+            first(&[1])
+        );
+        // Until 10.5 s: the first chunk, then the rate's 64 bytes a second.
+        let mut asked = 2;
+        for ms in (600..=10_500).step_by(100) {
+            let asks = t.poll_request(start + Duration::from_millis(ms));
+            for i in asks.first {
+                t.handle_chunk(i, &artifact[i as usize * 32..][..32])
+                    .unwrap();
+                t.handle_stored(i);
+                asked += 1;
+            }
+        }
+        assert_eq!(asked * 32, 32 + 64 * 21 / 2, "{asked} chunks");
+        // Paused: nothing in flight, and the stall clock starts again on resuming.
+        t.pause();
+        let later = start + Duration::from_secs(100);
+        assert_eq!(t.poll_stalled(later), None);
+        assert!(!t.poll_request(later).first.is_empty());
+        // No rate: as fast as the window allows.
+        t.set_rate(None);
+        assert!(t.poll_request(later).first.len() > 1);
     }
 
     proptest! {

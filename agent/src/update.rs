@@ -6,9 +6,15 @@
 //! Per model it sequences one update at a time:
 //!
 //! ```text
-//! idle → preparing → downloading → staging → activating → trial → idle (committed)
-//!                                                               ↘ idle (rolled back)
+//! idle → preparing → downloading → (ready) → staging → activating → trial → idle (committed)
+//!                                                                         ↘ idle (rolled back)
 //! ```
+//!
+//! The deployment's download policy ([`DownloadPolicy`]) holds an update back: a download
+//! pauses on a metered link the deployment does not allow, and outside the maintenance window
+//! when the window holds downloads too; a complete download waits, ready, for the window
+//! before it is staged. Held, the phase is [`Phase::Waiting`], with what holds it and until
+//! when. A rate limit paces the chunk requests ([`Transfer::set_rate`]).
 //!
 //! A failure at any step abandons the update: the serving model is untouched, the reason
 //! reported. A newer desired version that arrives while one is staged or on trial waits for
@@ -28,9 +34,12 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
-use modelcast_proto::desired::TrialThresholds;
+use modelcast_proto::desired::{DownloadPolicy, TrialThresholds, WindowMode};
 use modelcast_proto::manifest::Manifest;
-use modelcast_proto::report::{ErrorKind, ModelState, Phase, Slot, SlotContent, UpdateProgress};
+use modelcast_proto::report::{
+    ErrorKind, Held, ModelState, Phase, Slot, SlotContent, UpdateProgress,
+};
+use modelcast_proto::window::WindowState;
 use tracing::{info, warn};
 
 use crate::metrics::Outcome;
@@ -124,6 +133,9 @@ pub enum Action {
         chunks: Vec<u32>,
         /// Chunk indices asked for again.
         again: Vec<u32>,
+        /// The download is held to a rate: it must not take chunks from the artifact's
+        /// shared topic, which come at the pace of the fleet.
+        alone: bool,
     },
     /// Verify the whole artifact, load it for `slot` off the serving path, check its golden
     /// vectors and latency budget; answer [`Updater::staged`].
@@ -210,6 +222,42 @@ pub enum Action {
     Report,
 }
 
+/// One version a verified desired state names, with the terms its deployment or rollout set.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Wanted {
+    /// The version.
+    pub manifest: Manifest,
+    /// The rollout's probation thresholds, if it set any.
+    pub thresholds: Option<TrialThresholds>,
+    /// The download policy (the default: any time, any rate, no metered links).
+    pub download: DownloadPolicy,
+}
+
+/// The wall clock as the driver last read it: Unix seconds at `at`, and the device's offset
+/// from UTC then (its local time zone).
+#[derive(Debug, Clone, Copy)]
+struct WallClock {
+    at: Instant,
+    unix: i64,
+    local_offset: i32,
+}
+
+impl WallClock {
+    /// Unix seconds at `now`.
+    fn unix_at(&self, now: Instant) -> i64 {
+        self.unix + now.saturating_duration_since(self.at).as_secs() as i64
+    }
+}
+
+/// What the policy is asked about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Gate {
+    /// Fetching chunks.
+    Download,
+    /// Staging and activating a complete download.
+    Activate,
+}
+
 /// Which model an arriving chunk belongs to, and what to do with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ChunkFate {
@@ -234,8 +282,10 @@ enum Step {
     Idle,
     /// [`Action::PrepareDownload`] issued.
     Preparing(Manifest),
-    /// Fetching chunks.
+    /// Fetching chunks (paused while the download policy holds it).
     Downloading(Transfer),
+    /// Downloaded, waiting for the maintenance window before staging.
+    Ready(Manifest),
     /// [`Action::Stage`] issued.
     Staging { manifest: Manifest, slot: Slot },
     /// [`Action::Activate`] issued with `record`.
@@ -253,7 +303,7 @@ impl Step {
     fn manifest(&self) -> Option<&Manifest> {
         match self {
             Step::Idle | Step::Trial(_) => None,
-            Step::Preparing(m) | Step::Staging { manifest: m, .. } => Some(m),
+            Step::Preparing(m) | Step::Ready(m) | Step::Staging { manifest: m, .. } => Some(m),
             Step::Activating { manifest, .. } => Some(manifest),
             Step::Downloading(t) => Some(t.manifest()),
         }
@@ -279,6 +329,11 @@ struct ModelUpdate {
     progress: Option<UpdateProgress>,
     /// Bad copies received per chunk index of the current download.
     bad_chunks: BTreeMap<u32, u32>,
+    /// The download policy of the version the desired state names.
+    download: DownloadPolicy,
+    /// What holds the update back now, if anything (the download is paused, or the
+    /// complete one waits).
+    held: Option<Held>,
 }
 
 /// The update logic of every model on the device.
@@ -304,6 +359,10 @@ pub struct Updater {
     /// Something changed that [`Updater::handle_timeout`] must see at once (a download
     /// started, the link came back).
     poll_now: bool,
+    /// The link is metered (set by the device's configuration or local API).
+    metered: bool,
+    /// The wall clock, for maintenance windows.
+    wall: Option<WallClock>,
 }
 
 impl Updater {
@@ -334,7 +393,29 @@ impl Updater {
             progress_due: false,
             last_report: None,
             poll_now: false,
+            metered: false,
+            wall: None,
         }
+    }
+
+    /// The link is metered (or no longer is): downloads the policy does not allow over it
+    /// pause, and resume when it is not.
+    pub fn set_metered(&mut self, metered: bool) {
+        if self.metered != metered {
+            info!(metered, "link metering changed");
+            self.metered = metered;
+            self.poll_now = true;
+        }
+    }
+
+    /// The wall clock read at `now`: Unix seconds, and the device's local offset from UTC in
+    /// seconds. Maintenance windows are read against it.
+    pub fn set_wall_clock(&mut self, now: Instant, unix: i64, local_offset: i32) {
+        self.wall = Some(WallClock {
+            at: now,
+            unix,
+            local_offset,
+        });
     }
 
     /// The next action to carry out.
@@ -415,13 +496,19 @@ impl Updater {
         let mut wake = now + IDLE_WAKE;
         for m in self.models.values() {
             match &m.step {
-                Step::Downloading(t) => {
+                Step::Downloading(t) if m.held.is_none() => {
                     if let Some(at) = t.poll_timeout() {
                         wake = wake.min(at);
                     }
                 }
                 Step::Trial(p) => wake = wake.min(p.deadline()),
                 _ => {}
+            }
+            // A window opening or closing changes what the policy holds.
+            if matches!(m.step, Step::Downloading(_) | Step::Ready(_)) {
+                if let Some(at) = self.window_change(&m.download, now) {
+                    wake = wake.min(at);
+                }
             }
         }
         for r in self.retries.values().filter(|r| !r.running) {
@@ -509,11 +596,15 @@ impl Updater {
         }
     }
 
-    /// A verified desired state names these versions, each with its rollout's probation
-    /// thresholds if it set any.
-    pub fn handle_desired(&mut self, models: &[(Manifest, Option<TrialThresholds>)]) {
-        for (manifest, thresholds) in models {
-            self.converge(manifest.clone(), *thresholds);
+    /// A verified desired state names these versions, each with its terms.
+    pub fn handle_desired(&mut self, models: &[Wanted]) {
+        for w in models {
+            let m = self.models.entry(w.manifest.name.clone()).or_default();
+            if m.download != w.download {
+                m.download = w.download.clone();
+                self.poll_now = true;
+            }
+            self.converge(w.manifest.clone(), w.thresholds);
         }
         self.want_report(false);
     }
@@ -548,13 +639,16 @@ impl Updater {
         });
         m.bad_chunks.clear();
         let complete = transfer.is_complete();
+        let mut transfer = transfer;
+        transfer.set_rate(m.download.max_rate);
         m.step = Step::Downloading(transfer);
+        m.held = None;
         self.poll_now = true;
         self.set_phase(name, Phase::Downloading);
         self.want_report(false);
         if complete {
             // Every byte is already on disk (a restart after the download): stage it.
-            self.stage(name);
+            self.downloaded(name);
         }
     }
 
@@ -620,7 +714,7 @@ impl Updater {
         let complete = transfer.is_complete();
         self.progress_due = true;
         if complete {
-            self.stage(name);
+            self.downloaded(name);
         }
     }
 
@@ -766,6 +860,7 @@ impl Updater {
         self.poll_now = false;
         self.retry_due(now);
         self.judge_trials(now);
+        self.apply_policies(now);
         self.poll_transfers(now);
         let since = |every| self.last_report.is_none_or(|l| now >= l + every);
         let routine = self.report_due && (self.report_now || since(REPORT_EVERY));
@@ -982,12 +1077,13 @@ impl Updater {
         // and is ignored. (Activating is answered before any other event.)
         if !matches!(
             m.step,
-            Step::Preparing(_) | Step::Downloading(_) | Step::Staging { .. }
+            Step::Preparing(_) | Step::Downloading(_) | Step::Ready(_) | Step::Staging { .. }
         ) {
             return;
         }
         info!(model = name, "update no longer desired; dropped");
         m.step = Step::Idle;
+        m.held = None;
         m.progress = None;
         let phase = if m.record.trial.is_some() {
             Phase::Probation
@@ -1017,9 +1113,11 @@ impl Updater {
             self.rejected.insert(manifest.sha256.clone());
         }
         m.step = Step::Idle;
+        m.held = None;
         m.bad_chunks.clear();
         if let Some(p) = m.progress.as_mut() {
             p.phase = Phase::Failed;
+            p.held = None;
         }
         self.push(Action::Abandon { name: name.into() });
         self.set_phase(name, Phase::Failed);
@@ -1092,6 +1190,118 @@ impl Updater {
         }
     }
 
+    /// The download of `name` is complete: staged now, or ready until the window opens.
+    fn downloaded(&mut self, name: &str) {
+        let Some(m) = self.models.get_mut(name) else {
+            return;
+        };
+        let Some(manifest) = m.step.manifest().cloned() else {
+            return;
+        };
+        if m.download.window.is_none() {
+            self.stage(name);
+            return;
+        }
+        // Staged by the next tick's `apply_policies` if the window is open, else when it opens.
+        m.step = Step::Ready(manifest);
+        m.held = None;
+        self.poll_now = true;
+    }
+
+    /// Where the policy of `name` stands now for `gate`: what holds it back, if anything.
+    fn gate(&self, name: &str, gate: Gate, now: Instant) -> Option<Held> {
+        let m = self.models.get(name)?;
+        let policy = &m.download;
+        if gate == Gate::Download && self.metered && !policy.metered {
+            return Some(Held::Metered);
+        }
+        let window = policy.window.as_ref()?;
+        if gate == Gate::Download && policy.window_mode == WindowMode::Activate {
+            return None;
+        }
+        let wall = self.wall?;
+        let offset = policy
+            .utc_offset_minutes
+            .map_or(i64::from(wall.local_offset), |m| i64::from(m) * 60);
+        let unix = wall.unix_at(now);
+        match window.state(unix + offset) {
+            WindowState::Open { .. } => None,
+            WindowState::Closed { opens_in } => Some(Held::Window {
+                until: u64::try_from(unix + opens_in).unwrap_or(0),
+                activation_only: policy.window_mode == WindowMode::Activate,
+            }),
+        }
+    }
+
+    /// When the window of `policy` next opens or closes, if it has one.
+    fn window_change(&self, policy: &DownloadPolicy, now: Instant) -> Option<Instant> {
+        let window = policy.window.as_ref()?;
+        let wall = self.wall?;
+        let offset = policy
+            .utc_offset_minutes
+            .map_or(i64::from(wall.local_offset), |m| i64::from(m) * 60);
+        let secs = match window.state(wall.unix_at(now) + offset) {
+            WindowState::Open { closes_in } => closes_in,
+            WindowState::Closed { opens_in } => opens_in,
+        };
+        Some(now + Duration::from_secs(u64::try_from(secs).unwrap_or(0)))
+    }
+
+    /// Pauses or resumes downloads, and stages ready ones, as each model's policy says now.
+    fn apply_policies(&mut self, now: Instant) {
+        let names: Vec<String> = self
+            .models
+            .iter()
+            .filter(|(_, m)| matches!(m.step, Step::Downloading(_) | Step::Ready(_)))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in names {
+            let ready = matches!(self.models[&name].step, Step::Ready(_));
+            let gate = if ready {
+                Gate::Activate
+            } else {
+                Gate::Download
+            };
+            let held = self.gate(&name, gate, now);
+            let m = self.models.get_mut(&name).expect("listed above");
+            if let Step::Downloading(t) = &mut m.step {
+                t.set_rate(m.download.max_rate);
+            }
+            if ready && held.is_none() {
+                info!(model = %name, "maintenance window open");
+                self.stage(&name);
+                continue;
+            }
+            if m.held == held {
+                continue;
+            }
+            match &held {
+                Some(h) => {
+                    info!(model = %name, held = %h, "update held back");
+                    if let Step::Downloading(t) = &mut m.step {
+                        t.pause();
+                    }
+                }
+                None => info!(model = %name, "download resumes"),
+            }
+            m.held = held;
+            if let Some(p) = m.progress.as_mut() {
+                p.held = held;
+                p.phase = match held {
+                    Some(_) => Phase::Waiting,
+                    None => Phase::Downloading,
+                };
+            }
+            let phase = if held.is_some() {
+                Phase::Waiting
+            } else {
+                Phase::Downloading
+            };
+            self.set_phase(&name, phase);
+            self.want_report(true);
+        }
+    }
+
     fn stage(&mut self, name: &str) {
         if self.retries.remove(name).is_some() {
             self.push(Action::Backoff {
@@ -1111,8 +1321,10 @@ impl Updater {
             manifest: manifest.clone(),
             slot,
         };
+        m.held = None;
         if let Some(p) = m.progress.as_mut() {
             p.phase = Phase::Staging;
+            p.held = None;
         }
         self.set_phase(name, Phase::Staging);
         self.push(Action::Stage { manifest, slot });
@@ -1193,6 +1405,9 @@ impl Updater {
             let Step::Downloading(t) = &mut m.step else {
                 continue;
             };
+            if m.held.is_some() {
+                continue; // Paused by the download policy.
+            }
             if let Some(idle) = t.poll_stalled(now) {
                 let v = t.manifest();
                 let reason = format!(
@@ -1215,6 +1430,7 @@ impl Updater {
                     artifact: t.manifest().sha256.clone(),
                     chunks: asks.first,
                     again: asks.again,
+                    alone: m.download.max_rate.is_some(),
                 }));
             }
         }
@@ -1241,6 +1457,7 @@ fn progress(version: u64, phase: Phase, received_bytes: u64, total_bytes: u64) -
         received_bytes,
         total_bytes,
         reused_bytes: 0,
+        held: None,
     }
 }
 

@@ -232,6 +232,7 @@ fn config(dir: &Path, keys: &Keys, broker: u16, http: u16) -> Config {
             chunk_timeout_secs: 2,
             stall_timeout_secs: 60,
             shared_topic: true,
+            metered: false,
         },
         tls: None,
         probation: Default::default(),

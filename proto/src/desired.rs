@@ -131,9 +131,73 @@ pub struct SamplingSpec {
     pub budget_bytes: u64,
 }
 
-/// What the director attaches to one device's target besides the model: the rollout's or
-/// deployment's probation thresholds and sampling, each signed in `custom`.
+/// Slowest download rate a policy may set, bytes per second.
+pub const MIN_RATE: u64 = 1024;
+/// Largest offset from UTC a policy may give, minutes (UTC+14:00 is the furthest in use).
+pub const MAX_UTC_OFFSET_MINUTES: i32 = 14 * 60;
+
+/// What a maintenance window holds back.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WindowMode {
+    /// Download any time; activate only inside the window.
+    #[default]
+    Activate,
+    /// Download and activate only inside the window (a download pauses when it closes).
+    Download,
+}
+
+/// A deployment's or rollout's download policy (`custom.download`): how fast, when and over
+/// which links its devices fetch and install the version.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DownloadPolicy {
+    /// Largest download rate, bytes per second (at least [`MIN_RATE`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_rate: Option<u64>,
+    /// The maintenance window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<crate::window::MaintenanceWindow>,
+    /// What the window holds back.
+    #[serde(default)]
+    pub window_mode: WindowMode,
+    /// The window's times are at this offset from UTC, in minutes east; absent: in the
+    /// device's own time zone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub utc_offset_minutes: Option<i32>,
+    /// The version may be downloaded over a metered link (a device says whether its link is
+    /// metered in its configuration or through its local API).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub metered: bool,
+}
+
+impl DownloadPolicy {
+    /// Checks the ranges; the reason names the field. (The window checked itself when it
+    /// was parsed.)
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_rate.is_some_and(|r| r < MIN_RATE) {
+            return Err(format!("download max_rate below {MIN_RATE} bytes/s"));
+        }
+        if self
+            .utc_offset_minutes
+            .is_some_and(|m| m.abs() > MAX_UTC_OFFSET_MINUTES)
+        {
+            return Err(format!(
+                "download utc_offset_minutes beyond ±{MAX_UTC_OFFSET_MINUTES}"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Nothing is restricted but metered links (the default policy).
+    pub fn is_default(&self) -> bool {
+        *self == DownloadPolicy::default()
+    }
+}
+
+/// What the director attaches to one device's target besides the model: the rollout's or
+/// deployment's probation thresholds, sampling and download policy, each signed in `custom`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TargetTerms {
     /// Probation thresholds (`custom.probation`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -141,6 +205,9 @@ pub struct TargetTerms {
     /// Sampling of inputs and outputs (`custom.sampling`); off when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sampling: Option<SamplingSpec>,
+    /// Download policy (`custom.download`); absent: any time, any rate, no metered links.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub download: Option<DownloadPolicy>,
 }
 
 /// The `custom` object of a target in a device's director targets, as the server signs it
@@ -171,6 +238,7 @@ impl DirectorCustom {
     pub fn to_value(&self) -> serde_json::Value {
         let mut custom = self.clone();
         custom.terms.probation = custom.terms.probation.filter(|t| !t.is_empty());
+        custom.terms.download = custom.terms.download.filter(|d| !d.is_default());
         serde_json::to_value(custom).expect("custom serializes")
     }
 
@@ -189,6 +257,9 @@ impl DirectorCustom {
         }
         if let Some(s) = &terms.sampling {
             s.validate().map_err(CustomError::Terms)?;
+        }
+        if let Some(d) = &terms.download {
+            d.validate().map_err(CustomError::Terms)?;
         }
         Ok(DirectorCustom { device, terms })
     }
@@ -230,11 +301,22 @@ mod tests {
                     rate_permille: 5,
                     budget_bytes: 65_536,
                 }),
+                download: Some(DownloadPolicy {
+                    max_rate: Some(1 << 20),
+                    window: Some(
+                        crate::window::MaintenanceWindow::parse("mon-fri 02:00-04:00").unwrap(),
+                    ),
+                    window_mode: WindowMode::Download,
+                    utc_offset_minutes: Some(-300),
+                    metered: true,
+                }),
             },
         };
         let value = custom.to_value();
         assert_eq!(value["device"], "edge-1");
         assert_eq!(value["probation"]["requests"], 7);
+        assert_eq!(value["download"]["window"], "mon-fri 02:00-04:00");
+        assert_eq!(value["download"]["window_mode"], "download");
         assert_eq!(DirectorCustom::from_value(Some(&value)), Ok(custom));
         // What older servers signed: a device and nothing else.
         let bare = serde_json::json!({ "device": "edge-1" });
@@ -246,6 +328,7 @@ mod tests {
             terms: TargetTerms {
                 probation: Some(TrialThresholds::default()),
                 sampling: None,
+                download: Some(DownloadPolicy::default()),
             },
         };
         assert_eq!(empty.to_value(), bare);
@@ -263,6 +346,22 @@ mod tests {
             DirectorCustom::from_value(Some(&out_of_range)),
             Err(CustomError::Terms(_))
         ));
+        for bad in [
+            serde_json::json!({ "max_rate": 10 }),
+            serde_json::json!({ "utc_offset_minutes": 15 * 60 }),
+            serde_json::json!({ "window": "02:00-02:00" }),
+            serde_json::json!({ "window_mode": "sometimes" }),
+            serde_json::json!({ "rate": 2048 }),
+        ] {
+            let v = serde_json::json!({ "device": "edge-1", "download": bad });
+            assert!(
+                matches!(
+                    DirectorCustom::from_value(Some(&v)),
+                    Err(CustomError::Terms(_))
+                ),
+                "{v}"
+            );
+        }
     }
 
     #[test]

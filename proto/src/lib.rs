@@ -38,6 +38,7 @@ pub mod tls;
 pub mod topic;
 pub mod trusted;
 pub mod verify;
+pub mod window;
 
 pub use error::{DecodeError, VerifyError};
 

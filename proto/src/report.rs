@@ -64,6 +64,50 @@ pub enum Phase {
     Active,
     /// The update was rejected; see `last_error`.
     Failed,
+    /// The download policy holds the update back (see [`UpdateProgress::held`]): a
+    /// maintenance window, or a metered link.
+    Waiting,
+}
+
+/// What holds an update back ([`Phase::Waiting`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "by", rename_all = "lowercase")]
+pub enum Held {
+    /// The maintenance window, closed until `until` (Unix seconds).
+    Window {
+        /// When it opens.
+        until: u64,
+        /// What waits: the activation (the download is complete or may go on) or both.
+        activation_only: bool,
+    },
+    /// The link is metered and the deployment does not allow metered downloads.
+    Metered,
+}
+
+impl std::fmt::Display for Held {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Held::Window {
+                until,
+                activation_only,
+            } => {
+                let what = if *activation_only {
+                    "activation"
+                } else {
+                    "download"
+                };
+                let at = time::OffsetDateTime::from_unix_timestamp(*until as i64)
+                    .ok()
+                    .and_then(|t| {
+                        t.format(&time::format_description::well_known::Rfc3339)
+                            .ok()
+                    })
+                    .unwrap_or_else(|| until.to_string());
+                write!(f, "{what} waiting for the maintenance window until {at}")
+            }
+            Held::Metered => f.write_str("paused: metered link"),
+        }
+    }
 }
 
 /// Progress of the most recent update of one model.
@@ -81,6 +125,9 @@ pub struct UpdateProgress {
     /// the same digest) instead of downloading them; part of `received_bytes`.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub reused_bytes: u64,
+    /// What holds the update back, in [`Phase::Waiting`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held: Option<Held>,
 }
 
 fn is_zero(n: &u64) -> bool {

@@ -71,6 +71,7 @@ pub struct VerifiedDesired {
     models: Vec<Manifest>,
     probation: BTreeMap<String, TrialThresholds>,
     sampling: BTreeMap<String, SamplingSpec>,
+    download: BTreeMap<String, crate::desired::DownloadPolicy>,
     director_version: u64,
 }
 
@@ -94,6 +95,12 @@ impl VerifiedDesired {
     /// on.
     pub fn sampling(&self, model: &str) -> Option<SamplingSpec> {
         self.sampling.get(model).copied()
+    }
+
+    /// The deployment's download policy for `model` (rate, maintenance window, metered
+    /// links), when the director set one.
+    pub fn download(&self, model: &str) -> Option<&crate::desired::DownloadPolicy> {
+        self.download.get(model)
     }
 
     /// The director document's version (the desired-state counter).
@@ -231,6 +238,7 @@ pub fn verify_desired(
     let mut models: Vec<Manifest> = Vec::new();
     let mut probation = BTreeMap::new();
     let mut sampling = BTreeMap::new();
+    let mut download = BTreeMap::new();
     for (path, target) in &wanted.targets {
         let custom = match DirectorCustom::from_value(target.custom.as_ref()) {
             Ok(c) if c.device == device => c,
@@ -271,6 +279,9 @@ pub fn verify_desired(
         if let Some(thresholds) = custom.terms.probation {
             probation.insert(manifest.name.clone(), thresholds);
         }
+        if let Some(policy) = custom.terms.download {
+            download.insert(manifest.name.clone(), policy);
+        }
         if let Some(spec) = custom.terms.sampling {
             sampling.insert(manifest.name.clone(), spec);
         }
@@ -289,6 +300,7 @@ pub fn verify_desired(
         models,
         probation,
         sampling,
+        download,
         director_version: wanted.version,
     })
 }

@@ -107,6 +107,9 @@ pub struct DeployRequest {
     /// Sampling of inputs and outputs on the devices it moves (off when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sampling: Option<modelcast_proto::desired::SamplingSpec>,
+    /// Download policy of the devices it moves (rate, maintenance window, metered links).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub download: Option<modelcast_proto::desired::DownloadPolicy>,
 }
 
 /// Query of `GET /api/v1/samples`.
@@ -582,6 +585,7 @@ async fn deploy(
             at: unix_now(),
             probation: req.probation,
             sampling: req.sampling,
+            download: req.download,
         },
     )
     .await

@@ -505,6 +505,9 @@ pub async fn deploy(fleet: &Fleet, d: Deployment) -> Result<(Deployment, usize),
     if let Some(s) = &d.sampling {
         s.validate().map_err(RegistryError::Invalid)?;
     }
+    if let Some(p) = &d.download {
+        p.validate().map_err(RegistryError::Invalid)?;
+    }
     if fleet.db().model(&d.model, d.version).await?.is_none() {
         return Err(RegistryError::NotFound(format!(
             "model {} version {} is not published",
@@ -528,6 +531,7 @@ pub async fn deploy(fleet: &Fleet, d: Deployment) -> Result<(Deployment, usize),
             "group": d.group,
             "probation": d.probation,
             "sampling": d.sampling,
+            "download": d.download,
         }),
     )
     .await?;

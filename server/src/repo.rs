@@ -538,7 +538,7 @@ impl Repository {
             let mut target = m.to_target();
             let custom = modelcast_proto::desired::DirectorCustom {
                 device: device.to_string(),
-                terms: *terms,
+                terms: terms.clone(),
             };
             target.custom = Some(custom.to_value());
             director.targets.insert(m.target_path(), target);

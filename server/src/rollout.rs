@@ -122,6 +122,11 @@ pub struct RolloutSpec {
     /// Sampling of inputs and outputs on the devices moved (off when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sampling: Option<SamplingSpec>,
+    /// Download policy of the devices moved (rate, maintenance window, metered links). A
+    /// device the policy holds back counts as pending, and a wave does not time out while
+    /// one of its devices waits for its window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub download: Option<modelcast_proto::desired::DownloadPolicy>,
     /// A moved device on which the server raises a drift or anomaly alert for this version
     /// ([`crate::drift`]) counts as failed, even after it committed.
     #[serde(default)]
@@ -157,6 +162,7 @@ impl RolloutSpec {
             auto_rollback: true,
             probation: None,
             sampling: None,
+            download: None,
             abort_on_alerts: false,
         })
     }
@@ -180,6 +186,9 @@ impl RolloutSpec {
         }
         if let Some(s) = &self.sampling {
             s.validate()?;
+        }
+        if let Some(p) = &self.download {
+            p.validate()?;
         }
         Ok(())
     }
@@ -254,6 +263,10 @@ pub struct Member {
     /// state (final once committed).
     #[serde(default, skip_serializing_if = "Transferred::is_empty")]
     pub transferred: Transferred,
+    /// Its download policy holds its update back, as it last reported: a maintenance window
+    /// (until then, Unix seconds) or a metered link. It counts as updating.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held: Option<modelcast_proto::report::Held>,
 }
 
 /// Bytes an update brought to a device: all it has of the download, and the part of it
@@ -422,6 +435,7 @@ impl Rollout {
                 state: DeviceState::Waiting,
                 failure: None,
                 transferred: Transferred::default(),
+                held: None,
             })
             .collect();
         let mut rollout = Rollout {
@@ -455,6 +469,7 @@ impl Rollout {
                 TargetTerms {
                     probation: self.spec.probation,
                     sampling: self.spec.sampling,
+                    download: self.spec.download.clone(),
                 },
             )),
         }
@@ -468,6 +483,15 @@ impl Rollout {
         let Some(m) = self.members.iter_mut().find(|m| m.device == device) else {
             return Vec::new();
         };
+        let update = report
+            .models
+            .get(model)
+            .and_then(|s| s.update.as_ref())
+            .filter(|u| u.version == version);
+        let held = update.and_then(|u| u.held.filter(|_| u.phase == Phase::Waiting));
+        if m.state != DeviceState::Waiting {
+            m.held = held;
+        }
         let next = match (&m.state, observed) {
             (DeviceState::Waiting, _) => return Vec::new(),
             (DeviceState::Reverting, _) if serving.is_some() && serving == m.previous => {
@@ -486,12 +510,7 @@ impl Rollout {
         if let DeviceState::Failed { reason } = &next {
             m.failure = Some(reason.clone());
         }
-        if let Some(u) = report
-            .models
-            .get(model)
-            .and_then(|s| s.update.as_ref())
-            .filter(|u| u.version == version)
-        {
+        if let Some(u) = update {
             m.transferred = Transferred {
                 received_bytes: u.received_bytes,
                 reused_bytes: u.reused_bytes,
@@ -685,7 +704,12 @@ impl Rollout {
                 break;
             }
             if !self.wave_succeeded(self.wave) {
-                if now >= self.wave_started + self.spec.wave_timeout_secs as i64 {
+                // Devices waiting for their maintenance window are not late.
+                let windowed = self.wave_members(self.wave).any(|m| {
+                    m.state == DeviceState::Updating
+                        && matches!(m.held, Some(modelcast_proto::report::Held::Window { .. }))
+                });
+                if !windowed && now >= self.wave_started + self.spec.wave_timeout_secs as i64 {
                     let size = self.wave_members(self.wave).count();
                     let committed = self
                         .wave_members(self.wave)
@@ -766,6 +790,7 @@ mod tests {
             auto_rollback: true,
             probation: None,
             sampling: None,
+            download: None,
             abort_on_alerts: true,
         }
     }
@@ -792,6 +817,7 @@ mod tests {
                     received_bytes: 0,
                     total_bytes: 0,
                     reused_bytes: 0,
+                    held: None,
                 }),
             },
         );
@@ -987,6 +1013,41 @@ mod tests {
         assert_eq!(r.next_timeout(), Some(600));
         assert!(r.handle_timeout(599).is_empty());
         r.handle_timeout(600);
+        assert!(
+            matches!(&r.state, RolloutState::Aborted { reason } if reason.contains("timed out"))
+        );
+    }
+
+    #[test]
+    fn a_wave_waiting_for_its_maintenance_window_does_not_time_out() {
+        let (mut r, effects) = Rollout::start(1, spec(&["1"], 0), "op", 0, devices(3));
+        let canary = moved(&effects).remove(0);
+        let mut waiting = report(&canary, 1, Some((2, Phase::Waiting)));
+        let held = modelcast_proto::report::Held::Window {
+            until: 5000,
+            activation_only: true,
+        };
+        let update = waiting
+            .models
+            .get_mut("m")
+            .unwrap()
+            .update
+            .as_mut()
+            .unwrap();
+        update.held = Some(held);
+        r.handle_report(10, &canary, &waiting);
+        assert!(r.handle_timeout(700).is_empty(), "held by its window");
+        assert_eq!(r.state, RolloutState::Running);
+        let m = r.members.iter().find(|m| m.device == canary).unwrap();
+        assert_eq!((&m.state, m.held), (&DeviceState::Updating, Some(held)));
+        assert_eq!(r.counts(700).updating, 1, "pending, not failed");
+        // Out of the window and still not committed: late after all.
+        r.handle_report(
+            5001,
+            &canary,
+            &report(&canary, 1, Some((2, Phase::Staging))),
+        );
+        r.handle_timeout(5002);
         assert!(
             matches!(&r.state, RolloutState::Aborted { reason } if reason.contains("timed out"))
         );

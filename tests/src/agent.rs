@@ -18,6 +18,8 @@ pub struct AgentOptions {
     pub transfer: String,
     /// The broker port it connects to, when not the fleet's (e.g. through a [`proxy::Proxy`]).
     pub broker_port: Option<u16>,
+    /// More environment for its process (e.g. `TZ`, its local time zone).
+    pub env: Vec<(String, String)>,
 }
 
 /// One device.
@@ -30,6 +32,7 @@ pub struct Agent {
     log: PathBuf,
     proc: Option<Proc>,
     starts: u32,
+    env: Vec<(String, String)>,
 }
 
 impl Agent {
@@ -43,6 +46,7 @@ impl Agent {
             extra,
             transfer,
             broker_port,
+            env,
         } = options;
         let http_port = free_port();
         let dir = fleet.dir.path();
@@ -85,6 +89,7 @@ impl Agent {
             log: dir.join(format!("{id}.log")),
             proc: None,
             starts: 0,
+            env,
         };
         agent.start();
         agent
@@ -102,7 +107,8 @@ impl Agent {
             Command::new(exe)
                 .arg("--config")
                 .arg(&self.config)
-                .env("RUST_LOG", "info,sled=warn"),
+                .env("RUST_LOG", "info,sled=warn")
+                .envs(self.env.iter().map(|(k, v)| (k, v))),
             log,
         );
         self.proc = Some(proc);
@@ -145,6 +151,25 @@ impl Agent {
     /// answered and the first output's values, or the error body.
     pub fn infer(&self, model: &str, inputs: &[TensorData]) -> Result<(String, Vec<f64>), String> {
         hammer::InferClient::new(self.http_port, model, inputs).call()
+    }
+
+    /// Says through the device's local API whether its link is metered.
+    pub fn set_metered(&self, metered: bool) {
+        ureq::put(format!("http://127.0.0.1:{}/v1/link", self.http_port))
+            .send_json(serde_json::json!({ "metered": metered }))
+            .expect("PUT /v1/link");
+    }
+
+    /// Whether the device's local API says its link is metered.
+    pub fn metered(&self) -> bool {
+        let v: serde_json::Value =
+            ureq::get(format!("http://127.0.0.1:{}/v1/link", self.http_port))
+                .call()
+                .expect("GET /v1/link")
+                .body_mut()
+                .read_json()
+                .expect("JSON");
+        v["metered"] == true
     }
 
     /// The value of one Prometheus sample from its `/metrics`, e.g.

@@ -353,7 +353,18 @@ impl Fleet {
         group: &str,
         probation: Option<modelcast_proto::desired::TrialThresholds>,
     ) {
-        self.deploy_request(model, version, group, probation, None);
+        self.deploy_request(model, version, group, probation, None, None);
+    }
+
+    /// Deploys with a download policy (rate, maintenance window, metered links).
+    pub fn deploy_policy(
+        &self,
+        model: &str,
+        version: u64,
+        group: &str,
+        download: modelcast_proto::desired::DownloadPolicy,
+    ) {
+        self.deploy_request(model, version, group, None, None, Some(download));
     }
 
     /// Deploys with sampling of inputs and outputs turned on (`None`: off).
@@ -364,7 +375,7 @@ impl Fleet {
         group: &str,
         sampling: Option<modelcast_proto::desired::SamplingSpec>,
     ) {
-        self.deploy_request(model, version, group, None, sampling);
+        self.deploy_request(model, version, group, None, sampling, None);
     }
 
     fn deploy_request(
@@ -374,6 +385,7 @@ impl Fleet {
         group: &str,
         probation: Option<modelcast_proto::desired::TrialThresholds>,
         sampling: Option<modelcast_proto::desired::SamplingSpec>,
+        download: Option<modelcast_proto::desired::DownloadPolicy>,
     ) {
         self.client
             .deploy(&modelcast_server::api::DeployRequest {
@@ -383,6 +395,7 @@ impl Fleet {
                 by: "e2e".into(),
                 probation,
                 sampling,
+                download,
             })
             .expect("deploy");
     }

@@ -289,7 +289,11 @@ impl Device {
                                 let wanted: Vec<_> = v
                                     .models()
                                     .iter()
-                                    .map(|m| (m.clone(), v.probation(&m.name)))
+                                    .map(|m| modelcast_agent::update::Wanted {
+                                        manifest: m.clone(),
+                                        thresholds: v.probation(&m.name),
+                                        download: v.download(&m.name).cloned().unwrap_or_default(),
+                                    })
                                     .collect();
                                 updater.handle_desired(&wanted);
                             }

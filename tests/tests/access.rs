@@ -49,6 +49,7 @@ fn tokens_roles_and_the_audit_log() {
         by: "mallory".into(),
         probation: None,
         sampling: None,
+        download: None,
     };
     let (code, message) = status(viewer.deploy(&deploy("classifier", 1)).unwrap_err());
     assert_eq!(code, 403);

@@ -48,6 +48,7 @@ fn versions_are_promoted_retired_and_show_where_they_run() {
             by: "e2e".into(),
             probation: None,
             sampling: None,
+            download: None,
         })
         .unwrap_err();
     assert_eq!(

@@ -32,6 +32,7 @@ fn a_download_resumes_after_a_network_cut_and_a_broker_restart() {
             extra: "[probation]\nrequests = 0\nseconds = 0\n".into(),
             transfer: format!("window = {WINDOW}\n"),
             broker_port: Some(proxy.port()),
+            ..AgentOptions::default()
         },
     );
     fleet.wait_registered();

@@ -159,6 +159,14 @@ async fn contract(db: Db, other: Option<Db>) {
                 rate_permille: 10,
                 budget_bytes: 65_536,
             }),
+            download: Some(modelcast_proto::desired::DownloadPolicy {
+                max_rate: Some(1 << 20),
+                window: modelcast_proto::window::MaintenanceWindow::parse("sat,sun 01:00-05:00")
+                    .ok(),
+                window_mode: modelcast_proto::desired::WindowMode::Download,
+                utc_offset_minutes: Some(-330),
+                metered: true,
+            }),
         })
         .await
         .unwrap();

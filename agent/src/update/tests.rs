@@ -71,9 +71,11 @@ struct Sim {
     /// How far the serving version allows the floor to drop (its signed `fallback_to`).
     fallback_floor: Option<u64>,
     /// The broker's retained desired state: delivered again at every (re)connection.
-    retained: Option<(Manifest, Option<TrialThresholds>)>,
+    retained: Option<Wanted>,
     /// Back-offs of downloads given up over damaged chunks, as the store keeps them.
     backoffs: BTreeMap<String, (String, u32, Instant)>,
+    /// The link is metered (the versions desired here do not allow it).
+    metered: bool,
 }
 
 impl Sim {
@@ -100,6 +102,7 @@ impl Sim {
             fallback_floor: None,
             retained: None,
             backoffs: BTreeMap::new(),
+            metered: false,
         };
         sim.m.handle_connected();
         sim
@@ -153,6 +156,11 @@ impl Sim {
                     ..
                 } => {
                     assert!(self.online, "chunk request while the link is down");
+                    let allowed = self.retained.as_ref().is_some_and(|w| w.download.metered);
+                    assert!(
+                        !self.metered || allowed,
+                        "chunk request over a metered link"
+                    );
                     for c in chunks.into_iter().chain(again) {
                         self.requested.insert((artifact.clone(), c));
                     }
@@ -278,10 +286,31 @@ impl Sim {
 
     /// The server publishes a desired state (retained) and the device receives it.
     fn desire_with(&mut self, version: u64, thresholds: Option<TrialThresholds>) {
-        let wanted = (manifest(version), thresholds);
+        let wanted = Wanted {
+            manifest: manifest(version),
+            thresholds,
+            download: Default::default(),
+        };
         self.retained = Some(wanted.clone());
         self.m.handle_desired(&[wanted]);
         self.run();
+    }
+
+    /// The server publishes `version` with a download policy.
+    fn desire_policy(&mut self, version: u64, download: DownloadPolicy) {
+        let wanted = Wanted {
+            manifest: manifest(version),
+            thresholds: None,
+            download,
+        };
+        self.retained = Some(wanted.clone());
+        self.m.handle_desired(&[wanted]);
+        self.run();
+    }
+
+    /// The update `M` reports.
+    fn update(&self) -> UpdateProgress {
+        self.m.model_states()[M].update.clone().expect("an update")
     }
 
     /// Delivers the `pick`th outstanding requested chunk, `corrupt` or not.
@@ -399,6 +428,7 @@ impl Sim {
             records.push((M.to_string(), record, self.serving.is_some()));
         }
         let mut m = Updater::new(settings(), records);
+        m.set_metered(self.metered);
         for (name, (sha, attempts, until)) in &self.backoffs {
             m.restore_backoff(name, sha.clone(), *attempts, *until);
         }
@@ -694,6 +724,120 @@ fn a_download_resumes_after_a_crash_and_offline_asks_for_nothing() {
     assert_eq!(sim.serving_version(), Some(1));
 }
 
+#[test]
+fn a_metered_link_holds_a_download_its_policy_does_not_allow() {
+    let mut sim = Sim::new();
+    sim.install(1);
+    sim.metered = true;
+    sim.m.set_metered(true);
+    sim.desire(2);
+    assert!(
+        sim.requested.is_empty(),
+        "nothing asked over a metered link"
+    );
+    let u = sim.update();
+    assert_eq!(
+        (u.version, u.phase, u.held),
+        (2, Phase::Waiting, Some(Held::Metered))
+    );
+    sim.metered = false;
+    sim.m.set_metered(false);
+    sim.run();
+    assert!(!sim.requested.is_empty(), "asked once it is not metered");
+    assert_eq!(sim.update().phase, Phase::Downloading);
+    // Metered again halfway: what was asked may still come; nothing more is asked.
+    sim.deliver(0, false);
+    sim.metered = true;
+    sim.m.set_metered(true);
+    sim.run();
+    sim.requested.clear();
+    sim.advance(60_000);
+    assert!(sim.requested.is_empty(), "paused");
+    assert!(
+        sim.errors.iter().all(|e| e.3 != ErrorKind::Stalled),
+        "a paused download is not stalled: {:?}",
+        sim.errors
+    );
+    // A deployment that allows metered links goes on at once.
+    sim.desire_policy(
+        2,
+        DownloadPolicy {
+            metered: true,
+            ..DownloadPolicy::default()
+        },
+    );
+    assert!(!sim.requested.is_empty());
+    sim.deliver_all();
+    sim.finish_staging(true);
+    assert_eq!(sim.serving_version(), Some(2));
+}
+
+#[test]
+fn a_complete_download_waits_for_its_window_then_stages() {
+    let mut sim = Sim::new();
+    sim.install(1);
+    // Monday 1970-01-05, 01:00 UTC; the device's local time is UTC+2, so 03:00.
+    let monday_1am = 4 * 86_400 + 3600;
+    sim.m.set_wall_clock(sim.now, monday_1am, 7200);
+    let window = modelcast_proto::window::MaintenanceWindow::parse("mon 04:00-05:00").unwrap();
+    sim.desire_policy(
+        2,
+        DownloadPolicy {
+            window: Some(window.clone()),
+            ..DownloadPolicy::default()
+        },
+    );
+    sim.deliver_all();
+    assert!(sim.staging.is_empty(), "downloaded, not staged");
+    let held = Held::Window {
+        until: monday_1am as u64 + 3600,
+        activation_only: true,
+    };
+    assert_eq!(
+        (sim.update().phase, sim.update().held),
+        (Phase::Waiting, Some(held))
+    );
+    assert!(sim.m.next_wake(sim.now) <= sim.now + Duration::from_secs(3600));
+    sim.advance(3_599_000);
+    assert!(sim.staging.is_empty(), "a second early");
+    sim.advance(1_000);
+    assert_eq!(sim.staging.len(), 1, "staged as the window opens");
+    sim.finish_staging(true);
+    assert_eq!(sim.serving_version(), Some(2));
+    for _ in 0..5 {
+        sim.outcome(true, false);
+    }
+    assert_eq!(sim.commits, 1);
+
+    // In download mode, nothing is asked before the window; read at a given offset.
+    sim.desire_policy(
+        3,
+        DownloadPolicy {
+            window: Some(window),
+            window_mode: WindowMode::Download,
+            utc_offset_minutes: Some(0),
+            ..DownloadPolicy::default()
+        },
+    );
+    assert!(sim.requested.is_empty(), "04:00 UTC is two hours off");
+    let u = sim.update();
+    assert_eq!(
+        (u.version, u.phase, u.held),
+        (
+            3,
+            Phase::Waiting,
+            Some(Held::Window {
+                until: monday_1am as u64 + 3 * 3600,
+                activation_only: false
+            })
+        )
+    );
+    sim.advance(2 * 3_600_000 - 1_000);
+    assert!(sim.requested.is_empty(), "a second early");
+    sim.advance(1_000);
+    assert!(!sim.requested.is_empty(), "asked once the window opened");
+}
+
 #[derive(Debug, Clone)]
 enum Event {
     /// The desired version moves by this much from the last one (1..=8), with a
@@ -712,6 +856,8 @@ enum Event {
     },
     Advance(u64),
     Link(bool),
+    /// The link becomes metered, or stops being.
+    Metered(bool),
     Restart {
         clean: bool,
     },
@@ -733,6 +879,7 @@ fn event() -> impl Strategy<Value = Event> {
             .prop_map(|(ok, slow)| Event::Outcome { ok, slow }),
         3 => (0u64..4_000).prop_map(Event::Advance),
         1 => any::<bool>().prop_map(Event::Link),
+        1 => any::<bool>().prop_map(Event::Metered),
         1 => any::<bool>().prop_map(|clean| Event::Restart { clean }),
         1 => Just(Event::BreakWrite),
     ]
@@ -763,6 +910,11 @@ proptest! {
                 Event::Outcome { ok, slow } => sim.outcome(ok, slow),
                 Event::Advance(ms) => sim.advance(ms),
                 Event::Link(up) => sim.set_online(up),
+                Event::Metered(metered) => {
+                    sim.metered = metered;
+                    sim.m.set_metered(metered);
+                    sim.run();
+                }
                 Event::Restart { clean } => sim.restart(clean),
                 Event::BreakWrite => sim.break_write = true,
             }
@@ -771,6 +923,8 @@ proptest! {
         // trials run out. The device converges to the last desired version, or has
         // reported why not (rejected, rolled back, refused as a rollback).
         sim.break_write = false;
+        sim.metered = false;
+        sim.m.set_metered(false);
         sim.set_online(true);
         for _ in 0..12 {
             sim.deliver_all();

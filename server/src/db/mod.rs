@@ -147,6 +147,9 @@ pub struct Deployment {
     /// Sampling of inputs and outputs on the devices it moves (off when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sampling: Option<SamplingSpec>,
+    /// Download policy of the devices it moves (rate, maintenance window, metered links).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub download: Option<modelcast_proto::desired::DownloadPolicy>,
 }
 
 /// What was last published to a device.

@@ -18,17 +18,18 @@ use crate::unix_now;
 
 use super::Fleet;
 
-/// A version a device should run, with its deployment's terms (probation, sampling).
+/// A version a device should run, with its deployment's terms (probation, sampling,
+/// download policy).
 pub type Wanted = (Manifest, TargetTerms);
 
 /// One version of a model offered to a device by a deployment or a rollout.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Offer {
     /// The deployment's sequence number or the rollout's id (one counter): the highest wins.
     pub seq: u64,
     /// The version offered.
     pub version: u64,
-    /// Its probation and sampling.
+    /// Its probation, sampling and download policy.
     pub terms: TargetTerms,
 }
 
@@ -44,10 +45,10 @@ pub fn resolve<'a>(
     rollouts: impl IntoIterator<Item = &'a Rollout>,
 ) -> BTreeMap<String, Offer> {
     let mut per_model: BTreeMap<String, Offer> = BTreeMap::new();
-    let mut offer = |model: &str, offer: Offer| {
-        let entry = per_model.entry(model.to_string()).or_insert(offer);
-        if offer.seq >= entry.seq {
-            *entry = offer;
+    let mut offer = |model: &str, offer: Offer| match per_model.get(model) {
+        Some(held) if offer.seq < held.seq => {}
+        _ => {
+            per_model.insert(model.to_string(), offer);
         }
     };
     for d in deployments {
@@ -55,6 +56,7 @@ pub fn resolve<'a>(
             let terms = TargetTerms {
                 probation: d.probation,
                 sampling: d.sampling,
+                download: d.download.clone(),
             };
             offer(
                 &d.model,
@@ -94,6 +96,9 @@ pub fn fingerprint(models: &[Wanted], ts: u64) -> String {
             }
             if let Some(s) = t.sampling {
                 path.push_str(&format!("sampling{}", serde_json::json!(s)));
+            }
+            if let Some(d) = &t.download {
+                path.push_str(&format!("download{}", serde_json::json!(d)));
             }
             path
         })
@@ -223,6 +228,7 @@ mod tests {
             at: 0,
             probation: None,
             sampling: None,
+            download: None,
         }
     }
 
@@ -292,11 +298,20 @@ mod tests {
             latency_budget: None,
             fallback_to: None,
         };
-        let none = TargetTerms::default();
-        let a = fingerprint(&[(m(1), none)], 7);
-        assert_eq!(a, fingerprint(&[(m(1), none)], 7));
-        assert_ne!(a, fingerprint(&[(m(2), none)], 7));
-        assert_ne!(a, fingerprint(&[(m(1), none)], 8));
+        let none = TargetTerms::default;
+        let a = fingerprint(&[(m(1), none())], 7);
+        assert_eq!(a, fingerprint(&[(m(1), none())], 7));
+        assert_ne!(a, fingerprint(&[(m(2), none())], 7));
+        assert_ne!(a, fingerprint(&[(m(1), none())], 8));
+        // A new download policy is a new desired state.
+        let windowed = TargetTerms {
+            download: Some(modelcast_proto::desired::DownloadPolicy {
+                window: modelcast_proto::window::MaintenanceWindow::parse("02:00-03:00").ok(),
+                ..Default::default()
+            }),
+            ..TargetTerms::default()
+        };
+        assert_ne!(a, fingerprint(&[(m(1), windowed)], 7));
     }
 
     fn arb_deployment() -> impl Strategy<Value = Deployment> {

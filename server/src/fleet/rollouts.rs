@@ -111,6 +111,7 @@ impl Fleet {
                     "waves": rollout.spec.waves,
                     "devices": rollout.members.len(),
                     "sampling": rollout.spec.sampling,
+                    "download": rollout.spec.download,
                 }),
                 unix_now(),
             )
@@ -278,6 +279,7 @@ impl Fleet {
                                 at: unix_now(),
                                 probation: s.probation,
                                 sampling: s.sampling,
+                                download: s.download.clone(),
                             })
                             .await?;
                     }

@@ -10,7 +10,7 @@ use modelcast_ops::convert::Choice;
 use modelcast_ops::onnx;
 use modelcast_ops::publish::{publish_file, Fallback, PublishOptions};
 use modelcast_ops::shapes::ShapeSpec;
-use modelcast_proto::desired::{SamplingSpec, TrialThresholds};
+use modelcast_proto::desired::{DownloadPolicy, SamplingSpec, TrialThresholds, WindowMode};
 use modelcast_proto::manifest::LatencyBudget;
 use modelcast_server::api::DeployRequest;
 use modelcast_server::auth::{Role, Tokens};
@@ -237,6 +237,9 @@ enum Command {
         /// Sampling of inputs and outputs on the devices this moves (off by default).
         #[command(flatten)]
         sampling: SamplingArgs,
+        /// When and how fast the devices this moves download and activate it.
+        #[command(flatten)]
+        download: DownloadArgs,
     },
     /// Roll a version out to a group in waves; watch, pause, resume, abort.
     #[command(subcommand)]
@@ -446,6 +449,94 @@ impl ProbationArgs {
     }
 }
 
+/// A deployment's download policy: any time, at any rate, not over metered links, unless
+/// these say otherwise.
+#[derive(Debug, clap::Args)]
+struct DownloadArgs {
+    /// Largest download rate per device, bytes a second (`500k`, `2M`, `1MiB`: k, M, G are
+    /// powers of 1000, KiB, MiB, GiB of 1024).
+    #[arg(long, value_parser = byte_rate)]
+    max_rate: Option<u64>,
+    /// Maintenance window, in the device's local time unless --window-utc-offset is given:
+    /// `mon-fri 02:00-04:00`, `daily 22:00-02:00`, several joined by `;`.
+    #[arg(long)]
+    window: Option<String>,
+    /// What the window holds back: `activate` (download any time, activate only in the
+    /// window) or `download` (download and activate only in the window).
+    #[arg(long, default_value = "activate", value_parser = window_mode, requires = "window")]
+    window_mode: WindowMode,
+    /// Read the window at this offset from UTC (`+02:00`, `-05:30`) instead of the device's
+    /// time zone.
+    #[arg(long, value_parser = utc_offset, requires = "window", allow_hyphen_values = true)]
+    window_utc_offset: Option<i32>,
+    /// Devices may download it over a metered link.
+    #[arg(long)]
+    metered: bool,
+}
+
+impl DownloadArgs {
+    fn policy(&self) -> anyhow::Result<Option<DownloadPolicy>> {
+        let policy = DownloadPolicy {
+            max_rate: self.max_rate,
+            window: self
+                .window
+                .as_deref()
+                .map(modelcast_proto::window::MaintenanceWindow::parse)
+                .transpose()?,
+            window_mode: self.window_mode,
+            utc_offset_minutes: self.window_utc_offset,
+            metered: self.metered,
+        };
+        policy.validate().map_err(anyhow::Error::msg)?;
+        Ok((!policy.is_default()).then_some(policy))
+    }
+}
+
+/// `500k`, `2M`, `1MiB`, `4096` as bytes.
+fn byte_rate(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of bytes"))?;
+    let scale: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "k" | "K" | "kB" => 1000,
+        "M" | "MB" => 1000 * 1000,
+        "G" | "GB" => 1000 * 1000 * 1000,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        other => return Err(format!("unknown unit {other:?} (k, M, G, KiB, MiB, GiB)")),
+    };
+    n.checked_mul(scale)
+        .ok_or_else(|| format!("{text:?} is too large"))
+}
+
+fn window_mode(text: &str) -> Result<WindowMode, String> {
+    match text {
+        "activate" => Ok(WindowMode::Activate),
+        "download" => Ok(WindowMode::Download),
+        _ => Err("must be activate or download".into()),
+    }
+}
+
+/// `+02:00`, `-05:30`, `0` as minutes east of UTC.
+fn utc_offset(text: &str) -> Result<i32, String> {
+    let bad = || format!("{text:?} is not an offset like +02:00 or -05:30");
+    let (sign, rest) = match text.strip_prefix('-') {
+        Some(rest) => (-1, rest),
+        None => (1, text.strip_prefix('+').unwrap_or(text)),
+    };
+    let (h, m) = rest.split_once(':').unwrap_or((rest, "0"));
+    let (h, m): (i32, i32) = (h.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?);
+    if !(0..60).contains(&m) {
+        return Err(bad());
+    }
+    Ok(sign * (h * 60 + m))
+}
+
 fn fraction(text: &str) -> Result<f64, String> {
     let v: f64 = text.parse().map_err(|e| format!("{e}"))?;
     (0.0..=1.0)
@@ -595,6 +686,7 @@ fn main() -> anyhow::Result<()> {
             by,
             probation,
             sampling,
+            download,
         } => {
             let answer = client.deploy(&DeployRequest {
                 model: model.clone(),
@@ -603,6 +695,7 @@ fn main() -> anyhow::Result<()> {
                 by,
                 probation: probation.thresholds(),
                 sampling: sampling.spec()?,
+                download: download.policy()?,
             })?;
             println!(
                 "deployed {model} v{version} to group '{group}': {} device(s) given a new desired state",

@@ -72,6 +72,10 @@ pub(crate) fn follow(
                     Phase::Staging => "verifying, loading, checking golden vectors".to_string(),
                     Phase::Probation | Phase::Active => format!("serving v{version}"),
                     Phase::Failed => format!("FAILED: {reason}"),
+                    Phase::Waiting => match u.held {
+                        Some(held) => held.to_string(),
+                        None => "waiting".to_string(),
+                    },
                 });
                 if u.phase == Phase::Failed {
                     failed += 1;

@@ -10,11 +10,13 @@ use modelcast_server::api::RolloutRequest;
 use modelcast_server::fleet::RolloutAction;
 use modelcast_server::rollout::{DeviceState, Rollout, RolloutSpec, RolloutState, WaveSize};
 
-use crate::{ProbationArgs, SamplingArgs};
+use crate::{DownloadArgs, ProbationArgs, SamplingArgs};
 
 /// How often `--follow` asks the server.
 const POLL: Duration = Duration::from_millis(500);
 
+// Parsed once per run: the size of its largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum RolloutCommand {
     /// Roll a published version out to a group in waves.
@@ -57,6 +59,9 @@ pub enum RolloutCommand {
         /// Sampling of inputs and outputs on the devices it moves (off by default).
         #[command(flatten)]
         sampling: SamplingArgs,
+        /// When and how fast the devices it moves download and activate it.
+        #[command(flatten)]
+        download: DownloadArgs,
         /// Who starts it.
         #[arg(long, env = "USER", default_value = "operator")]
         by: String,
@@ -114,6 +119,7 @@ pub fn run(client: &Client, command: RolloutCommand) -> anyhow::Result<()> {
             abort_on_alerts,
             probation,
             sampling,
+            download,
             by,
             follow,
         } => {
@@ -129,6 +135,7 @@ pub fn run(client: &Client, command: RolloutCommand) -> anyhow::Result<()> {
                 auto_rollback: !no_auto_rollback,
                 probation: probation.thresholds(),
                 sampling: sampling.spec()?,
+                download: download.policy()?,
                 abort_on_alerts,
             };
             let r = client.start_rollout(&RolloutRequest { spec, by })?;
