@@ -577,11 +577,30 @@ impl Agent {
             }
         };
         let artifact = hex::encode(reply.artifact);
+        // On the wire: what the link carried.
         let len = reply.data.len() as u64;
-        match self
-            .updater
-            .handle_chunk(&artifact, reply.index, reply.data)
-        {
+        // A compressed copy of a chunk some download wants is inflated, never past the
+        // manifest's length for it; anything else goes on as it came (and is dropped).
+        let limit = self.updater.chunk_len(&artifact, reply.index);
+        let data = match limit.map(|l| crate::inflate::inflate(reply.encoding, reply.data, l)) {
+            Some(Ok(data)) => data,
+            Some(Err(e)) => {
+                let error = crate::transfer::ChunkError::Inflate {
+                    index: reply.index,
+                    reason: e.to_string(),
+                };
+                if let ChunkFate::Rejected(name) =
+                    self.updater
+                        .chunk_undecodable(&artifact, reply.index, error)
+                {
+                    self.metrics.chunk_received(&name, len);
+                    self.metrics.chunk_rejected();
+                }
+                return;
+            }
+            None => std::borrow::Cow::Borrowed(reply.data),
+        };
+        match self.updater.handle_chunk(&artifact, reply.index, &data) {
             ChunkFate::Unwanted => {}
             ChunkFate::Duplicate(name) | ChunkFate::Dropped(name) => {
                 self.metrics.chunk_received(&name, len)
@@ -595,7 +614,7 @@ impl Agent {
                 let Some(manifest) = self.updater.downloading(&name) else {
                     return;
                 };
-                match self.store.put_chunk(manifest, reply.index, reply.data) {
+                match self.store.put_chunk(manifest, reply.index, &data) {
                     Ok(()) => {
                         self.metrics.downloaded(&name, len);
                         self.updater.chunk_stored(&name, reply.index);
@@ -652,6 +671,7 @@ impl Agent {
                         again,
                         shared,
                         joined,
+                        zstd: true,
                     };
                     self.link.request_chunks(&request).await;
                 }

@@ -36,6 +36,7 @@ pub mod driver;
 pub mod engine;
 #[cfg(feature = "grpc")]
 pub(crate) mod grpc;
+pub mod inflate;
 pub mod kserve;
 pub mod link;
 pub(crate) mod metrics;

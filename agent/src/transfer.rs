@@ -42,6 +42,15 @@ pub enum ChunkError {
         /// Index.
         index: u32,
     },
+    /// A compressed copy that does not inflate to the chunk: not a zstd frame, or longer
+    /// than the manifest's length for it (a decompression bomb).
+    #[error("compressed chunk {index} {reason}")]
+    Inflate {
+        /// Index.
+        index: u32,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
 /// What to do with an arriving chunk.
@@ -221,6 +230,11 @@ impl Transfer {
         }
         self.progress_at = Some(now);
         Some(idle)
+    }
+
+    /// The manifest's length of download chunk `index`, if the download has one.
+    pub fn chunk_len(&self, index: u32) -> Option<u32> {
+        chunk_len(&self.manifest, index)
     }
 
     /// The manifest being fetched.

@@ -659,6 +659,33 @@ impl Updater {
         }
     }
 
+    /// The length the manifest gives chunk `index` of the download of `artifact` (hex
+    /// SHA-256): how far a compressed copy of it may inflate. `None` if no download wants it.
+    pub fn chunk_len(&self, artifact: &str, index: u32) -> Option<u32> {
+        self.models.values().find_map(|m| match &m.step {
+            Step::Downloading(t) if t.manifest().sha256 == artifact => t.chunk_len(index),
+            _ => None,
+        })
+    }
+
+    /// A compressed copy of chunk `index` of `artifact` did not inflate to a chunk (`error`):
+    /// a bad copy, as one that fails its digest.
+    pub fn chunk_undecodable(
+        &mut self,
+        artifact: &str,
+        index: u32,
+        error: ChunkError,
+    ) -> ChunkFate {
+        let Some(name) = self.models.iter().find_map(|(name, m)| match &m.step {
+            Step::Downloading(t) if t.manifest().sha256 == artifact => Some(name.clone()),
+            _ => None,
+        }) else {
+            return ChunkFate::Unwanted;
+        };
+        self.bad_copy(&name, index, error);
+        ChunkFate::Rejected(name)
+    }
+
     /// A chunk of `artifact` (hex SHA-256) arrived.
     pub fn handle_chunk(&mut self, artifact: &str, index: u32, data: &[u8]) -> ChunkFate {
         let Some((name, m)) = self.models.iter_mut().find(
@@ -670,7 +697,6 @@ impl Updater {
         let Step::Downloading(transfer) = &mut m.step else {
             unreachable!("matched above");
         };
-        let version = transfer.manifest().version;
         let e = match transfer.handle_chunk(index, data) {
             Ok(Accepted::Store) => return ChunkFate::Store(name),
             Ok(Accepted::Duplicate) => return ChunkFate::Duplicate(name),
@@ -682,21 +708,31 @@ impl Updater {
             }
             Err(e) => e,
         };
+        self.bad_copy(&name, index, e);
+        ChunkFate::Rejected(name)
+    }
+
+    /// A damaged copy of chunk `index` of `name`'s download: reported, and the download given
+    /// up for now at the [`MAX_BAD_CHUNKS`]th of the same chunk.
+    fn bad_copy(&mut self, name: &str, index: u32, e: ChunkError) {
+        let Some(m) = self.models.get_mut(name) else {
+            return;
+        };
+        let version = m.step.manifest().map(|m| m.version);
         let count = m.bad_chunks.entry(index).or_insert(0);
         *count += 1;
         let count = *count;
         warn!(model = %name, error = %e, attempt = count, "chunk rejected");
         if count >= MAX_BAD_CHUNKS {
-            self.give_up_for_now(&name, format!("update rejected: {e}"));
+            self.give_up_for_now(name, format!("update rejected: {e}"));
         } else {
             self.error_of(
                 ErrorKind::Chunk,
-                Some(&name),
-                Some(version),
+                Some(name),
+                version,
                 format!("chunk rejected: {e}"),
             );
         }
-        ChunkFate::Rejected(name)
     }
 
     /// The answer to [`ChunkFate::Store`]: the chunk is written.

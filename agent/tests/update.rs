@@ -155,6 +155,7 @@ async fn chunk_server(port: u16, artifacts: Vec<Vec<u8>>) -> AsyncClient {
                 let frame = ChunkReply {
                     artifact: digest,
                     index,
+                    encoding: modelcast_proto::chunk::Encoding::Raw,
                     data,
                 }
                 .encode();

@@ -8,8 +8,15 @@
 //! device's own chunk topic. A reply is a binary frame, the same on either topic:
 //!
 //! ```text
-//! magic "MCC1" (4) | artifact sha256 (32) | index u32 BE (4) | length u32 BE (4) | bytes
+//! magic (4) | artifact sha256 (32) | index u32 BE (4) | length u32 BE (4) | bytes
 //! ```
+//!
+//! The magic says how the bytes are encoded ([`Encoding`]): `MCC1` the chunk as it is,
+//! `MCZ1` a zstd frame of it, `MCZ4` a zstd frame of it with its bytes grouped by position in
+//! four-byte words ([`group4`]: the sign-and-exponent bytes of float32 weights together, which
+//! compress better). A device that can inflate says so in its requests (`zstd`); the digest is
+//! always over the chunk as it is, and a device inflates no further than the length the
+//! manifest gives the chunk.
 
 use serde::{Deserialize, Serialize};
 
@@ -23,7 +30,57 @@ pub const MAX_CHUNKS_PER_REQUEST: usize = 1024;
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
 const MAGIC: &[u8; 4] = b"MCC1";
+const MAGIC_ZSTD: &[u8; 4] = b"MCZ1";
+const MAGIC_ZSTD_GROUPED: &[u8; 4] = b"MCZ4";
 const HEADER: usize = 4 + 32 + 4 + 4;
+
+/// How a chunk reply's bytes are encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Encoding {
+    /// The chunk as it is.
+    Raw,
+    /// A zstd frame of the chunk.
+    Zstd,
+    /// A zstd frame of the chunk's bytes grouped by position in four-byte words
+    /// ([`group4`]).
+    ZstdGrouped4,
+}
+
+impl Encoding {
+    fn magic(self) -> &'static [u8; 4] {
+        match self {
+            Encoding::Raw => MAGIC,
+            Encoding::Zstd => MAGIC_ZSTD,
+            Encoding::ZstdGrouped4 => MAGIC_ZSTD_GROUPED,
+        }
+    }
+}
+
+/// `data`'s bytes grouped by their position in four-byte words: every word's first byte, then
+/// every second byte, and so on; a tail shorter than a word stays at the end. The inverse is
+/// [`ungroup4`].
+pub fn group4(data: &[u8]) -> Vec<u8> {
+    let words = data.len() / 4;
+    let mut out = Vec::with_capacity(data.len());
+    for k in 0..4 {
+        out.extend((0..words).map(|i| data[4 * i + k]));
+    }
+    out.extend_from_slice(&data[4 * words..]);
+    out
+}
+
+/// Undoes [`group4`].
+pub fn ungroup4(grouped: &[u8]) -> Vec<u8> {
+    let words = grouped.len() / 4;
+    let mut out = vec![0; grouped.len()];
+    for k in 0..4 {
+        for i in 0..words {
+            out[4 * i + k] = grouped[k * words + i];
+        }
+    }
+    out[4 * words..].copy_from_slice(&grouped[4 * words..]);
+    out
+}
 
 /// A request for chunks of one artifact.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -49,6 +106,9 @@ pub struct ChunkRequest {
     /// before may not reach it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub joined: bool,
+    /// The device inflates compressed replies ([`Encoding`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub zstd: bool,
 }
 
 impl ChunkRequest {
@@ -112,7 +172,9 @@ pub struct ChunkReply<'a> {
     pub artifact: [u8; 32],
     /// Chunk index.
     pub index: u32,
-    /// Chunk bytes.
+    /// How `data` is encoded.
+    pub encoding: Encoding,
+    /// Chunk bytes, as `encoding` says.
     pub data: &'a [u8],
 }
 
@@ -120,7 +182,7 @@ impl<'a> ChunkReply<'a> {
     /// Encodes the frame.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(HEADER + self.data.len());
-        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(self.encoding.magic());
         out.extend_from_slice(&self.artifact);
         out.extend_from_slice(&self.index.to_be_bytes());
         out.extend_from_slice(&(self.data.len() as u32).to_be_bytes());
@@ -137,12 +199,17 @@ impl<'a> ChunkReply<'a> {
                 have: bytes.len(),
             });
         }
-        if &bytes[..4] != MAGIC {
-            return Err(DecodeError::Invalid {
-                what: "chunk reply",
-                reason: "bad magic (not an MCC1 frame)".into(),
-            });
-        }
+        let encoding = match &bytes[..4] {
+            m if m == MAGIC => Encoding::Raw,
+            m if m == MAGIC_ZSTD => Encoding::Zstd,
+            m if m == MAGIC_ZSTD_GROUPED => Encoding::ZstdGrouped4,
+            _ => {
+                return Err(DecodeError::Invalid {
+                    what: "chunk reply",
+                    reason: "bad magic (not an MCC1, MCZ1 or MCZ4 frame)".into(),
+                })
+            }
+        };
         let artifact: [u8; 32] = bytes[4..36].try_into().expect("32 bytes");
         let index = u32::from_be_bytes(bytes[36..40].try_into().expect("4 bytes"));
         let len = u32::from_be_bytes(bytes[40..44].try_into().expect("4 bytes"));
@@ -163,6 +230,7 @@ impl<'a> ChunkReply<'a> {
         Ok(ChunkReply {
             artifact,
             index,
+            encoding,
             data,
         })
     }
@@ -186,15 +254,34 @@ mod tests {
 
     #[test]
     fn reply_round_trip() {
-        let r = ChunkReply {
+        for encoding in [Encoding::Raw, Encoding::Zstd, Encoding::ZstdGrouped4] {
+            let r = ChunkReply {
+                artifact: [3; 32],
+                index: 7,
+                encoding,
+                data: b"abc",
+            };
+            let bytes = r.encode();
+            assert_eq!(ChunkReply::decode(&bytes).unwrap(), r);
+            assert!(ChunkReply::decode(&bytes[..bytes.len() - 1]).is_err());
+            assert!(ChunkReply::decode(&bytes[..10]).is_err());
+        }
+        let mut other = ChunkReply {
             artifact: [3; 32],
             index: 7,
+            encoding: Encoding::Raw,
             data: b"abc",
-        };
-        let bytes = r.encode();
-        assert_eq!(ChunkReply::decode(&bytes).unwrap(), r);
-        assert!(ChunkReply::decode(&bytes[..bytes.len() - 1]).is_err());
-        assert!(ChunkReply::decode(&bytes[..10]).is_err());
+        }
+        .encode();
+        other[..4].copy_from_slice(b"MCX9");
+        assert!(ChunkReply::decode(&other).is_err());
+    }
+
+    #[test]
+    fn grouping_puts_each_byte_position_together() {
+        let data = [1, 2, 3, 4, 5, 6, 7, 8, 9];
+        assert_eq!(group4(&data), [1, 5, 2, 6, 3, 7, 4, 8, 9]);
+        assert_eq!(ungroup4(&group4(&data)), data);
     }
 
     #[test]
@@ -207,6 +294,7 @@ mod tests {
             again: vec![],
             shared: false,
             joined: false,
+            zstd: false,
         };
         assert_eq!(ChunkRequest::from_slice(&r.to_vec()).unwrap(), r);
         // The fields a device that predates the shared topic leaves out.
@@ -246,9 +334,14 @@ mod tests {
 
         #[test]
         fn reply_decoder_rejects_every_truncation(data in proptest::collection::vec(any::<u8>(), 0..64), cut in 1usize..200) {
-            let frame = ChunkReply { artifact: [1; 32], index: 0, data: &data }.encode();
+            let frame = ChunkReply { artifact: [1; 32], index: 0, encoding: Encoding::Zstd, data: &data }.encode();
             let cut = cut.min(frame.len());
             prop_assert!(ChunkReply::decode(&frame[..frame.len() - cut]).is_err());
+        }
+
+        #[test]
+        fn grouping_round_trips(data in proptest::collection::vec(any::<u8>(), 0..64)) {
+            prop_assert_eq!(ungroup4(&group4(&data)), data);
         }
 
         #[test]

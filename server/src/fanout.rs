@@ -356,6 +356,7 @@ mod tests {
             again: again.to_vec(),
             shared: true,
             joined: false,
+            zstd: false,
         }
     }
 

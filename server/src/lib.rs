@@ -37,6 +37,7 @@ pub mod auth;
 pub(crate) mod broker;
 pub(crate) mod budget;
 pub(crate) mod clock;
+pub mod compress;
 pub mod db;
 pub mod drift;
 pub(crate) mod fanout;
@@ -96,6 +97,9 @@ pub struct ServerConfig {
     /// artifact published there: turn it off where models must stay confidential between
     /// devices on one broker.
     pub shared_chunks: bool,
+    /// Send chunks zstd-compressed where that saves a sixteenth or more ([`compress`]) to
+    /// devices that can inflate them, and on the shared topics.
+    pub compress_chunks: bool,
     /// Chunk requests answered at once; more are dropped (counted in `/metrics`) until one
     /// ends, and their devices ask again.
     pub max_chunk_requests: usize,
@@ -298,6 +302,7 @@ pub async fn run(
         tls,
         password: secret,
         shared_chunks: cfg.shared_chunks,
+        compress_chunks: cfg.compress_chunks,
         max_chunk_requests: cfg.max_chunk_requests,
         topics: modelcast_proto::topic::Topics::new(&cfg.topic_prefix),
     };

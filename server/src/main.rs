@@ -70,6 +70,10 @@ struct Args {
     /// models.
     #[arg(long, env = "MODELCAST_NO_SHARED_CHUNKS")]
     no_shared_chunks: bool,
+    /// Send chunks as they are, never zstd-compressed (by default a chunk that compression
+    /// shrinks by a sixteenth or more goes compressed to devices that can inflate it).
+    #[arg(long, env = "MODELCAST_NO_CHUNK_COMPRESSION")]
+    no_chunk_compression: bool,
     /// Chunk requests answered at once; more are dropped until one ends (devices ask again),
     /// so that a flood of requests costs bounded memory.
     #[arg(long, env = "MODELCAST_MAX_CHUNK_REQUESTS", default_value_t = 256)]
@@ -133,6 +137,7 @@ async fn main() -> anyhow::Result<()> {
         role: args.role,
         lease: args.lease,
         shared_chunks: !args.no_shared_chunks,
+        compress_chunks: !args.no_chunk_compression,
         max_chunk_requests: args.max_chunk_requests.max(1),
         max_artifact_bytes: args.max_artifact_bytes,
         http: modelcast_server::http::HttpLimits {

@@ -150,6 +150,16 @@ pub async fn render(fleet: &Fleet) -> Result<String, DbError> {
         ),
         ("chunks_sent", "Chunks this server sent", chunks.chunks),
         (
+            "chunk_sent_bytes",
+            "Bytes of chunks this server sent, on the wire (compressed where it was)",
+            chunks.bytes,
+        ),
+        (
+            "chunk_raw_bytes",
+            "Bytes of the chunks this server sent, before compression",
+            chunks.raw_bytes,
+        ),
+        (
             "chunks_shared",
             "Chunks this server published once on an artifact's shared topic",
             chunks.shared,

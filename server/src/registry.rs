@@ -160,10 +160,7 @@ impl<'a> Upload<'a> {
             self.buf.extend_from_slice(&rest[..take]);
             rest = &rest[take..];
             if self.buf.len() == self.chunk {
-                self.fleet
-                    .db()
-                    .put_chunk(&self.digest, self.index, &self.buf)
-                    .await?;
+                self.put_chunk().await?;
                 self.index += 1;
                 self.buf.clear();
             }
@@ -191,10 +188,10 @@ impl<'a> Upload<'a> {
     }
 
     async fn keep(&mut self) -> Result<u64, RegistryError> {
-        let db = self.fleet.db();
         if !self.buf.is_empty() {
-            db.put_chunk(&self.digest, self.index, &self.buf).await?;
+            self.put_chunk().await?;
         }
+        let db = self.fleet.db();
         let hasher = std::mem::take(&mut self.hasher);
         if hex::encode(hasher.finalize()) != self.sha256 {
             return Err(RegistryError::Invalid(
@@ -216,9 +213,31 @@ impl<'a> Upload<'a> {
         Ok(self.size)
     }
 
+    /// Stores the chunk in `buf`, and its packed copy where compression shrinks it
+    /// ([`crate::compress`]; packed on a blocking thread).
+    async fn put_chunk(&self) -> Result<(), RegistryError> {
+        let db = self.fleet.db();
+        db.put_chunk(&self.digest, self.index, &self.buf).await?;
+        if !self.fleet.compresses() {
+            return Ok(());
+        }
+        let chunk = bytes::Bytes::copy_from_slice(&self.buf);
+        let packed = tokio::task::spawn_blocking(move || crate::compress::pack(&chunk))
+            .await
+            .ok()
+            .and_then(|p| crate::compress::to_stored(&p));
+        if let Some(stored) = packed {
+            let key = crate::compress::packed_key(&self.digest);
+            db.put_chunk(&key, self.index, &stored).await?;
+        }
+        Ok(())
+    }
+
     /// Removes what was stored of it (the body failed or was refused).
     pub async fn abandon(self) {
         let _ = self.fleet.db().remove_artifact(&self.digest).await;
+        let packed = crate::compress::packed_key(&self.digest);
+        let _ = self.fleet.db().remove_artifact(&packed).await;
     }
 }
 

@@ -35,6 +35,9 @@ pub enum ChunkAttack {
     Pad,
     /// Slow retrieval: take the requests and never answer.
     Stall,
+    /// A decompression bomb: every chunk compressed with 1 MiB of zeros after it, so that
+    /// it inflates far past the length the manifest gives it.
+    Bomb,
 }
 
 /// MQTT options for a TLS connection to the broker on `port` with the client certificate
@@ -170,6 +173,7 @@ impl Rogue {
                     }
                     let end = (start + *chunk_size as usize).min(bytes.len());
                     let mut data = bytes[start..end].to_vec();
+                    let mut encoding = modelcast_proto::chunk::Encoding::Raw;
                     match attack {
                         ChunkAttack::Tamper => data[0] ^= 0xff,
                         ChunkAttack::Truncate if end == bytes.len() => {
@@ -178,10 +182,16 @@ impl Rogue {
                         ChunkAttack::Truncate => {}
                         ChunkAttack::Pad => data.extend(std::iter::repeat_n(0u8, 64 * 1024)),
                         ChunkAttack::Stall => continue,
+                        ChunkAttack::Bomb => {
+                            data.extend(std::iter::repeat_n(0u8, 1 << 20));
+                            data = zstd::bulk::compress(&data, 3).expect("zstd");
+                            encoding = modelcast_proto::chunk::Encoding::Zstd;
+                        }
                     }
                     let frame = ChunkReply {
                         artifact: digest,
                         index,
+                        encoding,
                         data: &data,
                     }
                     .encode();

@@ -311,10 +311,17 @@ impl Device {
                                 .chunk_bytes
                                 .fetch_add(reply.data.len() as u64, Ordering::Relaxed);
                             let artifact = hex::encode(reply.artifact);
-                            if let ChunkFate::Store(name) =
-                                updater.handle_chunk(&artifact, reply.index, reply.data)
-                            {
-                                updater.chunk_stored(&name, reply.index);
+                            // Inflated as the agent does, no further than the chunk's length.
+                            let data = updater.chunk_len(&artifact, reply.index).and_then(|l| {
+                                modelcast_agent::inflate::inflate(reply.encoding, reply.data, l)
+                                    .ok()
+                            });
+                            if let Some(data) = data {
+                                if let ChunkFate::Store(name) =
+                                    updater.handle_chunk(&artifact, reply.index, &data)
+                                {
+                                    updater.chunk_stored(&name, reply.index);
+                                }
                             }
                         }
                     }
@@ -376,6 +383,7 @@ impl Device {
                             again,
                             shared,
                             joined,
+                            zstd: true,
                         };
                         // try_: this task also drives the event loop, so it must never wait
                         // on it. A request lost to a full queue is asked again on timeout.

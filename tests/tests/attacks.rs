@@ -256,6 +256,7 @@ fn every_attack_is_rejected_and_the_old_model_keeps_serving() {
         again: vec![],
         shared: false,
         joined: false,
+        zstd: false,
     };
     intruder.publish_raw("modelcast/d/edge-1/requests", false, on_behalf.to_vec());
     intruder.publish_raw("modelcast/d/intruder/requests", false, on_behalf.to_vec());
@@ -263,6 +264,7 @@ fn every_attack_is_rejected_and_the_old_model_keeps_serving() {
     let forged = modelcast_proto::chunk::ChunkReply {
         artifact: modelcast_proto::chunk::parse_digest(&v1.sha256).unwrap(),
         index: 0,
+        encoding: modelcast_proto::chunk::Encoding::Raw,
         data: b"forged",
     };
     intruder.publish_raw(

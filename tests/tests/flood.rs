@@ -193,6 +193,7 @@ fn a_chunk_request_flood_is_answered_a_few_at_a_time() {
         again: Vec::new(),
         shared: false,
         joined: false,
+        zstd: false,
     }
     .to_vec();
     let topic = modelcast_proto::topic::Topics::new("modelcast").chunk_requests("edge-2");

@@ -56,6 +56,7 @@ fn a_device_asking_for_everything_again_and_again_cannot_grow_the_broker() {
         again: all.clone(),
         shared: false,
         joined: false,
+        zstd: false,
     };
     const REQUESTS: usize = 40;
     let broker_before = proc_status_kib(broker.pid(), "VmHWM");

@@ -131,13 +131,16 @@ impl Fleet {
                 }
                 Route::Shared => scheduled = true,
                 Route::Direct | Route::Alone => {
-                    let charge = Some((req.device.as_str(), req.again.contains(&index)));
+                    let again = req.again.contains(&index);
+                    let charge = Some((req.device.as_str(), again));
+                    // Asked again: sent as it is, whatever went wrong with a packed copy.
+                    let inflates = req.zstd && !again;
                     let qos = match route {
                         Route::Alone => QoS::AtMostOnce,
                         _ => QoS::AtLeastOnce,
                     };
                     if !self
-                        .send_chunk(&own, &req.artifact, &digest, index, charge, qos)
+                        .send_chunk(&own, &req.artifact, &digest, index, charge, qos, inflates)
                         .await
                     {
                         break;
@@ -181,8 +184,19 @@ impl Fleet {
                     continue;
                 };
                 let topic = self.topics.artifact(&artifact);
+                // Compressed: every device that listens on shared topics inflates (a device
+                // too old to would ask again on its own topic, where it gets the chunk as it
+                // is).
                 if self
-                    .send_chunk(&topic, &artifact, &digest, index, None, QoS::AtLeastOnce)
+                    .send_chunk(
+                        &topic,
+                        &artifact,
+                        &digest,
+                        index,
+                        None,
+                        QoS::AtLeastOnce,
+                        true,
+                    )
                     .await
                 {
                     self.chunks_shared.fetch_add(1, Relaxed);
@@ -204,6 +218,10 @@ impl Fleet {
     /// mosquitto by default sets TCP_NODELAY). Everything else goes at QoS 1, which paces the
     /// server to what the broker takes, whose per-subscriber queues and inflight limits then
     /// apply (a shared publication at QoS 0 becomes a packet per subscriber at once).
+    ///
+    /// With compression on and `inflates` (the receiver can inflate), the chunk goes packed
+    /// as it was at upload, if it packed to anything smaller ([`crate::compress`]).
+    #[allow(clippy::too_many_arguments)]
     async fn send_chunk(
         &self,
         topic: &str,
@@ -212,6 +230,7 @@ impl Fleet {
         index: u32,
         charge: Option<(&str, bool)>,
         qos: QoS,
+        inflates: bool,
     ) -> bool {
         use std::sync::atomic::Ordering::Relaxed;
         let (file, at) = self.locate(artifact, digest, index);
@@ -226,6 +245,22 @@ impl Fleet {
                 return false;
             }
         };
+        let raw_len = data.len() as u64;
+        let stored = match self.compress_chunks && inflates {
+            true => self
+                .db
+                .chunk(&crate::compress::packed_key(&file), at)
+                .await
+                .ok()
+                .flatten()
+                .and_then(crate::compress::from_stored),
+            false => None,
+        };
+        let packed = stored.unwrap_or(crate::compress::Packed {
+            encoding: modelcast_proto::chunk::Encoding::Raw,
+            data,
+        });
+        let data = packed.data;
         if let Some((device, again)) = charge {
             let budgets = match again {
                 true => &self.asked_again,
@@ -246,6 +281,7 @@ impl Fleet {
         let frame = ChunkReply {
             artifact: *digest,
             index,
+            encoding: packed.encoding,
             data: &data,
         }
         .encode();
@@ -254,6 +290,7 @@ impl Fleet {
         }
         self.chunks.fetch_add(1, Relaxed);
         self.chunk_bytes.fetch_add(data.len() as u64, Relaxed);
+        self.chunk_raw_bytes.fetch_add(raw_len, Relaxed);
         true
     }
 }

@@ -95,6 +95,8 @@ pub struct BrokerLink {
     /// Publish a chunk asked for by several devices once on its artifact's shared topic
     /// ([`crate::fanout`]); off, every chunk goes on the asking device's own topic.
     pub shared_chunks: bool,
+    /// Send chunks compressed where it saves bytes ([`crate::compress`]).
+    pub compress_chunks: bool,
     /// Chunk requests answered at once; more are dropped (and counted) until one ends, and
     /// their devices ask again.
     pub max_chunk_requests: usize,
@@ -134,9 +136,13 @@ pub struct ChunkStats {
     pub requests: u64,
     /// Chunks sent (on devices' own topics and shared topics).
     pub chunks: u64,
-    /// Their data, bytes.
+    /// Their data on the wire, bytes (compressed where it was).
     #[serde(default)]
     pub bytes: u64,
+    /// The chunks' own bytes, before compression: `raw_bytes - bytes` is what compression
+    /// saved.
+    #[serde(default)]
+    pub raw_bytes: u64,
     /// Of those, the ones published on an artifact's shared topic, once for every device
     /// listening there.
     #[serde(default)]
@@ -222,6 +228,10 @@ pub struct Fleet {
     chunks_skipped: std::sync::atomic::AtomicU64,
     /// Which asked chunks go on shared topics; `None` when shared publication is off.
     fanout: Option<std::sync::Mutex<Fanout>>,
+    /// Chunks are packed at upload and sent compressed ([`crate::compress`]).
+    compress_chunks: bool,
+    /// The chunks' own bytes, before compression (`chunk_bytes` is what went on the wire).
+    chunk_raw_bytes: std::sync::atomic::AtomicU64,
     /// Wakes the shared publisher when a publication is scheduled.
     fanout_scheduled: tokio::sync::Notify,
     /// When a chunk replica last reloaded the rollouts (at most once a second, whatever a
@@ -269,6 +279,13 @@ pub struct Fleet {
     front: Option<Arc<crate::broker::front::FrontStats>>,
     /// Quarantined devices (also in their device records).
     quarantined: Arc<crate::quarantine::Quarantines>,
+}
+
+impl Fleet {
+    /// Whether chunks are packed at upload and sent compressed ([`crate::compress`]).
+    pub fn compresses(&self) -> bool {
+        self.compress_chunks
+    }
 }
 
 impl Fleet {
@@ -347,6 +364,8 @@ impl Fleet {
             chunks_shared: Default::default(),
             chunks_skipped: Default::default(),
             fanout,
+            compress_chunks: link.compress_chunks,
+            chunk_raw_bytes: Default::default(),
             fanout_scheduled: Default::default(),
             reloaded: Default::default(),
             parts: Default::default(),
@@ -400,6 +419,7 @@ impl Fleet {
                 requests: self.requests.load(Relaxed),
                 chunks: self.chunks.load(Relaxed),
                 bytes: self.chunk_bytes.load(Relaxed),
+                raw_bytes: self.chunk_raw_bytes.load(Relaxed),
                 shared: self.chunks_shared.load(Relaxed),
                 skipped: self.chunks_skipped.load(Relaxed),
                 refused: self.refused.load(Relaxed),

@@ -58,11 +58,13 @@ fn main() -> std::io::Result<()> {
         again: vec![2],
         shared: true,
         joined: true,
+        zstd: false,
     };
     write("chunk", "request", &request.to_vec())?;
     let reply = ChunkReply {
         artifact: [7; 32],
         index: 3,
+        encoding: modelcast_proto::chunk::Encoding::Raw,
         data: &[1, 2, 3, 4, 5],
     };
     write("chunk", "reply", &reply.encode())?;
