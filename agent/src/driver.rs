@@ -616,7 +616,7 @@ impl Agent {
                 };
                 match self.store.put_chunk(manifest, reply.index, &data) {
                     Ok(()) => {
-                        self.metrics.downloaded(&name, len);
+                        self.metrics.downloaded(&name, data.len() as u64);
                         self.updater.chunk_stored(&name, reply.index);
                     }
                     Err(e) => self.updater.chunk_write_failed(&name, e.into()),

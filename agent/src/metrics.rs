@@ -231,7 +231,7 @@ impl Metrics {
         let downloaded = Family::<ModelLabels, Counter>::default();
         registry.register_with_unit(
             "downloaded",
-            "Verified artifact bytes received",
+            "Verified artifact bytes received and stored (inflated, where they came compressed)",
             Unit::Bytes,
             downloaded.clone(),
         );
@@ -245,7 +245,7 @@ impl Metrics {
         let chunk_bytes = Family::<ModelLabels, Counter>::default();
         registry.register_with_unit(
             "chunk_received",
-            "Chunk bytes received for downloads in progress, duplicates and rejected ones included",
+            "Chunk bytes received for downloads in progress, as they came on the wire (compressed or not), duplicates and rejected ones included",
             Unit::Bytes,
             chunk_bytes.clone(),
         );
