@@ -61,11 +61,15 @@ impl Encoding {
 /// [`ungroup4`].
 pub fn group4(data: &[u8]) -> Vec<u8> {
     let words = data.len() / 4;
-    let mut out = Vec::with_capacity(data.len());
-    for k in 0..4 {
-        out.extend((0..words).map(|i| data[4 * i + k]));
+    let mut out = vec![0; data.len()];
+    let (planes, tail) = out.split_at_mut(4 * words);
+    let (p0, rest) = planes.split_at_mut(words);
+    let (p1, rest) = rest.split_at_mut(words);
+    let (p2, p3) = rest.split_at_mut(words);
+    for (i, w) in data.chunks_exact(4).enumerate() {
+        (p0[i], p1[i], p2[i], p3[i]) = (w[0], w[1], w[2], w[3]);
     }
-    out.extend_from_slice(&data[4 * words..]);
+    tail.copy_from_slice(&data[4 * words..]);
     out
 }
 
@@ -73,12 +77,14 @@ pub fn group4(data: &[u8]) -> Vec<u8> {
 pub fn ungroup4(grouped: &[u8]) -> Vec<u8> {
     let words = grouped.len() / 4;
     let mut out = vec![0; grouped.len()];
-    for k in 0..4 {
-        for i in 0..words {
-            out[4 * i + k] = grouped[k * words + i];
-        }
+    let (p0, rest) = grouped.split_at(words);
+    let (p1, rest) = rest.split_at(words);
+    let (p2, rest) = rest.split_at(words);
+    let (p3, tail) = rest.split_at(words);
+    for (i, w) in out.chunks_exact_mut(4).enumerate() {
+        w.copy_from_slice(&[p0[i], p1[i], p2[i], p3[i]]);
     }
-    out[4 * words..].copy_from_slice(&grouped[4 * words..]);
+    out[4 * words..].copy_from_slice(tail);
     out
 }
 
