@@ -128,6 +128,30 @@ pub enum AlertKind {
     },
 }
 
+impl AlertKind {
+    /// Its name for machines (a metric label): `latency`, `error_rate`, `class_drift`,
+    /// `output_shift`, `non_finite`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            AlertKind::Latency => "latency",
+            AlertKind::ErrorRate => "error_rate",
+            AlertKind::ClassDrift { .. } => "class_drift",
+            AlertKind::OutputShift { .. } => "output_shift",
+            AlertKind::NonFinite { .. } => "non_finite",
+        }
+    }
+
+    /// The output it concerns, if it concerns one.
+    pub fn output(&self) -> Option<&str> {
+        match self {
+            AlertKind::Latency | AlertKind::ErrorRate => None,
+            AlertKind::ClassDrift { output }
+            | AlertKind::OutputShift { output }
+            | AlertKind::NonFinite { output } => Some(output),
+        }
+    }
+}
+
 impl std::fmt::Display for AlertKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -660,6 +684,20 @@ pub struct VersionAlerts {
     pub devices: u64,
 }
 
+/// The active alerts of `device` for a version it no longer serves (`serving` says which
+/// version of a model it serves now): nothing will ever clear them by telemetry.
+pub fn stale<'a>(
+    alerts: &'a [Alert],
+    device: &str,
+    serving: impl Fn(&str) -> Option<u64>,
+) -> Vec<&'a Alert> {
+    alerts
+        .iter()
+        .filter(|a| a.active() && a.device == device)
+        .filter(|a| serving(&a.model) != Some(a.version))
+        .collect()
+}
+
 /// Active alerts grouped per version.
 pub fn by_version(alerts: &[Alert]) -> Vec<VersionAlerts> {
     /// Per version: the devices raising each kind, and the devices alerting at all.
@@ -683,6 +721,64 @@ pub fn by_version(alerts: &[Alert]) -> Vec<VersionAlerts> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn alerts_of_a_version_the_device_no_longer_serves_are_stale() {
+        let alert = |id: u64, device: &str, version: u64, cleared: bool| Alert {
+            id,
+            device: device.into(),
+            model: "m".into(),
+            version,
+            kind: AlertKind::Latency,
+            test: "page-hinkley".into(),
+            value: 2.0,
+            threshold: 1.0,
+            message: "slower".into(),
+            raised_ms: 1,
+            cleared_ms: cleared.then_some(2),
+        };
+        let alerts = [
+            alert(1, "d1", 1, false),
+            alert(2, "d1", 2, false),
+            alert(3, "d1", 1, true),
+            alert(4, "d2", 1, false),
+        ];
+        let ids = |v: Vec<&Alert>| v.iter().map(|a| a.id).collect::<Vec<_>>();
+        // d1 serves v2 now: its active v1 alert is stale, not its v2 one, not d2's.
+        assert_eq!(ids(stale(&alerts, "d1", |_| Some(2))), [1]);
+        // A device that serves nothing of the model any more.
+        assert_eq!(ids(stale(&alerts, "d1", |_| None)), [1, 2]);
+        assert_eq!(ids(stale(&alerts, "d2", |_| Some(1))), Vec::<u64>::new());
+    }
+
+    #[test]
+    fn alert_kinds_have_machine_labels_and_name_their_output() {
+        let out = || "probabilities".to_string();
+        let kinds = [
+            (AlertKind::Latency, "latency", None),
+            (AlertKind::ErrorRate, "error_rate", None),
+            (
+                AlertKind::ClassDrift { output: out() },
+                "class_drift",
+                Some("probabilities"),
+            ),
+            (
+                AlertKind::OutputShift { output: out() },
+                "output_shift",
+                Some("probabilities"),
+            ),
+            (
+                AlertKind::NonFinite { output: out() },
+                "non_finite",
+                Some("probabilities"),
+            ),
+        ];
+        for (kind, label, output) in kinds {
+            assert_eq!((kind.label(), kind.output()), (label, output), "{kind}");
+            // The label is the serialized tag: one name for the API and the metric.
+            assert_eq!(serde_json::to_value(&kind).unwrap()["kind"], label);
+        }
+    }
     use modelcast_proto::report::Slot;
     use proptest::prelude::*;
 

@@ -36,7 +36,10 @@ struct VersionLabels {
 struct AlertLabels {
     model: String,
     version: String,
+    /// [`crate::drift::AlertKind::label`].
     kind: String,
+    /// The output the alert concerns (empty for latency and error rate).
+    output: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -118,16 +121,15 @@ pub async fn render(fleet: &Fleet) -> Result<String, DbError> {
     registry.register("rollouts", "Rollouts by state", rollouts);
 
     let alerts = Family::<AlertLabels, Gauge>::default();
-    for v in crate::drift::by_version(&fleet.db().alerts().await?) {
-        for (kind, n) in v.kinds {
-            alerts
-                .get_or_create(&AlertLabels {
-                    model: v.model.clone(),
-                    version: v.version.to_string(),
-                    kind,
-                })
-                .set(n as i64);
-        }
+    for a in fleet.db().alerts().await?.iter().filter(|a| a.active()) {
+        alerts
+            .get_or_create(&AlertLabels {
+                model: a.model.clone(),
+                version: a.version.to_string(),
+                kind: a.kind.label().into(),
+                output: a.kind.output().unwrap_or_default().into(),
+            })
+            .inc();
     }
     registry.register(
         "alerts",

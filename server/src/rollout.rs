@@ -310,7 +310,8 @@ pub struct Counts {
     pub updating: usize,
     /// Committed.
     pub committed: usize,
-    /// Failed.
+    /// Failed, whether sent back since or not (a failed canary of an aborted rollout is
+    /// counted here and in `reverted`).
     pub failed: usize,
     /// Sent back or back on their previous version.
     pub reverted: usize,
@@ -622,7 +623,10 @@ impl Rollout {
                 DeviceState::Updating => c.updating += 1,
                 DeviceState::Committed => c.committed += 1,
                 DeviceState::Failed { .. } => c.failed += 1,
-                DeviceState::Reverting | DeviceState::Reverted => c.reverted += 1,
+                DeviceState::Reverting | DeviceState::Reverted => {
+                    c.reverted += 1;
+                    c.failed += usize::from(m.failure.is_some());
+                }
             }
         }
         c
@@ -987,6 +991,12 @@ mod tests {
             panic!("{:?}", r.state);
         };
         assert!(reason.contains("1 device(s) failed"), "{reason}");
+        let c = r.counts(20);
+        assert_eq!(
+            (c.failed, c.reverted),
+            (1, 2),
+            "the failed canary is sent back, and failed"
+        );
         let mut back = moved(&e);
         back.sort();
         let mut expected = canaries.clone();

@@ -253,7 +253,7 @@ fn a_shifted_input_distribution_raises_an_alert_and_a_stable_one_does_not() {
     let metrics = fleet.client.metrics().unwrap();
     assert!(
         metrics.contains(
-            "modelcast_fleet_alerts{model=\"classifier\",version=\"1\",kind=\"class drift of"
+            "modelcast_fleet_alerts{model=\"classifier\",version=\"1\",kind=\"class_drift\",output="
         ),
         "{metrics}"
     );

@@ -12,7 +12,8 @@
 //! percentiles, and the class histogram of its output.
 //!
 //! The fleet server stores the first copy of every report: its API, its CLI and its metrics
-//! then answer for the fleet (what `roomy` served, across the `site=lab` group).
+//! then answer for the fleet (what `roomy` served, across the `site=lab` group). A device
+//! that sends only telemetry (no state report) stays seen: its `last_seen` moves.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -377,4 +378,36 @@ fn every_request_is_counted_once_through_the_servers_absence_and_a_broker_restar
          counted; at most {most} reports held; since its restart the server stored {} reports, {} duplicates",
         status.telemetry.stored, status.telemetry.duplicates
     );
+}
+
+#[test]
+fn a_device_that_only_sends_telemetry_stays_seen() {
+    let fleet = Fleet::embedded();
+    let _agent = fleet.start_agent_with(
+        "edge-1",
+        &[("site", "lab")],
+        "[telemetry]\ninterval_secs = 1\n",
+    );
+    fleet.wait_registered();
+    let reported = |fleet: &Fleet| {
+        let d = fleet
+            .client
+            .devices()
+            .ok()?
+            .into_iter()
+            .find(|d| d.id == "edge-1")?;
+        Some((d.last_seen, d.report?.at))
+    };
+    let (first_seen, report_at) = reported(&fleet).expect("edge-1");
+    // No model, no update: the device sends no new state report, only telemetry.
+    let (seen, at) = wait_for(
+        "last_seen to move on telemetry",
+        Duration::from_secs(60),
+        || reported(&fleet).filter(|(seen, _)| *seen > first_seen + 10),
+    );
+    assert_eq!(
+        at, report_at,
+        "no state report in between: telemetry moved it"
+    );
+    println!("last seen moved from {first_seen} to {seen} on telemetry alone");
 }

@@ -279,6 +279,9 @@ pub struct Fleet {
     front: Option<Arc<crate::broker::front::FrontStats>>,
     /// Quarantined devices (also in their device records).
     quarantined: Arc<crate::quarantine::Quarantines>,
+    /// When each device's `last_seen` was last written because of its telemetry (at most
+    /// every [`reports::SEEN_EVERY_SECS`]).
+    seen_written: std::sync::Mutex<std::collections::HashMap<String, i64>>,
 }
 
 impl Fleet {
@@ -400,6 +403,7 @@ impl Fleet {
             drops,
             front,
             quarantined,
+            seen_written: Default::default(),
         });
         let supervisor = tokio::spawn(link::supervise(fleet.clone(), eventloop, stop));
         Ok((fleet, Running { supervisor }))

@@ -4,10 +4,15 @@
 use modelcast_proto::report::DeviceReport;
 use tracing::{info, warn};
 
-use crate::db::DeviceEntry;
+use crate::db::{DbError, DeviceEntry};
 use crate::unix_now;
 
 use super::{Fleet, Rejected};
+
+/// Least time between two writes of a device's `last_seen` for its telemetry.
+pub const SEEN_EVERY_SECS: i64 = 10;
+/// Most devices whose last such write is remembered (then forgotten wholesale).
+const SEEN_REMEMBERED: usize = 100_000;
 
 impl Fleet {
     pub(super) async fn handle_report(&self, device: &str, payload: &[u8]) -> Result<(), Rejected> {
@@ -48,11 +53,54 @@ impl Fleet {
         };
         self.db.put_device(&entry).await?;
         if let Some(report) = &entry.report {
+            self.clear_stale_alerts(device, report).await?;
             self.feed_rollouts(device, report).await;
         }
         if labels_changed {
             info!(%device, labels = ?entry.labels, "device registered");
             self.publish_desired(device).await?;
+        }
+        Ok(())
+    }
+
+    /// Clears `device`'s alerts for versions it no longer serves (it was rolled back, or moved
+    /// on): no telemetry of that version will come to clear them.
+    async fn clear_stale_alerts(&self, device: &str, report: &DeviceReport) -> Result<(), DbError> {
+        let alerts = self.db.alerts().await?;
+        let serving = |model: &str| report.models.get(model)?.serving_version();
+        let now_ms = crate::unix_now_ms();
+        for alert in crate::drift::stale(&alerts, device, serving) {
+            let mut alert = alert.clone();
+            alert.cleared_ms = Some(now_ms);
+            self.db.put_alert(&alert).await?;
+            info!(%device, model = %alert.model, version = alert.version, kind = %alert.kind, "alert cleared: the device no longer serves that version");
+        }
+        Ok(())
+    }
+
+    /// `device` was heard from (a telemetry report): its `last_seen` moves, written at most
+    /// every [`SEEN_EVERY_SECS`], so a fleet that only sends telemetry still shows as seen.
+    pub(super) async fn seen(&self, device: &str) -> Result<(), DbError> {
+        let now = unix_now();
+        {
+            let mut written = self.seen_written.lock().expect("seen lock");
+            if written
+                .get(device)
+                .is_some_and(|at| now - at < SEEN_EVERY_SECS)
+            {
+                return Ok(());
+            }
+            if written.len() >= SEEN_REMEMBERED {
+                written.clear();
+            }
+            written.insert(device.to_string(), now);
+        }
+        let Some(mut entry) = self.db.device(device).await? else {
+            return Ok(());
+        };
+        if entry.last_seen < now {
+            entry.last_seen = now;
+            self.db.put_device(&entry).await?;
         }
         Ok(())
     }

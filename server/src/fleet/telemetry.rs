@@ -89,6 +89,9 @@ impl Fleet {
                 return Err(Rejected::Decode(e));
             }
         };
+        if let Err(e) = self.seen(device).await {
+            debug!(%device, error = %e, "last seen not recorded");
+        }
         let seq = report.seq;
         let taken = self.take_telemetry(device, report).await;
         // The receipt: the device drops the report from its queue. Not when storing failed
