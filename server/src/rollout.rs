@@ -338,6 +338,9 @@ pub struct Rollout {
     pub by: String,
     /// Unix seconds.
     pub created: i64,
+    /// When it ended (completed, aborted or cancelled), Unix seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended: Option<i64>,
     /// Where it stands.
     #[serde(flatten)]
     pub state: RolloutState,
@@ -444,6 +447,7 @@ impl Rollout {
             spec,
             by: by.into(),
             created: now,
+            ended: None,
             state: RolloutState::Running,
             wave_sizes,
             wave: 0,
@@ -577,6 +581,7 @@ impl Rollout {
             return Vec::new();
         }
         self.state = RolloutState::Aborted { reason };
+        self.ended = Some(now);
         let mut effects = Vec::new();
         if self.spec.auto_rollback {
             let mut back = Vec::new();
@@ -599,6 +604,7 @@ impl Rollout {
             return Vec::new();
         }
         self.state = RolloutState::Cancelled;
+        self.ended = Some(now);
         self.sample(now);
         vec![Effect::Ended(RolloutState::Cancelled)]
     }
@@ -732,6 +738,7 @@ impl Rollout {
             }
             if self.wave + 1 >= self.wave_sizes.len() {
                 self.state = RolloutState::Completed;
+                self.ended = Some(now);
                 effects.push(Effect::Ended(RolloutState::Completed));
                 break;
             }
@@ -991,6 +998,7 @@ mod tests {
             panic!("{:?}", r.state);
         };
         assert!(reason.contains("1 device(s) failed"), "{reason}");
+        assert_eq!((r.created, r.ended), (0, Some(20)));
         let c = r.counts(20);
         assert_eq!(
             (c.failed, c.reverted),

@@ -77,7 +77,15 @@ fn the_dashboard_shows_devices_rollouts_and_the_registry() {
     let block = element(&dom, "div", "data-rollout", &r.id.to_string());
     assert!(block.contains("classifier v2 → hw=jetson"), "{block}");
     assert!(block.contains("aborted: 1 device(s) failed"), "{block}");
-    assert!(block.contains("0/1 committed, 1 sent back"), "{block}");
+    assert!(
+        block.contains("0/1 committed, 1 failed, 1 sent back"),
+        "{block}"
+    );
+    let times = element(&dom, "div", "data-times", &r.id.to_string());
+    assert!(
+        times.contains("started ") && times.contains(", ended "),
+        "{times}"
+    );
     assert!(block.contains("<svg"), "{block}");
     assert!(block.contains("data-series=\"failed\""), "{block}");
     assert!(

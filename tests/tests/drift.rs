@@ -238,6 +238,8 @@ fn a_shifted_input_distribution_raises_an_alert_and_a_stable_one_does_not() {
         v1_row.contains("0.00 %") && v1_row.contains(" ms<"),
         "{v1_row}"
     );
+    // No request failed: the error-rate chart's label says so (not its scale's top).
+    assert!(block.contains(">max 0 %</text>"), "{block}");
     if let Ok(path) = std::env::var("MODELCAST_SCREENSHOT") {
         let path = std::fs::canonicalize(".").unwrap().join(path);
         chromium(
