@@ -11,6 +11,8 @@ command -v curl >/dev/null 2>&1 || need+=(curl)
 # The storage and postgres tests start PostgreSQL clusters of their own on free ports.
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 command -v psql >/dev/null 2>&1 || need+=(postgresql-client)
+# Prometheus' own checker reads the server's /metrics.
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive

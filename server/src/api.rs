@@ -897,17 +897,27 @@ async fn samples(State(fleet): State<Arc<Fleet>>, Query(q): Query<SampleRequest>
     Ok(Json(samples).into_response())
 }
 
-/// Fleet-level gauges and the server's counters, in the Prometheus text format.
-async fn metrics(State(fleet): State<Arc<Fleet>>) -> ApiResult {
+/// Fleet-level gauges and the server's counters: OpenMetrics to a scraper that accepts it
+/// (Prometheus does), else Prometheus' text format 0.0.4 (`promtool check metrics`, `curl`).
+async fn metrics(State(fleet): State<Arc<Fleet>>, headers: axum::http::HeaderMap) -> ApiResult {
     let text = crate::metrics::render(&fleet).await.map_err(internal)?;
-    Ok((
-        [(
-            axum::http::header::CONTENT_TYPE,
+    let openmetrics = headers
+        .get_all(axum::http::header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"));
+    let (content_type, body) = if openmetrics {
+        (
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        text,
-    )
-        .into_response())
+            text,
+        )
+    } else {
+        (
+            "text/plain; version=0.0.4; charset=utf-8",
+            crate::metrics::to_text_format(&text),
+        )
+    };
+    Ok(([(axum::http::header::CONTENT_TYPE, content_type)], body).into_response())
 }
 
 /// Reads an axum body frame by frame.

@@ -52,6 +52,41 @@ struct ReasonLabels {
     reason: String,
 }
 
+/// The OpenMetrics text `openmetrics` in Prometheus' text format 0.0.4, for scrapers that
+/// ask for `text/plain` (`promtool check metrics`, older Prometheus): a counter's `HELP` and
+/// `TYPE` name its `_total` samples, `unknown` is `untyped`, and `UNIT` and `EOF` go.
+pub fn to_text_format(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|tag| {
+            let rest = line.strip_prefix(tag)?;
+            let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+            let tail = if *tag == "# TYPE " && tail == "unknown" {
+                "untyped"
+            } else {
+                tail
+            };
+            let suffix = if counters.contains(name) {
+                "_total"
+            } else {
+                ""
+            };
+            Some(format!("{tag}{name}{suffix} {tail}"))
+        });
+        match renamed {
+            Some(l) => out.push_str(&l),
+            None if line.starts_with("# UNIT ") || line == "# EOF" => continue,
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
 /// The metrics text, as of now.
 pub async fn render(fleet: &Fleet) -> Result<String, DbError> {
     let devices = fleet.db().devices().await?;
@@ -104,6 +139,12 @@ pub async fn render(fleet: &Fleet) -> Result<String, DbError> {
     );
 
     let rollouts = Family::<StateLabels, Gauge>::default();
+    // Every state shows, at 0 too.
+    for state in ["running", "paused", "completed", "aborted", "cancelled"] {
+        rollouts.get_or_create(&StateLabels {
+            state: state.into(),
+        });
+    }
     for r in fleet.rollouts() {
         let state = match r.state {
             crate::rollout::RolloutState::Running => "running",
@@ -291,4 +332,36 @@ pub async fn render(fleet: &Fleet) -> Result<String, DbError> {
     prometheus_client::encoding::text::encode(&mut text, &registry)
         .map_err(|e| DbError::Pool(format!("encoding metrics: {e}")))?;
     Ok(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openmetrics_turns_into_the_text_format_prometheus_tools_read() {
+        let om = "# HELP modelcast_fleet_chunks_sent Chunks this server sent.\n\
+                  # TYPE modelcast_fleet_chunks_sent counter\n\
+                  modelcast_fleet_chunks_sent_total 7\n\
+                  # HELP modelcast_fleet_devices Devices.\n\
+                  # TYPE modelcast_fleet_devices gauge\n\
+                  modelcast_fleet_devices{state=\"online\"} 2\n\
+                  # HELP x_bytes Bytes.\n\
+                  # TYPE x_bytes unknown\n\
+                  # UNIT x_bytes bytes\n\
+                  x_bytes 1\n\
+                  # EOF\n";
+        assert_eq!(
+            to_text_format(om),
+            "# HELP modelcast_fleet_chunks_sent_total Chunks this server sent.\n\
+             # TYPE modelcast_fleet_chunks_sent_total counter\n\
+             modelcast_fleet_chunks_sent_total 7\n\
+             # HELP modelcast_fleet_devices Devices.\n\
+             # TYPE modelcast_fleet_devices gauge\n\
+             modelcast_fleet_devices{state=\"online\"} 2\n\
+             # HELP x_bytes Bytes.\n\
+             # TYPE x_bytes untyped\n\
+             x_bytes 1\n"
+        );
+    }
 }

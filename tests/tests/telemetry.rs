@@ -410,4 +410,37 @@ fn a_device_that_only_sends_telemetry_stays_seen() {
         "no state report in between: telemetry moved it"
     );
     println!("last seen moved from {first_seen} to {seen} on telemetry alone");
+
+    // The server's /metrics as a scraper that asks for text/plain reads it: Prometheus' own
+    // checker finds nothing wrong, and every device state shows, at 0 too.
+    let text = ureq::get(format!("{}/metrics", fleet.client.base()))
+        .header("Accept", "text/plain")
+        .call()
+        .expect("/metrics")
+        .body_mut()
+        .read_to_string()
+        .expect("text");
+    assert!(
+        text.contains("modelcast_fleet_devices{state=\"online\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("modelcast_fleet_rollouts{state=\"running\"} 0"),
+        "{text}"
+    );
+    let mut check = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (tests/run.sh installs Debian's prometheus package)");
+    std::io::Write::write_all(check.stdin.as_mut().unwrap(), text.as_bytes()).unwrap();
+    let out = check.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
