@@ -141,9 +141,11 @@ pub async fn render(fleet: &Fleet) -> Result<String, DbError> {
     let rollouts = Family::<StateLabels, Gauge>::default();
     // Every state shows, at 0 too.
     for state in ["running", "paused", "completed", "aborted", "cancelled"] {
-        rollouts.get_or_create(&StateLabels {
-            state: state.into(),
-        });
+        rollouts
+            .get_or_create(&StateLabels {
+                state: state.into(),
+            })
+            .set(0);
     }
     for r in fleet.rollouts() {
         let state = match r.state {
