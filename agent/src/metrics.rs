@@ -34,6 +34,37 @@ impl SlotLabels {
     }
 }
 
+/// A model version served from a slot: what each request is counted under, so a canary and
+/// the version it replaces can be told apart.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InferenceLabels {
+    /// Model name.
+    pub model: String,
+    /// Model version.
+    pub version: String,
+    /// `a` or `b`.
+    pub slot: String,
+}
+
+impl InferenceLabels {
+    /// Labels for `version` of `model` serving from `slot`.
+    pub fn new(model: &str, version: u64, slot: Slot) -> Self {
+        InferenceLabels {
+            model: model.to_string(),
+            version: version.to_string(),
+            slot: slot.to_string(),
+        }
+    }
+
+    /// The same model and slot, without the version.
+    pub fn slot(&self) -> SlotLabels {
+        SlotLabels {
+            model: self.model.clone(),
+            slot: self.slot.clone(),
+        }
+    }
+}
+
 /// Why a request failed.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum ErrorKind {
@@ -58,6 +89,8 @@ impl EncodeLabelValue for ErrorKind {
 pub struct ErrorLabels {
     /// Model name.
     pub model: String,
+    /// Model version.
+    pub version: String,
     /// `a` or `b`.
     pub slot: String,
     /// What went wrong.
@@ -151,9 +184,9 @@ fn latency_histogram() -> Histogram {
 /// Every metric the agent exports.
 pub struct Metrics {
     registry: Registry,
-    inferences: Family<SlotLabels, Counter>,
+    inferences: Family<InferenceLabels, Counter>,
     errors: Family<ErrorLabels, Counter>,
-    latency: Family<SlotLabels, Histogram, fn() -> Histogram>,
+    latency: Family<InferenceLabels, Histogram, fn() -> Histogram>,
     serving_version: Family<SlotLabels, Gauge>,
     update_phase: Family<PhaseLabels, Gauge>,
     updates: Family<OutcomeLabels, Counter>,
@@ -193,7 +226,7 @@ impl Metrics {
     /// A registry with every metric at zero.
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("modelcast");
-        let inferences = Family::<SlotLabels, Counter>::default();
+        let inferences = Family::<InferenceLabels, Counter>::default();
         registry.register(
             "inferences",
             "Inference requests answered",
@@ -205,7 +238,7 @@ impl Metrics {
             "Inference requests that failed",
             errors.clone(),
         );
-        let latency = Family::<SlotLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+        let latency = Family::<InferenceLabels, Histogram, fn() -> Histogram>::new_with_constructor(
             latency_histogram,
         );
         registry.register_with_unit(
@@ -336,7 +369,7 @@ impl Metrics {
     }
 
     /// Counts one answered inference and its duration.
-    pub fn inference(&self, labels: &SlotLabels, took: Duration) {
+    pub fn inference(&self, labels: &InferenceLabels, took: Duration) {
         self.inferences.get_or_create(labels).inc();
         self.latency
             .get_or_create(labels)
@@ -358,10 +391,11 @@ impl Metrics {
     }
 
     /// Counts one failed inference.
-    pub fn inference_error(&self, labels: &SlotLabels, kind: ErrorKind) {
+    pub fn inference_error(&self, labels: &InferenceLabels, kind: ErrorKind) {
         self.errors
             .get_or_create(&ErrorLabels {
                 model: labels.model.clone(),
+                version: labels.version.clone(),
                 slot: labels.slot.clone(),
                 kind,
             })
@@ -465,7 +499,7 @@ mod tests {
     #[test]
     fn exposes_counters_histograms_and_gauges() {
         let m = Metrics::new();
-        let l = SlotLabels::new("classifier", Slot::B);
+        let l = InferenceLabels::new("classifier", 2, Slot::B);
         m.inference(&l, Duration::from_micros(300));
         m.inference(&l, Duration::from_millis(2));
         m.inference_error(&l, ErrorKind::BadRequest);
@@ -477,9 +511,9 @@ mod tests {
         m.store_size(1 << 20);
         let text = m.encode();
         for line in [
-            r#"modelcast_inferences_total{model="classifier",slot="b"} 2"#,
-            r#"modelcast_inference_errors_total{model="classifier",slot="b",kind="bad_request"} 1"#,
-            r#"modelcast_inference_duration_seconds_count{model="classifier",slot="b"} 2"#,
+            r#"modelcast_inferences_total{model="classifier",version="2",slot="b"} 2"#,
+            r#"modelcast_inference_errors_total{model="classifier",version="2",slot="b",kind="bad_request"} 1"#,
+            r#"modelcast_inference_duration_seconds_count{model="classifier",version="2",slot="b"} 2"#,
             r#"modelcast_serving_version{model="classifier",slot="b"} 2"#,
             r#"modelcast_update_phase{model="classifier",phase="active"} 1"#,
             r#"modelcast_update_phase{model="classifier",phase="failed"} 0"#,

@@ -22,7 +22,7 @@ use serde_json::{json, Value};
 use crate::config::ServeConfig;
 use crate::engine::{EngineError, LoadedModel};
 use crate::kserve;
-use crate::metrics::{ErrorKind, Metrics, SlotLabels};
+use crate::metrics::{ErrorKind, InferenceLabels, Metrics};
 use crate::sampling::Sampler;
 use crate::telemetry::{Collector, Summary};
 use modelcast_proto::report::Slot;
@@ -550,7 +550,11 @@ pub(crate) async fn infer_with<R: Send + 'static>(
         Ok(m) => m,
         Err(e) => return Answer::NotFound(e),
     };
-    let labels = SlotLabels::new(&model.manifest().name, model.slot());
+    let labels = InferenceLabels::new(
+        &model.manifest().name,
+        model.manifest().version,
+        model.slot(),
+    );
     let served = model.clone();
     let sampler = api.sampler.clone();
     let run = tokio::task::spawn_blocking(move || {
@@ -593,7 +597,7 @@ pub(crate) async fn infer_with<R: Send + 'static>(
         };
         model.stats().record(ok, latency, plan, now_ms());
         if let Some(used) = plan {
-            api.metrics.plans(&labels, used);
+            api.metrics.plans(&labels.slot(), used);
         }
     }
     let (name, slot, version) = (
