@@ -348,14 +348,16 @@ async fn installs_swaps_and_serves_offline_after_restart() {
     );
     assert_eq!(
         value(
-            r#"modelcast_inference_errors_total{model="classifier",slot="b",kind="bad_request"}"#
+            r#"modelcast_inference_errors_total{model="classifier",version="2",slot="b",kind="bad_request"}"#
         ),
         1.0
     );
-    let answered = value(r#"modelcast_inferences_total{model="classifier",slot="b"}"#);
+    let answered = value(r#"modelcast_inferences_total{model="classifier",version="2",slot="b"}"#);
     assert!(answered >= 1.0);
     assert_eq!(
-        value(r#"modelcast_inference_duration_seconds_count{model="classifier",slot="b"}"#),
+        value(
+            r#"modelcast_inference_duration_seconds_count{model="classifier",version="2",slot="b"}"#
+        ),
         answered
     );
     assert!(value("modelcast_store_bytes") > 0.0);

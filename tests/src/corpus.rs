@@ -129,9 +129,12 @@ pub fn publish_and_serve(fleet: &Fleet, group: &str, device: &str) -> Vec<String
         serving.push(row.id);
     }
     for id in &serving {
+        // Staging runs at background priority (nice 10 and lower): with the rest of the suite
+        // busy on a 2-core machine, the FP16 model (no FP16 kernels on x86, seconds a run)
+        // once took over 300 s to stage.
         wait_for(
             &format!("{device} to serve {id}"),
-            Duration::from_secs(300),
+            Duration::from_secs(600),
             || {
                 let r = fleet.report(device)?;
                 let state = r.models.get(id)?;
