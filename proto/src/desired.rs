@@ -171,20 +171,28 @@ pub struct DownloadPolicy {
     pub metered: bool,
 }
 
+/// A download policy out of range; the message names the field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyError {
+    /// `max_rate` below [`MIN_RATE`].
+    #[error("download max_rate below {MIN_RATE} bytes/s")]
+    RateTooLow,
+    /// `utc_offset_minutes` beyond ±[`MAX_UTC_OFFSET_MINUTES`].
+    #[error("download utc_offset_minutes beyond ±{MAX_UTC_OFFSET_MINUTES}")]
+    OffsetOutOfRange,
+}
+
 impl DownloadPolicy {
-    /// Checks the ranges; the reason names the field. (The window checked itself when it
-    /// was parsed.)
-    pub fn validate(&self) -> Result<(), String> {
+    /// Checks the ranges. (The window checked itself when it was parsed.)
+    pub fn validate(&self) -> Result<(), PolicyError> {
         if self.max_rate.is_some_and(|r| r < MIN_RATE) {
-            return Err(format!("download max_rate below {MIN_RATE} bytes/s"));
+            return Err(PolicyError::RateTooLow);
         }
         if self
             .utc_offset_minutes
             .is_some_and(|m| m.abs() > MAX_UTC_OFFSET_MINUTES)
         {
-            return Err(format!(
-                "download utc_offset_minutes beyond ±{MAX_UTC_OFFSET_MINUTES}"
-            ));
+            return Err(PolicyError::OffsetOutOfRange);
         }
         Ok(())
     }
@@ -259,7 +267,8 @@ impl DirectorCustom {
             s.validate().map_err(CustomError::Terms)?;
         }
         if let Some(d) = &terms.download {
-            d.validate().map_err(CustomError::Terms)?;
+            d.validate()
+                .map_err(|e| CustomError::Terms(e.to_string()))?;
         }
         Ok(DirectorCustom { device, terms })
     }

@@ -116,13 +116,14 @@ fn time_of_day(s: &str) -> Option<i64> {
     Some(h * 3600 + m * 60 + s)
 }
 
-fn parse_days(s: &str) -> Result<u8, String> {
+/// The day set of `s` (bit 0 Monday); `Err` names the part that is not a day.
+fn parse_days(s: &str) -> Result<u8, &str> {
     if s == "daily" {
         return Ok(0x7f);
     }
     let mut days = 0u8;
     for part in s.split(',') {
-        let bad = || format!("{part:?} is not a day (mon … sun, a range mon-fri, or daily)");
+        let bad = || part;
         match part.split_once('-') {
             Some((a, b)) => {
                 let (a, b) = (day_index(a).ok_or_else(bad)?, day_index(b).ok_or_else(bad)?);
@@ -158,7 +159,14 @@ impl MaintenanceWindow {
             }
             let entry = entry.to_ascii_lowercase();
             let (days, times) = match entry.rsplit_once(char::is_whitespace) {
-                Some((days, times)) => (parse_days(days.trim()).map_err(&fail)?, times),
+                Some((days, times)) => (
+                    parse_days(days.trim()).map_err(|part| {
+                        fail(format!(
+                            "{part:?} is not a day (mon … sun, a range mon-fri, or daily)"
+                        ))
+                    })?,
+                    times,
+                ),
                 None => (0x7f, entry.as_str()),
             };
             let (from, to) = times

@@ -525,7 +525,8 @@ pub async fn deploy(fleet: &Fleet, d: Deployment) -> Result<(Deployment, usize),
         s.validate().map_err(RegistryError::Invalid)?;
     }
     if let Some(p) = &d.download {
-        p.validate().map_err(RegistryError::Invalid)?;
+        p.validate()
+            .map_err(|e| RegistryError::Invalid(e.to_string()))?;
     }
     if fleet.db().model(&d.model, d.version).await?.is_none() {
         return Err(RegistryError::NotFound(format!(

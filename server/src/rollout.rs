@@ -188,7 +188,7 @@ impl RolloutSpec {
             s.validate()?;
         }
         if let Some(p) = &self.download {
-            p.validate()?;
+            p.validate().map_err(|e| e.to_string())?;
         }
         Ok(())
     }

@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::*;
+use modelcast_proto::desired::WindowMode;
 use proptest::prelude::*;
 
 const M: &str = "m";

@@ -28,6 +28,17 @@ impl Fleet {
         }
         let previous = self.db.device(device).await?;
         let labels_changed = previous.as_ref().is_none_or(|p| p.labels != report.labels);
+        // What each model serves: alerts go stale only when that changes.
+        let serving = |r: &DeviceReport| -> Vec<(String, Option<u64>)> {
+            r.models
+                .iter()
+                .map(|(m, s)| (m.clone(), s.serving_version()))
+                .collect()
+        };
+        let serving_changed = previous
+            .as_ref()
+            .and_then(|p| p.report.as_ref())
+            .is_none_or(|p| serving(p) != serving(&report));
         let known_error = previous
             .as_ref()
             .and_then(|p| p.report.as_ref()?.last_error.as_ref());
@@ -53,7 +64,9 @@ impl Fleet {
         };
         self.db.put_device(&entry).await?;
         if let Some(report) = &entry.report {
-            self.clear_stale_alerts(device, report).await?;
+            if serving_changed {
+                self.clear_stale_alerts(device, report).await?;
+            }
             self.feed_rollouts(device, report).await;
         }
         if labels_changed {

@@ -487,7 +487,7 @@ impl DownloadArgs {
             utc_offset_minutes: self.window_utc_offset,
             metered: self.metered,
         };
-        policy.validate().map_err(anyhow::Error::msg)?;
+        policy.validate()?;
         Ok((!policy.is_default()).then_some(policy))
     }
 }
