@@ -148,9 +148,6 @@ impl DataType {
     }
 }
 
-/// Largest BYTES element: its length prefix is a u32.
-pub const MAX_BYTES_ELEMENT: usize = u32::MAX as usize;
-
 /// The elements of a BYTES tensor in KServe v2's binary form (each element's length as a
 /// little-endian u32, then its bytes), checked to be exactly that.
 pub fn split_bytes(data: &[u8]) -> Result<Vec<&[u8]>, DecodeError> {
@@ -182,8 +179,8 @@ pub fn split_bytes(data: &[u8]) -> Result<Vec<&[u8]>, DecodeError> {
     Ok(elements)
 }
 
-/// BYTES elements in KServe v2's binary form (see [`split_bytes`]). An element longer than
-/// [`MAX_BYTES_ELEMENT`] is an error.
+/// BYTES elements in KServe v2's binary form (see [`split_bytes`]). An element longer than its
+/// u32 length prefix can say is an error.
 pub fn join_bytes<'a>(
     elements: impl IntoIterator<Item = &'a [u8]>,
 ) -> Result<Vec<u8>, DecodeError> {
