@@ -98,12 +98,11 @@ impl WholeHash {
         self.next += 1;
         let mut buf = Vec::new();
         while self.ahead.remove(&self.next) {
-            let Some(len) = layout.chunk_len(self.next) else {
+            let Some(span) = layout.span(self.next) else {
                 return false;
             };
-            buf.resize(len as usize, 0);
-            let offset = u64::from(self.next) * u64::from(layout.chunk_size);
-            if file.read_exact_at(&mut buf, offset).is_err() {
+            buf.resize(span.len as usize, 0);
+            if file.read_exact_at(&mut buf, span.offset).is_err() {
                 return false;
             }
             self.hasher.update(&buf);
@@ -203,20 +202,19 @@ impl Artifacts {
         data: &[u8],
     ) -> Result<(), StoreError> {
         let name = file_name(layout)?;
-        if layout.chunk_len(index) != Some(data.len() as u32) {
+        let Some(span) = layout.span(index).filter(|s| s.len as usize == data.len()) else {
             return Err(mismatch(
                 layout,
                 format!("chunk {index} of {} bytes does not fit", data.len()),
             ));
-        }
+        };
         let path = self.part_path(&name);
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .open(&path)
             .map_err(|e| io_err(&path, e))?;
-        let offset = u64::from(index) * u64::from(layout.chunk_size);
-        file.write_all_at(data, offset)
+        file.write_all_at(data, span.offset)
             .map_err(|e| io_err(&path, e))?;
         let mut hashes = self.hashes();
         if let Some(whole) = hashes.get_mut(&name) {
@@ -248,13 +246,9 @@ impl Artifacts {
         let mut have = vec![false; count];
         // The whole-artifact hash goes on from what the file holds.
         let mut whole = WholeHash::default();
-        for (index, slot) in have.iter_mut().enumerate() {
-            let Some(len) = layout.chunk_len(index as u32) else {
-                break;
-            };
-            let chunk = &mut buf[..len as usize];
-            let offset = index as u64 * u64::from(layout.chunk_size);
-            match file.read_exact_at(chunk, offset) {
+        for ((index, slot), span) in have.iter_mut().enumerate().zip(layout.spans()) {
+            let chunk = &mut buf[..span.len as usize];
+            match file.read_exact_at(chunk, span.offset) {
                 Ok(()) => *slot = modelcast_proto::sha256_hex(chunk) == layout.chunks[index],
                 Err(e) if e.kind() == ErrorKind::UnexpectedEof => break,
                 Err(e) => return Err(io_err(&path, e)),
@@ -352,6 +346,7 @@ impl Artifacts {
             sha256: layout.sha256.to_string(),
             size: layout.size,
             chunk_size: layout.chunk_size,
+            segments: layout.segments.to_vec(),
             chunks: layout.chunks.to_vec(),
             next: 0,
             current: Vec::new(),
@@ -453,6 +448,7 @@ pub struct ArtifactReader {
     sha256: String,
     size: u64,
     chunk_size: u32,
+    segments: Vec<u64>,
     chunks: Vec<String>,
     next: u32,
     current: Vec<u8>,
@@ -467,6 +463,7 @@ impl Read for ArtifactReader {
                 sha256: &self.sha256,
                 size: self.size,
                 chunk_size: self.chunk_size,
+                segments: &self.segments,
                 chunks: &self.chunks,
             };
             let Some(len) = layout.chunk_len(index) else {

@@ -334,13 +334,12 @@ impl Store {
                     continue;
                 }
                 let layout = m.artifact();
-                for (i, digest) in layout.chunks.iter().enumerate() {
-                    if let Some(len) = layout.chunk_len(i as u32) {
-                        let offset = i as u64 * u64::from(layout.chunk_size);
-                        sources
-                            .entry(digest.as_str())
-                            .or_insert((m.sha256.as_str(), offset, len));
-                    }
+                for (digest, span) in layout.chunks.iter().zip(layout.spans()) {
+                    sources.entry(digest.as_str()).or_insert((
+                        m.sha256.as_str(),
+                        span.offset,
+                        span.len,
+                    ));
                 }
             }
         }

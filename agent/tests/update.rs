@@ -92,6 +92,7 @@ fn manifest(bytes: &[u8], version: u64, model_format: ModelFormat) -> Manifest {
         size: bytes.len() as u64,
         sha256: modelcast_proto::sha256_hex(bytes),
         chunk_size: 1024,
+        segments: vec![],
         chunks: chunk_digests(bytes, 1024),
         inputs: vec![TensorSpec {
             name: "x".into(),

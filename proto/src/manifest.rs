@@ -542,8 +542,10 @@ pub struct Layout<'a> {
     pub sha256: &'a str,
     /// Length in bytes.
     pub size: u64,
-    /// Chunk size (the last chunk may be shorter).
+    /// Chunk size (the last chunk of each segment may be shorter).
     pub chunk_size: u32,
+    /// Offsets at which the chunking restarts ([`Manifest::segments`]); empty: none.
+    pub segments: &'a [u64],
     /// Hex SHA-256 of every chunk.
     pub chunks: &'a [String],
 }
@@ -554,14 +556,135 @@ impl Layout<'_> {
         self.chunks.len() as u32
     }
 
-    /// Exact length of chunk `index`.
-    pub fn chunk_len(&self, index: u32) -> Option<u32> {
-        let start = u64::from(index).checked_mul(u64::from(self.chunk_size))?;
-        if index >= self.chunk_count() || start >= self.size {
+    /// Where chunk `index` lies in the file.
+    pub fn span(&self, index: u32) -> Option<Span> {
+        if index >= self.chunk_count() {
             return None;
         }
-        Some((self.size - start).min(u64::from(self.chunk_size)) as u32)
+        let chunk = u64::from(self.chunk_size.max(1));
+        let mut rest = u64::from(index);
+        let mut start = 0;
+        for end in self.segments.iter().copied().chain([self.size]) {
+            let end = end.min(self.size);
+            if end <= start {
+                continue; // Not ascending: as `spans` does, skipped.
+            }
+            let count = (end - start).div_ceil(chunk);
+            if rest < count {
+                let offset = start + rest * chunk;
+                return Some(Span {
+                    offset,
+                    len: (end - offset).min(chunk) as u32,
+                });
+            }
+            rest -= count;
+            start = end;
+        }
+        None
     }
+
+    /// Exact length of chunk `index`.
+    pub fn chunk_len(&self, index: u32) -> Option<u32> {
+        self.span(index).map(|s| s.len)
+    }
+
+    /// Every chunk's place in the file, in order.
+    pub fn spans(&self) -> Spans<'_> {
+        spans(self.size, self.chunk_size, self.segments)
+    }
+}
+
+/// Where one chunk lies in its file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    /// Offset of its first byte.
+    pub offset: u64,
+    /// Its length.
+    pub len: u32,
+}
+
+/// The chunks of a file of `size` bytes: `chunk_size` long from the start and from each of
+/// `segments` (ascending offsets inside the file), each segment's last chunk shorter.
+pub fn spans(size: u64, chunk_size: u32, segments: &[u64]) -> Spans<'_> {
+    Spans {
+        size,
+        chunk_size: u64::from(chunk_size.max(1)),
+        segments,
+        offset: 0,
+    }
+}
+
+/// The iterator of [`spans`].
+#[derive(Debug, Clone)]
+pub struct Spans<'a> {
+    size: u64,
+    chunk_size: u64,
+    segments: &'a [u64],
+    offset: u64,
+}
+
+impl Iterator for Spans<'_> {
+    type Item = Span;
+
+    fn next(&mut self) -> Option<Span> {
+        if self.offset >= self.size {
+            return None;
+        }
+        while self.segments.first().is_some_and(|&s| s <= self.offset) {
+            self.segments = &self.segments[1..];
+        }
+        let end = self
+            .segments
+            .first()
+            .copied()
+            .unwrap_or(self.size)
+            .min(self.size);
+        let len = (end - self.offset).min(self.chunk_size);
+        let span = Span {
+            offset: self.offset,
+            len: len as u32,
+        };
+        self.offset += len;
+        Some(span)
+    }
+}
+
+/// Checks segment offsets: ascending, each inside a file of `size` bytes and past its start.
+pub fn check_segments(size: u64, segments: &[u64]) -> Result<(), String> {
+    let mut last = 0;
+    for &s in segments {
+        if s <= last {
+            return Err(format!(
+                "segment offsets overlap or repeat: {s} after {last} (they must ascend from \
+                 past 0)"
+            ));
+        }
+        if s >= size {
+            return Err(format!(
+                "segment offset {s} is past the end of a file of {size} bytes"
+            ));
+        }
+        last = s;
+    }
+    Ok(())
+}
+
+/// Offsets at which a file's chunking restarts, chosen by the publisher from the file's
+/// structure. A device can reuse a chunk it holds only at the same digest, so chunks that
+/// start where a tensor starts stay identical when anything before the tensor changes size.
+///
+/// `starts` are the offsets of the tensors' first bytes (any order, duplicates allowed);
+/// `min_segment` the least length of a tensor worth a segment of its own (smaller ones travel
+/// with what precedes them: a chunk per tiny tensor costs more than it saves).
+pub fn segments_at(size: u64, starts: &[(u64, u64)], min_segment: u64) -> Vec<u64> {
+    let mut out: Vec<u64> = starts
+        .iter()
+        .filter(|&&(start, len)| len >= min_segment && start > 0 && start < size)
+        .map(|&(start, _)| start)
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
 }
 
 /// modelcast's manifest for one model version.
@@ -582,6 +705,13 @@ pub struct Manifest {
     pub sha256: String,
     /// Chunk size in bytes (the last chunk may be shorter).
     pub chunk_size: u32,
+    /// Offsets at which the artifact's chunking restarts: each large tensor's first byte
+    /// ([`segments_at`]), ascending, inside the artifact. Chunks run `chunk_size` long from
+    /// the start and from each of these, the last before the next shorter, so a tensor that
+    /// did not change between versions has the same chunks, whatever moved before it. Empty:
+    /// fixed chunks from the start.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub segments: Vec<u64>,
     /// Hex SHA-256 of every chunk, in order.
     pub chunks: Vec<String>,
     /// Input tensors.
@@ -694,6 +824,7 @@ impl Manifest {
             sha256: &self.sha256,
             size: self.size,
             chunk_size: self.chunk_size,
+            segments: &self.segments,
             chunks: &self.chunks,
         }
     }
@@ -707,6 +838,7 @@ impl Manifest {
                 sha256: &g.sha256,
                 size: g.size,
                 chunk_size: self.chunk_size,
+                segments: &[],
                 chunks: &g.chunks,
             });
         }
@@ -737,11 +869,7 @@ impl Manifest {
 
     /// Exact length of chunk `index`.
     pub fn chunk_len(&self, index: u32) -> Option<u32> {
-        let start = u64::from(index).checked_mul(u64::from(self.chunk_size))?;
-        if index >= self.chunk_count() || start >= self.size {
-            return None;
-        }
-        Some((self.size - start).min(u64::from(self.chunk_size)) as u32)
+        self.artifact().chunk_len(index)
     }
 
     /// Checks internal consistency: name, sizes, chunk count, digests.
@@ -769,13 +897,22 @@ impl Manifest {
                 self.chunk_size
             )));
         }
-        let expected = self.size.div_ceil(u64::from(self.chunk_size));
-        if self.chunks.len() as u64 != expected {
+        check_segments(self.size, &self.segments).map_err(invalid)?;
+        if self.segments.len() >= self.chunks.len().max(1) {
             return Err(invalid(format!(
-                "{} chunk digests for {} bytes in chunks of {}",
+                "{} segments for {} chunks",
+                self.segments.len(),
+                self.chunks.len()
+            )));
+        }
+        let expected = self.artifact().spans().take(self.chunks.len() + 1).count();
+        if self.chunks.len() != expected {
+            return Err(invalid(format!(
+                "{} chunk digests for {} bytes in chunks of {} and {} segments",
                 self.chunks.len(),
                 self.size,
-                self.chunk_size
+                self.chunk_size,
+                self.segments.len()
             )));
         }
         for d in std::iter::once(&self.sha256).chain(&self.chunks) {
@@ -897,9 +1034,13 @@ pub fn valid_name(name: &str) -> bool {
 
 /// Splits `bytes` into chunks and returns their hex digests (for publishers and tests).
 pub fn chunk_digests(bytes: &[u8], chunk_size: u32) -> Vec<String> {
-    bytes
-        .chunks(chunk_size.max(1) as usize)
-        .map(crate::sha256_hex)
+    segmented_chunk_digests(bytes, chunk_size, &[])
+}
+
+/// The hex digests of `bytes`' chunks, restarting at `segments` ([`spans`]).
+pub fn segmented_chunk_digests(bytes: &[u8], chunk_size: u32, segments: &[u64]) -> Vec<String> {
+    spans(bytes.len() as u64, chunk_size, segments)
+        .map(|s| crate::sha256_hex(&bytes[s.offset as usize..][..s.len as usize]))
         .collect()
 }
 
@@ -962,6 +1103,7 @@ mod tests {
             size: bytes.len() as u64,
             sha256: crate::sha256_hex(bytes),
             chunk_size: 4,
+            segments: vec![],
             chunks: chunk_digests(bytes, 4),
             inputs: vec![TensorSpec {
                 name: "x".into(),
@@ -1050,7 +1192,105 @@ mod tests {
         assert!(m.validate().is_err());
     }
 
+    #[test]
+    fn chunking_restarts_at_each_segment() {
+        let bytes: Vec<u8> = (0..23u8).collect();
+        let mut m = sample(&bytes);
+        m.segments = vec![5, 6, 14];
+        m.chunks = segmented_chunk_digests(&bytes, 4, &m.segments);
+        m.validate().unwrap();
+        let spans: Vec<(u64, u32)> = m.artifact().spans().map(|s| (s.offset, s.len)).collect();
+        assert_eq!(
+            spans,
+            [
+                (0, 4),
+                (4, 1),
+                (5, 1),
+                (6, 4),
+                (10, 4),
+                (14, 4),
+                (18, 4),
+                (22, 1)
+            ]
+        );
+        for (i, &(offset, len)) in spans.iter().enumerate() {
+            assert_eq!(m.artifact().span(i as u32), Some(Span { offset, len }));
+        }
+        assert_eq!(m.artifact().span(spans.len() as u32), None);
+
+        // A tensor's chunks do not depend on what precedes it.
+        let mut longer = vec![99u8; 3];
+        longer.extend_from_slice(&bytes);
+        let moved = segmented_chunk_digests(&longer, 4, &[17]);
+        assert_eq!(moved[moved.len() - 3..], m.chunks[m.chunks.len() - 3..]);
+    }
+
+    #[test]
+    fn segments_that_overlap_or_leave_the_artifact_are_refused() {
+        let bytes = [7u8; 20];
+        for (segments, says) in [
+            (vec![8, 8], "overlap"),
+            (vec![12, 8], "overlap"),
+            (vec![0], "overlap"),
+            (vec![20], "past the end"),
+            (vec![4, 30], "past the end"),
+        ] {
+            let mut m = sample(&bytes);
+            m.segments = segments.clone();
+            m.chunks = segmented_chunk_digests(&bytes, 4, &segments);
+            let err = m.validate().unwrap_err().to_string();
+            assert!(err.contains(says), "{segments:?}: {err}");
+        }
+        // The digests must follow the segments.
+        let mut m = sample(&bytes);
+        m.segments = vec![6];
+        assert!(m.validate().is_err());
+        m.chunks = segmented_chunk_digests(&bytes, 4, &m.segments);
+        m.validate().unwrap();
+    }
+
+    #[test]
+    fn segments_start_at_large_tensors_only() {
+        let starts = [(0, 100), (300, 5000), (100, 10), (5300, 4096), (300, 5000)];
+        assert_eq!(segments_at(10_000, &starts, 4096), vec![300, 5300]);
+        assert_eq!(segments_at(5300, &starts, 4096), vec![300]);
+    }
+
     proptest! {
+        #[test]
+        fn spans_cover_the_file_once_in_order(
+            size in 1u64..5000,
+            chunk in 1u32..300,
+            mut segments in proptest::collection::vec(any::<u64>(), 0..20),
+        ) {
+            for s in &mut segments {
+                *s %= size + 10;
+            }
+            let spans: Vec<Span> = spans(size, chunk, &segments).collect();
+            let mut next = 0;
+            for s in &spans {
+                prop_assert_eq!(s.offset, next);
+                prop_assert!(s.len >= 1 && s.len <= chunk);
+                next += u64::from(s.len);
+            }
+            prop_assert_eq!(next, size);
+            if check_segments(size, &segments).is_ok() {
+                let layout = Layout {
+                    sha256: "",
+                    size,
+                    chunk_size: chunk,
+                    segments: &segments,
+                    chunks: &vec![String::new(); spans.len()],
+                };
+                for (i, s) in spans.iter().enumerate() {
+                    prop_assert_eq!(layout.span(i as u32), Some(*s));
+                }
+                for &seg in &segments {
+                    prop_assert!(spans.iter().any(|s| s.offset == seg));
+                }
+            }
+        }
+
         #[test]
         fn manifest_decoder_never_panics(custom in any::<String>(), len in any::<u64>()) {
             let t = TargetFile {

@@ -368,6 +368,7 @@ pub mod fixture {
             size: bytes.len() as u64,
             sha256: crate::sha256_hex(bytes),
             chunk_size,
+            segments: vec![],
             chunks: chunk_digests(bytes, chunk_size),
             inputs: vec![tensor("x")],
             outputs: vec![tensor("y")],

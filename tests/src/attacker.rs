@@ -65,8 +65,31 @@ pub fn tls_options(port: u16, pki: &Path, identity: &str, client_id: &str) -> ru
     opts
 }
 
-/// A chunk the rogue serves for `artifact`: its bytes, chunk size and what to do to them.
-pub type RogueArtifact = (Vec<u8>, u32, ChunkAttack);
+/// What the rogue serves chunks of: the true bytes, chunked as their manifest says, and what
+/// to do to them.
+#[derive(Debug, Clone)]
+pub struct RogueArtifact {
+    bytes: Vec<u8>,
+    chunk_size: u32,
+    segments: Vec<u64>,
+    attack: ChunkAttack,
+}
+
+impl RogueArtifact {
+    /// `bytes`, the artifact of `manifest`, served with `attack`.
+    pub fn new(
+        bytes: Vec<u8>,
+        manifest: &modelcast_proto::manifest::Manifest,
+        attack: ChunkAttack,
+    ) -> Self {
+        RogueArtifact {
+            bytes,
+            chunk_size: manifest.chunk_size,
+            segments: manifest.segments.clone(),
+            attack,
+        }
+    }
+}
 
 impl Rogue {
     /// Connects to the plain broker on `port`; answers chunk requests for `artifact` (the
@@ -158,23 +181,31 @@ impl Rogue {
                     let _ = seen_tx.send((p.topic.clone(), p.payload.to_vec()));
                     continue;
                 }
-                let (Some((bytes, chunk_size, attack)), Ok(req)) =
-                    (&artifact, ChunkRequest::from_slice(&p.payload))
+                let (Some(served), Ok(req)) = (&artifact, ChunkRequest::from_slice(&p.payload))
                 else {
                     continue;
                 };
+                let bytes = &served.bytes;
+                let spans: Vec<_> = modelcast_proto::manifest::spans(
+                    bytes.len() as u64,
+                    served.chunk_size,
+                    &served.segments,
+                )
+                .collect();
                 let Ok(digest) = modelcast_proto::chunk::parse_digest(&req.artifact) else {
                     continue;
                 };
                 for index in req.indices() {
-                    let start = index as usize * *chunk_size as usize;
-                    if start >= bytes.len() {
+                    let Some(span) = spans.get(index as usize) else {
                         continue;
-                    }
-                    let end = (start + *chunk_size as usize).min(bytes.len());
+                    };
+                    let (start, end) = (
+                        span.offset as usize,
+                        (span.offset + u64::from(span.len)) as usize,
+                    );
                     let mut data = bytes[start..end].to_vec();
                     let mut encoding = modelcast_proto::chunk::Encoding::Raw;
-                    match attack {
+                    match served.attack {
                         ChunkAttack::Tamper => data[0] ^= 0xff,
                         ChunkAttack::Truncate if end == bytes.len() => {
                             data.pop();

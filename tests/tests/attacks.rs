@@ -18,6 +18,7 @@ use modelcast_proto::manifest::Manifest;
 use modelcast_proto::verify::fixture::Keys;
 use modelcast_tests::{
     desired_topic, stolen_keys, wait_for, Agent, ChunkAttack, Fleet, Forger, Mosquitto, Rogue,
+    RogueArtifact,
 };
 
 const FAR: &str = "2036-01-01T00:00:00Z";
@@ -186,7 +187,7 @@ fn every_attack_is_rejected_and_the_old_model_keeps_serving() {
             port,
             &pki,
             "modelcast-server-2",
-            Some((v5_bytes.clone(), opts.chunk_size, attack)),
+            Some(RogueArtifact::new(v5_bytes.clone(), &v5, attack)),
         )
     };
     drop(server2);
@@ -195,7 +196,11 @@ fn every_attack_is_rejected_and_the_old_model_keeps_serving() {
     let reason = rejected(&fleet, &edge1, at_v1, "update rejected: chunk", || {
         rogue.publish_desired("edge-1", &desired)
     });
-    assert!(reason.contains("bytes, manifest says 16384"), "{reason}");
+    let first = v5.chunk_len(0).unwrap();
+    assert!(
+        reason.contains(&format!("bytes, manifest says {first}")),
+        "{reason}"
+    );
     drop(rogue);
 
     // 8. Slow retrieval: chunk requests are swallowed; the device reports the stall.

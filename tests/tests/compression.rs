@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use modelcast_ops::onnx::example_model;
 use modelcast_ops::publish::{prepare, PublishOptions};
-use modelcast_tests::{stolen_keys, wait_for, ChunkAttack, Fleet, Mosquitto, Rogue};
+use modelcast_tests::{stolen_keys, wait_for, ChunkAttack, Fleet, Mosquitto, Rogue, RogueArtifact};
 
 const FAR: &str = "2036-01-01T00:00:00Z";
 const KIB: u64 = 1024;
@@ -40,10 +40,15 @@ fn chunks_travel_compressed_and_a_decompression_bomb_is_refused() {
     let mut opts = PublishOptions::new("classifier", 5);
     opts.chunk_size = 16 * 1024;
     let v5 = prepare(&example_model(5, 2000), &opts, now).unwrap();
+    let first = v5.manifest.chunk_len(0).unwrap();
     let keys = stolen_keys(&fleet.keys);
     let rogue = Rogue::connect(
         fleet.mqtt_port,
-        Some((v5.artifact, opts.chunk_size, ChunkAttack::Bomb)),
+        Some(RogueArtifact::new(
+            v5.artifact,
+            &v5.manifest,
+            ChunkAttack::Bomb,
+        )),
     );
     rogue.publish_desired(
         "edge-1",
@@ -53,7 +58,10 @@ fn chunks_travel_compressed_and_a_decompression_bomb_is_refused() {
         let e = fleet.report("edge-1")?.last_error?;
         (e.version == Some(5) && e.reason.starts_with("update rejected")).then_some(e.reason)
     });
-    assert!(reason.contains("inflates past its 16384 bytes"), "{reason}");
+    assert!(
+        reason.contains(&format!("inflates past its {first} bytes")),
+        "{reason}"
+    );
     assert_eq!(agent.check_golden(&v1), "1", "v1 serves on");
     let peak = agent
         .pid()

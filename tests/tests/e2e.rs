@@ -6,7 +6,7 @@ use std::time::Duration;
 use modelcast_ops::onnx::example_model;
 use modelcast_ops::publish::{prepare, PublishOptions};
 use modelcast_proto::verify::fixture::Keys;
-use modelcast_tests::{stolen_keys, wait_for, ChunkAttack, Fleet, Mosquitto, Rogue};
+use modelcast_tests::{stolen_keys, wait_for, ChunkAttack, Fleet, Mosquitto, Rogue, RogueArtifact};
 
 const FAR: &str = "2036-01-01T00:00:00Z";
 
@@ -127,7 +127,11 @@ fn hostile_updates_are_rejected_with_a_reason_and_the_model_keeps_serving() {
     let keys = stolen_keys(&fleet.keys);
     let rogue = Rogue::connect(
         fleet.mqtt_port,
-        Some((v5_bytes.clone(), opts.chunk_size, ChunkAttack::Tamper)),
+        Some(RogueArtifact::new(
+            v5_bytes.clone(),
+            &v5,
+            ChunkAttack::Tamper,
+        )),
     );
     rogue.publish_desired(
         "edge-1",
@@ -148,7 +152,7 @@ fn hostile_updates_are_rejected_with_a_reason_and_the_model_keeps_serving() {
     let (v6, v6_bytes) = (v6.manifest, v6.artifact);
     let rogue = Rogue::connect(
         fleet.mqtt_port,
-        Some((v6_bytes, opts6.chunk_size, ChunkAttack::Truncate)),
+        Some(RogueArtifact::new(v6_bytes, &v6, ChunkAttack::Truncate)),
     );
     rogue.publish_desired("edge-1", &keys.desired("edge-1", &[v6], 300, FAR));
     let reason = wait_for("v6 to be rejected", Duration::from_secs(60), || {

@@ -164,3 +164,71 @@ fn the_same_file_publishes_again_under_a_new_name_and_a_taken_version_is_named_a
     );
     assert_eq!(err.to_string(), "classifier version 1 is already published");
 }
+
+#[test]
+fn an_upload_says_where_its_chunking_restarts_and_a_bad_layout_is_refused() {
+    let fleet = Fleet::embedded();
+    let artifact: Vec<u8> = (0..1000u32).map(|i| (i % 251) as u8).collect();
+    let sha = modelcast_proto::sha256_hex(&artifact);
+    let put = |segments: &[u64], declared: usize, body_len: usize| {
+        let mut body: Vec<u8> = segments.iter().flat_map(|s| s.to_be_bytes()).collect();
+        body.extend_from_slice(&artifact[..body_len]);
+        let url = format!(
+            "{}/api/v1/artifacts/{sha}?chunk_size=300&segments={declared}",
+            fleet.client.base()
+        );
+        match ureq::put(&url)
+            .config()
+            .http_status_as_error(false)
+            .build()
+            .send(&body[..])
+        {
+            Ok(mut r) => (r.status().as_u16(), r.body_mut().read_to_string().unwrap()),
+            Err(e) => panic!("{e}"),
+        }
+    };
+    for (segments, declared, len, says) in [
+        (vec![500, 400], 2, 1000, "overlap"),
+        (vec![0], 1, 1000, "overlap"),
+        (vec![400, 1000], 2, 1000, "past the end"),
+        (vec![400], 3, 0, "ends inside"),
+    ] {
+        let (status, text) = put(&segments, declared, len);
+        assert_eq!(status, 400, "{segments:?}: {text}");
+        assert!(text.contains(says), "{segments:?}: {text}");
+        assert!(fleet.client.artifact(&sha).is_err(), "nothing kept");
+    }
+    let (status, text) = put(&[400, 450], 2, 1000);
+    assert_eq!(status, 201, "{text}");
+    let held = fleet.client.artifact(&sha).unwrap();
+    assert_eq!(held["segments"], serde_json::json!([400, 450]));
+    assert_eq!(held["chunk_size"], 300);
+
+    // A file held in another layout (uploaded by an older publisher, in fixed chunks) is
+    // published in that layout: the manifest describes the chunks the server holds.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.onnx");
+    let model = modelcast_ops::onnx::example_model_of_size(1, 9 << 20);
+    std::fs::write(&path, &model).unwrap();
+    let mut opts = modelcast_ops::publish::PublishOptions::new("classifier", 1);
+    opts.format = modelcast_ops::convert::Choice::Onnx;
+    fleet
+        .client
+        .upload(
+            &modelcast_proto::sha256_hex(&model),
+            opts.chunk_size,
+            &model,
+        )
+        .unwrap();
+    let manifest = fleet.publish_with(&path, &opts);
+    assert_eq!(manifest.segments, Vec::<u64>::new());
+    assert_eq!(
+        manifest.chunks,
+        modelcast_proto::manifest::chunk_digests(&model, manifest.chunk_size)
+    );
+    // Published afresh, the same bytes chunk at their tensors.
+    opts.name = "detector".into();
+    let other = modelcast_ops::onnx::restamped(&model, "9").unwrap();
+    std::fs::write(&path, other).unwrap();
+    assert!(!fleet.publish_with(&path, &opts).segments.is_empty());
+}

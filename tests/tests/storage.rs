@@ -27,6 +27,7 @@ fn model(name: &str, version: u64) -> ModelEntry {
         size: 3,
         sha256: "00".repeat(32),
         chunk_size: 1,
+        segments: vec![],
         chunks: vec!["11".repeat(32); 3],
         inputs: Vec::new(),
         outputs: Vec::new(),
@@ -81,6 +82,7 @@ async fn contract(db: Db, other: Option<Db>) {
     let info = ArtifactInfo {
         size: 3003,
         chunk_size: 1001,
+        segments: vec![1000, 1500],
     };
     db.put_artifact(&digest, &info).await.unwrap();
     assert_eq!(db.artifact(&digest).await.unwrap(), Some(info));

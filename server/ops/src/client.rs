@@ -200,21 +200,41 @@ impl Client {
         Self::read(self.post("/api/v1/repository/root").send_json(request))
     }
 
-    /// Uploads an artifact.
+    /// What the server holds of artifact `sha256`: its size and the layout of its chunks.
+    pub fn artifact(&self, sha256: &str) -> Result<serde_json::Value, ClientError> {
+        Self::read(self.get(&format!("/api/v1/artifacts/{sha256}")).call())
+    }
+
+    /// Uploads an artifact in chunks of `chunk_size` from its start.
     pub fn upload(
         &self,
         sha256: &str,
         chunk_size: u32,
         artifact: &[u8],
     ) -> Result<serde_json::Value, ClientError> {
+        self.upload_segmented(sha256, chunk_size, &[], artifact)
+    }
+
+    /// Uploads an artifact in chunks of `chunk_size` restarting at `segments`
+    /// ([`modelcast_proto::manifest::spans`]). An artifact the server holds already is not
+    /// sent: the answer says `"stored": "already"`, with the layout it is held in.
+    pub fn upload_segmented(
+        &self,
+        sha256: &str,
+        chunk_size: u32,
+        segments: &[u64],
+        artifact: &[u8],
+    ) -> Result<serde_json::Value, ClientError> {
         // An artifact the server holds already (the same file under a new name or version)
         // is not sent again.
-        if let Ok(held) =
-            Self::read::<serde_json::Value>(self.get(&format!("/api/v1/artifacts/{sha256}")).call())
-        {
-            return Ok(
-                serde_json::json!({ "sha256": sha256, "size": held["size"], "stored": "already" }),
-            );
+        if let Ok(held) = self.artifact(sha256) {
+            return Ok(serde_json::json!({
+                "sha256": sha256,
+                "size": held["size"],
+                "chunk_size": held["chunk_size"],
+                "segments": held["segments"],
+                "stored": "already",
+            }));
         }
         // Over the server's limit: said before sending a byte.
         if let Ok(limits) = Self::read::<modelcast_server::api::ArtifactLimits>(
@@ -231,8 +251,23 @@ impl Client {
                 });
             }
         }
-        let path = format!("/api/v1/artifacts/{sha256}?chunk_size={chunk_size}");
-        Self::read(self.put(&path).send(artifact))
+        if segments.is_empty() {
+            let path = format!("/api/v1/artifacts/{sha256}?chunk_size={chunk_size}");
+            return Self::read(self.put(&path).send(artifact));
+        }
+        // The body: the segment offsets, then the artifact.
+        let path = format!(
+            "/api/v1/artifacts/{sha256}?chunk_size={chunk_size}&segments={}",
+            segments.len()
+        );
+        let prefix: Vec<u8> = segments.iter().flat_map(|s| s.to_be_bytes()).collect();
+        let length = prefix.len() + artifact.len();
+        let mut body = std::io::Read::chain(&prefix[..], artifact);
+        Self::read(
+            self.put(&path)
+                .header("Content-Length", length.to_string())
+                .send(ureq::SendBody::from_reader(&mut body)),
+        )
     }
 
     /// Publishes signed targets.

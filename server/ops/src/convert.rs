@@ -247,6 +247,7 @@ pub fn draft(
         size: artifact.len() as u64,
         sha256: modelcast_proto::sha256_hex(artifact),
         chunk_size: DEFAULT_CHUNK_SIZE,
+        segments: vec![],
         chunks: modelcast_proto::manifest::chunk_digests(artifact, DEFAULT_CHUNK_SIZE),
         inputs: inputs.to_vec(),
         outputs: outputs.to_vec(),

@@ -7,6 +7,7 @@
 //! - [`convert`]: the artifact made (NNEF or ONNX), typed with tract and proved with the
 //!   device's own engine ([`modelcast_agent::engine`]).
 //! - [`publish`]: a manifest built (golden vectors), signed and uploaded.
+//! - [`segments`]: where an artifact's tensors lie, so that its chunks start at them.
 //! - [`signing`]: what operators sign offline: a version into or out of its hash bin,
 //!   re-delegation after a key rotation, yearly re-signing.
 //! - [`client`]: the API client the `modelcast` CLI (`src/bin/modelcast/`) uses.
@@ -17,5 +18,6 @@ pub mod client;
 pub mod convert;
 pub mod onnx;
 pub mod publish;
+pub mod segments;
 pub mod shapes;
 pub mod signing;

@@ -520,6 +520,14 @@ pub fn example_model_of_size(version: u64, bytes: u64) -> Vec<u8> {
     deep_model(version, bytes, version)
 }
 
+/// `model` as another release of its exporter would write it: the same graph and weights,
+/// `producer_version` changed (every tensor after it moves by the difference in length).
+pub fn restamped(model: &[u8], producer_version: &str) -> Result<Vec<u8>, OnnxError> {
+    let mut model = pb::ModelProto::decode(model).map_err(|e| OnnxError::Decode(e.to_string()))?;
+    model.producer_version = producer_version.into();
+    Ok(model.encode_to_vec())
+}
+
 /// The deep example model of about `bytes` (over 8 MiB) at `version` with only its last layer
 /// retrained, as at `head`: every other tensor is `version`'s, byte for byte.
 pub fn example_model_fine_tuned(version: u64, bytes: u64, head: u64) -> Vec<u8> {

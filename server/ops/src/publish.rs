@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use modelcast_proto::keys::SigningKey;
 use modelcast_proto::manifest::{
-    chunk_digests, Attachment, GoldenVector, LatencyBudget, Manifest, ModelFormat,
+    segmented_chunk_digests, Attachment, GoldenVector, LatencyBudget, Manifest, ModelFormat,
     DEFAULT_CHUNK_SIZE, MAX_GOLDEN_FILE_BYTES,
 };
 use modelcast_proto::metadata::{format_expiry, Signed};
@@ -213,6 +213,7 @@ pub fn prepare(onnx: &[u8], opts: &PublishOptions, now: i64) -> Result<Prepared,
             props_left_out.push(k.clone());
         }
     }
+    let segments = crate::segments::segments(converted.format, &converted.artifact);
     let mut manifest = Manifest {
         format: modelcast_proto::FORMAT_VERSION,
         name: opts.name.clone(),
@@ -221,7 +222,8 @@ pub fn prepare(onnx: &[u8], opts: &PublishOptions, now: i64) -> Result<Prepared,
         size: converted.artifact.len() as u64,
         sha256: modelcast_proto::sha256_hex(&converted.artifact),
         chunk_size: opts.chunk_size,
-        chunks: chunk_digests(&converted.artifact, opts.chunk_size),
+        chunks: segmented_chunk_digests(&converted.artifact, opts.chunk_size, &segments),
+        segments,
         inputs: converted.inputs,
         outputs: converted.outputs,
         golden: vec![],
@@ -324,10 +326,34 @@ pub fn publish_file(
     let onnx = crate::onnx::self_contained(&onnx, dir)?;
     let mut prepared = prepare(&onnx, opts, now)?;
     drop(onnx);
-    let manifest = prepared.manifest.clone();
-    client
-        .upload(&manifest.sha256, manifest.chunk_size, &prepared.artifact)
+    let mut manifest = prepared.manifest.clone();
+    let sent = client
+        .upload_segmented(
+            &manifest.sha256,
+            manifest.chunk_size,
+            &manifest.segments,
+            &prepared.artifact,
+        )
         .map_err(api)?;
+    // Held already, in another layout (published before, or by another version of this
+    // tool): the manifest describes the chunks as the server holds them.
+    if let (Some(chunk_size), Some(segments)) = (
+        sent["chunk_size"]
+            .as_u64()
+            .and_then(|c| u32::try_from(c).ok()),
+        serde_json::from_value::<Vec<u64>>(sent["segments"].clone())
+            .ok()
+            .or_else(|| sent["segments"].is_null().then(Vec::new)),
+    ) {
+        if (chunk_size, &segments) != (manifest.chunk_size, &manifest.segments) {
+            manifest.chunks = segmented_chunk_digests(&prepared.artifact, chunk_size, &segments);
+            manifest.chunk_size = chunk_size;
+            manifest.segments = segments;
+            if let (Some(bytes), Some(g)) = (&prepared.golden_file, &mut manifest.golden_file) {
+                *g = Attachment::of(bytes, chunk_size);
+            }
+        }
+    }
     prepared.artifact = Vec::new();
     if let (Some(bytes), Some(g)) = (&prepared.golden_file, &manifest.golden_file) {
         client
@@ -335,7 +361,6 @@ pub fn publish_file(
             .map_err(api)?;
     }
     prepared.golden_file = None;
-    let mut manifest = manifest;
     manifest.fallback_to = match opts.fallback {
         Fallback::InService => {
             let deployed = client

@@ -60,6 +60,9 @@ pub struct ArtifactInfo {
     pub size: u64,
     /// Chunk size it is stored (and served) in.
     pub chunk_size: u32,
+    /// Offsets at which its chunking restarts ([`modelcast_proto::manifest::spans`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub segments: Vec<u64>,
 }
 
 /// One published model version.

@@ -287,6 +287,7 @@ mod tests {
             size: 0,
             sha256: String::new(),
             chunk_size: 4,
+            segments: vec![],
             chunks: vec![],
             inputs: vec![],
             outputs: vec![],
