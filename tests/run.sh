@@ -11,6 +11,8 @@ command -v curl >/dev/null 2>&1 || need+=(curl)
 # The storage and postgres tests start PostgreSQL clusters of their own on free ports.
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 command -v psql >/dev/null 2>&1 || need+=(postgresql-client)
+# Devices fetch chunks over HTTP from a real nginx serving the artifacts (tests/http_download.rs).
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx)
 # Prometheus' own checker reads the server's /metrics.
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 if [ ${#need[@]} -gt 0 ]; then

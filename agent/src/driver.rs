@@ -99,6 +99,10 @@ struct Agent {
     sampler: Arc<Sampler>,
     /// Telemetry's store-and-forward.
     telemetry: Forwarder,
+    /// Chunk fetches over HTTP(S), for downloads whose deployment gives a base URL.
+    fetcher: crate::fetch::Fetcher,
+    /// Downloads (by artifact digest) whose HTTP fetches failed: MQTT carries them.
+    http_failed: std::collections::HashSet<String>,
 }
 
 fn load_trust(cfg: &Config, store: &Store) -> Result<(TrustState, RoleVerifier), AgentError> {
@@ -329,6 +333,7 @@ async fn control(
         chunk_timeout: Duration::from_secs(cfg.transfer.chunk_timeout_secs),
         stall_after: Duration::from_secs(cfg.transfer.stall_timeout_secs),
     };
+    let (fetcher, mut fetched) = crate::fetch::Fetcher::start(tls.clone());
     let (link, mut events) = Link::connect(&cfg, tls);
     let mut agent = Agent {
         last_error: store.last_error()?,
@@ -346,6 +351,8 @@ async fn control(
         models,
         metrics,
         link,
+        fetcher,
+        http_failed: Default::default(),
     };
     if let Some(rebuilt) = rebuilt {
         agent
@@ -413,6 +420,7 @@ async fn control(
                 None => break,
             },
             Some(o) = outcomes.recv() => agent.handle_outcome(o),
+            Some(f) = fetched.recv() => agent.handle_fetched(f),
             Ok(()) = metered.changed() => {
                 let now_metered = *metered.borrow_and_update();
                 agent.updater.set_metered(now_metered);
@@ -600,28 +608,96 @@ impl Agent {
             }
             None => std::borrow::Cow::Borrowed(reply.data),
         };
-        match self.updater.handle_chunk(&artifact, reply.index, &data) {
+        self.accept_chunk(&artifact, reply.index, &data, len);
+    }
+
+    /// A chunk of `artifact`'s download that arrived (`wire` bytes on the link), checked by
+    /// the download machine and stored if it is wanted and valid.
+    fn accept_chunk(&mut self, artifact: &str, index: u32, data: &[u8], wire: u64) {
+        match self.updater.handle_chunk(artifact, index, data) {
             ChunkFate::Unwanted => {}
             ChunkFate::Duplicate(name) | ChunkFate::Dropped(name) => {
-                self.metrics.chunk_received(&name, len)
+                self.metrics.chunk_received(&name, wire)
             }
             ChunkFate::Rejected(name) => {
-                self.metrics.chunk_received(&name, len);
+                self.metrics.chunk_received(&name, wire);
                 self.metrics.chunk_rejected();
             }
             ChunkFate::Store(name) => {
-                self.metrics.chunk_received(&name, len);
+                self.metrics.chunk_received(&name, wire);
                 let Some(manifest) = self.updater.downloading(&name) else {
                     return;
                 };
-                match self.store.put_chunk(manifest, reply.index, &data) {
+                match self.store.put_chunk(manifest, index, data) {
                     Ok(()) => {
                         self.metrics.downloaded(&name, data.len() as u64);
-                        self.updater.chunk_stored(&name, reply.index);
+                        self.updater.chunk_stored(&name, index);
                     }
                     Err(e) => self.updater.chunk_write_failed(&name, e.into()),
                 }
             }
+        }
+    }
+
+    /// A chunk fetched over HTTP, or a fetch that failed: the download then goes on over
+    /// MQTT (the chunks in flight are asked again there).
+    fn handle_fetched(&mut self, fetched: crate::fetch::Fetched) {
+        match fetched {
+            crate::fetch::Fetched::Chunk {
+                artifact,
+                index,
+                data,
+            } => {
+                let wire = data.len() as u64;
+                self.metrics.http_chunk();
+                self.accept_chunk(&artifact, index, &data, wire);
+            }
+            crate::fetch::Fetched::Failed {
+                artifact,
+                index,
+                error,
+            } => {
+                if self.http_failed.insert(artifact.clone()) {
+                    warn!(%artifact, chunk = index, %error, "HTTP download failed: falling back to MQTT");
+                    self.metrics.http_fallback();
+                }
+                self.updater.chunks_lost(&artifact);
+            }
+        }
+    }
+
+    /// Queues the fetch of `chunks` of `model`'s download of `artifact` from `base`.
+    fn fetch_over_http<'a>(
+        &mut self,
+        model: &str,
+        base: &str,
+        artifact: &str,
+        chunks: impl Iterator<Item = &'a u32>,
+    ) {
+        let Some(manifest) = self.updater.downloading(model) else {
+            return;
+        };
+        let base = base.trim_end_matches('/');
+        let mut jobs = Vec::new();
+        for &index in chunks {
+            let Some((part, local)) = manifest.locate(index) else {
+                continue;
+            };
+            let Some(span) = part.span(local) else {
+                continue;
+            };
+            jobs.push(crate::fetch::Job {
+                artifact: artifact.to_string(),
+                index,
+                url: format!("{base}/{}", part.sha256),
+                offset: span.offset,
+                len: span.len,
+                file_size: part.size,
+            });
+        }
+        for job in jobs {
+            // A full queue: the chunk times out and is asked again.
+            self.fetcher.fetch(job);
         }
     }
 
@@ -656,8 +732,14 @@ impl Agent {
                     chunks,
                     again,
                     alone,
+                    http,
                 } => {
                     self.metrics.chunks_refetched(&model, again.len() as u64);
+                    let http = http.filter(|_| !self.http_failed.contains(&artifact));
+                    if let Some(base) = http {
+                        self.fetch_over_http(&model, &base, &artifact, chunks.iter().chain(&again));
+                        continue;
+                    }
                     let shared = self.cfg.transfer.shared_topic && !alone;
                     if shared {
                         self.link.listen(&artifact).await;

@@ -15,6 +15,7 @@
 //! - [`kserve`]: the sans-IO Open Inference Protocol codec (JSON and binary tensors).
 //! - [`serve`]: the local Open Inference Protocol (KServe v2) API over the serving models.
 //! - [`link`]: MQTT (rumqttc): connect, last will, subscriptions, events in, publishes out.
+//! - [`fetch`]: chunks as HTTP(S) byte ranges, when a deployment gives a base URL.
 //! - [`driver`]: the one loop that feeds events to the update logic and acts on it.
 //! - [`systemd`]: readiness, status and watchdog notifications.
 //! - [`artifacts`]: the artifact files (reserved before they are written, each complete one
@@ -34,6 +35,7 @@ pub(crate) mod clock;
 pub mod config;
 pub mod driver;
 pub mod engine;
+pub mod fetch;
 #[cfg(feature = "grpc")]
 pub(crate) mod grpc;
 pub mod inflate;

@@ -195,6 +195,8 @@ pub struct Metrics {
     chunk_bytes: Family<ModelLabels, Counter>,
     refetched: Family<ModelLabels, Counter>,
     chunks_rejected: Counter,
+    http_chunks: Counter,
+    http_fallbacks: Counter,
     store_bytes: Gauge<u64, AtomicU64>,
     store_rebuilds: Gauge<u64, AtomicU64>,
     artifacts_lost: Counter,
@@ -294,6 +296,18 @@ impl Metrics {
             "Chunk replies that failed their digest or size check",
             chunks_rejected.clone(),
         );
+        let http_chunks = Counter::default();
+        registry.register(
+            "http_chunks",
+            "Chunks fetched over HTTP(S) (the deployment gave a base URL)",
+            http_chunks.clone(),
+        );
+        let http_fallbacks = Counter::default();
+        registry.register(
+            "http_fallbacks",
+            "Downloads that went on over MQTT because an HTTP fetch failed",
+            http_fallbacks.clone(),
+        );
         let store_bytes = Gauge::<u64, AtomicU64>::default();
         registry.register_with_unit(
             "store",
@@ -362,6 +376,8 @@ impl Metrics {
             chunk_bytes,
             refetched,
             chunks_rejected,
+            http_chunks,
+            http_fallbacks,
             store_bytes,
             store_rebuilds,
             artifacts_lost,
@@ -454,6 +470,16 @@ impl Metrics {
         if chunks > 0 {
             count(&self.refetched, model, chunks);
         }
+    }
+
+    /// Counts a chunk fetched over HTTP.
+    pub fn http_chunk(&self) {
+        self.http_chunks.inc();
+    }
+
+    /// Counts a download that fell back from HTTP to MQTT.
+    pub fn http_fallback(&self) {
+        self.http_fallbacks.inc();
     }
 
     /// Counts a rejected chunk reply.

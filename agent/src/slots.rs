@@ -135,7 +135,12 @@ impl ModelRecord {
     /// than the serving one is refused (a rollback attack) unless the serving version's signed
     /// manifest allows falling back that far (`fallback_to`: an operators' fleet rollback).
     pub fn admit(&self, manifest: &Manifest) -> Admission {
-        if self.serving().is_some_and(|m| m.sha256 == manifest.sha256) {
+        // The same bytes as a new version (re-published weights, new golden vectors or
+        // probation) install as that version: nothing downloads, the file is shared.
+        if self
+            .serving()
+            .is_some_and(|m| m.sha256 == manifest.sha256 && m.version == manifest.version)
+        {
             return Admission::Serving;
         }
         if self.failed.as_ref() == Some(&manifest.sha256) {
@@ -268,6 +273,22 @@ mod tests {
         assert_eq!(r.admit(&version(3)), Admission::Failed);
         assert_eq!(r.admit(&version(1)), Admission::Rollback { highest: 3 });
         assert_eq!(r.admit(&version(4)), Admission::Install);
+    }
+
+    #[test]
+    fn the_same_bytes_as_a_new_version_install_as_that_version() {
+        let mut r = ModelRecord::default();
+        r.install(Slot::A, version(1), false).unwrap();
+        let mut again = version(1);
+        again.version = 2;
+        assert_eq!(r.admit(&again), Admission::Install);
+        r.install(r.inactive(), again.clone(), true).unwrap();
+        assert_eq!(r.admit(&again), Admission::Serving);
+        assert_eq!(
+            r.admit(&version(1)),
+            Admission::Wait,
+            "v1 stays the last good slot"
+        );
     }
 
     #[test]

@@ -319,50 +319,57 @@ impl Store {
         Ok(have)
     }
 
-    /// Copies into `manifest`'s artifact every chunk `have` lacks that an artifact the device
-    /// holds (any model's slots) has with the same digest and length: read, checked against
-    /// the digest, written. Marks them in `have`; returns the bytes copied. A chunk that
-    /// cannot be read, or whose bytes differ, is left to download.
+    /// Copies into `manifest`'s download (its artifact and golden file) every chunk `have`
+    /// lacks that a file the device holds (any model's slots: artifacts and golden files) has
+    /// with the same digest and length: read, checked against the digest, written. Marks them
+    /// in `have` (numbered through the download, [`Manifest::parts`]); returns the bytes
+    /// copied. A chunk that cannot be read, or whose bytes differ, is left to download.
     pub fn reuse(&self, manifest: &Manifest, have: &mut [bool]) -> Result<u64, StoreError> {
-        let target = manifest.artifact();
-        // Where each digest can be read: (artifact, offset, length).
+        let wanted: Vec<&str> = manifest.parts().iter().map(|p| p.sha256).collect();
+        // Where each digest can be read: (file, offset, length).
         let mut sources: std::collections::HashMap<&str, (&str, u64, u32)> = Default::default();
         let records = self.models()?;
         for (_, record) in &records {
             for m in [&record.a, &record.b].into_iter().flatten() {
-                if m.sha256.eq_ignore_ascii_case(&manifest.sha256) {
-                    continue;
-                }
-                let layout = m.artifact();
-                for (digest, span) in layout.chunks.iter().zip(layout.spans()) {
-                    sources.entry(digest.as_str()).or_insert((
-                        m.sha256.as_str(),
-                        span.offset,
-                        span.len,
-                    ));
+                for layout in m.parts() {
+                    if wanted.iter().any(|w| w.eq_ignore_ascii_case(layout.sha256)) {
+                        continue;
+                    }
+                    for (digest, span) in layout.chunks.iter().zip(layout.spans()) {
+                        sources.entry(digest.as_str()).or_insert((
+                            layout.sha256,
+                            span.offset,
+                            span.len,
+                        ));
+                    }
                 }
             }
         }
         let mut reused = 0;
-        for (index, digest) in target.chunks.iter().enumerate() {
-            if have.get(index).is_none_or(|h| *h) {
-                continue;
+        let mut first = 0usize;
+        for target in manifest.parts() {
+            for (i, (digest, span)) in target.chunks.iter().zip(target.spans()).enumerate() {
+                let index = first + i;
+                if have.get(index).is_none_or(|h| *h) {
+                    continue;
+                }
+                let Some(&(from, offset, len)) = sources.get(digest.as_str()) else {
+                    continue;
+                };
+                if span.len != len {
+                    continue;
+                }
+                let Some(bytes) = self.files.read_complete(from, offset, len) else {
+                    continue;
+                };
+                if modelcast_proto::sha256_hex(&bytes) != *digest {
+                    continue;
+                }
+                self.files.put_chunk(&target, i as u32, &bytes)?;
+                have[index] = true;
+                reused += u64::from(len);
             }
-            let Some(&(from, offset, len)) = sources.get(digest.as_str()) else {
-                continue;
-            };
-            if target.chunk_len(index as u32) != Some(len) {
-                continue;
-            }
-            let Some(bytes) = self.files.read_complete(from, offset, len) else {
-                continue;
-            };
-            if modelcast_proto::sha256_hex(&bytes) != *digest {
-                continue;
-            }
-            self.files.put_chunk(&target, index as u32, &bytes)?;
-            have[index] = true;
-            reused += u64::from(len);
+            first += target.chunks.len();
         }
         Ok(reused)
     }
@@ -811,6 +818,54 @@ mod tests {
         store.clear_pending("g").unwrap();
         assert_eq!(store.collect_garbage().unwrap(), 2);
         assert!(store.golden_file(&m).is_err());
+    }
+
+    #[test]
+    fn chunks_a_slot_holds_are_copied_into_a_new_download_golden_file_too() {
+        use modelcast_proto::manifest::Attachment;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let with = |version: u64, artifact: &[u8], golden: &[u8]| {
+            let mut m = manifest_for("g", version, artifact, 64);
+            m.golden_file = Some(Attachment::of(golden, 64));
+            m
+        };
+        let a1: Vec<u8> = (0..200u32).map(|i| i as u8).collect();
+        let g1: Vec<u8> = (0..300u32).map(|i| (i * 7) as u8).collect();
+        let v1 = with(1, &a1, &g1);
+        store.set_pending(&v1).unwrap();
+        let mut index = 0;
+        for part in [&a1[..], &g1[..]] {
+            for c in part.chunks(64) {
+                store.put_chunk(&v1, index, c).unwrap();
+                index += 1;
+            }
+        }
+        store.verify_artifact(&v1).unwrap();
+        let record = ModelRecord {
+            a: Some(v1.clone()),
+            active: Some(Slot::A),
+            ..ModelRecord::default()
+        };
+        store.put_model("g", &record).unwrap();
+        store.clear_pending("g").unwrap();
+
+        // v2: the artifact's last chunk and the golden file's tail changed.
+        let (mut a2, mut g2) = (a1.clone(), g1.clone());
+        a2[199] ^= 1;
+        g2[299] ^= 1;
+        let v2 = with(2, &a2, &g2);
+        let mut have = store.set_pending(&v2).unwrap();
+        let reused = store.reuse(&v2, &mut have).unwrap();
+        // Artifact: chunks 0..3 of 4; golden file: 0..4 of 5 (the last 44 bytes changed).
+        assert_eq!(
+            have,
+            [true, true, true, false, true, true, true, true, false]
+        );
+        assert_eq!(reused, 192 + 256);
+        store.put_chunk(&v2, 3, &a2[192..]).unwrap();
+        store.put_chunk(&v2, 8, &g2[256..]).unwrap();
+        store.verify_artifact(&v2).unwrap();
     }
 
     #[test]

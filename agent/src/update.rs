@@ -136,6 +136,8 @@ pub enum Action {
         /// The download is held to a rate: it must not take chunks from the artifact's
         /// shared topic, which come at the pace of the fleet.
         alone: bool,
+        /// The base URL the deployment gives for HTTP(S) downloads, if any.
+        http: Option<String>,
     },
     /// Verify the whole artifact, load it for `slot` off the serving path, check its golden
     /// vectors and latency budget; answer [`Updater::staged`].
@@ -547,6 +549,19 @@ impl Updater {
         for m in self.models.values_mut() {
             if let Step::Downloading(t) = &mut m.step {
                 t.handle_disconnect();
+            }
+        }
+    }
+
+    /// The chunks of `artifact` asked for are lost (their HTTP fetches failed): they are asked
+    /// for again at the next poll.
+    pub fn chunks_lost(&mut self, artifact: &str) {
+        for m in self.models.values_mut() {
+            if let Step::Downloading(t) = &mut m.step {
+                if t.manifest().sha256 == artifact {
+                    t.handle_disconnect();
+                    self.poll_now = true;
+                }
             }
         }
     }
@@ -1328,6 +1343,7 @@ impl Updater {
                     chunks: asks.first,
                     again: asks.again,
                     alone: m.download.max_rate.is_some(),
+                    http: m.download.http.clone(),
                 }));
             }
         }

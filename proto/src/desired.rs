@@ -169,7 +169,17 @@ pub struct DownloadPolicy {
     /// metered in its configuration or through its local API).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub metered: bool,
+    /// Where the chunks may be fetched over HTTP(S) instead of MQTT: a base URL under which
+    /// a host serves every file of the download by its SHA-256 (`{http}/{sha256}`) with range
+    /// requests (the fleet server's `/files`, or any static host or CDN: each chunk is checked
+    /// against the signed manifest). MQTT stays for control and reports, and carries the
+    /// chunks again when HTTP fails.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<String>,
 }
+
+/// Longest base URL a policy may give for HTTP downloads.
+pub const MAX_HTTP_BASE: usize = 512;
 
 /// A download policy out of range; the message names the field.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -180,6 +190,13 @@ pub enum PolicyError {
     /// `utc_offset_minutes` beyond ±[`MAX_UTC_OFFSET_MINUTES`].
     #[error("download utc_offset_minutes beyond ±{MAX_UTC_OFFSET_MINUTES}")]
     OffsetOutOfRange,
+    /// `http` is not an `http://` or `https://` URL without query, fragment or spaces, of
+    /// at most [`MAX_HTTP_BASE`] bytes.
+    #[error(
+        "download http must be an http:// or https:// base URL (no query, fragment or spaces; \
+         at most {MAX_HTTP_BASE} bytes)"
+    )]
+    BadHttpBase,
 }
 
 impl DownloadPolicy {
@@ -193,6 +210,20 @@ impl DownloadPolicy {
             .is_some_and(|m| m.abs() > MAX_UTC_OFFSET_MINUTES)
         {
             return Err(PolicyError::OffsetOutOfRange);
+        }
+        if let Some(base) = &self.http {
+            let rest = base
+                .strip_prefix("http://")
+                .or_else(|| base.strip_prefix("https://"));
+            let host = rest.and_then(|r| r.split('/').next()).unwrap_or("");
+            if base.len() > MAX_HTTP_BASE
+                || host.is_empty()
+                || base
+                    .bytes()
+                    .any(|b| b <= b' ' || b == b'?' || b == b'#' || b >= 0x7f)
+            {
+                return Err(PolicyError::BadHttpBase);
+            }
         }
         Ok(())
     }
@@ -298,6 +329,33 @@ mod tests {
     use proptest::prelude::*;
 
     #[test]
+    fn an_http_base_must_be_a_plain_http_or_https_url() {
+        let with = |base: &str| DownloadPolicy {
+            http: Some(base.into()),
+            ..DownloadPolicy::default()
+        };
+        for good in [
+            "http://127.0.0.1:8080/files",
+            "https://cdn.example.com/models/",
+            "http://fleet",
+        ] {
+            assert_eq!(with(good).validate(), Ok(()), "{good}");
+        }
+        for bad in [
+            "ftp://host/x",
+            "http://",
+            "http:///path",
+            "http://host/a b",
+            "http://host/?sig=1",
+            "http://host/#frag",
+            "host/files",
+            &format!("http://host/{}", "a".repeat(MAX_HTTP_BASE)),
+        ] {
+            assert_eq!(with(bad).validate(), Err(PolicyError::BadHttpBase), "{bad}");
+        }
+    }
+
+    #[test]
     fn the_director_custom_object_round_trips_and_refuses_what_it_must() {
         let custom = DirectorCustom {
             device: "edge-1".into(),
@@ -318,6 +376,7 @@ mod tests {
                     window_mode: WindowMode::Download,
                     utc_offset_minutes: Some(-300),
                     metered: true,
+                    http: Some("https://cdn.example.com/models".into()),
                 }),
             },
         };

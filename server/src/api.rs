@@ -10,6 +10,7 @@
 //! | GET | `/api/v1/repository/roots` | the rotation chain (every root after version 1) |
 //! | GET | `/api/v1/repository/targets` | the current operator-signed targets |
 //! | GET | `/api/v1/artifacts` | what an upload may be (`max_bytes`) |
+//! | GET, HEAD | `/files/{sha256}` | a stored file (artifact or golden file), with byte ranges; public |
 //! | POST | `/api/v1/repository/targets` | publish signed targets and hash bins (`PublishRequest`) |
 //! | GET | `/api/v1/repository/targets/{role}` | a hash bin (delegated targets role) |
 //! | GET | `/api/v1/models` | the registry |
@@ -350,6 +351,8 @@ pub fn router(fleet: Arc<Fleet>, tokens: Option<Tokens>, limits: ApiLimits) -> R
         .route("/api/v1/openapi.json", get(openapi))
         .layer(guard)
         .layer(Extension(limits))
+        // Public, as a static host or CDN holding the same files would be.
+        .route("/files/{sha256}", get(crate::files::file))
         .with_state(fleet)
 }
 

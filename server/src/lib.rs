@@ -17,6 +17,8 @@
 //!   [`fanout`]: the planner of chunks published once for many devices.
 //! - [`registry`]: the model registry's operations — artifacts stored, targets published,
 //!   versions promoted and retired, deployments, root rotations — behind the API's handlers.
+//! - [`files`]: every stored file over HTTP by its digest, with byte ranges (devices whose
+//!   deployment says `http` fetch their chunks there).
 //! - [`group`]: label selectors for device groups.
 //! - [`rollout`]: the sans-IO rollout planner (waves, abort criteria, auto-rollback).
 //! - [`api`], [`auth`], [`audit`]: the operators' HTTP API and dashboard, its tokens and
@@ -41,6 +43,7 @@ pub mod compress;
 pub mod db;
 pub mod drift;
 pub(crate) mod fanout;
+pub mod files;
 pub mod fleet;
 pub mod group;
 pub mod http;

@@ -53,7 +53,11 @@ def last_layer(path):
 
 def fine_tuned(path):
     m = onnx.load(base)
-    floats = [t for t in m.graph.initializer if t.data_type == onnx.TensorProto.FLOAT]
+    # The layers' weights and biases (not constants such as a Resize's scales).
+    weights = {n for node in m.graph.node if node.op_type in ("Conv", "Gemm", "MatMul")
+               for n in node.input[1:]}
+    floats = [t for t in m.graph.initializer
+              if t.data_type == onnx.TensorProto.FLOAT and t.name in weights]
     rng = np.random.default_rng(2)
     replace(m, {t.name: nudged(t, 0.01, rng) for t in floats})
     onnx.save(m, path)

@@ -3,7 +3,7 @@
 //!
 //! - [`Fleet`]: keys, a server (embedded broker or an external one), agents, publishing.
 //! - [`Agent`]: one device process with its store, inference port and config.
-//! - [`Mosquitto`], [`Postgres`]: Debian's broker and database, started on free ports
+//! - [`Mosquitto`], [`Postgres`], [`Nginx`]: Debian's broker, database and web server, started on free ports
 //!   (`services.rs`).
 //! - [`Rogue`], [`Forger`]: an attacker on the broker who signs or serves what it likes
 //!   (`attacker.rs`).
@@ -31,7 +31,7 @@ pub mod sim;
 pub use agent::{Agent, AgentOptions};
 pub use attacker::*;
 pub use fleet::Fleet;
-pub use services::{Mosquitto, Postgres};
+pub use services::{Mosquitto, Nginx, Postgres};
 
 /// Path of a workspace binary, building the binaries once if they are missing.
 pub fn bin(name: &str) -> PathBuf {

@@ -1,5 +1,5 @@
 //! The real servers the tests run: mosquitto (plain, or with TLS and the project's ACL) and
-//! PostgreSQL, each in a directory of its own on a free loopback port.
+//! PostgreSQL, and nginx serving files, each in a directory of its own on a free loopback port.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -259,5 +259,65 @@ impl Drop for Postgres {
             .arg(&data)
             .args(["-m", "immediate", "stop"])
             .output();
+    }
+}
+
+/// Debian's nginx, serving a directory of files as a static host or CDN would (byte ranges
+/// included), on a free port.
+pub struct Nginx {
+    _proc: Proc,
+    port: u16,
+}
+
+impl Nginx {
+    /// Serves `root`'s files under `http://127.0.0.1:PORT/models/`; its config, logs and
+    /// temporary files in `dir`.
+    pub fn serve(dir: &Path, root: &Path) -> Nginx {
+        let port = free_port();
+        let here = dir.join(format!("nginx-{port}"));
+        std::fs::create_dir_all(here.join("tmp")).expect("nginx dir");
+        let conf = here.join("nginx.conf");
+        let d = here.display();
+        std::fs::write(
+            &conf,
+            format!(
+                "daemon off;\nuser root;\nworker_processes 1;\npid {d}/nginx.pid;\n\
+                 error_log {d}/error.log;\nevents {{ worker_connections 64; }}\n\
+                 http {{\n  access_log {d}/access.log;\n  client_body_temp_path {d}/tmp;\n\
+                   proxy_temp_path {d}/tmp;\n  fastcgi_temp_path {d}/tmp;\n\
+                   uwsgi_temp_path {d}/tmp;\n  scgi_temp_path {d}/tmp;\n\
+                   server {{\n    listen 127.0.0.1:{port};\n\
+                     location /models/ {{ alias {}/; }}\n  }}\n}}\n",
+                root.display()
+            ),
+        )
+        .expect("nginx config");
+        let exe = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect("nginx is installed (tests/run.sh installs it)");
+        let proc = Proc::spawn(
+            Command::new(exe).arg("-p").arg(&here).arg("-c").arg(&conf),
+            here.join("stderr.log"),
+        );
+        wait_for("nginx to listen", Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        });
+        Nginx { _proc: proc, port }
+    }
+
+    /// The base URL of the files it serves.
+    pub fn base(&self) -> String {
+        format!("http://127.0.0.1:{}/models", self.port)
+    }
+
+    /// How many requests it answered with `status` (from its access log).
+    pub fn answered(&self, dir: &Path, status: u16) -> usize {
+        let log = dir.join(format!("nginx-{}", self.port)).join("access.log");
+        std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(&format!("\" {status} ")))
+            .count()
     }
 }

@@ -150,3 +150,32 @@ fn a_re_exported_model_whose_tensors_all_moved_downloads_almost_nothing() {
         v2.size
     );
 }
+
+#[test]
+fn the_same_file_as_a_new_version_installs_without_a_byte() {
+    let fleet = Fleet::embedded();
+    let agent = fleet.start_agent_opts(
+        "edge-1",
+        &[("site", "lab")],
+        AgentOptions {
+            extra: "[probation]\nrequests = 0\nseconds = 0\n".into(),
+            ..AgentOptions::default()
+        },
+    );
+    fleet.wait_registered();
+    let path = fleet.dir.path().join("model.onnx");
+    std::fs::write(&path, example_model_of_size(1, 2 * MIB)).unwrap();
+    let v1 = fleet.publish_file(&path, "classifier", 1);
+    fleet.deploy("classifier", 1, "*");
+    fleet.wait_serving("edge-1", "classifier", 1);
+    // Re-published unchanged (say, for a new probation or golden vectors): a new version of
+    // the same bytes.
+    let v2 = fleet.publish_file(&path, "classifier", 2);
+    assert_eq!(v1.sha256, v2.sha256);
+    let sent = || fleet.client.status().unwrap().chunk_requests.raw_bytes;
+    let before = sent();
+    fleet.deploy("classifier", 2, "*");
+    fleet.wait_serving("edge-1", "classifier", 2);
+    assert_eq!(agent.check_golden(&v2), "2");
+    assert_eq!(sent(), before, "nothing sent");
+}

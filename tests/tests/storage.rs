@@ -168,6 +168,7 @@ async fn contract(db: Db, other: Option<Db>) {
                 window_mode: modelcast_proto::desired::WindowMode::Download,
                 utc_offset_minutes: Some(-330),
                 metered: true,
+                http: Some("http://127.0.0.1:1/files".into()),
             }),
         })
         .await

@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use modelcast_ops::publish::{prepare, PublishOptions};
+use modelcast_ops::publish::{prepare, Prepared, PublishOptions};
 use modelcast_proto::manifest::{chunk_digests, Manifest};
 use modelcast_tests::{wait_for, Agent, AgentOptions, Fleet};
 
@@ -69,30 +69,58 @@ fn patch(dir: &Path, tool: &str, old: &Path, new: &Path) -> Option<u64> {
             c
         }
     };
-    let ok = cmd.status().ok()?.success();
+    let ok = cmd
+        .stderr(std::process::Stdio::null())
+        .status()
+        .ok()?
+        .success();
     ok.then(|| std::fs::metadata(&out).ok().map(|m| m.len()))
         .flatten()
 }
 
-/// Bytes of `new`'s chunks that no chunk of `old` has (what a device holding `old` fetches).
+/// What a device downloads for a version: its artifact, then its golden file.
+fn download(p: &Prepared) -> Vec<u8> {
+    let mut bytes = p.artifact.clone();
+    bytes.extend_from_slice(p.golden_file.as_deref().unwrap_or_default());
+    bytes
+}
+
+/// Bytes of `new`'s download whose chunks no chunk of `old`'s has (what a device holding
+/// `old` fetches).
 fn missing(old: &Manifest, new: &Manifest) -> u64 {
-    let held: HashSet<&String> = old.chunks.iter().collect();
-    new.chunks
+    let held: HashSet<&String> = old.parts().iter().flat_map(|p| p.chunks).collect();
+    new.parts()
         .iter()
-        .zip(new.artifact().spans())
+        .flat_map(|p| p.chunks.iter().zip(p.spans()))
         .filter(|(d, _)| !held.contains(d))
         .map(|(_, s)| u64::from(s.len))
         .sum()
 }
 
-/// The same, had both been cut in fixed chunks from their start.
-fn missing_fixed(old: &[u8], new: &[u8], chunk: u32) -> u64 {
-    let held: HashSet<String> = chunk_digests(old, chunk).into_iter().collect();
-    chunk_digests(new, chunk)
+/// The same, had both artifacts been cut in fixed chunks from their start.
+fn missing_fixed(old: &Prepared, new: &Prepared) -> u64 {
+    let chunk = new.manifest.chunk_size;
+    let cut = |p: &Prepared| {
+        let mut all = chunk_digests(&p.artifact, chunk);
+        all.extend(p.manifest.golden_file.iter().flat_map(|g| g.chunks.clone()));
+        all
+    };
+    let held: HashSet<String> = cut(old).into_iter().collect();
+    let new_bytes = download(new);
+    let lens = new.artifact.chunks(chunk as usize).map(<[u8]>::len).chain(
+        new.manifest.golden_file.iter().flat_map(|g| {
+            g.chunks
+                .iter()
+                .enumerate()
+                .map(|(i, _)| (g.size as usize - i * chunk as usize).min(chunk as usize))
+        }),
+    );
+    debug_assert_eq!(lens.clone().sum::<usize>(), new_bytes.len());
+    cut(new)
         .iter()
-        .zip(new.chunks(chunk as usize))
+        .zip(lens)
         .filter(|(d, _)| !held.contains(*d))
-        .map(|(_, c)| c.len() as u64)
+        .map(|(_, len)| len as u64)
         .sum()
 }
 
@@ -137,16 +165,18 @@ fn main() {
     let opts = |version| PublishOptions::new(NAME, version);
     let onnx = std::fs::read(&base).expect("the model");
     let v1 = prepare(&onnx, &opts(1), now).expect("the model prepares");
-    let v1_path = work.path().join("v1.artifact");
-    std::fs::write(&v1_path, &v1.artifact).expect("write");
+    let v1_path = work.path().join("v1.download");
+    std::fs::write(&v1_path, download(&v1)).expect("write");
     println!(
-        "model: {} ({} bytes of ONNX), published as {} of {} bytes in {} chunks, {} segments",
+        "model: {} ({} bytes of ONNX), published as {} of {} bytes in {} chunks, {} segments; \
+         golden file {} bytes",
         base.display(),
         onnx.len(),
         v1.manifest.model_format,
         v1.manifest.size,
         v1.manifest.chunks.len(),
-        v1.manifest.segments.len()
+        v1.manifest.segments.len(),
+        v1.manifest.golden_file.as_ref().map_or(0, |g| g.size)
     );
 
     let fleet = Fleet::embedded();
@@ -176,7 +206,7 @@ fn main() {
         "\n{:31} {:>6} {:>10} | {:>7} {:>7} {:>7} | {:>7} {:>7} {:>7} | {:>7} | {:>6} {:>6}",
         "new version (old: v1)",
         "format",
-        "bytes",
+        "download",
         "raw %",
         "wire %",
         "reused",
@@ -201,15 +231,15 @@ fn main() {
                 continue;
             }
         };
-        let new_path = work.path().join(format!("{v}.artifact"));
-        std::fs::write(&new_path, &new.artifact).expect("write");
-        let size = new.manifest.size;
+        let new_path = work.path().join(format!("{v}.download"));
+        std::fs::write(&new_path, download(&new)).expect("write");
+        let size = new.manifest.download_size();
         let baseline = |tool| {
             patch(work.path(), tool, &v1_path, &new_path)
                 .map_or_else(|| "-".to_string(), |n| pct(n, size))
         };
         let (z3, z19, x) = (baseline("zstd-3"), baseline("zstd-19"), baseline("xdelta3"));
-        let fixed = missing_fixed(&v1.artifact, &new.artifact, new.manifest.chunk_size);
+        let fixed = missing_fixed(&v1, &new);
         let aligned = missing(&v1.manifest, &new.manifest);
 
         let manifest = fleet.publish_file(&path, NAME, version);
@@ -262,9 +292,10 @@ fn main() {
         );
     }
     println!(
-        "\nraw %: chunks sent as stored, wire %: as sent (compressed), reused: copied from the \
-         device's slots, all ÷ the new artifact's size; zstd-3/zstd-19/xdelta3: their patch \
-         from the old artifact ÷ the new one's size; fixed %: what chunks cut from the start \
-         (no tensor alignment) would fetch; done/serve s: from the deploy."
+        "\ndownload: the new version's artifact and golden file; raw %: chunks sent as stored, \
+         wire %: as sent (compressed), reused: copied from the device's slots, all ÷ the \
+         download; zstd-3/zstd-19/xdelta3: their patch from the old download to the new ÷ the \
+         new; fixed %: what artifact chunks cut from the start (no tensor alignment) would \
+         fetch; done/serve s: from the deploy to the download complete / to serving."
     );
 }

@@ -472,6 +472,12 @@ struct DownloadArgs {
     /// Devices may download it over a metered link.
     #[arg(long)]
     metered: bool,
+    /// Devices fetch the chunks over HTTP(S) from this base URL, where every file of the
+    /// download is served by its SHA-256 with range requests (this server's
+    /// `http://HOST:PORT/files`, or a static host or CDN holding copies); MQTT carries them
+    /// when that fails.
+    #[arg(long, value_name = "URL")]
+    http: Option<String>,
 }
 
 impl DownloadArgs {
@@ -486,6 +492,7 @@ impl DownloadArgs {
             window_mode: self.window_mode,
             utc_offset_minutes: self.window_utc_offset,
             metered: self.metered,
+            http: self.http.clone(),
         };
         policy.validate()?;
         Ok((!policy.is_default()).then_some(policy))
