@@ -138,9 +138,23 @@ pub struct Config {
 }
 
 /// How the engine runs models (`[engine]`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EngineConfig {
+    /// What runs ONNX artifacts: `tract` (the default; every agent has it) or `onnxruntime`
+    /// (agents built with the `ort` feature, with ONNX Runtime's library at
+    /// `onnxruntime_library`). NNEF artifacts always run on tract.
+    #[serde(default)]
+    pub backend: Backend,
+    /// ONNX Runtime's shared library (`libonnxruntime.so`), loaded at run time: nothing of it
+    /// is linked into the agent. On a Jetson, the library of an ONNX Runtime build for
+    /// JetPack (with its CUDA and TensorRT providers).
+    #[serde(default)]
+    pub onnxruntime_library: Option<PathBuf>,
+    /// ONNX Runtime's execution providers in order of preference (`tensorrt`, `cuda`, `cpu`):
+    /// one the library or the device lacks is skipped for the next; the CPU is always last.
+    #[serde(default = "default_providers")]
+    pub providers: Vec<Provider>,
     /// Threads one inference may spread its matrix products over (tract's multithreaded
     /// matmul; agents built with the `multithread` feature). 1, the default, runs each request
     /// on one core and requests side by side: best for throughput; more lowers one request's
@@ -151,6 +165,33 @@ pub struct EngineConfig {
     /// seen, least recently used dropped first.
     #[serde(default = "default_plan_cache")]
     pub plan_cache: usize,
+}
+
+/// What runs ONNX artifacts (`[engine] backend`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// tract, on the CPU.
+    #[default]
+    Tract,
+    /// ONNX Runtime, with its execution providers.
+    Onnxruntime,
+}
+
+/// One of ONNX Runtime's execution providers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Provider {
+    /// NVIDIA TensorRT.
+    Tensorrt,
+    /// NVIDIA CUDA.
+    Cuda,
+    /// The CPU.
+    Cpu,
+}
+
+fn default_providers() -> Vec<Provider> {
+    vec![Provider::Tensorrt, Provider::Cuda, Provider::Cpu]
 }
 
 fn default_threads() -> usize {
@@ -164,6 +205,9 @@ fn default_plan_cache() -> usize {
 impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
+            backend: Backend::default(),
+            onnxruntime_library: None,
+            providers: default_providers(),
             threads: default_threads(),
             plan_cache: default_plan_cache(),
         }
@@ -319,6 +363,21 @@ impl Config {
                 ))
             }
             _ => {}
+        }
+        if self.engine.backend == Backend::Onnxruntime {
+            if !cfg!(feature = "ort") {
+                return Err(ConfigError::Invalid(
+                    "engine.backend = \"onnxruntime\" needs an agent built with the `ort` feature"
+                        .into(),
+                ));
+            }
+            if self.engine.onnxruntime_library.is_none() {
+                return Err(ConfigError::Invalid(
+                    "engine.backend = \"onnxruntime\" needs engine.onnxruntime_library (the path \
+                     of libonnxruntime.so)"
+                        .into(),
+                ));
+            }
         }
         Ok(())
     }

@@ -158,9 +158,9 @@ pub async fn run(
     metrics.store_rebuilds(crate::recovery::rebuilds(&store_path(&cfg.state_dir)));
     let restored = {
         let (store, models, metrics) = (store.clone(), models.clone(), metrics.clone());
-        let (policy, plan_cache) = (cfg.probation.clone(), cfg.engine.plan_cache);
+        let (policy, engine) = (cfg.probation.clone(), cfg.engine.clone());
         tokio::task::spawn_blocking(move || {
-            crate::recovery::restore(&store, &models, &metrics, &policy, plan_cache)
+            crate::recovery::restore(&store, &models, &metrics, &policy, &engine)
         })
         .await
         .map_err(|e| AgentError::Runtime(std::io::Error::other(format!("restore task: {e}"))))??
@@ -864,17 +864,17 @@ impl Agent {
     fn stage(&mut self, manifest: Manifest, slot: Slot) {
         let store = self.store.clone();
         let (name, sha256) = (manifest.name.clone(), manifest.sha256.clone());
-        let plan_cache = self.cfg.engine.plan_cache;
+        let engine = self.cfg.engine.clone();
         let load = move || {
             let loaded = (|| {
                 store.verify_artifact(&manifest)?;
                 info!(model = %manifest.name, version = manifest.version, "artifact verified");
                 let mut reader = store.artifact_reader(&manifest)?;
-                let model = LoadedModel::load_with(&manifest, slot, &mut reader, plan_cache)?;
+                let model = LoadedModel::load_on(&manifest, slot, &mut reader, &engine)?;
                 let golden = store.golden_file(&manifest)?;
                 model.check_golden(&golden)?;
                 let p95 = model.warm_up(&golden)?;
-                info!(model = %manifest.name, version = manifest.version, p95_us = p95.as_micros() as u64, "warmed up");
+                info!(model = %manifest.name, version = manifest.version, backend = model.backend_name(), p95_us = p95.as_micros() as u64, "warmed up");
                 Ok(Arc::new(model))
             })();
             crate::sys::release_free_memory();

@@ -65,8 +65,8 @@ fn model_config(model: &crate::engine::LoadedModel) -> pb::ModelConfig {
     let m = model.manifest();
     pb::ModelConfig {
         name: m.name.clone(),
-        platform: crate::serve::PLATFORM.into(),
-        backend: "tract".into(),
+        platform: model.platform().into(),
+        backend: model.backend().into(),
         version_policy: Some(pb::ModelVersionPolicy {
             policy_choice: Some(pb::model_version_policy::PolicyChoice::Specific(
                 pb::model_version_policy::Specific {
@@ -362,7 +362,7 @@ impl GrpcInferenceService for Service {
         Ok(Response::new(pb::ModelMetadataResponse {
             name: m.name.clone(),
             versions: vec![m.version.to_string()],
-            platform: crate::serve::PLATFORM.into(),
+            platform: model.platform().into(),
             inputs: metadata_tensors(&m.inputs),
             outputs: metadata_tensors(&m.outputs),
         }))

@@ -25,6 +25,7 @@ use modelcast_proto::manifest::Manifest;
 use modelcast_proto::report::Slot;
 use tracing::{info, warn};
 
+use crate::config::EngineConfig;
 use crate::engine::LoadedModel;
 use crate::metrics::Metrics;
 use crate::probation::ProbationPolicy;
@@ -250,16 +251,11 @@ fn load_slot(
     store: &Store,
     record: &ModelRecord,
     slot: Slot,
-    plan_cache: usize,
+    engine: &EngineConfig,
 ) -> Result<LoadedModel, SlotLoadError> {
     let manifest = record.slot(slot).ok_or(SlotLoadError::Empty)?;
     let mut reader = store.artifact_reader(manifest)?;
-    Ok(LoadedModel::load_with(
-        manifest,
-        slot,
-        &mut reader,
-        plan_cache,
-    )?)
+    Ok(LoadedModel::load_on(manifest, slot, &mut reader, engine)?)
 }
 
 /// Loads the serving model of every stored model and finds the downloads to resume. A trial
@@ -273,7 +269,7 @@ pub(crate) fn restore(
     models: &Models,
     metrics: &Metrics,
     policy: &ProbationPolicy,
-    plan_cache: usize,
+    engine: &EngineConfig,
 ) -> Result<Restored, StoreError> {
     let mut restored = Restored::default();
     for (name, mut record) in store.models()? {
@@ -299,7 +295,7 @@ pub(crate) fn restore(
             let Some(manifest) = record.slot(slot).cloned() else {
                 continue;
             };
-            match load_slot(store, &record, slot, plan_cache) {
+            match load_slot(store, &record, slot, engine) {
                 Ok(model) => {
                     // What the device accepted, kept beside the artifact for a rebuild.
                     store.keep_manifest_once(&manifest)?;
@@ -359,7 +355,7 @@ pub(crate) fn restore(
         };
         if served {
             if let Some(trial) = record.trial {
-                match load_slot(store, &record, trial.previous, plan_cache) {
+                match load_slot(store, &record, trial.previous, engine) {
                     Ok(previous) => restored.trials.push((name.clone(), Arc::new(previous))),
                     Err(e) => {
                         // Nothing to swap back to: the trial version is as good as it gets.

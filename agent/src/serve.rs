@@ -215,8 +215,6 @@ fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {
 
 /// The server's name in its metadata.
 pub(crate) const SERVER_NAME: &str = "modelcast-agent";
-/// The platform models report (Triton's names say format and engine: `onnxruntime_onnx`).
-pub(crate) const PLATFORM: &str = "onnx_tract";
 
 async fn server_metadata() -> Json<Value> {
     Json(json!({
@@ -332,10 +330,14 @@ fn metadata(api: &Api, name: &str, version: Option<&str>) -> Response {
             Json(json!({
                 "name": m.name,
                 "versions": [m.version.to_string()],
-                "platform": PLATFORM,
+                "platform": model.platform(),
                 "inputs": spec_json(&m.inputs),
                 "outputs": spec_json(&m.outputs),
-                "parameters": { "slot": model.slot().to_string(), "sha256": m.sha256 },
+                "parameters": {
+                    "slot": model.slot().to_string(),
+                    "sha256": m.sha256,
+                    "engine": model.backend_name(),
+                },
             }))
             .into_response()
         }
@@ -363,8 +365,8 @@ fn config(api: &Api, name: &str, version: Option<&str>) -> Response {
             let m = model.manifest();
             Json(json!({
                 "name": m.name,
-                "platform": PLATFORM,
-                "backend": "tract",
+                "platform": model.platform(),
+                "backend": model.backend(),
                 "version_policy": { "specific": { "versions": [m.version.to_string()] } },
                 "max_batch_size": 0,
                 "input": config_json(&m.inputs),

@@ -71,6 +71,30 @@ pub fn python() -> PathBuf {
     cache().join("python/bin/python")
 }
 
+/// ONNX Runtime's shared library, as the `onnxruntime` Python package of the corpus'
+/// environment ships it (`onnxruntime/capi/libonnxruntime.so.*`).
+pub fn onnxruntime_library() -> PathBuf {
+    let lib = cache().join("python").join("lib");
+    let found = std::fs::read_dir(&lib)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|py| py.path().join("site-packages/onnxruntime/capi"))
+        .flat_map(|capi| std::fs::read_dir(capi).into_iter().flatten().flatten())
+        .map(|f| f.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libonnxruntime.so"))
+        });
+    found.unwrap_or_else(|| {
+        panic!(
+            "no libonnxruntime.so under {}: run tests/corpus/setup.sh (tests/run.sh does)",
+            lib.display()
+        )
+    })
+}
+
 /// The rows of `models.tsv`.
 pub fn rows() -> Vec<Row> {
     let text = std::fs::read_to_string(repo().join("tests/corpus/models.tsv")).expect("models.tsv");
@@ -95,11 +119,25 @@ pub fn rows() -> Vec<Row> {
 /// Publishes every serving row to `fleet`, deploys it to `group`, and waits until `device`
 /// serves them all (failing fast on a model the device rejects). Returns their ids.
 pub fn publish_and_serve(fleet: &Fleet, group: &str, device: &str) -> Vec<String> {
+    publish_and_serve_as(fleet, group, device, None)
+}
+
+/// [`publish_and_serve`], every model in `format` when given (`--format`).
+pub fn publish_and_serve_as(
+    fleet: &Fleet,
+    group: &str,
+    device: &str,
+    format: Option<modelcast_ops::convert::Choice>,
+) -> Vec<String> {
     let dir = models_dir();
     let mut serving = Vec::new();
     let mut golden_files = 0;
     for row in rows().into_iter().filter(Row::serves) {
-        let m = fleet.publish_with(&dir.join(format!("{}.onnx", row.id)), &row.options());
+        let mut opts = row.options();
+        if let Some(format) = format {
+            opts.format = format;
+        }
+        let m = fleet.publish_with(&dir.join(format!("{}.onnx", row.id)), &opts);
         // Every device checks the model's golden vector before it serves: in the manifest
         // when small, else in a golden file downloaded beside the artifact.
         let golden = match (&m.golden_file, m.golden.len()) {

@@ -7,7 +7,9 @@
 //! (it starts the release binaries beside it). The machine is shared and noisy: read the
 //! ratios, not the times. `BENCH_SECONDS` sets the time spent per model (default 3);
 //! `BENCH_THREADS` the threads one inference may use on both sides (default 1: the device's
-//! `[engine] threads`, onnxruntime's intra-op threads).
+//! `[engine] threads`, onnxruntime's intra-op threads). `BENCH_BACKEND=onnxruntime` publishes
+//! every model as ONNX and runs it on the device's ONNX Runtime backend (the library of the
+//! corpus' `onnxruntime` package, CPU provider) instead of tract.
 
 use modelcast_tests::{corpus, Fleet};
 
@@ -16,14 +18,24 @@ fn main() {
         .ok()
         .and_then(|t| t.parse().ok())
         .unwrap_or(1);
+    let onnxruntime = std::env::var("BENCH_BACKEND").is_ok_and(|b| b == "onnxruntime");
     let fleet = Fleet::embedded();
+    let backend = if onnxruntime {
+        format!(
+            "backend = \"onnxruntime\"\nonnxruntime_library = \"{}\"\nproviders = [\"cpu\"]\n",
+            corpus::onnxruntime_library().display()
+        )
+    } else {
+        String::new()
+    };
     let (agent, grpc_port) = corpus::start_agent_with_grpc(
         &fleet,
         "bench-1",
         ("site", "bench"),
-        &format!("[engine]\nthreads = {threads}\n"),
+        &format!("[engine]\nthreads = {threads}\n{backend}"),
     );
-    let serving = corpus::publish_and_serve(&fleet, "site=bench", "bench-1");
+    let format = onnxruntime.then_some(modelcast_ops::convert::Choice::Onnx);
+    let serving = corpus::publish_and_serve_as(&fleet, "site=bench", "bench-1", format);
     let out = corpus::run_script("bench.py", &agent, grpc_port, &serving);
     assert!(out.status.success(), "bench.py failed");
 }
