@@ -141,9 +141,11 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EngineConfig {
-    /// What runs ONNX artifacts: `tract` (the default; every agent has it) or `onnxruntime`
+    /// What runs ONNX artifacts: `tract` (the default; every agent has it), `onnxruntime`
     /// (agents built with the `ort` feature, with ONNX Runtime's library at
-    /// `onnxruntime_library`). NNEF artifacts always run on tract.
+    /// `onnxruntime_library`), or `auto`: each version staged on every backend that can run
+    /// it, the fastest at warm-up that passes its golden vectors serving. NNEF artifacts
+    /// always run on tract.
     #[serde(default)]
     pub backend: Backend,
     /// ONNX Runtime's shared library (`libonnxruntime.so`), loaded at run time: nothing of it
@@ -176,6 +178,8 @@ pub enum Backend {
     Tract,
     /// ONNX Runtime, with its execution providers.
     Onnxruntime,
+    /// Measured at staging, per version.
+    Auto,
 }
 
 /// One of ONNX Runtime's execution providers.

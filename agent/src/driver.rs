@@ -865,16 +865,17 @@ impl Agent {
         let store = self.store.clone();
         let (name, sha256) = (manifest.name.clone(), manifest.sha256.clone());
         let engine = self.cfg.engine.clone();
+        let metrics = self.metrics.clone();
         let load = move || {
             let loaded = (|| {
                 store.verify_artifact(&manifest)?;
                 info!(model = %manifest.name, version = manifest.version, "artifact verified");
-                let mut reader = store.artifact_reader(&manifest)?;
-                let model = LoadedModel::load_on(&manifest, slot, &mut reader, &engine)?;
                 let golden = store.golden_file(&manifest)?;
-                model.check_golden(&golden)?;
-                let p95 = model.warm_up(&golden)?;
-                info!(model = %manifest.name, version = manifest.version, backend = model.backend_name(), p95_us = p95.as_micros() as u64, "warmed up");
+                let open = || store.artifact_reader(&manifest);
+                let (model, p95) = crate::engine::stage(&manifest, slot, open, &golden, &engine)?;
+                let choice = model.engine_report();
+                metrics.engine_trials(&manifest.name, &choice.trials);
+                info!(model = %manifest.name, version = manifest.version, backend = %choice.backend, reason = %choice.reason, p95_us = p95.as_micros() as u64, "warmed up");
                 Ok(Arc::new(model))
             })();
             crate::sys::release_free_memory();
@@ -970,12 +971,16 @@ impl Agent {
         if let Ok(bytes) = self.store.size_on_disk() {
             self.metrics.store_size(bytes);
         }
+        let mut models = self.updater.model_states();
+        for (name, state) in &mut models {
+            state.engine = self.models.get(name).map(|m| m.engine_report());
+        }
         let report = DeviceReport {
             format: modelcast_proto::FORMAT_VERSION,
             device: self.cfg.device_id.clone(),
             labels: self.cfg.labels.clone(),
             agent_version: env!("CARGO_PKG_VERSION").into(),
-            models: self.updater.model_states(),
+            models,
             last_error: self.last_error.clone(),
             desired_version: self.desired_version,
             at: unix_now(),

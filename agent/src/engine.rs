@@ -19,8 +19,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use modelcast_proto::manifest::{DataType, GoldenVector, Manifest, TensorData};
-use modelcast_proto::report::Slot;
+use modelcast_proto::report::{EngineReport, EngineTrial, Slot};
 use thiserror::Error;
+
+use crate::config::{Backend as Choice, EngineConfig};
 
 /// Why a model cannot load or a request cannot run.
 #[derive(Debug, Error)]
@@ -261,6 +263,8 @@ pub struct LoadedModel {
     slot: Slot,
     backend: Backend,
     stats: RunStats,
+    /// Why this backend runs it, and what else was tried ([`stage`]).
+    choice: Option<EngineReport>,
 }
 
 /// What runs a model.
@@ -322,34 +326,66 @@ impl LoadedModel {
             slot,
             backend,
             stats: RunStats::default(),
+            choice: None,
         })
     }
 
-    /// Loads the model on the backend `engine` chooses for it: ONNX Runtime for an ONNX
-    /// artifact when configured (`[engine] backend = "onnxruntime"`), tract otherwise.
+    /// Loads the model on the backend `engine` names for it, without measuring: ONNX Runtime
+    /// for an ONNX artifact when configured (`[engine] backend = "onnxruntime"`), tract
+    /// otherwise (and for `auto`, which measures only at [`stage`]).
     pub fn load_on(
         manifest: &Manifest,
         slot: Slot,
         reader: &mut dyn Read,
-        engine: &crate::config::EngineConfig,
+        engine: &EngineConfig,
     ) -> Result<Self, EngineError> {
-        #[cfg(feature = "ort")]
-        if engine.backend == crate::config::Backend::Onnxruntime
-            && manifest.model_format == modelcast_proto::manifest::ModelFormat::Onnx
-            && !(manifest.inputs.iter())
-                .chain(&manifest.outputs)
-                .any(|t| t.datatype == DataType::Bytes)
-        {
-            let backend =
-                Backend::Onnxruntime(onnxruntime::OrtModel::load(manifest, reader, engine)?);
-            return Ok(LoadedModel {
-                manifest: manifest.clone(),
-                slot,
-                backend,
-                stats: RunStats::default(),
-            });
-        }
-        Self::load_with(manifest, slot, reader, engine.plan_cache)
+        let candidate = match engine.backend {
+            Choice::Onnxruntime if runs_on_onnxruntime(manifest) => Candidate::Onnxruntime,
+            _ => Candidate::Tract,
+        };
+        Self::load_as(candidate, manifest, slot, reader, engine)
+    }
+
+    fn load_as(
+        candidate: Candidate,
+        manifest: &Manifest,
+        slot: Slot,
+        reader: &mut dyn Read,
+        engine: &EngineConfig,
+    ) -> Result<Self, EngineError> {
+        let backend = match candidate {
+            Candidate::Tract => Backend::Tract(tract::TractModel::load(
+                manifest,
+                reader,
+                engine.plan_cache,
+            )?),
+            #[cfg(feature = "ort")]
+            Candidate::Onnxruntime => {
+                Backend::Onnxruntime(onnxruntime::OrtModel::load(manifest, reader, engine)?)
+            }
+            #[cfg(not(feature = "ort"))]
+            Candidate::Onnxruntime => {
+                return Err(EngineError::Load(
+                    "this agent is built without ONNX Runtime (the `ort` feature)".into(),
+                ))
+            }
+        };
+        Ok(LoadedModel {
+            manifest: manifest.clone(),
+            slot,
+            backend,
+            stats: RunStats::default(),
+            choice: None,
+        })
+    }
+
+    /// What runs it and why (set at [`stage`]; a model loaded otherwise says its backend).
+    pub fn engine_report(&self) -> EngineReport {
+        self.choice.clone().unwrap_or_else(|| EngineReport {
+            backend: self.backend_name().into(),
+            reason: "loaded at start".into(),
+            trials: Vec::new(),
+        })
     }
 
     /// The manifest this model was loaded from.
@@ -533,6 +569,140 @@ impl LoadedModel {
         }
         Ok(p95)
     }
+}
+
+/// A backend that may run a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Candidate {
+    Tract,
+    Onnxruntime,
+}
+
+impl Candidate {
+    fn name(self) -> &'static str {
+        match self {
+            Candidate::Tract => "tract",
+            Candidate::Onnxruntime => "onnxruntime",
+        }
+    }
+}
+
+/// Whether ONNX Runtime can run this version: an ONNX artifact without BYTES tensors.
+fn runs_on_onnxruntime(manifest: &Manifest) -> bool {
+    manifest.model_format == modelcast_proto::manifest::ModelFormat::Onnx
+        && !(manifest.inputs.iter())
+            .chain(&manifest.outputs)
+            .any(|t| t.datatype == DataType::Bytes)
+}
+
+/// Two warm-up p95s closer than this share (1/20) are a tie, which goes to tract (it needs
+/// less memory).
+const TIE: (u128, u128) = (19, 20);
+
+/// Stages a version for `slot`: loads it, checks its golden vectors (`golden`: the golden
+/// file's, beside the manifest's own) and warms it up against its latency budget, on the
+/// backend `engine` names — or, with `backend = "auto"`, on every backend that can run it
+/// (tract; ONNX Runtime for an ONNX artifact, in agents built with `ort` and given its
+/// library), keeping the fastest at warm-up that passes (a tie goes to tract). A backend that
+/// fails is skipped with its reason; the version is refused only when none passes. `open`
+/// gives the artifact's bytes afresh for each backend. Returns the model (its
+/// [`LoadedModel::engine_report`] says what was chosen and why) and its warm-up p95.
+pub fn stage<R: Read, E: Into<crate::update::Failure>>(
+    manifest: &Manifest,
+    slot: Slot,
+    mut open: impl FnMut() -> Result<R, E>,
+    golden: &[GoldenVector],
+    engine: &EngineConfig,
+) -> Result<(LoadedModel, Duration), crate::update::Failure> {
+    let onnxruntime = runs_on_onnxruntime(manifest);
+    let (candidates, reason) = match engine.backend {
+        Choice::Tract => (vec![Candidate::Tract], "configured"),
+        Choice::Onnxruntime if onnxruntime => (vec![Candidate::Onnxruntime], "configured"),
+        Choice::Onnxruntime => (
+            vec![Candidate::Tract],
+            "ONNX Runtime runs ONNX artifacts without BYTES tensors only",
+        ),
+        Choice::Auto
+            if onnxruntime && cfg!(feature = "ort") && engine.onnxruntime_library.is_some() =>
+        {
+            (vec![Candidate::Tract, Candidate::Onnxruntime], "")
+        }
+        Choice::Auto => (
+            vec![Candidate::Tract],
+            "the only backend for this artifact here",
+        ),
+    };
+    let mut trials = Vec::new();
+    let mut best: Option<(LoadedModel, Duration)> = None;
+    let mut first_error: Option<EngineError> = None;
+    for candidate in candidates {
+        let mut reader = open().map_err(Into::into)?;
+        let tried =
+            LoadedModel::load_as(candidate, manifest, slot, &mut reader, engine).and_then(|m| {
+                m.check_golden(golden)?;
+                let p95 = m.warm_up(golden)?;
+                Ok((m, p95))
+            });
+        match tried {
+            Ok((model, p95)) => {
+                trials.push(EngineTrial {
+                    backend: model.backend_name().into(),
+                    p95_us: Some(p95.as_micros() as u64),
+                    error: None,
+                });
+                let faster = best
+                    .as_ref()
+                    .is_none_or(|(_, b)| p95.as_nanos() * TIE.1 < b.as_nanos() * TIE.0);
+                if faster {
+                    best = Some((model, p95));
+                }
+            }
+            Err(e) => {
+                trials.push(EngineTrial {
+                    backend: candidate.name().into(),
+                    p95_us: None,
+                    error: Some(e.to_string()),
+                });
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    let Some((mut model, p95)) = best else {
+        let error = first_error.expect("a candidate was tried");
+        let mut failure: crate::update::Failure = error.into();
+        if trials.len() > 1 {
+            let all: Vec<String> = trials
+                .iter()
+                .map(|t| format!("{}: {}", t.backend, t.error.as_deref().unwrap_or("passed")))
+                .collect();
+            failure = crate::update::Failure::new(failure.kind, all.join("; "));
+        }
+        return Err(failure);
+    };
+    let reason = if trials.len() > 1 {
+        let others: Vec<String> = trials
+            .iter()
+            .filter(|t| t.backend != model.backend_name())
+            .map(|t| match (t.p95_us, &t.error) {
+                (Some(us), _) => format!("{} {us} µs", t.backend),
+                (None, Some(e)) => format!("{} failed: {e}", t.backend),
+                (None, None) => t.backend.clone(),
+            })
+            .collect();
+        format!(
+            "fastest at warm-up: {} µs p95 ({}; a tie within 5 % goes to tract)",
+            p95.as_micros(),
+            others.join(", ")
+        )
+    } else {
+        reason.to_string()
+    };
+    model.choice = Some(EngineReport {
+        backend: model.backend_name().into(),
+        reason,
+        trials,
+    });
+    Ok((model, p95))
 }
 
 #[cfg(test)]

@@ -113,6 +113,15 @@ pub struct ModelLabels {
     pub model: String,
 }
 
+/// A model and an engine that ran it.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EngineLabels {
+    /// Model name.
+    pub model: String,
+    /// `tract`, or `onnxruntime/<provider>`.
+    pub backend: String,
+}
+
 /// How an update ended.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum Outcome {
@@ -197,6 +206,7 @@ pub struct Metrics {
     chunks_rejected: Counter,
     http_chunks: Counter,
     http_fallbacks: Counter,
+    engine_warmup: Family<EngineLabels, Gauge<u64, AtomicU64>>,
     store_bytes: Gauge<u64, AtomicU64>,
     store_rebuilds: Gauge<u64, AtomicU64>,
     artifacts_lost: Counter,
@@ -308,6 +318,13 @@ impl Metrics {
             "Downloads that went on over MQTT because an HTTP fetch failed",
             http_fallbacks.clone(),
         );
+        let engine_warmup = Family::<EngineLabels, Gauge<u64, AtomicU64>>::default();
+        registry.register_with_unit(
+            "engine_warmup_p95",
+            "The p95 of the latest staged version's warm-up runs on each engine that passed (CPU time of the calling thread)",
+            prometheus_client::registry::Unit::Other("microseconds".into()),
+            engine_warmup.clone(),
+        );
         let store_bytes = Gauge::<u64, AtomicU64>::default();
         registry.register_with_unit(
             "store",
@@ -378,6 +395,7 @@ impl Metrics {
             chunks_rejected,
             http_chunks,
             http_fallbacks,
+            engine_warmup,
             store_bytes,
             store_rebuilds,
             artifacts_lost,
@@ -469,6 +487,20 @@ impl Metrics {
     pub fn chunks_refetched(&self, model: &str, chunks: u64) {
         if chunks > 0 {
             count(&self.refetched, model, chunks);
+        }
+    }
+
+    /// The warm-up p95 of each engine a staged version of `model` passed on.
+    pub fn engine_trials(&self, model: &str, trials: &[modelcast_proto::report::EngineTrial]) {
+        for t in trials {
+            if let Some(us) = t.p95_us {
+                self.engine_warmup
+                    .get_or_create(&EngineLabels {
+                        model: model.into(),
+                        backend: t.backend.clone(),
+                    })
+                    .set(us);
+            }
         }
     }
 

@@ -245,6 +245,9 @@ enum SlotLoadError {
     /// The engine refused the bytes it read.
     #[error(transparent)]
     Engine(#[from] crate::engine::EngineError),
+    /// Staged again (`[engine] backend = "auto"`), no backend passed.
+    #[error("staging: {0}")]
+    Staging(String),
 }
 
 fn load_slot(
@@ -254,6 +257,14 @@ fn load_slot(
     engine: &EngineConfig,
 ) -> Result<LoadedModel, SlotLoadError> {
     let manifest = record.slot(slot).ok_or(SlotLoadError::Empty)?;
+    if engine.backend == crate::config::Backend::Auto {
+        // Measured again, as at staging: the choice is not kept across restarts.
+        let golden = store.golden_file(manifest)?;
+        let open = || store.artifact_reader(manifest);
+        return crate::engine::stage(manifest, slot, open, &golden, engine)
+            .map(|(model, _)| model)
+            .map_err(|f| SlotLoadError::Staging(f.reason));
+    }
     let mut reader = store.artifact_reader(manifest)?;
     Ok(LoadedModel::load_on(manifest, slot, &mut reader, engine)?)
 }

@@ -439,6 +439,7 @@ impl Updater {
                     a: content(&m.record.a),
                     b: content(&m.record.b),
                     update: m.progress.clone(),
+                    engine: None,
                 };
                 (name.clone(), state)
             })

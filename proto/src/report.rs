@@ -145,6 +145,34 @@ pub struct ModelState {
     pub b: Option<SlotContent>,
     /// The latest update, if any.
     pub update: Option<UpdateProgress>,
+    /// What runs the serving version, and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<EngineReport>,
+}
+
+/// The engine that runs a model on a device, and why it was chosen.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngineReport {
+    /// `tract`, or `onnxruntime/<provider>`.
+    pub backend: String,
+    /// Why: configured, or measured fastest.
+    pub reason: String,
+    /// Every backend tried at staging, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trials: Vec<EngineTrial>,
+}
+
+/// One backend tried at staging.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngineTrial {
+    /// `tract`, or `onnxruntime/<provider>`.
+    pub backend: String,
+    /// The p95 of its warm-up runs, microseconds of CPU time, if it passed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p95_us: Option<u64>,
+    /// Why it did not, if it did not (load, golden vectors, latency budget).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 impl ModelState {
@@ -343,6 +371,15 @@ mod tests {
                         sha256: "00".into(),
                     }),
                     update: None,
+                    engine: Some(EngineReport {
+                        backend: "onnxruntime/cpu".into(),
+                        reason: "measured fastest".into(),
+                        trials: vec![EngineTrial {
+                            backend: "tract".into(),
+                            p95_us: Some(900),
+                            error: None,
+                        }],
+                    }),
                 },
             )]),
             last_error: None,

@@ -830,6 +830,7 @@ mod tests {
                     reused_bytes: 0,
                     held: None,
                 }),
+                engine: None,
             },
         );
         let last_error = match update {
