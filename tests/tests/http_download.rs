@@ -37,6 +37,18 @@ fn agent(fleet: &Fleet) -> Agent {
     agent
 }
 
+/// The server's file `sha256`, whole.
+fn file(fleet: &Fleet, sha256: &str) -> Vec<u8> {
+    ureq::get(format!("{}/files/{sha256}", fleet.client.base()))
+        .call()
+        .unwrap()
+        .body_mut()
+        .with_config()
+        .limit(64 * MIB)
+        .read_to_vec()
+        .unwrap()
+}
+
 fn mqtt_chunk_bytes(fleet: &Fleet) -> u64 {
     fleet.client.status().unwrap().chunk_requests.raw_bytes
 }
@@ -63,14 +75,7 @@ fn chunks_come_over_http_from_the_server_and_from_nginx() {
 
     // The server gives the whole file, and any range of it, to anyone who names it.
     let url = format!("{}/files/{}", fleet.client.base(), v1.sha256);
-    let whole = ureq::get(&url)
-        .call()
-        .unwrap()
-        .body_mut()
-        .with_config()
-        .limit(64 * MIB)
-        .read_to_vec()
-        .unwrap();
+    let whole = file(&fleet, &v1.sha256);
     assert_eq!(modelcast_proto::sha256_hex(&whole), v1.sha256);
     let mut part = ureq::get(&url)
         .header("Range", "bytes=10-19")
@@ -88,15 +93,7 @@ fn chunks_come_over_http_from_the_server_and_from_nginx() {
     let root = fleet.dir.path().join("cdn");
     std::fs::create_dir_all(&root).unwrap();
     for part in v2.parts() {
-        let bytes = ureq::get(format!("{}/files/{}", fleet.client.base(), part.sha256))
-            .call()
-            .unwrap()
-            .body_mut()
-            .with_config()
-            .limit(64 * MIB)
-            .read_to_vec()
-            .unwrap();
-        std::fs::write(root.join(part.sha256), bytes).unwrap();
+        std::fs::write(root.join(part.sha256), file(&fleet, part.sha256)).unwrap();
     }
     let nginx = Nginx::serve(fleet.dir.path(), &root);
     fleet.deploy_policy("classifier", 2, "*", over(&nginx.base()));

@@ -95,6 +95,14 @@ fn publish_onnx(fleet: &Fleet, version: u64) -> modelcast_proto::manifest::Manif
     fleet.publish_with(&path, &opts)
 }
 
+/// What edge-1 reports running the classifier.
+fn engine_reported(fleet: &Fleet) -> modelcast_proto::report::EngineReport {
+    fleet.report("edge-1").unwrap().models["classifier"]
+        .engine
+        .clone()
+        .expect("the engine in the report")
+}
+
 #[test]
 fn auto_stages_on_both_and_serves_the_faster() {
     let fleet = Fleet::embedded();
@@ -109,10 +117,7 @@ fn auto_stages_on_both_and_serves_the_faster() {
     fleet.deploy("classifier", 1, "*");
     fleet.wait_serving("edge-1", "classifier", 1);
     assert_eq!(agent.check_golden(&v1), "1");
-    let engine = fleet.report("edge-1").unwrap().models["classifier"]
-        .engine
-        .clone()
-        .expect("the engine in the report");
+    let engine = engine_reported(&fleet);
     println!("auto: {engine:?}");
     let backends: Vec<&str> = engine.trials.iter().map(|t| t.backend.as_str()).collect();
     assert_eq!(backends, ["tract", "onnxruntime/cpu"], "{engine:?}");
@@ -163,10 +168,7 @@ fn a_backend_that_fails_is_skipped_with_its_reason_and_alone_it_refuses_the_upda
     fleet.deploy("classifier", 1, "*");
     fleet.wait_serving("edge-1", "classifier", 1);
     assert_eq!(agent.check_golden(&v1), "1");
-    let engine = fleet.report("edge-1").unwrap().models["classifier"]
-        .engine
-        .clone()
-        .unwrap();
+    let engine = engine_reported(&fleet);
     assert_eq!(engine.backend, "tract", "{engine:?}");
     let failed = &engine.trials[1];
     assert_eq!(failed.backend, "onnxruntime", "{engine:?}");
