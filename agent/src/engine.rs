@@ -571,6 +571,33 @@ impl LoadedModel {
     }
 }
 
+/// Checks a request's tensor against the manifest input it is given for: a shape the input
+/// accepts, its datatype, and as many values as the shape holds.
+fn check_input(
+    spec: &modelcast_proto::manifest::TensorSpec,
+    t: &HostTensor,
+) -> Result<(), EngineError> {
+    spec.accepts(&t.shape)
+        .map_err(|e| EngineError::BadInput(e.to_string()))?;
+    if t.values.datatype() != spec.datatype {
+        return Err(EngineError::BadInput(format!(
+            "input {} is {}, model takes {}",
+            spec.name,
+            t.values.datatype(),
+            spec.datatype
+        )));
+    }
+    if modelcast_proto::manifest::elements(&t.shape) != Some(t.values.len()) {
+        return Err(EngineError::BadInput(format!(
+            "input {} has {} values for shape {:?}",
+            spec.name,
+            t.values.len(),
+            t.shape
+        )));
+    }
+    Ok(())
+}
+
 /// A backend that may run a model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Candidate {

@@ -140,6 +140,15 @@ impl Agent {
         self.log.with_extension(format!("{}.log", self.starts))
     }
 
+    /// Whether its log has a line saying `what` about `version` (`version=N`).
+    pub fn log_has(&self, what: &str, version: u64) -> bool {
+        let needle = format!("version={version}");
+        std::fs::read_to_string(self.log_path())
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.contains(what) && l.contains(&needle))
+    }
+
     /// Stops the process gracefully.
     pub fn stop(&mut self) {
         if let Some(mut p) = self.proc.take() {

@@ -222,24 +222,7 @@ fn check_interface(manifest: &Manifest, session: &Session) -> Result<(), EngineE
 }
 
 fn to_ort(spec: &TensorSpec, t: &HostTensor) -> Result<DynValue, EngineError> {
-    spec.accepts(&t.shape)
-        .map_err(|e| EngineError::BadInput(e.to_string()))?;
-    if t.values.datatype() != spec.datatype {
-        return Err(EngineError::BadInput(format!(
-            "input {} is {}, model takes {}",
-            spec.name,
-            t.values.datatype(),
-            spec.datatype
-        )));
-    }
-    if modelcast_proto::manifest::elements(&t.shape) != Some(t.values.len()) {
-        return Err(EngineError::BadInput(format!(
-            "input {} has {} values for shape {:?}",
-            spec.name,
-            t.values.len(),
-            t.shape
-        )));
-    }
+    super::check_input(spec, t)?;
     let shape: Vec<i64> = t
         .shape
         .iter()

@@ -439,25 +439,8 @@ fn read_onnx(
 }
 
 fn to_tract(spec: &TensorSpec, t: &HostTensor) -> Result<TValue, EngineError> {
-    spec.accepts(&t.shape)
-        .map_err(|e| EngineError::BadInput(e.to_string()))?;
-    if t.values.datatype() != spec.datatype {
-        return Err(EngineError::BadInput(format!(
-            "input {} is {}, model takes {}",
-            spec.name,
-            t.values.datatype(),
-            spec.datatype
-        )));
-    }
+    super::check_input(spec, t)?;
     let shape = shape_usize(&t.shape)?;
-    if modelcast_proto::manifest::elements(&t.shape) != Some(t.values.len()) {
-        return Err(EngineError::BadInput(format!(
-            "input {} has {} values for shape {:?}",
-            spec.name,
-            t.values.len(),
-            t.shape
-        )));
-    }
     if spec.datatype == DataType::Bytes {
         let strings = t
             .values

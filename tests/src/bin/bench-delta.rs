@@ -124,20 +124,14 @@ fn missing_fixed(old: &Prepared, new: &Prepared) -> u64 {
         .sum()
 }
 
-fn log_has(agent: &Agent, what: &str, version: u64) -> bool {
-    let needle = format!("version={version}");
-    std::fs::read_to_string(agent.log_path())
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.contains(what) && l.contains(&needle))
-}
-
 /// Deploys `version` to `group` and times it on `agent`: to the artifact complete, to serving.
 fn timed(fleet: &Fleet, agent: &Agent, device: &str, version: u64, group: &str) -> (f64, f64) {
     let start = Instant::now();
     fleet.deploy(NAME, version, group);
     let complete = wait_for("the artifact", Duration::from_secs(600), || {
-        log_has(agent, "artifact complete", version).then(|| start.elapsed().as_secs_f64())
+        agent
+            .log_has("artifact complete", version)
+            .then(|| start.elapsed().as_secs_f64())
     });
     wait_for("serving", Duration::from_secs(600), || {
         let r = fleet.report(device)?;

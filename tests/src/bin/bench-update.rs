@@ -17,14 +17,6 @@ use modelcast_tests::{free_port, proc_status_kib, wait_for, Agent, Fleet, Mosqui
 
 const MB: u64 = 1024 * 1024;
 
-fn log_has(agent: &Agent, what: &str, version: u64) -> bool {
-    let needle = format!("version={version}");
-    std::fs::read_to_string(agent.log_path())
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.contains(what) && l.contains(&needle))
-}
-
 fn serving_version(agent: &Agent) -> Option<String> {
     let url = format!("http://127.0.0.1:{}/v2/models/classifier", agent.http_port);
     let mut resp = ureq::get(&url).call().ok()?;
@@ -57,11 +49,11 @@ fn timed_update(fleet: &Fleet, agent: &Agent, version: u64) -> Run {
         assert!(Instant::now() < deadline, "update to v{version} timed out");
         if verified.is_none() {
             peak = peak.max(proc_status_kib(pid, "VmRSS:"));
-            if download_peak.is_none() && log_has(agent, "artifact complete", version) {
+            if download_peak.is_none() && agent.log_has("artifact complete", version) {
                 download_peak = Some(peak);
                 downloaded = start.elapsed();
             }
-            if log_has(agent, "artifact verified", version) {
+            if agent.log_has("artifact verified", version) {
                 verified = Some(start.elapsed());
             }
         }
