@@ -15,7 +15,8 @@
 //!
 //! Run: `bash tests/corpus/delta.sh && cargo build --release --bins && target/release/bench-delta`
 //! (`delta.sh` installs zstd and xdelta3 from Debian and fetches the model; the bench runs it
-//! too). Prints a table; nothing is asserted.
+//! too). `BENCH_VARIANTS=abc` measures only those (preparing the FP16 variant, (d), takes
+//! minutes on x86, which has no FP16 kernels). Prints a table; nothing is asserted.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -212,7 +213,11 @@ fn main() {
         "serve s"
     );
     let mut b_times = None;
+    let only = std::env::var("BENCH_VARIANTS").unwrap_or_else(|_| "abcd".into());
     for (i, (v, what)) in VARIANTS.iter().enumerate() {
+        if !only.contains(v) {
+            continue;
+        }
         let version = i as u64 + 2;
         let path = dir.join(format!("{v}.onnx"));
         let new = match std::fs::read(&path)
