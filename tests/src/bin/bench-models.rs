@@ -9,7 +9,8 @@
 //! `BENCH_THREADS` the threads one inference may use on both sides (default 1: the device's
 //! `[engine] threads`, onnxruntime's intra-op threads). `BENCH_BACKEND=onnxruntime` publishes
 //! every model as ONNX and runs it on the device's ONNX Runtime backend (the library of the
-//! corpus' `onnxruntime` package, CPU provider) instead of tract.
+//! corpus' `onnxruntime` package, CPU provider) instead of tract; `BENCH_BACKEND=auto` lets the
+//! device measure both at staging and serve the faster that passes (its choice is printed).
 
 use modelcast_tests::{corpus, Fleet};
 
@@ -18,11 +19,12 @@ fn main() {
         .ok()
         .and_then(|t| t.parse().ok())
         .unwrap_or(1);
-    let onnxruntime = std::env::var("BENCH_BACKEND").is_ok_and(|b| b == "onnxruntime");
+    let chosen = std::env::var("BENCH_BACKEND").unwrap_or_default();
+    let onnxruntime = chosen == "onnxruntime" || chosen == "auto";
     let fleet = Fleet::embedded();
     let backend = if onnxruntime {
         format!(
-            "backend = \"onnxruntime\"\nonnxruntime_library = \"{}\"\nproviders = [\"cpu\"]\n",
+            "backend = \"{chosen}\"\nonnxruntime_library = \"{}\"\nproviders = [\"cpu\"]\n",
             corpus::onnxruntime_library().display()
         )
     } else {
@@ -36,6 +38,14 @@ fn main() {
     );
     let format = onnxruntime.then_some(modelcast_ops::convert::Choice::Onnx);
     let serving = corpus::publish_and_serve_as(&fleet, "site=bench", "bench-1", format);
+    for id in &serving {
+        if let Some(e) = fleet
+            .report("bench-1")
+            .and_then(|r| r.models.get(id)?.engine.clone())
+        {
+            println!("{id:22} runs on {}: {}", e.backend, e.reason);
+        }
+    }
     let out = corpus::run_script("bench.py", &agent, grpc_port, &serving);
     assert!(out.status.success(), "bench.py failed");
 }
