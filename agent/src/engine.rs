@@ -321,13 +321,17 @@ impl LoadedModel {
         plan_cache: usize,
     ) -> Result<Self, EngineError> {
         let backend = Backend::Tract(tract::TractModel::load(manifest, reader, plan_cache)?);
-        Ok(LoadedModel {
+        Ok(Self::serving(manifest, slot, backend))
+    }
+
+    fn serving(manifest: &Manifest, slot: Slot, backend: Backend) -> Self {
+        LoadedModel {
             manifest: manifest.clone(),
             slot,
             backend,
             stats: RunStats::default(),
             choice: None,
-        })
+        }
     }
 
     /// Loads the model on the backend `engine` names for it, without measuring: ONNX Runtime
@@ -370,13 +374,7 @@ impl LoadedModel {
                 ))
             }
         };
-        Ok(LoadedModel {
-            manifest: manifest.clone(),
-            slot,
-            backend,
-            stats: RunStats::default(),
-            choice: None,
-        })
+        Ok(Self::serving(manifest, slot, backend))
     }
 
     /// What runs it and why (set at [`stage`]; a model loaded otherwise says its backend).

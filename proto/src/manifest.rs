@@ -649,22 +649,40 @@ impl Iterator for Spans<'_> {
     }
 }
 
+/// Segment offsets that cannot describe a file's chunking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SegmentError {
+    /// An offset not past the one before it (or 0).
+    #[error(
+        "segment offsets overlap or repeat: {at} after {after} (they must ascend from past 0)"
+    )]
+    Overlap {
+        /// The offset.
+        at: u64,
+        /// The one before it (0 for the first).
+        after: u64,
+    },
+    /// An offset at or past the end of the file.
+    #[error("segment offset {at} is past the end of a file of {size} bytes")]
+    PastEnd {
+        /// The offset.
+        at: u64,
+        /// The file's length.
+        size: u64,
+    },
+}
+
 /// Checks segment offsets: ascending, each inside a file of `size` bytes and past its start.
-pub fn check_segments(size: u64, segments: &[u64]) -> Result<(), String> {
+pub fn check_segments(size: u64, segments: &[u64]) -> Result<(), SegmentError> {
     let mut last = 0;
-    for &s in segments {
-        if s <= last {
-            return Err(format!(
-                "segment offsets overlap or repeat: {s} after {last} (they must ascend from \
-                 past 0)"
-            ));
+    for &at in segments {
+        if at <= last {
+            return Err(SegmentError::Overlap { at, after: last });
         }
-        if s >= size {
-            return Err(format!(
-                "segment offset {s} is past the end of a file of {size} bytes"
-            ));
+        if at >= size {
+            return Err(SegmentError::PastEnd { at, size });
         }
-        last = s;
+        last = at;
     }
     Ok(())
 }
@@ -897,7 +915,7 @@ impl Manifest {
                 self.chunk_size
             )));
         }
-        check_segments(self.size, &self.segments).map_err(invalid)?;
+        check_segments(self.size, &self.segments).map_err(|e| invalid(e.to_string()))?;
         if self.segments.len() >= self.chunks.len().max(1) {
             return Err(invalid(format!(
                 "{} segments for {} chunks",

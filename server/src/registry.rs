@@ -137,7 +137,7 @@ impl<'a> Upload<'a> {
             )));
         }
         modelcast_proto::manifest::check_segments(u64::MAX, &segments)
-            .map_err(RegistryError::Invalid)?;
+            .map_err(|e| RegistryError::Invalid(e.to_string()))?;
         if let Some(n) = declared.filter(|&n| n > limit) {
             return Err(too_large(&format!("an artifact of {n} bytes"), limit));
         }
@@ -232,7 +232,7 @@ impl<'a> Upload<'a> {
             return Err(RegistryError::Invalid("empty artifact".into()));
         }
         modelcast_proto::manifest::check_segments(self.size, &self.segments)
-            .map_err(RegistryError::Invalid)?;
+            .map_err(|e| RegistryError::Invalid(e.to_string()))?;
         db.put_artifact(
             &self.digest,
             &ArtifactInfo {
@@ -555,10 +555,12 @@ pub async fn deploy(fleet: &Fleet, d: Deployment) -> Result<(Deployment, usize),
     check_not_retired(fleet, &d.model, d.version).await?;
     Selector::parse(&d.group).map_err(|e| RegistryError::Invalid(e.to_string()))?;
     if let Some(t) = &d.probation {
-        t.validate().map_err(RegistryError::Invalid)?;
+        t.validate()
+            .map_err(|e| RegistryError::Invalid(e.to_string()))?;
     }
     if let Some(s) = &d.sampling {
-        s.validate().map_err(RegistryError::Invalid)?;
+        s.validate()
+            .map_err(|e| RegistryError::Invalid(e.to_string()))?;
     }
     if let Some(p) = &d.download {
         p.validate()

@@ -22,6 +22,16 @@ pub struct AgentOptions {
     pub env: Vec<(String, String)>,
 }
 
+impl AgentOptions {
+    /// A device that commits every new version at once (no probation).
+    pub fn committing() -> Self {
+        AgentOptions {
+            extra: "[probation]\nrequests = 0\nseconds = 0\n".into(),
+            ..AgentOptions::default()
+        }
+    }
+}
+
 /// One device.
 pub struct Agent {
     /// Device id.

@@ -25,14 +25,7 @@ fn over(base: &str) -> DownloadPolicy {
 }
 
 fn agent(fleet: &Fleet) -> Agent {
-    let agent = fleet.start_agent_opts(
-        "edge-1",
-        &[("site", "lab")],
-        AgentOptions {
-            extra: "[probation]\nrequests = 0\nseconds = 0\n".into(),
-            ..AgentOptions::default()
-        },
-    );
+    let agent = fleet.start_agent_opts("edge-1", &[("site", "lab")], AgentOptions::committing());
     fleet.wait_registered();
     agent
 }
@@ -123,21 +116,18 @@ struct Hostile {
 impl Hostile {
     fn serve(answer: &'static str, body: usize) -> Hostile {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
         let port = listener.local_addr().unwrap().port();
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();
         std::thread::spawn(move || {
-            // Bounded: at most 10 minutes, or until dropped.
-            for _ in 0..60_000 {
+            // Bounded in connections; a drop wakes the accept with a connection of its own.
+            for _ in 0..10_000 {
+                let Ok((mut s, _)) = listener.accept() else {
+                    continue;
+                };
                 if stopped.load(Ordering::SeqCst) {
                     return;
                 }
-                let Ok((mut s, _)) = listener.accept() else {
-                    std::thread::sleep(Duration::from_millis(10));
-                    continue;
-                };
-                let _ = s.set_nonblocking(false);
                 let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
                 let mut request = Vec::new();
                 let mut buf = [0u8; 1024];
@@ -162,6 +152,7 @@ impl Hostile {
 impl Drop for Hostile {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
+        let _ = std::net::TcpStream::connect(("127.0.0.1", self.port));
     }
 }
 

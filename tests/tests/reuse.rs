@@ -21,14 +21,7 @@ const REUSED: &str = r#"modelcast_reused_bytes_total{model="classifier"}"#;
 #[test]
 fn a_version_that_changes_one_tensor_downloads_only_its_chunks() {
     let fleet = Fleet::embedded();
-    let agent = fleet.start_agent_opts(
-        "edge-1",
-        &[("site", "lab")],
-        AgentOptions {
-            extra: "[probation]\nrequests = 0\nseconds = 0\n".into(),
-            ..AgentOptions::default()
-        },
-    );
+    let agent = fleet.start_agent_opts("edge-1", &[("site", "lab")], AgentOptions::committing());
     fleet.wait_registered();
     let size = 12 * MIB;
     let write = |version: u64, onnx: Vec<u8>| {
@@ -101,14 +94,7 @@ fn a_version_that_changes_one_tensor_downloads_only_its_chunks() {
 #[test]
 fn a_re_exported_model_whose_tensors_all_moved_downloads_almost_nothing() {
     let fleet = Fleet::embedded();
-    let agent = fleet.start_agent_opts(
-        "edge-1",
-        &[("site", "lab")],
-        AgentOptions {
-            extra: "[probation]\nrequests = 0\nseconds = 0\n".into(),
-            ..AgentOptions::default()
-        },
-    );
+    let agent = fleet.start_agent_opts("edge-1", &[("site", "lab")], AgentOptions::committing());
     fleet.wait_registered();
     let size = 12 * MIB;
     // The ONNX file as the device receives it: its protobuf moves every tensor when anything
@@ -154,14 +140,7 @@ fn a_re_exported_model_whose_tensors_all_moved_downloads_almost_nothing() {
 #[test]
 fn the_same_file_as_a_new_version_installs_without_a_byte() {
     let fleet = Fleet::embedded();
-    let agent = fleet.start_agent_opts(
-        "edge-1",
-        &[("site", "lab")],
-        AgentOptions {
-            extra: "[probation]\nrequests = 0\nseconds = 0\n".into(),
-            ..AgentOptions::default()
-        },
-    );
+    let agent = fleet.start_agent_opts("edge-1", &[("site", "lab")], AgentOptions::committing());
     fleet.wait_registered();
     let path = fleet.dir.path().join("model.onnx");
     std::fs::write(&path, example_model_of_size(1, 2 * MIB)).unwrap();

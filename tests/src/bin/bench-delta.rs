@@ -175,10 +175,7 @@ fn main() {
     );
 
     let fleet = Fleet::embedded();
-    let agent_opts = || AgentOptions {
-        extra: "[probation]\nrequests = 0\nseconds = 0\n".into(),
-        ..AgentOptions::default()
-    };
+    let agent_opts = || AgentOptions::committing();
     let agents: Vec<(String, Agent)> = VARIANTS
         .iter()
         .chain([&("full", "")])
