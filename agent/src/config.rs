@@ -4,6 +4,8 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use modelcast_proto::engine::{Backend as Pin, Engines};
+use modelcast_proto::manifest::ModelFormat;
 use serde::Deserialize;
 use thiserror::Error;
 
@@ -167,6 +169,10 @@ pub struct EngineConfig {
     /// seen, least recently used dropped first.
     #[serde(default = "default_plan_cache")]
     pub plan_cache: usize,
+    /// The backend came from a deployment's pin, not from this file (set by
+    /// [`EngineConfig::pinned`]).
+    #[serde(skip)]
+    pub pinned: bool,
 }
 
 /// What runs ONNX artifacts (`[engine] backend`).
@@ -214,7 +220,51 @@ impl Default for EngineConfig {
             providers: default_providers(),
             threads: default_threads(),
             plan_cache: default_plan_cache(),
+            pinned: false,
         }
+    }
+}
+
+impl EngineConfig {
+    /// Whether ONNX Runtime can run here: built in, and its library configured.
+    pub fn has_onnxruntime(&self) -> bool {
+        cfg!(feature = "ort") && self.onnxruntime_library.is_some()
+    }
+
+    /// What this agent runs, for its report: each backend with the artifact forms it loads,
+    /// and the forms it would rather receive under this configuration (the director sends
+    /// the first a version comes in).
+    pub fn engines(&self) -> Engines {
+        let mut tract = vec![ModelFormat::Nnef];
+        if cfg!(feature = "onnx") {
+            tract.push(ModelFormat::Onnx);
+        }
+        let mut backends = BTreeMap::from([(Pin::Tract, tract.clone())]);
+        let prefer = if self.has_onnxruntime() {
+            backends.insert(Pin::Onnxruntime, vec![ModelFormat::Onnx]);
+            match self.backend {
+                Backend::Tract => tract,
+                // ONNX for ONNX Runtime; under `auto` tract is measured on the same bytes.
+                Backend::Onnxruntime | Backend::Auto => vec![ModelFormat::Onnx, ModelFormat::Nnef],
+            }
+        } else {
+            tract
+        };
+        Engines { prefer, backends }
+    }
+
+    /// This configuration under a deployment's `pin`: its backend in place of the configured
+    /// one, when this agent has it (a pin to a backend it lacks leaves the configured choice).
+    pub fn pinned(&self, pin: Option<Pin>) -> EngineConfig {
+        let mut cfg = self.clone();
+        let backend = match pin {
+            Some(Pin::Tract) => Backend::Tract,
+            Some(Pin::Onnxruntime) if self.has_onnxruntime() => Backend::Onnxruntime,
+            _ => return cfg,
+        };
+        cfg.backend = backend;
+        cfg.pinned = true;
+        cfg
     }
 }
 

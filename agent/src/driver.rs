@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use modelcast_proto::chunk::{ChunkReply, ChunkRequest};
 use modelcast_proto::desired::{DesiredState, SamplingSpec};
+use modelcast_proto::engine::Backend as Pin;
 use modelcast_proto::keys::PublicKey;
 use modelcast_proto::manifest::Manifest;
 use modelcast_proto::metadata::{RoleVerifier, Signed};
@@ -93,6 +94,8 @@ struct Agent {
     previous: BTreeMap<String, Arc<LoadedModel>>,
     last_error: Option<ReportedError>,
     desired_version: u64,
+    /// The backends deployments pin models to (the last verified desired state's).
+    pins: BTreeMap<String, Pin>,
     /// What the models served this interval.
     collector: Arc<Collector>,
     /// Requests kept whole where a deployment samples them.
@@ -343,6 +346,7 @@ async fn control(
         staged: BTreeMap::new(),
         previous: BTreeMap::new(),
         desired_version: store.trust()?.map_or(0, |t| t.director_version),
+        pins: store.pins()?,
         collector,
         sampler,
         telemetry: Forwarder::new(cfg.telemetry.clone(), &cfg.device_id, &cfg.state_dir),
@@ -563,6 +567,18 @@ impl Agent {
             .set_sampling(&sampling)
             .map_err(|e| e.to_string())?;
         self.sampler.set_policies(sampling);
+        let pins: BTreeMap<String, Pin> = verified
+            .models()
+            .iter()
+            .filter_map(|m| Some((m.name.clone(), verified.backend(&m.name)?)))
+            .collect();
+        for (model, pin) in &pins {
+            if *pin == Pin::Onnxruntime && !self.cfg.engine.has_onnxruntime() {
+                warn!(%model, "the deployment pins ONNX Runtime, which this agent does not have: the configured backend runs it");
+            }
+        }
+        self.store.set_pins(&pins).map_err(|e| e.to_string())?;
+        self.pins = pins;
         let desired: Vec<_> = verified
             .models()
             .iter()
@@ -864,7 +880,7 @@ impl Agent {
     fn stage(&mut self, manifest: Manifest, slot: Slot) {
         let store = self.store.clone();
         let (name, sha256) = (manifest.name.clone(), manifest.sha256.clone());
-        let engine = self.cfg.engine.clone();
+        let engine = (self.cfg.engine).pinned(self.pins.get(&manifest.name).copied());
         let metrics = self.metrics.clone();
         let load = move || {
             let loaded = (|| {
@@ -984,6 +1000,7 @@ impl Agent {
             last_error: self.last_error.clone(),
             desired_version: self.desired_version,
             at: unix_now(),
+            engines: Some(self.cfg.engine.engines()),
         };
         self.link.report(&report).await;
     }

@@ -457,12 +457,27 @@ impl LoadedModel {
         self.backend.run(&self.manifest, inputs)
     }
 
+    /// The backend as the fleet names it (for a deployment's pin and the manifest's
+    /// tolerances).
+    pub fn backend_kind(&self) -> modelcast_proto::engine::Backend {
+        match &self.backend {
+            Backend::Tract(_) => modelcast_proto::engine::Backend::Tract,
+            #[cfg(feature = "ort")]
+            Backend::Onnxruntime(_) => modelcast_proto::engine::Backend::Onnxruntime,
+        }
+    }
+
     /// Runs every golden vector of the manifest, then those of its golden file (`file`, read
-    /// by the caller); any difference beyond tolerance, or a NaN/Inf output, is an error.
+    /// by the caller); any difference beyond tolerance (the manifest's for this backend where
+    /// it states one, else the vector's own), or a NaN/Inf output, is an error.
     pub fn check_golden(&self, file: &[GoldenVector]) -> Result<(), EngineError> {
+        let on_backend = self.manifest.tolerance_on(self.backend_kind());
         for (index, golden) in self.manifest.golden.iter().chain(file).enumerate() {
             let g = |reason: String| EngineError::Golden { index, reason };
-            let tolerance = golden.tolerance().map_err(|e| g(e.to_string()))?;
+            let tolerance = match on_backend {
+                Some(t) => t,
+                None => golden.tolerance().map_err(|e| g(e.to_string()))?,
+            };
             let inputs = golden
                 .inputs
                 .iter()
@@ -640,16 +655,19 @@ pub fn stage<R: Read, E: Into<crate::update::Failure>>(
     engine: &EngineConfig,
 ) -> Result<(LoadedModel, Duration), crate::update::Failure> {
     let onnxruntime = runs_on_onnxruntime(manifest);
+    let configured = if engine.pinned {
+        "pinned by the deployment"
+    } else {
+        "configured"
+    };
     let (candidates, reason) = match engine.backend {
-        Choice::Tract => (vec![Candidate::Tract], "configured"),
-        Choice::Onnxruntime if onnxruntime => (vec![Candidate::Onnxruntime], "configured"),
+        Choice::Tract => (vec![Candidate::Tract], configured),
+        Choice::Onnxruntime if onnxruntime => (vec![Candidate::Onnxruntime], configured),
         Choice::Onnxruntime => (
             vec![Candidate::Tract],
             "ONNX Runtime runs ONNX artifacts without BYTES tensors only",
         ),
-        Choice::Auto
-            if onnxruntime && cfg!(feature = "ort") && engine.onnxruntime_library.is_some() =>
-        {
+        Choice::Auto if onnxruntime && engine.has_onnxruntime() => {
             (vec![Candidate::Tract, Candidate::Onnxruntime], "")
         }
         Choice::Auto => (

@@ -55,3 +55,29 @@ pub mod systemd;
 pub mod telemetry;
 pub(crate) mod transfer;
 pub mod update;
+
+/// What this build carries, as `modelcast-agent --version` prints it after the version: its
+/// inference backends and the optional parts built in (cargo features).
+pub fn build_info() -> String {
+    let parts = [
+        ("onnx", cfg!(feature = "onnx")),
+        ("grpc", cfg!(feature = "grpc")),
+        ("ort", cfg!(feature = "ort")),
+        ("multithread", cfg!(feature = "multithread")),
+    ];
+    let features: Vec<&str> = parts.iter().filter(|p| p.1).map(|p| p.0).collect();
+    let backends = if cfg!(feature = "ort") {
+        "tract, onnxruntime"
+    } else {
+        "tract"
+    };
+    format!(
+        "{} (backends: {backends}; features: {})",
+        env!("CARGO_PKG_VERSION"),
+        if features.is_empty() {
+            "none".to_string()
+        } else {
+            features.join(", ")
+        }
+    )
+}

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches, Parser};
 use modelcast_agent::config::Config;
 
 /// The modelcast device agent.
@@ -41,7 +41,10 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let args = Args::parse();
+    // `--version`: the version and what this build runs (its backends and features).
+    let info: &'static str = Box::leak(modelcast_agent::build_info().into_boxed_str());
+    let matches = Args::command().version(info).get_matches();
+    let args = Args::from_arg_matches(&matches)?;
     let mut cfg = Config::from_file(&args.config)?;
     if let Some(v) = args.device_id {
         cfg.device_id = v;

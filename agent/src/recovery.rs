@@ -283,7 +283,9 @@ pub(crate) fn restore(
     engine: &EngineConfig,
 ) -> Result<Restored, StoreError> {
     let mut restored = Restored::default();
+    let pins = store.pins()?;
     for (name, mut record) in store.models()? {
+        let engine = &engine.pinned(pins.get(&name).copied());
         if record.trial.is_some() {
             let version = record.serving().map_or(0, |m| m.version);
             if let Some(reason) = record.start_up(policy.max_trial_boots) {

@@ -151,10 +151,15 @@ impl ModelRecord {
         }
         let serving = self.serving();
         // The newest accepted version again, when no slot holds it any more (its bytes were
-        // lost on disk): the floor guards against older versions, not against healing.
+        // lost on disk): the floor guards against older versions, not against healing. Or
+        // the serving version in another of its signed forms (the director sends the form a
+        // deployment's backend runs): the same model, not an older one.
         if manifest.version > self.highest_version
             || (manifest.version == self.highest_version
                 && (serving.is_none() || !self.holds(manifest.version)))
+            || serving.is_some_and(|s| {
+                s.version == manifest.version && s.model_format != manifest.model_format
+            })
         {
             return Admission::Install;
         }
@@ -289,6 +294,22 @@ mod tests {
             Admission::Wait,
             "v1 stays the last good slot"
         );
+    }
+
+    #[test]
+    fn the_serving_version_in_another_form_installs_and_an_older_one_does_not() {
+        use modelcast_proto::manifest::ModelFormat;
+        let mut r = ModelRecord::default();
+        r.install(Slot::A, version(2), false).unwrap();
+        let mut other_form = modelcast_proto::verify::fixture::manifest("m", 2, b"nnef", 4);
+        other_form.model_format = ModelFormat::Nnef;
+        assert_eq!(r.admit(&other_form), Admission::Install);
+        r.install(r.inactive(), other_form.clone(), false).unwrap();
+        assert_eq!(r.admit(&other_form), Admission::Serving);
+        assert_eq!(r.admit(&version(2)), Admission::Install, "and back");
+        let mut older = version(1);
+        older.model_format = ModelFormat::Nnef;
+        assert_eq!(r.admit(&older), Admission::Rollback { highest: 2 });
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! - `trust`: the TUF trust state (`state`).
 //! - `models`: model name → [`ModelRecord`] (the A/B slots and which one serves).
 //! - `pending`: model name → the manifest being downloaded.
-//! - `meta`: `last_error`, telemetry and sample counters, `sampling` (the models sampled).
+//! - `meta`: `last_error`, telemetry and sample counters, `sampling` (the models sampled),
+//!   `backends` (the models deployments pin to a backend).
 //! - `telemetry`: reports waiting to be sent.
 //! - `samples`: sampled requests waiting to be shipped, by id (see [`crate::sampling`]).
 //!
@@ -16,6 +17,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
 
 use modelcast_proto::desired::SamplingSpec;
+use modelcast_proto::engine::Backend as Pin;
 use modelcast_proto::manifest::{decode_golden_file, GoldenVector, Manifest};
 use modelcast_proto::report::ReportedError;
 use modelcast_proto::telemetry::Sample;
@@ -199,6 +201,7 @@ impl Store {
         self.all_pending()?;
         self.last_error()?;
         self.sampling()?;
+        self.pins()?;
         Ok(())
     }
 
@@ -578,6 +581,21 @@ impl Store {
             .map_or(0, |v| be_u64(&v));
         let (reports, bytes) = *self.telemetry_held.lock().expect("telemetry count lock");
         Ok((reports, bytes, dropped))
+    }
+
+    /// The backends deployments pin models to, as the last desired state said (`meta`
+    /// `backends`), for staging again after a restart.
+    pub fn pins(&self) -> Result<BTreeMap<String, Pin>, StoreError> {
+        match self.meta.get("backends")? {
+            Some(bytes) => decode("backends", &bytes),
+            None => Ok(BTreeMap::new()),
+        }
+    }
+
+    /// Keeps the pins of the desired state just verified.
+    pub fn set_pins(&self, pins: &BTreeMap<String, Pin>) -> Result<(), StoreError> {
+        self.meta.insert("backends", encode(pins))?;
+        Ok(())
     }
 
     /// The models sampled, as the last verified desired state said (none if never).

@@ -17,6 +17,23 @@ fn agent() -> Command {
 }
 
 #[test]
+fn the_version_says_what_the_build_runs() {
+    let out = agent().arg("--version").output().unwrap();
+    assert!(out.status.success());
+    let version = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        version.starts_with(&format!("modelcast-agent {}", env!("CARGO_PKG_VERSION"))),
+        "{version}"
+    );
+    assert!(version.contains("backends: tract"), "{version}");
+    assert_eq!(
+        version.contains("onnxruntime"),
+        cfg!(feature = "ort"),
+        "{version}"
+    );
+}
+
+#[test]
 fn missing_config_is_a_clear_error() {
     let out = agent()
         .args(["--config", "/nonexistent/agent.toml"])

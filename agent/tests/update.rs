@@ -113,6 +113,8 @@ fn manifest(bytes: &[u8], version: u64, model_format: ModelFormat) -> Manifest {
         probation: None,
         latency_budget: None,
         fallback_to: None,
+        forms: Vec::new(),
+        tolerance: Default::default(),
     };
     let out = reference_output(bytes, &m);
     m.golden.push(GoldenVector {

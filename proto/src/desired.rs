@@ -247,6 +247,15 @@ pub struct TargetTerms {
     /// Download policy (`custom.download`); absent: any time, any rate, no metered links.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub download: Option<DownloadPolicy>,
+    /// The backend the deployment pins the model to (`custom.backend`), in place of the
+    /// device's configured choice; absent: the device's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<crate::engine::Backend>,
+    /// Which of the version's forms the device downloads (`custom.form`), chosen by the
+    /// director for this device ([`crate::engine::choose_form`]); absent: the manifest's own
+    /// artifact.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub form: Option<crate::manifest::ModelFormat>,
 }
 
 /// The `custom` object of a target in a device's director targets, as the server signs it
@@ -378,6 +387,8 @@ mod tests {
                     metered: true,
                     http: Some("https://cdn.example.com/models".into()),
                 }),
+                backend: Some(crate::engine::Backend::Onnxruntime),
+                form: Some(crate::manifest::ModelFormat::Onnx),
             },
         };
         let value = custom.to_value();
@@ -385,6 +396,8 @@ mod tests {
         assert_eq!(value["probation"]["requests"], 7);
         assert_eq!(value["download"]["window"], "mon-fri 02:00-04:00");
         assert_eq!(value["download"]["window_mode"], "download");
+        assert_eq!(value["backend"], "onnxruntime");
+        assert_eq!(value["form"], "onnx");
         assert_eq!(DirectorCustom::from_value(Some(&value)), Ok(custom));
         // What older servers signed: a device and nothing else.
         let bare = serde_json::json!({ "device": "edge-1" });
@@ -397,6 +410,7 @@ mod tests {
                 probation: Some(TrialThresholds::default()),
                 sampling: None,
                 download: Some(DownloadPolicy::default()),
+                ..TargetTerms::default()
             },
         };
         assert_eq!(empty.to_value(), bare);

@@ -14,6 +14,7 @@
 //! - [`verify`]: the TUF client workflow (spec §5) plus the Uptane director check, producing a
 //!   [`verify::VerifiedDesired`] that only the verifier can construct.
 //! - [`desired`]: the per-device desired state message.
+//! - [`engine`]: inference backends, what a device runs, which form of a model it receives.
 //! - [`chunk`]: chunk request and chunk reply framing.
 //! - [`report`]: the device state report.
 //! - [`topic`]: the only place MQTT topic strings are built and parsed.
@@ -27,6 +28,7 @@
 pub mod bins;
 pub mod chunk;
 pub mod desired;
+pub mod engine;
 pub mod error;
 pub mod keys;
 pub mod manifest;

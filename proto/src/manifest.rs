@@ -501,15 +501,19 @@ pub fn decode_golden_file(bytes: &[u8]) -> Result<Vec<GoldenVector>, DecodeError
 impl GoldenVector {
     /// The tolerance as a number.
     pub fn tolerance(&self) -> Result<f64, DecodeError> {
-        self.tolerance
-            .parse::<f64>()
-            .ok()
-            .filter(|t| t.is_finite() && *t >= 0.0)
-            .ok_or_else(|| DecodeError::Invalid {
-                what: "tolerance",
-                reason: format!("{:?} is not a non-negative number", self.tolerance),
-            })
+        parse_tolerance(&self.tolerance)
     }
+}
+
+/// A tolerance: a decimal string of a finite, non-negative number.
+pub fn parse_tolerance(text: &str) -> Result<f64, DecodeError> {
+    text.parse::<f64>()
+        .ok()
+        .filter(|t| t.is_finite() && *t >= 0.0)
+        .ok_or_else(|| DecodeError::Invalid {
+            what: "tolerance",
+            reason: format!("{text:?} is not a non-negative number"),
+        })
 }
 
 /// A file that travels beside the artifact, content-addressed: its size, SHA-256 and the
@@ -760,7 +764,37 @@ pub struct Manifest {
     /// the operators' signed consent to a downgrade, which devices otherwise refuse.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fallback_to: Option<u64>,
+    /// The same model in other forms than the artifact above (ONNX beside NNEF, for devices
+    /// that run ONNX Runtime), signed with it; a device downloads one form, the one its
+    /// target names (see [`crate::engine::choose_form`] and [`Manifest::in_form`]). The golden
+    /// vectors hold for every form.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub forms: Vec<ArtifactForm>,
+    /// The golden vectors' tolerance on a given backend, as a decimal string, in place of
+    /// each vector's own (another engine rounds differently than the one that computed them).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tolerance: BTreeMap<crate::engine::Backend, String>,
 }
+
+/// One more form of a manifest's model: an artifact of its own in another format, chunked in
+/// the manifest's chunk size.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArtifactForm {
+    /// How this artifact encodes the model graph.
+    pub model_format: ModelFormat,
+    /// Length in bytes.
+    pub size: u64,
+    /// Hex SHA-256 of the whole artifact.
+    pub sha256: String,
+    /// Where its chunking restarts (see [`Manifest::segments`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub segments: Vec<u64>,
+    /// Hex SHA-256 of every chunk, in order.
+    pub chunks: Vec<String>,
+}
+
+/// Most forms a manifest may carry besides its own artifact.
+pub const MAX_FORMS: usize = 4;
 
 /// A latency budget checked before the swap: over `runs` warm-up inferences on the device,
 /// the 95th percentile of their CPU time must not exceed `p95_us` microseconds (integers: canonical JSON has no
@@ -829,6 +863,38 @@ impl Manifest {
     /// The TUF target path of this model version.
     pub fn target_path(&self) -> String {
         target_path(&self.name, self.version, self.model_format)
+    }
+
+    /// The formats this version comes in: its artifact's first, then its other forms'.
+    pub fn formats(&self) -> Vec<ModelFormat> {
+        std::iter::once(self.model_format)
+            .chain(self.forms.iter().map(|f| f.model_format))
+            .collect()
+    }
+
+    /// This version as a device that downloads its `format` form sees it: that form as the
+    /// artifact, no other forms. `None` when the version does not come in that format.
+    pub fn in_form(&self, format: ModelFormat) -> Option<Manifest> {
+        let mut view = self.clone();
+        view.forms = Vec::new();
+        if format == self.model_format {
+            return Some(view);
+        }
+        let form = self.forms.iter().find(|f| f.model_format == format)?;
+        view.model_format = form.model_format;
+        view.size = form.size;
+        view.sha256 = form.sha256.clone();
+        view.segments = form.segments.clone();
+        view.chunks = form.chunks.clone();
+        Some(view)
+    }
+
+    /// The golden vectors' tolerance on `backend`, when the manifest states one for it
+    /// (validated: a non-negative number).
+    pub fn tolerance_on(&self, backend: crate::engine::Backend) -> Option<f64> {
+        self.tolerance
+            .get(&backend)
+            .and_then(|t| parse_tolerance(t).ok())
     }
 
     /// Number of chunks the artifact splits into.
@@ -974,6 +1040,32 @@ impl Manifest {
                     b.p95_us, b.runs
                 )));
             }
+        }
+        if self.forms.len() > MAX_FORMS {
+            return Err(invalid(format!(
+                "{} forms, at most {MAX_FORMS}",
+                self.forms.len()
+            )));
+        }
+        let formats = self.formats();
+        for (i, f) in formats.iter().enumerate() {
+            if formats[..i].contains(f) {
+                return Err(invalid(format!("two artifacts in format {f}")));
+            }
+        }
+        for f in &self.forms {
+            self.in_form(f.model_format)
+                .expect("a form of its own")
+                .validate()
+                .map_err(|e| match e {
+                    DecodeError::Invalid { reason, .. } => {
+                        invalid(format!("its {} form: {reason}", f.model_format))
+                    }
+                    e => e,
+                })?;
+        }
+        for t in self.tolerance.values() {
+            parse_tolerance(t)?;
         }
         if let Some(f) = self.fallback_to {
             if f >= self.version {
@@ -1146,7 +1238,61 @@ mod tests {
             probation: None,
             latency_budget: None,
             fallback_to: None,
+            forms: Vec::new(),
+            tolerance: Default::default(),
         }
+    }
+
+    #[test]
+    fn a_form_is_seen_as_the_artifact_and_every_form_is_checked() {
+        let mut m = sample(b"0123456789");
+        let other = b"another encoding";
+        m.forms.push(ArtifactForm {
+            model_format: ModelFormat::Nnef,
+            size: other.len() as u64,
+            sha256: crate::sha256_hex(other),
+            segments: vec![],
+            chunks: chunk_digests(other, 4),
+        });
+        m.tolerance
+            .insert(crate::engine::Backend::Onnxruntime, "0.01".into());
+        m.validate().unwrap();
+        assert_eq!(m.formats(), [ModelFormat::Onnx, ModelFormat::Nnef]);
+        assert_eq!(
+            m.tolerance_on(crate::engine::Backend::Onnxruntime),
+            Some(0.01)
+        );
+        assert_eq!(m.tolerance_on(crate::engine::Backend::Tract), None);
+        let nnef = m.in_form(ModelFormat::Nnef).unwrap();
+        assert_eq!(
+            (nnef.size, &nnef.sha256[..], nnef.chunk_count()),
+            (16, &crate::sha256_hex(other)[..], 4)
+        );
+        assert!(nnef.forms.is_empty());
+        assert_eq!(
+            nnef.golden, m.golden,
+            "the golden vectors hold for every form"
+        );
+        nnef.validate().unwrap();
+        let own = m.in_form(ModelFormat::Onnx).unwrap();
+        assert_eq!((own.sha256, own.forms.len()), (m.sha256.clone(), 0));
+        // The target still names the manifest's own artifact, with every form signed in it.
+        let t = m.to_target();
+        assert_eq!(Manifest::from_target("models/m/2.onnx", &t).unwrap(), m);
+
+        let mut twice = m.clone();
+        twice.forms[0].model_format = ModelFormat::Onnx;
+        assert!(twice.validate().is_err(), "two artifacts in one format");
+        let mut short = m.clone();
+        short.forms[0].chunks.pop();
+        let e = short.validate().unwrap_err().to_string();
+        assert!(e.contains("nnef form"), "{e}");
+        let mut loose = m.clone();
+        loose
+            .tolerance
+            .insert(crate::engine::Backend::Tract, "-1".into());
+        assert!(loose.validate().is_err());
+        assert_eq!(sample(b"0123456789").in_form(ModelFormat::Nnef), None);
     }
 
     #[test]

@@ -320,6 +320,10 @@ pub struct DeviceReport {
     pub desired_version: u64,
     /// Unix seconds when the report was made.
     pub at: i64,
+    /// The backends the device has and the artifact forms it would rather receive (the
+    /// director sends each device the form it prefers, [`crate::engine::choose_form`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engines: Option<crate::engine::Engines>,
 }
 
 impl DeviceReport {
@@ -385,6 +389,7 @@ mod tests {
             last_error: None,
             desired_version: 3,
             at: 0,
+            engines: None,
         };
         let back = DeviceReport::from_slice(&r.to_vec()).unwrap();
         assert_eq!(back, r);

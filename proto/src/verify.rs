@@ -72,6 +72,7 @@ pub struct VerifiedDesired {
     probation: BTreeMap<String, TrialThresholds>,
     sampling: BTreeMap<String, SamplingSpec>,
     download: BTreeMap<String, crate::desired::DownloadPolicy>,
+    backend: BTreeMap<String, crate::engine::Backend>,
     director_version: u64,
 }
 
@@ -81,9 +82,15 @@ impl VerifiedDesired {
         &self.trust
     }
 
-    /// The manifests the device should run, one per model name.
+    /// The manifests the device should run, one per model name, each in the form its
+    /// target names (see [`Manifest::in_form`]).
     pub fn models(&self) -> &[Manifest] {
         &self.models
+    }
+
+    /// The backend the deployment pins `model` to, if it does.
+    pub fn backend(&self, model: &str) -> Option<crate::engine::Backend> {
+        self.backend.get(model).copied()
     }
 
     /// The rollout's probation thresholds for `model`, when the director set any.
@@ -239,6 +246,7 @@ pub fn verify_desired(
     let mut probation = BTreeMap::new();
     let mut sampling = BTreeMap::new();
     let mut download = BTreeMap::new();
+    let mut backend = BTreeMap::new();
     for (path, target) in &wanted.targets {
         let custom = match DirectorCustom::from_value(target.custom.as_ref()) {
             Ok(c) if c.device == device => c,
@@ -268,7 +276,15 @@ pub fn verify_desired(
                 reason: format!("{path} differs from the repository's target"),
             });
         }
-        let manifest = Manifest::from_target(path, repo_target)?;
+        let mut manifest = Manifest::from_target(path, repo_target)?;
+        if let Some(form) = custom.terms.form {
+            manifest = manifest
+                .in_form(form)
+                .ok_or_else(|| VerifyError::Mismatch {
+                    role: "director".into(),
+                    reason: format!("{path} comes in no {form} form"),
+                })?;
+        }
         check_expiry(&format!("manifest {path}"), &manifest.expires, now)?;
         if models.iter().any(|m| m.name == manifest.name) {
             return Err(VerifyError::Mismatch {
@@ -284,6 +300,9 @@ pub fn verify_desired(
         }
         if let Some(spec) = custom.terms.sampling {
             sampling.insert(manifest.name.clone(), spec);
+        }
+        if let Some(pin) = custom.terms.backend {
+            backend.insert(manifest.name.clone(), pin);
         }
         models.push(manifest);
     }
@@ -301,6 +320,7 @@ pub fn verify_desired(
         probation,
         sampling,
         download,
+        backend,
         director_version: wanted.version,
     })
 }
@@ -379,6 +399,8 @@ pub mod fixture {
             probation: None,
             latency_budget: None,
             fallback_to: None,
+            forms: Vec::new(),
+            tolerance: Default::default(),
         }
     }
 
@@ -679,6 +701,50 @@ mod tests {
             });
             let err = verify_desired(&trust(&keys), &keys.director_verifier(), "dev", &msg, now())
                 .unwrap_err();
+            assert!(matches!(err, VerifyError::Mismatch { .. }), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_director_names_the_form_a_device_downloads_and_the_backend_it_runs() {
+        use crate::manifest::{ArtifactForm, ModelFormat};
+        let keys = Keys::from_seed(0);
+        let mut m = manifest(1);
+        let nnef = b"the same model as NNEF";
+        m.forms.push(ArtifactForm {
+            model_format: ModelFormat::Nnef,
+            size: nnef.len() as u64,
+            sha256: crate::sha256_hex(nnef),
+            segments: vec![],
+            chunks: crate::manifest::chunk_digests(nnef, m.chunk_size),
+        });
+        let path = m.target_path();
+        let with = |m: &Manifest, custom: serde_json::Value| {
+            let mut msg = keys.desired("dev", std::slice::from_ref(m), 1, FAR);
+            edit_director(&keys, &mut msg, |d| {
+                let c = d.targets.get_mut(&path).unwrap().custom.as_mut().unwrap();
+                for (k, v) in custom.as_object().unwrap() {
+                    c[k] = v.clone();
+                }
+            });
+            verify_desired(&trust(&keys), &keys.director_verifier(), "dev", &msg, now())
+        };
+        // No form named: the manifest's own artifact; no pin.
+        let v = with(&m, serde_json::json!({})).unwrap();
+        assert_eq!(v.models()[0].sha256, m.sha256);
+        assert_eq!(v.backend("m"), None);
+        let v = with(&m, serde_json::json!({"form": "nnef", "backend": "tract"})).unwrap();
+        assert_eq!(v.models()[0].sha256, crate::sha256_hex(nnef));
+        assert_eq!(v.models()[0].model_format, ModelFormat::Nnef);
+        assert!(v.models()[0].forms.is_empty());
+        assert_eq!(v.backend("m"), Some(crate::engine::Backend::Tract));
+        // A form the signed manifest does not carry, a backend nobody has: refused.
+        m.forms.clear();
+        for bad in [
+            serde_json::json!({"form": "nnef"}),
+            serde_json::json!({"backend": "cuda"}),
+        ] {
+            let err = with(&m, bad.clone()).unwrap_err();
             assert!(matches!(err, VerifyError::Mismatch { .. }), "{bad}: {err}");
         }
     }

@@ -111,6 +111,9 @@ pub struct DeployRequest {
     /// Download policy of the devices it moves (rate, maintenance window, metered links).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub download: Option<modelcast_proto::desired::DownloadPolicy>,
+    /// The backend to pin the model to on the devices it moves (`tract`, `onnxruntime`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<modelcast_proto::engine::Backend>,
 }
 
 /// Query of `GET /api/v1/samples`.
@@ -641,6 +644,7 @@ async fn deploy(
             probation: req.probation,
             sampling: req.sampling,
             download: req.download,
+            backend: req.backend,
         },
     )
     .await

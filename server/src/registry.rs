@@ -280,12 +280,15 @@ fn too_large(what: &str, limit: u64) -> RegistryError {
     ))
 }
 
-/// Every target's files (the artifact and its golden file) must be uploaded, in the chunk
-/// size its manifest says.
+/// Every target's files (the artifact of each of its forms and its golden file) must be
+/// uploaded, in the chunk size its manifest says.
 pub async fn check_artifacts(fleet: &Fleet, manifests: &[Manifest]) -> Result<(), RegistryError> {
     for m in manifests {
         let path = m.target_path();
-        for part in m.parts() {
+        let forms: Vec<Manifest> = (m.formats().into_iter())
+            .filter_map(|f| m.in_form(f))
+            .collect();
+        for part in forms.iter().flat_map(|f| f.parts()) {
             let digest =
                 parse_digest(part.sha256).map_err(|e| RegistryError::Invalid(e.to_string()))?;
             match fleet.db().artifact(&digest).await? {

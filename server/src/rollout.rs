@@ -131,6 +131,9 @@ pub struct RolloutSpec {
     /// ([`crate::drift`]) counts as failed, even after it committed.
     #[serde(default)]
     pub abort_on_alerts: bool,
+    /// The backend the moved devices run the version on, in place of their own choice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<modelcast_proto::engine::Backend>,
 }
 
 fn full() -> u32 {
@@ -164,6 +167,7 @@ impl RolloutSpec {
             sampling: None,
             download: None,
             abort_on_alerts: false,
+            backend: None,
         })
     }
 
@@ -475,6 +479,8 @@ impl Rollout {
                     probation: self.spec.probation,
                     sampling: self.spec.sampling,
                     download: self.spec.download.clone(),
+                    backend: self.spec.backend,
+                    form: None,
                 },
             )),
         }
@@ -803,6 +809,7 @@ mod tests {
             sampling: None,
             download: None,
             abort_on_alerts: true,
+            backend: None,
         }
     }
 
@@ -852,6 +859,7 @@ mod tests {
             last_error,
             desired_version: 0,
             at: 100,
+            engines: None,
         }
     }
 

@@ -396,6 +396,29 @@ impl Fleet {
                 probation,
                 sampling,
                 download,
+                backend: None,
+            })
+            .expect("deploy");
+    }
+
+    /// Deploys `model` v`version` to `group` as `e2e`, pinned to `backend`.
+    pub fn deploy_pinned(
+        &self,
+        model: &str,
+        version: u64,
+        group: &str,
+        backend: modelcast_proto::engine::Backend,
+    ) {
+        self.client
+            .deploy(&modelcast_server::api::DeployRequest {
+                model: model.into(),
+                version,
+                group: group.into(),
+                by: "e2e".into(),
+                probation: None,
+                sampling: None,
+                download: None,
+                backend: Some(backend),
             })
             .expect("deploy");
     }

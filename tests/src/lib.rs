@@ -12,7 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -33,7 +33,9 @@ pub use attacker::*;
 pub use fleet::Fleet;
 pub use services::{Mosquitto, Nginx, Postgres};
 
-/// Path of a workspace binary, building the binaries once if they are missing.
+/// Path of a workspace binary, building the binaries once if they are missing. The agent
+/// must be a build with every backend the tests drive (the `ort` feature, which this crate
+/// turns on in the workspace's build): one without is built again, and the harness says so.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     let mut dir = exe.parent().expect("target dir");
@@ -41,25 +43,62 @@ pub fn bin(name: &str) -> PathBuf {
         dir = dir.parent().expect("target profile dir");
     }
     let path = dir.join(name);
+    let release = dir.ends_with("release");
     if !path.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.args([
-            "build",
-            "-p",
-            "modelcast-agent",
-            "-p",
-            "modelcast-server",
-            "--bins",
-        ]);
-        if dir.ends_with("release") {
-            cmd.arg("--release");
-        }
-        let status = cmd.status().expect("running cargo build");
-        assert!(status.success(), "building the binaries failed");
+        build_binaries(release);
     }
     assert!(path.exists(), "{} not found", path.display());
+    if name == "modelcast-agent" {
+        static CHECKED: std::sync::Once = std::sync::Once::new();
+        CHECKED.call_once(|| {
+            let version = agent_version(&path);
+            if !version.contains("onnxruntime") {
+                let modified = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+                eprintln!(
+                    "harness: {} ({version:?}, modified {modified:?}) lacks ONNX Runtime; building it again with the `ort` feature",
+                    path.display()
+                );
+                build_binaries(release);
+                let version = agent_version(&path);
+                assert!(
+                    version.contains("onnxruntime"),
+                    "{} still lacks ONNX Runtime: {version}",
+                    path.display()
+                );
+            }
+        });
+    }
     path
+}
+
+/// What `modelcast-agent --version` says of the build at `path`.
+fn agent_version(path: &Path) -> String {
+    Command::new(path)
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Builds the agent (with the backends the tests drive) and the server.
+fn build_binaries(release: bool) {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args([
+        "build",
+        "-p",
+        "modelcast-agent",
+        "-p",
+        "modelcast-server",
+        "--bins",
+        "--features",
+        "modelcast-agent/ort",
+    ]);
+    if release {
+        cmd.arg("--release");
+    }
+    let status = cmd.status().expect("running cargo build");
+    assert!(status.success(), "building the binaries failed");
 }
 
 /// A field of `/proc/<pid>/status` in KiB (`VmRSS:`, `VmHWM:`); 0 when unreadable.

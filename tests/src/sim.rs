@@ -430,6 +430,7 @@ impl Device {
                             last_error: last_error.clone(),
                             desired_version,
                             at: modelcast_server::unix_now(),
+                            engines: None,
                         };
                         let _ = client.try_publish(
                             topics.device(&self.id, DeviceTopic::State),

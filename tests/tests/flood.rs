@@ -122,6 +122,7 @@ fn a_state_report_flood_is_dropped_over_the_devices_budget() {
             last_error: None,
             desired_version: 0,
             at: at as i64,
+            engines: None,
         };
         rogue.publish_raw(&topic, false, report.to_vec());
     }

@@ -49,6 +49,7 @@ fn versions_are_promoted_retired_and_show_where_they_run() {
             probation: None,
             sampling: None,
             download: None,
+            backend: None,
         })
         .unwrap_err();
     assert_eq!(

@@ -41,6 +41,8 @@ fn model(name: &str, version: u64) -> ModelEntry {
         probation: None,
         latency_budget: None,
         fallback_to: Some(1),
+        forms: Vec::new(),
+        tolerance: Default::default(),
     };
     ModelEntry {
         manifest,
@@ -170,6 +172,7 @@ async fn contract(db: Db, other: Option<Db>) {
                 metered: true,
                 http: Some("http://127.0.0.1:1/files".into()),
             }),
+            backend: Some(modelcast_proto::engine::Backend::Onnxruntime),
         })
         .await
         .unwrap();

@@ -258,6 +258,8 @@ pub fn draft(
         probation: None,
         latency_budget: None,
         fallback_to: None,
+        forms: Vec::new(),
+        tolerance: Default::default(),
     }
 }
 

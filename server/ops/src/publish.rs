@@ -6,10 +6,11 @@
 
 use std::collections::BTreeMap;
 
+use modelcast_proto::engine::Backend;
 use modelcast_proto::keys::SigningKey;
 use modelcast_proto::manifest::{
-    segmented_chunk_digests, Attachment, GoldenVector, LatencyBudget, Manifest, ModelFormat,
-    DEFAULT_CHUNK_SIZE, MAX_GOLDEN_FILE_BYTES,
+    segmented_chunk_digests, ArtifactForm, Attachment, GoldenVector, LatencyBudget, Manifest,
+    ModelFormat, DEFAULT_CHUNK_SIZE, MAX_GOLDEN_FILE_BYTES,
 };
 use modelcast_proto::metadata::{format_expiry, Signed};
 use thiserror::Error;
@@ -75,6 +76,11 @@ pub struct PublishOptions {
     pub latency_budget: Option<LatencyBudget>,
     /// How far back devices running this version may be sent (a fleet rollback).
     pub fallback: Fallback,
+    /// Carry the ONNX file too, as a second form beside an NNEF artifact, for devices that
+    /// run ONNX Runtime (each device downloads one form: the director picks it).
+    pub with_onnx: bool,
+    /// The golden vectors' tolerance per backend, in place of [`GOLDEN_TOLERANCE`] there.
+    pub tolerance: BTreeMap<Backend, String>,
 }
 
 /// The oldest version devices running a new version may be sent back to.
@@ -102,6 +108,8 @@ impl PublishOptions {
             metadata: BTreeMap::new(),
             latency_budget: None,
             fallback: Fallback::InService,
+            with_onnx: false,
+            tolerance: BTreeMap::new(),
         }
     }
 }
@@ -119,6 +127,8 @@ pub const METADATA_PROP_BYTES: usize = 1024;
 pub struct Prepared {
     /// What devices download: NNEF tar or ONNX bytes, as the manifest's format says.
     pub artifact: Vec<u8>,
+    /// The artifacts of the manifest's other forms, in the order of [`Manifest::forms`].
+    pub forms: Vec<Vec<u8>>,
     /// The golden file, when the golden vector is too large for the manifest
     /// ([`Manifest::golden_file`] names it).
     pub golden_file: Option<Vec<u8>>,
@@ -219,6 +229,25 @@ pub fn prepare(onnx: &[u8], opts: &PublishOptions, now: i64) -> Result<Prepared,
         }
     }
     let segments = crate::segments::segments(converted.format, &converted.artifact);
+    // The ONNX file beside its NNEF conversion: proved with it (the NNEF answer was checked
+    // against the ONNX one on the device engine, for the same interface).
+    let mut forms = Vec::new();
+    let mut form_bytes = Vec::new();
+    if opts.with_onnx && converted.format == ModelFormat::Nnef {
+        let segments = crate::segments::segments(ModelFormat::Onnx, onnx);
+        forms.push(ArtifactForm {
+            model_format: ModelFormat::Onnx,
+            size: onnx.len() as u64,
+            sha256: modelcast_proto::sha256_hex(onnx),
+            chunks: segmented_chunk_digests(onnx, opts.chunk_size, &segments),
+            segments,
+        });
+        form_bytes.push(onnx.to_vec());
+    }
+    for t in opts.tolerance.values() {
+        modelcast_proto::manifest::parse_tolerance(t)
+            .map_err(|e| PublishError::Invalid(e.to_string()))?;
+    }
     let mut manifest = Manifest {
         format: modelcast_proto::FORMAT_VERSION,
         name: opts.name.clone(),
@@ -238,6 +267,8 @@ pub fn prepare(onnx: &[u8], opts: &PublishOptions, now: i64) -> Result<Prepared,
         probation: None,
         latency_budget: opts.latency_budget,
         fallback_to: None,
+        forms,
+        tolerance: opts.tolerance.clone(),
     };
     let (input, output) = &converted.reference;
     let golden_bytes: usize = input
@@ -280,6 +311,7 @@ pub fn prepare(onnx: &[u8], opts: &PublishOptions, now: i64) -> Result<Prepared,
         .map_err(|e| PublishError::Invalid(e.to_string()))?;
     Ok(Prepared {
         artifact: converted.artifact,
+        forms: form_bytes,
         golden_file,
         manifest,
         fallback_reason: converted.fallback_reason,
@@ -360,6 +392,34 @@ pub fn publish_file(
         }
     }
     prepared.artifact = Vec::new();
+    for (form, bytes) in manifest.forms.iter_mut().zip(&prepared.forms) {
+        if manifest.chunk_size != opts.chunk_size {
+            // The artifact is held in another chunk size: the forms follow it.
+            form.chunks = segmented_chunk_digests(bytes, manifest.chunk_size, &form.segments);
+        }
+        let sent = client
+            .upload_segmented(&form.sha256, manifest.chunk_size, &form.segments, bytes)
+            .map_err(api)?;
+        if sent["stored"] != "already" {
+            continue;
+        }
+        // Held already: in the manifest's chunk size (one numbering for every form), its
+        // chunks described as the server holds them.
+        let held_chunk_size = sent["chunk_size"].as_u64().unwrap_or(0);
+        if held_chunk_size != u64::from(manifest.chunk_size) {
+            return Err(PublishError::Invalid(format!(
+                "the server holds the {} form ({}) in chunks of {held_chunk_size} bytes, the {} artifact in chunks of {}: publish without --with-onnx",
+                form.model_format, form.sha256, manifest.model_format, manifest.chunk_size,
+            )));
+        }
+        let segments: Vec<u64> =
+            serde_json::from_value(sent["segments"].clone()).unwrap_or_default();
+        if segments != form.segments {
+            form.chunks = segmented_chunk_digests(bytes, manifest.chunk_size, &segments);
+            form.segments = segments;
+        }
+    }
+    prepared.forms = Vec::new();
     if let (Some(bytes), Some(g)) = (&prepared.golden_file, &manifest.golden_file) {
         client
             .upload(&g.sha256, manifest.chunk_size, bytes)

@@ -153,6 +153,10 @@ pub struct Deployment {
     /// Download policy of the devices it moves (rate, maintenance window, metered links).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub download: Option<modelcast_proto::desired::DownloadPolicy>,
+    /// The backend it pins the model to on the devices it moves (their own choice when
+    /// absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<modelcast_proto::engine::Backend>,
 }
 
 /// What was last published to a device.

@@ -32,8 +32,11 @@ impl Fleet {
             return Ok(None);
         };
         let chunks = |wanted: Vec<Wanted>| {
-            let (m, _) = wanted.iter().find(|(m, _)| m.sha256 == artifact)?;
-            self.remember_parts(m);
+            let m = wanted
+                .iter()
+                .map(super::desired::download_of)
+                .find(|m| m.sha256 == artifact)?;
+            self.remember_parts(&m);
             Some(m.download_chunk_count())
         };
         if let Some(count) = chunks(self.wanted(&entry).await?) {

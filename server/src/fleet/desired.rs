@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 
 use modelcast_proto::desired::TargetTerms;
+use modelcast_proto::engine::choose_form;
 use modelcast_proto::manifest::Manifest;
 use modelcast_proto::topic::DeviceTopic;
 use rumqttc::QoS;
@@ -19,8 +20,17 @@ use crate::unix_now;
 use super::Fleet;
 
 /// A version a device should run, with its deployment's terms (probation, sampling,
-/// download policy).
+/// download policy, backend) and the form of it the device downloads (`terms.form`).
 pub type Wanted = (Manifest, TargetTerms);
+
+/// What the device downloads of a wanted version: the form its terms name (the manifest's own
+/// artifact when they name none).
+pub fn download_of((manifest, terms): &Wanted) -> std::borrow::Cow<'_, Manifest> {
+    match terms.form.and_then(|f| manifest.in_form(f)) {
+        Some(view) => std::borrow::Cow::Owned(view),
+        None => std::borrow::Cow::Borrowed(manifest),
+    }
+}
 
 /// One version of a model offered to a device by a deployment or a rollout.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,6 +67,8 @@ pub fn resolve<'a>(
                 probation: d.probation,
                 sampling: d.sampling,
                 download: d.download.clone(),
+                backend: d.backend,
+                form: None,
             };
             offer(
                 &d.model,
@@ -100,6 +112,12 @@ pub fn fingerprint(models: &[Wanted], ts: u64) -> String {
             if let Some(d) = &t.download {
                 path.push_str(&format!("download{}", serde_json::json!(d)));
             }
+            if let Some(b) = t.backend {
+                path.push_str(&format!("backend={b}"));
+            }
+            if let Some(f) = t.form {
+                path.push_str(&format!("form={f}"));
+            }
             path
         })
         .collect();
@@ -108,7 +126,9 @@ pub fn fingerprint(models: &[Wanted], ts: u64) -> String {
 }
 
 impl Fleet {
-    /// The manifests `device` should run, each with its terms (`desired::resolve`).
+    /// The manifests `device` should run, each with its terms (`desired::resolve`) and the
+    /// form it downloads: the one its last report prefers under the terms' backend
+    /// ([`choose_form`]).
     pub async fn wanted(&self, device: &DeviceEntry) -> Result<Vec<Wanted>, DbError> {
         let deployments = self.db.deployments().await?;
         let chosen = {
@@ -116,8 +136,10 @@ impl Fleet {
             resolve(&device.id, &device.labels, &deployments, rollouts.values())
         };
         let mut out = Vec::new();
-        for (name, offer) in chosen {
+        let engines = device.report.as_ref().and_then(|r| r.engines.as_ref());
+        for (name, mut offer) in chosen {
             if let Some(entry) = self.db.model(&name, offer.version).await? {
+                offer.terms.form = choose_form(&entry.manifest, engines, offer.terms.backend);
                 out.push((entry.manifest, offer.terms));
             }
         }
@@ -176,8 +198,11 @@ impl Fleet {
         };
         let now = std::time::Instant::now();
         let mut fanout = fanout.lock().expect("fanout lock");
-        for (m, _) in models.iter().filter(|(m, _)| !held(&m.sha256)) {
-            fanout.expect(now, &m.sha256, &device.id);
+        for wanted in models {
+            let m = download_of(wanted);
+            if !held(&m.sha256) {
+                fanout.expect(now, &m.sha256, &device.id);
+            }
         }
     }
 
@@ -229,6 +254,7 @@ mod tests {
             probation: None,
             sampling: None,
             download: None,
+            backend: None,
         }
     }
 
@@ -298,6 +324,8 @@ mod tests {
             probation: None,
             latency_budget: None,
             fallback_to: None,
+            forms: Vec::new(),
+            tolerance: Default::default(),
         };
         let none = TargetTerms::default;
         let a = fingerprint(&[(m(1), none())], 7);

@@ -280,6 +280,7 @@ impl Fleet {
                                 probation: s.probation,
                                 sampling: s.sampling,
                                 download: s.download.clone(),
+                                backend: s.backend,
                             })
                             .await?;
                     }

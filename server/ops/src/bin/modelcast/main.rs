@@ -216,6 +216,16 @@ enum Command {
         /// Devices running this version refuse every older one, fleet rollbacks included.
         #[arg(long)]
         no_fallback: bool,
+        /// Carry the ONNX file as a second form beside the NNEF artifact, for devices that
+        /// run ONNX Runtime (`[engine] backend = "onnxruntime"` or `"auto"`): each device
+        /// downloads only the form it runs.
+        #[arg(long)]
+        with_onnx: bool,
+        /// The golden vectors' tolerance on one backend, `backend=value` (repeatable), e.g.
+        /// `onnxruntime=1e-3`: another engine rounds differently than tract, which computed
+        /// them (default: 1e-4 on every backend).
+        #[arg(long = "tolerance", value_parser = parse_kv)]
+        tolerance: Vec<(String, String)>,
     },
     /// Deploy a published version to a device group.
     Deploy {
@@ -240,6 +250,10 @@ enum Command {
         /// When and how fast the devices this moves download and activate it.
         #[command(flatten)]
         download: DownloadArgs,
+        /// Run the version on this backend (`tract`, `onnxruntime`) on the devices it moves,
+        /// in place of their configured choice (a device without that backend keeps its own).
+        #[arg(long)]
+        backend: Option<modelcast_proto::engine::Backend>,
     },
     /// Roll a version out to a group in waves; watch, pause, resume, abort.
     #[command(subcommand)]
@@ -649,6 +663,8 @@ fn main() -> anyhow::Result<()> {
             fallback_to,
             no_fallback,
             input_shape,
+            with_onnx,
+            tolerance,
         } => {
             let key = signing.targets_keys()?;
             let mut opts = PublishOptions::new(&name, version);
@@ -670,6 +686,12 @@ fn main() -> anyhow::Result<()> {
                 });
             }
             opts.shapes = input_shape;
+            opts.with_onnx = with_onnx;
+            for (backend, value) in tolerance {
+                let backend: modelcast_proto::engine::Backend = backend.parse()?;
+                modelcast_proto::manifest::parse_tolerance(&value)?;
+                opts.tolerance.insert(backend, value);
+            }
             let root = signing.root()?;
             let prepared = publish_file(&client, &model, &opts, &key, &root, &by, unix_now())?;
             publish::report(&prepared);
@@ -685,6 +707,15 @@ fn main() -> anyhow::Result<()> {
                     None => format!("{} golden vector(s) in the manifest", manifest.golden.len()),
                 },
             );
+            for form in &manifest.forms {
+                println!(
+                    "  and as {}: {} bytes, {} chunk(s), sha256 {}…",
+                    form.model_format,
+                    form.size,
+                    form.chunks.len(),
+                    &form.sha256[..16]
+                );
+            }
         }
         Command::Deploy {
             model,
@@ -694,6 +725,7 @@ fn main() -> anyhow::Result<()> {
             probation,
             sampling,
             download,
+            backend,
         } => {
             let answer = client.deploy(&DeployRequest {
                 model: model.clone(),
@@ -703,6 +735,7 @@ fn main() -> anyhow::Result<()> {
                 probation: probation.thresholds(),
                 sampling: sampling.spec()?,
                 download: download.policy()?,
+                backend,
             })?;
             println!(
                 "deployed {model} v{version} to group '{group}': {} device(s) given a new desired state",

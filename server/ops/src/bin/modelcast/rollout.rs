@@ -62,6 +62,10 @@ pub enum RolloutCommand {
         /// When and how fast the devices it moves download and activate it.
         #[command(flatten)]
         download: DownloadArgs,
+        /// Run the version on this backend (`tract`, `onnxruntime`) on the devices it moves,
+        /// in place of their configured choice.
+        #[arg(long)]
+        backend: Option<modelcast_proto::engine::Backend>,
         /// Who starts it.
         #[arg(long, env = "USER", default_value = "operator")]
         by: String,
@@ -120,6 +124,7 @@ pub fn run(client: &Client, command: RolloutCommand) -> anyhow::Result<()> {
             probation,
             sampling,
             download,
+            backend,
             by,
             follow,
         } => {
@@ -137,6 +142,7 @@ pub fn run(client: &Client, command: RolloutCommand) -> anyhow::Result<()> {
                 sampling: sampling.spec()?,
                 download: download.policy()?,
                 abort_on_alerts,
+                backend,
             };
             let r = client.start_rollout(&RolloutRequest { spec, by })?;
             println!(
