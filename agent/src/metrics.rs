@@ -471,11 +471,14 @@ impl Metrics {
     /// Counts verified bytes received for `model`.
     pub fn downloaded(&self, model: &str, bytes: u64) {
         count(&self.downloaded, model, bytes);
+        // Both of a model's download series show once it downloads, the other at 0.
+        count(&self.reused, model, 0);
     }
 
     /// Counts bytes a download of `model` copied from artifacts already on the device.
     pub fn reused(&self, model: &str, bytes: u64) {
         count(&self.reused, model, bytes);
+        count(&self.downloaded, model, 0);
     }
 
     /// Counts the bytes of a chunk reply for a download in progress.

@@ -145,6 +145,20 @@ impl Budgets {
 /// message over its topic kind's bound, [`modelcast_proto::topic::DeviceTopic::device_limit`]),
 /// `quarantined` (a message of a quarantined device), and the broker front's refusals
 /// ([`crate::broker::policy::Refusal::kind`]).
+/// The reasons the fleet itself drops a device's message for (the broker front's are
+/// [`FRONT_REASONS`]): each shows in `/metrics` at 0 until it happens.
+pub const REASONS: [&str; 6] = [
+    "chunks_over_budget",
+    "state_over_budget",
+    "telemetry_over_budget",
+    "oversized",
+    "quarantined",
+    "server_busy",
+];
+
+/// The embedded broker front's refusals ([`crate::broker::policy::Refusal::kind`]).
+pub const FRONT_REASONS: [&str; 5] = ["client_id", "publish", "retained", "too_large", "subscribe"];
+
 #[derive(Debug, Default)]
 pub struct Drops {
     by_device: std::sync::Mutex<HashMap<String, std::collections::BTreeMap<&'static str, u64>>>,

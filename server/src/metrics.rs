@@ -124,6 +124,7 @@ pub async fn render(fleet: &Fleet) -> Result<String, DbError> {
     );
 
     let versions = Family::<VersionLabels, Gauge>::default();
+    let served: Vec<(String, u64)> = serving.keys().cloned().collect();
     for ((model, version), n) in serving {
         versions
             .get_or_create(&VersionLabels {
@@ -164,6 +165,20 @@ pub async fn render(fleet: &Fleet) -> Result<String, DbError> {
     registry.register("rollouts", "Rollouts by state", rollouts);
 
     let alerts = Family::<AlertLabels, Gauge>::default();
+    // The alerts without an output show at 0 for every version served, so a dashboard reads
+    // "none" rather than "no data" (an output's alerts appear when one is raised).
+    for (model, version) in &served {
+        for kind in ["latency", "error_rate"] {
+            alerts
+                .get_or_create(&AlertLabels {
+                    model: model.clone(),
+                    version: version.to_string(),
+                    kind: kind.into(),
+                    output: String::new(),
+                })
+                .set(0);
+        }
+    }
     for a in fleet.db().alerts().await?.iter().filter(|a| a.active()) {
         alerts
             .get_or_create(&AlertLabels {
@@ -254,6 +269,17 @@ pub async fn render(fleet: &Fleet) -> Result<String, DbError> {
         registry.register(name, help, g);
     }
     let dropped = Family::<ReasonLabels, Counter>::default();
+    // Every reason shows, at 0 too (the front's only where there is one).
+    let front_reasons = fleet
+        .front()
+        .map_or(&[][..], |_| &crate::budget::FRONT_REASONS[..]);
+    for reason in crate::budget::REASONS.iter().chain(front_reasons) {
+        dropped
+            .get_or_create(&ReasonLabels {
+                reason: (*reason).into(),
+            })
+            .inc_by(0);
+    }
     for (reason, n) in fleet.drops().totals() {
         dropped
             .get_or_create(&ReasonLabels {

@@ -119,24 +119,23 @@ pub fn rows() -> Vec<Row> {
 /// Publishes every serving row to `fleet`, deploys it to `group`, and waits until `device`
 /// serves them all (failing fast on a model the device rejects). Returns their ids.
 pub fn publish_and_serve(fleet: &Fleet, group: &str, device: &str) -> Vec<String> {
-    publish_and_serve_as(fleet, group, device, None)
+    publish_and_serve_as(fleet, group, device, |_| {})
 }
 
-/// [`publish_and_serve`], every model in `format` when given (`--format`).
+/// [`publish_and_serve`], every model's publishing options changed by `adjust` (a format, a
+/// second form, tolerances).
 pub fn publish_and_serve_as(
     fleet: &Fleet,
     group: &str,
     device: &str,
-    format: Option<modelcast_ops::convert::Choice>,
+    adjust: impl Fn(&mut modelcast_ops::publish::PublishOptions),
 ) -> Vec<String> {
     let dir = models_dir();
     let mut serving = Vec::new();
     let mut golden_files = 0;
     for row in rows().into_iter().filter(Row::serves) {
         let mut opts = row.options();
-        if let Some(format) = format {
-            opts.format = format;
-        }
+        adjust(&mut opts);
         let m = fleet.publish_with(&dir.join(format!("{}.onnx", row.id)), &opts);
         // Every device checks the model's golden vector before it serves: in the manifest
         // when small, else in a golden file downloaded beside the artifact.

@@ -68,7 +68,8 @@ fn the_dashboard_shows_devices_rollouts_and_the_registry() {
         let row = element(&dom, "tr", "data-device", id);
         assert!(row.contains(">online<"), "{row}");
         assert!(row.contains(&format!("site={site}")), "{row}");
-        assert!(row.contains("classifier v1 (a)"), "{row}");
+        assert!(row.contains("classifier v1 (a) on tract"), "{row}");
+        assert!(row.contains("title=\"configured"), "why, on hover: {row}");
     }
     let row = element(&dom, "tr", "data-device", &canary);
     assert!(row.contains("latency budget"), "the canary's reason: {row}");

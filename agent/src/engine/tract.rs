@@ -100,6 +100,33 @@ fn optimize(model: TypedModel) -> Result<Arc<TypedRunnableModel>, EngineError> {
         .map_err(load_err)
 }
 
+/// The instruction sets tract leaves out unless `TRACT_CPU_ISA` in the environment says
+/// otherwise: its Intel AMX kernels. On a Xeon with AMX (x86_64, Sapphire Rapids and later)
+/// the agent died of SIGSEGV inside `avx512amx_mmm_i32_8x8` while serving a UINT8
+/// QLinearConv model (the corpus' orientation_qlinear, 3 crashes in 8 runs; a core dump
+/// showed the fault in the kernel, then in Rust's signal handler on its alternate stack,
+/// which AMX's 8 KiB of tile state in a signal frame overflows). AVX-512 VNNI and the rest
+/// are untouched. x86_64 only: tract refuses another architecture's names.
+#[cfg(target_arch = "x86_64")]
+pub const ISA_DEFAULT: &str = "-amx-int8,-amx-bf16";
+
+/// Sets tract's process-wide defaults ([`ISA_DEFAULT`] on x86_64) before tract probes the
+/// CPU: called before the first model is read (and by the publisher, which runs tract too).
+/// A value in the environment (`TRACT_CPU_ISA`) still wins: this is the layer below it.
+pub fn set_defaults() {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            if let Err(e) =
+                tract_nnef::tract_core::knobs::set_config_global("TRACT_CPU_ISA", ISA_DEFAULT)
+            {
+                tracing::warn!(error = %e, "tract's instruction sets left as probed");
+            }
+        });
+    }
+}
+
 impl TractModel {
     /// Reads a model in the manifest's format, plans it for the manifest's declared input
     /// shapes and optimizes it, keeping up to `plan_cache` plans (at least one) for models
@@ -109,6 +136,7 @@ impl TractModel {
         reader: &mut dyn Read,
         plan_cache: usize,
     ) -> Result<Self, EngineError> {
+        set_defaults();
         let (model, input_positions) = match manifest.model_format {
             ModelFormat::Nnef => read_nnef(manifest, reader)?,
             ModelFormat::Onnx => read_onnx(manifest, reader)?,
@@ -504,4 +532,23 @@ fn from_tract(spec: &TensorSpec, t: &Tensor) -> Result<HostTensor, EngineError> 
         shape: t.shape().iter().map(|d| *d as u64).collect(),
         values: Values::new(spec.datatype, bytes)?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn tract_leaves_out_its_amx_kernels() {
+        super::set_defaults();
+        if std::env::var_os("TRACT_CPU_ISA").is_some() {
+            return; // The operator's value wins; nothing of ours to check.
+        }
+        let isa = tract_linalg::isa::native();
+        for amx in [
+            tract_linalg::isa::Isa::X86_64AmxInt8,
+            tract_linalg::isa::Isa::X86_64AmxBf16,
+        ] {
+            assert!(!isa.has(amx), "{isa:?}");
+        }
+    }
 }

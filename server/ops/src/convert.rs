@@ -358,6 +358,8 @@ pub fn convert(
     choice: Choice,
     seed: u64,
 ) -> Result<Converted, ConvertError> {
+    // tract runs here as on the devices: the same kernels.
+    modelcast_agent::engine::tract::set_defaults();
     let typed = match typed(onnx, inputs) {
         Ok(t) => t,
         Err(ConvertError::Type(reason)) if inputs.iter().any(TensorSpec::is_dynamic) => {

@@ -28,6 +28,11 @@ impl Fleet {
         }
         let previous = self.db.device(device).await?;
         let labels_changed = previous.as_ref().is_none_or(|p| p.labels != report.labels);
+        // What it runs decides the form of each version the director sends it.
+        let engines_changed = previous
+            .as_ref()
+            .and_then(|p| p.report.as_ref())
+            .is_none_or(|p| p.engines != report.engines);
         // What each model serves: alerts go stale only when that changes.
         let serving = |r: &DeviceReport| -> Vec<(String, Option<u64>)> {
             r.models
@@ -71,6 +76,8 @@ impl Fleet {
         }
         if labels_changed {
             info!(%device, labels = ?entry.labels, "device registered");
+        }
+        if labels_changed || engines_changed {
             self.publish_desired(device).await?;
         }
         Ok(())

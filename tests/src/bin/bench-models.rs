@@ -10,7 +10,10 @@
 //! `[engine] threads`, onnxruntime's intra-op threads). `BENCH_BACKEND=onnxruntime` publishes
 //! every model as ONNX and runs it on the device's ONNX Runtime backend (the library of the
 //! corpus' `onnxruntime` package, CPU provider) instead of tract; `BENCH_BACKEND=auto` lets the
-//! device measure both at staging and serve the faster that passes (its choice is printed).
+//! device measure both at staging and serve the faster that passes (its choice is printed):
+//! models are then published as NNEF with the ONNX file as a second form (`--with-onnx`), of
+//! which the device downloads the ONNX one. Both state ONNX Runtime's golden tolerance in the
+//! manifest, `BENCH_TOLERANCE` (default 1e-3).
 
 use modelcast_tests::{corpus, Fleet};
 
@@ -36,8 +39,22 @@ fn main() {
         ("site", "bench"),
         &format!("[engine]\nthreads = {threads}\n{backend}"),
     );
-    let format = onnxruntime.then_some(modelcast_ops::convert::Choice::Onnx);
-    let serving = corpus::publish_and_serve_as(&fleet, "site=bench", "bench-1", format);
+    // ONNX Runtime's golden tolerance, stated in each manifest (it rounds otherwise than
+    // tract, which computed the golden vectors).
+    let tolerance = std::env::var("BENCH_TOLERANCE").unwrap_or_else(|_| "1e-3".into());
+    let serving = corpus::publish_and_serve_as(&fleet, "site=bench", "bench-1", |opts| {
+        match chosen.as_str() {
+            "onnxruntime" => opts.format = modelcast_ops::convert::Choice::Onnx,
+            // Published as an operator would for a mixed fleet: NNEF with the ONNX file as a
+            // second form; this device asks for the ONNX one and measures both engines on it.
+            "auto" => opts.with_onnx = true,
+            _ => return,
+        }
+        opts.tolerance.insert(
+            modelcast_proto::engine::Backend::Onnxruntime,
+            tolerance.clone(),
+        );
+    });
     for id in &serving {
         if let Some(e) = fleet
             .report("bench-1")
