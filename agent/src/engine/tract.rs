@@ -103,7 +103,7 @@ fn optimize(model: TypedModel) -> Result<Arc<TypedRunnableModel>, EngineError> {
 /// The instruction sets tract leaves out unless `TRACT_CPU_ISA` in the environment says
 /// otherwise: its Intel AMX kernels. On a Xeon with AMX (x86_64, Sapphire Rapids and later)
 /// the agent died of SIGSEGV inside `avx512amx_mmm_i32_8x8` while serving a UINT8
-/// QLinearConv model (the corpus' orientation_qlinear, 3 crashes in 8 runs; a core dump
+/// QLinearConv model (the corpus' orientation_qlinear, 2 crashes in 7 runs; a core dump
 /// showed the fault in the kernel, then in Rust's signal handler on its alternate stack,
 /// which AMX's 8 KiB of tile state in a signal frame overflows). AVX-512 VNNI and the rest
 /// are untouched. x86_64 only: tract refuses another architecture's names.
