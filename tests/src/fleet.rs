@@ -227,11 +227,9 @@ impl Fleet {
         }
         cmd.args(extra);
         let server_args: Vec<std::ffi::OsString> = cmd.get_args().map(|a| a.to_owned()).collect();
-        let server = Proc::spawn(&mut cmd, dir.path().join("server.log"));
+        let mut server = Proc::spawn(&mut cmd, dir.path().join("server.log"));
         let client = Client::new(&format!("http://127.0.0.1:{api_port}"));
-        wait_for("the server API", Duration::from_secs(20), || {
-            client.devices().ok()
-        });
+        wait_for_api(&mut server, &client, "the server API");
         Fleet {
             dir,
             keys,
@@ -273,9 +271,7 @@ impl Fleet {
     /// Kills the server (SIGKILL) and starts it again on the same data and ports.
     pub fn restart_server(&mut self) {
         self.respawn_server();
-        wait_for("the server API again", Duration::from_secs(20), || {
-            self.client.devices().ok()
-        });
+        wait_for_api(&mut self.server, &self.client, "the server API again");
     }
 
     /// Writes the example model at `version` and publishes it.
@@ -540,5 +536,28 @@ impl Fleet {
         std::fs::read_to_string(&self.server.log)
             .unwrap_or_default()
             .contains(needle)
+    }
+}
+
+/// Waits up to 20 s for the server's API; a server that ended before it answered fails the
+/// wait at once with its exit status and log, one still running with its process id.
+fn wait_for_api(server: &mut Proc, client: &Client, what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if client.devices().is_ok() {
+            return;
+        }
+        if let Some(status) = server.exited() {
+            panic!(
+                "the server ended ({status}) before {what} answered; its log:\n{}",
+                std::fs::read_to_string(&server.log).unwrap_or_default()
+            );
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after 20 s waiting for {what}; the server (pid {}) still runs",
+            server.child.id()
+        );
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
