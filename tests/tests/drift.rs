@@ -321,4 +321,23 @@ fn a_shifted_input_distribution_raises_an_alert_and_a_stable_one_does_not() {
     stop.store(true, Ordering::Relaxed);
     assert!(sender.join().unwrap() > 100);
     println!("rollout {} aborted: {failure}", aborted.id);
+
+    // Both versions served in the hour: the dashboard's charts compare them line by line.
+    let dom = rendered(
+        fleet.dir.path(),
+        &format!("{}/dashboard", fleet.client.base()),
+    );
+    let block = element(&dom, "div", "data-telemetry", "classifier");
+    for series in ["p99", "errors", "requests"] {
+        for v in [1, 2] {
+            assert!(
+                block.contains(&format!("data-series=\"v{v} {series}\"")),
+                "v{v} {series}: {block}"
+            );
+        }
+    }
+    assert!(
+        block.contains("by version: v1 (blue), v2 (orange)"),
+        "{block}"
+    );
 }
