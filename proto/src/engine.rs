@@ -130,13 +130,8 @@ mod tests {
             None,
             "one form: no choice"
         );
-        m.forms.push(crate::manifest::ArtifactForm {
-            model_format: Onnx,
-            size: 4,
-            sha256: crate::sha256_hex(b"onnx"),
-            segments: vec![],
-            chunks: crate::manifest::chunk_digests(b"onnx", 4),
-        });
+        m.forms
+            .push(crate::manifest::ArtifactForm::of(Onnx, b"onnx", 4, vec![]));
         assert_eq!(choose_form(&m, Some(&auto), None), Some(Onnx));
         assert_eq!(
             choose_form(&m, Some(&auto), Some(Backend::Tract)),

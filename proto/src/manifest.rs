@@ -796,6 +796,19 @@ pub struct ArtifactForm {
 /// Most forms a manifest may carry besides its own artifact.
 pub const MAX_FORMS: usize = 4;
 
+impl ArtifactForm {
+    /// `bytes` as a form in `format`, chunked in `chunk_size` restarting at `segments`.
+    pub fn of(format: ModelFormat, bytes: &[u8], chunk_size: u32, segments: Vec<u64>) -> Self {
+        ArtifactForm {
+            model_format: format,
+            size: bytes.len() as u64,
+            sha256: crate::sha256_hex(bytes),
+            chunks: segmented_chunk_digests(bytes, chunk_size, &segments),
+            segments,
+        }
+    }
+}
+
 /// A latency budget checked before the swap: over `runs` warm-up inferences on the device,
 /// the 95th percentile of their CPU time must not exceed `p95_us` microseconds (integers: canonical JSON has no
 /// floats).
@@ -1247,13 +1260,8 @@ mod tests {
     fn a_form_is_seen_as_the_artifact_and_every_form_is_checked() {
         let mut m = sample(b"0123456789");
         let other = b"another encoding";
-        m.forms.push(ArtifactForm {
-            model_format: ModelFormat::Nnef,
-            size: other.len() as u64,
-            sha256: crate::sha256_hex(other),
-            segments: vec![],
-            chunks: chunk_digests(other, 4),
-        });
+        m.forms
+            .push(ArtifactForm::of(ModelFormat::Nnef, other, 4, vec![]));
         m.tolerance
             .insert(crate::engine::Backend::Onnxruntime, "0.01".into());
         m.validate().unwrap();

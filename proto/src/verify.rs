@@ -711,13 +711,12 @@ mod tests {
         let keys = Keys::from_seed(0);
         let mut m = manifest(1);
         let nnef = b"the same model as NNEF";
-        m.forms.push(ArtifactForm {
-            model_format: ModelFormat::Nnef,
-            size: nnef.len() as u64,
-            sha256: crate::sha256_hex(nnef),
-            segments: vec![],
-            chunks: crate::manifest::chunk_digests(nnef, m.chunk_size),
-        });
+        m.forms.push(ArtifactForm::of(
+            ModelFormat::Nnef,
+            nnef,
+            m.chunk_size,
+            vec![],
+        ));
         let path = m.target_path();
         let with = |m: &Manifest, custom: serde_json::Value| {
             let mut msg = keys.desired("dev", std::slice::from_ref(m), 1, FAR);

@@ -14,6 +14,14 @@ use modelcast_server::keyset;
 
 use crate::{bin, free_port, wait_for, Agent, AgentOptions, Mosquitto, Proc};
 
+/// A deployment's probation, sampling, download policy and backend pin.
+type DeployTerms = (
+    Option<modelcast_proto::desired::TrialThresholds>,
+    Option<modelcast_proto::desired::SamplingSpec>,
+    Option<modelcast_proto::desired::DownloadPolicy>,
+    Option<modelcast_proto::engine::Backend>,
+);
+
 /// A fleet: keys, a server, and the operators' API client.
 pub struct Fleet {
     /// Scratch directory for everything.
@@ -383,18 +391,7 @@ impl Fleet {
         sampling: Option<modelcast_proto::desired::SamplingSpec>,
         download: Option<modelcast_proto::desired::DownloadPolicy>,
     ) {
-        self.client
-            .deploy(&modelcast_server::api::DeployRequest {
-                model: model.into(),
-                version,
-                group: group.into(),
-                by: "e2e".into(),
-                probation,
-                sampling,
-                download,
-                backend: None,
-            })
-            .expect("deploy");
+        self.deploy_terms(model, version, group, (probation, sampling, download, None));
     }
 
     /// Deploys `model` v`version` to `group` as `e2e`, pinned to `backend`.
@@ -405,16 +402,26 @@ impl Fleet {
         group: &str,
         backend: modelcast_proto::engine::Backend,
     ) {
+        self.deploy_terms(model, version, group, (None, None, None, Some(backend)));
+    }
+
+    fn deploy_terms(
+        &self,
+        model: &str,
+        version: u64,
+        group: &str,
+        (probation, sampling, download, backend): DeployTerms,
+    ) {
         self.client
             .deploy(&modelcast_server::api::DeployRequest {
                 model: model.into(),
                 version,
                 group: group.into(),
                 by: "e2e".into(),
-                probation: None,
-                sampling: None,
-                download: None,
-                backend: Some(backend),
+                probation,
+                sampling,
+                download,
+                backend,
             })
             .expect("deploy");
     }

@@ -235,13 +235,12 @@ pub fn prepare(onnx: &[u8], opts: &PublishOptions, now: i64) -> Result<Prepared,
     let mut form_bytes = Vec::new();
     if opts.with_onnx && converted.format == ModelFormat::Nnef {
         let segments = crate::segments::segments(ModelFormat::Onnx, onnx);
-        forms.push(ArtifactForm {
-            model_format: ModelFormat::Onnx,
-            size: onnx.len() as u64,
-            sha256: modelcast_proto::sha256_hex(onnx),
-            chunks: segmented_chunk_digests(onnx, opts.chunk_size, &segments),
+        forms.push(ArtifactForm::of(
+            ModelFormat::Onnx,
+            onnx,
+            opts.chunk_size,
             segments,
-        });
+        ));
         form_bytes.push(onnx.to_vec());
     }
     for t in opts.tolerance.values() {
