@@ -267,13 +267,35 @@ impl Drop for Postgres {
 pub struct Nginx {
     _proc: Proc,
     port: u16,
+    tls: bool,
 }
 
 impl Nginx {
     /// Serves `root`'s files under `http://127.0.0.1:PORT/models/`; its config, logs and
     /// temporary files in `dir`.
     pub fn serve(dir: &Path, root: &Path) -> Nginx {
+        Self::start(dir, root, None)
+    }
+
+    /// [`Nginx::serve`] over HTTPS (`https://127.0.0.1:PORT/models/`) with the certificate
+    /// chain `cert` and its key `key` (PEM).
+    pub fn serve_tls(dir: &Path, root: &Path, cert: &Path, key: &Path) -> Nginx {
+        Self::start(dir, root, Some((cert, key)))
+    }
+
+    fn start(dir: &Path, root: &Path, tls: Option<(&Path, &Path)>) -> Nginx {
         let port = free_port();
+        let (listen, certs) = match tls {
+            Some((cert, key)) => (
+                format!("{port} ssl"),
+                format!(
+                    "    ssl_certificate {};\n    ssl_certificate_key {};\n",
+                    cert.display(),
+                    key.display()
+                ),
+            ),
+            None => (port.to_string(), String::new()),
+        };
         let here = dir.join(format!("nginx-{port}"));
         std::fs::create_dir_all(here.join("tmp")).expect("nginx dir");
         let conf = here.join("nginx.conf");
@@ -286,7 +308,7 @@ impl Nginx {
                  http {{\n  access_log {d}/access.log;\n  client_body_temp_path {d}/tmp;\n\
                    proxy_temp_path {d}/tmp;\n  fastcgi_temp_path {d}/tmp;\n\
                    uwsgi_temp_path {d}/tmp;\n  scgi_temp_path {d}/tmp;\n\
-                   server {{\n    listen 127.0.0.1:{port};\n\
+                   server {{\n    listen 127.0.0.1:{listen};\n{certs}\
                      location /models/ {{ alias {}/; }}\n  }}\n}}\n",
                 root.display()
             ),
@@ -303,12 +325,17 @@ impl Nginx {
         wait_for("nginx to listen", Duration::from_secs(10), || {
             std::net::TcpStream::connect(("127.0.0.1", port)).ok()
         });
-        Nginx { _proc: proc, port }
+        Nginx {
+            _proc: proc,
+            port,
+            tls: tls.is_some(),
+        }
     }
 
     /// The base URL of the files it serves.
     pub fn base(&self) -> String {
-        format!("http://127.0.0.1:{}/models", self.port)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}/models", self.port)
     }
 
     /// How many requests it answered with `status` (from its access log).

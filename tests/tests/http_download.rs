@@ -1,8 +1,10 @@
 //! Chunks over HTTP beside MQTT: a deployment that gives a base URL has its devices fetch
 //! chunk ranges there — from the fleet server's `/files` and from a real nginx (Debian's)
 //! serving copies of the files — while MQTT carries control and reports (the server's MQTT
-//! chunk counter does not move). A host that ignores the range (200 instead of 206) or sends
-//! another range is refused with the reason in the agent's log, and MQTT carries the chunks.
+//! chunk counter does not move). Over HTTPS, the host's certificate is checked against the
+//! fleet's CA: nginx with one of it serves, one with another CA's is refused. A host that
+//! ignores the range (200 instead of 206) or sends another range is refused with the reason in
+//! the agent's log, and MQTT carries the chunks.
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
@@ -195,4 +197,62 @@ fn a_host_that_ignores_the_range_or_sends_another_is_refused_and_mqtt_carries_th
         let r = fleet.report("edge-1")?;
         (r.models.get("classifier")?.serving_version() == Some(2)).then_some(())
     });
+}
+
+/// Over HTTPS: nginx serving the files with a certificate of the fleet's own CA (the one the
+/// broker's TLS uses), which the agent checks against the CA in its `[tls]` configuration.
+#[test]
+fn chunks_come_over_https_checked_against_the_fleet_ca() {
+    let fleet = Fleet::embedded_tls();
+    let agent = agent(&fleet);
+    let v1 = fleet.publish_example_of_size("classifier", 1, 3 * MIB);
+    let root = fleet.dir.path().join("cdn");
+    std::fs::create_dir_all(&root).unwrap();
+    for part in v1.parts() {
+        std::fs::write(root.join(part.sha256), file(&fleet, part.sha256)).unwrap();
+    }
+    let pki = fleet.pki.clone().expect("a TLS fleet");
+    let nginx = Nginx::serve_tls(
+        fleet.dir.path(),
+        &root,
+        &pki.join("broker.pem"),
+        &pki.join("broker.key"),
+    );
+    assert!(nginx.base().starts_with("https://"));
+    fleet.deploy_policy("classifier", 1, "*", over(&nginx.base()));
+    fleet.wait_serving("edge-1", "classifier", 1);
+    assert_eq!(agent.check_golden(&v1), "1");
+    let ranges = nginx.answered(fleet.dir.path(), 206);
+    println!("v1: {ranges} ranges from nginx over HTTPS");
+    assert!(
+        ranges >= v1.chunks.len(),
+        "{ranges} ranges for {} chunks",
+        v1.chunks.len()
+    );
+    assert_eq!(mqtt_chunk_bytes(&fleet), 0, "no chunk over MQTT");
+    assert_eq!(agent.metric(FALLBACKS).unwrap_or(0.0), 0.0);
+
+    // A host whose certificate another CA signed is refused, and MQTT carries the chunks.
+    let v2 = fleet.publish_example_of_size("classifier", 2, 3 * MIB);
+    for part in v2.parts() {
+        std::fs::write(root.join(part.sha256), file(&fleet, part.sha256)).unwrap();
+    }
+    let other = fleet.dir.path().join("other-pki");
+    modelcast_server::pki::init(&other, &["127.0.0.1".into()]).unwrap();
+    let impostor = Nginx::serve_tls(
+        fleet.dir.path(),
+        &root,
+        &other.join("broker.pem"),
+        &other.join("broker.key"),
+    );
+    fleet.deploy_policy("classifier", 2, "*", over(&impostor.base()));
+    fleet.wait_serving("edge-1", "classifier", 2);
+    assert_eq!(agent.check_golden(&v2), "2");
+    assert_eq!(
+        impostor.answered(fleet.dir.path(), 206),
+        0,
+        "not one range taken"
+    );
+    assert!(agent.metric(FALLBACKS).unwrap_or(0.0) >= 1.0);
+    assert!(mqtt_chunk_bytes(&fleet) > 0, "MQTT carried v2");
 }
