@@ -5,8 +5,10 @@
 //!
 //! Run: `bash cross/footprint` (builds the device profile for aarch64 and natively, then runs
 //! this with `MODELCAST_AGENT_BIN` pointing at the native device build). `BENCH_MB` changes the
-//! model size. RSS depends on the allocator and the machine; the figures are for this build on
-//! this machine.
+//! model size. `BENCH_ENGINE=onnxruntime` publishes the model as ONNX and has the agent (built
+//! with `ort`) serve it on ONNX Runtime's CPU provider, with the library the corpus' `onnxruntime`
+//! package ships. RSS depends on the allocator and the machine; the figures are for this build
+//! on this machine.
 
 use std::time::Duration;
 
@@ -52,8 +54,17 @@ fn main() {
         .unwrap_or_else(|_| "target/release/modelcast-agent (default)".into());
     println!("== resident memory of {agent_bin}, natively");
 
+    let onnxruntime = std::env::var("BENCH_ENGINE").is_ok_and(|e| e == "onnxruntime");
+    let engine = if onnxruntime {
+        format!(
+            "[engine]\nbackend = \"onnxruntime\"\nonnxruntime_library = \"{}\"\nproviders = [\"cpu\"]\n",
+            modelcast_tests::corpus::onnxruntime_library().display()
+        )
+    } else {
+        String::new()
+    };
     let fleet = Fleet::embedded();
-    let mut agent = fleet.start_agent("footprint-1", &[("site", "bench")]);
+    let mut agent = fleet.start_agent_with("footprint-1", &[("site", "bench")], &engine);
     fleet.wait_registered();
     let (idle, _) = rss(&agent);
     println!(
@@ -63,7 +74,11 @@ fn main() {
 
     let path = fleet.dir.path().join("big.onnx");
     std::fs::write(&path, example_model_of_size(100, size)).expect("model file");
-    let manifest = fleet.publish_file(&path, "classifier", 100);
+    let mut opts = modelcast_ops::publish::PublishOptions::new("classifier", 100);
+    if onnxruntime {
+        opts.format = modelcast_ops::convert::Choice::Onnx;
+    }
+    let manifest = fleet.publish_with(&path, &opts);
     std::fs::remove_file(&path).ok();
     let model_kib = manifest.size / 1024;
     fleet.deploy("classifier", 100, "*");
@@ -82,9 +97,13 @@ fn main() {
     );
 
     println!(
-        "model: {:.1} MiB {} artifact",
+        "model: {:.1} MiB {} artifact, served on {}",
         mib(model_kib),
-        manifest.model_format
+        manifest.model_format,
+        fleet
+            .report(&agent.id)
+            .and_then(|r| r.models.get("classifier")?.engine.clone())
+            .map_or("?".into(), |e| e.backend)
     );
     for (when, now, peak) in [
         ("after the update", updated, updated_peak),
