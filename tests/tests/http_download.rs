@@ -255,4 +255,6 @@ fn chunks_come_over_https_checked_against_the_fleet_ca() {
     );
     assert!(agent.metric(FALLBACKS).unwrap_or(0.0) >= 1.0);
     assert!(mqtt_chunk_bytes(&fleet) > 0, "MQTT carried v2");
+    let log = std::fs::read_to_string(agent.log_path()).unwrap();
+    assert!(log.contains("certificate"), "the reason, in the log: {log}");
 }
