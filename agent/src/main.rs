@@ -41,8 +41,6 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    // Before any thread or model: tract's kernels as the agent runs them.
-    modelcast_agent::engine::tract::set_defaults();
     // `--version`: the version and what this build runs (its backends and features).
     let info: &'static str = Box::leak(modelcast_agent::build_info().into_boxed_str());
     let matches = Args::command().version(info).get_matches();

@@ -8,6 +8,7 @@
 //! - [`bins`]: the repository's layout: every target in one of the hash bins the top-level
 //!   targets delegate to, so that publishing and a device's download stay small.
 //! - [`manifest`]: the modelcast part of a TUF target: chunk digests, tensors, golden vectors.
+//! - [`layout`]: how an artifact is cut into chunks (tensor-aligned segments, chunk digests).
 //! - [`trusted`]: the TUF client core (spec §5): the trusted metadata set, updated from bytes
 //!   and the time, and the delegation search. Used by [`verify`] and by the agent's TUF
 //!   conformance client.
@@ -31,6 +32,7 @@ pub mod desired;
 pub mod engine;
 pub mod error;
 pub mod keys;
+pub mod layout;
 pub mod manifest;
 pub mod metadata;
 pub mod report;

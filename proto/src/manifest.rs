@@ -10,6 +10,10 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::error::DecodeError;
+pub use crate::layout::{
+    check_segments, chunk_digests, segmented_chunk_digests, segments_at, spans, Layout,
+    SegmentError, Span, Spans,
+};
 use crate::metadata::TargetFile;
 
 /// Default chunk size: 256 KiB, inside AWS IoT's 128 B–128 KB spirit but fewer round trips.
@@ -539,176 +543,6 @@ impl Attachment {
     }
 }
 
-/// One file of a download, in chunks: the artifact or its golden file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Layout<'a> {
-    /// Hex SHA-256 of the whole file (its name on disk and on the wire).
-    pub sha256: &'a str,
-    /// Length in bytes.
-    pub size: u64,
-    /// Chunk size (the last chunk of each segment may be shorter).
-    pub chunk_size: u32,
-    /// Offsets at which the chunking restarts ([`Manifest::segments`]); empty: none.
-    pub segments: &'a [u64],
-    /// Hex SHA-256 of every chunk.
-    pub chunks: &'a [String],
-}
-
-impl Layout<'_> {
-    /// Number of chunks.
-    pub fn chunk_count(&self) -> u32 {
-        self.chunks.len() as u32
-    }
-
-    /// Where chunk `index` lies in the file.
-    pub fn span(&self, index: u32) -> Option<Span> {
-        if index >= self.chunk_count() {
-            return None;
-        }
-        let chunk = u64::from(self.chunk_size.max(1));
-        let mut rest = u64::from(index);
-        let mut start = 0;
-        for end in self.segments.iter().copied().chain([self.size]) {
-            let end = end.min(self.size);
-            if end <= start {
-                continue; // Not ascending: as `spans` does, skipped.
-            }
-            let count = (end - start).div_ceil(chunk);
-            if rest < count {
-                let offset = start + rest * chunk;
-                return Some(Span {
-                    offset,
-                    len: (end - offset).min(chunk) as u32,
-                });
-            }
-            rest -= count;
-            start = end;
-        }
-        None
-    }
-
-    /// Exact length of chunk `index`.
-    pub fn chunk_len(&self, index: u32) -> Option<u32> {
-        self.span(index).map(|s| s.len)
-    }
-
-    /// Every chunk's place in the file, in order.
-    pub fn spans(&self) -> Spans<'_> {
-        spans(self.size, self.chunk_size, self.segments)
-    }
-}
-
-/// Where one chunk lies in its file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Span {
-    /// Offset of its first byte.
-    pub offset: u64,
-    /// Its length.
-    pub len: u32,
-}
-
-/// The chunks of a file of `size` bytes: `chunk_size` long from the start and from each of
-/// `segments` (ascending offsets inside the file), each segment's last chunk shorter.
-pub fn spans(size: u64, chunk_size: u32, segments: &[u64]) -> Spans<'_> {
-    Spans {
-        size,
-        chunk_size: u64::from(chunk_size.max(1)),
-        segments,
-        offset: 0,
-    }
-}
-
-/// The iterator of [`spans`].
-#[derive(Debug, Clone)]
-pub struct Spans<'a> {
-    size: u64,
-    chunk_size: u64,
-    segments: &'a [u64],
-    offset: u64,
-}
-
-impl Iterator for Spans<'_> {
-    type Item = Span;
-
-    fn next(&mut self) -> Option<Span> {
-        if self.offset >= self.size {
-            return None;
-        }
-        while self.segments.first().is_some_and(|&s| s <= self.offset) {
-            self.segments = &self.segments[1..];
-        }
-        let end = self
-            .segments
-            .first()
-            .copied()
-            .unwrap_or(self.size)
-            .min(self.size);
-        let len = (end - self.offset).min(self.chunk_size);
-        let span = Span {
-            offset: self.offset,
-            len: len as u32,
-        };
-        self.offset += len;
-        Some(span)
-    }
-}
-
-/// Segment offsets that cannot describe a file's chunking.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum SegmentError {
-    /// An offset not past the one before it (or 0).
-    #[error(
-        "segment offsets overlap or repeat: {at} after {after} (they must ascend from past 0)"
-    )]
-    Overlap {
-        /// The offset.
-        at: u64,
-        /// The one before it (0 for the first).
-        after: u64,
-    },
-    /// An offset at or past the end of the file.
-    #[error("segment offset {at} is past the end of a file of {size} bytes")]
-    PastEnd {
-        /// The offset.
-        at: u64,
-        /// The file's length.
-        size: u64,
-    },
-}
-
-/// Checks segment offsets: ascending, each inside a file of `size` bytes and past its start.
-pub fn check_segments(size: u64, segments: &[u64]) -> Result<(), SegmentError> {
-    let mut last = 0;
-    for &at in segments {
-        if at <= last {
-            return Err(SegmentError::Overlap { at, after: last });
-        }
-        if at >= size {
-            return Err(SegmentError::PastEnd { at, size });
-        }
-        last = at;
-    }
-    Ok(())
-}
-
-/// Offsets at which a file's chunking restarts, chosen by the publisher from the file's
-/// structure. A device can reuse a chunk it holds only at the same digest, so chunks that
-/// start where a tensor starts stay identical when anything before the tensor changes size.
-///
-/// `starts` are the offsets of the tensors' first bytes (any order, duplicates allowed);
-/// `min_segment` the least length of a tensor worth a segment of its own (smaller ones travel
-/// with what precedes them: a chunk per tiny tensor costs more than it saves).
-pub fn segments_at(size: u64, starts: &[(u64, u64)], min_segment: u64) -> Vec<u64> {
-    let mut out: Vec<u64> = starts
-        .iter()
-        .filter(|&&(start, len)| len >= min_segment && start > 0 && start < size)
-        .map(|&(start, _)| start)
-        .collect();
-    out.sort_unstable();
-    out.dedup();
-    out
-}
-
 /// modelcast's manifest for one model version.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -885,6 +719,31 @@ impl Manifest {
             .collect()
     }
 
+    /// The artifacts of the other forms, in the manifest's chunk size.
+    pub fn form_layouts(&self) -> impl Iterator<Item = Layout<'_>> {
+        self.forms.iter().map(|f| Layout {
+            sha256: &f.sha256,
+            size: f.size,
+            chunk_size: self.chunk_size,
+            segments: &f.segments,
+            chunks: &f.chunks,
+        })
+    }
+
+    /// The SHA-256 of the artifact a device downloading the `form` form fetches (the
+    /// manifest's own artifact for `None`), if the version comes in it.
+    pub fn sha256_in(&self, form: Option<ModelFormat>) -> Option<&str> {
+        match form {
+            None => Some(&self.sha256),
+            Some(f) if f == self.model_format => Some(&self.sha256),
+            Some(f) => self
+                .forms
+                .iter()
+                .find(|x| x.model_format == f)
+                .map(|x| x.sha256.as_str()),
+        }
+    }
+
     /// This version as a device that downloads its `format` form sees it: that form as the
     /// artifact, no other forms. `None` when the version does not come in that format.
     pub fn in_form(&self, format: ModelFormat) -> Option<Manifest> {
@@ -985,37 +844,29 @@ impl Manifest {
         if !valid_name(&self.name) {
             return Err(invalid(format!("bad model name {:?}", self.name)));
         }
-        if self.size == 0 || self.size > MAX_ARTIFACT_BYTES {
-            return Err(invalid(format!("artifact size {} out of range", self.size)));
-        }
         if self.chunk_size == 0 || self.chunk_size > MAX_CHUNK_SIZE {
             return Err(invalid(format!(
                 "chunk size {} out of range",
                 self.chunk_size
             )));
         }
-        check_segments(self.size, &self.segments).map_err(|e| invalid(e.to_string()))?;
-        if self.segments.len() >= self.chunks.len().max(1) {
+        self.artifact().check().map_err(invalid)?;
+        if self.forms.len() > MAX_FORMS {
             return Err(invalid(format!(
-                "{} segments for {} chunks",
-                self.segments.len(),
-                self.chunks.len()
+                "{} forms, at most {MAX_FORMS}",
+                self.forms.len()
             )));
         }
-        let expected = self.artifact().spans().take(self.chunks.len() + 1).count();
-        if self.chunks.len() != expected {
-            return Err(invalid(format!(
-                "{} chunk digests for {} bytes in chunks of {} and {} segments",
-                self.chunks.len(),
-                self.size,
-                self.chunk_size,
-                self.segments.len()
-            )));
-        }
-        for d in std::iter::once(&self.sha256).chain(&self.chunks) {
-            if d.len() != 64 || !d.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Err(invalid(format!("digest {d:?} is not hex SHA-256")));
+        let formats = self.formats();
+        for (i, f) in formats.iter().enumerate() {
+            if formats[..i].contains(f) {
+                return Err(invalid(format!("two artifacts in format {f}")));
             }
+        }
+        for (form, layout) in self.forms.iter().zip(self.form_layouts()) {
+            layout
+                .check()
+                .map_err(|reason| invalid(format!("its {} form: {reason}", form.model_format)))?;
         }
         if self.inputs.is_empty() || self.outputs.is_empty() {
             return Err(invalid("a model needs inputs and outputs".into()));
@@ -1053,29 +904,6 @@ impl Manifest {
                     b.p95_us, b.runs
                 )));
             }
-        }
-        if self.forms.len() > MAX_FORMS {
-            return Err(invalid(format!(
-                "{} forms, at most {MAX_FORMS}",
-                self.forms.len()
-            )));
-        }
-        let formats = self.formats();
-        for (i, f) in formats.iter().enumerate() {
-            if formats[..i].contains(f) {
-                return Err(invalid(format!("two artifacts in format {f}")));
-            }
-        }
-        for f in &self.forms {
-            self.in_form(f.model_format)
-                .expect("a form of its own")
-                .validate()
-                .map_err(|e| match e {
-                    DecodeError::Invalid { reason, .. } => {
-                        invalid(format!("its {} form: {reason}", f.model_format))
-                    }
-                    e => e,
-                })?;
         }
         for t in self.tolerance.values() {
             parse_tolerance(t)?;
@@ -1153,18 +981,6 @@ pub fn valid_name(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-}
-
-/// Splits `bytes` into chunks and returns their hex digests (for publishers and tests).
-pub fn chunk_digests(bytes: &[u8], chunk_size: u32) -> Vec<String> {
-    segmented_chunk_digests(bytes, chunk_size, &[])
-}
-
-/// The hex digests of `bytes`' chunks, restarting at `segments` ([`spans`]).
-pub fn segmented_chunk_digests(bytes: &[u8], chunk_size: u32, segments: &[u64]) -> Vec<String> {
-    spans(bytes.len() as u64, chunk_size, segments)
-        .map(|s| crate::sha256_hex(&bytes[s.offset as usize..][..s.len as usize]))
-        .collect()
 }
 
 #[cfg(test)]

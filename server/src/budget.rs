@@ -168,6 +168,10 @@ impl Drops {
     /// Counts `n` of `reason` for `device`. Beyond [`MAX_TRACKED`] devices, a device not
     /// seen yet is counted under `*` (made-up ids must not grow this without bound).
     pub fn add(&self, device: &str, reason: &'static str, n: u64) {
+        debug_assert!(
+            REASONS.contains(&reason) || FRONT_REASONS.contains(&reason),
+            "drop reason {reason:?} is not listed in REASONS or FRONT_REASONS (/metrics shows each at 0)"
+        );
         let mut by_device = self.by_device.lock().unwrap_or_else(|e| e.into_inner());
         let key = if by_device.len() >= MAX_TRACKED && !by_device.contains_key(device) {
             "*"

@@ -285,10 +285,7 @@ fn too_large(what: &str, limit: u64) -> RegistryError {
 pub async fn check_artifacts(fleet: &Fleet, manifests: &[Manifest]) -> Result<(), RegistryError> {
     for m in manifests {
         let path = m.target_path();
-        let forms: Vec<Manifest> = (m.formats().into_iter())
-            .filter_map(|f| m.in_form(f))
-            .collect();
-        for part in forms.iter().flat_map(|f| f.parts()) {
+        for part in m.parts().into_iter().chain(m.form_layouts()) {
             let digest =
                 parse_digest(part.sha256).map_err(|e| RegistryError::Invalid(e.to_string()))?;
             match fleet.db().artifact(&digest).await? {

@@ -549,22 +549,14 @@ impl Fleet {
 /// Waits up to 20 s for the server's API; a server that ended before it answered fails the
 /// wait at once with its exit status and log, one still running with its process id.
 fn wait_for_api(server: &mut Proc, client: &Client, what: &str) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        if client.devices().is_ok() {
-            return;
-        }
+    let waiting = format!("{what} (the server, pid {}, still runs)", server.child.id());
+    wait_for(&waiting, Duration::from_secs(20), || {
         if let Some(status) = server.exited() {
             panic!(
                 "the server ended ({status}) before {what} answered; its log:\n{}",
                 std::fs::read_to_string(&server.log).unwrap_or_default()
             );
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out after 20 s waiting for {what}; the server (pid {}) still runs",
-            server.child.id()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        client.devices().ok()
+    });
 }

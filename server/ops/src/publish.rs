@@ -154,6 +154,11 @@ pub fn prepare(onnx: &[u8], opts: &PublishOptions, now: i64) -> Result<Prepared,
             opts.name
         )));
     }
+    // Before the conversion, which may take minutes (the manifest checks them again).
+    for t in opts.tolerance.values() {
+        modelcast_proto::manifest::parse_tolerance(t)
+            .map_err(|e| PublishError::Invalid(e.to_string()))?;
+    }
     let info = inspect(onnx)?;
     let inputs = shapes::resolve(&info.inputs, &opts.shapes)?;
     let output_names: Vec<String> = info.outputs.iter().map(|o| o.name.clone()).collect();
@@ -242,10 +247,6 @@ pub fn prepare(onnx: &[u8], opts: &PublishOptions, now: i64) -> Result<Prepared,
             segments,
         ));
         form_bytes.push(onnx.to_vec());
-    }
-    for t in opts.tolerance.values() {
-        modelcast_proto::manifest::parse_tolerance(t)
-            .map_err(|e| PublishError::Invalid(e.to_string()))?;
     }
     let mut manifest = Manifest {
         format: modelcast_proto::FORMAT_VERSION,
@@ -373,14 +374,7 @@ pub fn publish_file(
         .map_err(api)?;
     // Held already, in another layout (published before, or by another version of this
     // tool): the manifest describes the chunks as the server holds them.
-    if let (Some(chunk_size), Some(segments)) = (
-        sent["chunk_size"]
-            .as_u64()
-            .and_then(|c| u32::try_from(c).ok()),
-        serde_json::from_value::<Vec<u64>>(sent["segments"].clone())
-            .ok()
-            .or_else(|| sent["segments"].is_null().then(Vec::new)),
-    ) {
+    if let Some((chunk_size, segments)) = held_layout(&sent) {
         if (chunk_size, &segments) != (manifest.chunk_size, &manifest.segments) {
             manifest.chunks = segmented_chunk_digests(&prepared.artifact, chunk_size, &segments);
             manifest.chunk_size = chunk_size;
@@ -399,20 +393,17 @@ pub fn publish_file(
         let sent = client
             .upload_segmented(&form.sha256, manifest.chunk_size, &form.segments, bytes)
             .map_err(api)?;
-        if sent["stored"] != "already" {
+        let Some((held_chunk_size, segments)) = held_layout(&sent) else {
             continue;
-        }
+        };
         // Held already: in the manifest's chunk size (one numbering for every form), its
         // chunks described as the server holds them.
-        let held_chunk_size = sent["chunk_size"].as_u64().unwrap_or(0);
-        if held_chunk_size != u64::from(manifest.chunk_size) {
+        if held_chunk_size != manifest.chunk_size {
             return Err(PublishError::Invalid(format!(
                 "the server holds the {} form ({}) in chunks of {held_chunk_size} bytes, the {} artifact in chunks of {}: publish without --with-onnx",
                 form.model_format, form.sha256, manifest.model_format, manifest.chunk_size,
             )));
         }
-        let segments: Vec<u64> =
-            serde_json::from_value(sent["segments"].clone()).unwrap_or_default();
         if segments != form.segments {
             form.chunks = segmented_chunk_digests(bytes, manifest.chunk_size, &segments);
             form.segments = segments;
@@ -452,6 +443,18 @@ pub fn publish_file(
         .map_err(api)?;
     prepared.manifest = manifest;
     Ok(prepared)
+}
+
+/// The layout (chunk size and segments) the server holds a file in, from its answer to an
+/// upload, when it held the file already (`None` for a file just stored, in the layout sent).
+fn held_layout(sent: &serde_json::Value) -> Option<(u32, Vec<u64>)> {
+    let chunk_size = sent["chunk_size"]
+        .as_u64()
+        .and_then(|c| u32::try_from(c).ok())?;
+    let segments = serde_json::from_value::<Vec<u64>>(sent["segments"].clone())
+        .ok()
+        .or_else(|| sent["segments"].is_null().then(Vec::new))?;
+    Some((chunk_size, segments))
 }
 
 #[cfg(test)]

@@ -32,10 +32,10 @@ impl Fleet {
             return Ok(None);
         };
         let chunks = |wanted: Vec<Wanted>| {
-            let m = wanted
+            let wanted = wanted
                 .iter()
-                .map(super::desired::download_of)
-                .find(|m| m.sha256 == artifact)?;
+                .find(|(m, t)| m.sha256_in(t.form) == Some(artifact))?;
+            let m = super::desired::download_of(wanted);
             self.remember_parts(&m);
             Some(m.download_chunk_count())
         };

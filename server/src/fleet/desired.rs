@@ -198,10 +198,10 @@ impl Fleet {
         };
         let now = std::time::Instant::now();
         let mut fanout = fanout.lock().expect("fanout lock");
-        for wanted in models {
-            let m = download_of(wanted);
-            if !held(&m.sha256) {
-                fanout.expect(now, &m.sha256, &device.id);
+        for (m, terms) in models {
+            match m.sha256_in(terms.form) {
+                Some(sha256) if !held(sha256) => fanout.expect(now, sha256, &device.id),
+                _ => {}
             }
         }
     }

@@ -688,9 +688,8 @@ fn main() -> anyhow::Result<()> {
             opts.shapes = input_shape;
             opts.with_onnx = with_onnx;
             for (backend, value) in tolerance {
-                let backend: modelcast_proto::engine::Backend = backend.parse()?;
-                modelcast_proto::manifest::parse_tolerance(&value)?;
-                opts.tolerance.insert(backend, value);
+                // The value is checked with the manifest it goes into.
+                opts.tolerance.insert(backend.parse()?, value);
             }
             let root = signing.root()?;
             let prepared = publish_file(&client, &model, &opts, &key, &root, &by, unix_now())?;
