@@ -321,11 +321,15 @@ impl Artifacts {
         Ok(())
     }
 
-    /// Reads `len` bytes at `offset` of the complete artifact `sha256`, if it is on disk and
-    /// holds them (unchecked: the caller checks them against a digest).
-    pub fn read_complete(&self, sha256: &str, offset: u64, len: u32) -> Option<Vec<u8>> {
+    /// Reads `len` bytes at `offset` of the file `sha256`, complete or partial, if it is on
+    /// disk and reaches that far (unchecked: the caller checks them against a digest; a
+    /// partial file's chunk not received yet reads as whatever the file holds there).
+    pub fn read_held(&self, sha256: &str, offset: u64, len: u32) -> Option<Vec<u8>> {
         modelcast_proto::chunk::parse_digest(sha256).ok()?;
-        let file = File::open(self.complete_path(&sha256.to_ascii_lowercase())).ok()?;
+        let name = sha256.to_ascii_lowercase();
+        let file = File::open(self.complete_path(&name))
+            .or_else(|_| File::open(self.part_path(&name)))
+            .ok()?;
         let mut buf = vec![0u8; len as usize];
         file.read_exact_at(&mut buf, offset).ok()?;
         Some(buf)

@@ -847,9 +847,19 @@ impl Agent {
     }
 
     async fn prepare_download(&mut self, manifest: Manifest) {
-        // What the download needs that the device already holds is copied, not downloaded.
+        // What the download needs that the device already holds is copied, not downloaded,
+        // including what a download this one replaces had received.
+        let superseded = match self.store.pending(&manifest.name) {
+            Ok(p) => p.filter(|p| p.sha256 != manifest.sha256),
+            Err(e) => {
+                warn!(model = %manifest.name, error = %e, "the download in progress is unreadable; not reused");
+                None
+            }
+        };
         let prepared = self.store.set_pending(&manifest).and_then(|mut have| {
-            let reused = self.store.reuse(&manifest, &mut have)?;
+            let reused = self
+                .store
+                .reuse(&manifest, superseded.as_ref(), &mut have)?;
             Ok((have, reused))
         });
         let result = match prepared {

@@ -323,28 +323,40 @@ impl Store {
     }
 
     /// Copies into `manifest`'s download (its artifact and golden file) every chunk `have`
-    /// lacks that a file the device holds (any model's slots: artifacts and golden files) has
-    /// with the same digest and length: read, checked against the digest, written. Marks them
-    /// in `have` (numbered through the download, [`Manifest::parts`]); returns the bytes
-    /// copied. A chunk that cannot be read, or whose bytes differ, is left to download.
-    pub fn reuse(&self, manifest: &Manifest, have: &mut [bool]) -> Result<u64, StoreError> {
+    /// lacks that a file the device holds has with the same digest and length: any model's
+    /// slots (artifacts and golden files), the other downloads in progress, and `superseded`,
+    /// the download this one replaces (what it received so far). Each chunk is read, checked
+    /// against the digest, and written. Marks them in `have` (numbered through the download,
+    /// [`Manifest::parts`]); returns the bytes copied. A chunk that cannot be read, or whose
+    /// bytes differ (a partial file's chunk not received yet), is left to download.
+    pub fn reuse(
+        &self,
+        manifest: &Manifest,
+        superseded: Option<&Manifest>,
+        have: &mut [bool],
+    ) -> Result<u64, StoreError> {
         let wanted: Vec<&str> = manifest.parts().iter().map(|p| p.sha256).collect();
+        let records = self.models()?;
+        let pending = self.all_pending()?;
+        let held = records
+            .iter()
+            .flat_map(|(_, record)| [&record.a, &record.b])
+            .flatten()
+            .chain(pending.iter().filter(|p| p.sha256 != manifest.sha256))
+            .chain(superseded);
         // Where each digest can be read: (file, offset, length).
         let mut sources: std::collections::HashMap<&str, (&str, u64, u32)> = Default::default();
-        let records = self.models()?;
-        for (_, record) in &records {
-            for m in [&record.a, &record.b].into_iter().flatten() {
-                for layout in m.parts() {
-                    if wanted.iter().any(|w| w.eq_ignore_ascii_case(layout.sha256)) {
-                        continue;
-                    }
-                    for (digest, span) in layout.chunks.iter().zip(layout.spans()) {
-                        sources.entry(digest.as_str()).or_insert((
-                            layout.sha256,
-                            span.offset,
-                            span.len,
-                        ));
-                    }
+        for m in held {
+            for layout in m.parts() {
+                if wanted.iter().any(|w| w.eq_ignore_ascii_case(layout.sha256)) {
+                    continue;
+                }
+                for (digest, span) in layout.chunks.iter().zip(layout.spans()) {
+                    sources.entry(digest.as_str()).or_insert((
+                        layout.sha256,
+                        span.offset,
+                        span.len,
+                    ));
                 }
             }
         }
@@ -362,7 +374,7 @@ impl Store {
                 if span.len != len {
                     continue;
                 }
-                let Some(bytes) = self.files.read_complete(from, offset, len) else {
+                let Some(bytes) = self.files.read_held(from, offset, len) else {
                     continue;
                 };
                 if modelcast_proto::sha256_hex(&bytes) != *digest {
@@ -874,7 +886,7 @@ mod tests {
         g2[299] ^= 1;
         let v2 = with(2, &a2, &g2);
         let mut have = store.set_pending(&v2).unwrap();
-        let reused = store.reuse(&v2, &mut have).unwrap();
+        let reused = store.reuse(&v2, None, &mut have).unwrap();
         // Artifact: chunks 0..3 of 4; golden file: 0..4 of 5 (the last 44 bytes changed).
         assert_eq!(
             have,
@@ -884,6 +896,39 @@ mod tests {
         store.put_chunk(&v2, 3, &a2[192..]).unwrap();
         store.put_chunk(&v2, 8, &g2[256..]).unwrap();
         store.verify_artifact(&v2).unwrap();
+    }
+
+    #[test]
+    fn a_download_replaced_midway_gives_the_new_one_what_it_had_received() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        // v1's download got chunks 0 and 2 of 4 before v2 replaced it.
+        let a1: Vec<u8> = (0..256u32).map(|i| (i * 3) as u8).collect();
+        let v1 = manifest_for("m", 1, &a1, 64);
+        store.set_pending(&v1).unwrap();
+        store.put_chunk(&v1, 0, &a1[..64]).unwrap();
+        store.put_chunk(&v1, 2, &a1[128..192]).unwrap();
+
+        // v2 shares chunks 0, 1 and 2 with v1; its last chunk is new.
+        let mut a2 = a1.clone();
+        a2[255] ^= 1;
+        let v2 = manifest_for("m", 2, &a2, 64);
+        let superseded = store.pending("m").unwrap();
+        let mut have = store.set_pending(&v2).unwrap();
+        assert_eq!(have, [false; 4]);
+        let reused = store.reuse(&v2, superseded.as_ref(), &mut have).unwrap();
+        // Chunk 1 was never received: its place in v1's partial file does not match.
+        assert_eq!(have, [true, false, true, false]);
+        assert_eq!(reused, 128);
+        // Without the replaced download named, nothing is found (it is no longer pending).
+        let mut again = vec![false; 4];
+        assert_eq!(store.reuse(&v2, None, &mut again).unwrap(), 0);
+        store.put_chunk(&v2, 1, &a2[64..128]).unwrap();
+        store.put_chunk(&v2, 3, &a2[192..]).unwrap();
+        store.verify_artifact(&v2).unwrap();
+        // v1's partial file is garbage once nothing refers to it.
+        store.clear_pending("m").unwrap();
+        assert!(store.collect_garbage().unwrap() >= 1);
     }
 
     #[test]

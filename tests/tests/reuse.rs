@@ -158,3 +158,68 @@ fn the_same_file_as_a_new_version_installs_without_a_byte() {
     assert_eq!(agent.check_golden(&v2), "2");
     assert_eq!(sent(), before, "nothing sent");
 }
+
+#[test]
+fn a_download_replaced_midway_passes_what_it_received_to_the_new_one() {
+    use modelcast_proto::desired::DownloadPolicy;
+    let fleet = Fleet::embedded();
+    let agent = fleet.start_agent_opts("edge-1", &[("site", "lab")], AgentOptions::committing());
+    fleet.wait_registered();
+    let size = 12 * MIB;
+    let write = |version: u64, onnx: Vec<u8>| {
+        let path = fleet.dir.path().join(format!("v{version}.onnx"));
+        std::fs::write(&path, onnx).unwrap();
+        fleet.publish_file(&path, "classifier", version)
+    };
+    write(1, example_model_of_size(1, 2 * MIB));
+    fleet.deploy("classifier", 1, "*");
+    fleet.wait_serving("edge-1", "classifier", 1);
+
+    // v2 shares nothing with v1; it downloads slowly (1 MiB/s), and v3 (v2 with its last
+    // layer retrained) replaces it once part of it is on the device.
+    let v2 = write(2, example_model_of_size(2, size));
+    let v3 = write(3, example_model_fine_tuned(2, size, 3));
+    let shared: u64 = v3
+        .chunks
+        .iter()
+        .zip(v3.parts()[0].spans())
+        .filter(|(c, _)| v2.chunks.contains(c))
+        .map(|(_, s)| u64::from(s.len))
+        .sum();
+    assert!(shared * 10 >= v3.size * 9, "v3 shares most of v2");
+    let slow = DownloadPolicy {
+        max_rate: Some(MIB),
+        ..DownloadPolicy::default()
+    };
+    fleet.deploy_policy("classifier", 2, "*", slow);
+    let received = wait_for("half of v2 on the device", Duration::from_secs(60), || {
+        let u = fleet
+            .report("edge-1")?
+            .models
+            .remove("classifier")?
+            .update?;
+        (u.version == 2 && u.received_bytes * 2 >= u.total_bytes).then_some(u.received_bytes)
+    });
+    let sent = || fleet.client.status().unwrap().chunk_requests.raw_bytes;
+    let before = sent();
+    fleet.deploy("classifier", 3, "*");
+    fleet.wait_serving("edge-1", "classifier", 3);
+    assert_eq!(agent.check_golden(&v3), "3");
+    let travelled = sent() - before;
+    let reused = agent.metric(REUSED).unwrap_or(0.0) as u64;
+    println!(
+        "v2 had {received} of {} bytes when v3 replaced it: {reused} reused, {travelled} of {} sent for v3",
+        v2.size, v3.size
+    );
+    // What v2 had received of the tensors v3 shares came from its partial file (a report
+    // lags the download, so at least that much).
+    assert!(
+        reused >= received.min(shared) / 2,
+        "{reused} reused of {received} received"
+    );
+    assert!(reused + travelled >= v3.size);
+    assert!(
+        travelled < v3.size - received / 2,
+        "{travelled} sent: the partial download was not reused"
+    );
+}
