@@ -335,6 +335,10 @@ async fn control(
         window: cfg.transfer.window,
         chunk_timeout: Duration::from_secs(cfg.transfer.chunk_timeout_secs),
         stall_after: Duration::from_secs(cfg.transfer.stall_timeout_secs),
+        first_chunk_patience: match cfg.transfer.shared_topic {
+            true => modelcast_proto::chunk::MAX_GATHER,
+            false => Duration::ZERO,
+        },
     };
     let (fetcher, mut fetched) = crate::fetch::Fetcher::start(tls.clone());
     let (link, mut events) = Link::connect(&cfg, tls);

@@ -84,6 +84,11 @@ pub struct Transfer {
     progressed: bool,
     /// Time-outs in a row with nothing arriving: the timeout is doubled this many times.
     backoff: u32,
+    /// How much longer than the timeout requests wait until the first chunk of the download
+    /// arrives (a server gathering devices for a shared copy holds first asks).
+    patience: Duration,
+    /// A chunk of the download arrived.
+    arrived: bool,
     /// The download's rate limit, if it has one.
     bucket: Option<Bucket>,
 }
@@ -177,8 +182,26 @@ impl Transfer {
             progress_at: None,
             progressed: false,
             backoff: 0,
+            patience: Duration::ZERO,
+            arrived: false,
             bucket: None,
         }
+    }
+
+    /// Waits `patience` longer than the timeout for the first chunk to arrive (see
+    /// [`modelcast_proto::chunk::MAX_GATHER`]).
+    pub fn with_first_patience(mut self, patience: Duration) -> Self {
+        self.patience = patience;
+        self
+    }
+
+    /// How long a request waits now before it is asked again.
+    fn current_timeout(&self) -> Duration {
+        let base = match self.arrived {
+            true => self.timeout,
+            false => self.timeout + self.patience,
+        };
+        base * (1 << self.backoff)
     }
 
     /// Holds the download to `rate` bytes a second (none: as fast as chunks come). The
@@ -265,7 +288,20 @@ impl Transfer {
     }
 
     /// Checks an arriving chunk.
+    #[cfg(test)]
     pub fn handle_chunk(&mut self, index: u32, data: &[u8]) -> Result<Accepted, ChunkError> {
+        self.handle_copy(index, data.len(), || modelcast_proto::sha256_hex(data))
+    }
+
+    /// Checks an arriving copy of chunk `index` by its length and its SHA-256 (hex), which
+    /// `sha256` computes only if the copy is not a duplicate (a caller that already hashed
+    /// the same bytes gives that digest).
+    pub fn handle_copy(
+        &mut self,
+        index: u32,
+        len: usize,
+        sha256: impl FnOnce() -> String,
+    ) -> Result<Accepted, ChunkError> {
         let count = self.manifest.download_chunk_count();
         let (part, local) = self
             .manifest
@@ -280,14 +316,14 @@ impl Transfer {
             self.in_flight.remove(&index);
             return Ok(Accepted::Duplicate);
         }
-        if data.len() != expected as usize {
+        if len != expected as usize {
             return Err(ChunkError::Length {
                 index,
-                found: data.len(),
+                found: len,
                 expected,
             });
         }
-        if modelcast_proto::sha256_hex(data) != part.chunks[local as usize] {
+        if sha256() != part.chunks[local as usize] {
             return Err(ChunkError::Digest { index });
         }
         Ok(Accepted::Store)
@@ -296,6 +332,7 @@ impl Transfer {
     /// Records that a chunk accepted by [`Transfer::handle_chunk`] is now stored.
     pub fn handle_stored(&mut self, index: u32) {
         self.in_flight.remove(&index);
+        self.arrived = true;
         if let Some(h) = self.have.get_mut(index as usize) {
             if !*h {
                 *h = true;
@@ -309,7 +346,8 @@ impl Transfer {
     /// The chunks to request now: timed-out ones again, then new ones up to the window once
     /// half of it is free. A request in flight times out when neither it nor any stored
     /// chunk is as recent as the timeout; the timeout doubles with each time-out in a row
-    /// with no chunk arriving (up to 8 times), as a congested broker needs.
+    /// with no chunk arriving (up to 8 times), as a congested broker needs. Until the first
+    /// chunk arrives, it is longer by the patience ([`Transfer::with_first_patience`]).
     pub fn poll_request(&mut self, now: Instant) -> Asks {
         if self.progressed || self.progress_at.is_none() {
             self.progress_at = Some(now);
@@ -317,7 +355,7 @@ impl Transfer {
             self.backoff = 0;
         }
         let progress_at = self.progress_at.unwrap_or(now);
-        let timeout = self.timeout * (1 << self.backoff);
+        let timeout = self.current_timeout();
         if let Some(b) = &mut self.bucket {
             b.refill(now);
         }
@@ -376,7 +414,7 @@ impl Transfer {
     /// When the earliest request in flight times out, or the stall deadline passes.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let stall = self.progress_at.map(|t| t + self.stall_after);
-        let timeout = self.timeout * (1 << self.backoff);
+        let timeout = self.current_timeout();
         let retry = self.in_flight.values().min().map(|t| {
             let since = match self.progress_at {
                 Some(p) => (*t).max(p),
@@ -505,6 +543,29 @@ mod tests {
         let later = t0 + Duration::from_secs(6);
         assert_eq!(t.poll_request(later), again(&[2, 3, 4]));
         assert_eq!(t.refetched_chunks(), 3);
+    }
+
+    #[test]
+    fn the_first_chunk_is_waited_for_longer_then_the_timeout_is_as_configured() {
+        let bytes = vec![7u8; 40];
+        let timeout = Duration::from_secs(5);
+        let patience = modelcast_proto::chunk::MAX_GATHER;
+        let mut t =
+            Transfer::new(manifest(&bytes, 10), vec![], 2, timeout).with_first_patience(patience);
+        let t0 = Instant::now();
+        assert_eq!(t.poll_request(t0), first(&[0, 1]));
+        // A server gathering a shared copy holds the first asks: no ask again meanwhile.
+        assert_eq!(t.poll_timeout(), Some(t0 + timeout + patience));
+        assert!(t
+            .poll_request(t0 + timeout + Duration::from_secs(1))
+            .is_empty());
+        let t1 = t0 + timeout + patience;
+        assert_eq!(t.poll_request(t1), again(&[0, 1]));
+        // Once a chunk came, the plain timeout applies.
+        assert_eq!(t.handle_chunk(0, &bytes[..10]), Ok(Accepted::Store));
+        t.handle_stored(0);
+        assert_eq!(t.poll_request(t1), first(&[2]));
+        assert_eq!(t.poll_timeout(), Some(t1 + timeout));
     }
 
     #[test]

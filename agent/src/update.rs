@@ -113,6 +113,10 @@ pub struct Settings {
     pub chunk_timeout: Duration,
     /// A download with no new chunk for this long is reported as stalled.
     pub stall_after: Duration,
+    /// How much longer than `chunk_timeout` a download's first requests wait for its first
+    /// chunk ([`modelcast_proto::chunk::MAX_GATHER`] for a device that listens on shared
+    /// topics, whose first asks a server may gather).
+    pub first_chunk_patience: Duration,
 }
 
 /// What the driver must do, in the order queued.
@@ -260,7 +264,7 @@ enum Step {
     /// [`Action::PrepareDownload`] issued.
     Preparing(Manifest),
     /// Fetching chunks (paused while the download policy holds it).
-    Downloading(Transfer),
+    Downloading(Box<Transfer>),
     /// Downloaded, waiting for the maintenance window before staging.
     Ready(Manifest),
     /// [`Action::Stage`] issued.
@@ -598,7 +602,8 @@ impl Updater {
         let manifest = manifest.clone();
         let s = &self.settings;
         let transfer = Transfer::new(manifest.clone(), have, s.window, s.chunk_timeout)
-            .with_stall_deadline(s.stall_after);
+            .with_stall_deadline(s.stall_after)
+            .with_first_patience(s.first_chunk_patience);
         m.progress = Some(UpdateProgress {
             reused_bytes,
             ..progress(
@@ -612,7 +617,7 @@ impl Updater {
         let complete = transfer.is_complete();
         let mut transfer = transfer;
         transfer.set_rate(m.download.max_rate);
-        m.step = Step::Downloading(transfer);
+        m.step = Step::Downloading(Box::new(transfer));
         m.held = None;
         self.poll_now = true;
         self.set_phase(name, Phase::Downloading);
@@ -659,6 +664,20 @@ impl Updater {
 
     /// A chunk of `artifact` (hex SHA-256) arrived.
     pub fn handle_chunk(&mut self, artifact: &str, index: u32, data: &[u8]) -> ChunkFate {
+        self.handle_copy(artifact, index, data.len(), || {
+            modelcast_proto::sha256_hex(data)
+        })
+    }
+
+    /// A copy of chunk `index` of `artifact` arrived, of `len` bytes whose SHA-256 (hex)
+    /// `sha256` gives (see [`Transfer::handle_copy`]).
+    pub fn handle_copy(
+        &mut self,
+        artifact: &str,
+        index: u32,
+        len: usize,
+        sha256: impl FnOnce() -> String,
+    ) -> ChunkFate {
         let Some((name, m)) = self.models.iter_mut().find(
             |(_, m)| matches!(&m.step, Step::Downloading(t) if t.manifest().sha256 == artifact),
         ) else {
@@ -668,7 +687,7 @@ impl Updater {
         let Step::Downloading(transfer) = &mut m.step else {
             unreachable!("matched above");
         };
-        let e = match transfer.handle_chunk(index, data) {
+        let e = match transfer.handle_copy(index, len, sha256) {
             Ok(Accepted::Store) => return ChunkFate::Store(name),
             Ok(Accepted::Duplicate) => return ChunkFate::Duplicate(name),
             // An index outside the artifact is not a copy of any chunk: no state is kept for

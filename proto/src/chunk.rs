@@ -29,6 +29,13 @@ pub const MAX_CHUNKS_PER_REQUEST: usize = 1024;
 /// Largest encoded chunk request (1,024 indices take about 11 KiB).
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
+/// The longest a server holds the first ask for a chunk from devices that listen on the
+/// artifact's shared topic ([`ChunkRequest::shared`]), gathering the devices a rollout wave
+/// tells (its desired states go out over seconds) for one shared copy. Such a device waits
+/// this much longer than its chunk timeout for the first chunk of a download before it asks
+/// again: asking again would only be skipped while the copy is gathered.
+pub const MAX_GATHER: std::time::Duration = std::time::Duration::from_secs(15);
+
 const MAGIC: &[u8; 4] = b"MCC1";
 const MAGIC_ZSTD: &[u8; 4] = b"MCZ1";
 const MAGIC_ZSTD_GROUPED: &[u8; 4] = b"MCZ4";

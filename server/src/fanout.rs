@@ -67,8 +67,9 @@ pub const GATHER: Duration = Duration::from_millis(50);
 /// A shared publication waits until no device joined for this long...
 pub const JOIN_QUIET: Duration = Duration::from_millis(250);
 
-/// ...but no longer than this from its first ask.
-pub const MAX_GATHER: Duration = Duration::from_secs(30);
+/// ...but no longer than this from its first ask (devices wait this long for their first
+/// chunk before asking again).
+pub const MAX_GATHER: Duration = modelcast_proto::chunk::MAX_GATHER;
 
 /// A listener that asked nothing for this long is forgotten (if it asks again it joins anew,
 /// which is never wrong, only more cautious).

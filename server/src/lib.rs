@@ -38,6 +38,7 @@ pub mod audit;
 pub mod auth;
 pub(crate) mod broker;
 pub(crate) mod budget;
+pub(crate) mod chunk_queue;
 pub(crate) mod clock;
 pub mod compress;
 pub mod db;

@@ -74,8 +74,9 @@ struct Args {
     /// shrinks by a sixteenth or more goes compressed to devices that can inflate it).
     #[arg(long, env = "MODELCAST_NO_CHUNK_COMPRESSION")]
     no_chunk_compression: bool,
-    /// Chunk requests answered at once; more are dropped until one ends (devices ask again),
-    /// so that a flood of requests costs bounded memory.
+    /// Chunk requests answered at once; more wait in a queue of one entry per device and
+    /// artifact (asked again while waiting: merged), so that a flood of requests costs
+    /// bounded memory.
     #[arg(long, env = "MODELCAST_MAX_CHUNK_REQUESTS", default_value_t = 256)]
     max_chunk_requests: usize,
     /// Largest artifact (model file) the API stores, in bytes; uploads stream to the store,

@@ -246,8 +246,13 @@ pub async fn render(fleet: &Fleet) -> Result<String, DbError> {
         ),
         (
             "chunk_requests_busy",
-            "Chunk requests dropped because --max-chunk-requests were being answered (devices ask again)",
+            "Chunk requests dropped because the queue of waiting requests was full (devices ask again)",
             chunks.busy,
+        ),
+        (
+            "chunk_requests_merged",
+            "Chunk requests merged into a waiting request of the same device and artifact",
+            chunks.merged,
         ),
     ] {
         registry.register(name, help, counter(value));
@@ -257,6 +262,11 @@ pub async fn render(fleet: &Fleet) -> Result<String, DbError> {
             "chunk_requests_in_flight",
             "Chunk requests being answered now",
             chunks.in_flight,
+        ),
+        (
+            "chunk_requests_waiting",
+            "Chunk requests waiting to be answered",
+            chunks.waiting,
         ),
         (
             "chunk_requests_limit",

@@ -6,6 +6,11 @@
 //! staging succeeds at once unless the device is told to fail, after `stage_delay`. With no
 //! traffic, trials end on their time limit.
 //!
+//! Real devices inflate and hash their chunks on their own CPUs; here they share this
+//! machine's with the server and the broker. So a chunk's inflation and SHA-256 are computed
+//! once per distinct copy ([`Copies`]): every other device that receives the same bytes
+//! (compared byte for byte) takes that result, and a copy that differs is checked afresh.
+//!
 //! Used by the rollout tests and `bench-fleet`.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -86,6 +91,8 @@ pub struct SimStats {
     pub queue_full: AtomicU64,
     /// Chunks asked again after a timeout or a reconnect.
     pub asked_again: AtomicU64,
+    /// Of them, asked again before any chunk of the download had arrived.
+    pub asked_again_first: AtomicU64,
 }
 
 /// A running simulated fleet; stops when dropped.
@@ -98,6 +105,54 @@ pub struct Sim {
     /// What each device serves: id → (model → version).
     serving: Arc<Mutex<BTreeMap<String, BTreeMap<String, u64>>>>,
     ids: Vec<String>,
+}
+
+/// Most distinct chunk copies [`Copies`] remembers (forgotten wholesale past it).
+const MAX_COPIES: usize = 4096;
+
+/// Chunk copies already inflated and hashed, by artifact and index: the bytes as they came,
+/// and the length and SHA-256 (hex) of what they inflated to (`None`: they did not inflate).
+#[derive(Default)]
+struct Copies(Mutex<std::collections::HashMap<([u8; 32], u32), Copy>>);
+
+struct Copy {
+    encoding: modelcast_proto::chunk::Encoding,
+    wire: bytes::Bytes,
+    checked: Option<(usize, String)>,
+}
+
+impl Copies {
+    /// What `wire`, a copy of chunk `index` of `artifact` in `encoding`, inflates to (no further than
+    /// `len`): its length and SHA-256, computed unless the same bytes were seen before.
+    fn check<'a>(
+        &self,
+        artifact: [u8; 32],
+        index: u32,
+        encoding: modelcast_proto::chunk::Encoding,
+        wire: &bytes::Bytes,
+        inflate: impl FnOnce() -> Option<std::borrow::Cow<'a, [u8]>>,
+    ) -> Option<(usize, String)> {
+        let key = (artifact, index);
+        if let Some(c) = self.0.lock().expect("copies lock").get(&key) {
+            if c.encoding == encoding && c.wire == *wire {
+                return c.checked.clone();
+            }
+        }
+        let checked = inflate().map(|d| (d.len(), modelcast_proto::sha256_hex(&d)));
+        let mut copies = self.0.lock().expect("copies lock");
+        if copies.len() >= MAX_COPIES {
+            copies.clear();
+        }
+        copies.insert(
+            key,
+            Copy {
+                encoding,
+                wire: wire.clone(),
+                checked: checked.clone(),
+            },
+        );
+        checked
+    }
 }
 
 struct Trust {
@@ -127,6 +182,7 @@ impl Sim {
             .map(|i| format!("{}{i:05}", opts.id_prefix))
             .collect();
         let opts = Arc::new(opts);
+        let copies = Arc::new(Copies::default());
         {
             let (ids, stats, failing, serving) =
                 (ids.clone(), stats.clone(), failing.clone(), serving.clone());
@@ -140,6 +196,7 @@ impl Sim {
                         stats: stats.clone(),
                         failing: failing.clone(),
                         serving: serving.clone(),
+                        copies: copies.clone(),
                     };
                     tokio::spawn(device.run());
                     tokio::time::sleep(pause).await;
@@ -192,6 +249,7 @@ struct Device {
     stats: Arc<SimStats>,
     failing: Arc<Mutex<BTreeSet<String>>>,
     serving: Arc<Mutex<BTreeMap<String, BTreeMap<String, u64>>>>,
+    copies: Arc<Copies>,
 }
 
 impl Device {
@@ -239,6 +297,10 @@ impl Device {
             window: self.opts.window,
             chunk_timeout: Duration::from_secs(10),
             stall_after: Duration::from_secs(120),
+            first_chunk_patience: match self.opts.shared {
+                true => modelcast_proto::chunk::MAX_GATHER,
+                false => Duration::ZERO,
+            },
         };
         let mut updater = Updater::new(settings, Vec::new());
         let mut trust = TrustState::from_root(self.trust.root.clone()).expect("root");
@@ -249,6 +311,8 @@ impl Device {
         let mut listening: BTreeSet<String> = BTreeSet::new();
         // Artifact topics (re)subscribed since the last request for them.
         let mut fresh: BTreeSet<String> = BTreeSet::new();
+        // Downloads a chunk of which arrived.
+        let mut arrived: BTreeSet<String> = BTreeSet::new();
         loop {
             let now = Instant::now();
             let mut wake = updater.next_wake(now);
@@ -312,14 +376,18 @@ impl Device {
                                 .fetch_add(reply.data.len() as u64, Ordering::Relaxed);
                             let artifact = hex::encode(reply.artifact);
                             // Inflated as the agent does, no further than the chunk's length.
-                            let data = updater.chunk_len(&artifact, reply.index).and_then(|l| {
-                                modelcast_agent::inflate::inflate(reply.encoding, reply.data, l)
-                                    .ok()
+                            let checked = updater.chunk_len(&artifact, reply.index).and_then(|l| {
+                                let wire = p.payload.slice_ref(reply.data);
+                                self.copies.check(reply.artifact, reply.index, reply.encoding, &wire, || {
+                                    modelcast_agent::inflate::inflate(reply.encoding, reply.data, l)
+                                        .ok()
+                                })
                             });
-                            if let Some(data) = data {
+                            if let Some((len, sha256)) = checked {
                                 if let ChunkFate::Store(name) =
-                                    updater.handle_chunk(&artifact, reply.index, &data)
+                                    updater.handle_copy(&artifact, reply.index, len, || sha256)
                                 {
+                                    arrived.insert(artifact);
                                     updater.chunk_stored(&name, reply.index);
                                 }
                             }
@@ -375,6 +443,11 @@ impl Device {
                         self.stats
                             .asked_again
                             .fetch_add(again.len() as u64, Ordering::Relaxed);
+                        if !arrived.contains(&artifact) {
+                            self.stats
+                                .asked_again_first
+                                .fetch_add(again.len() as u64, Ordering::Relaxed);
+                        }
                         let request = ChunkRequest {
                             format: modelcast_proto::FORMAT_VERSION,
                             device: self.id.clone(),

@@ -39,6 +39,7 @@ fn settings() -> Settings {
         window: 2,
         chunk_timeout: Duration::from_secs(1),
         stall_after: Duration::from_secs(5),
+        first_chunk_patience: Duration::ZERO,
     }
 }
 

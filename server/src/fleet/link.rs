@@ -1,6 +1,7 @@
 //! The fleet's tasks and its MQTT event loop: one supervisor ([`supervise`]) polls the broker
-//! link, decides what is read at all ([`Fleet::admit`]), answers chunk requests at once (at
-//! most `max_chunk_requests` at a time) and hands everything else to the handler in order;
+//! link, decides what is read at all ([`Fleet::admit`]), queues chunk requests for its
+//! `max_chunk_requests` answerers ([`crate::chunk_queue`]) and hands everything else to the
+//! handler in order;
 //! every task of the fleet runs in its [`JoinSet`] and ends on the one shutdown signal. On
 //! shutdown it drains: the handler finishes its queue (reports and telemetry stored), chunk
 //! replies in flight are sent, the broker link is polled until all of it is written, then
@@ -13,11 +14,12 @@ use std::time::{Duration, Instant};
 use modelcast_proto::chunk::ChunkRequest;
 use modelcast_proto::topic::DeviceTopic;
 use rumqttc::{Event, EventLoop, Outgoing, Packet, QoS};
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 use super::{Fleet, Role};
+use crate::chunk_queue::Pushed;
 
 /// Messages waiting for the handler (reports, online status, telemetry), at most.
 const HANDLER_QUEUE: usize = 65_536;
@@ -93,7 +95,10 @@ pub(super) async fn supervise(
             }
         });
     }
-    let permits = Arc::new(Semaphore::new(fleet.max_chunk_requests));
+    for _ in 0..fleet.max_chunk_requests {
+        let (fleet, stop) = (fleet.clone(), stop.clone());
+        tasks.spawn(async move { fleet.answer_chunk_requests(stop).await });
+    }
     let mut link = Poller::spawn(eventloop);
     loop {
         tokio::select! {
@@ -101,7 +106,7 @@ pub(super) async fn supervise(
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             event = link.events.recv() => match event {
                 Some(Ok(event)) => {
-                    if !fleet.on_event(event, &tx, &permits, &mut tasks) {
+                    if !fleet.on_event(event, &tx) {
                         break;
                     }
                 }
@@ -281,13 +286,7 @@ async fn drain(fleet: &Fleet, link: &mut Poller, mut tasks: JoinSet<()>, tx: Que
 
 impl Fleet {
     /// Handles one event of the broker link; false if the handler is gone.
-    fn on_event(
-        self: &Arc<Self>,
-        event: Event,
-        tx: &Queue,
-        permits: &Arc<Semaphore>,
-        tasks: &mut JoinSet<()>,
-    ) -> bool {
+    fn on_event(self: &Arc<Self>, event: Event, tx: &Queue) -> bool {
         match event {
             Event::Incoming(Packet::ConnAck(_)) => {
                 info!("server connected to broker");
@@ -300,15 +299,17 @@ impl Fleet {
                 }
                 // Chunk requests never wait behind reports.
                 if let Some(req) = self.chunk_request(&p.topic, &p.payload) {
-                    match permits.clone().try_acquire_owned() {
-                        Ok(permit) => {
-                            let fleet = self.clone();
-                            tasks.spawn(async move { fleet.serve(req, permit).await });
+                    let device = req.device.clone();
+                    let pushed = self.chunk_queue.lock().expect("chunk queue lock").push(req);
+                    match pushed {
+                        Pushed::Queued => self.chunk_queued.notify_one(),
+                        Pushed::Merged => {
+                            self.chunk_requests_merged.fetch_add(1, Relaxed);
                         }
-                        Err(_) => {
+                        Pushed::Full => {
                             // The device asks again when its chunks do not come.
                             self.chunk_requests_busy.fetch_add(1, Relaxed);
-                            debug!(device = %req.device, "chunk request over the limit dropped");
+                            debug!(%device, "chunk request dropped: the queue is full");
                         }
                     }
                     return true;
@@ -358,12 +359,27 @@ impl Fleet {
         );
     }
 
-    /// Answers one chunk request, holding one of the `max_chunk_requests` permits.
-    async fn serve(&self, req: ChunkRequest, permit: OwnedSemaphorePermit) {
-        self.chunk_requests_in_flight.fetch_add(1, Relaxed);
-        self.serve_chunks(req).await;
-        self.chunk_requests_in_flight.fetch_sub(1, Relaxed);
-        drop(permit);
+    /// One of the `max_chunk_requests` answerers: takes the request that has waited longest
+    /// ([`crate::chunk_queue`]) and answers it, until `stop` (the request being answered then
+    /// is finished; those still waiting are dropped, and their devices ask again).
+    async fn answer_chunk_requests(&self, mut stop: watch::Receiver<bool>) {
+        loop {
+            let next = self.chunk_queue.lock().expect("chunk queue lock").pop();
+            match next {
+                Some(req) => {
+                    self.chunk_requests_in_flight.fetch_add(1, Relaxed);
+                    self.serve_chunks(req).await;
+                    self.chunk_requests_in_flight.fetch_sub(1, Relaxed);
+                }
+                None => tokio::select! {
+                    _ = stopped(&mut stop) => return,
+                    _ = self.chunk_queued.notified() => {}
+                },
+            }
+            if *stop.borrow() {
+                return;
+            }
+        }
     }
 
     /// Whether a message of `bytes` on `topic` is read at all: not from a quarantined device,

@@ -157,9 +157,17 @@ pub struct ChunkStats {
     /// asks again later).
     #[serde(default)]
     pub over_budget: u64,
-    /// Requests dropped because `limit` requests were being answered (the device asks again).
+    /// Requests dropped because the queue of waiting requests was full (the device asks
+    /// again).
     #[serde(default)]
     pub busy: u64,
+    /// Requests waiting for one of the `limit` answering slots (one per device and artifact:
+    /// a device asking again while it waits has its request merged).
+    #[serde(default)]
+    pub waiting: u64,
+    /// Requests merged into the waiting request of the same device and artifact.
+    #[serde(default)]
+    pub merged: u64,
     /// Requests being answered now.
     #[serde(default)]
     pub in_flight: u64,
@@ -220,8 +228,14 @@ pub struct Fleet {
     max_chunk_requests: usize,
     /// Chunk requests being answered now.
     chunk_requests_in_flight: std::sync::atomic::AtomicU64,
-    /// Chunk requests dropped because `max_chunk_requests` were being answered.
+    /// Chunk requests dropped because the queue of waiting ones was full.
     chunk_requests_busy: std::sync::atomic::AtomicU64,
+    /// Chunk requests merged into a waiting one.
+    chunk_requests_merged: std::sync::atomic::AtomicU64,
+    /// Chunk requests waiting for one of the `max_chunk_requests` slots.
+    chunk_queue: std::sync::Mutex<crate::chunk_queue::ChunkQueue>,
+    /// Told when a chunk request is queued.
+    chunk_queued: tokio::sync::Notify,
     chunks: std::sync::atomic::AtomicU64,
     chunk_bytes: std::sync::atomic::AtomicU64,
     chunks_shared: std::sync::atomic::AtomicU64,
@@ -362,6 +376,11 @@ impl Fleet {
             max_chunk_requests: link.max_chunk_requests.max(1),
             chunk_requests_in_flight: Default::default(),
             chunk_requests_busy: Default::default(),
+            chunk_requests_merged: Default::default(),
+            chunk_queue: std::sync::Mutex::new(crate::chunk_queue::ChunkQueue::new(
+                crate::chunk_queue::MAX_WAITING,
+            )),
+            chunk_queued: Default::default(),
             chunks: Default::default(),
             chunk_bytes: Default::default(),
             chunks_shared: Default::default(),
@@ -429,6 +448,8 @@ impl Fleet {
                 refused: self.refused.load(Relaxed),
                 over_budget: self.chunks_over_budget.load(Relaxed),
                 busy: self.chunk_requests_busy.load(Relaxed),
+                merged: self.chunk_requests_merged.load(Relaxed),
+                waiting: self.chunk_queue.lock().expect("chunk queue lock").len() as u64,
                 in_flight: self.chunk_requests_in_flight.load(Relaxed),
                 limit: self.max_chunk_requests as u64,
             },
