@@ -355,6 +355,7 @@ impl Artifacts {
             next: 0,
             current: Vec::new(),
             offset: 0,
+            key: None,
         })
     }
 
@@ -457,6 +458,17 @@ pub struct ArtifactReader {
     next: u32,
     current: Vec<u8>,
     offset: usize,
+    /// The content key of an encrypted artifact: each chunk is opened after its digest
+    /// checks, in memory.
+    key: Option<modelcast_proto::seal::ContentKey>,
+}
+
+impl ArtifactReader {
+    /// Reads the plaintext of an encrypted artifact, each chunk opened with `key`.
+    pub fn opening(mut self, key: modelcast_proto::seal::ContentKey) -> Self {
+        self.key = Some(key);
+        self
+    }
 }
 
 impl Read for ArtifactReader {
@@ -480,6 +492,14 @@ impl Read for ArtifactReader {
                     &layout,
                     format!("stored chunk {index} does not match its digest"),
                 )));
+            }
+            if let Some(key) = &self.key {
+                self.current = key.open_chunk(index, &self.current).map_err(|e| {
+                    std::io::Error::other(StoreError::Sealed {
+                        artifact: self.sha256.clone(),
+                        reason: e.to_string(),
+                    })
+                })?;
             }
             self.offset = 0;
             self.next += 1;

@@ -67,6 +67,9 @@ pub enum AgentError {
     /// The control plane's thread or runtime could not start, or died.
     #[error("control runtime: {0}")]
     Runtime(std::io::Error),
+    /// The device's sealing key could not be read or made.
+    #[error(transparent)]
+    SealingKey(#[from] crate::sealing::SealingKeyError),
 }
 
 use crate::clock::unix_secs as unix_now;
@@ -106,6 +109,8 @@ struct Agent {
     fetcher: crate::fetch::Fetcher,
     /// Downloads (by artifact digest) whose HTTP fetches failed: MQTT carries them.
     http_failed: std::collections::HashSet<String>,
+    /// The device's sealing key's public half (hex), in every report.
+    sealing_key: Option<String>,
 }
 
 fn load_trust(cfg: &Config, store: &Store) -> Result<(TrustState, RoleVerifier), AgentError> {
@@ -154,6 +159,8 @@ pub async fn run(
         .map_err(AgentError::Runtime)?
         .join()
         .map_err(|_| AgentError::Runtime(std::io::Error::other("opening the store panicked")))??;
+    let sealing = crate::sealing::load_or_create(&cfg.state_dir)?;
+    let store = store.with_sealing_key(sealing, &cfg.device_id);
     let (_, director) = load_trust(&cfg, &store)?;
     let tls = cfg.tls_client_config()?;
     let models = Arc::new(Models::default());
@@ -342,6 +349,7 @@ async fn control(
     };
     let (fetcher, mut fetched) = crate::fetch::Fetcher::start(tls.clone());
     let (link, mut events) = Link::connect(&cfg, tls);
+    let sealing_key = store.sealing_key().map(|k| k.to_hex());
     let mut agent = Agent {
         last_error: store.last_error()?,
         director,
@@ -361,6 +369,7 @@ async fn control(
         link,
         fetcher,
         http_failed: Default::default(),
+        sealing_key,
     };
     if let Some(rebuilt) = rebuilt {
         agent
@@ -583,9 +592,33 @@ impl Agent {
         }
         self.store.set_pins(&pins).map_err(|e| e.to_string())?;
         self.pins = pins;
+        // An encrypted version whose content key does not open here is refused before a
+        // byte of it downloads; what serves is untouched.
+        let mut refused = Vec::new();
+        for m in verified.models().iter().filter(|m| m.encryption.is_some()) {
+            // A wrap is kept only once it opens (a bad one never replaces a good one); without
+            // a new one that opens, the one kept must.
+            let fresh = verified
+                .key_wrap(&m.name)
+                .map(|wrap| self.store.open_key_wrap(m, wrap).map(|_| wrap));
+            let opened = match fresh {
+                Some(Ok(wrap)) => self.store.keep_key_wrap(&m.sha256, wrap),
+                Some(Err(e)) => self.store.content_key(m).map(drop).map_err(|_| e),
+                None => self.store.content_key(m).map(drop),
+            };
+            if let Err(e) = opened {
+                warn!(model = %m.name, version = m.version, error = %e, "encrypted version refused");
+                refused.push((m.name.clone(), m.version, e));
+            }
+        }
+        for (name, version, e) in refused.iter() {
+            self.record_error(Some(name.clone()), Some(*version), e.kind(), e.to_string())
+                .await;
+        }
         let desired: Vec<_> = verified
             .models()
             .iter()
+            .filter(|m| !refused.iter().any(|(name, ..)| *name == m.name))
             .map(|m| crate::update::Wanted {
                 manifest: m.clone(),
                 thresholds: verified.probation(&m.name),
@@ -1015,6 +1048,7 @@ impl Agent {
             desired_version: self.desired_version,
             at: unix_now(),
             engines: Some(self.cfg.engine.engines()),
+            sealing_key: self.sealing_key.clone(),
         };
         self.link.report(&report).await;
     }

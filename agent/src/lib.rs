@@ -46,6 +46,7 @@ pub mod priority;
 pub mod probation;
 pub(crate) mod recovery;
 pub mod sampling;
+pub(crate) mod sealing;
 pub mod serve;
 pub mod slots;
 pub mod store;

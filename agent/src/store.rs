@@ -56,6 +56,9 @@ pub struct Store {
     files: Artifacts,
     /// The store directory (`sled/`, `artifacts/`, the trust mirror).
     dir: std::path::PathBuf,
+    /// The device's key for opening content keys of encrypted artifacts, and its id (what
+    /// each key wrap is bound to); none: encrypted artifacts do not open.
+    sealing: Option<std::sync::Arc<(modelcast_proto::seal::OpeningKey, String)>>,
 }
 
 /// A copy of the trust state beside the database, written on every change, so that the
@@ -189,6 +192,7 @@ impl Store {
             meta,
             files: Artifacts::open(&dir.join("artifacts"))?,
             dir: dir.into(),
+            sealing: None,
             db,
         })
     }
@@ -430,9 +434,79 @@ impl Store {
         Ok(())
     }
 
-    /// A reader over the stored artifact that checks each chunk's digest as it goes.
+    /// A reader over the stored artifact that checks each chunk's digest as it goes, and
+    /// decrypts each chunk of an encrypted artifact in memory ([`Store::content_key`]).
     pub fn artifact_reader(&self, manifest: &Manifest) -> Result<ArtifactReader, StoreError> {
-        self.files.reader(&manifest.artifact())
+        let reader = self.files.reader(&manifest.artifact())?;
+        match manifest.encryption {
+            None => Ok(reader),
+            Some(_) => Ok(reader.opening(self.content_key(manifest)?)),
+        }
+    }
+
+    /// Opens encrypted artifacts with `key`, the device's, bound to device id `device`.
+    pub fn with_sealing_key(
+        mut self,
+        key: modelcast_proto::seal::OpeningKey,
+        device: &str,
+    ) -> Self {
+        self.sealing = Some(std::sync::Arc::new((key, device.to_string())));
+        self
+    }
+
+    /// The public half of the device's sealing key, if it has one.
+    pub fn sealing_key(&self) -> Option<modelcast_proto::seal::SealingKey> {
+        self.sealing.as_ref().map(|s| s.0.sealing_key())
+    }
+
+    /// Keeps the key wrap of the encrypted artifact `sha256` (for its staging, a restart and a
+    /// rollback), replacing what was kept.
+    pub fn keep_key_wrap(
+        &self,
+        sha256: &str,
+        wrap: &modelcast_proto::seal::KeyWrap,
+    ) -> Result<(), StoreError> {
+        let key = format!("wrap/{}", sha256.to_ascii_lowercase());
+        self.meta.insert(key, encode(wrap))?;
+        Ok(())
+    }
+
+    /// The content key of `manifest`'s encrypted artifact: its kept wrap opened with the
+    /// device's key.
+    pub fn content_key(
+        &self,
+        manifest: &Manifest,
+    ) -> Result<modelcast_proto::seal::ContentKey, StoreError> {
+        let sealed = |reason: String| StoreError::Sealed {
+            artifact: manifest.sha256.clone(),
+            reason,
+        };
+        let key = format!("wrap/{}", manifest.sha256.to_ascii_lowercase());
+        let wrap: modelcast_proto::seal::KeyWrap = match self.meta.get(&key)? {
+            Some(v) => decode(&key, &v)?,
+            None => return Err(sealed("no key wrap for this device came with it".into())),
+        };
+        self.open_key_wrap(manifest, &wrap)
+    }
+
+    /// The content key of `manifest`'s encrypted artifact in `wrap`, opened with the
+    /// device's key.
+    pub fn open_key_wrap(
+        &self,
+        manifest: &Manifest,
+        wrap: &modelcast_proto::seal::KeyWrap,
+    ) -> Result<modelcast_proto::seal::ContentKey, StoreError> {
+        let sealed = |reason: String| StoreError::Sealed {
+            artifact: manifest.sha256.clone(),
+            reason,
+        };
+        let Some(sealing) = &self.sealing else {
+            return Err(sealed("this agent has no sealing key".into()));
+        };
+        let (opening, device) = &**sealing;
+        opening
+            .open(wrap, device, &manifest.sha256)
+            .map_err(|e| sealed(e.to_string()))
     }
 
     /// The golden vectors of `manifest`'s golden file (verified by

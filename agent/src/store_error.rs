@@ -59,6 +59,15 @@ pub enum StoreError {
         /// What differs.
         reason: String,
     },
+    /// An encrypted artifact cannot be opened here: no key wrap kept for it, no sealing key,
+    /// a wrap that does not open, or a chunk that fails authentication.
+    #[error("encrypted artifact {artifact}: {reason}")]
+    Sealed {
+        /// Artifact digest.
+        artifact: String,
+        /// Why.
+        reason: String,
+    },
 }
 
 impl StoreError {
@@ -68,7 +77,9 @@ impl StoreError {
         use modelcast_proto::report::ErrorKind;
         match self {
             StoreError::NoSpace { .. } => ErrorKind::NoSpace,
-            StoreError::DigestMismatch { .. } => ErrorKind::Verification,
+            StoreError::DigestMismatch { .. } | StoreError::Sealed { .. } => {
+                ErrorKind::Verification
+            }
             _ => ErrorKind::Failed,
         }
     }

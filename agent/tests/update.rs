@@ -114,6 +114,7 @@ fn manifest(bytes: &[u8], version: u64, model_format: ModelFormat) -> Manifest {
         latency_budget: None,
         fallback_to: None,
         forms: Vec::new(),
+        encryption: None,
         tolerance: Default::default(),
     };
     let out = reference_output(bytes, &m);

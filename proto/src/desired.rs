@@ -256,6 +256,11 @@ pub struct TargetTerms {
     /// artifact.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub form: Option<crate::manifest::ModelFormat>,
+    /// The content key of an encrypted artifact, sealed to this device's key
+    /// (`custom.key_wrap`, see [`crate::seal`]); absent for an artifact in clear, or for a
+    /// device that has not reported a key yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_wrap: Option<crate::seal::KeyWrap>,
 }
 
 /// The `custom` object of a target in a device's director targets, as the server signs it
@@ -389,6 +394,10 @@ mod tests {
                 }),
                 backend: Some(crate::engine::Backend::Onnxruntime),
                 form: Some(crate::manifest::ModelFormat::Onnx),
+                key_wrap: Some(crate::seal::KeyWrap {
+                    enc: "ab".repeat(32),
+                    sealed: "cd".repeat(48),
+                }),
             },
         };
         let value = custom.to_value();

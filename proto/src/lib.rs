@@ -36,6 +36,7 @@ pub mod layout;
 pub mod manifest;
 pub mod metadata;
 pub mod report;
+pub mod seal;
 pub mod telemetry;
 #[cfg(feature = "tls")]
 pub mod tls;

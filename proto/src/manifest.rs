@@ -608,6 +608,12 @@ pub struct Manifest {
     /// each vector's own (another engine rounds differently than the one that computed them).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub tolerance: BTreeMap<crate::engine::Backend, String>,
+    /// The artifact is encrypted ([`crate::seal`]): `size`, `chunk_size`, `segments`, the
+    /// digests and `sha256` are those of the ciphertext; each device receives the content key
+    /// sealed to it in its target ([`crate::desired::TargetTerms::key_wrap`]). One form only;
+    /// the golden vectors and golden file stay in clear.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<crate::seal::Encryption>,
 }
 
 /// One more form of a manifest's model: an artifact of its own in another format, chunked in
@@ -868,6 +874,13 @@ impl Manifest {
                 .check()
                 .map_err(|reason| invalid(format!("its {} form: {reason}", form.model_format)))?;
         }
+        if let Some(e) = &self.encryption {
+            e.check(self.size, self.chunk_size, &self.segments)
+                .map_err(|reason| invalid(format!("encryption: {reason}")))?;
+            if !self.forms.is_empty() {
+                return Err(invalid("an encrypted model has one form".into()));
+            }
+        }
         if self.inputs.is_empty() || self.outputs.is_empty() {
             return Err(invalid("a model needs inputs and outputs".into()));
         }
@@ -1068,6 +1081,7 @@ mod tests {
             latency_budget: None,
             fallback_to: None,
             forms: Vec::new(),
+            encryption: None,
             tolerance: Default::default(),
         }
     }

@@ -324,6 +324,10 @@ pub struct DeviceReport {
     /// director sends each device the form it prefers, [`crate::engine::choose_form`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub engines: Option<crate::engine::Engines>,
+    /// The device's X25519 public key (hex), to which servers seal the content keys of
+    /// encrypted models ([`crate::seal`]); its private half never leaves the device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealing_key: Option<String>,
 }
 
 impl DeviceReport {
@@ -390,6 +394,7 @@ mod tests {
             desired_version: 3,
             at: 0,
             engines: None,
+            sealing_key: Some("ab".repeat(32)),
         };
         let back = DeviceReport::from_slice(&r.to_vec()).unwrap();
         assert_eq!(back, r);

@@ -73,6 +73,7 @@ pub struct VerifiedDesired {
     sampling: BTreeMap<String, SamplingSpec>,
     download: BTreeMap<String, crate::desired::DownloadPolicy>,
     backend: BTreeMap<String, crate::engine::Backend>,
+    key_wraps: BTreeMap<String, crate::seal::KeyWrap>,
     director_version: u64,
 }
 
@@ -86,6 +87,12 @@ impl VerifiedDesired {
     /// target names (see [`Manifest::in_form`]).
     pub fn models(&self) -> &[Manifest] {
         &self.models
+    }
+
+    /// The content key of `model`'s encrypted artifact, sealed to this device, if its target
+    /// carries one.
+    pub fn key_wrap(&self, model: &str) -> Option<&crate::seal::KeyWrap> {
+        self.key_wraps.get(model)
     }
 
     /// The backend the deployment pins `model` to, if it does.
@@ -247,6 +254,7 @@ pub fn verify_desired(
     let mut sampling = BTreeMap::new();
     let mut download = BTreeMap::new();
     let mut backend = BTreeMap::new();
+    let mut key_wraps = BTreeMap::new();
     for (path, target) in &wanted.targets {
         let custom = match DirectorCustom::from_value(target.custom.as_ref()) {
             Ok(c) if c.device == device => c,
@@ -304,6 +312,9 @@ pub fn verify_desired(
         if let Some(pin) = custom.terms.backend {
             backend.insert(manifest.name.clone(), pin);
         }
+        if let Some(wrap) = custom.terms.key_wrap {
+            key_wraps.insert(manifest.name.clone(), wrap);
+        }
         models.push(manifest);
     }
 
@@ -321,6 +332,7 @@ pub fn verify_desired(
         sampling,
         download,
         backend,
+        key_wraps,
         director_version: wanted.version,
     })
 }
@@ -400,6 +412,7 @@ pub mod fixture {
             latency_budget: None,
             fallback_to: None,
             forms: Vec::new(),
+            encryption: None,
             tolerance: Default::default(),
         }
     }

@@ -56,6 +56,10 @@ pub struct PublishRequest {
     pub upload: TargetsUpload,
     /// Who publishes.
     pub published_by: String,
+    /// The content key of each encrypted artifact the upload adds, sealed to the server's
+    /// escrow key (`GET /api/v1/repository/escrow-key`), by artifact digest.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub key_escrow: BTreeMap<String, modelcast_proto::seal::KeyWrap>,
 }
 
 /// Largest body of `POST /api/v1/repository/targets`: a few re-signed bins (manifests only,
@@ -326,6 +330,7 @@ pub fn router(fleet: Arc<Fleet>, tokens: Option<Tokens>, limits: ApiLimits) -> R
         )
         .route("/api/v1/repository/root", get(root).post(rotate_root))
         .route("/api/v1/repository/roots", get(roots))
+        .route("/api/v1/repository/escrow-key", get(escrow_key))
         .route(
             "/api/v1/repository/targets",
             get(targets)
@@ -390,6 +395,17 @@ pub fn standby_router(mqtt_identity: String) -> Router {
 }
 
 /// The server's role and the chunk requests it answered.
+/// The server's escrow key, which publishers seal each encrypted version's content key to.
+async fn escrow_key(State(fleet): State<Arc<Fleet>>) -> ApiResult {
+    match fleet.repo().escrow_key() {
+        Some(k) => Ok(Json(json!({ "key": k.to_hex() })).into_response()),
+        None => Err(ApiError(
+            StatusCode::NOT_FOUND,
+            "this server has no escrow key".into(),
+        )),
+    }
+}
+
 async fn status(State(fleet): State<Arc<Fleet>>) -> Json<crate::fleet::Status> {
     Json(fleet.status())
 }
@@ -576,7 +592,7 @@ async fn publish(
 ) -> ApiResult {
     let req: PublishRequest = serde_json::from_slice(&body).map_err(bad)?;
     let who = caller.name_or(&req.published_by);
-    let published = registry::publish(&fleet, &req.upload, &who)
+    let published = registry::publish(&fleet, &req.upload, &req.key_escrow, &who)
         .await
         .map_err(registry_error)?;
     Ok(Json(published).into_response())

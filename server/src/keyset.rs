@@ -75,6 +75,33 @@ pub fn read_key(path: &Path) -> Result<SigningKey, KeyError> {
     })
 }
 
+/// The escrow key's file beside the server's keys: an X25519 private key (64 hex
+/// characters), which publishers seal each encrypted version's content key to.
+pub const ESCROW_FILE: &str = "escrow.key";
+
+/// The server's escrow key (confidential models, [`modelcast_proto::seal`]): read from
+/// `dir`, or made there (0600) on first use.
+pub fn escrow_key(dir: &Path) -> Result<modelcast_proto::seal::OpeningKey, KeyError> {
+    let path = dir.join(ESCROW_FILE);
+    let invalid = |reason: String| KeyError::Invalid {
+        path: path.clone(),
+        reason,
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let bytes = hex::decode(text.trim()).map_err(|e| invalid(e.to_string()))?;
+            modelcast_proto::seal::OpeningKey::from_bytes(&bytes)
+                .map_err(|e| invalid(e.to_string()))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let (key, _) = modelcast_proto::seal::OpeningKey::generate();
+            write(&path, &hex::encode(key.to_bytes()), true)?;
+            Ok(key)
+        }
+        Err(source) => Err(KeyError::Io { path, source }),
+    }
+}
+
 /// Reads a signed root document.
 pub fn read_root(path: &Path) -> Result<Signed, KeyError> {
     let bytes = std::fs::read(path).map_err(|source| KeyError::Io {

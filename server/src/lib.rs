@@ -251,7 +251,9 @@ pub async fn run(
     };
     let root = keyset::read_root(&cfg.keys_dir.join("root.json"))?;
     let online = keyset::read_key(&cfg.keys_dir.join("server.key"))?;
-    let repo = repo::Repository::new(db.clone(), root, online).await?;
+    let repo = repo::Repository::new(db.clone(), root, online)
+        .await?
+        .with_escrow(keyset::escrow_key(&cfg.keys_dir)?);
     let drops = std::sync::Arc::new(budget::Drops::default());
     let quarantines =
         std::sync::Arc::new(quarantine::Quarantines::from_records(db.devices().await?));

@@ -316,6 +316,7 @@ pub async fn check_artifacts(fleet: &Fleet, manifests: &[Manifest]) -> Result<()
 pub async fn publish(
     fleet: &Fleet,
     upload: &TargetsUpload,
+    key_escrow: &std::collections::BTreeMap<String, modelcast_proto::seal::KeyWrap>,
     who: &str,
 ) -> Result<Published, RegistryError> {
     let db = fleet.db();
@@ -341,6 +342,19 @@ pub async fn publish(
         }
     }
     check_artifacts(fleet, &new).await?;
+    // An encrypted version comes with its content key sealed to this server, which opens.
+    for m in new.iter().filter(|m| m.encryption.is_some()) {
+        let wrap = key_escrow.get(&m.sha256).ok_or_else(|| {
+            RegistryError::Invalid(format!(
+                "{} is encrypted but its content key did not come sealed to this server",
+                m.target_path()
+            ))
+        })?;
+        fleet
+            .repo()
+            .open_escrow(wrap, &m.sha256)
+            .map_err(|e| RegistryError::Invalid(e.to_string()))?;
+    }
     // A version leaves the repository only when no device is meant to run it.
     if !checked.removed.is_empty() {
         for d in db.devices().await? {
@@ -365,6 +379,10 @@ pub async fn publish(
     for m in new {
         added.push(m.target_path());
         db.put_model(&ModelEntry {
+            key_escrow: m
+                .encryption
+                .as_ref()
+                .and_then(|_| key_escrow.get(&m.sha256).cloned()),
             manifest: m,
             published_by: who.to_string(),
             published_at: now,

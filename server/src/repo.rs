@@ -83,6 +83,9 @@ pub struct Repository {
     /// The newest trusted root (the provisioned one until operators rotate).
     root: Arc<RwLock<Signed>>,
     online: SigningKey,
+    /// The escrow key content keys of encrypted versions are sealed to; none: encrypted
+    /// versions cannot be published here.
+    escrow: Option<Arc<modelcast_proto::seal::OpeningKey>>,
 }
 
 fn root_doc(root: &Signed) -> Result<Root, RepoError> {
@@ -136,7 +139,59 @@ impl Repository {
             provisioned: root,
             root: Arc::new(RwLock::new(current)),
             online,
+            escrow: None,
         })
+    }
+
+    /// Holds encrypted versions' content keys sealed to `escrow` (see [`crate::keyset::escrow_key`]).
+    pub fn with_escrow(mut self, escrow: modelcast_proto::seal::OpeningKey) -> Self {
+        self.escrow = Some(Arc::new(escrow));
+        self
+    }
+
+    /// The escrow key's public half, which publishers seal content keys to.
+    pub fn escrow_key(&self) -> Option<modelcast_proto::seal::SealingKey> {
+        self.escrow.as_ref().map(|e| e.sealing_key())
+    }
+
+    /// The content key of encrypted artifact `sha256`, from its escrow wrap.
+    pub fn open_escrow(
+        &self,
+        wrap: &modelcast_proto::seal::KeyWrap,
+        sha256: &str,
+    ) -> Result<modelcast_proto::seal::ContentKey, RepoError> {
+        let escrow = self
+            .escrow
+            .as_ref()
+            .ok_or_else(|| RepoError::Rejected("this server has no escrow key".into()))?;
+        escrow
+            .open(wrap, modelcast_proto::seal::ESCROW, sha256)
+            .map_err(|e| RepoError::Rejected(format!("the content key of {sha256}: {e}")))
+    }
+
+    /// The content key of encrypted artifact `sha256` (escrowed in `escrow`) sealed to
+    /// `device`'s key (hex): the same wrap each time for the same device key (seeded from the
+    /// escrow key, the device, its key and the artifact), so a desired state changes only when
+    /// the device's key does.
+    pub fn wrap_for(
+        &self,
+        escrow: &modelcast_proto::seal::KeyWrap,
+        sha256: &str,
+        device: &str,
+        device_key: &str,
+    ) -> Result<modelcast_proto::seal::KeyWrap, RepoError> {
+        let to = modelcast_proto::seal::SealingKey::from_hex(device_key)
+            .map_err(|e| RepoError::Rejected(format!("device {device}'s key: {e}")))?;
+        let key = self.open_escrow(escrow, sha256)?;
+        let secret = self.escrow.as_ref().expect("opened above").to_bytes();
+        // A keyed hash: the escrow secret, then what the wrap is for.
+        use sha2::Digest;
+        let seed: [u8; 32] = sha2::Sha256::new()
+            .chain_update(&secret)
+            .chain_update(format!("wrap seed\0{device}\0{}\0{sha256}", to.to_hex()))
+            .finalize()
+            .into();
+        Ok(to.wrap_seeded(&key, device, sha256, seed))
     }
 
     /// The newest trusted root.

@@ -481,6 +481,7 @@ impl Rollout {
                     download: self.spec.download.clone(),
                     backend: self.spec.backend,
                     form: None,
+                    key_wrap: None,
                 },
             )),
         }
@@ -860,6 +861,7 @@ mod tests {
             desired_version: 0,
             at: 100,
             engines: None,
+            sealing_key: None,
         }
     }
 

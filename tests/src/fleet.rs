@@ -338,6 +338,7 @@ impl Fleet {
         let request = modelcast_server::api::PublishRequest {
             upload,
             published_by: "e2e".into(),
+            key_escrow: Default::default(),
         };
         let size = serde_json::to_vec(&request).expect("a request").len();
         self.client.publish(&request).expect("publish");

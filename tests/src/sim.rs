@@ -504,6 +504,7 @@ impl Device {
                             desired_version,
                             at: modelcast_server::unix_now(),
                             engines: None,
+                            sealing_key: None,
                         };
                         let _ = client.try_publish(
                             topics.device(&self.id, DeviceTopic::State),

@@ -123,6 +123,7 @@ fn a_state_report_flood_is_dropped_over_the_devices_budget() {
             desired_version: 0,
             at: at as i64,
             engines: None,
+            sealing_key: None,
         };
         rogue.publish_raw(&topic, false, report.to_vec());
     }

@@ -42,6 +42,7 @@ fn model(name: &str, version: u64) -> ModelEntry {
         latency_budget: None,
         fallback_to: Some(1),
         forms: Vec::new(),
+        encryption: None,
         tolerance: Default::default(),
     };
     ModelEntry {
@@ -50,6 +51,7 @@ fn model(name: &str, version: u64) -> ModelEntry {
         published_at: 1_700_000_000 + version as i64,
         stage: Stage::Candidate,
         staged_by: None,
+        key_escrow: None,
     }
 }
 

@@ -367,6 +367,14 @@ impl Client {
         Self::read(self.get("/api/v1/models").call())
     }
 
+    /// The server's escrow key, which content keys of encrypted versions are sealed to.
+    pub fn escrow_key(&self) -> Result<modelcast_proto::seal::SealingKey, ClientError> {
+        let answer: serde_json::Value =
+            Self::read(self.get("/api/v1/repository/escrow-key").call())?;
+        let hex = answer["key"].as_str().unwrap_or_default();
+        modelcast_proto::seal::SealingKey::from_hex(hex).map_err(transport)
+    }
+
     /// The server's role and the chunk requests it answered.
     pub fn status(&self) -> Result<modelcast_server::fleet::Status, ClientError> {
         Self::read(self.get("/api/v1/status").call())

@@ -259,6 +259,7 @@ pub fn draft(
         latency_budget: None,
         fallback_to: None,
         forms: Vec::new(),
+        encryption: None,
         tolerance: Default::default(),
     }
 }

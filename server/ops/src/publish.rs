@@ -81,6 +81,9 @@ pub struct PublishOptions {
     pub with_onnx: bool,
     /// The golden vectors' tolerance per backend, in place of [`GOLDEN_TOLERANCE`] there.
     pub tolerance: BTreeMap<Backend, String>,
+    /// Encrypt the artifact with a fresh content key ([`seal_prepared`]): the server and
+    /// the broker hold ciphertext; each device receives the key sealed to it.
+    pub encrypt: bool,
 }
 
 /// The oldest version devices running a new version may be sent back to.
@@ -110,6 +113,7 @@ impl PublishOptions {
             fallback: Fallback::InService,
             with_onnx: false,
             tolerance: BTreeMap::new(),
+            encrypt: false,
         }
     }
 }
@@ -269,6 +273,7 @@ pub fn prepare(onnx: &[u8], opts: &PublishOptions, now: i64) -> Result<Prepared,
         fallback_to: None,
         forms,
         tolerance: opts.tolerance.clone(),
+        encryption: None,
     };
     let (input, output) = &converted.reference;
     let golden_bytes: usize = input
@@ -321,6 +326,39 @@ pub fn prepare(onnx: &[u8], opts: &PublishOptions, now: i64) -> Result<Prepared,
     })
 }
 
+/// Encrypts a prepared artifact with a fresh content key ([`modelcast_proto::seal`]): from
+/// here on the artifact is the ciphertext, and the manifest describes it (size, chunks,
+/// digests; the golden file, which stays in clear, is chunked as the ciphertext is). Returns
+/// the content key sealed to the server's `escrow` key; the key itself is dropped (zeroed).
+pub fn seal_prepared(
+    prepared: &mut Prepared,
+    escrow: &modelcast_proto::seal::SealingKey,
+) -> Result<modelcast_proto::seal::KeyWrap, PublishError> {
+    use modelcast_proto::seal::{sealed_layout, ContentKey, Encryption, ESCROW};
+    if !prepared.forms.is_empty() {
+        return Err(PublishError::Invalid(
+            "an encrypted model comes in one form: publish it without --with-onnx".into(),
+        ));
+    }
+    let m = &mut prepared.manifest;
+    let key = ContentKey::generate();
+    let sealed = key.seal_artifact(&prepared.artifact, m.chunk_size, &m.segments);
+    let (size, chunk_size, segments) = sealed_layout(m.size, m.chunk_size, &m.segments);
+    m.encryption = Some(Encryption::new(m.size, m.chunk_size));
+    m.size = size;
+    m.chunk_size = chunk_size;
+    m.chunks = segmented_chunk_digests(&sealed, chunk_size, &segments);
+    m.segments = segments;
+    m.sha256 = modelcast_proto::sha256_hex(&sealed);
+    if let (Some(bytes), Some(g)) = (&prepared.golden_file, &mut m.golden_file) {
+        *g = Attachment::of(bytes, chunk_size);
+    }
+    m.validate()
+        .map_err(|e| PublishError::Invalid(e.to_string()))?;
+    prepared.artifact = sealed;
+    Ok(escrow.wrap(&key, ESCROW, &m.sha256))
+}
+
 /// Publishes an ONNX file: prepares its artifact and manifest, uploads the artifact, signs the
 /// next targets with the operators' `targets_keys` (a threshold of them) and hands them to
 /// the server. The current targets are verified first, from `trusted_root` (the operators'
@@ -363,6 +401,13 @@ pub fn publish_file(
     let onnx = crate::onnx::self_contained(&onnx, dir)?;
     let mut prepared = prepare(&onnx, opts, now)?;
     drop(onnx);
+    let escrow_wrap = match opts.encrypt {
+        true => {
+            let escrow = client.escrow_key().map_err(api)?;
+            Some(seal_prepared(&mut prepared, &escrow)?)
+        }
+        false => None,
+    };
     let mut manifest = prepared.manifest.clone();
     let sent = client
         .upload_segmented(
@@ -439,6 +484,10 @@ pub fn publish_file(
         .publish(&modelcast_server::api::PublishRequest {
             upload,
             published_by: by.into(),
+            key_escrow: escrow_wrap
+                .map(|w| (manifest.sha256.clone(), w))
+                .into_iter()
+                .collect(),
         })
         .map_err(api)?;
     prepared.manifest = manifest;

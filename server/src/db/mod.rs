@@ -80,6 +80,10 @@ pub struct ModelEntry {
     /// Who moved it to that stage, and when (Unix seconds).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub staged_by: Option<(String, i64)>,
+    /// An encrypted version's content key sealed to the server's escrow key (never the key
+    /// itself): what the director wraps for each device it sends the version to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_escrow: Option<modelcast_proto::seal::KeyWrap>,
 }
 
 /// A version's stage in the registry.

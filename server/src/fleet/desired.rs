@@ -9,7 +9,7 @@ use modelcast_proto::engine::choose_form;
 use modelcast_proto::manifest::Manifest;
 use modelcast_proto::topic::DeviceTopic;
 use rumqttc::QoS;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::db::{DbError, Deployment, DeviceEntry, DirectorEntry};
 use crate::group::Selector;
@@ -69,6 +69,7 @@ pub fn resolve<'a>(
                 download: d.download.clone(),
                 backend: d.backend,
                 form: None,
+                key_wrap: None,
             };
             offer(
                 &d.model,
@@ -118,6 +119,9 @@ pub fn fingerprint(models: &[Wanted], ts: u64) -> String {
             if let Some(f) = t.form {
                 path.push_str(&format!("form={f}"));
             }
+            if let Some(w) = &t.key_wrap {
+                path.push_str(&format!("key_wrap={}", w.enc));
+            }
             path
         })
         .collect();
@@ -137,9 +141,27 @@ impl Fleet {
         };
         let mut out = Vec::new();
         let engines = device.report.as_ref().and_then(|r| r.engines.as_ref());
+        let sealing_key = device
+            .report
+            .as_ref()
+            .and_then(|r| r.sealing_key.as_deref());
         for (name, mut offer) in chosen {
             if let Some(entry) = self.db.model(&name, offer.version).await? {
                 offer.terms.form = choose_form(&entry.manifest, engines, offer.terms.backend);
+                // An encrypted version's content key, sealed to this device (none for a
+                // device that has not reported its key: it refuses the version, and is
+                // sent the key once it reports one).
+                if let (Some(escrow), Some(key)) = (&entry.key_escrow, sealing_key) {
+                    match self
+                        .repo
+                        .wrap_for(escrow, &entry.manifest.sha256, &device.id, key)
+                    {
+                        Ok(wrap) => offer.terms.key_wrap = Some(wrap),
+                        Err(e) => {
+                            warn!(device = %device.id, error = %e, "no key wrap for the device")
+                        }
+                    }
+                }
                 out.push((entry.manifest, offer.terms));
             }
         }
@@ -325,6 +347,7 @@ mod tests {
             latency_budget: None,
             fallback_to: None,
             forms: Vec::new(),
+            encryption: None,
             tolerance: Default::default(),
         };
         let none = TargetTerms::default;

@@ -102,6 +102,7 @@ fn main() -> std::io::Result<()> {
         desired_version: 3,
         at: 1_800_000_000,
         engines: None,
+        sealing_key: None,
     };
     write("report", "downloading", &report.to_vec())?;
     // A telemetry report as the agent writes it.

@@ -226,6 +226,11 @@ enum Command {
         /// them (default: 1e-4 on every backend).
         #[arg(long = "tolerance", value_parser = parse_kv)]
         tolerance: Vec<(String, String)>,
+        /// Encrypt the model with a fresh key: the server, the broker and the devices' disks
+        /// hold ciphertext; each device the version is sent to receives the key sealed to its
+        /// own (see docs/security.md).
+        #[arg(long)]
+        encrypt: bool,
     },
     /// Deploy a published version to a device group.
     Deploy {
@@ -665,6 +670,7 @@ fn main() -> anyhow::Result<()> {
             input_shape,
             with_onnx,
             tolerance,
+            encrypt,
         } => {
             let key = signing.targets_keys()?;
             let mut opts = PublishOptions::new(&name, version);
@@ -687,6 +693,7 @@ fn main() -> anyhow::Result<()> {
             }
             opts.shapes = input_shape;
             opts.with_onnx = with_onnx;
+            opts.encrypt = encrypt;
             for (backend, value) in tolerance {
                 // The value is checked with the manifest it goes into.
                 opts.tolerance.insert(backend.parse()?, value);
@@ -969,6 +976,7 @@ fn main() -> anyhow::Result<()> {
                 client.publish(&modelcast_server::api::PublishRequest {
                     upload,
                     published_by: by.clone(),
+                    key_escrow: Default::default(),
                 })?;
                 println!("{path} removed from the repository");
             }

@@ -83,6 +83,7 @@ pub(crate) fn resign(
     client.publish(&modelcast_server::api::PublishRequest {
         upload,
         published_by: by,
+        key_escrow: Default::default(),
     })?;
     Ok(bins)
 }
