@@ -49,9 +49,11 @@ fn an_encrypted_model_serves_on_two_devices_and_is_in_clear_on_no_disk() {
     let keys: Vec<String> = ["edge-1", "edge-2"]
         .iter()
         .map(|id| {
-            wait_for("the device's sealing key", std::time::Duration::from_secs(30), || {
-                fleet.report(id)?.sealing_key
-            })
+            wait_for(
+                "the device's sealing key",
+                std::time::Duration::from_secs(30),
+                || fleet.report(id)?.sealing_key,
+            )
         })
         .collect();
     assert_ne!(keys[0], keys[1]);
@@ -81,7 +83,11 @@ fn an_encrypted_model_serves_on_two_devices_and_is_in_clear_on_no_disk() {
     fleet.deploy("classifier", 1, "site=lab");
     for (agent, id) in agents.iter().zip(["edge-1", "edge-2"]) {
         fleet.wait_serving(id, "classifier", 1);
-        assert_eq!(agent.check_golden(&v1), "1", "{id} answers from the decrypted model");
+        assert_eq!(
+            agent.check_golden(&v1),
+            "1",
+            "{id} answers from the decrypted model"
+        );
     }
     // Fan-out still sends one ciphertext to both.
     let status = fleet.client.status().unwrap().chunk_requests;
@@ -95,14 +101,24 @@ fn an_encrypted_model_serves_on_two_devices_and_is_in_clear_on_no_disk() {
     // No disk holds the model in clear: not the devices', not the server's.
     for id in ["edge-1", "edge-2"] {
         let found = files_holding(&fleet.dir.path().join(id), MARKER);
-        assert!(found.is_empty(), "{id}'s state holds the model in clear: {found:?}");
+        assert!(
+            found.is_empty(),
+            "{id}'s state holds the model in clear: {found:?}"
+        );
     }
     let found = files_holding(&fleet.dir.path().join("server"), MARKER);
-    assert!(found.is_empty(), "the server holds the model in clear: {found:?}");
+    assert!(
+        found.is_empty(),
+        "the server holds the model in clear: {found:?}"
+    );
 
     // Offline: the server is gone; a restarted device opens its encrypted slot again.
     fleet.stop_server();
     agents[0].stop();
     agents[0].start();
-    assert_eq!(agents[0].check_golden(&v1), "1", "served again after a restart, offline");
+    assert_eq!(
+        agents[0].check_golden(&v1),
+        "1",
+        "served again after a restart, offline"
+    );
 }

@@ -6,7 +6,9 @@
 //! binaries beside it). Figures are printed; the machine is shared and noisy, so compare the
 //! ratios, not the absolute times. `BENCH_RUNS`, `BENCH_MB`, `BENCH_SMALL_MB` change sizes;
 //! `BENCH_TRANSFER` adds keys to the agent's `[transfer]` section; `BENCH_LOGS=<dir>` keeps
-//! the agent's and the server's logs.
+//! the agent's and the server's logs. `BENCH_ENCRYPT=1` follows each run with the same-sized
+//! model published `--encrypt`, and prints the encrypted/plain ratios of the median time to
+//! verified (the update path) and from verified to serving (load, golden check, warm-up).
 
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -178,8 +180,11 @@ fn main() {
     let mut growth = 0;
     let mut baselines = Vec::new();
     let mut last_file = String::new();
+    let encrypt = std::env::var("BENCH_ENCRYPT").is_ok_and(|v| v == "1");
+    let (mut sealed_verified, mut sealed_load, mut plain_load) =
+        (Vec::new(), Vec::new(), Vec::new());
     for i in 0..runs {
-        let version = 10 + i;
+        let version = 10 + 2 * i;
         let file = format!("big-v{version}.onnx");
         let path = fleet.dir.path().join(&file);
         let bytes = example_model_of_size(version, size);
@@ -200,6 +205,28 @@ fn main() {
         );
         verified.push(run.verified);
         active.push(run.active);
+        plain_load.push(run.active - run.verified);
+        if encrypt {
+            // The same size, another model, encrypted: no chunk to reuse either way.
+            let sealed_path = fleet
+                .dir
+                .path()
+                .join(format!("sealed-v{}.onnx", version + 1));
+            std::fs::write(&sealed_path, example_model_of_size(version + 1, size))
+                .expect("model file");
+            let mut opts = modelcast_ops::publish::PublishOptions::new("classifier", version + 1);
+            opts.encrypt = true;
+            fleet.publish_with(&sealed_path, &opts);
+            let _ = std::fs::remove_file(&sealed_path);
+            let sealed = timed_update(&fleet, &agent, version + 1);
+            println!(
+                "run {i}, encrypted: deploy→verified {:.2}s, verified→serving {:.2}s",
+                sealed.verified.as_secs_f64(),
+                (sealed.active - sealed.verified).as_secs_f64()
+            );
+            sealed_verified.push(sealed.verified);
+            sealed_load.push(sealed.active - sealed.verified);
+        }
         peak = peak.max(run.peak_rss_before_verified_kib);
         download_peak = download_peak.max(run.peak_rss_download_kib);
         growth = growth.max(
@@ -236,6 +263,22 @@ fn main() {
         "speed ratio (baseline time / modelcast time to verified): {:.2}  (goal >= 0.7)",
         mb.as_secs_f64() / mv.as_secs_f64()
     );
+    if encrypt {
+        let (sv, sl, pl) = (
+            median(sealed_verified),
+            median(sealed_load),
+            median(plain_load),
+        );
+        println!(
+            "encrypted/plain: to verified {:.2} ({:.2}s / {:.2}s), verified to serving {:.2} ({:.2}s / {:.2}s)  (goal <= 1.1 each)",
+            sv.as_secs_f64() / mv.as_secs_f64(),
+            sv.as_secs_f64(),
+            mv.as_secs_f64(),
+            sl.as_secs_f64() / pl.as_secs_f64(),
+            sl.as_secs_f64(),
+            pl.as_secs_f64()
+        );
+    }
     println!(
         "agent RSS: idle {:.1} MB, peak during download {:.1} MB, during download+verify {:.1} MB (+{:.1} MB over the RSS before the deploy, serving model included; goal <= +64 MB), high-water incl. tract load {:.1} MB",
         idle_kib as f64 / 1024.0,
