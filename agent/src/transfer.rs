@@ -87,7 +87,7 @@ pub struct Transfer {
     /// How much longer than the timeout requests wait until the first chunk of the download
     /// arrives (a server gathering devices for a shared copy holds first asks).
     patience: Duration,
-    /// A chunk of the download arrived.
+    /// A copy of a chunk of the download arrived (stored, or not).
     arrived: bool,
     /// The download's rate limit, if it has one.
     bucket: Option<Bucket>,
@@ -287,6 +287,14 @@ impl Transfer {
         self.in_flight.clear();
     }
 
+    /// A copy of a chunk arrived, whatever it holds (a damaged or undecodable one too):
+    /// something answers, so a congested link is not the problem (no more backing off) and
+    /// no server is holding the first asks any more.
+    pub fn answered(&mut self) {
+        self.backoff = 0;
+        self.arrived = true;
+    }
+
     /// Checks an arriving chunk.
     #[cfg(test)]
     pub fn handle_chunk(&mut self, index: u32, data: &[u8]) -> Result<Accepted, ChunkError> {
@@ -310,8 +318,9 @@ impl Transfer {
         let expected = part
             .chunk_len(local)
             .ok_or(ChunkError::OutOfRange { index, count })?;
-        // Something answers: a congested link is not the problem, so no longer back off.
+        // Something answers (see [`Transfer::answered`]; `part` borrows the manifest).
         self.backoff = 0;
+        self.arrived = true;
         if self.have[index as usize] {
             self.in_flight.remove(&index);
             return Ok(Accepted::Duplicate);

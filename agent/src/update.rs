@@ -652,10 +652,17 @@ impl Updater {
         index: u32,
         error: ChunkError,
     ) -> ChunkFate {
-        let Some(name) = self.models.iter().find_map(|(name, m)| match &m.step {
-            Step::Downloading(t) if t.manifest().sha256 == artifact => Some(name.clone()),
-            _ => None,
-        }) else {
+        let Some(name) = self
+            .models
+            .iter_mut()
+            .find_map(|(name, m)| match &mut m.step {
+                Step::Downloading(t) if t.manifest().sha256 == artifact => {
+                    t.answered();
+                    Some(name.clone())
+                }
+                _ => None,
+            })
+        else {
             return ChunkFate::Unwanted;
         };
         self.bad_copy(&name, index, error);

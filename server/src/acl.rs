@@ -99,6 +99,8 @@ pub fn mosquitto_conf(s: &MosquittoSetup<'_>) -> String {
          certfile {cert}\n\
          keyfile {key}\n\
          require_certificate true\n\
+         # Certificates the operators revoked (`modelcast pki revoke`) are refused at connect.\n\
+         crlfile {crl}\n\
          use_identity_as_username true\n\
          use_username_as_clientid true\n\
          max_packet_size {max}\n\
@@ -117,6 +119,7 @@ pub fn mosquitto_conf(s: &MosquittoSetup<'_>) -> String {
         ca = pki("ca.pem"),
         cert = pki("broker.pem"),
         key = pki("broker.key"),
+        crl = pki(crate::pki::CRL_FILE),
         max = crate::broker::MAX_PAYLOAD + 1024,
         queue = SERVER_QUEUE,
         queue_bytes = CLIENT_QUEUE_BYTES,

@@ -6,8 +6,10 @@
 //! topics by it. Keys are ECDSA P-256 (rcgen with ring). The CA key signs certificates only;
 //! keep it off the broker and the server in production.
 //!
-//! Files (in the PKI directory): `ca.pem`, `ca.key`, `broker.pem`, `broker.key`, and
-//! `<name>.pem`, `<name>.key` for every client identity.
+//! Files (in the PKI directory): `ca.pem`, `ca.key`, `broker.pem`, `broker.key`,
+//! `<name>.pem`, `<name>.key` for every client identity, and the certificate revocation list
+//! `crl.pem` (signed by the CA; mosquitto's `crlfile` in the generated configuration) with
+//! `revoked.json`, what it lists.
 
 use std::path::{Path, PathBuf};
 
@@ -45,6 +47,115 @@ pub enum PkiError {
     /// `init` or `issue` would overwrite an existing CA or identity.
     #[error("{0} exists: refusing to replace it")]
     Exists(PathBuf),
+    /// A file of the PKI does not read as what it should be.
+    #[error("{path}: {reason}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The certificate revocation list's file in the PKI directory.
+pub const CRL_FILE: &str = "crl.pem";
+
+/// What the revocation list lists, in the PKI directory (JSON).
+const REVOKED_FILE: &str = "revoked.json";
+
+/// How long a revocation list is valid: brokers refuse every client once it has expired, so
+/// it is issued again (`modelcast pki revoke` with no new name) well before.
+const CRL_VALID_DAYS: i64 = 365;
+
+/// One revoked certificate.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Revoked {
+    /// Its identity (common name).
+    pub name: String,
+    /// Its serial number, hex.
+    pub serial: String,
+    /// When it was revoked, Unix seconds.
+    pub at: i64,
+}
+
+/// Revokes `name`'s certificate (if `Some`) and writes the revocation list again, signed by
+/// the CA in `dir`: brokers that read it (mosquitto's `crlfile`, the embedded broker's front)
+/// refuse that certificate from their next connection on. Returns every revoked certificate.
+pub fn revoke(dir: &Path, name: Option<&str>) -> Result<Vec<Revoked>, PkiError> {
+    let list_path = dir.join(REVOKED_FILE);
+    let mut revoked: Vec<Revoked> = match std::fs::read(&list_path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| PkiError::Invalid {
+            path: list_path.clone(),
+            reason: e.to_string(),
+        })?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(source) => {
+            return Err(PkiError::Io {
+                path: list_path,
+                source,
+            })
+        }
+    };
+    if let Some(name) = name {
+        if !modelcast_proto::manifest::valid_name(name) {
+            return Err(PkiError::BadName(name.into()));
+        }
+        let id = Identity::in_dir(dir, name);
+        let pem = read(&id.cert)?;
+        let invalid = |reason: String| PkiError::Invalid {
+            path: id.cert.clone(),
+            reason,
+        };
+        let (_, der) =
+            x509_parser::pem::parse_x509_pem(pem.as_bytes()).map_err(|e| invalid(e.to_string()))?;
+        let cert = der.parse_x509().map_err(|e| invalid(e.to_string()))?;
+        let serial = hex::encode(cert.raw_serial());
+        if !revoked.iter().any(|r| r.serial == serial) {
+            revoked.push(Revoked {
+                name: name.into(),
+                serial,
+                at: time::OffsetDateTime::now_utc().unix_timestamp(),
+            });
+        }
+    }
+    let ca_key = KeyPair::from_pem(&read(&dir.join("ca.key"))?)?;
+    let issuer = Issuer::from_ca_cert_pem(&read(&dir.join("ca.pem"))?, ca_key)?;
+    write_crl(dir, &issuer, &revoked)?;
+    let json = serde_json::to_string_pretty(&revoked).expect("a list serializes");
+    replace(&list_path, &json)?;
+    Ok(revoked)
+}
+
+fn write_crl(
+    dir: &Path,
+    issuer: &Issuer<'_, KeyPair>,
+    revoked: &[Revoked],
+) -> Result<(), PkiError> {
+    let now = time::OffsetDateTime::now_utc();
+    let mut certs = Vec::with_capacity(revoked.len());
+    for r in revoked {
+        let serial = hex::decode(&r.serial).map_err(|e| PkiError::Invalid {
+            path: dir.join(REVOKED_FILE),
+            reason: e.to_string(),
+        })?;
+        certs.push(rcgen::RevokedCertParams {
+            serial_number: rcgen::SerialNumber::from_slice(&serial),
+            revocation_time: time::OffsetDateTime::from_unix_timestamp(r.at).unwrap_or(now),
+            reason_code: None,
+            invalidity_date: None,
+        });
+    }
+    let crl = rcgen::CertificateRevocationListParams {
+        this_update: now - time::Duration::hours(1),
+        next_update: now + time::Duration::days(CRL_VALID_DAYS),
+        // Each list supersedes the one before: seconds since the epoch increase.
+        crl_number: rcgen::SerialNumber::from_slice(&now.unix_timestamp().to_be_bytes()),
+        issuing_distribution_point: None,
+        revoked_certs: certs,
+        key_identifier_method: rcgen::KeyIdMethod::Sha256,
+    }
+    .signed_by(issuer)?;
+    replace(&dir.join(CRL_FILE), &crl.pem()?)
 }
 
 /// Paths of one identity's certificate and key.
@@ -81,6 +192,18 @@ fn write(path: &Path, text: &str, private: bool) -> Result<(), PkiError> {
         .open(path)
         .map_err(io)?;
     file.write_all(text.as_bytes()).map_err(io)
+}
+
+/// Replaces a public file whole (written beside it, then renamed): a broker reading it at
+/// that moment sees the old list or the new one.
+fn replace(path: &Path, text: &str) -> Result<(), PkiError> {
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    write(&tmp, text, false)?;
+    std::fs::rename(&tmp, path).map_err(|source| PkiError::Io {
+        path: path.into(),
+        source,
+    })
 }
 
 fn read(path: &Path) -> Result<String, PkiError> {
@@ -137,6 +260,7 @@ pub fn init(dir: &Path, broker_names: &[String]) -> Result<(), PkiError> {
     write(&ca_path, &ca_cert.pem(), false)?;
 
     let issuer = Issuer::new(ca, ca_key);
+    write_crl(dir, &issuer, &[])?;
     let mut broker = CertificateParams::new(broker_names.to_vec())?;
     broker.distinguished_name = named("modelcast broker");
     broker.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
@@ -188,6 +312,33 @@ fn issue_with(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_revoked_certificate_is_listed_in_a_crl_the_ca_signed() {
+        let dir = tempfile::tempdir().unwrap();
+        init(dir.path(), &["127.0.0.1".into()]).unwrap();
+        let serials = |dir: &Path| {
+            let pem = std::fs::read(dir.join(CRL_FILE)).unwrap();
+            let (_, der) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
+            let (_, crl) = x509_parser::parse_x509_crl(&der.contents).unwrap();
+            crl.iter_revoked_certificates()
+                .map(|r| hex::encode(r.raw_serial()))
+                .collect::<Vec<_>>()
+        };
+        assert!(serials(dir.path()).is_empty(), "init writes an empty list");
+        issue(dir.path(), "jetson-1").unwrap();
+        issue(dir.path(), "jetson-2").unwrap();
+        let revoked = revoke(dir.path(), Some("jetson-2")).unwrap();
+        assert_eq!(revoked.len(), 1);
+        assert_eq!(serials(dir.path()), vec![revoked[0].serial.clone()]);
+        // Again: listed once; without a name, issued again as it is.
+        assert_eq!(revoke(dir.path(), Some("jetson-2")).unwrap().len(), 1);
+        assert_eq!(revoke(dir.path(), None).unwrap(), revoked);
+        assert!(matches!(
+            revoke(dir.path(), Some("nobody")),
+            Err(PkiError::Io { .. })
+        ));
+    }
 
     #[test]
     fn init_then_issue_makes_a_usable_client_identity() {

@@ -141,10 +141,14 @@ impl Fleet {
         };
         let mut out = Vec::new();
         let engines = device.report.as_ref().and_then(|r| r.engines.as_ref());
-        let sealing_key = device
-            .report
-            .as_ref()
-            .and_then(|r| r.sealing_key.as_deref());
+        // A device cut off (quarantined, or its certificate revoked) is wrapped no key.
+        let sealing_key = match device.quarantine {
+            Some(_) => None,
+            None => device
+                .report
+                .as_ref()
+                .and_then(|r| r.sealing_key.as_deref()),
+        };
         for (name, mut offer) in chosen {
             if let Some(entry) = self.db.model(&name, offer.version).await? {
                 offer.terms.form = choose_form(&entry.manifest, engines, offer.terms.backend);

@@ -110,6 +110,27 @@ struct Cli {
     command: Command,
 }
 
+/// What `modelcast devices` does to one device.
+#[derive(Subcommand, Debug)]
+enum DeviceAction {
+    /// Revoke a device: its certificate goes on the revocation list the broker reads
+    /// (`crl.pem` in the PKI directory: needs the CA key), and the server quarantines it
+    /// (what it sends is dropped; it is wrapped no content key of an encrypted version).
+    Revoke {
+        /// Device id.
+        device: String,
+        /// PKI directory (with the CA key).
+        #[arg(long, default_value = "./pki")]
+        pki: std::path::PathBuf,
+        /// Why.
+        #[arg(long, default_value = "")]
+        reason: String,
+        /// Who acts (a token's name wins).
+        #[arg(long, default_value = "operator")]
+        by: String,
+    },
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Generate root, targets and server keys and a signed root.json.
@@ -263,11 +284,13 @@ enum Command {
     /// Roll a version out to a group in waves; watch, pause, resume, abort.
     #[command(subcommand)]
     Rollout(rollout::RolloutCommand),
-    /// List devices with what they run, and what was dropped of their traffic.
+    /// List devices with what they run, and what was dropped of their traffic; or act on one.
     Devices {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        #[command(subcommand)]
+        action: Option<DeviceAction>,
     },
     /// Quarantine a device: everything it sends (reports, telemetry, chunk requests) is
     /// dropped unread until it is released. Written to the audit log.
@@ -886,7 +909,31 @@ fn main() -> anyhow::Result<()> {
                 );
             }
         }
-        Command::Devices { json } => {
+        Command::Devices {
+            action:
+                Some(DeviceAction::Revoke {
+                    device,
+                    pki,
+                    reason,
+                    by,
+                }),
+            ..
+        } => {
+            // The broker refuses its certificate (from the list it reads), the server drops
+            // what it sends and wraps it no content key.
+            let revoked = modelcast_server::pki::revoke(&pki, Some(&device))?;
+            let reason = match reason.is_empty() {
+                true => "certificate revoked".to_string(),
+                false => format!("certificate revoked: {reason}"),
+            };
+            client.quarantine(&device, true, &reason, &by)?;
+            println!(
+                "{device} revoked: {} lists {} certificate(s) (the broker refuses it once it reads the list again); the server drops what it sends and wraps it no key",
+                pki.join(modelcast_server::pki::CRL_FILE).display(),
+                revoked.len()
+            );
+        }
+        Command::Devices { json, action: None } => {
             let devices = client.devices()?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&devices)?);

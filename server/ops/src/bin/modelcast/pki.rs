@@ -25,6 +25,17 @@ pub(crate) enum PkiCommand {
         /// The identity (device id).
         name: String,
     },
+    /// Revoke a client certificate: it is added to the revocation list (`crl.pem`, signed by
+    /// the CA), which the generated mosquitto configuration reads (`crlfile`; restart or
+    /// signal the broker to read it again). Without a name, the list is issued again as it is
+    /// (it is valid for a year).
+    Revoke {
+        /// PKI directory (with the CA key).
+        #[arg(long, default_value = "./pki")]
+        dir: PathBuf,
+        /// The identity (device id) whose certificate is revoked.
+        name: Option<String>,
+    },
     /// Write a mosquitto configuration and ACL confining each device to its own topics.
     Mosquitto {
         /// PKI directory (as the broker will see it).
@@ -63,6 +74,19 @@ pub(crate) fn pki_command(cmd: PkiCommand) -> anyhow::Result<()> {
         PkiCommand::Issue { dir, name } => {
             let id = pki::issue(&dir, &name)?;
             println!("{} {}", id.cert.display(), id.key.display());
+        }
+        PkiCommand::Revoke { dir, name } => {
+            let revoked = pki::revoke(&dir, name.as_deref())?;
+            println!(
+                "{}: {} certificate(s) revoked ({})",
+                dir.join(pki::CRL_FILE).display(),
+                revoked.len(),
+                revoked
+                    .iter()
+                    .map(|r| r.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
         }
         PkiCommand::Mosquitto {
             dir,
