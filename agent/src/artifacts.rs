@@ -494,12 +494,13 @@ impl Read for ArtifactReader {
                 )));
             }
             if let Some(key) = &self.key {
-                self.current = key.open_chunk(index, &self.current).map_err(|e| {
-                    std::io::Error::other(StoreError::Sealed {
-                        artifact: self.sha256.clone(),
-                        reason: e.to_string(),
-                    })
-                })?;
+                key.open_chunk_in_place(index, &mut self.current)
+                    .map_err(|e| {
+                        std::io::Error::other(StoreError::Sealed {
+                            artifact: self.sha256.clone(),
+                            reason: e.to_string(),
+                        })
+                    })?;
             }
             self.offset = 0;
             self.next += 1;

@@ -2,7 +2,10 @@
 //! that key sealed to each device allowed to run it. No I/O.
 //!
 //! - **Chunks.** Each plaintext chunk (as the artifact's layout cuts it: chunk size, restarted
-//!   at every segment) is sealed with ChaCha20-Poly1305 under the content key, the chunk's
+//!   at every segment) is sealed with AES-256-GCM (ring's: AES and carry-less multiply
+//!   instructions on x86-64 and on ARMv8 with its cryptography extensions, as Jetsons have;
+//!   100 MB opened in about 10 ms here, against 40 ms with ChaCha20-Poly1305) under the
+//!   content key, the chunk's
 //!   index as nonce and associated data, and stored as ciphertext followed by its 16-byte tag.
 //!   The ciphertext file has a layout of its own ([`sealed_layout`]: chunks 16 bytes longer,
 //!   segments moved by 16 bytes per chunk before them), so each ciphertext chunk is one sealed
@@ -15,8 +18,6 @@
 //!   same construction seals it to the server's escrow key, which lets the server wrap it for
 //!   devices that join later without ever holding the model in clear.
 
-use chacha20poly1305::aead::{Aead, KeyInit, Payload};
-use chacha20poly1305::ChaCha20Poly1305;
 use hpke::aead::ChaCha20Poly1305 as HpkeAead;
 use hpke::kdf::HkdfSha256;
 use hpke::kem::X25519HkdfSha256;
@@ -26,11 +27,11 @@ use serde::{Deserialize, Serialize};
 /// The holder name content keys are sealed to the server's escrow key under.
 pub const ESCROW: &str = "modelcast escrow";
 
-/// Bytes a sealed chunk adds to its plaintext (the Poly1305 tag).
+/// Bytes a sealed chunk adds to its plaintext (the GCM tag).
 pub const TAG_LEN: usize = 16;
 
 /// The encryption scheme [`Encryption::scheme`] names.
-pub const SCHEME: &str = "chacha20poly1305-chunks+hpke-x25519-v1";
+pub const SCHEME: &str = "aes256gcm-chunks+hpke-x25519-v1";
 
 /// Associated data every sealed chunk carries before its index.
 const CHUNK_AAD: &[u8] = b"modelcast chunk v1";
@@ -162,36 +163,47 @@ impl ContentKey {
         Ok(ContentKey(k))
     }
 
-    fn cipher(&self) -> ChaCha20Poly1305 {
-        ChaCha20Poly1305::new((&self.0).into())
+    fn cipher(&self) -> ring::aead::LessSafeKey {
+        let key = ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, &self.0)
+            .expect("a 32-byte AES-256 key");
+        ring::aead::LessSafeKey::new(key)
     }
 
     /// Seals plaintext chunk `index`: its ciphertext and tag.
     pub fn seal_chunk(&self, index: u32, plain: &[u8]) -> Vec<u8> {
         let (nonce, aad) = chunk_nonce_aad(index);
+        let mut out = plain.to_vec();
         self.cipher()
-            .encrypt(
-                (&nonce).into(),
-                Payload {
-                    msg: plain,
-                    aad: &aad,
-                },
+            .seal_in_place_append_tag(
+                ring::aead::Nonce::assume_unique_for_key(nonce),
+                ring::aead::Aad::from(&aad),
+                &mut out,
             )
-            .expect("ChaCha20-Poly1305 seals any chunk a layout allows")
+            .expect("AES-256-GCM seals any chunk a layout allows");
+        out
     }
 
     /// Opens sealed chunk `index`.
     pub fn open_chunk(&self, index: u32, sealed: &[u8]) -> Result<Vec<u8>, SealError> {
+        let mut buf = sealed.to_vec();
+        self.open_chunk_in_place(index, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// Opens sealed chunk `index` where it lies: `buf` becomes the plaintext.
+    pub fn open_chunk_in_place(&self, index: u32, buf: &mut Vec<u8>) -> Result<(), SealError> {
         let (nonce, aad) = chunk_nonce_aad(index);
-        self.cipher()
-            .decrypt(
-                (&nonce).into(),
-                Payload {
-                    msg: sealed,
-                    aad: &aad,
-                },
+        let len = self
+            .cipher()
+            .open_in_place(
+                ring::aead::Nonce::assume_unique_for_key(nonce),
+                ring::aead::Aad::from(&aad),
+                buf,
             )
-            .map_err(|_| SealError::Chunk { index })
+            .map_err(|_| SealError::Chunk { index })?
+            .len();
+        buf.truncate(len);
+        Ok(())
     }
 
     /// Seals a whole artifact of the plaintext layout `chunk_size`/`segments` (see
