@@ -18,17 +18,26 @@ use modelcast_tests::{bin, wait_for, AgentOptions, Fleet};
 const MIB: u64 = 1024 * 1024;
 const REUSED: &str = r#"modelcast_reused_bytes_total{model="classifier"}"#;
 
-#[test]
-fn a_version_that_changes_one_tensor_downloads_only_its_chunks() {
+/// A fleet with one device, `edge-1`, that commits each version at once.
+fn one_device() -> (Fleet, modelcast_tests::Agent) {
     let fleet = Fleet::embedded();
     let agent = fleet.start_agent_opts("edge-1", &[("site", "lab")], AgentOptions::committing());
     fleet.wait_registered();
+    (fleet, agent)
+}
+
+/// Publishes `onnx` as `classifier` `version`, as `modelcast publish` would.
+fn publish(fleet: &Fleet, version: u64, onnx: Vec<u8>) -> modelcast_proto::manifest::Manifest {
+    let path = fleet.dir.path().join(format!("v{version}.onnx"));
+    std::fs::write(&path, onnx).unwrap();
+    fleet.publish_file(&path, "classifier", version)
+}
+
+#[test]
+fn a_version_that_changes_one_tensor_downloads_only_its_chunks() {
+    let (fleet, agent) = one_device();
     let size = 12 * MIB;
-    let write = |version: u64, onnx: Vec<u8>| {
-        let path = fleet.dir.path().join(format!("v{version}.onnx"));
-        std::fs::write(&path, onnx).unwrap();
-        fleet.publish_file(&path, "classifier", version)
-    };
+    let write = |version: u64, onnx: Vec<u8>| publish(&fleet, version, onnx);
     let v1 = write(1, example_model_of_size(1, size));
     fleet.deploy("classifier", 1, "*");
     fleet.wait_serving("edge-1", "classifier", 1);
@@ -162,15 +171,9 @@ fn the_same_file_as_a_new_version_installs_without_a_byte() {
 #[test]
 fn a_download_replaced_midway_passes_what_it_received_to_the_new_one() {
     use modelcast_proto::desired::DownloadPolicy;
-    let fleet = Fleet::embedded();
-    let agent = fleet.start_agent_opts("edge-1", &[("site", "lab")], AgentOptions::committing());
-    fleet.wait_registered();
+    let (fleet, agent) = one_device();
     let size = 12 * MIB;
-    let write = |version: u64, onnx: Vec<u8>| {
-        let path = fleet.dir.path().join(format!("v{version}.onnx"));
-        std::fs::write(&path, onnx).unwrap();
-        fleet.publish_file(&path, "classifier", version)
-    };
+    let write = |version: u64, onnx: Vec<u8>| publish(&fleet, version, onnx);
     write(1, example_model_of_size(1, 2 * MIB));
     fleet.deploy("classifier", 1, "*");
     fleet.wait_serving("edge-1", "classifier", 1);

@@ -1,6 +1,7 @@
 //! Revoking a device: `modelcast devices revoke` puts its certificate on the revocation list
 //! (`crl.pem`, signed by the fleet CA) that the generated mosquitto configuration reads, and
-//! quarantines it at the server. From the broker's next reading of the list the device cannot
+//! quarantines it at the server. From the broker's next reading of the list (mosquitto: at a
+//! restart or SIGHUP; the embedded broker's front: at its next connection) the device cannot
 //! connect; the next encrypted version reaches the devices still in the fleet, and the revoked
 //! one keeps what it had.
 
@@ -114,4 +115,43 @@ fn a_revoked_device_cannot_connect_and_the_next_version_reaches_only_the_others(
     assert_eq!(agents[0].check_golden(&v2), "2");
     // The revoked one keeps serving what it had, and got nothing new.
     assert_eq!(agents[1].check_golden(&v1), "1");
+}
+
+#[test]
+fn the_embedded_broker_refuses_a_revoked_certificate_from_its_next_connection() {
+    let fleet = Fleet::embedded_tls();
+    let pki = fleet.pki.clone().expect("PKI");
+    let port = fleet.mqtt_port;
+    let agent = fleet.start_agent_opts("edge-1", &[("site", "lab")], AgentOptions::committing());
+    fleet.wait_registered();
+    // A certificate in good standing connects through the front.
+    assert!(connects(port, &pki, "edge-9", Duration::from_secs(10)));
+
+    let out = std::process::Command::new(bin("modelcast"))
+        .args([
+            "--server",
+            fleet.client.base(),
+            "devices",
+            "revoke",
+            "edge-9",
+            "--pki",
+        ])
+        .arg(&pki)
+        .output()
+        .expect("modelcast devices revoke");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The front reads the list again at the next connection: no restart.
+    assert!(
+        !connects(port, &pki, "edge-9", Duration::from_secs(5)),
+        "the revoked certificate still connects"
+    );
+    // Everyone else still does.
+    fleet.publish_example(1, 16);
+    fleet.deploy("classifier", 1, "*");
+    fleet.wait_serving("edge-1", "classifier", 1);
+    drop(agent);
 }

@@ -45,8 +45,9 @@ const MAX_CONNECT: usize = 4 * 1024;
 
 /// What the front needs.
 pub struct FrontConfig {
-    /// TLS for devices: the broker's certificate, client certificates from the fleet CA.
-    pub tls: Arc<rustls::ServerConfig>,
+    /// TLS for devices: the broker's certificate, client certificates from the fleet CA not
+    /// on its revocation list.
+    pub tls: Arc<super::FrontTls>,
     /// Where rumqttd listens (loopback).
     pub internal: SocketAddr,
     /// The password the front presents for every client it relays.
@@ -221,7 +222,7 @@ struct Admitted {
 /// login in place of the client's).
 async fn admit(stream: TcpStream, cfg: &FrontConfig) -> Result<Admitted, (Ended, String)> {
     let failed = |e: String| (Ended::Failed(e), String::new());
-    let mut tls = TlsAcceptor::from(cfg.tls.clone())
+    let mut tls = TlsAcceptor::from(cfg.tls.config())
         .accept(stream)
         .await
         .map_err(|e| failed(format!("TLS: {e}")))?;

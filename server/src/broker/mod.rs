@@ -105,7 +105,7 @@ pub fn start(
             secret: None,
         });
     };
-    let tls = server_tls(pki)?;
+    let tls = Arc::new(FrontTls::new(pki)?);
     // Bind the devices' address first: a taken port fails here, clearly.
     let std_listener = std::net::TcpListener::bind(cfg.listen)?;
     std_listener.set_nonblocking(true)?;
@@ -165,11 +165,55 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// The front's TLS configuration, made again when the revocation list in the PKI directory
+/// changes (`modelcast devices revoke`): a revoked certificate is refused from the next
+/// connection on, without a restart.
+pub struct FrontTls {
+    dir: std::path::PathBuf,
+    /// The list's modification time the configuration was made with, and the configuration.
+    current: std::sync::Mutex<(Option<std::time::SystemTime>, Arc<rustls::ServerConfig>)>,
+}
+
+impl FrontTls {
+    fn new(dir: &Path) -> std::io::Result<Self> {
+        let listed = crl_modified(dir);
+        Ok(FrontTls {
+            dir: dir.to_path_buf(),
+            current: std::sync::Mutex::new((listed, server_tls(dir)?)),
+        })
+    }
+
+    /// The configuration for a new connection (one `stat` of the list each time).
+    pub fn config(&self) -> Arc<rustls::ServerConfig> {
+        let listed = crl_modified(&self.dir);
+        let mut current = self.current.lock().expect("front TLS lock");
+        if current.0 != listed {
+            match server_tls(&self.dir) {
+                Ok(config) => {
+                    tracing::info!(dir = %self.dir.display(), "revocation list read again");
+                    *current = (listed, config);
+                }
+                // The list being replaced, or damaged: the configuration made before stays.
+                Err(e) => {
+                    tracing::warn!(error = %e, "revocation list not read; the previous one applies")
+                }
+            }
+        }
+        current.1.clone()
+    }
+}
+
+fn crl_modified(dir: &Path) -> Option<std::time::SystemTime> {
+    std::fs::metadata(dir.join(crate::pki::CRL_FILE))
+        .and_then(|m| m.modified())
+        .ok()
+}
+
 /// TLS for the front: the broker's certificate, and client certificates of the fleet CA
-/// required.
+/// required, none that its revocation list (`crl.pem`, if there is one) names.
 fn server_tls(dir: &Path) -> std::io::Result<Arc<rustls::ServerConfig>> {
     use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
     let invalid = |what: &str, e: &dyn std::fmt::Display| {
         std::io::Error::new(
             std::io::ErrorKind::InvalidData,
@@ -191,12 +235,24 @@ fn server_tls(dir: &Path) -> std::io::Result<Arc<rustls::ServerConfig>> {
         .map_err(|e| invalid("broker.pem", &e))?;
     let key = PrivateKeyDer::from_pem_slice(&read("broker.key")?)
         .map_err(|e| invalid("broker.key", &e))?;
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+    let crls = match std::fs::read(dir.join(crate::pki::CRL_FILE)) {
+        Ok(pem) => CertificateRevocationListDer::pem_slice_iter(&pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| invalid(crate::pki::CRL_FILE, &e))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(e),
+    };
+    let mut verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
         Arc::new(roots),
         provider.clone(),
-    )
-    .build()
-    .map_err(|e| invalid("ca.pem", &e))?;
+    );
+    if !crls.is_empty() {
+        verifier = verifier
+            .with_crls(crls)
+            .only_check_end_entity_revocation()
+            .allow_unknown_revocation_status();
+    }
+    let verifier = verifier.build().map_err(|e| invalid("ca.pem", &e))?;
     let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| invalid("TLS", &e))?
