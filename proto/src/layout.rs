@@ -28,32 +28,30 @@ impl Layout<'_> {
     }
 
     /// Checks an artifact's layout as a manifest states it: its size in range, its segments,
-    /// one chunk digest per chunk they make, every digest hex SHA-256. The reason says what.
-    pub(crate) fn check(&self) -> Result<(), String> {
+    /// one chunk digest per chunk they make, every digest hex SHA-256.
+    pub(crate) fn check(&self) -> Result<(), LayoutError> {
         if self.size == 0 || self.size > MAX_ARTIFACT_BYTES {
-            return Err(format!("artifact size {} out of range", self.size));
+            return Err(LayoutError::Size(self.size));
         }
-        check_segments(self.size, self.segments).map_err(|e| e.to_string())?;
+        check_segments(self.size, self.segments)?;
         if self.segments.len() >= self.chunks.len().max(1) {
-            return Err(format!(
-                "{} segments for {} chunks",
-                self.segments.len(),
-                self.chunks.len()
-            ));
+            return Err(LayoutError::Segments {
+                segments: self.segments.len(),
+                chunks: self.chunks.len(),
+            });
         }
         let expected = self.spans().take(self.chunks.len() + 1).count();
         if self.chunks.len() != expected {
-            return Err(format!(
-                "{} chunk digests for {} bytes in chunks of {} and {} segments",
-                self.chunks.len(),
-                self.size,
-                self.chunk_size,
-                self.segments.len()
-            ));
+            return Err(LayoutError::Digests {
+                digests: self.chunks.len(),
+                size: self.size,
+                chunk_size: self.chunk_size,
+                segments: self.segments.len(),
+            });
         }
         for d in std::iter::once(self.sha256).chain(self.chunks.iter().map(String::as_str)) {
             if d.len() != 64 || !d.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Err(format!("digest {d:?} is not hex SHA-256"));
+                return Err(LayoutError::Digest(d.to_string()));
             }
         }
         Ok(())
@@ -153,6 +151,40 @@ impl Iterator for Spans<'_> {
 }
 
 /// Segment offsets that cannot describe a file's chunking.
+/// An artifact's layout, as a manifest states it, that cannot be.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LayoutError {
+    /// The size is 0 or past [`MAX_ARTIFACT_BYTES`].
+    #[error("artifact size {0} out of range")]
+    Size(u64),
+    /// The segments do not fit the file.
+    #[error(transparent)]
+    Segment(#[from] SegmentError),
+    /// More segments than chunks.
+    #[error("{segments} segments for {chunks} chunks")]
+    Segments {
+        /// Segments stated.
+        segments: usize,
+        /// Chunk digests stated.
+        chunks: usize,
+    },
+    /// Not one digest per chunk.
+    #[error("{digests} chunk digests for {size} bytes in chunks of {chunk_size} and {segments} segments")]
+    Digests {
+        /// Digests stated.
+        digests: usize,
+        /// The file's size.
+        size: u64,
+        /// Its chunk size.
+        chunk_size: u32,
+        /// Its segments.
+        segments: usize,
+    },
+    /// A digest that is not hex SHA-256.
+    #[error("digest {0:?} is not hex SHA-256")]
+    Digest(String),
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum SegmentError {
     /// An offset not past the one before it (or 0).

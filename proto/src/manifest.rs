@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::DecodeError;
 pub use crate::layout::{
     check_segments, chunk_digests, segmented_chunk_digests, segments_at, spans, Layout,
-    SegmentError, Span, Spans,
+    LayoutError, SegmentError, Span, Spans,
 };
 use crate::metadata::TargetFile;
 
@@ -856,7 +856,9 @@ impl Manifest {
                 self.chunk_size
             )));
         }
-        self.artifact().check().map_err(invalid)?;
+        self.artifact()
+            .check()
+            .map_err(|e| invalid(e.to_string()))?;
         if self.forms.len() > MAX_FORMS {
             return Err(invalid(format!(
                 "{} forms, at most {MAX_FORMS}",

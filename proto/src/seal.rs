@@ -59,21 +59,25 @@ impl Encryption {
     }
 
     /// Whether the ciphertext layout (`size`, `chunk_size`, `segments`) is the sealed layout
-    /// of this plaintext; the reason if not.
-    pub fn check(&self, size: u64, chunk_size: u32, segments: &[u64]) -> Result<(), String> {
+    /// of this plaintext; what differs if not.
+    pub fn check(
+        &self,
+        size: u64,
+        chunk_size: u32,
+        segments: &[u64],
+    ) -> Result<(), EncryptionError> {
         if self.scheme != SCHEME {
-            return Err(format!(
-                "unknown scheme {:?} (this device knows {SCHEME})",
-                self.scheme
-            ));
+            return Err(EncryptionError::Scheme(self.scheme.clone()));
         }
         let plain = self.plain_segments(size, chunk_size, segments)?;
         let sealed = sealed_layout(self.plain_size, self.plain_chunk_size, &plain);
         if sealed != (size, chunk_size, segments.to_vec()) {
-            return Err(format!(
-                "{size} bytes in chunks of {chunk_size} is not the sealed layout of {} bytes in chunks of {}",
-                self.plain_size, self.plain_chunk_size
-            ));
+            return Err(EncryptionError::Layout {
+                size,
+                chunk_size,
+                plain_size: self.plain_size,
+                plain_chunk_size: self.plain_chunk_size,
+            });
         }
         Ok(())
     }
@@ -84,12 +88,12 @@ impl Encryption {
         size: u64,
         chunk_size: u32,
         segments: &[u64],
-    ) -> Result<Vec<u64>, String> {
+    ) -> Result<Vec<u64>, EncryptionError> {
         if chunk_size != self.plain_chunk_size.saturating_add(TAG_LEN as u32) {
-            return Err(format!(
-                "chunk size {chunk_size} is not the plaintext's {} and a tag",
-                self.plain_chunk_size
-            ));
+            return Err(EncryptionError::ChunkSize {
+                chunk_size,
+                plain_chunk_size: self.plain_chunk_size,
+            });
         }
         let mut plain = Vec::with_capacity(segments.len());
         let mut next = segments.iter().peekable();
@@ -100,11 +104,45 @@ impl Encryption {
                 next.next();
             }
         }
-        if next.next().is_some() {
-            return Err("a segment is not at a chunk's start".into());
+        match next.next() {
+            Some(&offset) => Err(EncryptionError::Segment { offset }),
+            None => Ok(plain),
         }
-        Ok(plain)
     }
+}
+
+/// A manifest's `encryption` that does not fit its artifact's layout.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EncryptionError {
+    /// A scheme this build does not know.
+    #[error("unknown scheme {0:?} (this device knows {SCHEME})")]
+    Scheme(String),
+    /// The ciphertext's chunks are not the plaintext's and a tag.
+    #[error("chunk size {chunk_size} is not the plaintext's {plain_chunk_size} and a tag")]
+    ChunkSize {
+        /// The ciphertext's.
+        chunk_size: u32,
+        /// The plaintext's.
+        plain_chunk_size: u32,
+    },
+    /// A segment that does not start a chunk.
+    #[error("the segment at {offset} is not at a chunk's start")]
+    Segment {
+        /// Its offset.
+        offset: u64,
+    },
+    /// The ciphertext's size or segments are not the sealed layout of the plaintext.
+    #[error("{size} bytes in chunks of {chunk_size} is not the sealed layout of {plain_size} bytes in chunks of {plain_chunk_size}")]
+    Layout {
+        /// The ciphertext's size.
+        size: u64,
+        /// The ciphertext's chunk size.
+        chunk_size: u32,
+        /// The plaintext's size.
+        plain_size: u64,
+        /// The plaintext's chunk size.
+        plain_chunk_size: u32,
+    },
 }
 
 /// Sealing or opening failed; the reason says which part.
@@ -505,6 +543,11 @@ mod tests {
             prop_assert_eq!(opened, plain);
             let e = Encryption::new(size, chunk);
             prop_assert_eq!(e.check(s_size, s_chunk, &s_segments), Ok(()));
+            let wrong_chunk = matches!(
+                e.check(s_size, s_chunk - 1, &s_segments),
+                Err(EncryptionError::ChunkSize { .. })
+            );
+            prop_assert!(wrong_chunk);
             prop_assert!(e.check(s_size + 1, s_chunk, &s_segments).is_err());
             prop_assert!(e.check(s_size, s_chunk - 1, &s_segments).is_err());
         }

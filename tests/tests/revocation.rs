@@ -27,6 +27,30 @@ fn connects(port: u16, pki: &std::path::Path, identity: &str, limit: Duration) -
     false
 }
 
+/// Runs `modelcast devices revoke <device> --pki <pki> <extra>`; its output, once it succeeded.
+fn revoke(fleet: &Fleet, pki: &std::path::Path, device: &str, extra: &[&str]) -> String {
+    let out = std::process::Command::new(bin("modelcast"))
+        .args([
+            "--server",
+            fleet.client.base(),
+            "devices",
+            "revoke",
+            device,
+            "--pki",
+        ])
+        .arg(pki)
+        .args(extra)
+        .output()
+        .expect("modelcast devices revoke");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
 #[test]
 fn a_revoked_device_cannot_connect_and_the_next_version_reaches_only_the_others() {
     let dir = tempfile::tempdir().unwrap();
@@ -70,25 +94,7 @@ fn a_revoked_device_cannot_connect_and_the_next_version_reaches_only_the_others(
         Duration::from_secs(10)
     ));
 
-    let out = std::process::Command::new(bin("modelcast"))
-        .args([
-            "--server",
-            fleet.client.base(),
-            "devices",
-            "revoke",
-            "edge-2",
-            "--pki",
-        ])
-        .arg(&pki)
-        .args(["--reason", "stolen"])
-        .output()
-        .expect("modelcast devices revoke");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = revoke(&fleet, &pki, "edge-2", &["--reason", "stolen"]);
     assert!(text.contains("edge-2 revoked"), "{text}");
     let listed = fleet
         .client
@@ -127,23 +133,7 @@ fn the_embedded_broker_refuses_a_revoked_certificate_from_its_next_connection() 
     // A certificate in good standing connects through the front.
     assert!(connects(port, &pki, "edge-9", Duration::from_secs(10)));
 
-    let out = std::process::Command::new(bin("modelcast"))
-        .args([
-            "--server",
-            fleet.client.base(),
-            "devices",
-            "revoke",
-            "edge-9",
-            "--pki",
-        ])
-        .arg(&pki)
-        .output()
-        .expect("modelcast devices revoke");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    revoke(&fleet, &pki, "edge-9", &[]);
     // The front reads the list again at the next connection: no restart.
     assert!(
         !connects(port, &pki, "edge-9", Duration::from_secs(5)),
