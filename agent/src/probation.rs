@@ -52,9 +52,8 @@ impl ProbationPolicy {
 /// Longest trial: the time limit from a config or manifest is capped at this.
 const MAX_TRIAL: Duration = Duration::from_secs(30 * 24 * 3600);
 
-/// Fewest requests on which a latency comparison means anything: below 100 samples the
-/// 99th percentile is the single slowest request, and one scheduler hiccup would decide it.
-const MIN_LATENCY_SAMPLES: usize = 100;
+/// Fewest requests on which a latency comparison means anything.
+const MIN_LATENCY_SAMPLES: usize = 20;
 /// Latencies kept per window (a bounded ring).
 const WINDOW: usize = 1024;
 

@@ -14,7 +14,8 @@ use modelcast_tests::{reference_output, wait_for, Fleet};
 /// Trials are judged on 200 live requests; a version three times slower at p99, and more than
 /// 1.5 ms slower, is rolled back (the slow versions are ~3 ms; the good ones ~0.1 ms, and on a
 /// loaded 2-core machine their p99 alone has jittered to 1.7 ms against 0.45 ms). Judged on 60,
-/// a good version's p99 was its slowest request, and one 3.7 ms hiccup rolled it back.
+/// a good version's p99 was its slowest request (nearest rank: under 100 samples, the
+/// maximum), and one 3.7 ms hiccup on the CI machine rolled it back.
 const PROBATION: &str =
     "[probation]\nrequests = 200\nseconds = 600\nmax_p99_ratio = 3.0\np99_slack_ms = 1.5\n";
 
