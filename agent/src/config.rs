@@ -62,6 +62,26 @@ pub struct TlsConfig {
     pub key: Option<PathBuf>,
 }
 
+/// Enrolment by claim: the device has no certificate made for it by hand, but its batch's
+/// claim credential (`modelcast pki claim <batch>`). At its first start it makes its own key,
+/// asks the fleet server for a certificate over the claim, and renews it before it ends
+/// ([`crate::enrol`], [`crate::identity`]). Needs an `mqtts://` broker and `[tls] ca`, with
+/// no `cert` or `key` there.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EnrolConfig {
+    /// The claim's name: the batch given to `modelcast pki claim`.
+    pub claim: String,
+    /// The claim's certificate (PEM).
+    pub claim_cert: PathBuf,
+    /// Its private key (PEM).
+    pub claim_key: PathBuf,
+    /// Where to enrol (`mqtts://host:port`): mosquitto's claim listener; by default the
+    /// broker itself (the embedded broker takes claims on its one port).
+    #[serde(default)]
+    pub claim_broker: Option<String>,
+}
+
 /// Chunk transfer tuning.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -122,6 +142,9 @@ pub struct Config {
     /// TLS for the broker connection; required by an `mqtts://` broker.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// Enrolment by claim, in place of a certificate made by hand.
+    #[serde(default)]
+    pub enrol: Option<EnrolConfig>,
     /// Transfer tuning.
     #[serde(default)]
     pub transfer: TransferConfig,
@@ -417,6 +440,33 @@ impl Config {
                 ))
             }
             _ => {}
+        }
+        if let Some(e) = &self.enrol {
+            match &self.tls {
+                Some(t) if broker.tls && t.cert.is_none() => {}
+                _ => {
+                    return Err(ConfigError::Invalid(
+                        "[enrol] needs an mqtts:// broker and [tls] with `ca` only (the device's \
+                         certificate comes from enrolment)"
+                            .into(),
+                    ))
+                }
+            }
+            if !modelcast_proto::manifest::valid_name(&e.claim) {
+                return Err(ConfigError::Invalid(format!(
+                    "enrol.claim {:?} must be 1-64 of [A-Za-z0-9._-]",
+                    e.claim
+                )));
+            }
+            if let Some(url) = &e.claim_broker {
+                let claim = modelcast_proto::BrokerUrl::parse(url)
+                    .map_err(|e| ConfigError::Invalid(format!("enrol.claim_broker: {e}")))?;
+                if !claim.tls {
+                    return Err(ConfigError::Invalid(
+                        "enrol.claim_broker must be mqtts://".into(),
+                    ));
+                }
+            }
         }
         if self.engine.backend == Backend::Onnxruntime {
             if !cfg!(feature = "ort") {

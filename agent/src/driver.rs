@@ -43,6 +43,8 @@ use crate::update::{Action, ChunkFate, Failure, Settings, Updater};
 const OUTCOME_QUEUE: usize = 4096;
 /// How often samples move from the serve path's buffer to the store.
 const SAMPLES_EVERY: Duration = Duration::from_secs(2);
+/// How often a device enrolled by claim looks at its certificate's age.
+const CERTIFICATE_EVERY: Duration = Duration::from_secs(5);
 
 /// Why the agent could not start or had to stop.
 #[derive(Debug, Error)]
@@ -70,6 +72,9 @@ pub enum AgentError {
     /// The device's sealing key could not be read or made.
     #[error(transparent)]
     SealingKey(#[from] crate::sealing::SealingKeyError),
+    /// Enrolment by claim cannot proceed (its files, or the device's key).
+    #[error(transparent)]
+    Enrol(#[from] crate::enrol::EnrolError),
 }
 
 use crate::clock::unix_secs as unix_now;
@@ -111,6 +116,10 @@ struct Agent {
     http_failed: std::collections::HashSet<String>,
     /// The device's sealing key's public half (hex), in every report.
     sealing_key: Option<String>,
+    /// Its own certificate, when it enrols by claim (`[enrol]`), and its renewal.
+    enrolled: Option<crate::enrol::Enrolled>,
+    /// Whether the broker link is up.
+    link_up: bool,
 }
 
 fn load_trust(cfg: &Config, store: &Store) -> Result<(TrustState, RoleVerifier), AgentError> {
@@ -347,9 +356,27 @@ async fn control(
             false => Duration::ZERO,
         },
     };
+    let sealing_key = store.sealing_key().map(|k| k.to_hex());
+    tokio::pin!(stop);
+    // Enrolling by claim: the device's own certificate first (the API serves meanwhile).
+    let (tls, enrolled) = match &cfg.enrol {
+        None => (tls, None),
+        Some(_) => {
+            let started = crate::enrol::Enrolled::start(&cfg, sealing_key.clone());
+            tokio::select! {
+                _ = &mut stop => {
+                    store.flush().await?;
+                    return Ok(());
+                }
+                started = started => {
+                    let (enrolled, tls) = started?;
+                    (Some(tls), Some(enrolled))
+                }
+            }
+        }
+    };
     let (fetcher, mut fetched) = crate::fetch::Fetcher::start(tls.clone());
     let (link, mut events) = Link::connect(&cfg, tls);
-    let sealing_key = store.sealing_key().map(|k| k.to_hex());
     let mut agent = Agent {
         last_error: store.last_error()?,
         director,
@@ -370,6 +397,8 @@ async fn control(
         fetcher,
         http_failed: Default::default(),
         sealing_key,
+        enrolled,
+        link_up: false,
     };
     if let Some(rebuilt) = rebuilt {
         agent
@@ -420,7 +449,8 @@ async fn control(
     });
     let mut samples_tick = tokio::time::interval(SAMPLES_EVERY);
     samples_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tokio::pin!(stop);
+    let mut certificate_tick = tokio::time::interval(CERTIFICATE_EVERY);
+    certificate_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let wake = agent.updater.next_wake(Instant::now());
         tokio::select! {
@@ -432,6 +462,24 @@ async fn control(
                 agent.end_telemetry_interval().await;
             }
             _ = samples_tick.tick() => agent.store_samples(),
+            _ = certificate_tick.tick(), if agent.enrolled.is_some() => {
+                let (now, unix) = (Instant::now(), unix_now());
+                let enrolled = agent.enrolled.as_mut().expect("enrolled");
+                match enrolled.due(&agent.cfg, agent.sealing_key.clone(), now, unix, agent.link_up) {
+                    crate::enrol::Due::Nothing => {}
+                    crate::enrol::Due::Renew(request) => agent.link.renew(&request).await,
+                    crate::enrol::Due::Reenrol => {
+                        let reenrolled = enrolled.reenrol(&agent.cfg, agent.sealing_key.clone());
+                        tokio::select! {
+                            _ = &mut stop => break,
+                            r = reenrolled => match r {
+                                Ok(tls) => agent.link.use_tls(tls).await,
+                                Err(e) => warn!(error = %e, "enrolling again failed"),
+                            },
+                        }
+                    }
+                }
+            }
             event = events.recv() => match event {
                 Some(event) => agent.handle_link(event).await,
                 None => break,
@@ -514,7 +562,18 @@ impl Agent {
 
     async fn handle_link(&mut self, event: LinkEvent) {
         match event {
+            LinkEvent::Certificate(bytes) => {
+                let (now, unix) = (Instant::now(), unix_now());
+                let renewed = self
+                    .enrolled
+                    .as_mut()
+                    .and_then(|e| e.answered(&bytes, now, unix));
+                if let Some(tls) = renewed {
+                    self.link.use_tls(tls).await;
+                }
+            }
             LinkEvent::Connected => {
+                self.link_up = true;
                 info!("connected to broker");
                 self.updater.handle_connected();
                 self.telemetry.connected();
@@ -527,6 +586,7 @@ impl Agent {
                 self.send_telemetry().await;
             }
             LinkEvent::Disconnected(reason) => {
+                self.link_up = false;
                 warn!(%reason, "broker link down");
                 self.telemetry.disconnected();
                 self.updater.handle_disconnected();

@@ -16,6 +16,8 @@
 //! - [`serve`]: the local Open Inference Protocol (KServe v2) API over the serving models.
 //! - [`link`]: MQTT (rumqttc): connect, last will, subscriptions, events in, publishes out.
 //! - [`fetch`]: chunks as HTTP(S) byte ranges, when a deployment gives a base URL.
+//! - [`identity`], [`enrol`]: the device's own key and certificate when it enrols by claim;
+//!   when to ask for a certificate (sans-IO) and the claim connection that asks.
 //! - [`driver`]: the one loop that feeds events to the update logic and acts on it.
 //! - [`systemd`]: readiness, status and watchdog notifications.
 //! - [`artifacts`]: the artifact files (reserved before they are written, each complete one
@@ -35,9 +37,11 @@ pub(crate) mod clock;
 pub mod config;
 pub mod driver;
 pub mod engine;
+pub mod enrol;
 pub mod fetch;
 #[cfg(feature = "grpc")]
 pub(crate) mod grpc;
+pub mod identity;
 pub mod inflate;
 pub mod kserve;
 pub mod link;

@@ -35,6 +35,8 @@ pub enum LinkEvent {
     Chunk(Bytes),
     /// The server's receipt for some of this device's telemetry reports: it has them.
     TelemetryAck(Bytes),
+    /// The server's answer to a renewal request (untrusted bytes).
+    Certificate(Bytes),
 }
 
 /// Sends this device's messages.
@@ -46,6 +48,9 @@ pub struct Link {
     /// The artifact topics listened on (subscribed again after each reconnect), each with
     /// whether it was (re)subscribed since the last request for it.
     artifacts: Arc<Mutex<BTreeMap<String, bool>>>,
+    /// A TLS configuration to connect with from the next connection on (a renewed
+    /// certificate), taken by the event loop.
+    next_tls: Arc<Mutex<Option<rustls::ClientConfig>>>,
 }
 
 /// Largest packet the agent accepts: a maximal chunk plus framing.
@@ -84,20 +89,35 @@ impl Link {
         eventloop.set_network_options(network);
         let (tx, rx) = mpsc::channel(256);
         let artifacts = Arc::new(Mutex::new(BTreeMap::new()));
+        let next_tls = Arc::new(Mutex::new(None::<rustls::ClientConfig>));
         let link = Link {
             client: client.clone(),
             topics: topics.clone(),
             device: device.clone(),
             artifacts: artifacts.clone(),
+            next_tls: next_tls.clone(),
         };
         let desired = topics.device(&device, DeviceTopic::Desired);
         let chunks = topics.device(&device, DeviceTopic::Chunks);
         let online = topics.device(&device, DeviceTopic::Online);
         let receipts = topics.device(&device, DeviceTopic::TelemetryAcks);
+        let certificates = topics.device(&device, DeviceTopic::Certificate);
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(200);
             loop {
-                let event = match eventloop.poll().await {
+                let polled = eventloop.poll().await;
+                // A renewed certificate: the connection is dropped and made again with it.
+                if let Some(tls) = next_tls.lock().expect("next TLS lock").take() {
+                    eventloop
+                        .mqtt_options
+                        .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+                            std::sync::Arc::new(tls),
+                        )));
+                    if polled.is_ok() {
+                        eventloop.clean();
+                    }
+                }
+                let event = match polled {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
                         backoff = Duration::from_millis(200);
                         // try_*: this task drives the event loop, so it must never wait on it.
@@ -105,6 +125,7 @@ impl Link {
                         let _ = client.try_subscribe(&chunks, QoS::AtLeastOnce);
                         // The server's receipts for our telemetry.
                         let _ = client.try_subscribe(&receipts, QoS::AtLeastOnce);
+                        let _ = client.try_subscribe(&certificates, QoS::AtLeastOnce);
                         for (topic, joined) in artifacts.lock().expect("artifacts lock").iter_mut()
                         {
                             let _ = client.try_subscribe(topic, QoS::AtLeastOnce);
@@ -120,6 +141,8 @@ impl Link {
                             Some(LinkEvent::Chunk(p.payload))
                         } else if p.topic == receipts {
                             Some(LinkEvent::TelemetryAck(p.payload))
+                        } else if p.topic == certificates {
+                            Some(LinkEvent::Certificate(p.payload))
                         } else if topics.is_artifact(&p.topic) {
                             Some(LinkEvent::Chunk(p.payload))
                         } else {
@@ -236,6 +259,31 @@ impl Link {
                 false,
                 report,
             )
+            .await;
+    }
+
+    /// Asks the server to renew this device's certificate (QoS 1, not retained).
+    pub async fn renew(&self, request: &modelcast_proto::enrol::EnrolRequest) {
+        let _ = self
+            .client
+            .publish(
+                self.topics.device(&self.device, DeviceTopic::Enrol),
+                QoS::AtLeastOnce,
+                false,
+                request.to_vec(),
+            )
+            .await;
+    }
+
+    /// Connects with `tls` from now on: the connection is made again at once (its online
+    /// status published again wakes the event loop, which drops it) and proves the new
+    /// certificate.
+    pub async fn use_tls(&self, tls: rustls::ClientConfig) {
+        *self.next_tls.lock().expect("next TLS lock") = Some(tls);
+        let online = self.topics.device(&self.device, DeviceTopic::Online);
+        let _ = self
+            .client
+            .publish(online, QoS::AtLeastOnce, true, "online")
             .await;
     }
 

@@ -240,6 +240,7 @@ fn config(dir: &Path, keys: &Keys, broker: u16, http: u16) -> Config {
             metered: false,
         },
         tls: None,
+        enrol: None,
         probation: Default::default(),
         telemetry: Default::default(),
         serve: Default::default(),

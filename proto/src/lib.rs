@@ -17,6 +17,7 @@
 //! - [`desired`]: the per-device desired state message.
 //! - [`engine`]: inference backends, what a device runs, which form of a model it receives.
 //! - [`chunk`]: chunk request and chunk reply framing.
+//! - [`enrol`]: enrolment by claim and certificate renewal (CSR in, certificate out).
 //! - [`report`]: the device state report.
 //! - [`topic`]: the only place MQTT topic strings are built and parsed.
 //! - `tls` (feature `tls`): the transport profile, MQTT over TLS with client certificates.
@@ -30,6 +31,7 @@ pub mod bins;
 pub mod chunk;
 pub mod desired;
 pub mod engine;
+pub mod enrol;
 pub mod error;
 pub mod keys;
 pub mod layout;

@@ -23,6 +23,10 @@ pub enum DeviceTopic {
     /// Chunk requests (agent → server): on the device's own topic, so a broker ACL binds
     /// the sender to the device it names.
     Requests,
+    /// Certificate renewal requests (agent → server, [`crate::enrol::EnrolRequest`]).
+    Enrol,
+    /// The server's answers to them (server → agent, [`crate::enrol::EnrolReply`]).
+    Certificate,
 }
 
 impl DeviceTopic {
@@ -36,7 +40,11 @@ impl DeviceTopic {
             DeviceTopic::Telemetry => Some(crate::telemetry::MAX_TELEMETRY_BYTES),
             DeviceTopic::Requests => Some(crate::chunk::MAX_REQUEST_BYTES),
             DeviceTopic::Online => Some(MAX_ONLINE_BYTES),
-            DeviceTopic::Desired | DeviceTopic::Chunks | DeviceTopic::TelemetryAcks => None,
+            DeviceTopic::Enrol => Some(crate::enrol::MAX_ENROL_BYTES),
+            DeviceTopic::Desired
+            | DeviceTopic::Chunks
+            | DeviceTopic::TelemetryAcks
+            | DeviceTopic::Certificate => None,
         }
     }
 
@@ -50,7 +58,7 @@ impl DeviceTopic {
     }
 
     /// Every kind.
-    pub const ALL: [DeviceTopic; 7] = [
+    pub const ALL: [DeviceTopic; 9] = [
         DeviceTopic::Desired,
         DeviceTopic::Chunks,
         DeviceTopic::State,
@@ -58,6 +66,8 @@ impl DeviceTopic {
         DeviceTopic::TelemetryAcks,
         DeviceTopic::Online,
         DeviceTopic::Requests,
+        DeviceTopic::Enrol,
+        DeviceTopic::Certificate,
     ];
 
     fn suffix(self) -> &'static str {
@@ -69,6 +79,8 @@ impl DeviceTopic {
             DeviceTopic::TelemetryAcks => "telemetry-acks",
             DeviceTopic::Online => "online",
             DeviceTopic::Requests => "requests",
+            DeviceTopic::Enrol => "enrol",
+            DeviceTopic::Certificate => "certificate",
         }
     }
 
@@ -81,6 +93,8 @@ impl DeviceTopic {
             "telemetry-acks" => DeviceTopic::TelemetryAcks,
             "online" => DeviceTopic::Online,
             "requests" => DeviceTopic::Requests,
+            "enrol" => DeviceTopic::Enrol,
+            "certificate" => DeviceTopic::Certificate,
             _ => return None,
         })
     }
@@ -142,6 +156,35 @@ impl Topics {
             .is_some_and(|sha| sha.len() == 64 && sha.bytes().all(|b| b.is_ascii_hexdigit()))
     }
 
+    /// `<p>/claim/{claim}/{client}/request`: where a device with only its batch's claim
+    /// credential (`claim`, the credential's common name) asks to enrol, connected as
+    /// `client` ([`crate::enrol::claim_client_id`]). Brokers bind both segments: the claim
+    /// to the certificate, the client to the connection.
+    pub fn claim_request(&self, claim: &str, client: &str) -> String {
+        format!("{}/claim/{claim}/{client}/request", self.prefix)
+    }
+
+    /// `<p>/claim/{claim}/{client}/reply`: the server's answer to that request.
+    pub fn claim_reply(&self, claim: &str, client: &str) -> String {
+        format!("{}/claim/{claim}/{client}/reply", self.prefix)
+    }
+
+    /// `<p>/claim/+/+/request`: every claim request (what the server subscribes to).
+    pub fn all_claim_requests(&self) -> String {
+        format!("{}/claim/+/+/request", self.prefix)
+    }
+
+    /// Splits a claim request topic into the claim and the client id.
+    pub fn parse_claim_request(&self, topic: &str) -> Option<(String, String)> {
+        let rest = topic
+            .strip_prefix(&self.prefix)?
+            .strip_prefix("/claim/")?
+            .strip_suffix("/request")?;
+        let (claim, client) = rest.split_once('/')?;
+        let ok = |s: &str| crate::manifest::valid_name(s);
+        (ok(claim) && ok(client)).then(|| (claim.to_string(), client.to_string()))
+    }
+
     /// Splits a device topic into device id and kind.
     pub fn parse_device(&self, topic: &str) -> Option<(String, DeviceTopic)> {
         let rest = topic.strip_prefix(&self.prefix)?.strip_prefix("/d/")?;
@@ -178,5 +221,19 @@ mod tests {
         assert!(!t.is_artifact(&format!("other/a/{sha}")));
         assert_eq!(t.parse_device(&t.artifact(&sha)), None);
         assert_eq!(t.all_artifacts(), "mc/a/+");
+        let claim = t.claim_request("batch-7", "enrol.edge-1");
+        assert_eq!(claim, "mc/claim/batch-7/enrol.edge-1/request");
+        assert_eq!(
+            t.parse_claim_request(&claim),
+            Some(("batch-7".into(), "enrol.edge-1".into()))
+        );
+        assert_eq!(t.parse_claim_request("mc/claim/+/+/request"), None);
+        assert_eq!(t.parse_claim_request("mc/claim/a/b/c/request"), None);
+        assert_eq!(t.parse_device(&claim), None);
+        assert_eq!(t.claim_reply("b", "c"), "mc/claim/b/c/reply");
+        for kind in DeviceTopic::ALL {
+            let topic = t.device("edge-1", kind);
+            assert_eq!(t.parse_device(&topic), Some(("edge-1".into(), kind)));
+        }
     }
 }

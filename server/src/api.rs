@@ -184,7 +184,8 @@ pub fn required_role(method: &axum::http::Method, path: &str) -> Role {
         Role::Deployer
     } else if *method == Method::GET || *method == Method::HEAD {
         Role::Viewer
-    } else if path == "/api/v1/repository/root" {
+    } else if path == "/api/v1/repository/root" || path.starts_with("/api/v1/enrolments/") {
+        // Who may join the fleet is the admins' decision.
         Role::Admin
     } else {
         Role::Deployer
@@ -348,6 +349,8 @@ pub fn router(fleet: Arc<Fleet>, tokens: Option<Tokens>, limits: ApiLimits) -> R
         .route("/api/v1/devices", get(devices))
         .route("/api/v1/devices/{id}/telemetry", get(device_telemetry))
         .route("/api/v1/devices/{id}/quarantine", post(quarantine))
+        .route("/api/v1/enrolments", get(enrolments))
+        .route("/api/v1/enrolments/{id}/{action}", post(decide_enrolment))
         .route("/api/v1/telemetry", get(telemetry))
         .route("/api/v1/alerts", get(alerts))
         .route("/api/v1/samples", get(samples))
@@ -820,6 +823,63 @@ async fn quarantine(
     Ok(Json(entry).into_response())
 }
 
+/// Every device that asked to enrol: pending, enrolled, rejected or revoked.
+async fn enrolments(State(fleet): State<Arc<Fleet>>) -> ApiResult {
+    if !fleet.enrols() {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            "this server does not enrol devices (start it with --enrol)".into(),
+        ));
+    }
+    Ok(Json(fleet.enrolments().await.map_err(internal)?).into_response())
+}
+
+/// Body of `POST /api/v1/enrolments/{id}/{action}` (optional).
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct EnrolmentDecision {
+    /// Why (kept in the quarantine of a revoked device).
+    #[serde(default)]
+    pub reason: String,
+    /// Who acts (a token's name wins).
+    #[serde(default)]
+    pub by: String,
+}
+
+/// Accepts or rejects a device waiting for a decision, or revokes an enrolled one.
+async fn decide_enrolment(
+    State(fleet): State<Arc<Fleet>>,
+    Extension(caller): Extension<Caller>,
+    Path((id, action)): Path<(String, String)>,
+    body: Option<Json<EnrolmentDecision>>,
+) -> ApiResult {
+    if !modelcast_proto::manifest::valid_name(&id) {
+        return Err(bad(format!("bad device id {id:?}")));
+    }
+    use crate::enrol::Verdict;
+    let verdict = match action.as_str() {
+        "accept" => Verdict::Accept,
+        "reject" => Verdict::Reject,
+        "revoke" => Verdict::Revoke,
+        other => {
+            return Err(bad(format!(
+                "unknown action {other:?}: accept, reject or revoke"
+            )))
+        }
+    };
+    let req = body.map(|Json(b)| b).unwrap_or_default();
+    let by = caller.name_or(&req.by);
+    use crate::fleet::EnrolmentError as E;
+    match fleet.decide_enrolment(&id, verdict, &by, &req.reason).await {
+        Ok(entry) => Ok(Json(entry).into_response()),
+        Err(e @ (E::Disabled | E::Unknown(_))) => {
+            Err(ApiError(StatusCode::NOT_FOUND, e.to_string()))
+        }
+        Err(e @ E::NotPending { .. }) => Err(ApiError(StatusCode::CONFLICT, e.to_string())),
+        Err(e @ E::Csr(_)) => Err(ApiError(StatusCode::UNPROCESSABLE_ENTITY, e.to_string())),
+        Err(E::Store(e)) => Err(internal(e)),
+    }
+}
+
 /// Latency and error rate of a model (one version, or all) across a group over a window.
 ///
 /// Only published versions count (devices could report any), and the window is read a slice
@@ -1070,6 +1130,14 @@ mod tests {
         assert_eq!(
             required_role(&Method::POST, "/api/v1/repository/root"),
             Role::Admin
+        );
+        assert_eq!(
+            required_role(&Method::POST, "/api/v1/enrolments/edge-1/accept"),
+            Role::Admin
+        );
+        assert_eq!(
+            required_role(&Method::GET, "/api/v1/enrolments"),
+            Role::Viewer
         );
         assert!(public("/dashboard") && !public("/api/v1/audit"));
     }

@@ -5,8 +5,10 @@
 //! - [`broker`]: the embedded MQTT broker (rumqttd), plain, or with a PKI behind its TLS front
 //!   ([`broker::front`]) that binds client ids to certificates and confines each device to its
 //!   topics ([`broker::policy`]).
-//! - [`pki`], [`acl`]: the transport PKI (CA, broker and client certificates) and the
-//!   mosquitto configuration that confines each device to its own topics.
+//! - [`pki`], [`acl`]: the transport PKI (CA, broker and client certificates, claim
+//!   credentials, device certificates signed from CSRs) and the mosquitto configuration that
+//!   confines each device to its own topics; [`enrol`]: enrolment by claim and renewal, decided
+//!   with no I/O ([`fleet`] carries it out).
 //! - [`db`]: the server's sled store — artifacts, registry, repository, devices, deployments,
 //!   rollouts, audit log.
 //! - [`repo`]: the TUF repository (snapshot/timestamp signing, hash bins) and the Uptane
@@ -43,6 +45,7 @@ pub(crate) mod clock;
 pub mod compress;
 pub mod db;
 pub mod drift;
+pub mod enrol;
 pub(crate) mod fanout;
 pub mod files;
 pub mod fleet;
@@ -115,6 +118,9 @@ pub struct ServerConfig {
     /// What the embedded broker takes from devices (with a PKI: its front's connection cap
     /// and time to a checked CONNECT, apart from the API's).
     pub mqtt: MqttLimits,
+    /// Enrol devices by claim and renew their certificates ([`enrol`]), signing with the CA
+    /// key in `pki`; `None` does neither.
+    pub enrol: Option<enrol::EnrolPolicy>,
 }
 
 /// The embedded broker's limits, with a PKI ([`broker::front`]).
@@ -301,6 +307,19 @@ pub async fn run(
         }
         (_, false) => None,
     };
+    let enroller =
+        match (&cfg.enrol, &cfg.pki) {
+            (None, _) => None,
+            (Some(policy), Some(dir)) => Some(std::sync::Arc::new(enrol::Enroller {
+                policy: policy.clone(),
+                issuer: pki::CertIssuer::open(dir).map_err(|e| ServerError::Io(e.to_string()))?,
+                pki_dir: dir.clone(),
+            })),
+            (Some(_), None) => return Err(ServerError::Io(
+                "--enrol needs --pki (the fleet CA's certificate and key sign device certificates)"
+                    .into(),
+            )),
+        };
     let link = fleet::BrokerLink {
         host: broker.host,
         port: broker.port,
@@ -322,6 +341,7 @@ pub async fn run(
             drops,
             quarantines,
             front: (cfg.broker.is_none() && cfg.pki.is_some()).then_some(front_stats),
+            enroller,
         },
         stopping.clone(),
     )

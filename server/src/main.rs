@@ -109,6 +109,33 @@ struct Args {
         value_delimiter = ','
     )]
     broker_server_identities: Vec<String>,
+    /// Enrol devices that ask over a claim credential (`modelcast pki claim`) and renew
+    /// device certificates: the fleet CA's key in `--pki` signs them. Devices no
+    /// `--enrol-auto` rule matches wait for `modelcast devices accept|reject`.
+    #[arg(long, env = "MODELCAST_ENROL")]
+    enrol: bool,
+    /// A rule that enrols matching devices at once (repeatable): `claim=<batch>` and/or
+    /// `<label>=<value>`, comma-separated, all of which must match.
+    #[arg(
+        long = "enrol-auto",
+        env = "MODELCAST_ENROL_AUTO",
+        value_delimiter = ';'
+    )]
+    enrol_auto: Vec<modelcast_server::enrol::AutoRule>,
+    /// How long device certificates are valid (`30d`, `12h`, `90s`); agents renew them
+    /// after two thirds of that.
+    #[arg(long, env = "MODELCAST_CERT_VALIDITY", default_value = "30d", value_parser = humantime::parse_duration)]
+    cert_validity: std::time::Duration,
+    /// A device whose certificate ran out while it was offline, asking again over its
+    /// claim: `reenrol` (a new certificate for the key it holds), `hold` (for an operator)
+    /// or `refuse`.
+    #[arg(
+        long,
+        env = "MODELCAST_ENROL_EXPIRED",
+        value_enum,
+        default_value = "hold"
+    )]
+    enrol_expired: modelcast_server::enrol::Expired,
 }
 
 #[tokio::main]
@@ -137,6 +164,13 @@ async fn main() -> anyhow::Result<()> {
         tokens: args.tokens,
         role: args.role,
         lease: args.lease,
+        enrol: args.enrol.then(|| modelcast_server::enrol::EnrolPolicy {
+            auto: args.enrol_auto,
+            valid_secs: i64::try_from(args.cert_validity.as_secs())
+                .unwrap_or(i64::MAX)
+                .max(10),
+            expired: args.enrol_expired,
+        }),
         shared_chunks: !args.no_shared_chunks,
         compress_chunks: !args.no_chunk_compression,
         max_chunk_requests: args.max_chunk_requests.max(1),

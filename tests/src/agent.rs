@@ -20,6 +20,31 @@ pub struct AgentOptions {
     pub broker_port: Option<u16>,
     /// More environment for its process (e.g. `TZ`, its local time zone).
     pub env: Vec<(String, String)>,
+    /// Enrol by claim (`[enrol]`) instead of holding a certificate made by hand.
+    pub claim: Option<Claim>,
+}
+
+/// A device's claim credential, for enrolment by claim.
+#[derive(Debug, Clone)]
+pub struct Claim {
+    /// The claim's name (its batch).
+    pub name: String,
+    /// Its files.
+    pub identity: modelcast_server::pki::Identity,
+    /// The port to enrol at (mosquitto's claim listener), when not the fleet's broker.
+    pub port: Option<u16>,
+}
+
+impl Claim {
+    /// The claim `claim-<name>.pem` in `pki` (from [`modelcast_server::pki::claim`]), enrolled
+    /// for at `port` (or the fleet's broker).
+    pub fn of(pki: &std::path::Path, name: &str, port: Option<u16>) -> Claim {
+        Claim {
+            name: name.into(),
+            identity: modelcast_server::pki::Identity::in_dir(pki, &format!("claim-{name}")),
+            port,
+        }
+    }
 }
 
 impl AgentOptions {
@@ -57,6 +82,7 @@ impl Agent {
             transfer,
             broker_port,
             env,
+            claim,
         } = options;
         let http_port = free_port();
         let dir = fleet.dir.path();
@@ -67,8 +93,23 @@ impl Agent {
         let director =
             std::fs::read_to_string(fleet.keys.join("director.pub")).expect("director.pub");
         let config = dir.join(format!("{id}.toml"));
-        let (scheme, tls) = match &fleet.pki {
-            Some(pki) => {
+        let (scheme, tls) = match (&fleet.pki, &claim) {
+            (Some(pki), Some(claim)) => {
+                let at = claim
+                    .port
+                    .map(|p| format!("claim_broker = \"mqtts://127.0.0.1:{p}\"\n"))
+                    .unwrap_or_default();
+                let tls = format!(
+                    "[tls]\nca = \"{}\"\n[enrol]\nclaim = \"{}\"\nclaim_cert = \"{}\"\nclaim_key = \"{}\"\n{at}",
+                    pki.join("ca.pem").display(),
+                    claim.name,
+                    claim.identity.cert.display(),
+                    claim.identity.key.display()
+                );
+                ("mqtts", tls)
+            }
+            (None, Some(_)) => panic!("enrolment by claim needs a fleet with a PKI"),
+            (Some(pki), None) => {
                 let cert = modelcast_server::pki::issue(pki, id).expect("device certificate");
                 let tls = format!(
                     "[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
@@ -78,7 +119,7 @@ impl Agent {
                 );
                 ("mqtts", tls)
             }
-            None => ("mqtt", String::new()),
+            (None, None) => ("mqtt", String::new()),
         };
         std::fs::write(
             &config,
@@ -126,6 +167,11 @@ impl Agent {
         wait_for(&format!("{} API", self.id), Duration::from_secs(30), || {
             ureq::get(&url).call().ok()
         });
+    }
+
+    /// Sets the environment of its process from its next start (e.g. a moved clock).
+    pub fn set_env(&mut self, env: Vec<(String, String)>) {
+        self.env = env;
     }
 
     /// Kills the process with SIGKILL (a crash, a power cut) without restarting it.

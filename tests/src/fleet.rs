@@ -36,6 +36,8 @@ pub struct Fleet {
     pub pki: Option<PathBuf>,
     server: Proc,
     server_args: Vec<std::ffi::OsString>,
+    /// More environment for the server's process from its next start.
+    server_env: Vec<(String, String)>,
     restarts: u32,
 }
 
@@ -148,8 +150,16 @@ impl Fleet {
             .path()
             .join(format!("server-{}.log", self.restarts));
         let mut cmd = Command::new(bin("modelcast-server"));
-        cmd.args(&self.server_args);
+        cmd.args(&self.server_args)
+            .envs(self.server_env.iter().map(|(k, v)| (k, v)));
         self.server = Proc::spawn(&mut cmd, log);
+    }
+
+    /// Restarts the server (as [`Fleet::restart_server`]) with more environment (e.g. a moved
+    /// clock).
+    pub fn restart_server_with_env(&mut self, env: Vec<(String, String)>) {
+        self.server_env = env;
+        self.restart_server();
     }
 
     /// Kills the server (SIGKILL) without starting it again.
@@ -198,8 +208,17 @@ impl Fleet {
 
     /// Keys and a server using a TLS mosquitto ([`Mosquitto::start_tls`]) started in `dir`.
     pub fn with_tls_broker(dir: tempfile::TempDir, broker: &Mosquitto) -> Fleet {
+        Self::with_tls_broker_args(dir, broker, &[])
+    }
+
+    /// [`Fleet::with_tls_broker`] with more server arguments.
+    pub fn with_tls_broker_args(
+        dir: tempfile::TempDir,
+        broker: &Mosquitto,
+        extra: &[&str],
+    ) -> Fleet {
         let pki = broker.pki().expect("a TLS broker").to_path_buf();
-        Self::start_in(dir, Some(broker.port()), Some(pki), None, &[])
+        Self::start_in(dir, Some(broker.port()), Some(pki), None, extra)
     }
 
     fn start_in(
@@ -246,6 +265,7 @@ impl Fleet {
             pki,
             server,
             server_args,
+            server_env: Vec::new(),
             restarts: 0,
         }
     }

@@ -28,7 +28,7 @@ pub mod proxy;
 pub mod services;
 pub mod sim;
 
-pub use agent::{Agent, AgentOptions};
+pub use agent::{Agent, AgentOptions, Claim};
 pub use attacker::*;
 pub use fleet::Fleet;
 pub use services::{Mosquitto, Nginx, Postgres};

@@ -14,6 +14,7 @@ pub struct Mosquitto {
     port: u16,
     pki: Option<PathBuf>,
     log: PathBuf,
+    claim_port: Option<u16>,
 }
 
 fn mosquitto_exe() -> &'static str {
@@ -46,6 +47,13 @@ impl Mosquitto {
     /// `modelcast-server` and `modelcast-server-2` (a replica; the attack tests' compromised
     /// server).
     pub fn start_tls(dir: &Path) -> Mosquitto {
+        Self::start_tls_claims(dir, &[])
+    }
+
+    /// [`Mosquitto::start_tls`] with the claim credentials of `batches` issued in its PKI
+    /// (`claim-<batch>.pem`) and, with any, a second listener for devices enrolling by claim
+    /// ([`Mosquitto::claim_port`]).
+    pub fn start_tls_claims(dir: &Path, batches: &[&str]) -> Mosquitto {
         use modelcast_server::{acl, pki};
         let port = free_port();
         let pki_dir = dir.join("pki");
@@ -65,16 +73,30 @@ impl Mosquitto {
         pki::issue(&pki_dir, &servers[1]).expect("replica identity");
         let acl_file = dir.join(format!("mosquitto-{port}.acl"));
         std::fs::write(&acl_file, acl::acl("modelcast", &servers)).expect("acl");
+        for batch in batches {
+            pki::claim(&pki_dir, batch).expect("claim credential");
+        }
+        let claim_acl = dir.join(format!("mosquitto-{port}-claims.acl"));
+        std::fs::write(&claim_acl, acl::claim_acl("modelcast")).expect("claim acl");
+        let claim_port = (!batches.is_empty()).then(free_port);
         let mut text = acl::mosquitto_conf(&acl::MosquittoSetup {
             listen_host: "127.0.0.1",
             port,
             pki_dir: &pki_dir,
             acl_file: &acl_file,
+            claims: claim_port.map(|p| (p, claim_acl.as_path())),
         });
         text.push_str("persistence false\nlog_type all\n");
         let conf = dir.join(format!("mosquitto-{port}.conf"));
         std::fs::write(&conf, text).expect("mosquitto config");
-        Self::spawn(dir, port, &conf, Some(pki_dir))
+        let mut m = Self::spawn(dir, port, &conf, Some(pki_dir));
+        m.claim_port = claim_port;
+        m
+    }
+
+    /// The listener of devices enrolling by claim, if it has one.
+    pub fn claim_port(&self) -> Option<u16> {
+        self.claim_port
     }
 
     fn spawn(dir: &Path, port: u16, conf: &Path, pki: Option<PathBuf>) -> Mosquitto {
@@ -92,6 +114,7 @@ impl Mosquitto {
             port,
             pki,
             log,
+            claim_port: None,
         }
     }
 
@@ -104,12 +127,13 @@ impl Mosquitto {
     /// the same configuration and no state (persistence is off).
     pub fn restart(&mut self) {
         self.proc.kill();
-        let restarted = Self::spawn(
+        let mut restarted = Self::spawn(
             self.log.parent().expect("log dir"),
             self.port,
             &self.conf,
             self.pki.clone(),
         );
+        restarted.claim_port = self.claim_port;
         *self = restarted;
     }
 

@@ -150,6 +150,43 @@ async fn contract(db: Db, other: Option<Db>) {
         .collect();
     assert_eq!(ids, ["edge-1", "edge-10", "edge-2"]);
 
+    // Enrolment records, by device id; a record replaced keeps one entry.
+    use modelcast_server::enrol::{EnrolState, Enrolment, IssuedCert};
+    let enrolment = |id: &str, state| Enrolment {
+        device: id.into(),
+        state,
+        claim: Some("batch-1".into()),
+        public_key: "ab".into(),
+        sealing_key: None,
+        labels: BTreeMap::from([("site".to_string(), "lab".to_string())]),
+        csr: "-----BEGIN CERTIFICATE REQUEST-----".into(),
+        requested_at: 5,
+        decided: None,
+        certificates: vec![],
+    };
+    assert_eq!(db.enrolment("edge-2").await.unwrap(), None);
+    for id in ["edge-2", "edge-10"] {
+        db.put_enrolment(&enrolment(id, EnrolState::Pending))
+            .await
+            .unwrap();
+    }
+    let mut enrolled = enrolment("edge-2", EnrolState::Pending);
+    enrolled.issued(IssuedCert {
+        serial: "7f01".into(),
+        not_before: 1,
+        not_after: 2,
+    });
+    db.put_enrolment(&enrolled).await.unwrap();
+    assert_eq!(db.enrolment("edge-2").await.unwrap(), Some(enrolled));
+    let ids: Vec<String> = db
+        .enrolments()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.device)
+        .collect();
+    assert_eq!(ids, ["edge-10", "edge-2"]);
+
     // Ids grow; deployments come back in their order.
     let first = db.next_id().await.unwrap();
     let d1 = db

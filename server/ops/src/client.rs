@@ -362,6 +362,28 @@ impl Client {
         )
     }
 
+    /// Every device that asked to enrol, and where it stands.
+    pub fn enrolments(&self) -> Result<Vec<modelcast_server::enrol::Enrolment>, ClientError> {
+        Self::read(self.get("/api/v1/enrolments").call())
+    }
+
+    /// An operator's decision on an enrolment: `accept`, `reject` or `revoke`.
+    pub fn decide_enrolment(
+        &self,
+        device: &str,
+        action: &str,
+        reason: &str,
+        by: &str,
+    ) -> Result<modelcast_server::enrol::Enrolment, ClientError> {
+        Self::read(
+            self.post(&format!("/api/v1/enrolments/{device}/{action}"))
+                .send_json(modelcast_server::api::EnrolmentDecision {
+                    reason: reason.into(),
+                    by: by.into(),
+                }),
+        )
+    }
+
     /// The registry.
     pub fn models(&self) -> Result<Vec<ModelEntry>, ClientError> {
         Self::read(self.get("/api/v1/models").call())

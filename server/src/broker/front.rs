@@ -222,17 +222,26 @@ struct Admitted {
 /// login in place of the client's).
 async fn admit(stream: TcpStream, cfg: &FrontConfig) -> Result<Admitted, (Ended, String)> {
     let failed = |e: String| (Ended::Failed(e), String::new());
-    let mut tls = TlsAcceptor::from(cfg.tls.config())
+    let trust = cfg.tls.trust();
+    let mut tls = TlsAcceptor::from(trust.config.clone())
         .accept(stream)
         .await
         .map_err(|e| failed(format!("TLS: {e}")))?;
-    let identity = {
+    // A certificate of the claim CA is a claim, named by its common name; any other the
+    // verifier passed is the fleet CA's, an identity.
+    let (identity, claim) = {
         let (_, conn) = tls.get_ref();
         let cert = conn
             .peer_certificates()
             .and_then(|c| c.first())
             .ok_or_else(|| failed("no client certificate".into()))?;
-        common_name(cert).ok_or_else(|| failed("the certificate has no common name".into()))?
+        let claim = trust
+            .claim_ca
+            .as_deref()
+            .and_then(|ca| crate::pki::claim_name(ca, cert));
+        let cn =
+            common_name(cert).ok_or_else(|| failed("the certificate has no common name".into()))?;
+        (cn, claim)
     };
     let mut buf = BytesMut::with_capacity(1024);
     let packet = read_packet(&mut tls, &mut buf, MAX_CONNECT)
@@ -241,13 +250,14 @@ async fn admit(stream: TcpStream, cfg: &FrontConfig) -> Result<Admitted, (Ended,
     let Some(Packet::Connect(mut connect)) = packet.map(|(p, _)| p) else {
         return Err(failed("the first packet is not CONNECT".into()));
     };
-    let checked = cfg
-        .policy
-        .connect(&identity, &connect)
-        .and_then(|c| match c {
-            Client::Device(id) if cfg.quarantines.contains(&id) => Err(Refusal::Quarantined),
-            c => Ok(c),
-        });
+    let checked = match &claim {
+        Some(claim) => cfg.policy.connect_claim(claim, &connect),
+        None => cfg.policy.connect(&identity, &connect),
+    }
+    .and_then(|c| match c {
+        Client::Device(id) if cfg.quarantines.contains(&id) => Err(Refusal::Quarantined),
+        c => Ok(c),
+    });
     let client = match checked {
         Ok(c) => c,
         Err(refusal) => {
@@ -261,6 +271,12 @@ async fn admit(stream: TcpStream, cfg: &FrontConfig) -> Result<Admitted, (Ended,
             let _ = tls.shutdown().await;
             return Err((Ended::Refused(refusal), identity));
         }
+    };
+    // What the front counts and the broker behind it knows the client as: a claim by its
+    // client id (many devices share one claim), anyone else by the certificate's name.
+    let identity = match &client {
+        Client::Claim { client, .. } => client.clone(),
+        _ => identity,
     };
     connect.login = Some(Login::new(identity.clone(), &*cfg.secret));
     Ok(Admitted {

@@ -166,32 +166,44 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// The front's TLS configuration, made again when the revocation list in the PKI directory
-/// changes (`modelcast devices revoke`): a revoked certificate is refused from the next
-/// connection on, without a restart.
+/// changes (`modelcast devices revoke`) or a claim CA appears (`modelcast pki claim`): a
+/// revoked certificate is refused from the next connection on, without a restart.
 pub struct FrontTls {
     dir: std::path::PathBuf,
-    /// The list's modification time the configuration was made with, and the configuration.
-    current: std::sync::Mutex<(Option<std::time::SystemTime>, Arc<rustls::ServerConfig>)>,
+    /// The files' modification times the configuration was made with, and the configuration.
+    current: std::sync::Mutex<(Watched, Arc<Trust>)>,
+}
+
+/// The modification times of the revocation list and the claim CA.
+type Watched = (Option<std::time::SystemTime>, Option<std::time::SystemTime>);
+
+/// What the front's TLS trusts.
+pub struct Trust {
+    /// The server configuration: fleet and claim CAs as roots, the revocation list.
+    pub config: Arc<rustls::ServerConfig>,
+    /// The claim CA's certificate (DER), if there is one: a client certificate it issued
+    /// is a claim ([`crate::pki::claim_name`]).
+    pub claim_ca: Option<Vec<u8>>,
 }
 
 impl FrontTls {
     fn new(dir: &Path) -> std::io::Result<Self> {
-        let listed = crl_modified(dir);
+        let watched = watched(dir);
         Ok(FrontTls {
             dir: dir.to_path_buf(),
-            current: std::sync::Mutex::new((listed, server_tls(dir)?)),
+            current: std::sync::Mutex::new((watched, Arc::new(server_tls(dir)?))),
         })
     }
 
-    /// The configuration for a new connection (one `stat` of the list each time).
-    pub fn config(&self) -> Arc<rustls::ServerConfig> {
-        let listed = crl_modified(&self.dir);
+    /// The trust for a new connection (one `stat` of each watched file each time).
+    pub fn trust(&self) -> Arc<Trust> {
+        let now = watched(&self.dir);
         let mut current = self.current.lock().expect("front TLS lock");
-        if current.0 != listed {
+        if current.0 != now {
             match server_tls(&self.dir) {
-                Ok(config) => {
-                    tracing::info!(dir = %self.dir.display(), "revocation list read again");
-                    *current = (listed, config);
+                Ok(trust) => {
+                    tracing::info!(dir = %self.dir.display(), "revocation list and claim CA read again");
+                    *current = (now, Arc::new(trust));
                 }
                 // The list being replaced, or damaged: the configuration made before stays.
                 Err(e) => {
@@ -203,15 +215,22 @@ impl FrontTls {
     }
 }
 
-fn crl_modified(dir: &Path) -> Option<std::time::SystemTime> {
-    std::fs::metadata(dir.join(crate::pki::CRL_FILE))
-        .and_then(|m| m.modified())
-        .ok()
+fn watched(dir: &Path) -> Watched {
+    let modified = |f: &str| {
+        std::fs::metadata(dir.join(f))
+            .and_then(|m| m.modified())
+            .ok()
+    };
+    (
+        modified(crate::pki::CRL_FILE),
+        modified(crate::pki::CLAIM_CA_FILE),
+    )
 }
 
-/// TLS for the front: the broker's certificate, and client certificates of the fleet CA
-/// required, none that its revocation list (`crl.pem`, if there is one) names.
-fn server_tls(dir: &Path) -> std::io::Result<Arc<rustls::ServerConfig>> {
+/// TLS for the front: the broker's certificate, and client certificates of the fleet CA (or
+/// the claim CA, if there is one) required, none that the revocation list (`crl.pem`, if
+/// there is one) names.
+fn server_tls(dir: &Path) -> std::io::Result<Trust> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
     let invalid = |what: &str, e: &dyn std::fmt::Display| {
@@ -230,6 +249,16 @@ fn server_tls(dir: &Path) -> std::io::Result<Arc<rustls::ServerConfig>> {
         let cert = cert.map_err(|e| invalid("ca.pem", &e))?;
         roots.add(cert).map_err(|e| invalid("ca.pem", &e))?;
     }
+    let claim = crate::pki::CLAIM_CA_FILE;
+    let claim_ca = match std::fs::read(dir.join(claim)) {
+        Ok(pem) => {
+            let der = CertificateDer::from_pem_slice(&pem).map_err(|e| invalid(claim, &e))?;
+            roots.add(der.clone()).map_err(|e| invalid(claim, &e))?;
+            Some(der.to_vec())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e),
+    };
     let chain = CertificateDer::pem_slice_iter(&read("broker.pem")?)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| invalid("broker.pem", &e))?;
@@ -259,5 +288,8 @@ fn server_tls(dir: &Path) -> std::io::Result<Arc<rustls::ServerConfig>> {
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)
         .map_err(|e| invalid("broker.pem", &e))?;
-    Ok(Arc::new(config))
+    Ok(Trust {
+        config: Arc::new(config),
+        claim_ca,
+    })
 }

@@ -6,7 +6,8 @@
 //! | who | may |
 //! | --- | --- |
 //! | a fleet server identity | anything under the prefix |
-//! | a device (certificate CN `id`) | connect as client id `id` only, with a last will on its `online` topic; publish on its own `state`, `telemetry`, `online`, `requests` (retained only `state` and `online`), each within its kind's bound; subscribe to its own `desired`, `chunks`, `telemetry-acks` and to artifact topics |
+//! | a device (certificate CN `id`) | connect as client id `id` only, with a last will on its `online` topic; publish on its own `state`, `telemetry`, `online`, `requests`, `enrol` (retained only `state` and `online`), each within its kind's bound; subscribe to its own `desired`, `chunks`, `telemetry-acks`, `certificate` and to artifact topics |
+//! | a claim (a certificate of the claim CA, CN `batch`) | connect as client id `enrol.<device>` only, with no last will; publish on `<p>/claim/<batch>/<client id>/request` within its bound, never retained; subscribe to the `reply` topic beside it; nothing else |
 //!
 //! The broker front ([`super::front`]) closes a device's connection at its first refused
 //! packet and counts the refusal for that device. An agent never sends such a packet.
@@ -96,6 +97,14 @@ pub enum Client {
     Server(String),
     /// A device, by its id.
     Device(String),
+    /// A device enrolling with its batch's claim credential: it may only ask for a
+    /// certificate and read the answer.
+    Claim {
+        /// The claim's name (its certificate's common name).
+        claim: String,
+        /// The connection's client id (`enrol.<device>`).
+        client: String,
+    },
 }
 
 impl Policy {
@@ -126,6 +135,25 @@ impl Policy {
         Ok(client)
     }
 
+    /// A connection with the claim credential named `claim` asks to connect with `connect`.
+    pub fn connect_claim(&self, claim: &str, connect: &Connect) -> Result<Client, Refusal> {
+        if modelcast_proto::enrol::device_of_claim_client(&connect.client_id).is_none() {
+            return Err(Refusal::ClientId {
+                identity: claim.to_string(),
+                client_id: connect.client_id.clone(),
+            });
+        }
+        if let Some(will) = &connect.last_will {
+            return Err(Refusal::Publish {
+                topic: will.topic.clone(),
+            });
+        }
+        Ok(Client::Claim {
+            claim: claim.to_string(),
+            client: connect.client_id.clone(),
+        })
+    }
+
     /// Whether `client` may publish `bytes` on `topic` (retained or not); what a PUBLISH's
     /// header is judged by before its payload is read.
     pub fn check_publish(
@@ -135,12 +163,31 @@ impl Policy {
         retain: bool,
         bytes: usize,
     ) -> Result<(), Refusal> {
+        let refused = || Refusal::Publish {
+            topic: topic.to_string(),
+        };
         let device = match client {
             Client::Server(_) => return Ok(()),
             Client::Device(id) => id,
-        };
-        let refused = || Refusal::Publish {
-            topic: topic.to_string(),
+            Client::Claim { claim, client } => {
+                if topic != self.topics.claim_request(claim, client) {
+                    return Err(refused());
+                }
+                let limit = modelcast_proto::enrol::MAX_ENROL_BYTES;
+                if bytes > limit {
+                    return Err(Refusal::TooLarge {
+                        kind: DeviceTopic::Enrol,
+                        bytes,
+                        limit,
+                    });
+                }
+                if retain && bytes > 0 {
+                    return Err(Refusal::Retained {
+                        topic: topic.to_string(),
+                    });
+                }
+                return Ok(());
+            }
         };
         let (owner, kind) = self.topics.parse_device(topic).ok_or_else(refused)?;
         if owner != *device {
@@ -164,6 +211,15 @@ impl Policy {
         let device = match client {
             Client::Server(_) => return Ok(()),
             Client::Device(id) => id,
+            Client::Claim { claim, client } => {
+                let reply = self.topics.claim_reply(claim, client);
+                return match subscribe.filters.iter().find(|f| f.path != reply) {
+                    Some(f) => Err(Refusal::Subscribe {
+                        filter: f.path.clone(),
+                    }),
+                    None => Ok(()),
+                };
+            }
         };
         for f in &subscribe.filters {
             if !self.may_read(device, &f.path) {
@@ -186,7 +242,10 @@ impl Policy {
                 owner == device
                     && matches!(
                         kind,
-                        DeviceTopic::Desired | DeviceTopic::Chunks | DeviceTopic::TelemetryAcks
+                        DeviceTopic::Desired
+                            | DeviceTopic::Chunks
+                            | DeviceTopic::TelemetryAcks
+                            | DeviceTopic::Certificate
                     )
             }
             None => false,
@@ -237,6 +296,80 @@ mod tests {
         assert_eq!(
             p.connect("edge-1", &Connect::new("edge-1")),
             Ok(Client::Device("edge-1".into()))
+        );
+    }
+
+    #[test]
+    fn a_claim_may_only_ask_to_enrol_and_read_the_answer() {
+        let p = policy();
+        // Its client id names a device, never is one: no device's session is taken.
+        assert_eq!(
+            p.connect_claim("batch-1", &Connect::new("edge-1"))
+                .unwrap_err()
+                .kind(),
+            "client_id"
+        );
+        let claim = p
+            .connect_claim("batch-1", &Connect::new("enrol.edge-1"))
+            .unwrap();
+        let request = "mc/claim/batch-1/enrol.edge-1/request";
+        assert_eq!(p.check_publish(&claim, request, false, 900), Ok(()));
+        assert_eq!(
+            p.check_publish(&claim, request, false, 1 << 20)
+                .unwrap_err()
+                .kind(),
+            "too_large"
+        );
+        assert_eq!(
+            p.check_publish(&claim, request, true, 900)
+                .unwrap_err()
+                .kind(),
+            "retained"
+        );
+        // Not as a device, not as another claim or client, not anything else.
+        for topic in [
+            "mc/d/edge-1/state",
+            "mc/d/enrol.edge-1/state",
+            "mc/d/edge-1/enrol",
+            "mc/claim/batch-2/enrol.edge-1/request",
+            "mc/claim/batch-1/enrol.edge-2/request",
+            "mc/a/00",
+        ] {
+            assert_eq!(
+                p.check_publish(&claim, topic, false, 10)
+                    .unwrap_err()
+                    .kind(),
+                "publish",
+                "{topic}"
+            );
+        }
+        assert_eq!(
+            p.subscribe(&claim, &subscribe("mc/claim/batch-1/enrol.edge-1/reply")),
+            Ok(())
+        );
+        for filter in [
+            "mc/d/edge-1/desired",
+            "mc/d/edge-1/certificate",
+            "mc/a/+",
+            "mc/claim/batch-1/+/reply",
+            "mc/claim/batch-1/enrol.edge-2/reply",
+        ] {
+            assert_eq!(
+                p.subscribe(&claim, &subscribe(filter)).unwrap_err().kind(),
+                "subscribe",
+                "{filter}"
+            );
+        }
+        let mut will = Connect::new("enrol.edge-1");
+        will.last_will = Some(LastWill::new(
+            "mc/d/edge-1/online",
+            "offline",
+            QoS::AtLeastOnce,
+            true,
+        ));
+        assert_eq!(
+            p.connect_claim("batch-1", &will).unwrap_err().kind(),
+            "publish"
         );
     }
 

@@ -26,6 +26,7 @@ use thiserror::Error;
 use crate::audit::AuditEntry;
 use crate::drift::Alert;
 pub use crate::drift::ModelInterval;
+pub use crate::enrol::Enrolment;
 use crate::rollout::Rollout;
 
 /// A store failure.
@@ -258,6 +259,12 @@ pub trait Storage: Send + Sync {
     async fn devices(&self) -> Result<Vec<DeviceEntry>, DbError>;
     /// Records a device.
     async fn put_device(&self, entry: &DeviceEntry) -> Result<(), DbError>;
+    /// One device's enrolment record.
+    async fn enrolment(&self, id: &str) -> Result<Option<Enrolment>, DbError>;
+    /// Every enrolment record, by device id.
+    async fn enrolments(&self) -> Result<Vec<Enrolment>, DbError>;
+    /// Records (or replaces) a device's enrolment record.
+    async fn put_enrolment(&self, entry: &Enrolment) -> Result<(), DbError>;
     /// Appends a deployment, assigning its sequence number (from [`Storage::next_id`]).
     async fn add_deployment(&self, d: Deployment) -> Result<Deployment, DbError>;
     /// A new id, unique and increasing, shared by deployments and rollouts (later ones win).

@@ -16,7 +16,7 @@ use modelcast_proto::telemetry::{Sample, TelemetryReport};
 
 use super::{
     decode, encode, ArtifactInfo, AuditEntry, DbError, Deployment, DeviceEntry, DirectorEntry,
-    ModelEntry, ModelInterval, Rollout, SampleQuery, Signed, Storage, StoredSample,
+    Enrolment, ModelEntry, ModelInterval, Rollout, SampleQuery, Signed, Storage, StoredSample,
 };
 use crate::drift::Alert;
 
@@ -36,6 +36,7 @@ CREATE TABLE IF NOT EXISTS models (
     PRIMARY KEY (name, version));
 CREATE TABLE IF NOT EXISTS repo (role TEXT PRIMARY KEY, doc JSON NOT NULL);
 CREATE TABLE IF NOT EXISTS devices (id TEXT PRIMARY KEY, entry JSON NOT NULL);
+CREATE TABLE IF NOT EXISTS enrolments (id TEXT PRIMARY KEY, entry JSON NOT NULL);
 CREATE TABLE IF NOT EXISTS deployments (seq BIGINT PRIMARY KEY, entry JSON NOT NULL);
 CREATE TABLE IF NOT EXISTS rollouts (id BIGINT PRIMARY KEY, rollout JSON NOT NULL);
 CREATE TABLE IF NOT EXISTS audit (seq BIGINT PRIMARY KEY, entry JSON NOT NULL, digest TEXT NOT NULL);
@@ -256,6 +257,32 @@ impl Storage for PgStore {
             &format!("devices/{id}"),
             "SELECT entry::text FROM devices WHERE id = $1",
             &[&id],
+        )
+        .await
+    }
+
+    async fn enrolment(&self, id: &str) -> Result<Option<Enrolment>, DbError> {
+        self.one(
+            &format!("enrolments/{id}"),
+            "SELECT entry::text FROM enrolments WHERE id = $1",
+            &[&id],
+        )
+        .await
+    }
+
+    async fn enrolments(&self) -> Result<Vec<Enrolment>, DbError> {
+        self.all(
+            "enrolments",
+            "SELECT entry::text FROM enrolments ORDER BY id COLLATE \"C\"",
+        )
+        .await
+    }
+
+    async fn put_enrolment(&self, entry: &Enrolment) -> Result<(), DbError> {
+        self.exec(
+            "INSERT INTO enrolments (id, entry) VALUES ($1, $2::text::json)
+             ON CONFLICT (id) DO UPDATE SET entry = EXCLUDED.entry",
+            &[&entry.device, &json(entry)],
         )
         .await
     }

@@ -9,7 +9,7 @@ use modelcast_proto::telemetry::{Sample, TelemetryReport};
 use super::chunk_files::ChunkFiles;
 use super::{
     decode, encode, ArtifactInfo, AuditEntry, DbError, Deployment, DeviceEntry, DirectorEntry,
-    ModelEntry, ModelInterval, Rollout, SampleQuery, Signed, Storage, StoredSample,
+    Enrolment, ModelEntry, ModelInterval, Rollout, SampleQuery, Signed, Storage, StoredSample,
 };
 use crate::drift::Alert;
 
@@ -27,6 +27,8 @@ pub struct SledStore {
     registry: sled::Tree,
     repo: sled::Tree,
     devices: sled::Tree,
+    /// Enrolment records by device id.
+    enrolments: sled::Tree,
     deployments: sled::Tree,
     director: sled::Tree,
     rollouts: sled::Tree,
@@ -156,6 +158,7 @@ impl SledStore {
             registry: db.open_tree("registry")?,
             repo: db.open_tree("repo")?,
             devices: db.open_tree("devices")?,
+            enrolments: db.open_tree("enrolments")?,
             deployments: db.open_tree("deployments")?,
             director: db.open_tree("director")?,
             rollouts: db.open_tree("rollouts")?,
@@ -252,6 +255,27 @@ impl Storage for SledStore {
             .get(id)?
             .map(|v| decode(&format!("devices/{id}"), &v))
             .transpose()
+    }
+
+    async fn enrolment(&self, id: &str) -> Result<Option<Enrolment>, DbError> {
+        self.enrolments
+            .get(id)?
+            .map(|v| decode(&format!("enrolments/{id}"), &v))
+            .transpose()
+    }
+
+    async fn enrolments(&self) -> Result<Vec<Enrolment>, DbError> {
+        self.enrolments
+            .iter()
+            .values()
+            .map(|v| decode("enrolments", &v?))
+            .collect()
+    }
+
+    async fn put_enrolment(&self, entry: &Enrolment) -> Result<(), DbError> {
+        self.enrolments
+            .insert(entry.device.as_str(), encode(entry))?;
+        Ok(())
     }
 
     async fn devices(&self) -> Result<Vec<DeviceEntry>, DbError> {

@@ -352,6 +352,10 @@ impl Fleet {
             ] {
                 let _ = c.try_subscribe(t.all_devices(kind), QoS::AtLeastOnce);
             }
+            if self.enroller.is_some() {
+                let _ = c.try_subscribe(t.all_claim_requests(), QoS::AtLeastOnce);
+                let _ = c.try_subscribe(t.all_devices(DeviceTopic::Enrol), QoS::AtLeastOnce);
+            }
         }
         let _ = c.try_subscribe(
             t.chunk_requests_shared("modelcast-server"),
@@ -387,6 +391,12 @@ impl Fleet {
     /// packets by the largest kind only). What is not read is counted for its device.
     pub(super) fn admit(&self, topic: &str, bytes: usize) -> bool {
         let Some((device, kind)) = self.topics.parse_device(topic) else {
+            if let Some((_, client)) = self.topics.parse_claim_request(topic) {
+                if bytes > modelcast_proto::enrol::MAX_ENROL_BYTES {
+                    self.drops.add(&client, "oversized", 1);
+                    return false;
+                }
+            }
             return true;
         };
         if self.is_quarantined(&device) {
@@ -420,6 +430,21 @@ impl Fleet {
 
     pub(super) async fn handle(self: &Arc<Self>, topic: &str, payload: &[u8]) {
         let Some((device, kind)) = self.topics.parse_device(topic) else {
+            if let Some((claim, client)) = self.topics.parse_claim_request(topic) {
+                // Claims share one budget per client id, as devices do per id.
+                let admitted = self.report_budgets.lock().expect("budgets lock").admit(
+                    &client,
+                    payload.len() as u64,
+                    std::time::Instant::now(),
+                );
+                if !admitted {
+                    self.drops.add(&client, "enrol_over_budget", 1);
+                    return;
+                }
+                if let Err(e) = self.handle_claim(&claim, &client, payload).await {
+                    warn!(%claim, %client, error = %e, "enrolment request rejected");
+                }
+            }
             return;
         };
         if kind == DeviceTopic::State && !payload.is_empty() {
@@ -440,6 +465,7 @@ impl Fleet {
             DeviceTopic::State => self.handle_report(&device, payload).await,
             DeviceTopic::Online => self.handle_online(&device, payload).await,
             DeviceTopic::Telemetry => self.handle_telemetry(&device, payload).await,
+            DeviceTopic::Enrol => self.handle_renewal(&device, payload).await,
             _ => Ok(()),
         };
         if let Err(e) = result {

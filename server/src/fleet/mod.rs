@@ -24,6 +24,7 @@ mod alerts;
 mod chunks;
 mod desired;
 mod devices;
+mod enrol;
 mod link;
 mod reports;
 mod rollouts;
@@ -37,6 +38,7 @@ const CLIENT_QUEUE: usize = 64;
 const LINK_PATIENCE_SECS: u64 = 30;
 
 pub use desired::Wanted;
+pub use enrol::EnrolmentError;
 pub use link::{Drained, DRAIN_TIMEOUT};
 pub use rollouts::{RolloutAction, RolloutError};
 
@@ -114,6 +116,9 @@ pub struct Guards {
     pub quarantines: Arc<crate::quarantine::Quarantines>,
     /// The front's connections.
     pub front: Option<Arc<crate::broker::front::FrontStats>>,
+    /// Enrols devices by claim and renews their certificates, when the server was asked to
+    /// (`--enrol`).
+    pub enroller: Option<Arc<crate::enrol::Enroller>>,
 }
 
 /// What a server process does in a fleet served by several.
@@ -296,6 +301,10 @@ pub struct Fleet {
     /// When each device's `last_seen` was last written because of its telemetry (at most
     /// every [`reports::SEEN_EVERY_SECS`]).
     seen_written: std::sync::Mutex<std::collections::HashMap<String, i64>>,
+    /// Enrols devices, if this server does.
+    enroller: Option<Arc<crate::enrol::Enroller>>,
+    /// Held while an enrolment record is read, decided on and written.
+    enrolling: Mutex<()>,
 }
 
 impl Fleet {
@@ -322,6 +331,7 @@ impl Fleet {
             drops,
             quarantines: quarantined,
             front,
+            enroller,
         } = guards;
         let rollouts: crate::rollout::Rollouts = db
             .rollouts()
@@ -423,6 +433,8 @@ impl Fleet {
             front,
             quarantined,
             seen_written: Default::default(),
+            enroller,
+            enrolling: Mutex::new(()),
         });
         let supervisor = tokio::spawn(link::supervise(fleet.clone(), eventloop, stop));
         Ok((fleet, Running { supervisor }))

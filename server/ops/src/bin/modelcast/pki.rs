@@ -56,6 +56,21 @@ pub(crate) enum PkiCommand {
         /// Identities of the fleet server and its replicas (repeatable).
         #[arg(long = "server-identity", default_values_t = [modelcast_server::pki::SERVER_IDENTITY.to_string()])]
         server_identities: Vec<String>,
+        /// A second listener on this port for devices enrolling by claim (needs the claim CA:
+        /// `modelcast pki claim` first); writes `modelcast-claims.acl` beside.
+        #[arg(long)]
+        claim_port: Option<u16>,
+    },
+    /// Issue the claim credential of a batch of devices (`claim-<batch>.pem`/`.key`, signed
+    /// by the claim CA, made on first use): device images carry it, and with it a device may
+    /// only ask the fleet server (`--enrol`) for a certificate of its own.
+    Claim {
+        /// PKI directory.
+        #[arg(long, default_value = "./pki")]
+        dir: PathBuf,
+        /// The batch's name (the claim's common name, which `--enrol-auto claim=<batch>`
+        /// matches).
+        batch: String,
     },
 }
 
@@ -74,6 +89,15 @@ pub(crate) fn pki_command(cmd: PkiCommand) -> anyhow::Result<()> {
         PkiCommand::Issue { dir, name } => {
             let id = pki::issue(&dir, &name)?;
             println!("{} {}", id.cert.display(), id.key.display());
+        }
+        PkiCommand::Claim { dir, batch } => {
+            let id = pki::claim(&dir, &batch)?;
+            println!(
+                "{} {} (trusted by brokers through {})",
+                id.cert.display(),
+                id.key.display(),
+                dir.join(pki::CLAIM_CA_FILE).display()
+            );
         }
         PkiCommand::Revoke { dir, name } => {
             let revoked = pki::revoke(&dir, name.as_deref())?;
@@ -95,16 +119,26 @@ pub(crate) fn pki_command(cmd: PkiCommand) -> anyhow::Result<()> {
             listen,
             port,
             server_identities,
+            claim_port,
         } => {
             std::fs::create_dir_all(&out)?;
             let acl_file = std::path::absolute(out.join("modelcast.acl"))?;
             let pki_dir = std::path::absolute(&dir)?;
             std::fs::write(&acl_file, acl::acl(&prefix, &server_identities))?;
+            let claim_acl = match claim_port {
+                Some(_) => {
+                    let path = std::path::absolute(out.join("modelcast-claims.acl"))?;
+                    std::fs::write(&path, acl::claim_acl(&prefix))?;
+                    Some(path)
+                }
+                None => None,
+            };
             let conf = acl::mosquitto_conf(&acl::MosquittoSetup {
                 listen_host: &listen,
                 port,
                 pki_dir: &pki_dir,
                 acl_file: &acl_file,
+                claims: claim_acl.as_deref().zip(claim_port).map(|(a, p)| (p, a)),
             });
             let conf_file = out.join("modelcast.conf");
             std::fs::write(&conf_file, conf)?;
