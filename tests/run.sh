@@ -15,6 +15,8 @@ command -v psql >/dev/null 2>&1 || need+=(postgresql-client)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx)
 # Certificate renewal and expiry are tested with the agent's clock moved (libfaketime).
 ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || need+=(faketime)
+# A device key kept in a PKCS#11 token: SoftHSM2's.
+[ -e /usr/lib/softhsm/libsofthsm2.so ] || need+=(softhsm2)
 # Prometheus' own checker reads the server's /metrics.
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 if [ ${#need[@]} -gt 0 ]; then

@@ -80,6 +80,29 @@ pub struct EnrolConfig {
     /// broker itself (the embedded broker takes claims on its one port).
     #[serde(default)]
     pub claim_broker: Option<String>,
+    /// Keep the device's TLS key in a PKCS#11 token instead of a file (feature `pkcs11`).
+    #[serde(default)]
+    pub pkcs11: Option<Pkcs11Config>,
+}
+
+/// A PKCS#11 token holding the device's TLS key ([`crate::identity`]).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Pkcs11Config {
+    /// The token's PKCS#11 module, loaded at run time (SoftHSM2:
+    /// `/usr/lib/softhsm/libsofthsm2.so`).
+    pub module: PathBuf,
+    /// The token's label.
+    pub token: String,
+    /// A file holding the user PIN (keep it 0600).
+    pub pin_file: PathBuf,
+    /// The key pair's label in the token (made there at the first start).
+    #[serde(default = "default_key_label")]
+    pub key_label: String,
+}
+
+fn default_key_label() -> String {
+    "modelcast-device".into()
 }
 
 /// Chunk transfer tuning.
@@ -457,6 +480,11 @@ impl Config {
                     "enrol.claim {:?} must be 1-64 of [A-Za-z0-9._-]",
                     e.claim
                 )));
+            }
+            if e.pkcs11.is_some() && !cfg!(feature = "pkcs11") {
+                return Err(ConfigError::Invalid(
+                    "enrol.pkcs11 needs an agent built with the `pkcs11` feature".into(),
+                ));
             }
             if let Some(url) = &e.claim_broker {
                 let claim = modelcast_proto::BrokerUrl::parse(url)

@@ -299,7 +299,7 @@ impl Enrolled {
             .ok_or_else(|| EnrolError::Setup("[enrol] needs [tls] ca".into()))?;
         let ca = std::fs::read(&ca_path)
             .map_err(|e| EnrolError::Setup(format!("{}: {e}", ca_path.display())))?;
-        let mut identity = Identity::open(&cfg.state_dir, &cfg.device_id)?;
+        let mut identity = Identity::open(&cfg.state_dir, &cfg.device_id, claim.pkcs11.as_ref())?;
         let now = crate::clock::unix_secs();
         let held = identity
             .held()

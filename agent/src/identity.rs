@@ -1,6 +1,7 @@
 //! The device's own TLS identity when it enrols by claim (`[enrol]` in the config): a key pair
 //! made on the device at its first start, whose private half never leaves it ([`KEY_FILE`],
-//! mode 0600, in `identity/` of the state directory), and the certificate the fleet server
+//! mode 0600, in `identity/` of the state directory; or in a PKCS#11 token, [`pkcs11`],
+//! with `[enrol.pkcs11]` and the `pkcs11` feature), and the certificate the fleet server
 //! signed for it ([`CERT_FILE`], with [`META_FILE`]: when it was received and how long it is
 //! valid). [`Identity::csr`] asks for a certificate; [`Identity::keep`] checks one (the fleet
 //! CA signed it, for this key, valid now) before it replaces the old one; [`renew_at`] says
@@ -48,6 +49,24 @@ pub enum IdentityError {
     /// Making a request failed.
     #[error("certificate request: {0}")]
     Request(String),
+    /// The PKCS#11 token failed, or is not built in.
+    #[error("PKCS#11 token: {0}")]
+    Token(String),
+}
+
+#[cfg(feature = "pkcs11")]
+pub mod pkcs11;
+
+/// Where the device's private key is.
+enum DeviceKey {
+    /// In [`KEY_FILE`].
+    File {
+        key: Box<rcgen::KeyPair>,
+        pem: String,
+    },
+    /// In a PKCS#11 token.
+    #[cfg(feature = "pkcs11")]
+    Token(Arc<pkcs11::TokenKey>),
 }
 
 /// A certificate held, and when.
@@ -72,8 +91,7 @@ pub fn renew_at(held: &Held) -> i64 {
 pub struct Identity {
     dir: PathBuf,
     device: String,
-    key: rcgen::KeyPair,
-    key_pem: String,
+    key: DeviceKey,
     cert: Option<(String, Held)>,
 }
 
@@ -112,27 +130,24 @@ fn replace(path: &Path, text: &str, mode: u32) -> Result<(), IdentityError> {
 
 impl Identity {
     /// The identity of `device` in `state_dir`: its key read, or made there on the first
-    /// start; its certificate, if it has one.
-    pub fn open(state_dir: &Path, device: &str) -> Result<Self, IdentityError> {
+    /// start (or in the PKCS#11 token of `token`); its certificate, if it has one.
+    pub fn open(
+        state_dir: &Path,
+        device: &str,
+        token: Option<&crate::config::Pkcs11Config>,
+    ) -> Result<Self, IdentityError> {
         let dir = state_dir.join(DIR);
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-        let key_path = dir.join(KEY_FILE);
-        let (key, key_pem) = match std::fs::read_to_string(&key_path) {
-            Ok(pem) => {
-                let key = rcgen::KeyPair::from_pem(&pem).map_err(|e| IdentityError::Damaged {
-                    path: key_path.clone(),
-                    reason: e.to_string(),
-                })?;
-                (key, pem)
+        let key = match token {
+            #[cfg(feature = "pkcs11")]
+            Some(cfg) => DeviceKey::Token(pkcs11::TokenKey::open(cfg)?),
+            #[cfg(not(feature = "pkcs11"))]
+            Some(_) => {
+                return Err(IdentityError::Token(
+                    "this agent is built without the pkcs11 feature".into(),
+                ))
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let key = rcgen::KeyPair::generate()
-                    .map_err(|e| IdentityError::Request(e.to_string()))?;
-                let pem = key.serialize_pem();
-                replace(&key_path, &pem, 0o600)?;
-                (key, pem)
-            }
-            Err(e) => return Err(io(&key_path)(e)),
+            None => key_file(&dir.join(KEY_FILE))?,
         };
         let cert = match (
             std::fs::read_to_string(dir.join(CERT_FILE)),
@@ -147,7 +162,6 @@ impl Identity {
             dir,
             device: device.to_string(),
             key,
-            key_pem,
             cert,
         })
     }
@@ -164,9 +178,12 @@ impl Identity {
         params
             .distinguished_name
             .push(rcgen::DnType::CommonName, self.device.as_str());
-        params
-            .serialize_request(&self.key)
-            .and_then(|csr| csr.pem())
+        let csr = match &self.key {
+            DeviceKey::File { key, .. } => params.serialize_request(key.as_ref()),
+            #[cfg(feature = "pkcs11")]
+            DeviceKey::Token(key) => params.serialize_request(key.as_ref()),
+        };
+        csr.and_then(|csr| csr.pem())
             .map_err(|e| IdentityError::Request(e.to_string()))
     }
 
@@ -174,7 +191,7 @@ impl Identity {
     /// (`ca_pem`), if it holds a certificate.
     pub fn tls(&self, ca_pem: &[u8]) -> Option<Result<rustls::ClientConfig, IdentityError>> {
         let (cert, _) = self.cert.as_ref()?;
-        Some(client_tls(ca_pem, cert, &self.key_pem))
+        Some(client_tls(ca_pem, cert, &self.key))
     }
 
     /// Checks a certificate received for this device (signed by the fleet CA in `ca_pem`, for
@@ -189,7 +206,7 @@ impl Identity {
     ) -> Result<rustls::ClientConfig, IdentityError> {
         verify(ca_pem, cert_pem, now)?;
         // rustls refuses a certificate whose key is not ours.
-        let tls = client_tls(ca_pem, cert_pem, &self.key_pem)?;
+        let tls = client_tls(ca_pem, cert_pem, &self.key)?;
         let held = Held {
             not_before,
             not_after,
@@ -203,18 +220,51 @@ impl Identity {
     }
 }
 
+/// The key in `path`, or a new one made there (0600).
+fn key_file(path: &Path) -> Result<DeviceKey, IdentityError> {
+    match std::fs::read_to_string(path) {
+        Ok(pem) => {
+            let key = rcgen::KeyPair::from_pem(&pem).map_err(|e| IdentityError::Damaged {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })?;
+            Ok(DeviceKey::File {
+                key: Box::new(key),
+                pem,
+            })
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key =
+                rcgen::KeyPair::generate().map_err(|e| IdentityError::Request(e.to_string()))?;
+            let pem = key.serialize_pem();
+            replace(path, &pem, 0o600)?;
+            Ok(DeviceKey::File {
+                key: Box::new(key),
+                pem,
+            })
+        }
+        Err(e) => Err(io(path)(e)),
+    }
+}
+
 fn client_tls(
     ca_pem: &[u8],
     cert_pem: &str,
-    key_pem: &str,
+    key: &DeviceKey,
 ) -> Result<rustls::ClientConfig, IdentityError> {
-    modelcast_proto::tls::client_config(
-        ca_pem,
-        Some(modelcast_proto::tls::ClientIdentity {
-            cert_pem: cert_pem.as_bytes(),
-            key_pem: key_pem.as_bytes(),
-        }),
-    )
+    match key {
+        DeviceKey::File { pem, .. } => modelcast_proto::tls::client_config(
+            ca_pem,
+            Some(modelcast_proto::tls::ClientIdentity {
+                cert_pem: cert_pem.as_bytes(),
+                key_pem: pem.as_bytes(),
+            }),
+        ),
+        #[cfg(feature = "pkcs11")]
+        DeviceKey::Token(key) => {
+            modelcast_proto::tls::client_config_with_signer(ca_pem, cert_pem.as_bytes(), key.tls())
+        }
+    }
     .map_err(|e| IdentityError::Refused(e.to_string()))
 }
 
@@ -276,7 +326,7 @@ mod tests {
     #[test]
     fn the_key_is_made_once_and_a_certificate_kept_only_if_it_is_ours_and_valid() {
         let state = tempfile::tempdir().unwrap();
-        let mut id = Identity::open(state.path(), "edge-1").unwrap();
+        let mut id = Identity::open(state.path(), "edge-1", None).unwrap();
         let key = state.path().join(DIR).join(KEY_FILE);
         assert_eq!(
             std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
@@ -288,7 +338,7 @@ mod tests {
         let cert = sign(&issuer, &id.csr().unwrap(), now - 10, now + 90);
 
         // Another device's key, an expired certificate, another CA: refused, nothing kept.
-        let other = Identity::open(tempfile::tempdir().unwrap().path(), "edge-2").unwrap();
+        let other = Identity::open(tempfile::tempdir().unwrap().path(), "edge-2", None).unwrap();
         let theirs = sign(&issuer, &other.csr().unwrap(), now - 10, now + 90);
         assert!(id.keep(ca_pem.as_bytes(), &theirs, 0, 0, now).is_err());
         assert!(id.keep(ca_pem.as_bytes(), &cert, 0, 0, now + 100).is_err());
@@ -300,14 +350,19 @@ mod tests {
             .unwrap();
         assert_eq!(renew_at(id.held().unwrap()), now + 60);
         // Read back after a restart, with the same key.
-        let again = Identity::open(state.path(), "edge-1").unwrap();
+        let again = Identity::open(state.path(), "edge-1", None).unwrap();
         assert_eq!(again.held(), id.held());
         assert!(again.tls(ca_pem.as_bytes()).unwrap().is_ok());
-        assert_eq!(again.key_pem, id.key_pem);
+        let pem = |i: &Identity| match &i.key {
+            DeviceKey::File { pem, .. } => pem.clone(),
+            #[cfg(feature = "pkcs11")]
+            DeviceKey::Token(_) => unreachable!(),
+        };
+        assert_eq!(pem(&again), pem(&id));
 
         std::fs::write(&key, "not a key").unwrap();
         assert!(matches!(
-            Identity::open(state.path(), "edge-1"),
+            Identity::open(state.path(), "edge-1", None),
             Err(IdentityError::Damaged { .. })
         ));
     }

@@ -60,18 +60,7 @@ pub fn client_config(
     ca_pem: &[u8],
     identity: Option<ClientIdentity<'_>>,
 ) -> Result<ClientConfig, TlsError> {
-    let mut roots = RootCertStore::empty();
-    for cert in certificates("CA certificate", ca_pem)? {
-        roots.add(cert).map_err(|e| TlsError::Pem {
-            what: "CA certificate",
-            reason: e.to_string(),
-        })?;
-    }
-    let builder =
-        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| TlsError::Rustls(e.to_string()))?
-            .with_root_certificates(roots);
+    let builder = builder(ca_pem)?;
     match identity {
         None => Ok(builder.with_no_client_auth()),
         Some(id) => {
@@ -85,6 +74,44 @@ pub fn client_config(
                 .map_err(|e| TlsError::Rustls(e.to_string()))
         }
     }
+}
+
+/// A client configuration trusting only the CA certificates in `ca_pem`, presenting the
+/// certificate `cert_pem` for a key that signs elsewhere (a PKCS#11 token): refused unless
+/// the key's public half is the certificate's.
+pub fn client_config_with_signer(
+    ca_pem: &[u8],
+    cert_pem: &[u8],
+    key: Arc<dyn rustls::sign::SigningKey>,
+) -> Result<ClientConfig, TlsError> {
+    let builder = builder(ca_pem)?;
+    let chain = certificates("client certificate", cert_pem)?;
+    let certified = rustls::sign::CertifiedKey::new(chain, key);
+    certified
+        .keys_match()
+        .map_err(|e| TlsError::Rustls(e.to_string()))?;
+    Ok(
+        builder
+            .with_client_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(certified))),
+    )
+}
+
+fn builder(
+    ca_pem: &[u8],
+) -> Result<rustls::ConfigBuilder<ClientConfig, rustls::client::WantsClientCert>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in certificates("CA certificate", ca_pem)? {
+        roots.add(cert).map_err(|e| TlsError::Pem {
+            what: "CA certificate",
+            reason: e.to_string(),
+        })?;
+    }
+    Ok(
+        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::Rustls(e.to_string()))?
+            .with_root_certificates(roots),
+    )
 }
 
 #[cfg(test)]

@@ -650,3 +650,101 @@ fn a_device_offline_past_its_certificate_is_held_by_policy_until_accepted() {
     fleet.wait_serving("edge-1", "classifier", 1);
     assert_eq!(agent.check_golden(&v1), "1");
 }
+
+/// SoftHSM2's PKCS#11 module (tests/run.sh installs it).
+const SOFTHSM: &str = "/usr/lib/softhsm/libsofthsm2.so";
+
+#[test]
+fn a_device_key_made_in_a_softhsm2_token_signs_its_enrolment_and_its_tls() {
+    let fleet = Fleet::embedded_tls_with(&["--enrol", "--enrol-auto", "claim=line-5"]);
+    let pki = fleet.pki.clone().expect("PKI");
+    modelcast_server::pki::claim(&pki, "line-5").unwrap();
+    // A token of its own: SoftHSM2 configured to keep it in the test's directory.
+    let hsm = fleet.dir.path().join("softhsm");
+    std::fs::create_dir_all(hsm.join("tokens")).unwrap();
+    let conf = hsm.join("softhsm2.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "directories.tokendir = {}\nobjectstore.backend = file\n",
+            hsm.join("tokens").display()
+        ),
+    )
+    .unwrap();
+    let objects = |hsm: &Path| {
+        walk(&hsm.join("tokens"))
+            .into_iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "object"))
+            .count()
+    };
+    let init = std::process::Command::new("softhsm2-util")
+        .args([
+            "--init-token",
+            "--free",
+            "--label",
+            "modelcast",
+            "--pin",
+            "1234",
+            "--so-pin",
+            "5678",
+        ])
+        .env("SOFTHSM2_CONF", &conf)
+        .output()
+        .expect("softhsm2-util (tests/run.sh installs softhsm2)");
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let empty = objects(&hsm);
+    let pin = hsm.join("pin");
+    std::fs::write(&pin, "1234\n").unwrap();
+    let token = format!(
+        "[enrol.pkcs11]\nmodule = \"{SOFTHSM}\"\ntoken = \"modelcast\"\npin_file = \"{}\"\n",
+        pin.display()
+    );
+    let mut options = claim_options(&pki, "line-5", None);
+    options.extra.push_str(&token);
+    options.env = vec![("SOFTHSM2_CONF".into(), conf.display().to_string())];
+    let mut agent = fleet.start_agent_opts("edge-1", &[], options);
+    wait_for(
+        "edge-1 enrolled with its token's key",
+        Duration::from_secs(60),
+        || fleet.report("edge-1"),
+    );
+    let state = fleet.dir.path().join("edge-1").join("identity");
+    assert!(state.join("device.pem").exists());
+    assert!(
+        !state.join("device.key").exists(),
+        "a key file next to the token"
+    );
+    // The key pair lives in the token (SoftHSM2 keeps each object in a file of its own),
+    // and the TLS handshakes that carried the report were signed there.
+    assert_eq!(
+        objects(&hsm),
+        empty + 2,
+        "the key pair's objects in the token"
+    );
+    let v1 = fleet.publish_example(1, 16);
+    fleet.deploy("classifier", 1, "*");
+    fleet.wait_serving("edge-1", "classifier", 1);
+    assert_eq!(agent.check_golden(&v1), "1");
+    // Started again, it finds the same key in the token and connects with its certificate.
+    let first = std::fs::read_to_string(agent.log_path()).unwrap_or_default();
+    agent.stop();
+    agent.start();
+    wait_for("edge-1 connected again", Duration::from_secs(30), || {
+        let log = std::fs::read_to_string(agent.log_path()).ok()?;
+        log.contains("connected to broker").then_some(())
+    });
+    let log = std::fs::read_to_string(agent.log_path()).unwrap();
+    assert!(!log.contains("enrolling by claim"), "{log}");
+    assert!(!log.contains("making the device key"), "{log}");
+    assert_eq!(enrolment(&fleet, "edge-1").unwrap().certificates.len(), 1);
+    for line in first
+        .lines()
+        .filter(|l| l.contains("token") || l.contains("enrolled"))
+    {
+        println!("{line}");
+    }
+}
