@@ -55,6 +55,8 @@ pub struct Asking {
     next: Instant,
     /// What the last answer was, so each change is logged once.
     last: Option<std::mem::Discriminant<EnrolReply>>,
+    /// Requests sent since the last answer.
+    unanswered: u32,
 }
 
 impl Asking {
@@ -64,7 +66,13 @@ impl Asking {
             device: device.to_string(),
             next: now,
             last: None,
+            unanswered: 0,
         }
+    }
+
+    /// Requests sent since the last answer (the first one included).
+    pub fn unanswered(&self) -> u32 {
+        self.unanswered
     }
 
     /// Whether to ask now.
@@ -85,6 +93,7 @@ impl Asking {
     /// The request went out at `now`: without an answer, asked again after [`ANSWER_WAIT`].
     pub fn asked(&mut self, now: Instant) {
         self.next = now + ANSWER_WAIT;
+        self.unanswered = self.unanswered.saturating_add(1);
     }
 
     /// An answer arrived at `now` (untrusted bytes).
@@ -97,6 +106,7 @@ impl Asking {
                 return Answer::Ignored;
             }
         };
+        self.unanswered = 0;
         let changed = self.last != Some(std::mem::discriminant(&reply));
         self.last = Some(std::mem::discriminant(&reply));
         match reply {
@@ -200,6 +210,10 @@ pub async fn by_claim(
         if subscribed && asking.due(now) {
             let _ = client.try_publish(&request_topic, QoS::AtLeastOnce, false, request.clone());
             asking.asked(now);
+            let n = asking.unanswered();
+            if n == 2 || (n > 2 && n.is_multiple_of(20)) {
+                warn!(device = %cfg.device_id, requests = n - 1, "no answer to enrolment yet: does the fleet server enrol devices (--enrol)?");
+            }
         }
         let wait = asking
             .next()
@@ -423,6 +437,7 @@ mod tests {
         let mut a = Asking::new("edge-1", t0);
         assert!(a.due(t0));
         a.asked(t0);
+        assert_eq!(a.unanswered(), 1);
         assert!(!a.due(t0 + ANSWER_WAIT - Duration::from_millis(1)));
         assert!(a.due(t0 + ANSWER_WAIT));
         let held = EnrolReply::Pending {
@@ -430,6 +445,7 @@ mod tests {
         };
         assert_eq!(a.answered(&held.to_vec(), t0), Answer::Held);
         assert_eq!(a.next(), t0 + HELD_WAIT);
+        assert_eq!(a.unanswered(), 0);
         let refused = EnrolReply::Refused {
             device: "edge-1".into(),
             kind: Refused::Rejected,

@@ -2,8 +2,9 @@
 //! keys, ask the fleet server for certificates, renew them, and can be revoked.
 //!
 //! - Through the embedded broker: three devices enrol (two by the server's rule, one held
-//!   until an operator accepts it, a fourth rejected), renew their short-lived certificates
-//!   over their own connections, install an encrypted model over fan-out; one is revoked and
+//!   until an operator accepts it, a fourth rejected); one, its clock moved to day 21 of its
+//!   30-day certificate by libfaketime, renews it over its own connection; all three install
+//!   an encrypted model over fan-out; one is revoked and
 //!   can no longer connect nor decrypt the next version, which the other two serve. The claim
 //!   credential can do nothing but enrol: not connect as a device, not publish a report, not
 //!   take an enrolled id with another key, not ask for another device's name.
@@ -11,7 +12,10 @@
 //!   claim is refused on the devices' listener and on device topics, a revoked device is shut
 //!   out.
 //! - With the agent's clock moved by libfaketime: a 30-day certificate renewed at day 21, and
-//!   a device offline past its certificate's end enrolling again by claim.
+//!   at day 31 (server and device) a device offline past its certificate's end enrolling again
+//!   by policy. In real time: 12-second certificates renewed while running, and a device
+//!   stopped past its certificate's end held until an operator accepts it.
+//! - A device key made in a SoftHSM2 token (PKCS#11).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -181,9 +185,7 @@ fn three_devices_enrol_by_claim_renew_and_a_revoked_one_is_shut_out() {
         "--enrol-auto",
         "claim=line-1,site=lab",
         "--cert-validity",
-        "45s",
-        "--enrol-expired",
-        "reenrol",
+        "30d",
     ]);
     let pki = fleet.pki.clone().expect("PKI");
     let port = fleet.mqtt_port;
@@ -192,7 +194,7 @@ fn three_devices_enrol_by_claim_renew_and_a_revoked_one_is_shut_out() {
     let start = |id: &str, site: &str| {
         fleet.start_agent_opts(id, &[("site", site)], claim_options(&pki, "line-1", None))
     };
-    let edge1 = start("edge-1", "lab");
+    let mut edge1 = start("edge-1", "lab");
     let edge2 = start("edge-2", "lab");
     let edge3 = start("edge-3", "shop");
     let _edge4 = start("edge-4", "shop");
@@ -337,23 +339,14 @@ fn three_devices_enrol_by_claim_renew_and_a_revoked_one_is_shut_out() {
         assert!(fleet.report("edge-7").is_none());
     }
 
-    // Certificates of 45 s are renewed at 30 s over each device's own connection, and the
-    // device connects again with the new one.
-    for id in ["edge-1", "edge-2", "edge-3"] {
-        wait_for(&format!("{id} renewed"), Duration::from_secs(90), || {
-            (enrolment(&fleet, id)?.certificates.len() >= 2).then_some(())
-        });
-    }
-    for id in ["edge-1", "edge-2", "edge-3"] {
-        let e = enrolment(&fleet, id).unwrap();
-        let times: Vec<String> = e
-            .certificates
-            .iter()
-            .map(|c| format!("{}..{}", c.not_before, c.not_after))
-            .collect();
-        println!("{id}: certificates {}", times.join(", "));
-    }
-    let agents = [&edge1, &edge2, &edge3];
+    // Day 21 (libfaketime moves edge-1's clock): two thirds of its 30-day certificate's life
+    // are over; it renews over its own connection and connects again with the new one.
+    edge1.stop();
+    edge1.set_env(faketime("+21d"));
+    edge1.start();
+    wait_for("edge-1 renewed at day 21", Duration::from_secs(60), || {
+        (enrolment(&fleet, "edge-1")?.certificates.len() >= 2).then_some(())
+    });
     wait_for(
         "edge-1 connected with its renewed certificate",
         Duration::from_secs(30),
@@ -363,6 +356,22 @@ fn three_devices_enrol_by_claim_renew_and_a_revoked_one_is_shut_out() {
             log[renewed..].contains("connected to broker").then_some(())
         },
     );
+    let renewed = enrolment(&fleet, "edge-1").unwrap();
+    assert!(renewed.certificates[1].not_after > renewed.certificates[0].not_after);
+    // Back on the real clock (a device 21 days ahead would rightly find the server's signed
+    // timestamp expired), with the renewed certificate.
+    edge1.stop();
+    edge1.set_env(Vec::new());
+    edge1.start();
+    wait_for(
+        "edge-1 back on its renewed certificate",
+        Duration::from_secs(30),
+        || {
+            let log = std::fs::read_to_string(edge1.log_path()).ok()?;
+            log.contains("connected to broker").then_some(())
+        },
+    );
+    let agents = [&edge1, &edge2, &edge3];
 
     // An encrypted model over fan-out reaches all three.
     let v1 = publish_encrypted(&fleet, 1);

@@ -16,7 +16,8 @@
 //! Run: `bash tests/corpus/delta.sh && cargo build --release --bins && target/release/bench-delta`
 //! (`delta.sh` installs zstd and xdelta3 from Debian and fetches the model; the bench runs it
 //! too). `BENCH_VARIANTS=abc` measures only those (preparing the FP16 variant, (d), takes
-//! minutes on x86, which has no FP16 kernels). Prints a table; nothing is asserted.
+//! minutes on x86, which has no FP16 kernels: `BENCH_SERVE_WAIT_SECS`, 600 by default, bounds
+//! each wait for the artifact and for serving). Prints a table; nothing is asserted.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -125,16 +126,26 @@ fn missing_fixed(old: &Prepared, new: &Prepared) -> u64 {
         .sum()
 }
 
+/// How long each wait may take (`BENCH_SERVE_WAIT_SECS`; staging an FP16 model on a CPU with
+/// no FP16 kernels takes longer than the default).
+fn patience() -> Duration {
+    let secs = std::env::var("BENCH_SERVE_WAIT_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(600);
+    Duration::from_secs(secs)
+}
+
 /// Deploys `version` to `group` and times it on `agent`: to the artifact complete, to serving.
 fn timed(fleet: &Fleet, agent: &Agent, device: &str, version: u64, group: &str) -> (f64, f64) {
     let start = Instant::now();
     fleet.deploy(NAME, version, group);
-    let complete = wait_for("the artifact", Duration::from_secs(600), || {
+    let complete = wait_for("the artifact", patience(), || {
         agent
             .log_has("artifact complete", version)
             .then(|| start.elapsed().as_secs_f64())
     });
-    wait_for("serving", Duration::from_secs(600), || {
+    wait_for("serving", patience(), || {
         let r = fleet.report(device)?;
         (r.models.get(NAME)?.serving_version() == Some(version)).then_some(())
     });
