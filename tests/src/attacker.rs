@@ -65,6 +65,24 @@ pub fn tls_options(port: u16, pki: &Path, identity: &str, client_id: &str) -> ru
     opts
 }
 
+/// Whether a client with `opts` gets a successful CONNACK within `limit` (a refusal, a
+/// failed handshake or silence: `false`).
+pub fn connects(opts: rumqttc::MqttOptions, limit: Duration) -> bool {
+    use rumqttc::{Event, Packet};
+    let (_client, mut connection) = rumqttc::Client::new(opts, 8);
+    let end = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < end {
+        match connection.recv_timeout(Duration::from_millis(500)) {
+            Ok(Ok(Event::Incoming(Packet::ConnAck(ack)))) => {
+                return ack.code == rumqttc::ConnectReturnCode::Success
+            }
+            Ok(Err(_)) => return false,
+            _ => {}
+        }
+    }
+    false
+}
+
 /// What the rogue serves chunks of: the true bytes, chunked as their manifest says, and what
 /// to do to them.
 #[derive(Debug, Clone)]

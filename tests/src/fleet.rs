@@ -302,6 +302,22 @@ impl Fleet {
         wait_for_api(&mut self.server, &self.client, "the server API again");
     }
 
+    /// Runs `modelcast --server <this fleet's API> <args>`; its output, once it succeeded.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new(bin("modelcast"))
+            .args(["--server", self.client.base()])
+            .args(args)
+            .output()
+            .expect("modelcast");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "modelcast {args:?}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    }
+
     /// Writes the example model at `version` and publishes it.
     pub fn publish_example(&self, version: u64, hidden: usize) -> Manifest {
         let path = self.dir.path().join(format!("example-v{version}.onnx"));

@@ -24,7 +24,8 @@ use modelcast_ops::publish::PublishOptions;
 use modelcast_proto::enrol::{claim_client_id, EnrolReply, EnrolRequest, Refused};
 use modelcast_server::enrol::{EnrolState, Enrolment};
 use modelcast_tests::attacker::tls_options;
-use modelcast_tests::{bin, wait_for, Agent, AgentOptions, Claim, Fleet, Mosquitto};
+use modelcast_tests::connects;
+use modelcast_tests::{wait_for, Agent, AgentOptions, Claim, Fleet, Mosquitto};
 use rumqttc::{Event, Packet, QoS};
 
 const COMMITTING: &str = "[probation]\nrequests = 0\nseconds = 0\n";
@@ -35,22 +36,6 @@ fn claim_options(pki: &Path, claim: &str, port: Option<u16>) -> AgentOptions {
         claim: Some(Claim::of(pki, claim, port)),
         ..AgentOptions::default()
     }
-}
-
-/// Runs `modelcast --server <fleet> <args>`; its output, once it succeeded.
-fn cli(fleet: &Fleet, args: &[&str]) -> String {
-    let out = std::process::Command::new(bin("modelcast"))
-        .args(["--server", fleet.client.base()])
-        .args(args)
-        .output()
-        .expect("modelcast");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "modelcast {args:?}: {text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    text
 }
 
 fn enrolment(fleet: &Fleet, device: &str) -> Option<Enrolment> {
@@ -91,21 +76,6 @@ fn connects_as(
         rumqttc::TlsConfiguration::Rustls(std::sync::Arc::new(tls)),
     ));
     connects(opts, limit)
-}
-
-fn connects(opts: rumqttc::MqttOptions, limit: Duration) -> bool {
-    let (_client, mut connection) = rumqttc::Client::new(opts, 8);
-    let end = Instant::now() + limit;
-    while Instant::now() < end {
-        match connection.recv_timeout(Duration::from_millis(500)) {
-            Ok(Ok(Event::Incoming(Packet::ConnAck(ack)))) => {
-                return ack.code == rumqttc::ConnectReturnCode::Success
-            }
-            Ok(Err(_)) => return false,
-            _ => {}
-        }
-    }
-    false
 }
 
 /// Asks for a certificate over the claim `claim` as client `client_id` (a hand-made claim
@@ -214,7 +184,7 @@ fn three_devices_enrol_by_claim_renew_and_a_revoked_one_is_shut_out() {
             "{id} reports before it is accepted"
         );
     }
-    let listed = cli(&fleet, &["devices", "enrolments"]);
+    let listed = fleet.cli(&["devices", "enrolments"]);
     assert!(
         listed
             .lines()
@@ -226,9 +196,9 @@ fn three_devices_enrol_by_claim_renew_and_a_revoked_one_is_shut_out() {
     assert_eq!(auto.claim.as_deref(), Some("line-1"));
 
     // The operator lets edge-3 in and keeps edge-4 out.
-    let text = cli(&fleet, &["devices", "accept", "edge-3", "--by", "olga"]);
+    let text = fleet.cli(&["devices", "accept", "edge-3", "--by", "olga"]);
     assert!(text.contains("edge-3 accepted"), "{text}");
-    cli(&fleet, &["devices", "reject", "edge-4"]);
+    fleet.cli(&["devices", "reject", "edge-4"]);
     wait_for("edge-3 reporting", Duration::from_secs(60), || {
         fleet.report("edge-3")
     });
@@ -280,40 +250,19 @@ fn three_devices_enrol_by_claim_renew_and_a_revoked_one_is_shut_out() {
         ),
         "a claim connected as a device id"
     );
-    let taken = ask_over_claim(
+    // Another key for an enrolled id; a CSR naming another device than the asking one.
+    let refusal = |device: &str, named: &str| match ask_over_claim(
         port,
         &pki,
         "line-1",
-        &claim_client_id("edge-1"),
-        &request("edge-1", csr("edge-1")),
-    );
-    assert!(
-        matches!(
-            taken,
-            Some(EnrolReply::Refused {
-                kind: Refused::Taken,
-                ..
-            })
-        ),
-        "{taken:?}"
-    );
-    let other = ask_over_claim(
-        port,
-        &pki,
-        "line-1",
-        &claim_client_id("edge-8"),
-        &request("edge-8", csr("edge-1")),
-    );
-    assert!(
-        matches!(
-            other,
-            Some(EnrolReply::Refused {
-                kind: Refused::Invalid,
-                ..
-            })
-        ),
-        "{other:?}"
-    );
+        &claim_client_id(device),
+        &request(device, csr(named)),
+    ) {
+        Some(EnrolReply::Refused { kind, .. }) => Some(kind),
+        _ => None,
+    };
+    assert_eq!(refusal("edge-1", "edge-1"), Some(Refused::Taken));
+    assert_eq!(refusal("edge-8", "edge-1"), Some(Refused::Invalid));
     {
         // A report published over a claim connection: the front closes it, the server never
         // hears of the device.
@@ -383,10 +332,7 @@ fn three_devices_enrol_by_claim_renew_and_a_revoked_one_is_shut_out() {
 
     // Revoked: its certificates on the list, quarantined; cut off at its next packet, and its
     // next connection refused.
-    let text = cli(
-        &fleet,
-        &["devices", "revoke", "edge-2", "--reason", "stolen"],
-    );
+    let text = fleet.cli(&["devices", "revoke", "edge-2", "--reason", "stolen"]);
     assert!(text.contains("edge-2 revoked"), "{text}");
     assert_eq!(
         enrolment(&fleet, "edge-2").unwrap().state,
@@ -513,7 +459,7 @@ fn mosquitto_takes_claims_on_their_own_listener_only() {
         );
         assert_eq!(delivered, None, "a claim read a device's desired state");
     }
-    cli(&fleet, &["devices", "revoke", "edge-1"]);
+    fleet.cli(&["devices", "revoke", "edge-1"]);
     // mosquitto reads the list again at a restart (or SIGHUP).
     broker.restart();
     let (cert, key) = identity_files(&fleet, "edge-1");
@@ -648,7 +594,7 @@ fn a_device_offline_past_its_certificate_is_held_by_policy_until_accepted() {
         Duration::from_secs(60),
         || (enrolment(&fleet, "edge-1")?.state == EnrolState::Pending).then_some(()),
     );
-    cli(&fleet, &["devices", "accept", "edge-1"]);
+    fleet.cli(&["devices", "accept", "edge-1"]);
     wait_for("edge-1 back", Duration::from_secs(60), || {
         let log = std::fs::read_to_string(agent.log_path()).ok()?;
         log.contains("enrolled: device certificate received")

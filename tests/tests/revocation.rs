@@ -5,50 +5,23 @@
 //! connect; the next encrypted version reaches the devices still in the fleet, and the revoked
 //! one keeps what it had.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use modelcast_ops::publish::PublishOptions;
 use modelcast_tests::attacker::tls_options;
-use modelcast_tests::{bin, wait_for, AgentOptions, Fleet, Mosquitto};
-use rumqttc::{Event, Packet};
+use modelcast_tests::{wait_for, AgentOptions, Fleet, Mosquitto};
 
 /// Whether a client with `identity`'s certificate gets a CONNACK within `limit`.
 fn connects(port: u16, pki: &std::path::Path, identity: &str, limit: Duration) -> bool {
-    let opts = tls_options(port, pki, identity, identity);
-    let (_client, mut connection) = rumqttc::Client::new(opts, 8);
-    let end = Instant::now() + limit;
-    while Instant::now() < end {
-        match connection.recv_timeout(Duration::from_millis(500)) {
-            Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => return true,
-            Ok(Err(_)) => return false,
-            _ => {}
-        }
-    }
-    false
+    modelcast_tests::connects(tls_options(port, pki, identity, identity), limit)
 }
 
 /// Runs `modelcast devices revoke <device> --pki <pki> <extra>`; its output, once it succeeded.
 fn revoke(fleet: &Fleet, pki: &std::path::Path, device: &str, extra: &[&str]) -> String {
-    let out = std::process::Command::new(bin("modelcast"))
-        .args([
-            "--server",
-            fleet.client.base(),
-            "devices",
-            "revoke",
-            device,
-            "--pki",
-        ])
-        .arg(pki)
-        .args(extra)
-        .output()
-        .expect("modelcast devices revoke");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    text
+    let pki = pki.display().to_string();
+    let mut args = vec!["devices", "revoke", device, "--pki", &pki];
+    args.extend(extra);
+    fleet.cli(&args)
 }
 
 #[test]
