@@ -328,13 +328,24 @@ impl Fleet {
     /// Writes an example model of about `bytes` (a deep MLP) and publishes it as `name` at
     /// `version`.
     pub fn publish_example_of_size(&self, name: &str, version: u64, bytes: u64) -> Manifest {
+        self.publish_example_with(version, bytes, PublishOptions::new(name, version))
+    }
+
+    /// [`Fleet::publish_example_of_size`] encrypted (`modelcast publish --encrypt`).
+    pub fn publish_encrypted_of_size(&self, name: &str, version: u64, bytes: u64) -> Manifest {
+        let mut opts = PublishOptions::new(name, version);
+        opts.encrypt = true;
+        self.publish_example_with(version, bytes, opts)
+    }
+
+    fn publish_example_with(&self, version: u64, bytes: u64, opts: PublishOptions) -> Manifest {
         let path = self
             .dir
             .path()
-            .join(format!("{name}-{bytes}-v{version}.onnx"));
+            .join(format!("{}-{bytes}-v{version}.onnx", opts.name));
         let model = onnx::example_model_of_size(version, bytes);
         std::fs::write(&path, model).expect("model file");
-        self.publish_file(&path, name, version)
+        self.publish_with(&path, &opts)
     }
 
     /// Publishes an ONNX file as `name` at `version`.

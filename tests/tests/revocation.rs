@@ -7,7 +7,6 @@
 
 use std::time::Duration;
 
-use modelcast_ops::publish::PublishOptions;
 use modelcast_tests::attacker::tls_options;
 use modelcast_tests::{wait_for, AgentOptions, Fleet, Mosquitto};
 
@@ -40,17 +39,7 @@ fn a_revoked_device_cannot_connect_and_the_next_version_reaches_only_the_others(
             fleet.report(id)?.sealing_key
         });
     }
-    let publish = |version: u64| {
-        let path = fleet.dir.path().join(format!("v{version}.onnx"));
-        std::fs::write(
-            &path,
-            modelcast_ops::onnx::example_model_of_size(version, 1 << 20),
-        )
-        .unwrap();
-        let mut opts = PublishOptions::new("classifier", version);
-        opts.encrypt = true;
-        fleet.publish_with(&path, &opts)
-    };
+    let publish = |version: u64| fleet.publish_encrypted_of_size("classifier", version, 1 << 20);
     let v1 = publish(1);
     fleet.deploy("classifier", 1, "*");
     for (agent, id) in agents.iter().zip(["edge-1", "edge-2"]) {

@@ -226,7 +226,10 @@ impl Fleet {
                 }
             }
         };
+        // Durable before the device hears of it: a record lost in a crash would free the
+        // device's id for another key.
         self.db.put_enrolment(&entry).await?;
+        self.db.flush().await?;
         Ok(reply)
     }
 
@@ -333,6 +336,7 @@ impl Fleet {
             }
         };
         self.db.put_enrolment(&entry).await?;
+        self.db.flush().await?;
         self.audit(
             match verdict {
                 Verdict::Accept => "device.enrol.accepted",
