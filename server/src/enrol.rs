@@ -5,7 +5,8 @@
 //! | --- | --- | --- |
 //! | over a claim | none | issued if an `--enrol-auto` rule matches the claim and labels, else held for an operator |
 //! | over a claim | held | still held (a different key: refused, the id is taken) |
-//! | over a claim | enrolled, same key, certificate still valid | issued again (the device lost its reply) |
+//! | over a claim | enrolled, same key, certificate in the first half of its life | the same certificate sent again (the device lost its reply) |
+//! | over a claim | enrolled, same key, certificate valid, past half its life | a new one issued |
 //! | over a claim | enrolled, same key, certificate expired (offline past its end) | as `--enrol-expired` says: issued, held, or refused |
 //! | over a claim | enrolled with another key | refused: the id is taken |
 //! | over its own connection (renewal) | not revoked | issued (the broker vouched for the sender) |
@@ -86,6 +87,10 @@ pub struct Enrolment {
     /// Certificates issued to it, oldest first, at most [`KEPT_CERTIFICATES`].
     #[serde(default)]
     pub certificates: Vec<IssuedCert>,
+    /// The newest certificate, PEM: sent again to a device that asks before it is half
+    /// through its life.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<String>,
 }
 
 impl Enrolment {
@@ -100,6 +105,13 @@ impl Enrolment {
     /// Whether its newest certificate is still valid at `now` (Unix seconds).
     pub fn valid_at(&self, now: i64) -> bool {
         self.certificates.last().is_some_and(|c| c.not_after > now)
+    }
+
+    /// Whether its newest certificate has more than half its life left at `now`.
+    pub fn fresh_at(&self, now: i64) -> bool {
+        self.certificates
+            .last()
+            .is_some_and(|c| 2 * (c.not_after - now) > c.not_after - c.not_before)
     }
 }
 
@@ -188,8 +200,11 @@ pub enum Via {
 /// The answer to a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
-    /// Sign its CSR (`by`: `rule`, `renewal`, or the earlier decision's author).
+    /// Sign its CSR.
     Issue,
+    /// Send its newest certificate again (it asked again with the key it is for, early in
+    /// that certificate's life: its reply was lost).
+    Resend,
     /// Keep it waiting for an operator.
     Hold,
     /// Refuse it.
@@ -241,6 +256,7 @@ pub fn decide(
             format!("{} is enrolled with another key", r.device),
         ),
         Some(r) if r.state == EnrolState::Pending => Decision::Hold,
+        Some(r) if r.fresh_at(now) => Decision::Resend,
         Some(r) if r.valid_at(now) => Decision::Issue,
         Some(r) => match policy.expired {
             Expired::Reenrol => Decision::Issue,
@@ -311,6 +327,7 @@ mod tests {
                 not_before: 0,
                 not_after,
             }],
+            certificate: Some("PEM".into()),
         }
     }
 
@@ -435,7 +452,7 @@ mod tests {
             let r = record(state, "k", not_after);
             let key = if same_key { "k" } else { "other" };
             let d = decide(&policy(expired), &Via::Claim("batch-1".into()), key, &labels(site), Some(&r), now);
-            if d == Decision::Issue {
+            if matches!(d, Decision::Issue | Decision::Resend) {
                 prop_assert!(same_key);
                 prop_assert_eq!(state, EnrolState::Enrolled);
             }

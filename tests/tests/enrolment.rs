@@ -249,6 +249,30 @@ fn three_devices_enrol_by_claim_renew_and_a_revoked_one_is_shut_out() {
     };
     assert_eq!(refusal("edge-1", "edge-1"), Some(Refused::Taken));
     assert_eq!(refusal("edge-8", "edge-1"), Some(Refused::Invalid));
+    // With edge-2's own key (its reply lost, say): the same certificate again, no new serial.
+    let (_, key2) = identity_files(&fleet, "edge-2");
+    let key2 = rcgen::KeyPair::from_pem(&std::fs::read_to_string(key2).unwrap()).unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "edge-2");
+    let own = params.serialize_request(&key2).unwrap().pem().unwrap();
+    let before = enrolment(&fleet, "edge-2").unwrap().certificates;
+    let again = ask_over_claim(
+        port,
+        &pki,
+        "line-1",
+        &claim_client_id("edge-2"),
+        &request("edge-2", own),
+    );
+    let (cert2, _) = identity_files(&fleet, "edge-2");
+    match again {
+        Some(EnrolReply::Issued { certificate, .. }) => {
+            assert_eq!(certificate, std::fs::read_to_string(cert2).unwrap())
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(enrolment(&fleet, "edge-2").unwrap().certificates, before);
     {
         // A report published over a claim connection: the front closes it, the server never
         // hears of the device.

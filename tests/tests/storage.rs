@@ -163,6 +163,7 @@ async fn contract(db: Db, other: Option<Db>) {
         requested_at: 5,
         decided: None,
         certificates: vec![],
+        certificate: None,
     };
     assert_eq!(db.enrolment("edge-2").await.unwrap(), None);
     for id in ["edge-2", "edge-10"] {

@@ -159,7 +159,19 @@ impl Fleet {
             requested_at: now,
             decided: None,
             certificates: Vec::new(),
+            certificate: None,
         });
+        if decision == Decision::Resend {
+            if let (Some(pem), Some(last)) = (&entry.certificate, entry.certificates.last()) {
+                info!(%device, serial = %last.serial, "device certificate sent again");
+                return Ok(EnrolReply::Issued {
+                    device: device.clone(),
+                    certificate: pem.clone(),
+                    not_before: last.not_before,
+                    not_after: last.not_after,
+                });
+            }
+        }
         let reply = match decision {
             Decision::Refuse(kind, reason) => {
                 info!(%device, ?kind, %reason, "enrolment refused");
@@ -179,7 +191,8 @@ impl Fleet {
                     device: device.clone(),
                 }
             }
-            Decision::Issue => {
+            // A certificate to send again that was not kept: a new one.
+            Decision::Issue | Decision::Resend => {
                 let issued = match enroller.issuer.sign(
                     &request.csr,
                     &device,
@@ -196,6 +209,7 @@ impl Fleet {
                     });
                 }
                 entry.public_key = issued.public_key.clone();
+                entry.certificate = Some(issued.pem.clone());
                 entry.csr = request.csr;
                 entry.requested_at = now;
                 entry.labels = request.labels;
@@ -290,6 +304,7 @@ impl Fleet {
                         .issuer
                         .sign(&entry.csr, device, now, enroller.policy.valid_secs)?;
                 entry.public_key = issued.public_key.clone();
+                entry.certificate = Some(issued.pem.clone());
                 entry.issued(IssuedCert {
                     serial: issued.serial.clone(),
                     not_before: issued.not_before,
