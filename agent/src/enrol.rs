@@ -215,13 +215,20 @@ pub async fn by_claim(
                 warn!(device = %cfg.device_id, requests = n - 1, "no answer to enrolment yet: does the fleet server enrol devices (--enrol)?");
             }
         }
-        let wait = asking
-            .next()
-            .saturating_duration_since(now)
-            .max(Duration::from_millis(50));
-        let event = match tokio::time::timeout(wait, eventloop.poll()).await {
-            Err(_) => continue,
-            Ok(e) => e,
+        // Waiting for an answer, the poll gives way when it is time to ask again. Never while
+        // connecting: a poll cut short drops the TLS handshake under way, and on a slow link
+        // each new one would be cut short too.
+        let event = if subscribed {
+            let wait = asking
+                .next()
+                .saturating_duration_since(now)
+                .max(Duration::from_millis(50));
+            match tokio::time::timeout(wait, eventloop.poll()).await {
+                Err(_) => continue,
+                Ok(e) => e,
+            }
+        } else {
+            eventloop.poll().await
         };
         match event {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {

@@ -877,6 +877,7 @@ async fn decide_enrolment(
         Err(e @ E::NotPending { .. }) => Err(ApiError(StatusCode::CONFLICT, e.to_string())),
         Err(e @ E::Csr(_)) => Err(ApiError(StatusCode::UNPROCESSABLE_ENTITY, e.to_string())),
         Err(E::Store(e)) => Err(internal(e)),
+        Err(E::Pki(e)) => Err(internal(e)),
     }
 }
 

@@ -14,7 +14,39 @@ use tracing::{info, warn};
 use super::{Fleet, Rejected};
 use crate::clock::unix_now;
 use crate::db::DbError;
-use crate::enrol::{decide, Decided, Decision, EnrolState, Enrolment, IssuedCert, Verdict, Via};
+use crate::enrol::{
+    decide, Decided, Decision, EnrolState, Enroller, Enrolment, IssuedCert, Verdict, Via,
+};
+
+/// Devices waiting for an operator, at most: past this, a device not yet known that asks
+/// over a claim is refused (`unavailable`) until operators decide on some. What one claim
+/// holder can make the server keep is bounded.
+pub const MAX_PENDING: usize = 10_000;
+
+/// Signs `csr` for `entry`'s device and records the certificate in it; the answer to send.
+fn sign_into(
+    enroller: &Enroller,
+    entry: &mut Enrolment,
+    csr: &str,
+    now: i64,
+) -> Result<EnrolReply, crate::pki::CsrError> {
+    let issued = enroller
+        .issuer
+        .sign(csr, &entry.device, now, enroller.policy.valid_secs)?;
+    entry.public_key = issued.public_key;
+    entry.certificate = Some(issued.pem.clone());
+    entry.issued(IssuedCert {
+        serial: issued.serial,
+        not_before: issued.not_before,
+        not_after: issued.not_after,
+    });
+    Ok(EnrolReply::Issued {
+        device: entry.device.clone(),
+        certificate: issued.pem,
+        not_before: issued.not_before,
+        not_after: issued.not_after,
+    })
+}
 
 /// Why an operator's decision on an enrolment was not carried out.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +68,9 @@ pub enum EnrolmentError {
     /// Its CSR could not be signed.
     #[error(transparent)]
     Csr(#[from] crate::pki::CsrError),
+    /// The revocation list could not be written.
+    #[error(transparent)]
+    Pki(#[from] crate::pki::PkiError),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] DbError),
@@ -133,7 +168,7 @@ impl Fleet {
                 format!("the request names {named:?}, not {device:?}"),
             ));
         }
-        let _held = self.enrolling.lock().await;
+        let mut pending = self.enrolling.lock().await;
         let now = unix_now();
         let record = self.db.enrolment(&device).await?;
         let decision = decide(
@@ -148,7 +183,40 @@ impl Fleet {
             Via::Claim(c) => Some(c.clone()),
             Via::Device => None,
         };
-        let mut entry = record.clone().unwrap_or_else(|| Enrolment {
+        if let (Decision::Resend, Some(r)) = (&decision, &record) {
+            if let (Some(pem), Some(last)) = (&r.certificate, r.certificates.last()) {
+                info!(%device, serial = %last.serial, "device certificate sent again");
+                return Ok(EnrolReply::Issued {
+                    device: device.clone(),
+                    certificate: pem.clone(),
+                    not_before: last.not_before,
+                    not_after: last.not_after,
+                });
+            }
+        }
+        if let Decision::Refuse(kind, reason) = decision {
+            info!(%device, ?kind, %reason, "enrolment refused");
+            return Ok(refused(kind, reason));
+        }
+        let was_pending = record.as_ref().map(|r| r.state) == Some(EnrolState::Pending);
+        let waiting = match *pending {
+            Some(n) => n,
+            None => self
+                .db
+                .enrolments()
+                .await?
+                .iter()
+                .filter(|e| e.state == EnrolState::Pending)
+                .count(),
+        };
+        if decision == Decision::Hold && !was_pending && waiting >= MAX_PENDING {
+            warn!(%device, waiting, "enrolment refused: too many devices wait for an operator");
+            return Ok(refused(
+                Refused::Unavailable,
+                format!("{waiting} devices already wait for an operator's decision"),
+            ));
+        }
+        let mut entry = record.unwrap_or_else(|| Enrolment {
             device: device.clone(),
             state: EnrolState::Pending,
             claim: claim.clone(),
@@ -161,45 +229,27 @@ impl Fleet {
             certificates: Vec::new(),
             certificate: None,
         });
-        if decision == Decision::Resend {
-            if let (Some(pem), Some(last)) = (&entry.certificate, entry.certificates.last()) {
-                info!(%device, serial = %last.serial, "device certificate sent again");
-                return Ok(EnrolReply::Issued {
-                    device: device.clone(),
-                    certificate: pem.clone(),
-                    not_before: last.not_before,
-                    not_after: last.not_after,
-                });
-            }
+        // What the device said of itself, as of this request.
+        entry.csr = request.csr;
+        entry.requested_at = now;
+        entry.labels = request.labels;
+        entry.sealing_key = request.sealing_key;
+        if entry.claim.is_none() {
+            entry.claim = claim;
         }
-        let reply = match decision {
-            Decision::Refuse(kind, reason) => {
-                info!(%device, ?kind, %reason, "enrolment refused");
-                return Ok(refused(kind, reason));
-            }
+        let (reply, action) = match decision {
             Decision::Hold => {
                 entry.state = EnrolState::Pending;
-                entry.csr = request.csr;
-                entry.requested_at = now;
-                entry.labels = request.labels;
-                entry.sealing_key = request.sealing_key;
-                if record.as_ref().map(|r| r.state) != Some(EnrolState::Pending) {
-                    info!(%device, claim = ?claim, "enrolment held for an operator");
-                    self.audit("device.enrol.held", &entry).await;
-                }
-                EnrolReply::Pending {
+                let reply = EnrolReply::Pending {
                     device: device.clone(),
-                }
+                };
+                (reply, (!was_pending).then_some("device.enrol.held"))
             }
-            // A certificate to send again that was not kept: a new one.
-            Decision::Issue | Decision::Resend => {
-                let issued = match enroller.issuer.sign(
-                    &request.csr,
-                    &device,
-                    now,
-                    enroller.policy.valid_secs,
-                ) {
-                    Ok(i) => i,
+            // Issued (or to send again, but not kept: a new one); refusals returned above.
+            Decision::Issue | Decision::Resend | Decision::Refuse(..) => {
+                let csr = entry.csr.clone();
+                let reply = match sign_into(enroller, &mut entry, &csr, now) {
+                    Ok(r) => r,
                     Err(e) => return Ok(refused(Refused::Invalid, e.to_string())),
                 };
                 if entry.decided.is_none() {
@@ -208,42 +258,28 @@ impl Fleet {
                         at: now,
                     });
                 }
-                entry.public_key = issued.public_key.clone();
-                entry.certificate = Some(issued.pem.clone());
-                entry.csr = request.csr;
-                entry.requested_at = now;
-                entry.labels = request.labels;
-                entry.sealing_key = request.sealing_key;
-                if entry.claim.is_none() {
-                    entry.claim = claim;
-                }
-                entry.issued(IssuedCert {
-                    serial: issued.serial.clone(),
-                    not_before: issued.not_before,
-                    not_after: issued.not_after,
-                });
-                info!(%device, serial = %issued.serial, not_after = issued.not_after, renewal = (via == Via::Device), "device certificate issued");
-                self.audit(
-                    if via == Via::Device {
-                        "device.certificate.renewed"
-                    } else {
-                        "device.enrol.issued"
-                    },
-                    &entry,
-                )
-                .await;
-                EnrolReply::Issued {
-                    device: device.clone(),
-                    certificate: issued.pem,
-                    not_before: issued.not_before,
-                    not_after: issued.not_after,
-                }
+                let serial = entry.certificates.last().map(|c| c.serial.clone());
+                info!(%device, serial = ?serial, renewal = (via == Via::Device), "device certificate issued");
+                let action = match via {
+                    Via::Device => "device.certificate.renewed",
+                    Via::Claim(_) => "device.enrol.issued",
+                };
+                (reply, Some(action))
             }
         };
         // Durable before the device hears of it: a record lost in a crash would free the
         // device's id for another key.
         self.db.put_enrolment(&entry).await?;
         self.db.flush().await?;
+        let is_pending = entry.state == EnrolState::Pending;
+        *pending =
+            Some((waiting + usize::from(is_pending)).saturating_sub(usize::from(was_pending)));
+        if let Some(action) = action {
+            if is_pending {
+                info!(%device, claim = ?entry.claim, "enrolment held for an operator");
+            }
+            self.audit(action, &entry).await;
+        }
         Ok(reply)
     }
 
@@ -279,7 +315,7 @@ impl Fleet {
         reason: &str,
     ) -> Result<Enrolment, EnrolmentError> {
         let enroller = self.enroller.as_ref().ok_or(EnrolmentError::Disabled)?;
-        let _held = self.enrolling.lock().await;
+        let mut waiting = self.enrolling.lock().await;
         let mut entry = self
             .db
             .enrolment(device)
@@ -299,23 +335,8 @@ impl Fleet {
         });
         let reply = match verdict {
             Verdict::Accept => {
-                let issued =
-                    enroller
-                        .issuer
-                        .sign(&entry.csr, device, now, enroller.policy.valid_secs)?;
-                entry.public_key = issued.public_key.clone();
-                entry.certificate = Some(issued.pem.clone());
-                entry.issued(IssuedCert {
-                    serial: issued.serial.clone(),
-                    not_before: issued.not_before,
-                    not_after: issued.not_after,
-                });
-                Some(EnrolReply::Issued {
-                    device: device.into(),
-                    certificate: issued.pem,
-                    not_before: issued.not_before,
-                    not_after: issued.not_after,
-                })
+                let csr = entry.csr.clone();
+                Some(sign_into(enroller, &mut entry, &csr, now)?)
             }
             Verdict::Reject => {
                 entry.state = EnrolState::Rejected;
@@ -331,8 +352,7 @@ impl Fleet {
                     .iter()
                     .map(|c| c.serial.clone())
                     .collect();
-                crate::pki::revoke_serials(&enroller.pki_dir, device, &serials)
-                    .map_err(crate::pki::CsrError::Pki)?;
+                crate::pki::revoke_serials(&enroller.pki_dir, device, &serials)?;
                 entry.state = EnrolState::Revoked;
                 let why = match reason.is_empty() {
                     true => "certificate revoked".to_string(),
@@ -352,6 +372,10 @@ impl Fleet {
         };
         self.db.put_enrolment(&entry).await?;
         self.db.flush().await?;
+        // Counted again at the next request.
+        if pending {
+            *waiting = None;
+        }
         self.audit(
             match verdict {
                 Verdict::Accept => "device.enrol.accepted",

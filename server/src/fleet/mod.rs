@@ -303,8 +303,9 @@ pub struct Fleet {
     seen_written: std::sync::Mutex<std::collections::HashMap<String, i64>>,
     /// Enrols devices, if this server does.
     enroller: Option<Arc<crate::enrol::Enroller>>,
-    /// Held while an enrolment record is read, decided on and written.
-    enrolling: Mutex<()>,
+    /// Held while an enrolment record is read, decided on and written; it holds how many
+    /// devices wait for an operator (counted from the store at the first request).
+    enrolling: Mutex<Option<usize>>,
 }
 
 impl Fleet {
@@ -434,7 +435,7 @@ impl Fleet {
             quarantined,
             seen_written: Default::default(),
             enroller,
-            enrolling: Mutex::new(()),
+            enrolling: Mutex::new(None),
         });
         let supervisor = tokio::spawn(link::supervise(fleet.clone(), eventloop, stop));
         Ok((fleet, Running { supervisor }))
