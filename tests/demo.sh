@@ -1,9 +1,20 @@
 #!/usr/bin/env bash
 # The demo on embedded defaults: a fleet server with its embedded MQTT broker, three agents
 # (two in Berlin, one in Paris), a real ONNX model published in two versions, rolled out to
-# the Berlin group, with inferences through the KServe v2 API before and after the swap.
+# the Berlin group, with inferences through the KServe v2 API before and after the swap; then
+# a third version too slow for the devices, rolled out in two waves: its canary rejects it and
+# the rollout aborts and sends it back by itself.
+#
+#   bash tests/demo.sh          runs it and stops the fleet
+#   bash tests/demo.sh --keep   keeps the fleet up afterwards, to open its console in a browser
 set -euo pipefail
 cd "$(dirname "$0")/.."
+KEEP=0
+case "${1:-}" in
+  --keep) KEEP=1 ;;
+  "") ;;
+  *) echo "usage: tests/demo.sh [--keep]" >&2; exit 2 ;;
+esac
 
 say() { printf '\n\033[1;36m== %s\033[0m\n' "$*"; }
 run() { printf '\033[2m$ %s\033[0m\n' "$*"; "$@"; }
@@ -31,6 +42,7 @@ say "operator: generate keys (root, targets offline; server online) and two mode
 mc keygen --out "$WORK/keys"
 mc example-model --version 1 --out "$WORK/classifier-v1.onnx"
 mc example-model --version 2 --out "$WORK/classifier-v2.onnx"
+mc example-model --version 3 --out "$WORK/classifier-v3.onnx"
 
 say "start the fleet server with its embedded MQTT broker (127.0.0.1:$MQTT_PORT)"
 "$BIN/modelcast-server" --data-dir "$WORK/server" --keys "$WORK/keys" \
@@ -110,5 +122,21 @@ for d in json.load(sys.stdin):
 
 say "agent log excerpt (jetson-1)"
 grep -E "verified|update starts|staging|swapped" "$WORK/jetson-1.log" | sed -E 's/\x1b\[[0-9;]*m//g' | cut -c1-160
+
+say "publish v3 with a p95 budget no device can meet, and roll it out to site=berlin in two waves"
+mc publish "$WORK/classifier-v3.onnx" --name classifier --version 3 --p95-budget-ms 0.001 --meta note=too-slow-on-purpose
+mc rollout start --model classifier --version 3 --group site=berlin --waves 1,100% --wave-timeout 300 --follow
+mc rollout list
+
+say "the canary rejected v3 before the swap; both devices still answer from v2"
+infer jetson-1
+infer jetson-2
+
+say "the operator console: $MODELCAST_SERVER/dashboard"
+echo "  the fleet, each device, model and rollout (rollout $("$BIN/modelcast" rollout list | awk 'END {print $1}'): aborted, its canary sent back)"
+if [ "$KEEP" = 1 ]; then
+  say "the fleet stays up (--keep): open $MODELCAST_SERVER/dashboard; Ctrl-C stops it"
+  wait
+fi
 
 say "demo finished"

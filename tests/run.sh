@@ -37,5 +37,8 @@ if [ ${#need_py[@]} -gt 0 ]; then
   apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need_py[@]}" >/dev/null
 fi
 bash tests/corpus/setup.sh
+# The operator console the server embeds: its committed build must be what its sources build,
+# and its browser tests drive Chromium with the console's own playwright-core.
+bash server/console/build.sh --check
 
 cargo test --workspace --locked "$@"

@@ -69,6 +69,7 @@ pub fn build_info() -> String {
         ("grpc", cfg!(feature = "grpc")),
         ("ort", cfg!(feature = "ort")),
         ("multithread", cfg!(feature = "multithread")),
+        ("pkcs11", cfg!(feature = "pkcs11")),
     ];
     let features: Vec<&str> = parts.iter().filter(|p| p.1).map(|p| p.0).collect();
     let backends = if cfg!(feature = "ort") {

@@ -29,7 +29,7 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Extension, Path, Query, State};
 use axum::http::StatusCode;
-use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use modelcast_proto::chunk::parse_digest;
@@ -84,7 +84,8 @@ pub struct RolloutRequest {
     /// What to roll out, to whom, in which waves.
     #[serde(flatten)]
     pub spec: RolloutSpec,
-    /// Who starts it.
+    /// Who starts it (a token's name wins; may be left out when a token says it).
+    #[serde(default)]
     pub by: String,
 }
 
@@ -92,6 +93,7 @@ pub struct RolloutRequest {
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct ActionRequest {
     /// Who acts.
+    #[serde(default)]
     pub by: String,
 }
 
@@ -104,7 +106,8 @@ pub struct DeployRequest {
     pub version: u64,
     /// Label selector.
     pub group: String,
-    /// Who deploys.
+    /// Who deploys (a token's name wins; may be left out when a token says it).
+    #[serde(default)]
     pub by: String,
     /// Probation thresholds for the devices it moves (overriding theirs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -169,10 +172,7 @@ type ApiResult = Result<Response, ApiError>;
 /// Paths anyone may read: the dashboard page itself (its data needs a token), health, the
 /// API description.
 fn public(path: &str) -> bool {
-    matches!(
-        path,
-        "/" | "/dashboard" | "/api/v1/health" | "/api/v1/openapi.json"
-    )
+    matches!(path, "/" | "/api/v1/health" | "/api/v1/openapi.json")
 }
 
 /// The role a request needs: reads are for viewers, rotating the root is for admins,
@@ -312,9 +312,10 @@ pub fn router(fleet: Arc<Fleet>, tokens: Option<Tokens>, limits: ApiLimits) -> R
     let guard = axum::middleware::from_fn_with_state(Arc::new(tokens), authorize);
     Router::new()
         .route("/", get(|| async { Redirect::to("/dashboard") }))
-        .route("/dashboard", get(dashboard))
         .route("/api/v1/health", get(|| async { "ok" }))
         .route("/api/v1/status", get(status))
+        .route("/api/v1/whoami", get(whoami))
+        .route("/api/v1/fleet", get(fleet_summary))
         .route(
             "/api/v1/artifacts",
             get(move || async move {
@@ -347,6 +348,7 @@ pub fn router(fleet: Arc<Fleet>, tokens: Option<Tokens>, limits: ApiLimits) -> R
         )
         .route("/api/v1/deployments", get(deployments).post(deploy))
         .route("/api/v1/devices", get(devices))
+        .route("/api/v1/devices/{id}", get(device))
         .route("/api/v1/devices/{id}/telemetry", get(device_telemetry))
         .route("/api/v1/devices/{id}/quarantine", post(quarantine))
         .route("/api/v1/enrolments", get(enrolments))
@@ -364,6 +366,7 @@ pub fn router(fleet: Arc<Fleet>, tokens: Option<Tokens>, limits: ApiLimits) -> R
         .layer(Extension(limits))
         // Public, as a static host or CDN holding the same files would be.
         .route("/files/{sha256}", get(crate::files::file))
+        .merge(crate::console::router())
         .with_state(fleet)
 }
 
@@ -671,12 +674,6 @@ async fn deploy(
     Ok(Json(json!({ "deployment": d, "devices_updated": updated })).into_response())
 }
 
-/// The dashboard: one page (`dashboard.html`, no build step) that reads this API every two
-/// seconds.
-async fn dashboard() -> Html<&'static str> {
-    Html(include_str!("dashboard.html"))
-}
-
 /// The answer to a refused or failed registry operation.
 fn registry_error(e: RegistryError) -> ApiError {
     let status = match &e {
@@ -693,10 +690,27 @@ fn registry_error(e: RegistryError) -> ApiError {
 struct AuditQuery {
     #[serde(default)]
     since: u64,
+    /// Only entries whose details name this device.
+    #[serde(default)]
+    device: Option<String>,
 }
 
 async fn audit(State(fleet): State<Arc<Fleet>>, Query(q): Query<AuditQuery>) -> ApiResult {
-    Ok(Json(fleet.db().audit(q.since).await.map_err(internal)?).into_response())
+    let mut entries = fleet.db().audit(q.since).await.map_err(internal)?;
+    if let Some(device) = &q.device {
+        entries.retain(|e| names(&e.details, device));
+    }
+    Ok(Json(entries).into_response())
+}
+
+/// Whether `value` holds the string `id` anywhere (a device named in an audit entry's details).
+fn names(value: &serde_json::Value, id: &str) -> bool {
+    match value {
+        serde_json::Value::String(s) => s == id,
+        serde_json::Value::Array(a) => a.iter().any(|v| names(v, id)),
+        serde_json::Value::Object(o) => o.values().any(|v| names(v, id)),
+        _ => false,
+    }
 }
 
 /// The API's OpenAPI 3 description.
@@ -772,8 +786,159 @@ async fn deployments(State(fleet): State<Arc<Fleet>>) -> ApiResult {
     Ok(Json(fleet.db().deployments().await.map_err(internal)?).into_response())
 }
 
-async fn devices(State(fleet): State<Arc<Fleet>>) -> ApiResult {
-    Ok(Json(fleet.devices().await.map_err(internal)?).into_response())
+/// `GET /api/v1/devices`: every device, or a page of them.
+#[derive(Debug, Default, Deserialize)]
+pub struct DeviceQuery {
+    /// Skip this many (in id order).
+    #[serde(default)]
+    pub offset: usize,
+    /// At most this many (1..=[`MAX_DEVICE_PAGE`]); all when absent.
+    #[serde(default)]
+    pub limit: Option<usize>,
+    /// Only devices whose id or a label (`key=value`) contains this.
+    #[serde(default)]
+    pub q: Option<String>,
+}
+
+/// The largest page of devices one request may ask for.
+pub const MAX_DEVICE_PAGE: usize = 1000;
+
+/// Devices with their last report, in id order; `X-Total-Count` says how many match in all
+/// when a page was asked for.
+async fn devices(State(fleet): State<Arc<Fleet>>, Query(q): Query<DeviceQuery>) -> ApiResult {
+    let mut all = fleet.devices().await.map_err(internal)?;
+    if let Some(needle) = q.q.as_deref().filter(|n| !n.is_empty()) {
+        all.retain(|d| {
+            d.id.contains(needle)
+                || d.labels
+                    .iter()
+                    .any(|(k, v)| format!("{k}={v}").contains(needle))
+        });
+    }
+    let Some(limit) = q.limit else {
+        return Ok(Json(all).into_response());
+    };
+    if !(1..=MAX_DEVICE_PAGE).contains(&limit) {
+        return Err(bad(format!("limit must be 1..={MAX_DEVICE_PAGE}")));
+    }
+    all.sort_by(|a, b| a.id.cmp(&b.id));
+    let total = all.len();
+    let page: Vec<_> = all.into_iter().skip(q.offset).take(limit).collect();
+    Ok((
+        [(
+            axum::http::header::HeaderName::from_static("x-total-count"),
+            total.to_string(),
+        )],
+        Json(page),
+    )
+        .into_response())
+}
+
+/// One device with its last report.
+async fn device(State(fleet): State<Arc<Fleet>>, Path(id): Path<String>) -> ApiResult {
+    fleet
+        .devices()
+        .await
+        .map_err(internal)?
+        .into_iter()
+        .find(|d| d.id == id)
+        .map(|d| Json(d).into_response())
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no device {id:?}")))
+}
+
+/// `GET /api/v1/whoami`: the caller's token name and role, and what this server does, so a
+/// page can offer only what the caller may do (the API checks again regardless).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Whoami {
+    /// The token's name; `None` when the API is open (no token file).
+    pub name: Option<String>,
+    /// Its role.
+    pub role: Role,
+    /// Whether the API needs tokens.
+    pub tokens: bool,
+    /// Whether the server enrols devices (`--enrol`).
+    pub enrol: bool,
+}
+
+async fn whoami(
+    State(fleet): State<Arc<Fleet>>,
+    Extension(caller): Extension<Caller>,
+) -> Json<Whoami> {
+    Json(Whoami {
+        tokens: caller.name.is_some(),
+        name: caller.name,
+        role: caller.role,
+        enrol: fleet.enrols(),
+    })
+}
+
+/// `GET /api/v1/fleet`: the fleet counted, so that a page need not read every device.
+#[derive(Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct FleetSummary {
+    /// Devices known.
+    pub devices: usize,
+    /// Of them, online.
+    pub online: usize,
+    /// Devices per state: `active`, `updating`, `waiting`, `failed`, `no model`, `unknown`.
+    pub states: BTreeMap<String, usize>,
+    /// Devices quarantined.
+    pub quarantined: usize,
+    /// Per model, devices serving each version.
+    pub serving: BTreeMap<String, BTreeMap<u64, usize>>,
+}
+
+impl FleetSummary {
+    /// Counts `devices`.
+    pub fn of(devices: &[crate::db::DeviceEntry]) -> Self {
+        use modelcast_proto::report::Phase;
+        let mut s = FleetSummary {
+            devices: devices.len(),
+            ..Default::default()
+        };
+        for d in devices {
+            s.online += usize::from(d.online);
+            s.quarantined += usize::from(d.quarantine.is_some());
+            let state = match &d.report {
+                None => "unknown",
+                Some(r) if r.models.is_empty() => "no model",
+                Some(r) => {
+                    let phases = r
+                        .models
+                        .values()
+                        .filter_map(|m| m.update.as_ref().map(|u| u.phase));
+                    // The worst of its models': failed, then moving, then held back.
+                    let rank = |p: Phase| match p {
+                        Phase::Failed => 3,
+                        Phase::Downloading | Phase::Staging | Phase::Probation => 2,
+                        Phase::Waiting => 1,
+                        Phase::Active => 0,
+                    };
+                    match phases.max_by_key(|p| rank(*p)) {
+                        Some(Phase::Failed) => "failed",
+                        Some(Phase::Downloading | Phase::Staging | Phase::Probation) => "updating",
+                        Some(Phase::Waiting) => "waiting",
+                        _ => "active",
+                    }
+                }
+            };
+            *s.states.entry(state.into()).or_default() += 1;
+            for (name, m) in d.report.iter().flat_map(|r| &r.models) {
+                if let Some(v) = m.serving_version() {
+                    *s.serving
+                        .entry(name.clone())
+                        .or_default()
+                        .entry(v)
+                        .or_default() += 1;
+                }
+            }
+        }
+        s
+    }
+}
+
+async fn fleet_summary(State(fleet): State<Arc<Fleet>>) -> ApiResult {
+    let devices = fleet.devices().await.map_err(internal)?;
+    Ok(Json(FleetSummary::of(&devices)).into_response())
 }
 
 /// Body of `POST /api/v1/devices/{id}/quarantine`.
@@ -1140,6 +1305,6 @@ mod tests {
             required_role(&Method::GET, "/api/v1/enrolments"),
             Role::Viewer
         );
-        assert!(public("/dashboard") && !public("/api/v1/audit"));
+        assert!(public("/") && !public("/api/v1/audit") && !public("/api/v1/whoami"));
     }
 }

@@ -23,8 +23,9 @@
 //!   deployment says `http` fetch their chunks there).
 //! - [`group`]: label selectors for device groups.
 //! - [`rollout`]: the sans-IO rollout planner (waves, abort criteria, auto-rollback).
-//! - [`api`], [`auth`], [`audit`]: the operators' HTTP API and dashboard, its tokens and
-//!   roles, the append-only audit log; [`http`]: its server, with bounded connections and a
+//! - [`api`], [`auth`], [`audit`]: the operators' HTTP API, its tokens and roles, the
+//!   append-only audit log; [`console`]: the operator console (a single-page app built from
+//!   `server/console/`, embedded) under `/dashboard`; [`http`]: its server, with bounded connections and a
 //!   header timeout.
 //! - [`clock`]: the wall clock, read in one place, in one unit (Unix milliseconds).
 //! - [`keyset`]: the repository's keys (made by operators, read by the server at start).
@@ -43,6 +44,7 @@ pub(crate) mod budget;
 pub(crate) mod chunk_queue;
 pub(crate) mod clock;
 pub mod compress;
+pub mod console;
 pub mod db;
 pub mod drift;
 pub mod enrol;

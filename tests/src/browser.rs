@@ -1,7 +1,8 @@
 //! Pages as a person sees them: Debian's Chromium, headless, rendering a page to its DOM (or
-//! a screenshot), and picking elements out of the DOM.
+//! a screenshot), and picking elements out of the DOM; and the console's own browser scripts
+//! (`server/console/e2e/`), which drive Chromium with playwright-core to click through it.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -34,13 +35,60 @@ pub fn chromium(dir: &Path, args: &[&str]) -> std::process::Output {
         .expect("running chromium")
 }
 
-/// The rendered DOM of `url`, once the page has loaded its data.
-pub fn rendered(dir: &Path, url: &str) -> String {
-    wait_for("the dashboard to render", Duration::from_secs(60), || {
-        let out = chromium(dir, &["--dump-dom", url]);
-        let dom = String::from_utf8_lossy(&out.stdout).into_owned();
-        dom.contains("data-loaded=\"1\"").then_some(dom)
-    })
+/// The rendered DOM of `url` once it holds `marker` (the console draws its pages from the
+/// API's answers, so a page is ready when what the test looks for has arrived).
+pub fn rendered(dir: &Path, url: &str, marker: &str) -> String {
+    wait_for(
+        &format!("{url} to show {marker}"),
+        Duration::from_secs(60),
+        || {
+            let out = chromium(dir, &["--dump-dom", url]);
+            let dom = String::from_utf8_lossy(&out.stdout).into_owned();
+            dom.contains(marker).then_some(dom)
+        },
+    )
+}
+
+/// The workspace's top folder.
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace")
+        .to_path_buf()
+}
+
+/// Runs the console's browser script `server/console/e2e/<script>` with Node.js and `env`
+/// (at most `limit`), its npm packages installed first by `server/console/build.sh --deps`.
+/// Returns what it printed; panics with it when the script fails.
+pub fn console_script(script: &str, env: &[(&str, String)], limit: Duration) -> String {
+    let root = workspace();
+    static DEPS: std::sync::Once = std::sync::Once::new();
+    DEPS.call_once(|| {
+        let status = Command::new("bash")
+            .arg(root.join("server/console/build.sh"))
+            .arg("--deps")
+            .status()
+            .expect("bash");
+        assert!(status.success(), "installing the console's npm packages");
+    });
+    let out = Command::new("timeout")
+        .arg(limit.as_secs().to_string())
+        .arg("node")
+        .arg(root.join("server/console/e2e").join(script))
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .expect("node (Node.js is on the machine; see server/console/README.md)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "{script} failed ({}):\n{text}",
+        out.status
+    );
+    text
 }
 
 /// The element `<tag … {attr}="{value}"…>…</tag>`, nested elements of the same tag included.

@@ -33,9 +33,12 @@ pub use attacker::*;
 pub use fleet::Fleet;
 pub use services::{Mosquitto, Nginx, Postgres};
 
+/// Features of the agent the tests drive (this crate turns them on in the workspace's build).
+const AGENT_FEATURES: [&str; 2] = ["ort", "pkcs11"];
+
 /// Path of a workspace binary, building the binaries once if they are missing. The agent
-/// must be a build with every backend the tests drive (the `ort` feature, which this crate
-/// turns on in the workspace's build): one without is built again, and the harness says so.
+/// must be a build with every feature the tests drive ([`AGENT_FEATURES`]): one without
+/// (a `cargo build -p modelcast-agent` of its own, say) is built again, and the harness says so.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     let mut dir = exe.parent().expect("target dir");
@@ -51,19 +54,27 @@ pub fn bin(name: &str) -> PathBuf {
     if name == "modelcast-agent" {
         static CHECKED: std::sync::Once = std::sync::Once::new();
         CHECKED.call_once(|| {
+            let lacks = |version: &str| -> Vec<&str> {
+                AGENT_FEATURES
+                    .into_iter()
+                    .filter(|f| !agent_features(version).contains(f))
+                    .collect()
+            };
             let version = agent_version(&path);
-            if !version.contains("onnxruntime") {
+            if !lacks(&version).is_empty() {
                 let modified = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
                 eprintln!(
-                    "harness: {} ({version:?}, modified {modified:?}) lacks ONNX Runtime; building it again with the `ort` feature",
-                    path.display()
+                    "harness: {} ({version:?}, modified {modified:?}) lacks {:?}; building it again",
+                    path.display(),
+                    lacks(&version)
                 );
                 build_binaries(release);
                 let version = agent_version(&path);
                 assert!(
-                    version.contains("onnxruntime"),
-                    "{} still lacks ONNX Runtime: {version}",
-                    path.display()
+                    lacks(&version).is_empty(),
+                    "{} still lacks {:?}: {version}",
+                    path.display(),
+                    lacks(&version)
                 );
             }
         });
@@ -71,13 +82,36 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
-/// What `modelcast-agent --version` says of the build at `path`.
-fn agent_version(path: &Path) -> String {
-    Command::new(path)
-        .arg("--version")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+/// The features `modelcast-agent --version` lists: `… (backends: …; features: a, b)`.
+fn agent_features(version: &str) -> Vec<&str> {
+    version
+        .rsplit_once("features: ")
+        .map(|(_, f)| f.trim_end_matches(')').split(", ").collect())
         .unwrap_or_default()
+}
+
+/// What `modelcast-agent --version` says of the build at `path`. Asked up to three times: on
+/// a machine busy with a whole suite, starting a process can fail for a moment (and a build
+/// judged to lack features would be built again under the running tests).
+fn agent_version(path: &Path) -> String {
+    for attempt in 0..3 {
+        if attempt > 0 {
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        match Command::new(path).arg("--version").output() {
+            Ok(o) if o.status.success() => {
+                return String::from_utf8_lossy(&o.stdout).trim().to_string()
+            }
+            Ok(o) => eprintln!(
+                "harness: {} --version: {}: {}",
+                path.display(),
+                o.status,
+                String::from_utf8_lossy(&o.stderr).trim()
+            ),
+            Err(e) => eprintln!("harness: {} --version: {e}", path.display()),
+        }
+    }
+    String::new()
 }
 
 /// Builds the agent (with the backends the tests drive) and the server.
@@ -91,9 +125,10 @@ fn build_binaries(release: bool) {
         "-p",
         "modelcast-server",
         "--bins",
-        "--features",
-        "modelcast-agent/ort",
     ]);
+    for feature in AGENT_FEATURES {
+        cmd.args(["--features", &format!("modelcast-agent/{feature}")]);
+    }
     if release {
         cmd.arg("--release");
     }

@@ -214,32 +214,33 @@ fn a_shifted_input_distribution_raises_an_alert_and_a_stable_one_does_not() {
         text.contains("shifted") && text.contains("ACTIVE"),
         "{text}"
     );
-    // The dashboard: the alert, and the model's charts and figures for the last hour.
+    // The console: the alert on the overview, the model's charts and figures on its page.
     let dom = rendered(
         fleet.dir.path(),
         &format!("{}/dashboard", fleet.client.base()),
+        &format!("data-alert=\"{}\"", alert.id),
     );
     let row = element(&dom, "tr", "data-alert", &alert.id.to_string());
     assert!(
-        row.contains("shifted") && row.contains("class drift of"),
+        row.contains("shifted") && row.contains("class drift"),
         "{row}"
     );
     let summary = element(&dom, "div", "data-alert-version", "classifier:1");
     assert!(summary.contains("1 device(s) alerting"), "{summary}");
-    let block = element(&dom, "div", "data-telemetry", "classifier");
-    for series in ["p50", "p99", "errors", "requests"] {
-        assert!(
-            block.contains(&format!("data-series=\"{series}\"")),
-            "{block}"
-        );
+    let page = format!("{}/dashboard/models/classifier", fleet.client.base());
+    let dom = rendered(fleet.dir.path(), &page, ">v1 p50<");
+    let block = element(&dom, "section", "id", "model-telemetry");
+    for series in ["v1 p50", "v1 p99"] {
+        assert!(block.contains(&format!(">{series}<")), "{block}");
     }
-    let v1_row = element(&dom, "tr", "data-version", "classifier:1");
+    let v1_row = element(&dom, "tr", "data-version-telemetry", "1");
     assert!(
         v1_row.contains("0.00 %") && v1_row.contains(" ms<"),
         "{v1_row}"
     );
-    // No request failed: the error-rate chart's label says so (not its scale's top).
-    assert!(block.contains(">max 0 %</text>"), "{block}");
+    // No request failed: the error-rate chart's largest value is 0 (not its scale's top).
+    let errors = element(&dom, "figure", "data-chart", "error rate");
+    assert!(errors.contains("data-max=\"0\""), "{errors}");
     if let Ok(path) = std::env::var("MODELCAST_SCREENSHOT") {
         let path = std::fs::canonicalize(".").unwrap().join(path);
         chromium(
@@ -247,7 +248,7 @@ fn a_shifted_input_distribution_raises_an_alert_and_a_stable_one_does_not() {
             &[
                 "--window-size=1280,1100",
                 &format!("--screenshot={}", path.display()),
-                &format!("{}/dashboard", fleet.client.base()),
+                &page,
             ],
         );
     }
@@ -322,22 +323,23 @@ fn a_shifted_input_distribution_raises_an_alert_and_a_stable_one_does_not() {
     assert!(sender.join().unwrap() > 100);
     println!("rollout {} aborted: {failure}", aborted.id);
 
-    // Both versions served in the hour: the dashboard's charts compare them line by line.
+    // Both versions served in the hour: the model page's charts compare them line by line.
     let dom = rendered(
         fleet.dir.path(),
-        &format!("{}/dashboard", fleet.client.base()),
+        &format!("{}/dashboard/models/classifier", fleet.client.base()),
+        ">v2 p99<",
     );
-    let block = element(&dom, "div", "data-telemetry", "classifier");
-    for series in ["p99", "errors", "requests"] {
-        for v in [1, 2] {
+    let block = element(&dom, "section", "id", "model-telemetry");
+    for v in [1, 2] {
+        for series in ["p50", "p99"] {
             assert!(
-                block.contains(&format!("data-series=\"v{v} {series}\"")),
+                block.contains(&format!(">v{v} {series}<")),
                 "v{v} {series}: {block}"
             );
         }
+        assert!(
+            block.contains(&format!("data-version-telemetry=\"{v}\"")),
+            "{block}"
+        );
     }
-    assert!(
-        block.contains("by version: v1 (blue), v2 (orange)"),
-        "{block}"
-    );
 }

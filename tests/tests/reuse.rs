@@ -78,12 +78,13 @@ fn a_version_that_changes_one_tensor_downloads_only_its_chunks() {
         .expect("modelcast rollout status");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("MB of it reused"), "{text}");
-    // The dashboard, in headless Chromium.
+    // The rollout's page in the console, in headless Chromium.
     let dom = rendered(
         fleet.dir.path(),
-        &format!("{}/dashboard", fleet.client.base()),
+        &format!("{}/dashboard/rollouts/{}", fleet.client.base(), rollout.id),
+        "data-transferred=",
     );
-    let line = element(&dom, "div", "data-transferred", &rollout.id.to_string());
+    let line = element(&dom, "p", "data-transferred", &rollout.id.to_string());
     let shown: u32 = line
         .split("MB reused from what they held (")
         .nth(1)
