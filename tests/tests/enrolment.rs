@@ -15,6 +15,7 @@
 //!   enrolling again by policy. In real time: 12-second certificates renewed while running, and a device
 //!   stopped past its certificate's end held until an operator accepts it.
 //! - A device key made in a SoftHSM2 token (PKCS#11).
+//! - Held devices accepted and rejected from the operator console, in Chromium.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -591,6 +592,56 @@ fn a_device_offline_past_its_certificate_is_held_by_policy_until_accepted() {
     fleet.deploy("classifier", 1, "*");
     fleet.wait_serving("edge-1", "classifier", 1);
     assert_eq!(agent.check_golden(&v1), "1");
+}
+
+#[test]
+fn an_admin_accepts_and_rejects_held_devices_from_the_console() {
+    // No rule: every claim waits for an operator; the admin decides on the console's overview.
+    let mut fleet = Fleet::embedded_tls_with(&["--enrol"]);
+    let [admin, _, _] = fleet.require_tokens();
+    let pki = fleet.pki.clone().expect("PKI");
+    modelcast_server::pki::claim(&pki, "line-6").unwrap();
+    let agents: Vec<_> = ["edge-1", "edge-2"]
+        .into_iter()
+        .map(|id| fleet.start_agent_opts(id, &[], claim_options(&pki, "line-6", None)))
+        .collect();
+    for id in ["edge-1", "edge-2"] {
+        wait_for(
+            &format!("{id} held for an operator"),
+            Duration::from_secs(60),
+            || (enrolment(&fleet, id)?.state == EnrolState::Pending).then_some(()),
+        );
+    }
+    let out = modelcast_tests::browser::console_script(
+        "enrol.mjs",
+        &[
+            ("CONSOLE_URL", fleet.client.base().to_string()),
+            ("TOKEN", admin),
+            ("ACCEPT", "edge-1".into()),
+            ("REJECT", "edge-2".into()),
+        ],
+        Duration::from_secs(300),
+    );
+    assert!(out.contains("console: ok"), "{out}");
+    // At once when the accept reaches the device on its claim connection; else at its next
+    // ask (HELD_WAIT, a minute).
+    wait_for(
+        "edge-1 enrolled and reporting",
+        Duration::from_secs(150),
+        || fleet.report("edge-1"),
+    );
+    assert_eq!(
+        enrolment(&fleet, "edge-2").unwrap().state,
+        EnrolState::Rejected
+    );
+    let audit = fleet.client.audit(0).unwrap();
+    for action in ["device.enrol.accepted", "device.enrol.rejected"] {
+        assert!(
+            audit.iter().any(|e| e.action == action && e.who == "admin"),
+            "{action} by admin: {audit:?}"
+        );
+    }
+    drop(agents);
 }
 
 /// SoftHSM2's PKCS#11 module (tests/run.sh installs it).
