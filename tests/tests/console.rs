@@ -26,23 +26,42 @@ const DEVICES: [(&str, &str); 3] = [
     ("edge-3", "paris"),
 ];
 
+/// Sets the flag when dropped.
+struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 #[test]
 fn an_operator_rolls_out_and_aborts_from_the_console_and_a_viewer_cannot() {
     let mut fleet = Fleet::embedded();
     let [admin, deployer, viewer] = fleet.require_tokens();
-    let _agents: Vec<_> = DEVICES
+    // Telemetry every second, so the pages chart the traffic below.
+    let agents: Vec<_> = DEVICES
         .iter()
-        .map(|(id, site)| fleet.start_agent_with(id, &[("site", site), ("hw", "jetson")], ""))
+        .map(|(id, site)| {
+            fleet.start_agent_with(
+                id,
+                &[("site", site), ("hw", "jetson")],
+                "[telemetry]\ninterval_secs = 1\n",
+            )
+        })
         .collect();
     wait_for("three devices", Duration::from_secs(30), || {
         (fleet.client.devices().ok()?.len() == 3).then_some(())
     });
-    fleet.publish_example(1, 16);
+    let v1 = fleet.publish_example(1, 16);
     fleet.deploy("classifier", 1, "hw=jetson");
     for (id, _) in DEVICES {
         fleet.wait_serving(id, "classifier", 1);
     }
     fleet.publish_example(2, 16);
+    // Clients asking every device while the operator works: the canary's v2 answers beside v1.
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let input = v1.golden[0].inputs.clone();
     let audit_from = fleet.client.audit(0).unwrap().len() as u64;
 
     let shots = std::env::var("MODELCAST_SCREENSHOTS").ok().map(|dir| {
@@ -52,21 +71,36 @@ fn an_operator_rolls_out_and_aborts_from_the_console_and_a_viewer_cannot() {
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::canonicalize(dir).unwrap()
     });
-    let out = console_script(
-        "console.mjs",
-        &[
-            ("CONSOLE_URL", fleet.client.base().to_string()),
-            ("DEPLOYER_TOKEN", deployer),
-            ("VIEWER_TOKEN", viewer),
-            ("MODEL", "classifier".into()),
-            ("DEVICES", DEVICES.map(|(id, _)| id).join(",").to_string()),
-            (
-                "SCREENSHOTS",
-                shots.map(|d| d.display().to_string()).unwrap_or_default(),
-            ),
-        ],
-        Duration::from_secs(420),
-    );
+    let out = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let mut sent = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && sent < 100_000 {
+                for agent in &agents {
+                    let _ = agent.infer("classifier", &input);
+                    sent += 1;
+                }
+                // About 30 requests a second across the fleet: traffic, not a load test.
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        // Stopped however the script ends (a failed one panics through here).
+        let _stop = StopOnDrop(&stop);
+        console_script(
+            "console.mjs",
+            &[
+                ("CONSOLE_URL", fleet.client.base().to_string()),
+                ("DEPLOYER_TOKEN", deployer),
+                ("VIEWER_TOKEN", viewer),
+                ("MODEL", "classifier".into()),
+                ("DEVICES", DEVICES.map(|(id, _)| id).join(",").to_string()),
+                (
+                    "SCREENSHOTS",
+                    shots.map(|d| d.display().to_string()).unwrap_or_default(),
+                ),
+            ],
+            Duration::from_secs(420),
+        )
+    });
     println!("{out}");
     assert!(out.contains("console: ok"), "{out}");
 

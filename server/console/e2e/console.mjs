@@ -113,8 +113,11 @@ try {
   await page.locator("tr[data-history]", { hasText: "back to v1" }).first().waitFor();
   step(`${canaryId}'s page: serving v1, the rollback in its history`);
   await shot(page, "device");
+  // The model's page: telemetry of the traffic that went on meanwhile, over the last 15 minutes.
   await page.goto(`${base}/dashboard/models/${model}`);
-  await page.locator("tr[data-version]").first().waitFor();
+  await page.locator('select[name="telemetry-window"]').selectOption({ label: "last 15 min" });
+  await page.locator('tr[data-version-telemetry="1"]').waitFor();
+  step("the model's page charts its versions' telemetry");
   await shot(page, "model");
 
   // Staleness: with the server out of reach, the page says since when its data is.

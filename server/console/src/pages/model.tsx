@@ -271,11 +271,22 @@ function RolloutForm(props: { name: string; versions: number[] }) {
   );
 }
 
-/** Latency, errors and requests of the model's versions in the last hour, one line per version. */
+/** The windows a model's telemetry can be charted over, with the step of each. */
+const WINDOWS: [string, number, number][] = [
+  ["15 min", 900, 10],
+  ["1 hour", 3600, 30],
+  ["6 hours", 21600, 180],
+  ["24 hours", 86400, 720],
+];
+
+/** Latency, errors and requests of the model's versions over a window, one line per version. */
 function VersionTelemetry(props: { name: string }) {
+  const [w, setW] = useState(1);
+  const [label, since, step] = WINDOWS[w];
+  const query = `since_secs=${since}&step_secs=${step}`;
   const all = useLive<TelemetryAnswer>(
-    `/api/v1/telemetry?model=${encodeURIComponent(props.name)}&since_secs=3600&step_secs=30`,
-    15000,
+    `/api/v1/telemetry?model=${encodeURIComponent(props.name)}&${query}`,
+    Math.max(5000, step * 500),
   );
   const [per, setPer] = useState<[number, TelemetryAnswer][]>([]);
   const versions = useMemo(
@@ -291,7 +302,7 @@ function VersionTelemetry(props: { name: string }) {
     Promise.all(
       versions.map((v) =>
         get<TelemetryAnswer>(
-          `/api/v1/telemetry?model=${encodeURIComponent(props.name)}&version=${v}&since_secs=3600&step_secs=30`,
+          `/api/v1/telemetry?model=${encodeURIComponent(props.name)}&version=${v}&${query}`,
         ).then((a) => [v, a] as [number, TelemetryAnswer]),
       ),
     )
@@ -300,12 +311,21 @@ function VersionTelemetry(props: { name: string }) {
     return () => {
       stopped = true;
     };
-  }, [versions.join(","), all.data?.to_ms]);
+  }, [versions.join(","), all.data?.to_ms, query]);
   const a = all.data;
+  const pick = (
+    <select name="telemetry-window" value={w} onChange={(e) => setW(Number((e.target as HTMLSelectElement).value))}>
+      {WINDOWS.map(([l], i) => (
+        <option key={l} value={i}>
+          last {l}
+        </option>
+      ))}
+    </select>
+  );
   if (!a || a.points === 0)
     return (
-      <Section title="Telemetry, last hour" id="model-telemetry">
-        <p class="muted">no telemetry in the last hour</p>
+      <Section title="Telemetry per version" id="model-telemetry" right={pick}>
+        <p class="muted">no telemetry in the last {label}</p>
       </Section>
     );
   const x = a.series.map((s) => s.at_ms / 1000);
@@ -341,7 +361,7 @@ function VersionTelemetry(props: { name: string }) {
     values: align(va, (s) => s.requests),
   }));
   return (
-    <Section title="Telemetry, last hour, per version" id="model-telemetry">
+    <Section title="Telemetry per version" id="model-telemetry" right={pick}>
       <p class="muted">
         {a.devices} devices reporting · {a.totals.requests} requests · one point per {a.step_ms / 1000} s; the band
         spans p50 to p99
