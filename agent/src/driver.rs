@@ -15,12 +15,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use modelcast_proto::chunk::{ChunkReply, ChunkRequest};
-use modelcast_proto::desired::{DesiredState, SamplingSpec};
+use modelcast_proto::desired::{DesiredState, SamplingSpec, ShadowSpec};
 use modelcast_proto::engine::Backend as Pin;
 use modelcast_proto::keys::PublicKey;
 use modelcast_proto::manifest::Manifest;
 use modelcast_proto::metadata::{RoleVerifier, Signed};
-use modelcast_proto::report::{DeviceReport, ErrorKind, ReportedError, Slot};
+use modelcast_proto::report::{DeviceReport, ErrorKind, ReportedError, ShadowSummary, Slot};
 use modelcast_proto::verify::{verify_desired, TrustState};
 use thiserror::Error;
 use tokio::task::JoinSet;
@@ -79,6 +79,55 @@ pub enum AgentError {
 
 use crate::clock::unix_secs as unix_now;
 
+/// The shadow phase of a staged `candidate` (see [`crate::shadow`]): live requests mirrored
+/// to it until the judge's verdict, which decides whether it may go on to serve. The serving
+/// model is never touched; a candidate that hangs is given up at the phase's end plus
+/// [`crate::shadow::HANG_GRACE`].
+async fn shadow_phase(
+    models: &Models,
+    progress: &std::sync::Mutex<BTreeMap<String, Arc<std::sync::Mutex<ShadowSummary>>>>,
+    candidate: Arc<LoadedModel>,
+    spec: ShadowSpec,
+) -> Result<Arc<LoadedModel>, Failure> {
+    use crate::shadow::Verdict;
+    let (name, version) = (
+        candidate.manifest().name.clone(),
+        candidate.manifest().version,
+    );
+    let running = crate::shadow::start(candidate.clone(), spec);
+    if let Ok(mut p) = progress.lock() {
+        p.insert(name.clone(), running.progress.clone());
+    }
+    info!(model = %name, version, requests = spec.requests, seconds = spec.seconds, sample_percent = spec.sample_percent, "shadow phase starts: live requests mirrored to the new version");
+    models.set_shadow(&name, Some(running.feed.clone()));
+    let limit = Duration::from_secs(spec.seconds) + crate::shadow::HANG_GRACE;
+    let verdict = tokio::time::timeout(limit, running.verdict).await;
+    models.set_shadow(&name, None);
+    let fail = |why: String| Failure::new(ErrorKind::Shadow, format!("shadow: {why}"));
+    match verdict {
+        Ok(Ok(Verdict::Pass(s))) => {
+            info!(model = %name, version, compared = s.compared, agreement_permille = ?s.agreement_permille, mean_abs_diff = s.mean_abs_diff, "shadow phase passed");
+            Ok(candidate)
+        }
+        Ok(Ok(Verdict::Fail(why, s))) => {
+            warn!(model = %name, version, compared = s.compared, %why, "shadow phase failed: the new version never serves");
+            Err(fail(why))
+        }
+        Ok(Err(_)) => Err(fail("the phase's thread ended without a verdict".into())),
+        Err(_) => {
+            if let Some(p) = progress.lock().ok().and_then(|p| p.get(&name).cloned()) {
+                if let Ok(mut p) = p.lock() {
+                    p.verdict = Some("failed".into());
+                }
+            }
+            Err(fail(format!(
+                "the candidate hung: no verdict {} s after the phase's end",
+                crate::shadow::HANG_GRACE.as_secs()
+            )))
+        }
+    }
+}
+
 /// The outcome of staging one artifact.
 struct Staged {
     name: String,
@@ -104,6 +153,10 @@ struct Agent {
     desired_version: u64,
     /// The backends deployments pin models to (the last verified desired state's).
     pins: BTreeMap<String, Pin>,
+    /// The shadow phases deployments ask of new versions (the last verified desired state's).
+    shadows: BTreeMap<String, ShadowSpec>,
+    /// Each model's last shadow phase: its figures, while it runs and after (for reports).
+    shadow_progress: Arc<std::sync::Mutex<BTreeMap<String, Arc<std::sync::Mutex<ShadowSummary>>>>>,
     /// What the models served this interval.
     collector: Arc<Collector>,
     /// Requests kept whole where a deployment samples them.
@@ -386,6 +439,8 @@ async fn control(
         previous: BTreeMap::new(),
         desired_version: store.trust()?.map_or(0, |t| t.director_version),
         pins: store.pins()?,
+        shadows: store.shadows()?,
+        shadow_progress: Default::default(),
         collector,
         sampler,
         telemetry: Forwarder::new(cfg.telemetry.clone(), &cfg.device_id, &cfg.state_dir),
@@ -652,6 +707,15 @@ impl Agent {
         }
         self.store.set_pins(&pins).map_err(|e| e.to_string())?;
         self.pins = pins;
+        let shadows: BTreeMap<String, ShadowSpec> = verified
+            .models()
+            .iter()
+            .filter_map(|m| Some((m.name.clone(), verified.shadow(&m.name)?)))
+            .collect();
+        self.store
+            .set_shadows(&shadows)
+            .map_err(|e| e.to_string())?;
+        self.shadows = shadows;
         // An encrypted version whose content key does not open here is refused before a
         // byte of it downloads; what serves is untouched.
         let mut refused = Vec::new();
@@ -989,6 +1053,8 @@ impl Agent {
         let (name, sha256) = (manifest.name.clone(), manifest.sha256.clone());
         let engine = (self.cfg.engine).pinned(self.pins.get(&manifest.name).copied());
         let metrics = self.metrics.clone();
+        let shadow = self.shadows.get(&manifest.name).copied();
+        let (models, progress) = (self.models.clone(), self.shadow_progress.clone());
         let load = move || {
             let loaded = (|| {
                 store.verify_artifact(&manifest)?;
@@ -1009,6 +1075,12 @@ impl Agent {
                 .await
                 .map_err(|e| Failure::new(ErrorKind::Staging, e))
                 .and_then(|r| r);
+            let result = match (result, shadow) {
+                (Ok(candidate), Some(spec)) => {
+                    shadow_phase(&models, &progress, candidate, spec).await
+                }
+                (result, _) => result,
+            };
             Staged {
                 name,
                 sha256,
@@ -1095,8 +1167,16 @@ impl Agent {
             self.metrics.store_size(bytes);
         }
         let mut models = self.updater.model_states();
+        let shadows = self
+            .shadow_progress
+            .lock()
+            .map(|p| p.clone())
+            .unwrap_or_default();
         for (name, state) in &mut models {
             state.engine = self.models.get(name).map(|m| m.engine_report());
+            state.shadow = shadows
+                .get(name)
+                .and_then(|s| s.lock().ok().map(|s| s.clone()));
         }
         let report = DeviceReport {
             format: modelcast_proto::FORMAT_VERSION,

@@ -23,6 +23,9 @@
 //! - [`artifacts`]: the artifact files (reserved before they are written, each complete one
 //!   with the manifest it was accepted under beside it).
 //! - [`probation`]: the sans-IO judgement of a version on trial.
+//! - [`shadow`]: a new version's shadow phase before it serves: live requests mirrored to it
+//!   off the serving path, its answers compared with the serving model's (sans-IO judge, and
+//!   the thread that runs it).
 //! - [`metrics`], [`telemetry`], [`sampling`]: `/metrics`, the telemetry reports kept until
 //!   the server acknowledges them, sampled inputs and outputs.
 //! - [`priority`]: background threads that yield to serving.
@@ -52,6 +55,7 @@ pub(crate) mod recovery;
 pub mod sampling;
 pub(crate) mod sealing;
 pub mod serve;
+pub mod shadow;
 pub mod slots;
 pub mod store;
 pub(crate) mod store_error;

@@ -42,10 +42,11 @@ pub struct RequestOutcome {
     pub latency: std::time::Duration,
 }
 
-/// The serving model of each name.
+/// The serving model of each name, and the new versions in a shadow phase beside them.
 #[derive(Default)]
 pub struct Models {
     inner: ArcSwap<BTreeMap<String, Arc<LoadedModel>>>,
+    shadows: ArcSwap<BTreeMap<String, Arc<crate::shadow::Feed>>>,
 }
 
 impl Models {
@@ -57,6 +58,23 @@ impl Models {
     /// Names of the serving models.
     pub fn names(&self) -> Vec<String> {
         self.inner.load().keys().cloned().collect()
+    }
+
+    /// The shadow phase the model called `name` is in, if any.
+    pub fn shadow(&self, name: &str) -> Option<Arc<crate::shadow::Feed>> {
+        self.shadows.load().get(name).cloned()
+    }
+
+    /// Starts (`Some`) or ends (`None`) mirroring `name`'s requests to a shadow phase.
+    pub fn set_shadow(&self, name: &str, feed: Option<Arc<crate::shadow::Feed>>) {
+        self.shadows.rcu(|current| {
+            let mut next = (**current).clone();
+            match &feed {
+                Some(f) => next.insert(name.to_string(), f.clone()),
+                None => next.remove(name),
+            };
+            next
+        });
     }
 
     /// Makes `model` the serving one of its name; returns the one it replaced.
@@ -559,12 +577,18 @@ pub(crate) async fn infer_with<R: Send + 'static>(
     );
     let served = model.clone();
     let sampler = api.sampler.clone();
+    let shadow = api.models.shadow(name);
     let run = tokio::task::spawn_blocking(move || {
         let request = decode()?;
         let drawn = sampler.draw(&served.manifest().name);
         let started = std::time::Instant::now();
         let outputs = served.run_counted(&request.inputs);
         let took = started.elapsed();
+        // A share goes to the version in its shadow phase: copied into its queue, never
+        // waited for.
+        if let (Some(feed), Ok((outputs, _))) = (&shadow, &outputs) {
+            feed.offer(&request.inputs, outputs, took);
+        }
         let summary = outputs.as_ref().ok().map(|(o, _)| Summary::of(o));
         if let (true, Ok((outputs, _))) = (drawn, &outputs) {
             let m = served.manifest();

@@ -206,6 +206,7 @@ impl Store {
         self.last_error()?;
         self.sampling()?;
         self.pins()?;
+        self.shadows()?;
         Ok(())
     }
 
@@ -681,6 +682,27 @@ impl Store {
     /// Keeps the pins of the desired state just verified.
     pub fn set_pins(&self, pins: &BTreeMap<String, Pin>) -> Result<(), StoreError> {
         self.meta.insert("backends", encode(pins))?;
+        Ok(())
+    }
+
+    /// The shadow phases deployments ask of models' new versions, as the last desired state
+    /// said (`meta` `shadows`): a version staged again after a restart still goes through
+    /// its shadow phase before it serves.
+    pub fn shadows(
+        &self,
+    ) -> Result<BTreeMap<String, modelcast_proto::desired::ShadowSpec>, StoreError> {
+        match self.meta.get("shadows")? {
+            Some(bytes) => decode("shadows", &bytes),
+            None => Ok(BTreeMap::new()),
+        }
+    }
+
+    /// Keeps the shadow phases of the desired state just verified.
+    pub fn set_shadows(
+        &self,
+        shadows: &BTreeMap<String, modelcast_proto::desired::ShadowSpec>,
+    ) -> Result<(), StoreError> {
+        self.meta.insert("shadows", encode(shadows))?;
         Ok(())
     }
 

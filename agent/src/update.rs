@@ -444,6 +444,7 @@ impl Updater {
                     b: content(&m.record.b),
                     update: m.progress.clone(),
                     engine: None,
+                    shadow: None,
                 };
                 (name.clone(), state)
             })

@@ -117,6 +117,118 @@ impl TrialThresholds {
     }
 }
 
+/// A deployment's shadow phase (`custom.shadow`): before the new version serves, the device
+/// loads it beside the serving one and mirrors a share of its live requests to it, off the
+/// serving path, comparing the two answers. The version swaps in only if the comparison
+/// passes; else it is dropped and never serves.
+///
+/// The phase ends when `requests` answers were compared, or after `seconds` (judged on what
+/// was compared by then; nothing compared fails). Each output is compared: classifier outputs
+/// (a last dimension of 2 or more) by argmax agreement, every output by its largest and mean
+/// absolute difference and, for the others (regressors), by the two-sample
+/// Kolmogorov–Smirnov distance between the two answers' values.
+///
+/// Whole numbers only: the spec is signed in the director's targets, whose canonical JSON has
+/// no fractions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShadowSpec {
+    /// Answers to compare (1..=[`MAX_SHADOW_REQUESTS`]).
+    pub requests: u32,
+    /// Longest phase, seconds (1..=[`MAX_TRIAL_SECS`]).
+    #[serde(default = "default_shadow_secs")]
+    pub seconds: u64,
+    /// Share of live requests mirrored, percent (1..=100).
+    #[serde(default = "default_shadow_percent")]
+    pub sample_percent: u32,
+    /// Most CPU the candidate may take, percent of one core (1..=100); mirrored requests
+    /// beyond it are dropped, not queued.
+    #[serde(default = "default_shadow_cpu")]
+    pub cpu_percent: u32,
+    /// Least argmax agreement on classifier outputs, per thousand (0..=1000).
+    #[serde(default = "default_shadow_agreement")]
+    pub min_agreement_permille: u32,
+    /// Largest mean absolute difference allowed on any output, in millionths (1000 = 0.001).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_mean_abs_diff_millionths: Option<u64>,
+    /// Largest Kolmogorov–Smirnov distance allowed on regressor outputs, per thousand
+    /// (0..=1000).
+    #[serde(default = "default_shadow_ks")]
+    pub max_ks_permille: u32,
+    /// Largest candidate p99 latency, percent of the serving model's (at least 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_p99_percent: Option<u32>,
+}
+
+/// Most answers a shadow phase may ask to compare.
+pub const MAX_SHADOW_REQUESTS: u32 = 1_000_000;
+
+fn default_shadow_secs() -> u64 {
+    3600
+}
+
+fn default_shadow_percent() -> u32 {
+    10
+}
+
+fn default_shadow_cpu() -> u32 {
+    50
+}
+
+fn default_shadow_agreement() -> u32 {
+    990
+}
+
+fn default_shadow_ks() -> u32 {
+    200
+}
+
+impl ShadowSpec {
+    /// `requests` compared, every other field at its default.
+    pub fn new(requests: u32) -> Self {
+        ShadowSpec {
+            requests,
+            seconds: default_shadow_secs(),
+            sample_percent: default_shadow_percent(),
+            cpu_percent: default_shadow_cpu(),
+            min_agreement_permille: default_shadow_agreement(),
+            max_mean_abs_diff_millionths: None,
+            max_ks_permille: default_shadow_ks(),
+            max_p99_percent: None,
+        }
+    }
+
+    /// Checks the ranges; the reason names the field.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(1..=MAX_SHADOW_REQUESTS).contains(&self.requests) {
+            return Err(format!(
+                "shadow requests must be within 1..={MAX_SHADOW_REQUESTS}"
+            ));
+        }
+        if !(1..=MAX_TRIAL_SECS).contains(&self.seconds) {
+            return Err(format!(
+                "shadow seconds must be within 1..={MAX_TRIAL_SECS}"
+            ));
+        }
+        if !(1..=100).contains(&self.sample_percent) {
+            return Err("shadow sample_percent must be within 1..=100".into());
+        }
+        if !(1..=100).contains(&self.cpu_percent) {
+            return Err("shadow cpu_percent must be within 1..=100".into());
+        }
+        if self.min_agreement_permille > 1000 {
+            return Err("shadow min_agreement_permille above 1000".into());
+        }
+        if self.max_ks_permille > 1000 {
+            return Err("shadow max_ks_permille above 1000".into());
+        }
+        if self.max_p99_percent.is_some_and(|p| p < 100) {
+            return Err("shadow max_p99_percent below 100".into());
+        }
+        Ok(())
+    }
+}
+
 /// A deployment's sampling of inputs and outputs, for analysis: opt-in, off unless the
 /// director puts it in the device's signed target (`custom.sampling`). The agent keeps one
 /// request in `1000 / rate_permille` (drawn at random) with its outputs, holds at most
@@ -251,6 +363,9 @@ pub struct TargetTerms {
     /// device's configured choice; absent: the device's own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend: Option<crate::engine::Backend>,
+    /// A shadow phase before the version serves (`custom.shadow`); absent: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<ShadowSpec>,
     /// Which of the version's forms the device downloads (`custom.form`), chosen by the
     /// director for this device ([`crate::engine::choose_form`]); absent: the manifest's own
     /// artifact.
@@ -309,6 +424,9 @@ impl DirectorCustom {
             t.validate().map_err(CustomError::Terms)?;
         }
         if let Some(s) = &terms.sampling {
+            s.validate().map_err(CustomError::Terms)?;
+        }
+        if let Some(s) = &terms.shadow {
             s.validate().map_err(CustomError::Terms)?;
         }
         if let Some(d) = &terms.download {
@@ -370,6 +488,73 @@ mod tests {
     }
 
     #[test]
+    fn every_term_signs_as_canonical_json_and_a_bad_shadow_is_refused() {
+        // The director signs `custom` as canonical JSON, which has no fractions: every term
+        // must be whole numbers and strings.
+        let custom = DirectorCustom {
+            device: "edge-1".into(),
+            terms: TargetTerms {
+                probation: Some(TrialThresholds {
+                    requests: Some(7),
+                    seconds: Some(60),
+                    max_error_permille: Some(10),
+                    max_p99_percent: Some(150),
+                }),
+                sampling: Some(SamplingSpec {
+                    rate_permille: 10,
+                    budget_bytes: 4096,
+                }),
+                shadow: Some(ShadowSpec {
+                    max_mean_abs_diff_millionths: Some(1000),
+                    max_p99_percent: Some(200),
+                    ..ShadowSpec::new(2000)
+                }),
+                ..TargetTerms::default()
+            },
+        };
+        let value = custom.to_value();
+        assert!(crate::keys::canonical_json(&value).is_ok());
+        assert_eq!(DirectorCustom::from_value(Some(&value)), Ok(custom));
+        for bad in [
+            ShadowSpec::new(0),
+            ShadowSpec {
+                sample_percent: 0,
+                ..ShadowSpec::new(10)
+            },
+            ShadowSpec {
+                sample_percent: 101,
+                ..ShadowSpec::new(10)
+            },
+            ShadowSpec {
+                min_agreement_permille: 1001,
+                ..ShadowSpec::new(10)
+            },
+            ShadowSpec {
+                max_ks_permille: 1001,
+                ..ShadowSpec::new(10)
+            },
+            ShadowSpec {
+                max_p99_percent: Some(99),
+                ..ShadowSpec::new(10)
+            },
+            ShadowSpec {
+                seconds: 0,
+                ..ShadowSpec::new(10)
+            },
+        ] {
+            let mut value = serde_json::json!({ "device": "edge-1" });
+            value["shadow"] = serde_json::to_value(bad).unwrap();
+            assert!(
+                matches!(
+                    DirectorCustom::from_value(Some(&value)),
+                    Err(CustomError::Terms(_))
+                ),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
     fn the_director_custom_object_round_trips_and_refuses_what_it_must() {
         let custom = DirectorCustom {
             device: "edge-1".into(),
@@ -393,6 +578,7 @@ mod tests {
                     http: Some("https://cdn.example.com/models".into()),
                 }),
                 backend: Some(crate::engine::Backend::Onnxruntime),
+                shadow: None,
                 form: Some(crate::manifest::ModelFormat::Onnx),
                 key_wrap: Some(crate::seal::KeyWrap {
                     enc: "ab".repeat(32),

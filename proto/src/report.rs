@@ -148,7 +148,47 @@ pub struct ModelState {
     /// What runs the serving version, and why.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub engine: Option<EngineReport>,
+    /// The last shadow phase of a new version: under way, passed or failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<ShadowSummary>,
 }
+
+/// How a new version answered live requests beside the serving one, in its shadow phase.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShadowSummary {
+    /// The candidate version.
+    pub version: u64,
+    /// Answers compared so far.
+    pub compared: u32,
+    /// Answers the phase asks for.
+    pub wanted: u32,
+    /// Mirrored requests dropped (the queue full, or over the CPU budget).
+    pub dropped: u64,
+    /// Argmax agreement on classifier outputs, per thousand rows (none without one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agreement_permille: Option<u32>,
+    /// Largest absolute difference of any output value (infinite for a NaN or infinity on
+    /// one side only).
+    pub max_abs_diff: f64,
+    /// Mean absolute difference over every output value.
+    pub mean_abs_diff: f64,
+    /// Kolmogorov–Smirnov distance between the two answers' values on regressor outputs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ks: Option<f64>,
+    /// The serving model's p99 latency on the mirrored requests, µs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serving_p99_us: Option<u64>,
+    /// The candidate's, µs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidate_p99_us: Option<u64>,
+    /// `passed`, `failed` or (while it runs) absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verdict: Option<String>,
+}
+
+// The judge never stores a NaN (a NaN difference counts as infinite), so equality is an
+// equivalence.
+impl Eq for ShadowSummary {}
 
 /// The engine that runs a model on a device, and why it was chosen.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -227,6 +267,10 @@ pub enum ErrorKind {
     GoldenMismatch,
     /// The model's warm-up missed its latency budget.
     LatencyBudget,
+    /// In its shadow phase, the version's answers to live requests differed from the serving
+    /// model's beyond the deployment's thresholds (or it failed, hung or saw no traffic): it
+    /// never served.
+    Shadow,
     /// An older version than one already installed was refused.
     Downgrade,
     /// The version on trial was rolled back (probation, a desired state going back).
@@ -379,6 +423,19 @@ mod tests {
                         sha256: "00".into(),
                     }),
                     update: None,
+                    shadow: Some(ShadowSummary {
+                        version: 2,
+                        compared: 200,
+                        wanted: 200,
+                        dropped: 3,
+                        agreement_permille: Some(995),
+                        max_abs_diff: 0.25,
+                        mean_abs_diff: 0.001,
+                        ks: None,
+                        serving_p99_us: Some(120),
+                        candidate_p99_us: Some(180),
+                        verdict: Some("passed".into()),
+                    }),
                     engine: Some(EngineReport {
                         backend: "onnxruntime/cpu".into(),
                         reason: "measured fastest".into(),

@@ -73,6 +73,7 @@ pub struct VerifiedDesired {
     sampling: BTreeMap<String, SamplingSpec>,
     download: BTreeMap<String, crate::desired::DownloadPolicy>,
     backend: BTreeMap<String, crate::engine::Backend>,
+    shadow: BTreeMap<String, crate::desired::ShadowSpec>,
     key_wraps: BTreeMap<String, crate::seal::KeyWrap>,
     director_version: u64,
 }
@@ -98,6 +99,11 @@ impl VerifiedDesired {
     /// The backend the deployment pins `model` to, if it does.
     pub fn backend(&self, model: &str) -> Option<crate::engine::Backend> {
         self.backend.get(model).copied()
+    }
+
+    /// The shadow phase the deployment asks of `model`'s new version, if any.
+    pub fn shadow(&self, model: &str) -> Option<crate::desired::ShadowSpec> {
+        self.shadow.get(model).copied()
     }
 
     /// The rollout's probation thresholds for `model`, when the director set any.
@@ -254,6 +260,7 @@ pub fn verify_desired(
     let mut sampling = BTreeMap::new();
     let mut download = BTreeMap::new();
     let mut backend = BTreeMap::new();
+    let mut shadow = BTreeMap::new();
     let mut key_wraps = BTreeMap::new();
     for (path, target) in &wanted.targets {
         let custom = match DirectorCustom::from_value(target.custom.as_ref()) {
@@ -312,6 +319,9 @@ pub fn verify_desired(
         if let Some(pin) = custom.terms.backend {
             backend.insert(manifest.name.clone(), pin);
         }
+        if let Some(spec) = custom.terms.shadow {
+            shadow.insert(manifest.name.clone(), spec);
+        }
         if let Some(wrap) = custom.terms.key_wrap {
             key_wraps.insert(manifest.name.clone(), wrap);
         }
@@ -332,6 +342,7 @@ pub fn verify_desired(
         sampling,
         download,
         backend,
+        shadow,
         key_wraps,
         director_version: wanted.version,
     })

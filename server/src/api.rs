@@ -121,6 +121,9 @@ pub struct DeployRequest {
     /// The backend to pin the model to on the devices it moves (`tract`, `onnxruntime`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend: Option<modelcast_proto::engine::Backend>,
+    /// A shadow phase on each device before the version serves there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<modelcast_proto::desired::ShadowSpec>,
 }
 
 /// Query of `GET /api/v1/samples`.
@@ -667,6 +670,7 @@ async fn deploy(
             sampling: req.sampling,
             download: req.download,
             backend: req.backend,
+            shadow: req.shadow,
         },
     )
     .await

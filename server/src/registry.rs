@@ -584,6 +584,9 @@ pub async fn deploy(fleet: &Fleet, d: Deployment) -> Result<(Deployment, usize),
         p.validate()
             .map_err(|e| RegistryError::Invalid(e.to_string()))?;
     }
+    if let Some(s) = &d.shadow {
+        s.validate().map_err(RegistryError::Invalid)?;
+    }
     if fleet.db().model(&d.model, d.version).await?.is_none() {
         return Err(RegistryError::NotFound(format!(
             "model {} version {} is not published",

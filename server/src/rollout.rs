@@ -134,6 +134,10 @@ pub struct RolloutSpec {
     /// The backend the moved devices run the version on, in place of their own choice.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend: Option<modelcast_proto::engine::Backend>,
+    /// A shadow phase on every moved device before the version serves there: a device whose
+    /// candidate fails it counts as failed (and never served the version).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<modelcast_proto::desired::ShadowSpec>,
 }
 
 fn full() -> u32 {
@@ -168,6 +172,7 @@ impl RolloutSpec {
             download: None,
             abort_on_alerts: false,
             backend: None,
+            shadow: None,
         })
     }
 
@@ -193,6 +198,9 @@ impl RolloutSpec {
         }
         if let Some(p) = &self.download {
             p.validate().map_err(|e| e.to_string())?;
+        }
+        if let Some(s) = &self.shadow {
+            s.validate()?;
         }
         Ok(())
     }
@@ -480,6 +488,7 @@ impl Rollout {
                     sampling: self.spec.sampling,
                     download: self.spec.download.clone(),
                     backend: self.spec.backend,
+                    shadow: self.spec.shadow,
                     form: None,
                     key_wrap: None,
                 },
@@ -811,6 +820,7 @@ mod tests {
             download: None,
             abort_on_alerts: true,
             backend: None,
+            shadow: None,
         }
     }
 
@@ -839,6 +849,7 @@ mod tests {
                     held: None,
                 }),
                 engine: None,
+                shadow: None,
             },
         );
         let last_error = match update {
@@ -903,6 +914,7 @@ mod tests {
             ErrorKind::Staging,
             ErrorKind::GoldenMismatch,
             ErrorKind::LatencyBudget,
+            ErrorKind::Shadow,
             ErrorKind::Downgrade,
             ErrorKind::RolledBack,
             ErrorKind::CrashLoop,

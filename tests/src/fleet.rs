@@ -470,6 +470,30 @@ impl Fleet {
                 sampling,
                 download,
                 backend,
+                shadow: None,
+            })
+            .expect("deploy");
+    }
+
+    /// Deploys with a shadow phase on each device before the version serves there.
+    pub fn deploy_shadowed(
+        &self,
+        model: &str,
+        version: u64,
+        group: &str,
+        shadow: modelcast_proto::desired::ShadowSpec,
+    ) {
+        self.client
+            .deploy(&modelcast_server::api::DeployRequest {
+                model: model.into(),
+                version,
+                group: group.into(),
+                by: "e2e".into(),
+                probation: None,
+                sampling: None,
+                download: None,
+                backend: None,
+                shadow: Some(shadow),
             })
             .expect("deploy");
     }

@@ -50,6 +50,7 @@ fn versions_are_promoted_retired_and_show_where_they_run() {
             sampling: None,
             download: None,
             backend: None,
+            shadow: None,
         })
         .unwrap_err();
     assert_eq!(

@@ -213,6 +213,10 @@ async fn contract(db: Db, other: Option<Db>) {
                 http: Some("http://127.0.0.1:1/files".into()),
             }),
             backend: Some(modelcast_proto::engine::Backend::Onnxruntime),
+            shadow: Some(modelcast_proto::desired::ShadowSpec {
+                max_mean_abs_diff_millionths: Some(50_000),
+                ..modelcast_proto::desired::ShadowSpec::new(500)
+            }),
         })
         .await
         .unwrap();

@@ -162,6 +162,9 @@ pub struct Deployment {
     /// absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend: Option<modelcast_proto::engine::Backend>,
+    /// A shadow phase on each device before the version serves there (none when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<modelcast_proto::desired::ShadowSpec>,
 }
 
 /// What was last published to a device.

@@ -68,6 +68,7 @@ pub fn resolve<'a>(
                 sampling: d.sampling,
                 download: d.download.clone(),
                 backend: d.backend,
+                shadow: d.shadow,
                 form: None,
                 key_wrap: None,
             };
@@ -281,6 +282,7 @@ mod tests {
             sampling: None,
             download: None,
             backend: None,
+            shadow: None,
         }
     }
 

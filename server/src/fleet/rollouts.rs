@@ -281,6 +281,7 @@ impl Fleet {
                                 sampling: s.sampling,
                                 download: s.download.clone(),
                                 backend: s.backend,
+                                shadow: s.shadow,
                             })
                             .await?;
                     }

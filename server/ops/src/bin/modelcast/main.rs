@@ -10,7 +10,9 @@ use modelcast_ops::convert::Choice;
 use modelcast_ops::onnx;
 use modelcast_ops::publish::{publish_file, Fallback, PublishOptions};
 use modelcast_ops::shapes::ShapeSpec;
-use modelcast_proto::desired::{DownloadPolicy, SamplingSpec, TrialThresholds, WindowMode};
+use modelcast_proto::desired::{
+    DownloadPolicy, SamplingSpec, ShadowSpec, TrialThresholds, WindowMode,
+};
 use modelcast_proto::manifest::LatencyBudget;
 use modelcast_server::api::DeployRequest;
 use modelcast_server::auth::{Role, Tokens};
@@ -254,6 +256,9 @@ enum Command {
         /// Sampling of inputs and outputs on the devices this moves (off by default).
         #[command(flatten)]
         sampling: SamplingArgs,
+        /// A shadow phase on each device before the version serves (off by default).
+        #[command(flatten)]
+        shadow: ShadowArgs,
         /// When and how fast the devices this moves download and activate it.
         #[command(flatten)]
         download: DownloadArgs,
@@ -431,6 +436,67 @@ struct ProbationArgs {
     /// Largest p99 latency tolerated, as a multiple of the previous version's (at least 1).
     #[arg(long, value_parser = ratio)]
     max_p99_ratio: Option<f64>,
+}
+
+/// A shadow phase: the new version answers a share of live requests beside the serving one,
+/// off the serving path, and swaps in only if its answers agree. Off unless `--shadow` is
+/// given.
+#[derive(Debug, clap::Args)]
+struct ShadowArgs {
+    /// Answers each device compares before the version may serve.
+    #[arg(long)]
+    shadow: Option<u32>,
+    /// Longest shadow phase, seconds (judged on what was compared by then).
+    #[arg(long, default_value_t = 3600, requires = "shadow")]
+    shadow_seconds: u64,
+    /// Share of live requests mirrored to the candidate (0.01..1).
+    #[arg(long, value_parser = fraction, default_value_t = 0.1, requires = "shadow")]
+    shadow_sample: f64,
+    /// Most CPU the candidate may take, as a share of one core (0.01..1).
+    #[arg(long, value_parser = fraction, default_value_t = 0.5, requires = "shadow")]
+    shadow_cpu: f64,
+    /// Least argmax agreement on classifier outputs (0..1).
+    #[arg(long, value_parser = fraction, default_value_t = 0.99, requires = "shadow")]
+    shadow_min_agreement: f64,
+    /// Largest mean absolute difference allowed on any output.
+    #[arg(long, requires = "shadow")]
+    shadow_max_mean_diff: Option<f64>,
+    /// Largest Kolmogorov–Smirnov distance on regressor outputs (0..1).
+    #[arg(long, value_parser = fraction, default_value_t = 0.2, requires = "shadow")]
+    shadow_max_ks: f64,
+    /// Largest candidate p99 latency, as a multiple of the serving model's (at least 1).
+    #[arg(long, value_parser = ratio, requires = "shadow")]
+    shadow_max_p99_ratio: Option<f64>,
+}
+
+impl ShadowArgs {
+    fn spec(&self) -> anyhow::Result<Option<ShadowSpec>> {
+        let Some(requests) = self.shadow else {
+            return Ok(None);
+        };
+        if self
+            .shadow_max_mean_diff
+            .is_some_and(|d| !d.is_finite() || d < 0.0)
+        {
+            anyhow::bail!("--shadow-max-mean-diff must be a number of 0 or more");
+        }
+        let spec = ShadowSpec {
+            requests,
+            seconds: self.shadow_seconds,
+            sample_percent: (self.shadow_sample * 100.0).round() as u32,
+            cpu_percent: (self.shadow_cpu * 100.0).round() as u32,
+            min_agreement_permille: (self.shadow_min_agreement * 1000.0).round() as u32,
+            max_mean_abs_diff_millionths: self
+                .shadow_max_mean_diff
+                .map(|d| (d * 1e6).round() as u64),
+            max_ks_permille: (self.shadow_max_ks * 1000.0).round() as u32,
+            max_p99_percent: self
+                .shadow_max_p99_ratio
+                .map(|r| (r * 100.0).round() as u32),
+        };
+        spec.validate().map_err(anyhow::Error::msg)?;
+        Ok(Some(spec))
+    }
 }
 
 /// A deployment's sampling of inputs and outputs: off unless `--sample-rate` is given.
@@ -734,6 +800,7 @@ fn main() -> anyhow::Result<()> {
             by,
             probation,
             sampling,
+            shadow,
             download,
             backend,
         } => {
@@ -746,6 +813,7 @@ fn main() -> anyhow::Result<()> {
                 sampling: sampling.spec()?,
                 download: download.policy()?,
                 backend,
+                shadow: shadow.spec()?,
             })?;
             println!(
                 "deployed {model} v{version} to group '{group}': {} device(s) given a new desired state",

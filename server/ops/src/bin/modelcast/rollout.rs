@@ -10,7 +10,7 @@ use modelcast_server::api::RolloutRequest;
 use modelcast_server::fleet::RolloutAction;
 use modelcast_server::rollout::{DeviceState, Rollout, RolloutSpec, RolloutState, WaveSize};
 
-use crate::{DownloadArgs, ProbationArgs, SamplingArgs};
+use crate::{DownloadArgs, ProbationArgs, SamplingArgs, ShadowArgs};
 
 /// How often `--follow` asks the server.
 const POLL: Duration = Duration::from_millis(500);
@@ -59,6 +59,10 @@ pub enum RolloutCommand {
         /// Sampling of inputs and outputs on the devices it moves (off by default).
         #[command(flatten)]
         sampling: SamplingArgs,
+        /// A shadow phase on every device it moves before the version serves there; a device
+        /// whose candidate fails it counts as failed (off by default).
+        #[command(flatten)]
+        shadow: ShadowArgs,
         /// When and how fast the devices it moves download and activate it.
         #[command(flatten)]
         download: DownloadArgs,
@@ -123,6 +127,7 @@ pub fn run(client: &Client, command: RolloutCommand) -> anyhow::Result<()> {
             abort_on_alerts,
             probation,
             sampling,
+            shadow,
             download,
             backend,
             by,
@@ -143,6 +148,7 @@ pub fn run(client: &Client, command: RolloutCommand) -> anyhow::Result<()> {
                 download: download.policy()?,
                 abort_on_alerts,
                 backend,
+                shadow: shadow.spec()?,
             };
             let r = client.start_rollout(&RolloutRequest { spec, by })?;
             println!(

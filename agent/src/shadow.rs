@@ -1,0 +1,675 @@
+//! The shadow phase of a new version: before it serves, it answers a share of the live
+//! requests beside the serving model, off the serving path, and swaps in only if its answers
+//! agree (the deployment's [`ShadowSpec`]).
+//!
+//! Two parts, in the manner of `update.rs`:
+//!
+//! - With no I/O and time passed in: [`Mirror`] (which requests to mirror: an exact share),
+//!   [`CpuBudget`] (how much CPU the candidate may take), and [`Judge`], which compares each
+//!   pair of answers (argmax agreement on classifier outputs, largest and mean absolute
+//!   difference on every output, the Kolmogorov–Smirnov distance on regressor outputs, both
+//!   models' p99 latency) and gives the verdict once the phase has compared its requests or
+//!   run its time.
+//! - The runner: [`Feed`], which the serving path offers each answered request to (a sampled
+//!   one is copied into a bounded queue, never waited for: a full queue drops it), and
+//!   [`start`], a thread of its own at background priority that runs the candidate on what
+//!   the feed queued and judges. The serving answer never waits for the candidate, and a
+//!   candidate that fails is judged failed at once. One that hangs cannot be stopped from
+//!   outside its thread: the driver gives up waiting at the phase's end (plus
+//!   [`HANG_GRACE`]), drops the feed so nothing more is queued, and reports it.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use modelcast_proto::desired::ShadowSpec;
+use modelcast_proto::report::ShadowSummary;
+use tracing::warn;
+
+use crate::engine::{HostTensor, LoadedModel};
+
+/// Mirrored requests waiting for the candidate at most; more are dropped.
+pub const QUEUE: usize = 64;
+/// Values of each side kept for the distance between distributions.
+pub const MAX_DISTRIBUTION_VALUES: usize = 8192;
+/// Latencies of each side kept for the p99.
+pub const MAX_LATENCIES: usize = 8192;
+/// How long past the phase's end the driver waits for a verdict before it judges the
+/// candidate hung.
+pub const HANG_GRACE: Duration = Duration::from_secs(30);
+
+/// Which requests are mirrored: exactly `percent` of them, evenly spread (the n-th request is
+/// taken when ⌊n·p/100⌋ moves), shared by every serving thread.
+#[derive(Debug)]
+pub struct Mirror {
+    percent: u64,
+    seen: AtomicU64,
+}
+
+impl Mirror {
+    /// Mirrors `percent` (1..=100) of the requests.
+    pub fn new(percent: u32) -> Self {
+        Mirror {
+            percent: u64::from(percent.clamp(1, 100)),
+            seen: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether this request is mirrored.
+    pub fn take(&self) -> bool {
+        let n = self.seen.fetch_add(1, Ordering::Relaxed);
+        (n + 1) * self.percent / 100 > n * self.percent / 100
+    }
+}
+
+/// CPU time the candidate may take: `percent` of one core since the phase started (the
+/// first run always may, so that a phase can start at all).
+#[derive(Debug, Clone)]
+pub struct CpuBudget {
+    percent: u32,
+    started: Instant,
+    spent: Duration,
+}
+
+impl CpuBudget {
+    /// A budget of `percent` (1..=100) of one core from `now`.
+    pub fn new(percent: u32, now: Instant) -> Self {
+        CpuBudget {
+            percent: percent.clamp(1, 100),
+            started: now,
+            spent: Duration::ZERO,
+        }
+    }
+
+    /// Whether one more candidate run may start at `now`.
+    pub fn allows(&self, now: Instant) -> bool {
+        let allowed = now.saturating_duration_since(self.started) * self.percent / 100;
+        self.spent.is_zero() || self.spent <= allowed
+    }
+
+    /// A run took `d`.
+    pub fn spend(&mut self, d: Duration) {
+        self.spent += d;
+    }
+}
+
+/// How a shadow phase ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    /// The candidate may serve.
+    Pass(ShadowSummary),
+    /// It may not; why.
+    Fail(String, ShadowSummary),
+}
+
+/// The comparison of a candidate's answers with the serving model's.
+#[derive(Debug, Clone)]
+pub struct Judge {
+    spec: ShadowSpec,
+    version: u64,
+    started: Instant,
+    compared: u32,
+    dropped: u64,
+    rows: u64,
+    agreed: u64,
+    max_abs: f64,
+    sum_abs: f64,
+    values: u64,
+    serving_values: Vec<f64>,
+    candidate_values: Vec<f64>,
+    serving_us: Vec<u64>,
+    candidate_us: Vec<u64>,
+    failure: Option<String>,
+}
+
+impl Judge {
+    /// A phase of `spec` for candidate `version`, from `now`.
+    pub fn new(spec: ShadowSpec, version: u64, now: Instant) -> Self {
+        Judge {
+            spec,
+            version,
+            started: now,
+            compared: 0,
+            dropped: 0,
+            rows: 0,
+            agreed: 0,
+            max_abs: 0.0,
+            sum_abs: 0.0,
+            values: 0,
+            serving_values: Vec::new(),
+            candidate_values: Vec::new(),
+            serving_us: Vec::new(),
+            candidate_us: Vec::new(),
+            failure: None,
+        }
+    }
+
+    /// Mirrored requests dropped in all so far (the feed's count).
+    pub fn set_dropped(&mut self, dropped: u64) {
+        self.dropped = dropped;
+    }
+
+    /// One mirrored request: the serving model's answer and latency, and the candidate's
+    /// (or the error it failed with).
+    pub fn compare(
+        &mut self,
+        serving: &[HostTensor],
+        serving_latency: Duration,
+        candidate: Result<&[HostTensor], String>,
+        candidate_latency: Duration,
+    ) {
+        if self.failure.is_some() {
+            return;
+        }
+        let candidate = match candidate {
+            Ok(c) => c,
+            Err(e) => {
+                self.failure = Some(format!("the candidate failed on a live request: {e}"));
+                return;
+            }
+        };
+        if candidate.len() != serving.len() {
+            self.failure = Some(format!(
+                "the candidate gives {} outputs, the serving model {}",
+                candidate.len(),
+                serving.len()
+            ));
+            return;
+        }
+        for (i, s) in serving.iter().enumerate() {
+            // By name, else at the same place.
+            let c = candidate
+                .iter()
+                .find(|c| c.name == s.name)
+                .unwrap_or(&candidate[i]);
+            if c.shape != s.shape {
+                self.failure = Some(format!(
+                    "output {}: the candidate's shape {:?} differs from the serving model's {:?}",
+                    s.name, c.shape, s.shape
+                ));
+                return;
+            }
+            let (sv, cv) = (s.values.to_f64(), c.values.to_f64());
+            if sv.len() != cv.len() {
+                self.failure = Some(format!("output {}: values differ in number", s.name));
+                return;
+            }
+            for (a, b) in sv.iter().zip(&cv) {
+                let d = (a - b).abs();
+                let d = if d.is_finite() {
+                    d
+                } else if a.to_bits() == b.to_bits() {
+                    0.0
+                } else {
+                    f64::INFINITY
+                };
+                self.max_abs = self.max_abs.max(d);
+                self.sum_abs += d;
+                self.values += 1;
+            }
+            let classes = s.shape.last().copied().unwrap_or(0) as usize;
+            if classes >= 2 && !sv.is_empty() {
+                for (a, b) in sv.chunks(classes).zip(cv.chunks(classes)) {
+                    self.rows += 1;
+                    self.agreed += u64::from(argmax(a) == argmax(b));
+                }
+            } else {
+                for (a, b) in sv.iter().zip(&cv) {
+                    if self.serving_values.len() < MAX_DISTRIBUTION_VALUES {
+                        self.serving_values.push(*a);
+                        self.candidate_values.push(*b);
+                    }
+                }
+            }
+        }
+        self.compared += 1;
+        if self.serving_us.len() < MAX_LATENCIES {
+            self.serving_us.push(serving_latency.as_micros() as u64);
+            self.candidate_us.push(candidate_latency.as_micros() as u64);
+        }
+    }
+
+    /// The verdict at `now`, once there is one: at the first failure, when the phase has
+    /// compared its requests, or when its time is up.
+    pub fn verdict(&self, now: Instant) -> Option<Verdict> {
+        if let Some(why) = &self.failure {
+            return Some(self.fail(why.clone()));
+        }
+        let out_of_time =
+            now.saturating_duration_since(self.started) >= Duration::from_secs(self.spec.seconds);
+        if self.compared < self.spec.requests && !out_of_time {
+            return None;
+        }
+        if self.compared == 0 {
+            return Some(self.fail(format!(
+                "no live request to compare in {} s",
+                self.spec.seconds
+            )));
+        }
+        let s = self.summary(None);
+        if let Some(permille) = s.agreement_permille {
+            if permille < self.spec.min_agreement_permille {
+                return Some(self.fail(format!(
+                    "argmax agreement {:.1}% over {} answers is below {:.1}%",
+                    permille as f64 / 10.0,
+                    s.compared,
+                    self.spec.min_agreement_permille as f64 / 10.0
+                )));
+            }
+        }
+        if let Some(most) = self.spec.max_mean_abs_diff_millionths {
+            let most = most as f64 / 1e6;
+            if s.mean_abs_diff > most {
+                return Some(self.fail(format!(
+                    "mean absolute difference {:.3e} exceeds {most:.3e}",
+                    s.mean_abs_diff
+                )));
+            }
+        }
+        let max_ks = f64::from(self.spec.max_ks_permille) / 1000.0;
+        if let Some(ks) = s.ks.filter(|ks| *ks > max_ks) {
+            return Some(self.fail(format!(
+                "the answers' distributions differ: Kolmogorov–Smirnov distance {ks:.3} exceeds {max_ks:.3}"
+            )));
+        }
+        if let (Some(most), Some(serving), Some(candidate)) = (
+            self.spec.max_p99_percent,
+            s.serving_p99_us,
+            s.candidate_p99_us,
+        ) {
+            if candidate * 100 > serving.max(1) * u64::from(most) {
+                return Some(self.fail(format!(
+                    "the candidate's p99 {candidate} µs exceeds {most}% of the serving model's {serving} µs"
+                )));
+            }
+        }
+        Some(Verdict::Pass(self.summary(Some("passed"))))
+    }
+
+    fn fail(&self, why: String) -> Verdict {
+        Verdict::Fail(why, self.summary(Some("failed")))
+    }
+
+    /// The figures so far.
+    pub fn summary(&self, verdict: Option<&str>) -> ShadowSummary {
+        ShadowSummary {
+            version: self.version,
+            compared: self.compared,
+            wanted: self.spec.requests,
+            dropped: self.dropped,
+            agreement_permille: (self.rows > 0).then(|| (self.agreed * 1000 / self.rows) as u32),
+            max_abs_diff: self.max_abs,
+            mean_abs_diff: if self.values == 0 {
+                0.0
+            } else {
+                self.sum_abs / self.values as f64
+            },
+            ks: (!self.serving_values.is_empty())
+                .then(|| ks_distance(&self.serving_values, &self.candidate_values)),
+            serving_p99_us: p99(&self.serving_us),
+            candidate_p99_us: p99(&self.candidate_us),
+            verdict: verdict.map(String::from),
+        }
+    }
+}
+
+/// Index of the largest value (the first of equals; NaN is never the largest).
+fn argmax(values: &[f64]) -> usize {
+    let mut best = 0;
+    for (i, v) in values.iter().enumerate() {
+        if *v > values[best] || values[best].is_nan() && !v.is_nan() {
+            best = i;
+        }
+    }
+    best
+}
+
+/// Nearest-rank p99.
+fn p99(us: &[u64]) -> Option<u64> {
+    if us.is_empty() {
+        return None;
+    }
+    let mut sorted = us.to_vec();
+    sorted.sort_unstable();
+    let rank = (sorted.len() * 99).div_ceil(100).max(1);
+    Some(sorted[rank - 1])
+}
+
+/// The two-sample Kolmogorov–Smirnov distance: the largest gap between the two empirical
+/// distribution functions (NaNs sort last).
+pub fn ks_distance(a: &[f64], b: &[f64]) -> f64 {
+    if a.is_empty() || b.is_empty() {
+        return 0.0;
+    }
+    let sort = |v: &[f64]| {
+        let mut s = v.to_vec();
+        s.sort_by(|x, y| x.total_cmp(y));
+        s
+    };
+    let (a, b) = (sort(a), sort(b));
+    let (mut i, mut j, mut d) = (0usize, 0usize, 0f64);
+    while i < a.len() && j < b.len() {
+        let x = if a[i].total_cmp(&b[j]).is_le() {
+            a[i]
+        } else {
+            b[j]
+        };
+        while i < a.len() && a[i].total_cmp(&x).is_le() {
+            i += 1;
+        }
+        while j < b.len() && b[j].total_cmp(&x).is_le() {
+            j += 1;
+        }
+        d = d.max((i as f64 / a.len() as f64 - j as f64 / b.len() as f64).abs());
+    }
+    d
+}
+
+/// One mirrored request: its inputs, the serving model's answer and latency.
+struct Mirrored {
+    inputs: Vec<HostTensor>,
+    outputs: Vec<HostTensor>,
+    latency: Duration,
+}
+
+/// What the serving path sees of a shadow phase: it offers each answered request, and a
+/// sampled one is queued for the candidate (never waited for).
+pub struct Feed {
+    /// The candidate version.
+    pub version: u64,
+    mirror: Mirror,
+    queue: SyncSender<Mirrored>,
+    dropped: AtomicU64,
+}
+
+impl Feed {
+    /// An answered request: queued for the candidate if the share takes it and the queue
+    /// has room.
+    pub fn offer(&self, inputs: &[HostTensor], outputs: &[HostTensor], latency: Duration) {
+        if !self.mirror.take() {
+            return;
+        }
+        let m = Mirrored {
+            inputs: inputs.to_vec(),
+            outputs: outputs.to_vec(),
+            latency,
+        };
+        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = self.queue.try_send(m) {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A running shadow phase, as the driver holds it.
+pub struct Running {
+    /// What the serving path offers requests to.
+    pub feed: Arc<Feed>,
+    /// The figures so far (for reports).
+    pub progress: Arc<Mutex<ShadowSummary>>,
+    /// The verdict, once there is one.
+    pub verdict: tokio::sync::oneshot::Receiver<Verdict>,
+}
+
+/// Starts the shadow phase of `candidate` on a thread of its own at background priority.
+pub fn start(candidate: Arc<LoadedModel>, spec: ShadowSpec) -> Running {
+    let (queue, receive) = sync_channel(QUEUE);
+    let version = candidate.manifest().version;
+    let feed = Arc::new(Feed {
+        version,
+        mirror: Mirror::new(spec.sample_percent),
+        queue,
+        dropped: AtomicU64::new(0),
+    });
+    let judge = Judge::new(spec, version, Instant::now());
+    let progress = Arc::new(Mutex::new(judge.summary(None)));
+    let (tell, verdict) = tokio::sync::oneshot::channel();
+    let (f, p) = (feed.clone(), progress.clone());
+    let spawned = std::thread::Builder::new()
+        .name("shadow".into())
+        .spawn(move || {
+            crate::priority::to_background();
+            run(candidate, spec, judge, receive, f, p, tell)
+        });
+    if let Err(e) = spawned {
+        warn!(error = %e, "the shadow thread did not start");
+    }
+    Running {
+        feed,
+        progress,
+        verdict,
+    }
+}
+
+fn run(
+    candidate: Arc<LoadedModel>,
+    spec: ShadowSpec,
+    mut judge: Judge,
+    receive: Receiver<Mirrored>,
+    feed: Arc<Feed>,
+    progress: Arc<Mutex<ShadowSummary>>,
+    tell: tokio::sync::oneshot::Sender<Verdict>,
+) {
+    let mut budget = CpuBudget::new(spec.cpu_percent, Instant::now());
+    let mut over_budget = 0u64;
+    loop {
+        if tell.is_closed() {
+            return;
+        }
+        match receive.recv_timeout(Duration::from_millis(250)) {
+            Ok(m) if budget.allows(Instant::now()) => {
+                let started = Instant::now();
+                let answer = candidate.run(&m.inputs);
+                let took = started.elapsed();
+                budget.spend(took);
+                let answer = answer.as_deref().map_err(|e| e.to_string());
+                judge.compare(&m.outputs, m.latency, answer, took);
+            }
+            Ok(_) => over_budget += 1,
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+        judge.set_dropped(feed.dropped.load(Ordering::Relaxed) + over_budget);
+        if let Ok(mut p) = progress.lock() {
+            *p = judge.summary(None);
+        }
+        if let Some(v) = judge.verdict(Instant::now()) {
+            if let Ok(mut p) = progress.lock() {
+                *p = match &v {
+                    Verdict::Pass(s) | Verdict::Fail(_, s) => s.clone(),
+                };
+            }
+            let _ = tell.send(v);
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::Values;
+    use proptest::prelude::*;
+
+    fn tensor(name: &str, shape: &[u64], v: &[f32]) -> HostTensor {
+        HostTensor {
+            name: name.into(),
+            shape: shape.to_vec(),
+            values: Values::from_f32(v),
+        }
+    }
+
+    fn spec(requests: u32) -> ShadowSpec {
+        ShadowSpec::new(requests)
+    }
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn identical_answers_pass_once_enough_are_compared() {
+        let t0 = Instant::now();
+        let mut j = Judge::new(spec(3), 2, t0);
+        let out = [tensor("y", &[1, 3], &[0.1, 0.7, 0.2])];
+        for i in 0..3 {
+            assert_eq!(j.verdict(t0), None, "after {i}");
+            j.compare(&out, MS, Ok(&out), MS);
+        }
+        let Some(Verdict::Pass(s)) = j.verdict(t0) else {
+            panic!("{:?}", j.verdict(t0))
+        };
+        assert_eq!(s.compared, 3);
+        assert_eq!(s.agreement_permille, Some(1000));
+        assert_eq!(s.max_abs_diff, 0.0);
+        assert_eq!(s.verdict.as_deref(), Some("passed"));
+    }
+
+    #[test]
+    fn a_classifier_that_picks_other_classes_fails() {
+        let t0 = Instant::now();
+        let mut j = Judge::new(spec(10), 2, t0);
+        let serving = [tensor("y", &[2, 3], &[0.1, 0.7, 0.2, 0.5, 0.3, 0.2])];
+        let other = [tensor("y", &[2, 3], &[0.8, 0.1, 0.1, 0.5, 0.3, 0.2])];
+        for _ in 0..10 {
+            j.compare(&serving, MS, Ok(&other), MS);
+        }
+        let Some(Verdict::Fail(why, s)) = j.verdict(t0) else {
+            panic!()
+        };
+        assert_eq!(s.agreement_permille, Some(500));
+        assert!(why.contains("argmax agreement 50.0%"), "{why}");
+    }
+
+    #[test]
+    fn regressors_are_judged_on_their_distributions_and_mean_difference() {
+        let t0 = Instant::now();
+        let mut shifted = Judge::new(spec(50), 2, t0);
+        let mut close = Judge::new(
+            ShadowSpec {
+                max_mean_abs_diff_millionths: Some(10_000),
+                ..spec(50)
+            },
+            2,
+            t0,
+        );
+        for i in 0..50 {
+            let x = i as f32 / 50.0;
+            let serving = [tensor("v", &[1, 1], &[x])];
+            shifted.compare(&serving, MS, Ok(&[tensor("v", &[1, 1], &[x + 0.5])]), MS);
+            close.compare(&serving, MS, Ok(&[tensor("v", &[1, 1], &[x + 0.001])]), MS);
+        }
+        let Some(Verdict::Fail(why, s)) = shifted.verdict(t0) else {
+            panic!()
+        };
+        assert!(why.contains("Kolmogorov"), "{why}");
+        assert!(s.ks.unwrap() > 0.4);
+        assert!(matches!(close.verdict(t0), Some(Verdict::Pass(_))));
+    }
+
+    #[test]
+    fn a_failing_candidate_or_another_shape_fails_at_once() {
+        let t0 = Instant::now();
+        let out = [tensor("y", &[1, 3], &[0.1, 0.7, 0.2])];
+        let mut j = Judge::new(spec(1000), 2, t0);
+        j.compare(&out, MS, Err("boom".into()), MS);
+        assert!(
+            matches!(j.verdict(t0), Some(Verdict::Fail(why, _)) if why.contains("failed on a live request: boom"))
+        );
+        let mut j = Judge::new(spec(1000), 2, t0);
+        j.compare(&out, MS, Ok(&[tensor("y", &[1, 4], &[0.; 4])]), MS);
+        assert!(matches!(j.verdict(t0), Some(Verdict::Fail(why, _)) if why.contains("shape")));
+    }
+
+    #[test]
+    fn out_of_time_it_judges_what_it_compared_and_nothing_fails() {
+        let t0 = Instant::now();
+        let late = t0 + Duration::from_secs(3600);
+        let j = Judge::new(spec(100), 2, t0);
+        assert!(
+            matches!(j.verdict(late), Some(Verdict::Fail(why, _)) if why.contains("no live request"))
+        );
+        let mut j = Judge::new(spec(100), 2, t0);
+        let out = [tensor("y", &[1, 3], &[0.1, 0.7, 0.2])];
+        j.compare(&out, MS, Ok(&out), MS);
+        assert_eq!(j.verdict(t0 + Duration::from_secs(3599)), None);
+        assert!(matches!(j.verdict(late), Some(Verdict::Pass(_))));
+    }
+
+    #[test]
+    fn a_slow_candidate_fails_the_latency_bound() {
+        let t0 = Instant::now();
+        let mut j = Judge::new(
+            ShadowSpec {
+                max_p99_percent: Some(150),
+                ..spec(20)
+            },
+            2,
+            t0,
+        );
+        let out = [tensor("y", &[1, 3], &[0.1, 0.7, 0.2])];
+        for _ in 0..20 {
+            j.compare(&out, MS, Ok(&out), 3 * MS);
+        }
+        assert!(matches!(j.verdict(t0), Some(Verdict::Fail(why, _)) if why.contains("p99")));
+    }
+
+    #[test]
+    fn a_nan_on_one_side_is_an_infinite_difference() {
+        let t0 = Instant::now();
+        let mut j = Judge::new(spec(1), 2, t0);
+        j.compare(
+            &[tensor("v", &[1, 1], &[1.0])],
+            MS,
+            Ok(&[tensor("v", &[1, 1], &[f32::NAN])]),
+            MS,
+        );
+        assert_eq!(j.summary(None).max_abs_diff, f64::INFINITY);
+    }
+
+    #[test]
+    fn the_budget_holds_the_candidate_to_its_share_of_a_core() {
+        let t0 = Instant::now();
+        let mut b = CpuBudget::new(10, t0);
+        assert!(b.allows(t0), "the first run may start");
+        b.spend(Duration::from_millis(100));
+        assert!(!b.allows(t0 + Duration::from_millis(100)));
+        // 10% of 2 s is 200 ms: 100 spent.
+        assert!(b.allows(t0 + Duration::from_secs(2)));
+    }
+
+    proptest! {
+        #[test]
+        fn the_mirror_takes_its_share_within_one_request(percent in 1u32..=100, n in 1u64..20_000) {
+            let m = Mirror::new(percent);
+            let taken = (0..n).filter(|_| m.take()).count() as u64;
+            let want = n * u64::from(percent) / 100;
+            prop_assert!(taken.abs_diff(want) <= 1, "{taken} of {n} at {percent}%");
+        }
+
+        #[test]
+        fn equal_answers_always_pass_and_never_early(
+            rows in proptest::collection::vec(proptest::collection::vec(-1e3f32..1e3, 4), 1..40),
+            requests in 1u32..60,
+        ) {
+            let t0 = Instant::now();
+            let mut j = Judge::new(spec(requests), 2, t0);
+            for (i, r) in rows.iter().enumerate() {
+                let out = [tensor("y", &[1, 4], r)];
+                prop_assert_eq!(j.verdict(t0).is_some(), i as u32 >= requests);
+                j.compare(&out, MS, Ok(&out), MS);
+            }
+            if rows.len() as u32 >= requests {
+                prop_assert!(matches!(j.verdict(t0), Some(Verdict::Pass(_))));
+            }
+        }
+
+        #[test]
+        fn the_ks_distance_is_within_zero_and_one_and_zero_for_equal_samples(
+            a in proptest::collection::vec(-1e6f64..1e6, 1..200),
+            b in proptest::collection::vec(-1e6f64..1e6, 1..200),
+        ) {
+            let d = ks_distance(&a, &b);
+            prop_assert!((0.0..=1.0).contains(&d));
+            prop_assert_eq!(ks_distance(&a, &a), 0.0);
+        }
+    }
+}

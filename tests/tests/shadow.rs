@@ -1,0 +1,122 @@
+//! A new version judged on live traffic before it serves (`ShadowSpec`, `agent/src/shadow.rs`):
+//! while clients keep asking the device, a version whose answers disagree with the serving
+//! model's is rejected in its shadow phase and never answers a single request; one whose
+//! answers agree passes, swaps in and commits. The device reports the phase's figures.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use modelcast_ops::onnx::example_model;
+use modelcast_proto::desired::ShadowSpec;
+use modelcast_proto::manifest::TensorData;
+use modelcast_proto::report::ErrorKind;
+use modelcast_tests::{wait_for, Fleet};
+
+/// Sets the flag when dropped (however the test ends).
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+#[test]
+fn a_disagreeing_version_is_rejected_in_shadow_and_an_agreeing_one_serves() {
+    let fleet = Fleet::embedded();
+    let agent =
+        fleet.start_agent_with("edge-1", &[], "[probation]\nrequests = 20\nseconds = 600\n");
+    fleet.publish_example(1, 16);
+    fleet.deploy("classifier", 1, "*");
+    fleet.wait_serving("edge-1", "classifier", 1);
+
+    // Clients: varied inputs (a fixed LCG), every answer's version noted.
+    let stop = AtomicBool::new(false);
+    let answered: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let mut seed = 7u32;
+            let mut next = move || {
+                seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (seed >> 8) as f32 / (1 << 24) as f32 * 4.0 - 2.0
+            };
+            for _ in 0..200_000 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let x = [next(), next(), next(), next()];
+                if let Ok((version, _)) =
+                    agent.infer("classifier", &[TensorData::from_f32("x", vec![1, 4], &x)])
+                {
+                    answered.lock().unwrap().push(version);
+                }
+            }
+        });
+        let _stop = StopOnDrop(&stop);
+
+        // v2: other weights. Half the requests mirrored, 200 compared.
+        fleet.publish_example(2, 16);
+        let shadow = ShadowSpec {
+            sample_percent: 50,
+            seconds: 300,
+            ..ShadowSpec::new(200)
+        };
+        fleet.deploy_shadowed("classifier", 2, "*", shadow);
+        let (error, summary) = wait_for(
+            "v2 rejected in its shadow phase",
+            Duration::from_secs(120),
+            || {
+                let r = fleet.report("edge-1")?;
+                let e = r
+                    .last_error
+                    .clone()
+                    .filter(|e| e.kind == ErrorKind::Shadow)?;
+                let s = r.models.get("classifier")?.shadow.clone()?;
+                Some((e, s))
+            },
+        );
+        println!("v2: {} ({summary:?})", error.reason);
+        assert!(
+            error.reason.contains("shadow: argmax agreement"),
+            "{}",
+            error.reason
+        );
+        assert_eq!(summary.version, 2);
+        assert_eq!(summary.verdict.as_deref(), Some("failed"));
+        assert_eq!(summary.compared, 200);
+        assert!(summary.agreement_permille.unwrap() < 990, "{summary:?}");
+        assert!(summary.candidate_p99_us.is_some() && summary.serving_p99_us.is_some());
+        let served = answered.lock().unwrap().clone();
+        assert!(served.len() > 400, "{} answers", served.len());
+        assert!(
+            served.iter().all(|v| v == "1"),
+            "a rejected candidate answered: {:?}",
+            served.iter().filter(|v| *v != "1").count()
+        );
+
+        // v3: v1's weights under a new version: its answers agree, so it serves.
+        let path = fleet.dir.path().join("v3.onnx");
+        std::fs::write(&path, example_model(1, 16)).unwrap();
+        fleet.publish_file(&path, "classifier", 3);
+        fleet.deploy_shadowed("classifier", 3, "*", shadow);
+        fleet.wait_serving("edge-1", "classifier", 3);
+        let summary = fleet.report("edge-1").unwrap().models["classifier"]
+            .shadow
+            .clone()
+            .unwrap();
+        println!("v3: {summary:?}");
+        assert_eq!(summary.version, 3);
+        assert_eq!(summary.verdict.as_deref(), Some("passed"));
+        assert_eq!(summary.agreement_permille, Some(1000));
+        assert_eq!(summary.max_abs_diff, 0.0);
+        wait_for("v3 committed", Duration::from_secs(120), || {
+            let r = fleet.report("edge-1")?;
+            let m = r.models.get("classifier")?;
+            (m.update.as_ref()?.phase == modelcast_proto::report::Phase::Active).then_some(())
+        });
+        let served = answered.lock().unwrap().clone();
+        assert!(!served.iter().any(|v| v == "2"), "v2 never served");
+        assert!(served.iter().any(|v| v == "3"), "v3 serves");
+    });
+}
