@@ -279,6 +279,23 @@ pub struct Member {
     /// (until then, Unix seconds) or a metered link. It counts as updating.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub held: Option<modelcast_proto::report::Held>,
+    /// The shadow phase of the rollout's version on it, as it last reported (with
+    /// [`RolloutSpec::shadow`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<modelcast_proto::report::ShadowSummary>,
+}
+
+/// A wave's shadow phases ([`Rollout::wave_shadow`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WaveShadow {
+    /// Phases under way.
+    pub running: usize,
+    /// Phases passed.
+    pub passed: usize,
+    /// Phases failed.
+    pub failed: usize,
+    /// The lowest argmax agreement among them, per thousand.
+    pub min_agreement_permille: Option<u32>,
 }
 
 /// Bytes an update brought to a device: all it has of the download, and the part of it
@@ -452,6 +469,7 @@ impl Rollout {
                 failure: None,
                 transferred: Transferred::default(),
                 held: None,
+                shadow: None,
             })
             .collect();
         let mut rollout = Rollout {
@@ -512,6 +530,14 @@ impl Rollout {
         let held = update.and_then(|u| u.held.filter(|_| u.phase == Phase::Waiting));
         if m.state != DeviceState::Waiting {
             m.held = held;
+            if let Some(s) = report
+                .models
+                .get(model)
+                .and_then(|s| s.shadow.as_ref())
+                .filter(|s| s.version == version)
+            {
+                m.shadow = Some(s.clone());
+            }
         }
         let next = match (&m.state, observed) {
             (DeviceState::Waiting, _) => return Vec::new(),
@@ -662,6 +688,30 @@ impl Rollout {
     /// Members of wave `wave` (those it adds).
     pub fn wave_members(&self, wave: usize) -> impl Iterator<Item = &Member> {
         self.members.iter().filter(move |m| m.wave == wave)
+    }
+
+    /// The shadow phases of a wave's devices so far: how many passed and failed, and the
+    /// lowest argmax agreement among them (per thousand; none without a classifier output).
+    pub fn wave_shadow(&self, wave: usize) -> Option<WaveShadow> {
+        let phases: Vec<_> = self
+            .wave_members(wave)
+            .filter_map(|m| m.shadow.as_ref())
+            .collect();
+        if phases.is_empty() {
+            return None;
+        }
+        let verdict = |v: &str| {
+            phases
+                .iter()
+                .filter(|s| s.verdict.as_deref() == Some(v))
+                .count()
+        };
+        Some(WaveShadow {
+            running: phases.iter().filter(|s| s.verdict.is_none()).count(),
+            passed: verdict("passed"),
+            failed: verdict("failed"),
+            min_agreement_permille: phases.iter().filter_map(|s| s.agreement_permille).min(),
+        })
     }
 
     /// Marks wave `wave`'s devices as moved; returns them.

@@ -120,3 +120,91 @@ fn a_disagreeing_version_is_rejected_in_shadow_and_an_agreeing_one_serves() {
         assert!(served.iter().any(|v| v == "3"), "v3 serves");
     });
 }
+
+#[test]
+fn a_rollout_gated_on_shadow_aborts_when_its_canary_disagrees() {
+    let fleet = Fleet::embedded();
+    let agents: Vec<_> = ["edge-1", "edge-2", "edge-3"]
+        .into_iter()
+        .map(|id| fleet.start_agent_with(id, &[("hw", "jetson")], ""))
+        .collect();
+    fleet.publish_example(1, 16);
+    fleet.deploy("classifier", 1, "hw=jetson");
+    for id in ["edge-1", "edge-2", "edge-3"] {
+        fleet.wait_serving(id, "classifier", 1);
+    }
+    fleet.publish_example(2, 16);
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let mut seed = 11u32;
+            for _ in 0..200_000 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                for agent in &agents {
+                    seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                    let v = (seed >> 8) as f32 / (1 << 24) as f32 * 4.0 - 2.0;
+                    let _ = agent.infer(
+                        "classifier",
+                        &[TensorData::from_f32(
+                            "x",
+                            vec![1, 4],
+                            &[v, -v, v * 0.5, 1.0],
+                        )],
+                    );
+                }
+            }
+        });
+        let _stop = StopOnDrop(&stop);
+        // Through the CLI, as an operator would: every moved device shadows v2 first.
+        let started = fleet.cli(&[
+            "rollout",
+            "start",
+            "--model",
+            "classifier",
+            "--version",
+            "2",
+            "--group",
+            "hw=jetson",
+            "--waves",
+            "1,100%",
+            "--shadow",
+            "100",
+            "--shadow-sample",
+            "0.5",
+        ]);
+        println!("{started}");
+        let r = wait_for("the rollout to abort", Duration::from_secs(120), || {
+            let r = fleet.client.rollouts().ok()?.pop()?;
+            r.state.is_over().then_some(r)
+        });
+        assert!(
+            matches!(
+                r.state,
+                modelcast_server::rollout::RolloutState::Aborted { .. }
+            ),
+            "{:?}",
+            r.state
+        );
+        let canary = r.wave_members(0).next().unwrap();
+        assert!(
+            canary
+                .failure
+                .as_deref()
+                .unwrap_or("")
+                .contains("shadow: argmax agreement"),
+            "{canary:?}"
+        );
+        let wave = r.wave_shadow(0).expect("the canary's shadow figures");
+        assert_eq!((wave.passed, wave.failed), (0, 1), "{wave:?}");
+        assert!(wave.min_agreement_permille.unwrap() < 990);
+        let status = fleet.cli(&["rollout", "status", &r.id.to_string()]);
+        println!("{status}");
+        assert!(status.contains("shadow: 0 passed, 1 failed"), "{status}");
+        // Nobody served v2: the canary never swapped, the others never moved.
+        for id in ["edge-1", "edge-2", "edge-3"] {
+            fleet.wait_serving(id, "classifier", 1);
+        }
+    });
+}

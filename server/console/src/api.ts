@@ -176,7 +176,22 @@ export interface UpdateProgress {
   held?: { by: string; until?: number; activation_only?: boolean };
 }
 
+export interface ShadowSummary {
+  version: number;
+  compared: number;
+  wanted: number;
+  dropped: number;
+  agreement_permille?: number;
+  max_abs_diff: number;
+  mean_abs_diff: number;
+  ks?: number;
+  serving_p99_us?: number;
+  candidate_p99_us?: number;
+  verdict?: "passed" | "failed";
+}
+
 export interface ModelState {
+  shadow?: ShadowSummary;
   active: "a" | "b" | null;
   a: SlotContent | null;
   b: SlotContent | null;
@@ -206,7 +221,6 @@ export interface FleetSummary {
   states: Record<string, number>;
   quarantined: number;
   serving: Record<string, Record<string, number>>;
-  failed: { device: string; model: string; version: number; reason: string }[];
 }
 
 export interface Manifest {
@@ -240,6 +254,7 @@ export interface Member {
   reason?: string;
   failure?: string;
   transferred?: { received_bytes: number; reused_bytes: number };
+  shadow?: ShadowSummary;
 }
 
 export interface Counts {

@@ -239,6 +239,15 @@ export function DevicePage() {
                 <td class={m.update?.phase === "failed" ? "bad" : ""}>
                   {m.update ? `${m.update.phase} v${m.update.version}` : "–"}
                   {m.update?.reason && `: ${m.update.reason}`}
+                  {m.shadow && (
+                    <div class="small muted" data-shadow={m.shadow.verdict ?? "running"}>
+                      shadow of v{m.shadow.version}: {m.shadow.verdict ?? "running"}, {m.shadow.compared}/
+                      {m.shadow.wanted} compared
+                      {m.shadow.agreement_permille != null &&
+                        `, agreement ${(m.shadow.agreement_permille / 10).toFixed(1)}%`}
+                      , mean |Δ| {m.shadow.mean_abs_diff.toPrecision(3)}
+                    </div>
+                  )}
                 </td>
                 <td class="muted" title={m.engine?.reason}>
                   {m.engine?.backend ?? ""}

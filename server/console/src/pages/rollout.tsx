@@ -43,6 +43,15 @@ function Waves(props: { r: Rollout }) {
         if (c.failed) parts.push(`${c.failed} failed`);
         if (c.reverted) parts.push(`${c.reverted} sent back`);
         if (w > r.wave && !over) parts.push("waiting");
+        const shadows = c.members.map((m) => m.shadow).filter((s) => s != null);
+        if (shadows.length) {
+          const passed = shadows.filter((s) => s.verdict === "passed").length;
+          const failed = shadows.filter((s) => s.verdict === "failed").length;
+          const agreements = shadows.map((s) => s.agreement_permille).filter((a) => a != null);
+          let text = `shadow: ${passed} passed, ${failed} failed`;
+          if (agreements.length) text += `, lowest agreement ${(Math.min(...agreements) / 10).toFixed(1)}%`;
+          parts.push(text);
+        }
         return (
           <div class="wave" data-wave={w} key={w}>
             <span>{w === 0 ? "canary" : `wave ${w + 1}`}</span>

@@ -293,6 +293,16 @@ fn print_status(r: &Rollout) {
             wave_name(wave),
             wave_message(r, wave)
         );
+        if let Some(s) = r.wave_shadow(wave) {
+            let agreement = s
+                .min_agreement_permille
+                .map(|p| format!(", lowest argmax agreement {:.1}%", p as f64 / 10.0))
+                .unwrap_or_default();
+            println!(
+                "           shadow: {} passed, {} failed, {} running{agreement}",
+                s.passed, s.failed, s.running
+            );
+        }
     }
     let t = r.transferred();
     if t.received_bytes > 0 {
