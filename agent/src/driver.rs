@@ -84,7 +84,7 @@ use crate::clock::unix_secs as unix_now;
 /// model is never touched; a candidate that hangs is given up at the phase's end plus
 /// [`crate::shadow::HANG_GRACE`].
 async fn shadow_phase(
-    models: &Models,
+    models: Arc<Models>,
     progress: &std::sync::Mutex<BTreeMap<String, Arc<std::sync::Mutex<ShadowSummary>>>>,
     candidate: Arc<LoadedModel>,
     spec: ShadowSpec,
@@ -100,9 +100,21 @@ async fn shadow_phase(
     }
     info!(model = %name, version, requests = spec.requests, seconds = spec.seconds, sample_percent = spec.sample_percent, "shadow phase starts: live requests mirrored to the new version");
     models.set_shadow(&name, Some(running.feed.clone()));
+    // Mirroring stops however the phase ends: a verdict, a hang, or the task stopped (the
+    // desired state moved on: the phase is reported cancelled).
+    struct Unmirror(Arc<Models>, String, Arc<std::sync::Mutex<ShadowSummary>>);
+    impl Drop for Unmirror {
+        fn drop(&mut self) {
+            self.0.set_shadow(&self.1, None);
+            if let Ok(mut p) = self.2.lock() {
+                p.verdict.get_or_insert_with(|| "cancelled".into());
+            }
+        }
+    }
+    let unmirror = Unmirror(models, name.clone(), running.progress.clone());
     let limit = Duration::from_secs(spec.seconds) + crate::shadow::HANG_GRACE;
     let verdict = tokio::time::timeout(limit, running.verdict).await;
-    models.set_shadow(&name, None);
+    drop(unmirror);
     let fail = |why: String| Failure::new(ErrorKind::Shadow, format!("shadow: {why}"));
     match verdict {
         Ok(Ok(Verdict::Pass(s))) => {
@@ -115,10 +127,8 @@ async fn shadow_phase(
         }
         Ok(Err(_)) => Err(fail("the phase's thread ended without a verdict".into())),
         Err(_) => {
-            if let Some(p) = progress.lock().ok().and_then(|p| p.get(&name).cloned()) {
-                if let Ok(mut p) = p.lock() {
-                    p.verdict = Some("failed".into());
-                }
+            if let Ok(mut p) = running.progress.lock() {
+                p.verdict = Some("failed".into());
             }
             Err(fail(format!(
                 "the candidate hung: no verdict {} s after the phase's end",
@@ -145,6 +155,8 @@ struct Agent {
     director: RoleVerifier,
     updater: Updater,
     staging: JoinSet<Staged>,
+    /// Each staging under way: the artifact it stages and its task.
+    staging_tasks: BTreeMap<String, (String, tokio::task::AbortHandle)>,
     /// Models that passed staging, waiting for their [`Action::Activate`].
     staged: BTreeMap<String, Arc<LoadedModel>>,
     /// The last good model of each model on trial, kept loaded to swap back at once.
@@ -435,6 +447,7 @@ async fn control(
         director,
         updater: Updater::new(settings, restored.records),
         staging: JoinSet::new(),
+        staging_tasks: BTreeMap::new(),
         staged: BTreeMap::new(),
         previous: BTreeMap::new(),
         desired_version: store.trust()?.map_or(0, |t| t.director_version),
@@ -889,6 +902,13 @@ impl Agent {
             sha256,
             result,
         } = staged;
+        if self
+            .staging_tasks
+            .get(&name)
+            .is_some_and(|(s, _)| *s == sha256)
+        {
+            self.staging_tasks.remove(&name);
+        }
         let wanted = self.updater.is_staging(&name, &sha256);
         let result = result.map(|model| {
             if wanted {
@@ -1000,6 +1020,33 @@ impl Agent {
         }
         let downloading: BTreeSet<String> = self.updater.downloads().map(String::from).collect();
         self.link.listen_only(&downloading).await;
+        // A staging the machine dropped (the desired state moved on) stops at once: one in
+        // its shadow phase would otherwise keep a candidate loaded and mirrored for as long
+        // as the phase lasts.
+        let updater = &self.updater;
+        let mut stopped = Vec::new();
+        self.staging_tasks.retain(|name, (sha256, task)| {
+            let wanted = updater.is_staging(name, sha256);
+            if !wanted {
+                info!(model = %name, "staging no longer wanted: stopped");
+                task.abort();
+                stopped.push(name.clone());
+            }
+            wanted
+        });
+        if !stopped.is_empty() {
+            let phases = self
+                .shadow_progress
+                .lock()
+                .map(|p| p.clone())
+                .unwrap_or_default();
+            for name in &stopped {
+                if let Some(Ok(mut p)) = phases.get(name).map(|p| p.lock()) {
+                    p.verdict.get_or_insert_with(|| "cancelled".into());
+                }
+            }
+            self.report().await;
+        }
     }
 
     async fn persist(&self, name: &str, record: &ModelRecord) -> Result<(), StoreError> {
@@ -1070,14 +1117,15 @@ impl Agent {
             crate::sys::release_free_memory();
             loaded
         };
-        self.staging.spawn(async move {
+        let task_name = (name.clone(), sha256.clone());
+        let task = self.staging.spawn(async move {
             let result = crate::priority::in_background("stage", load)
                 .await
                 .map_err(|e| Failure::new(ErrorKind::Staging, e))
                 .and_then(|r| r);
             let result = match (result, shadow) {
                 (Ok(candidate), Some(spec)) => {
-                    shadow_phase(&models, &progress, candidate, spec).await
+                    shadow_phase(models, &progress, candidate, spec).await
                 }
                 (result, _) => result,
             };
@@ -1087,6 +1135,7 @@ impl Agent {
                 result,
             }
         });
+        self.staging_tasks.insert(task_name.0, (task_name.1, task));
     }
 
     /// Persists the slot switch, then swaps the staged model in.

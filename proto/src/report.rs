@@ -181,7 +181,8 @@ pub struct ShadowSummary {
     /// The candidate's, µs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub candidate_p99_us: Option<u64>,
-    /// `passed`, `failed` or (while it runs) absent.
+    /// `passed`, `failed`, `cancelled` (the desired state moved on) or, while it runs,
+    /// absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verdict: Option<String>,
 }

@@ -208,3 +208,56 @@ fn a_rollout_gated_on_shadow_aborts_when_its_canary_disagrees() {
         }
     });
 }
+
+#[test]
+fn a_shadow_phase_stops_when_the_desired_state_moves_on() {
+    let fleet = Fleet::embedded();
+    let agent = fleet.start_agent_with("edge-1", &[], "[probation]\nrequests = 0\nseconds = 0\n");
+    let v1 = fleet.publish_example(1, 16);
+    fleet.deploy("classifier", 1, "*");
+    fleet.wait_serving("edge-1", "classifier", 1);
+    fleet.publish_example(2, 16);
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            for _ in 0..200_000 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let _ = agent.infer("classifier", &v1.golden[0].inputs);
+            }
+        });
+        let _stop = StopOnDrop(&stop);
+        // A phase of an hour that would compare a million answers.
+        fleet.deploy_shadowed(
+            "classifier",
+            2,
+            "*",
+            ShadowSpec {
+                requests: 1_000_000,
+                ..ShadowSpec::new(1)
+            },
+        );
+        let shadow = || {
+            fleet
+                .report("edge-1")?
+                .models
+                .get("classifier")?
+                .shadow
+                .clone()
+        };
+        wait_for("the phase running", Duration::from_secs(60), || {
+            shadow().filter(|s| s.compared > 0 && s.verdict.is_none())
+        });
+        // The operator changes their mind: v1 everywhere again.
+        fleet.deploy("classifier", 1, "*");
+        let s = wait_for("the phase cancelled", Duration::from_secs(60), || {
+            shadow().filter(|s| s.verdict.is_some())
+        });
+        assert_eq!(s.verdict.as_deref(), Some("cancelled"), "{s:?}");
+        // And the next version goes through at once, not an hour later.
+        fleet.publish_example(3, 16);
+        fleet.deploy("classifier", 3, "*");
+        fleet.wait_serving("edge-1", "classifier", 3);
+    });
+}

@@ -187,7 +187,7 @@ export interface ShadowSummary {
   ks?: number;
   serving_p99_us?: number;
   candidate_p99_us?: number;
-  verdict?: "passed" | "failed";
+  verdict?: "passed" | "failed" | "cancelled";
 }
 
 export interface ModelState {
