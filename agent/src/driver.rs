@@ -94,7 +94,7 @@ async fn shadow_phase(
         candidate.manifest().name.clone(),
         candidate.manifest().version,
     );
-    let running = crate::shadow::start(candidate.clone(), spec);
+    let running = crate::shadow::start(candidate.clone(), spec, models.in_flight());
     if let Ok(mut p) = progress.lock() {
         p.insert(name.clone(), running.progress.clone());
     }

@@ -47,6 +47,9 @@ pub struct RequestOutcome {
 pub struct Models {
     inner: ArcSwap<BTreeMap<String, Arc<LoadedModel>>>,
     shadows: ArcSwap<BTreeMap<String, Arc<crate::shadow::Feed>>>,
+    /// Inference requests running now (a shadow phase's candidate runs only when a core is
+    /// free of them).
+    in_flight: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Models {
@@ -58,6 +61,11 @@ impl Models {
     /// Names of the serving models.
     pub fn names(&self) -> Vec<String> {
         self.inner.load().keys().cloned().collect()
+    }
+
+    /// The count of inference requests running now.
+    pub fn in_flight(&self) -> Arc<std::sync::atomic::AtomicUsize> {
+        self.in_flight.clone()
     }
 
     /// The shadow phase the model called `name` is in, if any.
@@ -578,7 +586,17 @@ pub(crate) async fn infer_with<R: Send + 'static>(
     let served = model.clone();
     let sampler = api.sampler.clone();
     let shadow = api.models.shadow(name);
+    let in_flight = api.models.in_flight();
     let run = tokio::task::spawn_blocking(move || {
+        // Counted while it runs: a shadow candidate waits for a free core.
+        struct Running(Arc<std::sync::atomic::AtomicUsize>);
+        impl Drop for Running {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        in_flight.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let _running = Running(in_flight);
         let request = decode()?;
         let drawn = sampler.draw(&served.manifest().name);
         let started = std::time::Instant::now();

@@ -12,7 +12,7 @@
 //!   run its time.
 //! - The runner: [`Feed`], which the serving path offers each answered request to (a sampled
 //!   one is copied into a bounded queue, never waited for: a full queue drops it), and
-//!   [`start`], a thread of its own at background priority that runs the candidate on what
+//!   [`start`], a thread of its own at idle priority that runs the candidate on what
 //!   the feed queued and judges. The serving answer never waits for the candidate, and a
 //!   candidate that fails is judged failed at once. One that hangs cannot be stopped from
 //!   outside its thread: the driver gives up waiting at the phase's end (plus
@@ -35,6 +35,9 @@ pub const QUEUE: usize = 64;
 pub const MAX_DISTRIBUTION_VALUES: usize = 8192;
 /// Latencies of each side kept for the p99.
 pub const MAX_LATENCIES: usize = 8192;
+/// How long a mirrored request waits for a core free of serving requests before it is
+/// dropped.
+pub const FREE_CORE_WAIT: Duration = Duration::from_millis(50);
 /// How long past the phase's end the driver waits for a verdict before it judges the
 /// candidate hung.
 pub const HANG_GRACE: Duration = Duration::from_secs(30);
@@ -411,8 +414,16 @@ pub struct Running {
     pub verdict: tokio::sync::oneshot::Receiver<Verdict>,
 }
 
-/// Starts the shadow phase of `candidate` on a thread of its own at background priority.
-pub fn start(candidate: Arc<LoadedModel>, spec: ShadowSpec) -> Running {
+/// Starts the shadow phase of `candidate` on a thread of its own at idle priority. `serving`
+/// counts the inference requests running now: the candidate runs a mirrored request only
+/// when fewer than the machine's cores are busy with them (waiting up to
+/// [`FREE_CORE_WAIT`], else the copy is dropped), so that it does not take a core a serving
+/// request needs.
+pub fn start(
+    candidate: Arc<LoadedModel>,
+    spec: ShadowSpec,
+    serving: Arc<std::sync::atomic::AtomicUsize>,
+) -> Running {
     let (queue, receive) = sync_channel(QUEUE);
     let version = candidate.manifest().version;
     let feed = Arc::new(Feed {
@@ -426,10 +437,11 @@ pub fn start(candidate: Arc<LoadedModel>, spec: ShadowSpec) -> Running {
     let (tell, verdict) = tokio::sync::oneshot::channel();
     let (f, p) = (feed.clone(), progress.clone());
     let spawned = std::thread::Builder::new()
-        .name("shadow".into())
+        .name("modelcast-shadow".into())
+        .stack_size(crate::priority::WORK_STACK)
         .spawn(move || {
-            crate::priority::to_background();
-            run(candidate, spec, judge, receive, f, p, tell)
+            crate::priority::to_idle_for_good();
+            run(candidate, spec, judge, receive, (f, serving), p, tell)
         });
     if let Err(e) = spawned {
         warn!(error = %e, "the shadow thread did not start");
@@ -446,18 +458,31 @@ fn run(
     spec: ShadowSpec,
     mut judge: Judge,
     receive: Receiver<Mirrored>,
-    feed: Arc<Feed>,
+    (feed, serving): (Arc<Feed>, Arc<std::sync::atomic::AtomicUsize>),
     progress: Arc<Mutex<ShadowSummary>>,
     tell: tokio::sync::oneshot::Sender<Verdict>,
 ) {
     let mut budget = CpuBudget::new(spec.cpu_percent, Instant::now());
     let mut over_budget = 0u64;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let core_free = || {
+        let until = Instant::now() + FREE_CORE_WAIT;
+        loop {
+            if serving.load(Ordering::Relaxed) < cores {
+                return true;
+            }
+            if Instant::now() >= until {
+                return false;
+            }
+            std::thread::sleep(Duration::from_micros(500));
+        }
+    };
     loop {
         if tell.is_closed() {
             return;
         }
         match receive.recv_timeout(Duration::from_millis(250)) {
-            Ok(m) if budget.allows(Instant::now()) => {
+            Ok(m) if budget.allows(Instant::now()) && core_free() => {
                 let started = Instant::now();
                 let answer = candidate.run(&m.inputs);
                 let took = started.elapsed();

@@ -68,7 +68,16 @@ fn main() {
         Duration::ZERO,
         phase * 3 + Duration::from_secs(600),
     );
-    std::thread::sleep(phase);
+    // Every phase reads the device's report ten times a second, as the waits of the shadow
+    // phase do, so that only the shadow differs between them.
+    let watch = |d: Duration| {
+        let until = std::time::Instant::now() + d;
+        while std::time::Instant::now() < until {
+            let _ = fleet.report("edge-1");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    watch(phase);
     let before_to = hammer.elapsed();
     let spec = ShadowSpec {
         requests: modelcast_proto::desired::MAX_SHADOW_REQUESTS,
@@ -98,7 +107,7 @@ fn main() {
     let during_to = hammer.elapsed();
     fleet.wait_serving("edge-1", "classifier", 2);
     let after_from = hammer.elapsed() + Duration::from_secs(1);
-    std::thread::sleep(phase);
+    watch(phase);
     let shots = hammer.stop();
 
     let within = |from: Duration, to: Duration| -> Vec<&Shot> {
