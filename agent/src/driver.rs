@@ -45,6 +45,9 @@ const OUTCOME_QUEUE: usize = 4096;
 const SAMPLES_EVERY: Duration = Duration::from_secs(2);
 /// How often a device enrolled by claim looks at its certificate's age.
 const CERTIFICATE_EVERY: Duration = Duration::from_secs(5);
+/// How often a device reports while a shadow phase runs (its figures move with every
+/// compared request, and nothing else would report them until the phase ends).
+const SHADOW_REPORT_EVERY: Duration = Duration::from_secs(5);
 
 /// Why the agent could not start or had to stop.
 #[derive(Debug, Error)]
@@ -519,6 +522,8 @@ async fn control(
     samples_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut certificate_tick = tokio::time::interval(CERTIFICATE_EVERY);
     certificate_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut shadow_tick = tokio::time::interval(SHADOW_REPORT_EVERY);
+    shadow_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let wake = agent.updater.next_wake(Instant::now());
         tokio::select! {
@@ -530,6 +535,11 @@ async fn control(
                 agent.end_telemetry_interval().await;
             }
             _ = samples_tick.tick() => agent.store_samples(),
+            _ = shadow_tick.tick() => {
+                if agent.shadow_running() {
+                    agent.report().await;
+                }
+            }
             _ = certificate_tick.tick(), if agent.enrolled.is_some() => {
                 let (now, unix) = (Instant::now(), unix_now());
                 let enrolled = agent.enrolled.as_mut().expect("enrolled");
@@ -1209,6 +1219,14 @@ impl Agent {
         }
         let _ = self.store.flush().await;
         self.last_error = Some(error);
+    }
+
+    /// Whether a shadow phase is under way.
+    fn shadow_running(&self) -> bool {
+        self.shadow_progress.lock().is_ok_and(|p| {
+            p.values()
+                .any(|s| s.lock().is_ok_and(|s| s.verdict.is_none()))
+        })
     }
 
     async fn report(&mut self) {

@@ -54,14 +54,6 @@ fn set_nice(tid: i32, nice: i32) -> bool {
     )
 }
 
-/// Moves the calling thread to idle priority for good: [`IDLE_NICE`], and `SCHED_IDLE` where
-/// the process may raise threads (see [`to_idle`]). For work that must never take CPU from
-/// serving, however long it waits: a shadow phase's candidate ([`crate::shadow`]). Failure
-/// is ignored.
-pub fn to_idle_for_good() {
-    to_idle(current_thread());
-}
-
 /// Moves thread `tid` to [`IDLE_NICE`], and then to `SCHED_IDLE` if it may leave it again.
 fn to_idle(tid: i32) {
     // First the nice value, which SCHED_IDLE keeps: leaving SCHED_IDLE checks RLIMIT_NICE

@@ -12,7 +12,7 @@
 //!   run its time.
 //! - The runner: [`Feed`], which the serving path offers each answered request to (a sampled
 //!   one is copied into a bounded queue, never waited for: a full queue drops it), and
-//!   [`start`], a thread of its own at idle priority that runs the candidate on what
+//!   [`start`], a thread of its own at background priority that runs the candidate on what
 //!   the feed queued and judges. The serving answer never waits for the candidate, and a
 //!   candidate that fails is judged failed at once. One that hangs cannot be stopped from
 //!   outside its thread: the driver gives up waiting at the phase's end (plus
@@ -414,7 +414,9 @@ pub struct Running {
     pub verdict: tokio::sync::oneshot::Receiver<Verdict>,
 }
 
-/// Starts the shadow phase of `candidate` on a thread of its own at idle priority. `serving`
+/// Starts the shadow phase of `candidate` on a thread of its own at background priority
+/// (nice 10 with the shortest time slice, [`crate::priority::to_background`]: `SCHED_IDLE`
+/// would starve it on a busy device, and a phase that compares nothing fails). `serving`
 /// counts the inference requests running now: the candidate runs a mirrored request only
 /// when fewer than the machine's cores are busy with them (waiting up to
 /// [`FREE_CORE_WAIT`], else the copy is dropped), so that it does not take a core a serving
@@ -440,7 +442,7 @@ pub fn start(
         .name("modelcast-shadow".into())
         .stack_size(crate::priority::WORK_STACK)
         .spawn(move || {
-            crate::priority::to_idle_for_good();
+            crate::priority::to_background();
             run(candidate, spec, judge, receive, (f, serving), p, tell)
         });
     if let Err(e) = spawned {

@@ -126,6 +126,23 @@ pub struct DeployRequest {
     pub shadow: Option<modelcast_proto::desired::ShadowSpec>,
 }
 
+impl DeployRequest {
+    /// `model` v`version` to `group`, with no terms of its own.
+    pub fn new(model: &str, version: u64, group: &str) -> Self {
+        DeployRequest {
+            model: model.into(),
+            version,
+            group: group.into(),
+            by: String::new(),
+            probation: None,
+            sampling: None,
+            download: None,
+            backend: None,
+            shadow: None,
+        }
+    }
+}
+
 /// Query of `GET /api/v1/samples`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SampleRequest {

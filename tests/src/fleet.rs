@@ -10,17 +10,10 @@ use modelcast_ops::onnx;
 use modelcast_ops::publish::{publish_file, PublishOptions};
 use modelcast_proto::manifest::Manifest;
 use modelcast_proto::report::DeviceReport;
+use modelcast_server::api::DeployRequest;
 use modelcast_server::keyset;
 
 use crate::{bin, free_port, wait_for, Agent, AgentOptions, Mosquitto, Proc};
-
-/// A deployment's probation, sampling, download policy and backend pin.
-type DeployTerms = (
-    Option<modelcast_proto::desired::TrialThresholds>,
-    Option<modelcast_proto::desired::SamplingSpec>,
-    Option<modelcast_proto::desired::DownloadPolicy>,
-    Option<modelcast_proto::engine::Backend>,
-);
 
 /// A fleet: keys, a server, and the operators' API client.
 pub struct Fleet {
@@ -405,7 +398,10 @@ impl Fleet {
         group: &str,
         probation: Option<modelcast_proto::desired::TrialThresholds>,
     ) {
-        self.deploy_request(model, version, group, probation, None, None);
+        self.send_deploy(DeployRequest {
+            probation,
+            ..Self::deployment(model, version, group)
+        });
     }
 
     /// Deploys with a download policy (rate, maintenance window, metered links).
@@ -416,7 +412,10 @@ impl Fleet {
         group: &str,
         download: modelcast_proto::desired::DownloadPolicy,
     ) {
-        self.deploy_request(model, version, group, None, None, Some(download));
+        self.send_deploy(DeployRequest {
+            download: Some(download),
+            ..Self::deployment(model, version, group)
+        });
     }
 
     /// Deploys with sampling of inputs and outputs turned on (`None`: off).
@@ -427,19 +426,10 @@ impl Fleet {
         group: &str,
         sampling: Option<modelcast_proto::desired::SamplingSpec>,
     ) {
-        self.deploy_request(model, version, group, None, sampling, None);
-    }
-
-    fn deploy_request(
-        &self,
-        model: &str,
-        version: u64,
-        group: &str,
-        probation: Option<modelcast_proto::desired::TrialThresholds>,
-        sampling: Option<modelcast_proto::desired::SamplingSpec>,
-        download: Option<modelcast_proto::desired::DownloadPolicy>,
-    ) {
-        self.deploy_terms(model, version, group, (probation, sampling, download, None));
+        self.send_deploy(DeployRequest {
+            sampling,
+            ..Self::deployment(model, version, group)
+        });
     }
 
     /// Deploys `model` v`version` to `group` as `e2e`, pinned to `backend`.
@@ -450,29 +440,10 @@ impl Fleet {
         group: &str,
         backend: modelcast_proto::engine::Backend,
     ) {
-        self.deploy_terms(model, version, group, (None, None, None, Some(backend)));
-    }
-
-    fn deploy_terms(
-        &self,
-        model: &str,
-        version: u64,
-        group: &str,
-        (probation, sampling, download, backend): DeployTerms,
-    ) {
-        self.client
-            .deploy(&modelcast_server::api::DeployRequest {
-                model: model.into(),
-                version,
-                group: group.into(),
-                by: "e2e".into(),
-                probation,
-                sampling,
-                download,
-                backend,
-                shadow: None,
-            })
-            .expect("deploy");
+        self.send_deploy(DeployRequest {
+            backend: Some(backend),
+            ..Self::deployment(model, version, group)
+        });
     }
 
     /// Deploys with a shadow phase on each device before the version serves there.
@@ -483,19 +454,22 @@ impl Fleet {
         group: &str,
         shadow: modelcast_proto::desired::ShadowSpec,
     ) {
-        self.client
-            .deploy(&modelcast_server::api::DeployRequest {
-                model: model.into(),
-                version,
-                group: group.into(),
-                by: "e2e".into(),
-                probation: None,
-                sampling: None,
-                download: None,
-                backend: None,
-                shadow: Some(shadow),
-            })
-            .expect("deploy");
+        self.send_deploy(DeployRequest {
+            shadow: Some(shadow),
+            ..Self::deployment(model, version, group)
+        });
+    }
+
+    /// A deployment by `e2e` with no terms of its own.
+    fn deployment(model: &str, version: u64, group: &str) -> DeployRequest {
+        DeployRequest {
+            by: "e2e".into(),
+            ..DeployRequest::new(model, version, group)
+        }
+    }
+
+    fn send_deploy(&self, request: DeployRequest) {
+        self.client.deploy(&request).expect("deploy");
     }
 
     /// Starts a rollout as `e2e`.

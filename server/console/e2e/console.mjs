@@ -10,7 +10,7 @@
 //   MODEL, DEVICES    the model published as v1 (serving everywhere) and v2, and the devices
 //   SCREENSHOTS       optional: a folder for a screenshot of each page
 // Every wait is bounded; the first that fails ends the script with a non-zero status.
-import { chromium } from "playwright-core";
+import { act, launch } from "./browser.mjs";
 
 const base = process.env.CONSOLE_URL;
 const model = process.env.MODEL;
@@ -20,18 +20,7 @@ const WAIT = 60_000;
 
 const step = (what) => console.log(`console: ${what}`);
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  args: [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-  ],
-});
+const browser = await launch();
 
 async function shot(page, name) {
   if (!shots) return;
@@ -51,18 +40,6 @@ async function signIn(token) {
   await page.getByRole("button", { name: "Sign in" }).click();
   await page.locator("header .who").waitFor();
   return page;
-}
-
-/** Clicks an action's button, then its dialog's confirmation. */
-async function act(page, name) {
-  await page.locator(`button[data-action="${name}"]`).click();
-  const dialog = page.locator(`dialog[data-confirm="${name}"]`);
-  await dialog.waitFor();
-  await dialog.locator("button[data-confirm-yes]").click();
-  // Closed, or the API's refusal shown in the dialog.
-  const error = dialog.locator("[data-error]");
-  await Promise.race([dialog.waitFor({ state: "hidden" }), error.waitFor()]);
-  if (await error.isVisible()) throw new Error(`${name}: ${await error.textContent()}`);
 }
 
 try {

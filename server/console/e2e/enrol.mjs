@@ -2,32 +2,12 @@
 // overview; one is accepted and one rejected there, each after a confirmation.
 // Started by tests/tests/enrolment.rs with:
 //   CONSOLE_URL, TOKEN (optional: an admin's), ACCEPT and REJECT (device ids waiting)
-import { chromium } from "playwright-core";
+import { act, launch } from "./browser.mjs";
 
 const base = process.env.CONSOLE_URL;
 const step = (what) => console.log(`console: ${what}`);
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  args: [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-  ],
-});
+const browser = await launch();
 
-async function act(page, name) {
-  await page.locator(`button[data-action="${name}"]`).click();
-  const dialog = page.locator(`dialog[data-confirm="${name}"]`);
-  await dialog.waitFor();
-  await dialog.locator("button[data-confirm-yes]").click();
-  const error = dialog.locator("[data-error]");
-  await Promise.race([dialog.waitFor({ state: "hidden" }), error.waitFor()]);
-  if (await error.isVisible()) throw new Error(`${name}: ${await error.textContent()}`);
-}
 
 try {
   const page = await browser.newPage();

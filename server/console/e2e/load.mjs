@@ -3,24 +3,13 @@
 // fresh browser context each (no cache) and prints each time and the median, as JSON on the
 // last line. Started by tests/src/bin/bench-console.rs.
 //   CONSOLE_URL, TOKEN (optional), DEVICES, RUNS
-import { chromium } from "playwright-core";
+import { launch } from "./browser.mjs";
 
 const base = process.env.CONSOLE_URL;
 const devices = process.env.DEVICES;
 const runs = Number(process.env.RUNS || 5);
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  args: [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-  ],
-});
+const browser = await launch();
 const times = [];
 try {
   for (let i = 0; i < runs; i++) {

@@ -169,6 +169,21 @@ export function ModelPage() {
   );
 }
 
+function VersionSelect(props: { name: string; versions: number[]; value: string; set: (v: string) => void }) {
+  return (
+    <label>
+      version
+      <select name={props.name} value={props.value} onChange={(e) => props.set((e.target as HTMLSelectElement).value)}>
+        {props.versions.map((v) => (
+          <option key={v} value={v}>
+            v{v}
+          </option>
+        ))}
+      </select>
+    </label>
+  );
+}
+
 function DeployForm(props: { name: string; versions: number[] }) {
   const [version, setVersion] = useState(String(props.versions[0] ?? ""));
   const [group, setGroup] = useState("*");
@@ -176,16 +191,7 @@ function DeployForm(props: { name: string; versions: number[] }) {
     <Section title="Deploy" id="deploy">
       <p class="muted">Every device of the group is told to serve this version now.</p>
       <div class="form">
-        <label>
-          version
-          <select name="deploy-version" value={version} onChange={(e) => setVersion((e.target as HTMLSelectElement).value)}>
-            {props.versions.map((v) => (
-              <option key={v} value={v}>
-                v{v}
-              </option>
-            ))}
-          </select>
-        </label>
+        <VersionSelect name="deploy-version" versions={props.versions} value={version} set={setVersion} />
         <label>
           group
           <input name="deploy-group" value={group} onInput={(e) => setGroup((e.target as HTMLInputElement).value)} />
@@ -233,16 +239,7 @@ function RolloutForm(props: { name: string; versions: number[] }) {
     <Section title="Start a rollout" id="start-rollout">
       <p class="muted">Waves move the group a share at a time; a wave that fails its criteria aborts the rollout.</p>
       <div class="form">
-        <label>
-          version
-          <select name="rollout-version" value={version} onChange={(e) => setVersion((e.target as HTMLSelectElement).value)}>
-            {props.versions.map((v) => (
-              <option key={v} value={v}>
-                v{v}
-              </option>
-            ))}
-          </select>
-        </label>
+        <VersionSelect name="rollout-version" versions={props.versions} value={version} set={setVersion} />
         <label>group {input("rollout-group", group, setGroup)}</label>
         <label>waves (counts or shares) {input("rollout-waves", waves, setWaves)}</label>
         <label>failures allowed {input("rollout-max-failures", maxFailures, setMaxFailures)}</label>
