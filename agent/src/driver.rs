@@ -20,7 +20,7 @@ use modelcast_proto::engine::Backend as Pin;
 use modelcast_proto::keys::PublicKey;
 use modelcast_proto::manifest::Manifest;
 use modelcast_proto::metadata::{RoleVerifier, Signed};
-use modelcast_proto::report::{DeviceReport, ErrorKind, ReportedError, ShadowSummary, Slot};
+use modelcast_proto::report::{DeviceReport, ErrorKind, ReportedError, Slot};
 use modelcast_proto::verify::{verify_desired, TrustState};
 use thiserror::Error;
 use tokio::task::JoinSet;
@@ -82,65 +82,6 @@ pub enum AgentError {
 
 use crate::clock::unix_secs as unix_now;
 
-/// The shadow phase of a staged `candidate` (see [`crate::shadow`]): live requests mirrored
-/// to it until the judge's verdict, which decides whether it may go on to serve. The serving
-/// model is never touched; a candidate that hangs is given up at the phase's end plus
-/// [`crate::shadow::HANG_GRACE`].
-async fn shadow_phase(
-    models: Arc<Models>,
-    progress: &std::sync::Mutex<BTreeMap<String, Arc<std::sync::Mutex<ShadowSummary>>>>,
-    candidate: Arc<LoadedModel>,
-    spec: ShadowSpec,
-) -> Result<Arc<LoadedModel>, Failure> {
-    use crate::shadow::Verdict;
-    let (name, version) = (
-        candidate.manifest().name.clone(),
-        candidate.manifest().version,
-    );
-    let running = crate::shadow::start(candidate.clone(), spec, models.in_flight());
-    if let Ok(mut p) = progress.lock() {
-        p.insert(name.clone(), running.progress.clone());
-    }
-    info!(model = %name, version, requests = spec.requests, seconds = spec.seconds, sample_percent = spec.sample_percent, "shadow phase starts: live requests mirrored to the new version");
-    models.set_shadow(&name, Some(running.feed.clone()));
-    // Mirroring stops however the phase ends: a verdict, a hang, or the task stopped (the
-    // desired state moved on: the phase is reported cancelled).
-    struct Unmirror(Arc<Models>, String, Arc<std::sync::Mutex<ShadowSummary>>);
-    impl Drop for Unmirror {
-        fn drop(&mut self) {
-            self.0.set_shadow(&self.1, None);
-            if let Ok(mut p) = self.2.lock() {
-                p.verdict.get_or_insert_with(|| "cancelled".into());
-            }
-        }
-    }
-    let unmirror = Unmirror(models, name.clone(), running.progress.clone());
-    let limit = Duration::from_secs(spec.seconds) + crate::shadow::HANG_GRACE;
-    let verdict = tokio::time::timeout(limit, running.verdict).await;
-    drop(unmirror);
-    let fail = |why: String| Failure::new(ErrorKind::Shadow, format!("shadow: {why}"));
-    match verdict {
-        Ok(Ok(Verdict::Pass(s))) => {
-            info!(model = %name, version, compared = s.compared, agreement_permille = ?s.agreement_permille, mean_abs_diff = s.mean_abs_diff, "shadow phase passed");
-            Ok(candidate)
-        }
-        Ok(Ok(Verdict::Fail(why, s))) => {
-            warn!(model = %name, version, compared = s.compared, %why, "shadow phase failed: the new version never serves");
-            Err(fail(why))
-        }
-        Ok(Err(_)) => Err(fail("the phase's thread ended without a verdict".into())),
-        Err(_) => {
-            if let Ok(mut p) = running.progress.lock() {
-                p.verdict = Some("failed".into());
-            }
-            Err(fail(format!(
-                "the candidate hung: no verdict {} s after the phase's end",
-                crate::shadow::HANG_GRACE.as_secs()
-            )))
-        }
-    }
-}
-
 /// The outcome of staging one artifact.
 struct Staged {
     name: String,
@@ -171,7 +112,7 @@ struct Agent {
     /// The shadow phases deployments ask of new versions (the last verified desired state's).
     shadows: BTreeMap<String, ShadowSpec>,
     /// Each model's last shadow phase: its figures, while it runs and after (for reports).
-    shadow_progress: Arc<std::sync::Mutex<BTreeMap<String, Arc<std::sync::Mutex<ShadowSummary>>>>>,
+    shadow_progress: Arc<crate::shadow::Phases>,
     /// What the models served this interval.
     collector: Arc<Collector>,
     /// Requests kept whole where a deployment samples them.
@@ -1135,7 +1076,7 @@ impl Agent {
                 .and_then(|r| r);
             let result = match (result, shadow) {
                 (Ok(candidate), Some(spec)) => {
-                    shadow_phase(models, &progress, candidate, spec).await
+                    crate::shadow::phase(models, &progress, candidate, spec).await
                 }
                 (result, _) => result,
             };

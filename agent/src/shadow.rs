@@ -18,16 +18,19 @@
 //!   outside its thread: the driver gives up waiting at the phase's end (plus
 //!   [`HANG_GRACE`]), drops the feed so nothing more is queued, and reports it.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use modelcast_proto::desired::ShadowSpec;
-use modelcast_proto::report::ShadowSummary;
-use tracing::warn;
+use modelcast_proto::report::{ErrorKind, ShadowSummary};
+use tracing::{info, warn};
 
-use crate::engine::{HostTensor, LoadedModel};
+use crate::engine::{EngineError, HostTensor, LoadedModel};
+use crate::serve::Models;
+use crate::update::Failure;
 
 /// Mirrored requests waiting for the candidate at most; more are dropped.
 pub const QUEUE: usize = 64;
@@ -159,7 +162,7 @@ impl Judge {
         &mut self,
         serving: &[HostTensor],
         serving_latency: Duration,
-        candidate: Result<&[HostTensor], String>,
+        candidate: Result<&[HostTensor], &EngineError>,
         candidate_latency: Duration,
     ) {
         if self.failure.is_some() {
@@ -489,8 +492,7 @@ fn run(
                 let answer = candidate.run(&m.inputs);
                 let took = started.elapsed();
                 budget.spend(took);
-                let answer = answer.as_deref().map_err(|e| e.to_string());
-                judge.compare(&m.outputs, m.latency, answer, took);
+                judge.compare(&m.outputs, m.latency, answer.as_deref(), took);
             }
             Ok(_) => over_budget += 1,
             Err(RecvTimeoutError::Timeout) => {}
@@ -508,6 +510,67 @@ fn run(
             }
             let _ = tell.send(v);
             return;
+        }
+    }
+}
+
+/// Each model's last shadow phase: its figures, while it runs and after (for reports).
+pub type Phases = Mutex<BTreeMap<String, Arc<Mutex<ShadowSummary>>>>;
+
+/// The shadow phase of a staged `candidate` : live requests mirrored
+/// to it until the judge's verdict, which decides whether it may go on to serve. The serving
+/// model is never touched; a candidate that hangs is given up at the phase's end plus
+/// [`HANG_GRACE`].
+pub async fn phase(
+    models: Arc<Models>,
+    progress: &Phases,
+    candidate: Arc<LoadedModel>,
+    spec: ShadowSpec,
+) -> Result<Arc<LoadedModel>, Failure> {
+    let (name, version) = (
+        candidate.manifest().name.clone(),
+        candidate.manifest().version,
+    );
+    let running = start(candidate.clone(), spec, models.in_flight());
+    if let Ok(mut p) = progress.lock() {
+        p.insert(name.clone(), running.progress.clone());
+    }
+    info!(model = %name, version, requests = spec.requests, seconds = spec.seconds, sample_percent = spec.sample_percent, "shadow phase starts: live requests mirrored to the new version");
+    models.set_shadow(&name, Some(running.feed.clone()));
+    // Mirroring stops however the phase ends: a verdict, a hang, or the task stopped (the
+    // desired state moved on: the phase is reported cancelled).
+    struct Unmirror(Arc<Models>, String, Arc<Mutex<ShadowSummary>>);
+    impl Drop for Unmirror {
+        fn drop(&mut self) {
+            self.0.set_shadow(&self.1, None);
+            if let Ok(mut p) = self.2.lock() {
+                p.verdict.get_or_insert_with(|| "cancelled".into());
+            }
+        }
+    }
+    let unmirror = Unmirror(models, name.clone(), running.progress.clone());
+    let limit = Duration::from_secs(spec.seconds) + HANG_GRACE;
+    let verdict = tokio::time::timeout(limit, running.verdict).await;
+    drop(unmirror);
+    let fail = |why: String| Failure::new(ErrorKind::Shadow, format!("shadow: {why}"));
+    match verdict {
+        Ok(Ok(Verdict::Pass(s))) => {
+            info!(model = %name, version, compared = s.compared, agreement_permille = ?s.agreement_permille, mean_abs_diff = s.mean_abs_diff, "shadow phase passed");
+            Ok(candidate)
+        }
+        Ok(Ok(Verdict::Fail(why, s))) => {
+            warn!(model = %name, version, compared = s.compared, %why, "shadow phase failed: the new version never serves");
+            Err(fail(why))
+        }
+        Ok(Err(_)) => Err(fail("the phase's thread ended without a verdict".into())),
+        Err(_) => {
+            if let Ok(mut p) = running.progress.lock() {
+                p.verdict = Some("failed".into());
+            }
+            Err(fail(format!(
+                "the candidate hung: no verdict {} s after the phase's end",
+                HANG_GRACE.as_secs()
+            )))
         }
     }
 }
@@ -597,9 +660,9 @@ mod tests {
         let t0 = Instant::now();
         let out = [tensor("y", &[1, 3], &[0.1, 0.7, 0.2])];
         let mut j = Judge::new(spec(1000), 2, t0);
-        j.compare(&out, MS, Err("boom".into()), MS);
+        j.compare(&out, MS, Err(&EngineError::BadInput("boom".into())), MS);
         assert!(
-            matches!(j.verdict(t0), Some(Verdict::Fail(why, _)) if why.contains("failed on a live request: boom"))
+            matches!(j.verdict(t0), Some(Verdict::Fail(why, _)) if why.contains("failed on a live request: bad request: boom"))
         );
         let mut j = Judge::new(spec(1000), 2, t0);
         j.compare(&out, MS, Ok(&[tensor("y", &[1, 4], &[0.; 4])]), MS);

@@ -198,35 +198,42 @@ impl ShadowSpec {
         }
     }
 
-    /// Checks the ranges; the reason names the field.
-    pub fn validate(&self) -> Result<(), String> {
+    /// Checks the ranges.
+    pub fn validate(&self) -> Result<(), ShadowSpecError> {
+        let out = |field, range| Err(ShadowSpecError { field, range });
         if !(1..=MAX_SHADOW_REQUESTS).contains(&self.requests) {
-            return Err(format!(
-                "shadow requests must be within 1..={MAX_SHADOW_REQUESTS}"
-            ));
+            return out("requests", "1..=1000000");
         }
         if !(1..=MAX_TRIAL_SECS).contains(&self.seconds) {
-            return Err(format!(
-                "shadow seconds must be within 1..={MAX_TRIAL_SECS}"
-            ));
+            return out("seconds", "1..=2592000");
         }
         if !(1..=100).contains(&self.sample_percent) {
-            return Err("shadow sample_percent must be within 1..=100".into());
+            return out("sample_percent", "1..=100");
         }
         if !(1..=100).contains(&self.cpu_percent) {
-            return Err("shadow cpu_percent must be within 1..=100".into());
+            return out("cpu_percent", "1..=100");
         }
         if self.min_agreement_permille > 1000 {
-            return Err("shadow min_agreement_permille above 1000".into());
+            return out("min_agreement_permille", "0..=1000");
         }
         if self.max_ks_permille > 1000 {
-            return Err("shadow max_ks_permille above 1000".into());
+            return out("max_ks_permille", "0..=1000");
         }
         if self.max_p99_percent.is_some_and(|p| p < 100) {
-            return Err("shadow max_p99_percent below 100".into());
+            return out("max_p99_percent", "100 or more");
         }
         Ok(())
     }
+}
+
+/// A shadow spec's field out of its range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("shadow {field} must be {range}")]
+pub struct ShadowSpecError {
+    /// The field.
+    pub field: &'static str,
+    /// What it may be.
+    pub range: &'static str,
 }
 
 /// A deployment's sampling of inputs and outputs, for analysis: opt-in, off unless the
@@ -427,7 +434,8 @@ impl DirectorCustom {
             s.validate().map_err(CustomError::Terms)?;
         }
         if let Some(s) = &terms.shadow {
-            s.validate().map_err(CustomError::Terms)?;
+            s.validate()
+                .map_err(|e| CustomError::Terms(e.to_string()))?;
         }
         if let Some(d) = &terms.download {
             d.validate()

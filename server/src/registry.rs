@@ -585,7 +585,8 @@ pub async fn deploy(fleet: &Fleet, d: Deployment) -> Result<(Deployment, usize),
             .map_err(|e| RegistryError::Invalid(e.to_string()))?;
     }
     if let Some(s) = &d.shadow {
-        s.validate().map_err(RegistryError::Invalid)?;
+        s.validate()
+            .map_err(|e| RegistryError::Invalid(e.to_string()))?;
     }
     if fleet.db().model(&d.model, d.version).await?.is_none() {
         return Err(RegistryError::NotFound(format!(

@@ -200,7 +200,7 @@ impl RolloutSpec {
             p.validate().map_err(|e| e.to_string())?;
         }
         if let Some(s) = &self.shadow {
-            s.validate()?;
+            s.validate().map_err(|e| e.to_string())?;
         }
         Ok(())
     }

@@ -91,13 +91,10 @@ fn agent_features(version: &str) -> Vec<&str> {
 }
 
 /// What `modelcast-agent --version` says of the build at `path`. Asked up to three times: on
-/// a machine busy with a whole suite, starting a process can fail for a moment (and a build
-/// judged to lack features would be built again under the running tests).
+/// a machine busy with a whole suite, starting a process can fail (and a build judged to lack
+/// features would be built again under the running tests).
 fn agent_version(path: &Path) -> String {
-    for attempt in 0..3 {
-        if attempt > 0 {
-            std::thread::sleep(Duration::from_millis(500));
-        }
+    for _ in 0..3 {
         match Command::new(path).arg("--version").output() {
             Ok(o) if o.status.success() => {
                 return String::from_utf8_lossy(&o.stdout).trim().to_string()

@@ -24,8 +24,6 @@ const browser = await launch();
 
 async function shot(page, name) {
   if (!shots) return;
-  // Let the charts draw their last data.
-  await page.waitForTimeout(300);
   await page.screenshot({ path: `${shots}/${name}.png`, fullPage: true });
   step(`screenshot ${shots}/${name}.png`);
 }

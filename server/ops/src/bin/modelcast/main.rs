@@ -494,7 +494,7 @@ impl ShadowArgs {
                 .shadow_max_p99_ratio
                 .map(|r| (r * 100.0).round() as u32),
         };
-        spec.validate().map_err(anyhow::Error::msg)?;
+        spec.validate()?;
         Ok(Some(spec))
     }
 }
