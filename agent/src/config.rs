@@ -215,6 +215,11 @@ pub struct EngineConfig {
     /// seen, least recently used dropped first.
     #[serde(default = "default_plan_cache")]
     pub plan_cache: usize,
+    /// How tract computes FP16 models: `f32` (the default: widened when they load, FP16 still
+    /// at the API; this agent has no FP16 kernels, so it is ~1,000x faster) or `f16` (as the
+    /// model says, emulated: half the weight memory).
+    #[serde(default)]
+    pub fp16: crate::engine::tract::Fp16,
     /// The backend came from a deployment's pin, not from this file (set by
     /// [`EngineConfig::pinned`]).
     #[serde(skip)]
@@ -266,6 +271,7 @@ impl Default for EngineConfig {
             providers: default_providers(),
             threads: default_threads(),
             plan_cache: default_plan_cache(),
+            fp16: Default::default(),
             pinned: false,
         }
     }

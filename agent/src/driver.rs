@@ -15,12 +15,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use modelcast_proto::chunk::{ChunkReply, ChunkRequest};
-use modelcast_proto::desired::{DesiredState, SamplingSpec, ShadowSpec};
+use modelcast_proto::desired::{CanarySpec, DesiredState, SamplingSpec, ShadowSpec};
 use modelcast_proto::engine::Backend as Pin;
 use modelcast_proto::keys::PublicKey;
 use modelcast_proto::manifest::Manifest;
 use modelcast_proto::metadata::{RoleVerifier, Signed};
-use modelcast_proto::report::{DeviceReport, ErrorKind, ReportedError, Slot};
+use modelcast_proto::report::{CanaryState, DeviceReport, ErrorKind, ReportedError, Slot};
 use modelcast_proto::verify::{verify_desired, TrustState};
 use thiserror::Error;
 use tokio::task::JoinSet;
@@ -103,7 +103,8 @@ struct Agent {
     staging_tasks: BTreeMap<String, (String, tokio::task::AbortHandle)>,
     /// Models that passed staging, waiting for their [`Action::Activate`].
     staged: BTreeMap<String, Arc<LoadedModel>>,
-    /// The last good model of each model on trial, kept loaded to swap back at once.
+    /// The last good model of each model on trial, kept loaded to swap back at once (a
+    /// trial as a canary needs none: the last good model still serves).
     previous: BTreeMap<String, Arc<LoadedModel>>,
     last_error: Option<ReportedError>,
     desired_version: u64,
@@ -113,6 +114,9 @@ struct Agent {
     shadows: BTreeMap<String, ShadowSpec>,
     /// Each model's last shadow phase: its figures, while it runs and after (for reports).
     shadow_progress: Arc<crate::shadow::Phases>,
+    /// The traffic splits deployments ask for while new versions are on probation (the last
+    /// verified desired state's).
+    canaries: BTreeMap<String, CanarySpec>,
     /// What the models served this interval.
     collector: Arc<Collector>,
     /// Requests kept whole where a deployment samples them.
@@ -398,6 +402,7 @@ async fn control(
         pins: store.pins()?,
         shadows: store.shadows()?,
         shadow_progress: Default::default(),
+        canaries: store.canaries()?,
         collector,
         sampler,
         telemetry: Forwarder::new(cfg.telemetry.clone(), &cfg.device_id, &cfg.state_dir),
@@ -443,7 +448,19 @@ async fn control(
             .restore_backoff(&name, b.sha256, b.attempts, until);
     }
     for (name, previous) in restored.trials {
-        agent.previous.insert(name.clone(), previous);
+        // A canary resumes as one: the last good model serves, the trial its share.
+        match (agent.canaries.get(&name), agent.models.get(&name)) {
+            (Some(spec), Some(trial)) => {
+                agent
+                    .metrics
+                    .serving(&name, previous.slot(), previous.manifest().version);
+                agent.models.swap_in(previous);
+                agent.models.set_canary(trial, spec.clone());
+            }
+            _ => {
+                agent.previous.insert(name.clone(), previous);
+            }
+        }
         agent.updater.resume_trial(&name, Instant::now());
     }
     for (manifest, have) in restored.downloads {
@@ -680,6 +697,21 @@ impl Agent {
             .set_shadows(&shadows)
             .map_err(|e| e.to_string())?;
         self.shadows = shadows;
+        let canaries: BTreeMap<String, CanarySpec> = verified
+            .models()
+            .iter()
+            .filter_map(|m| Some((m.name.clone(), verified.canary(&m.name)?)))
+            .collect();
+        self.store
+            .set_canaries(&canaries)
+            .map_err(|e| e.to_string())?;
+        self.canaries = canaries;
+        let wanted: BTreeMap<String, u64> = verified
+            .models()
+            .iter()
+            .map(|m| (m.name.clone(), m.version))
+            .collect();
+        self.follow_canaries(&wanted);
         // An encrypted version whose content key does not open here is refused before a
         // byte of it downloads; what serves is untouched.
         let mut refused = Vec::new();
@@ -915,6 +947,15 @@ impl Agent {
                     if let Err(e) = self.persist(&name, &record).await {
                         warn!(model = %name, error = %e, "recording the commit failed");
                     }
+                    // A canary that passed takes all traffic.
+                    if let Some(canary) = self.models.canary(&name) {
+                        let model = canary.model.clone();
+                        self.metrics
+                            .serving(&name, model.slot(), model.manifest().version);
+                        info!(model = %name, version = model.manifest().version, "canary committed: it takes all traffic");
+                        self.models.swap_in(model);
+                        self.models.take_canary(&name);
+                    }
                     self.previous.remove(&name);
                     crate::sys::release_free_memory();
                 }
@@ -925,7 +966,10 @@ impl Agent {
                             warn!(model = %name, error = %e, "forgetting the rolled-back manifest failed");
                         }
                     }
-                    if let Some(model) = self.previous.remove(&name) {
+                    // A canary is dropped; the last good model never stopped serving.
+                    if self.models.take_canary(&name).is_some() {
+                        info!(model = %name, "canary dropped: the stable version takes all traffic");
+                    } else if let Some(model) = self.previous.remove(&name) {
                         self.metrics
                             .serving(&name, model.slot(), model.manifest().version);
                         self.models.swap_in(model);
@@ -1112,6 +1156,23 @@ impl Agent {
             return;
         }
         let (slot, version) = (model.slot(), model.manifest().version);
+        // On trial with a split asked for: it answers its share beside the serving model.
+        let split = self.canaries.get(&name).filter(|_| on_trial);
+        if let (Some(spec), Some(stable)) = (split, self.models.get(&name)) {
+            info!(
+                model = %name,
+                version,
+                %slot,
+                stable = stable.manifest().version,
+                percent = spec.percent,
+                key = spec.key.as_deref().unwrap_or("-"),
+                "canary: the new version answers its share beside the stable one while on probation"
+            );
+            self.models.set_canary(model, spec.clone());
+            crate::sys::release_free_memory();
+            self.updater.activated(&name, Instant::now());
+            return;
+        }
         let replaced = self.models.swap_in(model);
         info!(
             model = %name,
@@ -1162,6 +1223,39 @@ impl Agent {
         self.last_error = Some(error);
     }
 
+    /// Applies the desired state's splits to the canaries serving whose version it still
+    /// wants (`wanted`: each model's desired version): a new share at once; a split no longer
+    /// asked for (the deployment promoted the version) gives the canary all traffic for the
+    /// rest of its probation, the last good model kept to go back to. A canary whose version
+    /// the desired state moved away from is left to its trial (the updater defers the move).
+    fn follow_canaries(&mut self, wanted: &BTreeMap<String, u64>) {
+        for name in self.models.names() {
+            let Some(canary) = self.models.canary(&name) else {
+                continue;
+            };
+            if wanted.get(&name) != Some(&canary.model.manifest().version) {
+                continue;
+            }
+            match self.canaries.get(&name) {
+                Some(spec) if *spec == canary.spec => {}
+                Some(spec) => {
+                    info!(model = %name, percent = spec.percent, "canary share changed");
+                    self.models.set_canary(canary.model.clone(), spec.clone());
+                }
+                None => {
+                    let model = canary.model.clone();
+                    info!(model = %name, version = model.manifest().version, "canary promoted: it takes all traffic for the rest of its probation");
+                    self.metrics
+                        .serving(&name, model.slot(), model.manifest().version);
+                    if let Some(stable) = self.models.swap_in(model) {
+                        self.previous.insert(name.clone(), stable);
+                    }
+                    self.models.take_canary(&name);
+                }
+            }
+        }
+    }
+
     /// Whether a shadow phase is under way.
     fn shadow_running(&self) -> bool {
         self.shadow_progress.lock().is_ok_and(|p| {
@@ -1185,6 +1279,11 @@ impl Agent {
             state.shadow = shadows
                 .get(name)
                 .and_then(|s| s.lock().ok().map(|s| s.clone()));
+            state.canary = self.models.canary(name).map(|c| CanaryState {
+                version: c.model.manifest().version,
+                percent: c.spec.percent,
+                key: c.spec.key.clone(),
+            });
         }
         let report = DeviceReport {
             format: modelcast_proto::FORMAT_VERSION,

@@ -323,7 +323,11 @@ impl LoadedModel {
         reader: &mut dyn Read,
         plan_cache: usize,
     ) -> Result<Self, EngineError> {
-        let backend = Backend::Tract(tract::TractModel::load(manifest, reader, plan_cache)?);
+        let options = tract::TractOptions {
+            plan_cache,
+            ..Default::default()
+        };
+        let backend = Backend::Tract(tract::TractModel::load(manifest, reader, options)?);
         Ok(Self::serving(manifest, slot, backend, 1))
     }
 
@@ -365,7 +369,10 @@ impl LoadedModel {
             Candidate::Tract => Backend::Tract(tract::TractModel::load(
                 manifest,
                 reader,
-                engine.plan_cache,
+                tract::TractOptions {
+                    plan_cache: engine.plan_cache,
+                    fp16: engine.fp16,
+                },
             )?),
             #[cfg(feature = "ort")]
             Candidate::Onnxruntime => {
@@ -406,6 +413,16 @@ impl LoadedModel {
             Backend::Tract(_) => "tract",
             #[cfg(feature = "ort")]
             Backend::Onnxruntime(m) => m.name(),
+        }
+    }
+
+    /// Whether its FP16 operations compute in FP32 (tract's `[engine] fp16 = "f32"` on a
+    /// model that has them).
+    pub fn fp16_widened(&self) -> bool {
+        match &self.backend {
+            Backend::Tract(m) => m.widened(),
+            #[cfg(feature = "ort")]
+            Backend::Onnxruntime(_) => false,
         }
     }
 
@@ -764,7 +781,7 @@ pub fn stage<R: Read, E: Into<crate::update::Failure>>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use modelcast_proto::manifest::ModelFormat;
+    use modelcast_proto::manifest::{ModelFormat, TensorSpec};
     use modelcast_proto::verify::fixture;
 
     const V2_ONNX: &[u8] = include_bytes!("../tests/fixtures/classifier-v2.onnx");
@@ -821,6 +838,63 @@ mod tests {
         for garbage in [&b""[..], b"\x1f\x8b not gzip", &[0u8; 1024]] {
             assert!(LoadedModel::load(&m, Slot::A, &mut &garbage[..]).is_err());
         }
+    }
+
+    /// An NNEF model computing `y = x * w + b` in FP16, its input and output FP16.
+    fn fp16_model() -> (Manifest, Vec<u8>) {
+        use tract_nnef::prelude::*;
+        use tract_nnef::tract_core::ops::math;
+        let half = |v: [f32; 4]| v.map(f16::from_f32);
+        let mut model = TypedModel::default();
+        let x = model.add_source("x", f16::fact([1, 4])).unwrap();
+        let w = model
+            .add_const("w", tensor2(&[half([0.5, -1.5, 2.0, 0.25])]))
+            .unwrap();
+        let b = model.add_const("b", tensor2(&[half([1.0; 4])])).unwrap();
+        let xw = model.wire_node("xw", math::mul(), &[x, w]).unwrap();
+        let y = model.wire_node("y", math::add(), &[xw[0], b]).unwrap();
+        model.select_output_outlets(&y).unwrap();
+        let mut tar = Vec::new();
+        tract_nnef::nnef().write_to_tar(&model, &mut tar).unwrap();
+        let mut m = fixture::manifest("half", 1, &tar, 1024);
+        m.model_format = ModelFormat::Nnef;
+        m.inputs = vec![TensorSpec::fixed("x", DataType::Fp16, vec![1, 4])];
+        m.outputs = vec![TensorSpec::fixed("y", DataType::Fp16, vec![1, 4])];
+        (m, tar)
+    }
+
+    #[test]
+    fn fp16_models_compute_in_fp32_and_keep_fp16_at_the_api() {
+        use tract_nnef::prelude::f16;
+        let (m, tar) = fp16_model();
+        let x: Vec<u8> = [1.0f32, 2.0, -0.5, 4.0]
+            .iter()
+            .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+            .collect();
+        let input = vec![HostTensor {
+            name: "x".into(),
+            shape: vec![1, 4],
+            values: Values::new(DataType::Fp16, x).unwrap(),
+        }];
+        let mut answers = Vec::new();
+        for (fp16, widened) in [(tract::Fp16::F32, true), (tract::Fp16::F16, false)] {
+            let engine = EngineConfig {
+                fp16,
+                ..Default::default()
+            };
+            let model = LoadedModel::load_on(&m, Slot::A, &mut &tar[..], &engine).unwrap();
+            assert_eq!(model.fp16_widened(), widened);
+            let out = model.run(&input).unwrap();
+            assert_eq!(out[0].values.datatype(), DataType::Fp16);
+            assert_eq!(out[0].shape, vec![1, 4]);
+            answers.push(out[0].values.to_f64());
+        }
+        assert_eq!(answers[0], vec![1.5, -2.0, 0.0, 2.0]);
+        assert_eq!(answers[0], answers[1]);
+        // A model without FP16 is not touched.
+        let plain = manifest(V2_NNEF, ModelFormat::Nnef);
+        let model = LoadedModel::load(&plain, Slot::A, &mut &V2_NNEF[..]).unwrap();
+        assert!(!model.fp16_widened());
     }
 
     #[cfg(not(feature = "onnx"))]

@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status};
 
 use crate::engine::{HostTensor, Values};
 use crate::kserve::{CodecError, InferRequest, RequestedOutput};
-use crate::serve::{infer_with, lookup, Answer, Api};
+use crate::serve::{canary_key, infer_with, lookup, Answer, Api};
 
 /// The generated protocol types and service.
 pub mod pb {
@@ -385,12 +385,8 @@ impl GrpcInferenceService for Service {
     ) -> Result<Response<pb::ModelStatisticsResponse>, Status> {
         let r = req.into_inner();
         let model_stats = if r.name.is_empty() {
-            let models = self.api.models.names();
-            models
-                .iter()
-                .filter_map(|n| self.api.models.get(n))
-                .map(|m| model_statistics(&m))
-                .collect()
+            let models = self.api.models.answering();
+            models.iter().map(|m| model_statistics(m)).collect()
         } else {
             let model =
                 lookup(&self.api, &r.name, version(&r.version)).map_err(Status::not_found)?;
@@ -403,11 +399,10 @@ impl GrpcInferenceService for Service {
         &self,
         _: Request<pb::RepositoryIndexRequest>,
     ) -> Result<Response<pb::RepositoryIndexResponse>, Status> {
-        let models = self.api.models.names();
+        let models = self.api.models.answering();
         Ok(Response::new(pb::RepositoryIndexResponse {
             models: models
                 .iter()
-                .filter_map(|n| self.api.models.get(n))
                 .map(|m| pb::repository_index_response::ModelIndex {
                     name: m.manifest().name.clone(),
                     version: m.manifest().version.to_string(),
@@ -422,6 +417,8 @@ impl GrpcInferenceService for Service {
         &self,
         req: Request<pb::ModelInferRequest>,
     ) -> Result<Response<pb::ModelInferResponse>, Status> {
+        let key = canary_key(&self.api, &req.get_ref().model_name)
+            .and_then(|k| Some(req.metadata().get(k.as_str())?.as_bytes().to_vec()));
         let r = req.into_inner();
         let (name, version) = (r.model_name.clone(), r.model_version.clone());
         let max = self.api.max_tensor_bytes;
@@ -429,6 +426,7 @@ impl GrpcInferenceService for Service {
             &self.api,
             &name,
             (!version.is_empty()).then_some(version.as_str()),
+            key.as_deref(),
             move || decode(r, max),
             encode,
         )

@@ -141,6 +141,12 @@ impl Probation {
         self.trial.record(ok, latency);
     }
 
+    /// Records one request answered (or failed) by the last good model meanwhile (it still
+    /// serves beside a canary): the comparison is then with what it does under the same load.
+    pub fn record_baseline(&mut self, ok: bool, latency: Duration) {
+        self.baseline.record(ok, latency);
+    }
+
     /// When the trial is judged at the latest.
     pub fn deadline(&self) -> Instant {
         self.started + Duration::from_secs(self.policy.seconds).min(MAX_TRIAL)

@@ -4,9 +4,12 @@
 //!
 //! [`Models`] holds the serving model of each name behind one `ArcSwap`: a swap is a single
 //! atomic pointer exchange, and a request that already holds an `Arc` to the old model
-//! finishes on it.
+//! finishes on it. A name may also have a [`Canary`]: a new version on probation that
+//! answers a share of the requests naming no version ([`route`]). Clients may name a version
+//! by number or by label, `stable` (the serving one) or `canary`.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -16,6 +19,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
+use modelcast_proto::desired::CanarySpec;
 use modelcast_proto::manifest::{DataType, TensorSpec};
 use serde_json::{json, Value};
 
@@ -42,10 +46,36 @@ pub struct RequestOutcome {
     pub latency: std::time::Duration,
 }
 
-/// The serving model of each name, and the new versions in a shadow phase beside them.
+/// A new version serving a share of its name's requests beside the stable one, while on
+/// probation (a deployment's `custom.canary`).
+pub struct Canary {
+    /// The new version.
+    pub model: Arc<LoadedModel>,
+    /// Its share, and the header that keeps clients on one version.
+    pub spec: CanarySpec,
+    /// Requests split by count so far.
+    counted: AtomicU64,
+}
+
+impl Canary {
+    /// Whether the next request, with `key` the value of the spec's header if it had one,
+    /// goes to the canary.
+    fn takes(&self, key: Option<&[u8]>) -> bool {
+        match key {
+            Some(value) if self.spec.key.is_some() => self.spec.by_key(value),
+            _ => self
+                .spec
+                .by_count(self.counted.fetch_add(1, Ordering::Relaxed)),
+        }
+    }
+}
+
+/// The serving model of each name, the new versions serving a share beside them (canaries),
+/// and those in a shadow phase.
 #[derive(Default)]
 pub struct Models {
     inner: ArcSwap<BTreeMap<String, Arc<LoadedModel>>>,
+    canaries: ArcSwap<BTreeMap<String, Arc<Canary>>>,
     shadows: ArcSwap<BTreeMap<String, Arc<crate::shadow::Feed>>>,
     /// Inference requests running now (a shadow phase's candidate runs only when a core is
     /// free of them).
@@ -56,6 +86,17 @@ impl Models {
     /// The serving model called `name`.
     pub fn get(&self, name: &str) -> Option<Arc<LoadedModel>> {
         self.inner.load().get(name).cloned()
+    }
+
+    /// Every loaded version that answers requests: the serving ones, then the canaries.
+    pub fn answering(&self) -> Vec<Arc<LoadedModel>> {
+        let serving = self.inner.load();
+        let canaries = self.canaries.load();
+        serving
+            .values()
+            .cloned()
+            .chain(canaries.values().map(|c| c.model.clone()))
+            .collect()
     }
 
     /// Names of the serving models.
@@ -83,6 +124,40 @@ impl Models {
             };
             next
         });
+    }
+
+    /// The canary of `name`, if it has one.
+    pub fn canary(&self, name: &str) -> Option<Arc<Canary>> {
+        self.canaries.load().get(name).cloned()
+    }
+
+    /// Has `model` answer `spec`'s share of its name's requests beside the serving one;
+    /// returns the canary it replaced.
+    pub fn set_canary(&self, model: Arc<LoadedModel>, spec: CanarySpec) -> Option<Arc<Canary>> {
+        let name = model.manifest().name.clone();
+        let canary = Arc::new(Canary {
+            model,
+            spec,
+            counted: AtomicU64::new(0),
+        });
+        let mut previous = None;
+        self.canaries.rcu(|current| {
+            let mut next = (**current).clone();
+            previous = next.insert(name.clone(), canary.clone());
+            next
+        });
+        previous
+    }
+
+    /// Ends `name`'s split: the canary answers nothing more (requests running on it finish).
+    pub fn take_canary(&self, name: &str) -> Option<Arc<Canary>> {
+        let mut taken = None;
+        self.canaries.rcu(|current| {
+            let mut next = (**current).clone();
+            taken = next.remove(name);
+            next
+        });
+        taken
     }
 
     /// Makes `model` the serving one of its name; returns the one it replaced.
@@ -281,9 +356,8 @@ async fn model_ready_v(
 async fn repository_index(State(api): State<Api>) -> Json<Value> {
     let models: Vec<Value> = api
         .models
-        .names()
+        .answering()
         .iter()
-        .filter_map(|n| api.models.get(n))
         .map(|m| {
             json!({
                 "name": m.manifest().name,
@@ -317,7 +391,8 @@ fn config_json(specs: &[TensorSpec]) -> Vec<Value> {
         .collect()
 }
 
-/// The serving model, or the 404 message.
+/// The model `version` names (a number, or the label `stable` or `canary`), or the serving
+/// one; the 404 message otherwise.
 pub(crate) fn lookup(
     api: &Api,
     name: &str,
@@ -327,15 +402,53 @@ pub(crate) fn lookup(
         .models
         .get(name)
         .ok_or_else(|| format!("model {name:?} is not serving"))?;
-    if let Some(v) = version {
-        if v != model.manifest().version.to_string() {
-            return Err(format!(
+    let canary = api.models.canary(name);
+    let Some(v) = version else {
+        return Ok(model);
+    };
+    match v {
+        "stable" => Ok(model),
+        "canary" => canary
+            .map(|c| c.model.clone())
+            .ok_or_else(|| format!("model {name:?} has no canary")),
+        v if v == model.manifest().version.to_string() => Ok(model),
+        v => match canary {
+            Some(c) if v == c.model.manifest().version.to_string() => Ok(c.model.clone()),
+            Some(c) => Err(format!(
+                "model {name:?} serves versions {} (stable) and {} (canary), not {v}",
+                model.manifest().version,
+                c.model.manifest().version
+            )),
+            None => Err(format!(
                 "model {name:?} serves version {}, not {v}",
                 model.manifest().version
-            ));
+            )),
+        },
+    }
+}
+
+/// The model that answers an inference request: the one `version` names, else the canary
+/// for its share (by `key`, the value of the canary's header if the request has it), else
+/// the serving one.
+pub(crate) fn route(
+    api: &Api,
+    name: &str,
+    version: Option<&str>,
+    key: Option<&[u8]>,
+) -> Result<Arc<LoadedModel>, String> {
+    if version.is_none() {
+        if let Some(canary) = api.models.canary(name) {
+            if api.models.get(name).is_some() && canary.takes(key) {
+                return Ok(canary.model.clone());
+            }
         }
     }
-    Ok(model)
+    lookup(api, name, version)
+}
+
+/// The header a canary of `name` is keyed by, if it has one.
+pub(crate) fn canary_key(api: &Api, name: &str) -> Option<String> {
+    api.models.canary(name)?.spec.key.clone()
 }
 
 async fn model_metadata(State(api): State<Api>, Path(name): Path<String>) -> Response {
@@ -353,9 +466,19 @@ fn metadata(api: &Api, name: &str, version: Option<&str>) -> Response {
     match lookup(api, name, version) {
         Ok(model) => {
             let m = model.manifest();
-            Json(json!({
+            // Every version of the name that answers: the serving one, and its canary.
+            let mut versions = vec![];
+            if let Some(stable) = api.models.get(name) {
+                versions.push(stable.manifest().version.to_string());
+            }
+            let canary = api.models.canary(name);
+            if let Some(c) = &canary {
+                versions.push(c.model.manifest().version.to_string());
+            }
+            let is_canary = canary.is_some_and(|c| Arc::ptr_eq(&c.model, &model));
+            let mut body = json!({
                 "name": m.name,
-                "versions": [m.version.to_string()],
+                "versions": versions,
                 "platform": model.platform(),
                 "inputs": spec_json(&m.inputs),
                 "outputs": spec_json(&m.outputs),
@@ -363,9 +486,14 @@ fn metadata(api: &Api, name: &str, version: Option<&str>) -> Response {
                     "slot": model.slot().to_string(),
                     "sha256": m.sha256,
                     "engine": model.backend_name(),
+                    "label": if is_canary { "canary" } else { "stable" },
                 },
-            }))
-            .into_response()
+            });
+            if model.fp16_widened() {
+                // Its FP16 operations compute in FP32 (`[engine] fp16`).
+                body["parameters"]["fp16_computed_as"] = json!("FP32");
+            }
+            Json(body).into_response()
         }
         Err(e) => error(StatusCode::NOT_FOUND, e),
     }
@@ -437,10 +565,9 @@ fn stats_json(model: &LoadedModel) -> Value {
 async fn all_stats(State(api): State<Api>) -> Json<Value> {
     let stats: Vec<Value> = api
         .models
-        .names()
+        .answering()
         .iter()
-        .filter_map(|n| api.models.get(n))
-        .map(|m| stats_json(&m))
+        .map(|m| stats_json(m))
         .collect();
     Json(json!({ "model_stats": stats }))
 }
@@ -505,10 +632,12 @@ async fn run_infer(
         },
     };
     let max_tensor = api.max_tensor_bytes;
+    let key = canary_key(&api, &name).and_then(|k| Some(headers.get(k)?.as_bytes().to_vec()));
     let answer = infer_with(
         &api,
         &name,
         version.as_deref(),
+        key.as_deref(),
         move || kserve::parse_request(&body, header_length, max_tensor),
         |model, request, outputs| {
             let chosen = kserve::select_outputs(outputs, request)?;
@@ -565,6 +694,7 @@ pub(crate) async fn infer_with<R: Send + 'static>(
     api: &Api,
     name: &str,
     version: Option<&str>,
+    key: Option<&[u8]>,
     decode: impl FnOnce() -> Result<kserve::InferRequest, kserve::CodecError> + Send + 'static,
     encode: impl FnOnce(
             &LoadedModel,
@@ -574,7 +704,7 @@ pub(crate) async fn infer_with<R: Send + 'static>(
         + Send
         + 'static,
 ) -> Answer<R> {
-    let model = match lookup(api, name, version) {
+    let model = match route(api, name, version, key) {
         Ok(m) => m,
         Err(e) => return Answer::NotFound(e),
     };

@@ -207,6 +207,7 @@ impl Store {
         self.sampling()?;
         self.pins()?;
         self.shadows()?;
+        self.canaries()?;
         Ok(())
     }
 
@@ -703,6 +704,27 @@ impl Store {
         shadows: &BTreeMap<String, modelcast_proto::desired::ShadowSpec>,
     ) -> Result<(), StoreError> {
         self.meta.insert("shadows", encode(shadows))?;
+        Ok(())
+    }
+
+    /// The traffic splits deployments ask for while models' new versions are on probation,
+    /// as the last desired state said (`meta` `canaries`): a trial resumed after a restart
+    /// keeps its share.
+    pub fn canaries(
+        &self,
+    ) -> Result<BTreeMap<String, modelcast_proto::desired::CanarySpec>, StoreError> {
+        match self.meta.get("canaries")? {
+            Some(bytes) => decode("canaries", &bytes),
+            None => Ok(BTreeMap::new()),
+        }
+    }
+
+    /// Keeps the traffic splits of the desired state just verified.
+    pub fn set_canaries(
+        &self,
+        canaries: &BTreeMap<String, modelcast_proto::desired::CanarySpec>,
+    ) -> Result<(), StoreError> {
+        self.meta.insert("canaries", encode(canaries))?;
         Ok(())
     }
 

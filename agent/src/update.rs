@@ -445,6 +445,7 @@ impl Updater {
                     update: m.progress.clone(),
                     engine: None,
                     shadow: None,
+                    canary: None,
                 };
                 (name.clone(), state)
             })
@@ -881,7 +882,14 @@ impl Updater {
             return;
         };
         if m.record.active != Some(slot) {
-            return; // Finished on a model swapped out since.
+            // The last good model, serving beside a canary on trial: the trial's baseline.
+            // Otherwise a request that finished on a model swapped out since.
+            if let (Step::Trial(p), Some(trial)) = (&mut m.step, &m.record.trial) {
+                if trial.previous == slot {
+                    p.record_baseline(ok, latency);
+                }
+            }
+            return;
         }
         match &mut m.step {
             Step::Trial(p) => p.record(ok, latency),

@@ -236,6 +236,73 @@ pub struct ShadowSpecError {
     pub range: &'static str,
 }
 
+/// A deployment's traffic split (`custom.canary`): the new version serves beside the one it
+/// replaces, answering `percent` of the requests that name no version, while probation
+/// judges it on that share alone. Probation's commit gives it all traffic; its rollback drops
+/// it, and the version it was to replace never stopped serving. Clients can also ask for
+/// either by label (`stable`, `canary`) or by version number.
+///
+/// Without `key` the share is kept by count (of every 100 requests, exactly `percent` go to
+/// the canary, spread evenly); with it, the value of that request header (gRPC: metadata)
+/// decides, so requests with the same value always reach the same version (sticky), and
+/// requests without it are split by count.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CanarySpec {
+    /// Share of requests the new version answers, percent (1..=99).
+    pub percent: u32,
+    /// The request header whose value picks the version: lowercase letters, digits and `-`,
+    /// at most [`MAX_CANARY_KEY`] bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+}
+
+/// Longest header name a canary may be keyed by.
+pub const MAX_CANARY_KEY: usize = 64;
+
+impl CanarySpec {
+    /// Checks the ranges.
+    pub fn validate(&self) -> Result<(), CanarySpecError> {
+        if !(1..=99).contains(&self.percent) {
+            return Err(CanarySpecError::Percent);
+        }
+        if let Some(key) = &self.key {
+            let token = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-';
+            if key.is_empty() || key.len() > MAX_CANARY_KEY || !key.bytes().all(token) {
+                return Err(CanarySpecError::Key);
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the request numbered `n` (0, 1, …) of those without a key goes to the canary:
+    /// exactly `percent` of every 100 consecutive ones, spread evenly.
+    pub fn by_count(&self, n: u64) -> bool {
+        let p = u64::from(self.percent);
+        (n % 100 + 1) * p / 100 > (n % 100) * p / 100
+    }
+
+    /// Whether a request whose key header has `value` goes to the canary: the same value,
+    /// the same answer; values spread evenly over 10,000 buckets (SHA-256 of the value).
+    pub fn by_key(&self, value: &[u8]) -> bool {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::digest(value);
+        let bucket = u64::from_be_bytes(digest[..8].try_into().expect("8 bytes")) % 10_000;
+        bucket < u64::from(self.percent) * 100
+    }
+}
+
+/// A canary spec out of range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum CanarySpecError {
+    /// Not 1..=99.
+    #[error("canary percent must be 1..=99")]
+    Percent,
+    /// Not a header name of lowercase letters, digits and `-`.
+    #[error("canary key must be a header name of 1..=64 lowercase letters, digits and '-'")]
+    Key,
+}
+
 /// A deployment's sampling of inputs and outputs, for analysis: opt-in, off unless the
 /// director puts it in the device's signed target (`custom.sampling`). The agent keeps one
 /// request in `1000 / rate_permille` (drawn at random) with its outputs, holds at most
@@ -373,6 +440,10 @@ pub struct TargetTerms {
     /// A shadow phase before the version serves (`custom.shadow`); absent: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shadow: Option<ShadowSpec>,
+    /// A traffic split while the version is on probation (`custom.canary`); absent: it
+    /// takes all traffic when it swaps in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<CanarySpec>,
     /// Which of the version's forms the device downloads (`custom.form`), chosen by the
     /// director for this device ([`crate::engine::choose_form`]); absent: the manifest's own
     /// artifact.
@@ -435,6 +506,10 @@ impl DirectorCustom {
         }
         if let Some(s) = &terms.shadow {
             s.validate()
+                .map_err(|e| CustomError::Terms(e.to_string()))?;
+        }
+        if let Some(c) = &terms.canary {
+            c.validate()
                 .map_err(|e| CustomError::Terms(e.to_string()))?;
         }
         if let Some(d) = &terms.download {
@@ -563,6 +638,69 @@ mod tests {
     }
 
     #[test]
+    fn a_canary_signs_and_a_bad_one_is_refused() {
+        let custom = DirectorCustom {
+            device: "edge-1".into(),
+            terms: TargetTerms {
+                canary: Some(CanarySpec {
+                    percent: 10,
+                    key: Some("x-user-id".into()),
+                }),
+                ..TargetTerms::default()
+            },
+        };
+        let value = custom.to_value();
+        assert!(crate::keys::canonical_json(&value).is_ok());
+        assert_eq!(DirectorCustom::from_value(Some(&value)), Ok(custom));
+        for (percent, key) in [
+            (0, None),
+            (100, None),
+            (10, Some("")),
+            (10, Some("X-User")),
+            (10, Some("x user")),
+            (10, Some("x:y")),
+        ] {
+            let bad = CanarySpec {
+                percent,
+                key: key.map(String::from),
+            };
+            assert!(bad.validate().is_err(), "{bad:?}");
+            let mut value = serde_json::json!({ "device": "edge-1" });
+            value["canary"] = serde_json::to_value(&bad).unwrap();
+            assert!(
+                matches!(
+                    DirectorCustom::from_value(Some(&value)),
+                    Err(CustomError::Terms(_))
+                ),
+                "{bad:?}"
+            );
+        }
+        let long = CanarySpec {
+            percent: 10,
+            key: Some("k".repeat(MAX_CANARY_KEY + 1)),
+        };
+        assert_eq!(long.validate(), Err(CanarySpecError::Key));
+    }
+
+    #[test]
+    fn keyed_canaries_are_sticky_and_hold_their_share() {
+        let spec = CanarySpec {
+            percent: 10,
+            key: Some("x-user-id".into()),
+        };
+        let users = 10_000;
+        let chosen = (0..users)
+            .filter(|u| spec.by_key(format!("user-{u}").as_bytes()))
+            .count();
+        // 10 % of 10,000 users within one percentage point.
+        assert!((900..=1100).contains(&chosen), "{chosen}");
+        for u in 0..100 {
+            let key = format!("user-{u}");
+            assert_eq!(spec.by_key(key.as_bytes()), spec.by_key(key.as_bytes()));
+        }
+    }
+
+    #[test]
     fn the_director_custom_object_round_trips_and_refuses_what_it_must() {
         let custom = DirectorCustom {
             device: "edge-1".into(),
@@ -587,6 +725,7 @@ mod tests {
                 }),
                 backend: Some(crate::engine::Backend::Onnxruntime),
                 shadow: None,
+                canary: None,
                 form: Some(crate::manifest::ModelFormat::Onnx),
                 key_wrap: Some(crate::seal::KeyWrap {
                     enc: "ab".repeat(32),
@@ -675,6 +814,23 @@ mod tests {
             },
         ] {
             assert!(bad.validate().is_err(), "{bad:?}");
+        }
+    }
+
+    proptest! {
+        /// Counted canaries take exactly their share of any 100 consecutive requests from
+        /// the first, and never two in a row below 50 %.
+        #[test]
+        fn counted_canaries_take_exactly_their_share(percent in 1u32..=99, start in 0u64..1_000_000) {
+            let spec = CanarySpec { percent, key: None };
+            let from = start - start % 100;
+            let taken = (from..from + 100).filter(|n| spec.by_count(*n)).count();
+            prop_assert_eq!(taken as u32, percent);
+            if percent <= 50 {
+                for n in start..start + 200 {
+                    prop_assert!(!(spec.by_count(n) && spec.by_count(n + 1)));
+                }
+            }
         }
     }
 

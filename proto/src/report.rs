@@ -151,6 +151,21 @@ pub struct ModelState {
     /// The last shadow phase of a new version: under way, passed or failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shadow: Option<ShadowSummary>,
+    /// A new version on probation answering a share beside the last good one, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<CanaryState>,
+}
+
+/// A new version on probation answering a share of the requests beside the last good one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CanaryState {
+    /// The canary's version.
+    pub version: u64,
+    /// Its share of the requests that name no version, percent.
+    pub percent: u32,
+    /// The request header that keeps clients on one version, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
 }
 
 /// How a new version answered live requests beside the serving one, in its shadow phase.
@@ -436,6 +451,11 @@ mod tests {
                         serving_p99_us: Some(120),
                         candidate_p99_us: Some(180),
                         verdict: Some("passed".into()),
+                    }),
+                    canary: Some(CanaryState {
+                        version: 2,
+                        percent: 10,
+                        key: Some("x-user".into()),
                     }),
                     engine: Some(EngineReport {
                         backend: "onnxruntime/cpu".into(),

@@ -74,6 +74,7 @@ pub struct VerifiedDesired {
     download: BTreeMap<String, crate::desired::DownloadPolicy>,
     backend: BTreeMap<String, crate::engine::Backend>,
     shadow: BTreeMap<String, crate::desired::ShadowSpec>,
+    canary: BTreeMap<String, crate::desired::CanarySpec>,
     key_wraps: BTreeMap<String, crate::seal::KeyWrap>,
     director_version: u64,
 }
@@ -104,6 +105,12 @@ impl VerifiedDesired {
     /// The shadow phase the deployment asks of `model`'s new version, if any.
     pub fn shadow(&self, model: &str) -> Option<crate::desired::ShadowSpec> {
         self.shadow.get(model).copied()
+    }
+
+    /// The traffic split the deployment asks for while `model`'s new version is on
+    /// probation, if any.
+    pub fn canary(&self, model: &str) -> Option<crate::desired::CanarySpec> {
+        self.canary.get(model).cloned()
     }
 
     /// The rollout's probation thresholds for `model`, when the director set any.
@@ -261,6 +268,7 @@ pub fn verify_desired(
     let mut download = BTreeMap::new();
     let mut backend = BTreeMap::new();
     let mut shadow = BTreeMap::new();
+    let mut canary = BTreeMap::new();
     let mut key_wraps = BTreeMap::new();
     for (path, target) in &wanted.targets {
         let custom = match DirectorCustom::from_value(target.custom.as_ref()) {
@@ -322,6 +330,9 @@ pub fn verify_desired(
         if let Some(spec) = custom.terms.shadow {
             shadow.insert(manifest.name.clone(), spec);
         }
+        if let Some(spec) = custom.terms.canary {
+            canary.insert(manifest.name.clone(), spec);
+        }
         if let Some(wrap) = custom.terms.key_wrap {
             key_wraps.insert(manifest.name.clone(), wrap);
         }
@@ -343,6 +354,7 @@ pub fn verify_desired(
         download,
         backend,
         shadow,
+        canary,
         key_wraps,
         director_version: wanted.version,
     })

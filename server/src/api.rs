@@ -124,6 +124,9 @@ pub struct DeployRequest {
     /// A shadow phase on each device before the version serves there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shadow: Option<modelcast_proto::desired::ShadowSpec>,
+    /// A traffic split on each device while the version is on probation there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<modelcast_proto::desired::CanarySpec>,
 }
 
 impl DeployRequest {
@@ -139,6 +142,7 @@ impl DeployRequest {
             download: None,
             backend: None,
             shadow: None,
+            canary: None,
         }
     }
 }
@@ -688,6 +692,7 @@ async fn deploy(
             download: req.download,
             backend: req.backend,
             shadow: req.shadow,
+            canary: req.canary,
         },
     )
     .await

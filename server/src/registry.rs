@@ -588,6 +588,10 @@ pub async fn deploy(fleet: &Fleet, d: Deployment) -> Result<(Deployment, usize),
         s.validate()
             .map_err(|e| RegistryError::Invalid(e.to_string()))?;
     }
+    if let Some(c) = &d.canary {
+        c.validate()
+            .map_err(|e| RegistryError::Invalid(e.to_string()))?;
+    }
     if fleet.db().model(&d.model, d.version).await?.is_none() {
         return Err(RegistryError::NotFound(format!(
             "model {} version {} is not published",

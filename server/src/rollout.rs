@@ -138,6 +138,10 @@ pub struct RolloutSpec {
     /// candidate fails it counts as failed (and never served the version).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shadow: Option<modelcast_proto::desired::ShadowSpec>,
+    /// A traffic split on every moved device while the version is on probation there: it
+    /// answers that share beside the last good version, judged on it alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<modelcast_proto::desired::CanarySpec>,
 }
 
 fn full() -> u32 {
@@ -173,6 +177,7 @@ impl RolloutSpec {
             abort_on_alerts: false,
             backend: None,
             shadow: None,
+            canary: None,
         })
     }
 
@@ -201,6 +206,9 @@ impl RolloutSpec {
         }
         if let Some(s) = &self.shadow {
             s.validate().map_err(|e| e.to_string())?;
+        }
+        if let Some(c) = &self.canary {
+            c.validate().map_err(|e| e.to_string())?;
         }
         Ok(())
     }
@@ -507,6 +515,7 @@ impl Rollout {
                     download: self.spec.download.clone(),
                     backend: self.spec.backend,
                     shadow: self.spec.shadow,
+                    canary: self.spec.canary.clone(),
                     form: None,
                     key_wrap: None,
                 },
@@ -871,6 +880,7 @@ mod tests {
             abort_on_alerts: true,
             backend: None,
             shadow: None,
+            canary: None,
         }
     }
 
@@ -900,6 +910,7 @@ mod tests {
                 }),
                 engine: None,
                 shadow: None,
+                canary: None,
             },
         );
         let last_error = match update {

@@ -460,6 +460,20 @@ impl Fleet {
         });
     }
 
+    /// Deploys with a traffic split while the version is on probation.
+    pub fn deploy_canary(
+        &self,
+        model: &str,
+        version: u64,
+        group: &str,
+        canary: modelcast_proto::desired::CanarySpec,
+    ) {
+        self.send_deploy(DeployRequest {
+            canary: Some(canary),
+            ..Self::deployment(model, version, group)
+        });
+    }
+
     /// A deployment by `e2e` with no terms of its own.
     fn deployment(model: &str, version: u64, group: &str) -> DeployRequest {
         DeployRequest {

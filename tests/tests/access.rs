@@ -52,6 +52,7 @@ fn tokens_roles_and_the_audit_log() {
         download: None,
         backend: None,
         shadow: None,
+        canary: None,
     };
     let (code, message) = status(viewer.deploy(&deploy("classifier", 1)).unwrap_err());
     assert_eq!(code, 403);

@@ -51,6 +51,7 @@ fn versions_are_promoted_retired_and_show_where_they_run() {
             download: None,
             backend: None,
             shadow: None,
+            canary: None,
         })
         .unwrap_err();
     assert_eq!(

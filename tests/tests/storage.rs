@@ -217,6 +217,10 @@ async fn contract(db: Db, other: Option<Db>) {
                 max_mean_abs_diff_millionths: Some(50_000),
                 ..modelcast_proto::desired::ShadowSpec::new(500)
             }),
+            canary: Some(modelcast_proto::desired::CanarySpec {
+                percent: 10,
+                key: Some("x-user-id".into()),
+            }),
         })
         .await
         .unwrap();

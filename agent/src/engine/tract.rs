@@ -81,11 +81,47 @@ enum Plans {
     PerShape(Box<PlanCache>),
 }
 
+/// How tract computes a model's FP16 operations (`[engine] fp16`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Fp16 {
+    /// In FP32: the model's FP16 weights and operations widened when it loads, its FP16
+    /// inputs and outputs cast at the edges, so clients still send and receive FP16. No
+    /// build of the agent carries tract's FP16 kernels (x86_64 has none; the aarch64 builds
+    /// leave them out for size), and without them tract emulates each FP16 operation: the
+    /// corpus' FP16 classifier ran ~1,400x slower than onnxruntime that way. Costs twice
+    /// the FP16 weights' memory.
+    #[default]
+    F32,
+    /// As the model says: half the weight memory, but emulated operation by operation.
+    F16,
+}
+
+/// What [`TractModel::load`] is told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TractOptions {
+    /// Optimized plans kept for a model whose inputs have ranges (at least one).
+    pub plan_cache: usize,
+    /// How FP16 operations compute.
+    pub fp16: Fp16,
+}
+
+impl Default for TractOptions {
+    fn default() -> Self {
+        TractOptions {
+            plan_cache: super::DEFAULT_PLAN_CACHE,
+            fp16: Fp16::default(),
+        }
+    }
+}
+
 /// A model as tract runs it.
 pub struct TractModel {
     plans: Plans,
     /// Position in the plan's inputs of each manifest input.
     input_positions: Vec<usize>,
+    /// FP16 computed as FP32: FP16 inputs and outputs are cast at the edges.
+    widened: bool,
 }
 
 fn load_err(e: impl std::fmt::Display) -> EngineError {
@@ -129,20 +165,32 @@ pub fn set_defaults() {
 
 impl TractModel {
     /// Reads a model in the manifest's format, plans it for the manifest's declared input
-    /// shapes and optimizes it, keeping up to `plan_cache` plans (at least one) for models
-    /// whose inputs have symbolic dimensions.
+    /// shapes and optimizes it, keeping up to `options.plan_cache` plans (at least one) for
+    /// models whose inputs have symbolic dimensions.
     pub fn load(
         manifest: &Manifest,
         reader: &mut dyn Read,
-        plan_cache: usize,
+        options: TractOptions,
     ) -> Result<Self, EngineError> {
         set_defaults();
-        let (model, input_positions) = match manifest.model_format {
+        let plan_cache = options.plan_cache;
+        let (mut model, input_positions) = match manifest.model_format {
             ModelFormat::Nnef => read_nnef(manifest, reader)?,
             ModelFormat::Onnx => read_onnx(manifest, reader)?,
         };
         let symbols = input_symbols(manifest, &model, &input_positions)?;
         check_output_types(manifest, &model)?;
+        let widened = options.fp16 == Fp16::F32 && computes_fp16(&model);
+        if widened {
+            model
+                .transform(
+                    &tract_nnef::tract_core::floats::FloatPrecisionTranslator::new(
+                        DatumType::F16,
+                        DatumType::F32,
+                    ),
+                )
+                .map_err(load_err)?;
+        }
         let dynamic = symbols.iter().flatten().any(Option::is_some);
         let plans = if dynamic {
             let template = model.into_decluttered().map_err(load_err)?;
@@ -166,7 +214,13 @@ impl TractModel {
         Ok(TractModel {
             plans,
             input_positions,
+            widened,
         })
+    }
+
+    /// Whether FP16 computes as FP32 in this model (see [`Fp16::F32`]).
+    pub fn widened(&self) -> bool {
+        self.widened
     }
 
     /// Plans it holds now.
@@ -249,7 +303,11 @@ impl TractModel {
                 .iter()
                 .find(|t| t.name == spec.name)
                 .ok_or_else(|| EngineError::BadInput(format!("missing input {:?}", spec.name)))?;
-            ordered[*pos] = Some(to_tract(spec, given)?);
+            let mut value = to_tract(spec, given)?;
+            if self.widened && spec.datatype == DataType::Fp16 {
+                value = cast(value, DatumType::F32)?;
+            }
+            ordered[*pos] = Some(value);
             shapes.push(given.shape.clone());
         }
         let (plan, used) = match &self.plans {
@@ -270,12 +328,37 @@ impl TractModel {
             .run(values)
             .map_err(|e| EngineError::Run(format!("{e:#}")))?;
         let outputs = outputs
-            .iter()
+            .into_iter()
             .zip(&manifest.outputs)
-            .map(|(t, spec)| from_tract(spec, t))
+            .map(|(t, spec)| {
+                let t = if self.widened && spec.datatype == DataType::Fp16 {
+                    cast(t, DatumType::F16)?
+                } else {
+                    t
+                };
+                from_tract(spec, &t)
+            })
             .collect::<Result<Vec<_>, _>>()?;
         Ok((outputs, used))
     }
+}
+
+/// Whether any of the model's values is FP16 (its inputs, weights or intermediate results).
+fn computes_fp16(model: &TypedModel) -> bool {
+    model
+        .nodes
+        .iter()
+        .flat_map(|node| &node.outputs)
+        .any(|output| output.fact.datum_type == DatumType::F16)
+}
+
+/// A value as another floating-point type (FP16 at the edges of a widened model).
+fn cast(value: TValue, to: DatumType) -> Result<TValue, EngineError> {
+    let tensor = value
+        .cast_to_dt(to)
+        .map_err(|e| EngineError::Run(format!("casting to {to:?}: {e:#}")))?
+        .into_owned();
+    Ok(tensor.into())
 }
 
 /// Where each manifest input sits among the model's inputs, matched by name.

@@ -190,8 +190,15 @@ export interface ShadowSummary {
   verdict?: "passed" | "failed" | "cancelled";
 }
 
+export interface CanaryState {
+  version: number;
+  percent: number;
+  key?: string;
+}
+
 export interface ModelState {
   shadow?: ShadowSummary;
+  canary?: CanaryState;
   active: "a" | "b" | null;
   a: SlotContent | null;
   b: SlotContent | null;

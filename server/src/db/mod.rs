@@ -165,6 +165,10 @@ pub struct Deployment {
     /// A shadow phase on each device before the version serves there (none when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shadow: Option<modelcast_proto::desired::ShadowSpec>,
+    /// A traffic split on each device while the version is on probation there (none when
+    /// absent: it takes all traffic when it swaps in).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<modelcast_proto::desired::CanarySpec>,
 }
 
 /// What was last published to a device.

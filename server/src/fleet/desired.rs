@@ -69,6 +69,7 @@ pub fn resolve<'a>(
                 download: d.download.clone(),
                 backend: d.backend,
                 shadow: d.shadow,
+                canary: d.canary.clone(),
                 form: None,
                 key_wrap: None,
             };
@@ -119,6 +120,12 @@ pub fn fingerprint(models: &[Wanted], ts: u64) -> String {
             }
             if let Some(f) = t.form {
                 path.push_str(&format!("form={f}"));
+            }
+            if let Some(s) = t.shadow {
+                path.push_str(&format!("shadow{}", serde_json::json!(s)));
+            }
+            if let Some(c) = &t.canary {
+                path.push_str(&format!("canary{}", serde_json::json!(c)));
             }
             if let Some(w) = &t.key_wrap {
                 path.push_str(&format!("key_wrap={}", w.enc));
@@ -283,6 +290,7 @@ mod tests {
             download: None,
             backend: None,
             shadow: None,
+            canary: None,
         }
     }
 
@@ -370,6 +378,19 @@ mod tests {
             ..TargetTerms::default()
         };
         assert_ne!(a, fingerprint(&[(m(1), windowed)], 7));
+        // So are a new shadow phase and a new traffic split.
+        let shadowed = TargetTerms {
+            shadow: Some(modelcast_proto::desired::ShadowSpec::new(100)),
+            ..TargetTerms::default()
+        };
+        assert_ne!(a, fingerprint(&[(m(1), shadowed)], 7));
+        let split = |percent| TargetTerms {
+            canary: Some(modelcast_proto::desired::CanarySpec { percent, key: None }),
+            ..TargetTerms::default()
+        };
+        let ten = fingerprint(&[(m(1), split(10))], 7);
+        assert_ne!(a, ten);
+        assert_ne!(ten, fingerprint(&[(m(1), split(50))], 7));
     }
 
     fn arb_deployment() -> impl Strategy<Value = Deployment> {

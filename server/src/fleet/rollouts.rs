@@ -282,6 +282,7 @@ impl Fleet {
                                 download: s.download.clone(),
                                 backend: s.backend,
                                 shadow: s.shadow,
+                                canary: s.canary.clone(),
                             })
                             .await?;
                     }

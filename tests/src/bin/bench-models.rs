@@ -13,7 +13,8 @@
 //! device measure both at staging and serve the faster that passes (its choice is printed):
 //! models are then published as NNEF with the ONNX file as a second form (`--with-onnx`), of
 //! which the device downloads the ONNX one. Both state ONNX Runtime's golden tolerance in the
-//! manifest, `BENCH_TOLERANCE` (default 1e-3).
+//! manifest, `BENCH_TOLERANCE` (default 1e-3). `BENCH_FP16=f16` has tract compute FP16 models
+//! as they say (`[engine] fp16 = "f16"`, emulated) instead of in FP32 (the default).
 
 use modelcast_tests::{corpus, Fleet};
 
@@ -33,11 +34,12 @@ fn main() {
     } else {
         String::new()
     };
+    let fp16 = std::env::var("BENCH_FP16").unwrap_or_else(|_| "f32".into());
     let (agent, grpc_port) = corpus::start_agent_with_grpc(
         &fleet,
         "bench-1",
         ("site", "bench"),
-        &format!("[engine]\nthreads = {threads}\n{backend}"),
+        &format!("[engine]\nthreads = {threads}\nfp16 = \"{fp16}\"\n{backend}"),
     );
     // ONNX Runtime's golden tolerance, stated in each manifest (it rounds otherwise than
     // tract, which computed the golden vectors).

@@ -248,6 +248,12 @@ export function DevicePage() {
                       , mean |Δ| {m.shadow.mean_abs_diff.toPrecision(3)}
                     </div>
                   )}
+                  {m.canary && (
+                    <div class="small" data-canary={m.canary.version}>
+                      canary v{m.canary.version}: {m.canary.percent}% of requests
+                      {m.canary.key ? ` (sticky by ${m.canary.key})` : ""}
+                    </div>
+                  )}
                 </td>
                 <td class="muted" title={m.engine?.reason}>
                   {m.engine?.backend ?? ""}

@@ -11,7 +11,7 @@ use modelcast_ops::onnx;
 use modelcast_ops::publish::{publish_file, Fallback, PublishOptions};
 use modelcast_ops::shapes::ShapeSpec;
 use modelcast_proto::desired::{
-    DownloadPolicy, SamplingSpec, ShadowSpec, TrialThresholds, WindowMode,
+    CanarySpec, DownloadPolicy, SamplingSpec, ShadowSpec, TrialThresholds, WindowMode,
 };
 use modelcast_proto::manifest::LatencyBudget;
 use modelcast_server::api::DeployRequest;
@@ -259,6 +259,9 @@ enum Command {
         /// A shadow phase on each device before the version serves (off by default).
         #[command(flatten)]
         shadow: ShadowArgs,
+        /// A traffic split on each device while the version is on probation (off by default).
+        #[command(flatten)]
+        canary: CanaryArgs,
         /// When and how fast the devices this moves download and activate it.
         #[command(flatten)]
         download: DownloadArgs,
@@ -497,6 +500,47 @@ impl ShadowArgs {
         spec.validate()?;
         Ok(Some(spec))
     }
+}
+
+/// A traffic split: while on probation, the new version answers a share of the requests
+/// beside the last good one, judged on that share alone, and takes all traffic once
+/// probation commits it. Off unless `--canary` is given.
+#[derive(Debug, clap::Args)]
+struct CanaryArgs {
+    /// Share of requests the new version answers on each device (`10%`, or `0.1`).
+    #[arg(long, value_parser = share)]
+    canary: Option<u32>,
+    /// A request header whose value keeps each client on one version (sticky); requests
+    /// without it are split by count.
+    #[arg(long, requires = "canary")]
+    canary_key: Option<String>,
+}
+
+impl CanaryArgs {
+    fn spec(&self) -> anyhow::Result<Option<CanarySpec>> {
+        let Some(percent) = self.canary else {
+            return Ok(None);
+        };
+        let spec = CanarySpec {
+            percent,
+            key: self.canary_key.as_ref().map(|k| k.to_ascii_lowercase()),
+        };
+        spec.validate()?;
+        Ok(Some(spec))
+    }
+}
+
+/// A share as a whole percent: `10%` or `0.1`.
+fn share(text: &str) -> Result<u32, String> {
+    let percent = match text.strip_suffix('%') {
+        Some(p) => p.trim().parse::<f64>().map_err(|e| format!("{e}"))?,
+        None => text.parse::<f64>().map_err(|e| format!("{e}"))? * 100.0,
+    };
+    let rounded = percent.round();
+    if !(1.0..=99.0).contains(&rounded) || (percent - rounded).abs() > 1e-9 {
+        return Err("must be a whole percent within 1%..99% (10%, or 0.1)".into());
+    }
+    Ok(rounded as u32)
 }
 
 /// A deployment's sampling of inputs and outputs: off unless `--sample-rate` is given.
@@ -801,6 +845,7 @@ fn main() -> anyhow::Result<()> {
             probation,
             sampling,
             shadow,
+            canary,
             download,
             backend,
         } => {
@@ -814,6 +859,7 @@ fn main() -> anyhow::Result<()> {
                 download: download.policy()?,
                 backend,
                 shadow: shadow.spec()?,
+                canary: canary.spec()?,
             })?;
             println!(
                 "deployed {model} v{version} to group '{group}': {} device(s) given a new desired state",

@@ -10,7 +10,7 @@ use modelcast_server::api::RolloutRequest;
 use modelcast_server::fleet::RolloutAction;
 use modelcast_server::rollout::{DeviceState, Rollout, RolloutSpec, RolloutState, WaveSize};
 
-use crate::{DownloadArgs, ProbationArgs, SamplingArgs, ShadowArgs};
+use crate::{CanaryArgs, DownloadArgs, ProbationArgs, SamplingArgs, ShadowArgs};
 
 /// How often `--follow` asks the server.
 const POLL: Duration = Duration::from_millis(500);
@@ -63,6 +63,10 @@ pub enum RolloutCommand {
         /// whose candidate fails it counts as failed (off by default).
         #[command(flatten)]
         shadow: ShadowArgs,
+        /// A traffic split on every device it moves while the version is on probation there
+        /// (off by default).
+        #[command(flatten)]
+        canary: CanaryArgs,
         /// When and how fast the devices it moves download and activate it.
         #[command(flatten)]
         download: DownloadArgs,
@@ -128,6 +132,7 @@ pub fn run(client: &Client, command: RolloutCommand) -> anyhow::Result<()> {
             probation,
             sampling,
             shadow,
+            canary,
             download,
             backend,
             by,
@@ -149,6 +154,7 @@ pub fn run(client: &Client, command: RolloutCommand) -> anyhow::Result<()> {
                 abort_on_alerts,
                 backend,
                 shadow: shadow.spec()?,
+                canary: canary.spec()?,
             };
             let r = client.start_rollout(&RolloutRequest { spec, by })?;
             println!(
