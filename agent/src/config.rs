@@ -215,6 +215,12 @@ pub struct EngineConfig {
     /// seen, least recently used dropped first.
     #[serde(default = "default_plan_cache")]
     pub plan_cache: usize,
+    /// When a new version does not fit in memory beside the serving one (by the memory its
+    /// manifest says it took at publishing, against `MemAvailable` and the agent's memory
+    /// cgroups): `true` (the default) swaps them one after the other, answering 503 with
+    /// `Retry-After` for that model meanwhile; `false` refuses the version instead.
+    #[serde(default = "yes")]
+    pub low_memory_swap: bool,
     /// How tract computes FP16 models: `f32` (the default: widened when they load, FP16 still
     /// at the API; this agent has no FP16 kernels, so it is ~1,000x faster) or `f16` (as the
     /// model says, emulated: half the weight memory).
@@ -255,6 +261,10 @@ fn default_providers() -> Vec<Provider> {
     vec![Provider::Tensorrt, Provider::Cuda, Provider::Cpu]
 }
 
+fn yes() -> bool {
+    true
+}
+
 fn default_threads() -> usize {
     1
 }
@@ -272,6 +282,7 @@ impl Default for EngineConfig {
             threads: default_threads(),
             plan_cache: default_plan_cache(),
             fp16: Default::default(),
+            low_memory_swap: true,
             pinned: false,
         }
     }

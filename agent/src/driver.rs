@@ -86,8 +86,26 @@ use crate::clock::unix_secs as unix_now;
 struct Staged {
     name: String,
     sha256: String,
-    result: Result<Arc<LoadedModel>, Failure>,
+    result: Result<Staging, Failure>,
 }
+
+/// A version that passed staging.
+enum Staging {
+    /// Loaded and checked beside the serving model.
+    Loaded(Arc<LoadedModel>),
+    /// Verified on disk only: it does not fit in memory beside the serving model, so it is
+    /// loaded and checked in its place ([`Agent::swap_low_memory`]).
+    OnDisk(Box<OnDisk>),
+}
+
+/// A version to load in a low-memory swap.
+struct OnDisk {
+    manifest: Manifest,
+    slot: Slot,
+}
+
+/// Longest wait for the requests still running on a model the low-memory swap unloads.
+const UNLOAD_WAIT: Duration = Duration::from_secs(30);
 
 /// The running agent: the update machine and the parts it drives.
 struct Agent {
@@ -102,7 +120,7 @@ struct Agent {
     /// Each staging under way: the artifact it stages and its task.
     staging_tasks: BTreeMap<String, (String, tokio::task::AbortHandle)>,
     /// Models that passed staging, waiting for their [`Action::Activate`].
-    staged: BTreeMap<String, Arc<LoadedModel>>,
+    staged: BTreeMap<String, Staging>,
     /// The last good model of each model on trial, kept loaded to swap back at once (a
     /// trial as a canary needs none: the last good model still serves).
     previous: BTreeMap<String, Arc<LoadedModel>>,
@@ -114,6 +132,9 @@ struct Agent {
     shadows: BTreeMap<String, ShadowSpec>,
     /// Each model's last shadow phase: its figures, while it runs and after (for reports).
     shadow_progress: Arc<crate::shadow::Phases>,
+    /// The version a low-memory swap unloaded, by model: to load it again if the new one
+    /// fails.
+    unloaded: BTreeMap<String, (Manifest, Slot)>,
     /// The traffic splits deployments ask for while new versions are on probation (the last
     /// verified desired state's).
     canaries: BTreeMap<String, CanarySpec>,
@@ -402,6 +423,7 @@ async fn control(
         pins: store.pins()?,
         shadows: store.shadows()?,
         shadow_progress: Default::default(),
+        unloaded: BTreeMap::new(),
         canaries: store.canaries()?,
         collector,
         sampler,
@@ -973,6 +995,30 @@ impl Agent {
                         self.metrics
                             .serving(&name, model.slot(), model.manifest().version);
                         self.models.swap_in(model);
+                    } else if let (Some(slot), Some(back)) = (record.active, record.serving()) {
+                        // On trial after a low-memory swap: the last good version is not
+                        // loaded, so it is loaded in the failed one's place.
+                        let serving = self.models.get(&name).map(|m| m.manifest().version);
+                        if serving != Some(back.version) {
+                            let on_disk = OnDisk {
+                                manifest: back.clone(),
+                                slot,
+                            };
+                            let started = Instant::now();
+                            match self.swap_low_memory(&name, &on_disk).await {
+                                Ok(model) => {
+                                    self.metrics.serving(&name, slot, model.manifest().version);
+                                    self.models.swap_in(model);
+                                    self.models.set_swapping(&name, false);
+                                    self.unloaded.remove(&name);
+                                    self.metrics.low_memory_swap(&name, started.elapsed());
+                                }
+                                Err(e) => {
+                                    warn!(model = %name, error = %e.reason, "rolling back in low memory: the last good version does not load");
+                                    self.restore_low_memory(&name, started).await;
+                                }
+                            }
+                        }
                     }
                     crate::sys::release_free_memory();
                     if let Err(e) = self.persist(&name, &record).await {
@@ -1096,6 +1142,70 @@ impl Agent {
         let engine = (self.cfg.engine).pinned(self.pins.get(&manifest.name).copied());
         let metrics = self.metrics.clone();
         let shadow = self.shadows.get(&manifest.name).copied();
+        // Beside the serving model if it fits (or nothing says it does not).
+        let serving = self.models.get(&name).is_some();
+        let available = crate::memory::available();
+        let plan = crate::memory::plan(
+            manifest.memory_bytes,
+            available,
+            serving,
+            engine.low_memory_swap,
+        );
+        if plan != crate::memory::Plan::Beside {
+            let two_models = match (shadow, self.canaries.get(&name)) {
+                (Some(_), _) => Some("a shadow phase"),
+                (None, Some(_)) => Some("a canary"),
+                (None, None) => None,
+            };
+            let result = match (plan, two_models) {
+                (crate::memory::Plan::LowMemory { needed, available }, None) => {
+                    info!(model = %name, version = manifest.version, needed = %crate::memory::mib(needed), available = %crate::memory::mib(available), "does not fit beside the serving model: a low-memory swap");
+                    Ok(Staging::OnDisk(Box::new(OnDisk { manifest, slot })))
+                }
+                (
+                    crate::memory::Plan::LowMemory { needed, available }
+                    | crate::memory::Plan::Refuse { needed, available },
+                    why,
+                ) => Err(Failure::new(
+                    ErrorKind::Staging,
+                    format!(
+                        "needs {} beside the serving model, {} available, and {}",
+                        crate::memory::mib(needed),
+                        crate::memory::mib(available),
+                        match why {
+                            Some(phase) => format!("{phase} needs both in memory"),
+                            None => "the low-memory swap is off ([engine] low_memory_swap)".into(),
+                        }
+                    ),
+                )),
+                (crate::memory::Plan::Beside, _) => unreachable!("checked above"),
+            };
+            let task_name = (name.clone(), sha256.clone());
+            let task = self.staging.spawn(async move {
+                // Verified as staging verifies; loaded and checked in the serving one's place.
+                let result = match result {
+                    Ok(Staging::OnDisk(on_disk)) => {
+                        let check = move || {
+                            store.verify_artifact(&on_disk.manifest)?;
+                            store.golden_file(&on_disk.manifest)?;
+                            Ok(Staging::OnDisk(on_disk))
+                        };
+                        crate::priority::in_background("verify", check)
+                            .await
+                            .map_err(|e| Failure::new(ErrorKind::Staging, e))
+                            .and_then(|r: Result<Staging, Failure>| r)
+                    }
+                    other => other,
+                };
+                Staged {
+                    name,
+                    sha256,
+                    result,
+                }
+            });
+            self.staging_tasks.insert(task_name.0, (task_name.1, task));
+            return;
+        }
         let (models, progress) = (self.models.clone(), self.shadow_progress.clone());
         let load = move || {
             let loaded = (|| {
@@ -1123,7 +1233,8 @@ impl Agent {
                     crate::shadow::phase(models, &progress, candidate, spec).await
                 }
                 (result, _) => result,
-            };
+            }
+            .map(Staging::Loaded);
             Staged {
                 name,
                 sha256,
@@ -1135,10 +1246,49 @@ impl Agent {
 
     /// Persists the slot switch, then swaps the staged model in.
     async fn activate(&mut self, name: String, record: ModelRecord, on_trial: bool) {
-        let Some(model) = self.staged.remove(&name) else {
-            self.updater
-                .activation_failed(&name, "the staged model is gone".into());
-            return;
+        let model = match self.staged.remove(&name) {
+            None => {
+                self.updater
+                    .activation_failed(&name, "the staged model is gone".into());
+                return;
+            }
+            Some(Staging::Loaded(model)) => model,
+            Some(Staging::OnDisk(on_disk)) => {
+                let started = Instant::now();
+                match self.swap_low_memory(&name, &on_disk).await {
+                    Ok(model) => {
+                        let persisted = async {
+                            self.store.put_model(&name, &record)?;
+                            self.store.clear_pending(&name)?;
+                            self.store.flush().await
+                        }
+                        .await;
+                        if let Err(e) = persisted {
+                            self.restore_low_memory(&name, started).await;
+                            self.updater.activation_failed(&name, e.to_string());
+                            return;
+                        }
+                        if let Err(e) = self.store.keep_manifest(model.manifest()) {
+                            warn!(model = %name, error = %e, "keeping the manifest beside its artifact failed");
+                        }
+                        let (slot, version) = (model.slot(), model.manifest().version);
+                        self.models.swap_in(model);
+                        self.models.set_swapping(&name, false);
+                        self.unloaded.remove(&name);
+                        let unavailable = started.elapsed();
+                        self.metrics.low_memory_swap(&name, unavailable);
+                        info!(model = %name, version, %slot, unavailable_ms = unavailable.as_millis() as u64, on_trial, "swapped in low memory: new version serves");
+                        crate::sys::release_free_memory();
+                        self.metrics.serving(&name, slot, version);
+                        self.updater.activated(&name, Instant::now());
+                    }
+                    Err(failure) => {
+                        self.restore_low_memory(&name, started).await;
+                        self.updater.activation_rejected(&name, failure);
+                    }
+                }
+                return;
+            }
         };
         // Kept for a rebuild of the store; restore keeps it again at the next start if this
         // fails (a disk full to the last block), so it does not stop the update.
@@ -1192,6 +1342,78 @@ impl Agent {
         crate::sys::release_free_memory();
         self.metrics.serving(&name, slot, version);
         self.updater.activated(&name, Instant::now());
+    }
+
+    /// A low-memory swap's first half: `name` answers 503 from now on, its serving model is
+    /// unloaded once its last request is done (at most [`UNLOAD_WAIT`]) and its memory given
+    /// back; then the new version is loaded and checked as staging would, at full priority
+    /// (nothing of that name serves meanwhile). On success `name` stays unavailable until the
+    /// caller swaps the new version in.
+    async fn swap_low_memory(
+        &mut self,
+        name: &str,
+        on_disk: &OnDisk,
+    ) -> Result<Arc<LoadedModel>, Failure> {
+        let started = Instant::now();
+        self.models.set_swapping(name, true);
+        if let Some(old) = self.models.take(name) {
+            let version = old.manifest().version;
+            self.unloaded
+                .insert(name.to_string(), (old.manifest().clone(), old.slot()));
+            let deadline = Instant::now() + UNLOAD_WAIT;
+            while Arc::strong_count(&old) > 1 && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            drop(old);
+            crate::sys::release_free_memory();
+            info!(model = %name, version, unload_ms = started.elapsed().as_millis() as u64, "unloaded for a low-memory swap");
+        }
+        let loading = Instant::now();
+        let loaded = self
+            .load_checked(on_disk.manifest.clone(), on_disk.slot)
+            .await;
+        info!(model = %name, version = on_disk.manifest.version, ok = loaded.is_ok(), load_ms = loading.elapsed().as_millis() as u64, "loaded and checked in low memory");
+        loaded
+    }
+
+    /// Loads `manifest` from `slot` and checks it as staging does (golden vectors, latency
+    /// budget), on a blocking thread.
+    async fn load_checked(
+        &self,
+        manifest: Manifest,
+        slot: Slot,
+    ) -> Result<Arc<LoadedModel>, Failure> {
+        let store = self.store.clone();
+        let engine = (self.cfg.engine).pinned(self.pins.get(&manifest.name).copied());
+        let loaded = tokio::task::spawn_blocking(move || {
+            let golden = store.golden_file(&manifest)?;
+            let open = || store.artifact_reader(&manifest);
+            let (model, _) = crate::engine::stage(&manifest, slot, open, &golden, &engine)?;
+            Ok::<_, Failure>(Arc::new(model))
+        })
+        .await
+        .map_err(|e| Failure::new(ErrorKind::Staging, format!("loading: {e}")))?;
+        crate::sys::release_free_memory();
+        loaded
+    }
+
+    /// A low-memory swap that failed: the version it unloaded is loaded again from its slot
+    /// and serves; `name` answers again. The time it answered nothing is recorded.
+    async fn restore_low_memory(&mut self, name: &str, started: Instant) {
+        if let Some((manifest, slot)) = self.unloaded.remove(name) {
+            let version = manifest.version;
+            match self.load_checked(manifest, slot).await {
+                Ok(model) => {
+                    self.models.swap_in(model);
+                    info!(model = %name, version, %slot, "the low-memory swap failed: the previous version serves again");
+                }
+                Err(e) => {
+                    warn!(model = %name, version, error = %e.reason, "the low-memory swap failed and the previous version does not load again: nothing serves this model");
+                }
+            }
+        }
+        self.models.set_swapping(name, false);
+        self.metrics.low_memory_swap(name, started.elapsed());
     }
 
     fn collect_garbage(&self) {

@@ -434,6 +434,7 @@ impl GrpcInferenceService for Service {
         {
             Answer::Done(response) => Ok(Response::new(response)),
             Answer::NotFound(e) => Err(Status::not_found(e)),
+            Answer::Unavailable(e) => Err(Status::unavailable(e)),
             Answer::Bad(e) => Err(Status::invalid_argument(e)),
             Answer::Failed(e) => Err(Status::internal(e)),
         }

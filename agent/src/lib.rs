@@ -23,6 +23,8 @@
 //! - [`artifacts`]: the artifact files (reserved before they are written, each complete one
 //!   with the manifest it was accepted under beside it).
 //! - [`probation`]: the sans-IO judgement of a version on trial.
+//! - [`memory`]: what a model needs (measured at publishing) against what the device has
+//!   (`MemAvailable`, memory cgroups): beside the serving model, or the low-memory swap.
 //! - [`shadow`]: a new version's shadow phase before it serves: live requests mirrored to it
 //!   off the serving path, its answers compared with the serving model's (sans-IO judge, and
 //!   the thread that runs it).
@@ -48,6 +50,7 @@ pub mod identity;
 pub mod inflate;
 pub mod kserve;
 pub mod link;
+pub mod memory;
 pub(crate) mod metrics;
 pub mod priority;
 pub mod probation;

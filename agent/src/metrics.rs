@@ -215,6 +215,7 @@ pub struct Metrics {
     telemetry_dropped: Gauge<u64, AtomicU64>,
     plan_runs: Family<PlanLabels, Counter>,
     plans_cached: Family<SlotLabels, Gauge>,
+    unavailable: Family<ModelLabels, Gauge<u64, AtomicU64>>,
 }
 
 /// How a run found its plan.
@@ -375,8 +376,16 @@ impl Metrics {
             "Optimized plans a model holds, one per input shape seen (bounded, least recently used dropped)",
             plans_cached.clone(),
         );
+        let unavailable = Family::<ModelLabels, Gauge<u64, AtomicU64>>::default();
+        registry.register_with_unit(
+            "low_memory_swap_unavailable",
+            "How long the latest low-memory swap of each model answered nothing (503): unload, load, checks",
+            prometheus_client::registry::Unit::Other("milliseconds".into()),
+            unavailable.clone(),
+        );
         Metrics {
             registry,
+            unavailable,
             plan_runs,
             plans_cached,
             telemetry_queued,
@@ -400,6 +409,15 @@ impl Metrics {
             store_rebuilds,
             artifacts_lost,
         }
+    }
+
+    /// Records how long the latest low-memory swap of `model` answered nothing.
+    pub fn low_memory_swap(&self, model: &str, unavailable: Duration) {
+        self.unavailable
+            .get_or_create(&ModelLabels {
+                model: model.into(),
+            })
+            .set(unavailable.as_millis() as u64);
     }
 
     /// Counts one answered inference and its duration.

@@ -77,6 +77,8 @@ pub struct Models {
     inner: ArcSwap<BTreeMap<String, Arc<LoadedModel>>>,
     canaries: ArcSwap<BTreeMap<String, Arc<Canary>>>,
     shadows: ArcSwap<BTreeMap<String, Arc<crate::shadow::Feed>>>,
+    /// Models between two versions in a low-memory swap: answered 503 meanwhile.
+    swapping: ArcSwap<std::collections::BTreeSet<String>>,
     /// Inference requests running now (a shadow phase's candidate runs only when a core is
     /// free of them).
     in_flight: Arc<std::sync::atomic::AtomicUsize>,
@@ -153,6 +155,36 @@ impl Models {
     pub fn take_canary(&self, name: &str) -> Option<Arc<Canary>> {
         let mut taken = None;
         self.canaries.rcu(|current| {
+            let mut next = (**current).clone();
+            taken = next.remove(name);
+            next
+        });
+        taken
+    }
+
+    /// Whether `name` is between two versions in a low-memory swap.
+    pub fn swapping(&self, name: &str) -> bool {
+        self.swapping.load().contains(name)
+    }
+
+    /// Marks `name` as between two versions (its requests get 503) or not.
+    pub fn set_swapping(&self, name: &str, swapping: bool) {
+        self.swapping.rcu(|current| {
+            let mut next = (**current).clone();
+            if swapping {
+                next.insert(name.to_string());
+            } else {
+                next.remove(name);
+            }
+            next
+        });
+    }
+
+    /// Takes the serving model of `name` out: nothing of that name serves until the next
+    /// [`Models::swap_in`] (requests already holding it finish on it).
+    pub fn take(&self, name: &str) -> Option<Arc<LoadedModel>> {
+        let mut taken = None;
+        self.inner.rcu(|current| {
             let mut next = (**current).clone();
             taken = next.remove(name);
             next
@@ -401,7 +433,12 @@ pub(crate) fn lookup(
     let model = api
         .models
         .get(name)
-        .ok_or_else(|| format!("model {name:?} is not serving"))?;
+        .ok_or_else(|| match api.models.swapping(name) {
+            true => {
+                format!("model {name:?} is between two versions (low-memory swap): retry shortly")
+            }
+            false => format!("model {name:?} is not serving"),
+        })?;
     let canary = api.models.canary(name);
     let Some(v) = version else {
         return Ok(model);
@@ -669,6 +706,14 @@ async fn run_infer(
                 .into_response(),
         },
         Answer::NotFound(e) => error(StatusCode::NOT_FOUND, e),
+        Answer::Unavailable(e) => {
+            let mut response = error(StatusCode::SERVICE_UNAVAILABLE, e);
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            );
+            response
+        }
         Answer::Bad(e) => error(StatusCode::BAD_REQUEST, e),
         Answer::Failed(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
     }
@@ -680,6 +725,9 @@ pub(crate) enum Answer<R> {
     Done(R),
     /// No such model or version serves.
     NotFound(String),
+    /// The model is between two versions (a low-memory swap): HTTP 503 with `Retry-After`,
+    /// gRPC UNAVAILABLE.
+    Unavailable(String),
     /// The request was malformed (HTTP 400, gRPC INVALID_ARGUMENT).
     Bad(String),
     /// The model failed to run it (HTTP 500, gRPC INTERNAL).
@@ -706,6 +754,7 @@ pub(crate) async fn infer_with<R: Send + 'static>(
 ) -> Answer<R> {
     let model = match route(api, name, version, key) {
         Ok(m) => m,
+        Err(e) if api.models.swapping(name) => return Answer::Unavailable(e),
         Err(e) => return Answer::NotFound(e),
     };
     let labels = InferenceLabels::new(

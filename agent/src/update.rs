@@ -874,6 +874,19 @@ impl Updater {
         }
     }
 
+    /// The answer to [`Action::Activate`] when the version could not be loaded or checked in
+    /// the serving one's place (a low-memory swap): rejected as a staging failure would be;
+    /// nothing was persisted, and the version it was to replace serves again.
+    pub fn activation_rejected(&mut self, name: &str, failure: Failure) {
+        if matches!(
+            self.models.get(name).map(|m| &m.step),
+            Some(Step::Activating { .. })
+        ) {
+            let reason = format!("update rejected: {}", failure.reason);
+            self.abandon(name, failure.kind, reason);
+        }
+    }
+
     // ---- serving and probation ----
 
     /// One request finished on `model`'s `slot`.

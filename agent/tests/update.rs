@@ -112,6 +112,7 @@ fn manifest(bytes: &[u8], version: u64, model_format: ModelFormat) -> Manifest {
         metadata: BTreeMap::new(),
         probation: None,
         latency_budget: None,
+        memory_bytes: None,
         fallback_to: None,
         forms: Vec::new(),
         encryption: None,

@@ -594,6 +594,11 @@ pub struct Manifest {
     /// The latency a device must measure before this version may serve.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latency_budget: Option<LatencyBudget>,
+    /// Memory the model took to load and answer once when it was published: the publisher's
+    /// peak resident growth, bytes. A device checks it against the memory it has before it
+    /// loads the version beside the serving one; without it, it does not check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
     /// The oldest version a device running this one may be sent back to (a fleet rollback):
     /// the operators' signed consent to a downgrade, which devices otherwise refuse.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -1081,6 +1086,7 @@ mod tests {
             metadata: BTreeMap::from([("framework".into(), "onnx".into())]),
             probation: None,
             latency_budget: None,
+            memory_bytes: None,
             fallback_to: None,
             forms: Vec::new(),
             encryption: None,

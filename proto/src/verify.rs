@@ -433,6 +433,7 @@ pub mod fixture {
             metadata: Default::default(),
             probation: None,
             latency_budget: None,
+            memory_bytes: None,
             fallback_to: None,
             forms: Vec::new(),
             encryption: None,

@@ -21,6 +21,7 @@ use modelcast_proto::manifest::{Manifest, TensorData};
 pub mod agent;
 pub mod attacker;
 pub mod browser;
+pub mod cgroup;
 pub mod corpus;
 pub mod fleet;
 pub mod hammer;

@@ -40,6 +40,7 @@ fn model(name: &str, version: u64) -> ModelEntry {
         )]),
         probation: None,
         latency_budget: None,
+        memory_bytes: None,
         fallback_to: Some(1),
         forms: Vec::new(),
         encryption: None,

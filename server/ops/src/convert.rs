@@ -257,6 +257,7 @@ pub fn draft(
         metadata: Default::default(),
         probation: None,
         latency_budget: None,
+        memory_bytes: None,
         fallback_to: None,
         forms: Vec::new(),
         encryption: None,
@@ -346,7 +347,14 @@ pub struct Converted {
     pub reference: (Vec<HostTensor>, Vec<HostTensor>),
     /// Largest difference between NNEF and ONNX outputs, when NNEF was proved.
     pub nnef_max_diff: Option<f64>,
+    /// What loading the artifact on the device engine and answering the reference input
+    /// took: this process's peak resident growth, bytes ([`modelcast_agent::memory::peak_growth`]).
+    pub memory_bytes: Option<u64>,
 }
+
+/// An NNEF artifact proved on the device engine: its bytes, its answer to the reference
+/// input, its largest difference from the ONNX path's, and the memory it took.
+type ProvedNnef = (Vec<u8>, Vec<HostTensor>, f64, Option<u64>);
 
 /// Converts and proves: types the ONNX model for `inputs`, makes the artifact `choice` asks
 /// for, loads it with the device engine and runs the reference input through it (and for
@@ -388,7 +396,9 @@ pub fn convert(
         .collect::<Result<_, _>>()?;
     let onnx_answer = |outputs: &[TensorSpec]| {
         let manifest = draft(name, onnx, ModelFormat::Onnx, inputs, outputs);
-        run_as_device(&manifest, onnx, &reference)
+        let (answer, memory) =
+            modelcast_agent::memory::peak_growth(|| run_as_device(&manifest, onnx, &reference));
+        answer.map(|a| (a, memory))
     };
     let with_shapes = |answer: &[HostTensor]| -> Vec<TensorSpec> {
         outputs
@@ -400,17 +410,20 @@ pub fn convert(
             })
             .collect()
     };
-    let nnef_attempt = || -> Result<(Vec<u8>, Vec<HostTensor>, f64), ConvertError> {
+    let nnef_attempt = || -> Result<ProvedNnef, ConvertError> {
         let artifact = to_nnef(&typed)?;
         let manifest = draft(name, &artifact, ModelFormat::Nnef, inputs, &outputs);
-        let answer = run_as_device(&manifest, &artifact, &reference)?;
-        let expected = onnx_answer(&outputs)?;
+        let (answer, memory) = modelcast_agent::memory::peak_growth(|| {
+            run_as_device(&manifest, &artifact, &reference)
+        });
+        let answer = answer?;
+        let (expected, _) = onnx_answer(&outputs)?;
         let diff = compare(&answer, &expected)?;
-        Ok((artifact, answer, diff))
+        Ok((artifact, answer, diff, memory))
     };
     match choice {
         Choice::Onnx => {
-            let answer = onnx_answer(&outputs)?;
+            let (answer, memory_bytes) = onnx_answer(&outputs)?;
             Ok(Converted {
                 artifact: onnx.to_vec(),
                 format: ModelFormat::Onnx,
@@ -419,10 +432,11 @@ pub fn convert(
                 outputs: with_shapes(&answer),
                 reference: (reference, answer),
                 nnef_max_diff: None,
+                memory_bytes,
             })
         }
         Choice::Nnef | Choice::Auto => match nnef_attempt() {
-            Ok((artifact, answer, diff)) => Ok(Converted {
+            Ok((artifact, answer, diff, memory_bytes)) => Ok(Converted {
                 artifact,
                 format: ModelFormat::Nnef,
                 fallback_reason: None,
@@ -430,10 +444,11 @@ pub fn convert(
                 outputs: with_shapes(&answer),
                 reference: (reference, answer),
                 nnef_max_diff: Some(diff),
+                memory_bytes,
             }),
             Err(e) if choice == Choice::Nnef => Err(e),
             Err(why) => {
-                let answer = onnx_answer(&outputs)?;
+                let (answer, memory_bytes) = onnx_answer(&outputs)?;
                 Ok(Converted {
                     artifact: onnx.to_vec(),
                     format: ModelFormat::Onnx,
@@ -442,6 +457,7 @@ pub fn convert(
                     outputs: with_shapes(&answer),
                     reference: (reference, answer),
                     nnef_max_diff: None,
+                    memory_bytes,
                 })
             }
         },

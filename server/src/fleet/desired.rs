@@ -359,6 +359,7 @@ mod tests {
             metadata: Default::default(),
             probation: None,
             latency_budget: None,
+            memory_bytes: None,
             fallback_to: None,
             forms: Vec::new(),
             encryption: None,

@@ -17,6 +17,12 @@ pub fn report(p: &Prepared) {
     if let Some(d) = p.nnef_max_diff {
         println!("NNEF proved against the ONNX model: max abs difference {d:.3e}");
     }
+    if let Some(bytes) = m.memory_bytes {
+        println!(
+            "memory to load and answer once: {} (devices check it before loading it beside the serving model)",
+            modelcast_agent::memory::mib(bytes)
+        );
+    }
     for (name, why) in &p.dropped_outputs {
         println!("output {name} left out: {why}");
     }
