@@ -471,15 +471,16 @@ async fn control(
     }
     for (name, previous) in restored.trials {
         // A canary resumes as one: the last good model serves, the trial its share.
-        match (agent.canaries.get(&name), agent.models.get(&name)) {
-            (Some(spec), Some(trial)) => {
+        match (previous, agent.canaries.get(&name), agent.models.get(&name)) {
+            (None, _, _) => {}
+            (Some(previous), Some(spec), Some(trial)) => {
                 agent
                     .metrics
                     .serving(&name, previous.slot(), previous.manifest().version);
                 agent.models.swap_in(previous);
                 agent.models.set_canary(trial, spec.clone());
             }
-            _ => {
+            (Some(previous), _, _) => {
                 agent.previous.insert(name.clone(), previous);
             }
         }
@@ -1143,7 +1144,7 @@ impl Agent {
         let metrics = self.metrics.clone();
         let shadow = self.shadows.get(&manifest.name).copied();
         // Beside the serving model if it fits (or nothing says it does not).
-        let serving = self.models.get(&name).is_some();
+        let serving = self.models.get(&name).map(|m| m.manifest().memory_bytes);
         let available = crate::memory::available();
         let plan = crate::memory::plan(
             manifest.memory_bytes,
@@ -1162,6 +1163,14 @@ impl Agent {
                     info!(model = %name, version = manifest.version, needed = %crate::memory::mib(needed), available = %crate::memory::mib(available), "does not fit beside the serving model: a low-memory swap");
                     Ok(Staging::OnDisk(Box::new(OnDisk { manifest, slot })))
                 }
+                (crate::memory::Plan::TooBig { needed, available }, _) => Err(Failure::new(
+                    ErrorKind::Staging,
+                    format!(
+                        "needs {}, and the device would have {} even with the serving version unloaded",
+                        crate::memory::mib(needed),
+                        crate::memory::mib(available),
+                    ),
+                )),
                 (
                     crate::memory::Plan::LowMemory { needed, available }
                     | crate::memory::Plan::Refuse { needed, available },

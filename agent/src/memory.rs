@@ -36,24 +36,46 @@ pub enum Plan {
         /// What the device has, bytes.
         available: u64,
     },
+    /// It does not fit even in the serving model's place (what that one was measured to take,
+    /// freed): loading it would only end in the kernel's reclaim or its OOM killer.
+    TooBig {
+        /// What the model needs, bytes (with the margin).
+        needed: u64,
+        /// What the device would have with the serving model unloaded, bytes.
+        available: u64,
+    },
 }
 
 /// Where a version goes: beside the serving one when `needed` (the manifest's measure, if
 /// any) plus [`MARGIN_PERCENT`] fits in `available` (if known) or when nothing serves to be
-/// unloaded; else the low-memory swap if `low_memory_swap` allows it.
+/// unloaded; else, if it fits once the serving model (measured to take `serving_needs`, if
+/// known) is unloaded, the low-memory swap if `low_memory_swap` allows it.
 pub fn plan(
     needed: Option<u64>,
     available: Option<u64>,
-    serving: bool,
+    serving: Option<Option<u64>>,
     low_memory_swap: bool,
 ) -> Plan {
     let (Some(needed), Some(available)) = (needed, available) else {
         return Plan::Beside;
     };
     let needed = needed.saturating_add(needed / 100 * MARGIN_PERCENT);
-    if needed <= available || !serving {
-        Plan::Beside
-    } else if low_memory_swap {
+    let Some(serving_needs) = serving else {
+        return Plan::Beside;
+    };
+    if needed <= available {
+        return Plan::Beside;
+    }
+    if let Some(freed) = serving_needs {
+        let in_its_place = available.saturating_add(freed);
+        if needed > in_its_place {
+            return Plan::TooBig {
+                needed,
+                available: in_its_place,
+            };
+        }
+    }
+    if low_memory_swap {
         Plan::LowMemory { needed, available }
     } else {
         Plan::Refuse { needed, available }
@@ -281,25 +303,41 @@ mod tests {
 
     #[test]
     fn a_model_goes_beside_when_it_fits_or_nothing_is_known() {
-        assert_eq!(plan(None, Some(1), true, true), Plan::Beside);
-        assert_eq!(plan(Some(100), None, true, true), Plan::Beside);
-        assert_eq!(plan(Some(100), Some(120), true, true), Plan::Beside);
+        let serving = Some(None);
+        assert_eq!(plan(None, Some(1), serving, true), Plan::Beside);
+        assert_eq!(plan(Some(100), None, serving, true), Plan::Beside);
+        assert_eq!(plan(Some(100), Some(120), serving, true), Plan::Beside);
         assert_eq!(
-            plan(Some(100), Some(119), true, true),
+            plan(Some(100), Some(119), serving, true),
             Plan::LowMemory {
                 needed: 120,
                 available: 119
             }
         );
         assert_eq!(
-            plan(Some(100), Some(50), true, false),
+            plan(Some(100), Some(50), serving, false),
             Plan::Refuse {
                 needed: 120,
                 available: 50
             }
         );
         // Nothing serves: nothing to unload, so it loads as usual.
-        assert_eq!(plan(Some(100), Some(50), false, false), Plan::Beside);
+        assert_eq!(plan(Some(100), Some(50), None, false), Plan::Beside);
+        // In the serving model's place: it fits once 80 are freed, not once 60 are.
+        assert_eq!(
+            plan(Some(100), Some(50), Some(Some(80)), true),
+            Plan::LowMemory {
+                needed: 120,
+                available: 50
+            }
+        );
+        assert_eq!(
+            plan(Some(100), Some(50), Some(Some(60)), true),
+            Plan::TooBig {
+                needed: 120,
+                available: 110
+            }
+        );
     }
 
     #[test]

@@ -221,12 +221,13 @@ pub fn rebuilds(dir: &Path) -> u64 {
 // ---- start-up: loading what the store holds ----
 
 /// What start-up found: every stored record (and whether it serves), trials to resume (with
-/// the last good model to swap back to), rollbacks it made, versions whose bytes were lost on
-/// disk, models of which nothing loads, and downloads to resume.
+/// the last good model to swap back to, unless it does not fit in memory beside the trial),
+/// rollbacks it made, versions whose bytes were lost on disk, models of which nothing loads,
+/// and downloads to resume.
 #[derive(Default)]
 pub(crate) struct Restored {
     pub(crate) records: Vec<(String, ModelRecord, bool)>,
-    pub(crate) trials: Vec<(String, Arc<LoadedModel>)>,
+    pub(crate) trials: Vec<(String, Option<Arc<LoadedModel>>)>,
     pub(crate) rolled_back: Vec<(String, u64, String)>,
     pub(crate) lost: Vec<(String, u64, String)>,
     pub(crate) unloadable: Vec<(String, u64, String)>,
@@ -368,12 +369,23 @@ pub(crate) fn restore(
         };
         if served {
             if let Some(trial) = record.trial {
-                match load_slot(store, &record, trial.previous, engine) {
-                    Ok(previous) => restored.trials.push((name.clone(), Arc::new(previous))),
-                    Err(e) => {
-                        // Nothing to swap back to: the trial version is as good as it gets.
-                        warn!(model = %name, error = %e, "last good slot does not load; committing the trial");
-                        record.trial = None;
+                // On a device too small for two, the last good version stays on disk: a
+                // rollback loads it in the trial's place (the low-memory swap).
+                let need = record.slot(trial.previous).and_then(|m| m.memory_bytes);
+                let plan = crate::memory::plan(need, crate::memory::available(), Some(None), true);
+                if plan != crate::memory::Plan::Beside {
+                    info!(model = %name, "the last good version is not loaded beside the trial (low memory); a rollback loads it in its place");
+                    restored.trials.push((name.clone(), None));
+                } else {
+                    match load_slot(store, &record, trial.previous, engine) {
+                        Ok(previous) => restored
+                            .trials
+                            .push((name.clone(), Some(Arc::new(previous)))),
+                        Err(e) => {
+                            // Nothing to swap back to: the trial version is as good as it gets.
+                            warn!(model = %name, error = %e, "last good slot does not load; committing the trial");
+                            record.trial = None;
+                        }
                     }
                 }
             }

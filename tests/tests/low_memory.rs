@@ -14,6 +14,10 @@ use modelcast_proto::manifest::{LatencyBudget, Manifest};
 use modelcast_tests::cgroup::MemoryCgroup;
 use modelcast_tests::{wait_for, AgentOptions, Fleet};
 
+/// Publishing measures a model's memory by this process's peak (as `modelcast publish` does in
+/// its own): the tests here take turns, so that one's publish does not count in the other's.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
 /// Weights of each version: big enough that the memory of two is plainly more than one.
 const MODEL_BYTES: u64 = 48 << 20;
 
@@ -40,6 +44,7 @@ fn publish(fleet: &Fleet, version: u64, budget: Option<LatencyBudget>) -> Manife
 
 #[test]
 fn a_model_that_does_not_fit_twice_swaps_in_its_predecessors_place() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let cgroup = match MemoryCgroup::create("modelcast-low-memory") {
         Ok(c) => c,
         Err(why) => {
@@ -177,4 +182,76 @@ fn a_model_that_does_not_fit_twice_swaps_in_its_predecessors_place() {
     }
     assert_eq!(cgroup.oom_kills(), 0, "the kernel killed nothing");
     assert!(agent.pid().is_some());
+}
+
+#[test]
+fn a_trial_that_fails_after_a_low_memory_swap_loads_the_last_good_version_in_its_place() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let cgroup = match MemoryCgroup::create("modelcast-low-memory-trial") {
+        Ok(c) => c,
+        Err(why) => {
+            eprintln!("SKIPPED: {why}");
+            return;
+        }
+    };
+    let fleet = Fleet::embedded();
+    let agent = fleet.start_agent_with(
+        "edge-1",
+        &[],
+        "[probation]\nrequests = 40\nseconds = 600\nmax_p99_ratio = 1.5\np99_slack_ms = 0.0\n",
+    );
+    fleet.wait_registered();
+    cgroup.add(agent.pid().expect("agent pid"));
+
+    // v1: 24 MB of weights; v2: 96 MB, about four times slower per request, too big to sit
+    // beside v1 but not to take its place.
+    let size = |version, bytes| {
+        let path = fleet.dir.path().join(format!("trial-v{version}.onnx"));
+        std::fs::write(
+            &path,
+            modelcast_ops::onnx::example_model_of_size(version, bytes),
+        )
+        .unwrap();
+        fleet.publish_file(&path, "classifier", version)
+    };
+    let v1 = size(1, 24 << 20);
+    fleet.deploy("classifier", 1, "*");
+    fleet.wait_serving("edge-1", "classifier", 1);
+    for _ in 0..100 {
+        assert_eq!(agent.check_golden(&v1), "1");
+    }
+    let v2 = size(2, 96 << 20);
+    let need = v2.memory_bytes.expect("measured");
+    // Beside v1 it needs its measure and the 20 % margin; in v1's place, v1's is freed too.
+    cgroup.set_limit(cgroup.usage() + need + need / 10);
+    fleet.deploy("classifier", 2, "*");
+    fleet.wait_serving("edge-1", "classifier", 2);
+    assert!(agent.log_has("swapped in low memory", 2));
+
+    // On trial, too slow: rolled back, and v1 loaded again in v2's place.
+    let mut answered = Vec::new();
+    for _ in 0..200 {
+        match agent.infer("classifier", &v1.golden[0].inputs) {
+            Ok((version, _)) => answered.push(version),
+            Err(e) if e.starts_with("503") => answered.push("503".into()),
+            Err(e) => panic!("{e}"),
+        }
+        if answered.last().map(String::as_str) == Some("1") {
+            break;
+        }
+    }
+    let reason = wait_for("the rollback reported", Duration::from_secs(60), || {
+        let e = fleet.report("edge-1")?.last_error?;
+        (e.version == Some(2) && e.reason.contains("rolled back")).then_some(e.reason)
+    });
+    assert!(reason.contains("p99 latency"), "{reason}");
+    fleet.wait_serving("edge-1", "classifier", 1);
+    assert_eq!(agent.check_golden(&v1), "1");
+    assert!(
+        std::fs::read_to_string(agent.log_path())
+            .unwrap()
+            .contains("loaded and checked in low memory model=classifier version=1 ok=true"),
+        "v1 came back by a low-memory swap"
+    );
+    assert_eq!(cgroup.oom_kills(), 0, "the kernel killed nothing");
 }
