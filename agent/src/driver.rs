@@ -104,6 +104,18 @@ struct OnDisk {
     slot: Slot,
 }
 
+/// Each model of a verified desired state with one of its terms, where the deployment set it.
+fn by_model<T>(
+    verified: &modelcast_proto::verify::VerifiedDesired,
+    term: impl Fn(&str) -> Option<T>,
+) -> BTreeMap<String, T> {
+    verified
+        .models()
+        .iter()
+        .filter_map(|m| Some((m.name.clone(), term(&m.name)?)))
+        .collect()
+}
+
 /// Longest wait for the requests still running on a model the low-memory swap unloads.
 const UNLOAD_WAIT: Duration = Duration::from_secs(30);
 
@@ -688,22 +700,15 @@ impl Agent {
             models = verified.models().len(),
             "desired state verified"
         );
-        let sampling: BTreeMap<String, SamplingSpec> = verified
-            .models()
-            .iter()
-            .filter_map(|m| Some((m.name.clone(), verified.sampling(&m.name)?)))
-            .collect();
+        let sampling: BTreeMap<String, SamplingSpec> =
+            by_model(&verified, |m| verified.sampling(m));
         // What is held of a model no longer sampled is deleted with the policy.
         self.store_samples();
         self.store
             .set_sampling(&sampling)
             .map_err(|e| e.to_string())?;
         self.sampler.set_policies(sampling);
-        let pins: BTreeMap<String, Pin> = verified
-            .models()
-            .iter()
-            .filter_map(|m| Some((m.name.clone(), verified.backend(&m.name)?)))
-            .collect();
+        let pins: BTreeMap<String, Pin> = by_model(&verified, |m| verified.backend(m));
         for (model, pin) in &pins {
             if *pin == Pin::Onnxruntime && !self.cfg.engine.has_onnxruntime() {
                 warn!(%model, "the deployment pins ONNX Runtime, which this agent does not have: the configured backend runs it");
@@ -711,20 +716,12 @@ impl Agent {
         }
         self.store.set_pins(&pins).map_err(|e| e.to_string())?;
         self.pins = pins;
-        let shadows: BTreeMap<String, ShadowSpec> = verified
-            .models()
-            .iter()
-            .filter_map(|m| Some((m.name.clone(), verified.shadow(&m.name)?)))
-            .collect();
+        let shadows: BTreeMap<String, ShadowSpec> = by_model(&verified, |m| verified.shadow(m));
         self.store
             .set_shadows(&shadows)
             .map_err(|e| e.to_string())?;
         self.shadows = shadows;
-        let canaries: BTreeMap<String, CanarySpec> = verified
-            .models()
-            .iter()
-            .filter_map(|m| Some((m.name.clone(), verified.canary(&m.name)?)))
-            .collect();
+        let canaries: BTreeMap<String, CanarySpec> = by_model(&verified, |m| verified.canary(m));
         self.store
             .set_canaries(&canaries)
             .map_err(|e| e.to_string())?;

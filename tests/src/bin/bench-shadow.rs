@@ -11,7 +11,8 @@
 //!
 //! Run: `cargo build --release --bins && target/release/bench-shadow`. `BENCH_HIDDEN` sets the
 //! model width (default 256), `BENCH_PHASE_SECS` each phase (default 10), `BENCH_SAMPLE` the
-//! mirrored share in percent (default 10).
+//! mirrored share in percent (default 10), `BENCH_CLIENTS` the clients (default 4: both cores
+//! kept busy; 1 leaves the device a free core, as the shadow phase expects to find).
 
 use std::time::Duration;
 
@@ -36,6 +37,7 @@ fn main() {
     let hidden = env("BENCH_HIDDEN", 256) as usize;
     let phase = Duration::from_secs(env("BENCH_PHASE_SECS", 10));
     let sample = env("BENCH_SAMPLE", 10) as u32;
+    let clients = env("BENCH_CLIENTS", 4) as usize;
     let fleet = Fleet::embedded();
     let status = std::process::Command::new("chrt")
         .args([
@@ -64,7 +66,7 @@ fn main() {
         agent.http_port,
         "classifier",
         &v1.golden[0].inputs,
-        4,
+        clients,
         Duration::ZERO,
         phase * 3 + Duration::from_secs(600),
     );
@@ -132,7 +134,7 @@ fn main() {
         );
         p99
     };
-    println!("model width {hidden}, 4 clients without pause, {sample} % mirrored");
+    println!("model width {hidden}, {clients} clients without pause, {sample} % mirrored");
     let a1 = line("before (v1 serves)", &before);
     let b = line("shadow phase (v2 on the mirror)", &during);
     let a2 = line("after (v2 serves)", &after);
