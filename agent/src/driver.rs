@@ -1270,6 +1270,9 @@ impl Agent {
                         }
                         .await;
                         if let Err(e) = persisted {
+                            // Both do not fit: the new one goes before the old one comes back.
+                            drop(model);
+                            crate::sys::release_free_memory();
                             self.restore_low_memory(&name, started).await;
                             self.updater.activation_failed(&name, e.to_string());
                             return;
