@@ -1510,6 +1510,7 @@ impl Agent {
             state.shadow = shadows
                 .get(name)
                 .and_then(|s| s.lock().ok().map(|s| s.clone()));
+            state.low_memory_swap_ms = self.metrics.last_low_memory_swap(name);
             state.canary = self.models.canary(name).map(|c| CanaryState {
                 version: c.model.manifest().version,
                 percent: c.spec.percent,

@@ -420,6 +420,15 @@ impl Metrics {
             .set(unavailable.as_millis() as u64);
     }
 
+    /// How long the latest low-memory swap of `model` answered nothing, ms, if it had one.
+    pub fn last_low_memory_swap(&self, model: &str) -> Option<u64> {
+        // Read back without creating a series for a model that never had one.
+        let labels = ModelLabels {
+            model: model.into(),
+        };
+        self.unavailable.get(&labels).map(|g| g.get())
+    }
+
     /// Counts one answered inference and its duration.
     pub fn inference(&self, labels: &InferenceLabels, took: Duration) {
         self.inferences.get_or_create(labels).inc();

@@ -446,6 +446,7 @@ impl Updater {
                     engine: None,
                     shadow: None,
                     canary: None,
+                    low_memory_swap_ms: None,
                 };
                 (name.clone(), state)
             })

@@ -154,6 +154,9 @@ pub struct ModelState {
     /// A new version on probation answering a share beside the last good one, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub canary: Option<CanaryState>,
+    /// How long the model answered nothing (503) in its latest low-memory swap, ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub low_memory_swap_ms: Option<u64>,
 }
 
 /// A new version on probation answering a share of the requests beside the last good one.
@@ -457,6 +460,7 @@ mod tests {
                         percent: 10,
                         key: Some("x-user".into()),
                     }),
+                    low_memory_swap_ms: Some(223),
                     engine: Some(EngineReport {
                         backend: "onnxruntime/cpu".into(),
                         reason: "measured fastest".into(),

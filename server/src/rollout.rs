@@ -911,6 +911,7 @@ mod tests {
                 engine: None,
                 shadow: None,
                 canary: None,
+                low_memory_swap_ms: None,
             },
         );
         let last_error = match update {

@@ -135,6 +135,15 @@ fn a_model_that_does_not_fit_twice_swaps_in_its_predecessors_place() {
             },
         );
         println!("v2 swapped in low memory: unavailable for {window} ms");
+        // The device reports it too.
+        let reported = wait_for("the window in the report", Duration::from_secs(30), || {
+            fleet
+                .report("edge-1")?
+                .models
+                .get("classifier")?
+                .low_memory_swap_ms
+        });
+        assert!(reported > 0, "{reported}");
         assert!(agent.log_has("swapped in low memory", 2));
         wait_for("answers from v2", Duration::from_secs(30), || {
             answers

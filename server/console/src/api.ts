@@ -199,6 +199,7 @@ export interface CanaryState {
 export interface ModelState {
   shadow?: ShadowSummary;
   canary?: CanaryState;
+  low_memory_swap_ms?: number;
   active: "a" | "b" | null;
   a: SlotContent | null;
   b: SlotContent | null;

@@ -248,6 +248,11 @@ export function DevicePage() {
                       , mean |Δ| {m.shadow.mean_abs_diff.toPrecision(3)}
                     </div>
                   )}
+                  {m.low_memory_swap_ms != null && (
+                    <div class="small muted" data-low-memory-swap={m.low_memory_swap_ms}>
+                      last low-memory swap: unavailable {m.low_memory_swap_ms} ms
+                    </div>
+                  )}
                   {m.canary && (
                     <div class="small" data-canary={m.canary.version}>
                       canary v{m.canary.version}: {m.canary.percent}% of requests
