@@ -1012,8 +1012,20 @@ impl Agent {
                                     self.metrics.low_memory_swap(&name, started.elapsed());
                                 }
                                 Err(e) => {
-                                    warn!(model = %name, error = %e.reason, "rolling back in low memory: the last good version does not load");
+                                    // What was unloaded is the version rolled back: never again.
+                                    self.unloaded.remove(&name);
+                                    let reason = format!(
+                                        "rolling back in low memory: version {} does not load: {}",
+                                        back.version, e.reason
+                                    );
+                                    warn!(model = %name, %reason);
                                     self.restore_low_memory(&name, started).await;
+                                    self.updater.note_error(
+                                        e.kind,
+                                        Some(&name),
+                                        Some(back.version),
+                                        reason,
+                                    );
                                 }
                             }
                         }
@@ -1329,7 +1341,7 @@ impl Agent {
             );
             self.models.set_canary(model, spec.clone());
             crate::sys::release_free_memory();
-            self.updater.activated(&name, Instant::now());
+            self.updater.activated_beside(&name, Instant::now());
             return;
         }
         let replaced = self.models.swap_in(model);
@@ -1372,6 +1384,19 @@ impl Agent {
             let deadline = Instant::now() + UNLOAD_WAIT;
             while Arc::strong_count(&old) > 1 && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            if Arc::strong_count(&old) > 1 {
+                // Requests still hold it: loading now would hold both. It serves again.
+                self.models.swap_in(old);
+                self.models.set_swapping(name, false);
+                self.unloaded.remove(name);
+                return Err(Failure::new(
+                    ErrorKind::Staging,
+                    format!(
+                        "requests still ran on version {version} {} s after it stopped taking new ones; it serves again",
+                        UNLOAD_WAIT.as_secs()
+                    ),
+                ));
             }
             drop(old);
             crate::sys::release_free_memory();
@@ -1417,7 +1442,10 @@ impl Agent {
                     info!(model = %name, version, %slot, "the low-memory swap failed: the previous version serves again");
                 }
                 Err(e) => {
-                    warn!(model = %name, version, error = %e.reason, "the low-memory swap failed and the previous version does not load again: nothing serves this model");
+                    let reason = format!("the low-memory swap failed and version {version} does not load again: nothing serves this model ({})", e.reason);
+                    warn!(model = %name, %reason);
+                    self.updater
+                        .note_error(e.kind, Some(name), Some(version), reason);
                 }
             }
         }

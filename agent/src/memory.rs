@@ -142,10 +142,15 @@ pub fn cgroup_dirs(cgroups: &str, mountinfo: &str) -> Vec<(PathBuf, CgroupVersio
         } else {
             continue;
         };
-        let Some(mount) = mount_of(mountinfo, version) else {
+        let Some((root, mount)) = mount_of(mountinfo, version) else {
             continue;
         };
-        // The cgroup and every ancestor up to the mount's root.
+        // The cgroup and every ancestor up to the mount's root (a container's mount may
+        // show a subtree: its root is left out of the path under the mount point).
+        let path = match path.strip_prefix(root.as_str()) {
+            Some(below) if root != "/" => below,
+            _ => path,
+        };
         let mut rel = Path::new(path.trim_start_matches('/')).to_path_buf();
         loop {
             if rel
@@ -163,20 +168,23 @@ pub fn cgroup_dirs(cgroups: &str, mountinfo: &str) -> Vec<(PathBuf, CgroupVersio
     dirs
 }
 
-/// Where the hierarchy of `version` is mounted, by `/proc/self/mountinfo`'s lines
-/// (`… mount-point … - fstype source options`).
-fn mount_of(mountinfo: &str, version: CgroupVersion) -> Option<PathBuf> {
+/// Where the hierarchy of `version` is mounted, and the root of the hierarchy the mount
+/// shows, by `/proc/self/mountinfo`'s lines (`id parent dev root mount-point … - fstype
+/// source options`).
+fn mount_of(mountinfo: &str, version: CgroupVersion) -> Option<(String, PathBuf)> {
     mountinfo.lines().find_map(|l| {
         let (before, after) = l.split_once(" - ")?;
         let mut after = after.split_whitespace();
         let fstype = after.next()?;
         let options = after.nth(1).unwrap_or("");
-        let point = before.split_whitespace().nth(4)?;
+        let mut fields = before.split_whitespace();
+        let root = fields.nth(3)?;
+        let point = fields.next()?;
         let matches = match version {
             CgroupVersion::V2 => fstype == "cgroup2",
             CgroupVersion::V1 => fstype == "cgroup" && options.split(',').any(|o| o == "memory"),
         };
-        matches.then(|| PathBuf::from(point))
+        matches.then(|| (root.to_string(), PathBuf::from(point)))
     })
 }
 
@@ -299,6 +307,16 @@ mod tests {
         );
         // A path that climbs out is not followed.
         assert!(cgroup_dirs("0::/../x\n", mountinfo).is_empty());
+        // A container's mount of a subtree: the subtree is not repeated under it.
+        let contained =
+            "40 30 0:27 /docker/abc /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n";
+        assert_eq!(
+            cgroup_dirs("4:memory:/docker/abc/app\n", contained)[0],
+            (
+                PathBuf::from("/sys/fs/cgroup/memory/app"),
+                CgroupVersion::V1
+            )
+        );
     }
 
     #[test]

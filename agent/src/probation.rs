@@ -141,6 +141,11 @@ impl Probation {
         self.trial.record(ok, latency);
     }
 
+    /// Forgets the baseline: from now on it is what [`Probation::record_baseline`] records.
+    pub fn fresh_baseline(&mut self) {
+        self.baseline = Window::default();
+    }
+
     /// Records one request answered (or failed) by the last good model meanwhile (it still
     /// serves beside a canary): the comparison is then with what it does under the same load.
     pub fn record_baseline(&mut self, ok: bool, latency: Duration) {

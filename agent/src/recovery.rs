@@ -373,7 +373,7 @@ pub(crate) fn restore(
                 // rollback loads it in the trial's place (the low-memory swap).
                 let need = record.slot(trial.previous).and_then(|m| m.memory_bytes);
                 let plan = crate::memory::plan(need, crate::memory::available(), Some(None), true);
-                if plan != crate::memory::Plan::Beside {
+                if engine.low_memory_swap && plan != crate::memory::Plan::Beside {
                     info!(model = %name, "the last good version is not loaded beside the trial (low memory); a rollback loads it in its place");
                     restored.trials.push((name.clone(), None));
                 } else {

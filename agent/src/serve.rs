@@ -752,9 +752,11 @@ pub(crate) async fn infer_with<R: Send + 'static>(
         + Send
         + 'static,
 ) -> Answer<R> {
+    // Read before and after: a swap that starts or ends in between still answers 503.
+    let swapping = api.models.swapping(name);
     let model = match route(api, name, version, key) {
         Ok(m) => m,
-        Err(e) if api.models.swapping(name) => return Answer::Unavailable(e),
+        Err(e) if swapping || api.models.swapping(name) => return Answer::Unavailable(e),
         Err(e) => return Answer::NotFound(e),
     };
     let labels = InferenceLabels::new(

@@ -806,6 +806,16 @@ impl Updater {
         });
     }
 
+    /// [`Updater::activated`] for a version that serves a share beside the last good one (a
+    /// canary): its trial is judged against what the last good one does from now on, not
+    /// against what it did before.
+    pub fn activated_beside(&mut self, name: &str, now: Instant) {
+        self.activated(name, now);
+        if let Some(Step::Trial(p)) = self.models.get_mut(name).map(|m| &mut m.step) {
+            p.fresh_baseline();
+        }
+    }
+
     /// The answer to [`Action::Activate`]: the new version is persisted and serves.
     pub fn activated(&mut self, name: &str, now: Instant) {
         let Some(m) = self.models.get_mut(name) else {

@@ -187,12 +187,19 @@ fn a_canary_answers_its_share_beside_the_stable_version_and_takes_over_when_it_p
 
     // Sticky by a header: the same user, the same version, at the new share.
     fleet.deploy_canary("classifier", 2, "*", split(50, Some("x-user")));
-    wait_for("the new share", Duration::from_secs(60), || {
-        std::fs::read_to_string(agent.log_path())
-            .ok()?
-            .contains("canary share changed")
-            .then_some(())
-    });
+    wait_for(
+        "the new share in the device's report",
+        Duration::from_secs(60),
+        || {
+            let canary = fleet
+                .report("edge-1")?
+                .models
+                .get("classifier")?
+                .canary
+                .clone()?;
+            (canary.percent == 50 && canary.key.as_deref() == Some("x-user")).then_some(())
+        },
+    );
     let users: Vec<String> = (0..200).map(|u| format!("user-{u}")).collect();
     let first: Vec<String> = users
         .iter()

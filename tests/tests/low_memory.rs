@@ -30,6 +30,22 @@ impl Drop for StopOnDrop<'_> {
     }
 }
 
+/// Without a memory cgroup of its own the test cannot run: a failure as root (which
+/// `tests/run.sh` and CI are, and where the kernel gives one), a loud skip otherwise.
+fn skip_unless_root(why: &str) {
+    // The effective user id, read from /proc.
+    let root = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .map(|ids| ids.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false);
+    assert!(!root, "running as root, yet {why}");
+    eprintln!("SKIPPED (not root): {why}");
+}
+
 fn publish(fleet: &Fleet, version: u64, budget: Option<LatencyBudget>) -> Manifest {
     let path = fleet.dir.path().join(format!("big-v{version}.onnx"));
     std::fs::write(
@@ -47,11 +63,7 @@ fn a_model_that_does_not_fit_twice_swaps_in_its_predecessors_place() {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let cgroup = match MemoryCgroup::create("modelcast-low-memory") {
         Ok(c) => c,
-        Err(why) => {
-            // Not a pass: say so loudly. tests/run.sh runs as root, where cgroups are there.
-            eprintln!("SKIPPED: {why}");
-            return;
-        }
+        Err(why) => return skip_unless_root(&why),
     };
     let fleet = Fleet::embedded();
     let agent = fleet.start_agent_opts("edge-1", &[], AgentOptions::committing());
@@ -198,10 +210,7 @@ fn a_trial_that_fails_after_a_low_memory_swap_loads_the_last_good_version_in_its
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let cgroup = match MemoryCgroup::create("modelcast-low-memory-trial") {
         Ok(c) => c,
-        Err(why) => {
-            eprintln!("SKIPPED: {why}");
-            return;
-        }
+        Err(why) => return skip_unless_root(&why),
     };
     let fleet = Fleet::embedded();
     let agent = fleet.start_agent_with(

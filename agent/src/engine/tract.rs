@@ -139,14 +139,15 @@ fn optimize(
         .map_err(load_err)
 }
 
-/// Convolutions run channel-last (tract's `conv_nhwc` transform) when an input's first
-/// dimension, the batch, is above 1: tract's depthwise convolutions on channel-first data
+/// Convolutions run channel-last (tract's `conv_nhwc` transform) when an image input's
+/// batch (the first of its four dimensions) is above 1: tract's depthwise convolutions on channel-first data
 /// slow down more than linearly with the batch (a MobileNet-like classifier of the corpus at
 /// batch 2: 33.9 ms against 8.3 ms at batch 1; 0.53x that channel-last), while at batch 1
 /// channel-last measured 0.95-1.10x (`bench-tract`), so it is left as it is there. A model
 /// the transform fails on is planned as it is.
 fn channels_last_for_batches(model: TypedModel, shapes: &[Vec<u64>]) -> TypedModel {
-    if !shapes.iter().any(|s| s.first().is_some_and(|b| *b > 1)) {
+    // Image batches: rank-4 inputs (N, C, H, W) with N above 1.
+    if !shapes.iter().any(|s| s.len() == 4 && s[0] > 1) {
         return model;
     }
     let Ok(Some(nhwc)) = tract_nnef::tract_core::transform::get_transform("conv_nhwc") else {
