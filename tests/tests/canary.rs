@@ -285,3 +285,51 @@ fn a_slow_canary_is_dropped_while_the_stable_version_answers_throughout() {
     }
     fleet.wait_serving("edge-1", "classifier", 1);
 }
+
+#[test]
+fn a_canary_resumes_as_one_after_the_agent_restarts_and_a_promotion_gives_it_all_traffic() {
+    let fleet = Fleet::embedded();
+    let mut agent = fleet.start_agent_with(
+        "edge-1",
+        &[],
+        "[probation]\nrequests = 100000\nseconds = 600\nmax_p99_ratio = 100.0\n",
+    );
+    fleet.wait_registered();
+    let v1 = fleet.publish_example(1, 16);
+    fleet.deploy("classifier", 1, "*");
+    fleet.wait_serving("edge-1", "classifier", 1);
+    fleet.publish_example(2, 16);
+    let canary = CanarySpec {
+        percent: 20,
+        key: None,
+    };
+    fleet.deploy_canary("classifier", 2, "*", canary);
+    wait_versions(&agent, "classifier", &["1", "2"]);
+
+    // Killed (a power cut) during the canary's trial: it comes back as a canary.
+    agent.kill();
+    agent.start();
+    wait_versions(&agent, "classifier", &["1", "2"]);
+    let answers: Vec<String> = (0..100)
+        .map(|_| ask(&agent, &v1, "", None).expect("inference"))
+        .collect();
+    let counts = count(&answers);
+    assert_eq!(counts.get("2"), Some(&20), "{counts:?}");
+    assert_eq!(
+        ask(&agent, &v1, "/versions/stable", None).as_deref(),
+        Ok("1")
+    );
+
+    // Deployed again without a split: promoted, all traffic for the rest of its trial.
+    fleet.deploy("classifier", 2, "*");
+    wait_versions(&agent, "classifier", &["2"]);
+    let answers: Vec<String> = (0..50)
+        .map(|_| ask(&agent, &v1, "", None).expect("inference"))
+        .collect();
+    assert!(answers.iter().all(|v| v == "2"), "{answers:?}");
+    let phase = fleet.report("edge-1").unwrap().models["classifier"]
+        .update
+        .as_ref()
+        .map(|u| u.phase);
+    assert_eq!(phase, Some(modelcast_proto::report::Phase::Probation));
+}
