@@ -80,6 +80,10 @@ pub enum AgentError {
     Enrol(#[from] crate::enrol::EnrolError),
 }
 
+mod low_memory;
+
+use low_memory::OnDisk;
+
 use crate::clock::unix_secs as unix_now;
 
 /// The outcome of staging one artifact.
@@ -98,12 +102,6 @@ enum Staging {
     OnDisk(Box<OnDisk>),
 }
 
-/// A version to load in a low-memory swap.
-struct OnDisk {
-    manifest: Manifest,
-    slot: Slot,
-}
-
 /// Each model of a verified desired state with one of its terms, where the deployment set it.
 fn by_model<T>(
     verified: &modelcast_proto::verify::VerifiedDesired,
@@ -115,9 +113,6 @@ fn by_model<T>(
         .filter_map(|m| Some((m.name.clone(), term(&m.name)?)))
         .collect()
 }
-
-/// Longest wait for the requests still running on a model the low-memory swap unloads.
-const UNLOAD_WAIT: Duration = Duration::from_secs(30);
 
 /// The running agent: the update machine and the parts it drives.
 struct Agent {
@@ -994,41 +989,11 @@ impl Agent {
                             .serving(&name, model.slot(), model.manifest().version);
                         self.models.swap_in(model);
                     } else if let (Some(slot), Some(back)) = (record.active, record.serving()) {
-                        // On trial after a low-memory swap: the last good version is not
-                        // loaded, so it is loaded in the failed one's place.
-                        let serving = self.models.get(&name).map(|m| m.manifest().version);
-                        if serving != Some(back.version) {
-                            let on_disk = OnDisk {
-                                manifest: back.clone(),
-                                slot,
-                            };
-                            let started = Instant::now();
-                            match self.swap_low_memory(&name, &on_disk).await {
-                                Ok(model) => {
-                                    self.metrics.serving(&name, slot, model.manifest().version);
-                                    self.models.swap_in(model);
-                                    self.models.set_swapping(&name, false);
-                                    self.unloaded.remove(&name);
-                                    self.metrics.low_memory_swap(&name, started.elapsed());
-                                }
-                                Err(e) => {
-                                    // What was unloaded is the version rolled back: never again.
-                                    self.unloaded.remove(&name);
-                                    let reason = format!(
-                                        "rolling back in low memory: version {} does not load: {}",
-                                        back.version, e.reason
-                                    );
-                                    warn!(model = %name, %reason);
-                                    self.restore_low_memory(&name, started).await;
-                                    self.updater.note_error(
-                                        e.kind,
-                                        Some(&name),
-                                        Some(back.version),
-                                        reason,
-                                    );
-                                }
-                            }
-                        }
+                        let back = OnDisk {
+                            manifest: back.clone(),
+                            slot,
+                        };
+                        self.roll_back_low_memory(&name, back).await;
                     }
                     crate::sys::release_free_memory();
                     if let Err(e) = self.persist(&name, &record).await {
@@ -1102,6 +1067,13 @@ impl Agent {
 
     async fn persist(&self, name: &str, record: &ModelRecord) -> Result<(), StoreError> {
         self.store.put_model(name, record)?;
+        self.store.flush().await
+    }
+
+    /// Persists a record with a new version installed and forgets its download, flushed.
+    async fn persist_installed(&self, name: &str, record: &ModelRecord) -> Result<(), StoreError> {
+        self.store.put_model(name, record)?;
+        self.store.clear_pending(name)?;
         self.store.flush().await
     }
 
@@ -1272,43 +1244,9 @@ impl Agent {
             }
             Some(Staging::Loaded(model)) => model,
             Some(Staging::OnDisk(on_disk)) => {
-                let started = Instant::now();
-                match self.swap_low_memory(&name, &on_disk).await {
-                    Ok(model) => {
-                        let persisted = async {
-                            self.store.put_model(&name, &record)?;
-                            self.store.clear_pending(&name)?;
-                            self.store.flush().await
-                        }
-                        .await;
-                        if let Err(e) = persisted {
-                            // Both do not fit: the new one goes before the old one comes back.
-                            drop(model);
-                            crate::sys::release_free_memory();
-                            self.restore_low_memory(&name, started).await;
-                            self.updater.activation_failed(&name, e.to_string());
-                            return;
-                        }
-                        if let Err(e) = self.store.keep_manifest(model.manifest()) {
-                            warn!(model = %name, error = %e, "keeping the manifest beside its artifact failed");
-                        }
-                        let (slot, version) = (model.slot(), model.manifest().version);
-                        self.models.swap_in(model);
-                        self.models.set_swapping(&name, false);
-                        self.unloaded.remove(&name);
-                        let unavailable = started.elapsed();
-                        self.metrics.low_memory_swap(&name, unavailable);
-                        info!(model = %name, version, %slot, unavailable_ms = unavailable.as_millis() as u64, on_trial, "swapped in low memory: new version serves");
-                        crate::sys::release_free_memory();
-                        self.metrics.serving(&name, slot, version);
-                        self.updater.activated(&name, Instant::now());
-                    }
-                    Err(failure) => {
-                        self.restore_low_memory(&name, started).await;
-                        self.updater.activation_rejected(&name, failure);
-                    }
-                }
-                return;
+                return self
+                    .activate_low_memory(name, record, on_trial, *on_disk)
+                    .await;
             }
         };
         // Kept for a rebuild of the store; restore keeps it again at the next start if this
@@ -1316,13 +1254,7 @@ impl Agent {
         if let Err(e) = self.store.keep_manifest(model.manifest()) {
             warn!(model = %name, error = %e, "keeping the manifest beside its artifact failed");
         }
-        let persisted = async {
-            self.store.put_model(&name, &record)?;
-            self.store.clear_pending(&name)?;
-            self.store.flush().await
-        }
-        .await;
-        if let Err(e) = persisted {
+        if let Err(e) = self.persist_installed(&name, &record).await {
             self.updater.activation_failed(&name, e.to_string());
             return;
         }
@@ -1363,94 +1295,6 @@ impl Agent {
         crate::sys::release_free_memory();
         self.metrics.serving(&name, slot, version);
         self.updater.activated(&name, Instant::now());
-    }
-
-    /// A low-memory swap's first half: `name` answers 503 from now on, its serving model is
-    /// unloaded once its last request is done (at most [`UNLOAD_WAIT`]) and its memory given
-    /// back; then the new version is loaded and checked as staging would, at full priority
-    /// (nothing of that name serves meanwhile). On success `name` stays unavailable until the
-    /// caller swaps the new version in.
-    async fn swap_low_memory(
-        &mut self,
-        name: &str,
-        on_disk: &OnDisk,
-    ) -> Result<Arc<LoadedModel>, Failure> {
-        let started = Instant::now();
-        self.models.set_swapping(name, true);
-        if let Some(old) = self.models.take(name) {
-            let version = old.manifest().version;
-            self.unloaded
-                .insert(name.to_string(), (old.manifest().clone(), old.slot()));
-            let deadline = Instant::now() + UNLOAD_WAIT;
-            while Arc::strong_count(&old) > 1 && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-            if Arc::strong_count(&old) > 1 {
-                // Requests still hold it: loading now would hold both. It serves again.
-                self.models.swap_in(old);
-                self.models.set_swapping(name, false);
-                self.unloaded.remove(name);
-                return Err(Failure::new(
-                    ErrorKind::Staging,
-                    format!(
-                        "requests still ran on version {version} {} s after it stopped taking new ones; it serves again",
-                        UNLOAD_WAIT.as_secs()
-                    ),
-                ));
-            }
-            drop(old);
-            crate::sys::release_free_memory();
-            info!(model = %name, version, unload_ms = started.elapsed().as_millis() as u64, "unloaded for a low-memory swap");
-        }
-        let loading = Instant::now();
-        let loaded = self
-            .load_checked(on_disk.manifest.clone(), on_disk.slot)
-            .await;
-        info!(model = %name, version = on_disk.manifest.version, ok = loaded.is_ok(), load_ms = loading.elapsed().as_millis() as u64, "loaded and checked in low memory");
-        loaded
-    }
-
-    /// Loads `manifest` from `slot` and checks it as staging does (golden vectors, latency
-    /// budget), on a blocking thread.
-    async fn load_checked(
-        &self,
-        manifest: Manifest,
-        slot: Slot,
-    ) -> Result<Arc<LoadedModel>, Failure> {
-        let store = self.store.clone();
-        let engine = (self.cfg.engine).pinned(self.pins.get(&manifest.name).copied());
-        let loaded = tokio::task::spawn_blocking(move || {
-            let golden = store.golden_file(&manifest)?;
-            let open = || store.artifact_reader(&manifest);
-            let (model, _) = crate::engine::stage(&manifest, slot, open, &golden, &engine)?;
-            Ok::<_, Failure>(Arc::new(model))
-        })
-        .await
-        .map_err(|e| Failure::new(ErrorKind::Staging, format!("loading: {e}")))?;
-        crate::sys::release_free_memory();
-        loaded
-    }
-
-    /// A low-memory swap that failed: the version it unloaded is loaded again from its slot
-    /// and serves; `name` answers again. The time it answered nothing is recorded.
-    async fn restore_low_memory(&mut self, name: &str, started: Instant) {
-        if let Some((manifest, slot)) = self.unloaded.remove(name) {
-            let version = manifest.version;
-            match self.load_checked(manifest, slot).await {
-                Ok(model) => {
-                    self.models.swap_in(model);
-                    info!(model = %name, version, %slot, "the low-memory swap failed: the previous version serves again");
-                }
-                Err(e) => {
-                    let reason = format!("the low-memory swap failed and version {version} does not load again: nothing serves this model ({})", e.reason);
-                    warn!(model = %name, %reason);
-                    self.updater
-                        .note_error(e.kind, Some(name), Some(version), reason);
-                }
-            }
-        }
-        self.models.set_swapping(name, false);
-        self.metrics.low_memory_swap(name, started.elapsed());
     }
 
     fn collect_garbage(&self) {

@@ -357,7 +357,8 @@ impl GrpcInferenceService for Service {
         req: Request<pb::ModelMetadataRequest>,
     ) -> Result<Response<pb::ModelMetadataResponse>, Status> {
         let r = req.into_inner();
-        let model = lookup(&self.api, &r.name, version(&r.version)).map_err(Status::not_found)?;
+        let model = lookup(&self.api, &r.name, version(&r.version))
+            .map_err(|e| Status::not_found(e.to_string()))?;
         let m = model.manifest();
         Ok(Response::new(pb::ModelMetadataResponse {
             name: m.name.clone(),
@@ -373,7 +374,8 @@ impl GrpcInferenceService for Service {
         req: Request<pb::ModelConfigRequest>,
     ) -> Result<Response<pb::ModelConfigResponse>, Status> {
         let r = req.into_inner();
-        let model = lookup(&self.api, &r.name, version(&r.version)).map_err(Status::not_found)?;
+        let model = lookup(&self.api, &r.name, version(&r.version))
+            .map_err(|e| Status::not_found(e.to_string()))?;
         Ok(Response::new(pb::ModelConfigResponse {
             config: Some(model_config(&model)),
         }))
@@ -388,8 +390,8 @@ impl GrpcInferenceService for Service {
             let models = self.api.models.answering();
             models.iter().map(|m| model_statistics(m)).collect()
         } else {
-            let model =
-                lookup(&self.api, &r.name, version(&r.version)).map_err(Status::not_found)?;
+            let model = lookup(&self.api, &r.name, version(&r.version))
+                .map_err(|e| Status::not_found(e.to_string()))?;
             vec![model_statistics(&model)]
         };
         Ok(Response::new(pb::ModelStatisticsResponse { model_stats }))

@@ -423,43 +423,68 @@ fn config_json(specs: &[TensorSpec]) -> Vec<Value> {
         .collect()
 }
 
+/// Why no loaded model answers a name and version.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Missing {
+    /// Nothing of that name serves.
+    #[error("model {0:?} is not serving")]
+    NotServing(String),
+    /// The model is between two versions in a low-memory swap (answered 503).
+    #[error("model {0:?} is between two versions (low-memory swap): retry shortly")]
+    Swapping(String),
+    /// The label `canary`, and the model has none.
+    #[error("model {0:?} has no canary")]
+    NoCanary(String),
+    /// A version that is not loaded.
+    #[error("model {name:?} serves {serving}, not {asked}")]
+    NotLoaded {
+        /// The model.
+        name: String,
+        /// What it serves (`version 1`, or `versions 1 (stable) and 2 (canary)`).
+        serving: String,
+        /// The version asked for.
+        asked: String,
+    },
+}
+
 /// The model `version` names (a number, or the label `stable` or `canary`), or the serving
-/// one; the 404 message otherwise.
+/// one.
 pub(crate) fn lookup(
     api: &Api,
     name: &str,
     version: Option<&str>,
-) -> Result<Arc<LoadedModel>, String> {
+) -> Result<Arc<LoadedModel>, Missing> {
     let model = api
         .models
         .get(name)
         .ok_or_else(|| match api.models.swapping(name) {
-            true => {
-                format!("model {name:?} is between two versions (low-memory swap): retry shortly")
-            }
-            false => format!("model {name:?} is not serving"),
+            true => Missing::Swapping(name.into()),
+            false => Missing::NotServing(name.into()),
         })?;
     let canary = api.models.canary(name);
     let Some(v) = version else {
         return Ok(model);
     };
+    let stable = model.manifest().version;
     match v {
         "stable" => Ok(model),
         "canary" => canary
             .map(|c| c.model.clone())
-            .ok_or_else(|| format!("model {name:?} has no canary")),
-        v if v == model.manifest().version.to_string() => Ok(model),
+            .ok_or_else(|| Missing::NoCanary(name.into())),
+        v if v == stable.to_string() => Ok(model),
         v => match canary {
             Some(c) if v == c.model.manifest().version.to_string() => Ok(c.model.clone()),
-            Some(c) => Err(format!(
-                "model {name:?} serves versions {} (stable) and {} (canary), not {v}",
-                model.manifest().version,
-                c.model.manifest().version
-            )),
-            None => Err(format!(
-                "model {name:?} serves version {}, not {v}",
-                model.manifest().version
-            )),
+            canary => Err(Missing::NotLoaded {
+                name: name.into(),
+                serving: match canary {
+                    Some(c) => format!(
+                        "versions {stable} (stable) and {} (canary)",
+                        c.model.manifest().version
+                    ),
+                    None => format!("version {stable}"),
+                },
+                asked: v.into(),
+            }),
         },
     }
 }
@@ -472,7 +497,7 @@ pub(crate) fn route(
     name: &str,
     version: Option<&str>,
     key: Option<&[u8]>,
-) -> Result<Arc<LoadedModel>, String> {
+) -> Result<Arc<LoadedModel>, Missing> {
     if version.is_none() {
         if let Some(canary) = api.models.canary(name) {
             if api.models.get(name).is_some() && canary.takes(key) {
@@ -756,8 +781,10 @@ pub(crate) async fn infer_with<R: Send + 'static>(
     let swapping = api.models.swapping(name);
     let model = match route(api, name, version, key) {
         Ok(m) => m,
-        Err(e) if swapping || api.models.swapping(name) => return Answer::Unavailable(e),
-        Err(e) => return Answer::NotFound(e),
+        Err(e) if swapping || matches!(e, Missing::Swapping(_)) => {
+            return Answer::Unavailable(e.to_string())
+        }
+        Err(e) => return Answer::NotFound(e.to_string()),
     };
     let labels = InferenceLabels::new(
         &model.manifest().name,

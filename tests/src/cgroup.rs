@@ -5,6 +5,25 @@
 
 use std::path::{Path, PathBuf};
 
+/// Why no memory cgroup could be made: each place tried, and what it answered.
+#[derive(Debug, Clone)]
+pub struct NoCgroup {
+    /// `place: reason`, one per hierarchy tried.
+    pub tried: Vec<String>,
+}
+
+impl std::fmt::Display for NoCgroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "no memory cgroup could be made: {}",
+            self.tried.join("; ")
+        )
+    }
+}
+
+impl std::error::Error for NoCgroup {}
+
 /// A memory cgroup made for one test.
 pub struct MemoryCgroup {
     dir: PathBuf,
@@ -14,10 +33,13 @@ pub struct MemoryCgroup {
 impl MemoryCgroup {
     /// Makes `name` under this process's memory cgroup, without a limit yet; the reason when
     /// this machine gives the test none (not root, no memory controller mounted writable).
-    pub fn create(name: &str) -> Result<MemoryCgroup, String> {
-        let cgroups = std::fs::read_to_string("/proc/self/cgroup").map_err(|e| e.to_string())?;
-        let mountinfo =
-            std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| e.to_string())?;
+    pub fn create(name: &str) -> Result<MemoryCgroup, NoCgroup> {
+        let read = |file: &str| {
+            std::fs::read_to_string(file).map_err(|e| NoCgroup {
+                tried: vec![format!("{file}: {e}")],
+            })
+        };
+        let (cgroups, mountinfo) = (read("/proc/self/cgroup")?, read("/proc/self/mountinfo")?);
         let dirs = modelcast_agent::memory::cgroup_dirs(&cgroups, &mountinfo);
         let mut tried = Vec::new();
         // The own cgroup of each hierarchy comes first in the list (ancestors follow).
@@ -49,10 +71,7 @@ impl MemoryCgroup {
                 Err(e) => tried.push(format!("{}: {e}", own.display())),
             }
         }
-        Err(format!(
-            "no memory cgroup could be made: {}",
-            tried.join("; ")
-        ))
+        Err(NoCgroup { tried })
     }
 
     /// Moves process `pid` (and its threads) into it.
@@ -117,14 +136,11 @@ impl MemoryCgroup {
 }
 
 impl Drop for MemoryCgroup {
+    /// Drop it after the processes in it were killed and reaped (declare it before them): an
+    /// empty cgroup is removed at once.
     fn drop(&mut self) {
-        // Empty once its processes have ended; a bounded wait for the kernel to agree.
-        for _ in 0..100 {
-            if std::fs::remove_dir(&self.dir).is_ok() {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
+        if let Err(e) = std::fs::remove_dir(&self.dir) {
+            eprintln!("left behind: {}: {e}", self.dir.display());
         }
-        eprintln!("left behind: {}", self.dir.display());
     }
 }

@@ -42,14 +42,27 @@ impl InferClient {
         }
     }
 
+    /// The same client for one version of the model: a number, or a label (`stable`,
+    /// `canary`): `/v2/models/{name}/versions/{version}/infer`.
+    pub fn version(mut self, version: &str) -> InferClient {
+        let base = self.url.trim_end_matches("/infer");
+        self.url = format!("{base}/versions/{version}/infer");
+        self
+    }
+
     /// One request: the version that answered and the first output's values, or the error
     /// (transport error, or the status and body of a non-200 answer).
     pub fn call(&self) -> Result<(String, Vec<f64>), String> {
-        let mut resp = self
-            .http
-            .post(&self.url)
-            .send_json(&self.body)
-            .map_err(|e| e.to_string())?;
+        self.call_with(None)
+    }
+
+    /// [`InferClient::call`] with one more request header (`(name, value)`).
+    pub fn call_with(&self, header: Option<(&str, &str)>) -> Result<(String, Vec<f64>), String> {
+        let mut request = self.http.post(&self.url);
+        if let Some((name, value)) = header {
+            request = request.header(name, value);
+        }
+        let mut resp = request.send_json(&self.body).map_err(|e| e.to_string())?;
         let status = resp.status().as_u16();
         let body: serde_json::Value = resp.body_mut().read_json().map_err(|e| e.to_string())?;
         if status != 200 {

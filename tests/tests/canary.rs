@@ -12,6 +12,7 @@ use modelcast_ops::onnx::example_model_of_size;
 use modelcast_proto::desired::CanarySpec;
 use modelcast_proto::manifest::Manifest;
 use modelcast_server::telemetry::Question;
+use modelcast_tests::hammer::InferClient;
 use modelcast_tests::{wait_for, Agent, Fleet};
 
 /// One inference on `path` (`""` or `/versions/{v}`) with an optional header; the version
@@ -22,41 +23,11 @@ fn ask(
     path: &str,
     header: Option<(&str, &str)>,
 ) -> Result<String, String> {
-    let inputs: Vec<serde_json::Value> = manifest.golden[0]
-        .inputs
-        .iter()
-        .map(|t| {
-            serde_json::json!({
-                "name": t.name, "shape": t.shape, "datatype": "FP32",
-                "data": t.values().expect("values"),
-            })
-        })
-        .collect();
-    let http: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(30)))
-        .build()
-        .into();
-    let url = format!(
-        "http://127.0.0.1:{}/v2/models/{}{path}/infer",
-        agent.http_port, manifest.name
-    );
-    let mut request = http.post(&url);
-    if let Some((name, value)) = header {
-        request = request.header(name, value);
+    let mut client = InferClient::new(agent.http_port, &manifest.name, &manifest.golden[0].inputs);
+    if let Some(version) = path.strip_prefix("/versions/") {
+        client = client.version(version);
     }
-    let mut resp = request
-        .send_json(serde_json::json!({ "inputs": inputs }))
-        .map_err(|e| e.to_string())?;
-    let status = resp.status().as_u16();
-    let body: serde_json::Value = resp.body_mut().read_json().map_err(|e| e.to_string())?;
-    if status != 200 {
-        return Err(format!("{status}: {body}"));
-    }
-    Ok(body["model_version"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string())
+    client.call_with(header).map(|(version, _)| version)
 }
 
 /// The model's metadata (`/v2/models/{name}{path}`).

@@ -63,7 +63,7 @@ fn a_model_that_does_not_fit_twice_swaps_in_its_predecessors_place() {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let cgroup = match MemoryCgroup::create("modelcast-low-memory") {
         Ok(c) => c,
-        Err(why) => return skip_unless_root(&why),
+        Err(why) => return skip_unless_root(&why.to_string()),
     };
     let fleet = Fleet::embedded();
     let agent = fleet.start_agent_opts("edge-1", &[], AgentOptions::committing());
@@ -210,7 +210,7 @@ fn a_trial_that_fails_after_a_low_memory_swap_loads_the_last_good_version_in_its
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let cgroup = match MemoryCgroup::create("modelcast-low-memory-trial") {
         Ok(c) => c,
-        Err(why) => return skip_unless_root(&why),
+        Err(why) => return skip_unless_root(&why.to_string()),
     };
     let fleet = Fleet::embedded();
     let agent = fleet.start_agent_with(

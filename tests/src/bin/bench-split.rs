@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use modelcast_proto::desired::CanarySpec;
+use modelcast_tests::hammer::InferClient;
 use modelcast_tests::{wait_for, AgentOptions, Fleet};
 
 fn main() {
@@ -35,28 +36,12 @@ fn main() {
     fleet.wait_serving("bench-1", "classifier", 1);
     fleet.publish_example(2, 16);
 
-    let http: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(Duration::from_secs(30)))
-        .build()
-        .into();
-    let golden = &v1.golden[0].inputs[0];
-    let body = serde_json::json!({ "inputs": [{
-        "name": golden.name, "shape": golden.shape, "datatype": "FP32",
-        "data": golden.values().unwrap(),
-    }]});
-    let url = format!("http://127.0.0.1:{}/v2/models/classifier", agent.http_port);
+    let client = InferClient::new(agent.http_port, "classifier", &v1.golden[0].inputs);
     let ask = |user: Option<&str>| -> String {
-        let mut request = http.post(format!("{url}/infer"));
-        if let Some(u) = user {
-            request = request.header("x-user", u);
-        }
-        let v: serde_json::Value = request
-            .send_json(&body)
+        client
+            .call_with(user.map(|u| ("x-user", u)))
             .expect("inference")
-            .body_mut()
-            .read_json()
-            .expect("JSON");
-        v["model_version"].as_str().unwrap_or("?").to_string()
+            .0
     };
     let wait_split = |key: Option<&str>| {
         fleet.deploy_canary(
