@@ -85,7 +85,8 @@ pub struct EnrolConfig {
     pub pkcs11: Option<Pkcs11Config>,
 }
 
-/// A PKCS#11 token holding the device's TLS key ([`crate::identity`]).
+/// A PKCS#11 token holding the device's TLS key ([`crate::identity`]) and its sealing key
+/// ([`crate::sealing`]).
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Pkcs11Config {
@@ -96,9 +97,18 @@ pub struct Pkcs11Config {
     pub token: String,
     /// A file holding the user PIN (keep it 0600).
     pub pin_file: PathBuf,
-    /// The key pair's label in the token (made there at the first start).
+    /// The TLS key pair's label in the token (made there at the first start).
     #[serde(default = "default_key_label")]
     pub key_label: String,
+    /// The sealing key pair's label in the token (confidential models; made there at the first
+    /// start, P-256 for ECDH). With a token, no `sealing.key` file is made or read: a device
+    /// that had one before gets its encrypted models wrapped again to the token's key.
+    #[serde(default = "default_sealing_label")]
+    pub sealing_label: String,
+}
+
+fn default_sealing_label() -> String {
+    "modelcast-sealing".into()
 }
 
 fn default_key_label() -> String {

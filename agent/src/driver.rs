@@ -209,7 +209,8 @@ pub async fn run(
         .map_err(AgentError::Runtime)?
         .join()
         .map_err(|_| AgentError::Runtime(std::io::Error::other("opening the store panicked")))??;
-    let sealing = crate::sealing::load_or_create(&cfg.state_dir)?;
+    let token = cfg.enrol.as_ref().and_then(|e| e.pkcs11.as_ref());
+    let sealing = crate::sealing::load_or_create(&cfg.state_dir, token)?;
     let store = store.with_sealing_key(sealing, &cfg.device_id);
     let (_, director) = load_trust(&cfg, &store)?;
     let tls = cfg.tls_client_config()?;

@@ -140,7 +140,11 @@ impl Identity {
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
         let key = match token {
             #[cfg(feature = "pkcs11")]
-            Some(cfg) => DeviceKey::Token(pkcs11::TokenKey::open(cfg)?),
+            Some(cfg) => DeviceKey::Token(pkcs11::TokenKey::open(
+                cfg,
+                &cfg.key_label,
+                pkcs11::Usage::Sign,
+            )?),
             #[cfg(not(feature = "pkcs11"))]
             Some(_) => {
                 return Err(IdentityError::Token(

@@ -58,7 +58,7 @@ pub struct Store {
     dir: std::path::PathBuf,
     /// The device's key for opening content keys of encrypted artifacts, and its id (what
     /// each key wrap is bound to); none: encrypted artifacts do not open.
-    sealing: Option<std::sync::Arc<(modelcast_proto::seal::OpeningKey, String)>>,
+    sealing: Option<std::sync::Arc<(crate::sealing::DeviceSealingKey, String)>>,
 }
 
 /// A copy of the trust state beside the database, written on every change, so that the
@@ -447,18 +447,14 @@ impl Store {
     }
 
     /// Opens encrypted artifacts with `key`, the device's, bound to device id `device`.
-    pub fn with_sealing_key(
-        mut self,
-        key: modelcast_proto::seal::OpeningKey,
-        device: &str,
-    ) -> Self {
+    pub fn with_sealing_key(mut self, key: crate::sealing::DeviceSealingKey, device: &str) -> Self {
         self.sealing = Some(std::sync::Arc::new((key, device.to_string())));
         self
     }
 
     /// The public half of the device's sealing key, if it has one.
     pub fn sealing_key(&self) -> Option<modelcast_proto::seal::SealingKey> {
-        self.sealing.as_ref().map(|s| s.0.sealing_key())
+        self.sealing.as_ref().map(|s| s.0.public())
     }
 
     /// Keeps the key wrap of the encrypted artifact `sha256` (for its staging, a restart and a

@@ -387,8 +387,9 @@ pub struct DeviceReport {
     /// director sends each device the form it prefers, [`crate::engine::choose_form`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub engines: Option<crate::engine::Engines>,
-    /// The device's X25519 public key (hex), to which servers seal the content keys of
-    /// encrypted models ([`crate::seal`]); its private half never leaves the device.
+    /// The device's sealing key (hex: X25519, or P-256 when it is in a PKCS#11 token), to
+    /// which servers seal the content keys of encrypted models ([`crate::seal`]); its private
+    /// half never leaves the device.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sealing_key: Option<String>,
 }

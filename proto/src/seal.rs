@@ -13,14 +13,16 @@
 //!   a device rejects a forged chunk by its digest before it decrypts anything, resumes and
 //!   fans out ciphertext as any artifact, and a chunk moved to another index fails to open.
 //! - **Keys.** A fresh content key per version. It reaches a device sealed to the device's
-//!   X25519 public key with HPKE (RFC 9180, base mode, DHKEM(X25519, HKDF-SHA256),
-//!   HKDF-SHA256, ChaCha20-Poly1305), bound to the artifact and the device ([`KeyWrap`]); the
-//!   same construction seals it to the server's escrow key, which lets the server wrap it for
-//!   devices that join later without ever holding the model in clear.
+//!   public key with HPKE (RFC 9180, base mode, HKDF-SHA256, ChaCha20-Poly1305), bound to the
+//!   artifact and the device ([`KeyWrap`]): DHKEM(X25519, HKDF-SHA256) for a key in a file,
+//!   DHKEM(P-256, HKDF-SHA256) for a key in a PKCS#11 token (tokens such as SoftHSM2 and
+//!   TPMs do ECDH on P-256, not X25519; [`open_p256_with`] opens with the token's ECDH). The
+//!   same construction seals it to the server's escrow key (X25519), which lets the server
+//!   wrap it for devices that join later without ever holding the model in clear.
 
 use hpke::aead::ChaCha20Poly1305 as HpkeAead;
 use hpke::kdf::HkdfSha256;
-use hpke::kem::X25519HkdfSha256;
+use hpke::kem::{DhP256HkdfSha256, X25519HkdfSha256};
 use hpke::{Deserializable, Kem, OpModeR, OpModeS, Serializable};
 use serde::{Deserialize, Serialize};
 
@@ -158,6 +160,9 @@ pub enum SealError {
     /// damaged).
     #[error("the key wrap does not open with this device's key (another device's or artifact's, or damaged)")]
     Wrap,
+    /// The device's key (in a token) could not compute its part.
+    #[error("the device's key: {0}")]
+    Device(String),
     /// Bytes that are not a key of the expected kind.
     #[error("not a valid {what}")]
     Key {
@@ -290,10 +295,16 @@ pub fn sealed_layout(size: u64, chunk_size: u32, segments: &[u64]) -> (u64, u32,
     )
 }
 
-/// An X25519 public key for sealing content keys (a device's, or the server's escrow key),
-/// hex in documents.
+/// A public key for sealing content keys (a device's, or the server's escrow key), hex in
+/// documents: X25519 (32 bytes) for a key in a file, P-256 (65 bytes, uncompressed) for a key
+/// in a PKCS#11 token.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SealingKey(<X25519HkdfSha256 as Kem>::PublicKey);
+pub enum SealingKey {
+    /// DHKEM(X25519, HKDF-SHA256).
+    X25519(<X25519HkdfSha256 as Kem>::PublicKey),
+    /// DHKEM(P-256, HKDF-SHA256).
+    P256(<DhP256HkdfSha256 as Kem>::PublicKey),
+}
 
 /// The private half of a [`SealingKey`].
 pub struct OpeningKey(<X25519HkdfSha256 as Kem>::PrivateKey);
@@ -308,7 +319,7 @@ impl OpeningKey {
     /// A fresh key pair.
     pub fn generate() -> (OpeningKey, SealingKey) {
         let (sk, pk) = X25519HkdfSha256::gen_keypair(&mut rand_core::OsRng);
-        (OpeningKey(sk), SealingKey(pk))
+        (OpeningKey(sk), SealingKey::X25519(pk))
     }
 
     /// The key of its 32 bytes.
@@ -327,7 +338,7 @@ impl OpeningKey {
 
     /// Its public half.
     pub fn sealing_key(&self) -> SealingKey {
-        SealingKey(X25519HkdfSha256::sk_to_pk(&self.0))
+        SealingKey::X25519(X25519HkdfSha256::sk_to_pk(&self.0))
     }
 
     /// Opens `wrap`, made for `holder` and `artifact` (hex SHA-256).
@@ -355,21 +366,46 @@ impl OpeningKey {
 }
 
 impl SealingKey {
-    /// The key of its hex form.
+    /// The key of its hex form: 32 bytes are an X25519 key, 65 an uncompressed P-256 point.
     pub fn from_hex(hex_key: &str) -> Result<Self, SealError> {
-        let bytes = hex::decode(hex_key.trim()).map_err(|_| SealError::Key {
-            what: "X25519 public key",
-        })?;
-        <X25519HkdfSha256 as Kem>::PublicKey::from_bytes(&bytes)
-            .map(SealingKey)
+        let what = "sealing key (X25519: 32 bytes; P-256: 65, uncompressed)";
+        let bytes = hex::decode(hex_key.trim()).map_err(|_| SealError::Key { what })?;
+        match bytes.len() {
+            32 => <X25519HkdfSha256 as Kem>::PublicKey::from_bytes(&bytes)
+                .map(SealingKey::X25519)
+                .map_err(|_| SealError::Key {
+                    what: "X25519 public key",
+                }),
+            // hpke checks the point is on the curve.
+            65 => <DhP256HkdfSha256 as Kem>::PublicKey::from_bytes(&bytes)
+                .map(SealingKey::P256)
+                .map_err(|_| SealError::Key {
+                    what: "P-256 public key",
+                }),
+            _ => Err(SealError::Key { what }),
+        }
+    }
+
+    /// The P-256 key of `point` (uncompressed: `04 || X || Y`).
+    pub fn p256(point: &[u8]) -> Result<Self, SealError> {
+        <DhP256HkdfSha256 as Kem>::PublicKey::from_bytes(point)
+            .map(SealingKey::P256)
             .map_err(|_| SealError::Key {
-                what: "X25519 public key",
+                what: "P-256 public key",
             })
+    }
+
+    /// Its bytes (X25519: 32; P-256: 65, uncompressed).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        match self {
+            SealingKey::X25519(pk) => pk.to_bytes().to_vec(),
+            SealingKey::P256(pk) => pk.to_bytes().to_vec(),
+        }
     }
 
     /// Its hex form.
     pub fn to_hex(&self) -> String {
-        hex::encode(self.0.to_bytes())
+        hex::encode(self.to_bytes())
     }
 
     /// Seals `key` for the holder of this key (`holder`: a device id, or the escrow's name)
@@ -399,19 +435,140 @@ impl SealingKey {
         artifact: &str,
         rng: &mut R,
     ) -> KeyWrap {
-        let (enc, sealed) = hpke::single_shot_seal::<HpkeAead, HkdfSha256, X25519HkdfSha256, _>(
-            &OpModeS::Base,
-            &self.0,
-            &wrap_info(holder, artifact),
-            &key.0,
-            &[],
-            rng,
-        )
-        .expect("sealing 32 bytes to a valid X25519 key");
+        let info = wrap_info(holder, artifact);
+        let (enc, sealed) = match self {
+            SealingKey::X25519(pk) => hpke::single_shot_seal::<
+                HpkeAead,
+                HkdfSha256,
+                X25519HkdfSha256,
+                _,
+            >(&OpModeS::Base, pk, &info, &key.0, &[], rng)
+            .map(|(enc, sealed)| (enc.to_bytes().to_vec(), sealed)),
+            SealingKey::P256(pk) => hpke::single_shot_seal::<
+                HpkeAead,
+                HkdfSha256,
+                DhP256HkdfSha256,
+                _,
+            >(&OpModeS::Base, pk, &info, &key.0, &[], rng)
+            .map(|(enc, sealed)| (enc.to_bytes().to_vec(), sealed)),
+        }
+        .expect("sealing 32 bytes to a valid public key");
         KeyWrap {
-            enc: hex::encode(enc.to_bytes()),
+            enc: hex::encode(enc),
             sealed: hex::encode(sealed),
         }
+    }
+}
+
+/// Opens `wrap`, sealed to the P-256 key `public` for `holder` and `artifact`, with `ecdh`: the
+/// private half's Diffie-Hellman with the sender's point it is given (uncompressed), returning
+/// the shared point's X coordinate, as a PKCS#11 token's `CKM_ECDH1_DERIVE` does. The rest is
+/// HPKE's receiver side in base mode (RFC 9180 §4.1 and §5.1: DHKEM(P-256, HKDF-SHA256),
+/// HKDF-SHA256, ChaCha20-Poly1305), written here because the hpke crate needs the private key
+/// in memory; the tests check it against that crate.
+pub fn open_p256_with(
+    public: &SealingKey,
+    wrap: &KeyWrap,
+    holder: &str,
+    artifact: &str,
+    ecdh: impl FnOnce(&[u8]) -> Result<[u8; 32], String>,
+) -> Result<ContentKey, SealError> {
+    let SealingKey::P256(own) = public else {
+        return Err(SealError::Key {
+            what: "P-256 public key",
+        });
+    };
+    let enc = hex::decode(&wrap.enc).map_err(|_| SealError::Wrap)?;
+    let sealed = hex::decode(&wrap.sealed).map_err(|_| SealError::Wrap)?;
+    // The sender's point must be one: a token is not asked about anything else.
+    <DhP256HkdfSha256 as Kem>::PublicKey::from_bytes(&enc).map_err(|_| SealError::Wrap)?;
+    let mut dh = ecdh(&enc).map_err(SealError::Device)?;
+    let mut kem_context = enc;
+    kem_context.extend_from_slice(&own.to_bytes());
+    let plain = hpke_p256::open(&dh, &kem_context, &wrap_info(holder, artifact), &sealed);
+    zeroize::Zeroize::zeroize(&mut dh);
+    let mut plain = plain.ok_or(SealError::Wrap)?;
+    let key = ContentKey::from_bytes(&plain).map_err(|_| SealError::Wrap);
+    zeroize::Zeroize::zeroize(&mut plain);
+    key
+}
+
+/// HPKE's key schedule for [`open_p256_with`], from RFC 9180's pseudocode.
+mod hpke_p256 {
+    use sha2::Sha256;
+
+    /// `"KEM" || I2OSP(0x0010, 2)`: DHKEM(P-256, HKDF-SHA256).
+    const KEM_SUITE: &[u8] = b"KEM\x00\x10";
+    /// `"HPKE" || kem_id || kdf_id (HKDF-SHA256) || aead_id (ChaCha20-Poly1305)`.
+    const SUITE: &[u8] = b"HPKE\x00\x10\x00\x01\x00\x03";
+
+    fn labeled_extract(suite: &[u8], salt: &[u8], label: &[u8], ikm: &[u8]) -> [u8; 32] {
+        let mut extract = hkdf::HkdfExtract::<Sha256>::new(Some(salt));
+        for part in [b"HPKE-v1".as_slice(), suite, label, ikm] {
+            extract.input_ikm(part);
+        }
+        extract.finalize().0.into()
+    }
+
+    fn labeled_expand(suite: &[u8], prk: &[u8; 32], label: &[u8], info: &[u8], out: &mut [u8]) {
+        let len = u16::try_from(out.len())
+            .expect("a short output")
+            .to_be_bytes();
+        hkdf::Hkdf::<Sha256>::from_prk(prk)
+            .expect("a 32-byte PRK")
+            .expand_multi_info(&[&len, b"HPKE-v1", suite, label, info], out)
+            .expect("at most 255 blocks");
+    }
+
+    /// The plaintext of `sealed` (sequence number 0) for the shared secret `dh` of the
+    /// encapsulation in `kem_context` (`enc || pkRm`) and `info`; `None` if it does not open.
+    pub(super) fn open(
+        dh: &[u8; 32],
+        kem_context: &[u8],
+        info: &[u8],
+        sealed: &[u8],
+    ) -> Option<Vec<u8>> {
+        // Decap: ExtractAndExpand(dh, kem_context).
+        let eae_prk = labeled_extract(KEM_SUITE, b"", b"eae_prk", dh);
+        let mut shared = [0u8; 32];
+        labeled_expand(
+            KEM_SUITE,
+            &eae_prk,
+            b"shared_secret",
+            kem_context,
+            &mut shared,
+        );
+        // KeySchedule in mode_base: no PSK.
+        let psk_id_hash = labeled_extract(SUITE, b"", b"psk_id_hash", b"");
+        let info_hash = labeled_extract(SUITE, b"", b"info_hash", info);
+        let mut context = vec![0u8];
+        context.extend_from_slice(&psk_id_hash);
+        context.extend_from_slice(&info_hash);
+        let mut secret = labeled_extract(SUITE, &shared, b"secret", b"");
+        let mut key = [0u8; 32];
+        let mut nonce = [0u8; 12];
+        labeled_expand(SUITE, &secret, b"key", &context, &mut key);
+        labeled_expand(SUITE, &secret, b"base_nonce", &context, &mut nonce);
+        let cipher = ring::aead::LessSafeKey::new(
+            ring::aead::UnboundKey::new(&ring::aead::CHACHA20_POLY1305, &key)
+                .expect("a 32-byte key"),
+        );
+        let mut buf = sealed.to_vec();
+        let plain = cipher
+            .open_in_place(
+                ring::aead::Nonce::assume_unique_for_key(nonce),
+                ring::aead::Aad::empty(),
+                &mut buf,
+            )
+            .ok()
+            .map(|p| p.len());
+        for s in [&mut shared, &mut secret, &mut key] {
+            zeroize::Zeroize::zeroize(s);
+        }
+        plain.map(|len| {
+            buf.truncate(len);
+            buf
+        })
     }
 }
 
@@ -516,6 +673,67 @@ mod tests {
         let mut damaged = wrap.clone();
         damaged.sealed.replace_range(0..2, "00");
         assert!(device.open(&damaged, "edge-1", &sha).is_err());
+    }
+
+    #[test]
+    fn a_wrap_to_a_p256_key_opens_with_its_ecdh_alone() {
+        // A token's key, as software: its scalar computes the ECDH a token would.
+        let (sk, pk) = DhP256HkdfSha256::gen_keypair(&mut rand_core::OsRng);
+        let scalar = p256::SecretKey::from_slice(&sk.to_bytes()).unwrap();
+        let ecdh = |point: &[u8]| -> Result<[u8; 32], String> {
+            let point = p256::PublicKey::from_sec1_bytes(point).map_err(|e| e.to_string())?;
+            let shared = p256::ecdh::diffie_hellman(scalar.to_nonzero_scalar(), point.as_affine());
+            Ok((*shared.raw_secret_bytes()).into())
+        };
+        let public = SealingKey::from_hex(&hex::encode(pk.to_bytes())).unwrap();
+        assert!(matches!(public, SealingKey::P256(_)));
+        assert_eq!(public.to_bytes().len(), 65);
+        assert_eq!(SealingKey::p256(&public.to_bytes()).unwrap(), public);
+        let key = ContentKey::generate();
+        let sha = "ab".repeat(32);
+        let wrap = public.wrap(&key, "edge-1", &sha);
+        // The hpke crate opens what the key schedule here opens: both are RFC 9180.
+        let by_crate = hpke::single_shot_open::<HpkeAead, HkdfSha256, DhP256HkdfSha256>(
+            &OpModeR::Base,
+            &sk,
+            &<DhP256HkdfSha256 as Kem>::EncappedKey::from_bytes(&hex::decode(&wrap.enc).unwrap())
+                .unwrap(),
+            &wrap_info("edge-1", &sha),
+            &hex::decode(&wrap.sealed).unwrap(),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(by_crate, key.0);
+        let opened = open_p256_with(&public, &wrap, "edge-1", &sha, ecdh).unwrap();
+        assert_eq!(opened.0, key.0);
+        // Bound to the device and the artifact; a damaged wrap, another key, a failing token.
+        let wrap_err = |holder: &str, artifact: &str, wrap: &KeyWrap| {
+            open_p256_with(&public, wrap, holder, artifact, ecdh).unwrap_err()
+        };
+        assert_eq!(wrap_err("edge-2", &sha, &wrap), SealError::Wrap);
+        assert_eq!(wrap_err("edge-1", &"cd".repeat(32), &wrap), SealError::Wrap);
+        let mut damaged = wrap.clone();
+        damaged.sealed.replace_range(0..2, "00");
+        assert_eq!(wrap_err("edge-1", &sha, &damaged), SealError::Wrap);
+        let mut not_a_point = wrap.clone();
+        not_a_point.enc.replace_range(2..4, "00");
+        assert_eq!(wrap_err("edge-1", &sha, &not_a_point), SealError::Wrap);
+        let (_, other) = DhP256HkdfSha256::gen_keypair(&mut rand_core::OsRng);
+        let other = SealingKey::P256(other);
+        let to_other = other.wrap(&key, "edge-1", &sha);
+        assert_eq!(wrap_err("edge-1", &sha, &to_other), SealError::Wrap);
+        assert_eq!(
+            open_p256_with(&public, &wrap, "edge-1", &sha, |_| Err("locked".into())).unwrap_err(),
+            SealError::Device("locked".into())
+        );
+        // Seeded wraps stay the same for P-256 too.
+        assert_eq!(
+            public.wrap_seeded(&key, "edge-1", &sha, [7; 32]),
+            public.wrap_seeded(&key, "edge-1", &sha, [7; 32])
+        );
+        // Hex of any other length is no key.
+        assert!(SealingKey::from_hex(&"04".repeat(33)).is_err());
+        assert!(SealingKey::from_hex(&format!("05{}", "11".repeat(64))).is_err());
     }
 
     proptest! {

@@ -186,7 +186,14 @@ pub struct EnrolPolicy {
     pub valid_secs: i64,
     /// What happens to a device offline past its certificate's end.
     pub expired: Expired,
+    /// Devices waiting for an operator, at most: past this, a device not yet known that asks
+    /// over a claim is refused (`unavailable`) until operators decide on some, so what one
+    /// claim holder can make the server keep is bounded ([`DEFAULT_MAX_PENDING`]).
+    pub max_pending: usize,
 }
+
+/// [`EnrolPolicy::max_pending`] unless `--enrol-max-pending` says otherwise.
+pub const DEFAULT_MAX_PENDING: usize = 10_000;
 
 /// How a request came.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -304,6 +311,7 @@ mod tests {
             auto: vec!["claim=batch-1,site=lab".parse().unwrap()],
             valid_secs: 30 * 86_400,
             expired,
+            max_pending: DEFAULT_MAX_PENDING,
         }
     }
 

@@ -136,6 +136,14 @@ struct Args {
         default_value = "hold"
     )]
     enrol_expired: modelcast_server::enrol::Expired,
+    /// Devices waiting for an operator's decision, at most: past this a new device asking
+    /// over a claim is refused (`unavailable`) until operators accept or reject some.
+    #[arg(
+        long,
+        env = "MODELCAST_ENROL_MAX_PENDING",
+        default_value_t = modelcast_server::enrol::DEFAULT_MAX_PENDING
+    )]
+    enrol_max_pending: usize,
 }
 
 #[tokio::main]
@@ -170,6 +178,7 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or(i64::MAX)
                 .max(10),
             expired: args.enrol_expired,
+            max_pending: args.enrol_max_pending,
         }),
         shared_chunks: !args.no_shared_chunks,
         compress_chunks: !args.no_chunk_compression,

@@ -381,6 +381,68 @@ fn three_devices_enrol_by_claim_renew_and_a_revoked_one_is_shut_out() {
     assert_eq!(edge2.check_golden(&v1), "1");
 }
 
+#[test]
+fn past_the_limit_of_devices_waiting_for_an_operator_a_new_one_is_refused_until_one_is_decided() {
+    let fleet = Fleet::embedded_tls_with(&["--enrol", "--enrol-max-pending", "2"]);
+    let pki = fleet.pki.clone().expect("PKI");
+    modelcast_server::pki::claim(&pki, "line-9").unwrap();
+    // Each device's request, made once: asking again, a device sends its own key again.
+    let requests: std::collections::BTreeMap<&str, EnrolRequest> = ["edge-a", "edge-b", "edge-c"]
+        .into_iter()
+        .map(|d| (d, request(d, csr(d))))
+        .collect();
+    let ask = |device: &str| {
+        ask_over_claim(
+            fleet.mqtt_port,
+            &pki,
+            "line-9",
+            &claim_client_id(device),
+            &requests[device],
+        )
+    };
+    for device in ["edge-a", "edge-b"] {
+        let reply = ask(device);
+        assert!(
+            matches!(reply, Some(EnrolReply::Pending { .. })),
+            "{device}: {reply:?}"
+        );
+    }
+    // A third would make three waiting: refused, and not kept.
+    let reply = ask("edge-c");
+    assert!(
+        matches!(
+            reply,
+            Some(EnrolReply::Refused {
+                kind: Refused::Unavailable,
+                ..
+            })
+        ),
+        "{reply:?}"
+    );
+    assert!(
+        enrolment(&fleet, "edge-c").is_none(),
+        "a refused device kept"
+    );
+    // One already waiting may ask again (its reply lost, say): it is not counted twice.
+    let reply = ask("edge-a");
+    assert!(
+        matches!(reply, Some(EnrolReply::Pending { .. })),
+        "{reply:?}"
+    );
+    // An operator decides on one: there is room again.
+    let text = fleet.cli(&["devices", "reject", "edge-a"]);
+    assert!(text.contains("edge-a"), "{text}");
+    let reply = ask("edge-c");
+    assert!(
+        matches!(reply, Some(EnrolReply::Pending { .. })),
+        "{reply:?}"
+    );
+    assert_eq!(
+        enrolment(&fleet, "edge-c").map(|e| e.state),
+        Some(EnrolState::Pending)
+    );
+}
+
 /// Every file under `dir`.
 fn walk(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
@@ -648,7 +710,7 @@ fn an_admin_accepts_and_rejects_held_devices_from_the_console() {
 const SOFTHSM: &str = "/usr/lib/softhsm/libsofthsm2.so";
 
 #[test]
-fn a_device_key_made_in_a_softhsm2_token_signs_its_enrolment_and_its_tls() {
+fn device_keys_made_in_a_softhsm2_token_sign_its_tls_and_open_its_encrypted_models() {
     let fleet = Fleet::embedded_tls_with(&["--enrol", "--enrol-auto", "claim=line-5"]);
     let pki = fleet.pki.clone().expect("PKI");
     modelcast_server::pki::claim(&pki, "line-5").unwrap();
@@ -711,14 +773,25 @@ fn a_device_key_made_in_a_softhsm2_token_signs_its_enrolment_and_its_tls() {
         !state.join("device.key").exists(),
         "a key file next to the token"
     );
-    // The key pair lives in the token (SoftHSM2 keeps each object in a file of its own),
-    // and the TLS handshakes that carried the report were signed there.
+    // Both key pairs live in the token (SoftHSM2 keeps each object in a file of its own):
+    // the TLS key that signed the handshakes carrying the report, and the sealing key.
     assert_eq!(
         objects(&hsm),
-        empty + 2,
-        "the key pair's objects in the token"
+        empty + 4,
+        "two key pairs' objects in the token"
     );
-    let v1 = fleet.publish_example(1, 16);
+    assert!(
+        !fleet.dir.path().join("edge-1").join("sealing.key").exists(),
+        "a sealing key file next to the token"
+    );
+    // The sealing key the device reports is the token's P-256 key (65 bytes, uncompressed).
+    let sealing = fleet
+        .report("edge-1")
+        .and_then(|r| r.sealing_key)
+        .expect("a sealing key in the report");
+    assert_eq!(sealing.len(), 130, "{sealing}");
+    // An encrypted model: its content key wrapped to that key, opened by the token's ECDH.
+    let v1 = fleet.publish_encrypted_of_size("classifier", 1, 1 << 20);
     fleet.deploy("classifier", 1, "*");
     fleet.wait_serving("edge-1", "classifier", 1);
     assert_eq!(agent.check_golden(&v1), "1");
@@ -734,6 +807,9 @@ fn a_device_key_made_in_a_softhsm2_token_signs_its_enrolment_and_its_tls() {
     assert!(!log.contains("enrolling by claim"), "{log}");
     assert!(!log.contains("making the device key"), "{log}");
     assert_eq!(enrolment(&fleet, "edge-1").unwrap().certificates.len(), 1);
+    // Its encrypted slot opens again with the token's key.
+    assert_eq!(agent.check_golden(&v1), "1", "served again after a restart");
+    assert_eq!(objects(&hsm), empty + 4, "no new objects in the token");
     for line in first
         .lines()
         .filter(|l| l.contains("token") || l.contains("enrolled"))

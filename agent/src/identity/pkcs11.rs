@@ -1,14 +1,21 @@
-//! The device's TLS key in a PKCS#11 token (`[enrol.pkcs11]`; feature `pkcs11`): an ECDSA
-//! P-256 key pair made inside the token at the first start (sensitive, never extractable),
-//! found again by its label at every later one. The token's module (SoftHSM2, a TPM's
-//! PKCS#11 library, a secure element's) is loaded at run time.
+//! The device's keys in a PKCS#11 token (`[enrol.pkcs11]`; feature `pkcs11`): P-256 key pairs
+//! made inside the token at the first start (sensitive, never extractable), found again by
+//! their labels at every later one. The token's module (SoftHSM2, a TPM's PKCS#11 library, a
+//! secure element's) is loaded at run time.
 //!
-//! The key signs CSRs ([`rcgen::SigningKey`]) and TLS handshakes ([`rustls::sign::SigningKey`]);
-//! the token computes each ECDSA signature over a SHA-256 digest the agent computes.
+//! - The TLS key ([`Usage::Sign`]) signs CSRs ([`rcgen::SigningKey`]) and TLS handshakes
+//!   ([`rustls::sign::SigningKey`]); the token computes each ECDSA signature over a SHA-256
+//!   digest the agent computes.
+//! - The sealing key ([`Usage::Derive`]; confidential models, [`crate::sealing`]) computes
+//!   ECDH with the sender's point of each key wrap ([`TokenKey::ecdh`]); the token returns
+//!   the shared secret, never the key.
 
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::error::{Error as Pkcs11Error, RvError};
+use cryptoki::mechanism::elliptic_curve::{EcKdf, Ecdh1DeriveParams};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::{Session, UserType};
@@ -23,6 +30,15 @@ use crate::config::Pkcs11Config;
 
 /// The named curve P-256 (prime256v1), DER: the key pair's `CKA_EC_PARAMS`.
 const P256: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+
+/// What a key pair is for: one key, one use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Usage {
+    /// ECDSA signatures (the TLS identity).
+    Sign,
+    /// ECDH key agreement (the sealing key).
+    Derive,
+}
 
 /// A key in a token.
 pub struct TokenKey {
@@ -48,14 +64,28 @@ fn token(e: impl std::fmt::Display) -> IdentityError {
     IdentityError::Token(e.to_string())
 }
 
+/// The module at `path`, initialised once for the whole process (PKCS#11 allows one
+/// `C_Initialize` per process; the TLS key and the sealing key share it).
+fn module(path: &std::path::Path) -> Result<Pkcs11, IdentityError> {
+    static MODULES: Mutex<Vec<(PathBuf, Pkcs11)>> = Mutex::new(Vec::new());
+    let mut modules = MODULES.lock().expect("PKCS#11 modules lock");
+    if let Some((_, module)) = modules.iter().find(|(p, _)| p == path) {
+        return Ok(module.clone());
+    }
+    let module = Pkcs11::new(path)
+        .map_err(|e| IdentityError::Token(format!("loading {}: {e}", path.display())))?;
+    module
+        .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+        .map_err(token)?;
+    modules.push((path.to_path_buf(), module.clone()));
+    Ok(module)
+}
+
 impl TokenKey {
-    /// Opens the token of `cfg` and finds its key pair by label, or makes one there.
-    pub fn open(cfg: &Pkcs11Config) -> Result<Arc<Self>, IdentityError> {
-        let module = Pkcs11::new(&cfg.module)
-            .map_err(|e| IdentityError::Token(format!("loading {}: {e}", cfg.module.display())))?;
-        module
-            .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
-            .map_err(token)?;
+    /// Opens the token of `cfg` and finds the key pair labelled `label` there, or makes one
+    /// for `usage`.
+    pub fn open(cfg: &Pkcs11Config, label: &str, usage: Usage) -> Result<Arc<Self>, IdentityError> {
+        let module = module(&cfg.module)?;
         let mut slot = None;
         for s in module.get_slots_with_token().map_err(token)? {
             if module.get_token_info(s).map_err(token)?.label() == cfg.token {
@@ -70,10 +100,12 @@ impl TokenKey {
             path: cfg.pin_file.clone(),
             source,
         })?;
-        session
-            .login(UserType::User, Some(&AuthPin::from(pin.trim().to_string())))
-            .map_err(token)?;
-        let label = cfg.key_label.as_bytes().to_vec();
+        // Logging in is per token, not per session: the second key's session finds it done.
+        match session.login(UserType::User, Some(&AuthPin::from(pin.trim().to_string()))) {
+            Ok(()) | Err(Pkcs11Error::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
+            Err(e) => return Err(token(e)),
+        }
+        let label = label.as_bytes().to_vec();
         let find = |class| {
             session
                 .find_objects(&[Attribute::Class(class), Attribute::Label(label.clone())])
@@ -85,10 +117,14 @@ impl TokenKey {
         ) {
             (Some(public), Some(private)) => (*public, *private),
             _ => {
+                let (public_use, private_use) = match usage {
+                    Usage::Sign => (Attribute::Verify(true), Attribute::Sign(true)),
+                    Usage::Derive => (Attribute::Derive(true), Attribute::Derive(true)),
+                };
                 let public = [
                     Attribute::Token(true),
                     Attribute::Private(false),
-                    Attribute::Verify(true),
+                    public_use,
                     Attribute::KeyType(KeyType::EC),
                     Attribute::EcParams(P256.to_vec()),
                     Attribute::Label(label.clone()),
@@ -98,11 +134,16 @@ impl TokenKey {
                     Attribute::Private(true),
                     Attribute::Sensitive(true),
                     Attribute::Extractable(false),
-                    Attribute::Sign(true),
+                    private_use,
                     Attribute::KeyType(KeyType::EC),
                     Attribute::Label(label.clone()),
                 ];
-                tracing::info!(token = %cfg.token, label = %cfg.key_label, "making the device key in the PKCS#11 token");
+                tracing::info!(
+                    token = %cfg.token,
+                    label = %String::from_utf8_lossy(&label),
+                    ?usage,
+                    "making the device key in the PKCS#11 token"
+                );
                 session
                     .generate_key_pair(&Mechanism::EccKeyPairGen, &public, &private)
                     .map_err(token)?
@@ -125,6 +166,39 @@ impl TokenKey {
         };
         key.spki = rcgen::PublicKeyData::subject_public_key_info(&key);
         Ok(Arc::new(key))
+    }
+
+    /// The public point, uncompressed (`04 || X || Y`).
+    pub fn point(&self) -> &[u8] {
+        &self.point
+    }
+
+    /// ECDH of this (derive) key with `peer`, an uncompressed P-256 point: the shared point's
+    /// X coordinate (`CKM_ECDH1_DERIVE` without a KDF). The token derives it as a session
+    /// object that is read once and destroyed.
+    pub fn ecdh(&self, peer: &[u8]) -> Result<[u8; 32], IdentityError> {
+        let session = self.session.lock().expect("token session lock");
+        let template = [
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::GENERIC_SECRET),
+            Attribute::Token(false),
+            Attribute::Sensitive(false),
+            Attribute::Extractable(true),
+            Attribute::ValueLen(32.into()),
+        ];
+        let mechanism = Mechanism::Ecdh1Derive(Ecdh1DeriveParams::new(EcKdf::null(), peer));
+        let secret = session
+            .derive_key(&mechanism, self.private, &template)
+            .map_err(token)?;
+        let value = session.get_attributes(secret, &[AttributeType::Value]);
+        if let Err(e) = session.destroy_object(secret) {
+            tracing::warn!(error = %e, "the token kept a derived secret (a session object: it goes with the session)");
+        }
+        match value.map_err(token)?.as_slice() {
+            [Attribute::Value(v)] => <[u8; 32]>::try_from(v.as_slice())
+                .map_err(|_| token(format!("a shared secret of {} bytes", v.len()))),
+            _ => Err(token("the derived secret has no value")),
+        }
     }
 
     /// An ECDSA P-256 signature of SHA-256(`msg`), DER (as X.509 and TLS carry it).

@@ -18,11 +18,6 @@ use crate::enrol::{
     decide, Decided, Decision, EnrolState, Enroller, Enrolment, IssuedCert, Verdict, Via,
 };
 
-/// Devices waiting for an operator, at most: past this, a device not yet known that asks
-/// over a claim is refused (`unavailable`) until operators decide on some. What one claim
-/// holder can make the server keep is bounded.
-pub const MAX_PENDING: usize = 10_000;
-
 /// Signs `csr` for `entry`'s device and records the certificate in it; the answer to send.
 fn sign_into(
     enroller: &Enroller,
@@ -209,7 +204,7 @@ impl Fleet {
                 .filter(|e| e.state == EnrolState::Pending)
                 .count(),
         };
-        if decision == Decision::Hold && !was_pending && waiting >= MAX_PENDING {
+        if decision == Decision::Hold && !was_pending && waiting >= enroller.policy.max_pending {
             warn!(%device, waiting, "enrolment refused: too many devices wait for an operator");
             return Ok(refused(
                 Refused::Unavailable,

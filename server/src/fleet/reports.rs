@@ -33,6 +33,12 @@ impl Fleet {
             .as_ref()
             .and_then(|p| p.report.as_ref())
             .is_none_or(|p| p.engines != report.engines);
+        // The key its encrypted versions' content keys are sealed to (a new one when the
+        // device moved its key into a token, say): wrapped again.
+        let sealing_changed = previous
+            .as_ref()
+            .and_then(|p| p.report.as_ref())
+            .is_none_or(|p| p.sealing_key != report.sealing_key);
         // What each model serves: alerts go stale only when that changes.
         let serving = |r: &DeviceReport| -> Vec<(String, Option<u64>)> {
             r.models
@@ -77,7 +83,7 @@ impl Fleet {
         if labels_changed {
             info!(%device, labels = ?entry.labels, "device registered");
         }
-        if labels_changed || engines_changed {
+        if labels_changed || engines_changed || sealing_changed {
             self.publish_desired(device).await?;
         }
         Ok(())
