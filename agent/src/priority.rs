@@ -36,6 +36,20 @@ pub fn to_background() {
     set_nice(current_thread(), BACKGROUND_NICE);
 }
 
+/// Moves the calling thread to idle priority (`SCHED_IDLE` where it may leave it again, else
+/// [`IDLE_NICE`]): it runs on CPU time nothing else wants, and a serving thread that wakes
+/// takes its CPU at once. [`raise`] moves it up to [`BACKGROUND_NICE`]. Call it only on a
+/// thread of its own.
+pub fn to_idle_self() {
+    to_idle(current_thread());
+}
+
+/// Raises the calling thread to [`BACKGROUND_NICE`] (from [`to_idle_self`]); whether the
+/// kernel allowed it.
+pub fn raise() -> bool {
+    set_nice(current_thread(), BACKGROUND_NICE)
+}
+
 /// The calling thread's id, as the scheduler knows it.
 fn current_thread() -> i32 {
     crate::sys::current_thread()

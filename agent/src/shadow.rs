@@ -12,8 +12,8 @@
 //!   run its time.
 //! - The runner: [`Feed`], which the serving path offers each answered request to (a sampled
 //!   one is copied into a bounded queue, never waited for: a full queue drops it), and
-//!   [`start`], a thread of its own at background priority that runs the candidate on what
-//!   the feed queued and judges. The serving answer never waits for the candidate, and a
+//!   [`start`], a thread of its own at idle priority (raised to background priority if it
+//!   cannot keep up) that runs the candidate on what the feed queued and judges. The serving answer never waits for the candidate, and a
 //!   candidate that fails is judged failed at once. One that hangs cannot be stopped from
 //!   outside its thread: the driver gives up waiting at the phase's end (plus
 //!   [`HANG_GRACE`]), drops the feed so nothing more is queued, and reports it.
@@ -44,6 +44,12 @@ pub const FREE_CORE_WAIT: Duration = Duration::from_millis(50);
 /// How long past the phase's end the driver waits for a verdict before it judges the
 /// candidate hung.
 pub const HANG_GRACE: Duration = Duration::from_secs(30);
+/// How often the figures reports show are brought up to date while a phase runs (their p99s
+/// and distribution distance cost more than a comparison: not after each one).
+pub const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+/// A mirrored copy that waited this long for the candidate says the candidate does not get
+/// the CPU at idle priority: it is raised.
+pub const STARVED_AFTER: Duration = Duration::from_secs(1);
 
 /// Which requests are mirrored: exactly `percent` of them, evenly spread (the n-th request is
 /// taken when ⌊n·p/100⌋ moves), shared by every serving thread.
@@ -331,15 +337,14 @@ fn argmax(values: &[f64]) -> usize {
     best
 }
 
-/// Nearest-rank p99.
+/// Nearest-rank p99 (selected, not sorted: linear time).
 fn p99(us: &[u64]) -> Option<u64> {
     if us.is_empty() {
         return None;
     }
-    let mut sorted = us.to_vec();
-    sorted.sort_unstable();
-    let rank = (sorted.len() * 99).div_ceil(100).max(1);
-    Some(sorted[rank - 1])
+    let mut values = us.to_vec();
+    let rank = (values.len() * 99).div_ceil(100).max(1);
+    Some(*values.select_nth_unstable(rank - 1).1)
 }
 
 /// The two-sample Kolmogorov–Smirnov distance: the largest gap between the two empirical
@@ -372,11 +377,13 @@ pub fn ks_distance(a: &[f64], b: &[f64]) -> f64 {
     d
 }
 
-/// One mirrored request: its inputs, the serving model's answer and latency.
+/// One mirrored request: its inputs, the serving model's answer and latency, and when it was
+/// queued.
 struct Mirrored {
     inputs: Vec<HostTensor>,
     outputs: Vec<HostTensor>,
     latency: Duration,
+    queued: Instant,
 }
 
 /// What the serving path sees of a shadow phase: it offers each answered request, and a
@@ -400,6 +407,7 @@ impl Feed {
             inputs: inputs.to_vec(),
             outputs: outputs.to_vec(),
             latency,
+            queued: Instant::now(),
         };
         if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = self.queue.try_send(m) {
             self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -417,13 +425,15 @@ pub struct Running {
     pub verdict: tokio::sync::oneshot::Receiver<Verdict>,
 }
 
-/// Starts the shadow phase of `candidate` on a thread of its own at background priority
-/// (nice 10 with the shortest time slice, [`crate::priority::to_background`]: `SCHED_IDLE`
-/// would starve it on a busy device, and a phase that compares nothing fails). `serving`
-/// counts the inference requests running now: the candidate runs a mirrored request only
-/// when fewer than the machine's cores are busy with them (waiting up to
-/// [`FREE_CORE_WAIT`], else the copy is dropped), so that it does not take a core a serving
-/// request needs.
+/// Starts the shadow phase of `candidate` on a thread of its own at idle priority
+/// ([`crate::priority::to_idle_self`]: `SCHED_IDLE`, so that a serving thread that wakes takes
+/// the CPU from the candidate at once rather than at the end of its time slice). On a device
+/// too busy to give it the CPU it needs, copies wait or are dropped for a full queue: at the
+/// first one dropped, or one that waited [`STARVED_AFTER`], it is raised to background
+/// priority (nice 10, [`crate::priority::raise`]), since a phase that compares nothing fails. `serving` counts
+/// the inference requests running now: the candidate runs a mirrored request only when fewer
+/// than the machine's cores are busy with them (waiting up to [`FREE_CORE_WAIT`], else the
+/// copy is dropped), so that it does not take a core a serving request needs.
 pub fn start(
     candidate: Arc<LoadedModel>,
     spec: ShadowSpec,
@@ -445,7 +455,7 @@ pub fn start(
         .name("modelcast-shadow".into())
         .stack_size(crate::priority::WORK_STACK)
         .spawn(move || {
-            crate::priority::to_background();
+            crate::priority::to_idle_self();
             run(candidate, spec, judge, receive, (f, serving), p, tell)
         });
     if let Err(e) = spawned {
@@ -469,6 +479,9 @@ fn run(
 ) {
     let mut budget = CpuBudget::new(spec.cpu_percent, Instant::now());
     let mut over_budget = 0u64;
+    let mut raised = false;
+    // When the figures were last brought up to date (none yet: the first comparison shows).
+    let mut shown: Option<Instant> = None;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let core_free = || {
         let until = Instant::now() + FREE_CORE_WAIT;
@@ -486,7 +499,24 @@ fn run(
         if tell.is_closed() {
             return;
         }
-        match receive.recv_timeout(Duration::from_millis(250)) {
+        let received = receive.recv_timeout(Duration::from_millis(250));
+        let waited = match &received {
+            Ok(m) => m.queued.elapsed(),
+            Err(_) => Duration::ZERO,
+        };
+        let full_queue = feed.dropped.load(Ordering::Relaxed);
+        if (full_queue > 0 || waited >= STARVED_AFTER) && !raised {
+            raised = true;
+            let allowed = crate::priority::raise();
+            info!(
+                version = feed.version,
+                allowed,
+                dropped = full_queue,
+                waited_ms = waited.as_millis() as u64,
+                "the shadow candidate does not keep up at idle priority; raising it"
+            );
+        }
+        match received {
             Ok(m) if budget.allows(Instant::now()) && core_free() => {
                 let started = Instant::now();
                 let answer = candidate.run(&m.inputs);
@@ -499,10 +529,14 @@ fn run(
             Err(RecvTimeoutError::Disconnected) => return,
         }
         judge.set_dropped(feed.dropped.load(Ordering::Relaxed) + over_budget);
-        if let Ok(mut p) = progress.lock() {
-            *p = judge.summary(None);
+        let now = Instant::now();
+        if shown.is_none_or(|at| now.saturating_duration_since(at) >= PROGRESS_EVERY) {
+            if let Ok(mut p) = progress.lock() {
+                *p = judge.summary(None);
+            }
+            shown = Some(now);
         }
-        if let Some(v) = judge.verdict(Instant::now()) {
+        if let Some(v) = judge.verdict(now) {
             if let Ok(mut p) = progress.lock() {
                 *p = match &v {
                     Verdict::Pass(s) | Verdict::Fail(_, s) => s.clone(),
@@ -727,6 +761,16 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn the_p99_is_the_nearest_rank_of_the_sorted_values(
+            values in proptest::collection::vec(0u64..1000, 1..500),
+        ) {
+            let mut sorted = values.clone();
+            sorted.sort_unstable();
+            let rank = (sorted.len() * 99).div_ceil(100);
+            prop_assert_eq!(p99(&values), Some(sorted[rank - 1]));
+        }
+
         #[test]
         fn the_mirror_takes_its_share_within_one_request(percent in 1u32..=100, n in 1u64..20_000) {
             let m = Mirror::new(percent);
