@@ -80,7 +80,8 @@ pub struct EnrolConfig {
     /// broker itself (the embedded broker takes claims on its one port).
     #[serde(default)]
     pub claim_broker: Option<String>,
-    /// Keep the device's TLS key in a PKCS#11 token instead of a file (feature `pkcs11`).
+    /// Keep the device's TLS key and its sealing key in a PKCS#11 token instead of files
+    /// (feature `pkcs11`).
     #[serde(default)]
     pub pkcs11: Option<Pkcs11Config>,
 }
@@ -101,10 +102,21 @@ pub struct Pkcs11Config {
     #[serde(default = "default_key_label")]
     pub key_label: String,
     /// The sealing key pair's label in the token (confidential models; made there at the first
-    /// start, P-256 for ECDH). With a token, no `sealing.key` file is made or read: a device
-    /// that had one before gets its encrypted models wrapped again to the token's key.
+    /// start, P-256, for ECDH only). With it, no `sealing.key` file is made or read: a device
+    /// that had one before gets the versions of its desired state wrapped again to the
+    /// token's key.
     #[serde(default = "default_sealing_label")]
     pub sealing_label: String,
+    /// Keep the sealing key in the token (default). `false` keeps it in `sealing.key` in the
+    /// state directory, for a token that cannot do ECDH on P-256 (`CKM_ECDH1_DERIVE`) or
+    /// hand back the derived secret: the agent does not start with a sealing key it cannot
+    /// use, and says so.
+    #[serde(default = "default_true")]
+    pub sealing_in_token: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_sealing_label() -> String {
@@ -513,6 +525,14 @@ impl Config {
                     "enrol.pkcs11 needs an agent built with the `pkcs11` feature".into(),
                 ));
             }
+            if let Some(t) = e.pkcs11.as_ref().filter(|t| t.sealing_in_token) {
+                if t.sealing_label == t.key_label {
+                    return Err(ConfigError::Invalid(format!(
+                        "enrol.pkcs11: the sealing key and the TLS key need labels of their own (both are {:?})",
+                        t.key_label
+                    )));
+                }
+            }
             if let Some(url) = &e.claim_broker {
                 let claim = modelcast_proto::BrokerUrl::parse(url)
                     .map_err(|e| ConfigError::Invalid(format!("enrol.claim_broker: {e}")))?;
@@ -638,5 +658,28 @@ mod tests {
         assert!(Config::from_toml(&format!("broker = 'mqtts://h:8883'\n{base}{ok}")).is_ok());
         assert!(Config::from_toml(&format!("broker = 'mqtt://h:1883'\n{base}{ok}")).is_err());
         assert_eq!(parse("[::1]:1883").unwrap().host, "::1");
+    }
+
+    #[test]
+    #[cfg(feature = "pkcs11")]
+    fn a_token_s_two_keys_need_labels_of_their_own() {
+        let base = "device_id = 'a'\nbroker = 'mqtts://h:8883'\n[trust]\nroot='r'\ndirector_keys=['0']\n[tls]\nca = 'ca.pem'\n[enrol]\nclaim = 'line-1'\nclaim_cert = 'c.pem'\nclaim_key = 'c.key'\n[enrol.pkcs11]\nmodule = 'm.so'\ntoken = 't'\npin_file = 'pin'\n";
+        let cfg = Config::from_toml(base).unwrap();
+        let token = cfg.enrol.unwrap().pkcs11.unwrap();
+        assert_eq!(
+            (
+                token.key_label.as_str(),
+                token.sealing_label.as_str(),
+                token.sealing_in_token
+            ),
+            ("modelcast-device", "modelcast-sealing", true)
+        );
+        let same = format!("{base}sealing_label = 'modelcast-device'\n");
+        assert!(Config::from_toml(&same)
+            .unwrap_err()
+            .to_string()
+            .contains("labels of their own"));
+        // With the sealing key in a file, the label is not used.
+        assert!(Config::from_toml(&format!("{same}sealing_in_token = false\n")).is_ok());
     }
 }

@@ -209,7 +209,11 @@ pub async fn run(
         .map_err(AgentError::Runtime)?
         .join()
         .map_err(|_| AgentError::Runtime(std::io::Error::other("opening the store panicked")))??;
-    let token = cfg.enrol.as_ref().and_then(|e| e.pkcs11.as_ref());
+    let token = cfg
+        .enrol
+        .as_ref()
+        .and_then(|e| e.pkcs11.as_ref())
+        .filter(|t| t.sealing_in_token);
     let sealing = crate::sealing::load_or_create(&cfg.state_dir, token)?;
     let store = store.with_sealing_key(sealing, &cfg.device_id);
     let (_, director) = load_trust(&cfg, &store)?;

@@ -36,16 +36,23 @@ pub fn to_background() {
     set_nice(current_thread(), BACKGROUND_NICE);
 }
 
-/// Moves the calling thread to idle priority (`SCHED_IDLE` where it may leave it again, else
-/// [`IDLE_NICE`]): it runs on CPU time nothing else wants, and a serving thread that wakes
-/// takes its CPU at once. [`raise`] moves it up to [`BACKGROUND_NICE`]. Call it only on a
-/// thread of its own.
-pub fn to_idle_self() {
-    to_idle(current_thread());
+/// Moves the calling thread to `SCHED_IDLE` where it may leave it again ([`raise`]): it runs on
+/// CPU time nothing else wants, and a serving thread that wakes takes its CPU at once.
+/// Elsewhere (no `CAP_SYS_NICE`, no `RLIMIT_NICE`) to [`BACKGROUND_NICE`], as
+/// [`to_background`], rather than to a nice 19 it could never leave. Whether it went idle.
+/// Call it only on a thread of its own.
+pub fn to_idle_or_background() -> bool {
+    if may_raise() {
+        to_idle(current_thread());
+        true
+    } else {
+        to_background();
+        false
+    }
 }
 
-/// Raises the calling thread to [`BACKGROUND_NICE`] (from [`to_idle_self`]); whether the
-/// kernel allowed it.
+/// Raises the calling thread to [`BACKGROUND_NICE`] (from [`to_idle_or_background`]); whether
+/// the kernel allowed it.
 pub fn raise() -> bool {
     set_nice(current_thread(), BACKGROUND_NICE)
 }

@@ -3,9 +3,10 @@
 //! goes in every state report, and servers seal each encrypted version's content key to it.
 //!
 //! - By default an X25519 key in [`FILE`] in the state directory (mode 0600).
-//! - With `[enrol.pkcs11]`, a P-256 key pair made in the token (`sealing_label`), which
-//!   computes the ECDH of each key wrap itself ([`crate::identity::pkcs11`]). Tokens do
-//!   ECDH on P-256, not X25519; the wrap is HPKE with DHKEM(P-256) instead.
+//! - With `[enrol.pkcs11]` (unless `sealing_in_token = false`), a P-256 key pair made in the
+//!   token (`sealing_label`), which computes the ECDH of each key wrap itself
+//!   ([`crate::identity::pkcs11`]). Tokens do ECDH on P-256, not X25519; the wrap is HPKE
+//!   with DHKEM(P-256) instead.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -110,6 +111,13 @@ pub fn load_or_create(
             let key =
                 TokenKey::open(cfg, &cfg.sealing_label, Usage::Derive).map_err(|e| failed(&e))?;
             let public = SealingKey::p256(key.point()).map_err(|e| failed(&e))?;
+            // Once at start, with its own point: a token that cannot do ECDH or will not hand
+            // back the secret is found now, not at the first encrypted version.
+            key.ecdh(key.point()).map_err(|e| {
+                failed(&format!(
+                    "{e} (set `sealing_in_token = false` in [enrol.pkcs11] to keep the sealing key in a file)"
+                ))
+            })?;
             Ok(DeviceSealingKey::Token { key, public })
         }
         #[cfg(not(feature = "pkcs11"))]

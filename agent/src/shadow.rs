@@ -13,7 +13,7 @@
 //! - The runner: [`Feed`], which the serving path offers each answered request to (a sampled
 //!   one is copied into a bounded queue, never waited for: a full queue drops it), and
 //!   [`start`], a thread of its own at idle priority (raised to background priority if it
-//!   cannot keep up) that runs the candidate on what the feed queued and judges. The serving answer never waits for the candidate, and a
+//!   is starved, [`Starvation`]) that runs the candidate on what the feed queued and judges. The serving answer never waits for the candidate, and a
 //!   candidate that fails is judged failed at once. One that hangs cannot be stopped from
 //!   outside its thread: the driver gives up waiting at the phase's end (plus
 //!   [`HANG_GRACE`]), drops the feed so nothing more is queued, and reports it.
@@ -47,9 +47,10 @@ pub const HANG_GRACE: Duration = Duration::from_secs(30);
 /// How often the figures reports show are brought up to date while a phase runs (their p99s
 /// and distribution distance cost more than a comparison: not after each one).
 pub const PROGRESS_EVERY: Duration = Duration::from_millis(250);
-/// A mirrored copy that waited this long for the candidate says the candidate does not get
-/// the CPU at idle priority: it is raised.
-pub const STARVED_AFTER: Duration = Duration::from_secs(1);
+/// The candidate's running time over which its share of the CPU is judged ([`Starvation`]).
+pub const STARVED_WINDOW: Duration = Duration::from_secs(1);
+/// Below this share of one CPU while it runs, the candidate is starved at idle priority.
+pub const STARVED_SHARE: f64 = 0.25;
 
 /// Which requests are mirrored: exactly `percent` of them, evenly spread (the n-th request is
 /// taken when ⌊n·p/100⌋ moves), shared by every serving thread.
@@ -103,6 +104,49 @@ impl CpuBudget {
     /// A run took `d`.
     pub fn spend(&mut self, d: Duration) {
         self.spent += d;
+    }
+}
+
+/// Whether the candidate, at idle priority, gets the CPU it runs on: over each
+/// [`STARVED_WINDOW`] of its running time, the CPU time its thread used. Below
+/// [`STARVED_SHARE`] of it, the device is too busy to leave it any, and the phase would
+/// compare little or nothing: it is raised, once. (Waiting for a free core, or a slow
+/// candidate, is not starvation: neither lowers its share while it runs. A candidate whose
+/// engine runs on threads of its own shows less than its use here, and may be raised sooner.)
+#[derive(Debug, Clone)]
+pub struct Starvation {
+    idle: bool,
+    wall: Duration,
+    cpu: Duration,
+}
+
+impl Starvation {
+    /// Watching a candidate that starts at idle priority (`idle`), or not (never raised).
+    pub fn new(idle: bool) -> Self {
+        Starvation {
+            idle,
+            wall: Duration::ZERO,
+            cpu: Duration::ZERO,
+        }
+    }
+
+    /// One run of the candidate: `wall` time, `cpu` time of its thread. True once, when it is
+    /// to be raised.
+    pub fn ran(&mut self, wall: Duration, cpu: Duration) -> bool {
+        if !self.idle {
+            return false;
+        }
+        self.wall += wall;
+        self.cpu += cpu;
+        if self.wall < STARVED_WINDOW {
+            return false;
+        }
+        let starved = self.cpu.as_secs_f64() < self.wall.as_secs_f64() * STARVED_SHARE;
+        (self.wall, self.cpu) = (Duration::ZERO, Duration::ZERO);
+        if starved {
+            self.idle = false;
+        }
+        starved
     }
 }
 
@@ -377,13 +421,11 @@ pub fn ks_distance(a: &[f64], b: &[f64]) -> f64 {
     d
 }
 
-/// One mirrored request: its inputs, the serving model's answer and latency, and when it was
-/// queued.
+/// One mirrored request: its inputs, the serving model's answer and latency.
 struct Mirrored {
     inputs: Vec<HostTensor>,
     outputs: Vec<HostTensor>,
     latency: Duration,
-    queued: Instant,
 }
 
 /// What the serving path sees of a shadow phase: it offers each answered request, and a
@@ -407,7 +449,6 @@ impl Feed {
             inputs: inputs.to_vec(),
             outputs: outputs.to_vec(),
             latency,
-            queued: Instant::now(),
         };
         if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = self.queue.try_send(m) {
             self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -428,9 +469,9 @@ pub struct Running {
 /// Starts the shadow phase of `candidate` on a thread of its own at idle priority
 /// ([`crate::priority::to_idle_self`]: `SCHED_IDLE`, so that a serving thread that wakes takes
 /// the CPU from the candidate at once rather than at the end of its time slice). On a device
-/// too busy to give it the CPU it needs, copies wait or are dropped for a full queue: at the
-/// first one dropped, or one that waited [`STARVED_AFTER`], it is raised to background
-/// priority (nice 10, [`crate::priority::raise`]), since a phase that compares nothing fails. `serving` counts
+/// too busy to leave it CPU time ([`Starvation`]), it is raised to background priority
+/// (nice 10, [`crate::priority::raise`]), since a phase that compares nothing fails. Where
+/// the agent may not raise a thread again, it runs at background priority from the start. `serving` counts
 /// the inference requests running now: the candidate runs a mirrored request only when fewer
 /// than the machine's cores are busy with them (waiting up to [`FREE_CORE_WAIT`], else the
 /// copy is dropped), so that it does not take a core a serving request needs.
@@ -454,10 +495,7 @@ pub fn start(
     let spawned = std::thread::Builder::new()
         .name("modelcast-shadow".into())
         .stack_size(crate::priority::WORK_STACK)
-        .spawn(move || {
-            crate::priority::to_idle_self();
-            run(candidate, spec, judge, receive, (f, serving), p, tell)
-        });
+        .spawn(move || run(candidate, spec, judge, receive, (f, serving), p, tell));
     if let Err(e) = spawned {
         warn!(error = %e, "the shadow thread did not start");
     }
@@ -477,9 +515,9 @@ fn run(
     progress: Arc<Mutex<ShadowSummary>>,
     tell: tokio::sync::oneshot::Sender<Verdict>,
 ) {
+    let mut starvation = Starvation::new(crate::priority::to_idle_or_background());
     let mut budget = CpuBudget::new(spec.cpu_percent, Instant::now());
     let mut over_budget = 0u64;
-    let mut raised = false;
     // When the figures were last brought up to date (none yet: the first comparison shows).
     let mut shown: Option<Instant> = None;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -499,28 +537,21 @@ fn run(
         if tell.is_closed() {
             return;
         }
-        let received = receive.recv_timeout(Duration::from_millis(250));
-        let waited = match &received {
-            Ok(m) => m.queued.elapsed(),
-            Err(_) => Duration::ZERO,
-        };
-        let full_queue = feed.dropped.load(Ordering::Relaxed);
-        if (full_queue > 0 || waited >= STARVED_AFTER) && !raised {
-            raised = true;
-            let allowed = crate::priority::raise();
-            info!(
-                version = feed.version,
-                allowed,
-                dropped = full_queue,
-                waited_ms = waited.as_millis() as u64,
-                "the shadow candidate does not keep up at idle priority; raising it"
-            );
-        }
-        match received {
+        match receive.recv_timeout(Duration::from_millis(250)) {
             Ok(m) if budget.allows(Instant::now()) && core_free() => {
+                let cpu = crate::sys::thread_cpu_time();
                 let started = Instant::now();
                 let answer = candidate.run(&m.inputs);
                 let took = started.elapsed();
+                let cpu = crate::sys::thread_cpu_time().saturating_sub(cpu);
+                if starvation.ran(took, cpu) {
+                    let allowed = crate::priority::raise();
+                    info!(
+                        version = feed.version,
+                        allowed,
+                        "the shadow candidate got less than a quarter of a CPU at idle priority; raising it"
+                    );
+                }
                 budget.spend(took);
                 judge.compare(&m.outputs, m.latency, answer.as_deref(), took);
             }
@@ -747,6 +778,25 @@ mod tests {
             MS,
         );
         assert_eq!(j.summary(None).max_abs_diff, f64::INFINITY);
+    }
+
+    #[test]
+    fn a_candidate_starved_at_idle_priority_is_raised_once() {
+        let ms = Duration::from_millis;
+        let mut s = Starvation::new(true);
+        // A full CPU while it runs, window after window: never.
+        for _ in 0..30 {
+            assert!(!s.ran(ms(100), ms(95)));
+        }
+        // Waiting for the CPU: raised when the window closes, and only once.
+        assert!(!s.ran(ms(500), ms(50)));
+        assert!(s.ran(ms(500), ms(50)));
+        for _ in 0..30 {
+            assert!(!s.ran(ms(100), ms(1)));
+        }
+        // Not at idle priority to begin with: nothing to raise.
+        let mut s = Starvation::new(false);
+        assert!(!s.ran(ms(2000), ms(1)));
     }
 
     #[test]

@@ -504,7 +504,13 @@ impl Store {
         let (opening, device) = &**sealing;
         opening
             .open(wrap, device, &manifest.sha256)
-            .map_err(|e| sealed(e.to_string()))
+            .map_err(|e| match e {
+                modelcast_proto::seal::SealError::Device(_) => StoreError::DeviceKey {
+                    artifact: manifest.sha256.clone(),
+                    reason: e.to_string(),
+                },
+                e => sealed(e.to_string()),
+            })
     }
 
     /// The golden vectors of `manifest`'s golden file (verified by

@@ -68,6 +68,15 @@ pub enum StoreError {
         /// Why.
         reason: String,
     },
+    /// The device's sealing key could not open anything (its token failed): nothing is
+    /// known against the artifact.
+    #[error("encrypted artifact {artifact}: {reason}")]
+    DeviceKey {
+        /// Artifact digest.
+        artifact: String,
+        /// Why.
+        reason: String,
+    },
 }
 
 impl StoreError {
@@ -80,6 +89,7 @@ impl StoreError {
             StoreError::DigestMismatch { .. } | StoreError::Sealed { .. } => {
                 ErrorKind::Verification
             }
+            StoreError::DeviceKey { .. } => ErrorKind::DeviceKey,
             _ => ErrorKind::Failed,
         }
     }

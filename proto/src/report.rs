@@ -278,6 +278,9 @@ pub enum ErrorKind {
     Chunk,
     /// No room for the artifact on the device: not a verdict on the version.
     NoSpace,
+    /// The device's own key could not be used (its PKCS#11 token locked, unplugged or
+    /// failing): not a verdict on the version.
+    DeviceKey,
     /// Signed metadata or an artifact's digest did not verify.
     Verification,
     /// The artifact does not load (or its golden file does not read back).
@@ -307,7 +310,11 @@ impl ErrorKind {
     pub fn is_transient(self) -> bool {
         matches!(
             self,
-            ErrorKind::Stalled | ErrorKind::Healing | ErrorKind::Chunk | ErrorKind::NoSpace
+            ErrorKind::Stalled
+                | ErrorKind::Healing
+                | ErrorKind::Chunk
+                | ErrorKind::NoSpace
+                | ErrorKind::DeviceKey
         )
     }
 }
@@ -344,6 +351,8 @@ mod error_kind_tests {
             (Healing, "healing", true),
             (Chunk, "chunk", true),
             (NoSpace, "no_space", true),
+            (DeviceKey, "device_key", true),
+            (Shadow, "shadow", false),
             (Verification, "verification", false),
             (Staging, "staging", false),
             (GoldenMismatch, "golden_mismatch", false),

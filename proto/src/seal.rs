@@ -32,7 +32,8 @@ pub const ESCROW: &str = "modelcast escrow";
 /// Bytes a sealed chunk adds to its plaintext (the GCM tag).
 pub const TAG_LEN: usize = 16;
 
-/// The encryption scheme [`Encryption::scheme`] names.
+/// The encryption scheme [`Encryption::scheme`] names (its name predates P-256 wraps: the
+/// wrap's KEM follows the device's key, [`SealingKey`], and is no part of the manifest).
 pub const SCHEME: &str = "aes256gcm-chunks+hpke-x25519-v1";
 
 /// Associated data every sealed chunk carries before its index.

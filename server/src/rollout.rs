@@ -968,6 +968,7 @@ mod tests {
             ErrorKind::Healing,
             ErrorKind::Chunk,
             ErrorKind::NoSpace,
+            ErrorKind::DeviceKey,
         ] {
             assert_eq!(with(passing), Observed::Serving(Some(1)), "{passing:?}");
         }

@@ -74,9 +74,11 @@ fn module(path: &std::path::Path) -> Result<Pkcs11, IdentityError> {
     }
     let module = Pkcs11::new(path)
         .map_err(|e| IdentityError::Token(format!("loading {}: {e}", path.display())))?;
-    module
-        .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
-        .map_err(token)?;
+    // Initialised already (the same library under another path): usable as it is.
+    match module.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        Ok(()) | Err(Pkcs11Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+        Err(e) => return Err(token(e)),
+    }
     modules.push((path.to_path_buf(), module.clone()));
     Ok(module)
 }
@@ -115,16 +117,38 @@ impl TokenKey {
             find(ObjectClass::PUBLIC_KEY)?.first(),
             find(ObjectClass::PRIVATE_KEY)?.first(),
         ) {
-            (Some(public), Some(private)) => (*public, *private),
-            _ => {
-                let (public_use, private_use) = match usage {
-                    Usage::Sign => (Attribute::Verify(true), Attribute::Sign(true)),
-                    Usage::Derive => (Attribute::Derive(true), Attribute::Derive(true)),
+            (Some(public), Some(private)) => {
+                // Found by its label: it must be a key for this use (a label given to the
+                // other key, or to a key made by hand for something else, is refused here).
+                let (asked, may) = match usage {
+                    Usage::Sign => (AttributeType::Sign, "sign"),
+                    Usage::Derive => (AttributeType::Derive, "derive"),
                 };
+                let allowed = session
+                    .get_attributes(*private, &[asked])
+                    .map_err(token)?
+                    .iter()
+                    .any(|a| matches!(a, Attribute::Sign(true) | Attribute::Derive(true)));
+                if !allowed {
+                    return Err(token(format!(
+                        "the key labelled {:?} may not {may}",
+                        String::from_utf8_lossy(&label)
+                    )));
+                }
+                (*public, *private)
+            }
+            _ => {
+                // One key, one use: every other use is switched off (tokens differ in what
+                // they allow by default).
+                let sign = usage == Usage::Sign;
+                let derive = usage == Usage::Derive;
                 let public = [
                     Attribute::Token(true),
                     Attribute::Private(false),
-                    public_use,
+                    Attribute::Verify(sign),
+                    Attribute::Derive(derive),
+                    Attribute::Encrypt(false),
+                    Attribute::Wrap(false),
                     Attribute::KeyType(KeyType::EC),
                     Attribute::EcParams(P256.to_vec()),
                     Attribute::Label(label.clone()),
@@ -134,7 +158,10 @@ impl TokenKey {
                     Attribute::Private(true),
                     Attribute::Sensitive(true),
                     Attribute::Extractable(false),
-                    private_use,
+                    Attribute::Sign(sign),
+                    Attribute::Derive(derive),
+                    Attribute::Decrypt(false),
+                    Attribute::Unwrap(false),
                     Attribute::KeyType(KeyType::EC),
                     Attribute::Label(label.clone()),
                 ];
@@ -194,11 +221,18 @@ impl TokenKey {
         if let Err(e) = session.destroy_object(secret) {
             tracing::warn!(error = %e, "the token kept a derived secret (a session object: it goes with the session)");
         }
-        match value.map_err(token)?.as_slice() {
+        let mut value = value.map_err(token)?;
+        let secret = match value.as_slice() {
             [Attribute::Value(v)] => <[u8; 32]>::try_from(v.as_slice())
                 .map_err(|_| token(format!("a shared secret of {} bytes", v.len()))),
             _ => Err(token("the derived secret has no value")),
+        };
+        for a in value.iter_mut() {
+            if let Attribute::Value(v) = a {
+                zeroize::Zeroize::zeroize(v);
+            }
         }
+        secret
     }
 
     /// An ECDSA P-256 signature of SHA-256(`msg`), DER (as X.509 and TLS carry it).
