@@ -13,10 +13,11 @@
 //! - The runner: [`Feed`], which the serving path offers each answered request to (a sampled
 //!   one is copied into a bounded queue, never waited for: a full queue drops it), and
 //!   [`start`], a thread of its own at idle priority (raised to background priority if it
-//!   is starved, [`Starvation`]) that runs the candidate on what the feed queued and judges. The serving answer never waits for the candidate, and a
-//!   candidate that fails is judged failed at once. One that hangs cannot be stopped from
-//!   outside its thread: the driver gives up waiting at the phase's end (plus
-//!   [`HANG_GRACE`]), drops the feed so nothing more is queued, and reports it.
+//!   is starved, [`Starvation`]) that runs the candidate on what the feed queued and
+//!   judges. The serving answer never waits for the candidate, and a candidate that fails is
+//!   judged failed at once. One that hangs cannot be stopped from outside its thread: the
+//!   driver gives up waiting at the phase's end (plus [`HANG_GRACE`]), drops the feed so
+//!   nothing more is queued, and reports it.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -47,10 +48,9 @@ pub const HANG_GRACE: Duration = Duration::from_secs(30);
 /// How often the figures reports show are brought up to date while a phase runs (their p99s
 /// and distribution distance cost more than a comparison: not after each one).
 pub const PROGRESS_EVERY: Duration = Duration::from_millis(250);
-/// The candidate's running time over which its share of the CPU is judged ([`Starvation`]).
-pub const STARVED_WINDOW: Duration = Duration::from_secs(1);
-/// Below this share of one CPU while it runs, the candidate is starved at idle priority.
-pub const STARVED_SHARE: f64 = 0.25;
+/// A mirrored copy that waited this long in the queue says the candidate does not get the
+/// CPU at idle priority ([`Starvation`]).
+pub const STARVED_AFTER: Duration = Duration::from_secs(1);
 
 /// Which requests are mirrored: exactly `percent` of them, evenly spread (the n-th request is
 /// taken when ⌊n·p/100⌋ moves), shared by every serving thread.
@@ -107,42 +107,29 @@ impl CpuBudget {
     }
 }
 
-/// Whether the candidate, at idle priority, gets the CPU it runs on: over each
-/// [`STARVED_WINDOW`] of its running time, the CPU time its thread used. Below
-/// [`STARVED_SHARE`] of it, the device is too busy to leave it any, and the phase would
-/// compare little or nothing: it is raised, once. (Waiting for a free core, or a slow
-/// candidate, is not starvation: neither lowers its share while it runs. A candidate whose
-/// engine runs on threads of its own shows less than its use here, and may be raised sooner.)
+/// Whether the candidate, at idle priority, gets the CPU time it needs: a mirrored copy that
+/// waited [`STARVED_AFTER`] in the queue before the candidate took it says it does not (a
+/// copy waits for those before it, each at most [`FREE_CORE_WAIT`] and a run, a few
+/// milliseconds on a device that has time to spare). The phase would compare little or
+/// nothing: it is raised, once. A busy device that still leaves it time keeps it idle: a
+/// serving request preempts it at once there. (Measured otherwise first, by its thread's share
+/// of a CPU while it runs: serving requests preempting it lowered that share on a machine
+/// where it compared every copy, and raised it for nothing.)
 #[derive(Debug, Clone)]
 pub struct Starvation {
     idle: bool,
-    wall: Duration,
-    cpu: Duration,
 }
 
 impl Starvation {
     /// Watching a candidate that starts at idle priority (`idle`), or not (never raised).
     pub fn new(idle: bool) -> Self {
-        Starvation {
-            idle,
-            wall: Duration::ZERO,
-            cpu: Duration::ZERO,
-        }
+        Starvation { idle }
     }
 
-    /// One run of the candidate: `wall` time, `cpu` time of its thread. True once, when it is
-    /// to be raised.
-    pub fn ran(&mut self, wall: Duration, cpu: Duration) -> bool {
-        if !self.idle {
-            return false;
-        }
-        self.wall += wall;
-        self.cpu += cpu;
-        if self.wall < STARVED_WINDOW {
-            return false;
-        }
-        let starved = self.cpu.as_secs_f64() < self.wall.as_secs_f64() * STARVED_SHARE;
-        (self.wall, self.cpu) = (Duration::ZERO, Duration::ZERO);
+    /// The candidate took a copy that `waited` in the queue. True once, when it is to be
+    /// raised.
+    pub fn took(&mut self, waited: Duration) -> bool {
+        let starved = self.idle && waited >= STARVED_AFTER;
         if starved {
             self.idle = false;
         }
@@ -421,11 +408,13 @@ pub fn ks_distance(a: &[f64], b: &[f64]) -> f64 {
     d
 }
 
-/// One mirrored request: its inputs, the serving model's answer and latency.
+/// One mirrored request: its inputs, the serving model's answer and latency, and when it was
+/// queued.
 struct Mirrored {
     inputs: Vec<HostTensor>,
     outputs: Vec<HostTensor>,
     latency: Duration,
+    queued: Instant,
 }
 
 /// What the serving path sees of a shadow phase: it offers each answered request, and a
@@ -449,6 +438,7 @@ impl Feed {
             inputs: inputs.to_vec(),
             outputs: outputs.to_vec(),
             latency,
+            queued: Instant::now(),
         };
         if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = self.queue.try_send(m) {
             self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -537,21 +527,24 @@ fn run(
         if tell.is_closed() {
             return;
         }
-        match receive.recv_timeout(Duration::from_millis(250)) {
+        let received = receive.recv_timeout(Duration::from_millis(250));
+        if let Ok(m) = &received {
+            let waited = m.queued.elapsed();
+            if starvation.took(waited) {
+                let allowed = crate::priority::raise();
+                info!(
+                    version = feed.version,
+                    allowed,
+                    waited_ms = waited.as_millis() as u64,
+                    "a mirrored copy waited long for the shadow candidate at idle priority; raising it"
+                );
+            }
+        }
+        match received {
             Ok(m) if budget.allows(Instant::now()) && core_free() => {
-                let cpu = crate::sys::thread_cpu_time();
                 let started = Instant::now();
                 let answer = candidate.run(&m.inputs);
                 let took = started.elapsed();
-                let cpu = crate::sys::thread_cpu_time().saturating_sub(cpu);
-                if starvation.ran(took, cpu) {
-                    let allowed = crate::priority::raise();
-                    info!(
-                        version = feed.version,
-                        allowed,
-                        "the shadow candidate got less than a quarter of a CPU at idle priority; raising it"
-                    );
-                }
                 budget.spend(took);
                 judge.compare(&m.outputs, m.latency, answer.as_deref(), took);
             }
@@ -784,19 +777,15 @@ mod tests {
     fn a_candidate_starved_at_idle_priority_is_raised_once() {
         let ms = Duration::from_millis;
         let mut s = Starvation::new(true);
-        // A full CPU while it runs, window after window: never.
-        for _ in 0..30 {
-            assert!(!s.ran(ms(100), ms(95)));
+        // Copies taken promptly, or after a backlog of a few: never.
+        for waited in [0, 1, 50, 400, 999] {
+            assert!(!s.took(ms(waited)));
         }
-        // Waiting for the CPU: raised when the window closes, and only once.
-        assert!(!s.ran(ms(500), ms(50)));
-        assert!(s.ran(ms(500), ms(50)));
-        for _ in 0..30 {
-            assert!(!s.ran(ms(100), ms(1)));
-        }
+        // A copy that waited a second: raised, and only once.
+        assert!(s.took(STARVED_AFTER));
+        assert!(!s.took(ms(5000)));
         // Not at idle priority to begin with: nothing to raise.
-        let mut s = Starvation::new(false);
-        assert!(!s.ran(ms(2000), ms(1)));
+        assert!(!Starvation::new(false).took(ms(5000)));
     }
 
     #[test]

@@ -173,6 +173,12 @@ fn main() {
     let mut sorted = ratios.clone();
     sorted.sort_by(f64::total_cmp);
     println!("{failed} requests failed");
+    // Whether a candidate was starved at idle priority and raised (the agent logs it).
+    let log = std::fs::read_to_string(agent.log_path()).unwrap_or_default();
+    println!(
+        "candidates raised from idle priority: {} of {cycles}",
+        log.matches("raising it").count()
+    );
     println!(
         "p99 of each shadow phase / mean p99 of the phases around it: {}; median {:.3}",
         ratios
