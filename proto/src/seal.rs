@@ -438,27 +438,33 @@ impl SealingKey {
     ) -> KeyWrap {
         let info = wrap_info(holder, artifact);
         let (enc, sealed) = match self {
-            SealingKey::X25519(pk) => hpke::single_shot_seal::<
-                HpkeAead,
-                HkdfSha256,
-                X25519HkdfSha256,
-                _,
-            >(&OpModeS::Base, pk, &info, &key.0, &[], rng)
-            .map(|(enc, sealed)| (enc.to_bytes().to_vec(), sealed)),
-            SealingKey::P256(pk) => hpke::single_shot_seal::<
-                HpkeAead,
-                HkdfSha256,
-                DhP256HkdfSha256,
-                _,
-            >(&OpModeS::Base, pk, &info, &key.0, &[], rng)
-            .map(|(enc, sealed)| (enc.to_bytes().to_vec(), sealed)),
-        }
-        .expect("sealing 32 bytes to a valid public key");
+            SealingKey::X25519(pk) => seal_to::<X25519HkdfSha256, _>(pk, &info, key, rng),
+            SealingKey::P256(pk) => seal_to::<DhP256HkdfSha256, _>(pk, &info, key, rng),
+        };
         KeyWrap {
             enc: hex::encode(enc),
             sealed: hex::encode(sealed),
         }
     }
+}
+
+/// HPKE in base mode with the KEM `K`: the encapsulated key and the sealed content key.
+fn seal_to<K: Kem, R: rand_core::CryptoRng + rand_core::RngCore>(
+    pk: &K::PublicKey,
+    info: &[u8],
+    key: &ContentKey,
+    rng: &mut R,
+) -> (Vec<u8>, Vec<u8>) {
+    let (enc, sealed) = hpke::single_shot_seal::<HpkeAead, HkdfSha256, K, _>(
+        &OpModeS::Base,
+        pk,
+        info,
+        &key.0,
+        &[],
+        rng,
+    )
+    .expect("sealing 32 bytes to a valid public key");
+    (enc.to_bytes().to_vec(), sealed)
 }
 
 /// Opens `wrap`, sealed to the P-256 key `public` for `holder` and `artifact`, with `ecdh`: the
