@@ -102,9 +102,7 @@ pub struct Pkcs11Config {
     #[serde(default = "default_key_label")]
     pub key_label: String,
     /// The sealing key pair's label in the token (confidential models; made there at the first
-    /// start, P-256, for ECDH only). With it, no `sealing.key` file is made or read: a device
-    /// that had one before gets the versions of its desired state wrapped again to the
-    /// token's key.
+    /// start, P-256, for ECDH only). With it, no `sealing.key` file is made or read.
     #[serde(default = "default_sealing_label")]
     pub sealing_label: String,
     /// Keep the sealing key in the token (default). `false` keeps it in `sealing.key` in the

@@ -735,6 +735,7 @@ impl Agent {
         // An encrypted version whose content key does not open here is refused before a
         // byte of it downloads; what serves is untouched.
         let mut refused = Vec::new();
+        let mut rewrapped = Vec::new();
         for m in verified.models().iter().filter(|m| m.encryption.is_some()) {
             // A wrap is kept only once it opens (a bad one never replaces a good one); without
             // a new one that opens, the one kept must.
@@ -742,7 +743,12 @@ impl Agent {
                 .key_wrap(&m.name)
                 .map(|wrap| self.store.open_key_wrap(m, wrap).map(|_| wrap));
             let opened = match fresh {
-                Some(Ok(wrap)) => self.store.keep_key_wrap(&m.sha256, wrap),
+                Some(Ok(wrap)) => {
+                    if self.store.key_wrap(&m.sha256).ok().flatten().as_ref() != Some(wrap) {
+                        rewrapped.push(m.clone());
+                    }
+                    self.store.keep_key_wrap(&m.sha256, wrap)
+                }
                 Some(Err(e)) => self.store.content_key(m).map(drop).map_err(|_| e),
                 None => self.store.content_key(m).map(drop),
             };
@@ -754,6 +760,9 @@ impl Agent {
         for (name, version, e) in refused.iter() {
             self.record_error(Some(name.clone()), Some(*version), e.kind(), e.to_string())
                 .await;
+        }
+        for m in rewrapped {
+            self.serve_rewrapped(&m).await;
         }
         let desired: Vec<_> = verified
             .models()
@@ -767,6 +776,40 @@ impl Agent {
             .collect();
         self.updater.handle_desired(&desired);
         Ok(())
+    }
+
+    /// An encrypted version that came with a new key wrap: if it is installed and nothing
+    /// serves it (its wrap did not open at start: the device's sealing key changed, say), it is
+    /// loaded from its slot and serves again.
+    async fn serve_rewrapped(&mut self, m: &Manifest) {
+        if self.models.get(&m.name).is_some() || self.models.swapping(&m.name) {
+            return;
+        }
+        let Ok(Some(record)) = self.store.model(&m.name) else {
+            return;
+        };
+        let Some(slot) = record
+            .active
+            .filter(|s| record.slot(*s).is_some_and(|x| x.sha256 == m.sha256))
+        else {
+            return;
+        };
+        match self.load_checked(m.clone(), slot).await {
+            Ok(model) => {
+                self.models.swap_in(model);
+                self.metrics.serving(&m.name, slot, m.version);
+                info!(model = %m.name, version = m.version, %slot, "the installed version opens with its new key wrap: serving it again");
+            }
+            Err(e) => {
+                let reason = format!(
+                    "version {} opens with its new key wrap but does not load: {}",
+                    m.version, e.reason
+                );
+                warn!(model = %m.name, %reason);
+                self.updater
+                    .note_error(e.kind, Some(&m.name), Some(m.version), reason);
+            }
+        }
     }
 
     fn handle_chunk(&mut self, bytes: &[u8]) {

@@ -469,6 +469,18 @@ impl Store {
         Ok(())
     }
 
+    /// The key wrap kept for the encrypted artifact `sha256`, if any.
+    pub fn key_wrap(
+        &self,
+        sha256: &str,
+    ) -> Result<Option<modelcast_proto::seal::KeyWrap>, StoreError> {
+        let key = format!("wrap/{}", sha256.to_ascii_lowercase());
+        match self.meta.get(&key)? {
+            Some(v) => Ok(Some(decode(&key, &v)?)),
+            None => Ok(None),
+        }
+    }
+
     /// The content key of `manifest`'s encrypted artifact: its kept wrap opened with the
     /// device's key.
     pub fn content_key(

@@ -122,3 +122,44 @@ fn an_encrypted_model_serves_on_two_devices_and_is_in_clear_on_no_disk() {
         "served again after a restart, offline"
     );
 }
+
+#[test]
+fn a_device_that_lost_its_sealing_key_serves_its_encrypted_model_again_once_rewrapped() {
+    let fleet = Fleet::embedded();
+    let mut agent = fleet.start_agent_opts("edge-1", &[], AgentOptions::committing());
+    fleet.wait_registered();
+    let first = wait_for(
+        "the device's sealing key",
+        std::time::Duration::from_secs(30),
+        || fleet.report("edge-1")?.sealing_key,
+    );
+    let v1 = fleet.publish_encrypted_of_size("classifier", 1, 1 << 20);
+    fleet.deploy("classifier", 1, "*");
+    fleet.wait_serving("edge-1", "classifier", 1);
+    assert_eq!(agent.check_golden(&v1), "1");
+
+    // Its key file is lost while it is stopped: it makes a new key, and the wrap it kept no
+    // longer opens, so its installed version does not load at start.
+    agent.stop();
+    std::fs::remove_file(fleet.dir.path().join("edge-1").join("sealing.key")).unwrap();
+    agent.start();
+    let second = wait_for(
+        "the device's new sealing key reported",
+        std::time::Duration::from_secs(30),
+        || fleet.report("edge-1")?.sealing_key.filter(|k| *k != first),
+    );
+    assert_ne!(first, second);
+    // The server wraps the content key again to the new key, and the device serves the
+    // version from its slot again, without downloading it.
+    wait_for(
+        "edge-1 serving v1 again",
+        std::time::Duration::from_secs(60),
+        || agent.infer("classifier", &v1.golden[0].inputs).ok(),
+    );
+    assert_eq!(agent.check_golden(&v1), "1");
+    let log = std::fs::read_to_string(agent.log_path()).unwrap();
+    assert!(
+        log.contains("opens with its new key wrap: serving it again"),
+        "{log}"
+    );
+}

@@ -149,7 +149,7 @@ impl Agent {
 
     /// Loads `manifest` from `slot` and checks it as staging does (golden vectors, latency
     /// budget), on a blocking thread.
-    async fn load_checked(
+    pub(super) async fn load_checked(
         &self,
         manifest: Manifest,
         slot: Slot,

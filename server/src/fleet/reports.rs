@@ -34,7 +34,7 @@ impl Fleet {
             .and_then(|p| p.report.as_ref())
             .is_none_or(|p| p.engines != report.engines);
         // The key its encrypted versions' content keys are sealed to (a new one when the
-        // device moved its key into a token, say): wrapped again.
+        // device lost its key file, say): wrapped again.
         let sealing_changed = previous
             .as_ref()
             .and_then(|p| p.report.as_ref())
