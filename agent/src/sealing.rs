@@ -65,7 +65,7 @@ impl DeviceSealingKey {
             #[cfg(feature = "pkcs11")]
             DeviceSealingKey::Token { key, public } => {
                 modelcast_proto::seal::open_p256_with(public, wrap, holder, artifact, |peer| {
-                    key.ecdh(peer).map_err(|e| e.to_string())
+                    key.ecdh(peer)
                 })
             }
         }

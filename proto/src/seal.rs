@@ -473,12 +473,12 @@ fn seal_to<K: Kem, R: rand_core::CryptoRng + rand_core::RngCore>(
 /// HPKE's receiver side in base mode (RFC 9180 §4.1 and §5.1: DHKEM(P-256, HKDF-SHA256),
 /// HKDF-SHA256, ChaCha20-Poly1305), written here because the hpke crate needs the private key
 /// in memory; the tests check it against that crate.
-pub fn open_p256_with(
+pub fn open_p256_with<E: std::fmt::Display>(
     public: &SealingKey,
     wrap: &KeyWrap,
     holder: &str,
     artifact: &str,
-    ecdh: impl FnOnce(&[u8]) -> Result<[u8; 32], String>,
+    ecdh: impl FnOnce(&[u8]) -> Result<[u8; 32], E>,
 ) -> Result<ContentKey, SealError> {
     let SealingKey::P256(own) = public else {
         return Err(SealError::Key {
@@ -489,7 +489,7 @@ pub fn open_p256_with(
     let sealed = hex::decode(&wrap.sealed).map_err(|_| SealError::Wrap)?;
     // The sender's point must be one: a token is not asked about anything else.
     <DhP256HkdfSha256 as Kem>::PublicKey::from_bytes(&enc).map_err(|_| SealError::Wrap)?;
-    let mut dh = ecdh(&enc).map_err(SealError::Device)?;
+    let mut dh = ecdh(&enc).map_err(|e| SealError::Device(e.to_string()))?;
     let mut kem_context = enc;
     kem_context.extend_from_slice(&own.to_bytes());
     let plain = hpke_p256::open(&dh, &kem_context, &wrap_info(holder, artifact), &sealed);
@@ -730,7 +730,10 @@ mod tests {
         let to_other = other.wrap(&key, "edge-1", &sha);
         assert_eq!(wrap_err("edge-1", &sha, &to_other), SealError::Wrap);
         assert_eq!(
-            open_p256_with(&public, &wrap, "edge-1", &sha, |_| Err("locked".into())).unwrap_err(),
+            open_p256_with(&public, &wrap, "edge-1", &sha, |_| Err::<[u8; 32], _>(
+                "locked"
+            ))
+            .unwrap_err(),
             SealError::Device("locked".into())
         );
         // Seeded wraps stay the same for P-256 too.

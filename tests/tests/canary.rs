@@ -52,6 +52,16 @@ fn wait_versions(agent: &Agent, name: &str, versions: &[&str]) {
     );
 }
 
+/// The canary `device` reports for the classifier, if any.
+fn canary_of(fleet: &Fleet, device: &str) -> Option<modelcast_proto::report::CanaryState> {
+    fleet
+        .report(device)?
+        .models
+        .get("classifier")?
+        .canary
+        .clone()
+}
+
 fn count(answers: &[String]) -> BTreeMap<String, usize> {
     let mut counts = BTreeMap::new();
     for a in answers {
@@ -86,12 +96,7 @@ fn a_canary_answers_its_share_beside_the_stable_version_and_takes_over_when_it_p
         "the canary in the device's report",
         Duration::from_secs(60),
         || {
-            let canary = fleet
-                .report("edge-1")?
-                .models
-                .get("classifier")?
-                .canary
-                .clone()?;
+            let canary = canary_of(&fleet, "edge-1")?;
             (canary.version == 2 && canary.percent == 10).then_some(())
         },
     );
@@ -162,12 +167,7 @@ fn a_canary_answers_its_share_beside_the_stable_version_and_takes_over_when_it_p
         "the new share in the device's report",
         Duration::from_secs(60),
         || {
-            let canary = fleet
-                .report("edge-1")?
-                .models
-                .get("classifier")?
-                .canary
-                .clone()?;
+            let canary = canary_of(&fleet, "edge-1")?;
             (canary.percent == 50 && canary.key.as_deref() == Some("x-user")).then_some(())
         },
     );
